@@ -1,0 +1,93 @@
+"""Capacities of the matcher's state, and the int64 headroom rules every market must pass."""
+
+from dataclasses import dataclass
+
+from engine.numbers import kernel
+
+MAX_MARKETS_LIMIT = 64
+# A market's largest position (or open exposure) at its largest price must stay below this many
+# atoms (2**54 atoms = 18 billion USDC): summed over 64 markets with the balance cap, equity,
+# margin and cost basis stay far inside int64.
+NOTIONAL_LIMIT_ATOMS = 2 ** 54
+MAX_BALANCE_ATOMS = 2 ** 60
+# cost_share() multiplies a remainder (< position) by a part (<= position): position**2 < 2**63.
+MAX_POSITION_LOTS_LIMIT = 3_000_000_000
+MAX_FEE_E9 = 100_000_000          # 10%
+MAX_LEVERAGE = 1000
+MAX_OPEN_ORDERS_LIMIT = 1_000_000
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_accounts: int = 1024
+    max_markets: int = 8
+    max_orders: int = 1 << 16
+    max_levels_per_side: int = 4096
+
+    def __post_init__(self):
+        if not 1 <= self.max_markets <= MAX_MARKETS_LIMIT:
+            raise ValueError(f"max_markets must be 1..{MAX_MARKETS_LIMIT}")
+        for name in ("max_accounts", "max_orders", "max_levels_per_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.max_accounts >= 2 ** 31:
+            raise ValueError("max_accounts must fit in int32")
+
+    def event_bound(self) -> int:
+        """Most events one command can cause: every resting order touched once, plus a few."""
+        return self.max_orders + 16
+
+
+# Why a market's parameters are refused, by problem code (0 = none). The checks are compiled
+# so the matcher runs the very code the config loader runs.
+MARKET_PROBLEMS = {
+    1: "tick x lot must be a whole number of atoms (atoms_per_tick_lot >= 1)",
+    2: "initial mark must be >= 1 tick",
+    3: "taker fee must be in [0, 10%]",
+    4: "maker fee must be in [-taker fee, 10%] (a rebate may not exceed the taker fee)",
+    5: "price band must be in (0, 1)",
+    6: f"max leverage must be in [1, {MAX_LEVERAGE}]",
+    7: "limits must be positive",
+    8: "max position too large for exact cost-basis arithmetic",
+    9: "max order larger than max position",
+    10: f"max open orders must be <= {MAX_OPEN_ORDERS_LIMIT}",
+    11: "max price x max position exceeds the int64 notional headroom",
+    12: "the market's mark is above its max price",
+}
+
+
+@kernel
+def market_config_problem(atoms_per_tick_lot, initial_mark_ticks, maker_fee_e9, taker_fee_e9,
+                          price_band_e9, max_leverage):
+    if atoms_per_tick_lot < 1:
+        return 1
+    if initial_mark_ticks < 1:
+        return 2
+    if not 0 <= taker_fee_e9 <= MAX_FEE_E9:
+        return 3
+    if not -taker_fee_e9 <= maker_fee_e9 <= MAX_FEE_E9:
+        return 4
+    if not 1 <= price_band_e9 < 1_000_000_000:
+        return 5
+    if not 1 <= max_leverage <= MAX_LEVERAGE:
+        return 6
+    return 0
+
+
+@kernel
+def market_limits_problem(atoms_per_tick_lot, mark_ticks, max_price_ticks, max_order_lots,
+                          max_position_lots, max_open_orders):
+    if max_price_ticks < 1 or max_order_lots < 1 or max_position_lots < 1 or max_open_orders < 1:
+        return 7
+    if max_position_lots > MAX_POSITION_LOTS_LIMIT:
+        return 8
+    if max_order_lots > max_position_lots:
+        return 9
+    if max_open_orders > MAX_OPEN_ORDERS_LIMIT:
+        return 10
+    # Written as divisions so the check itself cannot overflow.
+    if max_price_ticks > NOTIONAL_LIMIT_ATOMS // atoms_per_tick_lot // max_position_lots:
+        return 11
+    if mark_ticks > max_price_ticks:
+        return 12
+    return 0

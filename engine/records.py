@@ -1,0 +1,301 @@
+"""Fixed-size records that cross process boundaries, and the codes inside them.
+
+Commands (64 bytes) are written by producers (gateways, riskd, ops) into command rings.
+Events (128 bytes) are written by the matcher into the event ring. Every event starts with
+the same 24-byte header; each event family then has its own named layout over the same 128
+bytes (numpy views of one buffer), so a reader never guesses what a field means.
+
+Units are in the names: `*_ticks` are prices in the market's tick, `*_lots` quantities in
+the market's lot, `*_atoms` collateral in 1e-6 USDC, `*_e9` rates in 1e-9.
+"""
+
+import numpy as np
+
+COMMAND_BYTES = 64
+EVENT_BYTES = 128
+
+# --- command codes -----------------------------------------------------------------------
+CMD_CREATE_MARKET = 1
+CMD_SET_MARKET_LIMITS = 2
+CMD_DEPOSIT = 3
+CMD_WITHDRAW = 4
+CMD_SET_MARK = 5
+CMD_NEW_ORDER = 6
+CMD_CANCEL = 7
+CMD_CANCEL_ALL = 8
+CMD_AMEND = 9
+CMD_HALT = 10
+CMD_RESUME = 11
+
+# Commands that only the operator/risk rings may send; from a gateway ring they are `forbidden`.
+PRIVILEGED_COMMANDS = (
+    CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_DEPOSIT, CMD_SET_MARK, CMD_HALT, CMD_RESUME,
+)
+
+SIDE_BUY = 0
+SIDE_SELL = 1
+
+KIND_LIMIT = 0
+KIND_MARKET = 1
+
+TIF_GTC = 0
+TIF_IOC = 1
+TIF_FOK = 2
+TIF_POST_ONLY = 3
+
+FLAG_REDUCE_ONLY = 1
+
+STP_CANCEL_TAKER = 0
+STP_CANCEL_MAKER = 1
+STP_CANCEL_BOTH = 2
+
+# The command record. For the two market-admin commands the generic int64 fields carry market
+# parameters; `market_create_command` / `market_limits_command` below are the only places that
+# pack them, and engine code unpacks them under these names:
+#   CREATE_MARKET:      price_ticks = initial mark, amount_atoms = atoms_per_tick_lot,
+#                       cid = maker_fee_e9, oid = taker_fee_e9, qty_lots = price_band_e9,
+#                       account = max_leverage
+#   SET_MARKET_LIMITS:  price_ticks = max_price_ticks, qty_lots = max_order_lots,
+#                       amount_atoms = max_position_lots, account = max_open_orders
+COMMAND_DTYPE = np.dtype([
+    ("ts_ns", "<i8"),          # stamped by the producer on receipt; journaled, so deterministic
+    ("cid", "<i8"),            # client order id
+    ("oid", "<i8"),            # exchange order id (cancel/amend by oid; 0 = use cid)
+    ("price_ticks", "<i8"),
+    ("qty_lots", "<i8"),
+    ("amount_atoms", "<i8"),   # deposit / withdraw
+    ("account", "<i4"),
+    ("req", "<i4"),            # producer's request token, echoed on the events it causes
+    ("market", "<i2"),         # -1 = all markets (cancel_all)
+    ("cmd", "u1"),
+    ("side", "u1"),
+    ("kind", "u1"),
+    ("tif", "u1"),
+    ("flags", "u1"),
+    ("stp", "u1"),
+])
+assert COMMAND_DTYPE.itemsize == COMMAND_BYTES
+
+# --- event codes ---------------------------------------------------------------------------
+EV_COMMAND = 1     # the sequenced input command itself (what persistd journals)
+EV_ACK = 2         # new order accepted; status says where it ended after matching
+EV_REJECT = 3
+EV_TRADE = 4
+EV_CANCELED = 5
+EV_AMENDED = 6
+EV_DONE = 7        # cancel_all (count), withdraw, deposit, market admin
+EV_BALANCE = 8     # deposit / withdraw: delta and the new balance
+EV_MARK = 9
+
+STATUS_OPEN = 1
+STATUS_FILLED = 2
+STATUS_CANCELED = 3
+
+# reasons (reject reasons first, in PROTOCOL.md order, then cancel reasons)
+REASON_NONE = 0
+REASON_INVALID_MESSAGE = 1
+REASON_UNKNOWN_MARKET = 2
+REASON_INVALID_PRICE = 3
+REASON_INVALID_QTY = 4
+REASON_INVALID_TICK = 5
+REASON_INVALID_LOT = 6
+REASON_INSUFFICIENT_MARGIN = 7
+REASON_POST_ONLY_WOULD_TAKE = 8
+REASON_FOK_UNFILLED = 9
+REASON_REDUCE_ONLY_VIOLATION = 10
+REASON_PRICE_BAND = 11
+REASON_RATE_LIMITED = 12
+REASON_MARKET_HALTED = 13
+REASON_DUPLICATE_CID = 14
+REASON_UNKNOWN_ORDER = 15
+REASON_TOO_MANY_ORDERS = 16
+REASON_INSUFFICIENT_BALANCE = 17
+REASON_FORBIDDEN = 18
+REASON_INVALID_MARKET_CONFIG = 19
+REASON_MARKET_EXISTS = 20
+REASON_UNKNOWN_ACCOUNT = 21
+REASON_POSITION_LIMIT = 22
+# cancel reasons
+REASON_USER = 32
+REASON_IOC = 33
+REASON_STP = 34
+REASON_REDUCE_ONLY = 35
+REASON_LIQUIDATION = 36
+REASON_HALT = 37
+REASON_DISCONNECT = 38
+
+REASON_NAMES = {
+    REASON_NONE: "none",
+    REASON_INVALID_MESSAGE: "invalid_message",
+    REASON_UNKNOWN_MARKET: "unknown_market",
+    REASON_INVALID_PRICE: "invalid_price",
+    REASON_INVALID_QTY: "invalid_qty",
+    REASON_INVALID_TICK: "invalid_tick",
+    REASON_INVALID_LOT: "invalid_lot",
+    REASON_INSUFFICIENT_MARGIN: "insufficient_margin",
+    REASON_POST_ONLY_WOULD_TAKE: "post_only_would_take",
+    REASON_FOK_UNFILLED: "fok_unfilled",
+    REASON_REDUCE_ONLY_VIOLATION: "reduce_only_violation",
+    REASON_PRICE_BAND: "price_band",
+    REASON_RATE_LIMITED: "rate_limited",
+    REASON_MARKET_HALTED: "market_halted",
+    REASON_DUPLICATE_CID: "duplicate_cid",
+    REASON_UNKNOWN_ORDER: "unknown_order",
+    REASON_TOO_MANY_ORDERS: "too_many_orders",
+    REASON_INSUFFICIENT_BALANCE: "insufficient_balance",
+    REASON_FORBIDDEN: "forbidden",
+    # Protocol-level `invalid_message` variants the gateway never lets through but the matcher
+    # still guards against (ops tools and riskd write rings too).
+    REASON_INVALID_MARKET_CONFIG: "invalid_message",
+    REASON_MARKET_EXISTS: "invalid_message",
+    REASON_UNKNOWN_ACCOUNT: "forbidden",
+    REASON_POSITION_LIMIT: "insufficient_margin",
+    REASON_USER: "user",
+    REASON_IOC: "ioc",
+    REASON_STP: "stp",
+    REASON_REDUCE_ONLY: "reduce_only",
+    REASON_LIQUIDATION: "liquidation",
+    REASON_HALT: "halt",
+    REASON_DISCONNECT: "disconnect",
+}
+
+# --- event layouts -------------------------------------------------------------------------
+_HEADER = [
+    ("seq", "<i8"),            # sequence number of the command that caused the event
+    ("ts_ns", "<i8"),          # that command's timestamp
+    ("etype", "u1"),
+    ("source", "u1"),          # ring the command came from
+    ("market", "<i2"),
+    ("account", "<i4"),        # the account the event is addressed to (taker for trades)
+]
+
+# ack, reject, canceled, amended, done
+ORDER_EVENT_DTYPE = np.dtype(_HEADER + [
+    ("req", "<i4"),
+    ("reason", "u1"),
+    ("status", "u1"),
+    ("side", "u1"),
+    ("kind", "u1"),
+    ("oid", "<i8"),
+    ("cid", "<i8"),
+    ("price_ticks", "<i8"),
+    ("qty_lots", "<i8"),        # ack: the order's accepted quantity; done: count (cancel_all)
+    ("remaining_lots", "<i8"),  # ack/amended: open quantity; canceled: quantity canceled
+    ("_pad", "u1", (56,)),
+])
+
+TRADE_EVENT_DTYPE = np.dtype(_HEADER + [
+    ("req", "<i4"),             # the taker's request token
+    ("side", "u1"),             # the taker's side
+    ("_pad0", "u1", (3,)),
+    ("trade_id", "<i8"),
+    ("price_ticks", "<i8"),
+    ("qty_lots", "<i8"),
+    ("oid", "<i8"),             # taker
+    ("cid", "<i8"),
+    ("remaining_lots", "<i8"),
+    ("fee_atoms", "<i8"),
+    ("maker_account", "<i4"),
+    ("_pad1", "u1", (4,)),
+    ("maker_oid", "<i8"),
+    ("maker_cid", "<i8"),
+    ("maker_remaining_lots", "<i8"),
+    ("maker_fee_atoms", "<i8"),  # negative: a rebate
+])
+
+BALANCE_EVENT_DTYPE = np.dtype(_HEADER + [
+    ("req", "<i4"),
+    ("_pad0", "u1", (4,)),
+    ("amount_atoms", "<i8"),    # signed change
+    ("balance_atoms", "<i8"),   # the balance after it
+    ("_pad1", "u1", (80,)),
+])
+
+MARK_EVENT_DTYPE = np.dtype(_HEADER + [
+    ("req", "<i4"),
+    ("_pad0", "u1", (4,)),
+    ("mark_ticks", "<i8"),
+    ("_pad1", "u1", (88,)),
+])
+
+# EV_COMMAND: the header, then the 64-byte command record verbatim in the second half.
+COMMAND_EVENT_DTYPE = np.dtype(_HEADER + [
+    ("_pad0", "u1", (40,)),
+    ("command", COMMAND_DTYPE),
+])
+COMMAND_EVENT_WORD = 8   # the command starts at int64 word 8 of the event
+
+for _dt in (ORDER_EVENT_DTYPE, TRADE_EVENT_DTYPE, BALANCE_EVENT_DTYPE, MARK_EVENT_DTYPE,
+            COMMAND_EVENT_DTYPE):
+    assert _dt.itemsize == EVENT_BYTES, _dt
+
+# The ring stores raw 128-byte slots; the header view is enough to dispatch on etype.
+EVENT_DTYPE = np.dtype(_HEADER + [("_body", "u1", (104,))])
+assert EVENT_DTYPE.itemsize == EVENT_BYTES
+
+_LAYOUT_BY_ETYPE = {
+    EV_COMMAND: COMMAND_EVENT_DTYPE,
+    EV_ACK: ORDER_EVENT_DTYPE,
+    EV_REJECT: ORDER_EVENT_DTYPE,
+    EV_CANCELED: ORDER_EVENT_DTYPE,
+    EV_AMENDED: ORDER_EVENT_DTYPE,
+    EV_DONE: ORDER_EVENT_DTYPE,
+    EV_TRADE: TRADE_EVENT_DTYPE,
+    EV_BALANCE: BALANCE_EVENT_DTYPE,
+    EV_MARK: MARK_EVENT_DTYPE,
+}
+
+
+def layout_of(etype: int) -> np.dtype:
+    return _LAYOUT_BY_ETYPE[etype]
+
+
+def event_to_dict(raw_event) -> dict:
+    """One event slot (any 128-byte view) as a dict of its family's named fields."""
+    data = np.ascontiguousarray(raw_event).reshape(-1).view(np.uint8)
+    dt = _LAYOUT_BY_ETYPE[int(data.view(EVENT_DTYPE)[0]["etype"])]
+    rec = data.view(dt)[0]
+    out = {}
+    for name in dt.names:
+        if name.startswith("_"):
+            continue
+        value = rec[name]
+        if name == "command":
+            out[name] = {k: int(value[k]) for k in COMMAND_DTYPE.names}
+        else:
+            out[name] = int(value)
+    return out
+
+
+def new_commands(n: int) -> np.ndarray:
+    return np.zeros(n, dtype=COMMAND_DTYPE)
+
+
+def market_create_command(market: int, *, atoms_per_tick_lot: int, initial_mark_ticks: int,
+                          maker_fee_e9: int, taker_fee_e9: int, price_band_e9: int,
+                          max_leverage: int, ts_ns: int = 0) -> np.ndarray:
+    c = new_commands(1)
+    c["cmd"] = CMD_CREATE_MARKET
+    c["ts_ns"] = ts_ns
+    c["market"] = market
+    c["price_ticks"] = initial_mark_ticks
+    c["amount_atoms"] = atoms_per_tick_lot
+    c["cid"] = maker_fee_e9
+    c["oid"] = taker_fee_e9
+    c["qty_lots"] = price_band_e9
+    c["account"] = max_leverage
+    return c
+
+
+def market_limits_command(market: int, *, max_price_ticks: int, max_order_lots: int,
+                          max_position_lots: int, max_open_orders: int,
+                          ts_ns: int = 0) -> np.ndarray:
+    c = new_commands(1)
+    c["cmd"] = CMD_SET_MARKET_LIMITS
+    c["ts_ns"] = ts_ns
+    c["market"] = market
+    c["price_ticks"] = max_price_ticks
+    c["qty_lots"] = max_order_lots
+    c["amount_atoms"] = max_position_lots
+    c["account"] = max_open_orders
+    return c

@@ -1,0 +1,173 @@
+"""The matcher's state: preallocated numpy tables, their layout, and the canonical state hash.
+
+All tables are plain numpy arrays, so they can live in shared memory (pass `alloc`) for other
+processes to snapshot. Only the matcher writes them. Everything is an integer; links between
+tables are int32 slot indices with -1 for none.
+"""
+
+import hashlib
+from collections import namedtuple
+
+import numpy as np
+
+from engine.config import EngineConfig
+
+NONE = -1
+
+MARKET_DTYPE = np.dtype([
+    ("active", "<i8"),
+    ("atoms_per_tick_lot", "<i8"),
+    ("maker_fee_e9", "<i8"),
+    ("taker_fee_e9", "<i8"),
+    ("price_band_e9", "<i8"),
+    ("max_leverage", "<i8"),
+    ("mark_ticks", "<i8"),
+    ("max_price_ticks", "<i8"),       # 0 until SET_MARKET_LIMITS: the market does not trade
+    ("max_order_lots", "<i8"),
+    ("max_position_lots", "<i8"),
+    ("max_open_orders", "<i8"),
+    ("halted", "<i8"),
+    ("last_trade_ticks", "<i8"),
+    ("resting_buy", "<i8"),            # resting orders per side (bounds a command's events)
+    ("resting_sell", "<i8"),
+    ("resting_reduce_only", "<i8"),
+])
+
+# One net position per (account, market), with the open-order totals its margin needs.
+POSITION_DTYPE = np.dtype([
+    ("size_lots", "<i8"),
+    ("cost_atoms", "<i8"),             # signed entry notional of the open position
+    ("open_buy_lots", "<i8"),
+    ("open_sell_lots", "<i8"),
+    ("open_orders", "<i8"),
+    ("reduce_only_orders", "<i8"),
+])
+
+ACCOUNT_DTYPE = np.dtype([
+    ("balance_atoms", "<i8"),
+    ("open_orders", "<i8"),
+    ("first_order", "<i4"),            # the account's resting orders, in placement order
+    ("last_order", "<i4"),
+    ("touched_seq", "<i8"),            # scratch: last command that changed its position
+    ("fok_traded_lots", "<i8"),        # scratch: a FOK check's running total per maker
+])
+
+ORDER_DTYPE = np.dtype([
+    ("oid", "<i8"),
+    ("cid", "<i8"),
+    ("price_ticks", "<i8"),
+    ("remaining_lots", "<i8"),
+    ("account", "<i4"),
+    ("level", "<i4"),
+    ("prev", "<i4"),                   # FIFO within the price level
+    ("next", "<i4"),                   # ... also the free-list link of an unused slot
+    ("account_prev", "<i4"),
+    ("account_next", "<i4"),
+    ("market", "<i2"),
+    ("side", "u1"),
+    ("kind", "u1"),
+    ("tif", "u1"),
+    ("flags", "u1"),
+    ("stp", "u1"),
+    ("_pad", "u1"),
+])
+assert ORDER_DTYPE.itemsize == 64
+
+LEVEL_DTYPE = np.dtype([
+    ("price_ticks", "<i8"),
+    ("qty_lots", "<i8"),
+    ("first", "<i4"),
+    ("last", "<i4"),
+    ("orders", "<i4"),
+    ("next_free", "<i4"),
+])
+
+# counters: scalars of the state, by index
+C_SEQ = 0
+C_NEXT_OID = 1
+C_NEXT_TRADE_ID = 2
+C_FEES_ATOMS = 3
+C_DEPOSITS_ATOMS = 4
+C_WITHDRAWALS_ATOMS = 5
+C_ORDERS_USED = 6
+C_FREE_ORDER = 7
+C_FREE_LEVEL = 8
+C_COUNT = 16
+
+# The tables, in the order the state hash reads them. `book_keys[m, side, k]` holds the
+# sorted price keys of a book side (price for bids, -price for asks, so "best" is always the
+# largest key, kept at the end); `book_levels` the matching level slots; `book_depth` how many.
+State = namedtuple("State", [
+    "counters", "markets", "positions", "accounts", "orders", "levels",
+    "book_keys", "book_levels", "book_depth",
+    "cid_account", "cid_value", "cid_slot", "oid_value", "oid_slot",
+    "touched",
+])
+
+# Scratch tables are deterministic too, but carry no meaning between commands.
+_SCRATCH = ("touched",)
+
+
+def _table_shapes(cfg: EngineConfig):
+    index_size = 1 << max(4, (2 * cfg.max_orders - 1).bit_length())
+    n_levels = cfg.max_markets * 2 * cfg.max_levels_per_side
+    return {
+        "counters": ((C_COUNT,), np.int64),
+        "markets": ((cfg.max_markets,), MARKET_DTYPE),
+        "positions": ((cfg.max_accounts, cfg.max_markets), POSITION_DTYPE),
+        "accounts": ((cfg.max_accounts,), ACCOUNT_DTYPE),
+        # one extra slot: the taker scratch order, so IOC orders need no free slot
+        "orders": ((cfg.max_orders + 1,), ORDER_DTYPE),
+        "levels": ((n_levels,), LEVEL_DTYPE),
+        "book_keys": ((cfg.max_markets, 2, cfg.max_levels_per_side), np.int64),
+        "book_levels": ((cfg.max_markets, 2, cfg.max_levels_per_side), np.int32),
+        "book_depth": ((cfg.max_markets, 2), np.int64),
+        "cid_account": ((index_size,), np.int64),
+        "cid_value": ((index_size,), np.int64),
+        "cid_slot": ((index_size,), np.int32),
+        "oid_value": ((index_size,), np.int64),
+        "oid_slot": ((index_size,), np.int32),
+        "touched": ((cfg.max_orders + 2,), np.int32),
+    }
+
+
+def state_nbytes(cfg: EngineConfig) -> int:
+    return sum(int(np.prod(shape)) * np.dtype(dt).itemsize
+               for shape, dt in _table_shapes(cfg).values())
+
+
+def allocate_state(cfg: EngineConfig, alloc=None) -> State:
+    """Fresh, empty state. `alloc(name, shape, dtype)` may place tables in shared memory."""
+    alloc = alloc or (lambda name, shape, dtype: np.zeros(shape, dtype))
+    tables = {name: alloc(name, shape, dtype) for name, (shape, dtype) in _table_shapes(cfg).items()}
+    for arr in tables.values():
+        arr[...] = 0
+    st = State(**tables)
+    st.counters[C_NEXT_OID] = 1
+    st.counters[C_NEXT_TRADE_ID] = 1
+    n_orders = cfg.max_orders
+    st.orders["next"][:n_orders] = np.arange(1, n_orders + 1, dtype=np.int32)
+    st.orders["next"][n_orders - 1] = NONE
+    st.orders["level"][:] = NONE
+    st.counters[C_FREE_ORDER] = 0
+    n_levels = len(st.levels)
+    st.levels["next_free"][:] = np.arange(1, n_levels + 1, dtype=np.int32)
+    st.levels["next_free"][n_levels - 1] = NONE
+    st.counters[C_FREE_LEVEL] = 0
+    st.accounts["first_order"][:] = NONE
+    st.accounts["last_order"][:] = NONE
+    st.cid_slot[:] = NONE
+    st.oid_slot[:] = NONE
+    return st
+
+
+def state_hash(st: State) -> str:
+    """blake2b over the canonical state tables (scratch excluded)."""
+    h = hashlib.blake2b(digest_size=32)
+    for name in State._fields:
+        if name in _SCRATCH:
+            continue
+        arr = getattr(st, name)
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arr).view(np.uint8).tobytes())
+    return h.hexdigest()
