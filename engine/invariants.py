@@ -1,0 +1,109 @@
+"""The invariants of DESIGN.md §8 over the compiled matcher's state tables.
+
+Used by tests after every batch and by `perpx check` on a snapshot of live state. Returns a
+list of violations (empty when all hold) rather than raising, so an operator sees them all.
+Plain Python over the tables: this is a checker, not a hot path.
+"""
+
+import numpy as np
+
+from engine.records import FLAG_REDUCE_ONLY, SIDE_BUY, SIDE_SELL
+from engine.state import (C_DEPOSITS_ATOMS, C_FEES_ATOMS, C_ORDERS_USED, C_WITHDRAWALS_ATOMS,
+                          NONE, State)
+
+
+def _walk_level(st: State, market: int, side: int, lvl: int, problems: list):
+    """Follow a level's FIFO links; returns its order slots front to back."""
+    lv = st.levels[lvl]
+    slots = []
+    prev = NONE
+    slot = int(lv["first"])
+    while slot != NONE:
+        o = st.orders[slot]
+        if int(o["prev"]) != prev or int(o["level"]) != lvl:
+            problems.append(f"market {market}: broken FIFO links at order slot {slot}")
+            break
+        if int(o["market"]) != market or int(o["side"]) != side:
+            problems.append(f"market {market}: order slot {slot} sits in the wrong book")
+        if int(o["price_ticks"]) != int(lv["price_ticks"]) or int(o["remaining_lots"]) <= 0:
+            problems.append(f"market {market}: order slot {slot} has a bad price or quantity")
+        slots.append(slot)
+        prev = slot
+        slot = int(o["next"])
+        if len(slots) > len(st.orders):
+            problems.append(f"market {market}: cycle in level {lvl}")
+            break
+    if int(lv["last"]) != prev:
+        problems.append(f"market {market}: level {lvl} tail link is wrong")
+    if len(slots) != int(lv["orders"]):
+        problems.append(f"market {market}: level {lvl} counts {int(lv['orders'])} orders, holds {len(slots)}")
+    if sum(int(st.orders[s]["remaining_lots"]) for s in slots) != int(lv["qty_lots"]):
+        problems.append(f"market {market}: level {lvl} quantity differs from its orders")
+    return slots
+
+
+def check_state(st: State) -> list[str]:
+    problems: list[str] = []
+    n_markets = len(st.markets)
+    n_accounts = len(st.accounts)
+    open_buy = np.zeros((n_accounts, n_markets), np.int64)
+    open_sell = np.zeros((n_accounts, n_markets), np.int64)
+    open_count = np.zeros((n_accounts, n_markets), np.int64)
+    reduce_only = np.zeros((n_accounts, n_markets), np.int64)
+    resting_total = 0
+    for m in range(n_markets):
+        mk = st.markets[m]
+        if not mk["active"]:
+            continue
+        best = [None, None]
+        for side in (SIDE_BUY, SIDE_SELL):
+            depth = int(st.book_depth[m, side])
+            keys = st.book_keys[m, side, :depth]
+            if depth and not np.all(keys[1:] > keys[:-1]):
+                problems.append(f"market {m}: price keys of side {side} not strictly sorted")
+            resting_side = 0
+            for k in range(depth):
+                lvl = int(st.book_levels[m, side, k])
+                price = int(st.levels[lvl]["price_ticks"])
+                if (price if side == SIDE_BUY else -price) != int(keys[k]):
+                    problems.append(f"market {m}: level {lvl} filed under the wrong price")
+                for slot in _walk_level(st, m, side, lvl, problems):
+                    o = st.orders[slot]
+                    a = int(o["account"])
+                    lots = int(o["remaining_lots"])
+                    (open_buy if side == SIDE_BUY else open_sell)[a, m] += lots
+                    open_count[a, m] += 1
+                    if int(o["flags"]) & FLAG_REDUCE_ONLY:
+                        reduce_only[a, m] += 1
+                    resting_side += 1
+            if depth:
+                best[side] = int(st.levels[int(st.book_levels[m, side, depth - 1])]["price_ticks"])
+            if resting_side != int(mk["resting_buy" if side == SIDE_BUY else "resting_sell"]):
+                problems.append(f"market {m}: resting count of side {side} is off")
+            resting_total += resting_side
+        if best[0] is not None and best[1] is not None and best[0] >= best[1]:
+            problems.append(f"market {m}: book crossed (bid {best[0]} >= ask {best[1]})")
+        if int(st.positions["size_lots"][:, m].sum()) != 0:
+            problems.append(f"market {m}: positions do not sum to zero")
+    pos = st.positions
+    for name, expect in (("open_buy_lots", open_buy), ("open_sell_lots", open_sell),
+                         ("open_orders", open_count), ("reduce_only_orders", reduce_only)):
+        if not np.array_equal(pos[name], expect):
+            problems.append(f"positions.{name} disagree with the resting orders")
+    if resting_total != int(st.counters[C_ORDERS_USED]):
+        problems.append("order pool usage disagrees with the books")
+    problems.extend(collateral_problems(st))
+    return problems
+
+
+def collateral_problems(st: State) -> list[str]:
+    """Collateral is conserved to the atom: balances + unrealized PnL + fees = net deposits."""
+    active = st.markets["active"] != 0
+    mark = st.markets["mark_ticks"] * st.markets["atoms_per_tick_lot"]
+    upnl = int((st.positions["size_lots"][:, active] * mark[active]
+                - st.positions["cost_atoms"][:, active]).sum())
+    total = int(st.accounts["balance_atoms"].sum()) + upnl + int(st.counters[C_FEES_ATOMS])
+    net = int(st.counters[C_DEPOSITS_ATOMS]) - int(st.counters[C_WITHDRAWALS_ATOMS])
+    if total != net:
+        return [f"collateral not conserved: holdings {total} != net deposits {net}"]
+    return []

@@ -1,0 +1,111 @@
+"""Random command streams for differential tests of the compiled matcher against the reference.
+
+Streams are dense with edge cases on purpose: few accounts and a narrow price range so orders
+cross, self-trade, collide on cids, reduce positions and run into limits often.
+"""
+
+import numpy as np
+from hypothesis import strategies as hs
+
+from engine.config import EngineConfig
+from engine.records import *  # noqa: F403
+
+FUZZ_CONFIG = EngineConfig(max_accounts=12, max_markets=3, max_orders=96, max_levels_per_side=10)
+MARKETS = (0, 1)
+MARK_TICKS = (1000, 20000)
+
+
+def genesis() -> np.ndarray:
+    """Two markets (one with a maker rebate), funded accounts."""
+    cmds = [
+        market_create_command(0, atoms_per_tick_lot=100, initial_mark_ticks=MARK_TICKS[0],
+                              maker_fee_e9=-100_000, taker_fee_e9=500_000,
+                              price_band_e9=50_000_000, max_leverage=20),
+        market_limits_command(0, max_price_ticks=1_000_000, max_order_lots=500,
+                              max_position_lots=2_000, max_open_orders=7),
+        market_create_command(1, atoms_per_tick_lot=7, initial_mark_ticks=MARK_TICKS[1],
+                              maker_fee_e9=200_000, taker_fee_e9=700_000,
+                              price_band_e9=30_000_000, max_leverage=5),
+        market_limits_command(1, max_price_ticks=10_000_000, max_order_lots=300,
+                              max_position_lots=1_000, max_open_orders=8),
+    ]
+    for account in range(FUZZ_CONFIG.max_accounts - 2):
+        d = new_commands(1)
+        d["cmd"] = CMD_DEPOSIT
+        d["account"] = account
+        d["amount_atoms"] = 2_000_000 * (account + 1) ** 2
+        cmds.append(d)
+    return np.concatenate(cmds)
+
+
+def random_stream(seed: int, n: int) -> np.ndarray:
+    """n commands after genesis, drawn from a seeded generator (vectorized)."""
+    rng = np.random.default_rng(seed)
+    c = new_commands(n)
+    c["ts_ns"] = np.arange(n) * 1000 + seed
+    c["market"] = rng.choice(np.array(MARKETS + (0, 1, 2)), n, p=[0.45, 0.45, 0.04, 0.04, 0.02])
+    c["account"] = np.where(rng.random(n) < 0.02, FUZZ_CONFIG.max_accounts,
+                            rng.integers(0, FUZZ_CONFIG.max_accounts, n))
+    mark = np.array(MARK_TICKS + (500, 500))[np.minimum(c["market"], 2)]
+    c["price_ticks"] = mark + rng.integers(-12, 13, n) * np.maximum(mark // 400, 1)
+    c["qty_lots"] = np.where(rng.random(n) < 0.1, rng.integers(0, 700, n), rng.integers(1, 40, n))
+    c["cid"] = rng.integers(0, 6, n)
+    # oids are assigned from 1 to accepted orders, about one in seven commands: aim near there
+    recent_oid = np.maximum(np.arange(n) // 7 - rng.integers(0, 25, n), 1)
+    c["oid"] = np.where(rng.random(n) < 0.6, 0, recent_oid)
+    c["side"] = rng.integers(0, 2, n)
+    c["kind"] = rng.choice([KIND_LIMIT, KIND_MARKET, 7], n, p=[0.85, 0.14, 0.01])
+    c["tif"] = rng.choice([TIF_GTC, TIF_IOC, TIF_FOK, TIF_POST_ONLY, 9], n,
+                          p=[0.55, 0.15, 0.1, 0.19, 0.01])
+    c["flags"] = np.where(rng.random(n) < 0.25, FLAG_REDUCE_ONLY, 0)
+    c["stp"] = rng.integers(0, 3, n)
+    c["req"] = np.arange(n) + 1
+    c["amount_atoms"] = rng.integers(1, 3_000_000, n)
+    c["cmd"] = rng.choice(
+        [CMD_NEW_ORDER, CMD_CANCEL, CMD_AMEND, CMD_CANCEL_ALL, CMD_SET_MARK, CMD_DEPOSIT,
+         CMD_WITHDRAW, CMD_HALT, CMD_RESUME, 99],
+        n, p=[0.52, 0.16, 0.14, 0.02, 0.08, 0.02, 0.033, 0.002, 0.02, 0.005])
+    # amends change only price or only quantity half of the time
+    amend = c["cmd"] == CMD_AMEND
+    which = rng.integers(0, 3, n)
+    c["price_ticks"] = np.where(amend & (which == 1), 0, c["price_ticks"])
+    c["qty_lots"] = np.where(amend & (which == 2), 0, c["qty_lots"])
+    c["market"] = np.where(c["cmd"] == CMD_CANCEL_ALL, np.where(which == 0, -1, c["market"]),
+                           c["market"])
+    return c
+
+
+# A hypothesis strategy: the same vocabulary as random_stream, drawn field by field so failures
+# shrink to a handful of small commands.
+_command = hs.fixed_dictionaries({
+    "cmd": hs.sampled_from([CMD_NEW_ORDER] * 5 + [CMD_CANCEL, CMD_AMEND, CMD_CANCEL_ALL,
+                                                  CMD_SET_MARK, CMD_WITHDRAW, CMD_HALT,
+                                                  CMD_RESUME]),
+    "market": hs.sampled_from([0, 0, 1, -1, 2]),
+    "account": hs.integers(0, 4),
+    "side": hs.integers(0, 1),
+    "kind": hs.sampled_from([KIND_LIMIT, KIND_LIMIT, KIND_MARKET]),
+    "tif": hs.sampled_from([TIF_GTC, TIF_IOC, TIF_FOK, TIF_POST_ONLY]),
+    "flags": hs.sampled_from([0, 0, FLAG_REDUCE_ONLY]),
+    "stp": hs.integers(0, 2),
+    "price_off": hs.integers(-6, 6),
+    "qty_lots": hs.integers(0, 60),
+    "cid": hs.integers(0, 3),
+    "oid": hs.integers(0, 12),
+    "amount_atoms": hs.integers(1, 5_000_000),
+})
+command_lists = hs.lists(_command, min_size=1, max_size=60)
+
+
+def commands_from_dicts(items: list[dict]) -> np.ndarray:
+    c = new_commands(len(items))
+    for i, item in enumerate(items):
+        m = item["market"]
+        mark = MARK_TICKS[m] if m in MARKETS else 500
+        for k, v in item.items():
+            if k != "price_off":
+                c[i][k] = v
+        c[i]["price_ticks"] = mark + item["price_off"] * max(mark // 400, 1)
+        c[i]["ts_ns"] = i
+        c[i]["req"] = i + 1
+    return c
