@@ -46,6 +46,23 @@ class Matcher:
     def __init__(self, config: EngineConfig, alloc=None):
         self.config = config
         self.state = allocate_state(config, alloc)
+        self._entries = {}
+
+    def _entry_for(self, args):
+        """The compiled batch loop for these argument types, without per-call dispatch.
+
+        numba's dispatcher re-derives the type of every structured array on each call, which
+        costs more than matching a whole batch; the compiled entry point skips that.
+        """
+        commands = args[2]
+        key = (id(args[1]), commands.dtype, commands.flags.c_contiguous, commands.flags.aligned)
+        entry = self._entries.get(key)
+        if entry is None:
+            sig = tuple(core.run_batch.typeof_pyval(a) for a in args)
+            if sig not in core.run_batch.overloads:
+                core.run_batch.compile(sig)
+            entry = self._entries[key] = core.run_batch.overloads[sig].entry_point
+        return entry
 
     @property
     def seq(self) -> int:
@@ -64,8 +81,8 @@ class Matcher:
         sink.cursor[0] = write_pos
         sink.cursor[3] = source
         words = commands.view(np.int64).reshape(len(commands), 8)
-        done = core.run_batch(self.state, sink, commands, words, start, count, privileged,
-                              free_slots)
+        args = (self.state, sink, commands, words, start, count, bool(privileged), free_slots)
+        done = self._entry_for(args)(*args)
         return done, int(sink.cursor[0])
 
     def state_hash(self) -> str:
