@@ -1,0 +1,69 @@
+import time
+
+import numpy as np
+import posix_ipc
+
+from shm.doorbell import Doorbell
+from shm.region import Region
+from shm.wait import BusySpinWait, SpinYieldBlockWait
+from tests.shm_workers import children, shm_prefix, wait_for, wait_until_asleep  # noqa: F401  (fixtures)
+
+
+def test_sleeping_waiter_is_woken_by_the_doorbell(shm_prefix, children):
+    with Doorbell.create(shm_prefix + "-bell") as bell, Region.create(shm_prefix + "-flag", 1, 64) as flag:
+        # A 10 s block slice: a wake-up well inside it can only come from the ring.
+        children.start("doorbell_waiter", bell.name, flag.name, 30.0, 10.0)
+        wait_for(lambda: bell.sleeping, 30, "the waiter to go to sleep")
+        rung_at = time.monotonic()
+        flag.payload[:8].view(np.int64)[0] = 1
+        bell.ring()
+        [(_, ok, woke_at)] = children.collect(1, timeout_s=30)
+    assert ok
+    print(f"\nwake-up latency {1e6 * (woke_at - rung_at):.0f} µs")
+    assert woke_at - rung_at < 0.5
+
+
+def test_waiter_times_out_when_nobody_produces(shm_prefix):
+    with Doorbell.create(shm_prefix + "-bell") as bell:
+        for wait in (SpinYieldBlockWait(bell, block_slice_s=0.05), BusySpinWait()):
+            started = time.monotonic()
+            assert not wait.wait_until(lambda: False, timeout_s=0.2)
+            assert 0.2 <= time.monotonic() - started < 1.0
+        assert not bell.sleeping
+
+
+def test_ringing_with_nobody_asleep_posts_nothing(shm_prefix):
+    with Doorbell.create(shm_prefix + "-bell") as bell:
+        for _ in range(1000):
+            bell.ring()
+        semaphore = posix_ipc.Semaphore(bell.name)
+        try:
+            assert semaphore.value == 0, "no sleeper, so no post (and no syscall)"
+        finally:
+            semaphore.close()
+
+
+def test_no_lost_wake_ups_in_a_thousand_sleeps(shm_prefix, children):
+    """Ping-pong where neither side spins: half the rounds ring while the other side is on its
+    way to sleep, half once it is asleep. A lost wake-up would cost a 5 s block slice."""
+    rounds = 1000
+    with Doorbell.create(shm_prefix + "-ping") as ping, Doorbell.create(shm_prefix + "-pong") as pong, \
+            Region.create(shm_prefix + "-cells", 1, 128) as cells:
+        counters = cells.payload.view(np.int64)
+        children.start("ping_pong", ping.name, pong.name, cells.name, rounds)
+        wait_for(lambda: ping.sleeping, 30, "the child to start and go to sleep")
+        wait = SpinYieldBlockWait(pong, spins=0, yields=0, block_slice_s=5.0)
+        started = time.monotonic()
+        slowest = 0.0
+        for i in range(1, rounds + 1):
+            if i % 2 == 1:
+                wait_until_asleep(ping)
+            sent = time.monotonic()
+            counters[0] = i
+            ping.ring()
+            assert wait.wait_until(lambda: counters.item(8) >= i, timeout_s=30)
+            slowest = max(slowest, time.monotonic() - sent)
+        elapsed = time.monotonic() - started
+        children.collect(1, timeout_s=30)
+    print(f"\n{rounds} round trips through sleep: {1e6 * elapsed / rounds:.0f} µs each, slowest {1e3 * slowest:.1f} ms")
+    assert slowest < 2.5, "a wake-up was lost and only the block slice recovered it"
