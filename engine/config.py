@@ -10,6 +10,8 @@ MAX_MARKETS_LIMIT = 64
 # margin and cost basis stay far inside int64.
 NOTIONAL_LIMIT_ATOMS = 2 ** 54
 MAX_BALANCE_ATOMS = 2 ** 60
+# Deposits minus withdrawals over the whole exchange: keeps the collateral total in int64.
+MAX_NET_DEPOSITS_ATOMS = 3 * 2 ** 61
 # cost_share() multiplies a remainder (< position) by a part (<= position): position**2 < 2**63.
 MAX_POSITION_LOTS_LIMIT = 3_000_000_000
 MAX_FEE_E9 = 100_000_000          # 10%
@@ -35,7 +37,7 @@ class EngineConfig:
 
     def event_bound(self) -> int:
         """Most events one command can cause: every resting order touched once, plus a few."""
-        return self.max_orders + 16
+        return 2 * self.max_orders + 16
 
 
 # Why a market's parameters are refused, by problem code (0 = none). The checks are compiled

@@ -14,11 +14,11 @@ import numpy as np
 from numba import njit
 
 from engine.numbers import RATE_ONE_E9, fee_atoms, mul_div_ceil, mul_div_floor, position_after_fill
-from engine.config import MAX_BALANCE_ATOMS, market_config_problem, market_limits_problem
+from engine.config import (MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, market_config_problem,
+                           market_limits_problem)
 from engine.records import *  # noqa: F403
-from engine.state import (C_DEPOSITS_ATOMS, C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDER,
-                          C_NEXT_OID, C_NEXT_TRADE_ID, C_ORDERS_USED, C_SEQ,
-                          C_WITHDRAWALS_ATOMS, NONE)
+from engine.state import (C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDER, C_NET_DEPOSITS_ATOMS,
+                          C_NEXT_OID, C_NEXT_TRADE_ID, C_ORDERS_USED, C_SEQ, NONE)
 
 # _nrt=False: nothing here allocates, and without the runtime numba emits no reference
 # counting for the arrays inside the state tuple on every call (it cost ~100 ns a call).
@@ -754,10 +754,11 @@ def _deposit(st, sink, cmd):
         return _reject(sink, cmd, REASON_UNKNOWN_ACCOUNT)
     acct = st.accounts[cmd.account]
     amount = cmd.amount_atoms
-    if amount < 1 or amount > MAX_BALANCE_ATOMS - acct.balance_atoms:
+    if (amount < 1 or amount > MAX_BALANCE_ATOMS - acct.balance_atoms
+            or amount > MAX_NET_DEPOSITS_ATOMS - st.counters[C_NET_DEPOSITS_ATOMS]):
         return _reject(sink, cmd, REASON_INVALID_MESSAGE)
     acct.balance_atoms += amount
-    st.counters[C_DEPOSITS_ATOMS] += amount
+    st.counters[C_NET_DEPOSITS_ATOMS] += amount
     _balance_event(st, sink, cmd, amount)
 
 
@@ -775,7 +776,7 @@ def _withdraw(st, sink, cmd):
     if equity - amount - required < 0:
         return _reject(sink, cmd, REASON_INSUFFICIENT_MARGIN)
     acct.balance_atoms -= amount
-    st.counters[C_WITHDRAWALS_ATOMS] += amount
+    st.counters[C_NET_DEPOSITS_ATOMS] -= amount
     _balance_event(st, sink, cmd, -amount)
 
 
@@ -882,15 +883,16 @@ def _cancel(st, sink, cmd):
 def _cancel_all(st, sink, cmd):
     if cmd.market != -1 and not _market_ok(st, cmd.market):
         return _reject(sink, cmd, REASON_UNKNOWN_MARKET)
+    if not _account_ok(st, cmd.account):
+        return _reject(sink, cmd, REASON_UNKNOWN_ACCOUNT)
     count = 0
-    if _account_ok(st, cmd.account):
-        slot = st.accounts[cmd.account].first_order
-        while slot != NONE:
-            nxt = st.orders[slot].account_next
-            if cmd.market == -1 or st.orders[slot].market == cmd.market:
-                _cancel_resting(st, sink, cmd, slot, REASON_USER)
-                count += 1
-            slot = nxt
+    slot = st.accounts[cmd.account].first_order
+    while slot != NONE:
+        nxt = st.orders[slot].account_next
+        if cmd.market == -1 or st.orders[slot].market == cmd.market:
+            _cancel_resting(st, sink, cmd, slot, REASON_USER)
+            count += 1
+        slot = nxt
     _done(sink, cmd, count)
 
 
@@ -949,7 +951,8 @@ def _event_bound(st, cmd):
     if code == CMD_NEW_ORDER or code == CMD_AMEND:
         m = cmd.market
         if code == CMD_AMEND or not (0 <= m < len(st.markets)):
-            return 8 + st.counters[C_ORDERS_USED]
+            # a resting reduce-only maker can trade and then be swept: two events
+            return 8 + 2 * st.counters[C_ORDERS_USED]
         mk = st.markets[m]
         return 8 + mk.resting_buy + mk.resting_sell + mk.resting_reduce_only
     if code == CMD_CANCEL_ALL:

@@ -8,8 +8,7 @@ Plain Python over the tables: this is a checker, not a hot path.
 import numpy as np
 
 from engine.records import FLAG_REDUCE_ONLY, SIDE_BUY, SIDE_SELL
-from engine.state import (C_DEPOSITS_ATOMS, C_FEES_ATOMS, C_ORDERS_USED, C_WITHDRAWALS_ATOMS,
-                          NONE, State)
+from engine.state import C_FEES_ATOMS, C_NET_DEPOSITS_ATOMS, C_ORDERS_USED, NONE, State
 
 
 def _walk_level(st: State, market: int, side: int, lvl: int, problems: list):
@@ -100,10 +99,13 @@ def collateral_problems(st: State) -> list[str]:
     """Collateral is conserved to the atom: balances + unrealized PnL + fees = net deposits."""
     active = st.markets["active"] != 0
     mark = st.markets["mark_ticks"] * st.markets["atoms_per_tick_lot"]
-    upnl = int((st.positions["size_lots"][:, active] * mark[active]
-                - st.positions["cost_atoms"][:, active]).sum())
-    total = int(st.accounts["balance_atoms"].sum()) + upnl + int(st.counters[C_FEES_ATOMS])
-    net = int(st.counters[C_DEPOSITS_ATOMS]) - int(st.counters[C_WITHDRAWALS_ATOMS])
+    # Python integers: an int64 sum over many accounts could wrap and hide a violation.
+    size = st.positions["size_lots"][:, active].astype(object)
+    cost = st.positions["cost_atoms"][:, active].astype(object)
+    upnl = int((size * mark[active].astype(object) - cost).sum())
+    total = (sum(st.accounts["balance_atoms"].astype(object)) + upnl
+             + int(st.counters[C_FEES_ATOMS]))
+    net = int(st.counters[C_NET_DEPOSITS_ATOMS])
     if total != net:
         return [f"collateral not conserved: holdings {total} != net deposits {net}"]
     return []

@@ -43,9 +43,10 @@ def event_sink(slots: np.ndarray) -> EventSink:
 
 
 class Matcher:
-    def __init__(self, config: EngineConfig, alloc=None):
+    def __init__(self, config: EngineConfig, state=None):
+        """A fresh matcher; pass `state` (engine.state.state_in_buffer) to place it in shm."""
         self.config = config
-        self.state = allocate_state(config, alloc)
+        self.state = allocate_state(config) if state is None else state
         self._entries = {}
 
     def _entry_for(self, args):
@@ -76,8 +77,12 @@ class Matcher:
         Returns (commands processed, new write position). Fewer than asked are processed when
         free_slots cannot hold the next command's worst case; call again once consumers move.
         """
-        if count is None:
-            count = len(commands) - start
+        # The compiled loop runs without bounds checks: clamp here, once per batch.
+        if not 0 <= start <= len(commands):
+            raise IndexError(f"start {start} outside a batch of {len(commands)} commands")
+        count = len(commands) - start if count is None else min(count, len(commands) - start)
+        if free_slots > len(sink.headers):
+            raise ValueError("free_slots exceeds the event ring's capacity")
         sink.cursor[0] = write_pos
         sink.cursor[3] = source
         words = commands.view(np.int64).reshape(len(commands), 8)

@@ -21,7 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine import numbers as num
-from engine.config import (EngineConfig, MAX_BALANCE_ATOMS, market_config_problem,
+from engine.config import (EngineConfig, MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS,
+                           market_config_problem,
                            market_limits_problem)
 from engine.records import *  # noqa: F403 — the codes are the vocabulary of this module
 
@@ -94,8 +95,7 @@ class ReferenceMatcher:
         self.orders_of: dict[int, dict[int, Order]] = {}    # account -> oid -> order, placement order
         self.by_cid: dict[tuple[int, int], int] = {}       # (account, cid) -> oid
         self.fees_collected_atoms = 0
-        self.deposits_atoms = 0
-        self.withdrawals_atoms = 0
+        self.net_deposits_atoms = 0
         self.events: list[dict] = []
 
     # ---- entry point -------------------------------------------------------------------
@@ -266,10 +266,11 @@ class ReferenceMatcher:
         account, amount = c["account"], c["amount_atoms"]
         if not self._valid_account(account):
             return self._reject(REASON_UNKNOWN_ACCOUNT)
-        if amount < 1 or amount > MAX_BALANCE_ATOMS - self.balances[account]:
+        if (amount < 1 or amount > MAX_BALANCE_ATOMS - self.balances[account]
+                or amount > MAX_NET_DEPOSITS_ATOMS - self.net_deposits_atoms):
             return self._reject(REASON_INVALID_MESSAGE)
         self.balances[account] += amount
-        self.deposits_atoms += amount
+        self.net_deposits_atoms += amount
         self._emit(EV_BALANCE, c["market"], account, req=c["req"], amount_atoms=amount,
                    balance_atoms=self.balances[account])
         self._done()
@@ -287,7 +288,7 @@ class ReferenceMatcher:
         if equity - amount - required < 0:
             return self._reject(REASON_INSUFFICIENT_MARGIN)
         self.balances[account] -= amount
-        self.withdrawals_atoms += amount
+        self.net_deposits_atoms -= amount
         self._emit(EV_BALANCE, c["market"], account, req=c["req"], amount_atoms=-amount,
                    balance_atoms=self.balances[account])
         self._done()
@@ -563,6 +564,8 @@ class ReferenceMatcher:
         account, market_id = c["account"], c["market"]
         if market_id != -1 and market_id not in self.markets:
             return self._reject(REASON_UNKNOWN_MARKET)
+        if not self._valid_account(account):
+            return self._reject(REASON_UNKNOWN_ACCOUNT)
         count = 0
         for order in list(self.orders_of.get(account, {}).values()):
             if market_id == -1 or order.market == market_id:
@@ -651,4 +654,4 @@ class ReferenceMatcher:
             market = self.markets[market_id]
             upnl += pos.size_lots * market.mark_ticks * market.atoms_per_tick_lot - pos.cost_atoms
         assert (sum(self.balances) + upnl + self.fees_collected_atoms
-                == self.deposits_atoms - self.withdrawals_atoms), "collateral not conserved"
+                == self.net_deposits_atoms), "collateral not conserved"

@@ -87,8 +87,7 @@ C_SEQ = 0
 C_NEXT_OID = 1
 C_NEXT_TRADE_ID = 2
 C_FEES_ATOMS = 3
-C_DEPOSITS_ATOMS = 4
-C_WITHDRAWALS_ATOMS = 5
+C_NET_DEPOSITS_ATOMS = 4         # deposits minus withdrawals
 C_ORDERS_USED = 6
 C_FREE_ORDER = 7
 C_FREE_LEVEL = 8
@@ -131,9 +130,39 @@ def _table_shapes(cfg: EngineConfig):
     }
 
 
+def table_layout(cfg: EngineConfig) -> list[tuple[str, int, tuple, np.dtype]]:
+    """(name, byte offset, shape, dtype) of each table in one buffer, cache-line aligned."""
+    layout = []
+    offset = 0
+    for name, (shape, dtype) in _table_shapes(cfg).items():
+        dtype = np.dtype(dtype)
+        layout.append((name, offset, shape, dtype))
+        offset += -(-int(np.prod(shape)) * dtype.itemsize // 64) * 64
+    return layout
+
+
 def state_nbytes(cfg: EngineConfig) -> int:
-    return sum(int(np.prod(shape)) * np.dtype(dt).itemsize
-               for shape, dt in _table_shapes(cfg).values())
+    name, offset, shape, dtype = table_layout(cfg)[-1]
+    return offset + int(np.prod(shape)) * dtype.itemsize
+
+
+def layout_version(cfg: EngineConfig) -> int:
+    """Changes whenever a table's shape or record layout does: readers of another build fail."""
+    descr = repr([(n, o, s, d.descr) for n, o, s, d in table_layout(cfg)]).encode()
+    return int.from_bytes(hashlib.blake2b(descr, digest_size=7).digest(), "little")
+
+
+def state_in_buffer(cfg: EngineConfig, buffer: np.ndarray, fresh: bool) -> State:
+    """The state tables as views of one uint8 buffer (e.g. a shared-memory region's payload).
+
+    fresh=True initialises them; fresh=False reads what is there (another process's state).
+    """
+    views = {name: buffer[offset:offset + int(np.prod(shape)) * dtype.itemsize]
+             .view(dtype).reshape(shape)
+             for name, offset, shape, dtype in table_layout(cfg)}
+    if fresh:
+        return allocate_state(cfg, lambda name, shape, dtype: views[name])
+    return State(**views)
 
 
 def allocate_state(cfg: EngineConfig, alloc=None) -> State:
