@@ -17,8 +17,11 @@ from engine.numbers import RATE_ONE_E9, fee_atoms, mul_div_ceil, mul_div_floor, 
 from engine.config import (MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, market_config_problem,
                            market_limits_problem)
 from engine.records import *  # noqa: F403
-from engine.state import (C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDER, C_NET_DEPOSITS_ATOMS,
-                          C_NEXT_OID, C_NEXT_TRADE_ID, C_ORDERS_USED, C_SEQ, NONE)
+from engine.state import (ACCOUNT_DTYPE, INDEX_DTYPE, C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDER,
+                          C_NET_DEPOSITS_ATOMS, C_NEXT_OID, C_NEXT_TRADE_ID, C_ORDERS_USED, C_SEQ,
+                          D_MASK, D_RING, D_SEQ, D_SOURCE, D_WRITE, LEVEL_DTYPE, MARKET_DTYPE,
+                          NONE, ORDER_DTYPE, POSITION_DTYPE, table_word)
+from engine.views import prefetch, table_view
 
 # _nrt=False: nothing here allocates, and without the runtime numba emits no reference
 # counting for the arrays inside the state tuple on every call (it cost ~100 ns a call).
@@ -26,96 +29,117 @@ jit = njit(cache=True, nogil=True, boundscheck=False, _nrt=False)
 
 
 
+# ---- the tables, seen through the descriptor `st` (engine/views.py) -----------------------
+_counters = table_view(table_word("counters"), np.int64, 1)
+_markets = table_view(table_word("markets"), MARKET_DTYPE, 1)
+_positions = table_view(table_word("positions"), POSITION_DTYPE, 2)
+_accounts = table_view(table_word("accounts"), ACCOUNT_DTYPE, 1)
+_orders = table_view(table_word("orders"), ORDER_DTYPE, 1)
+_levels = table_view(table_word("levels"), LEVEL_DTYPE, 1)
+_book_keys = table_view(table_word("book_keys"), np.int64, 3)
+_book_levels = table_view(table_word("book_levels"), np.int32, 3)
+_book_depth = table_view(table_word("book_depth"), np.int64, 2)
+_cid_index = table_view(table_word("cid_index"), INDEX_DTYPE, 1)
+_oid_index = table_view(table_word("oid_index"), INDEX_DTYPE, 1)
+_touched = table_view(table_word("touched"), np.int32, 1)
+# the event ring: one buffer of 128-byte slots, one view per event family
+_ring_words = table_view(D_RING, np.int64, 2)
+_ring_headers = table_view(D_RING, EVENT_DTYPE, 1)
+_order_events = table_view(D_RING, ORDER_EVENT_DTYPE, 1)
+_trade_events = table_view(D_RING, TRADE_EVENT_DTYPE, 1)
+_balance_events = table_view(D_RING, BALANCE_EVENT_DTYPE, 1)
+_mark_events = table_view(D_RING, MARK_EVENT_DTYPE, 1)
+
 # ---- indexes: open addressing, linear probing, backward-shift deletion --------------------
 @jit
-def _home(k1, k2, mask):
-    h = k1 * -7046029254386353131 + k2 * -4658895280553007687
-    h ^= h >> 31
-    h *= -4265267296055464877
-    h ^= h >> 29
-    return h & mask
+def _home(owner, key, mask):
+    """Consecutive keys of one owner land in consecutive buckets: oids are assigned in
+    sequence and clients number their cids, so live entries cluster and probes hit cache."""
+    return (key + owner * -7046029254386353131) & mask
 
 
 @jit
-def _index_find(keys1, keys2, slots, k1, k2):
-    mask = len(slots) - 1
-    i = _home(k1, k2, mask)
-    while slots[i] != NONE:
-        if keys1[i] == k1 and keys2[i] == k2:
+def _index_find(index, owner, key):
+    mask = len(index) - 1
+    i = _home(owner, key, mask)
+    while index[i].slot != NONE:
+        if index[i].key == key and index[i].owner == owner:
             return i
         i = (i + 1) & mask
     return NONE
 
 
 @jit
-def _index_insert(keys1, keys2, slots, k1, k2, slot):
-    mask = len(slots) - 1
-    i = _home(k1, k2, mask)
-    while slots[i] != NONE:
+def _index_insert(index, owner, key, slot):
+    mask = len(index) - 1
+    i = _home(owner, key, mask)
+    while index[i].slot != NONE:
         i = (i + 1) & mask
-    keys1[i] = k1
-    keys2[i] = k2
-    slots[i] = slot
+    index[i].key = key
+    index[i].owner = owner
+    index[i].slot = slot
 
 
 @jit
-def _index_delete(keys1, keys2, slots, i):
-    mask = len(slots) - 1
+def _index_delete(index, i):
+    mask = len(index) - 1
     j = i
     while True:
         j = (j + 1) & mask
-        if slots[j] == NONE:
+        if index[j].slot == NONE:
             break
-        home = _home(keys1[j], keys2[j], mask)
+        home = _home(index[j].owner, index[j].key, mask)
         # entry j may move into the hole at i unless its home lies cyclically in (i, j]
         if i <= j:
             stays = i < home <= j
         else:
             stays = home > i or home <= j
         if not stays:
-            keys1[i] = keys1[j]
-            keys2[i] = keys2[j]
-            slots[i] = slots[j]
+            index[i].key = index[j].key
+            index[i].owner = index[j].owner
+            index[i].slot = index[j].slot
             i = j
-    slots[i] = NONE
+    index[i].slot = NONE
 
 
 @jit
 def _slot_of_oid(st, oid):
-    i = _index_find(st.oid_value, st.oid_value, st.oid_slot, oid, oid)
-    return NONE if i == NONE else st.oid_slot[i]
+    index = _oid_index(st)
+    i = _index_find(index, 0, oid)
+    return NONE if i == NONE else index[i].slot
 
 
 @jit
 def _slot_of_cid(st, account, cid):
-    i = _index_find(st.cid_account, st.cid_value, st.cid_slot, account, cid)
-    return NONE if i == NONE else st.cid_slot[i]
+    index = _cid_index(st)
+    i = _index_find(index, account, cid)
+    return NONE if i == NONE else index[i].slot
 
 
 # ---- events -------------------------------------------------------------------------------
 @jit
-def _claim(sink, cmd, etype, market, account):
+def _claim(st, cmd, etype, market, account):
     """Next ring slot, zeroed, with the header of the current command written."""
-    pos = sink.cursor[0]
-    sink.cursor[0] = pos + 1
-    j = pos & sink.mask
-    for w in range(sink.words.shape[1]):
-        sink.words[j, w] = 0
-    hdr = sink.headers[j]
-    hdr.seq = sink.cursor[2]
+    pos = st[D_WRITE]
+    st[D_WRITE] = pos + 1
+    j = pos & st[D_MASK]
+    for w in range(_ring_words(st).shape[1]):
+        _ring_words(st)[j, w] = 0
+    hdr = _ring_headers(st)[j]
+    hdr.seq = st[D_SEQ]
     hdr.ts_ns = cmd.ts_ns
     hdr.etype = etype
-    hdr.source = sink.cursor[3]
+    hdr.source = st[D_SOURCE]
     hdr.market = market
     hdr.account = account
     return j
 
 
 @jit
-def _order_event(sink, cmd, etype, market, account, req, reason, status, side, kind, oid, cid,
+def _order_event(st, cmd, etype, market, account, req, reason, status, side, kind, oid, cid,
                  price_ticks, qty_lots, remaining_lots):
-    j = _claim(sink, cmd, etype, market, account)
-    e = sink.order_events[j]
+    j = _claim(st, cmd, etype, market, account)
+    e = _order_events(st)[j]
     e.req = req
     e.reason = reason
     e.status = status
@@ -130,14 +154,14 @@ def _order_event(sink, cmd, etype, market, account, req, reason, status, side, k
 
 
 @jit
-def _reject(sink, cmd, reason):
-    _order_event(sink, cmd, EV_REJECT, cmd.market, cmd.account, cmd.req, reason, 0, cmd.side,
+def _reject(st, cmd, reason):
+    _order_event(st, cmd, EV_REJECT, cmd.market, cmd.account, cmd.req, reason, 0, cmd.side,
                  cmd.kind, cmd.oid, cmd.cid, 0, 0, 0)
 
 
 @jit
-def _done(sink, cmd, count):
-    _order_event(sink, cmd, EV_DONE, cmd.market, cmd.account, cmd.req, 0, 0, 0, 0, 0, 0, 0,
+def _done(st, cmd, count):
+    _order_event(st, cmd, EV_DONE, cmd.market, cmd.account, cmd.req, 0, 0, 0, 0, 0, 0, 0,
                  count, 0)
 
 
@@ -147,9 +171,9 @@ def _req_for(cmd, account):
 
 
 @jit
-def _canceled(st, sink, cmd, slot, reason, canceled_lots):
-    o = st.orders[slot]
-    _order_event(sink, cmd, EV_CANCELED, o.market, o.account, _req_for(cmd, o.account), reason,
+def _canceled(st, cmd, slot, reason, canceled_lots):
+    o = _orders(st)[slot]
+    _order_event(st, cmd, EV_CANCELED, o.market, o.account, _req_for(cmd, o.account), reason,
                  STATUS_CANCELED, o.side, o.kind, o.oid, o.cid, o.price_ticks, 0, canceled_lots)
 
 
@@ -175,46 +199,46 @@ def _lower_bound(keys, market, side, n, key):
 @jit
 def _find_level(st, market, side, price_ticks):
     """Level slot at this price, or NONE."""
-    n = st.book_depth[market, side]
-    keys = st.book_keys
+    n = _book_depth(st)[market, side]
+    keys = _book_keys(st)
     key = _key(side, price_ticks)
     # most activity is at the top of the book, which sits at the end
     if n > 0 and keys[market, side, n - 1] == key:
-        return st.book_levels[market, side, n - 1]
+        return _book_levels(st)[market, side, n - 1]
     k = _lower_bound(keys, market, side, n, key)
     if k < n and keys[market, side, k] == key:
-        return st.book_levels[market, side, k]
+        return _book_levels(st)[market, side, k]
     return NONE
 
 
 @jit
 def _best_level(st, market, side):
-    n = st.book_depth[market, side]
+    n = _book_depth(st)[market, side]
     if n == 0:
         return NONE
-    return st.book_levels[market, side, n - 1]
+    return _book_levels(st)[market, side, n - 1]
 
 
 @jit
 def _level_full(st, market, side, price_ticks, max_levels):
     return (_find_level(st, market, side, price_ticks) == NONE
-            and st.book_depth[market, side] >= max_levels)
+            and _book_depth(st)[market, side] >= max_levels)
 
 
 @jit
 def _add_level(st, market, side, price_ticks):
-    lvl = st.counters[C_FREE_LEVEL]
-    st.counters[C_FREE_LEVEL] = st.levels[lvl].next_free
-    lv = st.levels[lvl]
+    lvl = _counters(st)[C_FREE_LEVEL]
+    _counters(st)[C_FREE_LEVEL] = _levels(st)[lvl].next_free
+    lv = _levels(st)[lvl]
     lv.price_ticks = price_ticks
     lv.qty_lots = 0
     lv.first = NONE
     lv.last = NONE
     lv.orders = 0
     lv.next_free = NONE
-    n = st.book_depth[market, side]
-    keys = st.book_keys
-    levels = st.book_levels
+    n = _book_depth(st)[market, side]
+    keys = _book_keys(st)
+    levels = _book_levels(st)
     key = _key(side, price_ticks)
     k = _lower_bound(keys, market, side, n, key)
     for i in range(n, k, -1):
@@ -222,39 +246,39 @@ def _add_level(st, market, side, price_ticks):
         levels[market, side, i] = levels[market, side, i - 1]
     keys[market, side, k] = key
     levels[market, side, k] = lvl
-    st.book_depth[market, side] = n + 1
+    _book_depth(st)[market, side] = n + 1
     return lvl
 
 
 @jit
 def _remove_level(st, market, side, lvl):
-    n = st.book_depth[market, side]
-    keys = st.book_keys
-    levels = st.book_levels
-    key = _key(side, st.levels[lvl].price_ticks)
+    n = _book_depth(st)[market, side]
+    keys = _book_keys(st)
+    levels = _book_levels(st)
+    key = _key(side, _levels(st)[lvl].price_ticks)
     k = n - 1 if keys[market, side, n - 1] == key else _lower_bound(keys, market, side, n, key)
     for i in range(k, n - 1):
         keys[market, side, i] = keys[market, side, i + 1]
         levels[market, side, i] = levels[market, side, i + 1]
-    st.book_depth[market, side] = n - 1
-    st.levels[lvl].next_free = st.counters[C_FREE_LEVEL]
-    st.counters[C_FREE_LEVEL] = lvl
+    _book_depth(st)[market, side] = n - 1
+    _levels(st)[lvl].next_free = _counters(st)[C_FREE_LEVEL]
+    _counters(st)[C_FREE_LEVEL] = lvl
 
 
 # ---- resting orders -----------------------------------------------------------------------
 @jit
 def _alloc_order(st):
-    slot = st.counters[C_FREE_ORDER]
-    st.counters[C_FREE_ORDER] = st.orders[slot].next
-    st.counters[C_ORDERS_USED] += 1
+    slot = _counters(st)[C_FREE_ORDER]
+    _counters(st)[C_FREE_ORDER] = _orders(st)[slot].next
+    _counters(st)[C_ORDERS_USED] += 1
     return slot
 
 
 @jit
 def _free_order(st, slot):
-    st.orders[slot].next = st.counters[C_FREE_ORDER]
-    st.counters[C_FREE_ORDER] = slot
-    st.counters[C_ORDERS_USED] -= 1
+    _orders(st)[slot].next = _counters(st)[C_FREE_ORDER]
+    _counters(st)[C_FREE_ORDER] = slot
+    _counters(st)[C_ORDERS_USED] -= 1
 
 
 @jit
@@ -283,39 +307,39 @@ def _open_lots_change(pos, side, delta):
 @jit
 def _rest(st, slot):
     """Put an order (already in `slot`) at the tail of its price level."""
-    o = st.orders[slot]
+    o = _orders(st)[slot]
     market = o.market
     lvl = _find_level(st, market, o.side, o.price_ticks)
     if lvl == NONE:
         lvl = _add_level(st, market, o.side, o.price_ticks)
-    lv = st.levels[lvl]
+    lv = _levels(st)[lvl]
     o.level = lvl
     o.prev = lv.last
     o.next = NONE
     if lv.last == NONE:
         lv.first = slot
     else:
-        st.orders[lv.last].next = slot
+        _orders(st)[lv.last].next = slot
     lv.last = slot
     lv.orders += 1
     lv.qty_lots += o.remaining_lots
-    acct = st.accounts[o.account]
+    acct = _accounts(st)[o.account]
     o.account_prev = acct.last_order
     o.account_next = NONE
     if acct.last_order == NONE:
         acct.first_order = slot
     else:
-        st.orders[acct.last_order].account_next = slot
+        _orders(st)[acct.last_order].account_next = slot
     acct.last_order = slot
     acct.open_orders += 1
-    _index_insert(st.oid_value, st.oid_value, st.oid_slot, o.oid, o.oid, slot)
-    _index_insert(st.cid_account, st.cid_value, st.cid_slot, o.account, o.cid, slot)
-    mk = st.markets[market]
+    _index_insert(_oid_index(st), 0, o.oid, slot)
+    _index_insert(_cid_index(st), o.account, o.cid, slot)
+    mk = _markets(st)[market]
     if o.side == SIDE_BUY:
         mk.resting_buy += 1
     else:
         mk.resting_sell += 1
-    pos = st.positions[o.account, market]
+    pos = _positions(st)[o.account, market]
     pos.open_orders += 1
     _open_lots_change(pos, o.side, o.remaining_lots)
     if o.flags & FLAG_REDUCE_ONLY:
@@ -326,43 +350,41 @@ def _rest(st, slot):
 @jit
 def _unrest(st, slot):
     """Take an order off the book and out of the indexes; its slot stays allocated."""
-    o = st.orders[slot]
+    o = _orders(st)[slot]
     market = o.market
     lvl = o.level
-    lv = st.levels[lvl]
+    lv = _levels(st)[lvl]
     if o.prev == NONE:
         lv.first = o.next
     else:
-        st.orders[o.prev].next = o.next
+        _orders(st)[o.prev].next = o.next
     if o.next == NONE:
         lv.last = o.prev
     else:
-        st.orders[o.next].prev = o.prev
+        _orders(st)[o.next].prev = o.prev
     lv.orders -= 1
     lv.qty_lots -= o.remaining_lots
     if lv.orders == 0:
         _remove_level(st, market, o.side, lvl)
     o.level = NONE
-    acct = st.accounts[o.account]
+    acct = _accounts(st)[o.account]
     if o.account_prev == NONE:
         acct.first_order = o.account_next
     else:
-        st.orders[o.account_prev].account_next = o.account_next
+        _orders(st)[o.account_prev].account_next = o.account_next
     if o.account_next == NONE:
         acct.last_order = o.account_prev
     else:
-        st.orders[o.account_next].account_prev = o.account_prev
+        _orders(st)[o.account_next].account_prev = o.account_prev
     acct.open_orders -= 1
-    _index_delete(st.oid_value, st.oid_value, st.oid_slot,
-                  _index_find(st.oid_value, st.oid_value, st.oid_slot, o.oid, o.oid))
-    _index_delete(st.cid_account, st.cid_value, st.cid_slot,
-                  _index_find(st.cid_account, st.cid_value, st.cid_slot, o.account, o.cid))
-    mk = st.markets[market]
+    _index_delete(_oid_index(st), _index_find(_oid_index(st), 0, o.oid))
+    _index_delete(_cid_index(st), _index_find(_cid_index(st), o.account, o.cid))
+    mk = _markets(st)[market]
     if o.side == SIDE_BUY:
         mk.resting_buy -= 1
     else:
         mk.resting_sell -= 1
-    pos = st.positions[o.account, market]
+    pos = _positions(st)[o.account, market]
     pos.open_orders -= 1
     _open_lots_change(pos, o.side, -o.remaining_lots)
     if o.flags & FLAG_REDUCE_ONLY:
@@ -373,18 +395,18 @@ def _unrest(st, slot):
 @jit
 def _shrink(st, slot, new_remaining):
     """Reduce a resting order's open quantity in place; it keeps its time priority."""
-    o = st.orders[slot]
+    o = _orders(st)[slot]
     delta = o.remaining_lots - new_remaining
-    st.levels[o.level].qty_lots -= delta
-    _open_lots_change(st.positions[o.account, o.market], o.side, -delta)
+    _levels(st)[o.level].qty_lots -= delta
+    _open_lots_change(_positions(st)[o.account, o.market], o.side, -delta)
     o.remaining_lots = new_remaining
 
 
 @jit
-def _cancel_resting(st, sink, cmd, slot, reason):
-    lots = st.orders[slot].remaining_lots
+def _cancel_resting(st, cmd, slot, reason):
+    lots = _orders(st)[slot].remaining_lots
     _unrest(st, slot)
-    _canceled(st, sink, cmd, slot, reason, lots)
+    _canceled(st, cmd, slot, reason, lots)
     _free_order(st, slot)
 
 
@@ -400,19 +422,21 @@ def _exposure_lots(size, open_buy, open_sell):
 
 @jit
 def _equity_and_requirement(st, account, extra_market, extra_buy, extra_sell):
-    equity = st.accounts[account].balance_atoms
+    equity = _accounts(st)[account].balance_atoms
     required = 0
-    for m in range(len(st.markets)):
-        mk = st.markets[m]
+    for m in range(len(_markets(st))):
+        mk = _markets(st)[m]
         if mk.active == 0:
             continue
-        pos = st.positions[account, m]
-        equity += pos.size_lots * mk.mark_ticks * mk.atoms_per_tick_lot - pos.cost_atoms
+        pos = _positions(st)[account, m]
         buy = pos.open_buy_lots
         sell = pos.open_sell_lots
         if m == extra_market:
             buy += extra_buy
             sell += extra_sell
+        elif pos.size_lots == 0 and buy == 0 and sell == 0:
+            continue
+        equity += pos.size_lots * mk.mark_ticks * mk.atoms_per_tick_lot - pos.cost_atoms
         exposure = _exposure_lots(pos.size_lots, buy, sell)
         required += mul_div_ceil(exposure * mk.mark_ticks, mk.atoms_per_tick_lot,
                                   mk.max_leverage)
@@ -421,8 +445,8 @@ def _equity_and_requirement(st, account, extra_market, extra_buy, extra_sell):
 
 @jit
 def _exposure_error(st, account, market, add_buy, add_sell, check_margin):
-    mk = st.markets[market]
-    pos = st.positions[account, market]
+    mk = _markets(st)[market]
+    pos = _positions(st)[account, market]
     if _exposure_lots(pos.size_lots, pos.open_buy_lots + add_buy,
                       pos.open_sell_lots + add_sell) > mk.max_position_lots:
         return REASON_POSITION_LIMIT
@@ -473,10 +497,10 @@ def _closing_lots(size, side):
 # ---- matching -----------------------------------------------------------------------------
 @jit
 def _maker_tradeable_lots(st, slot, already_traded):
-    o = st.orders[slot]
+    o = _orders(st)[slot]
     if not (o.flags & FLAG_REDUCE_ONLY):
         return o.remaining_lots
-    closing = _closing_lots(st.positions[o.account, o.market].size_lots, o.side) - already_traded
+    closing = _closing_lots(_positions(st)[o.account, o.market].size_lots, o.side) - already_traded
     if closing < 0:
         closing = 0
     return o.remaining_lots if o.remaining_lots < closing else closing
@@ -485,24 +509,24 @@ def _maker_tradeable_lots(st, slot, already_traded):
 @jit
 def _fok_fillable(st, market, account, side, limit_ticks, stp, wanted):
     opposite = 1 - side
-    n = st.book_depth[market, opposite]
+    n = _book_depth(st)[market, opposite]
     total = 0
     ok = False
     n_seen = 0
     for k in range(n - 1, -1, -1):
-        lvl = st.book_levels[market, opposite, k]
-        if not _crosses(side, limit_ticks, st.levels[lvl].price_ticks):
+        lvl = _book_levels(st)[market, opposite, k]
+        if not _crosses(side, limit_ticks, _levels(st)[lvl].price_ticks):
             break
-        slot = st.levels[lvl].first
+        slot = _levels(st)[lvl].first
         while slot != NONE:
-            o = st.orders[slot]
+            o = _orders(st)[slot]
             if o.account == account:
                 if stp != STP_CANCEL_MAKER:
                     break
             else:
-                acct = st.accounts[o.account]
+                acct = _accounts(st)[o.account]
                 if acct.fok_traded_lots == 0:
-                    st.touched[n_seen] = o.account
+                    _touched(st)[n_seen] = o.account
                     n_seen += 1
                 lots = _maker_tradeable_lots(st, slot, acct.fok_traded_lots)
                 if lots > wanted - total:
@@ -516,38 +540,38 @@ def _fok_fillable(st, market, account, side, limit_ticks, stp, wanted):
         if ok or slot != NONE:
             break
     for i in range(n_seen):
-        st.accounts[st.touched[i]].fok_traded_lots = 0
+        _accounts(st)[_touched(st)[i]].fok_traded_lots = 0
     return ok
 
 
 @jit
 def _touch(st, account, n_touched):
-    acct = st.accounts[account]
-    if acct.touched_seq == st.counters[C_SEQ]:
+    acct = _accounts(st)[account]
+    if acct.touched_seq == _counters(st)[C_SEQ]:
         return n_touched
-    acct.touched_seq = st.counters[C_SEQ]
-    st.touched[n_touched] = account
+    acct.touched_seq = _counters(st)[C_SEQ]
+    _touched(st)[n_touched] = account
     return n_touched + 1
 
 
 @jit
 def _apply_fill(st, account, market, side, qty, price, fee):
-    mk = st.markets[market]
-    pos = st.positions[account, market]
+    mk = _markets(st)[market]
+    pos = _positions(st)[account, market]
     delta = qty if side == SIDE_BUY else -qty
     size, cost, realized = position_after_fill(pos.size_lots, pos.cost_atoms, delta, price,
                                                 mk.atoms_per_tick_lot)
     pos.size_lots = size
     pos.cost_atoms = cost
-    st.accounts[account].balance_atoms += realized - fee
+    _accounts(st)[account].balance_atoms += realized - fee
 
 
 @jit
-def _trade(st, sink, cmd, taker, maker_slot, qty, n_touched):
+def _trade(st, cmd, taker, maker_slot, qty, n_touched):
     """One fill between the taker (a record) and a resting maker; returns n_touched."""
     market = taker.market
-    mk = st.markets[market]
-    maker = st.orders[maker_slot]
+    mk = _markets(st)[market]
+    maker = _orders(st)[maker_slot]
     price = maker.price_ticks
     notional = price * qty * mk.atoms_per_tick_lot
     taker_fee = fee_atoms(notional, mk.taker_fee_e9)
@@ -556,7 +580,7 @@ def _trade(st, sink, cmd, taker, maker_slot, qty, n_touched):
     n_touched = _touch(st, taker.account, n_touched)
     _apply_fill(st, maker.account, market, maker.side, qty, price, maker_fee)
     n_touched = _touch(st, maker.account, n_touched)
-    st.counters[C_FEES_ATOMS] += taker_fee + maker_fee
+    _counters(st)[C_FEES_ATOMS] += taker_fee + maker_fee
     mk.last_trade_ticks = price
     taker.remaining_lots -= qty
     maker_account = maker.account
@@ -568,10 +592,10 @@ def _trade(st, sink, cmd, taker, maker_slot, qty, n_touched):
         _free_order(st, maker_slot)
     else:
         _shrink(st, maker_slot, maker_left)
-    trade_id = st.counters[C_NEXT_TRADE_ID]
-    st.counters[C_NEXT_TRADE_ID] = trade_id + 1
-    j = _claim(sink, cmd, EV_TRADE, market, taker.account)
-    e = sink.trade_events[j]
+    trade_id = _counters(st)[C_NEXT_TRADE_ID]
+    _counters(st)[C_NEXT_TRADE_ID] = trade_id + 1
+    j = _claim(st, cmd, EV_TRADE, market, taker.account)
+    e = _trade_events(st)[j]
     e.req = cmd.req
     e.side = taker.side
     e.trade_id = trade_id
@@ -590,106 +614,106 @@ def _trade(st, sink, cmd, taker, maker_slot, qty, n_touched):
 
 
 @jit
-def _match(st, sink, cmd, taker_slot, limit_ticks):
+def _match(st, cmd, taker_slot, limit_ticks):
     """Trade the taker against the opposite side. Returns (stopped_by_stp, n_touched)."""
-    taker = st.orders[taker_slot]
+    taker = _orders(st)[taker_slot]
     market = taker.market
     opposite = 1 - taker.side
     n_touched = 0
     while taker.remaining_lots > 0:
         lvl = _best_level(st, market, opposite)
-        if lvl == NONE or not _crosses(taker.side, limit_ticks, st.levels[lvl].price_ticks):
+        if lvl == NONE or not _crosses(taker.side, limit_ticks, _levels(st)[lvl].price_ticks):
             return False, n_touched
-        maker_slot = st.levels[lvl].first
-        maker = st.orders[maker_slot]
+        maker_slot = _levels(st)[lvl].first
+        maker = _orders(st)[maker_slot]
         if maker.account == taker.account:
             if taker.stp == STP_CANCEL_MAKER or taker.stp == STP_CANCEL_BOTH:
-                _cancel_resting(st, sink, cmd, maker_slot, REASON_STP)
+                _cancel_resting(st, cmd, maker_slot, REASON_STP)
             if taker.stp == STP_CANCEL_TAKER or taker.stp == STP_CANCEL_BOTH:
                 return True, n_touched
             continue
         tradeable = _maker_tradeable_lots(st, maker_slot, 0)
         if tradeable == 0:
-            _cancel_resting(st, sink, cmd, maker_slot, REASON_REDUCE_ONLY)
+            _cancel_resting(st, cmd, maker_slot, REASON_REDUCE_ONLY)
             continue
         qty = taker.remaining_lots if taker.remaining_lots < tradeable else tradeable
-        n_touched = _trade(st, sink, cmd, taker, maker_slot, qty, n_touched)
+        n_touched = _trade(st, cmd, taker, maker_slot, qty, n_touched)
     return False, n_touched
 
 
 @jit
-def _sweep_reduce_only(st, sink, cmd, market, n_touched):
+def _sweep_reduce_only(st, cmd, market, n_touched):
     for t in range(n_touched):
-        account = st.touched[t]
-        pos = st.positions[account, market]
+        account = _touched(st)[t]
+        pos = _positions(st)[account, market]
         if pos.reduce_only_orders == 0:
             continue
-        slot = st.accounts[account].first_order
+        slot = _accounts(st)[account].first_order
         while slot != NONE:
-            o = st.orders[slot]
+            o = _orders(st)[slot]
             nxt = o.account_next
             if (o.flags & FLAG_REDUCE_ONLY) and o.market == market:
                 closing = _closing_lots(pos.size_lots, o.side)
                 if closing <= 0:
-                    _cancel_resting(st, sink, cmd, slot, REASON_REDUCE_ONLY)
+                    _cancel_resting(st, cmd, slot, REASON_REDUCE_ONLY)
                 elif o.remaining_lots > closing:
                     _shrink(st, slot, closing)
-                    _order_event(sink, cmd, EV_AMENDED, market, account, _req_for(cmd, account),
+                    _order_event(st, cmd, EV_AMENDED, market, account, _req_for(cmd, account),
                                  REASON_REDUCE_ONLY, STATUS_OPEN, o.side, o.kind, o.oid, o.cid,
                                  o.price_ticks, closing, closing)
             slot = nxt
 
 
 @jit
-def _take_then_rest(st, sink, cmd, slot, limit_ticks, scratch):
+def _take_then_rest(st, cmd, slot, limit_ticks, scratch):
     """Match an order in `slot`, then rest or cancel what is left; returns its final status.
 
     `slot` is the taker scratch slot for a new order (copied to a real slot if it rests) or
     the order's own slot when an amend re-prices it (freed unless it rests again).
     """
-    stopped, n_touched = _match(st, sink, cmd, slot, limit_ticks)
-    o = st.orders[slot]
+    stopped, n_touched = _match(st, cmd, slot, limit_ticks)
+    o = _orders(st)[slot]
     if o.remaining_lots == 0:
         status = STATUS_FILLED
     elif stopped or o.tif == TIF_IOC or o.tif == TIF_FOK or o.kind == KIND_MARKET:
-        _canceled(st, sink, cmd, slot, REASON_STP if stopped else REASON_IOC, o.remaining_lots)
+        _canceled(st, cmd, slot, REASON_STP if stopped else REASON_IOC, o.remaining_lots)
         status = STATUS_CANCELED
     else:
         status = STATUS_OPEN
         if slot == scratch:
             real = _alloc_order(st)
-            _copy_order(st.orders[real], o)
+            _copy_order(_orders(st)[real], o)
             _rest(st, real)
         else:
             _rest(st, slot)
     if status != STATUS_OPEN and slot != scratch:
         _free_order(st, slot)
-    _sweep_reduce_only(st, sink, cmd, o.market, n_touched)
+    _sweep_reduce_only(st, cmd, o.market, n_touched)
     return status
 
 
 # ---- commands -----------------------------------------------------------------------------
 @jit
 def _market_ok(st, market):
-    return 0 <= market < len(st.markets) and st.markets[market].active != 0
+    return 0 <= market < len(_markets(st)) and _markets(st)[market].active != 0
 
 
 @jit
 def _account_ok(st, account):
-    return 0 <= account < len(st.accounts)
+    return 0 <= account < len(_accounts(st))
 
 
 @jit
-def _create_market(st, sink, cmd):
+def _create_market(st, cmd):
     m = cmd.market
-    if not 0 <= m < len(st.markets):
-        return _reject(sink, cmd, REASON_UNKNOWN_MARKET)
-    if st.markets[m].active != 0:
-        return _reject(sink, cmd, REASON_MARKET_EXISTS)
+    if not 0 <= m < len(_markets(st)):
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    if _markets(st)[m].active != 0:
+        return _reject(st, cmd, REASON_MARKET_EXISTS)
     if market_config_problem(cmd.amount_atoms, cmd.price_ticks, cmd.cid, cmd.oid, cmd.qty_lots,
                              cmd.account) != 0:
-        return _reject(sink, cmd, REASON_INVALID_MARKET_CONFIG)
-    mk = st.markets[m]
+        return _reject(st, cmd, REASON_INVALID_MARKET_CONFIG)
+    mk = _markets(st)[m]
     mk.active = 1
     mk.atoms_per_tick_lot = cmd.amount_atoms
     mk.maker_fee_e9 = cmd.cid
@@ -697,151 +721,151 @@ def _create_market(st, sink, cmd):
     mk.price_band_e9 = cmd.qty_lots
     mk.max_leverage = cmd.account
     mk.mark_ticks = cmd.price_ticks
-    _done(sink, cmd, 0)
+    _done(st, cmd, 0)
 
 
 @jit
-def _set_market_limits(st, sink, cmd):
+def _set_market_limits(st, cmd):
     if not _market_ok(st, cmd.market):
-        return _reject(sink, cmd, REASON_UNKNOWN_MARKET)
-    mk = st.markets[cmd.market]
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    mk = _markets(st)[cmd.market]
     if mk.max_price_ticks > 0 or market_limits_problem(
             mk.atoms_per_tick_lot, mk.mark_ticks, cmd.price_ticks, cmd.qty_lots,
             cmd.amount_atoms, cmd.account) != 0:
-        return _reject(sink, cmd, REASON_INVALID_MARKET_CONFIG)
+        return _reject(st, cmd, REASON_INVALID_MARKET_CONFIG)
     mk.max_price_ticks = cmd.price_ticks
     mk.max_order_lots = cmd.qty_lots
     mk.max_position_lots = cmd.amount_atoms
     mk.max_open_orders = cmd.account
-    _done(sink, cmd, 0)
+    _done(st, cmd, 0)
 
 
 @jit
-def _set_mark(st, sink, cmd):
+def _set_mark(st, cmd):
     if not _market_ok(st, cmd.market):
-        return _reject(sink, cmd, REASON_UNKNOWN_MARKET)
-    mk = st.markets[cmd.market]
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    mk = _markets(st)[cmd.market]
     if cmd.price_ticks < 1 or (mk.max_price_ticks > 0 and cmd.price_ticks > mk.max_price_ticks):
-        return _reject(sink, cmd, REASON_INVALID_PRICE)
+        return _reject(st, cmd, REASON_INVALID_PRICE)
     mk.mark_ticks = cmd.price_ticks
-    j = _claim(sink, cmd, EV_MARK, cmd.market, cmd.account)
-    e = sink.mark_events[j]
+    j = _claim(st, cmd, EV_MARK, cmd.market, cmd.account)
+    e = _mark_events(st)[j]
     e.req = cmd.req
     e.mark_ticks = cmd.price_ticks
 
 
 @jit
-def _halt(st, sink, cmd, halted):
+def _halt(st, cmd, halted):
     if not _market_ok(st, cmd.market):
-        return _reject(sink, cmd, REASON_UNKNOWN_MARKET)
-    st.markets[cmd.market].halted = halted
-    _done(sink, cmd, 0)
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    _markets(st)[cmd.market].halted = halted
+    _done(st, cmd, 0)
 
 
 @jit
-def _balance_event(st, sink, cmd, amount):
-    j = _claim(sink, cmd, EV_BALANCE, cmd.market, cmd.account)
-    e = sink.balance_events[j]
+def _balance_event(st, cmd, amount):
+    j = _claim(st, cmd, EV_BALANCE, cmd.market, cmd.account)
+    e = _balance_events(st)[j]
     e.req = cmd.req
     e.amount_atoms = amount
-    e.balance_atoms = st.accounts[cmd.account].balance_atoms
-    _done(sink, cmd, 0)
+    e.balance_atoms = _accounts(st)[cmd.account].balance_atoms
+    _done(st, cmd, 0)
 
 
 @jit
-def _deposit(st, sink, cmd):
+def _deposit(st, cmd):
     if not _account_ok(st, cmd.account):
-        return _reject(sink, cmd, REASON_UNKNOWN_ACCOUNT)
-    acct = st.accounts[cmd.account]
+        return _reject(st, cmd, REASON_UNKNOWN_ACCOUNT)
+    acct = _accounts(st)[cmd.account]
     amount = cmd.amount_atoms
     if (amount < 1 or amount > MAX_BALANCE_ATOMS - acct.balance_atoms
-            or amount > MAX_NET_DEPOSITS_ATOMS - st.counters[C_NET_DEPOSITS_ATOMS]):
-        return _reject(sink, cmd, REASON_INVALID_MESSAGE)
+            or amount > MAX_NET_DEPOSITS_ATOMS - _counters(st)[C_NET_DEPOSITS_ATOMS]):
+        return _reject(st, cmd, REASON_INVALID_MESSAGE)
     acct.balance_atoms += amount
-    st.counters[C_NET_DEPOSITS_ATOMS] += amount
-    _balance_event(st, sink, cmd, amount)
+    _counters(st)[C_NET_DEPOSITS_ATOMS] += amount
+    _balance_event(st, cmd, amount)
 
 
 @jit
-def _withdraw(st, sink, cmd):
+def _withdraw(st, cmd):
     if not _account_ok(st, cmd.account):
-        return _reject(sink, cmd, REASON_UNKNOWN_ACCOUNT)
-    acct = st.accounts[cmd.account]
+        return _reject(st, cmd, REASON_UNKNOWN_ACCOUNT)
+    acct = _accounts(st)[cmd.account]
     amount = cmd.amount_atoms
     if amount < 1 or amount > MAX_BALANCE_ATOMS:
-        return _reject(sink, cmd, REASON_INVALID_MESSAGE)
+        return _reject(st, cmd, REASON_INVALID_MESSAGE)
     if amount > acct.balance_atoms:
-        return _reject(sink, cmd, REASON_INSUFFICIENT_BALANCE)
+        return _reject(st, cmd, REASON_INSUFFICIENT_BALANCE)
     equity, required = _equity_and_requirement(st, cmd.account, -1, 0, 0)
     if equity - amount - required < 0:
-        return _reject(sink, cmd, REASON_INSUFFICIENT_MARGIN)
+        return _reject(st, cmd, REASON_INSUFFICIENT_MARGIN)
     acct.balance_atoms -= amount
-    st.counters[C_NET_DEPOSITS_ATOMS] -= amount
-    _balance_event(st, sink, cmd, -amount)
+    _counters(st)[C_NET_DEPOSITS_ATOMS] -= amount
+    _balance_event(st, cmd, -amount)
 
 
 @jit
-def _new_order(st, sink, cmd, scratch):
+def _new_order(st, cmd, scratch):
     market = cmd.market
     account = cmd.account
     side = cmd.side
     kind = cmd.kind
     tif = cmd.tif
     if not _market_ok(st, market):
-        return _reject(sink, cmd, REASON_UNKNOWN_MARKET)
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
     if not _account_ok(st, account):
-        return _reject(sink, cmd, REASON_UNKNOWN_ACCOUNT)
+        return _reject(st, cmd, REASON_UNKNOWN_ACCOUNT)
     if (side > SIDE_SELL or kind > KIND_MARKET or tif > TIF_POST_ONLY
             or cmd.stp > STP_CANCEL_BOTH or (cmd.flags & ~FLAG_REDUCE_ONLY) != 0
             or (kind == KIND_MARKET and tif == TIF_POST_ONLY)):
-        return _reject(sink, cmd, REASON_INVALID_MESSAGE)
+        return _reject(st, cmd, REASON_INVALID_MESSAGE)
     if kind == KIND_MARKET and tif == TIF_GTC:
         tif = TIF_IOC
-    mk = st.markets[market]
+    mk = _markets(st)[market]
     if mk.max_price_ticks == 0 or mk.halted != 0:
-        return _reject(sink, cmd, REASON_MARKET_HALTED)
+        return _reject(st, cmd, REASON_MARKET_HALTED)
     qty = cmd.qty_lots
     if qty < 1 or qty > mk.max_order_lots:
-        return _reject(sink, cmd, REASON_INVALID_QTY)
+        return _reject(st, cmd, REASON_INVALID_QTY)
     if kind == KIND_LIMIT:
         price = cmd.price_ticks
         if price < 1 or price > mk.max_price_ticks:
-            return _reject(sink, cmd, REASON_INVALID_PRICE)
+            return _reject(st, cmd, REASON_INVALID_PRICE)
         if _outside_band(mk, price):
-            return _reject(sink, cmd, REASON_PRICE_BAND)
+            return _reject(st, cmd, REASON_PRICE_BAND)
         limit = price
     else:
         price = 0
         limit = _band_limit(mk, side)
     if _slot_of_cid(st, account, cmd.cid) != NONE:
-        return _reject(sink, cmd, REASON_DUPLICATE_CID)
-    pos = st.positions[account, market]
+        return _reject(st, cmd, REASON_DUPLICATE_CID)
+    pos = _positions(st)[account, market]
     if (tif == TIF_GTC or tif == TIF_POST_ONLY) and (
             pos.open_orders >= mk.max_open_orders
-            or st.counters[C_ORDERS_USED] >= scratch
-            or _level_full(st, market, side, price, st.book_keys.shape[2])):
-        return _reject(sink, cmd, REASON_TOO_MANY_ORDERS)
+            or _counters(st)[C_ORDERS_USED] >= scratch
+            or _level_full(st, market, side, price, _book_keys(st).shape[2])):
+        return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
     reduce_only = (cmd.flags & FLAG_REDUCE_ONLY) != 0
     if reduce_only:
         closing = _closing_lots(pos.size_lots, side)
         if closing <= 0:
-            return _reject(sink, cmd, REASON_REDUCE_ONLY_VIOLATION)
+            return _reject(st, cmd, REASON_REDUCE_ONLY_VIOLATION)
         if qty > closing:
             qty = closing
     if tif == TIF_POST_ONLY:
         best = _best_level(st, market, 1 - side)
-        if best != NONE and _crosses(side, limit, st.levels[best].price_ticks):
-            return _reject(sink, cmd, REASON_POST_ONLY_WOULD_TAKE)
+        if best != NONE and _crosses(side, limit, _levels(st)[best].price_ticks):
+            return _reject(st, cmd, REASON_POST_ONLY_WOULD_TAKE)
     err = _exposure_error(st, account, market, qty if side == SIDE_BUY else 0,
                           qty if side == SIDE_SELL else 0, not reduce_only)
     if err != 0:
-        return _reject(sink, cmd, err)
+        return _reject(st, cmd, err)
     if tif == TIF_FOK and not _fok_fillable(st, market, account, side, limit, cmd.stp, qty):
-        return _reject(sink, cmd, REASON_FOK_UNFILLED)
+        return _reject(st, cmd, REASON_FOK_UNFILLED)
 
-    oid = st.counters[C_NEXT_OID]
-    st.counters[C_NEXT_OID] = oid + 1
-    o = st.orders[scratch]
+    oid = _counters(st)[C_NEXT_OID]
+    _counters(st)[C_NEXT_OID] = oid + 1
+    o = _orders(st)[scratch]
     o.oid = oid
     o.cid = cmd.cid
     o.price_ticks = price
@@ -854,10 +878,10 @@ def _new_order(st, sink, cmd, scratch):
     o.flags = cmd.flags
     o.stp = cmd.stp
     o.level = NONE
-    ack = _order_event(sink, cmd, EV_ACK, market, account, cmd.req, 0, 0, side, kind, oid,
+    ack = _order_event(st, cmd, EV_ACK, market, account, cmd.req, 0, 0, side, kind, oid,
                        cmd.cid, price, qty, 0)
-    status = _take_then_rest(st, sink, cmd, scratch, limit, scratch)
-    e = sink.order_events[ack]
+    status = _take_then_rest(st, cmd, scratch, limit, scratch)
+    e = _order_events(st)[ack]
     e.status = status
     if status == STATUS_OPEN:
         e.remaining_lots = o.remaining_lots
@@ -866,73 +890,73 @@ def _new_order(st, sink, cmd, scratch):
 @jit
 def _find_order(st, account, oid, cid):
     slot = _slot_of_oid(st, oid) if oid != 0 else _slot_of_cid(st, account, cid)
-    if slot == NONE or st.orders[slot].account != account:
+    if slot == NONE or _orders(st)[slot].account != account:
         return NONE
     return slot
 
 
 @jit
-def _cancel(st, sink, cmd):
+def _cancel(st, cmd):
     slot = _find_order(st, cmd.account, cmd.oid, cmd.cid)
     if slot == NONE:
-        return _reject(sink, cmd, REASON_UNKNOWN_ORDER)
-    _cancel_resting(st, sink, cmd, slot, REASON_USER)
+        return _reject(st, cmd, REASON_UNKNOWN_ORDER)
+    _cancel_resting(st, cmd, slot, REASON_USER)
 
 
 @jit
-def _cancel_all(st, sink, cmd):
+def _cancel_all(st, cmd):
     if cmd.market != -1 and not _market_ok(st, cmd.market):
-        return _reject(sink, cmd, REASON_UNKNOWN_MARKET)
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
     if not _account_ok(st, cmd.account):
-        return _reject(sink, cmd, REASON_UNKNOWN_ACCOUNT)
+        return _reject(st, cmd, REASON_UNKNOWN_ACCOUNT)
     count = 0
-    slot = st.accounts[cmd.account].first_order
+    slot = _accounts(st)[cmd.account].first_order
     while slot != NONE:
-        nxt = st.orders[slot].account_next
-        if cmd.market == -1 or st.orders[slot].market == cmd.market:
-            _cancel_resting(st, sink, cmd, slot, REASON_USER)
+        nxt = _orders(st)[slot].account_next
+        if cmd.market == -1 or _orders(st)[slot].market == cmd.market:
+            _cancel_resting(st, cmd, slot, REASON_USER)
             count += 1
         slot = nxt
-    _done(sink, cmd, count)
+    _done(st, cmd, count)
 
 
 @jit
-def _amend(st, sink, cmd, scratch):
+def _amend(st, cmd, scratch):
     slot = _find_order(st, cmd.account, cmd.oid, cmd.cid)
     if slot == NONE:
-        return _reject(sink, cmd, REASON_UNKNOWN_ORDER)
-    o = st.orders[slot]
-    mk = st.markets[o.market]
+        return _reject(st, cmd, REASON_UNKNOWN_ORDER)
+    o = _orders(st)[slot]
+    mk = _markets(st)[o.market]
     new_price = cmd.price_ticks if cmd.price_ticks != 0 else o.price_ticks
     new_qty = cmd.qty_lots if cmd.qty_lots != 0 else o.remaining_lots
     if cmd.price_ticks == 0 and cmd.qty_lots == 0:
-        return _reject(sink, cmd, REASON_INVALID_MESSAGE)
+        return _reject(st, cmd, REASON_INVALID_MESSAGE)
     if mk.max_price_ticks == 0 or mk.halted != 0:
-        return _reject(sink, cmd, REASON_MARKET_HALTED)
+        return _reject(st, cmd, REASON_MARKET_HALTED)
     if new_qty < 1 or new_qty > mk.max_order_lots:
-        return _reject(sink, cmd, REASON_INVALID_QTY)
+        return _reject(st, cmd, REASON_INVALID_QTY)
     if new_price < 1 or new_price > mk.max_price_ticks:
-        return _reject(sink, cmd, REASON_INVALID_PRICE)
+        return _reject(st, cmd, REASON_INVALID_PRICE)
     if new_price != o.price_ticks and _outside_band(mk, new_price):
-        return _reject(sink, cmd, REASON_PRICE_BAND)
-    pos = st.positions[o.account, o.market]
+        return _reject(st, cmd, REASON_PRICE_BAND)
+    pos = _positions(st)[o.account, o.market]
     reduce_only = (o.flags & FLAG_REDUCE_ONLY) != 0
     if reduce_only and new_qty > _closing_lots(pos.size_lots, o.side):
-        return _reject(sink, cmd, REASON_REDUCE_ONLY_VIOLATION)
+        return _reject(st, cmd, REASON_REDUCE_ONLY_VIOLATION)
     best = _best_level(st, o.market, 1 - o.side)
-    crosses = best != NONE and _crosses(o.side, new_price, st.levels[best].price_ticks)
+    crosses = best != NONE and _crosses(o.side, new_price, _levels(st)[best].price_ticks)
     if crosses and o.tif == TIF_POST_ONLY:
-        return _reject(sink, cmd, REASON_POST_ONLY_WOULD_TAKE)
+        return _reject(st, cmd, REASON_POST_ONLY_WOULD_TAKE)
     if new_price != o.price_ticks and _level_full(st, o.market, o.side, new_price,
-                                                  st.book_keys.shape[2]):
-        return _reject(sink, cmd, REASON_TOO_MANY_ORDERS)
+                                                  _book_keys(st).shape[2]):
+        return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
     grow = new_qty - o.remaining_lots
     if grow > 0:
         err = _exposure_error(st, o.account, o.market, grow if o.side == SIDE_BUY else 0,
                               grow if o.side == SIDE_SELL else 0, not reduce_only)
         if err != 0:
-            return _reject(sink, cmd, err)
-    _order_event(sink, cmd, EV_AMENDED, o.market, o.account, cmd.req, 0, STATUS_OPEN, o.side,
+            return _reject(st, cmd, err)
+    _order_event(st, cmd, EV_AMENDED, o.market, o.account, cmd.req, 0, STATUS_OPEN, o.side,
                  o.kind, o.oid, o.cid, new_price, new_qty, new_qty)
     if new_price == o.price_ticks and grow <= 0:
         _shrink(st, slot, new_qty)
@@ -940,7 +964,7 @@ def _amend(st, sink, cmd, scratch):
     _unrest(st, slot)
     o.price_ticks = new_price
     o.remaining_lots = new_qty
-    _take_then_rest(st, sink, cmd, slot, new_price, scratch)
+    _take_then_rest(st, cmd, slot, new_price, scratch)
 
 
 # ---- the batch loop -----------------------------------------------------------------------
@@ -950,64 +974,82 @@ def _event_bound(st, cmd):
     code = cmd.cmd
     if code == CMD_NEW_ORDER or code == CMD_AMEND:
         m = cmd.market
-        if code == CMD_AMEND or not (0 <= m < len(st.markets)):
+        if code == CMD_AMEND or not (0 <= m < len(_markets(st))):
             # a resting reduce-only maker can trade and then be swept: two events
-            return 8 + 2 * st.counters[C_ORDERS_USED]
-        mk = st.markets[m]
+            return 8 + 2 * _counters(st)[C_ORDERS_USED]
+        mk = _markets(st)[m]
         return 8 + mk.resting_buy + mk.resting_sell + mk.resting_reduce_only
     if code == CMD_CANCEL_ALL:
-        if 0 <= cmd.account < len(st.accounts):
-            return 4 + st.accounts[cmd.account].open_orders
+        if 0 <= cmd.account < len(_accounts(st)):
+            return 4 + _accounts(st)[cmd.account].open_orders
         return 4
     return 4
 
 
+PREFETCH_AHEAD = 4
+
+
 @jit
-def run_batch(st, sink, commands, command_words, start, count, privileged, free_slots):
+def _prefetch_for(st, cmd):
+    """Start loading the index bucket a later command will probe first (a likely cache miss)."""
+    if cmd.cmd == CMD_NEW_ORDER or ((cmd.cmd == CMD_CANCEL or cmd.cmd == CMD_AMEND)
+                                    and cmd.oid == 0):
+        index = _cid_index(st)
+        prefetch(index, _home(cmd.account, cmd.cid, len(index) - 1))
+    elif cmd.cmd == CMD_CANCEL or cmd.cmd == CMD_AMEND:
+        index = _oid_index(st)
+        prefetch(index, _home(0, cmd.oid, len(index) - 1))
+
+
+@jit
+def run_batch(st, commands, command_words, start, count, privileged, free_slots):
     """Sequence commands[start:start+count]. Returns how many were processed.
 
     Stops early (returns fewer) when the ring lacks room for a command's worst case.
-    sink.cursor holds [write position, -, current seq, source].
+    The descriptor's cursor words carry the ring position, seq and source (engine/state.py).
     """
-    scratch = len(st.orders) - 1
-    used_before = sink.cursor[0]
+    scratch = len(_orders(st)) - 1
+    used_before = st[D_WRITE]
+    end = start + count
     for i in range(start, start + count):
+        if i + PREFETCH_AHEAD < end:
+            _prefetch_for(st, commands[i + PREFETCH_AHEAD])
         cmd = commands[i]
-        if _event_bound(st, cmd) > free_slots - (sink.cursor[0] - used_before):
+        if _event_bound(st, cmd) > free_slots - (st[D_WRITE] - used_before):
             return i - start
-        seq = st.counters[C_SEQ] + 1
-        st.counters[C_SEQ] = seq
-        sink.cursor[2] = seq
-        j = _claim(sink, cmd, EV_COMMAND, cmd.market, cmd.account)
+        seq = _counters(st)[C_SEQ] + 1
+        _counters(st)[C_SEQ] = seq
+        st[D_SEQ] = seq
+        j = _claim(st, cmd, EV_COMMAND, cmd.market, cmd.account)
         for w in range(command_words.shape[1]):
-            sink.words[j, COMMAND_EVENT_WORD + w] = command_words[i, w]
+            _ring_words(st)[j, COMMAND_EVENT_WORD + w] = command_words[i, w]
         code = cmd.cmd
         if not privileged and (code == CMD_CREATE_MARKET or code == CMD_SET_MARKET_LIMITS
                                or code == CMD_DEPOSIT or code == CMD_SET_MARK
                                or code == CMD_HALT or code == CMD_RESUME):
-            _reject(sink, cmd, REASON_FORBIDDEN)
+            _reject(st, cmd, REASON_FORBIDDEN)
         elif code == CMD_NEW_ORDER:
-            _new_order(st, sink, cmd, scratch)
+            _new_order(st, cmd, scratch)
         elif code == CMD_CANCEL:
-            _cancel(st, sink, cmd)
+            _cancel(st, cmd)
         elif code == CMD_AMEND:
-            _amend(st, sink, cmd, scratch)
+            _amend(st, cmd, scratch)
         elif code == CMD_CANCEL_ALL:
-            _cancel_all(st, sink, cmd)
+            _cancel_all(st, cmd)
         elif code == CMD_DEPOSIT:
-            _deposit(st, sink, cmd)
+            _deposit(st, cmd)
         elif code == CMD_WITHDRAW:
-            _withdraw(st, sink, cmd)
+            _withdraw(st, cmd)
         elif code == CMD_SET_MARK:
-            _set_mark(st, sink, cmd)
+            _set_mark(st, cmd)
         elif code == CMD_CREATE_MARKET:
-            _create_market(st, sink, cmd)
+            _create_market(st, cmd)
         elif code == CMD_SET_MARKET_LIMITS:
-            _set_market_limits(st, sink, cmd)
+            _set_market_limits(st, cmd)
         elif code == CMD_HALT:
-            _halt(st, sink, cmd, 1)
+            _halt(st, cmd, 1)
         elif code == CMD_RESUME:
-            _halt(st, sink, cmd, 0)
+            _halt(st, cmd, 0)
         else:
-            _reject(sink, cmd, REASON_INVALID_MESSAGE)
+            _reject(st, cmd, REASON_INVALID_MESSAGE)
     return count

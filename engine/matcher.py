@@ -5,41 +5,29 @@ and a ring of event slots; it only computes. `Matcher.process` is the one call t
 makes per batch.
 """
 
-from collections import namedtuple
-
 import numpy as np
 
 from engine import core
 from engine.config import EngineConfig
-from engine.records import (BALANCE_EVENT_DTYPE, COMMAND_DTYPE, EVENT_BYTES, EVENT_DTYPE,
-                            MARK_EVENT_DTYPE, ORDER_EVENT_DTYPE, TRADE_EVENT_DTYPE,
-                            event_to_dict)
-from engine.state import C_SEQ, allocate_state, state_hash
+from engine.records import COMMAND_DTYPE, EVENT_BYTES, EVENT_DTYPE, event_to_dict
+from engine.state import (C_SEQ, D_MASK, D_RING, D_SOURCE, D_WRITE, allocate_state, descriptor,
+                          state_hash)
 
-# Views of one ring of 128-byte event slots, one per event family, plus the write cursor.
-# cursor = [next write position, unused, seq being processed, source ring id]
-EventSink = namedtuple("EventSink", [
-    "words", "headers", "order_events", "trade_events", "balance_events", "mark_events",
-    "mask", "cursor",
-])
+class EventSink:
+    """A power-of-two ring of 128-byte event slots the matcher writes into."""
+
+    def __init__(self, slots: np.ndarray):
+        raw = slots.view(np.uint8).reshape(-1)
+        capacity = len(raw) // EVENT_BYTES
+        if capacity & (capacity - 1) or not raw.flags.c_contiguous:
+            raise ValueError("an event ring must be contiguous, with a power-of-two capacity")
+        self.slots = slots
+        self.capacity = capacity
+        self.address = raw.ctypes.data
 
 
 def event_sink(slots: np.ndarray) -> EventSink:
-    """Wrap a power-of-two array of 128-byte slots (any dtype of that itemsize)."""
-    raw = slots.view(np.uint8).reshape(-1)
-    capacity = len(raw) // EVENT_BYTES
-    if capacity & (capacity - 1):
-        raise ValueError("event ring capacity must be a power of two")
-    return EventSink(
-        words=raw.view(np.int64).reshape(capacity, EVENT_BYTES // 8),
-        headers=raw.view(EVENT_DTYPE),
-        order_events=raw.view(ORDER_EVENT_DTYPE),
-        trade_events=raw.view(TRADE_EVENT_DTYPE),
-        balance_events=raw.view(BALANCE_EVENT_DTYPE),
-        mark_events=raw.view(MARK_EVENT_DTYPE),
-        mask=capacity - 1,
-        cursor=np.zeros(4, np.int64),
-    )
+    return EventSink(slots)
 
 
 class Matcher:
@@ -47,27 +35,34 @@ class Matcher:
         """A fresh matcher; pass `state` (engine.state.state_in_buffer) to place it in shm."""
         self.config = config
         self.state = allocate_state(config) if state is None else state
-        self._entries = {}
-
-    def _entry_for(self, args):
-        """The compiled batch loop for these argument types, without per-call dispatch.
-
-        numba's dispatcher re-derives the type of every structured array on each call, which
-        costs more than matching a whole batch; the compiled entry point skips that.
-        """
-        commands = args[2]
-        key = (id(args[1]), commands.dtype, commands.flags.c_contiguous, commands.flags.aligned)
-        entry = self._entries.get(key)
-        if entry is None:
-            sig = tuple(core.run_batch.typeof_pyval(a) for a in args)
-            if sig not in core.run_batch.overloads:
-                core.run_batch.compile(sig)
-            entry = self._entries[key] = core.run_batch.overloads[sig].entry_point
-        return entry
+        self.desc = descriptor(self.state)
+        self._sink = None
+        self._entry = None
 
     @property
     def seq(self) -> int:
         return int(self.state.counters[C_SEQ])
+
+    def _entry_for(self, args):
+        """The compiled batch loop, called without numba's per-call dispatch.
+
+        The dispatcher re-derives the type of every structured argument on each call (~100 µs
+        for the command records); every argument type here is fixed, so look it up once.
+        """
+        if self._entry is None:
+            sig = tuple(core.run_batch.typeof_pyval(a) for a in args)
+            if sig not in core.run_batch.overloads:
+                core.run_batch.compile(sig)
+            self._entry = core.run_batch.overloads[sig].entry_point
+        return self._entry
+
+    def _attach_sink(self, sink: EventSink) -> None:
+        if sink is not self._sink:
+            self.desc[D_RING] = sink.address
+            self.desc[D_RING + 1] = sink.capacity
+            self.desc[D_RING + 2] = EVENT_BYTES // 8
+            self.desc[D_MASK] = sink.capacity - 1
+            self._sink = sink   # keeps the ring's memory alive while the descriptor points at it
 
     def process(self, commands: np.ndarray, sink: EventSink, write_pos: int, free_slots: int,
                 source: int = 0, privileged: bool = False, start: int = 0,
@@ -77,18 +72,23 @@ class Matcher:
         Returns (commands processed, new write position). Fewer than asked are processed when
         free_slots cannot hold the next command's worst case; call again once consumers move.
         """
-        # The compiled loop runs without bounds checks: clamp here, once per batch.
+        # The compiled loop runs without bounds checks: validate here, once per batch.
         if not 0 <= start <= len(commands):
             raise IndexError(f"start {start} outside a batch of {len(commands)} commands")
         count = len(commands) - start if count is None else min(count, len(commands) - start)
-        if free_slots > len(sink.headers):
+        if free_slots > sink.capacity:
             raise ValueError("free_slots exceeds the event ring's capacity")
-        sink.cursor[0] = write_pos
-        sink.cursor[3] = source
+        self._attach_sink(sink)
+        self.desc[D_WRITE] = write_pos
+        self.desc[D_SOURCE] = source
+        if (commands.dtype != COMMAND_DTYPE or not commands.flags.c_contiguous
+                or not commands.flags.writeable):
+            # the compiled entry point was looked up for exactly this array type
+            commands = np.array(commands, dtype=COMMAND_DTYPE, order="C", copy=True)
         words = commands.view(np.int64).reshape(len(commands), 8)
-        args = (self.state, sink, commands, words, start, count, bool(privileged), free_slots)
+        args = (self.desc, commands, words, start, count, bool(privileged), free_slots)
         done = self._entry_for(args)(*args)
-        return done, int(sink.cursor[0])
+        return done, int(self.desc[D_WRITE])
 
     def state_hash(self) -> str:
         return state_hash(self.state)

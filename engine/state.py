@@ -73,6 +73,15 @@ ORDER_DTYPE = np.dtype([
 ])
 assert ORDER_DTYPE.itemsize == 64
 
+# An open-addressing index entry: (owner, key) -> order slot. The oid index uses owner 0 and
+# key = oid; the (account, cid) index owner = account, key = cid. Key and slot share a cache
+# line, so a probe costs one miss.
+INDEX_DTYPE = np.dtype([
+    ("key", "<i8"),
+    ("owner", "<i4"),
+    ("slot", "<i4"),                   # NONE: empty
+])
+
 LEVEL_DTYPE = np.dtype([
     ("price_ticks", "<i8"),
     ("qty_lots", "<i8"),
@@ -99,7 +108,7 @@ C_COUNT = 16
 State = namedtuple("State", [
     "counters", "markets", "positions", "accounts", "orders", "levels",
     "book_keys", "book_levels", "book_depth",
-    "cid_account", "cid_value", "cid_slot", "oid_value", "oid_slot",
+    "cid_index", "oid_index",
     "touched",
 ])
 
@@ -121,11 +130,8 @@ def _table_shapes(cfg: EngineConfig):
         "book_keys": ((cfg.max_markets, 2, cfg.max_levels_per_side), np.int64),
         "book_levels": ((cfg.max_markets, 2, cfg.max_levels_per_side), np.int32),
         "book_depth": ((cfg.max_markets, 2), np.int64),
-        "cid_account": ((index_size,), np.int64),
-        "cid_value": ((index_size,), np.int64),
-        "cid_slot": ((index_size,), np.int32),
-        "oid_value": ((index_size,), np.int64),
-        "oid_slot": ((index_size,), np.int32),
+        "cid_index": ((index_size,), INDEX_DTYPE),
+        "oid_index": ((index_size,), INDEX_DTYPE),
         "touched": ((cfg.max_orders + 2,), np.int32),
     }
 
@@ -185,9 +191,38 @@ def allocate_state(cfg: EngineConfig, alloc=None) -> State:
     st.counters[C_FREE_LEVEL] = 0
     st.accounts["first_order"][:] = NONE
     st.accounts["last_order"][:] = NONE
-    st.cid_slot[:] = NONE
-    st.oid_slot[:] = NONE
+    st.cid_index["slot"] = NONE
+    st.oid_index["slot"] = NONE
     return st
+
+
+# The descriptor the compiled matcher reads (engine/views.py): for each State table, in field
+# order, 4 words (address, up to three dimensions); then the event ring (address, slots, words
+# per slot); then the batch's cursor words.
+D_TABLE_WORDS = 4
+D_RING = len(State._fields) * D_TABLE_WORDS
+D_MASK = D_RING + 4          # event ring slots - 1
+D_WRITE = D_RING + 5         # next event ring position to write
+D_SEQ = D_RING + 6           # sequence number of the command being processed
+D_SOURCE = D_RING + 7        # ring the batch came from
+D_COUNT = D_RING + 8
+
+
+def table_word(name: str) -> int:
+    return State._fields.index(name) * D_TABLE_WORDS
+
+
+def descriptor(st: State) -> np.ndarray:
+    """The int64 descriptor of these tables; the caller keeps `st` alive while it is used."""
+    desc = np.zeros(D_COUNT, np.int64)
+    for name in State._fields:
+        arr = getattr(st, name)
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"table {name} must be C-contiguous")
+        w = table_word(name)
+        desc[w] = arr.ctypes.data
+        desc[w + 1:w + 1 + arr.ndim] = arr.shape
+    return desc
 
 
 def state_hash(st: State) -> str:
