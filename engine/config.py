@@ -36,7 +36,11 @@ class EngineConfig:
             raise ValueError("max_accounts must fit in int32")
 
     def event_bound(self) -> int:
-        """Most events one command can cause: every resting order touched once, plus a few."""
+        """Most events one command can cause (every resting order touched twice, plus a few).
+
+        Event rings can be much smaller: a command whose worst case exceeds the ring runs
+        alone into an overflow buffer of this size (Matcher.process_oversized).
+        """
         return 2 * self.max_orders + 16
 
 

@@ -17,10 +17,10 @@ from engine.numbers import RATE_ONE_E9, fee_atoms, mul_div_ceil, mul_div_floor, 
 from engine.config import (MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, market_config_problem,
                            market_limits_problem)
 from engine.records import *  # noqa: F403
-from engine.state import (ACCOUNT_DTYPE, INDEX_DTYPE, C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDER,
+from engine.state import (ACCOUNT_DTYPE, C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDER,
                           C_NET_DEPOSITS_ATOMS, C_NEXT_OID, C_NEXT_TRADE_ID, C_ORDERS_USED, C_SEQ,
-                          D_MASK, D_RING, D_SEQ, D_SOURCE, D_WRITE, LEVEL_DTYPE, MARKET_DTYPE,
-                          NONE, ORDER_DTYPE, POSITION_DTYPE, table_word)
+                          D_MASK, D_NEED, D_RING, D_SEQ, D_SOURCE, D_WRITE, INDEX_DTYPE,
+                          LEVEL_DTYPE, MARKET_DTYPE, NONE, ORDER_DTYPE, POSITION_DTYPE, table_word)
 from engine.views import prefetch, table_view
 
 # _nrt=False: nothing here allocates, and without the runtime numba emits no reference
@@ -1015,12 +1015,15 @@ def run_batch(st, commands, command_words, start, count, privileged, free_slots)
     """
     scratch = len(_orders(st)) - 1
     used_before = st[D_WRITE]
+    st[D_NEED] = 0
     end = start + count
     for i in range(start, start + count):
         if i + PREFETCH_AHEAD < end:
             _prefetch_for(st, commands[i + PREFETCH_AHEAD])
         cmd = commands[i]
-        if _event_bound(st, cmd) > free_slots - (st[D_WRITE] - used_before):
+        need = _event_bound(st, cmd)
+        if need > free_slots - (st[D_WRITE] - used_before):
+            st[D_NEED] = need
             return i - start
         seq = _counters(st)[C_SEQ] + 1
         _counters(st)[C_SEQ] = seq

@@ -10,8 +10,8 @@ import numpy as np
 from engine import core
 from engine.config import EngineConfig
 from engine.records import COMMAND_DTYPE, EVENT_BYTES, EVENT_DTYPE, event_to_dict
-from engine.state import (C_SEQ, D_MASK, D_RING, D_SOURCE, D_WRITE, allocate_state, descriptor,
-                          state_hash)
+from engine.state import (C_SEQ, D_MASK, D_NEED, D_RING, D_SOURCE, D_WRITE, allocate_state,
+                          descriptor, state_hash)
 
 class EventSink:
     """A power-of-two ring of 128-byte event slots the matcher writes into."""
@@ -37,6 +37,7 @@ class Matcher:
         self.state = allocate_state(config) if state is None else state
         self.desc = descriptor(self.state)
         self._sink = None
+        self._overflow = None
         self._entry = None
 
     @property
@@ -90,6 +91,29 @@ class Matcher:
         done = self._entry_for(args)(*args)
         return done, int(self.desc[D_WRITE])
 
+    @property
+    def needed_slots(self) -> int:
+        """After a batch stopped early: the free slots its next command needs (else 0)."""
+        return int(self.desc[D_NEED])
+
+    def process_oversized(self, commands: np.ndarray, index: int, source: int = 0,
+                          privileged: bool = False) -> np.ndarray:
+        """Sequence commands[index] alone when its worst case exceeds the whole event ring.
+
+        The events go to an overflow buffer sized for any command (allocated on first use);
+        returns them as event slots, which the caller feeds into its ring as room appears.
+        """
+        if self._overflow is None:
+            capacity = 1 << (self.config.event_bound() - 1).bit_length()
+            self._overflow = event_sink(np.zeros(capacity, EVENT_DTYPE))
+        ring = self._sink
+        done, end = self.process(commands, self._overflow, 0, self._overflow.capacity, source,
+                                 privileged, index, 1)
+        if ring is not None:
+            self._attach_sink(ring)
+        assert done == 1, "the overflow buffer holds any single command's events"
+        return self._overflow.slots[:end].copy()
+
     def state_hash(self) -> str:
         return state_hash(self.state)
 
@@ -104,18 +128,30 @@ class LocalEvents:
 
     def run(self, matcher: Matcher, commands: np.ndarray, source: int = 0,
             privileged: bool = True, collect: bool = True) -> list:
-        """Process every command, draining the ring between calls; returns events as dicts."""
+        """Process every command; returns the events as dicts."""
         out = []
-        start = 0
-        while start < len(commands):
-            done, end = matcher.process(commands, self.sink, 0, self.capacity, source,
-                                        privileged, start)
-            if done == 0:
-                raise RuntimeError("event ring too small for one command's worst case")
+        for events in drain(matcher, commands, self.sink, source=source, privileged=privileged):
             if collect:
-                out.extend(event_to_dict(self.slots[i]) for i in range(end))
-            start += done
+                out.extend(event_to_dict(e) for e in events)
         return out
+
+
+def drain(matcher: Matcher, commands: np.ndarray, sink: EventSink, batch: int | None = None,
+          source: int = 0, privileged: bool = True):
+    """Sequence every command through a ring no one else reads; yield each call's events.
+
+    The ring counts as consumed between calls. A command too big for the whole ring goes
+    through Matcher.process_oversized.
+    """
+    start = 0
+    while start < len(commands):
+        done, end = matcher.process(commands, sink, 0, sink.capacity, source, privileged, start,
+                                    batch)
+        yield sink.slots[:end]
+        start += done
+        if done == 0:
+            yield matcher.process_oversized(commands, start, source, privileged)
+            start += 1
 
 
 def command_from_dict(fields: dict) -> np.ndarray:

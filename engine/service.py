@@ -25,6 +25,9 @@ from shm.ring import CommandRing, EventRing
 from shm.wait import SpinYieldBlockWait
 
 DEFAULT_BATCH = 256
+# 8 MiB of 128-byte slots: a few milliseconds of events at full rate, and small enough to stay
+# in the last-level cache (a ring sized for the worst single command would flush it).
+DEFAULT_EVENT_CAPACITY = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,7 @@ class MatcherService:
                  batch: int = DEFAULT_BATCH):
         self.cfg = cfg
         self.batch = batch
-        capacity = event_capacity or 1 << max(12, (2 * cfg.event_bound() - 1).bit_length())
-        if capacity < cfg.event_bound():
-            raise ValueError(f"event ring of {capacity} slots cannot hold one command's "
-                             f"worst case ({cfg.event_bound()} events)")
+        capacity = event_capacity or DEFAULT_EVENT_CAPACITY
         self._owned = []
         try:
             self.state_region = self._own(Region.create(
@@ -102,12 +102,26 @@ class MatcherService:
                 source=index, privileged=source.privileged)
             if write_pos != self.events.write_cursor:
                 self.events.publish(write_pos)
+            if done < n:
+                need = self.matcher.needed_slots
+                if need > self.events.capacity:
+                    self._publish_oversized(head, done, source, index)
+                    done += 1
+                else:
+                    # The slowest consumer holds us back: wait, never overwrite.
+                    self.events.wait_for_space(need, timeout_s=0.05)
             ring.advance(done)
             total += done
-            if done < n:
-                # The event ring is full: the slowest consumer holds us back (never overwrite).
-                self.events.wait_for_space(self.cfg.event_bound(), timeout_s=0.05)
         return total
+
+    def _publish_oversized(self, commands, index, source, source_index) -> None:
+        """A command whose worst case exceeds the event ring: its events go in as room appears."""
+        events = self.matcher.process_oversized(commands, index, source_index, source.privileged)
+        written = 0
+        while written < len(events):
+            if not self.events.wait_for_space(1, timeout_s=0.05):
+                continue
+            written += self.events.write(events[written:])
 
     def _anything_to_do(self) -> bool:
         return any(ring.available() for ring in self.rings)

@@ -205,7 +205,8 @@ D_MASK = D_RING + 4          # event ring slots - 1
 D_WRITE = D_RING + 5         # next event ring position to write
 D_SEQ = D_RING + 6           # sequence number of the command being processed
 D_SOURCE = D_RING + 7        # ring the batch came from
-D_COUNT = D_RING + 8
+D_NEED = D_RING + 8          # set when a batch stops early: free slots the next command needs
+D_COUNT = D_RING + 9
 
 
 def table_word(name: str) -> int:

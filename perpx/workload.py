@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.config import EngineConfig
-from engine.matcher import Matcher, event_sink
+from engine.matcher import Matcher, drain, event_sink
 from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_DEPOSIT, CMD_NEW_ORDER,
                             CMD_WITHDRAW, EV_ACK, EV_AMENDED, EV_CANCELED, EV_REJECT, EV_TRADE,
                             EVENT_DTYPE, KIND_MARKET, ORDER_EVENT_DTYPE, REASON_NAMES, SIDE_BUY,
@@ -247,19 +247,13 @@ def generate(n_commands: int, seed: int = DEFAULT_SEED, chunk: int = DEFAULT_CHU
 
     def run(cmds):
         nonlocal trades, events
-        start = 0
-        while start < len(cmds):
-            done, end = matcher.process(cmds, sink, 0, capacity, 0, True, start)
-            if done == 0:
-                raise RuntimeError("event ring too small for one command")
-            ev = slots[:end]
+        for ev in drain(matcher, cmds, sink):
             book.apply(ev)
             et = ev["etype"]
             rej = ev.view(ORDER_EVENT_DTYPE)["reason"][et == EV_REJECT]
             np.add.at(rejects, rej, 1)
             trades += int(np.count_nonzero(et == EV_TRADE))
-            events += end
-            start += done
+            events += len(ev)
 
     run(setup)
     setup_rejects = int(rejects.sum())

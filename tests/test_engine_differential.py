@@ -23,10 +23,10 @@ TOTAL_COMMANDS = int(os.environ.get("PERPX_FUZZ_COMMANDS", "208000"))
 SEEDS = 8
 
 
-def run_both(commands: np.ndarray, check_every_batch: bool = True):
+def run_both(commands: np.ndarray, check_every_batch: bool = True, ring_slots: int = 1 << 12):
     """Feed both engines; privileged and unprivileged batches alternate."""
     fast = Matcher(FUZZ_CONFIG)
-    ring = LocalEvents(1 << 12)
+    ring = LocalEvents(ring_slots)
     ref = ReferenceMatcher(FUZZ_CONFIG)
     for b, start in enumerate(range(0, len(commands), BATCH)):
         batch = commands[start:start + BATCH]
@@ -63,6 +63,12 @@ def test_seeded_streams_agree(seed):
     assert not check_state(fast.state)
     # the stream must exercise matching, not just rejects
     assert ref.next_trade_id > len(commands) // 50
+
+
+def test_events_identical_through_a_ring_smaller_than_a_command():
+    """A 16-slot ring: batches stop early and big commands go through the overflow buffer."""
+    commands = np.concatenate([genesis(), random_stream(99, 8_000)])
+    run_both(commands, check_every_batch=False, ring_slots=16)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -24,19 +24,22 @@ from tests.shm_workers import shm_prefix, wait_for  # noqa: F401 — fixture: un
 SOURCES = [Source("ops", privileged=True), Source("gw0", privileged=False)]
 
 
-def serve_matcher(prefix: str, stop) -> None:
-    service = MatcherService(FUZZ_CONFIG, prefix, SOURCES, consumers=["test"])
+def serve_matcher(prefix: str, stop, event_capacity) -> None:
+    service = MatcherService(FUZZ_CONFIG, prefix, SOURCES, consumers=["test"],
+                             event_capacity=event_capacity)
     try:
         service.run(stop.is_set)
     finally:
         service.close()
 
 
-@pytest.fixture
-def matcher_process(shm_prefix):
+# None: the default ring. 32 slots: most commands' worst case exceeds the ring, so the
+# matcher waits for room and runs big commands through its overflow buffer.
+@pytest.fixture(params=[None, 32], ids=["default-ring", "tiny-ring"])
+def matcher_process(shm_prefix, request):
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
-    proc = ctx.Process(target=serve_matcher, args=(shm_prefix, stop), daemon=True)
+    proc = ctx.Process(target=serve_matcher, args=(shm_prefix, stop, request.param), daemon=True)
     proc.start()
     try:
         yield shm_prefix, proc
