@@ -190,8 +190,17 @@ def _key(side, price_ticks):
 
 @jit
 def _lower_bound(keys, market, side, n, key):
+    """First index whose key is >= key (keys ascend, the best price last).
+
+    Most activity is near the top of the book, so scan down from the end first, then bisect.
+    """
+    k = n
+    while k > 0 and k > n - TOP_SCAN and keys[market, side, k - 1] >= key:
+        k -= 1
+    if k == 0 or keys[market, side, k - 1] < key:
+        return k
     lo = 0
-    hi = n
+    hi = k
     while lo < hi:
         mid = (lo + hi) >> 1
         if keys[market, side, mid] < key:
@@ -201,15 +210,15 @@ def _lower_bound(keys, market, side, n, key):
     return lo
 
 
+TOP_SCAN = 16   # levels from the top scanned linearly before a binary search
+
+
 @jit
 def _find_level(st, market, side, price_ticks):
     """Level slot at this price, or NONE."""
     n = _book_depth(st)[market, side]
     keys = _book_keys(st)
     key = _key(side, price_ticks)
-    # most activity is at the top of the book, which sits at the end
-    if n > 0 and keys[market, side, n - 1] == key:
-        return _book_levels(st)[market, side, n - 1]
     k = _lower_bound(keys, market, side, n, key)
     if k < n and keys[market, side, k] == key:
         return _book_levels(st)[market, side, k]
@@ -261,7 +270,7 @@ def _remove_level(st, market, side, lvl):
     keys = _book_keys(st)
     levels = _book_levels(st)
     key = _key(side, _levels(st)[lvl].price_ticks)
-    k = n - 1 if keys[market, side, n - 1] == key else _lower_bound(keys, market, side, n, key)
+    k = _lower_bound(keys, market, side, n, key)
     for i in range(k, n - 1):
         keys[market, side, i] = keys[market, side, i + 1]
         levels[market, side, i] = levels[market, side, i + 1]
@@ -442,9 +451,7 @@ def _equity_and_requirement(st, account, extra_market, extra_buy, extra_sell):
         elif pos.size_lots == 0 and buy == 0 and sell == 0:
             continue
         equity += pos.size_lots * mk.mark_ticks * mk.atoms_per_tick_lot - pos.cost_atoms
-        exposure = _exposure_lots(pos.size_lots, buy, sell)
-        required += mul_div_ceil(exposure * mk.mark_ticks, mk.atoms_per_tick_lot,
-                                  mk.max_leverage)
+        required += _exposure_lots(pos.size_lots, buy, sell) * mk.margin_per_lot_atoms
     return equity, required
 
 
@@ -464,8 +471,10 @@ def _exposure_error(st, account, market, add_buy, add_sell, check_margin):
 
 
 @jit
-def _band_dev(mk):
-    return mul_div_floor(mk.mark_ticks, mk.price_band_e9, RATE_ONE_E9)
+def _set_mark_ticks(mk, mark_ticks):
+    mk.mark_ticks = mark_ticks
+    mk.band_dev_ticks = mul_div_floor(mark_ticks, mk.price_band_e9, RATE_ONE_E9)
+    mk.margin_per_lot_atoms = mul_div_ceil(mark_ticks, mk.atoms_per_tick_lot, mk.max_leverage)
 
 
 @jit
@@ -473,12 +482,12 @@ def _outside_band(mk, price_ticks):
     d = price_ticks - mk.mark_ticks
     if d < 0:
         d = -d
-    return d > _band_dev(mk)
+    return d > mk.band_dev_ticks
 
 
 @jit
 def _band_limit(mk, side):
-    dev = _band_dev(mk)
+    dev = mk.band_dev_ticks
     if side == SIDE_BUY:
         p = mk.mark_ticks + dev
         return p if p < mk.max_price_ticks else mk.max_price_ticks
@@ -725,7 +734,7 @@ def _create_market(st, cmd):
     mk.taker_fee_e9 = cmd.oid
     mk.price_band_e9 = cmd.qty_lots
     mk.max_leverage = cmd.account
-    mk.mark_ticks = cmd.price_ticks
+    _set_mark_ticks(mk, cmd.price_ticks)
     _done(st, cmd, 0)
 
 
@@ -752,7 +761,7 @@ def _set_mark(st, cmd):
     mk = _markets(st)[cmd.market]
     if cmd.price_ticks < 1 or (mk.max_price_ticks > 0 and cmd.price_ticks > mk.max_price_ticks):
         return _reject(st, cmd, REASON_INVALID_PRICE)
-    mk.mark_ticks = cmd.price_ticks
+    _set_mark_ticks(mk, cmd.price_ticks)
     j = _claim(st, cmd, EV_MARK, cmd.market, cmd.account)
     e = _mark_events(st)[j]
     e.req = cmd.req

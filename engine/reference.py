@@ -9,8 +9,9 @@ Rules in brief (docs/matching.md has the long form):
 - Price-time priority; a taker trades at the maker's price. Market orders are IOC limit orders
   at the edge of the price band around the mark.
 - Margin is cross: equity (balance + unrealized PnL at the mark) must cover, per market,
-  ceil(exposure x mark x atoms_per_tick_lot / max_leverage), where exposure is the larger of
-  |size + open buys| and |size - open sells| in lots.
+  exposure x ceil(mark x atoms_per_tick_lot / max_leverage): lots times the initial margin
+  of one lot, rounded up; exposure is the larger of |size + open buys| and
+  |size - open sells| in lots.
 - Reduce-only orders may only shrink a position: checked at entry (quantity clipped to the
   position), capped when they trade, and after each command canceled or shrunk to the
   remaining position of every account whose position that command changed.
@@ -176,8 +177,9 @@ class ReferenceMatcher:
     # ---- margin ------------------------------------------------------------------------
     def _requirement(self, market, pos, open_buy, open_sell):
         exposure = max(abs(pos.size_lots + open_buy), abs(pos.size_lots - open_sell))
-        return num.mul_div_ceil(exposure * market.mark_ticks, market.atoms_per_tick_lot,
-                                market.max_leverage)
+        per_lot = num.mul_div_ceil(market.mark_ticks, market.atoms_per_tick_lot,
+                                   market.max_leverage)
+        return exposure * per_lot
 
     def _equity_and_requirement(self, account, extra_market=-1, extra_buy=0, extra_sell=0):
         equity = self.balances[account]

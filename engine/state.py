@@ -31,6 +31,9 @@ MARKET_DTYPE = np.dtype([
     ("resting_buy", "<i8"),            # resting orders per side (bounds a command's events)
     ("resting_sell", "<i8"),
     ("resting_reduce_only", "<i8"),
+    # derived from the mark, recomputed when it changes (saves divisions on every order)
+    ("band_dev_ticks", "<i8"),         # floor(mark x price band)
+    ("margin_per_lot_atoms", "<i8"),   # ceil(mark x atoms_per_tick_lot / max_leverage)
 ])
 
 # One net position per (account, market), with the open-order totals its margin needs.

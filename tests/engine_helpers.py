@@ -88,7 +88,8 @@ def maker_fee(price, qty, atpl=ATPL, rate=MAKER_FEE_E9):
 
 
 def margin_required(exposure_lots: int, mark=MARK, atpl=ATPL, leverage=LEVERAGE) -> int:
-    return -((-exposure_lots * mark * atpl) // leverage)
+    """Lots times the initial margin of one lot, rounded up (docs/matching.md)."""
+    return exposure_lots * -((-mark * atpl) // leverage)
 
 
 class PyPosition:
