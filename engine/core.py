@@ -983,16 +983,39 @@ def _amend(st, cmd, scratch):
 
 # ---- the batch loop -----------------------------------------------------------------------
 @jit
+def _taker_bound(st, account, market, side, qty):
+    """Most events an order of `qty` lots can cause when it takes.
+
+    Each trade fills at least a lot; each of the account's own resting orders it meets is
+    canceled at most once (STP); each resting reduce-only order adds at most one event besides
+    its trades (canceled while matching, or shrunk/canceled by the sweep after). Plus the
+    command, the reply and the taker's own cancel.
+    """
+    mk = _markets(st)[market]
+    opposite = mk.resting_sell if side == SIDE_BUY else mk.resting_buy
+    if side > SIDE_SELL:
+        opposite = mk.resting_buy + mk.resting_sell
+    fills = qty if 0 <= qty < opposite else (opposite if qty >= 0 else 0)
+    own = _positions(st)[account, market].open_orders
+    stp = own if own < opposite else opposite
+    return 8 + fills + stp + mk.resting_reduce_only
+
+
+@jit
 def _event_bound(st, cmd):
     """Most events this command can cause (checked against the ring's free slots)."""
     code = cmd.cmd
-    if code == CMD_NEW_ORDER or code == CMD_AMEND:
-        m = cmd.market
-        if code == CMD_AMEND or not (0 <= m < len(_markets(st))):
-            # a resting reduce-only maker can trade and then be swept: two events
-            return 8 + 2 * _counters(st)[C_ORDERS_USED]
-        mk = _markets(st)[m]
-        return 8 + mk.resting_buy + mk.resting_sell + mk.resting_reduce_only
+    if code == CMD_NEW_ORDER:
+        if not (0 <= cmd.market < len(_markets(st)) and 0 <= cmd.account < len(_accounts(st))):
+            return 4
+        return _taker_bound(st, cmd.account, cmd.market, cmd.side, cmd.qty_lots)
+    if code == CMD_AMEND:
+        slot = _find_order(st, cmd.account, cmd.oid, cmd.cid)
+        if slot == NONE:
+            return 4
+        o = _orders(st)[slot]
+        qty = cmd.qty_lots if cmd.qty_lots > o.remaining_lots else o.remaining_lots
+        return _taker_bound(st, o.account, o.market, o.side, qty)
     if code == CMD_CANCEL_ALL:
         if 0 <= cmd.account < len(_accounts(st)):
             return 4 + _accounts(st)[cmd.account].open_orders

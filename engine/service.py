@@ -25,9 +25,11 @@ from shm.ring import CommandRing, EventRing
 from shm.wait import SpinYieldBlockWait
 
 DEFAULT_BATCH = 256
-# 8 MiB of 128-byte slots: a few milliseconds of events at full rate, and small enough to stay
-# in the last-level cache (a ring sized for the worst single command would flush it).
-DEFAULT_EVENT_CAPACITY = 1 << 16
+# 2 MiB of 128-byte slots, a few milliseconds of events at full rate: the producer writes
+# every slot once per lap, so a ring that fits the caches makes each event write a cache hit
+# (measured: 16384 slots ~10% faster than 65536; a ring sized for the worst single command,
+# 2 x max orders, flushed the L3). Bigger commands go through the overflow buffer.
+DEFAULT_EVENT_CAPACITY = 1 << 14
 
 
 @dataclass(frozen=True)
