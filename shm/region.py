@@ -114,9 +114,11 @@ class Region:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError:
             raise ShmError(f"shared memory region {name} does not exist — is the exchange running?") from None
-        if shm.size < HEADER_BYTES:
+        size = shm.size   # read before close_fd: posix_ipc asks the descriptor
+        if size < HEADER_BYTES:
             shm.close_fd()
-            raise ShmError(f"shared memory region {name} is {shm.size} bytes, too small for a perpx header")
+            raise ShmError(f"shared memory region {name} is {size} bytes, too small for a perpx header "
+                           "(or is still being created)")
         mapping = _map(shm, shm.size)
         header = np.frombuffer(mapping, dtype=_HEADER, count=1)[0]
         magic, version, payload = bytes(header["magic"]), int(header["layout_version"]), int(header["payload_bytes"])

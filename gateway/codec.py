@@ -1,0 +1,289 @@
+"""Wire messages <-> command and event records (PROTOCOL.md, "Order entry").
+
+Requests: `parse_*` take a decoded msgpack map and return the command fields
+`(cmd, market, cid, oid, price_ticks, qty_lots, amount_atoms, side, kind, tif, flags, stp)`;
+the server stamps `ts_ns`, `account` and `req` and packs them with `COMMAND_STRUCT` straight
+into its command buffer (struct packing: no numpy per message). Anything wrong raises
+`EdgeReject` with a protocol reason and a text; nothing invalid reaches a ring.
+
+Events: the matcher's 128-byte records are read with `struct` layouts that mirror
+engine/records.py field for field (tests/test_gateway_codec.py checks them against the numpy
+dtypes), and turned into reply/report maps by the `*_message` builders. Amounts are decimal
+strings; ids, sequence numbers and `ts` (ns) integers.
+
+Messages beyond PROTOCOL.md (additions, never changes):
+- every message the gateway sends carries `ts`; those caused by an event also `seq`.
+- `ack` also has `market`, `side`, `price` (limit orders), `qty` (the accepted quantity: a
+  reduce-only order may be clipped to the position) and `remaining` (open quantity).
+- `canceled` also has `market` and `qty` (the quantity canceled).
+- `amended` also has `market`; its `qty` is the order's new open quantity.
+- `hello` {cancel_on_disconnect: bool} -> `hello` {account, cancel_on_disconnect}: opts a session
+  into cancel-on-disconnect (see server.py).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+
+from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER, CMD_WITHDRAW,
+                            FLAG_REDUCE_ONLY, KIND_LIMIT, KIND_MARKET, REASON_INVALID_MESSAGE,
+                            REASON_INVALID_QTY, REASON_NAMES, SIDE_BUY, SIDE_SELL,
+                            STATUS_CANCELED, STATUS_FILLED, STATUS_OPEN, STP_CANCEL_BOTH,
+                            STP_CANCEL_MAKER, STP_CANCEL_TAKER, TIF_FOK, TIF_GTC, TIF_IOC,
+                            TIF_POST_ONLY)
+from gateway.markets import (INT64_MAX, EdgeReject, Market, MarketTable, atoms_to_str,
+                             usdc_to_atoms)
+
+INT64_MIN = -2 ** 63
+
+# --- record layouts (little-endian, no implicit padding) -----------------------------------
+# ts_ns, cid, oid, price_ticks, qty_lots, amount_atoms, account, req, market, cmd, side, kind,
+# tif, flags, stp
+COMMAND_STRUCT = struct.Struct("<qqqqqqiihBBBBBB")
+_H = "<qqBBhi"                                   # seq, ts_ns, etype, source, market, account
+HEADER_STRUCT = struct.Struct(_H)
+# + req, reason, status, side, kind, oid, cid, price_ticks, qty_lots, remaining_lots
+ORDER_EVENT_STRUCT = struct.Struct(_H + "iBBBBqqqqq")
+# + req, side, trade_id, price_ticks, qty_lots, oid, cid, remaining_lots, fee_atoms,
+#   maker_account, maker_oid, maker_cid, maker_remaining_lots, maker_fee_atoms
+TRADE_EVENT_STRUCT = struct.Struct(_H + "iB3xqqqqqqqi4xqqqq")
+# + req, amount_atoms, balance_atoms
+BALANCE_EVENT_STRUCT = struct.Struct(_H + "i4xqq")
+# + req, mark_ticks
+MARK_EVENT_STRUCT = struct.Struct(_H + "i4xq")
+COMMAND_IN_EVENT_OFFSET = 64                     # EV_COMMAND: the command record's byte offset
+ETYPE_OFFSET = 16
+assert COMMAND_STRUCT.size == 64 and HEADER_STRUCT.size == 24
+
+# --- names ----------------------------------------------------------------------------------
+SIDES = {"buy": SIDE_BUY, "sell": SIDE_SELL}
+SIDE_NAMES = ("buy", "sell")
+KINDS = {"limit": KIND_LIMIT, "market": KIND_MARKET}
+KIND_NAMES = ("limit", "market")
+TRIGGER_KINDS = ("stop_market", "stop_limit", "take_profit_market", "take_profit_limit")
+TIFS = {"gtc": TIF_GTC, "ioc": TIF_IOC, "fok": TIF_FOK, "post_only": TIF_POST_ONLY}
+STPS = {"cancel_taker": STP_CANCEL_TAKER, "cancel_maker": STP_CANCEL_MAKER,
+        "cancel_both": STP_CANCEL_BOTH}
+STATUS_NAMES = {STATUS_OPEN: "open", STATUS_FILLED: "filled", STATUS_CANCELED: "canceled"}
+
+# Texts for people, per reject reason the matcher can give.
+REASON_TEXT = {
+    "invalid_message": "the message is not valid",
+    "unknown_market": "no such market",
+    "invalid_price": "price out of range",
+    "invalid_qty": "quantity out of range",
+    "invalid_tick": "price is not on the market's tick grid",
+    "invalid_lot": "quantity is not on the market's lot grid",
+    "insufficient_margin": "not enough margin (or the position limit is reached)",
+    "post_only_would_take": "post-only order would take liquidity",
+    "fok_unfilled": "fill-or-kill order cannot fill completely",
+    "reduce_only_violation": "reduce-only order would not reduce the position",
+    "price_band": "price is outside the band around the mark price",
+    "rate_limited": "too many requests",
+    "market_halted": "the market is halted",
+    "duplicate_cid": "cid is already used by an open order of this account",
+    "unknown_order": "no such open order of this account",
+    "too_many_orders": "too many open orders (or price levels)",
+    "insufficient_balance": "not enough balance",
+    "forbidden": "not allowed",
+}
+
+_packer = msgpack.Packer(use_bin_type=True)
+pack = _packer.pack
+
+# Bound everything msgpack may allocate for one request (the frame size is bounded first).
+MAX_CONTAINER = 64
+
+
+def unpack(data):
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
+                           max_str_len=4096, max_bin_len=4096, max_array_len=MAX_CONTAINER,
+                           max_map_len=MAX_CONTAINER, max_ext_len=64)
+
+
+# --- requests --------------------------------------------------------------------------------
+def _int_field(msg: dict, name: str, *, required: bool, lo: int = INT64_MIN, hi: int = INT64_MAX,
+               default: int = 0) -> int:
+    v = msg.get(name)
+    if v is None:
+        if required:
+            raise EdgeReject(REASON_INVALID_MESSAGE, f"{name} is required")
+        return default
+    if type(v) is not int:
+        raise EdgeReject(REASON_INVALID_MESSAGE, f"{name} must be an integer")
+    if not lo <= v <= hi:
+        raise EdgeReject(REASON_INVALID_MESSAGE, f"{name} out of range [{lo}, {hi}]")
+    return v
+
+
+def parse_new_order(msg: dict, markets: MarketTable):
+    """A `new_order` map -> command fields, plus the Market (for the pending-request table).
+
+    Written flat on purpose: this runs for every order. The common case costs a handful of
+    dict lookups (prices and sizes hit the market's conversion caches).
+    """
+    get = msg.get
+    cid = get("cid")
+    if type(cid) is not int or not INT64_MIN <= cid <= INT64_MAX:
+        raise EdgeReject(REASON_INVALID_MESSAGE, "cid is required" if cid is None
+                         else "cid must be a 64-bit integer")
+    symbol = get("market")
+    market = markets.by_symbol.get(symbol) if type(symbol) is str else None
+    if market is None:
+        markets.get(symbol)      # raises the right reject
+    side = get("side")
+    side = SIDES.get(side) if type(side) is str else None
+    if side is None:
+        raise EdgeReject(REASON_INVALID_MESSAGE, "side must be \"buy\" or \"sell\"")
+    kind_name = get("kind", "limit")
+    kind = KINDS.get(kind_name) if type(kind_name) is str else None
+    if kind is None:
+        if kind_name in TRIGGER_KINDS:
+            raise EdgeReject(REASON_INVALID_MESSAGE,
+                             f"{kind_name} orders are not supported yet (only limit and market)")
+        raise EdgeReject(REASON_INVALID_MESSAGE, "kind must be \"limit\" or \"market\"")
+    if "trigger_price" in msg or "trigger_by" in msg:
+        raise EdgeReject(REASON_INVALID_MESSAGE,
+                         "trigger_price/trigger_by apply only to stop and take-profit kinds")
+    qty = get("qty")
+    if qty is None:
+        raise EdgeReject(REASON_INVALID_MESSAGE, "qty is required")
+    lots = market.qty_to_lots(qty)
+    price = get("price")
+    tif_name = get("tif")
+    if tif_name is None:
+        tif = TIF_GTC if kind == KIND_LIMIT else TIF_IOC
+    else:
+        tif = TIFS.get(tif_name) if type(tif_name) is str else None
+        if tif is None:
+            raise EdgeReject(REASON_INVALID_MESSAGE, f"tif must be one of {', '.join(TIFS)}")
+    if kind == KIND_LIMIT:
+        if price is None:
+            raise EdgeReject(REASON_INVALID_MESSAGE, "a limit order needs a price")
+        ticks = market.price_to_ticks(price)
+    else:
+        if price is not None:
+            raise EdgeReject(REASON_INVALID_MESSAGE, "a market order takes no price")
+        ticks = 0
+        if tif == TIF_GTC:
+            tif = TIF_IOC
+        elif tif == TIF_POST_ONLY:
+            raise EdgeReject(REASON_INVALID_MESSAGE, "a market order cannot be post-only")
+    reduce_only = get("reduce_only", False)
+    if reduce_only is not False and reduce_only is not True:
+        raise EdgeReject(REASON_INVALID_MESSAGE, "reduce_only must be true or false")
+    stp_name = get("stp")
+    if stp_name is None:
+        stp = STP_CANCEL_TAKER
+    else:
+        stp = STPS.get(stp_name) if type(stp_name) is str else None
+        if stp is None:
+            raise EdgeReject(REASON_INVALID_MESSAGE, f"stp must be one of {', '.join(STPS)}")
+    return (CMD_NEW_ORDER, market.market_id, cid, 0, ticks, lots, 0, side, kind, tif,
+            FLAG_REDUCE_ONLY if reduce_only else 0, stp), market
+
+
+def order_ref(msg: dict) -> tuple[int, int]:
+    """(oid, cid) of a cancel/amend: oid if given (it wins), else cid."""
+    oid = _int_field(msg, "oid", required=False, lo=1)
+    has_cid = msg.get("cid") is not None
+    cid = _int_field(msg, "cid", required=False)
+    if oid == 0 and not has_cid:
+        raise EdgeReject(REASON_INVALID_MESSAGE, "oid or cid is required")
+    return oid, cid
+
+
+def cancel_fields(oid: int, cid: int, market_id: int):
+    return (CMD_CANCEL, market_id, cid, oid, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def amend_fields(msg: dict, oid: int, cid: int, market: Market):
+    """`amend`: price and/or qty (qty = the order's new open quantity; 0 is not allowed)."""
+    price, qty = msg.get("price"), msg.get("qty")
+    if price is None and qty is None:
+        raise EdgeReject(REASON_INVALID_MESSAGE, "amend needs a price and/or a qty")
+    ticks = market.price_to_ticks(price) if price is not None else 0
+    lots = market.qty_to_lots(qty) if qty is not None else 0
+    if qty is not None and lots == 0:
+        raise EdgeReject(REASON_INVALID_QTY, "qty must be positive")
+    return (CMD_AMEND, market.market_id, cid, oid, ticks, lots, 0, 0, 0, 0, 0, 0)
+
+
+def parse_cancel_all(msg: dict, markets: MarketTable):
+    symbol = msg.get("market")
+    market_id = -1 if symbol is None else markets.get(symbol).market_id
+    return (CMD_CANCEL_ALL, market_id, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def parse_withdraw(msg: dict):
+    amount = msg.get("amount")
+    if amount is None:
+        raise EdgeReject(REASON_INVALID_MESSAGE, "amount is required")
+    atoms = usdc_to_atoms(amount)
+    if atoms == 0:
+        raise EdgeReject(REASON_INVALID_MESSAGE, "amount must be positive")
+    return (CMD_WITHDRAW, 0, 0, 0, 0, 0, atoms, 0, 0, 0, 0, 0)
+
+
+# --- replies and reports ---------------------------------------------------------------------
+def reject_message(reason_name: str, text: str, cid=None, seq=None, ts=0) -> dict:
+    msg = {"type": "reject", "reason": reason_name, "message": text, "ts": ts}
+    if cid is not None:
+        msg["cid"] = cid
+    if seq is not None:
+        msg["seq"] = seq
+    return msg
+
+
+def engine_reject_message(ev, cid) -> dict:
+    """EV_REJECT (ORDER_EVENT_STRUCT tuple) -> `reject`; cid only if the request had one."""
+    name = REASON_NAMES.get(ev[7], "invalid_message")
+    return reject_message(name, REASON_TEXT.get(name, name), cid, ev[0], ev[1])
+
+
+def ack_message(ev, market: Market) -> dict:
+    seq, ts, _, _, _, _, _, _, status, side, kind, oid, cid, price, qty, remaining = ev
+    msg = {"type": "ack", "cid": cid, "oid": oid, "status": STATUS_NAMES.get(status, "open"),
+           "market": market.symbol, "side": SIDE_NAMES[side], "qty": market.lots_to_str(qty),
+           "remaining": market.lots_to_str(remaining), "seq": seq, "ts": ts}
+    if kind == KIND_LIMIT:
+        msg["price"] = market.ticks_to_str(price)
+    return msg
+
+
+def canceled_message(ev, market: Market, reason_name: str) -> dict:
+    return {"type": "canceled", "cid": ev[12], "oid": ev[11], "reason": reason_name,
+            "market": market.symbol, "qty": market.lots_to_str(ev[15]),
+            "seq": ev[0], "ts": ev[1]}
+
+
+def amended_message(ev, market: Market) -> dict:
+    return {"type": "amended", "cid": ev[12], "oid": ev[11], "market": market.symbol,
+            "price": market.ticks_to_str(ev[13]), "qty": market.lots_to_str(ev[15]),
+            "seq": ev[0], "ts": ev[1]}
+
+
+def done_message(ev, count=None) -> dict:
+    msg = {"type": "done", "seq": ev[0], "ts": ev[1]}
+    if count is not None:
+        msg["count"] = count
+    return msg
+
+
+def fill_messages(tr, market: Market):
+    """EV_TRADE -> (taker's fill, maker's fill): each with its own side, fee and remaining."""
+    (seq, ts, _, _, _, _, _, side, trade_id, price, qty, oid, cid, remaining, fee,
+     _, maker_oid, maker_cid, maker_remaining, maker_fee) = tr
+    price_s = market.ticks_to_str(price)
+    qty_s = market.lots_to_str(qty)
+    taker = {"type": "fill", "cid": cid, "oid": oid, "trade_id": trade_id,
+             "market": market.symbol, "side": SIDE_NAMES[side], "price": price_s, "qty": qty_s,
+             "remaining": market.lots_to_str(remaining), "fee": atoms_to_str(fee),
+             "liquidity": "taker", "seq": seq, "ts": ts}
+    maker = {"type": "fill", "cid": maker_cid, "oid": maker_oid, "trade_id": trade_id,
+             "market": market.symbol, "side": SIDE_NAMES[1 - side], "price": price_s,
+             "qty": qty_s, "remaining": market.lots_to_str(maker_remaining),
+             "fee": atoms_to_str(maker_fee), "liquidity": "maker", "seq": seq, "ts": ts}
+    return taker, maker

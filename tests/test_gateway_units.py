@@ -1,0 +1,147 @@
+"""The gateway's pure parts, in-process: decimal conversions, record layouts, request parsing,
+and the mirror (book, orders, balances, positions) kept exact from the event stream."""
+
+from decimal import Decimal
+
+import numpy as np
+import pytest
+
+from engine.matcher import LocalEvents, Matcher
+from engine.records import (BALANCE_EVENT_DTYPE, COMMAND_DTYPE, MARK_EVENT_DTYPE, ORDER_EVENT_DTYPE,
+                            REASON_INVALID_LOT, REASON_INVALID_MESSAGE, REASON_INVALID_PRICE,
+                            REASON_INVALID_QTY, REASON_INVALID_TICK, REASON_UNKNOWN_MARKET,
+                            TRADE_EVENT_DTYPE, TIF_IOC, KIND_MARKET, CMD_NEW_ORDER)
+from gateway import codec
+from gateway.markets import EdgeReject, Market, MarketTable, atoms_to_str, format_scaled, usdc_to_atoms
+from gateway.mirror import Mirror, apply_events, comparable
+from tests.fuzz_streams import FUZZ_CONFIG, genesis, random_stream
+
+BTC = Market("BTC-PERP", 0, Decimal("0.1"), Decimal("0.001"), max_price_ticks=2_000_000,
+             max_order_lots=100_000)
+ETH = Market("ETH-PERP", 1, "0.01", "0.01")
+ODD = Market("ODD", 2, "0.5", "2")
+
+
+def reason(fn, *args):
+    with pytest.raises(EdgeReject) as e:
+        fn(*args)
+    return e.value.reason
+
+
+def test_prices_and_quantities_convert_exactly():
+    assert BTC.atoms_per_tick_lot == 100 and ETH.atoms_per_tick_lot == 100
+    assert BTC.price_to_ticks("65000.5") == 650005
+    assert BTC.price_to_ticks("65000") == 650000
+    assert BTC.price_to_ticks("65000.50000") == 650005
+    assert BTC.price_to_ticks(65000) == 650000
+    assert BTC.qty_to_lots("0.001") == 1 and BTC.qty_to_lots("1.5") == 1500
+    assert ODD.price_to_ticks("1.5") == 3 and ODD.qty_to_lots("10") == 5
+    assert ODD.atoms_per_tick_lot == 1_000_000
+    assert BTC.ticks_to_str(650005) == "65000.5" and BTC.ticks_to_str(650000) == "65000"
+    assert BTC.lots_to_str(1) == "0.001" and BTC.lots_to_str(1500) == "1.5"
+    assert ODD.lots_to_str(5) == "10" and ODD.ticks_to_str(3) == "1.5"
+    assert format_scaled(-5, 3) == "-0.005" and atoms_to_str(-2_600_000) == "-2.6"
+    assert atoms_to_str(0) == "0" and usdc_to_atoms("100.000001") == 100_000_001
+    for ticks in (1, 9, 10, 11, 650005, 1999999):
+        assert BTC.price_to_ticks(BTC.ticks_to_str(ticks)) == ticks
+
+
+def test_bad_numbers_are_rejected_never_rounded():
+    assert reason(BTC.price_to_ticks, "65000.05") == REASON_INVALID_TICK
+    assert reason(BTC.qty_to_lots, "0.0015") == REASON_INVALID_LOT
+    assert reason(ODD.qty_to_lots, "3") == REASON_INVALID_LOT
+    assert reason(BTC.price_to_ticks, 65000.5) == REASON_INVALID_MESSAGE      # float
+    assert reason(BTC.price_to_ticks, True) == REASON_INVALID_MESSAGE
+    assert reason(BTC.price_to_ticks, None) == REASON_INVALID_MESSAGE
+    assert reason(BTC.price_to_ticks, b"65000") == REASON_INVALID_MESSAGE
+    assert reason(BTC.price_to_ticks, ["1"]) == REASON_INVALID_MESSAGE
+    for bad in ("NaN", "nan", "inf", "-inf", "Infinity", "1e5", "6.5E4", "-1", "+1", " 1",
+                "1 ", "", ".5", "5.", "1,5", "0x10", "١٢", "1_000", "--1", "9" * 41):
+        assert reason(BTC.price_to_ticks, bad) == REASON_INVALID_PRICE, bad
+        assert reason(BTC.qty_to_lots, bad) == REASON_INVALID_QTY, bad
+    for zero in ("0", "0.0", 0, "0.000"):
+        assert reason(BTC.price_to_ticks, zero) == REASON_INVALID_PRICE
+        assert reason(BTC.qty_to_lots, zero) == REASON_INVALID_QTY
+    assert reason(BTC.price_to_ticks, -5) == REASON_INVALID_PRICE
+    assert reason(BTC.price_to_ticks, "200000.1") == REASON_INVALID_PRICE    # above max
+    assert BTC.price_to_ticks("200000") == 2_000_000
+    assert reason(BTC.qty_to_lots, "100.001") == REASON_INVALID_QTY
+    assert reason(BTC.price_to_ticks, 2 ** 64) == REASON_INVALID_PRICE
+    assert reason(ETH.price_to_ticks, "9" * 40) == REASON_INVALID_PRICE       # no max known: int64
+    assert reason(usdc_to_atoms, "0.0000001") == REASON_INVALID_MESSAGE
+    with pytest.raises(ValueError):
+        Market("BAD", 3, "0.001", "0.0001")     # 1e-7 USDC per tick x lot: not whole atoms
+
+
+def test_record_layouts_match_engine_dtypes():
+    rng = np.random.default_rng(1)
+
+    def random_record(dtype):
+        raw = rng.integers(0, 256, dtype.itemsize, dtype=np.uint8)
+        return raw, raw.view(dtype)[0]
+
+    cases = [(ORDER_EVENT_DTYPE, codec.ORDER_EVENT_STRUCT), (TRADE_EVENT_DTYPE, codec.TRADE_EVENT_STRUCT),
+             (BALANCE_EVENT_DTYPE, codec.BALANCE_EVENT_STRUCT), (MARK_EVENT_DTYPE, codec.MARK_EVENT_STRUCT),
+             (COMMAND_DTYPE, codec.COMMAND_STRUCT)]
+    for dtype, st in cases:
+        names = [n for n in dtype.names if not n.startswith("_")]
+        for _ in range(20):
+            raw, rec = random_record(dtype)
+            assert st.unpack_from(raw.tobytes()) == tuple(int(rec[n]) for n in names), dtype
+
+
+def test_new_order_parsing():
+    table = MarketTable([BTC, ETH])
+    fields, market = codec.parse_new_order(
+        {"type": "new_order", "cid": 7, "market": "BTC-PERP", "side": "sell", "qty": "0.5",
+         "price": "65000.5", "tif": "post_only", "reduce_only": True, "stp": "cancel_both"}, table)
+    assert market is BTC
+    assert fields == (CMD_NEW_ORDER, 0, 7, 0, 650005, 500, 0, 1, 0, 3, 1, 2)
+    fields, _ = codec.parse_new_order({"cid": 1, "market": "ETH-PERP", "side": "buy",
+                                       "kind": "market", "qty": "1"}, table)
+    assert fields[8] == KIND_MARKET and fields[9] == TIF_IOC and fields[4] == 0
+    bad = [
+        ({"market": "BTC-PERP", "side": "buy", "qty": "1", "price": "1"}, REASON_INVALID_MESSAGE),
+        ({"cid": "1", "market": "BTC-PERP", "side": "buy", "qty": "1", "price": "1"}, REASON_INVALID_MESSAGE),
+        ({"cid": 2 ** 63, "market": "BTC-PERP", "side": "buy", "qty": "1", "price": "1"}, REASON_INVALID_MESSAGE),
+        ({"cid": 1, "market": "DOGE", "side": "buy", "qty": "1", "price": "1"}, REASON_UNKNOWN_MARKET),
+        ({"cid": 1, "market": 0, "side": "buy", "qty": "1", "price": "1"}, REASON_INVALID_MESSAGE),
+        ({"cid": 1, "market": "BTC-PERP", "side": "long", "qty": "1", "price": "1"}, REASON_INVALID_MESSAGE),
+        ({"cid": 1, "market": "BTC-PERP", "side": "buy", "price": "1"}, REASON_INVALID_MESSAGE),
+        ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1"}, REASON_INVALID_MESSAGE),
+        ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1", "price": "1", "kind": "stop_market"}, REASON_INVALID_MESSAGE),
+        ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1", "price": "1", "tif": "day"}, REASON_INVALID_MESSAGE),
+        ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1", "price": "1", "reduce_only": 1}, REASON_INVALID_MESSAGE),
+        ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1", "kind": "market", "price": "1"}, REASON_INVALID_MESSAGE),
+        ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1", "kind": "market", "tif": "post_only"}, REASON_INVALID_MESSAGE),
+        ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1", "price": "1.05"}, REASON_INVALID_TICK),
+        ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": 1.0, "price": "1"}, REASON_INVALID_MESSAGE),
+    ]
+    for msg, want in bad:
+        assert reason(codec.parse_new_order, msg, table) == want, msg
+
+
+def test_mirror_follows_the_matcher_exactly():
+    """Feed a matcher's events to a mirror; it must equal one built from the state tables,
+    also when it starts from a state copy in the middle of the stream."""
+    commands = np.concatenate([genesis(), random_stream(5, 6000)])
+    matcher = Matcher(FUZZ_CONFIG)
+    ring = LocalEvents(1 << 14)
+    fed = Mirror(FUZZ_CONFIG.max_markets)
+    late = None
+    start = 0
+    while start < len(commands):
+        done, end = matcher.process(commands, ring.sink, 0, ring.capacity, 0, True, start, 64)
+        apply_events(fed, ring.slots[:end].tobytes(), end)
+        if late is not None:
+            apply_events(late, ring.slots[:end].tobytes(), end)
+        start += done
+        if late is None and start >= 3000:
+            late = Mirror.from_state(matcher.state, matcher.seq, FUZZ_CONFIG.max_markets)
+        if start % 1024 < 64:
+            assert comparable(fed) == comparable(
+                Mirror.from_state(matcher.state, matcher.seq, FUZZ_CONFIG.max_markets))
+    final = Mirror.from_state(matcher.state, matcher.seq, FUZZ_CONFIG.max_markets)
+    assert fed.applied_seq == late.applied_seq == matcher.seq
+    assert comparable(fed) == comparable(final) == comparable(late)
+    assert fed.orders and fed.positions   # the stream did leave something to compare
