@@ -138,8 +138,453 @@ def _register_bench(sub, common):
     q.set_defaults(func=cmd_bench_lobster)
 
 
-# Subcommands, in help order. Others (up, down, status, account, deposit, ...) add theirs here.
+# ---- helpers for the exchange commands ------------------------------------------------------
+def _state_dir(args):
+    from perpx.statedir import StateDir
+    return StateDir(args.state_dir)
+
+
+def _exchange(args):
+    from perpx.ops import Exchange
+    return Exchange(_state_dir(args))
+
+
+def table(headers, rows) -> str:
+    """A plain text table: one header line, then the rows; numbers right-aligned."""
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def numeric(i):
+        return all(_looks_numeric(r[i]) for r in cells if r[i]) and any(r[i] for r in cells)
+
+    right = [numeric(i) for i in range(len(headers))]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if r else v.ljust(w)
+                         for v, w, r in zip(values, widths, right)).rstrip()
+
+    return "\n".join([line(headers)] + [line(r) for r in cells])
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _account_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an account id is an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"an account id is >= 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
+    return value
+
+
+def _amount_atoms(text: str) -> int:
+    from perpx.config import usdc_to_atoms
+    try:
+        return usdc_to_atoms(text)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+# ---- up / down / status -----------------------------------------------------------------------
+def cmd_up(args) -> int:
+    from perpx.config import load_config
+    from perpx.supervisor import StartupError, Supervisor
+    cfg = load_config(args.config)
+    try:
+        return Supervisor(_state_dir(args), cfg, json_out=args.json).run()
+    except StartupError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_down(args) -> int:
+    import os
+    import signal
+    import time
+    sd = _state_dir(args)
+    pid = sd.require_running()
+    deadline = time.monotonic() + 2.0
+    while pid == -1 and time.monotonic() < deadline:   # just started: pid not written yet
+        time.sleep(0.05)
+        pid = sd.supervisor_pid() or 0
+    if pid <= 0:
+        raise CliError(f"cannot tell the supervisor's pid from {sd.supervisor_lock}")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while sd.supervisor_pid() is not None:
+        if time.monotonic() > deadline:
+            raise CliError(f"the supervisor (pid {pid}) is still running {args.timeout:g} s "
+                           f"after SIGTERM")
+        time.sleep(0.05)
+    emit(args, {"stopped": True, "supervisor_pid": pid},
+         f"perpx: stopped the exchange in {sd.path} (supervisor pid {pid})")
+    return 0
+
+
+def _pid_alive(pid) -> bool:
+    """Alive and not a zombie (a dead child its parent has not reaped yet)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def status_report(sd) -> dict:
+    """The `perpx status` document (also used by tests)."""
+    import time
+    supervisor = sd.require_running()
+    st = sd.status() or {"processes": [], "endpoints": None}
+    procs = [{"name": p["name"], "pid": p["pid"], "alive": _pid_alive(p["pid"]),
+              "restarts": p["restarts"], "state": p.get("state"), "cpus": p.get("cpus"),
+              "started_at": p.get("started_at")} for p in st["processes"]]
+    report = {"running": True, "supervisor_pid": supervisor, "state_dir": str(sd.path),
+              "prefix": sd.prefix, "processes": procs, "seq": None,
+              # persistd (issue 4) publishes durable_seq; until it exists nothing is durable
+              "durable_seq": None, "heartbeats": {}, "rings": {},
+              "endpoints": st.get("endpoints")}
+    try:
+        doc = sd.exchange()
+    except RuntimeError:
+        return report
+    from engine.records import COMMAND_DTYPE, EVENT_DTYPE
+    from engine.service import attach_state, command_ring_name, event_ring_name
+    from engine.state import C_SEQ
+    from perpx.statedir import (HEARTBEAT_DTYPE, HEARTBEAT_LAYOUT, MATCHER_SLOT,
+                                heartbeat_region_name)
+    from shm.region import Region, ShmError
+    from shm.ring import CommandRing, EventRing
+    prefix = doc["prefix"]
+    try:
+        region, state = attach_state(prefix, sd.engine_config(doc))
+        report["seq"] = int(state.counters[C_SEQ])
+        del state
+        region.close()
+    except ShmError:
+        pass
+    try:
+        hb = Region.attach(heartbeat_region_name(prefix), HEARTBEAT_LAYOUT)
+        slot = hb.payload.view(HEARTBEAT_DTYPE)[MATCHER_SLOT:MATCHER_SLOT + 1]
+        first = int(slot["beats"][0])
+        time.sleep(0.12)     # the matcher beats at least every 50 ms
+        beats = int(slot["beats"][0])
+        report["heartbeats"]["matcher"] = {"beats": beats, "beating": beats != first,
+                                           "ready": bool(slot["ready"][0])}
+        del slot
+        hb.close()
+    except ShmError:
+        pass
+    try:
+        events = EventRing.attach(event_ring_name(prefix), EVENT_DTYPE)
+        published = events.published_cursor()
+        lags = {}
+        for name in events.consumer_names:
+            cursor = events.consumer_cursor(name)
+            if cursor is not None:
+                lags[name] = published - cursor
+        report["rings"]["events"] = {"published": published, "capacity": events.capacity,
+                                     "consumer_lag": lags}
+        events.close()
+        depths = {}
+        for source in doc["sources"]:
+            ring = CommandRing.attach(command_ring_name(prefix, source["name"]), COMMAND_DTYPE)
+            depths[source["name"]] = ring.available()
+            ring.close()
+        report["rings"]["commands"] = depths
+    except ShmError:
+        pass
+    return report
+
+
+def cmd_status(args) -> int:
+    report = status_report(_state_dir(args))
+    rows = [(p["name"], p["pid"], "yes" if p["alive"] else "NO", p["restarts"], p["state"],
+             ",".join(map(str, p["cpus"] or [])) or "any") for p in report["processes"]]
+    hb = report["heartbeats"].get("matcher")
+    rings = report["rings"]
+    lines = [f"exchange in {report['state_dir']} (supervisor pid {report['supervisor_pid']}, "
+             f"shm {report['prefix']})",
+             table(["process", "pid", "alive", "restarts", "state", "cpus"], rows), "",
+             f"seq {report['seq']}   durable_seq {report['durable_seq']} (no persistd yet)"]
+    if hb:
+        lines.append(f"matcher heartbeat: {'beating' if hb['beating'] else 'STOPPED'} "
+                     f"({hb['beats']} beats)")
+    if rings.get("events"):
+        lag = ", ".join(f"{k} {v}" for k, v in rings["events"]["consumer_lag"].items()) or "-"
+        lines.append(f"event ring: {rings['events']['published']} published, lag per reader: "
+                     f"{lag}")
+    if rings.get("commands"):
+        lines.append("command rings (queued): " + ", ".join(
+            f"{k} {v}" for k, v in rings["commands"].items()))
+    if report["endpoints"]:
+        lines.append(f"orders {report['endpoints']['orders']}   market data "
+                     f"{report['endpoints']['market_data']}")
+    emit(args, report, "\n".join(lines))
+    return 0
+
+
+# ---- accounts and money -----------------------------------------------------------------------
+def cmd_account_create(args) -> int:
+    from perpx.config import atoms_str, load_config
+    from perpx.ops import Exchange, create_account
+    sd = _state_dir(args)
+    atoms = _amount_atoms(args.deposit) if args.deposit is not None else None
+    ex = Exchange(sd) if atoms is not None else None   # refuse before creating anything
+    if ex is not None:
+        max_accounts = ex.engine.max_accounts
+    elif sd.exchange_file.exists():
+        max_accounts = sd.engine_config().max_accounts
+    else:
+        max_accounts = load_config(None).engine["max_accounts"]
+    account, cert = create_account(sd, max_accounts)
+    result = {"account": account, "certificate": cert}
+    text = f"account {account}\ncertificate {cert}"
+    if ex is not None:
+        reply = ex.deposit(account, atoms)
+        balance = next(e for e in reply.events if "balance_atoms" in e)["balance_atoms"]
+        result.update({"deposit": atoms_str(atoms), "balance": atoms_str(balance),
+                       "seq": reply.seq})
+        text += f"\ndeposited {atoms_str(atoms)} USDC (balance {atoms_str(balance)})"
+    emit(args, result, text)
+    return 0
+
+
+def cmd_deposit(args) -> int:
+    from perpx.config import atoms_str
+    atoms = _amount_atoms(args.amount)
+    ex = _exchange(args)
+    reply = ex.deposit(args.account, atoms)
+    balance = next(e for e in reply.events if "balance_atoms" in e)["balance_atoms"]
+    emit(args, {"account": args.account, "amount": atoms_str(atoms),
+                "balance": atoms_str(balance), "seq": reply.seq},
+         f"deposited {atoms_str(atoms)} USDC to account {args.account}: balance "
+         f"{atoms_str(balance)} (seq {reply.seq})")
+    return 0
+
+
+def cmd_account_show(args) -> int:
+    from perpx.ops import account_view
+    ex = _exchange(args)
+    if not 0 <= args.id < ex.engine.max_accounts:
+        raise CliError(f"account {args.id} is outside 0..{ex.engine.max_accounts - 1}")
+    mirror, _ = ex.snapshot()
+    view = account_view(ex, mirror, args.id)
+    lines = [f"account {view['account']}{'' if view['registered'] else ' (not registered)'}"
+             f"   seq {view['seq']}",
+             f"balance {view['balance']}   equity {view['equity']}   available "
+             f"{view['available']}",
+             f"initial margin {view['initial_margin']}   maintenance margin "
+             f"{view['maintenance_margin']}"]
+    if view["positions"]:
+        lines += ["", table(["market", "size", "entry", "mark", "unrealized pnl", "leverage"],
+                            [(p["market"], p["size"], p["entry_price"], p["mark_price"],
+                              p["unrealized_pnl"], p["leverage"]) for p in view["positions"]])]
+    if view["open_orders"]:
+        lines += ["", table(["oid", "cid", "market", "side", "price", "qty", "remaining"],
+                            [(o["oid"], o["cid"], o["market"], o["side"], o["price"], o["qty"],
+                              o["remaining"]) for o in view["open_orders"]])]
+    emit(args, view, "\n".join(lines))
+    return 0
+
+
+# ---- markets --------------------------------------------------------------------------------
+def cmd_halt(args) -> int:
+    return _halt(args, True)
+
+
+def cmd_resume(args) -> int:
+    return _halt(args, False)
+
+
+def _halt(args, halted: bool) -> int:
+    ex = _exchange(args)
+    reply = ex.halt(args.market, halted)
+    emit(args, {"market": args.market, "halted": halted, "seq": reply.seq},
+         f"{args.market} {'halted' if halted else 'resumed'} (seq {reply.seq})")
+    return 0
+
+
+def cmd_oracle_set(args) -> int:
+    ex = _exchange(args)
+    reply, ticks = ex.set_mark(args.market, args.price)
+    price = ex.market(args.market).price_str(ticks)
+    emit(args, {"market": args.market, "mark_price": price, "seq": reply.seq},
+         f"{args.market} mark set to {price} (seq {reply.seq})")
+    return 0
+
+
+def cmd_book(args) -> int:
+    from perpx.ops import book_view
+    ex = _exchange(args)
+    ex.market(args.market)
+    mirror, _ = ex.snapshot()
+    view = book_view(ex, mirror, args.market, args.depth)
+    rows = []
+    for i in range(max(len(view["bids"]), len(view["asks"]))):
+        bid = view["bids"][i] if i < len(view["bids"]) else ["", ""]
+        ask = view["asks"][i] if i < len(view["asks"]) else ["", ""]
+        rows.append((bid[1], bid[0], ask[0], ask[1]))
+    text = f"{view['market']} book at seq {view['seq']}\n" + (
+        table(["bid qty", "bid", "ask", "ask qty"], rows) if rows else "(empty)")
+    emit(args, view, text)
+    return 0
+
+
+def cmd_positions(args) -> int:
+    from perpx.ops import positions_view
+    ex = _exchange(args)
+    if args.market:
+        ex.market(args.market)
+    mirror, _ = ex.snapshot()
+    view = positions_view(ex, mirror, args.market)
+    rows = [(p["account"], p["market"], p["size"], p["entry_price"], p["mark_price"],
+             p["unrealized_pnl"]) for p in view["positions"]]
+    text = (table(["account", "market", "size", "entry", "mark", "unrealized pnl"], rows)
+            if rows else "no open positions")
+    text += "\nopen interest: " + ", ".join(f"{k} {v}" for k, v in view["open_interest"].items())
+    emit(args, view, text)
+    return 0
+
+
+def cmd_markets(args) -> int:
+    from perpx.config import config_from_resolved, load_config
+    from perpx.ops import Exchange, markets_view
+    sd = _state_dir(args)
+    mirror = None
+    if args.config:
+        cfg = load_config(args.config)
+    elif sd.exchange_file.exists():
+        cfg = config_from_resolved(sd.exchange())
+        if sd.supervisor_pid() is not None:
+            mirror, _ = Exchange(sd).snapshot()
+    else:
+        cfg = load_config(None)
+    rows = markets_view(cfg, mirror)
+    headers = ["id", "symbol", "tick", "lot", "initial", "oracle", "lev", "maker", "taker",
+               "band", "max price", "max pos", "max order"]
+    body = [(m["id"], m["symbol"], m["tick_size"], m["lot_size"], m["initial_price"], m["oracle"],
+             m["max_leverage"], m["maker_fee"], m["taker_fee"], m["price_band"], m["max_price"],
+             m["max_position_qty"], m["max_order_qty"]) for m in rows]
+    if mirror is not None:
+        headers += ["mark", "halted"]
+        body = [b + (m["live"]["mark_price"], "yes" if m["live"]["halted"] else "no")
+                for b, m in zip(body, rows)]
+    emit(args, {"source": cfg.source, "markets": rows}, table(headers, body))
+    return 0
+
+
+# ---- registration -----------------------------------------------------------------------------
+def _register_up(sub, common):
+    p = sub.add_parser("up", parents=[common], help="start the exchange (foreground supervisor)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="TOML config (default: the bundled BTC-PERP/ETH-PERP exchange)")
+    p.set_defaults(func=cmd_up)
+
+
+def _register_down(sub, common):
+    p = sub.add_parser("down", parents=[common], help="stop the running exchange")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="seconds to wait for a clean stop (default 30)")
+    p.set_defaults(func=cmd_down)
+
+
+def _register_status(sub, common):
+    p = sub.add_parser("status", parents=[common],
+                       help="processes, heartbeats, ring depths, sequence numbers")
+    p.set_defaults(func=cmd_status)
+
+
+def _register_account(sub, common):
+    p = sub.add_parser("account", parents=[common], help="create or show an account")
+    asub = p.add_subparsers(dest="account_command", metavar="ACTION", required=True,
+                            parser_class=_Parser)
+    q = asub.add_parser("create", parents=[common],
+                        help="new account with a CURVE certificate, registered with the gateways")
+    q.add_argument("--deposit", metavar="AMOUNT", default=None, help="USDC to deposit")
+    q.set_defaults(func=cmd_account_create)
+    q = asub.add_parser("show", parents=[common], help="balance, margin, positions, orders")
+    q.add_argument("id", type=_account_id, metavar="ID")
+    q.set_defaults(func=cmd_account_show)
+
+
+def _register_deposit(sub, common):
+    p = sub.add_parser("deposit", parents=[common], help="credit USDC to an account")
+    p.add_argument("account", type=_account_id, metavar="ACCOUNT")
+    p.add_argument("amount", metavar="AMOUNT", help="USDC, e.g. 1000 or 0.5")
+    p.set_defaults(func=cmd_deposit)
+
+
+def _register_halt(sub, common):
+    p = sub.add_parser("halt", parents=[common], help="stop trading in a market")
+    p.add_argument("market", metavar="MARKET")
+    p.set_defaults(func=cmd_halt)
+    p = sub.add_parser("resume", parents=[common], help="resume trading in a market")
+    p.add_argument("market", metavar="MARKET")
+    p.set_defaults(func=cmd_resume)
+
+
+def _register_oracle(sub, common):
+    p = sub.add_parser("oracle", parents=[common], help="index price feeds")
+    osub = p.add_subparsers(dest="oracle_command", metavar="ACTION", required=True,
+                            parser_class=_Parser)
+    q = osub.add_parser("set", parents=[common],
+                        help="set the index (and mark) of a market whose oracle is manual")
+    q.add_argument("market", metavar="MARKET")
+    q.add_argument("price", metavar="PRICE")
+    q.set_defaults(func=cmd_oracle_set)
+
+
+def _register_book(sub, common):
+    p = sub.add_parser("book", parents=[common], help="a market's order book")
+    p.add_argument("market", metavar="MARKET")
+    p.add_argument("--depth", type=_non_negative_int, default=10, metavar="N",
+                   help="levels per side (default 10; 0 = all)")
+    p.set_defaults(func=cmd_book)
+
+
+def _register_positions(sub, common):
+    p = sub.add_parser("positions", parents=[common], help="open positions (all accounts)")
+    p.add_argument("market", metavar="MARKET", nargs="?", default=None)
+    p.set_defaults(func=cmd_positions)
+
+
+def _register_markets(sub, common):
+    p = sub.add_parser("markets", parents=[common], help="the markets and their parameters")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="show (and validate) this config instead of the exchange's")
+    p.set_defaults(func=cmd_markets)
+
+
+# Subcommands, in help order.
 REGISTRARS = [
+    _register_up,
+    _register_down,
+    _register_status,
+    _register_account,
+    _register_deposit,
+    _register_halt,
+    _register_oracle,
+    _register_book,
+    _register_positions,
+    _register_markets,
     _register_bench,
 ]
 

@@ -1,0 +1,385 @@
+"""Operator actions on a running exchange: admin commands through the ops ring, and reads of
+the matcher's published state.
+
+Writes. The ops command ring has one producer at a time (SPSC), so every writer (each CLI
+command, and the supervisor's genesis) takes an flock on STATE_DIR/ops.lock first. Holding it,
+the writer joins the event ring as consumer "ops" at the current position (so it sees every
+event from then on, and nothing older), writes its commands with fresh `req` tokens, reads
+events until each command's closing event arrived (matched by source = the ops ring and
+`req`), then deregisters (so the matcher never waits for a reader that left) and releases the
+lock. Every wait has a deadline. The supervisor frees the "ops" slot if a CLI process dies
+while holding it (see supervisor.Supervisor._reap_stale_ops_reader).
+
+A command closes with EV_DONE (deposit: after its EV_BALANCE), EV_MARK (set mark) or
+EV_REJECT.
+
+Reads. `snapshot()` takes a consistent copy of the state tables at a command boundary
+(gateway.mirror.consistent_state_copy) and builds the same Mirror a gateway keeps, so `book`,
+`account show` and `positions` show exactly what the gateways answer, at one `seq`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from decimal import Decimal, localcontext
+
+import numpy as np
+
+from perpx.config import Config, atoms_str, config_from_resolved, dec_str
+from perpx.statedir import FileLock, NotRunning, StateDir
+
+REPLY_TIMEOUT_S = 10.0
+LOCK_TIMEOUT_S = 10.0
+ATTACH_TIMEOUT_S = 5.0
+# Account 0 is the exchange's own (insurance fund / fee residues, DESIGN.md §4): never a client.
+FIRST_CLIENT_ACCOUNT = 1
+
+_ADMIN_REJECT_TEXT = {
+    19: "the matcher refused the market parameters",
+    20: "the market already exists",
+    21: "no such account (outside the engine's account table)",
+}
+
+
+class OpsError(RuntimeError):
+    """The matcher refused a command, or did not answer in time."""
+
+
+@dataclass
+class Reply:
+    req: int
+    seq: int
+    events: list            # event dicts (engine.records.event_to_dict), in order
+
+    @property
+    def last(self) -> dict:
+        return self.events[-1]
+
+    @property
+    def rejected(self) -> bool:
+        from engine.records import EV_REJECT
+        return self.last["etype"] == EV_REJECT
+
+    def reason(self) -> str:
+        from engine.records import REASON_NAMES
+        code = self.last.get("reason", 0)
+        text = _ADMIN_REJECT_TEXT.get(code)
+        name = REASON_NAMES.get(code, str(code))
+        return f"{name} ({text})" if text else name
+
+
+class Exchange:
+    """A handle on the exchange of a state directory, from any process."""
+
+    def __init__(self, state_dir, require_running: bool = True):
+        self.sd = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
+        if require_running:
+            self.sd.require_running()
+        self.doc = self.sd.exchange()
+        self.prefix = self.doc["prefix"]
+        self.config: Config = config_from_resolved(self.doc)
+        self.engine = self.config.engine_config()
+        self.ops_index = [s["name"] for s in self.doc["sources"]].index("ops")
+
+    def market(self, symbol: str):
+        return self.config.market(symbol)
+
+    # -- writes ---------------------------------------------------------------------------
+    def session(self, timeout_s: float = REPLY_TIMEOUT_S) -> OpsSession:
+        return OpsSession(self, timeout_s)
+
+    def submit(self, commands: np.ndarray, timeout_s: float = REPLY_TIMEOUT_S) -> list[Reply]:
+        with self.session(timeout_s) as s:
+            return s.submit(commands)
+
+    def submit_one(self, command: np.ndarray, what: str,
+                   timeout_s: float = REPLY_TIMEOUT_S) -> Reply:
+        reply = self.submit(command, timeout_s)[0]
+        if reply.rejected:
+            raise OpsError(f"{what}: rejected by the matcher: {reply.reason()}")
+        return reply
+
+    def deposit(self, account: int, atoms: int) -> Reply:
+        from engine.records import CMD_DEPOSIT, EV_BALANCE, new_commands
+        self.check_account(account)
+        c = new_commands(1)
+        c["cmd"] = CMD_DEPOSIT
+        c["account"] = account
+        c["amount_atoms"] = atoms
+        reply = self.submit_one(c, f"deposit to account {account}")
+        if not any(e["etype"] == EV_BALANCE for e in reply.events):
+            raise OpsError("deposit: the matcher answered without a balance change")
+        return reply
+
+    def halt(self, symbol: str, halted: bool) -> Reply:
+        from engine.records import CMD_HALT, CMD_RESUME, new_commands
+        m = self.market(symbol)
+        c = new_commands(1)
+        c["cmd"] = CMD_HALT if halted else CMD_RESUME
+        c["market"] = m.id
+        return self.submit_one(c, f"{'halt' if halted else 'resume'} {symbol}")
+
+    def set_mark(self, symbol: str, price_text: str) -> tuple[Reply, int]:
+        from engine.records import CMD_SET_MARK, new_commands
+        m = self.market(symbol)
+        if m.oracle != "manual":
+            raise OpsError(f"{symbol} takes its index from its {m.oracle.split(':')[0]!r} feed; "
+                           f"`perpx oracle set` works only for markets with oracle = \"manual\"")
+        ticks = m.price_to_ticks(price_text)
+        c = new_commands(1)
+        c["cmd"] = CMD_SET_MARK
+        c["market"] = m.id
+        c["price_ticks"] = ticks
+        return self.submit_one(c, f"oracle set {symbol}"), ticks
+
+    def check_account(self, account: int) -> None:
+        if not 0 <= account < self.engine.max_accounts:
+            raise OpsError(f"account {account} is outside 0..{self.engine.max_accounts - 1}")
+        if account not in self.sd.registered_accounts():
+            raise OpsError(f"account {account} is not registered (create it with "
+                           f"`perpx account create`)")
+
+    # -- reads ----------------------------------------------------------------------------
+    def snapshot(self, timeout_s: float = 5.0):
+        """(Mirror, seq): the matcher's state at a command boundary, as a gateway mirrors it."""
+        from engine.records import EVENT_DTYPE
+        from engine.service import attach_state, event_ring_name
+        from gateway.mirror import Mirror, consistent_state_copy
+        from shm.ring import EventRing
+        events = _attach(lambda: EventRing.attach(event_ring_name(self.prefix), EVENT_DTYPE))
+        try:
+            region, state = _attach(lambda: attach_state(self.prefix, self.engine))
+            try:
+                tables, seq = consistent_state_copy(state, events, timeout_s)
+            finally:
+                del state
+                region.close()
+        finally:
+            events.close()
+        mirror = Mirror.from_state(tables, seq, self.engine.max_markets)
+        mirror.tables = tables
+        return mirror, seq
+
+    def counters(self) -> dict:
+        """seq and friends straight from the state region (no copy of the tables)."""
+        from engine.service import attach_state
+        from engine.state import C_NET_DEPOSITS_ATOMS, C_SEQ
+        region, state = _attach(lambda: attach_state(self.prefix, self.engine))
+        try:
+            c = state.counters
+            return {"seq": int(c[C_SEQ]), "net_deposits_atoms": int(c[C_NET_DEPOSITS_ATOMS])}
+        finally:
+            del state
+            region.close()
+
+
+def _attach(fn, timeout_s: float = ATTACH_TIMEOUT_S):
+    from shm.region import ShmError
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except ShmError as e:
+            if time.monotonic() > deadline:
+                raise NotRunning(f"cannot attach to the exchange's shared memory: {e}") from None
+            time.sleep(0.02)
+
+
+class OpsSession:
+    """The ops ring's single producer, for the duration of a `with` block."""
+
+    def __init__(self, exchange: Exchange, timeout_s: float = REPLY_TIMEOUT_S):
+        self.ex = exchange
+        self.timeout_s = timeout_s
+        self.lock = FileLock(exchange.sd.ops_lock)
+        self.events = self.consumer = self.ring = None
+
+    def __enter__(self) -> OpsSession:
+        from engine.records import COMMAND_DTYPE, EVENT_DTYPE
+        from engine.service import command_ring_name, event_ring_name
+        from shm.ring import CommandRing, EventRing
+        self.lock.acquire(LOCK_TIMEOUT_S, "the ops ring")
+        try:
+            prefix = self.ex.prefix
+            self.events = _attach(lambda: EventRing.attach(event_ring_name(prefix), EVENT_DTYPE))
+            self.consumer = self.events.consumer("ops", start="current")
+            self.ring = _attach(lambda: CommandRing.attach(command_ring_name(prefix, "ops"),
+                                                           COMMAND_DTYPE))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.consumer is not None:
+            self.consumer.deregister()
+            self.consumer = None
+        for thing in (self.ring, self.events):
+            if thing is not None:
+                thing.close()
+        self.ring = self.events = None
+        self.lock.release()
+
+    def submit(self, commands: np.ndarray) -> list[Reply]:
+        """Send the commands; return each one's events once its closing event arrived."""
+        from engine.records import (EV_COMMAND, EV_DONE, EV_MARK, EV_REJECT, ORDER_EVENT_DTYPE,
+                                    event_to_dict)
+        cmds = np.array(commands, copy=True)
+        n = len(cmds)
+        base = 1 + int.from_bytes(os.urandom(4), "little") % (2 ** 30)
+        cmds["req"] = base + np.arange(n)
+        unstamped = cmds["ts_ns"] == 0
+        cmds["ts_ns"][unstamped] = time.time_ns()
+        replies = {base + i: Reply(base + i, 0, []) for i in range(n)}
+        open_reqs = set(replies)
+        sent = 0
+        source = self.ex.ops_index
+        deadline = time.monotonic() + self.timeout_s
+        consumer = self.consumer
+        while open_reqs:
+            if sent < n:
+                sent += self.ring.write(cmds[sent:])
+            available = consumer.available()
+            if not available:
+                if time.monotonic() > deadline:
+                    raise OpsError(f"no reply from the matcher within {self.timeout_s:g} s "
+                                   f"({n - len(open_reqs)} of {n} commands answered; is the "
+                                   f"matcher stalled? see `perpx status`)")
+                consumer.wait(1, timeout_s=0.05)
+                continue
+            batch = consumer.peek(min(available, 1 << 16))
+            consumer.advance(len(batch))
+            reqs = batch.view(ORDER_EVENT_DTYPE)["req"]
+            mine = np.flatnonzero((batch["source"] == source) & (batch["etype"] != EV_COMMAND)
+                                  & (reqs >= base) & (reqs < base + n))
+            for i in mine:
+                event = event_to_dict(batch[i])
+                reply = replies[event["req"]]
+                reply.events.append(event)
+                reply.seq = event["seq"]
+                if event["etype"] in (EV_DONE, EV_MARK, EV_REJECT):
+                    open_reqs.discard(event["req"])
+        return [replies[base + i] for i in range(n)]
+
+
+# ---- accounts ---------------------------------------------------------------------------------
+def create_account(sd: StateDir, max_accounts: int) -> tuple[int, str]:
+    """A new account id with a fresh CURVE certificate, registered for the gateways.
+
+    The client's certificate (public + secret key) goes to clients/<id>.key_secret, its public
+    key to accounts/<id>.key (the registry gateway/accounts.py reads: written to a temp name,
+    then renamed, so a gateway never reads half a file). Ids are allocated under the ops lock:
+    one more than the highest registered id, starting at 1 (0 is the exchange's).
+    """
+    import zmq.auth
+    sd.make()
+    with FileLock(sd.ops_lock) as lock:
+        lock.acquire(LOCK_TIMEOUT_S, "account create")
+        taken = set(sd.registered_accounts())
+        taken.update(int(p.name.split(".")[0]) for p in sd.clients_dir.glob("*.key_secret")
+                     if p.name.split(".")[0].isdigit())
+        account = max(taken, default=FIRST_CLIENT_ACCOUNT - 1) + 1
+        if account >= max_accounts:
+            raise OpsError(f"no account id left: ids go up to {max_accounts - 1} "
+                           f"(engine.max_accounts)")
+        public_file, secret_file = zmq.auth.create_certificates(str(sd.clients_dir), str(account))
+        os.chmod(secret_file, 0o600)
+        target = sd.accounts_dir / f"{account}.key"
+        tmp = sd.accounts_dir / f".{account}.key.tmp"
+        with open(public_file) as src:
+            tmp.write_text(src.read())
+        os.replace(tmp, target)
+        os.unlink(public_file)   # the registry holds the public key; the client file both
+    return account, str(secret_file)
+
+
+# ---- formatting of state reads ------------------------------------------------------------------
+def entry_price(cost: int, size: int, atpl: int, tick: Decimal) -> str | None:
+    if not size:
+        return None
+    with localcontext() as ctx:
+        ctx.prec = 40
+        value = Decimal(cost) / (Decimal(size) * atpl) * tick
+        return dec_str(value.quantize(tick / 10 ** 6))
+
+
+def signed_qty(m, lots: int) -> str:
+    return ("-" if lots < 0 else "") + m.qty_str(abs(lots))
+
+
+def account_view(ex: Exchange, mirror, account: int) -> dict:
+    """What `perpx account show` prints: the gateway's account_state, plus open orders."""
+    from gateway.mirror import O_CID, O_KIND, O_MARKET, O_PRICE, O_QTY, O_REMAINING, O_SIDE
+    balance, equity, required, position_required, positions = mirror.account_numbers(account)
+    by_id = {m.id: m for m in ex.config.markets}
+    out = []
+    for mid, size, cost, mark, upnl, leverage, atpl in positions:
+        m = by_id.get(mid)
+        if m is None:
+            continue
+        out.append({"market": m.symbol, "size": signed_qty(m, size),
+                    "entry_price": entry_price(cost, size, atpl, m.tick_size),
+                    "mark_price": m.price_str(mark), "unrealized_pnl": atoms_str(upnl),
+                    "liquidation_price": None, "mode": "cross", "leverage": leverage})
+    orders = []
+    for oid, o in sorted(mirror.acct_orders.get(account, {}).items()):
+        m = by_id.get(o[O_MARKET])
+        if m is None:
+            continue
+        orders.append({"oid": oid, "cid": o[O_CID], "market": m.symbol,
+                       "side": "buy" if o[O_SIDE] == 0 else "sell",
+                       "kind": "limit" if o[O_KIND] == 0 else "market",
+                       "price": m.price_str(o[O_PRICE]), "qty": m.qty_str(o[O_QTY]),
+                       "remaining": m.qty_str(o[O_REMAINING]), "status": "open"})
+    available = max(min(balance, equity - required), 0)
+    return {"account": account, "registered": account in ex.sd.registered_accounts(),
+            "balance": atoms_str(balance), "equity": atoms_str(equity),
+            "available": atoms_str(available), "initial_margin": atoms_str(required),
+            "maintenance_margin": atoms_str(position_required), "positions": out,
+            "open_orders": orders, "seq": mirror.applied_seq}
+
+
+def positions_view(ex: Exchange, mirror, symbol: str | None) -> dict:
+    from gateway.mirror import M_ATPL, M_MARK
+    markets = [ex.market(symbol)] if symbol else list(ex.config.markets)
+    rows = []
+    open_interest = {}
+    for m in markets:
+        mk = mirror.markets[m.id]
+        mark, atpl = mk[M_MARK], mk[M_ATPL] or m.atoms_per_tick_lot
+        longs = 0
+        for (account, mid), (size, cost) in sorted(mirror.positions.items()):
+            if mid != m.id or size == 0:
+                continue
+            longs += max(size, 0)
+            rows.append({"account": account, "market": m.symbol, "size": signed_qty(m, size),
+                         "entry_price": entry_price(cost, size, atpl, m.tick_size),
+                         "mark_price": m.price_str(mark),
+                         "unrealized_pnl": atoms_str(size * mark * atpl - cost)})
+        open_interest[m.symbol] = m.qty_str(longs)
+    return {"seq": mirror.applied_seq, "positions": rows, "open_interest": open_interest}
+
+
+def book_view(ex: Exchange, mirror, symbol: str, depth: int) -> dict:
+    m = ex.market(symbol)
+    bids, asks = mirror.book_levels(m.id, depth)
+    return {"market": m.symbol, "seq": mirror.applied_seq,
+            "bids": [[m.price_str(p), m.qty_str(q)] for p, q in bids],
+            "asks": [[m.price_str(p), m.qty_str(q)] for p, q in asks]}
+
+
+def markets_view(config: Config, mirror=None) -> list[dict]:
+    """The markets as configured; with a live mirror also their mark, last price and halt flag."""
+    from gateway.mirror import M_ACTIVE, M_HALTED, M_LAST, M_MARK
+    out = []
+    for m in config.markets:
+        row = m.describe()
+        if mirror is not None:
+            mk = mirror.markets[m.id]
+            row["live"] = {"active": bool(mk[M_ACTIVE]), "halted": bool(mk[M_HALTED]),
+                           "mark_price": m.price_str(mk[M_MARK]) if mk[M_MARK] else None,
+                           "last_price": m.price_str(mk[M_LAST]) if mk[M_LAST] else None}
+        out.append(row)
+    return out

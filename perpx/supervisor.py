@@ -1,0 +1,614 @@
+"""`perpx up`: start the exchange, watch it, stop it cleanly.
+
+Processes (one per role, DESIGN.md §1):
+
+    matcher     python -m perpx.matcherd   creates every shm structure; the only writer of state
+    gateway-N   python -m gateway          N = 0 .. exchange.gateways-1; gateway-0 also
+                                            publishes market data
+    (riskd and persistd join here when they exist: their ring and consumer slot are already
+    created, so adding them changes no layout)
+
+Command rings (engine.service.Source), in this order, which is the `source` index on events:
+ops (privileged: CLI and genesis), riskd (privileged, unused yet), gateway-0 .. gateway-N-1
+(unprivileged). The gateways name their ring `gateway-N` (gateway/server.py), so the rings are
+named that way rather than gwN. Event ring consumers: gateway-0 .., persistd, riskd, ops.
+
+Start-up: lock STATE_DIR/supervisor.lock (one `perpx up` per state dir), clear what a crashed
+run left in /dev/shm under this state dir's prefix, resolve the config into exchange.json,
+create the server's CURVE certificate once (kept across runs, so clients keep their
+server_public_key), start the matcher and wait for its heartbeat to say ready (the first run
+compiles the matcher: about a minute), send the genesis commands (CREATE_MARKET and
+SET_MARKET_LIMITS per market) through the ops ring and check each was accepted, start the
+gateways and wait until each has bound its sockets, then write endpoints.json and status.json.
+
+CPU pinning (`os.sched_setaffinity`, exchange.pin_cpus): with at least gateways + 2 CPUs the
+matcher and each gateway get a CPU of their own and everything else (the supervisor, riskd,
+persistd when they exist) shares the rest. With fewer, the matcher keeps its own CPU (it is the
+sequencer: its latency is everyone's) and all other processes share the remaining CPUs. On this
+2-core box: matcher on CPU 0; gateways, supervisor on CPU 1. With one CPU nothing is pinned.
+The CPUs are those this process may use (its own affinity mask), lowest first.
+
+Watching (every 0.1 s): a process that exits is noticed by its parent's wait (no polling of
+pids that could be reused). A gateway that dies is restarted on the same ports and the same
+ring (its consumer slot resumes at its saved cursor), immediately the first time and with a
+back-off (0.5 s doubling to 30 s) while it keeps dying within 10 s of its start; each restart
+counts in `restarts`. The matcher bumps a heartbeat counter in shm (`<prefix>-supervisor`) on
+every pass of its loop; if it stops for 5 s the supervisor says so loudly (it does not kill it).
+If the matcher dies, the exchange is down: trading state lives only in the matcher's shm until
+persistd exists, so the supervisor reports it on stderr, stops the gateways, removes the shm
+and exits with status 3 (matcher recovery comes with durability, issue 4). A CLI process killed
+while reading events as consumer "ops" would leave that slot active and eventually stall the
+matcher; the supervisor frees such a slot when nobody holds the ops lock.
+
+Shutdown (SIGINT, SIGTERM, SIGHUP, or `perpx down`): gateways first (SIGTERM, then SIGKILL
+after 5 s), then the matcher (SIGTERM: it unlinks everything it created; SIGKILL after 10 s),
+then the heartbeat region; whatever is still in /dev/shm under the prefix is removed (and
+named). endpoints.json and status.json are removed; the exit status is 0.
+
+Children run in their own process group (a terminal's Ctrl-C reaches only the supervisor,
+which stops them in order) and get SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so a
+killed supervisor does not leave an exchange running headless. Their output goes to
+STATE_DIR/logs/<name>.log; the supervisor's own messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from perpx.config import Config, write_json_atomic
+from perpx.statedir import (HEARTBEAT_DTYPE, HEARTBEAT_LAYOUT, HEARTBEAT_SLOTS, MATCHER_SLOT,
+                            FileLock, StateDir, heartbeat_region_name)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WATCH_INTERVAL_S = 0.1
+GATEWAY_READY_TIMEOUT_S = 60.0
+QUICK_CRASH_S = 10.0
+MAX_BACKOFF_S = 30.0
+HEARTBEAT_STALL_S = 5.0
+STALE_OPS_CHECK_S = 2.0
+GATEWAY_STOP_S = 5.0
+MATCHER_STOP_S = 10.0
+
+EXIT_OK = 0
+EXIT_STARTUP_FAILED = 1
+EXIT_MATCHER_DIED = 3
+
+PR_SET_PDEATHSIG = 1
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+# ---- layout of the exchange ------------------------------------------------------------------
+def sources_for(cfg: Config) -> list[dict]:
+    cap = cfg.engine["command_ring_capacity"]
+    out = [{"name": "ops", "privileged": True, "capacity": cap},
+           {"name": "riskd", "privileged": True, "capacity": cap}]
+    out += [{"name": f"gateway-{i}", "privileged": False, "capacity": cap}
+            for i in range(cfg.gateways)]
+    return out
+
+
+def consumers_for(cfg: Config) -> list[str]:
+    return [f"gateway-{i}" for i in range(cfg.gateways)] + ["persistd", "riskd", "ops"]
+
+
+def plan_cpus(available, gateways: int) -> dict[str, list[int]]:
+    """Which CPUs each process may run on: keys 'matcher', 'gateway-N', 'other'."""
+    cpus = sorted(available)
+    names = ["matcher"] + [f"gateway-{i}" for i in range(gateways)]
+    if len(cpus) < 2:
+        return {**{n: cpus for n in names}, "other": cpus}
+    plan = {"matcher": cpus[:1]}
+    if len(cpus) >= gateways + 2:
+        for i in range(gateways):
+            plan[f"gateway-{i}"] = [cpus[1 + i]]
+        plan["other"] = cpus[gateways + 1:]
+    else:
+        for i in range(gateways):
+            plan[f"gateway-{i}"] = cpus[1:]
+        plan["other"] = cpus[1:]
+    return plan
+
+
+def _bindable(host: str, port: int) -> bool:
+    addr = "0.0.0.0" if host in ("*", "0.0.0.0") else host
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((addr.strip("[]"), port))
+        except OSError:
+            return False
+    return True
+
+
+def resolve_ports(cfg: Config) -> dict:
+    """Concrete ports: 0 becomes a free port now (kept for the run, so restarts reuse it)."""
+    host = cfg.endpoints["host"]
+    taken = set()
+
+    def pick(port: int, key: str) -> int:
+        if port:
+            if not _bindable(host, port):
+                raise StartupError(f"endpoints.{key}: port {port} on {host} is in use")
+            taken.add(port)
+            return port
+        for _ in range(100):
+            addr = "127.0.0.1" if host in ("*", "0.0.0.0") else host.strip("[]")
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((addr, 0))
+                port = s.getsockname()[1]
+            if port not in taken:
+                taken.add(port)
+                return port
+        raise StartupError("could not find a free port")
+
+    base = cfg.endpoints["orders_port"]
+    orders = [pick(base + i if base else 0, "orders_port") for i in range(cfg.gateways)]
+    md = pick(cfg.endpoints["market_data_port"], "market_data_port")
+    connect_host = "127.0.0.1" if host in ("*", "0.0.0.0") else host
+    return {
+        "orders_bind": [f"tcp://{host}:{p}" for p in orders],
+        "market_data_bind": f"tcp://{host}:{md}",
+        "orders": [f"tcp://{connect_host}:{p}" for p in orders],
+        "market_data": f"tcp://{connect_host}:{md}",
+    }
+
+
+# ---- children --------------------------------------------------------------------------------
+_libc = None
+
+
+def _child_setup(cpus, parent_pid):
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc
+
+    def setup():  # runs in the child between fork and exec: keep it to system calls
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    return setup
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list
+    cpus: list
+    log_path: Path
+    ready_file: Path | None = None
+    popen: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = 0.0          # monotonic
+    started_wall: float = 0.0
+    ready: bool = False
+    quick_crashes: int = 0
+    restart_at: float | None = None  # monotonic time of a scheduled restart
+    exit_note: str = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join("    | " + line for line in text.splitlines()[-lines:])
+
+
+# ---- the supervisor ----------------------------------------------------------------------------
+class Supervisor:
+    def __init__(self, state_dir, cfg: Config, *, out=None, json_out: bool = False,
+                 log=None):
+        self.sd = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
+        self.cfg = cfg
+        self.out = out or sys.stdout
+        self.json_out = json_out
+        self._log = log or (lambda msg: print(f"perpx up: {msg}", file=sys.stderr, flush=True))
+        self.stop_requested = False
+        self.stop_reason = ""
+        self.lock = FileLock(self.sd.supervisor_lock)
+        self.children: dict[str, Child] = {}
+        self.matcher: Child | None = None
+        self.gateways: list[Child] = []
+        self.hb_region = None
+        self.heartbeat = None
+        self.events = None
+        self.endpoints = None
+        self.doc = None
+        self.exit_code = EXIT_OK
+        self._last_beats = (0, time.monotonic())
+        self._stall_reported = False
+        self._last_ops_check = 0.0
+        self.cpu_plan = {}
+
+    def log(self, msg: str) -> None:
+        self._log(msg)
+
+    # -- signals ------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if not self.stop_requested:
+            self.stop_reason = signal.Signals(signum).name
+        self.stop_requested = True
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    # -- the whole run ------------------------------------------------------------------
+    def run(self) -> int:
+        self.install_signal_handlers()
+        self.sd.make()
+        deadline = time.monotonic() + 1.0
+        while not self.lock.try_acquire():
+            if time.monotonic() > deadline:
+                pid = self.sd.supervisor_pid()
+                raise StartupError(f"an exchange is already running for {self.sd.path} "
+                                   f"(supervisor pid {pid}); `perpx down` stops it")
+            time.sleep(0.05)
+        self.lock.write_pid()
+        try:
+            try:
+                self.start()
+            except StartupError as e:
+                if self.stop_requested:
+                    self.log(f"{self.stop_reason} received during start-up: shutting down")
+                else:
+                    self.log(f"error: {e}")
+                    self.exit_code = EXIT_STARTUP_FAILED
+            if not self.stop_requested and self.exit_code == EXIT_OK:
+                self.watch()
+        finally:
+            self.shutdown()
+            self.lock.release()
+        return self.exit_code
+
+    # -- start-up -----------------------------------------------------------------------
+    def start(self) -> None:
+        sd, cfg = self.sd, self.cfg
+        left = sd.remove_shm_leftovers()
+        if left:
+            self.log(f"removed {len(left)} shared-memory leftovers of a previous run "
+                     f"under {sd.prefix}: {', '.join(left[:4])}{' ...' if len(left) > 4 else ''}")
+        for stale in (sd.endpoints_file, sd.status_file):
+            stale.unlink(missing_ok=True)
+        if cfg.ack_mode == "durable":
+            self.log("note: ack_mode \"durable\" needs persistd (issue 4), which does not exist "
+                     "yet; gateways acknowledge as soon as the matcher has sequenced (\"fast\")")
+        ports = resolve_ports(cfg)
+        available = sorted(os.sched_getaffinity(0))
+        self.cpu_plan = plan_cpus(available, cfg.gateways) if cfg.pin_cpus else {}
+        if self.cpu_plan and len(available) > 1:
+            os.sched_setaffinity(0, self.cpu_plan["other"])
+        self.doc = {
+            **cfg.to_dict(),
+            "prefix": sd.prefix,
+            "state_dir": str(sd.path),
+            "sources": sources_for(cfg),
+            "consumers": consumers_for(cfg),
+            "ports": ports,
+        }
+        write_json_atomic(sd.exchange_file, self.doc)
+        server_secret = self._server_certificate()
+
+        # heartbeats, then the matcher
+        from shm.region import Region
+        self.hb_region = Region.create(heartbeat_region_name(sd.prefix), HEARTBEAT_LAYOUT,
+                                       HEARTBEAT_SLOTS * HEARTBEAT_DTYPE.itemsize)
+        self.heartbeat = self.hb_region.payload.view(HEARTBEAT_DTYPE)
+        self.matcher = self._child("matcher", [sys.executable, "-m", "perpx.matcherd",
+                                               "--spec", str(sd.exchange_file)])
+        self._spawn(self.matcher)
+        self.log(f"matcher started (pid {self.matcher.pid}, cpus {self.matcher.cpus or 'any'}); "
+                 f"waiting for it to load the compiled matcher")
+        t0 = time.monotonic()
+        self._wait(lambda: self.heartbeat[MATCHER_SLOT]["ready"] == 1, cfg.startup_timeout_s,
+                   "the matcher to start", [self.matcher])
+        self.log(f"matcher ready in {time.monotonic() - t0:.1f} s")
+
+        self._genesis()
+
+        from engine.records import EVENT_DTYPE
+        from engine.service import event_ring_name
+        from shm.ring import EventRing
+        self.events = EventRing.attach(event_ring_name(sd.prefix), EVENT_DTYPE)
+
+        for i in range(cfg.gateways):
+            ready_file = sd.run_dir / f"gateway-{i}.json"
+            argv = [sys.executable, "-m", "gateway", "--prefix", sd.prefix, "--index", str(i),
+                    "--source-index", str(2 + i), "--orders", ports["orders_bind"][i],
+                    "--server-key", str(server_secret), "--accounts", str(sd.accounts_dir),
+                    "--markets", str(sd.exchange_file),
+                    "--rate", repr(cfg.rate_limit_per_s), "--burst", repr(cfg.rate_limit_burst),
+                    "--endpoints-file", str(ready_file)]
+            if i == 0:
+                argv += ["--market-data", ports["market_data_bind"]]
+            gw = self._child(f"gateway-{i}", argv, ready_file)
+            self.gateways.append(gw)
+            self._spawn(gw)
+        self._wait(lambda: all(self._check_ready(g) for g in self.gateways),
+                   GATEWAY_READY_TIMEOUT_S, "the gateways to bind their sockets",
+                   [self.matcher, *self.gateways])
+
+        import zmq.auth
+        public, _ = zmq.auth.load_certificate(str(server_secret))
+        self.endpoints = {"orders": ports["orders"][0], "market_data": ports["market_data"],
+                          "server_public_key": public.decode(), "orders_all": ports["orders"]}
+        write_json_atomic(sd.endpoints_file, self.endpoints)
+        self.write_status()
+        if self.json_out:
+            print(json.dumps(self.endpoints), file=self.out, flush=True)
+        else:
+            print(f"perpx is up: orders {self.endpoints['orders']}, market data "
+                  f"{self.endpoints['market_data']}; state in {sd.path}; "
+                  f"{len(cfg.markets)} markets ({', '.join(m.symbol for m in cfg.markets)}). "
+                  f"Ctrl-C or `perpx down` stops it.", file=self.out, flush=True)
+
+    def _server_certificate(self) -> Path:
+        import zmq.auth
+        secret = self.sd.keys_dir / "server.key_secret"
+        if not secret.exists():
+            _, secret_file = zmq.auth.create_certificates(str(self.sd.keys_dir), "server")
+            secret = Path(secret_file)
+        os.chmod(secret, 0o600)
+        return secret
+
+    def _child(self, name: str, argv: list, ready_file: Path | None = None) -> Child:
+        cpus = self.cpu_plan.get(name, []) if self.cpu_plan else []
+        child = Child(name, argv, cpus, self.sd.logs_dir / f"{name}.log", ready_file)
+        self.children[name] = child
+        return child
+
+    def _spawn(self, child: Child) -> None:
+        if child.ready_file is not None:
+            child.ready_file.unlink(missing_ok=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(child.log_path, "ab") as log:
+            log.write(f"---- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {child.name}: "
+                      f"{' '.join(child.argv)}\n".encode())
+            log.flush()
+            child.popen = subprocess.Popen(
+                child.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=str(self.sd.path), env=env, process_group=0,
+                preexec_fn=_child_setup(child.cpus, os.getpid()))
+        child.started_at = time.monotonic()
+        child.started_wall = time.time()
+        child.ready = False
+        child.restart_at = None
+        self.write_status()
+
+    def _check_ready(self, child: Child) -> bool:
+        if not child.ready and child.alive() and child.ready_file is not None \
+                and child.ready_file.exists():
+            child.ready = True
+        return child.ready
+
+    def _wait(self, condition, timeout_s: float, what: str, watched: list[Child]) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if self.stop_requested:
+                raise StartupError(f"stopped ({self.stop_reason}) while waiting for {what}")
+            for child in watched:
+                code = child.popen.poll()
+                if code is not None:
+                    raise StartupError(f"{child.name} {describe_exit(code)} while waiting for "
+                                       f"{what}; its log ({child.log_path}):\n"
+                                       f"{log_tail(child.log_path, 15)}")
+            if time.monotonic() > deadline:
+                raise StartupError(f"timed out after {timeout_s:g} s waiting for {what}")
+            time.sleep(0.02)
+
+    def _genesis(self) -> None:
+        from perpx.config import genesis_commands
+        from perpx.ops import Exchange, OpsError
+        ex = Exchange(self.sd, require_running=False)
+        commands = genesis_commands(self.cfg)
+        try:
+            replies = ex.submit(commands, timeout_s=30.0)
+        except OpsError as e:
+            raise StartupError(f"genesis: {e}") from None
+        for k, reply in enumerate(replies):
+            if reply.rejected:
+                m = self.cfg.markets[k // 2]
+                what = "CREATE_MARKET" if k % 2 == 0 else "SET_MARKET_LIMITS"
+                raise StartupError(f"genesis: the matcher rejected {what} for {m.symbol} "
+                                   f"(markets[{m.id}]): {reply.reason()}")
+        self.log(f"genesis: {len(self.cfg.markets)} markets created "
+                 f"(seq {max(r.seq for r in replies)})")
+
+    # -- watching -----------------------------------------------------------------------
+    def watch(self) -> None:
+        while not self.stop_requested:
+            now = time.monotonic()
+            code = self.matcher.popen.poll()
+            if code is not None:
+                self._matcher_died(code)
+                return
+            self._check_heartbeat(now)
+            changed = False
+            for gw in self.gateways:
+                changed |= self._tend_gateway(gw, now)
+            if now - self._last_ops_check > STALE_OPS_CHECK_S:
+                self._last_ops_check = now
+                self._reap_stale_ops_reader()
+            if changed:
+                self.write_status()
+            time.sleep(WATCH_INTERVAL_S)
+        self.log(f"{self.stop_reason or 'stop'} received: shutting down")
+
+    def _matcher_died(self, code: int) -> None:
+        banner = "!" * 78
+        print(f"{banner}\nperpx up: FATAL: the matcher (pid {self.matcher.pid}) "
+              f"{describe_exit(code)}.\nperpx up: the exchange cannot trade without it, and its "
+              f"state (balances, orders, positions) lived in its shared memory: it is lost until "
+              f"persistd and matcher recovery exist (issue 4).\nperpx up: stopping the gateways "
+              f"and cleaning up. Matcher log: {self.matcher.log_path}\n"
+              f"{log_tail(self.matcher.log_path, 10)}\n{banner}", file=sys.stderr, flush=True)
+        self.exit_code = EXIT_MATCHER_DIED
+
+    def _check_heartbeat(self, now: float) -> None:
+        beats = int(self.heartbeat[MATCHER_SLOT]["beats"])
+        last, since = self._last_beats
+        if beats != last:
+            if self._stall_reported:
+                self.log("the matcher's heartbeat is back")
+                self._stall_reported = False
+            self._last_beats = (beats, now)
+        elif now - since > HEARTBEAT_STALL_S and not self._stall_reported:
+            self._stall_reported = True
+            self.log(f"WARNING: the matcher (pid {self.matcher.pid}) is alive but its heartbeat "
+                     f"has not moved for {now - since:.0f} s: it is stuck")
+
+    def _tend_gateway(self, gw: Child, now: float) -> bool:
+        """Restart a dead gateway (with back-off); True if the status changed."""
+        if gw.restart_at is not None:
+            if now >= gw.restart_at:
+                gw.restarts += 1
+                self._spawn(gw)
+                self.log(f"{gw.name} restarted (pid {gw.pid}, restart #{gw.restarts})")
+                return True
+            return False
+        code = gw.popen.poll()
+        if code is None:
+            if not gw.ready and self._check_ready(gw):
+                if gw.restarts:
+                    self.log(f"{gw.name} is serving again (pid {gw.pid})")
+                return True
+            if not gw.ready and now - gw.started_at > GATEWAY_READY_TIMEOUT_S:
+                self.log(f"{gw.name} (pid {gw.pid}) did not come up within "
+                         f"{GATEWAY_READY_TIMEOUT_S:g} s: killing it")
+                gw.popen.kill()
+            return False
+        lived = now - gw.started_at
+        gw.exit_note = describe_exit(code)
+        gw.quick_crashes = gw.quick_crashes + 1 if lived < QUICK_CRASH_S else 0
+        delay = 0.0 if gw.quick_crashes <= 1 else min(0.5 * 2 ** (gw.quick_crashes - 2),
+                                                      MAX_BACKOFF_S)
+        tail = log_tail(gw.log_path)
+        self.log(f"{gw.name} (pid {gw.pid}) {gw.exit_note} after {lived:.1f} s; restarting"
+                 + (f" in {delay:g} s" if delay else "") + (f"; its log:\n{tail}" if tail else ""))
+        gw.ready = False
+        gw.restart_at = now + delay
+        return True
+
+    def _reap_stale_ops_reader(self) -> None:
+        """Free the "ops" consumer slot if a CLI died holding it (nobody holds the ops lock)."""
+        if self.events is None or self.events.consumer_cursor("ops") is None:
+            return
+        probe = FileLock(self.sd.ops_lock)
+        if not probe.try_acquire():
+            return
+        try:
+            if self.events.consumer_cursor("ops") is None:
+                return
+            from shm.region import ShmError
+            try:
+                consumer = self.events.consumer("ops", start="current")
+            except ShmError:
+                return   # a live process owns it (without the lock): leave it
+            consumer.deregister()
+            self.log("freed the event ring's \"ops\" reader slot left by a CLI process that died")
+        finally:
+            probe.release()
+
+    # -- status -------------------------------------------------------------------------
+    def write_status(self) -> None:
+        procs = []
+        for child in [self.matcher, *self.gateways]:
+            if child is None or child.popen is None:
+                continue
+            procs.append({"name": child.name, "pid": child.pid, "restarts": child.restarts,
+                          "cpus": child.cpus, "started_at": round(child.started_wall, 3),
+                          "state": ("restarting" if child.restart_at is not None else
+                                    "ready" if (child.ready or child is self.matcher)
+                                    else "starting"),
+                          "log": str(child.log_path)})
+        write_json_atomic(self.sd.status_file, {
+            "supervisor_pid": os.getpid(), "prefix": self.sd.prefix,
+            "state_dir": str(self.sd.path), "config": self.cfg.source,
+            "cpu_plan": self.cpu_plan,
+            "processes": procs, "endpoints": self.endpoints})
+
+    # -- shutdown -----------------------------------------------------------------------
+    def shutdown(self) -> None:
+        for gw in self.gateways:
+            gw.restart_at = None
+        self._stop_children(self.gateways, GATEWAY_STOP_S)
+        if self.events is not None:
+            self.events.close()
+            self.events = None
+        if self.matcher is not None:
+            self._stop_children([self.matcher], MATCHER_STOP_S)
+        self.heartbeat = None
+        if self.hb_region is not None:
+            self.hb_region.close()
+            self.hb_region.unlink()
+            self.hb_region = None
+        left = self.sd.remove_shm_leftovers()
+        if left:
+            self.log(f"removed {len(left)} shared-memory entries the processes left: "
+                     f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}")
+        for f in (self.sd.endpoints_file, self.sd.status_file):
+            f.unlink(missing_ok=True)
+        for gw in self.gateways:
+            if gw.ready_file is not None:
+                gw.ready_file.unlink(missing_ok=True)
+        if self.matcher is not None and self.exit_code == EXIT_OK:
+            self.log("stopped cleanly")
+
+    def _stop_children(self, children: list[Child], timeout_s: float) -> None:
+        running = [c for c in children if c.alive()]
+        for c in running:
+            try:
+                c.popen.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        for c in running:
+            try:
+                c.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.log(f"{c.name} (pid {c.pid}) did not stop within {timeout_s:g} s: killing it")
+                c.popen.kill()
+                c.popen.wait(timeout=5)
+
+
+def up(state_dir, cfg: Config, json_out: bool = False) -> int:
+    return Supervisor(state_dir, cfg, json_out=json_out).run()

@@ -1,0 +1,228 @@
+"""The operator commands of PROTOCOL.md ("Command line") against one running exchange
+(`perpx up` in a subprocess, every command a subprocess too), then `perpx down`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import zmq
+import zmq.auth
+
+from tests.test_supervisor import (REPO, WAIT_S, Up, _env, cli, cli_fails, cli_json,
+                                   config_text, wait_until)
+
+
+@pytest.fixture(scope="module")
+def exchange(tmp_path_factory):
+    up = Up(tmp_path_factory.mktemp("cli") / "state", config_text(gateways=1))
+    try:
+        endpoints = up.wait_ready()
+        yield up, endpoints
+        # `perpx down` stops it: the supervisor exits 0 and leaves nothing in /dev/shm
+        r = cli(up.sd.path, "down")
+        assert r.returncode == 0, r.stderr
+        assert "stopped" in r.stdout
+        assert up.wait_exit(30) == 0, up.stderr
+        assert up.sd.shm_leftovers() == []
+    finally:
+        left = up.close()
+        assert not left, f"left in /dev/shm: {left}"
+
+
+@pytest.fixture(scope="module")
+def traders(exchange):
+    """Two funded accounts: (id, certificate) each."""
+    up, _ = exchange
+    out = []
+    for _ in range(2):
+        a = cli_json(up.sd.path, "account", "create", "--deposit", "100000")
+        out.append((a["account"], a["certificate"]))
+    return out
+
+
+class Trader:
+    def __init__(self, endpoints, certificate):
+        self.ctx = zmq.Context()
+        public, secret = zmq.auth.load_certificate(certificate)
+        s = self.sock = self.ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.curve_publickey, s.curve_secretkey = public, secret
+        s.curve_serverkey = endpoints["server_public_key"].encode()
+        s.connect(endpoints["orders"])
+        self.rid = 0
+
+    def request(self, **msg) -> dict:
+        self.rid += 1
+        msg["rid"] = self.rid
+        self.sock.send(msgpack.packb(msg))
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if self.sock.poll(100):
+                reply = msgpack.unpackb(self.sock.recv())
+                if reply.get("rid") == self.rid:
+                    return reply
+        raise AssertionError(f"no reply to {msg}")
+
+    def close(self):
+        self.ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def trader(exchange, traders):
+    _, endpoints = exchange
+    made = []
+
+    def make(i: int) -> Trader:
+        t = Trader(endpoints, traders[i][1])
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+
+
+# ---------------------------------------------------------------------------------------------
+def test_endpoints_and_status(exchange):
+    up, endpoints = exchange
+    assert {"orders", "market_data", "server_public_key"} <= set(endpoints)
+    assert len(endpoints["server_public_key"]) == 40
+    status = cli_json(up.sd.path, "status")
+    assert [(p["name"], p["alive"], p["restarts"]) for p in status["processes"]] == [
+        ("matcher", True, 0), ("gateway-0", True, 0)]
+    assert status["seq"] >= 4 and status["durable_seq"] is None
+    assert status["rings"]["commands"] == {"ops": 0, "riskd": 0, "gateway-0": 0}
+    text = cli(up.sd.path, "status").stdout
+    assert "matcher" in text and "gateway-0" in text and "seq" in text
+
+
+def test_account_create_deposit_and_show(exchange):
+    up, _ = exchange
+    created = cli_json(up.sd.path, "account", "create", "--deposit", "1000")
+    account, cert = created["account"], created["certificate"]
+    assert isinstance(account, int) and account >= 1
+    public, secret = zmq.auth.load_certificate(cert)
+    assert public and secret
+    registered, _ = zmq.auth.load_certificate(up.sd.accounts_dir / f"{account}.key")
+    assert registered == public
+    assert oct(os.stat(cert).st_mode & 0o777) == "0o600"
+
+    shown = cli_json(up.sd.path, "account", "show", account)
+    assert (shown["account"], shown["balance"], shown["available"]) == (account, "1000", "1000")
+    assert shown["positions"] == [] and shown["open_orders"] == []
+
+    deposit = cli_json(up.sd.path, "deposit", account, "250.5")
+    assert deposit["balance"] == "1250.5" and deposit["amount"] == "250.5"
+    assert cli_json(up.sd.path, "account", "show", account)["balance"] == "1250.5"
+    text = cli(up.sd.path, "account", "show", account).stdout
+    assert "balance 1250.5" in text
+
+    # a second account gets the next id
+    assert cli_json(up.sd.path, "account", "create")["account"] == account + 1
+
+
+def test_markets(exchange):
+    up, _ = exchange
+    doc = cli_json(up.sd.path, "markets")
+    btc, eth = doc["markets"]
+    assert (btc["symbol"], btc["id"], btc["tick_size"], btc["lot_size"], btc["initial_price"]) == (
+        "BTC-PERP", 0, "0.1", "0.001", "65000")
+    assert (eth["symbol"], eth["oracle"], eth["max_price"]) == ("ETH-PERP", "manual", "35000")
+    assert btc["live"]["active"] and not btc["live"]["halted"]
+    text = cli(up.sd.path, "markets").stdout
+    assert "BTC-PERP" in text and "ETH-PERP" in text
+
+
+def test_halt_and_resume(exchange, trader):
+    up, _ = exchange
+    t = trader(0)
+    assert cli_json(up.sd.path, "halt", "BTC-PERP")["halted"] is True
+    assert cli_json(up.sd.path, "markets")["markets"][0]["live"]["halted"] is True
+    order = dict(type="new_order", market="BTC-PERP", side="buy", qty="0.01", price="60000")
+    reply = t.request(cid=901, **order)
+    assert (reply["type"], reply["reason"]) == ("reject", "market_halted")
+
+    assert cli_json(up.sd.path, "resume", "BTC-PERP")["halted"] is False
+    assert cli_json(up.sd.path, "markets")["markets"][0]["live"]["halted"] is False
+    reply = t.request(cid=902, **order)
+    assert (reply["type"], reply["status"]) == ("ack", "open")
+    assert t.request(type="cancel", cid=902)["type"] == "canceled"
+
+
+def test_oracle_set_manual_only(exchange):
+    up, _ = exchange
+    done = cli_json(up.sd.path, "oracle", "set", "ETH-PERP", "3600.5")
+    assert done["mark_price"] == "3600.5"
+    assert cli_json(up.sd.path, "markets")["markets"][1]["live"]["mark_price"] == "3600.5"
+    line = cli_fails(up.sd.path, "oracle", "set", "BTC-PERP", "66000")
+    assert "oracle = \"manual\"" in line
+    assert "tick size" in cli_fails(up.sd.path, "oracle", "set", "ETH-PERP", "3600.505")
+    cli_json(up.sd.path, "oracle", "set", "ETH-PERP", "3500")
+
+
+def test_trades_show_in_book_positions_and_accounts(exchange, traders, trader):
+    up, _ = exchange
+    (a_id, _), (b_id, _) = traders
+    a, b = trader(0), trader(1)
+    assert a.request(type="new_order", cid=1, market="BTC-PERP", side="buy", qty="0.5",
+                     price="64000")["status"] == "open"
+    assert b.request(type="new_order", cid=1, market="BTC-PERP", side="sell", qty="0.2",
+                     price="64000")["status"] == "filled"
+    assert b.request(type="new_order", cid=2, market="BTC-PERP", side="sell", qty="1",
+                     price="66000.5")["status"] == "open"
+
+    book = cli_json(up.sd.path, "book", "BTC-PERP", "--depth", "5")
+    assert book["bids"] == [["64000", "0.3"]] and book["asks"] == [["66000.5", "1"]]
+    assert book["market"] == "BTC-PERP" and book["seq"] > 0
+    assert "66000.5" in cli(up.sd.path, "book", "BTC-PERP").stdout
+
+    positions = cli_json(up.sd.path, "positions", "BTC-PERP")["positions"]
+    assert {(p["account"], p["size"], p["entry_price"]) for p in positions} == {
+        (a_id, "0.2", "64000"), (b_id, "-0.2", "64000")}
+    assert cli_json(up.sd.path, "positions")["open_interest"]["BTC-PERP"] == "0.2"
+
+    shown = cli_json(up.sd.path, "account", "show", a_id)
+    assert shown["positions"][0]["size"] == "0.2"
+    assert shown["positions"][0]["unrealized_pnl"] == "200"   # (65000 - 64000) x 0.2
+    assert [(o["side"], o["price"], o["remaining"]) for o in shown["open_orders"]] == [
+        ("buy", "64000", "0.3")]
+    # maker fee 0.0002 on 12800 = 2.56
+    assert shown["balance"] == "99997.44"
+
+
+def test_errors_are_one_line_with_non_zero_exit(exchange, tmp_path):
+    up, _ = exchange
+    sd = up.sd.path
+    assert "not registered" in cli_fails(sd, "deposit", "63", "10")
+    assert "more than 6 decimals" in cli_fails(sd, "deposit", "1", "1.0000001", json_mode=True)
+    assert "unknown market" in cli_fails(sd, "halt", "DOGE-PERP")
+    assert "unknown market" in cli_fails(sd, "book", "DOGE-PERP", json_mode=True)
+    assert "outside" in cli_fails(sd, "account", "show", "5000")
+    assert "not running" in cli_fails(tmp_path / "nowhere", "status")
+    assert "not running" in cli_fails(tmp_path / "nowhere", "deposit", "1", "10")
+    r = cli(sd, "deposit", "x", "10")           # usage errors exit 2, one line
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_dead_cli_reader_is_freed_by_the_supervisor(exchange):
+    """A CLI killed while it reads events as "ops" must not leave the slot holding the matcher."""
+    up, _ = exchange
+    code = ("import os, signal, sys\n"
+            "from perpx.ops import Exchange\n"
+            "s = Exchange(sys.argv[1]).session().__enter__()\n"
+            "print('joined', flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(up.sd.path)], capture_output=True,
+                       text=True, timeout=60, env=_env(), cwd=str(REPO))
+    assert r.returncode == -signal.SIGKILL and "joined" in r.stdout
+    wait_until(lambda: "freed the event ring's \"ops\" reader slot" in up.stderr, WAIT_S,
+               "the supervisor to free the ops reader slot")
+    assert "ops" not in cli_json(up.sd.path, "status")["rings"]["events"]["consumer_lag"]
+    assert cli_json(up.sd.path, "halt", "ETH-PERP")["halted"]
+    assert cli_json(up.sd.path, "resume", "ETH-PERP")["halted"] is False

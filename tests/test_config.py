@@ -1,0 +1,243 @@
+"""The TOML config (perpx/config.py): the bundled default, exact conversions, and one clear
+error per bad key, naming it."""
+
+from decimal import Decimal
+
+import pytest
+
+from engine.config import market_config_problem, market_limits_problem
+from engine.records import CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS
+from perpx.config import (ConfigError, config_from_resolved, genesis_commands, load_config,
+                          parse_config, usdc_to_atoms)
+from perpx.statedir import shm_prefix_for
+from perpx.supervisor import plan_cpus
+
+# The example of PROTOCOL.md, verbatim (the contract's keys).
+PROTOCOL_EXAMPLE = '''
+[exchange]
+gateways = 1                 # gateway processes
+ack_mode = "durable"         # or "fast" (benchmarks only)
+
+[[markets]]
+symbol = "BTC-PERP"
+tick_size = "0.1"
+lot_size = "0.001"
+initial_price = "65000"      # starting index for the sim feed and the first mark
+oracle = "sim"               # "sim" | "manual" | "csv:PATH"
+max_leverage = 50
+maker_fee = "0.0002"         # negative = rebate
+taker_fee = "0.0005"
+price_band = "0.10"          # limit prices within ±10% of mark
+brackets = [["0", "0.004"], ["50000", "0.005"], ["250000", "0.01"], ["1000000", "0.025"]]
+                             # [notional floor, maintenance rate]; maintenance amounts follow
+liquidation_fee = "0.005"    # of the closed notional, to the insurance fund
+funding_interval_s = 28800
+interest_rate = "0.0001"     # per 8 hours
+funding_cap = "0.0075"       # |rate| per interval at most
+'''
+
+GOOD_MARKET = '''
+[[markets]]
+symbol = "BTC-PERP"
+tick_size = "0.1"
+lot_size = "0.001"
+initial_price = "65000"
+'''
+
+
+def market(**overrides) -> str:
+    """A config with a good market 0 and market 1 = ETH-PERP with the given keys changed."""
+    keys = {"symbol": '"ETH-PERP"', "tick_size": '"0.01"', "lot_size": '"0.01"',
+            "initial_price": '"3500"'}
+    keys.update(overrides)
+    body = "\n".join(f"{k} = {v}" for k, v in keys.items() if v is not None)
+    return GOOD_MARKET + "\n[[markets]]\n" + body + "\n"
+
+
+def test_bundled_default():
+    cfg = load_config()
+    assert [m.symbol for m in cfg.markets] == ["BTC-PERP", "ETH-PERP"]
+    btc, eth = cfg.markets
+    assert (btc.id, btc.tick_size, btc.lot_size, btc.initial_price) == (
+        0, Decimal("0.1"), Decimal("0.001"), Decimal("65000"))
+    assert (eth.id, eth.tick_size, eth.lot_size, eth.initial_price) == (
+        1, Decimal("0.01"), Decimal("0.01"), Decimal("3500"))
+    assert btc.atoms_per_tick_lot == 100 and eth.atoms_per_tick_lot == 100
+    assert btc.initial_price_ticks == 650_000 and eth.initial_price_ticks == 350_000
+    assert (btc.maker_fee_e9, btc.taker_fee_e9, btc.price_band_e9) == (200_000, 500_000,
+                                                                      100_000_000)
+    assert btc.max_price_ticks == 10 * btc.initial_price_ticks
+    assert cfg.gateways == 1 and cfg.ack_mode == "durable" and btc.oracle == "sim"
+    # the derived limits are legal for the engine, and the maintenance amounts follow
+    for m in cfg.markets:
+        assert market_config_problem(m.atoms_per_tick_lot, m.initial_price_ticks, m.maker_fee_e9,
+                                     m.taker_fee_e9, m.price_band_e9, m.max_leverage) == 0
+        assert market_limits_problem(m.atoms_per_tick_lot, m.initial_price_ticks,
+                                     m.max_price_ticks, m.max_order_lots, m.max_position_lots,
+                                     m.max_open_orders) == 0
+    assert [b.maintenance_amount for b in btc.brackets] == [Decimal(0), Decimal(50),
+                                                            Decimal(1300), Decimal(16300)]
+    assert btc.describe()["max_position_qty"] == "27000"
+
+
+def test_genesis_commands_create_each_market_then_its_limits():
+    cfg = load_config()
+    cmds = genesis_commands(cfg, ts_ns=1)
+    assert list(cmds["cmd"]) == [CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS] * 2
+    assert list(cmds["market"]) == [0, 0, 1, 1]
+    btc = cfg.markets[0]
+    create, limits = cmds[0], cmds[1]
+    assert (create["price_ticks"], create["amount_atoms"], create["cid"], create["oid"],
+            create["qty_lots"], create["account"]) == (650_000, 100, 200_000, 500_000,
+                                                      100_000_000, 50)
+    assert (limits["price_ticks"], limits["qty_lots"], limits["amount_atoms"],
+            limits["account"]) == (btc.max_price_ticks, btc.max_order_lots,
+                                   btc.max_position_lots, btc.max_open_orders)
+
+
+def test_protocol_example_and_defaults():
+    cfg = parse_config(PROTOCOL_EXAMPLE)
+    m = cfg.markets[0]
+    assert (m.max_leverage, m.liquidation_fee_e9, m.funding_interval_s, m.funding_cap_e9) == (
+        50, 5_000_000, 28800, 7_500_000)
+    # a market with only the required keys takes the defaults
+    only = parse_config(GOOD_MARKET).markets[0]
+    assert (only.oracle, only.max_leverage, only.taker_fee) == ("sim", 20, Decimal("0.0005"))
+    assert parse_config(GOOD_MARKET).endpoints == {"host": "127.0.0.1", "orders_port": 7700,
+                                                   "market_data_port": 7800}
+
+
+def test_toml_floats_are_exact_and_rebates_allowed():
+    cfg = parse_config(market(tick_size="0.01", lot_size="0.01", maker_fee="-0.0001",
+                              initial_price="3500.07"))
+    eth = cfg.markets[1]
+    assert eth.tick_size == Decimal("0.01") and eth.maker_fee_e9 == -100_000
+    assert eth.initial_price_ticks == 350_007
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config()
+    assert config_from_resolved(cfg.to_dict()) == cfg
+
+
+def test_csv_oracle_path_is_resolved_against_the_config_file(tmp_path):
+    (tmp_path / "btc.csv").write_text("ts,price\n0,65000\n")
+    path = tmp_path / "x.toml"
+    path.write_text(market(oracle='"csv:btc.csv"'))
+    assert load_config(path).markets[1].oracle == f"csv:{tmp_path / 'btc.csv'}"
+
+
+BAD = [
+    # (config text, key the error names, a phrase of the message)
+    (market(tick_size='"0.0001"', lot_size='"0.001"'), "markets[1].tick_size",
+     "'0.0001' x lot_size '0.001' = 0.0000001 USDC is not a whole number of 1e-6 USDC"),
+    (market(tick_size='"0"'), "markets[1].tick_size", "must be positive"),
+    (market(lot_size='"-0.01"'), "markets[1].lot_size", "must be positive"),
+    (market(tick_size='"abc"'), "markets[1].tick_size", "not a plain decimal"),
+    (market(tick_size="true"), "markets[1].tick_size", "must be a decimal string"),
+    (market(initial_price='"3500.005"'), "markets[1].initial_price",
+     "not a multiple of tick_size '0.01'"),
+    (market(initial_price='"0"'), "markets[1].initial_price", "must be positive"),
+    (market(maker_fee='"0.00000000001"'), "markets[1].maker_fee",
+     "not a whole number of 1e-9"),
+    (market(maker_fee='"-0.001"', taker_fee='"0.0005"'), "markets[1].maker_fee",
+     "must be in [-0.0005, 0.1]"),
+    (market(taker_fee='"0.2"'), "markets[1].taker_fee", "must be in [0, 0.1]"),
+    (market(taker_fee='"-0.1"'), "markets[1].taker_fee", "must be in [0, 0.1]"),
+    (market(price_band='"1.5"'), "markets[1].price_band", "must be in (0, 1)"),
+    (market(price_band='"0"'), "markets[1].price_band", "must be in (0, 1)"),
+    (market(max_leverage="0"), "markets[1].max_leverage", "must be in [1, 1000]"),
+    (market(max_leverage="2000"), "markets[1].max_leverage", "must be in [1, 1000]"),
+    (market(max_leverage='"50"'), "markets[1].max_leverage", "must be an integer"),
+    (market(oracle='"feed"'), "markets[1].oracle", "must be one of sim, manual, csv:PATH"),
+    (market(oracle='"csv:/nonexistent/prices.csv"'), "markets[1].oracle", "does not exist"),
+    (market(brackets='[["10", "0.004"]]'), "markets[1].brackets[0][0]", "must start at notional 0"),
+    (market(brackets='[["0", "0.004"], ["0", "0.005"]]'), "markets[1].brackets[1][0]",
+     "must be above the previous floor"),
+    (market(brackets='[["0", "0.004"], ["100", "0.003"]]'), "markets[1].brackets[1][1]",
+     "below the previous bracket's"),
+    (market(max_leverage="50", brackets='[["0", "0.02"]]'), "markets[1].brackets[0][1]",
+     "below the initial margin rate 1/max_leverage = 0.02"),
+    (market(brackets='[["0"]]'), "markets[1].brackets[0]", "must be a pair"),
+    (market(brackets='[]'), "markets[1].brackets", "non-empty list"),
+    (market(liquidation_fee='"1"'), "markets[1].liquidation_fee", "must be in [0, 1)"),
+    (market(funding_interval_s="0"), "markets[1].funding_interval_s", "must be in [1,"),
+    (market(funding_cap='"0.0000000001"'), "markets[1].funding_cap", "1e-9"),
+    (market(interest_rate='"x"'), "markets[1].interest_rate", "not a plain decimal"),
+    (market(tick='"0.01"'), "markets[1].tick", "unknown key (did you mean 'tick_size'?)"),
+    (market(symbol=None), "markets[1].symbol", "is required"),
+    (market(symbol='"BTC-PERP"'), "markets[1].symbol", "already markets[0]"),
+    (market(symbol='"has space"'), "markets[1].symbol", "must be 1-32 letters"),
+    (market(max_price='"3000"'), "markets[1].max_price", "below initial_price"),
+    (market(max_price='"35000.001"'), "markets[1].max_price", "not a multiple of tick_size"),
+    (market(max_position_qty='"100000000"'), "markets[1].max_position_qty",
+     "exceeds the int64 headroom at max_price 35000: at most 514697.1"),
+    (market(max_position_qty='"100"', max_order_qty='"200"'), "markets[1].max_order_qty",
+     "exceeds max_position_qty '100'"),
+    (market(max_order_qty='"0.005"'), "markets[1].max_order_qty", "not a multiple of lot_size"),
+    (market(max_open_orders="0"), "markets[1].max_open_orders", "must be in [1, 1000000]"),
+    ("[exchange]\ngateways = 0\n" + GOOD_MARKET, "exchange.gateways", "must be in [1, 64]"),
+    ('[exchange]\nack_mode = "slow"\n' + GOOD_MARKET, "exchange.ack_mode",
+     "must be one of durable, fast"),
+    ('[exchange]\npin_cpus = "yes"\n' + GOOD_MARKET, "exchange.pin_cpus", "true or false"),
+    ("[exchange]\ngatways = 2\n" + GOOD_MARKET, "exchange.gatways", "did you mean 'gateways'"),
+    ("[engine]\nmax_markets = 100\n" + GOOD_MARKET, "engine.max_markets", "must be in [1, 64]"),
+    ("[engine]\ncommand_ring_capacity = 1000\n" + GOOD_MARKET, "engine.command_ring_capacity",
+     "power of two"),
+    ("[engine]\nmax_markets = 1\n" + market(), "markets", "2 markets but engine.max_markets is 1"),
+    ("[endpoints]\norders_port = 70000\n" + GOOD_MARKET, "endpoints.orders_port",
+     "must be in [0, 65535]"),
+    ("[exchange]\ngateways = 3\n[endpoints]\norders_port = 7700\nmarket_data_port = 7702\n"
+     + GOOD_MARKET, "endpoints.market_data_port", "collides with the gateways' order ports"),
+    ("[exchange]\ngateways = 1\n", "markets", "no [[markets]] defined"),
+    ("[risk]\nx = 1\n" + GOOD_MARKET, "risk", "unknown key"),
+]
+
+
+@pytest.mark.parametrize("text,key,phrase", BAD, ids=[f"{k}:{p[:24]}" for _, k, p in BAD])
+def test_bad_key_gives_a_clear_error_naming_it(text, key, phrase):
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    message = str(err.value)
+    assert message.startswith(key + ": "), message
+    assert phrase in message, message
+    assert "\n" not in message
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_config("[[markets]\nsymbol=")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_usdc_amounts_are_exact():
+    assert usdc_to_atoms("1000") == 1_000_000_000
+    assert usdc_to_atoms("0.000001") == 1
+    assert usdc_to_atoms("250.5") == 250_500_000
+    for bad, phrase in (("0.0000001", "more than 6 decimals"), ("-1", "must be positive"),
+                        ("0", "must be positive"), ("1e3", "not a plain decimal"),
+                        ("abc", "not a plain decimal")):
+        with pytest.raises(ValueError, match=phrase):
+            usdc_to_atoms(bad)
+
+
+def test_cpu_plan():
+    # one CPU: everything shares it
+    assert plan_cpus([0], 1) == {"matcher": [0], "gateway-0": [0], "other": [0]}
+    # this box: the matcher alone on CPU 0, the rest on CPU 1
+    assert plan_cpus([0, 1], 1) == {"matcher": [0], "gateway-0": [1], "other": [1]}
+    assert plan_cpus([0, 1], 2) == {"matcher": [0], "gateway-0": [1], "gateway-1": [1],
+                                    "other": [1]}
+    # enough CPUs: a CPU each, the rest shared
+    assert plan_cpus([0, 1, 2, 3, 4], 2) == {"matcher": [0], "gateway-0": [1], "gateway-1": [2],
+                                             "other": [3, 4]}
+    assert plan_cpus([0, 1, 2], 2) == {"matcher": [0], "gateway-0": [1, 2], "gateway-1": [1, 2],
+                                       "other": [1, 2]}
+
+
+def test_shm_prefix_is_stable_per_state_dir(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert shm_prefix_for(a) == shm_prefix_for(str(a) + "/") == shm_prefix_for(a / "x" / "..")
+    assert shm_prefix_for(a) != shm_prefix_for(b)
+    assert shm_prefix_for(a).startswith("/perpx-") and len(shm_prefix_for(a)) == 17

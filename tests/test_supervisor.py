@@ -1,0 +1,293 @@
+"""`perpx up` as a real process tree: start-up, status, gateway restart, matcher death, clean
+shutdown. Also the helpers the CLI tests share (tests/test_cli.py).
+
+Every wait has a deadline; every exchange started here is stopped (SIGTERM, then SIGKILL of the
+supervisor, whose children get SIGTERM through PR_SET_PDEATHSIG) even when a test fails, and
+nothing may remain in /dev/shm under its prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+import zmq.auth
+
+from perpx.statedir import StateDir
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP_S = 240.0      # a cold numba cache compiles the matcher first (about a minute)
+WAIT_S = 15.0
+CLI_TIMEOUT_S = 60.0
+
+
+def config_text(gateways: int = 1) -> str:
+    return f"""
+[exchange]
+gateways = {gateways}
+ack_mode = "fast"
+
+[engine]
+max_accounts = 64
+max_markets = 4
+max_orders = 4096
+max_levels_per_side = 256
+
+[endpoints]
+orders_port = 0
+market_data_port = 0
+
+[[markets]]
+symbol = "BTC-PERP"
+tick_size = "0.1"
+lot_size = "0.001"
+initial_price = "65000"
+max_leverage = 50
+
+[[markets]]
+symbol = "ETH-PERP"
+tick_size = "0.01"
+lot_size = "0.01"
+initial_price = "3500"
+oracle = "manual"
+"""
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "")
+                                                       .split(os.pathsep) if p])
+    return env
+
+
+def cli(state_dir, *args, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "perpx.cli", "--state-dir", str(state_dir),
+                           *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=_env(), cwd=str(REPO))
+
+
+def cli_json(state_dir, *args) -> dict:
+    r = cli(state_dir, "--json", *args)
+    assert r.returncode == 0, f"perpx {' '.join(map(str, args))} failed: {r.stderr}"
+    return json.loads(r.stdout)
+
+
+def cli_fails(state_dir, *args, json_mode: bool = False) -> str:
+    """Run a command that must fail: non-zero exit, one line on stderr, nothing on stdout."""
+    r = cli(state_dir, *(["--json"] if json_mode else []), *args)
+    assert r.returncode != 0, f"perpx {' '.join(map(str, args))} succeeded: {r.stdout}"
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("perpx"), lines[0]
+    return lines[0]
+
+
+def wait_until(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class Up:
+    """A `perpx up` process on a state dir; `close()` always leaves nothing running."""
+
+    def __init__(self, state_dir: Path, config: str | None, *extra):
+        self.sd = StateDir(state_dir)
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.out_path = self.dir.parent / f"{self.dir.name}.up.out"
+        self.err_path = self.dir.parent / f"{self.dir.name}.up.err"
+        argv = [sys.executable, "-m", "perpx.cli", "--state-dir", str(state_dir), "up"]
+        if config is not None:
+            cfg = self.dir.parent / f"{self.dir.name}.toml"
+            cfg.write_text(config)
+            argv += ["--config", str(cfg)]
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen([*argv, *extra], stdout=out, stderr=err, env=_env(),
+                                         cwd=str(REPO), start_new_session=True)
+        self.child_pids: set[int] = set()
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def wait_ready(self, timeout_s: float = STARTUP_S) -> dict:
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"perpx up exited with {self.proc.returncode}:\n"
+                                     f"{self.stderr}")
+            return self.sd.endpoints_file.exists()
+        wait_until(ready, timeout_s, "perpx up to write endpoints.json")
+        self.remember_children()
+        return json.loads(self.sd.endpoints_file.read_text())
+
+    def remember_children(self) -> None:
+        status = self.sd.status()
+        if status:
+            self.child_pids.update(p["pid"] for p in status["processes"])
+
+    def wait_exit(self, timeout_s: float = 30.0) -> int:
+        return self.proc.wait(timeout=timeout_s)
+
+    def close(self) -> list[str]:
+        """Stop whatever still runs; returns the shm entries that were left (and removes them)."""
+        self.remember_children()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        for pid in self.child_pids:     # they get SIGTERM when the supervisor dies
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+        left = self.sd.shm_leftovers()
+        self.sd.remove_shm_leftovers()
+        return left
+
+
+@pytest.fixture
+def ups(tmp_path):
+    """Start exchanges with ups(name, config); all are stopped (and checked) at the end."""
+    started: list[Up] = []
+
+    def start(name: str = "state", config: str | None = None, *extra) -> Up:
+        up = Up(tmp_path / name, config if config is not None else config_text(), *extra)
+        started.append(up)
+        return up
+
+    yield start
+    leftovers = {up.sd.prefix: up.close() for up in started}
+    assert not any(leftovers.values()), f"left in /dev/shm: {leftovers}"
+
+
+def ping(endpoint: str, server_public_key: str, certificate: str,
+         timeout_s: float = WAIT_S) -> dict:
+    """A CURVE DEALER round trip (the client retries the handshake while a gateway restarts)."""
+    ctx = zmq.Context()
+    try:
+        public, secret = zmq.auth.load_certificate(certificate)
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.curve_publickey, s.curve_secretkey = public, secret
+        s.curve_serverkey = server_public_key.encode()
+        s.connect(endpoint)
+        deadline = time.monotonic() + timeout_s
+        rid = 0
+        while time.monotonic() < deadline:
+            rid += 1
+            s.send(msgpack.packb({"type": "ping", "rid": rid}))
+            if s.poll(1000):
+                reply = msgpack.unpackb(s.recv())
+                if reply.get("rid") == rid:
+                    return reply
+        raise AssertionError(f"no pong from {endpoint} within {timeout_s} s")
+    finally:
+        ctx.destroy(linger=0)
+
+
+def processes(state_dir) -> dict:
+    return {p["name"]: p for p in cli_json(state_dir, "status")["processes"]}
+
+
+# ---------------------------------------------------------------------------------------------
+def test_up_status_gateway_restart_and_sigterm(ups):
+    up = ups("state", config_text(gateways=2))
+    endpoints = up.wait_ready()
+    sd = up.sd
+
+    assert {"orders", "market_data", "server_public_key"} <= set(endpoints)
+    assert endpoints["orders"].startswith("tcp://127.0.0.1:")
+    assert endpoints["market_data"].startswith("tcp://127.0.0.1:")
+    server_public, _ = zmq.auth.load_certificate(sd.keys_dir / "server.key")
+    assert endpoints["server_public_key"] == server_public.decode()
+    assert len(endpoints["orders_all"]) == 2
+
+    status = cli_json(sd.path, "status")
+    procs = {p["name"]: p for p in status["processes"]}
+    assert list(procs) == ["matcher", "gateway-0", "gateway-1"]
+    assert all(p["alive"] and p["restarts"] == 0 and p["pid"] > 0 for p in procs.values())
+    assert status["seq"] >= 4            # the genesis: two markets, two commands each
+    assert "durable_seq" in status and status["durable_seq"] is None
+    assert status["heartbeats"]["matcher"]["beating"]
+
+    # one exchange per state dir
+    line = cli_fails(sd.path, "up", "--config", up.dir.parent / "state.toml")
+    assert "already running" in line
+
+    account = cli_json(sd.path, "account", "create")
+    for endpoint in endpoints["orders_all"]:
+        assert ping(endpoint, endpoints["server_public_key"], account["certificate"])["type"] == "pong"
+
+    # kill -9 a gateway: the supervisor restarts it on the same endpoint
+    old = procs["gateway-1"]["pid"]
+    os.kill(old, signal.SIGKILL)
+    restarted = wait_until(
+        lambda: (lambda p: p if p["restarts"] == 1 and p["alive"] and p["pid"] != old
+                 and p["state"] == "ready" else None)(processes(sd.path)["gateway-1"]),
+        WAIT_S * 2, "gateway-1 to be restarted")
+    up.child_pids.add(restarted["pid"])
+    assert not pid_alive(old)
+    assert processes(sd.path)["gateway-0"]["restarts"] == 0
+    assert ping(endpoints["orders_all"][1], endpoints["server_public_key"],
+                account["certificate"])["type"] == "pong"
+    assert "gateway-1" in up.stderr and "killed by SIGKILL" in up.stderr
+
+    # SIGTERM: exit 0, nothing left behind
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.wait_exit(30) == 0, up.stderr
+    assert sd.shm_leftovers() == []
+    assert not sd.endpoints_file.exists()
+    for pid in up.child_pids:
+        assert not pid_alive(pid)
+    assert "stopped cleanly" in up.stderr
+
+
+def test_matcher_death_is_reported_and_everything_stops(ups):
+    up = ups("state")
+    up.wait_ready()
+    matcher = processes(up.sd.path)["matcher"]["pid"]
+    os.kill(matcher, signal.SIGKILL)
+    assert up.wait_exit(30) == 3
+    err = up.stderr
+    assert "FATAL: the matcher" in err and "killed by SIGKILL" in err
+    assert up.sd.shm_leftovers() == []      # the supervisor removed what the matcher left
+    for pid in up.child_pids:
+        wait_until(lambda: not pid_alive(pid), WAIT_S, f"pid {pid} to exit")
+    cli_fails(up.sd.path, "status")
+
+
+def test_invalid_config_fails_before_starting_anything(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(config_text().replace('tick_size = "0.1"', 'tick_size = "0.0001"'))
+    line = cli_fails(tmp_path / "state", "up", "--config", bad)
+    assert "markets[0].tick_size: '0.0001' x lot_size '0.001'" in line
+    assert StateDir(tmp_path / "state").shm_leftovers() == []
+    assert "tick" in cli_fails(tmp_path / "state", "markets", "--config", bad)
