@@ -491,6 +491,15 @@ def cmd_markets(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from perpx.demo import run_demo
+    result = run_demo(args.state_dir, seconds=args.seconds,
+                      out=sys.stderr if args.json else sys.stdout, seed=args.seed)
+    if args.json:
+        emit(args, result)
+    return 0
+
+
 # ---- registration -----------------------------------------------------------------------------
 def _register_up(sub, common):
     p = sub.add_parser("up", parents=[common], help="start the exchange (foreground supervisor)")
@@ -573,6 +582,15 @@ def _register_markets(sub, common):
     p.set_defaults(func=cmd_markets)
 
 
+def _register_demo(sub, common):
+    p = sub.add_parser("demo", parents=[common],
+                       help="demo traders (a market maker, two takers) against the exchange")
+    p.add_argument("--seconds", type=float, default=None, metavar="N",
+                   help="stop after N seconds (default: run until Ctrl-C)")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.set_defaults(func=cmd_demo)
+
+
 # Subcommands, in help order.
 REGISTRARS = [
     _register_up,
@@ -585,6 +603,7 @@ REGISTRARS = [
     _register_book,
     _register_positions,
     _register_markets,
+    _register_demo,
     _register_bench,
 ]
 

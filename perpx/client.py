@@ -1,0 +1,515 @@
+"""A small client library for perpx (PROTOCOL.md, "Order entry" and "Market data").
+
+    from perpx.client import Client, MarketData
+    c = Client.connect("perpx-state/endpoints.json", "perpx-state/clients/1.key_secret")
+    ack = c.new_order("BTC-PERP", "buy", "limit", "0.01", "64000")     # -> the `ack` (or `reject`)
+    c.reports()                  # fills/cancels that arrived meanwhile (no rid), oldest first
+    md = MarketData.connect(c.endpoints, ["BTC-PERP"], snapshot_client=c)
+    md.poll(0.1); md.book("BTC-PERP")   # local book: `book` snapshot + `book.MARKET` deltas
+
+`Client` is synchronous and meant for one thread: every request method sends one message with
+a fresh `rid` and waits (with a deadline) for the reply echoing it; anything else received
+meanwhile (fills, `canceled` with reason ioc/stp/…, replies to requests that timed out) is
+queued for `reports()` and, if given, passed to `on_report`. Replies are returned as the
+gateway sent them (a `reject` is a reply, not an exception); `RequestTimeout` is raised when
+no reply arrives in time.
+
+`AsyncClient` offers the same request methods as coroutines (zmq.asyncio): a receiver task
+resolves each request's future by rid and queues the rest.
+
+Handshake: the gateway refuses an unknown key, and libzmq does not retry a refused CURVE
+handshake, so `connect` pings and, when no `pong` comes, opens a new socket and tries again
+until its deadline (a new account's key is picked up by the gateway's next registry scan).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections import deque
+from decimal import Decimal
+from pathlib import Path
+
+import msgpack
+import zmq
+import zmq.asyncio
+import zmq.auth
+
+DEFAULT_TIMEOUT_S = 5.0
+HANDSHAKE_ATTEMPT_S = 1.0
+
+
+class ClientError(RuntimeError):
+    pass
+
+
+class RequestTimeout(ClientError):
+    pass
+
+
+def load_endpoints(endpoints) -> dict:
+    """endpoints.json path (or its state dir), or the already-loaded dict."""
+    if isinstance(endpoints, dict):
+        return endpoints
+    p = Path(endpoints)
+    if p.is_dir():
+        p = p / "endpoints.json"
+    return json.loads(p.read_text())
+
+
+def _pack(msg: dict) -> bytes:
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> dict:
+    return msgpack.unpackb(data, raw=False)
+
+
+def _first_cid() -> int:
+    # distinct across client instances of one account (open-order cids must be unique)
+    return (time.time_ns() // 1_000_000 % (1 << 41)) << 20
+
+
+def _order_msg(market, side, kind, qty, price, tif, reduce_only, stp, cid, trigger_price,
+               trigger_by) -> dict:
+    msg = {"type": "new_order", "cid": cid, "market": market, "side": side, "kind": kind,
+           "qty": str(qty)}
+    if price is not None:
+        msg["price"] = str(price)
+    if tif is not None:
+        msg["tif"] = tif
+    if reduce_only:
+        msg["reduce_only"] = True
+    if stp is not None:
+        msg["stp"] = stp
+    if trigger_price is not None:
+        msg["trigger_price"] = str(trigger_price)
+    if trigger_by is not None:
+        msg["trigger_by"] = trigger_by
+    return msg
+
+
+def _ref(oid, cid) -> dict:
+    if oid is None and cid is None:
+        raise ValueError("oid or cid is required")
+    return {"oid": oid} if oid is not None else {"cid": cid}
+
+
+class _Requests:
+    """The request methods, shared by Client and AsyncClient (`request` does the I/O)."""
+
+    def next_cid(self) -> int:
+        return next(self._cids)
+
+    def new_order(self, market: str, side: str, kind: str = "limit", qty="0", price=None,
+                  tif: str | None = None, reduce_only: bool = False, stp: str | None = None,
+                  cid: int | None = None, trigger_price=None, trigger_by: str | None = None,
+                  timeout_s: float | None = None):
+        """`ack` or `reject` (tif/stp default to the exchange's: gtc/ioc, cancel_taker)."""
+        if cid is None:
+            cid = self.next_cid()
+        return self.request(_order_msg(market, side, kind, qty, price, tif, reduce_only, stp,
+                                       cid, trigger_price, trigger_by), timeout_s)
+
+    def cancel(self, oid: int | None = None, cid: int | None = None, timeout_s=None):
+        return self.request({"type": "cancel", **_ref(oid, cid)}, timeout_s)
+
+    def cancel_all(self, market: str | None = None, timeout_s=None):
+        msg = {"type": "cancel_all"}
+        if market is not None:
+            msg["market"] = market
+        return self.request(msg, timeout_s)
+
+    def amend(self, oid: int | None = None, cid: int | None = None, price=None, qty=None,
+              timeout_s=None):
+        msg = {"type": "amend", **_ref(oid, cid)}
+        if price is not None:
+            msg["price"] = str(price)
+        if qty is not None:
+            msg["qty"] = str(qty)
+        return self.request(msg, timeout_s)
+
+    def account(self, timeout_s=None):
+        return self.request({"type": "account"}, timeout_s)
+
+    def open_orders(self, market: str | None = None, timeout_s=None):
+        msg = {"type": "open_orders"}
+        if market is not None:
+            msg["market"] = market
+        return self.request(msg, timeout_s)
+
+    def book(self, market: str, depth: int = 0, timeout_s=None):
+        return self.request({"type": "book", "market": market, "depth": depth}, timeout_s)
+
+    def ping(self, timeout_s=None):
+        return self.request({"type": "ping"}, timeout_s)
+
+    def hello(self, cancel_on_disconnect: bool = True, timeout_s=None):
+        return self.request({"type": "hello", "cancel_on_disconnect": cancel_on_disconnect},
+                            timeout_s)
+
+    def withdraw(self, amount, timeout_s=None):
+        return self.request({"type": "withdraw", "amount": str(amount)}, timeout_s)
+
+
+def _make_socket(ctx, endpoints: dict, public: bytes, secret: bytes):
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.curve_publickey, s.curve_secretkey = public, secret
+    s.curve_serverkey = endpoints["server_public_key"].encode()
+    s.connect(endpoints["orders"])
+    return s
+
+
+class Client(_Requests):
+    """A synchronous order-entry session (one thread)."""
+
+    def __init__(self, ctx: zmq.Context, endpoints: dict, certificate, *, on_report=None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, own_ctx: bool = False):
+        self.ctx = ctx
+        self.own_ctx = own_ctx
+        self.endpoints = endpoints
+        self.certificate = str(certificate)
+        self.public, self.secret = zmq.auth.load_certificate(self.certificate)
+        self.on_report = on_report
+        self.timeout_s = timeout_s
+        self.last_rid = 0
+        self._rids = itertools.count(1)
+        self._cids = itertools.count(_first_cid())
+        self._queue: deque = deque()
+        self.socket = None
+
+    @classmethod
+    def connect(cls, endpoints, certificate, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                connect_timeout_s: float = 15.0, on_report=None, cancel_on_disconnect=False,
+                ctx: zmq.Context | None = None) -> Client:
+        own = ctx is None
+        c = cls(ctx or zmq.Context(), load_endpoints(endpoints), certificate,
+                on_report=on_report, timeout_s=timeout_s, own_ctx=own)
+        try:
+            c._handshake(connect_timeout_s)
+            if cancel_on_disconnect:
+                c.hello(True)
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    def _handshake(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.socket is not None:
+                self.socket.close(0)
+            self.socket = _make_socket(self.ctx, self.endpoints, self.public, self.secret)
+            try:
+                attempt = min(HANDSHAKE_ATTEMPT_S, max(deadline - time.monotonic(), 0.05))
+                self.ping(timeout_s=attempt)
+                return
+            except RequestTimeout:
+                if time.monotonic() >= deadline:
+                    raise ClientError(f"no pong from {self.endpoints['orders']} within "
+                                      f"{timeout_s:g} s (is the key registered, the exchange "
+                                      f"up?)") from None
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(0)
+            self.socket = None
+        if self.own_ctx:
+            self.ctx.term()
+            self.own_ctx = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- I/O -------------------------------------------------------------------------------
+    def _report(self, msg: dict) -> None:
+        self._queue.append(msg)
+        if self.on_report is not None:
+            self.on_report(msg)
+
+    def request(self, msg: dict, timeout_s: float | None = None) -> dict:
+        rid = self.last_rid = next(self._rids)
+        msg["rid"] = rid
+        self.socket.send(_pack(msg))
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.socket.poll(max(int(left * 1000), 1)):
+                if time.monotonic() >= deadline:
+                    raise RequestTimeout(f"no reply to {msg['type']} (rid {rid})")
+                continue
+            reply = _unpack(self.socket.recv())
+            if reply.get("rid") == rid:
+                return reply
+            self._report(reply)
+
+    def _drain(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if not self.socket.poll(max(int(left * 1000), 0)):
+                return
+            self._report(_unpack(self.socket.recv()))
+            timeout_s = 0
+            deadline = time.monotonic()
+
+    def reports(self, timeout_s: float = 0.0) -> list[dict]:
+        """Every queued report (after reading what has arrived, waiting up to timeout_s for
+        the first if none is queued); the queue is emptied."""
+        self._drain(0 if self._queue else timeout_s)
+        out = list(self._queue)
+        self._queue.clear()
+        return out
+
+    def wait_for(self, pred, timeout_s: float | None = None) -> dict:
+        """The first queued (or arriving) report matching pred; it is removed from the queue."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while True:
+            for i, m in enumerate(self._queue):
+                if pred(m):
+                    del self._queue[i]
+                    return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestTimeout("no matching report")
+            if self.socket.poll(max(int(left * 1000), 1)):
+                self._report(_unpack(self.socket.recv()))
+
+
+class AsyncClient(_Requests):
+    """The same requests as coroutines, on zmq.asyncio; reports go to `reports()`/on_report."""
+
+    def __init__(self, ctx, endpoints: dict, certificate, *, on_report=None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, own_ctx: bool = False):
+        self.ctx = ctx
+        self.own_ctx = own_ctx
+        self.endpoints = endpoints
+        self.public, self.secret = zmq.auth.load_certificate(str(certificate))
+        self.on_report = on_report
+        self.timeout_s = timeout_s
+        self._rids = itertools.count(1)
+        self._cids = itertools.count(_first_cid())
+        self._pending: dict[int, asyncio.Future] = {}
+        self._queue: deque = deque()
+        self._arrived = asyncio.Event()
+        self._task = None
+        self.socket = None
+
+    @classmethod
+    async def connect(cls, endpoints, certificate, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                      connect_timeout_s: float = 15.0, on_report=None,
+                      cancel_on_disconnect=False, ctx=None) -> AsyncClient:
+        own = ctx is None
+        c = cls(ctx or zmq.asyncio.Context(), load_endpoints(endpoints), certificate,
+                on_report=on_report, timeout_s=timeout_s, own_ctx=own)
+        try:
+            deadline = time.monotonic() + connect_timeout_s
+            while True:
+                c._open()
+                try:
+                    await c.ping(timeout_s=min(HANDSHAKE_ATTEMPT_S,
+                                               max(deadline - time.monotonic(), 0.05)))
+                    break
+                except RequestTimeout:
+                    if time.monotonic() >= deadline:
+                        raise ClientError(f"no pong from {c.endpoints['orders']}") from None
+            if cancel_on_disconnect:
+                await c.hello(True)
+        except BaseException:
+            await c.close()
+            raise
+        return c
+
+    def _open(self) -> None:
+        self._stop_reader()
+        if self.socket is not None:
+            self.socket.close(0)
+        self.socket = _make_socket(self.ctx, self.endpoints, self.public, self.secret)
+        self._task = asyncio.get_running_loop().create_task(self._reader(self.socket))
+
+    def _stop_reader(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _reader(self, sock) -> None:
+        while True:
+            msg = _unpack(await sock.recv())
+            fut = self._pending.pop(msg.get("rid"), None) if "rid" in msg else None
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+                continue
+            self._queue.append(msg)
+            self._arrived.set()
+            if self.on_report is not None:
+                self.on_report(msg)
+
+    async def request(self, msg: dict, timeout_s: float | None = None) -> dict:
+        rid = next(self._rids)
+        msg["rid"] = rid
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await self.socket.send(_pack(msg))
+            return await asyncio.wait_for(fut, self.timeout_s if timeout_s is None
+                                          else timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"no reply to {msg['type']} (rid {rid})") from None
+        finally:
+            self._pending.pop(rid, None)
+
+    async def reports(self, timeout_s: float = 0.0) -> list[dict]:
+        if not self._queue and timeout_s > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        out = list(self._queue)
+        self._queue.clear()
+        return out
+
+    async def close(self) -> None:
+        self._stop_reader()
+        if self.socket is not None:
+            self.socket.close(0)
+            self.socket = None
+        if self.own_ctx:
+            self.ctx.term()
+            self.own_ctx = False
+
+
+# ---- market data ----------------------------------------------------------------------------
+class LocalBook:
+    """One market's book: price string -> qty string per side, and the seq it is at."""
+
+    def __init__(self, market: str):
+        self.market = market
+        self.seq = -1
+        self.bids: dict[str, str] = {}
+        self.asks: dict[str, str] = {}
+        self.synced = False
+
+    def load(self, snapshot: dict) -> None:
+        self.seq = snapshot["seq"]
+        self.bids = {p: q for p, q in snapshot["bids"]}
+        self.asks = {p: q for p, q in snapshot["asks"]}
+        self.synced = True
+
+    def apply(self, delta: dict) -> bool:
+        if delta["seq"] <= self.seq:
+            return False
+        for side, levels in ((self.bids, delta.get("bids", ())), (self.asks,
+                                                                   delta.get("asks", ()))):
+            for p, q in levels:
+                if Decimal(q) == 0:
+                    side.pop(p, None)
+                else:
+                    side[p] = q
+        self.seq = delta["seq"]
+        return True
+
+    def levels(self, depth: int = 0) -> tuple[list, list]:
+        bids = sorted(self.bids.items(), key=lambda kv: Decimal(kv[0]), reverse=True)
+        asks = sorted(self.asks.items(), key=lambda kv: Decimal(kv[0]))
+        if depth:
+            bids, asks = bids[:depth], asks[:depth]
+        return [list(x) for x in bids], [list(x) for x in asks]
+
+    def best(self) -> tuple[str | None, str | None]:
+        bid = max(self.bids, key=Decimal) if self.bids else None
+        ask = min(self.asks, key=Decimal) if self.asks else None
+        return bid, ask
+
+    def as_dict(self, depth: int = 0) -> dict:
+        bids, asks = self.levels(depth)
+        return {"market": self.market, "seq": self.seq, "bids": bids, "asks": asks}
+
+
+class MarketData:
+    """A SUB socket on `market_data`, keeping a local book per market.
+
+    On connect it subscribes to `book.MARKET` (plus `trade.MARKET` and `mark.MARKET`), lets the
+    subscription settle, then takes a `book` snapshot per market over `snapshot_client` (a
+    Client); deltas with a higher seq are applied by `poll()`. Without a snapshot client the
+    books start empty (fine for a market that is empty). Trades and marks update `last_price`
+    and `mark` and are passed to `on_trade(market, msg)` / `on_mark(market, msg)`.
+    """
+
+    def __init__(self, ctx, endpoints: dict, markets, *, on_trade=None, on_mark=None,
+                 own_ctx: bool = False):
+        self.ctx = ctx
+        self.own_ctx = own_ctx
+        self.endpoints = endpoints
+        self.books = {m: LocalBook(m) for m in markets}
+        self.last_price: dict[str, str] = {}
+        self.mark: dict[str, str] = {}
+        self.trades = 0
+        self.on_trade, self.on_mark = on_trade, on_mark
+        self.socket = ctx.socket(zmq.SUB)
+        self.socket.linger = 0
+        self.socket.rcvhwm = 100_000
+        for m in markets:
+            for kind in ("book", "trade", "mark"):
+                self.socket.setsockopt(zmq.SUBSCRIBE, f"{kind}.{m}".encode())
+        self.socket.connect(endpoints["market_data"])
+
+    @classmethod
+    def connect(cls, endpoints, markets, *, snapshot_client: Client | None = None,
+                settle_s: float = 0.3, ctx=None, **kw) -> MarketData:
+        own = ctx is None
+        md = cls(ctx or zmq.Context(), load_endpoints(endpoints), list(markets), own_ctx=own,
+                 **kw)
+        time.sleep(settle_s)            # the subscription reaches the publisher (slow joiner)
+        if snapshot_client is not None:
+            md.poll(0)
+            for m in md.books:
+                md.resync(m, snapshot_client)
+        return md
+
+    def resync(self, market: str, client: Client) -> None:
+        snap = client.book(market, 0)
+        if snap.get("type") != "book":
+            raise ClientError(f"book snapshot of {market}: {snap}")
+        book = self.books[market]
+        if snap["seq"] >= book.seq or not book.synced:
+            book.load(snap)
+
+    def poll(self, timeout_s: float = 0.0, max_messages: int = 10_000) -> int:
+        """Read and apply what has arrived (waiting up to timeout_s for the first)."""
+        n = 0
+        wait_ms = int(timeout_s * 1000)
+        while n < max_messages and self.socket.poll(wait_ms if n == 0 else 0):
+            topic, payload = self.socket.recv_multipart()
+            kind, _, market = topic.decode().partition(".")
+            msg = _unpack(payload)
+            n += 1
+            if kind == "book":
+                self.books[market].apply(msg)
+            elif kind == "trade":
+                self.trades += 1
+                self.last_price[market] = msg["price"]
+                if self.on_trade is not None:
+                    self.on_trade(market, msg)
+            elif kind == "mark":
+                self.mark[market] = msg.get("mark")
+                if self.on_mark is not None:
+                    self.on_mark(market, msg)
+        return n
+
+    def book(self, market: str, depth: int = 0) -> dict:
+        return self.books[market].as_dict(depth)
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(0)
+            self.socket = None
+        if self.own_ctx:
+            self.ctx.term()
+            self.own_ctx = False

@@ -1,0 +1,180 @@
+"""perpx/client.py and perpx/demo.py against a real exchange (`perpx up` in a subprocess, the
+supervisor tests' `Up` helper): order entry with rid matching, reports, queries, a market-data
+local book, the asyncio client, and a few seconds of the demo traders."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import pytest
+
+from perpx.client import AsyncClient, Client, MarketData, RequestTimeout
+from perpx.demo import run_demo
+from perpx.ops import Exchange, create_account
+from tests.test_supervisor import Up, cli_json, config_text, wait_until
+
+WAIT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def exchange(tmp_path_factory):
+    up = Up(tmp_path_factory.mktemp("client") / "state", config_text(gateways=1))
+    try:
+        endpoints = up.wait_ready()
+        yield up, endpoints
+    finally:
+        left = up.close()
+        assert not left, f"left in /dev/shm: {left}"
+
+
+def new_account(up, usdc: int = 1_000_000) -> str:
+    ex = Exchange(up.sd)
+    account, cert = create_account(up.sd, ex.engine.max_accounts)
+    ex.deposit(account, usdc * 10 ** 6)
+    return cert
+
+
+@pytest.fixture
+def clients(exchange):
+    up, endpoints = exchange
+    made = []
+
+    def make(**kw) -> Client:
+        c = Client.connect(endpoints, new_account(up), timeout_s=WAIT_S, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def is_type(kind, **fields):
+    return lambda m: m.get("type") == kind and all(m.get(k) == v for k, v in fields.items())
+
+
+def test_resting_order_taken_by_another_account(clients):
+    seen = []
+    a, b = clients(on_report=seen.append), clients()
+    assert a.ping()["type"] == "pong"
+
+    ack = a.new_order("BTC-PERP", "buy", "limit", "0.5", "64000", cid=101)
+    assert (ack["type"], ack["status"], ack["cid"]) == ("ack", "open", 101)
+    oid = ack["oid"]
+    # rid matching: the reply carries the rid the client gave the request
+    assert ack["rid"] == a.last_rid
+
+    taken = b.new_order("BTC-PERP", "sell", "market", "0.2")
+    assert taken["type"] == "ack" and taken["status"] == "filled"
+    fill_b = b.wait_for(is_type("fill"))
+    fill_a = a.wait_for(is_type("fill", oid=oid))
+    assert "rid" not in fill_a and "rid" not in fill_b
+    assert fill_a["trade_id"] == fill_b["trade_id"]
+    assert (fill_a["cid"], fill_a["side"], fill_a["price"], fill_a["qty"], fill_a["remaining"],
+            fill_a["liquidity"]) == (101, "buy", "64000", "0.2", "0.3", "maker")
+    assert (fill_b["cid"], fill_b["oid"], fill_b["side"], fill_b["liquidity"]) == \
+        (taken["cid"], taken["oid"], "sell", "taker")
+    assert any(m is fill_a for m in seen)            # the callback saw it too
+
+    # open orders, account, book snapshot
+    orders = a.open_orders("BTC-PERP")
+    assert orders["type"] == "open_orders"
+    assert [(o["oid"], o["cid"], o["remaining"]) for o in orders["orders"]] == [(oid, 101, "0.3")]
+    acct = a.account()
+    assert acct["type"] == "account_state"
+    assert [(p["market"], p["size"]) for p in acct["positions"]] == [("BTC-PERP", "0.2")]
+    book = b.book("BTC-PERP", 5)
+    assert book["type"] == "book" and ["64000", "0.3"] in book["bids"]
+
+    # amend by cid, cancel by oid; a second cancel is rejected
+    amended = a.amend(cid=101, price="64100")
+    assert (amended["type"], amended["oid"], amended["price"]) == ("amended", oid, "64100")
+    canceled = a.cancel(oid=oid)
+    assert (canceled["type"], canceled["reason"], canceled["cid"]) == ("canceled", "user", 101)
+    again = a.cancel(cid=101)
+    assert (again["type"], again["reason"]) == ("reject", "unknown_order")
+    assert a.open_orders()["orders"] == []
+
+    # cancel_all counts; reports() drains the queue
+    for i in range(3):
+        assert a.new_order("ETH-PERP", "sell", "limit", "1", f"{3600 + i}")["status"] == "open"
+    done = a.cancel_all("ETH-PERP")
+    assert (done["type"], done["count"]) == ("done", 3)
+    a.reports(0.05)
+    assert a.reports() == []
+
+    # a reject echoes the cid and a reason
+    bad = a.new_order("BTC-PERP", "buy", "limit", "0.0001", "64000", cid=7)
+    assert (bad["type"], bad["reason"], bad["cid"]) == ("reject", "invalid_lot", 7)
+    with pytest.raises(RequestTimeout):
+        a.wait_for(is_type("fill"), timeout_s=0.1)
+
+
+def test_market_data_local_book_matches_snapshot(clients, exchange):
+    _, endpoints = exchange
+    a, b = clients(), clients()
+    md = MarketData.connect(endpoints, ["ETH-PERP"], snapshot_client=a)
+    try:
+        a.new_order("ETH-PERP", "buy", "limit", "2", "3400")
+        a.new_order("ETH-PERP", "buy", "limit", "1", "3399.5")
+        ask = a.new_order("ETH-PERP", "sell", "limit", "3", "3410")
+        b.new_order("ETH-PERP", "sell", "limit", "1.5", "3420")
+        b.new_order("ETH-PERP", "sell", "market", "0.5")            # takes part of 3400
+        assert a.amend(cid=ask["cid"], qty="2")["type"] == "amended"     # 3 -> 2
+        snap = b.book("ETH-PERP", 0)
+
+        def caught_up():
+            md.poll(0.05)
+            return md.books["ETH-PERP"].seq >= snap["seq"]
+        wait_until(caught_up, WAIT_S, "market data to reach the snapshot's seq")
+        local = md.book("ETH-PERP")
+        assert local["seq"] == snap["seq"]
+        assert (local["bids"], local["asks"]) == (snap["bids"], snap["asks"])
+        assert ["3400", "1.5"] in local["bids"] and ["3410", "2"] in local["asks"]
+        assert md.trades >= 1 and md.last_price["ETH-PERP"] == "3400"
+    finally:
+        md.close()
+        a.cancel_all()
+        b.cancel_all()
+
+
+def test_async_client(exchange):
+    up, endpoints = exchange
+    cert = new_account(up)
+
+    async def main():
+        c = await AsyncClient.connect(endpoints, cert, timeout_s=WAIT_S)
+        try:
+            assert (await c.ping())["type"] == "pong"
+            acks = await asyncio.gather(*(c.new_order("BTC-PERP", "sell", "limit", "0.01",
+                                                      str(66000 + i)) for i in range(5)))
+            assert [a["status"] for a in acks] == ["open"] * 5
+            assert len({a["oid"] for a in acks}) == 5
+            assert len((await c.open_orders())["orders"]) == 5
+            assert (await c.cancel_all())["count"] == 5
+        finally:
+            await c.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_demo_trades(exchange):
+    up, _ = exchange
+    out = io.StringIO()
+    t0 = time.monotonic()
+    result = run_demo(up.sd.path, seconds=3, out=out, seed=7)
+    assert time.monotonic() - t0 < 20
+    assert result["errors"] == []
+    assert result["trades"] > 0 and result["taker_fills"] > 0 and result["orders"] > 10
+    text = out.getvalue()
+    assert "orders/s" in text and "trades/s" in text and "stopped after" in text
+    positions = cli_json(up.sd.path, "positions")
+    demo_accounts = set(result["accounts"])
+    assert any(p["account"] in demo_accounts for p in positions["positions"])
+    # the maker canceled its quotes on the way out
+    book = cli_json(up.sd.path, "book", "BTC-PERP", "--depth", "0")
+    maker = result["accounts"][0]
+    view = cli_json(up.sd.path, "account", "show", maker)
+    assert view["open_orders"] == [], book
