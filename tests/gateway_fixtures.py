@@ -16,7 +16,6 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
-import posix_ipc
 import zmq
 import zmq.auth
 
@@ -26,8 +25,8 @@ from engine.records import (CMD_DEPOSIT, COMMAND_DTYPE, market_create_command,
 from engine.service import MatcherService, Source, attach_state, command_ring_name
 from engine.state import C_SEQ, state_hash
 from gateway.markets import MarketTable
-from shm.region import ShmError
 from shm.ring import CommandRing
+from tests.shm_workers import attach_when_ready
 
 ENGINE = EngineConfig(max_accounts=16, max_markets=4, max_orders=2048, max_levels_per_side=256)
 SOURCES = [Source("ops", privileged=True), Source("gateway-0", privileged=False),
@@ -139,8 +138,9 @@ class Exchange:
         proc.start()
         self.procs.append((proc, self._stop_matcher))
         self.matcher = proc
-        self.ops = _attach(lambda: CommandRing.attach(command_ring_name(self.prefix, "ops"),
-                                                      COMMAND_DTYPE), STARTUP_S)
+        self.ops = attach_when_ready(
+            lambda: CommandRing.attach(command_ring_name(self.prefix, "ops"), COMMAND_DTYPE),
+            STARTUP_S)
         cmds = genesis()
         assert self.ops.write(cmds) == len(cmds)
         wait_until(lambda: self.seq() >= len(cmds), STARTUP_S, "genesis to be sequenced")
@@ -198,7 +198,7 @@ class Exchange:
 
     # state
     def seq(self) -> int:
-        region, state = _attach(lambda: attach_state(self.prefix, ENGINE), WAIT_S)
+        region, state = attach_when_ready(lambda: attach_state(self.prefix, ENGINE), WAIT_S)
         try:
             return int(state.counters[C_SEQ])
         finally:
@@ -207,7 +207,7 @@ class Exchange:
 
     def quiet_state(self):
         """(seq, state hash, copy of the tables) once the matcher has stopped moving."""
-        region, state = _attach(lambda: attach_state(self.prefix, ENGINE), WAIT_S)
+        region, state = attach_when_ready(lambda: attach_state(self.prefix, ENGINE), WAIT_S)
         try:
             deadline = time.monotonic() + WAIT_S
             while True:
@@ -235,19 +235,6 @@ class Exchange:
         if getattr(self, "ops", None) is not None:
             self.ops.close()
         self.zmq.term()
-
-
-def _attach(fn, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return fn()
-        except (ShmError, posix_ipc.ExistentialError):
-            # ExistentialError: shm/region.py's attach of a region still being created
-            # (0 bytes) reports it through shm.size after close_fd()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
 
 
 def wait_until(condition, timeout_s: float, what: str) -> None:

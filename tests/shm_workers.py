@@ -124,6 +124,20 @@ def children():
         kids.stop_all()
 
 
+def attach_when_ready(attach, timeout_s: float = 120.0):
+    """Retry `attach()` until the process creating the region has made it (a first start
+    compiles the matcher: up to a minute)."""
+    from shm.region import ShmError
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return attach()
+        except ShmError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def wait_for(condition, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

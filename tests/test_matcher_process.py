@@ -19,7 +19,7 @@ from engine.state import state_hash
 from shm.region import ShmError
 from shm.ring import CommandRing, EventRing
 from tests.fuzz_streams import FUZZ_CONFIG, genesis, random_stream
-from tests.shm_workers import shm_prefix, wait_for  # noqa: F401 — fixture: unique prefix, leak check
+from tests.shm_workers import attach_when_ready, shm_prefix  # noqa: F401 — fixture: prefix, leak check
 
 SOURCES = [Source("ops", privileged=True), Source("gw0", privileged=False)]
 
@@ -51,18 +51,6 @@ def matcher_process(shm_prefix, request):
             proc.join(timeout=10)
 
 
-def _attach(fn, timeout_s=120.0):
-    """Attach once the matcher has created its regions (first start compiles: up to a minute)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return fn()
-        except ShmError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 def _exchange(ring: CommandRing, consumer, commands: np.ndarray, n_events: int,
               timeout_s: float = 60.0) -> np.ndarray:
     """Write commands as the ring takes them while draining events (neither side may block)."""
@@ -91,7 +79,7 @@ def test_matcher_process_sequences_rings_into_events(matcher_process):
     local = Matcher(FUZZ_CONFIG)
     expected = LocalEvents(1 << 16).run(local, commands, source=0, privileged=True)
 
-    events = _attach(lambda: EventRing.attach(event_ring_name(prefix), EVENT_DTYPE))
+    events = attach_when_ready(lambda: EventRing.attach(event_ring_name(prefix), EVENT_DTYPE))
     consumer = events.consumer("test", start="current")
     ops = CommandRing.attach(command_ring_name(prefix, "ops"), COMMAND_DTYPE)
     gw = CommandRing.attach(command_ring_name(prefix, "gw0"), COMMAND_DTYPE)
