@@ -128,7 +128,7 @@ class MatcherService:
     def _anything_to_do(self) -> bool:
         return any(ring.available() for ring in self.rings)
 
-    def run(self, should_stop, idle_timeout_s: float = 0.05) -> None:
+    def run(self, should_stop, idle_timeout_s=0.05) -> None:
         """Serve until should_stop() is true (checked at least every idle_timeout_s)."""
         gc.collect()
         gc.freeze()

@@ -32,6 +32,7 @@ import numpy as np
 
 from engine.records import (CMD_CREATE_MARKET, CMD_HALT, CMD_RESUME, CMD_SET_MARKET_LIMITS,
                             SIDE_BUY, STATUS_OPEN)
+from engine.numbers import position_after_fill
 from engine.state import C_SEQ, NONE
 
 # an order: [account, cid, market, side, kind, price_ticks, remaining_lots, qty_lots]
@@ -43,33 +44,6 @@ M_ACTIVE, M_ATPL, M_LEVERAGE, M_MARK, M_MAX_PRICE, M_MAX_ORDER, M_HALTED, M_LAST
 ADMIN_COMMANDS = (CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_HALT, CMD_RESUME)
 _STATE_TABLES = ("counters", "markets", "positions", "accounts", "orders", "levels",
                  "book_keys", "book_levels", "book_depth")
-
-
-def cost_share(cost: int, part: int, whole: int) -> int:
-    if part == whole:
-        return cost
-    if cost >= 0:
-        return cost * part // whole
-    return -((-cost) * part // whole)
-
-
-def position_after_fill(size: int, cost: int, delta: int, price: int, atpl: int):
-    """engine.numbers.position_after_fill in Python integers: (size, cost, realized)."""
-    if size == 0 or (size > 0) == (delta > 0):
-        return size + delta, cost + delta * price * atpl, 0
-    whole = size if size > 0 else -size
-    wanted = delta if delta > 0 else -delta
-    close = wanted if wanted < whole else whole
-    removed = cost_share(cost, close, whole)
-    closing = close if delta > 0 else -close
-    realized = -(closing * price * atpl) - removed
-    size += closing
-    cost -= removed
-    rest = delta - closing
-    if rest:
-        size += rest
-        cost += rest * price * atpl
-    return size, cost, realized
 
 
 def consistent_state_copy(state, events, timeout_s: float = 10.0, stats: dict | None = None):
