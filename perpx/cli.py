@@ -84,6 +84,25 @@ def cmd_bench_lobster(args) -> int:
     return _events_status(res)
 
 
+def cmd_bench_e2e(args) -> int:
+    from perpx import bench_e2e
+
+    res = bench_e2e.bench_e2e(seconds=args.seconds, clients=args.clients, rate=args.rate,
+                              window=args.window, progress=_progress(args))
+    emit(args, res, bench_e2e.format_report(res))
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
 def _events_status(res) -> int:
     if res["events_match"]:
         return 0
@@ -136,6 +155,18 @@ def _register_bench(sub, common):
                    help="replay only the first N messages")
     timing_options(q)
     q.set_defaults(func=cmd_bench_lobster)
+
+    q = bsub.add_parser("e2e", parents=[common],
+                        help="order entry end to end over loopback vs a bare pyzmq echo")
+    q.add_argument("--seconds", type=_positive_float, default=5.0, metavar="S",
+                   help="seconds per timed run (default 5)")
+    q.add_argument("--clients", type=_positive_int, default=2, metavar="C",
+                   help="client processes (default 2)")
+    q.add_argument("--rate", type=_positive_float, default=20_000.0, metavar="R",
+                   help="total orders/s of the paced run (default 20000)")
+    q.add_argument("--window", type=_positive_int, default=8, metavar="W",
+                   help="requests in flight per client (default 8)")
+    q.set_defaults(func=cmd_bench_e2e)
 
 
 # ---- helpers for the exchange commands ------------------------------------------------------
