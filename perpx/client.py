@@ -97,6 +97,18 @@ def _ref(oid, cid) -> dict:
     return {"oid": oid} if oid is not None else {"cid": cid}
 
 
+class _Connection:
+    """A socket, and the zmq context when this object made it."""
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(0)
+            self.socket = None
+        if self.own_ctx:
+            self.ctx.term()
+            self.own_ctx = False
+
+
 class _Requests:
     """The request methods, shared by Client and AsyncClient (`request` does the I/O)."""
 
@@ -163,7 +175,7 @@ def _make_socket(ctx, endpoints: dict, public: bytes, secret: bytes):
     return s
 
 
-class Client(_Requests):
+class Client(_Connection, _Requests):
     """A synchronous order-entry session (one thread)."""
 
     def __init__(self, ctx: zmq.Context, endpoints: dict, certificate, *, on_report=None,
@@ -213,13 +225,6 @@ class Client(_Requests):
                                       f"{timeout_s:g} s (is the key registered, the exchange "
                                       f"up?)") from None
 
-    def close(self) -> None:
-        if self.socket is not None:
-            self.socket.close(0)
-            self.socket = None
-        if self.own_ctx:
-            self.ctx.term()
-            self.own_ctx = False
 
     def __enter__(self):
         return self
@@ -432,7 +437,7 @@ class LocalBook:
         return {"market": self.market, "seq": self.seq, "bids": bids, "asks": asks}
 
 
-class MarketData:
+class MarketData(_Connection):
     """A SUB socket on `market_data`, keeping a local book per market.
 
     On connect it subscribes to `book.MARKET` (plus `trade.MARKET` and `mark.MARKET`), lets the
@@ -506,10 +511,3 @@ class MarketData:
     def book(self, market: str, depth: int = 0) -> dict:
         return self.books[market].as_dict(depth)
 
-    def close(self) -> None:
-        if self.socket is not None:
-            self.socket.close(0)
-            self.socket = None
-        if self.own_ctx:
-            self.ctx.term()
-            self.own_ctx = False
