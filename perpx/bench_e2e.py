@@ -27,13 +27,10 @@ shm entries removed, the temporary state dir deleted.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -42,15 +39,15 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from perpx.launch import ExchangeProcess
+
 DEFAULT_SECONDS = 5.0
 DEFAULT_CLIENTS = 2
 DEFAULT_RATE = 20_000
 DEFAULT_WINDOW = 8
-STARTUP_S = 240.0
 MARKET = "BTC-PERP"
 QTY = "0.001"
 PRICE = "60000.0"     # passive: the market starts at 65000, inside the 10% band
-REPO = Path(__file__).resolve().parent.parent
 
 
 def exchange_config(clients: int) -> str:
@@ -312,84 +309,17 @@ def _summary(results: list) -> dict:
             "sched_p999_us": pct(sched, 99.9), "samples": int(len(lat))}
 
 
-class _Exchange:
-    """`perpx up` on a temporary state dir, in its own session."""
-
-    def __init__(self, root: Path, clients: int):
-        from perpx.statedir import StateDir
-        self.dir = root / "state"
-        self.sd = StateDir(self.dir)
-        self.cfg = root / "exchange.toml"
-        self.cfg.write_text(exchange_config(clients))
-        self.err = root / "up.err"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "")
-                                                           .split(os.pathsep) if p])
-        with open(root / "up.out", "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "perpx.cli", "--state-dir", str(self.dir), "up",
-                 "--config", str(self.cfg)], stdout=out, stderr=err, env=env, cwd=str(REPO),
-                start_new_session=True)
-        self.pids: set[int] = set()
-
-    def wait_ready(self) -> dict:
-        deadline = time.monotonic() + STARTUP_S
-        while not self.sd.endpoints_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"perpx up exited with {self.proc.returncode}: "
-                                   f"{self.err.read_text().strip()[-500:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"perpx up not ready within {STARTUP_S:g} s")
-            time.sleep(0.05)
-        self._remember()
-        return json.loads(self.sd.endpoints_file.read_text())
-
-    def _remember(self) -> None:
-        try:
-            status = self.sd.status()
-        except (OSError, ValueError):
-            return
-        if status:
-            self.pids.update(p["pid"] for p in status["processes"] if p.get("pid"))
-
-    def accounts(self, n: int) -> list[str]:
-        from perpx.config import usdc_to_atoms
-        from perpx.ops import Exchange, create_account
-        ex = Exchange(self.sd)
-        certs = []
-        for _ in range(n):
-            account, cert = create_account(self.sd, ex.engine.max_accounts)
-            ex.deposit(account, usdc_to_atoms("1000000"))
-            certs.append(cert)
-        return certs
-
-    def close(self) -> list[str]:
-        """Stop everything; the shm entries that were left (they are removed)."""
-        self._remember()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        for pid in self.pids:      # they get SIGTERM when the supervisor dies
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        left = self.sd.shm_leftovers()
-        self.sd.remove_shm_leftovers()
-        return left
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+def _funded_accounts(sd, n: int) -> list[str]:
+    """n new accounts with 1,000,000 USDC each; their certificate paths."""
+    from perpx.config import usdc_to_atoms
+    from perpx.ops import Exchange, create_account
+    ex = Exchange(sd)
+    certs = []
+    for _ in range(n):
+        account, cert = create_account(sd, ex.engine.max_accounts)
+        ex.deposit(account, usdc_to_atoms("1000000"))
+        certs.append(cert)
+    return certs
 
 
 def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
@@ -427,9 +357,9 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
             procs.close()
         # 2./3. the exchange
         say("starting the exchange (ack_mode fast)")
-        exchange = _Exchange(root, clients)
+        exchange = ExchangeProcess(root / "state", exchange_config(clients))
         endpoints = exchange.wait_ready()
-        certs = exchange.accounts(clients)
+        certs = _funded_accounts(exchange.sd, clients)
         target = {"endpoints": endpoints, "certificates": certs}
         ex = {}
         for phase in (throughput, paced):

@@ -14,17 +14,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import msgpack
 import pytest
 import zmq
 import zmq.auth
 
+from perpx.launch import REPO, STARTUP_S, ExchangeProcess, child_env, pid_alive
 from perpx.statedir import StateDir
 
-REPO = Path(__file__).resolve().parent.parent
-STARTUP_S = 240.0      # a cold numba cache compiles the matcher first (about a minute)
 WAIT_S = 15.0
 CLI_TIMEOUT_S = 60.0
 
@@ -62,10 +60,7 @@ oracle = "manual"
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "")
-                                                       .split(os.pathsep) if p])
-    return env
+    return child_env()
 
 
 def cli(state_dir, *args, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -102,75 +97,14 @@ def wait_until(condition, timeout_s: float, what: str):
         time.sleep(0.05)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-class Up:
-    """A `perpx up` process on a state dir; `close()` always leaves nothing running."""
-
-    def __init__(self, state_dir: Path, config: str | None, *extra):
-        self.sd = StateDir(state_dir)
-        self.dir = Path(state_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.out_path = self.dir.parent / f"{self.dir.name}.up.out"
-        self.err_path = self.dir.parent / f"{self.dir.name}.up.err"
-        argv = [sys.executable, "-m", "perpx.cli", "--state-dir", str(state_dir), "up"]
-        if config is not None:
-            cfg = self.dir.parent / f"{self.dir.name}.toml"
-            cfg.write_text(config)
-            argv += ["--config", str(cfg)]
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([*argv, *extra], stdout=out, stderr=err, env=_env(),
-                                         cwd=str(REPO), start_new_session=True)
-        self.child_pids: set[int] = set()
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text()
+class Up(ExchangeProcess):
+    """A `perpx up` process for a test; a failed start fails the test with its stderr."""
 
     def wait_ready(self, timeout_s: float = STARTUP_S) -> dict:
-        def ready():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"perpx up exited with {self.proc.returncode}:\n"
-                                     f"{self.stderr}")
-            return self.sd.endpoints_file.exists()
-        wait_until(ready, timeout_s, "perpx up to write endpoints.json")
-        self.remember_children()
-        return json.loads(self.sd.endpoints_file.read_text())
-
-    def remember_children(self) -> None:
-        status = self.sd.status()
-        if status:
-            self.child_pids.update(p["pid"] for p in status["processes"])
-
-    def wait_exit(self, timeout_s: float = 30.0) -> int:
-        return self.proc.wait(timeout=timeout_s)
-
-    def close(self) -> list[str]:
-        """Stop whatever still runs; returns the shm entries that were left (and removes them)."""
-        self.remember_children()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        for pid in self.child_pids:     # they get SIGTERM when the supervisor dies
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-        left = self.sd.shm_leftovers()
-        self.sd.remove_shm_leftovers()
-        return left
+        try:
+            return super().wait_ready(timeout_s)
+        except RuntimeError as e:
+            raise AssertionError(str(e)) from None
 
 
 @pytest.fixture
