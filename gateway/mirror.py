@@ -33,6 +33,7 @@ import numpy as np
 from engine.records import (CMD_CREATE_MARKET, CMD_HALT, CMD_RESUME, CMD_SET_MARKET_LIMITS,
                             SIDE_BUY, STATUS_OPEN)
 from engine.numbers import position_after_fill
+from engine.records import EV_ACK, EV_AMENDED, EV_CANCELED, EV_DONE
 from engine.state import C_SEQ, NONE
 
 # an order: [account, cid, market, side, kind, price_ticks, remaining_lots, qty_lots]
@@ -204,6 +205,18 @@ class Mirror:
             mk[M_HALTED] = 0
         return market
 
+    def on_order_event(self, etype: int, ev: tuple, seq: int):
+        """Fold an order event (ack, canceled, amended, done) in; on_done's result for done."""
+        if etype == EV_ACK:
+            self.on_ack(ev)
+        elif etype == EV_CANCELED:
+            self.on_canceled(ev)
+        elif etype == EV_AMENDED:
+            self.on_amended(ev)
+        elif etype == EV_DONE:
+            return self.on_done(seq)
+        return None
+
     def on_ack(self, ev) -> None:
         if ev[8] == STATUS_OPEN:
             # seq ts etype source market account req reason status side kind oid cid price qty rem
@@ -301,8 +314,7 @@ class Mirror:
 def apply_events(mirror: Mirror, raw: bytes | memoryview, count: int) -> None:
     """Apply `count` 128-byte event records (as the ring holds them) to a mirror: the same
     per-event calls the gateway makes, without the routing (for tests and tools)."""
-    from engine.records import (EV_ACK, EV_AMENDED, EV_BALANCE, EV_CANCELED, EV_COMMAND,
-                                EV_DONE, EV_MARK, EV_TRADE)
+    from engine.records import EV_BALANCE, EV_COMMAND, EV_MARK, EV_TRADE
     from gateway.codec import (BALANCE_EVENT_STRUCT, COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT,
                                ETYPE_OFFSET, MARK_EVENT_STRUCT, ORDER_EVENT_STRUCT,
                                TRADE_EVENT_STRUCT)
@@ -323,15 +335,7 @@ def apply_events(mirror: Mirror, raw: bytes | memoryview, count: int) -> None:
         elif etype == EV_MARK:
             mirror.on_mark(MARK_EVENT_STRUCT.unpack_from(mv, off))
         else:
-            ev = ORDER_EVENT_STRUCT.unpack_from(mv, off)
-            if etype == EV_ACK:
-                mirror.on_ack(ev)
-            elif etype == EV_CANCELED:
-                mirror.on_canceled(ev)
-            elif etype == EV_AMENDED:
-                mirror.on_amended(ev)
-            elif etype == EV_DONE:
-                mirror.on_done(seq)
+            mirror.on_order_event(etype, ORDER_EVENT_STRUCT.unpack_from(mv, off), seq)
 
 
 def comparable(mirror: Mirror) -> dict:

@@ -591,16 +591,9 @@ class Gateway:
                         p[3] != R_DISCONNECT and etype not in _REPLY_ETYPES[p[3]])):
                     p = None      # not the reply: a report that follows it (or not ours)
             if seq > boot:
-                if etype == EV_ACK:
-                    mirror.on_ack(ev)
-                elif etype == EV_CANCELED:
-                    mirror.on_canceled(ev)
-                elif etype == EV_AMENDED:
-                    mirror.on_amended(ev)
-                elif etype == EV_DONE:
-                    changed = mirror.on_done(seq)
-                    if changed is not None:
-                        self._market_changed(changed)
+                changed = mirror.on_order_event(etype, ev, seq)
+                if changed is not None:
+                    self._market_changed(changed)
             if p is None:
                 if etype == EV_REJECT or etype == EV_DONE or account not in by_account:
                     continue

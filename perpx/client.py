@@ -382,12 +382,7 @@ class AsyncClient(_Requests):
 
     async def close(self) -> None:
         self._stop_reader()
-        if self.socket is not None:
-            self.socket.close(0)
-            self.socket = None
-        if self.own_ctx:
-            self.ctx.term()
-            self.own_ctx = False
+        _Connection.close(self)
 
 
 # ---- market data ----------------------------------------------------------------------------
