@@ -1,0 +1,584 @@
+"""The append-only command journal: the source of truth the matcher's state is rebuilt from.
+
+Every sequenced command (an EV_COMMAND event in the event ring) is stored here as one 80-byte
+record: its sequence number, the source ring it came from, whether that source was privileged,
+and the 64-byte command verbatim. Replaying the records in order through the matcher (same
+command, same source, same privilege) rebuilds the same state. Sequence numbers start at 1 and
+are contiguous: the journal holds every seq exactly once, in order, and anything else is
+corruption. This module stores records; it never interprets the commands inside them.
+
+On-disk format
+--------------
+A journal is a directory of segment files named `{first_seq:020d}.journal`, where first_seq is
+the seq of the first record in that segment; segment k therefore holds seqs
+name(k) .. name(k+1) - 1. Other file names in the directory are ignored.
+
+A segment is a sequence of batches, nothing else (no file header). A batch is a 32-byte header
+followed by `count` records of 80 bytes (all integers little-endian):
+
+    offset  size  field
+         0     4  magic        b"PXJ1"
+         4     4  count        u32, number of records, >= 1
+         8     8  first_seq    i64, seq of the first record
+        16     8  last_seq     i64, == first_seq + count - 1
+        24     4  payload_crc  u32, zlib.crc32 of the count * 80 record bytes
+        28     4  header_crc   u32, zlib.crc32 of header bytes 0..27
+        32  80*n  records      JOURNAL_RECORD_DTYPE
+
+Each record's own `seq` field equals first_seq + its index in the batch. Headers and records
+are multiples of 16 bytes, so every batch boundary is 16-byte aligned within its file.
+
+Writing and durability
+----------------------
+One JournalWriter per directory (enforced with flock on the directory). `append` writes one
+batch in a single pwrite() call at an explicit offset and never fsyncs; `sync` fdatasyncs the
+current segment (group commit: append several batches, sync once, then publish the returned
+seq as durable_seq). Rolling to a new segment first fdatasyncs the old one and fsyncs the
+directory entry of the new one, so only the LAST segment can ever hold unsynced bytes.
+
+If a write fails (ENOSPC, EFBIG, EIO...) the OSError propagates and the writer truncates the
+segment back to the end of its last whole batch, so a retry of the same records lands where the
+failed one should have. If a file-size limit (RLIMIT_FSIZE) can apply, the CALLER must ignore
+SIGXFSZ (`signal.signal(signal.SIGXFSZ, signal.SIG_IGN)`), otherwise the kernel kills the
+process instead of returning EFBIG. A failed fdatasync leaves the writer unusable (the kernel
+may already have dropped the dirty pages, so retrying could falsely report success): close it,
+reopen, and do not advance durable_seq past what an earlier sync returned.
+
+Crash recovery
+--------------
+A crash can leave the end of the last segment torn: an incomplete batch, or a last batch whose
+checksum does not match. Opening a writer cuts such a tail back to the last whole batch and
+reports it in `JournalWriter.repairs` (and one loud line each on stderr). Those bytes were never
+synced, so never acknowledged. A bad batch FOLLOWED by a whole valid batch is not a torn tail
+but damage to history that may have been acknowledged: the writer refuses to open and the reader
+raises JournalCorrupt(path, offset, reason); an operator has to decide.
+
+Readers (read_journal, journal_info) take no lock: they may run while the writer appends and
+then see a torn tail, which read_journal tolerates by default. Segments are retired with
+`JournalWriter.retire_through(seq)`, which must only be given a seq covered by a durable
+snapshot; a reader racing with retirement may get FileNotFoundError.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import struct
+import sys
+import zlib
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from engine.records import COMMAND_DTYPE, COMMAND_EVENT_DTYPE, EV_COMMAND, EVENT_BYTES
+
+JOURNAL_RECORD_DTYPE = np.dtype([
+    ("seq", "<i8"),
+    ("source", "u1"),        # index of the command ring the command came from
+    ("privileged", "u1"),    # 1 if that source may send privileged commands (decided at sequencing)
+    ("_pad", "u1", (6,)),
+    ("command", COMMAND_DTYPE),
+])
+RECORD_BYTES = 80
+assert JOURNAL_RECORD_DTYPE.itemsize == RECORD_BYTES
+
+MAGIC = b"PXJ1"
+# magic, count, first_seq, last_seq, payload_crc, header_crc
+_HEADER = struct.Struct("<4sIqqII")
+_HEADER_BODY = struct.Struct("<4sIqqI")      # the 28 bytes header_crc covers
+HEADER_BYTES = _HEADER.size
+_HEADER_CRC_OFFSET = _HEADER_BODY.size
+assert HEADER_BYTES == 32 and _HEADER_CRC_OFFSET == 28
+_MAX_BATCH_RECORDS = 0xFFFFFFFF              # count is a u32
+
+# Batch boundaries are 16-byte aligned (32- and 80-byte pieces), so a segment can be viewed as
+# 16-byte units and the records gathered with one boolean mask instead of a per-batch loop.
+_UNIT_BYTES = 16
+_UNIT = np.dtype((np.void, _UNIT_BYTES))
+_HEADER_UNITS = HEADER_BYTES // _UNIT_BYTES
+
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+SEGMENT_SUFFIX = ".journal"
+_SEGMENT_NAME = re.compile(r"^(\d{20})\.journal$")
+
+
+class JournalError(Exception):
+    """A journal cannot be used as asked (locked, or the requested seqs are not in it)."""
+
+
+class JournalCorrupt(JournalError):
+    """Bytes in a segment are not a valid continuation of the journal."""
+
+    def __init__(self, path, offset: int, reason: str):
+        self.path = Path(path)
+        self.offset = int(offset)
+        self.reason = reason
+        super().__init__(f"journal corrupt: {self.path} at byte {self.offset}: {reason}")
+
+
+class Segment(NamedTuple):
+    first_seq: int
+    path: Path
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}{SEGMENT_SUFFIX}"
+
+
+def segments(directory) -> list[Segment]:
+    """The segment files of a journal, oldest first. Raises FileNotFoundError if no directory."""
+    directory = Path(directory)
+    found = []
+    for name in os.listdir(directory):
+        match = _SEGMENT_NAME.match(name)
+        if match:
+            found.append(Segment(int(match.group(1)), directory / name))
+    found.sort()
+    return found
+
+
+def records_from_command_events(events: np.ndarray, privileged_sources: np.ndarray) -> np.ndarray:
+    """Journal records for EV_COMMAND event slots (EVENT_DTYPE or any 128-byte view of them).
+
+    `privileged_sources[source]` says whether commands from that source ring are privileged;
+    the flag is stored per record so replay does not depend on today's configuration.
+    """
+    events = np.ascontiguousarray(events).reshape(-1)
+    if events.dtype.itemsize != EVENT_BYTES:
+        raise ValueError(f"events must be {EVENT_BYTES}-byte slots, got dtype {events.dtype}")
+    view = events.view(COMMAND_EVENT_DTYPE)
+    not_commands = np.flatnonzero(view["etype"] != EV_COMMAND)
+    if not_commands.size:
+        i = int(not_commands[0])
+        raise ValueError(f"event {i} (seq {int(view['seq'][i])}) has etype {int(view['etype'][i])},"
+                         f" not EV_COMMAND ({EV_COMMAND})")
+    privileged_sources = np.asarray(privileged_sources, dtype=bool)
+    sources = view["source"]
+    if sources.size and int(sources.max()) >= privileged_sources.size:
+        raise ValueError(f"source {int(sources.max())} has no entry in privileged_sources "
+                         f"(length {privileged_sources.size})")
+    out = np.zeros(events.size, dtype=JOURNAL_RECORD_DTYPE)
+    out["seq"] = view["seq"]
+    out["source"] = sources
+    out["privileged"] = privileged_sources[sources]
+    out["command"] = view["command"]
+    return out
+
+
+# --- scanning ------------------------------------------------------------------------------
+
+class _Scan(NamedTuple):
+    batch_offsets: list      # byte offset of each whole batch's header
+    batch_counts: list
+    first_seq: int           # seq the segment starts at (from its name)
+    last_seq: int            # seq of the last record in a whole batch; first_seq - 1 if none
+    valid_bytes: int         # end of the last whole batch
+    problem: str | None      # what is wrong at valid_bytes, None if the segment is clean
+    torn: bool               # the problem is a torn tail (nothing whole and valid after it)
+
+
+def _batch_header_at(data, pos: int):
+    """The header fields at pos if pos holds a header whose own checksum is right, else None."""
+    if len(data) - pos < HEADER_BYTES:
+        return None
+    fields = _HEADER.unpack_from(data, pos)
+    if fields[0] != MAGIC or zlib.crc32(data[pos:pos + _HEADER_CRC_OFFSET]) != fields[5]:
+        return None
+    return fields
+
+
+def _whole_batch_after(data, start: int) -> int | None:
+    """Offset of the first complete, checksum-valid batch at or after `start`, else None.
+
+    Demanding a whole valid batch (not just a header) matters: record payloads carry
+    client-chosen bytes (cid, price...), so a forged header inside a torn batch's payload must
+    not turn a harmless torn tail into a refusal to start.
+    """
+    mv = memoryview(data)
+    pos = data.find(MAGIC, start)
+    while pos >= 0:
+        fields = _batch_header_at(mv, pos)
+        if fields is not None:
+            _, count, first_seq, last_seq, payload_crc, _ = fields
+            end = pos + HEADER_BYTES + count * RECORD_BYTES
+            if (count >= 1 and last_seq - first_seq + 1 == count and end <= len(data)
+                    and zlib.crc32(mv[pos + HEADER_BYTES:end]) == payload_crc):
+                return pos
+        pos = data.find(MAGIC, pos + 1)
+    return None
+
+
+def _scan(data: bytes, first_seq: int) -> _Scan:
+    """Walk the batches of one segment's bytes, checking checksums and seq contiguity."""
+    size = len(data)
+    mv = memoryview(data)
+    unpack = _HEADER.unpack_from
+    crc32 = zlib.crc32
+    offsets, counts = [], []
+    expected_seq = first_seq
+    pos = 0
+    problem, torn = None, False
+    while pos < size:
+        if size - pos < HEADER_BYTES:
+            problem, torn = f"incomplete batch header ({size - pos} of {HEADER_BYTES} bytes)", True
+            break
+        magic, count, batch_first, batch_last, payload_crc, header_crc = unpack(mv, pos)
+        if magic != MAGIC or crc32(mv[pos:pos + _HEADER_CRC_OFFSET]) != header_crc:
+            problem = "bad batch magic" if magic != MAGIC else "batch header checksum mismatch"
+            torn = _whole_batch_after(data, pos + 1) is None
+            break
+        # The header checksum is right, so the writer wrote these fields: inconsistencies are
+        # real corruption (or a bug), never a torn write.
+        if count < 1 or batch_last - batch_first + 1 != count:
+            problem = f"batch header count {count} does not match seqs {batch_first}..{batch_last}"
+            break
+        if batch_first != expected_seq:
+            kind = "gap" if batch_first > expected_seq else "repeat"
+            problem = f"batch starts at seq {batch_first}, expected {expected_seq} ({kind})"
+            break
+        end = pos + HEADER_BYTES + count * RECORD_BYTES
+        if end > size:
+            problem, torn = f"incomplete batch ({size - pos} of {end - pos} bytes)", True
+            break
+        if crc32(mv[pos + HEADER_BYTES:end]) != payload_crc:
+            problem = f"payload checksum mismatch in batch of seqs {batch_first}..{batch_last}"
+            torn = _whole_batch_after(data, end) is None
+            break
+        offsets.append(pos)
+        counts.append(count)
+        expected_seq = batch_last + 1
+        pos = end
+    return _Scan(offsets, counts, first_seq, expected_seq - 1, pos, problem, torn)
+
+
+def _gather_records(data: bytes, scan: _Scan, path) -> np.ndarray:
+    """The records of a scanned segment's whole batches as one array (a copy), seq-checked."""
+    units = np.frombuffer(data, dtype=_UNIT, count=scan.valid_bytes // _UNIT_BYTES)
+    keep = np.ones(units.size, dtype=bool)
+    header_units = np.asarray(scan.batch_offsets, dtype=np.int64) // _UNIT_BYTES
+    for k in range(_HEADER_UNITS):
+        keep[header_units + k] = False
+    records = units[keep].view(JOURNAL_RECORD_DTYPE)
+    # Checksums prove the bytes are what the writer wrote; this proves the writer wrote what
+    # the headers claim (cheap, and replay trusts record seqs).
+    expected = np.arange(scan.first_seq, scan.first_seq + records.size, dtype=np.int64)
+    wrong = np.flatnonzero(records["seq"] != expected)
+    if wrong.size:
+        i = int(wrong[0])
+        batch = int(np.searchsorted(np.cumsum(scan.batch_counts), i, side="right"))
+        index_in_batch = i - (sum(scan.batch_counts[:batch]))
+        offset = scan.batch_offsets[batch] + HEADER_BYTES + index_in_batch * RECORD_BYTES
+        raise JournalCorrupt(path, offset, f"record has seq {int(records['seq'][i])}, "
+                                           f"its batch header says {int(expected[i])}")
+    return records
+
+
+# --- reading -------------------------------------------------------------------------------
+
+def read_journal(directory, from_seq: int = 1,
+                 tolerate_torn_tail: bool = True) -> Iterator[np.ndarray]:
+    """Yield the journal's records from `from_seq` on, as JOURNAL_RECORD_DTYPE arrays.
+
+    One array per segment (a copy; at most a segment's size in memory), never empty; the first
+    record yielded has seq == from_seq. Every checksum and the seq chain across batches and
+    segments is verified; segments wholly before from_seq are skipped unread. Raises
+    JournalError if the journal starts after from_seq (retired, or lost), JournalCorrupt on
+    damage. A torn tail at the end of the last segment ends iteration quietly if
+    `tolerate_torn_tail`, else raises JournalCorrupt. If from_seq is past the end, yields
+    nothing: callers replaying onto a snapshot should check they reached the seq they expect.
+    """
+    if from_seq < 1:
+        raise ValueError(f"from_seq must be >= 1, got {from_seq}")
+    segs = segments(directory)
+    if not segs:
+        return
+    if segs[0].first_seq > from_seq:
+        raise JournalError(f"journal {directory} starts at seq {segs[0].first_seq}, after the "
+                           f"requested from_seq {from_seq} (segments retired or missing)")
+    start = max(i for i, seg in enumerate(segs) if seg.first_seq <= from_seq)
+    expected_seq = segs[start].first_seq
+    for i in range(start, len(segs)):
+        seg = segs[i]
+        is_last = i == len(segs) - 1
+        if seg.first_seq != expected_seq:
+            kind = "gap" if seg.first_seq > expected_seq else "overlap"
+            raise JournalCorrupt(seg.path, 0, f"segment starts at seq {seg.first_seq} but the "
+                                 f"journal so far ends at seq {expected_seq - 1} ({kind})")
+        data = seg.path.read_bytes()
+        scan = _scan(data, seg.first_seq)
+        if scan.problem is not None:
+            if not (is_last and scan.torn):
+                raise JournalCorrupt(seg.path, scan.valid_bytes, scan.problem)
+            if not tolerate_torn_tail:
+                raise JournalCorrupt(seg.path, scan.valid_bytes, "torn tail: " + scan.problem)
+        records = _gather_records(data, scan, seg.path)
+        if from_seq > seg.first_seq:
+            records = records[from_seq - seg.first_seq:]
+        if records.size:
+            yield records
+        expected_seq = scan.last_seq + 1
+
+
+def journal_info(directory) -> dict:
+    """Segments and seq range, for status displays. Cheap: only the last segment is read.
+
+    Returns {"segments": [(path, first_seq, last_seq, bytes)], "first_seq", "last_seq",
+    "records", "torn_tail": None or a description}. Non-last segments' last_seq comes from the
+    next segment's name (read_journal verifies it). An empty journal has first_seq 1,
+    last_seq 0, records 0. Raises JournalCorrupt if the last segment is damaged mid-file.
+    """
+    segs = segments(directory)
+    if not segs:
+        return {"segments": [], "first_seq": 1, "last_seq": 0, "records": 0, "torn_tail": None}
+    rows = [(seg.path, seg.first_seq, nxt.first_seq - 1, seg.path.stat().st_size)
+            for seg, nxt in zip(segs, segs[1:])]
+    last = segs[-1]
+    data = last.path.read_bytes()
+    scan = _scan(data, last.first_seq)
+    if scan.problem is not None and not scan.torn:
+        raise JournalCorrupt(last.path, scan.valid_bytes, scan.problem)
+    rows.append((last.path, last.first_seq, scan.last_seq, len(data)))
+    torn_tail = None
+    if scan.problem is not None:
+        torn_tail = (f"{last.path}: {len(data) - scan.valid_bytes} bytes at offset "
+                     f"{scan.valid_bytes}: {scan.problem}")
+    return {"segments": rows, "first_seq": segs[0].first_seq, "last_seq": scan.last_seq,
+            "records": scan.last_seq - segs[0].first_seq + 1, "torn_tail": torn_tail}
+
+
+# --- writing -------------------------------------------------------------------------------
+
+def _fsync_directory(path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class JournalWriter:
+    """The single writer of a journal directory. See the module docstring for the protocol."""
+
+    def __init__(self, directory, segment_bytes: int = DEFAULT_SEGMENT_BYTES):
+        if segment_bytes < HEADER_BYTES + RECORD_BYTES:
+            raise ValueError(f"segment_bytes must hold at least one batch of one record "
+                             f"({HEADER_BYTES + RECORD_BYTES}), got {segment_bytes}")
+        self.directory = Path(directory)
+        self.segment_bytes = int(segment_bytes)
+        self.repairs: list[str] = []
+        self._dir_fd = None
+        self._fd = None                     # current (last) segment; None: journal empty
+        self._segment_path = None
+        self._segment_used_bytes = 0        # end of the last whole batch in the current segment
+        self._last_seq = 0
+        self._durable_seq = 0               # last seq covered by a successful fdatasync
+        self._unusable = None               # why, after a failed fdatasync
+        self._pending_truncate_bytes = None  # a failed write's leftovers not yet cut off
+        created = not self.directory.exists()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise JournalError(f"journal {self.directory} is already open by another writer")
+            if created:
+                _fsync_directory(self.directory.parent)
+            self._open_last_segment()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_last_segment(self) -> None:
+        segs = segments(self.directory)
+        if not segs:
+            return
+        seg = segs[-1]
+        data = seg.path.read_bytes()
+        scan = _scan(data, seg.first_seq)
+        if scan.problem is not None and not scan.torn:
+            raise JournalCorrupt(seg.path, scan.valid_bytes,
+                                 scan.problem + "; valid batches follow, refusing to cut history")
+        _gather_records(data, scan, seg.path)   # seq-checks the records we will build on
+        fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            if scan.problem is not None:
+                os.ftruncate(fd, scan.valid_bytes)
+                self._report_repair(
+                    f"JOURNAL REPAIR: cut torn tail of {seg.path}: {len(data) - scan.valid_bytes} "
+                    f"bytes at offset {scan.valid_bytes} ({scan.problem}); journal now ends at "
+                    f"seq {scan.last_seq}")
+            # Whatever a crashed predecessor left in the page cache (and our cut) becomes durable
+            # now, so everything up to last_seq may be reported as durable.
+            os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._segment_path = seg.path
+        self._segment_used_bytes = scan.valid_bytes
+        self._last_seq = self._durable_seq = scan.last_seq
+
+    def _report_repair(self, message: str) -> None:
+        self.repairs.append(message)
+        print(message, file=sys.stderr, flush=True)
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the last appended record (0 for an empty journal); not necessarily durable."""
+        return self._last_seq
+
+    @property
+    def durable_seq(self) -> int:
+        """Seq of the last record known to be on stable storage."""
+        return self._durable_seq
+
+    @property
+    def segment_path(self) -> Path | None:
+        return self._segment_path
+
+    def _check_usable(self) -> None:
+        if self._dir_fd is None:
+            raise ValueError("journal writer is closed")
+        if self._unusable is not None:
+            raise OSError(errno.EIO, f"journal writer unusable: {self._unusable}; reopen it")
+        if self._pending_truncate_bytes is not None:
+            # A failed append left bytes we could not cut; building on them would hide a
+            # partial batch in the middle of the journal.
+            os.ftruncate(self._fd, self._pending_truncate_bytes)
+            self._pending_truncate_bytes = None
+
+    def append(self, records: np.ndarray) -> int:
+        """Append one batch whose seqs are last_seq+1, last_seq+2, ... Returns the new last_seq.
+
+        Does not fsync (call sync()). An empty array is a no-op. On an OSError the segment is
+        cut back to the last whole batch and the same records may be retried.
+        """
+        self._check_usable()
+        if not isinstance(records, np.ndarray) or records.dtype != JOURNAL_RECORD_DTYPE:
+            raise TypeError("append takes a numpy array of JOURNAL_RECORD_DTYPE")
+        records = np.ascontiguousarray(records).reshape(-1)
+        count = records.size
+        if count == 0:
+            return self._last_seq
+        if count > _MAX_BATCH_RECORDS:
+            raise ValueError(f"a batch holds at most {_MAX_BATCH_RECORDS} records, got {count}")
+        first_seq = self._last_seq + 1
+        seqs = records["seq"]
+        if int(seqs[0]) != first_seq:
+            raise ValueError(f"batch starts at seq {int(seqs[0])}, journal expects {first_seq}")
+        expected = np.arange(first_seq, first_seq + count, dtype=np.int64)
+        wrong = np.flatnonzero(seqs != expected)
+        if wrong.size:
+            i = int(wrong[0])
+            raise ValueError(f"batch seqs not contiguous: record {i} has seq {int(seqs[i])}, "
+                             f"expected {int(expected[i])}")
+        last_seq = first_seq + count - 1
+        payload = records.tobytes()
+        header_body = _HEADER_BODY.pack(MAGIC, count, first_seq, last_seq, zlib.crc32(payload))
+        batch = header_body + struct.pack("<I", zlib.crc32(header_body)) + payload
+        if self._fd is None or (self._segment_used_bytes > 0 and
+                                self._segment_used_bytes + len(batch) > self.segment_bytes):
+            self._roll(first_seq)
+        self._write_batch(batch)
+        self._last_seq = last_seq
+        return last_seq
+
+    def _write_batch(self, batch: bytes) -> None:
+        start = self._segment_used_bytes
+        view = memoryview(batch)
+        written = 0
+        try:
+            # One pwrite normally; a short write (e.g. at RLIMIT_FSIZE) is continued so the
+            # next call reports the actual error.
+            while written < len(batch):
+                n = os.pwrite(self._fd, view[written:], start + written)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"pwrite to {self._segment_path} wrote nothing")
+                written += n
+        except BaseException:
+            self._cut_back_to(start)
+            raise
+        self._segment_used_bytes = start + len(batch)
+
+    def _cut_back_to(self, offset: int) -> None:
+        try:
+            os.ftruncate(self._fd, offset)
+        except OSError as e:
+            self._pending_truncate_bytes = offset
+            print(f"JOURNAL: could not cut {self._segment_path} back to {offset} bytes after a "
+                  f"failed write ({e}); appends refused until it can", file=sys.stderr, flush=True)
+
+    def _roll(self, first_seq: int) -> None:
+        """Start a new segment whose first record will be first_seq."""
+        if self._fd is not None:
+            # The old segment must be durable before a later one exists, or a crash could
+            # leave a hole in the middle of the journal rather than a torn tail at its end.
+            self._sync_current()
+        path = self.directory / segment_name(first_seq)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.fsync(self._dir_fd)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        self._segment_path = path
+        self._segment_used_bytes = 0
+
+    def _sync_current(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            self._unusable = f"fdatasync of {self._segment_path} failed ({e})"
+            raise
+        self._durable_seq = self._last_seq
+
+    def sync(self) -> int:
+        """fdatasync the current segment; returns the seq now durable (publish as durable_seq)."""
+        self._check_usable()
+        if self._fd is not None:
+            self._sync_current()
+        return self._durable_seq
+
+    def retire_through(self, seq: int) -> list[Path]:
+        """Delete the oldest segments whose every record has seq <= `seq`; never the current one.
+
+        Only pass a seq covered by a durable snapshot. Returns the deleted paths, oldest first.
+        """
+        if self._dir_fd is None:
+            raise ValueError("journal writer is closed")
+        segs = segments(self.directory)
+        deleted = []
+        for seg, following in zip(segs, segs[1:]):       # the last segment is never a candidate
+            if following.first_seq - 1 > seq or seg.path == self._segment_path:
+                break
+            os.unlink(seg.path)
+            deleted.append(seg.path)
+        if deleted:
+            os.fsync(self._dir_fd)
+        return deleted
+
+    def close(self) -> None:
+        """Close the files and release the lock. Does not sync: call sync() first."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)      # releases the flock
+            self._dir_fd = None
+
+    def __enter__(self) -> "JournalWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,438 @@
+"""persistd/journal.py on real files: round trips, reopen, torn tails, corruption, retirement,
+OS write failures (RLIMIT_FSIZE in a subprocess), and a hypothesis round-trip property."""
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.records import (COMMAND_EVENT_DTYPE, EV_ACK, EV_COMMAND, EVENT_DTYPE)
+from persistd.journal import (HEADER_BYTES, JOURNAL_RECORD_DTYPE, RECORD_BYTES, JournalCorrupt,
+                              JournalError, JournalWriter, journal_info, read_journal,
+                              records_from_command_events, segment_name, segments)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_records(first_seq: int, count: int, rng_seed: int = 0) -> np.ndarray:
+    """Records with every command field filled, so a byte mix-up anywhere shows."""
+    rng = np.random.default_rng(rng_seed + first_seq)
+    r = np.zeros(count, dtype=JOURNAL_RECORD_DTYPE)
+    r["seq"] = np.arange(first_seq, first_seq + count)
+    r["source"] = rng.integers(0, 4, count)
+    r["privileged"] = r["source"] == 0
+    c = r["command"]
+    for name in ("ts_ns", "cid", "oid", "price_ticks", "qty_lots", "amount_atoms"):
+        c[name] = rng.integers(-2**62, 2**62, count)
+    for name in ("account", "req"):
+        c[name] = rng.integers(-2**31, 2**31 - 1, count)
+    c["market"] = rng.integers(-1, 500, count)
+    for name in ("cmd", "side", "kind", "tif", "flags", "stp"):
+        c[name] = rng.integers(0, 256, count)
+    return r
+
+
+def write_batches(directory, sizes, segment_bytes=4096, first_seq=1):
+    """Append one batch per size; returns the records written, concatenated."""
+    written = []
+    with JournalWriter(directory, segment_bytes=segment_bytes) as w:
+        seq = first_seq
+        for n in sizes:
+            batch = make_records(seq, n)
+            assert w.append(batch) == seq + n - 1
+            written.append(batch)
+            seq += n
+        w.sync()
+    return np.concatenate(written) if written else np.zeros(0, JOURNAL_RECORD_DTYPE)
+
+
+def read_all(directory, **kw) -> np.ndarray:
+    parts = list(read_journal(directory, **kw))
+    return np.concatenate(parts) if parts else np.zeros(0, JOURNAL_RECORD_DTYPE)
+
+
+def batch_offsets(path: Path) -> list[tuple[int, int]]:
+    """(offset, byte length) of each batch in a segment, parsed independently of the module."""
+    data = path.read_bytes()
+    out, pos = [], 0
+    while pos < len(data):
+        count = int.from_bytes(data[pos + 4:pos + 8], "little")
+        out.append((pos, HEADER_BYTES + count * RECORD_BYTES))
+        pos += HEADER_BYTES + count * RECORD_BYTES
+    return out
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+# --- record layout -------------------------------------------------------------------------
+
+def test_record_layout_is_80_bytes_with_command_at_16():
+    assert JOURNAL_RECORD_DTYPE.itemsize == 80
+    assert JOURNAL_RECORD_DTYPE.fields["seq"][1] == 0
+    assert JOURNAL_RECORD_DTYPE.fields["source"][1] == 8
+    assert JOURNAL_RECORD_DTYPE.fields["privileged"][1] == 9
+    assert JOURNAL_RECORD_DTYPE.fields["command"][1] == 16
+
+
+def test_records_from_command_events_copies_command_bytes_and_privilege():
+    n = 300
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, n * 128, dtype=np.uint8)       # garbage everywhere, then set header
+    events = raw.view(EVENT_DTYPE)
+    events["etype"] = EV_COMMAND
+    events["seq"] = np.arange(1000, 1000 + n)
+    events["source"] = rng.integers(0, 3, n)
+    privileged_sources = np.array([True, False, True])
+
+    recs = records_from_command_events(events, privileged_sources)
+
+    assert recs.dtype == JOURNAL_RECORD_DTYPE and recs.size == n
+    assert np.array_equal(recs["seq"], np.arange(1000, 1000 + n))
+    assert np.array_equal(recs["source"], events["source"])
+    assert np.array_equal(recs["privileged"], privileged_sources[events["source"]].astype(np.uint8))
+    # the command is the event's second half, byte for byte
+    command_bytes = raw.reshape(n, 128)[:, 64:]
+    assert np.array_equal(recs.view(np.uint8).reshape(n, 80)[:, 16:], command_bytes)
+    assert not recs["_pad"].any()
+    assert np.array_equal(recs["command"], events.view(COMMAND_EVENT_DTYPE)["command"])
+
+
+def test_records_from_command_events_rejects_other_events_and_unknown_sources():
+    events = np.zeros(3, dtype=EVENT_DTYPE)
+    events["etype"] = EV_COMMAND
+    events["etype"][1] = EV_ACK
+    with pytest.raises(ValueError, match="event 1 .* not EV_COMMAND"):
+        records_from_command_events(events, np.array([True]))
+    events["etype"] = EV_COMMAND
+    events["source"][2] = 5
+    with pytest.raises(ValueError, match="source 5 has no entry"):
+        records_from_command_events(events, np.array([True, False]))
+
+
+# --- round trips ---------------------------------------------------------------------------
+
+def test_round_trip_many_batches_across_segments(tmp_path):
+    rng = np.random.default_rng(1)
+    sizes = [int(x) for x in rng.integers(1, 40, 200)]
+    segment_bytes = 8192
+    written = write_batches(tmp_path, sizes, segment_bytes=segment_bytes)
+
+    got = read_all(tmp_path)
+    assert got.tobytes() == written.tobytes()
+    segs = segments(tmp_path)
+    assert len(segs) > 5
+    for seg in segs:
+        assert seg.path.name == segment_name(seg.first_seq)
+        first = next(read_journal(tmp_path, from_seq=seg.first_seq))
+        assert first["seq"][0] == seg.first_seq
+    # a segment only exceeds segment_bytes if its first batch alone does (40*80+32 < 8192)
+    assert all(seg.path.stat().st_size <= segment_bytes for seg in segs)
+    info = journal_info(tmp_path)
+    assert info["first_seq"] == 1 and info["last_seq"] == sum(sizes) == info["records"]
+    assert [row[1] for row in info["segments"]] == [s.first_seq for s in segs]
+    assert info["segments"][-1][2] == sum(sizes) and info["torn_tail"] is None
+    assert sum(row[3] for row in info["segments"]) == len(sizes) * HEADER_BYTES + sum(sizes) * 80
+
+
+def test_read_from_seq_trims_inside_a_segment(tmp_path):
+    written = write_batches(tmp_path, [10] * 50, segment_bytes=2048)
+    for from_seq in (1, 2, 17, 250, 499, 500):
+        parts = list(read_journal(tmp_path, from_seq=from_seq))
+        assert parts[0]["seq"][0] == from_seq
+        assert np.concatenate(parts).tobytes() == written[from_seq - 1:].tobytes()
+    assert list(read_journal(tmp_path, from_seq=501)) == []
+
+
+def test_empty_journal(tmp_path):
+    d = tmp_path / "new" / "journal"
+    with JournalWriter(d) as w:
+        assert w.last_seq == 0 and w.durable_seq == 0
+        assert w.sync() == 0
+        assert w.append(np.zeros(0, JOURNAL_RECORD_DTYPE)) == 0
+    assert d.is_dir() and segments(d) == []
+    assert list(read_journal(d)) == []
+    assert journal_info(d) == {"segments": [], "first_seq": 1, "last_seq": 0, "records": 0,
+                               "torn_tail": None}
+
+
+def test_reopen_continues_at_last_seq_plus_one(tmp_path):
+    first = write_batches(tmp_path, [5, 7, 3], segment_bytes=1024)
+    with JournalWriter(tmp_path, segment_bytes=1024) as w:
+        assert w.last_seq == 15 and w.durable_seq == 15 and w.repairs == []
+        with pytest.raises(ValueError, match="starts at seq 15, journal expects 16"):
+            w.append(make_records(15, 2))
+        more = make_records(16, 20)
+        assert w.append(more) == 35
+        assert w.last_seq == 35 and w.durable_seq == 15
+        assert w.sync() == 35 and w.durable_seq == 35
+    assert read_all(tmp_path).tobytes() == np.concatenate([first, more]).tobytes()
+
+
+def test_non_contiguous_batches_are_refused_and_write_nothing(tmp_path):
+    with JournalWriter(tmp_path) as w:
+        with pytest.raises(ValueError, match="starts at seq 2, journal expects 1"):
+            w.append(make_records(2, 3))
+        w.append(make_records(1, 3))
+        size = w.segment_path.stat().st_size
+        with pytest.raises(ValueError, match="starts at seq 6, journal expects 4"):
+            w.append(make_records(6, 3))                 # gap
+        with pytest.raises(ValueError, match="starts at seq 3, journal expects 4"):
+            w.append(make_records(3, 3))                 # repeat
+        holey = make_records(4, 5)
+        holey["seq"][3] = 99
+        with pytest.raises(ValueError, match="record 3 has seq 99, expected 7"):
+            w.append(holey)                              # hole inside the batch
+        with pytest.raises(TypeError):
+            w.append(make_records(4, 2)["command"])
+        assert w.last_seq == 3 and w.segment_path.stat().st_size == size
+    assert read_all(tmp_path)["seq"].tolist() == [1, 2, 3]
+
+
+def test_second_writer_on_the_same_directory_is_refused(tmp_path):
+    with JournalWriter(tmp_path):
+        with pytest.raises(JournalError, match="already open by another writer"):
+            JournalWriter(tmp_path)
+    with JournalWriter(tmp_path) as w:          # the lock goes with close()
+        assert w.last_seq == 0
+
+
+# --- torn tails ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cut", ["inside_header", "after_header", "inside_payload", "one_short"])
+def test_torn_tail_cut_mid_batch_is_repaired_on_reopen(tmp_path, capsys, cut):
+    written = write_batches(tmp_path, [4, 6, 5])
+    [seg] = segments(tmp_path)
+    last_offset, last_len = batch_offsets(seg.path)[-1]
+    cut_at = {"inside_header": last_offset + 13, "after_header": last_offset + HEADER_BYTES,
+              "inside_payload": last_offset + HEADER_BYTES + 100,
+              "one_short": last_offset + last_len - 1}[cut]
+    os.truncate(seg.path, cut_at)
+
+    # readers: quiet stop by default, loud when asked
+    assert read_all(tmp_path).tobytes() == written[:10].tobytes()
+    with pytest.raises(JournalCorrupt, match="torn tail") as exc:
+        read_all(tmp_path, tolerate_torn_tail=False)
+    assert exc.value.path == seg.path and exc.value.offset == last_offset
+    assert journal_info(tmp_path)["last_seq"] == 10
+    assert f"offset {last_offset}" in journal_info(tmp_path)["torn_tail"]
+
+    with JournalWriter(tmp_path) as w:
+        assert w.last_seq == 10
+        assert len(w.repairs) == 1
+        assert str(seg.path) in w.repairs[0] and f"{cut_at - last_offset} bytes" in w.repairs[0]
+        assert seg.path.stat().st_size == last_offset
+        w.append(written[10:])
+        w.append(make_records(16, 3))
+        w.sync()
+    assert "JOURNAL REPAIR" in capsys.readouterr().err
+    got = read_all(tmp_path, tolerate_torn_tail=False)
+    assert got.tobytes() == np.concatenate([written, make_records(16, 3)]).tobytes()
+
+
+@pytest.mark.parametrize("where", ["payload", "header"])
+def test_flipped_byte_in_last_batch_is_a_torn_tail(tmp_path, where):
+    written = write_batches(tmp_path, [4, 6, 5])
+    [seg] = segments(tmp_path)
+    last_offset, _ = batch_offsets(seg.path)[-1]
+    flip_byte(seg.path, last_offset + (HEADER_BYTES + 170 if where == "payload" else 10))
+
+    assert read_all(tmp_path).tobytes() == written[:10].tobytes()
+    with JournalWriter(tmp_path) as w:
+        assert w.last_seq == 10 and len(w.repairs) == 1
+        assert "checksum mismatch" in w.repairs[0]
+        w.append(written[10:])
+    assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == written.tobytes()
+
+
+def test_empty_last_segment_is_continued(tmp_path):
+    """A crash right after a roll leaves a 0-byte newest segment: the journal ends before it."""
+    written = write_batches(tmp_path, [10] * 6, segment_bytes=2000)
+    segs = segments(tmp_path)
+    assert len(segs) >= 3
+    os.truncate(segs[-1].path, 0)
+    lost_from = segs[-1].first_seq
+
+    assert read_all(tmp_path).tobytes() == written[:lost_from - 1].tobytes()
+    with JournalWriter(tmp_path, segment_bytes=2000) as w:
+        assert w.last_seq == lost_from - 1 and w.repairs == []
+        w.append(written[lost_from - 1:])
+    assert [s.path for s in segments(tmp_path)] == [s.path for s in segs]
+    assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == written.tobytes()
+
+
+# --- corruption in the middle --------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["payload", "header_count", "magic"])
+def test_corruption_before_valid_batches_is_refused_not_cut(tmp_path, where):
+    write_batches(tmp_path, [4, 6, 5, 3])
+    [seg] = segments(tmp_path)
+    bad_offset, _ = batch_offsets(seg.path)[1]
+    flip_byte(seg.path, bad_offset + {"payload": HEADER_BYTES + 90, "header_count": 4,
+                                      "magic": 0}[where])
+    before = seg.path.read_bytes()
+
+    with pytest.raises(JournalCorrupt) as exc:
+        read_all(tmp_path)
+    assert exc.value.path == seg.path and exc.value.offset == bad_offset
+    assert str(seg.path) in str(exc.value) and f"at byte {bad_offset}" in str(exc.value)
+
+    with pytest.raises(JournalCorrupt, match="refusing to cut history") as exc:
+        JournalWriter(tmp_path)
+    assert exc.value.offset == bad_offset
+    assert seg.path.read_bytes() == before, "acknowledged history must not be truncated"
+    # the refused writer released its directory lock
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
+def test_corruption_in_an_older_segment_and_missing_segment(tmp_path):
+    write_batches(tmp_path, [10] * 12, segment_bytes=2000)
+    segs = segments(tmp_path)
+    assert len(segs) >= 4
+    # a damaged batch in a non-last segment is corruption even if it is that segment's last batch
+    last_offset, _ = batch_offsets(segs[1].path)[-1]
+    flip_byte(segs[1].path, last_offset + HEADER_BYTES + 5)
+    with pytest.raises(JournalCorrupt) as exc:
+        read_all(tmp_path)
+    assert exc.value.path == segs[1].path and exc.value.offset == last_offset
+    assert "checksum" in exc.value.reason
+    # reading from a later segment skips the damaged one unread
+    assert read_all(tmp_path, from_seq=segs[2].first_seq)["seq"][0] == segs[2].first_seq
+
+    # a missing middle segment is a gap, found when the read reaches the segment after it
+    assert len(segs) >= 5
+    os.unlink(segs[3].path)
+    with pytest.raises(JournalCorrupt, match="gap") as exc:
+        read_all(tmp_path, from_seq=segs[2].first_seq + 1)
+    assert exc.value.path == segs[4].path and exc.value.offset == 0
+
+
+# --- retirement ----------------------------------------------------------------------------
+
+def test_retire_through_removes_only_whole_older_segments(tmp_path):
+    written = write_batches(tmp_path, [10] * 20, segment_bytes=2000)
+    segs = segments(tmp_path)
+    assert len(segs) >= 5
+    with JournalWriter(tmp_path, segment_bytes=2000) as w:
+        # seq inside segment 2: segments 0 and 1 end before it, segment 2 does not
+        through = segs[2].first_seq + 3
+        assert w.retire_through(through) == [segs[0].path, segs[1].path]
+        assert segments(tmp_path) == segs[2:]
+        assert w.retire_through(through) == []
+        # even retiring everything keeps the current segment
+        assert w.retire_through(w.last_seq) == [s.path for s in segs[2:-1]]
+        assert segments(tmp_path) == segs[-1:]
+        w.append(make_records(w.last_seq + 1, 4))
+    got = read_all(tmp_path, from_seq=segs[-1].first_seq + 1)
+    everything = np.concatenate([written, make_records(201, 4)])
+    assert got.tobytes() == everything[segs[-1].first_seq:].tobytes()
+    with pytest.raises(JournalError, match=f"starts at seq {segs[-1].first_seq}"):
+        next(read_journal(tmp_path, from_seq=1))
+    info = journal_info(tmp_path)
+    assert info["first_seq"] == segs[-1].first_seq and info["last_seq"] == 204
+    assert info["records"] == 204 - segs[-1].first_seq + 1
+
+
+# --- OS write failures ---------------------------------------------------------------------
+
+_FSIZE_CHILD = r"""
+import errno, json, os, resource, signal, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from tests.test_journal import make_records
+from persistd.journal import JournalWriter
+
+directory, limit_bytes = sys.argv[1], int(sys.argv[3])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # EFBIG instead of death
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, hard))
+out = {}
+w = JournalWriter(directory, segment_bytes=1 << 30)
+seq = 1
+while True:
+    batch = make_records(seq, 7)
+    size_before = os.path.getsize(w.segment_path) if w.segment_path else 0
+    try:
+        w.append(batch)
+    except OSError as e:
+        out["errno"] = e.errno
+        out["failed_seq"] = seq
+        out["size_before"] = size_before
+        out["size_after_failure"] = os.path.getsize(w.segment_path)
+        break
+    seq += 7
+w.sync()
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))   # the limit is lifted
+w.append(batch)                                            # retry the very same records
+w.append(make_records(seq + 7, 3))
+out["last_seq"] = w.sync()
+w.close()
+print(json.dumps(out))
+"""
+
+
+def test_write_failure_at_file_size_limit_leaves_a_valid_journal_and_retry_works(tmp_path):
+    batch_bytes = HEADER_BYTES + 7 * RECORD_BYTES          # 592
+    limit_bytes = 5 * batch_bytes + 200                    # the 6th batch is cut mid-payload
+    r = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, str(tmp_path), str(REPO),
+                        str(limit_bytes)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["errno"] == 27                              # EFBIG
+    assert out["failed_seq"] == 36
+    assert out["size_before"] == 5 * batch_bytes
+    assert out["size_after_failure"] == 5 * batch_bytes, "the partial batch was cut off"
+    assert out["last_seq"] == 45
+    expected = np.concatenate([make_records(s, 7) for s in range(1, 43, 7)] + [make_records(43, 3)])
+    assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == expected.tobytes()
+
+
+# --- property ------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(1, 60), min_size=0, max_size=40),
+       segment_bytes=st.integers(HEADER_BYTES + RECORD_BYTES, 6000),
+       reopen_every=st.integers(1, 50),
+       from_seq=st.integers(1, 1000))
+def test_property_any_batches_and_segment_sizes_round_trip(sizes, segment_bytes, reopen_every,
+                                                           from_seq):
+    with tempfile.TemporaryDirectory() as d:
+        written, seq = [], 1
+        w = JournalWriter(d, segment_bytes=segment_bytes)
+        for i, n in enumerate(sizes):
+            if i and i % reopen_every == 0:
+                w.close()
+                w = JournalWriter(d, segment_bytes=segment_bytes)
+                assert w.last_seq == seq - 1
+            batch = make_records(seq, n)
+            w.append(batch)
+            written.append(batch)
+            seq += n
+        w.sync()
+        w.close()
+        total = seq - 1
+        expected = np.concatenate(written) if written else np.zeros(0, JOURNAL_RECORD_DTYPE)
+        assert read_all(d, tolerate_torn_tail=False).tobytes() == expected.tobytes()
+        assert read_all(d, from_seq=from_seq).tobytes() == expected[from_seq - 1:].tobytes()
+        info = journal_info(d)
+        assert info["last_seq"] == total == info["records"]
+        for path, first, last, nbytes in info["segments"]:
+            assert path.stat().st_size == nbytes
+            # a segment only outgrows segment_bytes when it holds a single oversized batch
+            assert nbytes <= segment_bytes or len(batch_offsets(path)) == 1
