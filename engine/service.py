@@ -48,6 +48,10 @@ def event_ring_name(prefix: str) -> str:
     return f"{prefix}-events"
 
 
+def matcher_bell_name(prefix: str) -> str:
+    return f"{prefix}-matcher-bell"
+
+
 def command_ring_name(prefix: str, source: str) -> str:
     return f"{prefix}-cmd-{source}"
 
@@ -63,32 +67,70 @@ class MatcherService:
 
     def __init__(self, cfg: EngineConfig, prefix: str, sources: list[Source],
                  consumers: list[str], event_capacity: int | None = None,
-                 batch: int = DEFAULT_BATCH):
+                 batch: int = DEFAULT_BATCH, reattach: bool = False):
+        """Create the exchange's shared memory, or with reattach=True map what a matcher that
+        died left behind (the rings keep their cursors: producers and consumers carry on). A
+        reattached state region holds whatever the dead matcher left: rebuild it before use.
+        """
         self.cfg = cfg
         self.batch = batch
+        self.reattached = reattach
         capacity = event_capacity or DEFAULT_EVENT_CAPACITY
         self._owned = []
         try:
-            self.state_region = self._own(Region.create(
-                state_region_name(prefix), layout_version(cfg), state_nbytes(cfg)))
-            state = state_in_buffer(cfg, self.state_region.payload, fresh=True)
+            if reattach:
+                self.state_region = self._keep(Region.attach(state_region_name(prefix),
+                                                             layout_version(cfg)))
+                self.events = self._keep(EventRing.attach(event_ring_name(prefix), EVENT_DTYPE))
+                self.bell = self._keep(Doorbell.attach(matcher_bell_name(prefix)))
+                self.rings = [self._keep(CommandRing.attach(command_ring_name(prefix, s.name),
+                                                            COMMAND_DTYPE)) for s in sources]
+            else:
+                self.state_region = self._own(Region.create(
+                    state_region_name(prefix), layout_version(cfg), state_nbytes(cfg)))
+                self.events = self._own(EventRing.create(event_ring_name(prefix), EVENT_DTYPE,
+                                                         capacity, consumers))
+                self.bell = self._own(Doorbell.create(matcher_bell_name(prefix)))
+                self.rings = [self._own(CommandRing.create(command_ring_name(prefix, s.name),
+                                                           COMMAND_DTYPE, s.capacity,
+                                                           consumer_bell=self.bell.name))
+                              for s in sources]
+            self.state_buffer = self.state_region.payload[:state_nbytes(cfg)]
+            state = state_in_buffer(cfg, self.state_buffer, fresh=not reattach)
             self.matcher = Matcher(cfg, state=state)
-            self.events = self._own(EventRing.create(event_ring_name(prefix), EVENT_DTYPE,
-                                                     capacity, consumers))
-            self.bell = self._own(Doorbell.create(f"{prefix}-matcher-bell"))
             self.sources = sources
-            self.rings = [self._own(CommandRing.create(command_ring_name(prefix, s.name),
-                                                       COMMAND_DTYPE, s.capacity,
-                                                       consumer_bell=self.bell.name))
-                          for s in sources]
         except BaseException:
             self.close()
             raise
         self.sink = event_sink(self.events.records)
         self._idle = SpinYieldBlockWait(self.bell)
 
+    @staticmethod
+    def exists(prefix: str) -> bool:
+        """Whether a matcher (alive or dead) created this prefix's state region."""
+        return Region.exists(state_region_name(prefix))
+
+    def last_published_seq(self) -> int:
+        """The seq of the newest event in the event ring (or the one mark_start left)."""
+        cursor = self.events.published_cursor()
+        return int(self.events.records["seq"][(cursor - 1) & self.events.mask])
+
+    def mark_start(self) -> None:
+        """On a ring with no event yet, write the state's seq into the slot behind the cursor:
+        readers that copy the state at a command boundary (gateway/mirror.py) compare the
+        state's seq with the last event's, and a state recovered from the journal starts past 0.
+        """
+        if self.events.published_cursor() == 0:
+            self.events.records["seq"][self.events.mask] = self.matcher.seq
+
     def _own(self, thing):
-        self._owned.append(thing)
+        """Something this process created: closed and unlinked by close()."""
+        self._owned.append((thing, True))
+        return thing
+
+    def _keep(self, thing):
+        """Something another process created: close() only unmaps it."""
+        self._owned.append((thing, False))
         return thing
 
     def poll_once(self) -> int:
@@ -102,23 +144,27 @@ class MatcherService:
             done, write_pos = self.matcher.process(
                 head, self.sink, self.events.write_cursor, self.events.free_slots(),
                 source=index, privileged=source.privileged)
+            # Free the commands before publishing their events: a matcher killed in between
+            # loses commands nobody saw answered, instead of leaving sequenced (and perhaps
+            # journaled) commands in the ring for its successor to sequence a second time.
+            ring.advance(done)
             if write_pos != self.events.write_cursor:
                 self.events.publish(write_pos)
             if done < n:
                 need = self.matcher.needed_slots
                 if need > self.events.capacity:
-                    self._publish_oversized(head, done, source, index)
+                    events = self.matcher.process_oversized(head, done, index, source.privileged)
+                    ring.advance(1)
+                    self._publish_oversized(events)
                     done += 1
                 else:
                     # The slowest consumer holds us back: wait, never overwrite.
                     self.events.wait_for_space(need, timeout_s=0.05)
-            ring.advance(done)
             total += done
         return total
 
-    def _publish_oversized(self, commands, index, source, source_index) -> None:
+    def _publish_oversized(self, events) -> None:
         """A command whose worst case exceeds the event ring: its events go in as room appears."""
-        events = self.matcher.process_oversized(commands, index, source_index, source.privileged)
         written = 0
         while written < len(events):
             if not self.events.wait_for_space(1, timeout_s=0.05):
@@ -141,10 +187,11 @@ class MatcherService:
             gc.enable()
 
     def close(self) -> None:
-        for thing in reversed(self._owned):
+        for thing, created in reversed(self._owned):
             try:
                 thing.close()
-                thing.unlink()
+                if created:
+                    thing.unlink()
             except Exception:
                 pass
         self._owned.clear()

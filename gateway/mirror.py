@@ -47,7 +47,8 @@ _STATE_TABLES = ("counters", "markets", "positions", "accounts", "orders", "leve
                  "book_keys", "book_levels", "book_depth")
 
 
-def consistent_state_copy(state, events, timeout_s: float = 10.0, stats: dict | None = None):
+def consistent_state_copy(state, events, timeout_s: float = 10.0, stats: dict | None = None,
+                          tables=_STATE_TABLES):
     """Copies of the matcher's tables at a command boundary, and the seq they hold.
 
     The matcher bumps the seq counter before a command touches anything and publishes the
@@ -64,12 +65,14 @@ def consistent_state_copy(state, events, timeout_s: float = 10.0, stats: dict | 
             stats["attempts"] = stats.get("attempts", 0) + 1
         s0 = int(state.counters[C_SEQ])
         published = events.published_cursor()
-        last = int(seq_view[(published - 1) & mask]) if published else 0
+        # Before the first event, the slot behind the cursor holds the seq the matcher's state
+        # started at (MatcherService.mark_start): 0, or the seq it recovered to.
+        last = int(seq_view[(published - 1) & mask])
         if last == s0:
-            first = {name: np.array(getattr(state, name)) for name in _STATE_TABLES}
-            second = {name: np.array(getattr(state, name)) for name in _STATE_TABLES}
+            first = {name: np.array(getattr(state, name)) for name in tables}
+            second = {name: np.array(getattr(state, name)) for name in tables}
             if int(state.counters[C_SEQ]) == s0 and all(
-                    np.array_equal(first[n], second[n]) for n in _STATE_TABLES):
+                    np.array_equal(first[n], second[n]) for n in tables):
                 return first, s0
         if time.monotonic() > deadline:
             raise TimeoutError("could not take a consistent copy of the matcher's state "

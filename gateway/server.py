@@ -81,8 +81,8 @@ from engine.config import EngineConfig
 from engine.records import (CMD_CANCEL_ALL, COMMAND_DTYPE, EV_ACK, EV_AMENDED, EV_BALANCE,
                             EV_CANCELED, EV_COMMAND, EV_DONE, EV_MARK, EV_REJECT, EV_TRADE,
                             EVENT_BYTES, EVENT_DTYPE, REASON_DISCONNECT, REASON_FORBIDDEN,
-                            REASON_INVALID_MESSAGE, REASON_NAMES, REASON_RATE_LIMITED,
-                            REASON_UNKNOWN_ORDER)
+                            REASON_INVALID_MESSAGE, REASON_MARKET_HALTED, REASON_NAMES,
+                            REASON_RATE_LIMITED, REASON_UNKNOWN_ORDER)
 from engine.service import attach_state, command_ring_name, event_ring_name
 from gateway import codec
 from gateway.accounts import ZAP_DOMAIN, AccountAuthenticator, AccountRegistry
@@ -93,6 +93,7 @@ from gateway.markets import EdgeReject, MarketTable, atoms_to_str
 from gateway.mirror import (M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE, O_CID, O_KIND,
                             O_MARKET, O_PRICE, O_QTY, O_REMAINING, O_SIDE, Mirror,
                             consistent_state_copy)
+from persistd.progress import JournalProgress
 from shm.region import ShmError
 from shm.ring import CommandRing, EventRing
 from shm.wait import SpinYieldBlockWait
@@ -118,6 +119,8 @@ _EVENTS = int(zmq.EVENTS)
 _NB = int(zmq.NOBLOCK)
 _NB_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _NAME_INVALID = REASON_NAMES[REASON_INVALID_MESSAGE]
+# Requests that would add exposure or move money: refused while the journal fails.
+_NOT_WHILE_JOURNAL_FAILS = frozenset(("new_order", "amend", "withdraw"))
 
 
 class Session:
@@ -178,7 +181,7 @@ class Gateway:
                  source_name: str | None = None, consumer_name: str | None = None,
                  rate_per_s: float = 5000.0, burst: float = 10000.0,
                  max_message_bytes: int = 1024, hard_max_message_bytes: int = 64 * 1024,
-                 ack_mode: str = "fast", durable_seq=None,
+                 ack_mode: str = "fast", durable_seq=None, journal_errno=None,
                  event_batch: int = 4096, recv_batch: int = 256, spin_s: float = 0.0,
                  attach_timeout_s: float = 30.0, context: zmq.Context | None = None):
         if ack_mode not in ("fast", "durable"):
@@ -196,6 +199,8 @@ class Gateway:
         self.max_message_bytes = max_message_bytes
         self.durable = ack_mode == "durable"
         self.durable_seq = durable_seq
+        # persistd's journal_errno (persistd/progress.py): non-zero while journal writes fail
+        self.journal_errno = journal_errno or (lambda: 0)
         self.event_batch = event_batch
         self.recv_batch = recv_batch
         self.spin_s = spin_s
@@ -381,7 +386,7 @@ class Gateway:
             self._sleeping = True
             self._idle.notify()
         try:
-            if self.consumer.available():
+            if self.consumer.available() or self._releasable():
                 return
             if self._cmd_n:
                 timeout_ms = 1    # the command ring was full: retry soon
@@ -410,7 +415,8 @@ class Gateway:
         idle = self._idle
 
         def wake_or_moot():
-            return not self._sleeping or events.published_cursor() > consumer.cursor
+            return (not self._sleeping or events.published_cursor() > consumer.cursor
+                    or self._releasable())
 
         served = 0
         while not stop.is_set():
@@ -451,6 +457,11 @@ class Gateway:
             _send_part(self.pub, payload, _NB, True, False)
         except zmq.ZMQError:
             pass
+
+    def _releasable(self) -> bool:
+        """Durable mode: something held is journaled now (persistd rings our doorbell)."""
+        held = self._held
+        return bool(held) and held[0][0] <= self.durable_seq()
 
     def release_upto(self, seq: int) -> int:
         """Durable mode: send what was held for events up to `seq` (journaled); returns how many."""
@@ -837,6 +848,12 @@ class Gateway:
         if not allowed:
             self._edge_reject(identity, REASON_RATE_LIMITED, "too many requests", rid, cid)
             return
+        if typ in _NOT_WHILE_JOURNAL_FAILS and self.journal_errno():
+            self._edge_reject(identity, REASON_MARKET_HALTED,
+                              f"not accepting {typ} while the journal cannot be written "
+                              f"({os.strerror(self.journal_errno())}): nothing would be "
+                              f"durable; cancels still work", rid, cid)
+            return
         try:
             if typ == "new_order":
                 fields, market = codec.parse_new_order(msg, self.markets)
@@ -1045,6 +1062,9 @@ def parse_args(argv):
     p.add_argument("--burst", type=float, default=10000.0, help="token bucket size per account")
     p.add_argument("--spin-us", type=float, default=0.0,
                    help="busy-wait this long for a due reply before sleeping (0: never spin)")
+    p.add_argument("--ack-mode", choices=("durable", "fast"), default="durable",
+                   help="durable: release acks and fills once persistd journaled them; fast: "
+                        "at once (benchmarks only)")
     p.add_argument("--endpoints-file", default=None,
                    help="write the bound endpoints here as JSON once serving")
     return p.parse_args(argv)
@@ -1058,11 +1078,14 @@ def main(argv=None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    progress = _attach_retry(lambda: JournalProgress.attach(args.prefix), 30.0)
     gw = Gateway(args.prefix, engine_config_from(doc), MarketTable.from_dicts(doc["markets"]),
                  source_index=args.source_index, index=args.index,
                  accounts_dir=args.accounts, server_secret_key_file=args.server_key,
                  orders_endpoint=args.orders, market_data_endpoint=args.market_data,
-                 rate_per_s=args.rate, burst=args.burst, spin_s=args.spin_us * 1e-6)
+                 rate_per_s=args.rate, burst=args.burst, spin_s=args.spin_us * 1e-6,
+                 ack_mode=args.ack_mode, durable_seq=progress.durable_seq,
+                 journal_errno=progress.journal_errno)
     try:
         if args.endpoints_file:       # atomically: a watcher may poll for it
             target = Path(args.endpoints_file)
@@ -1075,4 +1098,5 @@ def main(argv=None) -> int:
         gw.serve(stop.is_set)
     finally:
         gw.close()
+        progress.close()
     return 0

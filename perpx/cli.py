@@ -12,6 +12,7 @@ list the register function in REGISTRARS. Only implemented subcommands are regis
 
 import argparse
 import json
+import os
 import sys
 
 DEFAULT_STATE_DIR = "./perpx-state"
@@ -289,8 +290,7 @@ def status_report(sd) -> dict:
               "started_at": p.get("started_at")} for p in st["processes"]]
     report = {"running": True, "supervisor_pid": supervisor, "state_dir": str(sd.path),
               "prefix": sd.prefix, "processes": procs, "seq": None,
-              # persistd (issue 4) publishes durable_seq; until it exists nothing is durable
-              "durable_seq": None, "heartbeats": {}, "rings": {},
+              "durable_seq": None, "journal": None, "heartbeats": {}, "rings": {},
               "endpoints": st.get("endpoints")}
     try:
         doc = sd.exchange()
@@ -309,6 +309,15 @@ def status_report(sd) -> dict:
         report["seq"] = int(state.counters[C_SEQ])
         del state
         region.close()
+    except ShmError:
+        pass
+    try:
+        from persistd.progress import JournalProgress
+        progress = JournalProgress.attach(prefix)
+        journal = progress.as_dict()
+        progress.close()
+        report["durable_seq"] = journal["durable_seq"]
+        report["journal"] = journal
     except ShmError:
         pass
     try:
@@ -354,7 +363,13 @@ def cmd_status(args) -> int:
     lines = [f"exchange in {report['state_dir']} (supervisor pid {report['supervisor_pid']}, "
              f"shm {report['prefix']})",
              table(["process", "pid", "alive", "restarts", "state", "cpus"], rows), "",
-             f"seq {report['seq']}   durable_seq {report['durable_seq']} (no persistd yet)"]
+             f"seq {report['seq']}   durable_seq {report['durable_seq']}"]
+    journal = report["journal"]
+    if journal:
+        lines.append(f"DuckDB at seq {journal['store_seq']}   newest snapshot at seq "
+                     f"{journal['snapshot_seq']}"
+                     + (f"   JOURNAL WRITES FAILING: {os.strerror(journal['journal_errno'])}"
+                        if journal["journal_errno"] else ""))
     if hb:
         lines.append(f"matcher heartbeat: {'beating' if hb['beating'] else 'STOPPED'} "
                      f"({hb['beats']} beats)")
@@ -370,6 +385,51 @@ def cmd_status(args) -> int:
                      f"{report['endpoints']['market_data']}")
     emit(args, report, "\n".join(lines))
     return 0
+
+
+# ---- durability -------------------------------------------------------------------------------
+def cmd_sql(args) -> int:
+    from perpx.durability import DurabilityError, sql
+    try:
+        result = sql(_state_dir(args), args.query)
+    except DurabilityError as e:
+        raise CliError(str(e)) from None
+    rows = [[str(v) if v is not None else "NULL" for v in r] for r in result["rows"]]
+    emit(args, {"columns": result["columns"], "rows": result["rows"]},
+         table(result["columns"], rows) + f"\n({len(rows)} rows)")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from perpx.durability import check
+    result = check(_state_dir(args))
+    text = (f"all invariants hold at seq {result['seq']}" if result["ok"] else
+            "\n".join([f"INVARIANTS VIOLATED at seq {result['seq']}:"] + result["problems"]))
+    emit(args, result, text)
+    return 0 if result["ok"] else 1
+
+
+def cmd_verify(args) -> int:
+    from perpx.durability import DurabilityError, progress_printer, verify
+    from persistd.journal import journal_info
+    sd = _state_dir(args)
+    total = journal_info(sd.journal_dir)["last_seq"] if sd.journal_dir.exists() else 0
+    show = None if args.json else progress_printer(total, sys.stderr)
+    try:
+        result = verify(sd, on_progress=show)
+    except DurabilityError as e:
+        raise CliError(f"verify failed: {e}") from None
+    lines = [f"replayed the journal from {result['from']} to seq {result['seq']} in "
+             f"{result['seconds']} s: state hash {result['state_hash'][:16]}…"]
+    for c in result["checks"]:
+        lines.append(f"  {c['at']} state at seq {c['seq']}: "
+                     + ("hash matches" if c["ok"] else
+                        f"MISMATCH (recorded {c['expected'][:16]}…, replayed "
+                        f"{c['replayed'][:16]}…)"))
+    if not result["checks"]:
+        lines.append("  (no snapshot after the start and no running exchange to compare with)")
+    emit(args, result, "\n".join(lines))
+    return 0 if result["ok"] else 1
 
 
 # ---- accounts and money -----------------------------------------------------------------------
@@ -622,6 +682,18 @@ def _register_demo(sub, common):
     p.set_defaults(func=cmd_demo)
 
 
+def _register_durability(sub, common):
+    p = sub.add_parser("sql", parents=[common], help="read-only SQL on the DuckDB store")
+    p.add_argument("query", metavar="SQL")
+    p.set_defaults(func=cmd_sql)
+    p = sub.add_parser("check", parents=[common],
+                       help="check the invariants of the live state (DESIGN.md §8)")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("verify", parents=[common],
+                       help="replay the journal offline and compare state hashes")
+    p.set_defaults(func=cmd_verify)
+
+
 # Subcommands, in help order.
 REGISTRARS = [
     _register_up,
@@ -634,6 +706,7 @@ REGISTRARS = [
     _register_book,
     _register_positions,
     _register_markets,
+    _register_durability,
     _register_demo,
     _register_bench,
 ]

@@ -14,6 +14,9 @@ Keys (defaults in brackets):
     [engine]    max_accounts [1024], max_markets [8], max_orders [65536],
                 max_levels_per_side [4096], command_ring_capacity [16384],
                 event_ring_capacity [0: engine.service's default], batch [256]
+    [persistence] snapshot_every [1000000] (commands between state snapshots), snapshots_keep
+                [2], store_flush_ms [100] (DuckDB batch interval), retire_journal [true]
+                (delete journal segments older than the oldest snapshot kept)
     [endpoints] host ["127.0.0.1"], orders_port [7700] (gateway N binds orders_port + N),
                 market_data_port [7800]; a port of 0 means "any free port, chosen at start"
                 (and kept across gateway restarts)
@@ -96,6 +99,12 @@ ENDPOINT_DEFAULTS = {
     "orders_port": 7700,
     "market_data_port": 7800,
 }
+PERSISTENCE_DEFAULTS = {
+    "snapshot_every": 1_000_000,
+    "snapshots_keep": 2,
+    "store_flush_ms": 100,
+    "retire_journal": True,
+}
 MARKET_REQUIRED = ("symbol", "tick_size", "lot_size", "initial_price")
 MARKET_DEFAULTS = {
     "oracle": "sim",
@@ -115,7 +124,7 @@ MARKET_DEFAULTS = {
     "max_open_orders": 200,
 }
 MARKET_KEYS = MARKET_REQUIRED + tuple(MARKET_DEFAULTS)
-TOP_LEVEL = ("exchange", "engine", "endpoints", "markets")
+TOP_LEVEL = ("exchange", "engine", "endpoints", "persistence", "markets")
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,7 @@ class Config:
     engine: dict               # EngineConfig fields + command_ring_capacity + batch
     endpoints: dict            # host, orders_port, market_data_port
     markets: tuple
+    persistence: dict = None   # PERSISTENCE_DEFAULTS keys
     source: str = "<bundled default>"
 
     def engine_config(self):
@@ -243,6 +253,7 @@ class Config:
                          "startup_timeout_s": self.startup_timeout_s},
             "engine": dict(self.engine),
             "endpoints": dict(self.endpoints),
+            "persistence": dict(self.persistence or PERSISTENCE_DEFAULTS),
             "markets": [m.describe() for m in self.markets],
         }
 
@@ -444,6 +455,15 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
                f"{ep['market_data_port']} collides with the gateways' order ports "
                f"{ep['orders_port']}..{ep['orders_port'] + gateways - 1}")
 
+    per = c.table(doc, "persistence")
+    c.unknown_keys("persistence", per, PERSISTENCE_DEFAULTS)
+    per = {**PERSISTENCE_DEFAULTS, **per}
+    c.integer("persistence.snapshot_every", per["snapshot_every"], 1, 1 << 40)
+    c.integer("persistence.snapshots_keep", per["snapshots_keep"], 1, 100)
+    c.integer("persistence.store_flush_ms", per["store_flush_ms"], 1, 60_000)
+    if not isinstance(per["retire_journal"], bool):
+        c.fail("persistence.retire_journal", f"{per['retire_journal']!r} must be true or false")
+
     items = doc.get("markets")
     if items is None:
         c.fail("markets", "no [[markets]] defined")
@@ -462,7 +482,7 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     return Config(gateways=gateways, ack_mode=ex["ack_mode"], pin_cpus=ex["pin_cpus"],
                   rate_limit_per_s=rate, rate_limit_burst=burst, startup_timeout_s=startup,
                   engine={k: eng[k] for k in ENGINE_DEFAULTS}, endpoints=dict(ep),
-                  markets=tuple(markets), source=source)
+                  markets=tuple(markets), persistence=per, source=source)
 
 
 def _market(c: _Checker, i: int, item, origin: Path | None,

@@ -3,8 +3,16 @@
 FILE is the supervisor's exchange.json (perpx/statedir.py): shm prefix, engine capacities,
 command sources (name, privileged, capacity) and event consumers. The process creates every
 shared-memory structure of the exchange (engine.service.MatcherService), loads the compiled
-matcher (a minute on a cold numba cache), then reports ready and serves until SIGTERM/SIGINT,
-when it removes what it created.
+matcher (a minute on a cold numba cache), rebuilds the state from the newest snapshot and the
+journal (persistd/replica.py; nothing to do on a first start), then reports ready and serves
+until SIGTERM/SIGINT, when it removes what it created.
+
+Restart after a crash: the shared memory of the dead matcher is still there, with the gateways
+and persistd attached to it. The new matcher maps it again (the rings keep their cursors) and
+waits until persistd has journaled every command whose events the dead one published, so that
+the journal holds all of them; then it rebuilds its tables from snapshot + journal and carries
+on at the next seq. Commands it had taken from a ring but not published are gone, unanswered
+(never acknowledged: acks wait for the journal).
 
 Heartbeat: the supervisor's region `<prefix>-supervisor` (perpx/statedir.py, HEARTBEAT_DTYPE)
 holds a slot for the matcher; this process writes its pid there, sets `ready` once it serves,
@@ -56,16 +64,20 @@ def main(argv=None) -> int:
     except ShmError:
         hb_region = None
         beat = np.zeros(1, HEARTBEAT_DTYPE)
+    beat["ready"] = 0     # a predecessor killed while serving left its flag set
     beat["pid"] = os.getpid()
 
     service = MatcherService(cfg, prefix, sources, consumers=list(doc["consumers"]),
                              event_capacity=eng.get("event_ring_capacity") or None,
-                             batch=int(eng.get("batch", 256)))
+                             batch=int(eng.get("batch", 256)),
+                             reattach=MatcherService.exists(prefix))
     try:
         # Load (or compile) the matcher now, not on the first command: an empty batch.
         empty = np.zeros(0, COMMAND_DTYPE)
         service.matcher.process(empty, service.sink, service.events.write_cursor,
                                 service.events.free_slots(), source=0, privileged=True)
+        recover(service, cfg, Path(doc["state_dir"]), prefix, stop)
+        service.mark_start()
         beats = beat["beats"]
         beat["ready"] = 1
         print(f"matcher: serving (pid {os.getpid()}, prefix {prefix}, "
@@ -86,6 +98,48 @@ def main(argv=None) -> int:
             hb_region.close()
     print("matcher: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def log(msg: str) -> None:
+    print(f"matcher: {msg}", file=sys.stderr, flush=True)
+
+
+def recover(service, cfg, state_dir: Path, prefix: str, stop, wait_s: float = 120.0) -> None:
+    """Rebuild the state tables from snapshot + journal (see the module docstring)."""
+    import time
+
+    from persistd.progress import JournalProgress
+    from persistd.replica import Replica
+    from perpx.statedir import StateDir
+
+    sd = StateDir(state_dir)
+    last = service.last_published_seq() if service.reattached else 0
+    if last:
+        progress = JournalProgress.attach(prefix)
+        t0 = time.monotonic()
+        next_note = t0 + 5.0
+        while progress.durable_seq() < last and not stop[0]:
+            now = time.monotonic()
+            if now > t0 + wait_s:
+                raise RuntimeError(f"persistd has not journaled up to seq {last} (the last "
+                                   f"event published) within {wait_s:g} s: cannot recover")
+            if now > next_note:
+                log(f"waiting for persistd to journal up to seq {last} "
+                    f"(durable_seq {progress.durable_seq()})")
+                next_note = now + 5.0
+            time.sleep(0.005)
+        progress.close()
+    if not sd.journal_dir.exists():
+        return
+    t0 = time.monotonic()
+    replica = Replica(cfg, buffer=service.state_buffer, matcher=service.matcher)
+    info = replica.rebuild(sd.snapshots_dir, sd.journal_dir)
+    if last and replica.seq != last:
+        raise RuntimeError(f"the journal ends at seq {replica.seq} but events up to seq {last} "
+                           f"were published: the journal is missing commands")
+    if info["seq"]:
+        log(f"recovered seq {info['seq']} in {time.monotonic() - t0:.2f} s: snapshot at seq "
+            f"{info['snapshot_seq']} + {info['replayed']} journaled commands")
 
 
 if __name__ == "__main__":

@@ -261,7 +261,23 @@ class OpsSession:
                 reply.seq = event["seq"]
                 if event["etype"] in (EV_DONE, EV_MARK, EV_REJECT):
                     open_reqs.discard(event["req"])
+        self._wait_durable(max(r.seq for r in replies.values()), deadline)
         return [replies[base + i] for i in range(n)]
+
+    def _wait_durable(self, seq: int, deadline: float) -> None:
+        """Like a gateway's acks, an operator's answer waits until the journal has it."""
+        from persistd.progress import JournalProgress
+        progress = _attach(lambda: JournalProgress.attach(self.ex.prefix))
+        try:
+            while progress.durable_seq() < seq:
+                if time.monotonic() > deadline:
+                    raise OpsError(f"seq {seq} was sequenced but is not journaled after "
+                                   f"{self.timeout_s:g} s (durable_seq "
+                                   f"{progress.durable_seq()}): is persistd running? see "
+                                   f"`perpx status`")
+                time.sleep(0.001)
+        finally:
+            progress.close()
 
 
 # ---- accounts ---------------------------------------------------------------------------------

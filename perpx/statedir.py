@@ -13,7 +13,10 @@
       accounts/<id>.key   the account registry the gateways read (public keys only)
       clients/<id>.key_secret                      the client certificates `account create` made
       logs/<process>.log  stdout/stderr of each child process
-      run/                scratch: each gateway's endpoints file
+      run/                scratch: each gateway's endpoints file, persistd's SQL socket
+      journal/            persistd's command journal: the source of truth (persistd/journal.py)
+      snapshots/          state snapshots at sequence numbers (persistd/snapshot.py)
+      perpx.duckdb        the query store (persistd/store.py), written only by persistd
 
 The shm prefix is derived from the state directory's real path, so every command pointed at
 the same directory finds the same exchange, and two exchanges in two directories never meet:
@@ -98,6 +101,10 @@ class StateDir:
         self.clients_dir = self.path / "clients"
         self.logs_dir = self.path / "logs"
         self.run_dir = self.path / "run"
+        self.journal_dir = self.path / "journal"
+        self.snapshots_dir = self.path / "snapshots"
+        self.store_file = self.path / "perpx.duckdb"
+        self.sql_socket = self.run_dir / "sql.ipc"
 
     def make(self) -> None:
         for d in (self.path, self.keys_dir, self.accounts_dir, self.clients_dir, self.logs_dir,

@@ -80,7 +80,6 @@ MATCHER_STOP_S = 10.0
 
 EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
-EXIT_MATCHER_DIED = 3
 
 PR_SET_PDEATHSIG = 1
 
@@ -193,6 +192,7 @@ class Child:
     cpus: list
     log_path: Path
     ready_file: Path | None = None
+    ready_check: object = None       # or a callable: True once the process serves
     popen: subprocess.Popen | None = None
     restarts: int = 0
     started_at: float = 0.0          # monotonic
@@ -244,6 +244,8 @@ class Supervisor:
         self.lock = FileLock(self.sd.supervisor_lock)
         self.children: dict[str, Child] = {}
         self.matcher: Child | None = None
+        self.persistd: Child | None = None
+        self.progress = None
         self.gateways: list[Child] = []
         self.hb_region = None
         self.heartbeat = None
@@ -306,9 +308,9 @@ class Supervisor:
                      f"under {sd.prefix}: {', '.join(left[:4])}{' ...' if len(left) > 4 else ''}")
         for stale in (sd.endpoints_file, sd.status_file):
             stale.unlink(missing_ok=True)
-        if cfg.ack_mode == "durable":
-            self.log("note: ack_mode \"durable\" needs persistd (issue 4), which does not exist "
-                     "yet; gateways acknowledge as soon as the matcher has sequenced (\"fast\")")
+        if cfg.ack_mode == "fast":
+            self.log("note: ack_mode \"fast\": gateways acknowledge before the journal has the "
+                     "command (benchmarks only: an acknowledged order can be lost in a crash)")
         ports = resolve_ports(cfg)
         available = sorted(os.sched_getaffinity(0))
         self.cpu_plan = plan_cpus(available, cfg.gateways) if cfg.pin_cpus else {}
@@ -330,17 +332,38 @@ class Supervisor:
         self.hb_region = Region.create(heartbeat_region_name(sd.prefix), HEARTBEAT_LAYOUT,
                                        HEARTBEAT_SLOTS * HEARTBEAT_DTYPE.itemsize)
         self.heartbeat = self.hb_region.payload.view(HEARTBEAT_DTYPE)
+        from persistd.journal import journal_info
+        from persistd.progress import JournalProgress
+        self.progress = JournalProgress.create(sd.prefix)
+        journaled = journal_info(sd.journal_dir)["last_seq"] if sd.journal_dir.exists() else 0
+
+        def matcher_ready():
+            beat = self.heartbeat[MATCHER_SLOT]
+            return beat["ready"] == 1 and beat["pid"] == self.matcher.pid
+
         self.matcher = self._child("matcher", [sys.executable, "-m", "perpx.matcherd",
-                                               "--spec", str(sd.exchange_file)])
+                                               "--spec", str(sd.exchange_file)],
+                                   ready_check=matcher_ready)
         self._spawn(self.matcher)
         self.log(f"matcher started (pid {self.matcher.pid}, cpus {self.matcher.cpus or 'any'}); "
-                 f"waiting for it to load the compiled matcher")
+                 f"waiting for it to load the compiled matcher"
+                 + (f" and recover seq {journaled} from the journal" if journaled else ""))
         t0 = time.monotonic()
-        self._wait(lambda: self.heartbeat[MATCHER_SLOT]["ready"] == 1, cfg.startup_timeout_s,
+        self._wait(lambda: self._check_ready(self.matcher), cfg.startup_timeout_s,
                    "the matcher to start", [self.matcher])
         self.log(f"matcher ready in {time.monotonic() - t0:.1f} s")
 
-        self._genesis()
+        self.persistd = self._child("persistd", [sys.executable, "-m", "persistd",
+                                                 "--spec", str(sd.exchange_file)],
+                                    ready_check=lambda: self.progress.pid() == self.persistd.pid)
+        self._spawn(self.persistd)
+        self._wait(lambda: self._check_ready(self.persistd), cfg.startup_timeout_s,
+                   "persistd to open the journal", [self.matcher, self.persistd])
+        self.log(f"persistd ready (pid {self.persistd.pid}, journal at seq "
+                 f"{self.progress.durable_seq()})")
+
+        if journaled == 0:
+            self._genesis()
 
         from engine.records import EVENT_DTYPE
         from engine.service import event_ring_name
@@ -354,7 +377,7 @@ class Supervisor:
                     "--server-key", str(server_secret), "--accounts", str(sd.accounts_dir),
                     "--markets", str(sd.exchange_file),
                     "--rate", repr(cfg.rate_limit_per_s), "--burst", repr(cfg.rate_limit_burst),
-                    "--endpoints-file", str(ready_file)]
+                    "--endpoints-file", str(ready_file), "--ack-mode", cfg.ack_mode]
             if i == 0:
                 argv += ["--market-data", ports["market_data_bind"]]
             gw = self._child(f"gateway-{i}", argv, ready_file)
@@ -387,9 +410,11 @@ class Supervisor:
         os.chmod(secret, 0o600)
         return secret
 
-    def _child(self, name: str, argv: list, ready_file: Path | None = None) -> Child:
-        cpus = self.cpu_plan.get(name, []) if self.cpu_plan else []
-        child = Child(name, argv, cpus, self.sd.logs_dir / f"{name}.log", ready_file)
+    def _child(self, name: str, argv: list, ready_file: Path | None = None,
+               ready_check=None) -> Child:
+        cpus = self.cpu_plan.get(name, self.cpu_plan.get("other", [])) if self.cpu_plan else []
+        child = Child(name, argv, cpus, self.sd.logs_dir / f"{name}.log", ready_file,
+                      ready_check)
         self.children[name] = child
         return child
 
@@ -415,9 +440,11 @@ class Supervisor:
         self.write_status()
 
     def _check_ready(self, child: Child) -> bool:
-        if not child.ready and child.alive() and child.ready_file is not None \
-                and child.ready_file.exists():
-            child.ready = True
+        if not child.ready and child.alive():
+            if child.ready_file is not None:
+                child.ready = child.ready_file.exists()
+            elif child.ready_check is not None:
+                child.ready = bool(child.ready_check())
         return child.ready
 
     def _wait(self, condition, timeout_s: float, what: str, watched: list[Child]) -> None:
@@ -457,14 +484,11 @@ class Supervisor:
     def watch(self) -> None:
         while not self.stop_requested:
             now = time.monotonic()
-            code = self.matcher.popen.poll()
-            if code is not None:
-                self._matcher_died(code)
-                return
-            self._check_heartbeat(now)
+            if self.matcher.ready:
+                self._check_heartbeat(now)
             changed = False
-            for gw in self.gateways:
-                changed |= self._tend_gateway(gw, now)
+            for child in (self.matcher, self.persistd, *self.gateways):
+                changed |= self._tend(child, now)
             if now - self._last_ops_check > STALE_OPS_CHECK_S:
                 self._last_ops_check = now
                 self._reap_stale_ops_reader()
@@ -472,16 +496,6 @@ class Supervisor:
                 self.write_status()
             time.sleep(WATCH_INTERVAL_S)
         self.log(f"{self.stop_reason or 'stop'} received: shutting down")
-
-    def _matcher_died(self, code: int) -> None:
-        banner = "!" * 78
-        print(f"{banner}\nperpx up: FATAL: the matcher (pid {self.matcher.pid}) "
-              f"{describe_exit(code)}.\nperpx up: the exchange cannot trade without it, and its "
-              f"state (balances, orders, positions) lived in its shared memory: it is lost until "
-              f"persistd and matcher recovery exist (issue 4).\nperpx up: stopping the gateways "
-              f"and cleaning up. Matcher log: {self.matcher.log_path}\n"
-              f"{log_tail(self.matcher.log_path, 10)}\n{banner}", file=sys.stderr, flush=True)
-        self.exit_code = EXIT_MATCHER_DIED
 
     def _check_heartbeat(self, now: float) -> None:
         beats = int(self.heartbeat[MATCHER_SLOT]["beats"])
@@ -496,36 +510,46 @@ class Supervisor:
             self.log(f"WARNING: the matcher (pid {self.matcher.pid}) is alive but its heartbeat "
                      f"has not moved for {now - since:.0f} s: it is stuck")
 
-    def _tend_gateway(self, gw: Child, now: float) -> bool:
-        """Restart a dead gateway (with back-off); True if the status changed."""
-        if gw.restart_at is not None:
-            if now >= gw.restart_at:
-                gw.restarts += 1
-                self._spawn(gw)
-                self.log(f"{gw.name} restarted (pid {gw.pid}, restart #{gw.restarts})")
+    def _tend(self, child: Child, now: float) -> bool:
+        """Restart a dead process (with back-off); True if the status changed.
+
+        A restarted matcher maps the shared memory its predecessor left and rebuilds its state
+        from snapshot + journal (perpx/matcherd.py); a restarted persistd resumes at its ring
+        cursor and the journal's end; a restarted gateway resumes at its ring cursor.
+        """
+        if child.restart_at is not None:
+            if now >= child.restart_at:
+                child.restarts += 1
+                self._spawn(child)
+                self.log(f"{child.name} restarted (pid {child.pid}, restart #{child.restarts})")
                 return True
             return False
-        code = gw.popen.poll()
+        code = child.popen.poll()
         if code is None:
-            if not gw.ready and self._check_ready(gw):
-                if gw.restarts:
-                    self.log(f"{gw.name} is serving again (pid {gw.pid})")
+            if not child.ready and self._check_ready(child):
+                if child.restarts:
+                    self.log(f"{child.name} is serving again (pid {child.pid}, "
+                             f"{now - child.started_at:.1f} s after its restart)")
                 return True
-            if not gw.ready and now - gw.started_at > GATEWAY_READY_TIMEOUT_S:
-                self.log(f"{gw.name} (pid {gw.pid}) did not come up within "
-                         f"{GATEWAY_READY_TIMEOUT_S:g} s: killing it")
-                gw.popen.kill()
+            timeout = (self.cfg.startup_timeout_s if child.ready_check is not None
+                       else GATEWAY_READY_TIMEOUT_S)
+            if not child.ready and now - child.started_at > timeout:
+                self.log(f"{child.name} (pid {child.pid}) did not come up within "
+                         f"{timeout:g} s: killing it")
+                child.popen.kill()
             return False
-        lived = now - gw.started_at
-        gw.exit_note = describe_exit(code)
-        gw.quick_crashes = gw.quick_crashes + 1 if lived < QUICK_CRASH_S else 0
-        delay = 0.0 if gw.quick_crashes <= 1 else min(0.5 * 2 ** (gw.quick_crashes - 2),
-                                                      MAX_BACKOFF_S)
-        tail = log_tail(gw.log_path)
-        self.log(f"{gw.name} (pid {gw.pid}) {gw.exit_note} after {lived:.1f} s; restarting"
-                 + (f" in {delay:g} s" if delay else "") + (f"; its log:\n{tail}" if tail else ""))
-        gw.ready = False
-        gw.restart_at = now + delay
+        lived = now - child.started_at
+        child.exit_note = describe_exit(code)
+        child.quick_crashes = child.quick_crashes + 1 if lived < QUICK_CRASH_S else 0
+        delay = 0.0 if child.quick_crashes <= 1 else min(0.5 * 2 ** (child.quick_crashes - 2),
+                                                         MAX_BACKOFF_S)
+        tail = log_tail(child.log_path, 10 if child is self.matcher else 5)
+        loud = "!" * 20 + " " if child in (self.matcher, self.persistd) else ""
+        self.log(f"{loud}{child.name} (pid {child.pid}) {child.exit_note} after {lived:.1f} s; "
+                 f"restarting" + (f" in {delay:g} s" if delay else "")
+                 + (f"; its log:\n{tail}" if tail else ""))
+        child.ready = False
+        child.restart_at = now + delay
         return True
 
     def _reap_stale_ops_reader(self) -> None:
@@ -551,14 +575,13 @@ class Supervisor:
     # -- status -------------------------------------------------------------------------
     def write_status(self) -> None:
         procs = []
-        for child in [self.matcher, *self.gateways]:
+        for child in [self.matcher, self.persistd, *self.gateways]:
             if child is None or child.popen is None:
                 continue
             procs.append({"name": child.name, "pid": child.pid, "restarts": child.restarts,
                           "cpus": child.cpus, "started_at": round(child.started_wall, 3),
                           "state": ("restarting" if child.restart_at is not None else
-                                    "ready" if (child.ready or child is self.matcher)
-                                    else "starting"),
+                                    "ready" if child.ready else "starting"),
                           "log": str(child.log_path)})
         write_json_atomic(self.sd.status_file, {
             "supervisor_pid": os.getpid(), "prefix": self.sd.prefix,
@@ -568,14 +591,22 @@ class Supervisor:
 
     # -- shutdown -----------------------------------------------------------------------
     def shutdown(self) -> None:
-        for gw in self.gateways:
-            gw.restart_at = None
+        for child in (self.matcher, self.persistd, *self.gateways):
+            if child is not None:
+                child.restart_at = None
         self._stop_children(self.gateways, GATEWAY_STOP_S)
         if self.events is not None:
             self.events.close()
             self.events = None
+        # The matcher before persistd: persistd journals everything the matcher published.
         if self.matcher is not None:
             self._stop_children([self.matcher], MATCHER_STOP_S)
+        if self.persistd is not None:
+            self._stop_children([self.persistd], MATCHER_STOP_S)
+        if self.progress is not None:
+            self.progress.close()
+            self.progress.unlink()
+            self.progress = None
         self.heartbeat = None
         if self.hb_region is not None:
             self.hb_region.close()

@@ -106,8 +106,8 @@ class Doorbell:
                 return True
             try:
                 self._sem.acquire(timeout_s)
-            except posix_ipc.BusyError:
-                pass
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                pass    # timed out, or a signal arrived: the caller re-checks its condition
         finally:
             self._sleep_seq.set(sleep_seq + 1)
         return condition()

@@ -134,6 +134,15 @@ class Region:
             raise ShmError(f"shared memory region {name} says {payload} payload bytes but is {len(mapping)} bytes long")
         return cls(name, mapping, created=False)
 
+    @staticmethod
+    def exists(name: str) -> bool:
+        check_name(name)
+        try:
+            posix_ipc.SharedMemory(name).close_fd()
+        except posix_ipc.ExistentialError:
+            return False
+        return True
+
     @property
     def created_here(self) -> bool:
         return self._finalizer is not None

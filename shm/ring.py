@@ -427,6 +427,12 @@ class EventRing(_Ring):
             raise ValueError(f"start must be 'current' or 'saved', got {start!r}")
         return EventConsumer(self, index, cursor)
 
+    def wake_consumers(self) -> None:
+        """Ring every consumer's doorbell: for a process other than the producer whose progress
+        the consumers also wait on (their wait conditions say what they wait for)."""
+        for bell in self._consumer_bells:
+            bell.ring()
+
     def consumer_cursor(self, which: str | int) -> int | None:
         """A consumer's saved cursor, or None if its slot is inactive (for monitoring lag)."""
         index = self._index(which)

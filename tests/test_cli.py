@@ -95,8 +95,8 @@ def test_endpoints_and_status(exchange):
     assert len(endpoints["server_public_key"]) == 40
     status = cli_json(up.sd.path, "status")
     assert [(p["name"], p["alive"], p["restarts"]) for p in status["processes"]] == [
-        ("matcher", True, 0), ("gateway-0", True, 0)]
-    assert status["seq"] >= 4 and status["durable_seq"] is None
+        ("matcher", True, 0), ("persistd", True, 0), ("gateway-0", True, 0)]
+    assert status["seq"] >= 4 and status["durable_seq"] == status["seq"]
     assert status["rings"]["commands"] == {"ops": 0, "riskd": 0, "gateway-0": 0}
     text = cli(up.sd.path, "status").stdout
     assert "matcher" in text and "gateway-0" in text and "seq" in text

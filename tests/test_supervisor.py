@@ -16,7 +16,6 @@ import sys
 import time
 
 import msgpack
-import pytest
 import zmq
 import zmq.auth
 
@@ -27,12 +26,12 @@ WAIT_S = 15.0
 CLI_TIMEOUT_S = 60.0
 
 
-def config_text(gateways: int = 1) -> str:
+def config_text(gateways: int = 1, ack_mode: str = "fast", extra: str = "") -> str:
     return f"""
 [exchange]
 gateways = {gateways}
-ack_mode = "fast"
-
+ack_mode = "{ack_mode}"
+{extra}
 [engine]
 max_accounts = 64
 max_markets = 4
@@ -107,21 +106,6 @@ class Up(ExchangeProcess):
             raise AssertionError(str(e)) from None
 
 
-@pytest.fixture
-def ups(tmp_path):
-    """Start exchanges with ups(name, config); all are stopped (and checked) at the end."""
-    started: list[Up] = []
-
-    def start(name: str = "state", config: str | None = None, *extra) -> Up:
-        up = Up(tmp_path / name, config if config is not None else config_text(), *extra)
-        started.append(up)
-        return up
-
-    yield start
-    leftovers = {up.sd.prefix: up.close() for up in started}
-    assert not any(leftovers.values()), f"left in /dev/shm: {leftovers}"
-
-
 def ping(endpoint: str, server_public_key: str, certificate: str,
          timeout_s: float = WAIT_S) -> dict:
     """A CURVE DEALER round trip (the client retries the handshake while a gateway restarts)."""
@@ -166,10 +150,10 @@ def test_up_status_gateway_restart_and_sigterm(ups):
 
     status = cli_json(sd.path, "status")
     procs = {p["name"]: p for p in status["processes"]}
-    assert list(procs) == ["matcher", "gateway-0", "gateway-1"]
+    assert list(procs) == ["matcher", "persistd", "gateway-0", "gateway-1"]
     assert all(p["alive"] and p["restarts"] == 0 and p["pid"] > 0 for p in procs.values())
     assert status["seq"] >= 4            # the genesis: two markets, two commands each
-    assert "durable_seq" in status and status["durable_seq"] is None
+    assert status["durable_seq"] == status["seq"]      # "fast" acks, but persistd journals
     assert status["heartbeats"]["matcher"]["beating"]
 
     # one exchange per state dir
@@ -204,18 +188,27 @@ def test_up_status_gateway_restart_and_sigterm(ups):
     assert "stopped cleanly" in up.stderr
 
 
-def test_matcher_death_is_reported_and_everything_stops(ups):
+def test_matcher_kill9_is_restarted_and_recovers_its_state(ups):
     up = ups("state")
     up.wait_ready()
-    matcher = processes(up.sd.path)["matcher"]["pid"]
+    sd = up.sd
+    account = cli_json(sd.path, "account", "create", "--deposit", "1000")
+    seq = cli_json(sd.path, "status")["seq"]
+    matcher = processes(sd.path)["matcher"]["pid"]
     os.kill(matcher, signal.SIGKILL)
-    assert up.wait_exit(30) == 3
-    err = up.stderr
-    assert "FATAL: the matcher" in err and "killed by SIGKILL" in err
-    assert up.sd.shm_leftovers() == []      # the supervisor removed what the matcher left
-    for pid in up.child_pids:
-        wait_until(lambda: not pid_alive(pid), WAIT_S, f"pid {pid} to exit")
-    cli_fails(up.sd.path, "status")
+    new = wait_until(
+        lambda: (lambda p: p if p["restarts"] == 1 and p["state"] == "ready" else None)(
+            processes(sd.path)["matcher"]), WAIT_S * 4, "the matcher to be restarted")
+    up.child_pids.add(new["pid"])
+    assert "matcher" in up.stderr and "killed by SIGKILL" in up.stderr
+    assert cli_json(sd.path, "status")["seq"] == seq                 # recovered, not reset
+    shown = cli_json(sd.path, "account", "show", account["account"])
+    assert shown["balance"] == "1000"
+    deposit = cli_json(sd.path, "deposit", account["account"], "1")
+    assert deposit["seq"] == seq + 1                                  # the sequence goes on
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.wait_exit(30) == 0, up.stderr
+    assert sd.shm_leftovers() == []
 
 
 def test_invalid_config_fails_before_starting_anything(tmp_path):

@@ -1,0 +1,157 @@
+"""The operator's side of durability: `perpx sql`, `perpx verify`, `perpx check`.
+
+- `sql`: a read-only query, answered by persistd (it holds DuckDB's write connection) over a
+  local ZeroMQ socket (STATE_DIR/run/sql.ipc).
+- `verify`: replays the journal offline into a private copy of the state, from genesis when
+  the journal starts at seq 1, else from the oldest snapshot it reaches back to. Every batch
+  checksum is checked on the way (a corrupt batch fails the run, naming segment and offset);
+  at each later snapshot and, when the exchange runs, at the live state, the replayed state
+  hash must equal the recorded (live) one. Works on a stopped exchange too.
+- `check`: DESIGN.md §8's state invariants (book uncrossed and FIFO, positions summing to zero,
+  collateral conserved, ...) on a consistent copy of the live tables.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+
+from engine.state import State, state_hash
+from persistd import snapshot
+from persistd.journal import JournalCorrupt, journal_info
+from persistd.replica import Replica
+from perpx.statedir import StateDir
+
+
+class DurabilityError(RuntimeError):
+    pass
+
+
+def sql(sd: StateDir, query: str, timeout_s: float = 30.0) -> dict:
+    """{"columns", "rows", "store_seq"} of a read-only query; DurabilityError on refusal."""
+    import zmq
+    sd.require_running()
+    if not sd.sql_socket.exists():
+        raise DurabilityError("persistd is not serving SQL (is it starting or restarting?)")
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"ipc://{sd.sql_socket}")
+        sock.send(msgpack.packb({"sql": query}))
+        if not sock.poll(int(timeout_s * 1000)):
+            raise DurabilityError(f"persistd did not answer within {timeout_s:g} s")
+        reply = msgpack.unpackb(sock.recv())
+    finally:
+        sock.close()
+    if "error" in reply:
+        raise DurabilityError(reply["error"])
+    return reply
+
+
+def _live_copy(sd: StateDir, doc: dict):
+    """(State of copied tables, seq) of the running matcher at a command boundary."""
+    from engine.records import EVENT_DTYPE
+    from engine.service import attach_state, event_ring_name
+    from gateway.mirror import consistent_state_copy
+    from shm.ring import EventRing
+    region, state = attach_state(doc["prefix"], sd.engine_config(doc))
+    events = EventRing.attach(event_ring_name(doc["prefix"]), EVENT_DTYPE)
+    try:
+        tables, seq = consistent_state_copy(state, events, tables=State._fields)
+    finally:
+        del state
+        events.close()
+        region.close()
+    return State(**tables), seq
+
+
+def check(sd: StateDir) -> dict:
+    from engine.invariants import check_state, collateral_problems
+    sd.require_running()
+    doc = sd.exchange()
+    st, seq = _live_copy(sd, doc)
+    problems = check_state(st) + collateral_problems(st)
+    return {"seq": seq, "ok": not problems, "problems": problems}
+
+
+def _wait_durable(sd: StateDir, doc: dict, seq: int, timeout_s: float = 30.0) -> None:
+    from persistd.progress import JournalProgress
+    progress = JournalProgress.attach(doc["prefix"])
+    try:
+        deadline = time.monotonic() + timeout_s
+        while progress.durable_seq() < seq:
+            if time.monotonic() > deadline:
+                raise DurabilityError(f"the journal did not reach the live seq {seq} within "
+                                      f"{timeout_s:g} s (durable_seq {progress.durable_seq()})")
+            time.sleep(0.01)
+    finally:
+        progress.close()
+
+
+def verify(sd: StateDir, on_progress=None) -> dict:
+    """Replay the journal offline and compare state hashes (see the module docstring)."""
+    doc = sd.exchange()
+    cfg = sd.engine_config(doc)
+    info = journal_info(sd.journal_dir) if sd.journal_dir.is_dir() else {"last_seq": 0}
+    if info["last_seq"] == 0:
+        raise DurabilityError(f"no journal in {sd.journal_dir}: nothing to verify")
+    replica = Replica(cfg)
+    start = "genesis"
+    snaps = snapshot.snapshots(sd.snapshots_dir)
+    if info["first_seq"] > 1:
+        usable = [(s, p) for s, p in snaps if s >= info["first_seq"] - 1]
+        if not usable:
+            raise DurabilityError(f"the journal starts at seq {info['first_seq']} and no "
+                                  f"snapshot reaches back to it")
+        seq0, path = usable[0]
+        snapshot.load_snapshot(path, replica.layout_version, replica.buffer)
+        start = f"snapshot at seq {seq0}"
+    checks = []
+    live = None
+    if sd.supervisor_pid() is not None:
+        live_state, live_seq = _live_copy(sd, doc)
+        _wait_durable(sd, doc, live_seq)
+        live = (live_seq, state_hash(live_state))
+        del live_state
+    targets = [(s, "snapshot", snapshot.read_header(p)["state_hash"]) for s, p in snaps
+               if s > replica.seq]
+    if live is not None:
+        targets.append((live[0], "live", live[1]))
+    total = info["last_seq"]
+    t0 = time.monotonic()
+    try:
+        for seq, what, expected in sorted(targets):
+            replica.catch_up(sd.journal_dir, upto_seq=seq, on_progress=on_progress)
+            if replica.seq != seq:
+                raise DurabilityError(f"the journal ends at seq {replica.seq}, before the {what} "
+                                      f"state at seq {seq}")
+            got = replica.state_hash()
+            checks.append({"at": what, "seq": seq, "ok": got == expected,
+                           "expected": expected, "replayed": got})
+        replica.catch_up(sd.journal_dir, on_progress=on_progress)
+    except JournalCorrupt as e:
+        raise DurabilityError(f"journal corrupt: {e}") from None
+    return {"ok": all(c["ok"] for c in checks), "from": start, "seq": replica.seq,
+            "journal_last_seq": total, "state_hash": replica.state_hash(),
+            "seconds": round(time.monotonic() - t0, 3), "checks": checks}
+
+
+def progress_printer(total: int, out):
+    """A one-line progress bar for long replays (stderr)."""
+    last = [0.0]
+
+    def show(seq: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.2 and seq < total:
+            return
+        last[0] = now
+        frac = min(1.0, seq / total) if total else 1.0
+        bar = "#" * int(frac * 30)
+        print(f"\rverify: [{bar:<30}] seq {seq}/{total} ({frac:.0%})", end="", file=out,
+              flush=True)
+        if seq >= total:
+            print(file=out, flush=True)
+    return show
+

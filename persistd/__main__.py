@@ -1,0 +1,5 @@
+import sys
+
+from persistd.service import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""What persistd has made safe, in shared memory for the matcher, the gateways and `perpx status`.
+
+One small region, `<prefix>-journal`, created by the supervisor (it outlives a persistd that is
+killed and restarted) and written only by persistd. Each value is a cursor on its own cache
+line (shm/cursor.py):
+
+    durable_seq     every command up to this seq is in the journal and fsynced: gateways release
+                    acks and fills up to here; a restarting matcher waits for it to reach the
+                    last seq in the event ring before it rebuilds its state from the journal
+    journal_errno   0, or the errno of the journal write that is failing right now (disk full):
+                    gateways refuse new orders while it is set, rather than ack what is not durable
+    store_seq       events up to this seq are in DuckDB (`perpx sql` sees them)
+    snapshot_seq    the seq of the newest state snapshot on disk
+    pid             persistd's pid
+"""
+
+from __future__ import annotations
+
+from shm.cursor import CACHE_LINE, Cursor
+from shm.region import Region
+
+PROGRESS_LAYOUT = 0x5045_5250_4A52_0001    # "PERPJR" v1
+_FIELDS = ("durable_seq", "journal_errno", "store_seq", "snapshot_seq", "pid")
+
+
+def progress_region_name(prefix: str) -> str:
+    return f"{prefix}-journal"
+
+
+class JournalProgress:
+    """Named cursors over the progress region (see the module docstring)."""
+
+    def __init__(self, region: Region):
+        self.region = region
+        for i, name in enumerate(_FIELDS):
+            setattr(self, f"_{name}", Cursor.at(region.payload, i * CACHE_LINE))
+
+    @classmethod
+    def create(cls, prefix: str) -> JournalProgress:
+        return cls(Region.create(progress_region_name(prefix), PROGRESS_LAYOUT,
+                                 len(_FIELDS) * CACHE_LINE))
+
+    @classmethod
+    def attach(cls, prefix: str) -> JournalProgress:
+        return cls(Region.attach(progress_region_name(prefix), PROGRESS_LAYOUT))
+
+    def durable_seq(self) -> int:
+        return self._durable_seq.get()
+
+    def journal_errno(self) -> int:
+        return self._journal_errno.get()
+
+    def store_seq(self) -> int:
+        return self._store_seq.get()
+
+    def snapshot_seq(self) -> int:
+        return self._snapshot_seq.get()
+
+    def pid(self) -> int:
+        return self._pid.get()
+
+    # -- persistd only ------------------------------------------------------------------
+    def set_durable_seq(self, seq: int) -> None:
+        self._durable_seq.set(seq)
+
+    def set_journal_errno(self, err: int) -> None:
+        self._journal_errno.set(err)
+
+    def set_store_seq(self, seq: int) -> None:
+        self._store_seq.set(seq)
+
+    def set_snapshot_seq(self, seq: int) -> None:
+        self._snapshot_seq.set(seq)
+
+    def set_pid(self, pid: int) -> None:
+        self._pid.set(pid)
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name)() for name in _FIELDS}
+
+    def close(self) -> None:
+        for name in _FIELDS:
+            setattr(self, f"_{name}", None)
+        self.region.close()
+
+    def unlink(self) -> None:
+        self.region.unlink()

@@ -1,0 +1,381 @@
+"""persistd: the journal that acknowledgements wait for, and everything written behind it.
+
+Three threads, each with one job:
+
+journal (the main thread)
+    Reads the event ring as consumer `persistd`, appends the sequenced commands (EV_COMMAND
+    events) to the journal, fsyncs once per pass (group commit: everything the matcher
+    published since the last pass goes in one write and one fsync), publishes `durable_seq`
+    (persistd/progress.py) and wakes the gateways, which release acks and fills up to it. Only
+    then does it advance its ring cursor, so a persistd killed at any point re-reads what it
+    had not made durable; commands at or below the journal's last seq are skipped, so nothing
+    is journaled twice. A failing write (disk full) sets `journal_errno`, which makes the
+    gateways refuse new orders; the pass is retried until the write succeeds.
+store
+    Follows the journal with a replica of the matcher (persistd/replica.py) and writes the
+    replica's events to DuckDB (persistd/store.py) in batches, at least every `flush_s`.
+    Every `snapshot_every` commands it writes a snapshot of the replica's tables (the live
+    matcher never pauses for one) and then retires journal segments older than the oldest
+    snapshot kept. On start it rebuilds the replica from the newest snapshot at or below the
+    store's last seq and replays the journal from there, writing only rows the store lacks.
+sql
+    Answers `perpx sql` on a local ZeroMQ socket with read-only queries (the store refuses
+    anything else); persistd holds DuckDB's write connection, so nobody else opens the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from decimal import Decimal
+
+import msgpack
+import numpy as np
+
+from engine.config import EngineConfig
+from engine.records import EV_COMMAND, EV_TRADE, EVENT_DTYPE, TRADE_EVENT_DTYPE
+from engine.service import event_ring_name
+from gateway.markets import Market
+from persistd import snapshot
+from persistd.journal import JournalWriter, records_from_command_events
+from persistd.progress import JournalProgress
+from persistd.replica import Replica
+from persistd.store import BALANCE_ROW_DTYPE, ReadOnlyViolation, Store
+from perpx.statedir import StateDir
+from shm.ring import EventRing
+
+READ_BATCH = 1 << 14
+RETRY_S = 0.5
+
+
+def log(msg: str) -> None:
+    try:
+        print(f"persistd: {msg}", file=sys.stderr, flush=True)
+    except OSError:
+        pass     # the log may sit on the disk that is full: losing a line beats dying of it
+
+
+class Persistd:
+    def __init__(self, doc: dict, *, snapshot_every: int = 1_000_000, snapshots_keep: int = 2,
+                 flush_s: float = 0.1, retire_journal: bool = True):
+        eng = doc["engine"]
+        self.cfg = EngineConfig(**{k: eng[k] for k in EngineConfig.__dataclass_fields__})
+        self.sd = StateDir(doc["state_dir"])
+        self.prefix = doc["prefix"]
+        self.privileged_sources = np.array([bool(s["privileged"]) for s in doc["sources"]]
+                                           + [False] * (256 - len(doc["sources"])))
+        self.markets = [Market(m["symbol"], m["id"], Decimal(m["tick_size"]),
+                               Decimal(m["lot_size"])) for m in doc["markets"]]
+        self.snapshot_every = snapshot_every
+        self.snapshots_keep = snapshots_keep
+        self.flush_s = flush_s
+        self.retire_journal = retire_journal
+        self.stopping = threading.Event()    # asked to stop: drain the ring, then stop
+        self.stop = threading.Event()        # the threads stop
+        self.failed: BaseException | None = None
+        self.store_error: Exception | None = None
+        self._records = queue.SimpleQueue()
+        self._retire_through = 0
+
+        self.progress = JournalProgress.attach(self.prefix)
+        self.journal = None
+        self.progress.set_durable_seq(self._writer().last_seq)
+        self._forget_beyond_journal()
+        self.events = EventRing.attach(event_ring_name(self.prefix), EVENT_DTYPE)
+        saved = self.events.consumer_cursor("persistd") is not None
+        self.consumer = self.events.consumer("persistd", start="saved" if saved else "current")
+        self.store = Store(self.sd.store_file, self.markets)
+        if self.store.last_seq > self.journal.last_seq:
+            log(f"removing DuckDB rows past the journal's end (seq {self.journal.last_seq}; "
+                f"the store had seq {self.store.last_seq}): they were cut with the journal tail")
+            self.store.forget_after(self.journal.last_seq)
+        self.progress.set_store_seq(self.store.last_seq)
+        self.progress.set_pid(os.getpid())    # ready: the supervisor waits for this
+
+    def _forget_beyond_journal(self) -> None:
+        """A repaired (cut) journal tail: snapshots and rows past its end describe commands
+        that are no longer in the journal, so they go too (loudly)."""
+        last = self.journal.last_seq
+        for seq, path in snapshot.snapshots(self.sd.snapshots_dir):
+            if seq > last:
+                log(f"removing snapshot {path.name}: it is past the journal's end (seq {last})")
+                path.unlink()
+
+    # -- journal thread -------------------------------------------------------------------
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._guard, args=(self._store_loop,), name="store"),
+                   threading.Thread(target=self._guard, args=(self._sql_loop,), name="sql")]
+        for t in threads:
+            t.start()
+        try:
+            while not self.stopping.is_set() and not self.stop.is_set():
+                if not self.journal_pass():
+                    self.consumer.wait(1, timeout_s=0.05)
+                if self._retire_through:
+                    self._retire()
+            # Stopping (the supervisor stops the matcher first): journal what is left.
+            while not self.stop.is_set() and self.journal_pass():
+                pass
+        finally:
+            self.stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        if self.failed is not None:
+            raise self.failed
+
+    def journal_pass(self) -> int:
+        """Journal what the ring holds; returns how many events were consumed."""
+        head, tail = self.consumer.peek_views(READ_BATCH)
+        n = len(head) + len(tail)
+        if not n:
+            return 0
+        parts = [p[p["etype"] == EV_COMMAND] for p in (head, tail) if len(p)]
+        commands = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        records = records_from_command_events(commands, self.privileged_sources)
+        try:
+            journal = self._writer()
+        except OSError as e:
+            self._journal_failing(e)
+            return 0
+        last = journal.last_seq
+        records = records[records["seq"] > last]
+        if len(records):
+            if int(records["seq"][0]) != last + 1:
+                raise RuntimeError(f"the event ring continues at seq {int(records['seq'][0])} "
+                                   f"but the journal ends at seq {last}: commands were "
+                                   f"sequenced while persistd was not reading")
+            try:
+                journal.append(records)
+                journal.sync()
+            except OSError as e:
+                self._journal_failing(e)
+                return 0
+            if self.progress.journal_errno():
+                log("journal writes succeed again: accepting orders")
+                self.progress.set_journal_errno(0)
+            self.progress.set_durable_seq(journal.last_seq)
+            self.events.wake_consumers()
+            self._records.put(records)
+        self.consumer.advance(n)
+        return n
+
+    def _journal_failing(self, e: OSError) -> None:
+        if self.progress.journal_errno() != (e.errno or errno.EIO):
+            log(f"JOURNAL WRITE FAILED ({e}): refusing new orders until it succeeds; retrying "
+                f"every {RETRY_S:g} s")
+            self.progress.set_journal_errno(e.errno or errno.EIO)
+            self.events.wake_consumers()
+        self.stop.wait(RETRY_S)
+        # After a failed fsync the writer refuses to go on (a retried fsync can report success
+        # for data the kernel dropped): reopen it, which re-reads and, if needed, cuts the tail.
+        try:
+            self.journal.close()
+        except OSError:
+            pass
+        self.journal = None
+
+    def _writer(self) -> JournalWriter:
+        if self.journal is None:
+            self.journal = JournalWriter(self.sd.journal_dir)
+            for repair in self.journal.repairs:
+                log(f"JOURNAL REPAIRED: {repair}")
+        return self.journal
+
+    def _retire(self) -> None:
+        through, self._retire_through = self._retire_through, 0
+        if self.journal is None:
+            return
+        for path in self.journal.retire_through(through):
+            log(f"retired journal segment {path.name} (covered by the snapshot at seq {through})")
+
+    # -- store thread ----------------------------------------------------------------------
+    def _guard(self, loop) -> None:
+        try:
+            loop()
+        except BaseException as e:   # a dead helper thread must take the process down, loudly
+            self.failed = e
+            log(f"FATAL in {threading.current_thread().name}: {e!r}")
+            self.stop.set()
+
+    def _store_loop(self) -> None:
+        replica = Replica(self.cfg)
+        stored = self.store.last_seq
+        header = replica.load_snapshot(self.sd.snapshots_dir, max_seq=stored)
+        replica.catch_up(self.sd.journal_dir, upto_seq=stored)
+        log(f"store at seq {stored}; replica rebuilt from "
+            f"{'snapshot ' + str(header['seq']) if header else 'genesis'} to seq {replica.seq}")
+        last_snapshot = max([s for s, _ in snapshot.snapshots(self.sd.snapshots_dir)] or [0])
+        self.progress.set_snapshot_seq(last_snapshot)
+        pending: list[np.ndarray] = []
+        balances: list[np.ndarray] = []
+        flushed_at = time.monotonic()
+
+        def collect(events: np.ndarray) -> None:
+            rows = events[events["etype"] != EV_COMMAND]
+            if len(rows):
+                pending.append(rows.copy())
+                balances.append(self._fill_balances(replica, rows))
+
+        replica.catch_up(self.sd.journal_dir, on_events=collect)
+        while not self.stop.is_set() or not self._records.empty():
+            try:
+                records = self._records.get(timeout=self.flush_s)
+            except queue.Empty:
+                records = None
+            if records is not None:
+                for events in replica.apply(records):
+                    collect(events)
+            now = time.monotonic()
+            if pending and (now - flushed_at >= self.flush_s or self.stop.is_set()):
+                if self._flush(replica, pending, balances) or self.stop.is_set():
+                    flushed_at = now
+                if self.stop.is_set() and self.store_error is not None:
+                    break        # rows the store lacks are rewritten from the journal later
+            if replica.seq - last_snapshot >= self.snapshot_every and \
+                    self._flush(replica, pending, balances):
+                last_snapshot = self._snapshot(replica)
+
+    def _fill_balances(self, replica: Replica, events: np.ndarray) -> np.ndarray:
+        """Balance rows for accounts whose balance fills changed (fees, realized PnL): the
+        balance after the command batch, read from the replica (trade events carry no balance)."""
+        trades = events[events["etype"] == EV_TRADE]
+        if not len(trades):
+            return np.zeros(0, BALANCE_ROW_DTYPE)
+        t = trades.view(TRADE_EVENT_DTYPE)
+        accounts = np.unique(np.concatenate([t["account"], t["maker_account"]]))
+        rows = np.zeros(len(accounts), BALANCE_ROW_DTYPE)
+        rows["seq"] = replica.seq
+        rows["ts_ns"] = int(events["ts_ns"][-1])
+        rows["account"] = accounts
+        rows["balance_atoms"] = replica.matcher.state.accounts["balance_atoms"][accounts]
+        return rows
+
+    def _flush(self, replica: Replica, pending: list, balances: list) -> bool:
+        """Write what is pending in one transaction; False (kept for a retry) if it failed."""
+        events = np.concatenate(pending) if pending else np.zeros(0, EVENT_DTYPE)
+        extra = np.concatenate(balances) if balances else np.zeros(0, BALANCE_ROW_DTYPE)
+        try:
+            if self.store is None:
+                self.store = Store(self.sd.store_file, self.markets)
+            self.store.write(events, extra, upto_seq=replica.seq)
+        except Exception as e:   # disk full, I/O error: DuckDB lags, acks do not wait for it
+            if self.store_error is None:
+                log(f"DuckDB WRITE FAILED ({type(e).__name__}: {e}); retrying every "
+                    f"{RETRY_S:g} s, rows are kept until it succeeds")
+            self.store_error = e
+            self._reopen_store()
+            pending[:] = [events]
+            balances[:] = [extra]
+            self.stop.wait(RETRY_S)
+            return False
+        if self.store_error is not None:
+            log("DuckDB writes succeed again")
+            self.store_error = None
+        pending.clear()
+        balances.clear()
+        self.progress.set_store_seq(replica.seq)
+        return True
+
+    def _reopen_store(self) -> None:
+        """After a failed write DuckDB may refuse the connection: open a fresh one next time."""
+        store, self.store = self.store, None
+        try:
+            if store is not None:
+                store.close()
+        except Exception:
+            pass
+
+    def _snapshot(self, replica: Replica) -> int:
+        t0 = time.monotonic()
+        path = snapshot.write_snapshot(self.sd.snapshots_dir, replica.buffer, seq=replica.seq,
+                                       layout_version=replica.layout_version,
+                                       state_hash=replica.state_hash())
+        snapshot.prune(self.sd.snapshots_dir, self.snapshots_keep)
+        self.progress.set_snapshot_seq(replica.seq)
+        log(f"snapshot at seq {replica.seq} written in {time.monotonic() - t0:.2f} s: {path.name}")
+        kept = snapshot.snapshots(self.sd.snapshots_dir)
+        if self.retire_journal and len(kept) >= self.snapshots_keep:
+            self._retire_through = kept[0][0]
+        return replica.seq
+
+    # -- sql thread ------------------------------------------------------------------------
+    def _sql_loop(self) -> None:
+        import zmq
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 0)
+        self.sd.run_dir.mkdir(parents=True, exist_ok=True)
+        self.sd.sql_socket.unlink(missing_ok=True)
+        sock.bind(f"ipc://{self.sd.sql_socket}")
+        try:
+            while not self.stop.is_set():
+                if not sock.poll(100):
+                    continue
+                sock.send(msgpack.packb(self._answer(sock.recv()), default=str))
+        finally:
+            sock.close()
+            self.sd.sql_socket.unlink(missing_ok=True)
+
+    def _answer(self, raw: bytes) -> dict:
+        try:
+            request = msgpack.unpackb(raw)
+            sql = request["sql"]
+            if not isinstance(sql, str):
+                raise TypeError
+        except Exception:
+            return {"error": "a request is a msgpack map {\"sql\": \"SELECT ...\"}"}
+        store = self.store
+        if store is None:
+            return {"error": "the DuckDB store is being reopened after a failed write; retry"}
+        try:
+            columns, rows = store.query(sql)
+        except ReadOnlyViolation as e:
+            return {"error": str(e)}
+        except Exception as e:   # a bad query is the caller's problem, not a reason to die
+            return {"error": f"{type(e).__name__}: {e}"}
+        return {"columns": columns, "rows": [list(r) for r in rows],
+                "store_seq": self.progress.store_seq()}
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        if self.journal is not None:
+            self.journal.close()
+        self.events.close()
+        self.progress.close()
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m persistd")
+    p.add_argument("--spec", required=True, help="exchange.json written by `perpx up`")
+    args = p.parse_args(argv)
+    doc = json.loads(Path(args.spec).read_text())
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a file-size limit is an error, not a kill
+    opts = doc.get("persistence", {})
+    service = Persistd(doc, snapshot_every=int(opts.get("snapshot_every", 1_000_000)),
+                       snapshots_keep=int(opts.get("snapshots_keep", 2)),
+                       flush_s=float(opts.get("store_flush_ms", 100)) / 1000,
+                       retire_journal=bool(opts.get("retire_journal", True)))
+
+    def on_signal(*_):
+        service.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log(f"serving (pid {os.getpid()}): journal at seq {service.journal.last_seq}, store at seq "
+        f"{service.store.last_seq}")
+    try:
+        service.run()
+    finally:
+        service.close()
+    log("stopped")
+    return 0

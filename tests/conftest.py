@@ -1,0 +1,25 @@
+"""Fixtures shared by the tests that run whole exchanges."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_supervisor import Up, config_text
+
+
+@pytest.fixture
+def ups(tmp_path):
+    """Start exchanges with ups(name, config); all are stopped (and checked) at the end, the
+    newest first (a name used twice restarts the exchange in the same state dir)."""
+    started: list[Up] = []
+
+    def start(name: str = "state", config: str | None = None, *extra) -> Up:
+        up = Up(tmp_path / name, config if config is not None else config_text(), *extra)
+        started.append(up)
+        return up
+
+    yield start
+    leftovers = {}
+    for up in reversed(started):
+        leftovers[up.sd.prefix] = leftovers.get(up.sd.prefix, []) + up.close()
+    assert not any(leftovers.values()), f"left in /dev/shm: {leftovers}"

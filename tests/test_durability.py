@@ -1,0 +1,179 @@
+"""Durability with real processes: durable acks, DuckDB rows, kill -9 of the matcher and of
+persistd, a restart of the whole exchange, journal corruption, a failing journal write."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+
+from perpx.client import Client
+from persistd.journal import journal_info, segments
+from tests.durability_helpers import (Traders, assert_nothing_acknowledged_was_lost,
+                                      durable_config, funded_account, sql_rows, wait_store)
+from tests.test_supervisor import WAIT_S, cli, cli_json, processes, wait_until
+
+
+def restarted(state_dir, name: str, old_pid: int, restarts: int = 1) -> dict:
+    return wait_until(
+        lambda: (lambda p: p if p["restarts"] == restarts and p["alive"] and p["pid"] != old_pid
+                 and p["state"] == "ready" else None)(processes(state_dir)[name]),
+        WAIT_S * 4, f"{name} to be restarted and ready")
+
+
+def test_durable_acks_fills_in_duckdb_and_kill9_recovery(ups):
+    up = ups("state", durable_config())
+    endpoints = up.wait_ready()
+    sd = up.sd
+    maker, taker = funded_account(sd.path), funded_account(sd.path)
+    traders = Traders(endpoints, maker, taker).start()
+    wait_until(lambda: traders.count() >= 300, WAIT_S * 2, "300 acknowledged orders")
+
+    # an ack is never ahead of the journal: what was acknowledged before we look is durable
+    acked = max(seq for seq, _ in list(traders.acks))
+    status = cli_json(sd.path, "status")
+    assert status["durable_seq"] >= acked
+    assert {p["name"] for p in status["processes"]} >= {"matcher", "persistd", "gateway-0"}
+
+    # kill -9 the matcher under load: it is restarted and rebuilds from snapshot + journal
+    old = processes(sd.path)["matcher"]["pid"]
+    os.kill(old, signal.SIGKILL)
+    up.child_pids.add(restarted(sd.path, "matcher", old)["pid"])
+    before = traders.count()
+    wait_until(lambda: traders.count() >= before + 200, WAIT_S * 4, "trading to resume")
+
+    # kill -9 persistd: restarted, it resumes at its cursor without duplicating rows
+    old = processes(sd.path)["persistd"]["pid"]
+    os.kill(old, signal.SIGKILL)
+    up.child_pids.add(restarted(sd.path, "persistd", old)["pid"])
+    before = traders.count()
+    wait_until(lambda: traders.count() >= before + 200, WAIT_S * 4, "trading to resume")
+    traders.stop()
+
+    assert traders.fills, "the traders crossed but saw no fill"
+    assert "recovered seq" in (sd.logs_dir / "matcher.log").read_text()
+    assert_nothing_acknowledged_was_lost(sd.path, traders)
+    check = cli_json(sd.path, "check")
+    assert check["ok"], check["problems"]
+    # snapshots were taken and old journal segments retired behind them
+    assert cli_json(sd.path, "status")["journal"]["snapshot_seq"] > 0
+
+
+def test_restart_of_the_whole_exchange_keeps_everything(ups):
+    up = ups("state", durable_config())
+    endpoints = up.wait_ready()
+    sd = up.sd
+    cert = funded_account(sd.path, 1_000_000)
+    with Client.connect(endpoints, cert, timeout_s=WAIT_S) as c:
+        ack = c.new_order("BTC-PERP", "buy", "limit", "0.010", "60000.0")
+        assert ack["type"] == "ack" and ack["status"] == "open"
+        balance = c.account()["balance"]
+    seq = cli_json(sd.path, "status")["seq"]
+    r = cli(sd.path, "down")
+    assert r.returncode == 0, r.stderr
+    assert up.wait_exit(60) == 0, up.stderr
+
+    again = ups("state", durable_config())
+    endpoints = again.wait_ready()
+    assert "genesis" not in again.stderr.split("persistd ready")[-1]
+    with Client.connect(endpoints, cert, timeout_s=WAIT_S) as c:
+        orders = c.open_orders()["orders"]
+        assert [(o["oid"], o["price"], o["remaining"]) for o in orders] == \
+            [(ack["oid"], "60000", "0.01")]
+        assert c.account()["balance"] == balance
+        nxt = c.new_order("BTC-PERP", "buy", "limit", "0.001", "60000.0")
+        assert nxt["type"] == "ack" and nxt["seq"] == seq + 1
+    wait_store(sd.path, seq + 1)
+    rows = sql_rows(sd.path, f"SELECT oid, status FROM orders WHERE oid = {ack['oid']}")
+    assert rows == [[ack["oid"], "open"]]
+
+
+def _stopped_exchange_with_journal(ups, name: str, orders: int):
+    up = ups(name, durable_config(snapshot_every=10 ** 9))
+    endpoints = up.wait_ready()
+    cert = funded_account(up.sd.path)
+    with Client.connect(endpoints, cert, timeout_s=WAIT_S) as c:
+        for i in range(orders):
+            ack = c.new_order("ETH-PERP", "buy", "limit", "0.01", f"{3200 + i % 50}.00")
+            assert ack["type"] == "ack", ack
+            if i % 2:
+                assert c.cancel(ack["oid"])["type"] == "canceled"
+    assert cli(up.sd.path, "down").returncode == 0
+    assert up.wait_exit(60) == 0
+    return up
+
+
+def test_torn_journal_tail_is_cut_loudly_and_verify_passes(ups):
+    up = _stopped_exchange_with_journal(ups, "state", 50)
+    sd = up.sd
+    last_seq = journal_info(sd.journal_dir)["last_seq"]
+    path = segments(sd.journal_dir)[-1].path
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF                     # a flipped byte inside the last batch
+    path.write_bytes(bytes(data))
+
+    again = ups("state", durable_config(snapshot_every=10 ** 9))
+    again.wait_ready()
+    log = (sd.logs_dir / "persistd.log").read_text()
+    assert "JOURNAL REPAIRED" in log
+    assert journal_info(sd.journal_dir)["last_seq"] < last_seq
+    r = cli(sd.path, "--json", "verify")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["checks"][-1]["ok"]
+
+
+def test_corruption_mid_journal_fails_verify_clearly(ups):
+    up = _stopped_exchange_with_journal(ups, "state", 300)
+    sd = up.sd
+    path = segments(sd.journal_dir)[0].path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    r = cli(sd.path, "verify")
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert "journal corrupt" in line and path.name in line, line
+
+
+def test_failing_journal_write_stops_acks_until_it_recovers(ups):
+    up = ups("state", durable_config())
+    endpoints = up.wait_ready()
+    sd = up.sd
+    cert = funded_account(sd.path)
+    persistd = processes(sd.path)["persistd"]["pid"]
+    with Client.connect(endpoints, cert, timeout_s=WAIT_S) as c:
+        assert c.new_order("BTC-PERP", "buy", "limit", "0.001", "60000.0")["type"] == "ack"
+        # A real OS limit: persistd may not grow any file, so the next journal write fails.
+        resource.prlimit(persistd, resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
+        try:
+            c.new_order("BTC-PERP", "buy", "limit", "0.001", "60000.1", timeout_s=1.0)
+        except Exception:
+            pass                         # sequenced but not durable: never acknowledged
+        wait_until(lambda: cli_json(sd.path, "status")["journal"]["journal_errno"] != 0,
+                   WAIT_S, "persistd to report the failing journal")
+        reply = c.new_order("BTC-PERP", "buy", "limit", "0.001", "60000.2")
+        assert reply["type"] == "reject" and reply["reason"] == "market_halted"
+        assert "journal" in reply["message"]
+        resource.prlimit(persistd, resource.RLIMIT_FSIZE,
+                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        wait_until(lambda: cli_json(sd.path, "status")["journal"]["journal_errno"] == 0,
+                   WAIT_S, "the journal to recover")
+        ack = c.new_order("BTC-PERP", "buy", "limit", "0.001", "60000.3")
+        assert ack["type"] == "ack"
+        assert cli_json(sd.path, "status")["durable_seq"] >= ack["seq"]
+    r = cli(sd.path, "--json", "verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_sql_is_read_only(ups):
+    up = ups("state", durable_config())
+    up.wait_ready()
+    for query in ("DELETE FROM fills", "CREATE TABLE x (a INT)", "SELECT 1; DROP TABLE fills",
+                  "ATTACH 'other.duckdb'", "COPY fills TO 'out.csv'"):
+        r = cli(up.sd.path, "sql", query)
+        assert r.returncode == 1, query
+        assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert cli_json(up.sd.path, "sql", "SELECT count(*) FROM fills")["rows"] == [[0]]
+    tables = {r[0] for r in cli_json(up.sd.path, "sql", "SHOW TABLES")["rows"]}
+    assert {"fills", "orders", "funding_payments", "liquidations", "balances"} <= tables
