@@ -19,9 +19,9 @@ from engine.config import (MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, market_con
 from engine.records import *  # noqa: F403
 from engine.state import (ACCOUNT_DTYPE, C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDER,
                           C_NET_DEPOSITS_ATOMS, C_NEXT_OID, C_NEXT_TRADE_ID, C_ORDERS_USED, C_SEQ,
-                          D_MASK, D_NEED, D_RING, D_SEQ, D_SOURCE, D_WRITE, INDEX_DTYPE,
+                          D_COUNT, D_MASK, D_NEED, D_RING, D_SEQ, D_SOURCE, D_WRITE, INDEX_DTYPE,
                           LEVEL_DTYPE, MARKET_DTYPE, NONE, ORDER_DTYPE, POSITION_DTYPE, table_word)
-from engine.views import prefetch, table_view
+from engine.views import address_of, descriptor_view, prefetch, table_view
 
 # _nrt=False: nothing here allocates, and without the runtime numba emits no reference
 # counting for the arrays inside the state tuple on every call (it cost ~100 ns a call).
@@ -30,6 +30,8 @@ jit = njit(cache=True, nogil=True, boundscheck=False, _nrt=False)
 
 
 # ---- the tables, seen through the descriptor `st` (engine/views.py) -----------------------
+# `st` is the descriptor's address; `_desc(st)` is the descriptor itself (its cursor words).
+_desc = descriptor_view(D_COUNT)
 _counters = table_view(table_word("counters"), np.int64, 1)
 _markets = table_view(table_word("markets"), MARKET_DTYPE, 1)
 _positions = table_view(table_word("positions"), POSITION_DTYPE, 2)
@@ -125,16 +127,20 @@ def _slot_of_cid(st, account, cid):
 @jit
 def _claim(st, cmd, etype, market, account):
     """Next ring slot, zeroed, with the header of the current command written."""
-    pos = st[D_WRITE]
-    st[D_WRITE] = pos + 1
-    j = pos & st[D_MASK]
-    for w in range(_ring_words(st).shape[1]):
-        _ring_words(st)[j, w] = 0
+    desc = _desc(st)
+    pos = desc[D_WRITE]
+    desc[D_WRITE] = pos + 1
+    j = pos & desc[D_MASK]
+    # a fixed trip count over a view taken once: a few vector stores, where re-deriving the
+    # view after each store (it might alias the descriptor) made 16 load-store pairs
+    words = _ring_words(st)
+    for w in range(EVENT_BYTES // 8):
+        words[j, w] = 0
     hdr = _ring_headers(st)[j]
-    hdr.seq = st[D_SEQ]
+    hdr.seq = desc[D_SEQ]
     hdr.ts_ns = cmd.ts_ns
     hdr.etype = etype
-    hdr.source = st[D_SOURCE]
+    hdr.source = desc[D_SOURCE]
     hdr.market = market
     hdr.account = account
     return j
@@ -362,10 +368,21 @@ def _rest(st, slot):
 
 
 @jit
+def _prefetch_index_entries(st, o):
+    """Start loading the index buckets of order `o` (each a likely cache miss), so they
+    arrive while the order is being unlinked from its level and account lists."""
+    oid_index = _oid_index(st)
+    cid_index = _cid_index(st)
+    prefetch(oid_index, _home(0, o.oid, len(oid_index) - 1))
+    prefetch(cid_index, _home(o.account, o.cid, len(cid_index) - 1))
+
+
+@jit
 def _unrest(st, slot):
     """Take an order off the book and out of the indexes; its slot stays allocated."""
     o = _orders(st)[slot]
     market = o.market
+    _prefetch_index_entries(st, o)
     lvl = o.level
     lv = _levels(st)[lvl]
     if o.prev == NONE:
@@ -640,6 +657,7 @@ def _match(st, cmd, taker_slot, limit_ticks):
             return False, n_touched
         maker_slot = _levels(st)[lvl].first
         maker = _orders(st)[maker_slot]
+        _prefetch_index_entries(st, maker)      # a fill that empties the maker deletes them
         if maker.account == taker.account:
             if taker.stp == STP_CANCEL_MAKER or taker.stp == STP_CANCEL_BOTH:
                 _cancel_resting(st, cmd, maker_slot, REASON_STP)
@@ -1028,7 +1046,13 @@ PREFETCH_AHEAD = 4
 
 @jit
 def _prefetch_for(st, cmd):
-    """Start loading the index bucket a later command will probe first (a likely cache miss)."""
+    """Start loading what a later command reads first (likely cache misses): its position
+    (the event bound and the margin check read it) and the index bucket it probes first.
+
+    A prefetch never faults: a command naming a bad account or market costs a useless load.
+    """
+    positions = _positions(st)
+    prefetch(positions, cmd.account * positions.shape[1] + cmd.market)
     if cmd.cmd == CMD_NEW_ORDER or ((cmd.cmd == CMD_CANCEL or cmd.cmd == CMD_AMEND)
                                     and cmd.oid == 0):
         index = _cid_index(st)
@@ -1039,30 +1063,32 @@ def _prefetch_for(st, cmd):
 
 
 @jit
-def run_batch(st, commands, command_words, start, count, privileged, free_slots):
+def run_batch(desc, commands, command_words, start, count, privileged, free_slots):
     """Sequence commands[start:start+count]. Returns how many were processed.
 
     Stops early (returns fewer) when the ring lacks room for a command's worst case.
     The descriptor's cursor words carry the ring position, seq and source (engine/state.py).
     """
+    st = address_of(desc)
     scratch = len(_orders(st)) - 1
-    used_before = st[D_WRITE]
-    st[D_NEED] = 0
+    ring_words = _ring_words(st)
+    used_before = desc[D_WRITE]
+    desc[D_NEED] = 0
     end = start + count
     for i in range(start, start + count):
         if i + PREFETCH_AHEAD < end:
             _prefetch_for(st, commands[i + PREFETCH_AHEAD])
         cmd = commands[i]
         need = _event_bound(st, cmd)
-        if need > free_slots - (st[D_WRITE] - used_before):
-            st[D_NEED] = need
+        if need > free_slots - (desc[D_WRITE] - used_before):
+            desc[D_NEED] = need
             return i - start
         seq = _counters(st)[C_SEQ] + 1
         _counters(st)[C_SEQ] = seq
-        st[D_SEQ] = seq
+        desc[D_SEQ] = seq
         j = _claim(st, cmd, EV_COMMAND, cmd.market, cmd.account)
-        for w in range(command_words.shape[1]):
-            _ring_words(st)[j, COMMAND_EVENT_WORD + w] = command_words[i, w]
+        for w in range(COMMAND_BYTES // 8):
+            ring_words[j, COMMAND_EVENT_WORD + w] = command_words[i, w]
         code = cmd.cmd
         if not privileged and (code == CMD_CREATE_MARKET or code == CMD_SET_MARKET_LIMITS
                                or code == CMD_DEPOSIT or code == CMD_SET_MARK

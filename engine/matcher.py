@@ -39,6 +39,8 @@ class Matcher:
         self._sink = None
         self._overflow = None
         self._entry = None
+        self._commands = None
+        self._words = None
 
     @property
     def seq(self) -> int:
@@ -86,8 +88,11 @@ class Matcher:
                 or not commands.flags.writeable):
             # the compiled entry point was looked up for exactly this array type
             commands = np.array(commands, dtype=COMMAND_DTYPE, order="C", copy=True)
-        words = commands.view(np.int64).reshape(len(commands), 8)
-        args = (self.desc, commands, words, start, count, bool(privileged), free_slots)
+        if commands is not self._commands:
+            # callers hand over the same batch buffer call after call: derive its word view once
+            self._commands = commands
+            self._words = commands.view(np.int64).reshape(len(commands), 8)
+        args = (self.desc, commands, self._words, start, count, bool(privileged), free_slots)
         done = self._entry_for(args)(*args)
         return done, int(self.desc[D_WRITE])
 
