@@ -5,16 +5,29 @@ One invocation:
    processes (DEALER, CURVE) sending the same msgpack new_order/cancel messages the exchange
    run sends, pipelined with the same window; the server echoes each frame unchanged. Measured
    before the exchange is started, so the floor has the box to itself.
-2. the exchange: a fresh exchange (`perpx up` as a child process, its own session) on a
-   temporary state dir with ack_mode "fast" and rate limits out of the way, C accounts with
+2. the exchange, once per ack mode (`--ack-mode fast|durable|both`, default both: fast first,
+   then durable): a fresh exchange (`perpx up` as a child process, its own session) on a
+   temporary state dir with that ack_mode and rate limits out of the way, C accounts with
    deposits, then the same C client processes: each alternates a resting passive buy (BTC-PERP,
    0.001 at 60000) and a cancel of it by cid, so its book stays tiny. Every request waits for
    its direct reply (`ack`/`canceled`, matched by rid); up to `window` are in flight per client.
-   "orders" are these order-entry requests: new_order and cancel, each counted once.
+   "orders" are these order-entry requests: new_order and cancel, each counted once. In
+   "durable" mode a reply leaves the gateway only once persistd has journaled (and fsynced) its
+   command, so the difference between the two runs is the price of durability.
 3. a paced run against the same exchange at a fixed total rate (spread over the clients; when
    the throughput run sustained less than that rate, at half the sustained rate instead):
    the achieved rate and the ack latency at that rate (from the actual send, and from the
    scheduled send time, which includes any lag of the sender: no coordinated omission).
+
+The JSON's top-level measurements (`orders_per_s`, `ack_p50_us`, ...) are those of the first
+mode run, `settings.ack_mode`: the fast exchange unless only "durable" was asked for. With both,
+`durable` holds the durable exchange's measurements under the same names, plus `over_fast`:
+durable / fast for each of them.
+
+The client machinery (`_run_clients`, phases) also serves `perpx bench durability`
+(perpx/bench_durability.py): a phase names its workload, "rest_cancel" (above) or "cross"
+(even clients buy, odd clients sell, all at one price: every order trades or rests until the
+other side takes it), and the clients report every `fill` they receive (receipt time, seq).
 
 Latencies are exact percentiles (numpy) over every sample of the timed window (after a short
 warm-up), not a histogram. Throughput counts replies to requests sent inside the timed window
@@ -34,6 +47,7 @@ import signal
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -45,23 +59,26 @@ DEFAULT_SECONDS = 5.0
 DEFAULT_CLIENTS = 2
 DEFAULT_RATE = 20_000
 DEFAULT_WINDOW = 8
+ACK_MODES = ("fast", "durable")
 MARKET = "BTC-PERP"
 QTY = "0.001"
 PRICE = "60000.0"     # passive: the market starts at 65000, inside the 10% band
+CROSS_PRICE = "65000.0"   # the "cross" workload: buyers and sellers meet at the mark
 
 
-def exchange_config(clients: int) -> str:
+def exchange_config(clients: int, ack_mode: str = "fast", max_orders: int = 65536,
+                    max_open_orders: int = 200) -> str:
     return f"""
 [exchange]
 gateways = 1
-ack_mode = "fast"
+ack_mode = "{ack_mode}"
 rate_limit_per_s = 1000000000
 rate_limit_burst = 1000000000
 
 [engine]
 max_accounts = {max(64, clients + 2)}
 max_markets = 4
-max_orders = 65536
+max_orders = {max_orders}
 max_levels_per_side = 1024
 
 [endpoints]
@@ -75,11 +92,12 @@ lot_size = "0.001"
 initial_price = "65000"
 max_leverage = 50
 oracle = "manual"
+max_open_orders = {max_open_orders}
 """
 
 
 # ---- the client side (runs in spawned processes) --------------------------------------------
-def _message(i: int, cid_base: int, rid: int) -> bytes:
+def _rest_cancel(i: int, cid_base: int, rid: int, index: int) -> bytes:
     """Request i of a client: even = new resting order, odd = cancel of the previous one."""
     cid = cid_base + i // 2
     if i % 2 == 0:
@@ -90,19 +108,35 @@ def _message(i: int, cid_base: int, rid: int) -> bytes:
     return msgpack.packb(msg, use_bin_type=True)
 
 
-def _loop(sock, seconds: float, warmup_s: float, window: int, rate: float) -> dict:
-    """Send/receive until the timed window ends; returns counts and latency samples (ns)."""
+def _cross(i: int, cid_base: int, rid: int, index: int) -> bytes:
+    """Request i of a client: a limit order at the mark, buy for even clients, sell for odd."""
+    msg = {"type": "new_order", "cid": cid_base + i, "market": MARKET,
+           "side": "buy" if index % 2 == 0 else "sell", "kind": "limit", "qty": QTY,
+           "price": CROSS_PRICE, "rid": rid}
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+# workload -> (message i of a client, requests that belong together: stopping keeps them whole)
+WORKLOADS = {"rest_cancel": (_rest_cancel, 2), "cross": (_cross, 1)}
+
+
+def _loop(sock, phase: dict, index: int) -> dict:
+    """Send/receive until the timed window ends; returns counts and latency samples (ns), and
+    (receipt time, seq) of every fill received in the timed window."""
     import zmq
+    seconds, window, rate = phase["seconds"], phase["window"], phase["rate"]
+    message, group = WORKLOADS[phase.get("workload", "rest_cancel")]
     now = time.perf_counter_ns
     interval = int(1e9 / rate) if rate > 0 else 0
     cid_base = (time.time_ns() // 1_000_000 % (1 << 40)) << 20
     t0 = now()
-    rec_start = t0 + int(warmup_s * 1e9)
+    rec_start = t0 + int(phase["warmup_s"] * 1e9)
     end = rec_start + int(seconds * 1e9)
     drain_until = end + 5_000_000_000
     inflight: dict = {}
     lat: list = []
     sched: list = []
+    fills: list = []
     acked = rejected = others = 0
     i = 0
     rid = 1_000_000
@@ -111,15 +145,15 @@ def _loop(sock, seconds: float, warmup_s: float, window: int, rate: float) -> di
     while True:
         t = now()
         stopping = t >= end
-        # keep pairs whole: after the end only the pending cancel may still go out
-        while len(inflight) < window and (not stopping or i % 2 == 1) and \
+        # keep groups whole: after the end only the rest of a started group may still go out
+        while len(inflight) < window and (not stopping or i % group) and \
                 (interval == 0 or next_due <= t):
-            sock.send(_message(i, cid_base, rid))
+            sock.send(message(i, cid_base, rid, index))
             inflight[rid] = (t, next_due if interval else t)
             next_due += interval
             i += 1
             rid += 1
-        if stopping and (not inflight and i % 2 == 0 or t > drain_until):
+        if stopping and (not inflight and i % group == 0 or t > drain_until):
             break
         if interval and len(inflight) < window and not stopping:
             wait_ms = max(0, (next_due - t) // 1_000_000)   # < 1 ms to the next send: spin
@@ -137,6 +171,8 @@ def _loop(sock, seconds: float, warmup_s: float, window: int, rate: float) -> di
             entry = inflight.pop(m.get("rid"), None)
             if entry is None:
                 others += 1
+                if m.get("type") == "fill" and rec_start <= tr <= end:
+                    fills.append((tr, m["seq"]))
                 continue
             if entry[0] >= rec_start and tr <= end:
                 if m.get("type") == "reject":
@@ -149,7 +185,8 @@ def _loop(sock, seconds: float, warmup_s: float, window: int, rate: float) -> di
     return {"acked": acked, "rejected": rejected, "unmatched": others, "sent": i,
             "seconds": seconds, "first_reject": pack_check, "left_in_flight": len(inflight),
             "lat_ns": np.asarray(lat, dtype=np.int64),
-            "sched_ns": np.asarray(sched, dtype=np.int64)}
+            "sched_ns": np.asarray(sched, dtype=np.int64),
+            "fills": np.asarray(fills, dtype=np.int64).reshape(-1, 2)}
 
 
 def _client_main(kind: str, target: dict, phases: list, queue, start_evt, index: int) -> None:
@@ -184,8 +221,7 @@ def _client_main(kind: str, target: dict, phases: list, queue, start_evt, index:
             if not start_evt[phase["name"]].wait(120):
                 return
             with quiet_gc():
-                res = _loop(sock, phase["seconds"], phase["warmup_s"], phase["window"],
-                            phase["rate"])
+                res = _loop(sock, phase, index)
             queue.put(("result", index, (phase["name"], res)))
     except Exception as e:       # reported to the parent, which fails the benchmark
         queue.put(("error", index, f"{type(e).__name__}: {e}"))
@@ -306,96 +342,113 @@ def _summary(results: list) -> dict:
             "p50_us": pct(lat, 50), "p99_us": pct(lat, 99), "p999_us": pct(lat, 99.9),
             "max_us": round(float(lat.max()) / 1e3, 1) if len(lat) else 0.0,
             "sched_p50_us": pct(sched, 50), "sched_p99_us": pct(sched, 99),
-            "sched_p999_us": pct(sched, 99.9), "samples": int(len(lat))}
+            "sched_p999_us": pct(sched, 99.9), "samples": int(len(lat)),
+            "fills": np.concatenate([r["fills"] for r in results])}
 
 
-def _funded_accounts(sd, n: int) -> list[str]:
-    """n new accounts with 1,000,000 USDC each; their certificate paths."""
+def _funded_accounts(sd, n: int, usdc: str = "1000000") -> list[str]:
+    """n new accounts with `usdc` USDC each; their certificate paths."""
     from perpx.config import usdc_to_atoms
     from perpx.ops import Exchange, create_account
     ex = Exchange(sd)
     certs = []
     for _ in range(n):
         account, cert = create_account(sd, ex.engine.max_accounts)
-        ex.deposit(account, usdc_to_atoms("1000000"))
+        ex.deposit(account, usdc_to_atoms(usdc))
         certs.append(cert)
     return certs
 
 
-def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
-              rate: float = DEFAULT_RATE, window: int = DEFAULT_WINDOW, progress=None) -> dict:
-    import zmq
-    say = progress or (lambda msg: None)
-    warmup = min(0.5, seconds / 4)
-    throughput = {"name": "throughput", "seconds": seconds, "warmup_s": warmup,
-                  "window": window, "rate": 0}
-    paced = {"name": "paced", "seconds": seconds, "warmup_s": warmup, "window": window,
-             "rate": rate / clients}
+@contextmanager
+def bench_dir(name: str):
+    """A temporary directory for a benchmark's exchanges, removed at the end; SIGTERM on the
+    main thread raises KeyboardInterrupt meanwhile, so it cleans up like Ctrl-C."""
     def on_term(signum, frame):
         raise KeyboardInterrupt
     old_term = None
     if threading.current_thread() is threading.main_thread():
-        old_term = signal.signal(signal.SIGTERM, on_term)    # SIGTERM cleans up like Ctrl-C
-    root = Path(tempfile.mkdtemp(prefix="perpx-bench-e2e-"))
-    exchange = None
-    shm_left: list = []
-    paced_rate = rate
+        old_term = signal.signal(signal.SIGTERM, on_term)
+    root = Path(tempfile.mkdtemp(prefix=f"perpx-bench-{name}-"))
     try:
-        # 1. the floor
-        procs = _Procs()
-        stop = procs.mp.Event()
-        try:
-            q = procs.mp.Queue()
-            public, secret = zmq.curve_keypair()
-            procs.start(_echo_main, secret, q, stop)
-            _, _, endpoint = q.get(timeout=30)
-            say(f"echo server on {endpoint}")
-            echo = _run_clients(procs, "echo", {"endpoint": endpoint, "server_public": public},
-                                [throughput], clients, say)
-        finally:
-            stop.set()
-            procs.close()
-        # 2./3. the exchange
-        say("starting the exchange (ack_mode fast)")
-        exchange = ExchangeProcess(root / "state", exchange_config(clients))
-        endpoints = exchange.wait_ready()
-        certs = _funded_accounts(exchange.sd, clients)
-        target = {"endpoints": endpoints, "certificates": certs}
-        ex = {}
-        for phase in (throughput, paced):
-            if phase is paced:
-                # the box cannot sustain the rate: pace at half the sustained throughput
-                sustained = _summary(ex["throughput"])["per_s"]
-                paced_rate = rate if sustained >= rate else max(1.0, sustained / 2)
-                phase["rate"] = paced_rate / clients
-            procs = _Procs()
-            try:
-                ex.update(_run_clients(procs, "exchange", target, [phase], clients, say))
-            finally:
-                procs.close()
+        yield root
     finally:
-        if exchange is not None:
-            say("stopping the exchange")
-            shm_left = exchange.close()
         shutil.rmtree(root, ignore_errors=True)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 
-    e = _summary(echo["throughput"])
-    t = _summary(ex["throughput"])
-    p = _summary(ex["paced"])
+
+@contextmanager
+def running_exchange(state_dir: Path, config: str, say, shm_left: list):
+    """`perpx up` on state_dir; yields (ExchangeProcess, endpoints). Stopped at the end, with
+    the shm entries it left (removed) appended to shm_left."""
+    exchange = ExchangeProcess(state_dir, config)
+    try:
+        yield exchange, exchange.wait_ready()
+    finally:
+        say("stopping the exchange")
+        shm_left.extend(exchange.close())
+
+
+def _measure_echo(clients: int, phase: dict, say) -> dict:
+    """The floor: a bare echo server and the clients, one throughput run."""
+    import zmq
+    procs = _Procs()
+    stop = procs.mp.Event()
+    try:
+        q = procs.mp.Queue()
+        public, secret = zmq.curve_keypair()
+        procs.start(_echo_main, secret, q, stop)
+        _, _, endpoint = q.get(timeout=30)
+        say(f"echo server on {endpoint}")
+        out = _run_clients(procs, "echo", {"endpoint": endpoint, "server_public": public},
+                           [phase], clients, say)
+    finally:
+        stop.set()
+        procs.close()
+    return _summary(out[phase["name"]])
+
+
+def run_phases(target: dict, phases: list, clients: int, say) -> dict:
+    """Each phase with fresh client processes against an exchange; {phase name: summary}.
+
+    A phase whose `rate` is a callable gets it called with the summaries so far (the paced
+    run picks its rate from the throughput run's) and its result (the total rate) recorded.
+    """
+    out = {}
+    for phase in phases:
+        if callable(phase["rate"]):
+            phase = {**phase, "rate": phase["rate"](out) / clients}
+        procs = _Procs()
+        try:
+            results = _run_clients(procs, "exchange", target, [phase], clients, say)
+        finally:
+            procs.close()
+        out[phase["name"]] = {**_summary(results[phase["name"]]),
+                              "rate_per_s": round(phase["rate"] * clients)}
+    return out
+
+
+def _exchange_runs(root: Path, ack_mode: str, clients: int, phases: list, say) -> dict:
+    """A fresh exchange in `ack_mode`, the phases against it; the summaries plus its shm."""
+    shm_left: list = []
+    say(f"starting the exchange (ack_mode {ack_mode})")
+    with running_exchange(root / ack_mode, exchange_config(clients, ack_mode), say,
+                          shm_left) as (exchange, endpoints):
+        target = {"endpoints": endpoints, "certificates": _funded_accounts(exchange.sd, clients)}
+        out = run_phases(target, phases, clients, say)
+    return {**out, "shm_prefix": exchange.sd.prefix, "shm_left": shm_left}
+
+
+def _measurements(t: dict, p: dict, e: dict, rate: float) -> dict:
+    """One exchange run's figures (the names of the JSON's top level)."""
     return {
-        "benchmark": "e2e",
         "orders_per_s": t["per_s"],
         "ack_p50_us": t["p50_us"], "ack_p99_us": t["p99_us"], "ack_p999_us": t["p999_us"],
         "ack_max_us": t["max_us"],
-        "echo_msgs_per_s": e["per_s"],
-        "echo_rtt_p50_us": e["p50_us"], "echo_rtt_p99_us": e["p99_us"],
-        "echo_rtt_p999_us": e["p999_us"],
         "orders_over_echo": round(t["per_s"] / e["per_s"], 3) if e["per_s"] else None,
         "ack_p50_over_echo_p50": round(t["p50_us"] / e["p50_us"], 3) if e["p50_us"] else None,
         "paced_target_per_s": rate,
-        "paced_rate_per_s": round(paced_rate),
+        "paced_rate_per_s": p["rate_per_s"],
         "paced_achieved_per_s": p["per_s"],
         "paced_ack_p50_us": p["p50_us"], "paced_ack_p99_us": p["p99_us"],
         "paced_ack_p999_us": p["p999_us"],
@@ -403,42 +456,106 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
         "rejects": t["rejected"] + p["rejected"],
         "first_reject": t["first_reject"] or p["first_reject"],
         "samples": {"throughput": t["samples"], "paced": p["samples"], "echo": e["samples"]},
+    }
+
+
+# durable / fast is reported for these
+COMPARED = ("orders_per_s", "ack_p50_us", "ack_p99_us", "ack_p999_us", "paced_achieved_per_s",
+            "paced_ack_p50_us", "paced_ack_p99_us", "paced_ack_p999_us")
+
+
+def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
+              rate: float = DEFAULT_RATE, window: int = DEFAULT_WINDOW, ack_mode: str = "both",
+              progress=None) -> dict:
+    say = progress or (lambda msg: None)
+    modes = ACK_MODES if ack_mode == "both" else (ack_mode,)
+    if not modes or any(m not in ACK_MODES for m in modes):
+        raise ValueError(f"ack_mode must be fast, durable or both, not {ack_mode!r}")
+    warmup = min(0.5, seconds / 4)
+    throughput = {"name": "throughput", "seconds": seconds, "warmup_s": warmup,
+                  "window": window, "rate": 0}
+
+    def paced_rate(done: dict) -> float:
+        # the box cannot sustain the rate: pace at half the sustained throughput
+        sustained = done["throughput"]["per_s"]
+        return rate if sustained >= rate else max(1.0, sustained / 2)
+
+    paced = {**throughput, "name": "paced", "rate": paced_rate}
+    runs = {}
+    with bench_dir("e2e") as root:
+        echo = _measure_echo(clients, throughput, say)   # before any exchange: the box to itself
+        for mode in modes:
+            runs[mode] = _exchange_runs(root, mode, clients, [throughput, paced], say)
+
+    first = runs[modes[0]]
+    res = {
+        "benchmark": "e2e",
+        **_measurements(first["throughput"], first["paced"], echo, rate),
+        "echo_msgs_per_s": echo["per_s"],
+        "echo_rtt_p50_us": echo["p50_us"], "echo_rtt_p99_us": echo["p99_us"],
+        "echo_rtt_p999_us": echo["p999_us"],
+    }
+    if len(modes) == 2:
+        d = _measurements(runs["durable"]["throughput"], runs["durable"]["paced"], echo, rate)
+        d["over_fast"] = {k: round(d[k] / res[k], 3) if res[k] else None for k in COMPARED}
+        d["shm_prefix"] = runs["durable"]["shm_prefix"]
+        res["durable"] = d
+    res.update({
         "settings": {"seconds": seconds, "warmup_s": warmup, "clients": clients,
-                     "window": window, "rate": rate, "ack_mode": "fast", "gateways": 1,
+                     "window": window, "rate": rate, "ack_mode": modes[0],
+                     "ack_modes": list(modes), "gateways": 1,
                      "orders": "alternating resting new_order and cancel, both counted",
                      "percentiles": "exact (numpy) over all samples",
-                     "echo": "measured before the exchange starts", "cpus": os.cpu_count()},
-        "shm_prefix": exchange.sd.prefix if exchange is not None else None,
-        "shm_left": shm_left,
-    }
+                     "echo": "measured before the exchanges start, once",
+                     "cpus": os.cpu_count()},
+        "shm_prefix": first["shm_prefix"],
+        "shm_prefixes": [runs[m]["shm_prefix"] for m in modes],
+        "shm_left": [n for m in modes for n in runs[m]["shm_left"]],
+    })
+    return res
+
+
+def _run_rows(res: dict, label: str) -> list:
+    """Report rows of one exchange run's figures."""
+    return [
+        (f"{label}orders/s (acked)", f"{res['orders_per_s']:,}"),
+        (f"{label}ack latency µs", f"p50 {res['ack_p50_us']}  p99 {res['ack_p99_us']}  "
+                                   f"p99.9 {res['ack_p999_us']}  max {res['ack_max_us']}"),
+        (f"{label}orders / echo", f"{res['orders_over_echo']}  (target >= 0.7)"),
+        (f"{label}ack p50 / echo p50", f"{res['ack_p50_over_echo_p50']}  (target <= 1.5)"),
+        (f"{label}paced run", f"asked {res['paced_target_per_s']:,.0f}/s, paced at "
+                              f"{res['paced_rate_per_s']:,}/s" +
+         ("" if res["paced_rate_per_s"] >= res["paced_target_per_s"] else
+          " (half the sustained rate: the box cannot sustain the asked rate)") +
+         f", achieved {res['paced_achieved_per_s']:,}/s"),
+        (f"{label}paced ack µs", f"p50 {res['paced_ack_p50_us']}  p99 "
+                                 f"{res['paced_ack_p99_us']}  p99.9 {res['paced_ack_p999_us']}  "
+                                 f"(p99 from schedule {res['paced_sched_p99_us']}; "
+                                 f"target p99 <= 1000)"),
+        (f"{label}rejects", f"{res['rejects']}" + (f" (first: {res['first_reject']})"
+                                                    if res["first_reject"] else "")),
+    ]
 
 
 def format_report(res: dict) -> str:
     s = res["settings"]
+    modes = s.get("ack_modes", [s["ack_mode"]])
     rows = [
         ("benchmark", f"e2e: {s['clients']} client processes, window {s['window']}, "
                       f"{s['seconds']:g} s per run (+{s['warmup_s']:g} s warm-up), "
-                      f"{s['cpus']} cpus"),
-        ("exchange", "1 gateway, ack_mode fast; orders = new_order + cancel, alternating"),
-        ("orders/s (acked)", f"{res['orders_per_s']:,}"),
-        ("ack latency µs", f"p50 {res['ack_p50_us']}  p99 {res['ack_p99_us']}  "
-                           f"p99.9 {res['ack_p999_us']}  max {res['ack_max_us']}"),
+                      f"{s['cpus']} cpus shared by clients and exchange"),
+        ("exchange", f"1 gateway, ack_mode {' then '.join(modes)} (a fresh exchange each); "
+                     f"orders = new_order + cancel, alternating"),
         ("echo msgs/s", f"{res['echo_msgs_per_s']:,}  (bare pyzmq ROUTER/CURVE, run first)"),
         ("echo rtt µs", f"p50 {res['echo_rtt_p50_us']}  p99 {res['echo_rtt_p99_us']}  "
                         f"p99.9 {res['echo_rtt_p999_us']}"),
-        ("orders / echo", f"{res['orders_over_echo']}  (target >= 0.7)"),
-        ("ack p50 / echo p50", f"{res['ack_p50_over_echo_p50']}  (target <= 1.5)"),
-        ("paced run", f"asked {res['paced_target_per_s']:,.0f}/s, paced at "
-                      f"{res['paced_rate_per_s']:,}/s" +
-         ("" if res["paced_rate_per_s"] >= res["paced_target_per_s"] else
-          " (half the sustained rate: the box cannot sustain the asked rate)") +
-         f", achieved {res['paced_achieved_per_s']:,}/s"),
-        ("paced ack µs", f"p50 {res['paced_ack_p50_us']}  p99 {res['paced_ack_p99_us']}  "
-                         f"p99.9 {res['paced_ack_p999_us']}  (p99 from schedule "
-                         f"{res['paced_sched_p99_us']}; target p99 <= 1000)"),
-        ("rejects", f"{res['rejects']}" + (f" (first: {res['first_reject']})"
-                                           if res["first_reject"] else "")),
-        ("percentiles", s["percentiles"]),
+        *_run_rows(res, f"{s['ack_mode']}: "),
     ]
+    if "durable" in res:
+        d = res["durable"]
+        ratio = d["over_fast"]
+        rows += _run_rows(d, "durable: ")
+        rows.append(("durable / fast", "  ".join(f"{k} {v}" for k, v in ratio.items())))
+    rows.append(("percentiles", s["percentiles"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -89,8 +89,19 @@ def cmd_bench_e2e(args) -> int:
     from perpx import bench_e2e
 
     res = bench_e2e.bench_e2e(seconds=args.seconds, clients=args.clients, rate=args.rate,
-                              window=args.window, progress=_progress(args))
+                              window=args.window, ack_mode=args.ack_mode,
+                              progress=_progress(args))
     emit(args, res, bench_e2e.format_report(res))
+    return 0
+
+
+def cmd_bench_durability(args) -> int:
+    from perpx import bench_durability
+
+    res = bench_durability.bench_durability(orders=args.orders, seconds=args.seconds,
+                                            clients=args.clients, runs=args.runs,
+                                            window=args.window, progress=_progress(args))
+    emit(args, res, bench_durability.format_report(res))
     return 0
 
 
@@ -157,17 +168,34 @@ def _register_bench(sub, common):
     timing_options(q)
     q.set_defaults(func=cmd_bench_lobster)
 
+    def client_options(q, what: str, clients: int, window: int):
+        q.add_argument("--seconds", type=_positive_float, default=5.0, metavar="S",
+                       help=f"seconds per timed {what} (default 5)")
+        q.add_argument("--clients", type=_positive_int, default=clients, metavar="C",
+                       help=f"client processes of the {what} (default {clients})")
+        q.add_argument("--window", type=_positive_int, default=window, metavar="W",
+                       help=f"requests in flight per client (default {window})")
+
     q = bsub.add_parser("e2e", parents=[common],
                         help="order entry end to end over loopback vs a bare pyzmq echo")
-    q.add_argument("--seconds", type=_positive_float, default=5.0, metavar="S",
-                   help="seconds per timed run (default 5)")
-    q.add_argument("--clients", type=_positive_int, default=2, metavar="C",
-                   help="client processes (default 2)")
+    client_options(q, "run", 2, 8)
     q.add_argument("--rate", type=_positive_float, default=20_000.0, metavar="R",
                    help="total orders/s of the paced run (default 20000)")
-    q.add_argument("--window", type=_positive_int, default=8, metavar="W",
-                   help="requests in flight per client (default 8)")
+    q.add_argument("--ack-mode", choices=("durable", "fast", "both"), default="both",
+                   help="exchange(s) to measure: fast, durable, or both in one run, each "
+                        "a fresh exchange (default both; the top-level figures are fast's)")
     q.set_defaults(func=cmd_bench_e2e)
+
+    q = bsub.add_parser("durability", parents=[common],
+                        help="DuckDB lag under full load (crossing orders: half the "
+                             "clients buy, half sell), and matcher recovery time with N "
+                             "resting orders")
+    q.add_argument("--orders", type=_positive_int, default=1_000_000, metavar="N",
+                   help="resting orders when the matcher is killed (default 1000000)")
+    client_options(q, "full-load lag run", 4, 64)
+    q.add_argument("--runs", type=_positive_int, default=3, metavar="R",
+                   help="matcher kills, the median is reported (default 3)")
+    q.set_defaults(func=cmd_bench_durability)
 
 
 # ---- helpers for the exchange commands ------------------------------------------------------

@@ -28,6 +28,19 @@ def child_env() -> dict:
     return env
 
 
+def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.05,
+               error: type[Exception] = RuntimeError):
+    """condition()'s first true value, polled every interval_s; `error` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise error(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
 def pid_alive(pid: int) -> bool:
     """Running, and not a zombie waiting to be reaped."""
     try:

@@ -27,12 +27,14 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 
 def main(argv=None) -> int:
+    t_main = time.monotonic()
     p = argparse.ArgumentParser(prog="python -m perpx.matcherd")
     p.add_argument("--spec", required=True, help="exchange.json written by `perpx up`")
     p.add_argument("--heartbeat-slot", type=int, default=0)
@@ -76,6 +78,8 @@ def main(argv=None) -> int:
         empty = np.zeros(0, COMMAND_DTYPE)
         service.matcher.process(empty, service.sink, service.events.write_cursor,
                                 service.events.free_slots(), source=0, privileged=True)
+        log(f"shared memory {'mapped' if service.reattached else 'created'} and the compiled "
+            f"matcher loaded in {time.monotonic() - t_main:.2f} s")
         recover(service, cfg, Path(doc["state_dir"]), prefix, stop)
         service.mark_start()
         beats = beat["beats"]
@@ -106,8 +110,6 @@ def log(msg: str) -> None:
 
 def recover(service, cfg, state_dir: Path, prefix: str, stop, wait_s: float = 120.0) -> None:
     """Rebuild the state tables from snapshot + journal (see the module docstring)."""
-    import time
-
     from persistd.progress import JournalProgress
     from persistd.replica import Replica
     from perpx.statedir import StateDir
@@ -139,7 +141,10 @@ def recover(service, cfg, state_dir: Path, prefix: str, stop, wait_s: float = 12
                            f"were published: the journal is missing commands")
     if info["seq"]:
         log(f"recovered seq {info['seq']} in {time.monotonic() - t0:.2f} s: snapshot at seq "
-            f"{info['snapshot_seq']} + {info['replayed']} journaled commands")
+            f"{info['snapshot_seq']} + {info['replayed']} journaled commands (snapshot of "
+            f"{info['snapshot_bytes']} bytes read and checked in {info['snapshot_s']:.2f} s, "
+            f"replay in {info['replay_s']:.2f} s, journal end found in "
+            f"{info['journal_info_s']:.2f} s)")
 
 
 if __name__ == "__main__":

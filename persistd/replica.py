@@ -12,6 +12,7 @@ the same events. Three users:
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterator
 
 import numpy as np
@@ -103,11 +104,17 @@ class Replica:
 
     def rebuild(self, snapshot_dir, journal_dir, upto_seq: int | None = None,
                 on_progress: Callable[[int], None] | None = None) -> dict:
-        """Newest snapshot + journal replay; returns what was used (for the logs)."""
+        """Newest snapshot + journal replay; returns what was used and how long each part took
+        (for the logs and `perpx bench durability`)."""
+        t0 = time.monotonic()
         if upto_seq is None:   # a snapshot past the journal's end (a cut tail) is no use
             upto_seq = journal_info(journal_dir)["last_seq"]
+        t1 = time.monotonic()
         header = self.load_snapshot(snapshot_dir, upto_seq)
+        t2 = time.monotonic()
         from_seq = self.seq
         self.catch_up(journal_dir, upto_seq, on_progress=on_progress)
         return {"snapshot_seq": header["seq"] if header else 0, "replayed": self.seq - from_seq,
-                "seq": self.seq}
+                "seq": self.seq, "snapshot_bytes": header["nbytes"] if header else 0,
+                "journal_info_s": t1 - t0, "snapshot_s": t2 - t1,
+                "replay_s": time.monotonic() - t2}

@@ -1,5 +1,7 @@
 """`perpx bench e2e --json`: one JSON object with the required keys, sane numbers, and
-nothing of its exchange left in /dev/shm (it starts and stops its own, in a temp dir)."""
+nothing of its exchanges left in /dev/shm (it starts and stops its own, in a temp dir). By
+default it measures a fast and a durable exchange: the top level is the fast one, `durable`
+the other with its ratios to fast."""
 
 from __future__ import annotations
 
@@ -29,8 +31,18 @@ def test_bench_e2e_json(capsys):
     assert res["paced_ack_p50_us"] <= res["paced_ack_p99_us"] <= res["paced_ack_p999_us"]
     assert res["rejects"] == 0, res["first_reject"]
     assert res["settings"]["ack_mode"] == "fast" and res["settings"]["clients"] == 2
-    # its exchange removed every shm entry it made, and none of its prefix remains
+    assert res["settings"]["ack_modes"] == ["fast", "durable"]
+    durable = res["durable"]
+    for key in REQUIRED[:4] + ("paced_achieved_per_s", "paced_ack_p99_us", "over_fast"):
+        assert key in durable, key
+    assert durable["orders_per_s"] > 0 and durable["paced_achieved_per_s"] > 0
+    assert 0 < durable["ack_p50_us"] <= durable["ack_p99_us"] <= durable["ack_p999_us"]
+    assert durable["rejects"] == 0, durable["first_reject"]
+    assert durable["over_fast"]["orders_per_s"] == round(
+        durable["orders_per_s"] / res["orders_per_s"], 3)
+    # its exchanges removed every shm entry they made, and none of their prefixes remains
     assert res["shm_left"] == []
-    prefix = res["shm_prefix"].lstrip("/")
+    assert len(set(res["shm_prefixes"])) == 2 and res["shm_prefix"] == res["shm_prefixes"][0]
     after = set(os.listdir("/dev/shm"))
-    assert not [n for n in after - before if prefix in n]
+    for prefix in res["shm_prefixes"]:
+        assert not [n for n in after - before if prefix.lstrip("/") in n]

@@ -19,6 +19,7 @@ import msgpack
 import zmq
 import zmq.auth
 
+from perpx import launch
 from perpx.launch import REPO, STARTUP_S, ExchangeProcess, child_env, pid_alive
 from perpx.statedir import StateDir
 
@@ -86,14 +87,7 @@ def cli_fails(state_dir, *args, json_mode: bool = False) -> str:
 
 
 def wait_until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
+    return launch.wait_until(condition, timeout_s, what, error=AssertionError)
 
 
 class Up(ExchangeProcess):
