@@ -1,7 +1,6 @@
 """The gateway process: clients over ZeroMQ (CURVE, msgpack) in, command ring out, events back.
 
-One process, one thread doing the work (plus pyzmq's ZAP thread for handshakes and a small
-thread that only turns the event ring's doorbell into a wake-up of the main loop):
+One process, one thread doing the work (plus pyzmq's ZAP thread for handshakes):
 
     loop:
         drain the event ring (everything published, in command-aligned batches):
@@ -14,9 +13,9 @@ thread that only turns the event ring's doorbell into a wake-up of the main loop
             validate everything, pack commands into a buffer; answer queries and edge rejects
         write the buffered commands to the command ring in one go
         nothing to do: optionally spin (`spin_s`, off by default: on a shared 2-core box a
-            spinning gateway takes the core the matcher needs), then sleep in zmq poll on
-            [ROUTER, monitor, wake-up] until a message, a connection event or new events;
-            the notifier thread waits on the event ring's doorbell only while we sleep
+            spinning gateway takes the core the matcher needs), then sleep in one zmq poll on
+            [ROUTER, monitor, the event ring's doorbell FIFO] until a message, a connection
+            event or new events
 
 Requests get a `req` token (int32) that the matcher copies onto every event the command
 causes, together with the ring it came from (`source`): an event is this gateway's reply
@@ -208,10 +207,6 @@ class Gateway:
         self.limiter = TokenBucket(rate_per_s, burst)
         self._closers = []
         self._closed = False
-        self._sleeping = False
-        self._sleep_gen = 0
-        self._idle = threading.Condition()
-        self._stop_notifier = threading.Event()
         try:
             self._attach(attach_timeout_s)
             self._setup_zmq(context, accounts_dir, server_secret_key_file, server_keys,
@@ -317,20 +312,11 @@ class Gateway:
             self.market_data_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
             self.mirror.track_dirty = True
             self.mirror.dirty = [(set(), set()) for _ in range(self.cfg.max_markets)]
-        wake_addr = f"inproc://perpx-gateway-wake-{id(self)}"
-        self._wake_recv = self.ctx.socket(zmq.PAIR)
-        self._wake_recv.linger = 0
-        self._wake_recv.bind(wake_addr)
-        self._wake_send = self.ctx.socket(zmq.PAIR)
-        self._wake_send.linger = 0
-        self._wake_send.connect(wake_addr)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
-        self.poller.register(self._wake_recv, zmq.POLLIN)
-        self._notifier = threading.Thread(target=self._notify_loop, name="gateway-events",
-                                          daemon=True)
-        self._notifier.start()
+        # the event ring's doorbell for this consumer is a FIFO: new events wake the same poll
+        self.poller.register(self.bell.fileno(), zmq.POLLIN)
 
     def endpoints(self) -> dict:
         return {"orders": self.orders_endpoint, "market_data": self.market_data_endpoint,
@@ -380,62 +366,20 @@ class Gateway:
             gc.enable()
 
     def _sleep(self, timeout_ms: int) -> None:
-        """Block in zmq poll until a message, a connection event or (via the notifier) events."""
-        with self._idle:
-            self._sleep_gen += 1
-            self._sleeping = True
-            self._idle.notify()
+        """Block in one poll on the ROUTER, its monitor and the event ring's doorbell (a FIFO,
+        shm/doorbell.py) until a message, a connection event, new events or (durable mode)
+        journaled ones: arm the doorbell, re-check, poll, disarm."""
+        token = self.bell.arm()
         try:
             if self.consumer.available() or self._releasable():
                 return
             if self._cmd_n:
                 timeout_ms = 1    # the command ring was full: retry soon
             for sock, _ in self.poller.poll(timeout_ms):
-                if sock is self._wake_recv:
-                    try:
-                        while True:
-                            self._wake_recv.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
-                elif sock is self.monitor:
+                if sock is self.monitor:
                     self._drain_monitor()
         finally:
-            self._sleeping = False
-
-    def _notify_loop(self) -> None:
-        """Turn the event ring's doorbell into a zmq wake-up of the main loop while it sleeps.
-
-        The thread waits on the event ring's doorbell only while the main loop sleeps; while
-        the main loop works it is parked on a condition, so it never competes for the GIL
-        (pyzmq drops the GIL in every send: a runnable second thread would take it each time).
-        """
-        consumer = self.consumer
-        events = self.events
-        stop = self._stop_notifier
-        idle = self._idle
-
-        def wake_or_moot():
-            return (not self._sleeping or events.published_cursor() > consumer.cursor
-                    or self._releasable())
-
-        served = 0
-        while not stop.is_set():
-            with idle:
-                while self._sleep_gen == served and not stop.is_set():
-                    idle.wait(0.25)
-                served = self._sleep_gen
-            try:
-                while self._sleeping and self._sleep_gen == served and not stop.is_set():
-                    if self.bell.sleep(wake_or_moot, 0.05):
-                        if self._sleeping and self._sleep_gen == served:
-                            self._wake_send.send(b"", zmq.NOBLOCK)
-                        break
-            except zmq.Again:
-                pass
-            except Exception:       # closing underneath us
-                if stop.is_set():
-                    return
-                raise
+            self.bell.disarm(token)
 
     # ------------------------------------------------------------------ output ---------
     def _send(self, identity: bytes, payload: bytes, seq: int = 0) -> None:
@@ -1007,19 +951,13 @@ class Gateway:
         if self._closed:
             return
         self._closed = True
-        self._stop_notifier.set()
-        with self._idle:
-            self._idle.notify()
-        notifier = getattr(self, "_notifier", None)
-        if notifier is not None:
-            notifier.join(timeout=1.0)
         if getattr(self, "monitor", None) is not None:
             try:
                 self.router.disable_monitor()
             except Exception:
                 pass
             self.monitor.close(linger=0)
-        for name in ("router", "pub", "_wake_send", "_wake_recv"):
+        for name in ("router", "pub"):
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=0)

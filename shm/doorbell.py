@@ -1,75 +1,97 @@
 """Doorbell: lets one process sleep until another has published, at no syscall per publish.
 
-A doorbell is a POSIX semaphore plus two counters in a small shared region:
+A doorbell is a FIFO (named pipe, beside the regions in /dev/shm) plus two counters in a small
+shared region:
 
 - ``sleep_seq`` -- written only by the one sleeper. It is odd while the sleeper is (about to
-  be) blocked on the semaphore; each sleep uses a fresh odd value.
-- ``rung_seq`` -- written by ringers: the ``sleep_seq`` value they last posted for.
+  be) blocked on the FIFO; each sleep uses a fresh odd value.
+- ``rung_seq`` -- written by ringers: the ``sleep_seq`` value they last wrote a byte for.
 
-A ringer posts the semaphore only if ``sleep_seq`` is odd and nobody has posted for that
-sleep yet, so a producer publishing while its consumer is awake costs a fence and a load,
-no syscall. Several processes may ring one doorbell (the matcher sleeps on one doorbell for all
-its command rings). A post that lands after the sleeper already saw its condition (or a second
-ringer's post for the same sleep) stays in the semaphore and makes the next sleep return at
-once: a spurious wake-up, never a missed one.
+A ringer writes a byte only if ``sleep_seq`` is odd and nobody has written for that sleep yet,
+so a producer publishing while its consumer is awake costs a fence and a load, no syscall.
+Several processes may ring one doorbell (the matcher sleeps on one doorbell for all its command
+rings). A byte that lands after the sleeper already saw its condition (or a second ringer's
+byte for the same sleep) stays in the FIFO and makes the next sleep return at once: a spurious
+wake-up, never a missed one.
 
 Lost wake-ups are prevented by ordering: the sleeper stores ``sleep_seq``, fences, then
 re-checks its condition before blocking; the ringer stores its cursor, fences, then loads
 ``sleep_seq``. One of the two always sees the other's store. The sleeper still blocks in
 bounded slices (see wait.py) so a ringer killed between its publish and its ring cannot
 strand it.
+
+Why a FIFO and not a semaphore: a FIFO is a file descriptor, so a process that also waits for
+sockets (a gateway: clients on ZeroMQ, events on the ring) blocks in one poll() on both —
+``arm()``, poll ``fileno()`` with its sockets, ``disarm()`` — instead of parking a thread on a
+semaphore to forward the wake-up.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import weakref
 from typing import Callable
 
-import posix_ipc
-
 from shm.cursor import CACHE_LINE, Cursor
 from shm.platform import full_fence, require_tso
-from shm.region import Region, ShmError, check_name, unlink_if_owner
+from shm.region import Region, ShmError, check_name
 
 require_tso()
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 _KIND = b"DOORBELL"
 _SLEEP_SEQ = CACHE_LINE
 _RUNG_SEQ = 2 * CACHE_LINE
 _PAYLOAD_BYTES = 3 * CACHE_LINE
 
 
+def fifo_path(name: str) -> str:
+    """Where a doorbell's FIFO lives: beside the shared-memory objects (tmpfs), same prefix."""
+    return f"/dev/shm/{name.lstrip('/')}.fifo"
+
+
+def _unlink_if_owner(path: str, creator_pid: int) -> None:
+    # a forked child inherits the finalizer but does not own the name
+    if os.getpid() == creator_pid:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 class Doorbell:
-    def __init__(self, region: Region, semaphore: posix_ipc.Semaphore, created: bool):
+    def __init__(self, region: Region, created: bool):
         self.name = region.name
+        self.path = fifo_path(region.name)
         self._region = region
-        self._sem = semaphore
+        self._created = created
         self._sleep_seq = Cursor.at(region.payload, _SLEEP_SEQ)
         self._rung_seq = Cursor.at(region.payload, _RUNG_SEQ)
-        self._finalizer = (
-            weakref.finalize(self, unlink_if_owner, posix_ipc.unlink_semaphore, self.name, os.getpid())
-            if created
-            else None
-        )
+        self._read_fd = None     # the sleeper's end, opened on first use
+        self._write_fd = None    # a ringer's end, opened on first ring
+        self._poll = None
+        # The creator owns the FIFO's name, as Region owns its region's (see region.py).
+        self._finalizer = (weakref.finalize(self, _unlink_if_owner, self.path, os.getpid())
+                           if created else None)
 
     @classmethod
     def create(cls, name: str) -> Doorbell:
         check_name(name)
+        path = fifo_path(name)
         try:
-            semaphore = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=0)
-        except posix_ipc.ExistentialError:
-            raise ShmError(f"doorbell semaphore {name} already exists — another exchange is running, "
+            os.mkfifo(path, 0o600)
+        except FileExistsError:
+            raise ShmError(f"doorbell {path} already exists — another exchange is running, "
                            "or a crashed one left it behind") from None
         try:
             region = Region.create(name, LAYOUT_VERSION, _PAYLOAD_BYTES)
         except BaseException:
-            semaphore.unlink()
-            semaphore.close()
+            os.unlink(path)
             raise
         region.payload[: len(_KIND)] = memoryview(_KIND)
-        return cls(region, semaphore, created=True)
+        return cls(region, created=True)
 
     @classmethod
     def attach(cls, name: str) -> Doorbell:
@@ -77,20 +99,60 @@ class Doorbell:
         if bytes(region.payload[: len(_KIND)]) != _KIND:
             region.close()
             raise ShmError(f"shared memory region {name} is not a doorbell")
-        try:
-            semaphore = posix_ipc.Semaphore(name)
-        except posix_ipc.ExistentialError:
+        if not os.path.exists(fifo_path(name)):
             region.close()
-            raise ShmError(f"doorbell semaphore {name} does not exist — is the exchange running?") from None
-        return cls(region, semaphore, created=False)
+            raise ShmError(f"doorbell {fifo_path(name)} does not exist — is the exchange running?")
+        return cls(region, created=False)
 
+    # -- ringer -------------------------------------------------------------------------
     def ring(self) -> None:
         """Wake the sleeper if there is one; call after publishing."""
         full_fence()
         sleep_seq = self._sleep_seq.get()
         if sleep_seq & 1 and self._rung_seq.get() != sleep_seq:
             self._rung_seq.set(sleep_seq)
-            self._sem.release()
+            self._post()
+
+    def _post(self) -> None:
+        try:
+            if self._write_fd is None:
+                self._write_fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(self._write_fd, b"\1")
+        except BlockingIOError:
+            pass             # the FIFO is full of wake-ups already
+        except OSError as e:
+            # ENXIO/EPIPE: the sleeper is gone (it opens its end before it ever sleeps).
+            if e.errno not in (errno.ENXIO, errno.EPIPE, errno.ENOENT):
+                raise
+            if self._write_fd is not None:
+                os.close(self._write_fd)
+                self._write_fd = None
+
+    # -- sleeper ------------------------------------------------------------------------
+    def fileno(self) -> int:
+        """The sleeper's end of the FIFO: readable when rung (for poll() with other fds)."""
+        if self._read_fd is None:
+            # read-write, so the FIFO never reads as "end of file" when no ringer has it open
+            self._read_fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
+        return self._read_fd
+
+    def arm(self) -> int:
+        """About to block on fileno(): from here ringers write. Check the condition after
+        this, then block, then disarm(token)."""
+        self.fileno()
+        token = (self._sleep_seq.get() + 1) | 1
+        self._sleep_seq.set(token)
+        full_fence()
+        return token
+
+    def disarm(self, token: int) -> None:
+        """Awake again: drain the wake-ups and stop ringers from writing."""
+        try:
+            while os.read(self._read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._sleep_seq.set(token + 1)
 
     def sleep(self, condition: Callable[[], bool], timeout_s: float) -> bool:
         """Block until rung or ``timeout_s`` passed, unless ``condition()`` already holds.
@@ -98,18 +160,19 @@ class Doorbell:
         Only one process may sleep on a doorbell. Returns ``condition()`` after waking; a
         spurious wake-up simply returns False.
         """
-        sleep_seq = (self._sleep_seq.get() + 1) | 1
-        self._sleep_seq.set(sleep_seq)
-        full_fence()
+        token = self.arm()
         try:
             if condition():
                 return True
+            if self._poll is None:
+                self._poll = select.poll()
+                self._poll.register(self._read_fd, select.POLLIN)
             try:
-                self._sem.acquire(timeout_s)
-            except (posix_ipc.BusyError, posix_ipc.SignalError):
-                pass    # timed out, or a signal arrived: the caller re-checks its condition
+                self._poll.poll(max(0, int(timeout_s * 1000)))
+            except InterruptedError:
+                pass     # a signal: the caller re-checks its condition
         finally:
-            self._sleep_seq.set(sleep_seq + 1)
+            self.disarm(token)
         return condition()
 
     @property
@@ -118,16 +181,19 @@ class Doorbell:
         return bool(self._sleep_seq.get() & 1)
 
     def close(self) -> None:
-        self._sleep_seq = self._rung_seq = None
+        self._sleep_seq = self._rung_seq = self._poll = None
+        for fd in (self._read_fd, self._write_fd):
+            if fd is not None:
+                os.close(fd)
+        self._read_fd = self._write_fd = None
         self._region.close()
-        self._sem.close()
 
     def unlink(self) -> None:
-        """Remove the names (semaphore and region); only the creator is expected to."""
-        if self._finalizer is None:
-            posix_ipc.unlink_semaphore(self.name)
-        elif self._finalizer.alive:
+        """Remove the names (FIFO and region); only the creator is expected to."""
+        if self._finalizer is not None and self._finalizer.alive:
             self._finalizer()
+        else:
+            _unlink_if_owner(self.path, os.getpid())
         self._region.unlink()
 
     def __enter__(self) -> Doorbell:
@@ -135,5 +201,5 @@ class Doorbell:
 
     def __exit__(self, *exc) -> None:
         self.close()
-        if self._finalizer is not None:
+        if self._created:
             self.unlink()
