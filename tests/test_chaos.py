@@ -44,7 +44,9 @@ def test_kill9_rounds_lose_nothing_acknowledged(ups):
             wait_until(lambda: traders.count() > before, WAIT_S * 4,
                        f"orders acknowledged before round {round_no}")
             time.sleep(rng.uniform(0.0, 0.5))        # a random moment under load
-            victim = rng.choice(VICTIMS)
+            if round_no % len(VICTIMS) == 0:          # each victim once per cycle, in random order
+                cycle = rng.sample(VICTIMS, len(VICTIMS))
+            victim = cycle[round_no % len(VICTIMS)]
             os.kill(procs[victim]["pid"], signal.SIGKILL)
             killed[victim] += 1
             wait_until(lambda: processes(sd.path)[victim]["restarts"] == killed[victim],
@@ -58,5 +60,6 @@ def test_kill9_rounds_lose_nothing_acknowledged(ups):
     print(f"chaos: killed {killed}; {len(traders.acks)} acks, {len(traders.fills)} fills, "
           f"{traders.errors} client timeouts")
     assert traders.fills
+    assert min(killed.values()) >= ROUNDS // len(VICTIMS)
     assert_nothing_acknowledged_was_lost(sd.path, traders)
     assert cli_json(sd.path, "check")["ok"]
