@@ -19,6 +19,7 @@ from engine.config import (MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, market_con
 from engine.records import *  # noqa: F403
 from engine.state import (ACCOUNT_DTYPE, C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDER,
                           C_NET_DEPOSITS_ATOMS, C_NEXT_OID, C_NEXT_TRADE_ID, C_ORDERS_USED, C_SEQ,
+                          C_UNRESTS,
                           D_COUNT, D_MASK, D_NEED, D_RING, D_SEQ, D_SOURCE, D_WRITE, INDEX_DTYPE,
                           LEVEL_DTYPE, MARKET_DTYPE, NONE, ORDER_DTYPE, POSITION_DTYPE, table_word)
 from engine.views import address_of, descriptor_view, prefetch, table_view
@@ -43,6 +44,7 @@ _book_levels = table_view(table_word("book_levels"), np.int32, 3)
 _book_depth = table_view(table_word("book_depth"), np.int64, 2)
 _cid_index = table_view(table_word("cid_index"), INDEX_DTYPE, 1)
 _oid_index = table_view(table_word("oid_index"), INDEX_DTYPE, 1)
+_index_deletes = table_view(table_word("index_deletes"), np.int64, 2)
 _touched = table_view(table_word("touched"), np.int32, 1)
 # the event ring: one buffer of 128-byte slots, one view per event family
 _ring_words = table_view(D_RING, np.int64, 2)
@@ -53,20 +55,27 @@ _balance_events = table_view(D_RING, BALANCE_EVENT_DTYPE, 1)
 _mark_events = table_view(D_RING, MARK_EVENT_DTYPE, 1)
 
 # ---- indexes: open addressing, linear probing, backward-shift deletion --------------------
+# Deleting an order's two entries is deferred (see _defer_index_delete): until it happens an
+# entry may be stale, naming a slot that no longer holds a resting order with its key, so a
+# lookup checks the order it finds (_slot_of_oid, _slot_of_cid).
 @jit
 def _home(owner, key, mask):
-    """Consecutive keys of an owner land 5 buckets (80 bytes) apart.
+    """Consecutive keys of an owner land on consecutive cache lines (4 buckets each).
 
     Ids come in runs (oids in sequence, cids numbered by clients). Adjacent buckets would
     form runs of occupied buckets that every backward-shift delete scans to their end; a
-    random hash would make every insert a cache miss. An odd stride keeps the walk through
-    memory sequential (the hardware prefetcher follows it) and leaves gaps that end runs.
+    random hash would make every insert a cache miss. A stride of one line keeps the walk
+    through memory sequential (the hardware prefetcher follows it) and leaves gaps that end
+    runs; starting each key on a line boundary keeps the bucket after it, which a delete
+    reads, on the same line.
     """
-    return (key * 5 + owner * -7046029254386353131) & mask
+    return ((key + owner * -7046029254386353131) << 2) & mask
 
 
 @jit
 def _index_find(index, owner, key):
+    """The first bucket holding (owner, key): of several (stale ones waiting for their
+    deferred delete), the oldest, as inserts go after it and deletes keep their order."""
     mask = len(index) - 1
     i = _home(owner, key, mask)
     while index[i].slot != NONE:
@@ -111,16 +120,59 @@ def _index_delete(index, i):
 
 @jit
 def _slot_of_oid(st, oid):
+    """The slot of the resting order `oid`, or NONE; skips stale entries."""
     index = _oid_index(st)
-    i = _index_find(index, 0, oid)
-    return NONE if i == NONE else index[i].slot
+    mask = len(index) - 1
+    i = _home(0, oid, mask)
+    while index[i].slot != NONE:
+        if index[i].key == oid:
+            o = _orders(st)[index[i].slot]
+            if o.level != NONE and o.oid == oid:
+                return index[i].slot
+        i = (i + 1) & mask
+    return NONE
 
 
 @jit
 def _slot_of_cid(st, account, cid):
+    """The slot of the account's resting order `cid`, or NONE; skips stale entries."""
     index = _cid_index(st)
-    i = _index_find(index, account, cid)
-    return NONE if i == NONE else index[i].slot
+    mask = len(index) - 1
+    i = _home(account, cid, mask)
+    while index[i].slot != NONE:
+        if index[i].key == cid and index[i].owner == account:
+            o = _orders(st)[index[i].slot]
+            if o.level != NONE and o.account == account and o.cid == cid:
+                return index[i].slot
+        i = (i + 1) & mask
+    return NONE
+
+
+@jit
+def _defer_index_delete(st, o):
+    """Queue the deletion of order `o`'s index entries; do the one queued DEFERRED_DELETES
+    unrests ago.
+
+    A delete must find its entry, and that bucket is usually a cache miss (the indexes are
+    large and their live entries scattered): done at once it stalled the matcher (~7% of its
+    time). Prefetched now and deleted later, it finds the bucket in cache. The queue is part
+    of the state (a deterministic function of the commands), so is the index with its stale
+    entries.
+    """
+    oid_index = _oid_index(st)
+    cid_index = _cid_index(st)
+    prefetch(oid_index, _home(0, o.oid, len(oid_index) - 1))
+    prefetch(cid_index, _home(o.account, o.cid, len(cid_index) - 1))
+    queue = _index_deletes(st)
+    n = _counters(st)[C_UNRESTS]
+    k = n & (len(queue) - 1)
+    if n >= len(queue):
+        _index_delete(oid_index, _index_find(oid_index, 0, queue[k, 0]))
+        _index_delete(cid_index, _index_find(cid_index, queue[k, 1], queue[k, 2]))
+    queue[k, 0] = o.oid
+    queue[k, 1] = o.account
+    queue[k, 2] = o.cid
+    _counters(st)[C_UNRESTS] = n + 1
 
 
 # ---- events -------------------------------------------------------------------------------
@@ -368,21 +420,11 @@ def _rest(st, slot):
 
 
 @jit
-def _prefetch_index_entries(st, o):
-    """Start loading the index buckets of order `o` (each a likely cache miss), so they
-    arrive while the order is being unlinked from its level and account lists."""
-    oid_index = _oid_index(st)
-    cid_index = _cid_index(st)
-    prefetch(oid_index, _home(0, o.oid, len(oid_index) - 1))
-    prefetch(cid_index, _home(o.account, o.cid, len(cid_index) - 1))
-
-
-@jit
 def _unrest(st, slot):
-    """Take an order off the book and out of the indexes; its slot stays allocated."""
+    """Take an order off the book and (deferred) out of the indexes; its slot stays
+    allocated."""
     o = _orders(st)[slot]
     market = o.market
-    _prefetch_index_entries(st, o)
     lvl = o.level
     lv = _levels(st)[lvl]
     if o.prev == NONE:
@@ -408,8 +450,7 @@ def _unrest(st, slot):
     else:
         _orders(st)[o.account_next].account_prev = o.account_prev
     acct.open_orders -= 1
-    _index_delete(_oid_index(st), _index_find(_oid_index(st), 0, o.oid))
-    _index_delete(_cid_index(st), _index_find(_cid_index(st), o.account, o.cid))
+    _defer_index_delete(st, o)
     mk = _markets(st)[market]
     if o.side == SIDE_BUY:
         mk.resting_buy -= 1
@@ -657,7 +698,6 @@ def _match(st, cmd, taker_slot, limit_ticks):
             return False, n_touched
         maker_slot = _levels(st)[lvl].first
         maker = _orders(st)[maker_slot]
-        _prefetch_index_entries(st, maker)      # a fill that empties the maker deletes them
         if maker.account == taker.account:
             if taker.stp == STP_CANCEL_MAKER or taker.stp == STP_CANCEL_BOTH:
                 _cancel_resting(st, cmd, maker_slot, REASON_STP)

@@ -104,24 +104,31 @@ C_NET_DEPOSITS_ATOMS = 4         # deposits minus withdrawals
 C_ORDERS_USED = 6
 C_FREE_ORDER = 7
 C_FREE_LEVEL = 8
+C_UNRESTS = 9                    # orders taken off the book so far (index_deletes' cursor)
 C_COUNT = 16
 
 # The tables, in the order the state hash reads them. `book_keys[m, side, k]` holds the
 # sorted price keys of a book side (price for bids, -price for asks, so "best" is always the
 # largest key, kept at the end); `book_levels` the matching level slots; `book_depth` how many.
+# `index_deletes` holds (oid, account, cid) of the last DEFERRED_DELETES orders taken off the
+# book, whose index entries are deleted only when the queue comes round (engine/core.py).
 State = namedtuple("State", [
     "counters", "markets", "positions", "accounts", "orders", "levels",
     "book_keys", "book_levels", "book_depth",
-    "cid_index", "oid_index",
+    "cid_index", "oid_index", "index_deletes",
     "touched",
 ])
+
+DEFERRED_DELETES = 16            # a power of two
 
 # Scratch tables are deterministic too, but carry no meaning between commands.
 _SCRATCH = ("touched",)
 
 
 def _table_shapes(cfg: EngineConfig):
-    index_size = 1 << max(4, (2 * cfg.max_orders - 1).bit_length())
+    # load <= 1/2, and room for the stale entries of deferred deletes even when tiny
+    index_size = 1 << max(6, (2 * cfg.max_orders - 1).bit_length())
+    assert index_size > cfg.max_orders + DEFERRED_DELETES
     n_levels = cfg.max_markets * 2 * cfg.max_levels_per_side
     return {
         "counters": ((C_COUNT,), np.int64),
@@ -136,6 +143,7 @@ def _table_shapes(cfg: EngineConfig):
         "book_depth": ((cfg.max_markets, 2), np.int64),
         "cid_index": ((index_size,), INDEX_DTYPE),
         "oid_index": ((index_size,), INDEX_DTYPE),
+        "index_deletes": ((DEFERRED_DELETES, 3), np.int64),
         "touched": ((cfg.max_orders + 2,), np.int32),
     }
 
