@@ -28,11 +28,11 @@ from decimal import Decimal, localcontext
 import numpy as np
 
 from perpx.config import Config, atoms_str, config_from_resolved, dec_str
-from perpx.statedir import FileLock, NotRunning, StateDir
+from perpx.statedir import FileLock, StateDir
+from perpx.statedir import attach_retrying as _attach
 
 REPLY_TIMEOUT_S = 10.0
 LOCK_TIMEOUT_S = 10.0
-ATTACH_TIMEOUT_S = 5.0
 # Account 0 is the exchange's own (insurance fund / fee residues, DESIGN.md §4): never a client.
 FIRST_CLIENT_ACCOUNT = 1
 
@@ -173,18 +173,6 @@ class Exchange:
         finally:
             del state
             region.close()
-
-
-def _attach(fn, timeout_s: float = ATTACH_TIMEOUT_S):
-    from shm.region import ShmError
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return fn()
-        except ShmError as e:
-            if time.monotonic() > deadline:
-                raise NotRunning(f"cannot attach to the exchange's shared memory: {e}") from None
-            time.sleep(0.02)
 
 
 class OpsSession:

@@ -38,6 +38,23 @@ class NotRunning(RuntimeError):
     """No exchange runs for this state directory."""
 
 
+ATTACH_TIMEOUT_S = 5.0
+
+
+def attach_retrying(fn, timeout_s: float = ATTACH_TIMEOUT_S):
+    """fn() (attaching to some shared memory), retried while it is not there yet; NotRunning
+    after timeout_s."""
+    from shm.region import ShmError
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except ShmError as e:
+            if time.monotonic() > deadline:
+                raise NotRunning(f"cannot attach to the exchange's shared memory: {e}") from None
+            time.sleep(0.02)
+
+
 def shm_prefix_for(state_dir) -> str:
     real = os.path.realpath(os.fspath(state_dir))
     return "/perpx-" + hashlib.blake2b(real.encode(), digest_size=5).hexdigest()

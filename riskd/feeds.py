@@ -1,0 +1,371 @@
+"""Index price feeds: where riskd gets each market's index (DESIGN.md §5), and the IndexBoard.
+
+A feed is an `IndexFeed`: `index_ticks(now_ns)` returns the index in the market's ticks (an
+int on the grid, within [1, max_price_ticks]) or None while it has no price. riskd calls it once
+per tick with the wall clock; feeds are outside the matcher, so they may use floats and clocks
+internally, but what they return is an exact integer tick.
+
+Kinds, chosen by the market's `oracle` string (perpx/config.py):
+
+    "sim"        SimWalk: a seeded geometric random walk (reproducible from seed + times)
+    "csv:PATH"   CsvReplay: rows `ts_ns,price` replayed by time, holding the last price
+    "manual"     ManualFeed: the price an operator set with `perpx oracle set` (IndexBoard)
+
+Plugging in an external feed (an exchange websocket, a Pyth/Chainlink reader, ...): subclass
+`IndexFeed`, register a factory under a new kind in `FEED_KINDS` (it receives the MarketSpec,
+the text after "kind:" and a `FeedContext`), and admit the kind in perpx/config.py's oracle
+validation. A feed that does network I/O must do it on its own thread and make
+`index_ticks` return the latest value at once: riskd calls every feed on one thread, every tick.
+
+The IndexBoard is the small shared-memory region `<prefix>-index` that carries indexes between
+processes, in both directions (see the class). It is created by the supervisor, so it outlives
+riskd restarts and an operator's price survives them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import namedtuple
+from dataclasses import dataclass
+from decimal import Decimal, localcontext
+from pathlib import Path
+
+import numpy as np
+
+from perpx.config import dec_str, parse_decimal
+from shm.cursor import CACHE_LINE, Cursor
+from shm.region import Region, ShmError
+
+NS_PER_S = 1_000_000_000
+
+# About 50% a year (0.5 / sqrt(365 * 86400 s) = 0.89 bps per sqrt(second)), BTC-like.
+DEFAULT_SIM_VOL_BPS_PER_SQRT_S = 1.0
+# The sim steps ten times a second whatever riskd's tick, so the path depends only on time.
+SIM_STEP_NS = 100_000_000
+
+
+class IndexFeed:
+    """The plug-in point: one market's index source (see the module docstring).
+
+    `applied_version` is for feeds an operator drives: the version of the operator's input the
+    last `index_ticks` call used (riskd publishes it, so `perpx oracle set` can wait until its
+    price is in use). Other feeds leave it 0.
+    """
+
+    applied_version = 0
+
+    def index_ticks(self, now_ns: int) -> int | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the feed holds (files, shm, threads)."""
+
+
+# ---- sim ----------------------------------------------------------------------------------------
+class SimWalk(IndexFeed):
+    """A driftless geometric random walk in log price, stepped every SIM_STEP_NS of time.
+
+    The walk starts at `initial_ticks` at the first call's `now_ns`; step k (k = elapsed //
+    SIM_STEP_NS) adds sigma * N(0, 1) to the log price, sigma = vol x sqrt(step seconds), with
+    normals from numpy's PCG64 seeded by `seed` (an int or a sequence of ints). So the price at a
+    time depends only on the seed and the time elapsed since the first call, not on how often
+    it is sampled: the same seed and the same `now_ns` sequence give the same prices (with the
+    same numpy: its Generator streams are stable within a version).
+
+    Floats live only inside: the output is round(initial x exp(log move)) as an int, clamped to
+    [1, max_ticks]; the log price itself is clamped to that range too, so the walk never sticks
+    beyond a bound.
+    """
+
+    def __init__(self, initial_ticks: int, seed, vol_bps_per_sqrt_s: float, max_ticks: int):
+        if not 1 <= initial_ticks <= max_ticks:
+            raise ValueError(f"initial price {initial_ticks} ticks is outside [1, {max_ticks}]")
+        self._initial_ticks = initial_ticks
+        self._max_ticks = max_ticks
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+        self._sigma = vol_bps_per_sqrt_s / 1e4 * math.sqrt(SIM_STEP_NS / NS_PER_S)
+        self._log_lo = math.log(1 / initial_ticks)
+        self._log_hi = math.log(max_ticks / initial_ticks)
+        self._log_move = 0.0
+        self._origin_ns = None
+        self._steps = 0
+
+    def index_ticks(self, now_ns: int) -> int:
+        if self._origin_ns is None:
+            self._origin_ns = now_ns
+        target = max(0, (now_ns - self._origin_ns) // SIM_STEP_NS)
+        if target > self._steps:
+            x = self._log_move
+            for z in self._rng.standard_normal(target - self._steps):
+                x = min(max(x + self._sigma * float(z), self._log_lo), self._log_hi)
+            self._log_move = x
+            self._steps = target
+        ticks = round(self._initial_ticks * math.exp(self._log_move))
+        return min(max(ticks, 1), self._max_ticks)
+
+
+# ---- csv ----------------------------------------------------------------------------------------
+class CsvFeedError(ValueError):
+    """A CSV index file that cannot be replayed; the message names the file and line."""
+
+
+def price_ticks_exact(text: str, tick_size: Decimal) -> int | None:
+    """A decimal price as a whole number of ticks, or None when it is off the grid."""
+    value = parse_decimal(text, "price")
+    with localcontext() as ctx:
+        ctx.prec = 80
+        q = value / tick_size
+    return int(q) if q == q.to_integral_value() else None
+
+
+class CsvReplay(IndexFeed):
+    """Replays `ts_ns,price` rows (price a decimal string on the tick grid).
+
+    The file is read and checked once, at construction: blank lines and `#` comments are
+    skipped, an optional header `ts_ns,price` is allowed, timestamps must not go back, and a
+    price off the grid, not positive or above `max_ticks` fails with the line named.
+
+    Relative time (default): the first `index_ticks` call plays the first row, and a row plays
+    once as much time has passed since that call as lies between it and the first row. With
+    `absolute_ts=True` a row plays once `now_ns` reaches its `ts_ns` (None before the first).
+    After the last row the last price holds.
+    """
+
+    def __init__(self, path, tick_size, max_ticks: int | None = None, absolute_ts: bool = False):
+        self.path = Path(path)
+        tick = parse_decimal(tick_size, "tick_size")
+        self._times_ns, self._prices_ticks = _load_csv(self.path, tick, max_ticks)
+        self._absolute = absolute_ts
+        self._origin_ns = None
+
+    def index_ticks(self, now_ns: int) -> int | None:
+        if self._absolute:
+            at_ns = now_ns
+        else:
+            if self._origin_ns is None:
+                self._origin_ns = now_ns
+            at_ns = self._times_ns[0] + (now_ns - self._origin_ns)
+        k = bisect.bisect_right(self._times_ns, at_ns)
+        return self._prices_ticks[k - 1] if k else None
+
+
+def _load_csv(path: Path, tick: Decimal, max_ticks: int | None) -> tuple[list, list]:
+    times, prices = [], []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise CsvFeedError(f"{path}: cannot read the index file: {e.strerror}") from None
+    for lineno, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path}:{lineno}"
+        fields = [f.strip() for f in line.split(",")]
+        if not times and fields == ["ts_ns", "price"]:
+            continue
+        if len(fields) != 2:
+            raise CsvFeedError(f"{where}: expected `ts_ns,price`, got {raw!r}")
+        ts_text, price_text = fields
+        if not ts_text.lstrip("-").isdigit():
+            raise CsvFeedError(f"{where}: ts_ns {ts_text!r} is not an integer (nanoseconds)")
+        ts_ns = int(ts_text)
+        if times and ts_ns < times[-1]:
+            raise CsvFeedError(f"{where}: ts_ns {ts_ns} goes back (previous row {times[-1]})")
+        try:
+            ticks = price_ticks_exact(price_text, tick)
+        except ValueError as e:
+            raise CsvFeedError(f"{where}: {e}") from None
+        if ticks is None:
+            raise CsvFeedError(f"{where}: price {price_text} is not a multiple of the tick size "
+                               f"{dec_str(tick)}")
+        if ticks < 1:
+            raise CsvFeedError(f"{where}: price {price_text} is not positive")
+        if max_ticks is not None and ticks > max_ticks:
+            raise CsvFeedError(f"{where}: price {price_text} is above the market's max price "
+                               f"{dec_str(tick * max_ticks)}")
+        times.append(ts_ns)
+        prices.append(ticks)
+    if not times:
+        raise CsvFeedError(f"{path}: no price rows (expected lines `ts_ns,price`)")
+    return times, prices
+
+
+# ---- the board and the manual feed ---------------------------------------------------------
+INDEX_BOARD_LAYOUT = 0x5045_5250_4958_0001    # "PERPIX" v1
+
+# riskd's line per market, a seqlock: `version` is odd while riskd writes the line.
+_PUBLISHED_DTYPE = np.dtype([
+    ("version", "<i8"),
+    ("index_ticks", "<i8"),
+    ("mark_ticks", "<i8"),          # the mark riskd computed from that index (and sent)
+    ("funding_rate_e9", "<i8"),     # the rate in riskd's Price 1 (0 until funding exists)
+    ("next_funding_ns", "<i8"),
+    ("ts_ns", "<i8"),               # when riskd computed them (wall clock)
+    ("applied_version", "<i8"),     # the operator version that index came from (manual feeds)
+    ("_pad", "<i8"),
+])
+assert _PUBLISHED_DTYPE.itemsize == CACHE_LINE
+
+Published = namedtuple("Published", ["index_ticks", "mark_ticks", "funding_rate_e9",
+                                     "next_funding_ns", "ts_ns", "applied_version"])
+_SEQLOCK_ATTEMPTS = 10_000
+
+
+def index_board_name(prefix: str) -> str:
+    return f"{prefix}-index"
+
+
+class IndexBoard:
+    """`<prefix>-index`: indexes in shared memory, one cache line per market and direction.
+
+    Layout (every part a 64-byte line): a meta line (max_markets); then per market the
+    OPERATOR line: word 0 the index an operator set (ticks, 0 = never set; a Cursor: one aligned
+    int64, read atomically), word 1 a version bumped after each set; then per market the
+    PUBLISHED line, riskd's output: index, mark, funding rate, next funding time, under a seqlock.
+
+    One writer per line: operator lines are written by `perpx oracle set` (serialised by the ops
+    lock), published lines only by riskd. Readers never block anyone.
+    """
+
+    def __init__(self, region: Region):
+        self.region = region
+        payload = region.payload
+        self.max_markets = int(payload[:8].view(np.int64)[0])
+        operator_at = CACHE_LINE
+        published_at = operator_at + self.max_markets * CACHE_LINE
+        self._operator = [Cursor.at(payload, operator_at + m * CACHE_LINE)
+                          for m in range(self.max_markets)]
+        self._versions = payload[operator_at:published_at].view(np.int64)[1::CACHE_LINE // 8]
+        self._published = payload[published_at:published_at + self.max_markets * CACHE_LINE] \
+            .view(_PUBLISHED_DTYPE)
+
+    @staticmethod
+    def _nbytes(max_markets: int) -> int:
+        return (1 + 2 * max_markets) * CACHE_LINE
+
+    @classmethod
+    def create(cls, prefix: str, max_markets: int) -> IndexBoard:
+        region = Region.create(index_board_name(prefix), INDEX_BOARD_LAYOUT,
+                               cls._nbytes(max_markets))
+        region.payload[:8].view(np.int64)[0] = max_markets
+        return cls(region)
+
+    @classmethod
+    def attach(cls, prefix: str, max_markets: int | None = None) -> IndexBoard:
+        region = Region.attach(index_board_name(prefix), INDEX_BOARD_LAYOUT)
+        found = int(region.payload[:8].view(np.int64)[0])
+        if region.payload.size != cls._nbytes(found) or (max_markets not in (None, found)):
+            region.close()
+            raise ShmError(f"index board {region.name} holds {found} markets, expected "
+                           f"{max_markets}")
+        return cls(region)
+
+    def _check(self, market: int) -> None:
+        if not 0 <= market < self.max_markets:
+            raise ValueError(f"market {market} is outside 0..{self.max_markets - 1}")
+
+    # -- operator side (perpx oracle set) and ManualFeed ---------------------------------
+    def set(self, market: int, ticks: int) -> int:
+        """Set a market's operator index; returns the new version. Price first, then version."""
+        self._check(market)
+        if ticks < 1:
+            raise ValueError(f"an index must be at least 1 tick, got {ticks}")
+        self._operator[market].set(ticks)
+        version = int(self._versions[market]) + 1
+        self._versions[market] = version
+        return version
+
+    def get(self, market: int) -> int:
+        """The operator's index in ticks, 0 if never set."""
+        self._check(market)
+        return self._operator[market].get()
+
+    def version(self, market: int) -> int:
+        self._check(market)
+        return int(self._versions[market])
+
+    # -- riskd's side ---------------------------------------------------------------------
+    def publish(self, market: int, published: Published) -> None:
+        self._check(market)
+        line = self._published[market:market + 1]
+        version = int(line["version"][0])
+        line["version"] = version + 1          # odd: readers retry
+        for name, value in zip(Published._fields, published):
+            line[name] = value
+        line["version"] = version + 2
+
+    def published(self, market: int) -> Published | None:
+        """riskd's latest values for a market (None: never published, or riskd died mid-write)."""
+        self._check(market)
+        line = self._published[market:market + 1]
+        for _ in range(_SEQLOCK_ATTEMPTS):
+            before = int(line["version"][0])
+            if before & 1:
+                continue
+            values = Published(*(int(line[name][0]) for name in Published._fields))
+            if int(line["version"][0]) == before:
+                return values if before else None
+        return None
+
+    def close(self) -> None:
+        self._operator = self._versions = self._published = None
+        self.region.close()
+
+    def unlink(self) -> None:
+        self.region.unlink()
+
+
+class ManualFeed(IndexFeed):
+    """The operator's index from the IndexBoard (None until one is set). Owns its board."""
+
+    def __init__(self, board: IndexBoard, market: int):
+        self._board = board
+        self._market = market
+
+    def index_ticks(self, now_ns: int) -> int | None:
+        # Version before price: a set in between makes us claim an older version, never a
+        # newer one than the price we use.
+        version = self._board.version(self._market)
+        ticks = self._board.get(self._market)
+        self.applied_version = version
+        return ticks or None
+
+    def close(self) -> None:
+        self._board.close()
+
+
+# ---- the factory ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeedContext:
+    prefix: str                   # the exchange's shm prefix
+    seed: int                     # riskd's seed; sim walks mix in the market id
+    start_ticks: int | None       # where a sim walk resumes (riskd's last published index)
+
+
+def _sim_feed(spec, _arg: str, ctx: FeedContext) -> IndexFeed:
+    return SimWalk(ctx.start_ticks or spec.initial_price_ticks, (ctx.seed, spec.id),
+                   DEFAULT_SIM_VOL_BPS_PER_SQRT_S, spec.max_price_ticks)
+
+
+def _manual_feed(spec, _arg: str, ctx: FeedContext) -> IndexFeed:
+    return ManualFeed(IndexBoard.attach(ctx.prefix), spec.id)
+
+
+def _csv_feed(spec, arg: str, _ctx: FeedContext) -> IndexFeed:
+    return CsvReplay(arg, spec.tick_size, max_ticks=spec.max_price_ticks)
+
+
+# kind -> factory(market_spec, text after "kind:", FeedContext): the registry of feed kinds.
+FEED_KINDS = {"sim": _sim_feed, "manual": _manual_feed, "csv": _csv_feed}
+
+
+def feed_for(market_spec, prefix: str, seed: int, start_ticks: int | None = None) -> IndexFeed:
+    """The feed a market's `oracle` string names ("sim", "manual", "csv:PATH", ...)."""
+    kind, _, arg = market_spec.oracle.partition(":")
+    factory = FEED_KINDS.get(kind)
+    if factory is None:
+        raise ValueError(f"{market_spec.symbol}: unknown oracle kind {kind!r} (known: "
+                         f"{', '.join(sorted(FEED_KINDS))})")
+    return factory(market_spec, arg, FeedContext(prefix, seed, start_ticks))
+

@@ -1,0 +1,238 @@
+"""riskd: computes index and mark prices and feeds the marks to the matcher (DESIGN.md §5).
+
+Every `mark_interval_ms` (exchange.json `risk.mark_interval_ms`, default 250) riskd, for each
+active market: asks the market's feed for the index (riskd/feeds.py), reads the best bid, best
+ask and last trade from the matcher's state tables, computes the mark (riskd/mark.py), publishes
+index and mark on the IndexBoard (`<prefix>-index`, for the gateways' `mark.MARKET` and for
+`perpx oracle set`), and, when the mark differs from the last one it sent, writes a SET_MARK
+command into its own privileged command ring (`<prefix>-cmd-riskd`). The matcher sequences it
+like any command: the mark only ever changes through the journal.
+
+riskd only reads state. It takes no event-ring consumer slot (the "riskd" slot stays inactive
+until a margin scan needs events), so it can never hold the matcher back.
+
+Reading the book. The three values (two book keys behind their depths, and last_trade_ticks)
+are read straight from the shared tables, bracketed: note the state's seq, check that the last
+published event carries that seq (the matcher is between commands: it bumps seq before a
+command touches anything and publishes events after), read, and accept if seq has not moved
+and the values are sane (inside [1, max price], bid < ask). That costs a handful of loads, not
+a copy of the tables (gateway/mirror.consistent_state_copy copies megabytes). Under heavy load
+the matcher is rarely between commands at the moment we look, so after READ_ATTEMPTS we take
+the last sane read: at worst it is the book in the middle of one command, which perturbs one
+basis sample (1/300 of Price 2) or this tick's contract price, and the next tick corrects it.
+
+Backpressure. A full riskd ring (matcher stalled) is waited on for at most a fraction of a
+tick; marks that still do not fit are dropped, not queued: the next tick computes a fresh mark
+and sends it if it differs from the last one actually written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from engine.records import (CMD_SET_MARK, COMMAND_DTYPE, EVENT_DTYPE, SIDE_BUY, SIDE_SELL,
+                            new_commands)
+from engine.service import attach_state, command_ring_name, event_ring_name
+from engine.state import C_SEQ
+from perpx.config import config_from_resolved
+from perpx.statedir import attach_retrying
+from riskd.feeds import IndexBoard, Published, feed_for
+from riskd.mark import NS_PER_S, MarkCalculator
+from shm.ring import CommandRing, EventRing
+
+DEFAULT_MARK_INTERVAL_MS = 250
+ATTACH_TIMEOUT_S = 30.0
+READ_ATTEMPTS = 64
+SUMMARY_EVERY_S = 60.0
+
+
+def top_of_book(state, market: int) -> tuple[int | None, int | None, int | None]:
+    """(best bid, best ask, last trade) in ticks, None where absent, straight from the tables.
+
+    book_keys[m, side] is sorted with the best key last; keys are price for bids and -price
+    for asks. No consistency guarantee: see Riskd.read_book.
+    """
+    depth_bid = int(state.book_depth[market, SIDE_BUY])
+    depth_ask = int(state.book_depth[market, SIDE_SELL])
+    bid = int(state.book_keys[market, SIDE_BUY, depth_bid - 1]) if depth_bid else None
+    ask = -int(state.book_keys[market, SIDE_SELL, depth_ask - 1]) if depth_ask else None
+    last = int(state.markets["last_trade_ticks"][market]) or None
+    return bid, ask, last
+
+
+def _sane(top, max_ticks: int) -> bool:
+    bid, ask, last = top
+    inside = all(p is None or 1 <= p <= max_ticks for p in top)
+    return inside and (bid is None or ask is None or bid < ask)
+
+
+class _Market:
+    """What riskd keeps per market."""
+
+    def __init__(self, spec, feed, last_sent_ticks: int):
+        self.spec = spec
+        self.feed = feed
+        self.calc = MarkCalculator(spec.max_price_ticks)
+        self.last_sent_ticks = last_sent_ticks
+        self.sent = 0
+
+
+class Riskd:
+    def __init__(self, doc: dict, log=None, attach_timeout_s: float = ATTACH_TIMEOUT_S):
+        self.log = log or (lambda msg: print(f"riskd: {msg}", file=sys.stderr, flush=True))
+        self.prefix = prefix = doc["prefix"]
+        risk = doc.get("risk", {})
+        self.interval_s = risk.get("mark_interval_ms", DEFAULT_MARK_INTERVAL_MS) / 1000
+        seed = int(risk.get("seed", 0))
+        config = config_from_resolved(doc)
+        engine = config.engine_config()
+        self.dropped = self.unsettled_reads = 0
+        self._req = 0
+        self._held = []
+        self._seq_view = None
+        try:
+            # The matcher creates the state and the rings, the supervisor the index board:
+            # riskd may start before they exist, so it waits for them (NotRunning after that).
+            region, self.state = attach_retrying(lambda: attach_state(prefix, engine),
+                                                 attach_timeout_s)
+            self._held.append(region)
+            self.events = self._hold(attach_retrying(
+                lambda: EventRing.attach(event_ring_name(prefix), EVENT_DTYPE), attach_timeout_s))
+            self.ring = self._hold(attach_retrying(
+                lambda: CommandRing.attach(command_ring_name(prefix, "riskd"), COMMAND_DTYPE),
+                attach_timeout_s))
+            self.board = self._hold(attach_retrying(
+                lambda: IndexBoard.attach(prefix, engine.max_markets), attach_timeout_s))
+            self.markets = []
+            for spec in config.markets:
+                # A restarted riskd resumes a sim walk where it was, not at the initial price.
+                before = self.board.published(spec.id)
+                feed = self._hold(feed_for(spec, prefix, seed,
+                                           before.index_ticks if before else None))
+                self.markets.append(_Market(spec, feed,
+                                            int(self.state.markets["mark_ticks"][spec.id])))
+        except BaseException:
+            self.close()
+            raise
+        self._seq_view = self.events.records["seq"]
+
+    def _hold(self, thing):
+        self._held.append(thing)
+        return thing
+
+    # -- reading the matcher's state ------------------------------------------------------
+    def _between_commands(self, seq: int) -> bool:
+        published = self.events.published_cursor()
+        return int(self._seq_view[(published - 1) & self.events.mask]) == seq
+
+    def read_book(self, market: int, max_ticks: int):
+        """top_of_book at a command boundary when we catch one (see the module docstring)."""
+        counters = self.state.counters
+        last_sane = None
+        for _ in range(READ_ATTEMPTS):
+            seq = int(counters[C_SEQ])
+            top = top_of_book(self.state, market)
+            if _sane(top, max_ticks):
+                if self._between_commands(seq) and int(counters[C_SEQ]) == seq:
+                    return top
+                last_sane = top
+            os.sched_yield()
+        self.unsettled_reads += 1
+        return last_sane
+
+    # -- one tick -------------------------------------------------------------------------
+    def tick(self, now_ns: int) -> int:
+        """Compute every active market's index and mark; send the changed marks, then publish.
+        Returns how many SET_MARK commands went into the ring."""
+        computed = []
+        active = self.state.markets["active"]
+        for mk in self.markets:
+            spec = mk.spec
+            if not active[spec.id]:
+                continue
+            index = mk.feed.index_ticks(now_ns)
+            if index is None:
+                continue
+            top = self.read_book(spec.id, spec.max_price_ticks)
+            if top is None:
+                continue
+            interval_ns = spec.funding_interval_s * NS_PER_S
+            next_funding_ns = (now_ns // interval_ns + 1) * interval_ns
+            funding_rate_e9 = 0   # until riskd computes funding (issue 5, next piece)
+            mark = mk.calc.mark_ticks(now_ns, index, *top, funding_rate_e9, next_funding_ns,
+                                      spec.funding_interval_s)
+            computed.append((mk, Published(index, mark, funding_rate_e9, next_funding_ns, now_ns,
+                                           mk.feed.applied_version)))
+        written = self._send([(mk, pub.mark_ticks) for mk, pub in computed
+                              if pub.mark_ticks != mk.last_sent_ticks], now_ns)
+        # Published after sending: whoever sees an operator's version applied on the board
+        # (`perpx oracle set`) knows the mark it caused is already in the ring.
+        for mk, pub in computed:
+            self.board.publish(mk.spec.id, pub)
+        return written
+
+    def _send(self, commands: list, now_ns: int) -> int:
+        if not commands:
+            return 0
+        batch = new_commands(len(commands))
+        batch["cmd"] = CMD_SET_MARK
+        batch["ts_ns"] = now_ns
+        for i, (mk, mark) in enumerate(commands):
+            self._req = self._req % (2 ** 31 - 1) + 1
+            batch["market"][i] = mk.spec.id
+            batch["price_ticks"][i] = mark
+            batch["req"][i] = self._req
+        written = self.ring.write(batch)
+        if written < len(batch) and self.ring.wait_for_space(len(batch) - written,
+                                                             timeout_s=self.interval_s / 4):
+            written += self.ring.write(batch[written:])
+        for mk, mark in commands[:written]:
+            mk.last_sent_ticks = mark
+            mk.sent += 1
+        if written < len(batch):
+            if not self.dropped:
+                self.log("the riskd ring is full (matcher stalled?): dropping marks; the next "
+                         "tick sends fresh ones")
+            self.dropped += len(batch) - written
+        return written
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, should_stop) -> None:
+        """Tick every interval until should_stop() (checked at least once per interval)."""
+        self.log(f"serving {len(self.markets)} markets every {self.interval_s * 1000:g} ms "
+                 f"(prefix {self.prefix}, pid {os.getpid()})")
+        next_tick = time.monotonic()
+        next_summary = next_tick + SUMMARY_EVERY_S
+        while not should_stop():
+            self.tick(time.time_ns())
+            now = time.monotonic()
+            if now >= next_summary:
+                self.log(self.summary())
+                next_summary = now + SUMMARY_EVERY_S
+            # Fixed cadence; after a stall (suspended process) skip the missed ticks.
+            next_tick = max(next_tick + self.interval_s, now)
+            time.sleep(max(0.0, next_tick - time.monotonic()))
+
+    def summary(self) -> str:
+        parts = []
+        for mk in self.markets:
+            pub = self.board.published(mk.spec.id)
+            if pub is None:
+                parts.append(f"{mk.spec.symbol} no index")
+            else:
+                parts.append(f"{mk.spec.symbol} index {mk.spec.price_str(pub.index_ticks)} mark "
+                             f"{mk.spec.price_str(pub.mark_ticks)} ({mk.sent} sent)")
+        return "; ".join(parts) + (f"; dropped {self.dropped}, unsettled reads "
+                                   f"{self.unsettled_reads}")
+
+    def close(self) -> None:
+        self.state = self._seq_view = None
+        for thing in reversed(self._held):
+            try:
+                thing.close()
+            except Exception as e:
+                self.log(f"closing {thing!r}: {e}")
+        self._held.clear()
+
