@@ -118,6 +118,16 @@ _EVENTS = int(zmq.EVENTS)
 _NB = int(zmq.NOBLOCK)
 _NB_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _NAME_INVALID = REASON_NAMES[REASON_INVALID_MESSAGE]
+
+
+def _send_pair(sock, first: bytes, second: bytes) -> None:
+    """A two-frame message (identity or topic, then payload), never blocking: a client (or
+    subscriber) that does not read loses messages at the high-water mark, not the gateway."""
+    try:
+        _send_part(sock, first, _NB_MORE, True, False)
+        _send_part(sock, second, _NB, True, False)
+    except zmq.ZMQError:
+        pass
 # Requests that would add exposure or move money: refused while the journal fails.
 _NOT_WHILE_JOURNAL_FAILS = frozenset(("new_order", "amend", "withdraw"))
 
@@ -386,21 +396,13 @@ class Gateway:
         if self.durable and seq:
             self._held.append((seq, identity, payload))
             return
-        try:
-            _send_part(self.router, identity, _NB_MORE, True, False)
-            _send_part(self.router, payload, _NB, True, False)
-        except zmq.ZMQError:
-            pass
+        _send_pair(self.router, identity, payload)
 
     def _publish(self, topic: bytes, payload: bytes, seq: int) -> None:
         if self.durable:
             self._held.append((seq, None, (topic, payload)))
             return
-        try:
-            _send_part(self.pub, topic, _NB_MORE, True, False)
-            _send_part(self.pub, payload, _NB, True, False)
-        except zmq.ZMQError:
-            pass
+        _send_pair(self.pub, topic, payload)
 
     def _releasable(self) -> bool:
         """Durable mode: something held is journaled now (persistd rings our doorbell)."""
@@ -413,15 +415,10 @@ class Gateway:
         n = 0
         while held and held[0][0] <= seq:
             _, identity, payload = held.popleft()
-            try:
-                if identity is None:
-                    _send_part(self.pub, payload[0], _NB_MORE, True, False)
-                    _send_part(self.pub, payload[1], _NB, True, False)
-                else:
-                    _send_part(self.router, identity, _NB_MORE, True, False)
-                    _send_part(self.router, payload, _NB, True, False)
-            except zmq.ZMQError:
-                pass
+            if identity is None:
+                _send_pair(self.pub, payload[0], payload[1])
+            else:
+                _send_pair(self.router, identity, payload)
             n += 1
         return n
 

@@ -234,24 +234,21 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
-def _account_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"an account id is an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"an account id is >= 0, got {text}")
-    return value
+def _non_negative(what: str):
+    """An argparse type: an integer >= 0, with errors that say what it is."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} is an integer, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{what} is >= 0, got {text}")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
-    return value
+_account_id = _non_negative("an account id")
+_depth = _non_negative("a depth")
 
 
 def _amount_atoms(text: str) -> int:
@@ -683,7 +680,7 @@ def _register_oracle(sub, common):
 def _register_book(sub, common):
     p = sub.add_parser("book", parents=[common], help="a market's order book")
     p.add_argument("market", metavar="MARKET")
-    p.add_argument("--depth", type=_non_negative_int, default=10, metavar="N",
+    p.add_argument("--depth", type=_depth, default=10, metavar="N",
                    help="levels per side (default 10; 0 = all)")
     p.set_defaults(func=cmd_book)
 
