@@ -80,12 +80,9 @@ def _wait_durable(sd: StateDir, doc: dict, seq: int, timeout_s: float = 30.0) ->
     from persistd.progress import JournalProgress
     progress = JournalProgress.attach(doc["prefix"])
     try:
-        deadline = time.monotonic() + timeout_s
-        while progress.durable_seq() < seq:
-            if time.monotonic() > deadline:
-                raise DurabilityError(f"the journal did not reach the live seq {seq} within "
-                                      f"{timeout_s:g} s (durable_seq {progress.durable_seq()})")
-            time.sleep(0.01)
+        if not progress.wait_durable(seq, timeout_s):
+            raise DurabilityError(f"the journal did not reach the live seq {seq} within "
+                                  f"{timeout_s:g} s (durable_seq {progress.durable_seq()})")
     finally:
         progress.close()
 

@@ -118,18 +118,13 @@ def recover(service, cfg, state_dir: Path, prefix: str, stop, wait_s: float = 12
     last = service.last_published_seq() if service.reattached else 0
     if last:
         progress = JournalProgress.attach(prefix)
-        t0 = time.monotonic()
-        next_note = t0 + 5.0
-        while progress.durable_seq() < last and not stop[0]:
-            now = time.monotonic()
-            if now > t0 + wait_s:
+        deadline = time.monotonic() + wait_s
+        while not stop[0] and not progress.wait_durable(last, 5.0):
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"persistd has not journaled up to seq {last} (the last "
                                    f"event published) within {wait_s:g} s: cannot recover")
-            if now > next_note:
-                log(f"waiting for persistd to journal up to seq {last} "
-                    f"(durable_seq {progress.durable_seq()})")
-                next_note = now + 5.0
-            time.sleep(0.005)
+            log(f"waiting for persistd to journal up to seq {last} "
+                f"(durable_seq {progress.durable_seq()})")
         progress.close()
     if not sd.journal_dir.exists():
         return

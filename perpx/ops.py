@@ -257,13 +257,10 @@ class OpsSession:
         from persistd.progress import JournalProgress
         progress = _attach(lambda: JournalProgress.attach(self.ex.prefix))
         try:
-            while progress.durable_seq() < seq:
-                if time.monotonic() > deadline:
-                    raise OpsError(f"seq {seq} was sequenced but is not journaled after "
-                                   f"{self.timeout_s:g} s (durable_seq "
-                                   f"{progress.durable_seq()}): is persistd running? see "
-                                   f"`perpx status`")
-                time.sleep(0.001)
+            if not progress.wait_durable(seq, max(0.0, deadline - time.monotonic())):
+                raise OpsError(f"seq {seq} was sequenced but is not journaled after "
+                               f"{self.timeout_s:g} s (durable_seq {progress.durable_seq()}): "
+                               f"is persistd running? see `perpx status`")
         finally:
             progress.close()
 

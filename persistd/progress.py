@@ -16,6 +16,8 @@ line (shm/cursor.py):
 
 from __future__ import annotations
 
+import time
+
 from shm.cursor import CACHE_LINE, Cursor
 from shm.region import Region
 
@@ -58,6 +60,16 @@ class JournalProgress:
 
     def pid(self) -> int:
         return self._pid.get()
+
+    def wait_durable(self, seq: int, timeout_s: float, poll_s: float = 0.001) -> bool:
+        """Whether durable_seq reached seq within timeout_s (polled: a reader outside the
+        hot path, such as an operator command or a recovering matcher)."""
+        deadline = time.monotonic() + timeout_s
+        while self._durable_seq.get() < seq:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(poll_s)
+        return True
 
     # -- persistd only ------------------------------------------------------------------
     def set_durable_seq(self, seq: int) -> None:
