@@ -71,7 +71,6 @@ from decimal import Decimal, localcontext
 from pathlib import Path
 
 import numpy as np
-import posix_ipc
 import zmq
 import zmq.auth
 from zmq.utils.monitor import parse_monitor_message
@@ -93,7 +92,7 @@ from gateway.mirror import (M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE, O_CID, O
                             O_MARKET, O_PRICE, O_QTY, O_REMAINING, O_SIDE, Mirror,
                             consistent_state_copy)
 from persistd.progress import JournalProgress
-from shm.region import ShmError
+from shm.region import ShmError, attach_retrying
 from shm.ring import CommandRing, EventRing
 from shm.wait import SpinYieldBlockWait
 
@@ -169,18 +168,6 @@ class TokenBucket:
         return True
 
 
-def _attach_retry(fn, timeout_s: float):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return fn()
-        except (ShmError, posix_ipc.ExistentialError):
-            # ExistentialError: Region.attach of a region the matcher is still creating
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 class Gateway:
     def __init__(self, prefix: str, engine_cfg: EngineConfig, markets: MarketTable, *,
                  source_index: int, accounts_dir, server_secret_key_file=None,
@@ -233,7 +220,7 @@ class Gateway:
             bells.append(bell)
             return SpinYieldBlockWait(bell)
 
-        self.events = _attach_retry(lambda: EventRing.attach(
+        self.events = attach_retrying(lambda: EventRing.attach(
             event_ring_name(self.prefix), EVENT_DTYPE, wait=wait_factory), timeout_s)
         self._closers.append(self.events.close)
         try:
@@ -243,10 +230,10 @@ class Gateway:
             self.consumer = self.events.consumer(self.consumer_name, start="current")
             self.joined = "current"
         self.bell = bells[-1]
-        self.ring = _attach_retry(lambda: CommandRing.attach(
+        self.ring = attach_retrying(lambda: CommandRing.attach(
             command_ring_name(self.prefix, self.source_name), COMMAND_DTYPE), timeout_s)
         self._closers.append(self.ring.close)
-        region, state = _attach_retry(lambda: attach_state(self.prefix, self.cfg), timeout_s)
+        region, state = attach_retrying(lambda: attach_state(self.prefix, self.cfg), timeout_s)
         try:
             tables, seq = consistent_state_copy(state, self.events, timeout_s)
         finally:
@@ -1013,7 +1000,7 @@ def main(argv=None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    progress = _attach_retry(lambda: JournalProgress.attach(args.prefix), 30.0)
+    progress = attach_retrying(lambda: JournalProgress.attach(args.prefix), 30.0)
     gw = Gateway(args.prefix, engine_config_from(doc), MarketTable.from_dicts(doc["markets"]),
                  source_index=args.source_index, index=args.index,
                  accounts_dir=args.accounts, server_secret_key_file=args.server_key,

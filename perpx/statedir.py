@@ -44,15 +44,13 @@ ATTACH_TIMEOUT_S = 5.0
 def attach_retrying(fn, timeout_s: float = ATTACH_TIMEOUT_S):
     """fn() (attaching to some shared memory), retried while it is not there yet; NotRunning
     after timeout_s."""
-    from shm.region import ShmError
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return fn()
-        except ShmError as e:
-            if time.monotonic() > deadline:
-                raise NotRunning(f"cannot attach to the exchange's shared memory: {e}") from None
-            time.sleep(0.02)
+    import posix_ipc
+
+    from shm.region import ShmError, attach_retrying as retrying
+    try:
+        return retrying(fn, timeout_s, poll_s=0.02)
+    except (ShmError, posix_ipc.ExistentialError) as e:
+        raise NotRunning(f"cannot attach to the exchange's shared memory: {e}") from None
 
 
 def shm_prefix_for(state_dir) -> str:

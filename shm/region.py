@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 import weakref
 
 import numpy as np
@@ -30,6 +31,19 @@ _HEADER = np.dtype(
     ]
 )
 assert _HEADER.itemsize == HEADER_BYTES
+
+
+def attach_retrying(attach, timeout_s: float, poll_s: float = 0.01):
+    """attach() retried while what it maps does not exist yet (or is still being created by
+    another process); after timeout_s the last error is raised."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return attach()
+        except (ShmError, posix_ipc.ExistentialError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(poll_s)
 
 
 class ShmError(RuntimeError):
