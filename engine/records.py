@@ -26,10 +26,16 @@ CMD_CANCEL_ALL = 8
 CMD_AMEND = 9
 CMD_HALT = 10
 CMD_RESUME = 11
+CMD_SET_MARGIN = 12        # a client's margin mode and leverage for one market
+CMD_SET_MARKET_RISK = 13   # liquidation fee and funding cap of a market
+CMD_SET_BRACKET = 14       # one maintenance bracket of a market
+CMD_FUNDING = 15           # settle funding for every open position of a market (riskd)
+CMD_LIQUIDATE = 16         # liquidate an account's cross positions or one isolated position (riskd)
 
 # Commands that only the operator/risk rings may send; from a gateway ring they are `forbidden`.
 PRIVILEGED_COMMANDS = (
     CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_DEPOSIT, CMD_SET_MARK, CMD_HALT, CMD_RESUME,
+    CMD_SET_MARKET_RISK, CMD_SET_BRACKET, CMD_FUNDING, CMD_LIQUIDATE,
 )
 
 SIDE_BUY = 0
@@ -37,6 +43,13 @@ SIDE_SELL = 1
 
 KIND_LIMIT = 0
 KIND_MARKET = 1
+# Conditional kinds wait in the trigger book until the trigger price is touched, then enter as
+# a market (…_MARKET) or limit (…_LIMIT) order. Stops trigger when the price moves against the
+# side's entry (a buy stop when the price rises to the trigger), take-profits the other way.
+KIND_STOP_MARKET = 2
+KIND_STOP_LIMIT = 3
+KIND_TAKE_PROFIT_MARKET = 4
+KIND_TAKE_PROFIT_LIMIT = 5
 
 TIF_GTC = 0
 TIF_IOC = 1
@@ -44,6 +57,15 @@ TIF_FOK = 2
 TIF_POST_ONLY = 3
 
 FLAG_REDUCE_ONLY = 1
+FLAG_TRIGGER_BY_LAST = 2   # conditional kinds: trigger on the last trade price, else on the mark
+
+MARGIN_CROSS = 0
+MARGIN_ISOLATED = 1
+
+MAX_BRACKETS = 8
+
+LIQ_KIND_LIQUIDATED = 0    # closed into the book by the liquidation engine
+LIQ_KIND_ADL = 1           # closed against an opposite position by auto-deleveraging
 
 STP_CANCEL_TAKER = 0
 STP_CANCEL_MAKER = 1
@@ -57,6 +79,15 @@ STP_CANCEL_BOTH = 2
 #                       account = max_leverage
 #   SET_MARKET_LIMITS:  price_ticks = max_price_ticks, qty_lots = max_order_lots,
 #                       amount_atoms = max_position_lots, account = max_open_orders
+# The risk commands pack theirs the same way (constructors at the end of this module):
+#   SET_MARKET_RISK:    cid = liquidation_fee_e9, oid = funding_cap_e9
+#   SET_BRACKET:        kind = bracket index, amount_atoms = notional floor in atoms,
+#                       price_ticks = maintenance rate e9 (the engine derives the amounts)
+#   SET_MARGIN:         kind = MARGIN_CROSS / MARGIN_ISOLATED, qty_lots = leverage
+#   FUNDING:            oid = funding rate e9 (signed; positive: longs pay shorts)
+#   LIQUIDATE:          account; market = -1 for its cross positions, else that isolated one
+#   NEW_ORDER of a conditional kind: amount_atoms = trigger price in ticks,
+#                       flags & FLAG_TRIGGER_BY_LAST picks the last trade price over the mark
 COMMAND_DTYPE = np.dtype([
     ("ts_ns", "<i8"),          # stamped by the producer on receipt; journaled, so deterministic
     ("cid", "<i8"),            # client order id
@@ -86,10 +117,15 @@ EV_AMENDED = 6
 EV_DONE = 7        # cancel_all (count), withdraw, deposit, market admin
 EV_BALANCE = 8     # deposit / withdraw: delta and the new balance
 EV_MARK = 9
+EV_TRIGGERED = 10  # a conditional order became live (order layout; the live order's events follow)
+EV_FUNDING = 11    # one position's funding payment
+EV_LIQUIDATION = 12  # one closing step of a liquidation or an ADL, addressed to each account
+EV_INSURANCE = 13  # the insurance fund changed (fee, funding residue, deficit cover)
 
 STATUS_OPEN = 1
 STATUS_FILLED = 2
 STATUS_CANCELED = 3
+STATUS_UNTRIGGERED = 4
 
 # reasons (reject reasons first, in PROTOCOL.md order, then cancel reasons)
 REASON_NONE = 0
@@ -115,6 +151,10 @@ REASON_INVALID_MARKET_CONFIG = 19
 REASON_MARKET_EXISTS = 20
 REASON_UNKNOWN_ACCOUNT = 21
 REASON_POSITION_LIMIT = 22
+REASON_LEVERAGE = 23           # leverage outside [1, the market's max]
+REASON_MARGIN_MODE_LOCKED = 24 # mode change with a position or open orders in the market
+REASON_NOT_LIQUIDATABLE = 25   # LIQUIDATE re-checked against the matcher's state: healthy
+REASON_FUNDING_CAP = 26        # FUNDING rate beyond the market's cap
 # cancel reasons
 REASON_USER = 32
 REASON_IOC = 33
@@ -150,6 +190,10 @@ REASON_NAMES = {
     REASON_MARKET_EXISTS: "invalid_message",
     REASON_UNKNOWN_ACCOUNT: "forbidden",
     REASON_POSITION_LIMIT: "insufficient_margin",
+    REASON_LEVERAGE: "invalid_message",
+    REASON_MARGIN_MODE_LOCKED: "invalid_message",
+    REASON_NOT_LIQUIDATABLE: "invalid_message",
+    REASON_FUNDING_CAP: "invalid_message",
     REASON_USER: "user",
     REASON_IOC: "ioc",
     REASON_STP: "stp",
@@ -187,7 +231,8 @@ ORDER_EVENT_DTYPE = np.dtype(_HEADER + [
 TRADE_EVENT_DTYPE = np.dtype(_HEADER + [
     ("req", "<i4"),             # the taker's request token
     ("side", "u1"),             # the taker's side
-    ("_pad0", "u1", (3,)),
+    ("liquidation", "u1"),      # 1: the taker is the liquidation engine closing `account`
+    ("_pad0", "u1", (2,)),
     ("trade_id", "<i8"),
     ("price_ticks", "<i8"),
     ("qty_lots", "<i8"),
@@ -218,6 +263,44 @@ MARK_EVENT_DTYPE = np.dtype(_HEADER + [
     ("_pad1", "u1", (88,)),
 ])
 
+FUNDING_EVENT_DTYPE = np.dtype(_HEADER + [
+    ("req", "<i4"),
+    ("_pad0", "u1", (4,)),
+    ("rate_e9", "<i8"),
+    ("size_lots", "<i8"),       # the position it was charged on
+    ("mark_ticks", "<i8"),      # the price the position was valued at
+    ("payment_atoms", "<i8"),   # signed: negative = paid
+    ("balance_atoms", "<i8"),   # the account's balance after it
+    ("_pad1", "u1", (56,)),
+])
+
+LIQUIDATION_EVENT_DTYPE = np.dtype(_HEADER + [
+    ("req", "<i4"),
+    ("kind", "u1"),             # LIQ_KIND_LIQUIDATED / LIQ_KIND_ADL
+    ("side", "u1"),             # this account's side in the closing trade
+    ("_pad0", "u1", (2,)),
+    ("qty_lots", "<i8"),
+    ("price_ticks", "<i8"),
+    ("bankruptcy_ticks", "<i8"),
+    ("fee_atoms", "<i8"),       # liquidation fee charged to this account for this step
+    ("counterparty", "<i8"),    # the other account (ADL: the deleveraged / the liquidated)
+    ("size_lots", "<i8"),       # this account's position after the step
+    ("_pad1", "u1", (48,)),
+])
+
+INSURANCE_EVENT_DTYPE = np.dtype(_HEADER + [
+    ("req", "<i4"),
+    ("reason", "u1"),           # INSURANCE_* below
+    ("_pad0", "u1", (3,)),
+    ("amount_atoms", "<i8"),    # signed change of the fund
+    ("fund_atoms", "<i8"),      # the fund after it
+    ("_pad1", "u1", (80,)),
+])
+
+INSURANCE_LIQUIDATION_FEE = 1
+INSURANCE_FUNDING_RESIDUE = 2
+INSURANCE_DEFICIT = 3           # the fund paid an account's negative equity
+
 # EV_COMMAND: the header, then the 64-byte command record verbatim in the second half.
 COMMAND_EVENT_DTYPE = np.dtype(_HEADER + [
     ("_pad0", "u1", (40,)),
@@ -226,6 +309,7 @@ COMMAND_EVENT_DTYPE = np.dtype(_HEADER + [
 COMMAND_EVENT_WORD = 8   # the command starts at int64 word 8 of the event
 
 for _dt in (ORDER_EVENT_DTYPE, TRADE_EVENT_DTYPE, BALANCE_EVENT_DTYPE, MARK_EVENT_DTYPE,
+            FUNDING_EVENT_DTYPE, LIQUIDATION_EVENT_DTYPE, INSURANCE_EVENT_DTYPE,
             COMMAND_EVENT_DTYPE):
     assert _dt.itemsize == EVENT_BYTES, _dt
 
@@ -243,6 +327,10 @@ _LAYOUT_BY_ETYPE = {
     EV_TRADE: TRADE_EVENT_DTYPE,
     EV_BALANCE: BALANCE_EVENT_DTYPE,
     EV_MARK: MARK_EVENT_DTYPE,
+    EV_TRIGGERED: ORDER_EVENT_DTYPE,
+    EV_FUNDING: FUNDING_EVENT_DTYPE,
+    EV_LIQUIDATION: LIQUIDATION_EVENT_DTYPE,
+    EV_INSURANCE: INSURANCE_EVENT_DTYPE,
 }
 
 
@@ -299,3 +387,39 @@ def market_limits_command(market: int, *, max_price_ticks: int, max_order_lots: 
     c["amount_atoms"] = max_position_lots
     c["account"] = max_open_orders
     return c
+
+
+def _command(code: int, market: int, ts_ns: int, **fields) -> np.ndarray:
+    c = new_commands(1)
+    c["cmd"] = code
+    c["market"] = market
+    c["ts_ns"] = ts_ns
+    for name, value in fields.items():
+        c[name] = value
+    return c
+
+
+def market_risk_command(market: int, *, liquidation_fee_e9: int, funding_cap_e9: int,
+                        ts_ns: int = 0) -> np.ndarray:
+    return _command(CMD_SET_MARKET_RISK, market, ts_ns, cid=liquidation_fee_e9,
+                    oid=funding_cap_e9)
+
+
+def bracket_command(market: int, index: int, *, floor_atoms: int, maintenance_rate_e9: int,
+                    ts_ns: int = 0) -> np.ndarray:
+    return _command(CMD_SET_BRACKET, market, ts_ns, kind=index, amount_atoms=floor_atoms,
+                    price_ticks=maintenance_rate_e9)
+
+
+def set_margin_command(account: int, market: int, *, mode: int, leverage: int,
+                       ts_ns: int = 0, req: int = 0) -> np.ndarray:
+    return _command(CMD_SET_MARGIN, market, ts_ns, account=account, kind=mode,
+                    qty_lots=leverage, req=req)
+
+
+def funding_command(market: int, *, rate_e9: int, ts_ns: int = 0) -> np.ndarray:
+    return _command(CMD_FUNDING, market, ts_ns, oid=rate_e9)
+
+
+def liquidate_command(account: int, market: int = -1, *, ts_ns: int = 0) -> np.ndarray:
+    return _command(CMD_LIQUIDATE, market, ts_ns, account=account)

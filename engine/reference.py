@@ -445,7 +445,7 @@ class ReferenceMatcher:
         trade_id = self.next_trade_id
         self.next_trade_id += 1
         self._emit(EV_TRADE, market_id, taker.account, req=self.cmd["req"], side=taker.side,
-                   trade_id=trade_id, price_ticks=price, qty_lots=qty, oid=taker.oid,
+                   liquidation=0, trade_id=trade_id, price_ticks=price, qty_lots=qty, oid=taker.oid,
                    cid=taker.cid, remaining_lots=taker.remaining_lots, fee_atoms=taker_fee,
                    maker_account=maker.account, maker_oid=maker.oid, maker_cid=maker.cid,
                    maker_remaining_lots=maker.remaining_lots, maker_fee_atoms=maker_fee)

@@ -46,9 +46,9 @@ _H = "<qqBBhi"                                   # seq, ts_ns, etype, source, ma
 HEADER_STRUCT = struct.Struct(_H)
 # + req, reason, status, side, kind, oid, cid, price_ticks, qty_lots, remaining_lots
 ORDER_EVENT_STRUCT = struct.Struct(_H + "iBBBBqqqqq")
-# + req, side, trade_id, price_ticks, qty_lots, oid, cid, remaining_lots, fee_atoms,
-#   maker_account, maker_oid, maker_cid, maker_remaining_lots, maker_fee_atoms
-TRADE_EVENT_STRUCT = struct.Struct(_H + "iB3xqqqqqqqi4xqqqq")
+# + req, side, liquidation, trade_id, price_ticks, qty_lots, oid, cid, remaining_lots,
+#   fee_atoms, maker_account, maker_oid, maker_cid, maker_remaining_lots, maker_fee_atoms
+TRADE_EVENT_STRUCT = struct.Struct(_H + "iBB2xqqqqqqqi4xqqqq")
 # + req, amount_atoms, balance_atoms
 BALANCE_EVENT_STRUCT = struct.Struct(_H + "i4xqq")
 # + req, mark_ticks
@@ -274,7 +274,7 @@ def done_message(ev, count=None) -> dict:
 
 def fill_messages(tr, market: Market):
     """EV_TRADE -> (taker's fill, maker's fill): each with its own side, fee and remaining."""
-    (seq, ts, _, _, _, _, _, side, trade_id, price, qty, oid, cid, remaining, fee,
+    (seq, ts, _, _, _, _, _, side, _, trade_id, price, qty, oid, cid, remaining, fee,
      _, maker_oid, maker_cid, maker_remaining, maker_fee) = tr
     price_s = market.ticks_to_str(price)
     qty_s = market.lots_to_str(qty)

@@ -228,7 +228,7 @@ class Mirror:
             self._level(ev[4], ev[9], ev[13], ev[15])
 
     def on_trade(self, tr) -> None:
-        (_, _, _, _, market, taker, _, side, _, price, qty, oid, _, remaining, fee,
+        (_, _, _, _, market, taker, _, side, _, _, price, qty, oid, _, remaining, fee,
          maker, maker_oid, _, maker_remaining, maker_fee) = tr
         self._set_remaining(maker_oid, maker_remaining)
         self._set_remaining(oid, remaining)

@@ -585,7 +585,7 @@ class Gateway:
         if market is None:
             return
         by_account = self.by_account
-        taker, maker = tr[5], tr[15]
+        taker, maker = tr[5], tr[16]
         if taker in by_account or maker in by_account:
             taker_msg, maker_msg = codec.fill_messages(tr, market)
             if taker in by_account:
@@ -594,8 +594,8 @@ class Gateway:
                 self._to_account(maker, maker_msg, seq=tr[0])
         if self.pub is not None:
             self._publish(market.topic_trade, pack(
-                {"seq": tr[0], "trade_id": tr[8], "price": market.ticks_to_str(tr[9]),
-                 "qty": market.lots_to_str(tr[10]), "taker_side": codec.SIDE_NAMES[tr[7]],
+                {"seq": tr[0], "trade_id": tr[9], "price": market.ticks_to_str(tr[10]),
+                 "qty": market.lots_to_str(tr[11]), "taker_side": codec.SIDE_NAMES[tr[7]],
                  "ts": tr[1]}), tr[0])
 
     def _publish_book_deltas(self) -> None:

@@ -92,11 +92,11 @@ def wire_rows(events: np.ndarray, markets, after: int = 0, upto: int | None = No
             mk = markets[tr[4]]
             taker, maker = codec.fill_messages(tr, mk)
             price, qty = D(taker["price"]), D(taker["qty"])
-            fills.append((seq, ts, taker["trade_id"], mk.symbol, price, qty, tr[5], tr[15],
+            fills.append((seq, ts, taker["trade_id"], mk.symbol, price, qty, tr[5], tr[16],
                           taker["side"], D(taker["fee"]), D(maker["fee"]), False,
                           taker["oid"], maker["oid"]))
             if maker["remaining"] == "0":
-                orders.append((seq, ts, maker["oid"], maker["cid"], tr[15], mk.symbol,
+                orders.append((seq, ts, maker["oid"], maker["cid"], tr[16], mk.symbol,
                                maker["side"], "limit", price, qty, "filled", D(0), None))
             if taker["remaining"] == "0" and (seq, taker["oid"]) not in acked:
                 own = amended_price.get((seq, taker["oid"]))
