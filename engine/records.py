@@ -362,31 +362,17 @@ def new_commands(n: int) -> np.ndarray:
 def market_create_command(market: int, *, atoms_per_tick_lot: int, initial_mark_ticks: int,
                           maker_fee_e9: int, taker_fee_e9: int, price_band_e9: int,
                           max_leverage: int, ts_ns: int = 0) -> np.ndarray:
-    c = new_commands(1)
-    c["cmd"] = CMD_CREATE_MARKET
-    c["ts_ns"] = ts_ns
-    c["market"] = market
-    c["price_ticks"] = initial_mark_ticks
-    c["amount_atoms"] = atoms_per_tick_lot
-    c["cid"] = maker_fee_e9
-    c["oid"] = taker_fee_e9
-    c["qty_lots"] = price_band_e9
-    c["account"] = max_leverage
-    return c
+    return _command(CMD_CREATE_MARKET, market, ts_ns, price_ticks=initial_mark_ticks,
+                    amount_atoms=atoms_per_tick_lot, cid=maker_fee_e9, oid=taker_fee_e9,
+                    qty_lots=price_band_e9, account=max_leverage)
 
 
 def market_limits_command(market: int, *, max_price_ticks: int, max_order_lots: int,
                           max_position_lots: int, max_open_orders: int,
                           ts_ns: int = 0) -> np.ndarray:
-    c = new_commands(1)
-    c["cmd"] = CMD_SET_MARKET_LIMITS
-    c["ts_ns"] = ts_ns
-    c["market"] = market
-    c["price_ticks"] = max_price_ticks
-    c["qty_lots"] = max_order_lots
-    c["amount_atoms"] = max_position_lots
-    c["account"] = max_open_orders
-    return c
+    return _command(CMD_SET_MARKET_LIMITS, market, ts_ns, price_ticks=max_price_ticks,
+                    qty_lots=max_order_lots, amount_atoms=max_position_lots,
+                    account=max_open_orders)
 
 
 def _command(code: int, market: int, ts_ns: int, **fields) -> np.ndarray:
