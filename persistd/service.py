@@ -38,7 +38,8 @@ import msgpack
 import numpy as np
 
 from engine.config import EngineConfig
-from engine.records import EV_COMMAND, EV_TRADE, EVENT_DTYPE, TRADE_EVENT_DTYPE
+from engine.records import (EV_COMMAND, EV_FUNDING, EV_LIQUIDATION, EV_TRADE, EVENT_DTYPE,
+                            TRADE_EVENT_DTYPE)
 from engine.service import event_ring_name
 from gateway.markets import Market
 from persistd import snapshot
@@ -254,13 +255,17 @@ class Persistd:
                 last_snapshot = self._snapshot(replica)
 
     def _fill_balances(self, replica: Replica, events: np.ndarray) -> np.ndarray:
-        """Balance rows for accounts whose balance fills changed (fees, realized PnL): the
-        balance after the command batch, read from the replica (trade events carry no balance)."""
-        trades = events[events["etype"] == EV_TRADE]
-        if not len(trades):
+        """Balance rows for accounts whose balance fills (fees, realized PnL), funding payments
+        or liquidation steps (fees) changed: the balance after the command batch, read from the
+        replica (those events do not all carry the balance, and isolated positions move money
+        between balance and isolated margin without an event of their own)."""
+        etype = events["etype"]
+        t = events[etype == EV_TRADE].view(TRADE_EVENT_DTYPE)
+        others = events[(etype == EV_FUNDING) | (etype == EV_LIQUIDATION)]
+        if not len(t) and not len(others):
             return np.zeros(0, BALANCE_ROW_DTYPE)
-        t = trades.view(TRADE_EVENT_DTYPE)
-        accounts = np.unique(np.concatenate([t["account"], t["maker_account"]]))
+        accounts = np.unique(np.concatenate([t["account"], t["maker_account"],
+                                             others["account"]]))
         rows = np.zeros(len(accounts), BALANCE_ROW_DTYPE)
         rows["seq"] = replica.seq
         rows["ts_ns"] = int(events["ts_ns"][-1])

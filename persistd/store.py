@@ -23,16 +23,20 @@ Tables (the PROTOCOL.md columns first, extras at the end):
           taker_fee, maker_fee, liquidation, taker_oid, maker_oid)
     orders(seq, ts, oid, cid, account, market, side, kind, price, qty, status,
            remaining, reason)
-    funding_payments(seq, ts, market, account, rate, payment)
-    liquidations(seq, ts, market, account, qty, price, kind)
+    funding_payments(seq, ts, market, account, rate, payment, size, mark)
+    liquidations(seq, ts, market, account, qty, price, kind, side, fee, bankruptcy_price,
+                 counterparty, size)
     balances(seq, ts, account, balance)
+    insurance_fund(seq, ts, reason, amount, fund)
     marks(seq, ts, market, mark)
     meta(last_seq, schema_version)             -- one row
 
 seq/ts/ids/accounts are BIGINT (ts in nanoseconds as on the wire), market the symbol, and the
-word columns hold the wire's words ("buy"/"sell", "limit"/"market", "open"/"filled"/"canceled",
-cancel reasons "user"/"ioc"/"stp"/...). funding_payments and liquidations are created empty:
-no event produces them yet (issue 5).
+word columns hold the wire's words ("buy"/"sell", "limit"/"market"/"stop_market"/...,
+"open"/"filled"/"canceled"/"untriggered"/"triggered", cancel reasons "user"/"ioc"/"stp"/...,
+liquidation kinds "liquidated"/"adl", insurance reasons "liquidation_fee"/"funding_residue"/
+"deficit"). Columns added after a store was created (the liquidation extras) are added to an
+older file when it is opened.
 
 Threads: one Store is shared by a writer thread (write) and any number of query threads
 (query). DuckDB connection objects are not thread-safe, so the Store never shares one between
@@ -59,9 +63,13 @@ import duckdb
 import numpy as np
 
 from engine.records import (BALANCE_EVENT_DTYPE, EV_ACK, EV_AMENDED, EV_BALANCE, EV_CANCELED,
-                            EV_MARK, EV_TRADE, EVENT_BYTES, EVENT_DTYPE, KIND_LIMIT,
-                            MARK_EVENT_DTYPE, ORDER_EVENT_DTYPE, REASON_NAMES, REASON_USER,
-                            STATUS_CANCELED, STATUS_FILLED, STATUS_OPEN, TRADE_EVENT_DTYPE)
+                            EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, EV_MARK, EV_TRADE,
+                            EV_TRIGGERED, EVENT_BYTES, EVENT_DTYPE, FUNDING_EVENT_DTYPE,
+                            INSURANCE_DEFICIT, INSURANCE_EVENT_DTYPE, INSURANCE_FUNDING_RESIDUE,
+                            INSURANCE_LIQUIDATION_FEE, KIND_LIMIT, LIQ_KIND_ADL,
+                            LIQ_KIND_LIQUIDATED, LIQUIDATION_EVENT_DTYPE, MARK_EVENT_DTYPE,
+                            ORDER_EVENT_DTYPE, REASON_NAMES, REASON_USER, STATUS_CANCELED,
+                            STATUS_FILLED, STATUS_OPEN, STATUS_UNTRIGGERED, TRADE_EVENT_DTYPE)
 
 SCHEMA_VERSION = 1
 PRECISION = 38                  # DuckDB's widest DECIMAL
@@ -74,16 +82,29 @@ BALANCE_ROW_DTYPE = np.dtype([("seq", "<i8"), ("ts_ns", "<i8"), ("account", "<i4
                               ("balance_atoms", "<i8")])
 
 SIDE_WORDS = ("buy", "sell")
-KIND_WORDS = ("limit", "market")
-STATUS_WORDS = {STATUS_OPEN: "open", STATUS_FILLED: "filled", STATUS_CANCELED: "canceled"}
+KIND_WORDS = ("limit", "market", "stop_market", "stop_limit", "take_profit_market",
+              "take_profit_limit")
+STATUS_TRIGGERED = 255          # store-only: the orders row of an EV_TRIGGERED
+STATUS_WORDS = {STATUS_OPEN: "open", STATUS_FILLED: "filled", STATUS_CANCELED: "canceled",
+                STATUS_UNTRIGGERED: "untriggered", STATUS_TRIGGERED: "triggered"}
+LIQUIDATION_WORDS = {LIQ_KIND_LIQUIDATED: "liquidated", LIQ_KIND_ADL: "adl"}
+INSURANCE_WORDS = {INSURANCE_LIQUIDATION_FEE: "liquidation_fee",
+                   INSURANCE_FUNDING_RESIDUE: "funding_residue", INSURANCE_DEFICIT: "deficit"}
 
-DATA_TABLES = ("fills", "orders", "funding_payments", "liquidations", "balances", "marks")
+DATA_TABLES = ("fills", "orders", "funding_payments", "liquidations", "balances",
+               "insurance_fund", "marks")
 
 # Which columns follow the price / quantity scale (widened together when a market needs it).
 PRICE_COLUMNS = (("fills", "price"), ("orders", "price"), ("liquidations", "price"),
+                 ("liquidations", "bankruptcy_price"), ("funding_payments", "mark"),
                  ("marks", "mark"))
 QTY_COLUMNS = (("fills", "qty"), ("orders", "qty"), ("orders", "remaining"),
-               ("liquidations", "qty"))
+               ("liquidations", "qty"), ("liquidations", "size"), ("funding_payments", "size"))
+# Columns beyond a table's first version: added to older store files when they are opened.
+ADDED_COLUMNS = (("funding_payments", "size", "Q"), ("funding_payments", "mark", "P"),
+                 ("liquidations", "side", "VARCHAR"), ("liquidations", "fee", "A"),
+                 ("liquidations", "bankruptcy_price", "P"),
+                 ("liquidations", "counterparty", "BIGINT"), ("liquidations", "size", "Q"))
 
 # Statements a query may hold. SELECT covers DESCRIBE, SHOW, SUMMARIZE, FROM-first and VALUES
 # (DuckDB parses them as SELECT). EXPLAIN only of a SELECT (EXPLAIN ANALYZE runs its statement).
@@ -200,6 +221,8 @@ class Store:
                     kind VARCHAR);
                 CREATE TABLE IF NOT EXISTS balances (
                     seq BIGINT, ts BIGINT, account BIGINT, balance {A});
+                CREATE TABLE IF NOT EXISTS insurance_fund (
+                    seq BIGINT, ts BIGINT, reason VARCHAR, amount {A}, fund {A});
                 CREATE TABLE IF NOT EXISTS marks (
                     seq BIGINT, ts BIGINT, market VARCHAR, mark {P});
                 CREATE TABLE IF NOT EXISTS meta (
@@ -207,6 +230,10 @@ class Store:
             """)
             if cur.execute("SELECT count(*) FROM meta").fetchall()[0][0] == 0:
                 cur.execute("INSERT INTO meta VALUES (0, ?)", [SCHEMA_VERSION])
+            types = {"P": P, "Q": Q, "A": A}
+            for table, column, typ in ADDED_COLUMNS:
+                cur.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} "
+                            f"{types.get(typ, typ)}")
             for columns, scale, typ in ((PRICE_COLUMNS, p, P), (QTY_COLUMNS, q, Q)):
                 for table, column in columns:
                     if self._scale_of(table, column) < scale:
@@ -246,6 +273,7 @@ class Store:
         P = f"DECIMAL({PRECISION},{self.price_scale})"
         Q = f"DECIMAL({PRECISION},{self.qty_scale})"
         A = f"DECIMAL({PRECISION},{ATOM_SCALE})"
+        R = f"DECIMAL({PRECISION},{RATE_SCALE})"
 
         def lookup(items):
             return "[" + ", ".join("NULL" if v is None else v for v in items) + "]"
@@ -282,7 +310,8 @@ class Store:
                                    taker_oid, maker_oid)
                 SELECT seq, ts_ns, trade_id, {market}, {price('price_ticks')},
                        {qty('qty_lots')}, account, maker_account, {side},
-                       {atoms('fee_atoms')}, {atoms('maker_fee_atoms')}, false, oid, maker_oid
+                       {atoms('fee_atoms')}, {atoms('maker_fee_atoms')}, liquidation <> 0,
+                       oid, maker_oid
                 FROM _store_fills""",
             "orders": f"""
                 INSERT INTO orders (seq, ts, oid, cid, account, market, side, kind, price, qty,
@@ -297,6 +326,26 @@ class Store:
             "marks": f"""
                 INSERT INTO marks (seq, ts, market, mark)
                 SELECT seq, ts_ns, {market}, {price('mark_ticks')} FROM _store_marks""",
+            "funding_payments": f"""
+                INSERT INTO funding_payments (seq, ts, market, account, rate, payment, size,
+                                              mark)
+                SELECT seq, ts_ns, {market}, account,
+                       CAST(rate_e9 AS DECIMAL(19,0)) * CAST('0.000000001' AS {R}),
+                       {atoms('payment_atoms')}, {qty('size_lots')}, {price('mark_ticks')}
+                FROM _store_funding_payments""",
+            "liquidations": f"""
+                INSERT INTO liquidations (seq, ts, market, account, qty, price, kind, side, fee,
+                                          bankruptcy_price, counterparty, size)
+                SELECT seq, ts_ns, {market}, account, {qty('qty_lots')},
+                       {price('price_ticks')}, {_word_case("kind", LIQUIDATION_WORDS)}, {side},
+                       {atoms('fee_atoms')}, {price('bankruptcy_ticks')}, counterparty,
+                       {qty('size_lots')}
+                FROM _store_liquidations""",
+            "insurance_fund": f"""
+                INSERT INTO insurance_fund (seq, ts, reason, amount, fund)
+                SELECT seq, ts_ns, {_word_case("reason", INSURANCE_WORDS)},
+                       {atoms('amount_atoms')}, {atoms('fund_atoms')}
+                FROM _store_insurance_fund""",
         }
 
     # -- writing ------------------------------------------------------------------------
@@ -320,8 +369,8 @@ class Store:
         Rows, per event:
         - EV_TRADE -> one fills row: price, qty, taker_account = the event's account,
           maker_account, taker_side = the event's side, taker_fee = fee_atoms,
-          maker_fee = maker_fee_atoms (negative: a rebate), liquidation false, taker_oid,
-          maker_oid.
+          maker_fee = maker_fee_atoms (negative: a rebate), liquidation (true when the
+          liquidation engine was the taker), taker_oid, maker_oid.
           If maker_remaining_lots is 0 the maker's order is complete: an orders row for the
           maker (oid/cid/account of the maker, side opposite the taker's, kind "limit" since
           only limit orders rest, price = the trade price, which is the maker's own,
@@ -329,19 +378,28 @@ class Store:
           If the taker's remaining_lots is 0 and the taker is not an order acknowledged in the
           same command (whose ack already says "filled"), it is an amended order that
           re-matched: an orders row for the taker likewise (price = its amended price).
-        - EV_ACK -> orders row: status from the event ("open", "filled", "canceled"),
+        - EV_ACK -> orders row: status from the event ("open", "filled", "canceled",
+          "untriggered" for a stop or take-profit waiting for its trigger),
           qty = the accepted quantity (qty_lots), price (NULL for a market order),
           remaining = the open quantity after matching (0 unless open).
         - EV_CANCELED -> orders row: status "canceled", qty = the quantity canceled,
           remaining 0, reason ("user", "ioc", "stp", "reduce_only", ...).
         - EV_AMENDED -> orders row: status "open", the new price, qty = remaining = the new
           open quantity; reason "reduce_only" when the matcher shrank a reduce-only order.
+        - EV_TRIGGERED -> orders row: status "triggered", qty and remaining as the event
+          has them (the live order's own rows follow).
         - EV_BALANCE -> balances row: balance = balance_atoms (the balance after the change).
         - EV_MARK -> marks row.
+        - EV_FUNDING -> funding_payments row: rate = rate_e9 / 1e9, payment (negative: paid),
+          the size and mark it was charged on.
+        - EV_LIQUIDATION -> liquidations row per closing step and account: qty, price, kind
+          ("liquidated" or "adl"), the account's side, fee, bankruptcy price, counterparty
+          (ADL), the account's size afterwards.
+        - EV_INSURANCE -> insurance_fund row: reason, amount (signed), fund after it.
         - EV_COMMAND, EV_REJECT, EV_DONE -> nothing.
         `balances` (optional): a structured array with fields seq, ts_ns, account,
-        balance_atoms (BALANCE_ROW_DTYPE) of balance changes the caller knows (fills, from its
-        replica of the state); inserted as given, with the same seq window. Balance rows of one
+        balance_atoms (BALANCE_ROW_DTYPE) of balance changes the caller knows (fills, funding,
+        liquidations, from its replica of the state); inserted as given, with the same seq window. Balance rows of one
         seq keep their order, EV_BALANCE rows first.
 
         Raises ValueError (nothing written) for an event of a market the store does not know
@@ -432,21 +490,24 @@ class Store:
         self._check(tr, p_tr, ev, ("price_ticks",), ("qty_lots",))
         out["fills"] = {k: tr[k] for k in (
             "seq", "ts_ns", "trade_id", "market", "price_ticks", "qty_lots", "account",
-            "maker_account", "side", "fee_atoms", "maker_fee_atoms", "oid", "maker_oid")}
+            "maker_account", "side", "fee_atoms", "maker_fee_atoms", "liquidation", "oid",
+            "maker_oid")}
 
         # order events -> orders
-        p_oe = pos[np.isin(etype, (EV_ACK, EV_CANCELED, EV_AMENDED))]
+        p_oe = pos[np.isin(etype, (EV_ACK, EV_CANCELED, EV_AMENDED, EV_TRIGGERED))]
         oe = ev[p_oe].view(ORDER_EVENT_DTYPE)
         oet = oe["etype"]
         is_ack, is_cancel = oet == EV_ACK, oet == EV_CANCELED
+        is_new = is_ack | (oet == EV_TRIGGERED)
         self._check(oe, p_oe, ev, ("price_ticks",), ("qty_lots", "remaining_lots"))
         parts = [{
             "seq": oe["seq"], "ts_ns": oe["ts_ns"], "oid": oe["oid"], "cid": oe["cid"],
             "account": oe["account"].astype(np.int64), "market": oe["market"],
             "side": oe["side"], "kind": oe["kind"], "price_ticks": oe["price_ticks"],
-            "qty_lots": np.where(is_ack, oe["qty_lots"], oe["remaining_lots"]),
-            "status": np.where(is_ack, oe["status"],
-                               np.where(is_cancel, STATUS_CANCELED, STATUS_OPEN)).astype(np.uint8),
+            "qty_lots": np.where(is_new, oe["qty_lots"], oe["remaining_lots"]),
+            "status": np.select([is_ack, is_cancel, oet == EV_TRIGGERED],
+                                [oe["status"].astype(np.int64), STATUS_CANCELED,
+                                 STATUS_TRIGGERED], STATUS_OPEN).astype(np.uint8),
             "remaining_lots": np.where(is_cancel, 0, oe["remaining_lots"]),
             "reason": oe["reason"],
             "_key": p_oe * 4,
@@ -521,6 +582,23 @@ class Store:
         mk = ev[p_mark].view(MARK_EVENT_DTYPE)
         self._check(mk, p_mark, ev, ("mark_ticks",), ())
         out["marks"] = {k: mk[k] for k in ("seq", "ts_ns", "market", "mark_ticks")}
+
+        # funding payments, liquidation steps, insurance fund changes: one row per event
+        p_fund = pos[etype == EV_FUNDING]
+        fe = ev[p_fund].view(FUNDING_EVENT_DTYPE)
+        self._check(fe, p_fund, ev, ("mark_ticks",), ("size_lots",))
+        out["funding_payments"] = {k: fe[k] for k in (
+            "seq", "ts_ns", "market", "account", "rate_e9", "payment_atoms", "size_lots",
+            "mark_ticks")}
+        p_liq = pos[etype == EV_LIQUIDATION]
+        le = ev[p_liq].view(LIQUIDATION_EVENT_DTYPE)
+        self._check(le, p_liq, ev, ("price_ticks", "bankruptcy_ticks"), ("qty_lots", "size_lots"))
+        out["liquidations"] = {k: le[k] for k in (
+            "seq", "ts_ns", "market", "account", "qty_lots", "price_ticks", "kind", "side",
+            "fee_atoms", "bankruptcy_ticks", "counterparty", "size_lots")}
+        ie = ev[pos[etype == EV_INSURANCE]].view(INSURANCE_EVENT_DTYPE)
+        out["insurance_fund"] = {k: ie[k] for k in (
+            "seq", "ts_ns", "reason", "amount_atoms", "fund_atoms")}
         return out
 
     def _check(self, rows, positions, ev, tick_fields, lot_fields) -> None:

@@ -712,3 +712,90 @@ def test_bulk_insert_rate(tmp_path, capsys):
               f"{n_trades / dt:,.0f} trades/s")
         print(f"[store] 4 x 50,000 trade events -> fills: {200_000 / dt_fills:,.0f} rows/s")
     assert counts["fills"] == n_trades and counts["orders"] == 3 * n_trades
+
+
+# ---- perpetual risk: funding, liquidations, the insurance fund -------------------------------
+def risk_events() -> np.ndarray:
+    """Hand-built events of one funding command (seq 7) and one liquidation (seq 8): the
+    layouts are engine.records'; the real engine's are checked in tests/test_gateway_risk.py."""
+    from engine.records import (EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, FUNDING_EVENT_DTYPE,
+                                INSURANCE_DEFICIT, INSURANCE_EVENT_DTYPE,
+                                INSURANCE_FUNDING_RESIDUE, INSURANCE_LIQUIDATION_FEE,
+                                LIQ_KIND_ADL, LIQ_KIND_LIQUIDATED, LIQUIDATION_EVENT_DTYPE)
+    out = []
+    fund = np.zeros(2, FUNDING_EVENT_DTYPE)
+    fund["etype"], fund["seq"], fund["ts_ns"], fund["market"] = EV_FUNDING, 7, 70, 0
+    fund["account"] = [1, 2]
+    fund["rate_e9"] = 100_000                     # 0.0001
+    fund["size_lots"] = [1500, -1500]             # 1.5 long, 1.5 short
+    fund["mark_ticks"] = 650_005
+    fund["payment_atoms"] = [-9_750_075, 9_750_074]
+    fund["balance_atoms"] = [1, 2]
+    out.append(fund.view(EVENT_DTYPE))
+    ins = np.zeros(3, INSURANCE_EVENT_DTYPE)
+    ins["etype"], ins["seq"], ins["ts_ns"] = EV_INSURANCE, [7, 8, 8], [70, 80, 80]
+    ins["reason"] = [INSURANCE_FUNDING_RESIDUE, INSURANCE_LIQUIDATION_FEE, INSURANCE_DEFICIT]
+    ins["amount_atoms"] = [1, 325_002, -5_000_000]
+    ins["fund_atoms"] = [1, 325_003, -4_674_997 + 10_000_000]
+    out.append(ins[:1].view(EVENT_DTYPE))
+    trade = trade_events([(0, 640_000, 500, 0, 64_000)], 8)
+    trade["liquidation"] = 1
+    trade["ts_ns"] = 80
+    out.append(trade.view(EVENT_DTYPE))
+    liq = np.zeros(3, LIQUIDATION_EVENT_DTYPE)
+    liq["etype"], liq["seq"], liq["ts_ns"], liq["market"] = EV_LIQUIDATION, 8, 80, 0
+    liq["account"] = [1, 1, 3]
+    liq["kind"] = [LIQ_KIND_LIQUIDATED, LIQ_KIND_ADL, LIQ_KIND_ADL]
+    liq["side"] = [SIDE_SELL, SIDE_SELL, SIDE_BUY]
+    liq["qty_lots"] = [500, 1000, 1000]
+    liq["price_ticks"] = [640_000, 639_990, 639_990]
+    liq["bankruptcy_ticks"] = 639_990
+    liq["fee_atoms"] = [325_002, 0, 0]
+    liq["counterparty"] = [0, 3, 1]
+    liq["size_lots"] = [1000, 0, 4000]
+    out.append(liq.view(EVENT_DTYPE))
+    out.append(ins[1:].view(EVENT_DTYPE))
+    return np.concatenate(out)
+
+
+def test_risk_rows_exact(tmp_path):
+    ev = risk_events()
+    with Store(tmp_path / "x.duckdb", BTC_MARKETS) as store:
+        counts = store.write(ev)
+        assert counts == {"fills": 1, "funding_payments": 2, "liquidations": 3,
+                          "insurance_fund": 3}
+        assert store.query("SELECT seq, ts, market, account, rate, payment, size, mark "
+                           "FROM funding_payments ORDER BY rowid")[1] == [
+            (7, 70, "BTC-PERP", 1, D("0.0001"), D("-9.750075"), D("1.5"), D("65000.5")),
+            (7, 70, "BTC-PERP", 2, D("0.0001"), D("9.750074"), D("-1.5"), D("65000.5"))]
+        assert store.query("SELECT seq, market, account, qty, price, kind, side, fee, "
+                           "bankruptcy_price, counterparty, size FROM liquidations "
+                           "ORDER BY rowid")[1] == [
+            (8, "BTC-PERP", 1, D("0.5"), D("64000"), "liquidated", "sell", D("0.325002"),
+             D("63999"), 0, D("1")),
+            (8, "BTC-PERP", 1, D("1"), D("63999"), "adl", "sell", D("0"), D("63999"), 3,
+             D("0")),
+            (8, "BTC-PERP", 3, D("1"), D("63999"), "adl", "buy", D("0"), D("63999"), 1,
+             D("4"))]
+        assert store.query("SELECT seq, reason, amount, fund FROM insurance_fund "
+                           "ORDER BY rowid")[1] == [
+            (7, "funding_residue", D("0.000001"), D("0.000001")),
+            (8, "liquidation_fee", D("0.325002"), D("0.325003")),
+            (8, "deficit", D("-5"), D("5.325003"))]
+        assert store.query("SELECT seq, liquidation, maker_fee FROM fills")[1] == [
+            (8, True, D("0.064"))]
+        assert store.write(ev) == {}         # idempotent like every table
+
+
+def test_older_store_file_gains_the_new_columns(tmp_path):
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE liquidations (seq BIGINT, ts BIGINT, market VARCHAR, "
+                "account BIGINT, qty DECIMAL(38,3), price DECIMAL(38,1), kind VARCHAR)")
+    con.execute("CREATE TABLE funding_payments (seq BIGINT, ts BIGINT, market VARCHAR, "
+                "account BIGINT, rate DECIMAL(38,9), payment DECIMAL(38,6))")
+    con.close()
+    with Store(path, BTC_MARKETS) as store:
+        assert store.write(risk_events())["liquidations"] == 3
+        assert store.query("SELECT side, size FROM liquidations ORDER BY rowid")[1][2] == \
+            ("buy", D("4"))
