@@ -376,7 +376,33 @@ def status_report(sd) -> dict:
         report["rings"]["commands"] = depths
     except ShmError:
         pass
+    report["risk"] = _risk_report(doc)
     return report
+
+
+def _risk_report(doc: dict) -> dict:
+    """riskd's latest numbers per market from the IndexBoard (wire decimals), {} if none."""
+    from decimal import Decimal
+
+    from perpx.config import config_from_resolved, dec_str
+    from riskd.feeds import IndexBoard
+    from shm.region import ShmError
+    try:
+        board = IndexBoard.attach(doc["prefix"])
+    except ShmError:
+        return {}
+    try:
+        out = {}
+        for m in config_from_resolved(doc).markets:
+            pub = board.published(m.id)
+            if pub is not None:
+                out[m.symbol] = {"index": m.price_str(pub.index_ticks),
+                                 "mark": m.price_str(pub.mark_ticks),
+                                 "funding_rate": dec_str(Decimal(pub.funding_rate_e9) / 10 ** 9),
+                                 "next_funding_ts": pub.next_funding_ns}
+        return out
+    finally:
+        board.close()
 
 
 def cmd_status(args) -> int:
@@ -405,6 +431,9 @@ def cmd_status(args) -> int:
     if rings.get("commands"):
         lines.append("command rings (queued): " + ", ".join(
             f"{k} {v}" for k, v in rings["commands"].items()))
+    for symbol, r in report.get("risk", {}).items():
+        lines.append(f"{symbol}: index {r['index']}  mark {r['mark']}  funding rate "
+                     f"{r['funding_rate']} (next at {r['next_funding_ts']} ns)")
     if report["endpoints"]:
         lines.append(f"orders {report['endpoints']['orders']}   market data "
                      f"{report['endpoints']['market_data']}")
@@ -540,10 +569,12 @@ def _halt(args, halted: bool) -> int:
 
 def cmd_oracle_set(args) -> int:
     ex = _exchange(args)
-    reply, ticks = ex.set_mark(args.market, args.price)
-    price = ex.market(args.market).price_str(ticks)
-    emit(args, {"market": args.market, "mark_price": price, "seq": reply.seq},
-         f"{args.market} mark set to {price} (seq {reply.seq})")
+    done = ex.set_index(args.market, args.price)
+    m = ex.market(args.market)
+    index, mark = m.price_str(done["index_ticks"]), m.price_str(done["mark_ticks"])
+    emit(args, {"market": args.market, "index_price": index, "mark_price": mark,
+                "seq": done["seq"]},
+         f"{args.market} index set to {index}: mark {mark} (seq {done['seq']})")
     return 0
 
 

@@ -17,6 +17,11 @@ Keys (defaults in brackets):
     [persistence] snapshot_every [1000000] (commands between state snapshots), snapshots_keep
                 [2], store_flush_ms [100] (DuckDB batch interval), retire_journal [true]
                 (delete journal segments older than the oldest snapshot kept)
+    [risk]      mark_interval_ms [250] (riskd's tick: marks, funding samples, liquidation scan),
+                seed [0] (sim index walks), funding_sample_ms [5000] (premium index samples,
+                Binance's 5 s), liquidation_retry_ms [1000] (riskd re-sends a LIQUIDATE for an
+                account that has not changed after this long), scan [true] (the liquidation
+                scanner; false only for benchmarks of the rest)
     [endpoints] host ["127.0.0.1"], orders_port [7700] (gateway N binds orders_port + N),
                 market_data_port [7800]; a port of 0 means "any free port, chosen at start"
                 (and kept across gateway restarts)
@@ -105,6 +110,13 @@ PERSISTENCE_DEFAULTS = {
     "store_flush_ms": 100,
     "retire_journal": True,
 }
+RISK_DEFAULTS = {
+    "mark_interval_ms": 250,
+    "seed": 0,
+    "funding_sample_ms": 5000,
+    "liquidation_retry_ms": 1000,
+    "scan": True,
+}
 MARKET_REQUIRED = ("symbol", "tick_size", "lot_size", "initial_price")
 MARKET_DEFAULTS = {
     "oracle": "sim",
@@ -124,7 +136,7 @@ MARKET_DEFAULTS = {
     "max_open_orders": 200,
 }
 MARKET_KEYS = MARKET_REQUIRED + tuple(MARKET_DEFAULTS)
-TOP_LEVEL = ("exchange", "engine", "endpoints", "persistence", "markets")
+TOP_LEVEL = ("exchange", "engine", "endpoints", "persistence", "risk", "markets")
 
 
 @dataclass(frozen=True)
@@ -228,6 +240,7 @@ class Config:
     endpoints: dict            # host, orders_port, market_data_port
     markets: tuple
     persistence: dict = None   # PERSISTENCE_DEFAULTS keys
+    risk: dict = None          # RISK_DEFAULTS keys
     source: str = "<bundled default>"
 
     def engine_config(self):
@@ -254,6 +267,7 @@ class Config:
             "engine": dict(self.engine),
             "endpoints": dict(self.endpoints),
             "persistence": dict(self.persistence or PERSISTENCE_DEFAULTS),
+            "risk": dict(self.risk or RISK_DEFAULTS),
             "markets": [m.describe() for m in self.markets],
         }
 
@@ -464,6 +478,16 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     if not isinstance(per["retire_journal"], bool):
         c.fail("persistence.retire_journal", f"{per['retire_journal']!r} must be true or false")
 
+    risk = c.table(doc, "risk")
+    c.unknown_keys("risk", risk, RISK_DEFAULTS)
+    risk = {**RISK_DEFAULTS, **risk}
+    c.integer("risk.mark_interval_ms", risk["mark_interval_ms"], 10, 60_000)
+    c.integer("risk.seed", risk["seed"], 0, 2 ** 63 - 1)
+    c.integer("risk.funding_sample_ms", risk["funding_sample_ms"], 10, 3_600_000)
+    c.integer("risk.liquidation_retry_ms", risk["liquidation_retry_ms"], 10, 3_600_000)
+    if not isinstance(risk["scan"], bool):
+        c.fail("risk.scan", f"{risk['scan']!r} must be true or false")
+
     items = doc.get("markets")
     if items is None:
         c.fail("markets", "no [[markets]] defined")
@@ -482,7 +506,7 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     return Config(gateways=gateways, ack_mode=ex["ack_mode"], pin_cpus=ex["pin_cpus"],
                   rate_limit_per_s=rate, rate_limit_burst=burst, startup_timeout_s=startup,
                   engine={k: eng[k] for k in ENGINE_DEFAULTS}, endpoints=dict(ep),
-                  markets=tuple(markets), persistence=per, source=source)
+                  markets=tuple(markets), persistence=per, risk=risk, source=source)
 
 
 def _market(c: _Checker, i: int, item, origin: Path | None,
@@ -683,7 +707,8 @@ def config_from_resolved(doc: dict) -> Config:
     for k in ("rate_limit_per_s", "rate_limit_burst", "startup_timeout_s"):
         ex[k] = Decimal(str(ex[k]))
     return config_from_dict({"exchange": ex, "engine": doc["engine"],
-                             "endpoints": doc["endpoints"], "markets": markets},
+                             "endpoints": doc["endpoints"], "risk": doc.get("risk", {}),
+                             "markets": markets},
                             source=doc.get("source", "<resolved>"), engine_checks=False)
 
 

@@ -121,18 +121,46 @@ class Exchange:
         c["market"] = m.id
         return self.submit_one(c, f"{'halt' if halted else 'resume'} {symbol}")
 
-    def set_mark(self, symbol: str, price_text: str) -> tuple[Reply, int]:
-        from engine.records import CMD_SET_MARK, new_commands
+    def set_index(self, symbol: str, price_text: str,
+                  timeout_s: float = REPLY_TIMEOUT_S) -> dict:
+        """`perpx oracle set`: a manual market's index, through the IndexBoard to riskd.
+
+        The price goes on the board (under the ops lock: one operator writer at a time); riskd
+        picks it up on its next tick, computes the mark from it (riskd/mark.py: with no trades
+        and no basis the mark is the index), writes SET_MARK into its ring and then publishes
+        the version it applied. We wait for that, then for the matcher to hold that mark, so
+        a read right after this returns sees it. Returns the published numbers (ticks)."""
+        from engine.service import attach_state
+        from engine.state import C_SEQ
+        from riskd.feeds import IndexBoard
         m = self.market(symbol)
         if m.oracle != "manual":
             raise OpsError(f"{symbol} takes its index from its {m.oracle.split(':')[0]!r} feed; "
                            f"`perpx oracle set` works only for markets with oracle = \"manual\"")
         ticks = m.price_to_ticks(price_text)
-        c = new_commands(1)
-        c["cmd"] = CMD_SET_MARK
-        c["market"] = m.id
-        c["price_ticks"] = ticks
-        return self.submit_one(c, f"oracle set {symbol}"), ticks
+        deadline = time.monotonic() + timeout_s
+        board = _attach(lambda: IndexBoard.attach(self.prefix, self.engine.max_markets))
+        region, state = _attach(lambda: attach_state(self.prefix, self.engine))
+        try:
+            with FileLock(self.sd.ops_lock) as lock:
+                lock.acquire(LOCK_TIMEOUT_S, "the index board")
+                version = board.set(m.id, ticks)
+            while True:
+                published = board.published(m.id)
+                if (published is not None and published.applied_version >= version
+                        and int(state.markets["mark_ticks"][m.id]) == published.mark_ticks):
+                    return {"index_ticks": published.index_ticks,
+                            "mark_ticks": published.mark_ticks,
+                            "seq": int(state.counters[C_SEQ])}
+                if time.monotonic() > deadline:
+                    raise OpsError(f"oracle set {symbol}: the index is on the board but riskd "
+                                   f"has not applied it within {timeout_s:g} s (is riskd "
+                                   f"running? see `perpx status`); it will when it runs")
+                time.sleep(0.01)
+        finally:
+            del state
+            region.close()
+            board.close()
 
     def check_account(self, account: int) -> None:
         if not 0 <= account < self.engine.max_accounts:

@@ -3,13 +3,13 @@
 Processes (one per role, DESIGN.md §1):
 
     matcher     python -m perpx.matcherd   creates every shm structure; the only writer of state
+    persistd    python -m persistd         journal, durable_seq, DuckDB, snapshots
+    riskd       python -m riskd            index, mark, funding, liquidation scan (riskd/)
     gateway-N   python -m gateway          N = 0 .. exchange.gateways-1; gateway-0 also
                                             publishes market data
-    (riskd and persistd join here when they exist: their ring and consumer slot are already
-    created, so adding them changes no layout)
 
 Command rings (engine.service.Source), in this order, which is the `source` index on events:
-ops (privileged: CLI and genesis), riskd (privileged, unused yet), gateway-0 .. gateway-N-1
+ops (privileged: CLI and genesis), riskd (privileged: marks, funding, liquidations), gateway-0 .. gateway-N-1
 (unprivileged). The gateways name their ring `gateway-N` (gateway/server.py), so the rings are
 named that way rather than gwN. Event ring consumers: gateway-0 .., persistd, riskd, ops.
 
@@ -17,13 +17,16 @@ Start-up: lock STATE_DIR/supervisor.lock (one `perpx up` per state dir), clear w
 run left in /dev/shm under this state dir's prefix, resolve the config into exchange.json,
 create the server's CURVE certificate once (kept across runs, so clients keep their
 server_public_key), start the matcher and wait for its heartbeat to say ready (the first run
-compiles the matcher: about a minute), send the genesis commands (CREATE_MARKET and
-SET_MARKET_LIMITS per market) through the ops ring and check each was accepted, start the
-gateways and wait until each has bound its sockets, then write endpoints.json and status.json.
+compiles the matcher: about a minute), start persistd, send the genesis commands (per market,
+config.genesis_commands) through the ops ring and check each was accepted, create the
+IndexBoard (`<prefix>-index`, riskd/feeds.py: it belongs to the supervisor so that an
+operator's manual index outlives riskd restarts), start riskd and wait for its ready file,
+start the gateways and wait until each has bound its sockets, then write endpoints.json and
+status.json.
 
 CPU pinning (`os.sched_setaffinity`, exchange.pin_cpus): with at least gateways + 2 CPUs the
 matcher and each gateway get a CPU of their own and everything else (the supervisor, riskd,
-persistd when they exist) shares the rest. With fewer, the matcher keeps its own CPU (it is the
+persistd, riskd) shares the rest. With fewer, the matcher keeps its own CPU (it is the
 sequencer: its latency is everyone's) and all other processes share the remaining CPUs. On this
 2-core box: matcher on CPU 0; gateways, supervisor on CPU 1. With one CPU nothing is pinned.
 The CPUs are those this process may use (its own affinity mask), lowest first.
@@ -32,7 +35,9 @@ Watching (every 0.1 s): a process that exits is noticed by its parent's wait (no
 pids that could be reused). A gateway that dies is restarted on the same ports and the same
 ring (its consumer slot resumes at its saved cursor), immediately the first time and with a
 back-off (0.5 s doubling to 30 s) while it keeps dying within 10 s of its start; each restart
-counts in `restarts`. The matcher bumps a heartbeat counter in shm (`<prefix>-supervisor`) on
+counts in `restarts`. riskd is restarted the same way: it keeps nothing of its own, a new one
+re-attaches to the board (sim walks resume at the last published index, manual indexes are
+still on the board) and starts a fresh funding average (see riskd/funding.py). The matcher bumps a heartbeat counter in shm (`<prefix>-supervisor`) on
 every pass of its loop; if it stops for 5 s the supervisor says so loudly (it does not kill it).
 If the matcher dies, the exchange is down: trading state lives only in the matcher's shm until
 persistd exists, so the supervisor reports it on stderr, stops the gateways, removes the shm
@@ -40,9 +45,9 @@ and exits with status 3 (matcher recovery comes with durability, issue 4). A CLI
 while reading events as consumer "ops" would leave that slot active and eventually stall the
 matcher; the supervisor frees such a slot when nobody holds the ops lock.
 
-Shutdown (SIGINT, SIGTERM, SIGHUP, or `perpx down`): gateways first (SIGTERM, then SIGKILL
-after 5 s), then the matcher (SIGTERM: it unlinks everything it created; SIGKILL after 10 s),
-then the heartbeat region; whatever is still in /dev/shm under the prefix is removed (and
+Shutdown (SIGINT, SIGTERM, SIGHUP, or `perpx down`): riskd and the gateways first (SIGTERM,
+then SIGKILL after 5 s), then the matcher (SIGTERM: it unlinks everything it created; SIGKILL after 10 s),
+then the heartbeat region and the IndexBoard; whatever is still in /dev/shm under the prefix is removed (and
 named). endpoints.json and status.json are removed; the exit status is 0.
 
 Children run in their own process group (a terminal's Ctrl-C reaches only the supervisor,
@@ -245,6 +250,8 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         self.matcher: Child | None = None
         self.persistd: Child | None = None
+        self.riskd: Child | None = None
+        self.index_board = None
         self.progress = None
         self.gateways: list[Child] = []
         self.hb_region = None
@@ -367,8 +374,20 @@ class Supervisor:
 
         from engine.records import EVENT_DTYPE
         from engine.service import event_ring_name
+        from riskd.feeds import IndexBoard
         from shm.ring import EventRing
         self.events = EventRing.attach(event_ring_name(sd.prefix), EVENT_DTYPE)
+
+        self.index_board = IndexBoard.create(sd.prefix, cfg.engine["max_markets"])
+        self.riskd = self._child("riskd", [sys.executable, "-m", "riskd", "--spec",
+                                           str(sd.exchange_file), "--ready-file",
+                                           str(sd.run_dir / "riskd.json")],
+                                 sd.run_dir / "riskd.json")
+        self._spawn(self.riskd)
+        self._wait(lambda: self._check_ready(self.riskd), GATEWAY_READY_TIMEOUT_S,
+                   "riskd to attach", [self.matcher, self.persistd, self.riskd])
+        self.log(f"riskd ready (pid {self.riskd.pid}, a tick every "
+                 f"{cfg.risk['mark_interval_ms']} ms)")
 
         for i in range(cfg.gateways):
             ready_file = sd.run_dir / f"gateway-{i}.json"
@@ -487,7 +506,7 @@ class Supervisor:
             if self.matcher.ready:
                 self._check_heartbeat(now)
             changed = False
-            for child in (self.matcher, self.persistd, *self.gateways):
+            for child in self._running():
                 changed |= self._tend(child, now)
             if now - self._last_ops_check > STALE_OPS_CHECK_S:
                 self._last_ops_check = now
@@ -575,8 +594,8 @@ class Supervisor:
     # -- status -------------------------------------------------------------------------
     def write_status(self) -> None:
         procs = []
-        for child in [self.matcher, self.persistd, *self.gateways]:
-            if child is None or child.popen is None:
+        for child in self._running():
+            if child.popen is None:
                 continue
             procs.append({"name": child.name, "pid": child.pid, "restarts": child.restarts,
                           "cpus": child.cpus, "started_at": round(child.started_wall, 3),
@@ -589,12 +608,18 @@ class Supervisor:
             "cpu_plan": self.cpu_plan,
             "processes": procs, "endpoints": self.endpoints})
 
+    def _running(self) -> list[Child]:
+        """The children started so far, in start order."""
+        return [c for c in (self.matcher, self.persistd, self.riskd, *self.gateways)
+                if c is not None]
+
     # -- shutdown -----------------------------------------------------------------------
     def shutdown(self) -> None:
-        for child in (self.matcher, self.persistd, *self.gateways):
-            if child is not None:
-                child.restart_at = None
-        self._stop_children(self.gateways, GATEWAY_STOP_S)
+        for child in self._running():
+            child.restart_at = None
+        # riskd with the gateways: no new marks or liquidations once clients are gone.
+        self._stop_children([c for c in (self.riskd, *self.gateways) if c is not None],
+                            GATEWAY_STOP_S)
         if self.events is not None:
             self.events.close()
             self.events = None
@@ -607,6 +632,10 @@ class Supervisor:
             self.progress.close()
             self.progress.unlink()
             self.progress = None
+        if self.index_board is not None:
+            self.index_board.close()
+            self.index_board.unlink()
+            self.index_board = None
         self.heartbeat = None
         if self.hb_region is not None:
             self.hb_region.close()
@@ -618,9 +647,9 @@ class Supervisor:
                      f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}")
         for f in (self.sd.endpoints_file, self.sd.status_file):
             f.unlink(missing_ok=True)
-        for gw in self.gateways:
-            if gw.ready_file is not None:
-                gw.ready_file.unlink(missing_ok=True)
+        for child in self._running():
+            if child.ready_file is not None:
+                child.ready_file.unlink(missing_ok=True)
         if self.matcher is not None and self.exit_code == EXIT_OK:
             self.log("stopped cleanly")
 

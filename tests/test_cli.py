@@ -18,9 +18,21 @@ from tests.test_supervisor import (REPO, WAIT_S, Up, _env, cli, cli_fails, cli_j
                                    config_text, wait_until)
 
 
+# A market whose index (and so mark) walks on its own: BTC and ETH keep theirs still.
+SIM_MARKET = """
+[[markets]]
+symbol = "SOL-PERP"
+tick_size = "0.01"
+lot_size = "0.1"
+initial_price = "150"
+oracle = "sim"
+"""
+
+
 @pytest.fixture(scope="module")
 def exchange(tmp_path_factory):
-    up = Up(tmp_path_factory.mktemp("cli") / "state", config_text(gateways=1))
+    up = Up(tmp_path_factory.mktemp("cli") / "state",
+            config_text(gateways=1, more_markets=SIM_MARKET))
     try:
         endpoints = up.wait_ready()
         yield up, endpoints
@@ -95,7 +107,7 @@ def test_endpoints_and_status(exchange):
     assert len(endpoints["server_public_key"]) == 40
     status = cli_json(up.sd.path, "status")
     assert [(p["name"], p["alive"], p["restarts"]) for p in status["processes"]] == [
-        ("matcher", True, 0), ("persistd", True, 0), ("gateway-0", True, 0)]
+        ("matcher", True, 0), ("persistd", True, 0), ("riskd", True, 0), ("gateway-0", True, 0)]
     assert status["seq"] >= 4 and status["durable_seq"] == status["seq"]
     assert status["rings"]["commands"] == {"ops": 0, "riskd": 0, "gateway-0": 0}
     text = cli(up.sd.path, "status").stdout
@@ -130,7 +142,7 @@ def test_account_create_deposit_and_show(exchange):
 def test_markets(exchange):
     up, _ = exchange
     doc = cli_json(up.sd.path, "markets")
-    btc, eth = doc["markets"]
+    btc, eth, _ = doc["markets"]
     assert (btc["symbol"], btc["id"], btc["tick_size"], btc["lot_size"], btc["initial_price"]) == (
         "BTC-PERP", 0, "0.1", "0.001", "65000")
     assert (eth["symbol"], eth["oracle"], eth["max_price"]) == ("ETH-PERP", "manual", "35000")
@@ -158,10 +170,14 @@ def test_halt_and_resume(exchange, trader):
 def test_oracle_set_manual_only(exchange):
     up, _ = exchange
     done = cli_json(up.sd.path, "oracle", "set", "ETH-PERP", "3600.5")
-    assert done["mark_price"] == "3600.5"
+    assert (done["index_price"], done["mark_price"]) == ("3600.5", "3600.5")  # no book, no trades
     assert cli_json(up.sd.path, "markets")["markets"][1]["live"]["mark_price"] == "3600.5"
-    line = cli_fails(up.sd.path, "oracle", "set", "BTC-PERP", "66000")
-    assert "oracle = \"manual\"" in line
+    status = cli_json(up.sd.path, "status")["risk"]
+    assert (status["ETH-PERP"]["index"], status["ETH-PERP"]["mark"]) == ("3600.5", "3600.5")
+    assert "BTC-PERP" not in status            # manual, never set: riskd has no index for it
+    assert float(status["SOL-PERP"]["index"]) > 0
+    line = cli_fails(up.sd.path, "oracle", "set", "SOL-PERP", "151")
+    assert "'sim' feed" in line and "oracle = \"manual\"" in line
     assert "tick size" in cli_fails(up.sd.path, "oracle", "set", "ETH-PERP", "3600.505")
     cli_json(up.sd.path, "oracle", "set", "ETH-PERP", "3500")
 

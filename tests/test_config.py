@@ -118,6 +118,11 @@ def test_toml_floats_are_exact_and_rebates_allowed():
 def test_resolved_config_round_trips():
     cfg = load_config()
     assert config_from_resolved(cfg.to_dict()) == cfg
+    assert cfg.risk == {"mark_interval_ms": 250, "seed": 0, "funding_sample_ms": 5000,
+                        "liquidation_retry_ms": 1000, "scan": True}
+    tuned = parse_config("[risk]\nmark_interval_ms = 50\nscan = false\n" + GOOD_MARKET)
+    assert (tuned.risk["mark_interval_ms"], tuned.risk["scan"]) == (50, False)
+    assert config_from_resolved(tuned.to_dict()) == tuned
 
 
 def test_csv_oracle_path_is_resolved_against_the_config_file(tmp_path):
@@ -190,7 +195,16 @@ BAD = [
     ("[exchange]\ngateways = 3\n[endpoints]\norders_port = 7700\nmarket_data_port = 7702\n"
      + GOOD_MARKET, "endpoints.market_data_port", "collides with the gateways' order ports"),
     ("[exchange]\ngateways = 1\n", "markets", "no [[markets]] defined"),
-    ("[risk]\nx = 1\n" + GOOD_MARKET, "risk", "unknown key"),
+    ("[risks]\nx = 1\n" + GOOD_MARKET, "risks", "unknown key (did you mean 'risk'?)"),
+    ("[risk]\nmark_interval = 1\n" + GOOD_MARKET, "risk.mark_interval",
+     "did you mean 'mark_interval_ms'"),
+    ("[risk]\nmark_interval_ms = 5\n" + GOOD_MARKET, "risk.mark_interval_ms",
+     "must be in [10, 60000]"),
+    ("[risk]\nfunding_sample_ms = 0\n" + GOOD_MARKET, "risk.funding_sample_ms", "must be in"),
+    ("[risk]\nliquidation_retry_ms = 1.5\n" + GOOD_MARKET, "risk.liquidation_retry_ms",
+     "must be an integer"),
+    ("[risk]\nseed = -1\n" + GOOD_MARKET, "risk.seed", "must be in [0,"),
+    ('[risk]\nscan = "no"\n' + GOOD_MARKET, "risk.scan", "true or false"),
 ]
 
 

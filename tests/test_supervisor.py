@@ -27,7 +27,10 @@ WAIT_S = 15.0
 CLI_TIMEOUT_S = 60.0
 
 
-def config_text(gateways: int = 1, ack_mode: str = "fast", extra: str = "") -> str:
+def config_text(gateways: int = 1, ack_mode: str = "fast", extra: str = "",
+                btc_oracle: str = "manual", more_markets: str = "") -> str:
+    """Both markets' marks move only when a test sets them (manual oracles), unless asked;
+    `more_markets` ([[markets]] tables) come after them."""
     return f"""
 [exchange]
 gateways = {gateways}
@@ -49,6 +52,7 @@ tick_size = "0.1"
 lot_size = "0.001"
 initial_price = "65000"
 max_leverage = 50
+oracle = "{btc_oracle}"
 
 [[markets]]
 symbol = "ETH-PERP"
@@ -56,7 +60,7 @@ tick_size = "0.01"
 lot_size = "0.01"
 initial_price = "3500"
 oracle = "manual"
-"""
+{more_markets}"""
 
 
 def _env() -> dict:
@@ -144,7 +148,7 @@ def test_up_status_gateway_restart_and_sigterm(ups):
 
     status = cli_json(sd.path, "status")
     procs = {p["name"]: p for p in status["processes"]}
-    assert list(procs) == ["matcher", "persistd", "gateway-0", "gateway-1"]
+    assert list(procs) == ["matcher", "persistd", "riskd", "gateway-0", "gateway-1"]
     assert all(p["alive"] and p["restarts"] == 0 and p["pid"] > 0 for p in procs.values())
     assert status["seq"] >= 4            # the genesis: two markets, two commands each
     assert status["durable_seq"] == status["seq"]      # "fast" acks, but persistd journals
@@ -171,6 +175,19 @@ def test_up_status_gateway_restart_and_sigterm(ups):
     assert ping(endpoints["orders_all"][1], endpoints["server_public_key"],
                 account["certificate"])["type"] == "pong"
     assert "gateway-1" in up.stderr and "killed by SIGKILL" in up.stderr
+
+    # kill -9 riskd: restarted too; the manual index set before it died is still applied after
+    done = cli_json(sd.path, "oracle", "set", "ETH-PERP", "3510")
+    old = procs["riskd"]["pid"]
+    os.kill(old, signal.SIGKILL)
+    restarted = wait_until(
+        lambda: (lambda p: p if p["restarts"] == 1 and p["alive"] and p["pid"] != old
+                 and p["state"] == "ready" else None)(processes(sd.path)["riskd"]),
+        WAIT_S * 2, "riskd to be restarted")
+    up.child_pids.add(restarted["pid"])
+    assert cli_json(sd.path, "status")["risk"]["ETH-PERP"]["index"] == "3510"
+    assert cli_json(sd.path, "oracle", "set", "ETH-PERP", "3520.25")["mark_price"] == "3520.25"
+    assert cli_json(sd.path, "status")["seq"] > done["seq"]
 
     # SIGTERM: exit 0, nothing left behind
     up.proc.send_signal(signal.SIGTERM)
