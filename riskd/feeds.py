@@ -199,8 +199,8 @@ _PUBLISHED_DTYPE = np.dtype([
     ("version", "<i8"),
     ("index_ticks", "<i8"),
     ("mark_ticks", "<i8"),          # the mark riskd computed from that index (and sent)
-    ("funding_rate_e9", "<i8"),     # the rate in riskd's Price 1 (0 until funding exists)
-    ("next_funding_ns", "<i8"),
+    ("funding_rate_e9", "<i8"),     # the current interval's rate estimate (riskd/funding.py)
+    ("next_funding_ns", "<i8"),     # the end of the current interval (epoch ns)
     ("ts_ns", "<i8"),               # when riskd computed them (wall clock)
     ("applied_version", "<i8"),     # the operator version that index came from (manual feeds)
     ("_pad", "<i8"),

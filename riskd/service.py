@@ -8,6 +8,12 @@ index and mark on the IndexBoard (`<prefix>-index`, for the gateways' `mark.MARK
 command into its own privileged command ring (`<prefix>-cmd-riskd`). The matcher sequences it
 like any command: the mark only ever changes through the journal.
 
+Funding (riskd/funding.py, Binance's method): on ticks at most every `funding_sample_ms` riskd
+samples the premium index from the impact bid/ask of the book against the index; the interval's
+time-weighted average gives the rate estimate it publishes; when a funding boundary passes
+(multiples of the market's funding_interval_s since the epoch) it writes FUNDING(market,
+rate_e9) after that tick's marks. Nothing is persisted: see riskd/funding.py for restarts.
+
 riskd only reads state. It takes no event-ring consumer slot (the "riskd" slot stays inactive
 until a margin scan needs events), so it can never hold the matcher back.
 
@@ -32,17 +38,21 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from engine.records import (CMD_SET_MARK, COMMAND_DTYPE, EVENT_DTYPE, SIDE_BUY, SIDE_SELL,
-                            new_commands)
+                            funding_command, new_commands)
 from engine.service import attach_state, command_ring_name, event_ring_name
 from engine.state import C_SEQ
 from perpx.config import config_from_resolved
 from perpx.statedir import attach_retrying
 from riskd.feeds import IndexBoard, Published, feed_for
-from riskd.mark import NS_PER_S, MarkCalculator
+from riskd.funding import FundingSchedule, impact_price, premium_e9
+from riskd.mark import MarkCalculator
 from shm.ring import CommandRing, EventRing
 
 DEFAULT_MARK_INTERVAL_MS = 250
+DEFAULT_FUNDING_SAMPLE_MS = 5000
 ATTACH_TIMEOUT_S = 30.0
 READ_ATTEMPTS = 64
 SUMMARY_EVERY_S = 60.0
@@ -62,6 +72,25 @@ def top_of_book(state, market: int) -> tuple[int | None, int | None, int | None]
     return bid, ask, last
 
 
+def book_side(state, market: int, side: int):
+    """(price_ticks, qty_lots) of a book side, best first, read lazily from the tables."""
+    keys = state.book_keys[market, side]
+    slots = state.book_levels[market, side]
+    levels = state.levels
+    sign = 1 if side == SIDE_BUY else -1
+    for k in range(int(state.book_depth[market, side]) - 1, -1, -1):
+        price, qty = sign * int(keys[k]), int(levels["qty_lots"][slots[k]])
+        if price < 1 or qty < 0:
+            return           # a torn read (see Riskd.read_book): the rest is not a book
+        yield price, qty
+
+
+def impact_prices(state, market: int, notional_atoms: int, atoms_per_tick_lot: int):
+    """(impact bid, impact ask): riskd/funding.impact_price of each side."""
+    return tuple(impact_price(book_side(state, market, side), notional_atoms, atoms_per_tick_lot)
+                 for side in (SIDE_BUY, SIDE_SELL))
+
+
 def _sane(top, max_ticks: int) -> bool:
     bid, ask, last = top
     inside = all(p is None or 1 <= p <= max_ticks for p in top)
@@ -71,12 +100,14 @@ def _sane(top, max_ticks: int) -> bool:
 class _Market:
     """What riskd keeps per market."""
 
-    def __init__(self, spec, feed, last_sent_ticks: int):
+    def __init__(self, spec, feed, last_sent_ticks: int, funding: FundingSchedule):
         self.spec = spec
         self.feed = feed
         self.calc = MarkCalculator(spec.max_price_ticks)
+        self.funding = funding
         self.last_sent_ticks = last_sent_ticks
         self.sent = 0
+        self.unsent_funding_e9 = None   # a FUNDING the full ring refused: retried next tick
 
 
 class Riskd:
@@ -86,6 +117,8 @@ class Riskd:
         risk = doc.get("risk", {})
         self.interval_s = risk.get("mark_interval_ms", DEFAULT_MARK_INTERVAL_MS) / 1000
         seed = int(risk.get("seed", 0))
+        sample_ms = int(risk.get("funding_sample_ms", DEFAULT_FUNDING_SAMPLE_MS))
+        self.fundings_sent = 0
         config = config_from_resolved(doc)
         engine = config.engine_config()
         self.dropped = self.unsettled_reads = 0
@@ -112,7 +145,8 @@ class Riskd:
                 feed = self._hold(feed_for(spec, prefix, seed,
                                            before.index_ticks if before else None))
                 self.markets.append(_Market(spec, feed,
-                                            int(self.state.markets["mark_ticks"][spec.id])))
+                                            int(self.state.markets["mark_ticks"][spec.id]),
+                                            FundingSchedule(spec, sample_ms, time.time_ns())))
         except BaseException:
             self.close()
             raise
@@ -127,46 +161,57 @@ class Riskd:
         published = self.events.published_cursor()
         return int(self._seq_view[(published - 1) & self.events.mask]) == seq
 
-    def read_book(self, market: int, max_ticks: int):
-        """top_of_book at a command boundary when we catch one (see the module docstring)."""
-        counters = self.state.counters
+    def read_book(self, mk: _Market, with_impact: bool):
+        """(top_of_book, impact prices or None) at a command boundary when we catch one (see
+        the module docstring; the impact walk sits inside the same seq bracket)."""
+        spec, counters = mk.spec, self.state.counters
         last_sane = None
         for _ in range(READ_ATTEMPTS):
             seq = int(counters[C_SEQ])
-            top = top_of_book(self.state, market)
-            if _sane(top, max_ticks):
+            top = top_of_book(self.state, spec.id)
+            if _sane(top, spec.max_price_ticks):
+                read = (top, impact_prices(self.state, spec.id, mk.funding.impact_notional_atoms,
+                                           spec.atoms_per_tick_lot) if with_impact else None)
                 if self._between_commands(seq) and int(counters[C_SEQ]) == seq:
-                    return top
-                last_sane = top
+                    return read
+                last_sane = read
             os.sched_yield()
         self.unsettled_reads += 1
         return last_sane
 
     # -- one tick -------------------------------------------------------------------------
     def tick(self, now_ns: int) -> int:
-        """Compute every active market's index and mark; send the changed marks, then publish.
-        Returns how many SET_MARK commands went into the ring."""
+        """Compute every active market's index, mark and funding; send the changed marks, then
+        the FUNDING of intervals that ended, then publish. Returns how many SET_MARK commands
+        went into the ring."""
         computed = []
         active = self.state.markets["active"]
         for mk in self.markets:
             spec = mk.spec
             if not active[spec.id]:
                 continue
+            rate = mk.funding.settle(now_ns)
+            if rate is not None:
+                mk.unsent_funding_e9 = rate
             index = mk.feed.index_ticks(now_ns)
             if index is None:
                 continue
-            top = self.read_book(spec.id, spec.max_price_ticks)
-            if top is None:
+            sample = mk.funding.sample_due(now_ns)
+            read = self.read_book(mk, sample)
+            if read is None:
                 continue
-            interval_ns = spec.funding_interval_s * NS_PER_S
-            next_funding_ns = (now_ns // interval_ns + 1) * interval_ns
-            funding_rate_e9 = 0   # until riskd computes funding (issue 5, next piece)
-            mark = mk.calc.mark_ticks(now_ns, index, *top, funding_rate_e9, next_funding_ns,
-                                      spec.funding_interval_s)
-            computed.append((mk, Published(index, mark, funding_rate_e9, next_funding_ns, now_ns,
+            top, impacts = read
+            if sample:
+                mk.funding.sample(now_ns, premium_e9(index, *impacts))
+            # Price 1 takes the last funding rate (riskd/mark.py), i.e. the last one settled.
+            mark = mk.calc.mark_ticks(now_ns, index, *top, mk.funding.last_rate_e9,
+                                      mk.funding.next_funding_ns, spec.funding_interval_s)
+            computed.append((mk, Published(index, mark, mk.funding.estimate_e9(),
+                                           mk.funding.next_funding_ns, now_ns,
                                            mk.feed.applied_version)))
         written = self._send([(mk, pub.mark_ticks) for mk, pub in computed
                               if pub.mark_ticks != mk.last_sent_ticks], now_ns)
+        self._send_funding(now_ns)
         # Published after sending: whoever sees an operator's version applied on the board
         # (`perpx oracle set`) knows the mark it caused is already in the ring.
         for mk, pub in computed:
@@ -197,6 +242,24 @@ class Riskd:
                          "tick sends fresh ones")
             self.dropped += len(batch) - written
         return written
+
+    def _send_funding(self, now_ns: int) -> None:
+        """FUNDING for each market whose interval ended, after its mark (it settles at the
+        mark). One that does not fit is kept and retried next tick."""
+        due = [mk for mk in self.markets if mk.unsent_funding_e9 is not None]
+        if not due:
+            return
+        batch = np.concatenate([funding_command(mk.spec.id, rate_e9=mk.unsent_funding_e9,
+                                                ts_ns=now_ns) for mk in due])
+        for i in range(len(batch)):
+            self._req = self._req % (2 ** 31 - 1) + 1
+            batch["req"][i] = self._req
+        written = self.ring.write(batch)
+        for mk in due[:written]:
+            mk.funding.sent(mk.unsent_funding_e9)
+            mk.unsent_funding_e9 = None
+            self.fundings_sent += 1
+            self.log(f"{mk.spec.symbol}: FUNDING at rate {mk.funding.last_rate_e9} e-9")
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, should_stop) -> None:
