@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from engine.numbers import kernel
+from engine.records import MAX_BRACKETS
 
 MAX_MARKETS_LIMIT = 64
 # A market's largest position (or open exposure) at its largest price must stay below this many
@@ -17,6 +18,12 @@ MAX_POSITION_LOTS_LIMIT = 3_000_000_000
 MAX_FEE_E9 = 100_000_000          # 10%
 MAX_LEVERAGE = 1000
 MAX_OPEN_ORDERS_LIMIT = 1_000_000
+RATE_ONE_E9 = 1_000_000_000
+# Work one LIQUIDATE does at most, so its events stay bounded (docs/risk.md): IOC steps into the
+# book per position, and counterparties auto-deleveraged per position. A position that needs
+# more stays liquidatable, and riskd sends LIQUIDATE again.
+LIQUIDATION_MAX_STEPS = 32
+ADL_MAX_COUNTERPARTIES = 32
 
 
 @dataclass(frozen=True)
@@ -36,12 +43,15 @@ class EngineConfig:
             raise ValueError("max_accounts must fit in int32")
 
     def event_bound(self) -> int:
-        """Most events one command can cause (every resting order touched twice, plus a few).
+        """Most events one command can cause: a LIQUIDATE's (each resting order canceled or
+        traded, and reduce-only ones swept, plus its steps and ADL per market), or a FUNDING's
+        (one per account); engine/core.py `_event_bound` has the per-command counts.
 
         Event rings can be much smaller: a command whose worst case exceeds the ring runs
         alone into an overflow buffer of this size (Matcher.process_oversized).
         """
-        return 2 * self.max_orders + 16
+        per_market = 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 2
+        return 3 * self.max_orders + self.max_markets * per_market + self.max_accounts + 32
 
 
 # Why a market's parameters are refused, by problem code (0 = none). The checks are compiled
@@ -59,6 +69,9 @@ MARKET_PROBLEMS = {
     10: f"max open orders must be <= {MAX_OPEN_ORDERS_LIMIT}",
     11: "max price x max position exceeds the int64 notional headroom",
     12: "the market's mark is above its max price",
+    13: "liquidation fee and funding cap must be in [0, 1)",
+    14: "brackets are set in index order (at most 8), the first at notional 0, floors rising",
+    15: "maintenance rates must be in (0, 1), not falling, the first below 1/max_leverage",
 }
 
 
@@ -96,4 +109,33 @@ def market_limits_problem(atoms_per_tick_lot, mark_ticks, max_price_ticks, max_o
         return 11
     if mark_ticks > max_price_ticks:
         return 12
+    return 0
+
+
+@kernel
+def market_risk_problem(liquidation_fee_e9, funding_cap_e9):
+    if not (0 <= liquidation_fee_e9 < RATE_ONE_E9 and 0 <= funding_cap_e9 < RATE_ONE_E9):
+        return 13
+    return 0
+
+
+@kernel
+def bracket_problem(n_brackets, index, floor_atoms, rate_e9, prev_floor_atoms, prev_rate_e9,
+                    max_leverage):
+    """Why SET_BRACKET `index` cannot follow the n_brackets already set (0 = it can).
+
+    Rates may repeat (the config allows equal rates); floors must rise.
+    """
+    if index != n_brackets or index >= MAX_BRACKETS:
+        return 14
+    if floor_atoms < 0 or floor_atoms > NOTIONAL_LIMIT_ATOMS:
+        return 14
+    if (index == 0 and floor_atoms != 0) or (index > 0 and floor_atoms <= prev_floor_atoms):
+        return 14
+    if not 0 < rate_e9 < RATE_ONE_E9:
+        return 15
+    if index == 0 and rate_e9 * max_leverage >= RATE_ONE_E9:
+        return 15
+    if index > 0 and rate_e9 < prev_rate_e9:
+        return 15
     return 0

@@ -13,12 +13,14 @@ the most events that command can cause, and returns early when it has not, so th
 import numpy as np
 from numba import njit
 
-from engine.numbers import RATE_ONE_E9, fee_atoms, mul_div_ceil, mul_div_floor, position_after_fill
-from engine.config import (MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, market_config_problem,
-                           market_limits_problem)
+from engine.numbers import (RATE_ONE_E9, cost_share, fee_atoms, mul_div_ceil, mul_div_floor,
+                            position_after_fill)
+from engine.config import (ADL_MAX_COUNTERPARTIES, LIQUIDATION_MAX_STEPS, MAX_BALANCE_ATOMS,
+                           MAX_NET_DEPOSITS_ATOMS, bracket_problem, market_config_problem,
+                           market_limits_problem, market_risk_problem)
 from engine.records import *  # noqa: F403
 from engine.state import (ACCOUNT_DTYPE, C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDER,
-                          C_NET_DEPOSITS_ATOMS, C_NEXT_OID, C_NEXT_TRADE_ID, C_ORDERS_USED, C_SEQ,
+                          C_INSURANCE_ATOMS, C_NET_DEPOSITS_ATOMS, C_NEXT_OID, C_NEXT_TRADE_ID, C_ORDERS_USED, C_SEQ,
                           C_UNRESTS,
                           D_COUNT, D_MASK, D_NEED, D_RING, D_SEQ, D_SOURCE, D_WRITE, INDEX_DTYPE,
                           LEVEL_DTYPE, MARKET_DTYPE, NONE, ORDER_DTYPE, POSITION_DTYPE, table_word)
@@ -53,6 +55,14 @@ _order_events = table_view(D_RING, ORDER_EVENT_DTYPE, 1)
 _trade_events = table_view(D_RING, TRADE_EVENT_DTYPE, 1)
 _balance_events = table_view(D_RING, BALANCE_EVENT_DTYPE, 1)
 _mark_events = table_view(D_RING, MARK_EVENT_DTYPE, 1)
+_funding_events = table_view(D_RING, FUNDING_EVENT_DTYPE, 1)
+_liquidation_events = table_view(D_RING, LIQUIDATION_EVENT_DTYPE, 1)
+_insurance_events = table_view(D_RING, INSURANCE_EVENT_DTYPE, 1)
+
+# An order flag no command may carry (_new_order rejects unknown flags): the taker is the
+# liquidation engine closing its account's position. It pays no taker fee and its trades are
+# marked `liquidation`.
+FLAG_LIQUIDATION_TAKER = 0x80
 
 # ---- indexes: open addressing, linear probing, backward-shift deletion --------------------
 # Deleting an order's two entries is deferred (see _defer_index_delete): until it happens an
@@ -493,7 +503,22 @@ def _exposure_lots(size, open_buy, open_sell):
 
 
 @jit
-def _equity_and_requirement(st, account, extra_market, extra_buy, extra_sell):
+def _upnl(mk, pos):
+    return pos.size_lots * mk.mark_ticks * mk.atoms_per_tick_lot - pos.cost_atoms
+
+
+@jit
+def _margin_per_lot(mk, leverage):
+    if leverage == 0:
+        return mk.margin_per_lot_atoms
+    return mul_div_ceil(mk.mark_ticks, mk.atoms_per_tick_lot, leverage)
+
+
+@jit
+def _equity_and_requirement(st, account, extra_market, extra_buy, extra_sell, extra_leverage):
+    """(cross equity, initial margin required); extra_* as if the account had extra open lots
+    (or another leverage, when > 0) in extra_market. An isolated position's own lots are backed
+    by its isolated margin: only its open orders beyond the position count here."""
     equity = _accounts(st)[account].balance_atoms
     required = 0
     for m in range(len(_markets(st))):
@@ -503,13 +528,20 @@ def _equity_and_requirement(st, account, extra_market, extra_buy, extra_sell):
         pos = _positions(st)[account, m]
         buy = pos.open_buy_lots
         sell = pos.open_sell_lots
+        leverage = pos.leverage
         if m == extra_market:
             buy += extra_buy
             sell += extra_sell
+            if extra_leverage > 0:
+                leverage = extra_leverage
         elif pos.size_lots == 0 and buy == 0 and sell == 0:
             continue
-        equity += pos.size_lots * mk.mark_ticks * mk.atoms_per_tick_lot - pos.cost_atoms
-        required += _exposure_lots(pos.size_lots, buy, sell) * mk.margin_per_lot_atoms
+        exposure = _exposure_lots(pos.size_lots, buy, sell)
+        if pos.margin_mode == MARGIN_ISOLATED:
+            exposure -= pos.size_lots if pos.size_lots >= 0 else -pos.size_lots
+        else:
+            equity += _upnl(mk, pos)
+        required += exposure * _margin_per_lot(mk, leverage)
     return equity, required
 
 
@@ -522,7 +554,7 @@ def _exposure_error(st, account, market, add_buy, add_sell, check_margin):
         return REASON_POSITION_LIMIT
     if not check_margin:
         return 0
-    equity, required = _equity_and_requirement(st, account, market, add_buy, add_sell)
+    equity, required = _equity_and_requirement(st, account, market, add_buy, add_sell, 0)
     if equity - required < 0:
         return REASON_INSUFFICIENT_MARGIN
     return 0
@@ -630,12 +662,36 @@ def _touch(st, account, n_touched):
 def _apply_fill(st, account, market, side, qty, price, fee):
     mk = _markets(st)[market]
     pos = _positions(st)[account, market]
+    before = pos.size_lots
     delta = qty if side == SIDE_BUY else -qty
-    size, cost, realized = position_after_fill(pos.size_lots, pos.cost_atoms, delta, price,
+    size, cost, realized = position_after_fill(before, pos.cost_atoms, delta, price,
                                                 mk.atoms_per_tick_lot)
     pos.size_lots = size
     pos.cost_atoms = cost
-    _accounts(st)[account].balance_atoms += realized - fee
+    acct = _accounts(st)[account]
+    acct.balance_atoms += realized - fee
+    acct.changed_seq = _counters(st)[C_SEQ]
+    if pos.margin_mode == MARGIN_ISOLATED:
+        _isolated_fill(mk, pos, acct, before, qty, side)
+
+
+@jit
+def _isolated_fill(mk, pos, acct, before, qty, side):
+    """Move margin between the balance and an isolated position as a fill changes |size|:
+    the closed lots release their share of the margin (all of it on a full close), the
+    opened lots post initial margin at the mark and the position's leverage."""
+    closed = 0
+    if before != 0 and (before > 0) != (side == SIDE_BUY):
+        whole = before if before > 0 else -before
+        closed = qty if qty < whole else whole
+        release = cost_share(pos.isolated_margin_atoms, closed, whole)
+        pos.isolated_margin_atoms -= release
+        acct.balance_atoms += release
+    opened = qty - closed
+    if opened > 0:
+        posted = opened * _margin_per_lot(mk, pos.leverage)
+        pos.isolated_margin_atoms += posted
+        acct.balance_atoms -= posted
 
 
 @jit
@@ -646,7 +702,8 @@ def _trade(st, cmd, taker, maker_slot, qty, n_touched):
     maker = _orders(st)[maker_slot]
     price = maker.price_ticks
     notional = price * qty * mk.atoms_per_tick_lot
-    taker_fee = fee_atoms(notional, mk.taker_fee_e9)
+    liquidation = (taker.flags & FLAG_LIQUIDATION_TAKER) != 0
+    taker_fee = 0 if liquidation else fee_atoms(notional, mk.taker_fee_e9)
     maker_fee = fee_atoms(notional, mk.maker_fee_e9)
     _apply_fill(st, taker.account, market, taker.side, qty, price, taker_fee)
     n_touched = _touch(st, taker.account, n_touched)
@@ -670,6 +727,7 @@ def _trade(st, cmd, taker, maker_slot, qty, n_touched):
     e = _trade_events(st)[j]
     e.req = cmd.req
     e.side = taker.side
+    e.liquidation = liquidation
     e.trade_id = trade_id
     e.price_ticks = price
     e.qty_lots = qty
@@ -686,12 +744,12 @@ def _trade(st, cmd, taker, maker_slot, qty, n_touched):
 
 
 @jit
-def _match(st, cmd, taker_slot, limit_ticks):
-    """Trade the taker against the opposite side. Returns (stopped_by_stp, n_touched)."""
+def _match(st, cmd, taker_slot, limit_ticks, n_touched):
+    """Trade the taker against the opposite side; accounts whose position changed are added to
+    the first n_touched of `touched`. Returns (stopped_by_stp, n_touched)."""
     taker = _orders(st)[taker_slot]
     market = taker.market
     opposite = 1 - taker.side
-    n_touched = 0
     while taker.remaining_lots > 0:
         lvl = _best_level(st, market, opposite)
         if lvl == NONE or not _crosses(taker.side, limit_ticks, _levels(st)[lvl].price_ticks):
@@ -743,7 +801,7 @@ def _take_then_rest(st, cmd, slot, limit_ticks, scratch):
     `slot` is the taker scratch slot for a new order (copied to a real slot if it rests) or
     the order's own slot when an amend re-prices it (freed unless it rests again).
     """
-    stopped, n_touched = _match(st, cmd, slot, limit_ticks)
+    stopped, n_touched = _match(st, cmd, slot, limit_ticks, 0)
     o = _orders(st)[slot]
     if o.remaining_lots == 0:
         status = STATUS_FILLED
@@ -835,13 +893,12 @@ def _halt(st, cmd, halted):
 
 
 @jit
-def _balance_event(st, cmd, amount):
-    j = _claim(st, cmd, EV_BALANCE, cmd.market, cmd.account)
+def _balance_event(st, cmd, market, account, amount, balance_atoms):
+    j = _claim(st, cmd, EV_BALANCE, market, account)
     e = _balance_events(st)[j]
-    e.req = cmd.req
+    e.req = _req_for(cmd, account)
     e.amount_atoms = amount
-    e.balance_atoms = _accounts(st)[cmd.account].balance_atoms
-    _done(st, cmd, 0)
+    e.balance_atoms = balance_atoms
 
 
 @jit
@@ -854,8 +911,10 @@ def _deposit(st, cmd):
             or amount > MAX_NET_DEPOSITS_ATOMS - _counters(st)[C_NET_DEPOSITS_ATOMS]):
         return _reject(st, cmd, REASON_INVALID_MESSAGE)
     acct.balance_atoms += amount
+    acct.changed_seq = _counters(st)[C_SEQ]
     _counters(st)[C_NET_DEPOSITS_ATOMS] += amount
-    _balance_event(st, cmd, amount)
+    _balance_event(st, cmd, cmd.market, cmd.account, amount, acct.balance_atoms)
+    _done(st, cmd, 0)
 
 
 @jit
@@ -868,12 +927,14 @@ def _withdraw(st, cmd):
         return _reject(st, cmd, REASON_INVALID_MESSAGE)
     if amount > acct.balance_atoms:
         return _reject(st, cmd, REASON_INSUFFICIENT_BALANCE)
-    equity, required = _equity_and_requirement(st, cmd.account, -1, 0, 0)
+    equity, required = _equity_and_requirement(st, cmd.account, -1, 0, 0, 0)
     if equity - amount - required < 0:
         return _reject(st, cmd, REASON_INSUFFICIENT_MARGIN)
     acct.balance_atoms -= amount
+    acct.changed_seq = _counters(st)[C_SEQ]
     _counters(st)[C_NET_DEPOSITS_ATOMS] -= amount
-    _balance_event(st, cmd, -amount)
+    _balance_event(st, cmd, cmd.market, cmd.account, -amount, acct.balance_atoms)
+    _done(st, cmd, 0)
 
 
 @jit
@@ -1039,6 +1100,465 @@ def _amend(st, cmd, scratch):
     _take_then_rest(st, cmd, slot, new_price, scratch)
 
 
+# ---- perpetual risk (engine/reference.py has the same rules in plain Python) --------------
+@jit
+def _set_market_risk(st, cmd):
+    if not _market_ok(st, cmd.market):
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    if market_risk_problem(cmd.cid, cmd.oid) != 0:
+        return _reject(st, cmd, REASON_INVALID_MARKET_CONFIG)
+    mk = _markets(st)[cmd.market]
+    mk.liquidation_fee_e9 = cmd.cid
+    mk.funding_cap_e9 = cmd.oid
+    _done(st, cmd, 0)
+
+
+@jit
+def _set_bracket(st, cmd):
+    if not _market_ok(st, cmd.market):
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    mk = _markets(st)[cmd.market]
+    n = mk.n_brackets
+    prev_floor = mk.bracket_floor_atoms[n - 1] if n > 0 else 0
+    prev_rate = mk.bracket_rate_e9[n - 1] if n > 0 else 0
+    prev_amount = mk.bracket_amount_atoms[n - 1] if n > 0 else 0
+    if bracket_problem(n, cmd.kind, cmd.amount_atoms, cmd.price_ticks, prev_floor, prev_rate,
+                       mk.max_leverage) != 0:
+        return _reject(st, cmd, REASON_INVALID_MARKET_CONFIG)
+    mk.bracket_floor_atoms[n] = cmd.amount_atoms
+    mk.bracket_rate_e9[n] = cmd.price_ticks
+    mk.bracket_amount_atoms[n] = prev_amount + mul_div_floor(
+        cmd.amount_atoms, cmd.price_ticks - prev_rate, RATE_ONE_E9)
+    mk.n_brackets = n + 1
+    _done(st, cmd, 0)
+
+
+@jit
+def _set_margin(st, cmd):
+    market = cmd.market
+    account = cmd.account
+    if not _market_ok(st, market):
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    if not _account_ok(st, account):
+        return _reject(st, cmd, REASON_UNKNOWN_ACCOUNT)
+    mode = cmd.kind
+    leverage = cmd.qty_lots
+    mk = _markets(st)[market]
+    if mode > MARGIN_ISOLATED:
+        return _reject(st, cmd, REASON_INVALID_MESSAGE)
+    if leverage < 1 or leverage > mk.max_leverage:
+        return _reject(st, cmd, REASON_LEVERAGE)
+    pos = _positions(st)[account, market]
+    if mode != pos.margin_mode and (pos.size_lots != 0 or pos.open_orders != 0):
+        return _reject(st, cmd, REASON_MARGIN_MODE_LOCKED)
+    equity, required = _equity_and_requirement(st, account, -1, 0, 0, 0)
+    _, new_required = _equity_and_requirement(st, account, market, 0, 0, leverage)
+    if new_required > required and equity - new_required < 0:
+        return _reject(st, cmd, REASON_INSUFFICIENT_MARGIN)
+    pos.margin_mode = mode
+    pos.leverage = leverage
+    _accounts(st)[account].changed_seq = _counters(st)[C_SEQ]
+    _done(st, cmd, 0)
+
+
+@jit
+def _insure(st, cmd, reason, amount, market, account):
+    """Change the insurance fund by amount, with its event (none when 0)."""
+    if amount == 0:
+        return
+    fund = _counters(st)[C_INSURANCE_ATOMS] + amount
+    _counters(st)[C_INSURANCE_ATOMS] = fund
+    j = _claim(st, cmd, EV_INSURANCE, market, account)
+    e = _insurance_events(st)[j]
+    e.req = _req_for(cmd, account)
+    e.reason = reason
+    e.amount_atoms = amount
+    e.fund_atoms = fund
+
+
+@jit
+def _funding(st, cmd):
+    market = cmd.market
+    if not _market_ok(st, market):
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    mk = _markets(st)[market]
+    rate = cmd.oid
+    magnitude = rate if rate >= 0 else -rate
+    if magnitude > mk.funding_cap_e9:
+        return _reject(st, cmd, REASON_FUNDING_CAP)
+    count = 0
+    residue = 0
+    seq = _counters(st)[C_SEQ]
+    for account in range(len(_accounts(st))):
+        pos = _positions(st)[account, market]
+        size = pos.size_lots
+        if size == 0:
+            continue
+        notional = (size if size > 0 else -size) * mk.mark_ticks * mk.atoms_per_tick_lot
+        if (size > 0) == (rate > 0):
+            payment = -mul_div_ceil(notional, magnitude, RATE_ONE_E9)
+        else:
+            payment = mul_div_floor(notional, magnitude, RATE_ONE_E9)
+        residue -= payment
+        acct = _accounts(st)[account]
+        if pos.margin_mode == MARGIN_ISOLATED:
+            pos.isolated_margin_atoms += payment
+            after = pos.isolated_margin_atoms
+        else:
+            acct.balance_atoms += payment
+            after = acct.balance_atoms
+        acct.changed_seq = seq
+        j = _claim(st, cmd, EV_FUNDING, market, account)
+        e = _funding_events(st)[j]
+        e.req = _req_for(cmd, account)
+        e.rate_e9 = rate
+        e.size_lots = size
+        e.mark_ticks = mk.mark_ticks
+        e.payment_atoms = payment
+        e.balance_atoms = after
+        count += 1
+    _insure(st, cmd, INSURANCE_FUNDING_RESIDUE, residue, market, cmd.account)
+    _done(st, cmd, count)
+
+
+@jit
+def _maintenance(mk, pos):
+    """ceil(notional x rate_k / 1e9) - amount_k, k the highest bracket with floor <= notional."""
+    size = pos.size_lots if pos.size_lots >= 0 else -pos.size_lots
+    notional = size * mk.mark_ticks * mk.atoms_per_tick_lot
+    k = mk.n_brackets - 1
+    while k >= 0 and mk.bracket_floor_atoms[k] > notional:
+        k -= 1
+    if k < 0:
+        return 0
+    return mul_div_ceil(notional, mk.bracket_rate_e9[k], RATE_ONE_E9) - mk.bracket_amount_atoms[k]
+
+
+@jit
+def _cross_equity(st, account, skip_market):
+    equity = _accounts(st)[account].balance_atoms
+    for m in range(len(_markets(st))):
+        pos = _positions(st)[account, m]
+        if pos.size_lots != 0 and pos.margin_mode == MARGIN_CROSS and m != skip_market:
+            equity += _upnl(_markets(st)[m], pos)
+    return equity
+
+
+@jit
+def _liquidatable(st, account, scope):
+    """scope -1: the account's cross positions; else its isolated position in that market."""
+    if scope == -1:
+        maintenance = 0
+        has_position = False
+        for m in range(len(_markets(st))):
+            pos = _positions(st)[account, m]
+            if pos.size_lots != 0 and pos.margin_mode == MARGIN_CROSS:
+                has_position = True
+                maintenance += _maintenance(_markets(st)[m], pos)
+        return has_position and _cross_equity(st, account, -1) < maintenance
+    pos = _positions(st)[account, scope]
+    if pos.margin_mode != MARGIN_ISOLATED or pos.size_lots == 0:
+        return False
+    mk = _markets(st)[scope]
+    return pos.isolated_margin_atoms + _upnl(mk, pos) < _maintenance(mk, pos)
+
+
+@jit
+def _position_equity(st, account, market):
+    """The equity behind one position: cross equity, or isolated margin + uPnL."""
+    pos = _positions(st)[account, market]
+    if pos.margin_mode == MARGIN_ISOLATED:
+        return pos.isolated_margin_atoms + _upnl(_markets(st)[market], pos)
+    return _cross_equity(st, account, -1)
+
+
+@jit
+def _bankruptcy_limit(st, account, market):
+    """engine.risk.bankruptcy_price_ticks, clamped to the market's prices [1, max]."""
+    pos = _positions(st)[account, market]
+    mk = _markets(st)[market]
+    if pos.margin_mode == MARGIN_ISOLATED:
+        other = pos.isolated_margin_atoms
+    else:
+        other = _cross_equity(st, account, market)
+    num = pos.cost_atoms - other
+    den = pos.size_lots * mk.atoms_per_tick_lot
+    price = -((-num) // den) if pos.size_lots > 0 else num // den
+    if price < 1:
+        return 1
+    return price if price < mk.max_price_ticks else mk.max_price_ticks
+
+
+@jit
+def _cover_deficit(st, cmd, account, scope):
+    """The fund pays what it can of the negative equity of the scope being liquidated."""
+    acct = _accounts(st)[account]
+    if scope == -1:
+        equity = _cross_equity(st, account, -1)
+    else:
+        pos = _positions(st)[account, scope]
+        equity = pos.isolated_margin_atoms + _upnl(_markets(st)[scope], pos)
+    fund = _counters(st)[C_INSURANCE_ATOMS]
+    cover = -equity if -equity < fund else fund
+    if cover <= 0:
+        return
+    _insure(st, cmd, INSURANCE_DEFICIT, -cover, scope, account)
+    if scope == -1:
+        acct.balance_atoms += cover
+        after = acct.balance_atoms
+    else:
+        pos = _positions(st)[account, scope]
+        pos.isolated_margin_atoms += cover
+        after = pos.isolated_margin_atoms
+    acct.changed_seq = _counters(st)[C_SEQ]
+    _balance_event(st, cmd, scope, account, cover, after)
+
+
+@jit
+def _liquidation_event(st, cmd, market, account, kind, side, qty, price, bankrupt, fee,
+                       counterparty):
+    j = _claim(st, cmd, EV_LIQUIDATION, market, account)
+    e = _liquidation_events(st)[j]
+    e.req = _req_for(cmd, account)
+    e.kind = kind
+    e.side = side
+    e.qty_lots = qty
+    e.price_ticks = price
+    e.bankruptcy_ticks = bankrupt
+    e.fee_atoms = fee
+    e.counterparty = counterparty
+    e.size_lots = _positions(st)[account, market].size_lots
+
+
+@jit
+def _liquidate(st, cmd, scratch):
+    account = cmd.account
+    scope = cmd.market
+    if not _account_ok(st, account):
+        return _reject(st, cmd, REASON_UNKNOWN_ACCOUNT)
+    if scope != -1 and not _market_ok(st, scope):
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    if not _liquidatable(st, account, scope):
+        return _reject(st, cmd, REASON_NOT_LIQUIDATABLE)
+    slot = _accounts(st)[account].first_order
+    while slot != NONE:
+        nxt = _orders(st)[slot].account_next
+        if scope == -1 or _orders(st)[slot].market == scope:
+            _cancel_resting(st, cmd, slot, REASON_LIQUIDATION)
+        slot = nxt
+    _cover_deficit(st, cmd, account, scope)
+    closed = 0
+    for m in range(len(_markets(st))):
+        pos = _positions(st)[account, m]
+        if scope == -1:
+            if pos.size_lots == 0 or pos.margin_mode != MARGIN_CROSS:
+                continue
+        elif m != scope:
+            continue
+        lots, n_touched = _liquidate_position(st, cmd, account, m, scope, scratch)
+        closed += lots
+        _sweep_reduce_only(st, cmd, m, n_touched)
+        # the next market's sweep starts a fresh list of touched accounts
+        for t in range(n_touched):
+            _accounts(st)[_touched(st)[t]].touched_seq = 0
+    _cover_deficit(st, cmd, account, scope)
+    _done(st, cmd, closed)
+
+
+@jit
+def _liquidate_position(st, cmd, account, market, scope, scratch):
+    """Close into the book by IOC steps at the bankruptcy price while the scope stays
+    liquidatable; what the book cannot take is auto-deleveraged.
+    Returns (lots closed, n_touched)."""
+    mk = _markets(st)[market]
+    pos = _positions(st)[account, market]
+    acct = _accounts(st)[account]
+    closed = 0
+    n_touched = 0
+    for _ in range(LIQUIDATION_MAX_STEPS):
+        if pos.size_lots == 0 or not _liquidatable(st, account, scope):
+            return closed, n_touched
+        bankrupt = _bankruptcy_limit(st, account, market)
+        side = SIDE_SELL if pos.size_lots > 0 else SIDE_BUY
+        size = pos.size_lots if pos.size_lots > 0 else -pos.size_lots
+        qty = size if size < mk.max_order_lots else mk.max_order_lots
+        o = _orders(st)[scratch]
+        o.oid = 0
+        o.cid = 0
+        o.price_ticks = bankrupt
+        o.remaining_lots = qty
+        o.account = account
+        o.market = market
+        o.side = side
+        o.kind = KIND_LIMIT
+        o.tif = TIF_IOC
+        o.flags = FLAG_LIQUIDATION_TAKER
+        o.stp = STP_CANCEL_MAKER
+        o.level = NONE
+        balance_before = acct.balance_atoms
+        _, n_touched = _match(st, cmd, scratch, bankrupt, n_touched)
+        filled = qty - o.remaining_lots
+        if filled == 0:
+            lots, n_touched = _auto_deleverage(st, cmd, account, market, n_touched)
+            return closed + lots, n_touched
+        closed += filled
+        # the equity the fee may take: an isolated position's closed part was paid out to the
+        # balance (released margin and realized PnL)
+        if scope == -1:
+            equity = _cross_equity(st, account, -1)
+        else:
+            equity = (pos.isolated_margin_atoms + _upnl(mk, pos) + acct.balance_atoms
+                      - balance_before)
+        fee = fee_atoms(filled * mk.mark_ticks * mk.atoms_per_tick_lot, mk.liquidation_fee_e9)
+        if equity < 0:
+            equity = 0
+        if fee > equity:
+            fee = equity
+        acct.balance_atoms -= fee
+        _liquidation_event(st, cmd, market, account, LIQ_KIND_LIQUIDATED, side, filled,
+                           mk.last_trade_ticks, bankrupt, fee, -1)
+        _insure(st, cmd, INSURANCE_LIQUIDATION_FEE, fee, market, account)
+    return closed, n_touched
+
+
+@jit
+def _auto_deleverage(st, cmd, account, market, n_touched):
+    """Close the position at its bankruptcy price against the best-ranked opposite positions
+    (BitMEX's ranking), at most ADL_MAX_COUNTERPARTIES of them. Returns (lots, n_touched)."""
+    pos = _positions(st)[account, market]
+    bankrupt = _bankruptcy_limit(st, account, market)
+    closed = 0
+    for _ in range(ADL_MAX_COUNTERPARTIES):
+        if pos.size_lots == 0:
+            break
+        other = _adl_counterparty(st, account, market, pos.size_lots)
+        if other == NONE:
+            break
+        size = pos.size_lots if pos.size_lots > 0 else -pos.size_lots
+        other_size = _positions(st)[other, market].size_lots
+        if other_size < 0:
+            other_size = -other_size
+        qty = size if size < other_size else other_size
+        side = SIDE_SELL if pos.size_lots > 0 else SIDE_BUY
+        _apply_fill(st, account, market, side, qty, bankrupt, 0)
+        _apply_fill(st, other, market, 1 - side, qty, bankrupt, 0)
+        n_touched = _touch(st, other, n_touched)
+        _liquidation_event(st, cmd, market, account, LIQ_KIND_ADL, side, qty, bankrupt,
+                           bankrupt, 0, other)
+        _liquidation_event(st, cmd, market, other, LIQ_KIND_ADL, 1 - side, qty, bankrupt,
+                           bankrupt, 0, account)
+        closed += qty
+    return closed, n_touched
+
+
+@jit
+def _adl_factors(st, account, market):
+    """engine.risk.adl_score as (profitable, a, b, c, d): the score is a*b/(c*d) when
+    profitable, else -(a*b)/(c*d); all four factors >= 0 (< 2**63)."""
+    mk = _markets(st)[market]
+    pos = _positions(st)[account, market]
+    size = pos.size_lots if pos.size_lots >= 0 else -pos.size_lots
+    upnl = _upnl(mk, pos)
+    entry = pos.cost_atoms if pos.cost_atoms >= 0 else -pos.cost_atoms
+    entry = entry if entry > 1 else 1
+    equity = _position_equity(st, account, market)
+    equity = equity if equity > 1 else 1
+    notional = size * mk.mark_ticks * mk.atoms_per_tick_lot
+    notional = notional if notional > 1 else 1
+    if upnl > 0:
+        return True, upnl, notional, entry, equity
+    return False, -upnl, equity, entry, notional
+
+
+@jit
+def _adl_counterparty(st, account, market, size_lots):
+    """The best-ranked position opposite size_lots (ties: the lower account), or NONE."""
+    best = NONE
+    b_up = False
+    b_a = b_b = b_c = b_d = 0
+    for other in range(len(_accounts(st))):
+        size = _positions(st)[other, market].size_lots
+        if other == account or size == 0 or (size > 0) == (size_lots > 0):
+            continue
+        up, a, b, c, d = _adl_factors(st, other, market)
+        if best == NONE:
+            better = True
+        elif up != b_up:
+            better = up
+        else:
+            # compare a*b/(c*d) with the best's by cross-multiplying, exactly
+            order = _compare_products(a, b, b_c, b_d, b_a, b_b, c, d)
+            better = order > 0 if up else order < 0
+        if better:
+            best = other
+            b_up = up
+            b_a = a
+            b_b = b
+            b_c = c
+            b_d = d
+    return best
+
+
+_LOW32 = np.uint64(0xFFFFFFFF)
+_SHIFT32 = np.uint64(32)
+_ONE = np.uint64(1)
+_ZERO = np.uint64(0)
+
+
+@jit
+def _mul_wide(x, y):
+    """(high, low) 64-bit words of x * y for uint64 x, y."""
+    x0 = x & _LOW32
+    x1 = x >> _SHIFT32
+    y0 = y & _LOW32
+    y1 = y >> _SHIFT32
+    p00 = x0 * y0
+    p01 = x0 * y1
+    p10 = x1 * y0
+    mid = (p00 >> _SHIFT32) + (p01 & _LOW32) + (p10 & _LOW32)
+    low = (p00 & _LOW32) | ((mid & _LOW32) << _SHIFT32)
+    high = x1 * y1 + (p01 >> _SHIFT32) + (p10 >> _SHIFT32) + (mid >> _SHIFT32)
+    return high, low
+
+
+@jit
+def _product4(a, b, c, d):
+    """a*b*c*d for int64 a..d >= 0 as four 64-bit words, most significant first."""
+    h1, l1 = _mul_wide(np.uint64(a), np.uint64(b))
+    h2, l2 = _mul_wide(np.uint64(c), np.uint64(d))
+    c1, c0 = _mul_wide(l1, l2)
+    d1, d0 = _mul_wide(l1, h2)
+    e1, e0 = _mul_wide(h1, l2)
+    f1, f0 = _mul_wide(h1, h2)
+    w1 = c1 + d0
+    carry = _ONE if w1 < d0 else _ZERO
+    w1 = w1 + e0
+    carry += _ONE if w1 < e0 else _ZERO
+    w2 = d1 + e1
+    carry2 = _ONE if w2 < e1 else _ZERO
+    w2 = w2 + f0
+    carry2 += _ONE if w2 < f0 else _ZERO
+    w2 = w2 + carry
+    carry2 += _ONE if w2 < carry else _ZERO
+    return f1 + carry2, w2, w1, c0
+
+
+@jit
+def _compare_products(a, b, c, d, e, f, g, h):
+    """Sign of a*b*c*d - e*f*g*h for int64 factors >= 0, exactly (256-bit products)."""
+    x3, x2, x1, x0 = _product4(a, b, c, d)
+    y3, y2, y1, y0 = _product4(e, f, g, h)
+    if x3 != y3:
+        return 1 if x3 > y3 else -1
+    if x2 != y2:
+        return 1 if x2 > y2 else -1
+    if x1 != y1:
+        return 1 if x1 > y1 else -1
+    if x0 != y0:
+        return 1 if x0 > y0 else -1
+    return 0
+
+
 # ---- the batch loop -----------------------------------------------------------------------
 @jit
 def _taker_bound(st, account, market, side, qty):
@@ -1078,10 +1598,42 @@ def _event_bound(st, cmd):
         if 0 <= cmd.account < len(_accounts(st)):
             return 4 + _accounts(st)[cmd.account].open_orders
         return 4
+    if code == CMD_FUNDING:
+        return 6 + len(_accounts(st))
+    if code == CMD_LIQUIDATE:
+        return _liquidation_bound(st, cmd)
     return 4
 
 
+@jit
+def _liquidation_bound(st, cmd):
+    """Most events a LIQUIDATE can cause (EngineConfig.event_bound() covers any of them).
+
+    Its own orders canceled; per market liquidated: each resting order traded out or
+    canceled (reduce-only) at most once, a partly filled one more per step, each reduce-only
+    order swept once, per step a liquidation and an insurance event, per ADL counterparty two
+    events; deficit cover before and after (an insurance and a balance event each).
+    """
+    if not 0 <= cmd.account < len(_accounts(st)):
+        return 4
+    n = 8 + _accounts(st)[cmd.account].open_orders
+    for m in range(len(_markets(st))):
+        if cmd.market == -1 or cmd.market == m:
+            mk = _markets(st)[m]
+            n += (mk.resting_buy + mk.resting_sell + mk.resting_reduce_only
+                  + 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 2)
+    return n
+
+
 PREFETCH_AHEAD = 4
+
+
+@jit
+def _privileged_only(code):
+    for privileged in PRIVILEGED_COMMANDS:
+        if code == privileged:
+            return True
+    return False
 
 
 @jit
@@ -1130,9 +1682,7 @@ def run_batch(desc, commands, command_words, start, count, privileged, free_slot
         for w in range(COMMAND_BYTES // 8):
             ring_words[j, COMMAND_EVENT_WORD + w] = command_words[i, w]
         code = cmd.cmd
-        if not privileged and (code == CMD_CREATE_MARKET or code == CMD_SET_MARKET_LIMITS
-                               or code == CMD_DEPOSIT or code == CMD_SET_MARK
-                               or code == CMD_HALT or code == CMD_RESUME):
+        if not privileged and _privileged_only(code):
             _reject(st, cmd, REASON_FORBIDDEN)
         elif code == CMD_NEW_ORDER:
             _new_order(st, cmd, scratch)
@@ -1156,6 +1706,16 @@ def run_batch(desc, commands, command_words, start, count, privileged, free_slot
             _halt(st, cmd, 1)
         elif code == CMD_RESUME:
             _halt(st, cmd, 0)
+        elif code == CMD_SET_MARGIN:
+            _set_margin(st, cmd)
+        elif code == CMD_FUNDING:
+            _funding(st, cmd)
+        elif code == CMD_LIQUIDATE:
+            _liquidate(st, cmd, scratch)
+        elif code == CMD_SET_MARKET_RISK:
+            _set_market_risk(st, cmd)
+        elif code == CMD_SET_BRACKET:
+            _set_bracket(st, cmd)
         else:
             _reject(st, cmd, REASON_INVALID_MESSAGE)
     return count

@@ -8,7 +8,8 @@ Plain Python over the tables: this is a checker, not a hot path.
 import numpy as np
 
 from engine.records import FLAG_REDUCE_ONLY, SIDE_BUY, SIDE_SELL
-from engine.state import C_FEES_ATOMS, C_NET_DEPOSITS_ATOMS, C_ORDERS_USED, NONE, State
+from engine.state import (C_FEES_ATOMS, C_INSURANCE_ATOMS, C_NET_DEPOSITS_ATOMS, C_ORDERS_USED,
+                          NONE, State)
 
 
 def _walk_level(st: State, market: int, side: int, lvl: int, problems: list):
@@ -96,15 +97,17 @@ def check_state(st: State) -> list[str]:
 
 
 def collateral_problems(st: State) -> list[str]:
-    """Collateral is conserved to the atom: balances + unrealized PnL + fees = net deposits."""
+    """Collateral is conserved to the atom: balances + isolated margins + unrealized PnL at
+    mark + insurance fund + fees = deposits - withdrawals."""
     active = st.markets["active"] != 0
     mark = st.markets["mark_ticks"] * st.markets["atoms_per_tick_lot"]
     # Python integers: an int64 sum over many accounts could wrap and hide a violation.
     size = st.positions["size_lots"][:, active].astype(object)
     cost = st.positions["cost_atoms"][:, active].astype(object)
     upnl = int((size * mark[active].astype(object) - cost).sum())
-    total = (sum(st.accounts["balance_atoms"].astype(object)) + upnl
-             + int(st.counters[C_FEES_ATOMS]))
+    isolated = int(st.positions["isolated_margin_atoms"].astype(object).sum())
+    total = (sum(st.accounts["balance_atoms"].astype(object)) + upnl + isolated
+             + int(st.counters[C_FEES_ATOMS]) + int(st.counters[C_INSURANCE_ATOMS]))
     net = int(st.counters[C_NET_DEPOSITS_ATOMS])
     if total != net:
         return [f"collateral not conserved: holdings {total} != net deposits {net}"]

@@ -22,9 +22,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine import numbers as num
-from engine.config import (EngineConfig, MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS,
-                           market_config_problem,
-                           market_limits_problem)
+from engine import risk
+from engine.config import (ADL_MAX_COUNTERPARTIES, LIQUIDATION_MAX_STEPS, EngineConfig,
+                           MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, bracket_problem,
+                           market_config_problem, market_limits_problem, market_risk_problem)
 from engine.records import *  # noqa: F403 — the codes are the vocabulary of this module
 
 
@@ -47,6 +48,9 @@ class Market:
     prices: tuple = field(default_factory=lambda: ([], []))
     resting: list = field(default_factory=lambda: [0, 0])
     levels_used: list = field(default_factory=lambda: [0, 0])
+    liquidation_fee_e9: int = 0
+    funding_cap_e9: int = 0
+    brackets: list = field(default_factory=list)   # [(floor_atoms, rate_e9, amount_atoms)]
 
     @property
     def tradeable(self):
@@ -72,6 +76,7 @@ class Order:
     stp: int
     price_ticks: int
     remaining_lots: int
+    liquidation: bool = False    # the liquidation engine closing `account`: no taker fee
 
 
 @dataclass
@@ -81,6 +86,13 @@ class Position:
     open_buy_lots: int = 0
     open_sell_lots: int = 0
     open_orders: int = 0
+    isolated_margin_atoms: int = 0
+    leverage: int = 0            # 0: the market's max_leverage
+    margin_mode: int = MARGIN_CROSS
+
+    @property
+    def isolated(self):
+        return self.margin_mode == MARGIN_ISOLATED
 
 
 class ReferenceMatcher:
@@ -97,6 +109,7 @@ class ReferenceMatcher:
         self.by_cid: dict[tuple[int, int], int] = {}       # (account, cid) -> oid
         self.fees_collected_atoms = 0
         self.net_deposits_atoms = 0
+        self.insurance_atoms = 0
         self.events: list[dict] = []
 
     # ---- entry point -------------------------------------------------------------------
@@ -175,27 +188,84 @@ class ReferenceMatcher:
         return order
 
     # ---- margin ------------------------------------------------------------------------
-    def _requirement(self, market, pos, open_buy, open_sell):
-        exposure = max(abs(pos.size_lots + open_buy), abs(pos.size_lots - open_sell))
-        per_lot = num.mul_div_ceil(market.mark_ticks, market.atoms_per_tick_lot,
-                                   market.max_leverage)
-        return exposure * per_lot
+    @staticmethod
+    def _margin_per_lot(market, pos, leverage=None):
+        return risk.initial_margin_per_lot_atoms(
+            market.mark_ticks, market.atoms_per_tick_lot,
+            (pos.leverage if leverage is None else leverage) or market.max_leverage)
 
-    def _equity_and_requirement(self, account, extra_market=-1, extra_buy=0, extra_sell=0):
+    def _requirement(self, market, pos, open_buy, open_sell, leverage=None):
+        """Initial margin the cross balance must cover: the whole exposure of a cross position;
+        of an isolated one only the open orders beyond its position (the position itself is
+        backed by its isolated margin)."""
+        exposure = max(abs(pos.size_lots + open_buy), abs(pos.size_lots - open_sell))
+        if pos.isolated:
+            exposure -= abs(pos.size_lots)
+        return exposure * self._margin_per_lot(market, pos, leverage)
+
+    @staticmethod
+    def _upnl(market, pos):
+        return pos.size_lots * market.mark_ticks * market.atoms_per_tick_lot - pos.cost_atoms
+
+    def _cross_equity(self, account, skip_market=-1):
+        """Balance plus the uPnL at mark of the cross positions (but skip_market's)."""
         equity = self.balances[account]
+        for market_id in sorted(self.markets):
+            pos = self.positions.get((account, market_id))
+            if pos is not None and not pos.isolated and market_id != skip_market:
+                equity += self._upnl(self.markets[market_id], pos)
+        return equity
+
+    def _equity_and_requirement(self, account, extra_market=-1, extra_buy=0, extra_sell=0,
+                                extra_leverage=None):
         required = 0
         for market_id in sorted(self.markets):
             pos = self.positions.get((account, market_id))
             if pos is None:
                 continue
-            market = self.markets[market_id]
-            equity += pos.size_lots * market.mark_ticks * market.atoms_per_tick_lot - pos.cost_atoms
             buy, sell = pos.open_buy_lots, pos.open_sell_lots
+            leverage = None
             if market_id == extra_market:
                 buy += extra_buy
                 sell += extra_sell
-            required += self._requirement(market, pos, buy, sell)
-        return equity, required
+                leverage = extra_leverage
+            required += self._requirement(self.markets[market_id], pos, buy, sell, leverage)
+        return self._cross_equity(account), required
+
+    def _maintenance(self, market, pos):
+        notional = abs(pos.size_lots) * market.mark_ticks * market.atoms_per_tick_lot
+        return risk.maintenance_atoms(notional, market.brackets)
+
+    def _liquidatable(self, account, scope):
+        """scope -1: the account's cross positions; else its isolated position in that market."""
+        if scope == -1:
+            mm = 0
+            has_position = False
+            for market_id in sorted(self.markets):
+                pos = self.positions.get((account, market_id))
+                if pos is not None and not pos.isolated and pos.size_lots != 0:
+                    has_position = True
+                    mm += self._maintenance(self.markets[market_id], pos)
+            return has_position and self._cross_equity(account) < mm
+        pos = self.positions.get((account, scope))
+        if pos is None or not pos.isolated or pos.size_lots == 0:
+            return False
+        market = self.markets[scope]
+        return pos.isolated_margin_atoms + self._upnl(market, pos) < self._maintenance(market, pos)
+
+    def _position_equity(self, account, market_id):
+        """The equity behind one position: cross equity, or isolated margin + uPnL."""
+        pos = self.positions[(account, market_id)]
+        if pos.isolated:
+            return pos.isolated_margin_atoms + self._upnl(self.markets[market_id], pos)
+        return self._cross_equity(account)
+
+    def _equity_other(self, account, market_id):
+        """What backs a position besides its own PnL (the bankruptcy price's other side)."""
+        pos = self.positions[(account, market_id)]
+        if pos.isolated:
+            return pos.isolated_margin_atoms
+        return self._cross_equity(account, skip_market=market_id)
 
     def _exposure_error(self, account, market_id, market, pos, add_buy, add_sell, check_margin):
         """Position limit, then margin, for adding open quantity; a reason code or 0.
@@ -421,17 +491,37 @@ class ReferenceMatcher:
             self._trade(market_id, market, taker, maker, qty, touched)
         return False
 
+    def _apply_fill(self, account, market_id, market, delta, price, fee):
+        """A fill of delta lots (+: bought) at price: position, realized PnL and fee to the
+        balance. An isolated position posts initial margin (at the mark and its leverage) from
+        the balance for the lots it opens, and releases its margin's share of the lots it
+        closes (all of it on a full close)."""
+        pos = self._position(account, market_id)
+        before = pos.size_lots
+        pos.size_lots, pos.cost_atoms, realized = num.position_after_fill(
+            pos.size_lots, pos.cost_atoms, delta, price, market.atoms_per_tick_lot)
+        self.balances[account] += realized - fee
+        if pos.isolated:
+            closed = 0
+            if before != 0 and (before > 0) != (delta > 0):
+                closed = min(abs(delta), abs(before))
+                release = num.cost_share(pos.isolated_margin_atoms, closed, abs(before))
+                pos.isolated_margin_atoms -= release
+                self.balances[account] += release
+            opened = abs(delta) - closed
+            if opened:
+                posted = opened * self._margin_per_lot(market, pos)
+                pos.isolated_margin_atoms += posted
+                self.balances[account] -= posted
+
     def _trade(self, market_id, market, taker, maker, qty, touched):
         price = maker.price_ticks
         notional = price * qty * market.atoms_per_tick_lot
-        taker_fee = num.fee_atoms(notional, market.taker_fee_e9)
+        taker_fee = 0 if taker.liquidation else num.fee_atoms(notional, market.taker_fee_e9)
         maker_fee = num.fee_atoms(notional, market.maker_fee_e9)
         for order, fee in ((taker, taker_fee), (maker, maker_fee)):
-            pos = self._position(order.account, market_id)
-            delta = qty if order.side == SIDE_BUY else -qty
-            pos.size_lots, pos.cost_atoms, realized = num.position_after_fill(
-                pos.size_lots, pos.cost_atoms, delta, price, market.atoms_per_tick_lot)
-            self.balances[order.account] += realized - fee
+            self._apply_fill(order.account, market_id, market,
+                             qty if order.side == SIDE_BUY else -qty, price, fee)
             if order.account not in touched:
                 touched.append(order.account)
         self.fees_collected_atoms += taker_fee + maker_fee
@@ -445,7 +535,7 @@ class ReferenceMatcher:
         trade_id = self.next_trade_id
         self.next_trade_id += 1
         self._emit(EV_TRADE, market_id, taker.account, req=self.cmd["req"], side=taker.side,
-                   liquidation=0, trade_id=trade_id, price_ticks=price, qty_lots=qty, oid=taker.oid,
+                   liquidation=int(taker.liquidation), trade_id=trade_id, price_ticks=price, qty_lots=qty, oid=taker.oid,
                    cid=taker.cid, remaining_lots=taker.remaining_lots, fee_atoms=taker_fee,
                    maker_account=maker.account, maker_oid=maker.oid, maker_cid=maker.cid,
                    maker_remaining_lots=maker.remaining_lots, maker_fee_atoms=maker_fee)
@@ -626,6 +716,241 @@ class ReferenceMatcher:
         order.remaining_lots = new_qty
         self._take_then_rest(order.market, market, order, new_price)
 
+    # ---- perpetual risk (docs/risk.md) ---------------------------------------------------
+    def _set_market_risk(self):
+        c = self.cmd
+        market = self._market(c["market"])
+        if market is None:
+            return self._reject(REASON_UNKNOWN_MARKET)
+        if market_risk_problem(c["cid"], c["oid"]):
+            return self._reject(REASON_INVALID_MARKET_CONFIG)
+        market.liquidation_fee_e9 = c["cid"]
+        market.funding_cap_e9 = c["oid"]
+        self._done()
+
+    def _set_bracket(self):
+        c = self.cmd
+        market = self._market(c["market"])
+        if market is None:
+            return self._reject(REASON_UNKNOWN_MARKET)
+        index, floor_atoms, rate_e9 = c["kind"], c["amount_atoms"], c["price_ticks"]
+        prev_floor, prev_rate, prev_amount = market.brackets[-1] if market.brackets else (0, 0, 0)
+        if bracket_problem(len(market.brackets), index, floor_atoms, rate_e9, prev_floor,
+                           prev_rate, market.max_leverage):
+            return self._reject(REASON_INVALID_MARKET_CONFIG)
+        amount = prev_amount + num.mul_div_floor(floor_atoms, rate_e9 - prev_rate,
+                                                 num.RATE_ONE_E9)
+        market.brackets.append((floor_atoms, rate_e9, amount))
+        self._done()
+
+    def _set_margin(self):
+        c = self.cmd
+        account, market_id, mode, leverage = c["account"], c["market"], c["kind"], c["qty_lots"]
+        market = self._market(market_id)
+        if market is None:
+            return self._reject(REASON_UNKNOWN_MARKET)
+        if not self._valid_account(account):
+            return self._reject(REASON_UNKNOWN_ACCOUNT)
+        if mode not in (MARGIN_CROSS, MARGIN_ISOLATED):
+            return self._reject(REASON_INVALID_MESSAGE)
+        if not 1 <= leverage <= market.max_leverage:
+            return self._reject(REASON_LEVERAGE)
+        pos = self._position(account, market_id)
+        if mode != pos.margin_mode and (pos.size_lots != 0 or pos.open_orders != 0):
+            return self._reject(REASON_MARGIN_MODE_LOCKED)
+        # Only a change that raises the requirement can be refused: lowering it always helps.
+        equity, required = self._equity_and_requirement(account)
+        _, new_required = self._equity_and_requirement(account, market_id, 0, 0, leverage)
+        if new_required > required and equity - new_required < 0:
+            return self._reject(REASON_INSUFFICIENT_MARGIN)
+        pos.margin_mode = mode
+        pos.leverage = leverage
+        self._done()
+
+    def _funding(self):
+        c = self.cmd
+        market_id, rate = c["market"], c["oid"]
+        market = self._market(market_id)
+        if market is None:
+            return self._reject(REASON_UNKNOWN_MARKET)
+        if abs(rate) > market.funding_cap_e9:
+            return self._reject(REASON_FUNDING_CAP)
+        count = residue = 0
+        for account in range(self.config.max_accounts):
+            pos = self.positions.get((account, market_id))
+            if pos is None or pos.size_lots == 0:
+                continue
+            notional = abs(pos.size_lots) * market.mark_ticks * market.atoms_per_tick_lot
+            if (pos.size_lots > 0) == (rate > 0):
+                payment = -num.mul_div_ceil(notional, abs(rate), num.RATE_ONE_E9)
+            else:
+                payment = num.mul_div_floor(notional, abs(rate), num.RATE_ONE_E9)
+            residue -= payment
+            if pos.isolated:
+                pos.isolated_margin_atoms += payment
+                after = pos.isolated_margin_atoms
+            else:
+                self.balances[account] += payment
+                after = self.balances[account]
+            self._emit(EV_FUNDING, market_id, account, req=self._req_for(account), rate_e9=rate,
+                       size_lots=pos.size_lots, mark_ticks=market.mark_ticks,
+                       payment_atoms=payment, balance_atoms=after)
+            count += 1
+        self._insure(INSURANCE_FUNDING_RESIDUE, residue, market_id, c["account"])
+        self._done(count)
+
+    def _insure(self, reason, amount, market_id, account):
+        """Change the insurance fund by amount (an event unless 0)."""
+        if amount == 0:
+            return
+        self.insurance_atoms += amount
+        self._emit(EV_INSURANCE, market_id, account, req=self._req_for(account), reason=reason,
+                   amount_atoms=amount, fund_atoms=self.insurance_atoms)
+
+    def _cover_deficit(self, account, scope):
+        """The fund pays what it can of the negative equity of the scope being liquidated."""
+        if scope == -1:
+            equity = self._cross_equity(account)
+        else:
+            pos = self._position(account, scope)
+            equity = pos.isolated_margin_atoms + self._upnl(self.markets[scope], pos)
+        cover = min(-equity, self.insurance_atoms)
+        if cover <= 0:
+            return
+        self._insure(INSURANCE_DEFICIT, -cover, scope, account)
+        if scope == -1:
+            self.balances[account] += cover
+            after = self.balances[account]
+        else:
+            pos.isolated_margin_atoms += cover
+            after = pos.isolated_margin_atoms
+        self._emit(EV_BALANCE, scope, account, req=self._req_for(account), amount_atoms=cover,
+                   balance_atoms=after)
+
+    def _bankruptcy_limit(self, account, market_id):
+        market = self.markets[market_id]
+        pos = self.positions[(account, market_id)]
+        price = risk.bankruptcy_price_ticks(self._equity_other(account, market_id),
+                                            pos.size_lots, pos.cost_atoms,
+                                            market.atoms_per_tick_lot)
+        return min(max(price, 1), market.max_price_ticks)
+
+    def _liquidation_event(self, market_id, account, kind, side, qty, price, bankrupt, fee,
+                           counterparty):
+        self._emit(EV_LIQUIDATION, market_id, account, req=self._req_for(account), kind=kind,
+                   side=side, qty_lots=qty, price_ticks=price, bankruptcy_ticks=bankrupt,
+                   fee_atoms=fee, counterparty=counterparty,
+                   size_lots=self._position(account, market_id).size_lots)
+
+    def _liquidate(self):
+        c = self.cmd
+        account, scope = c["account"], c["market"]
+        if not self._valid_account(account):
+            return self._reject(REASON_UNKNOWN_ACCOUNT)
+        if scope != -1 and scope not in self.markets:
+            return self._reject(REASON_UNKNOWN_MARKET)
+        if not self._liquidatable(account, scope):
+            return self._reject(REASON_NOT_LIQUIDATABLE)
+        for order in list(self.orders_of.get(account, {}).values()):
+            if scope == -1 or order.market == scope:
+                self._unrest(order)
+                self._canceled(order, REASON_LIQUIDATION, order.remaining_lots)
+        self._cover_deficit(account, scope)
+        if scope == -1:
+            targets = [m for m in sorted(self.markets)
+                       if (account, m) in self.positions
+                       and not self.positions[(account, m)].isolated
+                       and self.positions[(account, m)].size_lots != 0]
+        else:
+            targets = [scope]
+        closed = 0
+        for market_id in targets:
+            touched = []
+            closed += self._liquidate_position(account, market_id, scope, touched)
+            self._sweep_reduce_only(market_id, touched)
+        self._cover_deficit(account, scope)
+        self._done(closed)
+
+    def _liquidate_position(self, account, market_id, scope, touched):
+        """Close into the book by IOC steps at the bankruptcy price while the scope stays
+        liquidatable; what the book cannot take is auto-deleveraged. Returns the lots closed."""
+        market = self.markets[market_id]
+        pos = self.positions[(account, market_id)]
+        closed = 0
+        for _ in range(LIQUIDATION_MAX_STEPS):
+            if pos.size_lots == 0 or not self._liquidatable(account, scope):
+                return closed
+            bankrupt = self._bankruptcy_limit(account, market_id)
+            side = SIDE_SELL if pos.size_lots > 0 else SIDE_BUY
+            qty = min(abs(pos.size_lots), market.max_order_lots)
+            taker = Order(oid=0, cid=0, account=account, market=market_id, side=side,
+                          kind=KIND_LIMIT, tif=TIF_IOC, reduce_only=False, stp=STP_CANCEL_MAKER,
+                          price_ticks=bankrupt, remaining_lots=qty, liquidation=True)
+            balance_before = self.balances[account]
+            self._match(market_id, market, taker, bankrupt, touched)
+            filled = qty - taker.remaining_lots
+            if filled == 0:
+                return closed + self._auto_deleverage(account, market_id, touched)
+            closed += filled
+            # the equity the fee may take: an isolated position's closed part was paid out to
+            # the balance (released margin and realized PnL)
+            if scope == -1:
+                equity = self._cross_equity(account)
+            else:
+                equity = (pos.isolated_margin_atoms + self._upnl(market, pos)
+                          + self.balances[account] - balance_before)
+            fee = min(num.fee_atoms(filled * market.mark_ticks * market.atoms_per_tick_lot,
+                                    market.liquidation_fee_e9), max(equity, 0))
+            self.balances[account] -= fee
+            self._liquidation_event(market_id, account, LIQ_KIND_LIQUIDATED, side, filled,
+                                    market.last_trade_ticks, bankrupt, fee, -1)
+            self._insure(INSURANCE_LIQUIDATION_FEE, fee, market_id, account)
+        return closed
+
+    def _auto_deleverage(self, account, market_id, touched):
+        """Close the position at its bankruptcy price against the best-ranked opposite
+        positions (BitMEX), at most ADL_MAX_COUNTERPARTIES of them."""
+        market = self.markets[market_id]
+        pos = self.positions[(account, market_id)]
+        bankrupt = self._bankruptcy_limit(account, market_id)
+        closed = 0
+        for _ in range(ADL_MAX_COUNTERPARTIES):
+            if pos.size_lots == 0:
+                break
+            other = self._adl_counterparty(account, market_id, pos.size_lots)
+            if other is None:
+                break
+            other_pos = self.positions[(other, market_id)]
+            qty = min(abs(pos.size_lots), abs(other_pos.size_lots))
+            delta = -qty if pos.size_lots > 0 else qty
+            self._apply_fill(account, market_id, market, delta, bankrupt, 0)
+            self._apply_fill(other, market_id, market, -delta, bankrupt, 0)
+            if other not in touched:
+                touched.append(other)
+            side = SIDE_BUY if delta > 0 else SIDE_SELL
+            self._liquidation_event(market_id, account, LIQ_KIND_ADL, side, qty, bankrupt,
+                                    bankrupt, 0, other)
+            self._liquidation_event(market_id, other, LIQ_KIND_ADL, 1 - side, qty, bankrupt,
+                                    bankrupt, 0, account)
+            closed += qty
+        return closed
+
+    def _adl_counterparty(self, account, market_id, size_lots):
+        market = self.markets[market_id]
+        best = None
+        for other in range(self.config.max_accounts):
+            pos = self.positions.get((other, market_id))
+            if other == account or pos is None or pos.size_lots == 0 or (
+                    (pos.size_lots > 0) == (size_lots > 0)):
+                continue
+            score = risk.adl_score(
+                self._upnl(market, pos), pos.cost_atoms,
+                abs(pos.size_lots) * market.mark_ticks * market.atoms_per_tick_lot,
+                self._position_equity(other, market_id))
+            if best is None or score > best[0]:
+                best = (score, other)
+        return None if best is None else best[1]
+
     _handlers = {
         CMD_CREATE_MARKET: _create_market,
         CMD_SET_MARKET_LIMITS: _set_market_limits,
@@ -638,6 +963,11 @@ class ReferenceMatcher:
         CMD_AMEND: _amend,
         CMD_HALT: lambda self: self._halt(True),
         CMD_RESUME: lambda self: self._halt(False),
+        CMD_SET_MARKET_RISK: _set_market_risk,
+        CMD_SET_BRACKET: _set_bracket,
+        CMD_SET_MARGIN: _set_margin,
+        CMD_FUNDING: _funding,
+        CMD_LIQUIDATE: _liquidate,
     }
 
     # ---- invariants (DESIGN.md §8) -----------------------------------------------------
@@ -651,9 +981,9 @@ class ReferenceMatcher:
                     oids = [o.oid for o in queue]
                     assert all(o.remaining_lots > 0 for o in queue)
                     assert len(oids) == len(set(oids))
-        upnl = 0
+        held = 0
         for (account, market_id), pos in self.positions.items():
-            market = self.markets[market_id]
-            upnl += pos.size_lots * market.mark_ticks * market.atoms_per_tick_lot - pos.cost_atoms
-        assert (sum(self.balances) + upnl + self.fees_collected_atoms
+            held += self._upnl(self.markets[market_id], pos) + pos.isolated_margin_atoms
+            assert pos.size_lots != 0 or pos.isolated_margin_atoms == 0 or not pos.isolated
+        assert (sum(self.balances) + held + self.fees_collected_atoms + self.insurance_atoms
                 == self.net_deposits_atoms), "collateral not conserved"

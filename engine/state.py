@@ -12,6 +12,7 @@ from collections import namedtuple
 import numpy as np
 
 from engine.config import EngineConfig
+from engine.records import MAX_BRACKETS
 
 NONE = -1
 
@@ -35,6 +36,13 @@ MARKET_DTYPE = np.dtype([
     # derived from the mark, recomputed when it changes (saves divisions on every order)
     ("band_dev_ticks", "<i8"),         # floor(mark x price band)
     ("margin_per_lot_atoms", "<i8"),   # ceil(mark x atoms_per_tick_lot / max_leverage)
+    # perpetual risk (SET_MARKET_RISK, SET_BRACKET; docs/risk.md)
+    ("liquidation_fee_e9", "<i8"),
+    ("funding_cap_e9", "<i8"),
+    ("n_brackets", "<i8"),             # maintenance brackets set so far, in index order
+    ("bracket_floor_atoms", "<i8", (MAX_BRACKETS,)),
+    ("bracket_rate_e9", "<i8", (MAX_BRACKETS,)),
+    ("bracket_amount_atoms", "<i8", (MAX_BRACKETS,)),  # derived: Binance's cumulative amount
 ])
 
 # One net position per (account, market), with the open-order totals its margin needs.
@@ -45,7 +53,11 @@ POSITION_DTYPE = np.dtype([
     ("open_sell_lots", "<i8"),
     ("open_orders", "<i8"),
     ("reduce_only_orders", "<i8"),
+    ("isolated_margin_atoms", "<i8"),  # collateral posted to an isolated position
+    ("leverage", "<i4"),               # 0: the market's max_leverage
+    ("margin_mode", "<i4"),            # MARGIN_CROSS / MARGIN_ISOLATED
 ])
+assert POSITION_DTYPE.itemsize == 64
 
 ACCOUNT_DTYPE = np.dtype([
     ("balance_atoms", "<i8"),
@@ -54,6 +66,9 @@ ACCOUNT_DTYPE = np.dtype([
     ("last_order", "<i4"),
     ("touched_seq", "<i8"),            # scratch: last command that changed its position
     ("fok_traded_lots", "<i8"),        # scratch: a FOK check's running total per maker
+    # seq of the last command that changed its balance, a position, an isolated margin or its
+    # margin settings: riskd's incremental scanner re-checks only accounts that moved
+    ("changed_seq", "<i8"),
 ])
 
 ORDER_DTYPE = np.dtype([
@@ -101,6 +116,7 @@ C_NEXT_OID = 1
 C_NEXT_TRADE_ID = 2
 C_FEES_ATOMS = 3
 C_NET_DEPOSITS_ATOMS = 4         # deposits minus withdrawals
+C_INSURANCE_ATOMS = 5            # the insurance fund
 C_ORDERS_USED = 6
 C_FREE_ORDER = 7
 C_FREE_LEVEL = 8

@@ -50,8 +50,8 @@ Limits (engine.config.market_limits_problem proves int64 headroom with them). De
 - max_open_orders = 200 per account per market.
 
 Market ids are the positions in the file (the first [[markets]] is market 0).
-`genesis_commands(config)` gives the commands that create them: CREATE_MARKET then
-SET_MARKET_LIMITS per market, in id order.
+`genesis_commands(config)` gives the commands that create them: CREATE_MARKET,
+SET_MARKET_LIMITS, SET_MARKET_RISK and the SET_BRACKETs per market, in id order.
 """
 
 from __future__ import annotations
@@ -676,13 +676,18 @@ def _brackets(c: _Checker, key: str, value, leverage: int) -> tuple:
 
 # ---- genesis -------------------------------------------------------------------------------
 def genesis_commands(cfg: Config, ts_ns: int | None = None):
-    """CREATE_MARKET + SET_MARKET_LIMITS per market, market id = position in the config."""
+    """Per market (id = position in the config): CREATE_MARKET, SET_MARKET_LIMITS,
+    SET_MARKET_RISK (liquidation fee, funding cap) and one SET_BRACKET per maintenance bracket,
+    in index order (the matcher derives the maintenance amounts itself)."""
     import numpy as np
 
-    from engine.records import market_create_command, market_limits_command
+    from engine.records import (MAX_BRACKETS, bracket_command, market_create_command,
+                                market_limits_command, market_risk_command)
     ts = time.time_ns() if ts_ns is None else ts_ns
     cmds = []
     for m in cfg.markets:
+        if len(m.brackets) > MAX_BRACKETS:
+            raise ValueError(f"{m.symbol}: at most {MAX_BRACKETS} maintenance brackets")
         cmds.append(market_create_command(
             m.id, atoms_per_tick_lot=m.atoms_per_tick_lot, initial_mark_ticks=m.initial_price_ticks,
             maker_fee_e9=m.maker_fee_e9, taker_fee_e9=m.taker_fee_e9,
@@ -690,6 +695,12 @@ def genesis_commands(cfg: Config, ts_ns: int | None = None):
         cmds.append(market_limits_command(
             m.id, max_price_ticks=m.max_price_ticks, max_order_lots=m.max_order_lots,
             max_position_lots=m.max_position_lots, max_open_orders=m.max_open_orders, ts_ns=ts))
+        cmds.append(market_risk_command(m.id, liquidation_fee_e9=m.liquidation_fee_e9,
+                                        funding_cap_e9=m.funding_cap_e9, ts_ns=ts))
+        for k, b in enumerate(m.brackets):
+            cmds.append(bracket_command(
+                m.id, k, floor_atoms=int(b.floor * ATOMS_PER_USDC),
+                maintenance_rate_e9=int(b.rate * RATE_E9), ts_ns=ts))
     return np.concatenate(cmds)
 
 

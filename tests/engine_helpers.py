@@ -16,16 +16,18 @@ from engine.config import EngineConfig
 from engine.invariants import check_state
 from engine.matcher import LocalEvents, Matcher
 from engine.records import (
-    BALANCE_EVENT_DTYPE, CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_DEPOSIT, CMD_HALT,
+    BALANCE_EVENT_DTYPE, EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, FUNDING_EVENT_DTYPE,
+    INSURANCE_EVENT_DTYPE, LIQUIDATION_EVENT_DTYPE, CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_DEPOSIT, CMD_HALT,
     CMD_NEW_ORDER, CMD_RESUME, CMD_SET_MARK, CMD_WITHDRAW, COMMAND_DTYPE, EV_ACK, EV_AMENDED,
     EV_BALANCE, EV_CANCELED, EV_COMMAND, EV_DONE, EV_MARK, EV_REJECT, EV_TRADE, FLAG_REDUCE_ONLY,
     KIND_LIMIT, KIND_MARKET, MARK_EVENT_DTYPE, ORDER_EVENT_DTYPE, REASON_NAMES, SIDE_BUY,
     SIDE_SELL, STATUS_CANCELED, STATUS_OPEN, STP_CANCEL_TAKER, TIF_GTC, TRADE_EVENT_DTYPE,
-    market_create_command, market_limits_command, new_commands,
+    bracket_command, funding_command, liquidate_command, market_create_command,
+    market_limits_command, market_risk_command, new_commands, set_margin_command,
 )
 from engine.reference import ReferenceMatcher
-from engine.state import (C_FEES_ATOMS, C_NET_DEPOSITS_ATOMS, C_NEXT_OID, C_NEXT_TRADE_ID,
-                          C_SEQ, NONE, state_hash)
+from engine.state import (C_FEES_ATOMS, C_INSURANCE_ATOMS, C_NET_DEPOSITS_ATOMS, C_NEXT_OID,
+                          C_NEXT_TRADE_ID, C_SEQ, NONE, state_hash)
 
 # ---- the BTC-like market ------------------------------------------------------------------
 # tick 0.1 USD x lot 0.001 BTC = 0.0001 USD = 100 atoms of 1e-6 USDC
@@ -50,7 +52,8 @@ CLIENT_SOURCE = 1
 
 ETYPE_NAMES = {EV_COMMAND: "command", EV_ACK: "ack", EV_REJECT: "reject", EV_TRADE: "trade",
                EV_CANCELED: "canceled", EV_AMENDED: "amended", EV_DONE: "done",
-               EV_BALANCE: "balance", EV_MARK: "mark"}
+               EV_BALANCE: "balance", EV_MARK: "mark", EV_FUNDING: "funding",
+               EV_LIQUIDATION: "liquidation", EV_INSURANCE: "insurance"}
 STATUS_NAMES = {0: "-", 1: "open", 2: "filled", 3: "canceled"}
 # name -> code; for a name several codes share (invalid_message, forbidden, ...) the first code
 NAME_TO_REASON = {}
@@ -203,6 +206,35 @@ def set_mark(price, market=BTC, *, req=0):
     return command(cmd=CMD_SET_MARK, market=market, price_ticks=price, req=req)
 
 
+# Binance BTCUSDT-like maintenance brackets (floor in atoms, rate e9) and risk parameters
+BTC_BRACKETS = ((0, 4_000_000), (50_000 * 1_000_000, 5_000_000),
+                (250_000 * 1_000_000, 10_000_000), (1_000_000 * 1_000_000, 25_000_000))
+LIQUIDATION_FEE_E9 = 5_000_000     # 0.5%
+FUNDING_CAP_E9 = 7_500_000         # 0.75%
+
+
+def risk_commands(market=BTC, *, brackets=BTC_BRACKETS, liquidation_fee_e9=LIQUIDATION_FEE_E9,
+                  funding_cap_e9=FUNDING_CAP_E9):
+    """SET_MARKET_RISK and the SET_BRACKETs of a market (what genesis sends)."""
+    cmds = [market_risk_command(market, liquidation_fee_e9=liquidation_fee_e9,
+                                funding_cap_e9=funding_cap_e9)]
+    cmds += [bracket_command(market, k, floor_atoms=f, maintenance_rate_e9=r)
+             for k, (f, r) in enumerate(brackets)]
+    return np.concatenate(cmds)
+
+
+def set_margin(account, mode, leverage, market=BTC, *, req=0):
+    return set_margin_command(account, market, mode=mode, leverage=leverage, req=req)
+
+
+def funding(rate_e9, market=BTC):
+    return funding_command(market, rate_e9=rate_e9)
+
+
+def liquidate(account, market=-1):
+    return liquidate_command(account, market)
+
+
 def halt(market=BTC):
     return command(cmd=CMD_HALT, market=market)
 
@@ -222,6 +254,9 @@ _FIELDS = {
     EV_CANCELED: _layout_fields(ORDER_EVENT_DTYPE), EV_AMENDED: _layout_fields(ORDER_EVENT_DTYPE),
     EV_DONE: _layout_fields(ORDER_EVENT_DTYPE), EV_TRADE: _layout_fields(TRADE_EVENT_DTYPE),
     EV_BALANCE: _layout_fields(BALANCE_EVENT_DTYPE), EV_MARK: _layout_fields(MARK_EVENT_DTYPE),
+    EV_FUNDING: _layout_fields(FUNDING_EVENT_DTYPE),
+    EV_LIQUIDATION: _layout_fields(LIQUIDATION_EVENT_DTYPE),
+    EV_INSURANCE: _layout_fields(INSURANCE_EVENT_DTYPE),
 }
 
 
@@ -438,6 +473,15 @@ class Engines:
         assert got == want, (got, want)
         return got
 
+    def margin(self, account, market=BTC) -> tuple[int, int, int]:
+        """(margin_mode, leverage, isolated_margin_atoms)"""
+        p = self.st.positions[account, market]
+        got = (int(p["margin_mode"]), int(p["leverage"]), int(p["isolated_margin_atoms"]))
+        r = self.ref.positions.get((account, market))
+        want = (0, 0, 0) if r is None else (r.margin_mode, r.leverage, r.isolated_margin_atoms)
+        assert got == want, (got, want)
+        return got
+
     def book(self, side, market=BTC) -> list[tuple[int, list[tuple[int, int, int]]]]:
         """[(price, [(oid, account, remaining), ...]), ...] best price first, FIFO inside."""
         st = self.st
@@ -486,18 +530,21 @@ class Engines:
     def counters(self) -> dict:
         c = self.st.counters
         got = {"fees": int(c[C_FEES_ATOMS]), "net_deposits": int(c[C_NET_DEPOSITS_ATOMS]),
+               "insurance": int(c[C_INSURANCE_ATOMS]),
                "next_oid": int(c[C_NEXT_OID]),
                "next_trade_id": int(c[C_NEXT_TRADE_ID]), "seq": int(c[C_SEQ])}
         r = self.ref
         want = {"fees": r.fees_collected_atoms, "net_deposits": r.net_deposits_atoms,
+                "insurance": r.insurance_atoms,
                 "next_oid": r.next_oid,
                 "next_trade_id": r.next_trade_id, "seq": r.seq}
         assert got == want, (got, want)
         return got
 
     def collateral(self) -> tuple[int, int]:
-        """(holdings, net deposits) of the compiled state in big ints:
-        sum(balances) + unrealized PnL at mark + fees, and deposits - withdrawals."""
+        """(holdings, net deposits) of the compiled state in big ints: sum(balances) +
+        unrealized PnL at mark + isolated margins + insurance fund + fees, and deposits -
+        withdrawals."""
         st = self.st
         total = sum(int(b) for b in st.accounts["balance_atoms"])
         for m in range(len(st.markets)):
@@ -508,7 +555,8 @@ class Engines:
             for a in range(len(st.accounts)):
                 p = st.positions[a, m]
                 total += int(p["size_lots"]) * mark - int(p["cost_atoms"])
-        total += int(st.counters[C_FEES_ATOMS])
+        total += int(st.positions["isolated_margin_atoms"].astype(object).sum())
+        total += int(st.counters[C_FEES_ATOMS]) + int(st.counters[C_INSURANCE_ATOMS])
         net = int(st.counters[C_NET_DEPOSITS_ATOMS])
         return total, net
 
@@ -524,6 +572,7 @@ class Engines:
             if m in self.ref.markets:
                 for a in range(self.config.max_accounts):
                     self.position_full(a, m)
+                    self.margin(a, m)
                 self.bids(m)
                 self.asks(m)
         for a in range(self.config.max_accounts):
@@ -541,10 +590,14 @@ class Engines:
         return state_hash(self.st._replace(counters=counters))
 
 
-def btc_engines(*accounts_and_deposits, config=CONFIG) -> Engines:
-    """Engines with the BTC market set up and accounts funded: btc_engines((1, amount), ...)."""
+def btc_engines(*accounts_and_deposits, config=CONFIG, risk=False) -> Engines:
+    """Engines with the BTC market set up and accounts funded: btc_engines((1, amount), ...).
+
+    risk=True also sets the market's risk parameters and brackets (risk_commands)."""
     e = Engines(config)
     e.admin(market_commands())
+    if risk:
+        e.admin(risk_commands())
     for account, amount in accounts_and_deposits:
         e.admin(deposit(account, amount))
     return e

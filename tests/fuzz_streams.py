@@ -15,8 +15,15 @@ MARKETS = (0, 1)
 MARK_TICKS = (1000, 20000)
 
 
+# Maintenance brackets (floor atoms, rate e9) steep enough that mark moves liquidate often.
+BRACKETS = (((0, 45_000_000), (20_000_000, 60_000_000), (50_000_000, 100_000_000)),
+            ((0, 180_000_000), (30_000_000, 200_000_000), (100_000_000, 250_000_000)))
+FUNDING_CAP_E9 = 5_000_000
+
+
 def genesis() -> np.ndarray:
-    """Two markets (one with a maker rebate), funded accounts."""
+    """Two markets (one with a maker rebate) with risk parameters and brackets, funded
+    accounts."""
     cmds = [
         market_create_command(0, atoms_per_tick_lot=100, initial_mark_ticks=MARK_TICKS[0],
                               maker_fee_e9=-100_000, taker_fee_e9=500_000,
@@ -29,11 +36,17 @@ def genesis() -> np.ndarray:
         market_limits_command(1, max_price_ticks=10_000_000, max_order_lots=300,
                               max_position_lots=1_000, max_open_orders=8),
     ]
+    for m, brackets in enumerate(BRACKETS):
+        cmds.append(market_risk_command(m, liquidation_fee_e9=5_000_000 * (m + 1),
+                                        funding_cap_e9=FUNDING_CAP_E9))
+        for k, (floor_atoms, rate_e9) in enumerate(brackets):
+            cmds.append(bracket_command(m, k, floor_atoms=floor_atoms,
+                                        maintenance_rate_e9=rate_e9))
     for account in range(FUZZ_CONFIG.max_accounts - 2):
         d = new_commands(1)
         d["cmd"] = CMD_DEPOSIT
         d["account"] = account
-        d["amount_atoms"] = 2_000_000 * (account + 1) ** 2
+        d["amount_atoms"] = 1_000_000 * (account + 1) ** 2
         cmds.append(d)
     return np.concatenate(cmds)
 
@@ -46,7 +59,14 @@ def random_stream(seed: int, n: int) -> np.ndarray:
     c["market"] = rng.choice(np.array(MARKETS + (0, 1, 2)), n, p=[0.45, 0.45, 0.04, 0.04, 0.02])
     c["account"] = np.where(rng.random(n) < 0.02, FUZZ_CONFIG.max_accounts,
                             rng.integers(0, FUZZ_CONFIG.max_accounts, n))
-    mark = np.array(MARK_TICKS + (500, 500))[np.minimum(c["market"], 2)]
+    # each market's mark follows a random walk within +-20% of its start, and orders are priced
+    # around where it is: trading goes on while marks move far enough to liquidate
+    paths = [np.full(n, 500)]
+    for start in MARK_TICKS:
+        walk = np.clip(np.cumsum(rng.choice([-2, -1, 0, 1, 2], n, p=[0.1, 0.15, 0.5, 0.15, 0.1])),
+                       -80, 80)
+        paths.append(start + walk * (start // 400))
+    mark = np.choose(np.where(np.isin(c["market"], MARKETS), c["market"] + 1, 0), paths)
     c["price_ticks"] = mark + rng.integers(-12, 13, n) * np.maximum(mark // 400, 1)
     c["qty_lots"] = np.where(rng.random(n) < 0.1, rng.integers(0, 700, n), rng.integers(1, 40, n))
     c["cid"] = rng.integers(0, 6, n)
@@ -63,8 +83,20 @@ def random_stream(seed: int, n: int) -> np.ndarray:
     c["amount_atoms"] = rng.integers(1, 3_000_000, n)
     c["cmd"] = rng.choice(
         [CMD_NEW_ORDER, CMD_CANCEL, CMD_AMEND, CMD_CANCEL_ALL, CMD_SET_MARK, CMD_DEPOSIT,
-         CMD_WITHDRAW, CMD_HALT, CMD_RESUME, 99],
-        n, p=[0.52, 0.16, 0.14, 0.02, 0.08, 0.02, 0.033, 0.002, 0.02, 0.005])
+         CMD_WITHDRAW, CMD_HALT, CMD_RESUME, 99, CMD_SET_MARGIN, CMD_FUNDING, CMD_LIQUIDATE],
+        n, p=[0.45, 0.15, 0.13, 0.02, 0.08, 0.02, 0.033, 0.002, 0.02, 0.005, 0.025, 0.01, 0.055])
+    # risk commands: marks set to the walk, margin settings,
+    # funding rates around the cap, liquidation of cross accounts or isolated positions
+    mark_move = c["cmd"] == CMD_SET_MARK
+    c["price_ticks"] = np.where(mark_move, mark, c["price_ticks"])
+    set_margin = c["cmd"] == CMD_SET_MARGIN
+    c["kind"] = np.where(set_margin, rng.choice([MARGIN_CROSS, MARGIN_ISOLATED, 2], n,
+                                                p=[0.45, 0.5, 0.05]), c["kind"])
+    c["qty_lots"] = np.where(set_margin, rng.integers(0, 23, n), c["qty_lots"])
+    c["oid"] = np.where(c["cmd"] == CMD_FUNDING,
+                        rng.integers(-FUNDING_CAP_E9 - 100, FUNDING_CAP_E9 + 100, n), c["oid"])
+    liquidate = c["cmd"] == CMD_LIQUIDATE
+    c["market"] = np.where(liquidate, rng.choice([-1, -1, 0, 1, 2], n), c["market"])
     # amends change only price or only quantity half of the time
     amend = c["cmd"] == CMD_AMEND
     which = rng.integers(0, 3, n)
@@ -80,7 +112,8 @@ def random_stream(seed: int, n: int) -> np.ndarray:
 _command = hs.fixed_dictionaries({
     "cmd": hs.sampled_from([CMD_NEW_ORDER] * 5 + [CMD_CANCEL, CMD_AMEND, CMD_CANCEL_ALL,
                                                   CMD_SET_MARK, CMD_WITHDRAW, CMD_HALT,
-                                                  CMD_RESUME]),
+                                                  CMD_RESUME, CMD_SET_MARGIN, CMD_FUNDING,
+                                                  CMD_LIQUIDATE, CMD_LIQUIDATE]),
     "market": hs.sampled_from([0, 0, 1, -1, 2]),
     "account": hs.integers(0, 4),
     "side": hs.integers(0, 1),
@@ -105,7 +138,12 @@ def commands_from_dicts(items: list[dict]) -> np.ndarray:
         for k, v in item.items():
             if k != "price_off":
                 c[i][k] = v
-        c[i]["price_ticks"] = mark + item["price_off"] * max(mark // 400, 1)
+        # marks move 5x wider than order prices (liquidations need real moves); funding rates
+        # straddle the cap
+        steps = item["price_off"] * (5 if item["cmd"] == CMD_SET_MARK else 1)
+        c[i]["price_ticks"] = mark + steps * max(mark // 400, 1)
+        if item["cmd"] == CMD_FUNDING:
+            c[i]["oid"] = (item["oid"] - 6) * 1_000_000
         c[i]["ts_ns"] = i
         c[i]["req"] = i + 1
     return c

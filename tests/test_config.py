@@ -6,7 +6,8 @@ from decimal import Decimal
 import pytest
 
 from engine.config import market_config_problem, market_limits_problem
-from engine.records import CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS
+from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_LIMITS,
+                            CMD_SET_MARKET_RISK)
 from perpx.config import (ConfigError, config_from_resolved, genesis_commands, load_config,
                           parse_config, usdc_to_atoms)
 from perpx.statedir import shm_prefix_for
@@ -80,13 +81,21 @@ def test_bundled_default():
     assert btc.describe()["max_position_qty"] == "27000"
 
 
-def test_genesis_commands_create_each_market_then_its_limits():
+def test_genesis_commands_create_each_market_then_its_limits_and_risk():
     cfg = load_config()
     cmds = genesis_commands(cfg, ts_ns=1)
-    assert list(cmds["cmd"]) == [CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS] * 2
-    assert list(cmds["market"]) == [0, 0, 1, 1]
+    per_market = ([CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_SET_MARKET_RISK]
+                  + [CMD_SET_BRACKET] * 4)
+    assert list(cmds["cmd"]) == per_market * 2
+    assert list(cmds["market"]) == [0] * 7 + [1] * 7
     btc = cfg.markets[0]
-    create, limits = cmds[0], cmds[1]
+    create, limits, market_risk = cmds[0], cmds[1], cmds[2]
+    assert (market_risk["cid"], market_risk["oid"]) == (5_000_000, 7_500_000)
+    # default.toml's BTC brackets: [0, 0.4%], [50000, 0.5%], [250000, 1%], [1000000, 2.5%]
+    brackets = cmds[3:7]
+    assert list(brackets["kind"]) == [0, 1, 2, 3]
+    assert list(brackets["amount_atoms"]) == [0, 50_000 * 10**6, 250_000 * 10**6, 10**12]
+    assert list(brackets["price_ticks"]) == [4_000_000, 5_000_000, 10_000_000, 25_000_000]
     assert (create["price_ticks"], create["amount_atoms"], create["cid"], create["oid"],
             create["qty_lots"], create["account"]) == (650_000, 100, 200_000, 500_000,
                                                       100_000_000, 50)
