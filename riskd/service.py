@@ -41,18 +41,20 @@ import time
 import numpy as np
 
 from engine.records import (CMD_SET_MARK, COMMAND_DTYPE, EVENT_DTYPE, SIDE_BUY, SIDE_SELL,
-                            funding_command, new_commands)
+                            funding_command, liquidate_command, new_commands)
 from engine.service import attach_state, command_ring_name, event_ring_name
 from engine.state import C_SEQ
 from perpx.config import config_from_resolved
 from perpx.statedir import attach_retrying
 from riskd.feeds import IndexBoard, Published, feed_for
 from riskd.funding import FundingSchedule, impact_price, premium_e9
+from riskd.scanner import Scanner
 from riskd.mark import MarkCalculator
 from shm.ring import CommandRing, EventRing
 
 DEFAULT_MARK_INTERVAL_MS = 250
 DEFAULT_FUNDING_SAMPLE_MS = 5000
+DEFAULT_LIQUIDATION_RETRY_MS = 1000
 ATTACH_TIMEOUT_S = 30.0
 READ_ATTEMPTS = 64
 SUMMARY_EVERY_S = 60.0
@@ -118,7 +120,8 @@ class Riskd:
         self.interval_s = risk.get("mark_interval_ms", DEFAULT_MARK_INTERVAL_MS) / 1000
         seed = int(risk.get("seed", 0))
         sample_ms = int(risk.get("funding_sample_ms", DEFAULT_FUNDING_SAMPLE_MS))
-        self.fundings_sent = 0
+        self.fundings_sent = self.liquidations_sent = 0
+        self.scanner = None
         config = config_from_resolved(doc)
         engine = config.engine_config()
         self.dropped = self.unsettled_reads = 0
@@ -151,15 +154,24 @@ class Riskd:
             self.close()
             raise
         self._seq_view = self.events.records["seq"]
+        if risk.get("scan", True):
+            self.scanner = Scanner(self.state, [spec.id for spec in config.markets],
+                                   self._published_seq,
+                                   int(risk.get("liquidation_retry_ms",
+                                                DEFAULT_LIQUIDATION_RETRY_MS)) * 1_000_000)
 
     def _hold(self, thing):
         self._held.append(thing)
         return thing
 
     # -- reading the matcher's state ------------------------------------------------------
-    def _between_commands(self, seq: int) -> bool:
+    def _published_seq(self) -> int:
+        """The seq of the matcher's last published event: that command has finished."""
         published = self.events.published_cursor()
-        return int(self._seq_view[(published - 1) & self.events.mask]) == seq
+        return int(self._seq_view[(published - 1) & self.events.mask]) if published else 0
+
+    def _between_commands(self, seq: int) -> bool:
+        return self._published_seq() == seq
 
     def read_book(self, mk: _Market, with_impact: bool):
         """(top_of_book, impact prices or None) at a command boundary when we catch one (see
@@ -209,14 +221,24 @@ class Riskd:
             computed.append((mk, Published(index, mark, mk.funding.estimate_e9(),
                                            mk.funding.next_funding_ns, now_ns,
                                            mk.feed.applied_version)))
-        written = self._send([(mk, pub.mark_ticks) for mk, pub in computed
-                              if pub.mark_ticks != mk.last_sent_ticks], now_ns)
+        marks = [(mk, pub.mark_ticks) for mk, pub in computed
+                 if pub.mark_ticks != mk.last_sent_ticks]
+        written = self._send(marks, now_ns)
         self._send_funding(now_ns)
+        if self.scanner is not None:
+            self._send_liquidations(now_ns, {mk.spec.id: mark for mk, mark in marks[:written]})
         # Published after sending: whoever sees an operator's version applied on the board
         # (`perpx oracle set`) knows the mark it caused is already in the ring.
         for mk, pub in computed:
             self.board.publish(mk.spec.id, pub)
         return written
+
+    def _write(self, batch: np.ndarray) -> int:
+        """Stamp fresh req tokens (1 .. 2**31-1, wrapping) and write what the ring takes."""
+        reqs = (self._req + np.arange(len(batch))) % (2 ** 31 - 1) + 1
+        batch["req"] = reqs
+        self._req = int(reqs[-1])
+        return self.ring.write(batch)
 
     def _send(self, commands: list, now_ns: int) -> int:
         if not commands:
@@ -225,11 +247,9 @@ class Riskd:
         batch["cmd"] = CMD_SET_MARK
         batch["ts_ns"] = now_ns
         for i, (mk, mark) in enumerate(commands):
-            self._req = self._req % (2 ** 31 - 1) + 1
             batch["market"][i] = mk.spec.id
             batch["price_ticks"][i] = mark
-            batch["req"][i] = self._req
-        written = self.ring.write(batch)
+        written = self._write(batch)
         if written < len(batch) and self.ring.wait_for_space(len(batch) - written,
                                                              timeout_s=self.interval_s / 4):
             written += self.ring.write(batch[written:])
@@ -249,17 +269,25 @@ class Riskd:
         due = [mk for mk in self.markets if mk.unsent_funding_e9 is not None]
         if not due:
             return
-        batch = np.concatenate([funding_command(mk.spec.id, rate_e9=mk.unsent_funding_e9,
-                                                ts_ns=now_ns) for mk in due])
-        for i in range(len(batch)):
-            self._req = self._req % (2 ** 31 - 1) + 1
-            batch["req"][i] = self._req
-        written = self.ring.write(batch)
+        written = self._write(np.concatenate([
+            funding_command(mk.spec.id, rate_e9=mk.unsent_funding_e9, ts_ns=now_ns)
+            for mk in due]))
         for mk in due[:written]:
             mk.funding.sent(mk.unsent_funding_e9)
             mk.unsent_funding_e9 = None
             self.fundings_sent += 1
             self.log(f"{mk.spec.symbol}: FUNDING at rate {mk.funding.last_rate_e9} e-9")
+
+    def _send_liquidations(self, now_ns: int, marks: dict) -> None:
+        """LIQUIDATE for the scanner's targets, judged at the marks just written (the matcher
+        applies them first: same ring). What the ring cannot take is found again next tick."""
+        targets = self.scanner.cycle(now_ns, marks)
+        if not targets:
+            return
+        written = self._write(np.concatenate([liquidate_command(account, market, ts_ns=now_ns)
+                                              for account, market in targets]))
+        self.scanner.mark_sent(targets[:written], now_ns)
+        self.liquidations_sent += written
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, should_stop) -> None:
@@ -287,7 +315,9 @@ class Riskd:
             else:
                 parts.append(f"{mk.spec.symbol} index {mk.spec.price_str(pub.index_ticks)} mark "
                              f"{mk.spec.price_str(pub.mark_ticks)} ({mk.sent} sent)")
-        return "; ".join(parts) + (f"; dropped {self.dropped}, unsettled reads "
+        return "; ".join(parts) + (f"; {self.fundings_sent} fundings, "
+                                   f"{self.liquidations_sent} liquidations sent"
+                                   f"; dropped {self.dropped}, unsettled reads "
                                    f"{self.unsettled_reads}")
 
     def close(self) -> None:
