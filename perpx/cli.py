@@ -105,6 +105,16 @@ def cmd_bench_durability(args) -> int:
     return 0
 
 
+def cmd_bench_risk(args) -> int:
+    from perpx import bench_risk
+
+    res = bench_risk.bench_risk(positions=args.positions, accounts=args.accounts,
+                                runs=args.runs, cascade=not args.no_cascade,
+                                progress=_progress(args))
+    emit(args, res, bench_risk.format_report(res))
+    return 0
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -196,6 +206,19 @@ def _register_bench(sub, common):
     q.add_argument("--runs", type=_positive_int, default=3, metavar="R",
                    help="matcher kills, the median is reported (default 3)")
     q.set_defaults(func=cmd_bench_durability)
+
+    q = bsub.add_parser("risk", parents=[common],
+                        help="riskd's liquidation scanner on N positions, and a liquidation "
+                             "cascade on a real exchange")
+    q.add_argument("--positions", type=_positive_int, default=100_000, metavar="N",
+                   help="positions in the scanner's tables (default 100000)")
+    q.add_argument("--accounts", type=_positive_int, default=10_000, metavar="A",
+                   help="accounts near their liquidation price in the cascade (default 10000)")
+    q.add_argument("--runs", type=_positive_int, default=5, metavar="R",
+                   help="timed runs of each scanner figure, the median is reported (default 5)")
+    q.add_argument("--no-cascade", action="store_true",
+                   help="only the scanner figures (no exchange is started)")
+    q.set_defaults(func=cmd_bench_risk)
 
 
 # ---- helpers for the exchange commands ------------------------------------------------------

@@ -284,8 +284,9 @@ class Riskd:
         targets = self.scanner.cycle(now_ns, marks)
         if not targets:
             return
-        written = self._write(np.concatenate([liquidate_command(account, market, ts_ns=now_ns)
-                                              for account, market in targets]))
+        batch = np.repeat(liquidate_command(0, ts_ns=now_ns), len(targets))
+        batch["account"], batch["market"] = np.array(targets, dtype=np.int64).T
+        written = self._write(batch)
         self.scanner.mark_sent(targets[:written], now_ns)
         self.liquidations_sent += written
 
