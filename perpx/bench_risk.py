@@ -229,7 +229,7 @@ def _setup_commands(accounts: int) -> list:
     return [dep, ask, buys, bid]
 
 
-def _sequence(session, commands, timeout_s: float = 120.0) -> int:
+def sequence_commands(session, commands, timeout_s: float = 120.0) -> int:
     """Write commands into the ops ring and read events until the matcher has closed each
     (ops replies, perpx/ops.py, wait per command; this is one pass for thousands). Returns how
     many were rejected."""
@@ -259,90 +259,101 @@ def _sequence(session, commands, timeout_s: float = 120.0) -> int:
 
 
 def bench_cascade(accounts: int = DEFAULT_ACCOUNTS, progress=None) -> dict:
-    from engine.records import (CMD_LIQUIDATE, CMD_NEW_ORDER, COMMAND_EVENT_DTYPE, EV_COMMAND,
-                                EV_LIQUIDATION, EV_MARK, LIQUIDATION_EVENT_DTYPE,
-                                MARK_EVENT_DTYPE, SIDE_SELL, TIF_IOC, new_commands)
     from perpx.bench_e2e import bench_dir, running_exchange
-    from perpx.launch import wait_until
-    from perpx.ops import Exchange
-    from riskd.feeds import IndexBoard
     say = progress or (lambda msg: None)
     shm_left: list = []
     with bench_dir("risk") as root, \
             running_exchange(root / "state", cascade_config(accounts), say, shm_left) as (up, _):
-        ex = Exchange(up.sd)
-        board = IndexBoard.attach(ex.prefix)
-        try:
-            board.set(0, P0_TICKS)
-            say(f"cascade: {accounts:,} traders buying 0.01 BTC each at ~45x")
-            with ex.session(timeout_s=120.0) as session:
-                for batch in _setup_commands(accounts):
-                    rejected = _sequence(session, batch)
-                    if rejected:
-                        raise RuntimeError(f"cascade setup: {rejected} of {len(batch)} "
-                                           f"commands rejected")
-                # two riskd ticks: its scanner has derived every trader (changed_seq moved)
-                for _ in range(2):
-                    since = time.time_ns()
-                    wait_until(lambda: board.published(0).ts_ns > since, 10.0, "a riskd tick")
-                shock = new_commands(1)
-                shock["cmd"], shock["account"], shock["side"] = CMD_NEW_ORDER, 1, SIDE_SELL
-                shock["qty_lots"], shock["price_ticks"], shock["tif"] = 1, SHOCK_INDEX_TICKS, TIF_IOC
-                shock["cid"], shock["ts_ns"] = 10 ** 9, time.time_ns()
-                say("cascade: the shock")
-                t_shock = time.time_ns()
-                assert session.ring.write(shock) == 1
-                board.set(0, SHOCK_INDEX_TICKS)
-                traders = set(range(FIRST_TRADER, FIRST_TRADER + accounts))
-                first_fill, closed = {}, {}
-                mark_event = first_liquidate = None
-                consumer = session.consumer
-                deadline = time.monotonic() + 60 + accounts / 100
-                while len(closed) < accounts and time.monotonic() < deadline:
-                    n = consumer.available()
-                    if not n:
-                        consumer.wait(1, timeout_s=0.05)
-                        continue
-                    batch = consumer.peek(min(n, 1 << 16))
-                    consumer.advance(len(batch))
-                    now = time.time_ns()
-                    if first_liquidate is None:
-                        # the mark that set the cascade off: riskd's last before its LIQUIDATEs
-                        # (a tick may fall between the shock's trade and index: an
-                        # intermediate mark that liquidates nobody comes first)
-                        riskd = batch[batch["source"] == 1]
-                        for e in riskd[riskd["etype"] == EV_MARK].view(MARK_EVENT_DTYPE):
-                            mark_event = (int(e["ts_ns"]), now, int(e["mark_ticks"]))
-                        if np.any(riskd[riskd["etype"] == EV_COMMAND].view(COMMAND_EVENT_DTYPE)
-                                  ["command"]["cmd"] == CMD_LIQUIDATE):
-                            first_liquidate = now
-                    liq = batch[batch["etype"] == EV_LIQUIDATION].view(LIQUIDATION_EVENT_DTYPE)
-                    for account, size in zip(liq["account"].tolist(), liq["size_lots"].tolist()):
-                        if account in traders:
-                            first_fill.setdefault(account, now)
-                            if size == 0:
-                                closed.setdefault(account, now)
-        finally:
-            board.close()
+        res = run_cascade(up.sd, accounts, say)
+    return {**res, "shm_left": shm_left}
+
+
+def run_cascade(state_dir, accounts: int, say) -> dict:
+    """The cascade on a running exchange started with cascade_config(accounts)."""
+    from engine.records import CMD_NEW_ORDER, SIDE_SELL, TIF_IOC, new_commands
+    from perpx.launch import wait_until
+    from perpx.ops import Exchange
+    from riskd.feeds import IndexBoard
+    ex = Exchange(state_dir)
+    board = IndexBoard.attach(ex.prefix)
+    try:
+        board.set(0, P0_TICKS)
+        say(f"cascade: {accounts:,} traders buying 0.01 BTC each at ~45x")
+        with ex.session(timeout_s=120.0) as session:
+            for batch in _setup_commands(accounts):
+                rejected = sequence_commands(session, batch)
+                if rejected:
+                    raise RuntimeError(f"cascade setup: {rejected} of {len(batch)} commands "
+                                       f"rejected")
+            # two riskd ticks: its scanner has derived every trader (changed_seq moved)
+            for _ in range(2):
+                since = time.time_ns()
+                wait_until(lambda: board.published(0).ts_ns > since, 10.0, "a riskd tick")
+            shock = new_commands(1)
+            shock["cmd"], shock["account"], shock["side"] = CMD_NEW_ORDER, 1, SIDE_SELL
+            shock["qty_lots"], shock["price_ticks"], shock["tif"] = 1, SHOCK_INDEX_TICKS, TIF_IOC
+            shock["cid"], shock["ts_ns"] = 10 ** 9, time.time_ns()
+            say("cascade: the shock")
+            t_shock = time.time_ns()
+            if session.ring.write(shock) != 1:
+                raise RuntimeError("cascade: the ops ring is full")
+            board.set(0, SHOCK_INDEX_TICKS)
+            return _observe(session.consumer, accounts, t_shock)
+    finally:
+        board.close()
+
+
+def _observe(consumer, accounts: int, t_shock: int) -> dict:
+    """Read events until every trader's position is closed; the timings of the module
+    docstring."""
+    from engine.records import (CMD_LIQUIDATE, COMMAND_EVENT_DTYPE, EV_COMMAND, EV_LIQUIDATION,
+                                EV_MARK, LIQUIDATION_EVENT_DTYPE, MARK_EVENT_DTYPE)
+    traders = set(range(FIRST_TRADER, FIRST_TRADER + accounts))
+    first_fill, closed = {}, {}
+    mark_event = first_liquidate = None
+    deadline = time.monotonic() + 60 + accounts / 100
+    while len(closed) < accounts and time.monotonic() < deadline:
+        n = consumer.available()
+        if not n:
+            consumer.wait(1, timeout_s=0.05)
+            continue
+        batch = consumer.peek(min(n, 1 << 16))
+        consumer.advance(len(batch))
+        now = time.time_ns()
+        if first_liquidate is None:
+            # the mark that set the cascade off is riskd's last before its LIQUIDATEs (a tick
+            # between the shock's trade and its index makes an intermediate mark first)
+            riskd = batch[batch["source"] == 1]
+            for e in riskd[riskd["etype"] == EV_MARK].view(MARK_EVENT_DTYPE):
+                mark_event = (int(e["ts_ns"]), now, int(e["mark_ticks"]))
+            if np.any(riskd[riskd["etype"] == EV_COMMAND].view(COMMAND_EVENT_DTYPE)
+                      ["command"]["cmd"] == CMD_LIQUIDATE):
+                first_liquidate = now
+        liq = batch[batch["etype"] == EV_LIQUIDATION].view(LIQUIDATION_EVENT_DTYPE)
+        for account, size in zip(liq["account"].tolist(), liq["size_lots"].tolist()):
+            if account in traders:
+                first_fill.setdefault(account, now)
+                if size == 0:
+                    closed.setdefault(account, now)
     if mark_event is None:
         raise RuntimeError("riskd sent no mark after the shock")
     mark_ts, mark_seen, mark_ticks = mark_event
     reaction = np.array([t - mark_ts for t in first_fill.values()], dtype=np.float64)
-    settled = max(closed.values()) if closed else None
+    done = len(closed) == accounts
+    settled = max(closed.values()) if done else None
 
     def ms(ns):
-        return round(ns / 1e6, 3)
+        return round(float(ns) / 1e6, 3)
     return {"accounts": accounts, "mark_after_shock": mark_ticks / 10,
             "shock_to_mark_command_ms": ms(mark_ts - t_shock),
             "mark_command_seen_ms": ms(mark_seen - mark_ts),
             "first_liquidate_seen_ms": ms(first_liquidate - mark_ts) if first_liquidate else None,
             "liquidated": len(first_fill), "closed": len(closed),
-            "all_settled_ms_from_mark": ms(settled - mark_ts) if len(closed) == accounts else None,
-            "all_settled_ms_from_shock": ms(settled - t_shock) if len(closed) == accounts else None,
+            "all_settled_ms_from_mark": ms(settled - mark_ts) if done else None,
+            "all_settled_ms_from_shock": ms(settled - t_shock) if done else None,
             "reaction_ms": ({"first": ms(reaction.min()),
                              "p50": ms(np.percentile(reaction, 50)),
-                             "p99": ms(np.percentile(reaction, 99))} if len(reaction) else None),
-            "shm_left": shm_left}
+                             "p99": ms(np.percentile(reaction, 99))} if len(reaction) else None)}
 
 
 # ---- the report ----------------------------------------------------------------------------------
