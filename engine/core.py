@@ -536,13 +536,31 @@ def _equity_and_requirement(st, account, extra_market, extra_buy, extra_sell, ex
                 leverage = extra_leverage
         elif pos.size_lots == 0 and buy == 0 and sell == 0:
             continue
-        exposure = _exposure_lots(pos.size_lots, buy, sell)
+        per_lot = _margin_per_lot(mk, leverage)
         if pos.margin_mode == MARGIN_ISOLATED:
-            exposure -= pos.size_lots if pos.size_lots >= 0 else -pos.size_lots
+            required += _isolated_requirement(pos.size_lots, buy, sell,
+                                              pos.isolated_margin_atoms + _upnl(mk, pos), per_lot)
         else:
             equity += _upnl(mk, pos)
-        required += exposure * _margin_per_lot(mk, leverage)
+            required += _exposure_lots(pos.size_lots, buy, sell) * per_lot
     return equity, required
+
+
+@jit
+def _isolated_requirement(size, buy, sell, isolated_equity, per_lot):
+    """engine.risk.isolated_requirement_atoms: the larger drain on the cross balance of the
+    orders growing an isolated position or closing (and maybe flipping) it."""
+    growing = buy if size >= 0 else sell
+    closing = sell if size >= 0 else buy
+    drain = growing * per_lot
+    if closing > 0:
+        flip = closing - (size if size >= 0 else -size)
+        if flip < 0:
+            flip = 0
+        closing_drain = flip * per_lot - isolated_equity
+        if closing_drain > drain:
+            drain = closing_drain
+    return drain if drain > 0 else 0
 
 
 @jit
@@ -679,7 +697,8 @@ def _apply_fill(st, account, market, side, qty, price, fee):
 def _isolated_fill(mk, pos, acct, before, qty, side):
     """Move margin between the balance and an isolated position as a fill changes |size|:
     the closed lots release their share of the margin (all of it on a full close), the
-    opened lots post initial margin at the mark and the position's leverage."""
+    opened lots post initial margin at the mark and the position's leverage, as far as the
+    balance holds it."""
     closed = 0
     if before != 0 and (before > 0) != (side == SIDE_BUY):
         whole = before if before > 0 else -before
@@ -689,7 +708,11 @@ def _isolated_fill(mk, pos, acct, before, qty, side):
         acct.balance_atoms += release
     opened = qty - closed
     if opened > 0:
+        # the margin check covered the margin, not the fee: post no more than the balance holds
         posted = opened * _margin_per_lot(mk, pos.leverage)
+        available = acct.balance_atoms if acct.balance_atoms > 0 else 0
+        if posted > available:
+            posted = available
         pos.isolated_margin_atoms += posted
         acct.balance_atoms -= posted
 

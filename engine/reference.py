@@ -196,12 +196,15 @@ class ReferenceMatcher:
 
     def _requirement(self, market, pos, open_buy, open_sell, leverage=None):
         """Initial margin the cross balance must cover: the whole exposure of a cross position;
-        of an isolated one only the open orders beyond its position (the position itself is
-        backed by its isolated margin)."""
-        exposure = max(abs(pos.size_lots + open_buy), abs(pos.size_lots - open_sell))
+        for an isolated one what its open orders would drain from the balance (the position
+        itself is backed by its isolated margin; risk.isolated_requirement_atoms)."""
+        per_lot = self._margin_per_lot(market, pos, leverage)
         if pos.isolated:
-            exposure -= abs(pos.size_lots)
-        return exposure * self._margin_per_lot(market, pos, leverage)
+            return risk.isolated_requirement_atoms(
+                pos.size_lots, open_buy, open_sell,
+                pos.isolated_margin_atoms + self._upnl(market, pos), per_lot)
+        exposure = max(abs(pos.size_lots + open_buy), abs(pos.size_lots - open_sell))
+        return exposure * per_lot
 
     @staticmethod
     def _upnl(market, pos):
@@ -494,8 +497,8 @@ class ReferenceMatcher:
     def _apply_fill(self, account, market_id, market, delta, price, fee):
         """A fill of delta lots (+: bought) at price: position, realized PnL and fee to the
         balance. An isolated position posts initial margin (at the mark and its leverage) from
-        the balance for the lots it opens, and releases its margin's share of the lots it
-        closes (all of it on a full close)."""
+        the balance for the lots it opens, as far as the balance holds it, and releases its
+        margin's share of the lots it closes (all of it on a full close)."""
         pos = self._position(account, market_id)
         before = pos.size_lots
         pos.size_lots, pos.cost_atoms, realized = num.position_after_fill(
@@ -510,7 +513,10 @@ class ReferenceMatcher:
                 self.balances[account] += release
             opened = abs(delta) - closed
             if opened:
-                posted = opened * self._margin_per_lot(market, pos)
+                # the margin check covered the margin, not the fee: post no more than the
+                # balance holds, so an isolated fill never leaves the balance negative
+                posted = min(opened * self._margin_per_lot(market, pos),
+                             max(self.balances[account], 0))
                 pos.isolated_margin_atoms += posted
                 self.balances[account] -= posted
 

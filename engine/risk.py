@@ -71,6 +71,26 @@ def initial_margin_per_lot_atoms(mark_ticks: int, atoms_per_tick_lot: int, lever
     return _ceil_div(mark_ticks * atoms_per_tick_lot, leverage)
 
 
+def isolated_requirement_atoms(size_lots: int, open_buy_lots: int, open_sell_lots: int,
+                               isolated_equity_atoms: int, per_lot_atoms: int) -> int:
+    """What an isolated position's open orders need from the cross balance (>= 0).
+
+    Orders that grow the position post per_lot_atoms for each new lot. Orders on the closing
+    side hand the isolated equity (margin + uPnL) back to the balance and post margin for any
+    lots beyond the position (a flip), so they drain flip_lots x per_lot - isolated equity.
+    The larger drain of the two sides counts; with no position it is exposure x per_lot.
+    """
+    if size_lots >= 0:
+        growing, closing = open_buy_lots, open_sell_lots
+    else:
+        growing, closing = open_sell_lots, open_buy_lots
+    drain = growing * per_lot_atoms
+    if closing > 0:
+        flip = max(closing - abs(size_lots), 0)
+        drain = max(drain, flip * per_lot_atoms - isolated_equity_atoms)
+    return max(drain, 0)
+
+
 def bankruptcy_price_ticks(equity_other_atoms: int, size_lots: int, cost_atoms: int,
                            atoms_per_tick_lot: int) -> int:
     """The price at which the position's equity is zero, everything else held fixed.
@@ -184,12 +204,13 @@ def account_risk(st, account: int) -> dict:
         notional = abs(size) * mark * atpl
         upnl = size * mark * atpl - cost
         mm = maintenance_atoms(notional, brackets) if size else 0
-        exposure = max(abs(size + int(p["open_buy_lots"])), abs(size - int(p["open_sell_lots"])))
+        buy, sell = int(p["open_buy_lots"]), int(p["open_sell_lots"])
+        exposure = max(abs(size + buy), abs(size - sell))
         per_lot = initial_margin_per_lot_atoms(mark, atpl, leverage)
         isolated = int(p["margin_mode"]) == MARGIN_ISOLATED
         iso_margin = int(p["isolated_margin_atoms"])
         if isolated:
-            required += (exposure - abs(size)) * per_lot
+            required += isolated_requirement_atoms(size, buy, sell, iso_margin + upnl, per_lot)
             iso_equity += iso_margin + upnl
         else:
             required += exposure * per_lot
