@@ -13,8 +13,12 @@ strings; ids, sequence numbers and `ts` (ns) integers.
 
 Messages beyond PROTOCOL.md (additions, never changes):
 - every message the gateway sends carries `ts`; those caused by an event also `seq`.
-- `ack` also has `market`, `side`, `price` (limit orders), `qty` (the accepted quantity: a
-  reduce-only order may be clipped to the position) and `remaining` (open quantity).
+- `ack` also has `market`, `side`, `price` (limit kinds), `qty` (the accepted quantity: a
+  reduce-only order may be clipped to the position), `remaining` (open quantity) and, for the
+  stop and take-profit kinds, `kind`.
+- `fill` has `liquidation: true` when the liquidation engine made the trade.
+- `triggered` has `market`; `funding` has `size` and `mark_price`; `liquidation` has `side`,
+  `fee` and `size` (docs/protocol.md).
 - `canceled` also has `market` and `qty` (the quantity canceled).
 - `amended` also has `market`; its `qty` is the order's new open quantity.
 - `hello` {cancel_on_disconnect: bool} -> `hello` {account, cancel_on_disconnect}: opts a session
@@ -27,14 +31,18 @@ import struct
 
 import msgpack
 
-from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER, CMD_WITHDRAW,
-                            FLAG_REDUCE_ONLY, KIND_LIMIT, KIND_MARKET, REASON_INVALID_MESSAGE,
-                            REASON_INVALID_QTY, REASON_NAMES, SIDE_BUY, SIDE_SELL,
-                            STATUS_CANCELED, STATUS_FILLED, STATUS_OPEN, STP_CANCEL_BOTH,
-                            STP_CANCEL_MAKER, STP_CANCEL_TAKER, TIF_FOK, TIF_GTC, TIF_IOC,
-                            TIF_POST_ONLY)
+from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER,
+                            CMD_SET_MARGIN, CMD_WITHDRAW, FLAG_REDUCE_ONLY, FLAG_TRIGGER_BY_LAST,
+                            KIND_LIMIT, KIND_MARKET, KIND_STOP_LIMIT, KIND_STOP_MARKET,
+                            KIND_TAKE_PROFIT_LIMIT, KIND_TAKE_PROFIT_MARKET, LIQ_KIND_ADL,
+                            LIQ_KIND_LIQUIDATED, MARGIN_CROSS, MARGIN_ISOLATED,
+                            REASON_INVALID_MESSAGE, REASON_INVALID_QTY, REASON_LEVERAGE,
+                            REASON_MARGIN_MODE_LOCKED, REASON_NAMES, SIDE_BUY, SIDE_SELL,
+                            STATUS_CANCELED, STATUS_FILLED, STATUS_OPEN, STATUS_UNTRIGGERED,
+                            STP_CANCEL_BOTH, STP_CANCEL_MAKER, STP_CANCEL_TAKER, TIF_FOK,
+                            TIF_GTC, TIF_IOC, TIF_POST_ONLY)
 from gateway.markets import (INT64_MAX, EdgeReject, Market, MarketTable, atoms_to_str,
-                             usdc_to_atoms)
+                             format_scaled, usdc_to_atoms)
 
 INT64_MIN = -2 ** 63
 
@@ -53,6 +61,11 @@ TRADE_EVENT_STRUCT = struct.Struct(_H + "iBB2xqqqqqqqi4xqqqq")
 BALANCE_EVENT_STRUCT = struct.Struct(_H + "i4xqq")
 # + req, mark_ticks
 MARK_EVENT_STRUCT = struct.Struct(_H + "i4xq")
+# + req, rate_e9, size_lots, mark_ticks, payment_atoms, balance_atoms
+FUNDING_EVENT_STRUCT = struct.Struct(_H + "i4xqqqqq")
+# + req, kind, side, qty_lots, price_ticks, bankruptcy_ticks, fee_atoms, counterparty,
+#   size_lots
+LIQUIDATION_EVENT_STRUCT = struct.Struct(_H + "iBB2xqqqqqq")
 COMMAND_IN_EVENT_OFFSET = 64                     # EV_COMMAND: the command record's byte offset
 ETYPE_OFFSET = 16
 assert COMMAND_STRUCT.size == 64 and HEADER_STRUCT.size == 24
@@ -60,13 +73,22 @@ assert COMMAND_STRUCT.size == 64 and HEADER_STRUCT.size == 24
 # --- names ----------------------------------------------------------------------------------
 SIDES = {"buy": SIDE_BUY, "sell": SIDE_SELL}
 SIDE_NAMES = ("buy", "sell")
-KINDS = {"limit": KIND_LIMIT, "market": KIND_MARKET}
-KIND_NAMES = ("limit", "market")
-TRIGGER_KINDS = ("stop_market", "stop_limit", "take_profit_market", "take_profit_limit")
+KINDS = {"limit": KIND_LIMIT, "market": KIND_MARKET, "stop_market": KIND_STOP_MARKET,
+         "stop_limit": KIND_STOP_LIMIT, "take_profit_market": KIND_TAKE_PROFIT_MARKET,
+         "take_profit_limit": KIND_TAKE_PROFIT_LIMIT}
+KIND_NAMES = ("limit", "market", "stop_market", "stop_limit", "take_profit_market",
+              "take_profit_limit")
+# kinds that carry a limit price (the others enter as market orders)
+PRICED_KINDS = frozenset((KIND_LIMIT, KIND_STOP_LIMIT, KIND_TAKE_PROFIT_LIMIT))
+TRIGGER_BY = {"mark": 0, "last": FLAG_TRIGGER_BY_LAST}
+MARGIN_MODES = {"cross": MARGIN_CROSS, "isolated": MARGIN_ISOLATED}
+MARGIN_MODE_NAMES = ("cross", "isolated")
+LIQUIDATION_KIND_NAMES = {LIQ_KIND_LIQUIDATED: "liquidated", LIQ_KIND_ADL: "adl"}
 TIFS = {"gtc": TIF_GTC, "ioc": TIF_IOC, "fok": TIF_FOK, "post_only": TIF_POST_ONLY}
 STPS = {"cancel_taker": STP_CANCEL_TAKER, "cancel_maker": STP_CANCEL_MAKER,
         "cancel_both": STP_CANCEL_BOTH}
-STATUS_NAMES = {STATUS_OPEN: "open", STATUS_FILLED: "filled", STATUS_CANCELED: "canceled"}
+STATUS_NAMES = {STATUS_OPEN: "open", STATUS_FILLED: "filled", STATUS_CANCELED: "canceled",
+                STATUS_UNTRIGGERED: "untriggered"}
 
 # Texts for people, per reject reason the matcher can give.
 REASON_TEXT = {
@@ -88,6 +110,12 @@ REASON_TEXT = {
     "too_many_orders": "too many open orders (or price levels)",
     "insufficient_balance": "not enough balance",
     "forbidden": "not allowed",
+}
+# Engine reasons that share a protocol reason but deserve their own text.
+ENGINE_REASON_TEXT = {
+    REASON_LEVERAGE: "leverage must be an integer from 1 to the market's max_leverage",
+    REASON_MARGIN_MODE_LOCKED: "the margin mode cannot change while this market has a "
+                               "position or open orders of this account",
 }
 
 _packer = msgpack.Packer(use_bin_type=True)
@@ -140,37 +168,39 @@ def parse_new_order(msg: dict, markets: MarketTable):
     kind_name = get("kind", "limit")
     kind = KINDS.get(kind_name) if type(kind_name) is str else None
     if kind is None:
-        if kind_name in TRIGGER_KINDS:
-            raise EdgeReject(REASON_INVALID_MESSAGE,
-                             f"{kind_name} orders are not supported yet (only limit and market)")
-        raise EdgeReject(REASON_INVALID_MESSAGE, "kind must be \"limit\" or \"market\"")
-    if "trigger_price" in msg or "trigger_by" in msg:
-        raise EdgeReject(REASON_INVALID_MESSAGE,
-                         "trigger_price/trigger_by apply only to stop and take-profit kinds")
+        raise EdgeReject(REASON_INVALID_MESSAGE, f"kind must be one of {', '.join(KINDS)}")
     qty = get("qty")
     if qty is None:
         raise EdgeReject(REASON_INVALID_MESSAGE, "qty is required")
     lots = market.qty_to_lots(qty)
     price = get("price")
     tif_name = get("tif")
+    priced = kind in PRICED_KINDS
     if tif_name is None:
-        tif = TIF_GTC if kind == KIND_LIMIT else TIF_IOC
+        tif = TIF_GTC if priced else TIF_IOC
     else:
         tif = TIFS.get(tif_name) if type(tif_name) is str else None
         if tif is None:
             raise EdgeReject(REASON_INVALID_MESSAGE, f"tif must be one of {', '.join(TIFS)}")
-    if kind == KIND_LIMIT:
+    if priced:
         if price is None:
-            raise EdgeReject(REASON_INVALID_MESSAGE, "a limit order needs a price")
+            raise EdgeReject(REASON_INVALID_MESSAGE, f"a {kind_name} order needs a price")
         ticks = market.price_to_ticks(price)
     else:
         if price is not None:
-            raise EdgeReject(REASON_INVALID_MESSAGE, "a market order takes no price")
+            raise EdgeReject(REASON_INVALID_MESSAGE, f"a {kind_name} order takes no price")
         ticks = 0
         if tif == TIF_GTC:
             tif = TIF_IOC
         elif tif == TIF_POST_ONLY:
-            raise EdgeReject(REASON_INVALID_MESSAGE, "a market order cannot be post-only")
+            raise EdgeReject(REASON_INVALID_MESSAGE, f"a {kind_name} order cannot be post-only")
+    flags = 0
+    trigger_ticks = 0
+    if kind > KIND_MARKET:
+        trigger_ticks, flags = _trigger(msg, market, kind_name)
+    elif "trigger_price" in msg or "trigger_by" in msg:
+        raise EdgeReject(REASON_INVALID_MESSAGE,
+                         "trigger_price/trigger_by apply only to stop and take-profit kinds")
     reduce_only = get("reduce_only", False)
     if reduce_only is not False and reduce_only is not True:
         raise EdgeReject(REASON_INVALID_MESSAGE, "reduce_only must be true or false")
@@ -181,8 +211,35 @@ def parse_new_order(msg: dict, markets: MarketTable):
         stp = STPS.get(stp_name) if type(stp_name) is str else None
         if stp is None:
             raise EdgeReject(REASON_INVALID_MESSAGE, f"stp must be one of {', '.join(STPS)}")
-    return (CMD_NEW_ORDER, market.market_id, cid, 0, ticks, lots, 0, side, kind, tif,
-            FLAG_REDUCE_ONLY if reduce_only else 0, stp), market
+    if reduce_only:
+        flags |= FLAG_REDUCE_ONLY
+    return (CMD_NEW_ORDER, market.market_id, cid, 0, ticks, lots, trigger_ticks, side, kind,
+            tif, flags, stp), market
+
+
+def _trigger(msg: dict, market: Market, kind_name: str) -> tuple[int, int]:
+    """A conditional order's trigger price (ticks, on the grid like any price) and flags."""
+    value = msg.get("trigger_price")
+    if value is None:
+        raise EdgeReject(REASON_INVALID_MESSAGE, f"a {kind_name} order needs a trigger_price")
+    ticks = market.price_to_ticks(value, "trigger_price")
+    by = msg.get("trigger_by", "mark")
+    flags = TRIGGER_BY.get(by) if type(by) is str else None
+    if flags is None:
+        raise EdgeReject(REASON_INVALID_MESSAGE, "trigger_by must be \"mark\" or \"last\"")
+    return ticks, flags
+
+
+def parse_set_margin(msg: dict, markets: MarketTable):
+    """`set_margin` {market, mode, leverage}: the range of leverage is the matcher's check
+    (it knows the market's max_leverage), its reject says so."""
+    market = markets.get(msg.get("market"))
+    mode_name = msg.get("mode")
+    mode = MARGIN_MODES.get(mode_name) if type(mode_name) is str else None
+    if mode is None:
+        raise EdgeReject(REASON_INVALID_MESSAGE, "mode must be \"cross\" or \"isolated\"")
+    leverage = _int_field(msg, "leverage", required=True, lo=1, hi=INT64_MAX)
+    return (CMD_SET_MARGIN, market.market_id, 0, 0, 0, leverage, 0, 0, mode, 0, 0, 0)
 
 
 def order_ref(msg: dict) -> tuple[int, int]:
@@ -240,7 +297,8 @@ def reject_message(reason_name: str, text: str, cid=None, seq=None, ts=0) -> dic
 def engine_reject_message(ev, cid) -> dict:
     """EV_REJECT (ORDER_EVENT_STRUCT tuple) -> `reject`; cid only if the request had one."""
     name = REASON_NAMES.get(ev[7], "invalid_message")
-    return reject_message(name, REASON_TEXT.get(name, name), cid, ev[0], ev[1])
+    text = ENGINE_REASON_TEXT.get(ev[7]) or REASON_TEXT.get(name, name)
+    return reject_message(name, text, cid, ev[0], ev[1])
 
 
 def ack_message(ev, market: Market) -> dict:
@@ -248,8 +306,10 @@ def ack_message(ev, market: Market) -> dict:
     msg = {"type": "ack", "cid": cid, "oid": oid, "status": STATUS_NAMES.get(status, "open"),
            "market": market.symbol, "side": SIDE_NAMES[side], "qty": market.lots_to_str(qty),
            "remaining": market.lots_to_str(remaining), "seq": seq, "ts": ts}
-    if kind == KIND_LIMIT:
+    if kind in PRICED_KINDS:
         msg["price"] = market.ticks_to_str(price)
+    if kind > KIND_MARKET:
+        msg["kind"] = KIND_NAMES[kind]
     return msg
 
 
@@ -265,6 +325,40 @@ def amended_message(ev, market: Market) -> dict:
             "seq": ev[0], "ts": ev[1]}
 
 
+def open_order_row(oid: int, order: list, status: str, market: Market) -> dict:
+    """One `open_orders` entry from a mirror order (gateway/mirror.py's list layout)."""
+    _, cid, _, side, kind, price, remaining, qty = order
+    return {"oid": oid, "cid": cid, "market": market.symbol, "side": SIDE_NAMES[side],
+            "kind": KIND_NAMES[kind], "price": market.ticks_to_str(price) if price else None,
+            "qty": market.lots_to_str(qty), "remaining": market.lots_to_str(remaining),
+            "status": status}
+
+
+def triggered_message(ev, market: Market) -> dict:
+    return {"type": "triggered", "cid": ev[12], "oid": ev[11], "market": market.symbol,
+            "seq": ev[0], "ts": ev[1]}
+
+
+def funding_message(ev, market: Market) -> dict:
+    """EV_FUNDING (FUNDING_EVENT_STRUCT tuple) -> `funding` to the account."""
+    return {"type": "funding", "market": market.symbol, "rate": rate_to_str(ev[7]),
+            "payment": atoms_to_str(ev[10]), "size": market.signed_lots_to_str(ev[8]),
+            "mark_price": market.ticks_to_str(ev[9]), "seq": ev[0], "ts": ev[1]}
+
+
+def liquidation_message(ev, market: Market) -> dict:
+    """EV_LIQUIDATION (LIQUIDATION_EVENT_STRUCT tuple) -> `liquidation` to the account."""
+    return {"type": "liquidation", "market": market.symbol,
+            "qty": market.lots_to_str(ev[9]), "price": market.ticks_to_str(ev[10]),
+            "kind": LIQUIDATION_KIND_NAMES[ev[7]], "side": SIDE_NAMES[ev[8]],
+            "fee": atoms_to_str(ev[12]), "size": market.signed_lots_to_str(ev[14]),
+            "seq": ev[0], "ts": ev[1]}
+
+
+def rate_to_str(rate_e9: int) -> str:
+    return format_scaled(rate_e9, 9)
+
+
 def done_message(ev, count=None) -> dict:
     msg = {"type": "done", "seq": ev[0], "ts": ev[1]}
     if count is not None:
@@ -274,8 +368,8 @@ def done_message(ev, count=None) -> dict:
 
 def fill_messages(tr, market: Market):
     """EV_TRADE -> (taker's fill, maker's fill): each with its own side, fee and remaining."""
-    (seq, ts, _, _, _, _, _, side, _, trade_id, price, qty, oid, cid, remaining, fee,
-     _, maker_oid, maker_cid, maker_remaining, maker_fee) = tr
+    (seq, ts, _, _, _, _, _, side, liquidation, trade_id, price, qty, oid, cid, remaining,
+     fee, _, maker_oid, maker_cid, maker_remaining, maker_fee) = tr
     price_s = market.ticks_to_str(price)
     qty_s = market.lots_to_str(qty)
     taker = {"type": "fill", "cid": cid, "oid": oid, "trade_id": trade_id,
@@ -286,4 +380,6 @@ def fill_messages(tr, market: Market):
              "market": market.symbol, "side": SIDE_NAMES[1 - side], "price": price_s,
              "qty": qty_s, "remaining": market.lots_to_str(maker_remaining),
              "fee": atoms_to_str(maker_fee), "liquidity": "maker", "seq": seq, "ts": ts}
+    if liquidation:
+        taker["liquidation"] = maker["liquidation"] = True
     return taker, maker

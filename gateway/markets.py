@@ -184,6 +184,8 @@ class Market:
         self.topic_book = f"book.{self.symbol}".encode()
         self.topic_trade = f"trade.{self.symbol}".encode()
         self.topic_mark = f"mark.{self.symbol}".encode()
+        self.topic_funding = f"funding.{self.symbol}".encode()
+        self.topic_liquidation = f"liquidation.{self.symbol}".encode()
         self._tick_text = format(self.tick_size.normalize(), "f")
         self._lot_text = format(self.lot_size.normalize(), "f")
 
@@ -251,6 +253,10 @@ class Market:
                 self._lots_out.clear()
             self._lots_out[lots] = s
         return s
+
+    def signed_lots_to_str(self, lots: int) -> str:
+        """A position size: negative = short."""
+        return "-" + self.lots_to_str(-lots) if lots < 0 else self.lots_to_str(lots)
 
     def ticks_to_decimal(self, ticks) -> Decimal:
         return Decimal(ticks) * self.tick_size

@@ -1,10 +1,13 @@
-"""The gateway's copy of the trading state, kept exact by applying the event stream.
+"""The gateway's copy of the order books, kept exact by applying the event stream.
 
-A gateway consumes every event the matcher emits, so it can follow the book, the resting
-orders and each account's balance and positions without asking the matcher: `book`,
-`open_orders` and `account` queries are answered from here, exact at `applied_seq` (the last
-command whose events are all applied), and the market-data deltas are the levels this copy
-saw change.
+A gateway consumes every event the matcher emits, so it can follow the books, the resting and
+untriggered orders and the markets without asking the matcher: `book` and `open_orders`
+queries are answered from here, exact at `applied_seq` (the last command whose events are all
+applied), and the market-data deltas are the levels this copy saw change.
+
+Money is not mirrored: balances, positions, isolated margins, funding and liquidations follow
+rules that only the matcher applies (engine/risk.py reads them), so the `account` query reads
+the matcher's own rows (gateway/account_state.py) instead of re-deriving them here.
 
 It starts from a copy of the matcher's state tables (engine.service.attach_state) taken at a
 command boundary (`consistent_state_copy`) and applies only events of later commands. The
@@ -14,13 +17,14 @@ within the bounds every market's config proves).
 Order events change it this way (engine/reference.py is the rule book):
 - `ack` with status open: the order rests with the ack's `remaining_lots` (its open quantity
   after the fills that follow the ack).
+- `ack` with status untriggered: the order waits outside the book (`untriggered`) until its
+  `triggered` event; the live order's own events follow that (an ack if it rests).
 - `trade`: the maker's open quantity becomes `maker_remaining_lots`; the taker's becomes
   `remaining_lots` if the taker rests (an amended order re-matching), so a new order's level
   goes up by its final remainder at the ack and back to it after its fills (deltas are taken
-  per batch, so nobody sees the intermediate values). Positions and balances move with the
-  fill, fees from the event.
-- `canceled`: the order leaves the book. `amended`: new price and open quantity.
-- `balance`: the event carries the new balance. `mark`: the new mark.
+  per batch, so nobody sees the intermediate values).
+- `canceled`: the order leaves the book (or the untriggered set). `amended`: new price and
+  open quantity. `mark`: the new mark.
 - admin commands (create market, limits, halt, resume) apply when their `done` follows.
 """
 
@@ -31,9 +35,8 @@ import time
 import numpy as np
 
 from engine.records import (CMD_CREATE_MARKET, CMD_HALT, CMD_RESUME, CMD_SET_MARKET_LIMITS,
-                            SIDE_BUY, STATUS_OPEN)
-from engine.numbers import position_after_fill
-from engine.records import EV_ACK, EV_AMENDED, EV_CANCELED, EV_DONE
+                            EV_ACK, EV_AMENDED, EV_CANCELED, EV_DONE, EV_TRIGGERED, STATUS_OPEN,
+                            STATUS_UNTRIGGERED)
 from engine.state import C_SEQ, NONE
 
 # an order: [account, cid, market, side, kind, price_ticks, remaining_lots, qty_lots]
@@ -42,6 +45,8 @@ O_ACCOUNT, O_CID, O_MARKET, O_SIDE, O_KIND, O_PRICE, O_REMAINING, O_QTY = range(
 #            max_order_lots, halted, last_trade_ticks]
 M_ACTIVE, M_ATPL, M_LEVERAGE, M_MARK, M_MAX_PRICE, M_MAX_ORDER, M_HALTED, M_LAST = range(8)
 
+# the events on_order_event folds in (balance, funding, liquidation, insurance: money, not books)
+ORDER_EVENTS = frozenset((EV_ACK, EV_CANCELED, EV_AMENDED, EV_DONE, EV_TRIGGERED))
 ADMIN_COMMANDS = (CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_HALT, CMD_RESUME)
 _STATE_TABLES = ("counters", "markets", "positions", "accounts", "orders", "levels",
                  "book_keys", "book_levels", "book_depth")
@@ -49,7 +54,15 @@ _STATE_TABLES = ("counters", "markets", "positions", "accounts", "orders", "leve
 
 def consistent_state_copy(state, events, timeout_s: float = 10.0, stats: dict | None = None,
                           tables=_STATE_TABLES):
-    """Copies of the matcher's tables at a command boundary, and the seq they hold.
+    """Copies of the matcher's tables at a command boundary, and the seq they hold."""
+    return consistent_copy(
+        state, events, lambda st: {name: np.array(getattr(st, name)) for name in tables},
+        timeout_s, stats)
+
+
+def consistent_copy(state, events, take, timeout_s: float = 10.0, stats: dict | None = None,
+                    pause_s: float = 0.0005):
+    """take(state) -> dict of arrays, taken at a command boundary; returns (copies, seq).
 
     The matcher bumps the seq counter before a command touches anything and publishes the
     command's events after it is done. So: if the last published event belongs to the seq the
@@ -69,15 +82,18 @@ def consistent_state_copy(state, events, timeout_s: float = 10.0, stats: dict | 
         # started at (MatcherService.mark_start): 0, or the seq it recovered to.
         last = int(seq_view[(published - 1) & mask])
         if last == s0:
-            first = {name: np.array(getattr(state, name)) for name in tables}
-            second = {name: np.array(getattr(state, name)) for name in tables}
+            first = take(state)
+            second = take(state)
+            # bytes, not fields: comparing record arrays field by field costs ~100x more
             if int(state.counters[C_SEQ]) == s0 and all(
-                    np.array_equal(first[n], second[n]) for n in tables):
+                    np.array_equal(first[n].view(np.uint8), second[n].view(np.uint8))
+                    for n in first):
                 return first, s0
         if time.monotonic() > deadline:
             raise TimeoutError("could not take a consistent copy of the matcher's state "
                                f"within {timeout_s} s (the matcher never paused)")
-        time.sleep(0.0005)
+        if pause_s:
+            time.sleep(pause_s)
 
 
 class Mirror:
@@ -88,10 +104,9 @@ class Mirror:
         self.orders: dict[int, list] = {}
         self.acct_orders: dict[int, dict[int, list]] = {}
         self.cid_index: dict[tuple[int, int], int] = {}
+        self.untriggered: dict[int, list] = {}    # conditional orders waiting for a trigger
         self.books = [({}, {}) for _ in range(max_markets)]
         self.markets = [[0, 0, 0, 0, 0, 0, 0, 0] for _ in range(max_markets)]
-        self.balances: dict[int, int] = {}
-        self.positions: dict[tuple[int, int], list] = {}   # (account, market) -> [size, cost]
         self.track_dirty = track_dirty
         self.dirty = [(set(), set()) for _ in range(max_markets)] if track_dirty else None
         self.any_dirty = False
@@ -111,14 +126,6 @@ class Mirror:
                                int(r["max_leverage"]), int(r["mark_ticks"]),
                                int(r["max_price_ticks"]), int(r["max_order_lots"]),
                                int(r["halted"]), int(r["last_trade_ticks"])]
-        accounts = get("accounts")
-        balances = accounts["balance_atoms"]
-        for a in np.flatnonzero(balances):
-            self.balances[int(a)] = int(balances[a])
-        pos = get("positions")
-        for a, m in zip(*np.nonzero((pos["size_lots"] != 0) | (pos["cost_atoms"] != 0))):
-            p = pos[a, m]
-            self.positions[(int(a), int(m))] = [int(p["size_lots"]), int(p["cost_atoms"])]
         orders, levels = get("orders"), get("levels")
         depth, book_levels = get("book_depth"), get("book_levels")
         for m in range(max_markets):
@@ -166,14 +173,6 @@ class Mirror:
             self.dirty[market][side].add(price)
             self.any_dirty = True
 
-    def _fill(self, account: int, market: int, delta: int, price: int, atpl: int, fee: int):
-        key = (account, market)
-        pos = self.positions.get(key)
-        if pos is None:
-            pos = self.positions[key] = [0, 0]
-        pos[0], pos[1], realized = position_after_fill(pos[0], pos[1], delta, price, atpl)
-        self.balances[account] = self.balances.get(account, 0) + realized - fee
-
     def _set_remaining(self, oid: int, remaining: int) -> None:
         order = self.orders.get(oid)
         if order is None:
@@ -209,7 +208,8 @@ class Mirror:
         return market
 
     def on_order_event(self, etype: int, ev: tuple, seq: int):
-        """Fold an order event (ack, canceled, amended, done) in; on_done's result for done."""
+        """Fold an order event (ack, canceled, amended, done, triggered) in; on_done's result
+        for done."""
         if etype == EV_ACK:
             self.on_ack(ev)
         elif etype == EV_CANCELED:
@@ -218,35 +218,40 @@ class Mirror:
             self.on_amended(ev)
         elif etype == EV_DONE:
             return self.on_done(seq)
+        elif etype == EV_TRIGGERED:
+            self._take_untriggered(ev[11])
         return None
 
     def on_ack(self, ev) -> None:
-        if ev[8] == STATUS_OPEN:
+        status = ev[8]
+        if status == STATUS_OPEN:
             # seq ts etype source market account req reason status side kind oid cid price qty rem
             order = [ev[5], ev[12], ev[4], ev[9], ev[10], ev[13], ev[15], ev[14]]
             self._add(ev[11], order)
             self._level(ev[4], ev[9], ev[13], ev[15])
+        elif status == STATUS_UNTRIGGERED:
+            self.untriggered[ev[11]] = [ev[5], ev[12], ev[4], ev[9], ev[10], ev[13], ev[15],
+                                        ev[14]]
+            self.cid_index[(ev[5], ev[12])] = ev[11]
+
+    def _take_untriggered(self, oid: int) -> list | None:
+        order = self.untriggered.pop(oid, None)
+        if order is not None:
+            del self.cid_index[(order[O_ACCOUNT], order[O_CID])]
+        return order
 
     def on_trade(self, tr) -> None:
-        (_, _, _, _, market, taker, _, side, _, _, price, qty, oid, _, remaining, fee,
-         maker, maker_oid, _, maker_remaining, maker_fee) = tr
-        self._set_remaining(maker_oid, maker_remaining)
-        self._set_remaining(oid, remaining)
-        mk = self.markets[market]
-        atpl = mk[M_ATPL]
-        mk[M_LAST] = price
-        if side == SIDE_BUY:
-            self._fill(taker, market, qty, price, atpl, fee)
-            self._fill(maker, market, -qty, price, atpl, maker_fee)
-        else:
-            self._fill(taker, market, -qty, price, atpl, fee)
-            self._fill(maker, market, qty, price, atpl, maker_fee)
+        self._set_remaining(tr[17], tr[19])      # maker_oid, maker_remaining_lots
+        self._set_remaining(tr[12], tr[14])      # oid, remaining_lots
+        self.markets[tr[4]][M_LAST] = tr[10]
 
     def on_canceled(self, ev) -> None:
         order = self.orders.get(ev[11])
         if order is not None:
             self._level(order[O_MARKET], order[O_SIDE], order[O_PRICE], -order[O_REMAINING])
             self._remove(ev[11], order)
+        elif self.untriggered:
+            self._take_untriggered(ev[11])
 
     def on_amended(self, ev) -> None:
         order = self.orders.get(ev[11])
@@ -256,9 +261,6 @@ class Mirror:
         self._level(market, side, order[O_PRICE], -order[O_REMAINING])
         order[O_PRICE], order[O_QTY], order[O_REMAINING] = ev[13], ev[14], ev[15]
         self._level(market, side, ev[13], ev[15])
-
-    def on_balance(self, ev) -> None:
-        self.balances[ev[5]] = ev[8]
 
     def on_mark(self, ev) -> None:
         if 0 <= ev[4] < self.max_markets:
@@ -274,6 +276,15 @@ class Mirror:
             b, a = b[:depth], a[:depth]
         return b, a
 
+    def open_orders(self, account: int, market: int | None = None):
+        """(oid, order, status word) of the account's resting, then untriggered, orders."""
+        for oid, o in self.acct_orders.get(account, {}).items():
+            if market is None or o[O_MARKET] == market:
+                yield oid, o, "open"
+        for oid, o in self.untriggered.items():
+            if o[O_ACCOUNT] == account and (market is None or o[O_MARKET] == market):
+                yield oid, o, "untriggered"
+
     def take_dirty(self, market: int):
         """Changed levels since the last call: (bids, asks) as [(price, qty)], best first."""
         bids_dirty, asks_dirty = self.dirty[market]
@@ -284,43 +295,13 @@ class Mirror:
         asks_dirty.clear()
         return b, a
 
-    def account_numbers(self, account: int):
-        """balance, equity, initial requirement (with open orders), position requirement,
-        and per market (market, size, cost, mark, upnl) — the matcher's margin arithmetic."""
-        balance = self.balances.get(account, 0)
-        equity = balance
-        required = 0
-        position_required = 0
-        open_lots = {}
-        for order in self.acct_orders.get(account, {}).values():
-            key = (order[O_MARKET], order[O_SIDE])
-            open_lots[key] = open_lots.get(key, 0) + order[O_REMAINING]
-        positions = []
-        for m in range(self.max_markets):
-            pos = self.positions.get((account, m))
-            buy, sell = open_lots.get((m, 0), 0), open_lots.get((m, 1), 0)
-            if pos is None and not buy and not sell:
-                continue
-            size, cost = pos if pos is not None else (0, 0)
-            mk = self.markets[m]
-            mark, atpl, lev = mk[M_MARK], mk[M_ATPL], mk[M_LEVERAGE] or 1
-            upnl = size * mark * atpl - cost
-            equity += upnl
-            exposure = max(abs(size + buy), abs(size - sell))
-            required += -(-(exposure * mark * atpl) // lev)
-            position_required += -(-(abs(size) * mark * atpl) // lev)
-            if size or cost:
-                positions.append((m, size, cost, mark, upnl, lev, atpl))
-        return balance, equity, required, position_required, positions
-
 
 def apply_events(mirror: Mirror, raw: bytes | memoryview, count: int) -> None:
     """Apply `count` 128-byte event records (as the ring holds them) to a mirror: the same
     per-event calls the gateway makes, without the routing (for tests and tools)."""
-    from engine.records import EV_BALANCE, EV_COMMAND, EV_MARK, EV_TRADE
-    from gateway.codec import (BALANCE_EVENT_STRUCT, COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT,
-                               ETYPE_OFFSET, MARK_EVENT_STRUCT, ORDER_EVENT_STRUCT,
-                               TRADE_EVENT_STRUCT)
+    from engine.records import EV_COMMAND, EV_MARK, EV_TRADE
+    from gateway.codec import (COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT, ETYPE_OFFSET,
+                               MARK_EVENT_STRUCT, ORDER_EVENT_STRUCT, TRADE_EVENT_STRUCT)
     mv = memoryview(raw).cast("B")
     for i in range(count):
         off = i * 128
@@ -333,11 +314,9 @@ def apply_events(mirror: Mirror, raw: bytes | memoryview, count: int) -> None:
             mirror.applied_seq = seq
         elif etype == EV_TRADE:
             mirror.on_trade(TRADE_EVENT_STRUCT.unpack_from(mv, off))
-        elif etype == EV_BALANCE:
-            mirror.on_balance(BALANCE_EVENT_STRUCT.unpack_from(mv, off))
         elif etype == EV_MARK:
             mirror.on_mark(MARK_EVENT_STRUCT.unpack_from(mv, off))
-        else:
+        elif etype in ORDER_EVENTS:
             mirror.on_order_event(etype, ORDER_EVENT_STRUCT.unpack_from(mv, off), seq)
 
 
@@ -345,9 +324,8 @@ def comparable(mirror: Mirror) -> dict:
     """What must agree between a mirror fed with events and one built from the state tables."""
     return {
         "orders": {oid: tuple(o[:7]) for oid, o in mirror.orders.items()},
+        "untriggered": {oid: tuple(o[:7]) for oid, o in mirror.untriggered.items()},
         "books": [(dict(b), dict(a)) for b, a in mirror.books],
-        "balances": {a: v for a, v in mirror.balances.items() if v},
-        "positions": {k: tuple(v) for k, v in mirror.positions.items() if v != [0, 0]},
         "markets": [list(m) for m in mirror.markets],
         "cids": dict(mirror.cid_index),
     }

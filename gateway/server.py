@@ -67,7 +67,6 @@ import sys
 import threading
 import time
 from collections import deque
-from decimal import Decimal, localcontext
 from pathlib import Path
 
 import numpy as np
@@ -76,22 +75,24 @@ import zmq.auth
 from zmq.utils.monitor import parse_monitor_message
 
 from engine.config import EngineConfig
-from engine.records import (CMD_CANCEL_ALL, COMMAND_DTYPE, EV_ACK, EV_AMENDED, EV_BALANCE,
-                            EV_CANCELED, EV_COMMAND, EV_DONE, EV_MARK, EV_REJECT, EV_TRADE,
-                            EVENT_BYTES, EVENT_DTYPE, REASON_DISCONNECT, REASON_FORBIDDEN,
-                            REASON_INVALID_MESSAGE, REASON_MARKET_HALTED, REASON_NAMES,
-                            REASON_RATE_LIMITED, REASON_UNKNOWN_ORDER)
+from engine.records import (CMD_CANCEL_ALL, CMD_FUNDING, CMD_LIQUIDATE, COMMAND_DTYPE, EV_ACK,
+                            EV_AMENDED, EV_BALANCE, EV_CANCELED, EV_COMMAND, EV_DONE,
+                            EV_FUNDING, EV_LIQUIDATION, EV_MARK, EV_REJECT,
+                            EV_TRADE, EV_TRIGGERED, EVENT_BYTES, EVENT_DTYPE, REASON_DISCONNECT,
+                            REASON_FORBIDDEN, REASON_INVALID_MESSAGE, REASON_MARKET_HALTED,
+                            REASON_NAMES, REASON_RATE_LIMITED, REASON_UNKNOWN_ORDER)
 from engine.service import attach_state, command_ring_name, event_ring_name
 from gateway import codec
 from gateway.accounts import ZAP_DOMAIN, AccountAuthenticator, AccountRegistry
 from gateway.codec import (COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT, ETYPE_OFFSET,
-                           ORDER_EVENT_STRUCT, TRADE_EVENT_STRUCT, BALANCE_EVENT_STRUCT,
-                           MARK_EVENT_STRUCT, pack)
-from gateway.markets import EdgeReject, MarketTable, atoms_to_str
-from gateway.mirror import (M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE, O_CID, O_KIND,
-                            O_MARKET, O_PRICE, O_QTY, O_REMAINING, O_SIDE, Mirror,
+                           FUNDING_EVENT_STRUCT, LIQUIDATION_EVENT_STRUCT, MARK_EVENT_STRUCT,
+                           ORDER_EVENT_STRUCT, TRADE_EVENT_STRUCT, pack)
+from gateway.account_state import account_state_fields, account_tables
+from gateway.markets import EdgeReject, MarketTable
+from gateway.mirror import (M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE, O_MARKET, Mirror,
                             consistent_state_copy)
 from persistd.progress import JournalProgress
+from riskd.feeds import IndexBoard
 from shm.region import ShmError, attach_retrying
 from shm.ring import CommandRing, EventRing
 from shm.wait import SpinYieldBlockWait
@@ -128,7 +129,9 @@ def _send_pair(sock, first: bytes, second: bytes) -> None:
     except zmq.ZMQError:
         pass
 # Requests that would add exposure or move money: refused while the journal fails.
-_NOT_WHILE_JOURNAL_FAILS = frozenset(("new_order", "amend", "withdraw"))
+_NOT_WHILE_JOURNAL_FAILS = frozenset(("new_order", "amend", "withdraw", "set_margin"))
+# How long an `account` query may wait for the matcher to pause between command batches.
+ACCOUNT_COPY_TIMEOUT_S = 0.5
 
 
 class Session:
@@ -233,12 +236,10 @@ class Gateway:
         self.ring = attach_retrying(lambda: CommandRing.attach(
             command_ring_name(self.prefix, self.source_name), COMMAND_DTYPE), timeout_s)
         self._closers.append(self.ring.close)
-        region, state = attach_retrying(lambda: attach_state(self.prefix, self.cfg), timeout_s)
-        try:
-            tables, seq = consistent_state_copy(state, self.events, timeout_s)
-        finally:
-            del state
-            region.close()
+        region, self._state = attach_retrying(lambda: attach_state(self.prefix, self.cfg),
+                                              timeout_s)
+        self._closers.append(lambda: self._close_state(region))
+        tables, seq = consistent_state_copy(self._state, self.events, timeout_s)
         self.mirror = Mirror.from_state(tables, seq, self.cfg.max_markets)
         self.boot_seq = seq
         self._check_markets()
@@ -257,6 +258,9 @@ class Gateway:
         self._cmd_mv = memoryview(self._cmd_buf.view(np.uint8))
         self._cmd_n = 0
         self._held = deque()
+        self._risk_command = None      # (seq, code, command) of the last FUNDING / LIQUIDATE
+        self.index_board = None
+        self._index_board_retry = 0.0
         self.stats = {"requests": 0, "edge_rejects": 0, "events": 0, "dropped_frames": 0}
 
     def _check_markets(self) -> None:
@@ -486,7 +490,6 @@ class Gateway:
         mine = self.source_index
         pending = self.pending
         by_account = self.by_account
-        market_by_id = self.market_by_id
         order_unpack = ORDER_EVENT_STRUCT.unpack_from
         for i in range(count):
             off = i * EVENT_BYTES
@@ -497,6 +500,9 @@ class Gateway:
                 if seq > boot:
                     mirror.on_command(seq, cmd)
                     mirror.applied_seq = seq
+                code = cmd[9]
+                if code == CMD_FUNDING or code == CMD_LIQUIDATE:
+                    self._risk_command = (seq, code, cmd)
                 continue
             if etype == EV_TRADE:
                 tr = TRADE_EVENT_STRUCT.unpack_from(mv, off)
@@ -504,21 +510,15 @@ class Gateway:
                     mirror.on_trade(tr)
                 self._route_trade(tr)
                 continue
-            if etype == EV_BALANCE:
-                ev = BALANCE_EVENT_STRUCT.unpack_from(mv, off)
-                if ev[0] > boot:
-                    mirror.on_balance(ev)
-                continue
             if etype == EV_MARK:
                 ev = MARK_EVENT_STRUCT.unpack_from(mv, off)
                 if ev[0] > boot:
                     mirror.on_mark(ev)
                 if self.pub is not None:
-                    market = market_by_id[ev[4]] if 0 <= ev[4] < len(market_by_id) else None
-                    if market is not None:
-                        self._publish(market.topic_mark, pack(
-                            {"seq": ev[0], "mark": market.ticks_to_str(ev[7]), "ts": ev[1]}),
-                            ev[0])
+                    self._publish_mark(ev)
+                continue
+            if etype >= EV_FUNDING or etype == EV_BALANCE:
+                self._risk_event(etype, mv, off)
                 continue
             ev = order_unpack(mv, off)
             seq, account = ev[0], ev[5]
@@ -534,6 +534,8 @@ class Gateway:
                 if changed is not None:
                     self._market_changed(changed)
             if p is None:
+                if etype == EV_DONE and self._risk_command is not None:
+                    self._risk_command_done(ev)
                 if etype == EV_REJECT or etype == EV_DONE or account not in by_account:
                     continue
                 self._route_order_event(etype, ev, None, None, REASON_NAMES.get(ev[7]))
@@ -576,9 +578,89 @@ class Gateway:
             msg = codec.canceled_message(ev, market, reason_name)
         elif etype == EV_AMENDED:
             msg = codec.amended_message(ev, market)
+        elif etype == EV_TRIGGERED:
+            msg = codec.triggered_message(ev, market)
         else:
             return
         self._to_account(ev[5], msg, identity, rid, ev[0])
+
+    # Funding, liquidations and balances are rare next to orders: their events take this path,
+    # off the per-order one.
+    def _risk_event(self, etype: int, mv: memoryview, off: int) -> None:
+        if etype == EV_FUNDING:
+            ev = FUNDING_EVENT_STRUCT.unpack_from(mv, off)
+            market = self._market(ev[4])
+            if market is not None and ev[5] in self.by_account:
+                self._to_account(ev[5], codec.funding_message(ev, market), seq=ev[0])
+        elif etype == EV_LIQUIDATION:
+            ev = LIQUIDATION_EVENT_STRUCT.unpack_from(mv, off)
+            market = self._market(ev[4])
+            if market is None:
+                return
+            if ev[5] in self.by_account:
+                self._to_account(ev[5], codec.liquidation_message(ev, market), seq=ev[0])
+            # one market-data message per closing step: the liquidated account's half (an ADL
+            # step also has the deleveraged account's half, addressed to it)
+            rc = self._risk_command
+            if self.pub is not None and rc is not None and rc[0] == ev[0] and \
+                    rc[2][6] == ev[5]:
+                self._publish(market.topic_liquidation, pack(
+                    {"seq": ev[0], "side": codec.SIDE_NAMES[ev[8]],
+                     "qty": market.lots_to_str(ev[9]), "price": market.ticks_to_str(ev[10]),
+                     "kind": codec.LIQUIDATION_KIND_NAMES[ev[7]], "ts": ev[1]}), ev[0])
+        # EV_BALANCE, EV_INSURANCE: nothing to route (deposits are the operator's; the fund
+        # is nobody's account); `account` reads balances from the matcher
+
+    def _risk_command_done(self, ev) -> None:
+        """EV_DONE of a FUNDING command: its rate on `funding.MARKET`, once per command."""
+        seq, code, cmd = self._risk_command
+        if seq != ev[0]:
+            return
+        self._risk_command = None
+        market = self._market(cmd[8])
+        if code == CMD_FUNDING and self.pub is not None and market is not None:
+            self._publish(market.topic_funding, pack(
+                {"seq": seq, "rate": codec.rate_to_str(cmd[2]), "ts": cmd[0]}), seq)
+
+    def _market(self, market_id: int):
+        return self.market_by_id[market_id] if 0 <= market_id < len(self.market_by_id) \
+            else None
+
+    def _publish_mark(self, ev) -> None:
+        """`mark.MARKET`: the mark from the event; index, funding estimate and next funding
+        time from riskd's IndexBoard (null while riskd has published nothing for the market)."""
+        market = self._market(ev[4])
+        if market is None:
+            return
+        published = self._index_board_values(ev[4])
+        if published is None:
+            index = rate = next_ts = None
+        else:
+            index = market.ticks_to_str(published.index_ticks) if published.index_ticks \
+                else None
+            rate = codec.rate_to_str(published.funding_rate_e9)
+            next_ts = published.next_funding_ns or None
+        self._publish(market.topic_mark, pack(
+            {"seq": ev[0], "mark": market.ticks_to_str(ev[7]), "index": index,
+             "funding_rate": rate, "next_funding_ts": next_ts, "ts": ev[1]}), ev[0])
+
+    def _index_board_values(self, market_id: int):
+        """riskd's published line for a market; the board is attached on first need (riskd
+        may start after the gateway), retried at most once a second while it does not exist."""
+        board = self.index_board
+        if board is None:
+            now = time.monotonic()
+            if now < self._index_board_retry:
+                return None
+            self._index_board_retry = now + 1.0
+            try:
+                board = self.index_board = IndexBoard.attach(self.prefix)
+            except (ShmError, FileNotFoundError, OSError):
+                return None
+            self._closers.append(board.close)
+        if market_id >= board.max_markets:
+            return None
+        return board.published(market_id)
 
     def _route_trade(self, tr) -> None:
         market = self.market_by_id[tr[4]] if 0 <= tr[4] < len(self.market_by_id) else None
@@ -830,9 +912,10 @@ class Gateway:
                 self._reply(identity, {"type": "hello", "account": account,
                                        "cancel_on_disconnect": flag, "ts": now}, rid)
             elif typ == "set_margin":
-                raise EdgeReject(REASON_INVALID_MESSAGE,
-                                 "set_margin is not supported yet (margin is cross at each "
-                                 "market's max leverage)")
+                fields = codec.parse_set_margin(msg, self.markets)
+                req = self._new_req()
+                self.pending[req] = (identity, rid, account, R_DONE, None, False)
+                self._queue_command(now, account, req, fields)
             else:
                 raise EdgeReject(REASON_INVALID_MESSAGE,
                                  "unknown message type" if type(typ) is str
@@ -887,50 +970,32 @@ class Gateway:
         if msg.get("market") is not None:
             only = self.markets.get(msg["market"]).market_id
         out = []
-        for oid, o in self.mirror.acct_orders.get(account, {}).items():
-            if only is not None and o[O_MARKET] != only:
-                continue
+        for oid, o, status in self.mirror.open_orders(account, only):
             market = self.market_by_id[o[O_MARKET]]
-            if market is None:
-                continue
-            out.append({"oid": oid, "cid": o[O_CID], "market": market.symbol,
-                        "side": codec.SIDE_NAMES[o[O_SIDE]], "kind": codec.KIND_NAMES[o[O_KIND]],
-                        "price": market.ticks_to_str(o[O_PRICE]),
-                        "qty": market.lots_to_str(o[O_QTY]),
-                        "remaining": market.lots_to_str(o[O_REMAINING]), "status": "open"})
+            if market is not None:
+                out.append(codec.open_order_row(oid, o, status, market))
         self._reply(identity, {"type": "open_orders", "orders": out,
                                "seq": self.mirror.applied_seq, "ts": now},
                     rid, self._query_seq())
 
     def _answer_account(self, identity, account, rid, now) -> None:
-        balance, equity, required, position_required, positions = \
-            self.mirror.account_numbers(account)
-        out = []
-        for m, size, cost, mark, upnl, leverage, atpl in positions:
-            market = self.market_by_id[m]
-            if market is None:
-                continue
-            entry = None
-            if size:
-                with localcontext() as ctx:
-                    ctx.prec = 40
-                    entry = Decimal(cost) / (Decimal(size) * atpl) * market.tick_size
-                    entry = format(entry.quantize(market.tick_size / 10 ** 6).normalize(), "f")
-            out.append({"market": market.symbol,
-                        "size": ("-" if size < 0 else "") + market.lots_to_str(abs(size)),
-                        "entry_price": entry, "mark_price": market.ticks_to_str(mark),
-                        "unrealized_pnl": atoms_to_str(upnl), "liquidation_price": None,
-                        "mode": "cross", "leverage": leverage})
-        available = min(balance, equity - required)
-        self._reply(identity, {"type": "account_state", "account": account,
-                               "balance": atoms_to_str(balance), "equity": atoms_to_str(equity),
-                               "available": atoms_to_str(max(available, 0)),
-                               "initial_margin": atoms_to_str(required),
-                               "maintenance_margin": atoms_to_str(position_required),
-                               "positions": out, "seq": self.mirror.applied_seq, "ts": now},
-                    rid, self._query_seq())
+        """From the matcher's own rows (gateway/account_state.py), exact at their seq. The
+        events up to that seq are published by then: they are routed first, so a client sees
+        the fills of those commands before the account_state that includes them."""
+        tables, seq = account_tables(self._state, self.events, account, ACCOUNT_COPY_TIMEOUT_S)
+        while self.mirror.applied_seq < seq and self._drain_events():
+            pass
+        msg = {"type": "account_state", "account": account}
+        msg.update(account_state_fields(tables, 0, self.market_by_id))
+        msg["seq"] = seq
+        msg["ts"] = now
+        self._reply(identity, msg, rid, seq if self.durable else 0)
 
     # ------------------------------------------------------------------ shutdown -------
+    def _close_state(self, region) -> None:
+        self._state = None        # the views first: a mapping with exported views cannot close
+        region.close()
+
     def close(self) -> None:
         if self._closed:
             return

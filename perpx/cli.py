@@ -562,13 +562,17 @@ def cmd_account_show(args) -> int:
              f"initial margin {view['initial_margin']}   maintenance margin "
              f"{view['maintenance_margin']}"]
     if view["positions"]:
-        lines += ["", table(["market", "size", "entry", "mark", "unrealized pnl", "leverage"],
+        lines += ["", table(["market", "size", "entry", "mark", "unrealized pnl", "liq. price",
+                             "mode", "leverage", "margin"],
                             [(p["market"], p["size"], p["entry_price"], p["mark_price"],
-                              p["unrealized_pnl"], p["leverage"]) for p in view["positions"]])]
+                              p["unrealized_pnl"], p["liquidation_price"] or "-", p["mode"],
+                              p["leverage"], p["margin"]) for p in view["positions"]])]
     if view["open_orders"]:
-        lines += ["", table(["oid", "cid", "market", "side", "price", "qty", "remaining"],
-                            [(o["oid"], o["cid"], o["market"], o["side"], o["price"], o["qty"],
-                              o["remaining"]) for o in view["open_orders"]])]
+        lines += ["", table(["oid", "cid", "market", "side", "kind", "price", "qty", "remaining",
+                             "status"],
+                            [(o["oid"], o["cid"], o["market"], o["side"], o["kind"],
+                              o["price"] or "-", o["qty"], o["remaining"], o["status"])
+                             for o in view["open_orders"]])]
     emit(args, view, "\n".join(lines))
     return 0
 
@@ -625,9 +629,12 @@ def cmd_positions(args) -> int:
         ex.market(args.market)
     mirror, _ = ex.snapshot()
     view = positions_view(ex, mirror, args.market)
-    rows = [(p["account"], p["market"], p["size"], p["entry_price"], p["mark_price"],
-             p["unrealized_pnl"]) for p in view["positions"]]
-    text = (table(["account", "market", "size", "entry", "mark", "unrealized pnl"], rows)
+    rows = view["positions"]
+    text = (table(["account", "market", "size", "entry", "mark", "unrealized pnl",
+                   "liq. price", "mode", "leverage"],
+                  [(p["account"], p["market"], p["size"], p["entry_price"], p["mark_price"],
+                    p["unrealized_pnl"], p["liquidation_price"] or "-", p["mode"],
+                    p["leverage"]) for p in rows])
             if rows else "no open positions")
     text += "\nopen interest: " + ", ".join(f"{k} {v}" for k, v in view["open_interest"].items())
     emit(args, view, text)
@@ -649,10 +656,14 @@ def cmd_markets(args) -> int:
         cfg = load_config(None)
     rows = markets_view(cfg, mirror)
     headers = ["id", "symbol", "tick", "lot", "initial", "oracle", "lev", "maker", "taker",
-               "band", "max price", "max pos", "max order"]
+               "band", "max price", "max pos", "max order", "liq. fee", "funding every",
+               "funding cap", "maint. brackets"]
     body = [(m["id"], m["symbol"], m["tick_size"], m["lot_size"], m["initial_price"], m["oracle"],
              m["max_leverage"], m["maker_fee"], m["taker_fee"], m["price_band"], m["max_price"],
-             m["max_position_qty"], m["max_order_qty"]) for m in rows]
+             m["max_position_qty"], m["max_order_qty"], m["liquidation_fee"],
+             f"{m['funding_interval_s']} s", m["funding_cap"],
+             " ".join(f"{floor}:{rate}" for floor, rate, _ in m["brackets"]))
+            for m in rows]
     if mirror is not None:
         headers += ["mark", "halted"]
         body = [b + (m["live"]["mark_price"], "yes" if m["live"]["halted"] else "no")

@@ -17,6 +17,12 @@ no reply arrives in time.
 `AsyncClient` offers the same request methods as coroutines (zmq.asyncio): a receiver task
 resolves each request's future by rid and queues the rest.
 
+Reports by type: `on(type, handler)` registers a handler for one report type ("fill",
+"canceled", "triggered", "funding", "liquidation", ...); every report is still queued and
+passed to `on_report`. Conditional orders are `new_order(..., kind="stop_market",
+trigger_price="64000", trigger_by="mark")` (ack status "untriggered", later a `triggered`
+report); `set_margin(market, "isolated", 10)` answers `done` or `reject`.
+
 Handshake: the gateway refuses an unknown key, and libzmq does not retry a refused CURVE
 handshake, so `connect` pings and, when no `pong` comes, opens a new socket and tries again
 until its deadline (a new account's key is picked up by the gateway's next registry scan).
@@ -165,6 +171,22 @@ class _Requests:
     def withdraw(self, amount, timeout_s=None):
         return self.request({"type": "withdraw", "amount": str(amount)}, timeout_s)
 
+    def set_margin(self, market: str, mode: str, leverage: int, timeout_s=None):
+        """Margin mode ("cross"/"isolated") and leverage of one market: `done` or `reject`."""
+        return self.request({"type": "set_margin", "market": market, "mode": mode,
+                             "leverage": leverage}, timeout_s)
+
+    def on(self, report_type: str, handler) -> None:
+        """Call handler(msg) for every report of this type (after queueing it)."""
+        self._handlers.setdefault(report_type, []).append(handler)
+
+    def _report(self, msg: dict) -> None:
+        self._queue.append(msg)
+        if self.on_report is not None:
+            self.on_report(msg)
+        for handler in self._handlers.get(msg.get("type"), ()):
+            handler(msg)
+
 
 def _make_socket(ctx, endpoints: dict, public: bytes, secret: bytes):
     s = ctx.socket(zmq.DEALER)
@@ -191,6 +213,7 @@ class Client(_Connection, _Requests):
         self._rids = itertools.count(1)
         self._cids = itertools.count(_first_cid())
         self._queue: deque = deque()
+        self._handlers: dict = {}
         self.socket = None
 
     @classmethod
@@ -233,11 +256,6 @@ class Client(_Connection, _Requests):
         self.close()
 
     # -- I/O -------------------------------------------------------------------------------
-    def _report(self, msg: dict) -> None:
-        self._queue.append(msg)
-        if self.on_report is not None:
-            self.on_report(msg)
-
     def request(self, msg: dict, timeout_s: float | None = None) -> dict:
         rid = self.last_rid = next(self._rids)
         msg["rid"] = rid
@@ -302,6 +320,7 @@ class AsyncClient(_Requests):
         self._cids = itertools.count(_first_cid())
         self._pending: dict[int, asyncio.Future] = {}
         self._queue: deque = deque()
+        self._handlers: dict = {}
         self._arrived = asyncio.Event()
         self._task = None
         self.socket = None
@@ -350,10 +369,8 @@ class AsyncClient(_Requests):
             if fut is not None and not fut.done():
                 fut.set_result(msg)
                 continue
-            self._queue.append(msg)
+            self._report(msg)
             self._arrived.set()
-            if self.on_report is not None:
-                self.on_report(msg)
 
     async def request(self, msg: dict, timeout_s: float | None = None) -> dict:
         rid = next(self._rids)
@@ -435,28 +452,34 @@ class LocalBook:
 class MarketData(_Connection):
     """A SUB socket on `market_data`, keeping a local book per market.
 
-    On connect it subscribes to `book.MARKET` (plus `trade.MARKET` and `mark.MARKET`), lets the
-    subscription settle, then takes a `book` snapshot per market over `snapshot_client` (a
-    Client); deltas with a higher seq are applied by `poll()`. Without a snapshot client the
-    books start empty (fine for a market that is empty). Trades and marks update `last_price`
-    and `mark` and are passed to `on_trade(market, msg)` / `on_mark(market, msg)`.
+    On connect it subscribes to `book.MARKET` (plus `trade.`, `mark.`, `funding.` and
+    `liquidation.MARKET`), lets the subscription settle, then takes a `book` snapshot per market
+    over `snapshot_client` (a Client); deltas with a higher seq are applied by `poll()`. Without
+    a snapshot client the books start empty (fine for a market that is empty). Trades and marks
+    update `last_price`, `mark` and `mark_info` (the whole `mark.MARKET` message: index,
+    funding_rate, next_funding_ts) and are passed to `on_trade(market, msg)` /
+    `on_mark(market, msg)`; funding rates and liquidations go to `on_funding(market, msg)` /
+    `on_liquidation(market, msg)`, the last funding message per market to `funding`.
     """
 
     def __init__(self, ctx, endpoints: dict, markets, *, on_trade=None, on_mark=None,
-                 own_ctx: bool = False):
+                 on_funding=None, on_liquidation=None, own_ctx: bool = False):
         self.ctx = ctx
         self.own_ctx = own_ctx
         self.endpoints = endpoints
         self.books = {m: LocalBook(m) for m in markets}
         self.last_price: dict[str, str] = {}
         self.mark: dict[str, str] = {}
+        self.mark_info: dict[str, dict] = {}
+        self.funding: dict[str, dict] = {}
         self.trades = 0
         self.on_trade, self.on_mark = on_trade, on_mark
+        self.on_funding, self.on_liquidation = on_funding, on_liquidation
         self.socket = ctx.socket(zmq.SUB)
         self.socket.linger = 0
         self.socket.rcvhwm = 100_000
         for m in markets:
-            for kind in ("book", "trade", "mark"):
+            for kind in ("book", "trade", "mark", "funding", "liquidation"):
                 self.socket.setsockopt(zmq.SUBSCRIBE, f"{kind}.{m}".encode())
         self.socket.connect(endpoints["market_data"])
 
@@ -499,8 +522,16 @@ class MarketData(_Connection):
                     self.on_trade(market, msg)
             elif kind == "mark":
                 self.mark[market] = msg.get("mark")
+                self.mark_info[market] = msg
                 if self.on_mark is not None:
                     self.on_mark(market, msg)
+            elif kind == "funding":
+                self.funding[market] = msg
+                if self.on_funding is not None:
+                    self.on_funding(market, msg)
+            elif kind == "liquidation":
+                if self.on_liquidation is not None:
+                    self.on_liquidation(market, msg)
         return n
 
     def book(self, market: str, depth: int = 0) -> dict:

@@ -23,11 +23,11 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from decimal import Decimal, localcontext
+from types import SimpleNamespace
 
 import numpy as np
 
-from perpx.config import Config, atoms_str, config_from_resolved, dec_str
+from perpx.config import Config, config_from_resolved
 from perpx.statedir import FileLock, StateDir
 from perpx.statedir import attach_retrying as _attach
 
@@ -325,70 +325,39 @@ def create_account(sd: StateDir, max_accounts: int) -> tuple[int, str]:
 
 
 # ---- formatting of state reads ------------------------------------------------------------------
-def entry_price(cost: int, size: int, atpl: int, tick: Decimal) -> str | None:
-    if not size:
-        return None
-    with localcontext() as ctx:
-        ctx.prec = 40
-        value = Decimal(cost) / (Decimal(size) * atpl) * tick
-        return dec_str(value.quantize(tick / 10 ** 6))
-
-
-def signed_qty(m, lots: int) -> str:
-    return ("-" if lots < 0 else "") + m.qty_str(abs(lots))
+def wire_markets(ex: Exchange) -> list:
+    """The configured markets as the gateway's Market objects, indexed by market id."""
+    from gateway.markets import MarketTable
+    table = MarketTable.from_dicts([m.describe() for m in ex.config.markets])
+    return [table.by_id.get(m) for m in range(ex.engine.max_markets)]
 
 
 def account_view(ex: Exchange, mirror, account: int) -> dict:
-    """What `perpx account show` prints: the gateway's account_state, plus open orders."""
-    from gateway.mirror import O_CID, O_KIND, O_MARKET, O_PRICE, O_QTY, O_REMAINING, O_SIDE
-    balance, equity, required, position_required, positions = mirror.account_numbers(account)
-    by_id = {m.id: m for m in ex.config.markets}
-    out = []
-    for mid, size, cost, mark, upnl, leverage, atpl in positions:
-        m = by_id.get(mid)
-        if m is None:
-            continue
-        out.append({"market": m.symbol, "size": signed_qty(m, size),
-                    "entry_price": entry_price(cost, size, atpl, m.tick_size),
-                    "mark_price": m.price_str(mark), "unrealized_pnl": atoms_str(upnl),
-                    "liquidation_price": None, "mode": "cross", "leverage": leverage})
-    orders = []
-    for oid, o in sorted(mirror.acct_orders.get(account, {}).items()):
-        m = by_id.get(o[O_MARKET])
-        if m is None:
-            continue
-        orders.append({"oid": oid, "cid": o[O_CID], "market": m.symbol,
-                       "side": "buy" if o[O_SIDE] == 0 else "sell",
-                       "kind": "limit" if o[O_KIND] == 0 else "market",
-                       "price": m.price_str(o[O_PRICE]), "qty": m.qty_str(o[O_QTY]),
-                       "remaining": m.qty_str(o[O_REMAINING]), "status": "open"})
-    available = max(min(balance, equity - required), 0)
-    return {"account": account, "registered": account in ex.sd.registered_accounts(),
-            "balance": atoms_str(balance), "equity": atoms_str(equity),
-            "available": atoms_str(available), "initial_margin": atoms_str(required),
-            "maintenance_margin": atoms_str(position_required), "positions": out,
-            "open_orders": orders, "seq": mirror.applied_seq}
+    """What `perpx account show` prints: the gateway's account_state (the same code,
+    gateway/account_state.py, on a state copy), plus open orders."""
+    from gateway.account_state import account_state_fields
+    from gateway.codec import open_order_row
+    from gateway.mirror import O_MARKET
+    markets = wire_markets(ex)
+    view = {"account": account, "registered": account in ex.sd.registered_accounts()}
+    view.update(account_state_fields(SimpleNamespace(**mirror.tables), account, markets))
+    view["open_orders"] = [open_order_row(oid, o, status, markets[o[O_MARKET]])
+                           for oid, o, status in sorted(mirror.open_orders(account))
+                           if markets[o[O_MARKET]] is not None]
+    view["seq"] = mirror.applied_seq
+    return view
 
 
 def positions_view(ex: Exchange, mirror, symbol: str | None) -> dict:
-    from gateway.mirror import M_ATPL, M_MARK
-    markets = [ex.market(symbol)] if symbol else list(ex.config.markets)
-    rows = []
-    open_interest = {}
-    for m in markets:
-        mk = mirror.markets[m.id]
-        mark, atpl = mk[M_MARK], mk[M_ATPL] or m.atoms_per_tick_lot
-        longs = 0
-        for (account, mid), (size, cost) in sorted(mirror.positions.items()):
-            if mid != m.id or size == 0:
-                continue
-            longs += max(size, 0)
-            rows.append({"account": account, "market": m.symbol, "size": signed_qty(m, size),
-                         "entry_price": entry_price(cost, size, atpl, m.tick_size),
-                         "mark_price": m.price_str(mark),
-                         "unrealized_pnl": atoms_str(size * mark * atpl - cost)})
-        open_interest[m.symbol] = m.qty_str(longs)
-    return {"seq": mirror.applied_seq, "positions": rows, "open_interest": open_interest}
+    from gateway.account_state import positions_rows
+    only = ex.market(symbol).id if symbol else None
+    markets = wire_markets(ex)
+    sizes = mirror.tables["positions"]["size_lots"]
+    open_interest = {m.symbol: m.lots_to_str(int(sizes[:, m.market_id].clip(min=0).sum()))
+                     for m in markets if m is not None and only in (None, m.market_id)}
+    return {"seq": mirror.applied_seq,
+            "positions": positions_rows(SimpleNamespace(**mirror.tables), markets, only),
+            "open_interest": open_interest}
 
 
 def book_view(ex: Exchange, mirror, symbol: str, depth: int) -> dict:

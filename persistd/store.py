@@ -399,8 +399,8 @@ class Store:
         - EV_COMMAND, EV_REJECT, EV_DONE -> nothing.
         `balances` (optional): a structured array with fields seq, ts_ns, account,
         balance_atoms (BALANCE_ROW_DTYPE) of balance changes the caller knows (fills, funding,
-        liquidations, from its replica of the state); inserted as given, with the same seq window. Balance rows of one
-        seq keep their order, EV_BALANCE rows first.
+        liquidations, from its replica of the state); inserted as given, with the same seq
+        window. Balance rows of one seq keep their order, EV_BALANCE rows first.
 
         Raises ValueError (nothing written) for an event of a market the store does not know
         or a value too large for its DECIMAL column.

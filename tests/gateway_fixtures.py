@@ -20,8 +20,9 @@ import zmq
 import zmq.auth
 
 from engine.config import EngineConfig
-from engine.records import (CMD_DEPOSIT, COMMAND_DTYPE, market_create_command,
-                            market_limits_command, new_commands)
+from engine.records import (CMD_DEPOSIT, CMD_SET_MARK, COMMAND_DTYPE, bracket_command,
+                            market_create_command, market_limits_command, market_risk_command,
+                            new_commands)
 from engine.service import MatcherService, Source, attach_state, command_ring_name
 from engine.state import C_SEQ, state_hash
 from gateway.markets import MarketTable
@@ -43,6 +44,10 @@ BTC_MARK = 650_000          # 65000.0
 ETH_MARK = 300_000          # 3000.00
 MAKER_FEE = {BTC: 0.0002, ETH: -0.0001}
 TAKER_FEE = {BTC: 0.0005, ETH: 0.0004}
+# the default config's risk parameters (PROTOCOL.md): [notional floor in USDC, rate e9]
+BRACKETS = ((0, 4_000_000), (50_000, 5_000_000), (250_000, 10_000_000), (1_000_000, 25_000_000))
+LIQUIDATION_FEE_E9 = 5_000_000
+FUNDING_CAP_E9 = 7_500_000
 ACCOUNTS = (1, 2, 3, 4)
 DEPOSIT_ATOMS = 10_000_000 * 10 ** 6      # 10M USDC each
 STARTUP_S = 120.0                          # first start compiles the matcher (cached later)
@@ -62,6 +67,12 @@ def genesis() -> np.ndarray:
         market_limits_command(ETH, max_price_ticks=3_000_000, max_order_lots=100_000,
                               max_position_lots=1_000_000, max_open_orders=500),
     ]
+    for market in (BTC, ETH):
+        cmds.append(market_risk_command(market, liquidation_fee_e9=LIQUIDATION_FEE_E9,
+                                        funding_cap_e9=FUNDING_CAP_E9))
+        for k, (floor_usdc, rate_e9) in enumerate(BRACKETS):
+            cmds.append(bracket_command(market, k, floor_atoms=floor_usdc * 10 ** 6,
+                                        maintenance_rate_e9=rate_e9))
     for account in ACCOUNTS:
         d = new_commands(1)
         d["cmd"] = CMD_DEPOSIT
@@ -144,6 +155,19 @@ class Exchange:
         cmds = genesis()
         assert self.ops.write(cmds) == len(cmds)
         wait_until(lambda: self.seq() >= len(cmds), STARTUP_S, "genesis to be sequenced")
+
+    def submit(self, cmds: np.ndarray) -> int:
+        """Privileged commands through the ops ring; returns once they are sequenced (the seq
+        of the last: tests send one thing at a time, so nothing else interleaves)."""
+        target = self.seq() + len(cmds)
+        assert self.ops.write(cmds) == len(cmds)
+        wait_until(lambda: self.seq() >= target, WAIT_S, "ops commands to be sequenced")
+        return target
+
+    def set_mark(self, market: int, ticks: int) -> int:
+        c = new_commands(1)
+        c["cmd"], c["market"], c["price_ticks"] = CMD_SET_MARK, market, ticks
+        return self.submit(c)
 
     def start_gateway(self, **options) -> dict:
         options.setdefault("accounts_dir", str(self.accounts_dir))
@@ -235,6 +259,17 @@ class Exchange:
         if getattr(self, "ops", None) is not None:
             self.ops.close()
         self.zmq.term()
+
+
+def is_type(kind, **fields):
+    return lambda m: m.get("type") == kind and all(m.get(k) == v for k, v in fields.items())
+
+
+def order(cid, market, side, qty, price=None, **kw):
+    msg = dict(type="new_order", cid=cid, market=market, side=side, qty=qty, **kw)
+    if price is not None:
+        msg["price"] = price
+    return msg
 
 
 def wait_until(condition, timeout_s: float, what: str) -> None:

@@ -140,6 +140,43 @@ def test_market_data_local_book_matches_snapshot(clients, exchange):
         b.cancel_all()
 
 
+def test_set_margin_conditional_orders_and_risk_reports(clients, exchange):
+    """set_margin, a stop order's untriggered ack, and the funding report / market data
+    delivered to handlers registered with on() and MarketData(on_funding=...)."""
+    from engine.records import funding_command
+    up, endpoints = exchange
+    a, b = clients(), clients()
+    assert a.set_margin("ETH-PERP", "isolated", 4)["type"] == "done"
+    bad = a.set_margin("ETH-PERP", "isolated", 1000)
+    assert (bad["type"], bad["reason"]) == ("reject", "invalid_message")
+    assert "max_leverage" in bad["message"]
+
+
+    fundings, rates = [], []
+    a.on("funding", fundings.append)
+    md = MarketData.connect(endpoints, ["ETH-PERP"], on_funding=lambda m, msg: rates.append(msg))
+    try:
+        assert b.new_order("ETH-PERP", "sell", "limit", "2", "3500")["status"] == "open"
+        assert a.new_order("ETH-PERP", "buy", "limit", "2", "3500")["status"] == "filled"
+        Exchange(up.sd).submit_one(funding_command(1, rate_e9=-200_000), "funding")  # shorts pay
+        report = a.wait_for(is_type("funding"))
+        assert fundings == [report]
+        assert (report["market"], report["rate"], report["payment"]) == (
+            "ETH-PERP", "-0.0002", "1.4")              # 2 ETH x 3500 x 0.0002, received
+
+        def got_rate():
+            md.poll(0.05)
+            return bool(rates)
+        wait_until(got_rate, WAIT_S, "funding.ETH-PERP")
+        assert rates[0]["rate"] == "-0.0002" and md.funding["ETH-PERP"] is rates[0]
+    finally:
+        md.close()
+
+    stop = a.new_order("BTC-PERP", "sell", "stop_market", "0.01", trigger_price="60000")
+    assert (stop["type"], stop["status"]) == ("ack", "untriggered"), stop
+    assert a.cancel(oid=stop["oid"])["type"] == "canceled"
+
+
 def test_async_client(exchange):
     up, endpoints = exchange
     cert = new_account(up)

@@ -11,7 +11,8 @@ import pytest
 
 from gateway.markets import MarketTable
 from gateway.mirror import Mirror
-from tests.gateway_fixtures import ENGINE, MARKETS, WAIT_S, Exchange, wait_until
+from tests.gateway_fixtures import (ENGINE, MARKETS, WAIT_S, Exchange, is_type, order,
+                                    wait_until)
 from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
 
 TABLE = MarketTable.from_dicts(MARKETS)
@@ -40,17 +41,6 @@ def exchange_factory(shm_prefix, tmp_path):
 @pytest.fixture
 def exchange(exchange_factory):
     return exchange_factory()
-
-
-def is_type(kind, **fields):
-    return lambda m: m.get("type") == kind and all(m.get(k) == v for k, v in fields.items())
-
-
-def order(cid, market, side, qty, price=None, **kw):
-    msg = dict(type="new_order", cid=cid, market=market, side=side, qty=qty, **kw)
-    if price is not None:
-        msg["price"] = price
-    return msg
 
 
 def book_dict(book_msg):
@@ -245,7 +235,14 @@ def _malformed(resting_oid):
         {"type": "withdraw", "amount": "99999999999999999999"},
         {"type": "book"}, {"type": "book", "market": "DOGE"}, {"type": "book", "market": "BTC-PERP", "depth": -1},
         {"type": "book", "market": "BTC-PERP", "depth": "5"}, {"type": "open_orders", "market": 5},
-        {"type": "set_margin", "market": "BTC-PERP", "mode": "isolated", "leverage": 5},
+        {"type": "set_margin", "market": "BTC-PERP", "mode": "portfolio", "leverage": 5},
+        {"type": "set_margin", "market": "BTC-PERP", "mode": "cross", "leverage": 0},
+        {"type": "set_margin", "market": "BTC-PERP", "mode": "cross", "leverage": "5"},
+        {"type": "set_margin", "market": "DOGE", "mode": "cross", "leverage": 5},
+        {"type": "set_margin", "mode": "cross", "leverage": 5},
+        dict(good, kind="stop_limit", trigger_price="65000.05"),
+        dict(good, kind="stop_limit", trigger_price="65000", trigger_by="index"),
+        dict(good, kind="take_profit_market", trigger_price="65000"),    # with a price
         {"type": "hello", "cancel_on_disconnect": "yes"},
     ]
     out = [(msg, True) for msg in cases]

@@ -1,5 +1,5 @@
 """The gateway's pure parts, in-process: decimal conversions, record layouts, request parsing,
-and the mirror (book, orders, balances, positions) kept exact from the event stream."""
+and the mirror (books, resting and untriggered orders) kept exact from the event stream."""
 
 from decimal import Decimal
 
@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 
 from engine.matcher import LocalEvents, Matcher
-from engine.records import (BALANCE_EVENT_DTYPE, COMMAND_DTYPE, MARK_EVENT_DTYPE, ORDER_EVENT_DTYPE,
+from engine.records import (FUNDING_EVENT_DTYPE, LIQUIDATION_EVENT_DTYPE,
+                            FLAG_REDUCE_ONLY, FLAG_TRIGGER_BY_LAST, KIND_STOP_LIMIT,
+                            KIND_STOP_MARKET, KIND_TAKE_PROFIT_LIMIT, KIND_TAKE_PROFIT_MARKET,
+                            CMD_SET_MARGIN, MARGIN_CROSS, MARGIN_ISOLATED, TIF_GTC,
+                            BALANCE_EVENT_DTYPE, COMMAND_DTYPE, MARK_EVENT_DTYPE, ORDER_EVENT_DTYPE,
                             REASON_INVALID_LOT, REASON_INVALID_MESSAGE, REASON_INVALID_PRICE,
                             REASON_INVALID_QTY, REASON_INVALID_TICK, REASON_UNKNOWN_MARKET,
                             TRADE_EVENT_DTYPE, TIF_IOC, KIND_MARKET, CMD_NEW_ORDER)
@@ -82,7 +86,9 @@ def test_record_layouts_match_engine_dtypes():
 
     cases = [(ORDER_EVENT_DTYPE, codec.ORDER_EVENT_STRUCT), (TRADE_EVENT_DTYPE, codec.TRADE_EVENT_STRUCT),
              (BALANCE_EVENT_DTYPE, codec.BALANCE_EVENT_STRUCT), (MARK_EVENT_DTYPE, codec.MARK_EVENT_STRUCT),
-             (COMMAND_DTYPE, codec.COMMAND_STRUCT)]
+             (COMMAND_DTYPE, codec.COMMAND_STRUCT),
+             (FUNDING_EVENT_DTYPE, codec.FUNDING_EVENT_STRUCT),
+             (LIQUIDATION_EVENT_DTYPE, codec.LIQUIDATION_EVENT_STRUCT)]
     for dtype, st in cases:
         names = [n for n in dtype.names if not n.startswith("_")]
         for _ in range(20):
@@ -109,7 +115,7 @@ def test_new_order_parsing():
         ({"cid": 1, "market": "BTC-PERP", "side": "long", "qty": "1", "price": "1"}, REASON_INVALID_MESSAGE),
         ({"cid": 1, "market": "BTC-PERP", "side": "buy", "price": "1"}, REASON_INVALID_MESSAGE),
         ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1"}, REASON_INVALID_MESSAGE),
-        ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1", "price": "1", "kind": "stop_market"}, REASON_INVALID_MESSAGE),
+        ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1", "price": "1", "kind": "stop"}, REASON_INVALID_MESSAGE),
         ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1", "price": "1", "tif": "day"}, REASON_INVALID_MESSAGE),
         ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1", "price": "1", "reduce_only": 1}, REASON_INVALID_MESSAGE),
         ({"cid": 1, "market": "BTC-PERP", "side": "buy", "qty": "1", "kind": "market", "price": "1"}, REASON_INVALID_MESSAGE),
@@ -119,6 +125,62 @@ def test_new_order_parsing():
     ]
     for msg, want in bad:
         assert reason(codec.parse_new_order, msg, table) == want, msg
+
+
+def test_conditional_order_parsing():
+    """Trigger price in amount_atoms (ticks, on the grid like any price), trigger_by as a flag."""
+    table = MarketTable([BTC, ETH])
+    base = {"cid": 3, "market": "BTC-PERP", "side": "sell", "qty": "0.002"}
+
+    def parse(**extra):
+        return codec.parse_new_order(dict(base, **extra), table)[0]
+
+    f = parse(kind="stop_market", trigger_price="64000.5")
+    assert (f[4], f[6], f[8], f[9], f[10]) == (0, 640005, KIND_STOP_MARKET, TIF_IOC, 0)
+    f = parse(kind="stop_limit", price="63990", trigger_price="64000", trigger_by="last",
+              reduce_only=True)
+    assert (f[4], f[6], f[8], f[9], f[10]) == (639900, 640000, KIND_STOP_LIMIT, TIF_GTC,
+                                               FLAG_TRIGGER_BY_LAST | FLAG_REDUCE_ONLY)
+    f = parse(kind="take_profit_market", trigger_price="66000", trigger_by="mark")
+    assert (f[6], f[8], f[10]) == (660000, KIND_TAKE_PROFIT_MARKET, 0)
+    f = parse(kind="take_profit_limit", price="66000", trigger_price="66000", tif="post_only")
+    assert (f[4], f[6], f[8], f[9]) == (660000, 660000, KIND_TAKE_PROFIT_LIMIT, 3)
+    bad = [
+        (dict(kind="stop_market"), REASON_INVALID_MESSAGE),                   # no trigger
+        (dict(kind="stop_market", trigger_price="64000.05"), REASON_INVALID_TICK),
+        (dict(kind="stop_market", trigger_price="0"), REASON_INVALID_PRICE),
+        (dict(kind="stop_market", trigger_price=64000.5), REASON_INVALID_MESSAGE),
+        (dict(kind="stop_market", trigger_price="64000", trigger_by="index"),
+         REASON_INVALID_MESSAGE),
+        (dict(kind="stop_market", trigger_price="64000", price="64000"), REASON_INVALID_MESSAGE),
+        (dict(kind="stop_limit", trigger_price="64000"), REASON_INVALID_MESSAGE),  # no price
+        (dict(kind="stop_market", trigger_price="64000", tif="post_only"),
+         REASON_INVALID_MESSAGE),
+        (dict(kind="limit", price="64000", trigger_price="64000"), REASON_INVALID_MESSAGE),
+        (dict(kind="market", trigger_by="mark"), REASON_INVALID_MESSAGE),
+        (dict(kind="stop", trigger_price="64000"), REASON_INVALID_MESSAGE),
+    ]
+    for extra, want in bad:
+        assert reason(lambda: parse(**extra)) == want, extra
+
+
+def test_set_margin_parsing():
+    table = MarketTable([BTC, ETH])
+    assert codec.parse_set_margin({"market": "ETH-PERP", "mode": "isolated", "leverage": 7},
+                                  table) == (CMD_SET_MARGIN, 1, 0, 0, 0, 7, 0, 0,
+                                             MARGIN_ISOLATED, 0, 0, 0)
+    assert codec.parse_set_margin({"market": "BTC-PERP", "mode": "cross", "leverage": 50},
+                                  table)[8] == MARGIN_CROSS
+    bad = [({"mode": "cross", "leverage": 5}, REASON_INVALID_MESSAGE),
+           ({"market": "DOGE", "mode": "cross", "leverage": 5}, REASON_UNKNOWN_MARKET),
+           ({"market": "BTC-PERP", "leverage": 5}, REASON_INVALID_MESSAGE),
+           ({"market": "BTC-PERP", "mode": "portfolio", "leverage": 5}, REASON_INVALID_MESSAGE),
+           ({"market": "BTC-PERP", "mode": "cross"}, REASON_INVALID_MESSAGE),
+           ({"market": "BTC-PERP", "mode": "cross", "leverage": 0}, REASON_INVALID_MESSAGE),
+           ({"market": "BTC-PERP", "mode": "cross", "leverage": "5"}, REASON_INVALID_MESSAGE),
+           ({"market": "BTC-PERP", "mode": "cross", "leverage": 2.5}, REASON_INVALID_MESSAGE)]
+    for msg, want in bad:
+        assert reason(codec.parse_set_margin, msg, table) == want, msg
 
 
 def test_mirror_follows_the_matcher_exactly():
@@ -144,4 +206,4 @@ def test_mirror_follows_the_matcher_exactly():
     final = Mirror.from_state(matcher.state, matcher.seq, FUZZ_CONFIG.max_markets)
     assert fed.applied_seq == late.applied_seq == matcher.seq
     assert comparable(fed) == comparable(final) == comparable(late)
-    assert fed.orders and fed.positions   # the stream did leave something to compare
+    assert fed.orders and any(b or a for b, a in fed.books)   # something to compare
