@@ -288,7 +288,8 @@ def run_cascade(state_dir, accounts: int, say) -> dict:
             # two riskd ticks: its scanner has derived every trader (changed_seq moved)
             for _ in range(2):
                 since = time.time_ns()
-                wait_until(lambda: board.published(0).ts_ns > since, 10.0, "a riskd tick")
+                wait_until(lambda: getattr(board.published(0), "ts_ns", 0) > since, 10.0,
+                           "a riskd tick")
             shock = new_commands(1)
             shock["cmd"], shock["account"], shock["side"] = CMD_NEW_ORDER, 1, SIDE_SELL
             shock["qty_lots"], shock["price_ticks"], shock["tif"] = 1, SHOCK_INDEX_TICKS, TIF_IOC

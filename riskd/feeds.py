@@ -226,6 +226,11 @@ class IndexBoard:
 
     One writer per line: operator lines are written by `perpx oracle set` (serialised by the ops
     lock), published lines only by riskd. Readers never block anyone.
+
+    For market data (the gateway's `mark.MARKET` {mark, index, funding_rate, next_funding_ts}):
+    `published(m)` gives index_ticks and mark_ticks (x tick_size), funding_rate_e9 (the
+    current interval's estimate, / 1e9, signed) and next_funding_ns (epoch ns, the end of the
+    current interval); None until riskd has published for that market.
     """
 
     def __init__(self, region: Region):

@@ -172,7 +172,10 @@ class Scanner:
         self.derived_seq = np.full(n_accounts, -1, dtype=np.int64)
         self.coupled = np.zeros(n_accounts, dtype=bool)
         self.marks_used = np.zeros(n_markets, dtype=np.int64)
-        self.sent: dict[tuple[int, int], tuple[int, int]] = {}   # -> (changed_seq, ns)
+        # per target (row 0: cross, row 1 + m: isolated in m) the account's changed_seq when
+        # its last LIQUIDATE was written, and when
+        self.sent_seq = np.full((n_markets + 1, n_accounts), -1, dtype=np.int64)
+        self.sent_ns = np.zeros((n_markets + 1, n_accounts), dtype=np.int64)
         self._sweep_at = 0
         self.derived = 0                 # accounts derived so far (for benchmarks and logs)
         self.build()
@@ -251,34 +254,29 @@ class Scanner:
         for m, mark in (marks or {}).items():
             current[m] = mark
         self.derive(self.dirty(current), current)
-        out = []
-        seen = set()
-        changed_seq = self.state.accounts["changed_seq"]
+        accounts, targets = [], []
         active = self.state.markets["active"]
         for m in self.market_ids:
             if not active[m]:
                 continue
-            mark = int(current[m])
             for side in self.index[m]:
-                for account in side.crossed(mark).tolist():
-                    target = (account, m if self.isolated[m, account] else CROSS)
-                    if target in seen:
-                        continue
-                    seen.add(target)
-                    sent = self.sent.get(target)
-                    seq = int(changed_seq[account])
-                    if sent is not None and sent[0] == seq and now_ns - sent[1] < self.retry_ns:
-                        continue
-                    out.append(target)
-        return out
+                hit = side.crossed(int(current[m]))
+                accounts.append(hit)
+                targets.append(np.where(self.isolated[m, hit], m, CROSS))
+        if not accounts:
+            return []
+        account, market = np.concatenate(accounts), np.concatenate(targets)
+        _, first = np.unique((market + 1) * self.n_accounts + account, return_index=True)
+        account, row = account[first], market[first] + 1
+        fresh = ((self.sent_seq[row, account] != self.state.accounts["changed_seq"][account])
+                 | (now_ns - self.sent_ns[row, account] >= self.retry_ns))
+        return list(zip(account[fresh].tolist(), (row[fresh] - 1).tolist()))
 
     def mark_sent(self, targets, now_ns: int) -> None:
-        changed_seq = self.state.accounts["changed_seq"]
-        for account, market in targets:
-            self.sent[(account, market)] = (int(changed_seq[account]), now_ns)
-        if len(self.sent) > 4 * len(targets) + 100_000:
-            self._forget(now_ns)
-
-    def _forget(self, now_ns: int) -> None:
-        """Drop send records past their retry period (they no longer suppress anything)."""
-        self.sent = {k: v for k, v in self.sent.items() if now_ns - v[1] < self.retry_ns}
+        """Record the LIQUIDATEs written: not sent again until the account changes or
+        retry_ns passed."""
+        if not len(targets):
+            return
+        account, market = np.array(targets, dtype=np.int64).T
+        self.sent_seq[market + 1, account] = self.state.accounts["changed_seq"][account]
+        self.sent_ns[market + 1, account] = now_ns
