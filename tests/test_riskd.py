@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -318,18 +320,37 @@ class MarkLog:
         return [mark for source, mark in self.marks[market] if source == RISKD_SOURCE]
 
 
-def test_riskd_process_feeds_marks_to_a_real_matcher(shm_prefix, tmp_path):
-    csv_rows = "0,2000\n300000000,2001.5\n600000000,2003\n"
-    cfg = config(tmp_path, csv_rows)
+@dataclass
+class RiskdRig:
+    """A matcher process, the IndexBoard and a `python -m riskd` process (see riskd_rig)."""
+    cfg: object
+    ops: CommandRing
+    consumer: object            # the event ring's "test" reader, from before the setup
+    state: object
+    board: IndexBoard
+    riskd: subprocess.Popen
+    log_path: Path
+    shm_before_riskd: set
+
+    def check_alive(self) -> None:
+        if self.riskd.poll() is not None:
+            raise AssertionError(f"riskd exited with {self.riskd.returncode}:\n"
+                                 f"{self.log_path.read_text()}")
+
+
+@contextmanager
+def riskd_rig(shm_prefix: str, tmp_path: Path, cfg, risk: dict, setup=None):
+    """Start a matcher process (rings ops and riskd), sequence genesis and `setup` through
+    ops, create the IndexBoard (the supervisor's part) and start riskd with `risk` as its
+    [risk] section. Everything is stopped, closed and unlinked afterwards."""
     engine = {k: cfg.engine[k] for k in EngineConfig.__dataclass_fields__}
     doc = {**cfg.to_dict(), "prefix": shm_prefix, "state_dir": str(tmp_path),
            "sources": [{"name": s.name, "privileged": s.privileged, "capacity": s.capacity}
                        for s in SOURCES],
-           "consumers": CONSUMERS, "risk": {"mark_interval_ms": 50}}
+           "consumers": CONSUMERS, "risk": {**cfg.risk, **risk}}
     spec = tmp_path / "exchange.json"
     spec.write_text(json.dumps(doc))
     log_path = tmp_path / "riskd.log"
-
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     matcher = ctx.Process(target=serve_matcher, args=(shm_prefix, engine, stop), daemon=True)
@@ -340,24 +361,46 @@ def test_riskd_process_feeds_marks_to_a_real_matcher(shm_prefix, tmp_path):
                                                            COMMAND_DTYPE), STARTUP_S)
         events = EventRing.attach(event_ring_name(shm_prefix), EVENT_DTYPE)
         consumer = events.consumer("test", start="current")
-        log = MarkLog(consumer)
         region, state = attach_state(shm_prefix, EngineConfig(**engine))
-        genesis = genesis_commands(cfg)
-        assert ops.write(genesis) == len(genesis)
-        wait_until(lambda: int(state.counters[C_SEQ]) >= len(genesis), STARTUP_S, "genesis")
-        board = IndexBoard.create(shm_prefix, engine["max_markets"])   # the supervisor's part
+        commands = genesis_commands(cfg)
+        if setup is not None:
+            commands = np.concatenate([commands, setup])
+        assert ops.write(commands) == len(commands)
+        wait_until(lambda: int(state.counters[C_SEQ]) >= len(commands), STARTUP_S, "the setup")
+        board = IndexBoard.create(shm_prefix, engine["max_markets"])
         before = shm_entries(shm_prefix)
-
         with open(log_path, "wb") as log_file:
             riskd = subprocess.Popen([sys.executable, "-m", "riskd", "--spec", str(spec)],
                                      cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONPATH": str(REPO)})
+        yield RiskdRig(cfg, ops, consumer, state, board, riskd, log_path, before)
+    finally:
+        if riskd is not None and riskd.poll() is None:
+            riskd.kill()
+            riskd.wait(timeout=WAIT_S)
+        if consumer is not None:
+            consumer.deregister()
+        state = None
+        for thing in (region, ops, events, board):
+            if thing is not None:
+                thing.close()
+        if board is not None:
+            board.unlink()
+        stop.set()
+        matcher.join(timeout=WAIT_S)
+        if matcher.is_alive():
+            matcher.kill()
+            matcher.join(timeout=WAIT_S)
+
+
+def test_riskd_process_feeds_marks_to_a_real_matcher(shm_prefix, tmp_path):
+    cfg = config(tmp_path, "0,2000\n300000000,2001.5\n600000000,2003\n")
+    with riskd_rig(shm_prefix, tmp_path, cfg, {"mark_interval_ms": 50}) as rig:
+        log, board, riskd = MarkLog(rig.consumer), rig.board, rig.riskd
 
         def alive():
             log.drain()
-            if riskd.poll() is not None:
-                raise AssertionError(f"riskd exited with {riskd.returncode}:\n"
-                                     f"{log_path.read_text()}")
+            rig.check_alive()
 
         # The sim market's mark moves over time, on the grid and in bounds.
         wait_until(lambda: len(set(log.from_riskd(SIM))) >= 5, WAIT_S,
@@ -380,29 +423,12 @@ def test_riskd_process_feeds_marks_to_a_real_matcher(shm_prefix, tmp_path):
             published = board.published(MAN)
             assert (published.index_ticks, published.mark_ticks) == (ticks, ticks)
             assert published.applied_version == version
-        assert int(state.markets["mark_ticks"][MAN]) == 349_999
+        assert int(rig.state.markets["mark_ticks"][MAN]) == 349_999
 
         riskd.send_signal(signal.SIGTERM)
-        assert riskd.wait(timeout=WAIT_S) == 0, log_path.read_text()
-        assert shm_entries(shm_prefix) == before        # riskd created nothing, left nothing
-        assert "riskd: stopped" in log_path.read_text()
-    finally:
-        if riskd is not None and riskd.poll() is None:
-            riskd.kill()
-            riskd.wait(timeout=WAIT_S)
-        if consumer is not None:
-            consumer.deregister()
-        state = None
-        for thing in (region, ops, events, board):
-            if thing is not None:
-                thing.close()
-        if board is not None:
-            board.unlink()
-        stop.set()
-        matcher.join(timeout=WAIT_S)
-        if matcher.is_alive():
-            matcher.kill()
-            matcher.join(timeout=WAIT_S)
+        assert riskd.wait(timeout=WAIT_S) == 0, rig.log_path.read_text()
+        assert shm_entries(shm_prefix) == rig.shm_before_riskd   # riskd created nothing
+        assert "riskd: stopped" in rig.log_path.read_text()
 
 
 def test_riskd_drops_marks_its_full_ring_cannot_take(shm_prefix, tmp_path):

@@ -13,33 +13,21 @@ https://www.binance.com/en/support/faq/360033525031 :
 
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
-import os
-import subprocess
-import sys
 import time
 from fractions import Fraction
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.config import EngineConfig
-import numpy as np
-
-from engine.records import (CMD_FUNDING, COMMAND_DTYPE, COMMAND_EVENT_DTYPE, EV_COMMAND,
-                            EVENT_DTYPE)
-from engine.service import MatcherService, Source, attach_state, command_ring_name, event_ring_name
-from engine.state import C_SEQ
-from perpx.config import genesis_commands, parse_config
-from riskd.feeds import IndexBoard
+from engine.records import CMD_FUNDING, COMMAND_EVENT_DTYPE, EV_COMMAND
+from perpx.config import parse_config
 from riskd.funding import (INTEREST_CLAMP_E9, FundingSchedule, PremiumAverage, funding_rate_e9,
                            impact_notional_atoms, impact_price, next_funding_ns, premium_e9)
-from shm.ring import CommandRing, EventRing
 from tests.engine_helpers import buy, deposit, sell
-from tests.shm_workers import attach_when_ready, shm_prefix  # noqa: F401 — fixture
-from tests.test_riskd import REPO, STARTUP_S, WAIT_S, wait_until
+from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: prefix, leak check
+from tests.test_riskd import WAIT_S, riskd_rig, wait_until
 
 S = 1_000_000_000
 USDC = 1_000_000
@@ -144,66 +132,25 @@ funding_interval_s = 2
 interest_rate = "0.0001"
 funding_cap = "0.005"
 """
-SOURCES = [Source("ops", privileged=True), Source("riskd", privileged=True)]
-CONSUMERS = ["riskd", "test"]
-
-
-def serve_matcher(prefix: str, engine: dict, stop) -> None:
-    service = MatcherService(EngineConfig(**engine), prefix, SOURCES, consumers=CONSUMERS)
-    try:
-        service.run(stop.is_set)
-    finally:
-        service.close()
-
-
 def test_riskd_sends_funding_at_each_boundary(shm_prefix, tmp_path):
     """A 2 s interval, a sample every 50 ms. The index is 1000.0; the book's bids take the
     whole 2,000 USDC impact notional (10x) at 1002.0 and its asks at 1003.0, so every sample's
     premium is 2/1000 = 0.2% and the rate 0.2% - 0.05% = 0.15%: FUNDING(0, 1_500_000) at every
     boundary, each one sequenced by the matcher (its EV_COMMAND from the riskd ring)."""
-    cfg = parse_config(MARKETS)
-    engine = {k: cfg.engine[k] for k in EngineConfig.__dataclass_fields__}
-    doc = {**cfg.to_dict(), "prefix": shm_prefix, "state_dir": str(tmp_path),
-           "sources": [{"name": s.name, "privileged": s.privileged, "capacity": s.capacity}
-                       for s in SOURCES],
-           "consumers": CONSUMERS,
-           "risk": {**cfg.risk, "mark_interval_ms": 20, "funding_sample_ms": 50}}
-    spec = tmp_path / "exchange.json"
-    spec.write_text(json.dumps(doc))
-    log_path = tmp_path / "riskd.log"
-    ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    matcher = ctx.Process(target=serve_matcher, args=(shm_prefix, engine, stop), daemon=True)
-    matcher.start()
-    riskd = ops = events = consumer = board = region = state = None
-    try:
-        ops = attach_when_ready(lambda: CommandRing.attach(command_ring_name(shm_prefix, "ops"),
-                                                           COMMAND_DTYPE), STARTUP_S)
-        events = EventRing.attach(event_ring_name(shm_prefix), EVENT_DTYPE)
-        consumer = events.consumer("test", start="current")
-        region, state = attach_state(shm_prefix, EngineConfig(**engine))
-        # 3 units a side (3,000 lots of 0.001): about 3,000 USDC, more than the 2,000 IMN
-        setup = np.concatenate([genesis_commands(cfg), deposit(1, 10 ** 6 * USDC),
-                                deposit(2, 10 ** 6 * USDC), buy(1, 3_000, 10_020, cid=1),
-                                sell(2, 3_000, 10_030, cid=1)])
-        assert ops.write(setup) == len(setup)
-        wait_until(lambda: int(state.counters[C_SEQ]) >= len(setup), STARTUP_S, "the setup")
-        board = IndexBoard.create(shm_prefix, engine["max_markets"])
-        board.set(0, 10_000)
-
-        with open(log_path, "wb") as log_file:
-            riskd = subprocess.Popen([sys.executable, "-m", "riskd", "--spec", str(spec)],
-                                     cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONPATH": str(REPO)})
+    # 3 units a side (3,000 lots of 0.001): about 3,000 USDC, more than the 2,000 IMN
+    setup = np.concatenate([deposit(1, 10 ** 6 * USDC), deposit(2, 10 ** 6 * USDC),
+                            buy(1, 3_000, 10_020, cid=1), sell(2, 3_000, 10_030, cid=1)])
+    with riskd_rig(shm_prefix, tmp_path, parse_config(MARKETS),
+                   {"mark_interval_ms": 20, "funding_sample_ms": 50}, setup) as rig:
+        rig.board.set(0, 10_000)
         fundings = []
 
-        def drain():
-            if riskd.poll() is not None:
-                raise AssertionError(f"riskd exited:\n{log_path.read_text()}")
-            n = consumer.available()
+        def two_fundings():
+            rig.check_alive()
+            n = rig.consumer.available()
             if n:
-                batch = consumer.peek(n)
-                consumer.advance(n)
+                batch = rig.consumer.peek(n)
+                rig.consumer.advance(n)
                 for e in batch[batch["etype"] == EV_COMMAND].view(COMMAND_EVENT_DTYPE):
                     if int(e["command"]["cmd"]) == CMD_FUNDING:
                         fundings.append((int(e["source"]), int(e["seq"]),
@@ -211,7 +158,7 @@ def test_riskd_sends_funding_at_each_boundary(shm_prefix, tmp_path):
                                          int(e["command"]["ts_ns"])))
             return len(fundings) >= 2
 
-        wait_until(drain, 3 * 2 + WAIT_S, "two FUNDING commands from riskd", None)
+        wait_until(two_fundings, 3 * 2 + WAIT_S, "two FUNDING commands from riskd")
         # The first interval may have started before riskd did: fewer samples, same premium.
         assert [(src, m, rate) for src, _, m, rate, _ in fundings[:2]] == [(1, 0, 1_500_000)] * 2
         seqs, stamps = [f[1] for f in fundings[:2]], [f[4] for f in fundings[:2]]
@@ -220,24 +167,7 @@ def test_riskd_sends_funding_at_each_boundary(shm_prefix, tmp_path):
         for ts in stamps:
             assert ts % (2 * S) < 500_000_000, ts
         assert stamps[1] // (2 * S) == stamps[0] // (2 * S) + 1
-        published = board.published(0)
+        published = rig.board.published(0)
         assert published.funding_rate_e9 == 1_500_000
         assert published.next_funding_ns % (2 * S) == 0
         assert published.next_funding_ns > time.time_ns() - S
-    finally:
-        if riskd is not None and riskd.poll() is None:
-            riskd.terminate()
-            riskd.wait(timeout=WAIT_S)
-        if consumer is not None:
-            consumer.deregister()
-        state = None
-        for thing in (region, ops, events, board):
-            if thing is not None:
-                thing.close()
-        if board is not None:
-            board.unlink()
-        stop.set()
-        matcher.join(timeout=WAIT_S)
-        if matcher.is_alive():
-            matcher.kill()
-            matcher.join(timeout=WAIT_S)

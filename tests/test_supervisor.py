@@ -133,6 +133,19 @@ def processes(state_dir) -> dict:
     return {p["name"]: p for p in cli_json(state_dir, "status")["processes"]}
 
 
+def kill9_and_wait_restarted(up, proc: dict) -> int:
+    """kill -9 a child (a `perpx status` process entry) and wait until the supervisor has it
+    serving again (its first restart); returns the old pid."""
+    old, name = proc["pid"], proc["name"]
+    os.kill(old, signal.SIGKILL)
+    restarted = wait_until(
+        lambda: (lambda p: p if p["restarts"] == 1 and p["alive"] and p["pid"] != old
+                 and p["state"] == "ready" else None)(processes(up.sd.path)[name]),
+        WAIT_S * 2, f"{name} to be restarted")
+    up.child_pids.add(restarted["pid"])
+    return old
+
+
 # ---------------------------------------------------------------------------------------------
 def test_up_status_gateway_restart_and_sigterm(ups):
     up = ups("state", config_text(gateways=2))
@@ -163,13 +176,7 @@ def test_up_status_gateway_restart_and_sigterm(ups):
         assert ping(endpoint, endpoints["server_public_key"], account["certificate"])["type"] == "pong"
 
     # kill -9 a gateway: the supervisor restarts it on the same endpoint
-    old = procs["gateway-1"]["pid"]
-    os.kill(old, signal.SIGKILL)
-    restarted = wait_until(
-        lambda: (lambda p: p if p["restarts"] == 1 and p["alive"] and p["pid"] != old
-                 and p["state"] == "ready" else None)(processes(sd.path)["gateway-1"]),
-        WAIT_S * 2, "gateway-1 to be restarted")
-    up.child_pids.add(restarted["pid"])
+    old = kill9_and_wait_restarted(up, procs["gateway-1"])
     assert not pid_alive(old)
     assert processes(sd.path)["gateway-0"]["restarts"] == 0
     assert ping(endpoints["orders_all"][1], endpoints["server_public_key"],
@@ -178,13 +185,7 @@ def test_up_status_gateway_restart_and_sigterm(ups):
 
     # kill -9 riskd: restarted too; the manual index set before it died is still applied after
     done = cli_json(sd.path, "oracle", "set", "ETH-PERP", "3510")
-    old = procs["riskd"]["pid"]
-    os.kill(old, signal.SIGKILL)
-    restarted = wait_until(
-        lambda: (lambda p: p if p["restarts"] == 1 and p["alive"] and p["pid"] != old
-                 and p["state"] == "ready" else None)(processes(sd.path)["riskd"]),
-        WAIT_S * 2, "riskd to be restarted")
-    up.child_pids.add(restarted["pid"])
+    kill9_and_wait_restarted(up, procs["riskd"])
     assert cli_json(sd.path, "status")["risk"]["ETH-PERP"]["index"] == "3510"
     assert cli_json(sd.path, "oracle", "set", "ETH-PERP", "3520.25")["mark_price"] == "3520.25"
     assert cli_json(sd.path, "status")["seq"] > done["seq"]
