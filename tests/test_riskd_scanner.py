@@ -9,6 +9,10 @@ period passes, and only accounts whose changed_seq moved (plus the sweep) are re
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +22,7 @@ from engine.config import EngineConfig
 from engine.records import MARGIN_CROSS, MARGIN_ISOLATED
 from engine.risk import account_risk, bracket_amounts, liquidation_targets
 from engine.state import allocate_state
+from perpx.launch import REPO, child_env
 from riskd.scanner import CROSS, Scanner
 
 USDC = 1_000_000
@@ -214,3 +219,15 @@ def test_thresholds_match_the_binance_formula_of_engine_risk(n):
             assert lp is None and sc.long_t[m, a] < 1 or sc.long_t[m, a] in (lp - 1, lp)
         else:
             assert lp is None or sc.short_t[m, a] in (lp, lp + 1)
+
+
+def test_bench_risk_scan_figures_from_the_cli():
+    """`perpx bench risk --no-cascade`: the scanner figures only (no exchange), as JSON."""
+    r = subprocess.run([sys.executable, "-m", "perpx.cli", "bench", "risk", "--no-cascade",
+                        "--positions", "3000", "--runs", "1", "--json"], capture_output=True,
+                       text=True, env=child_env(), cwd=str(REPO), timeout=120)
+    assert r.returncode == 0, r.stderr
+    scan = json.loads(r.stdout)["scan"]
+    assert scan["positions"] == 3000 and scan["accounts"] == 2970
+    assert 0 < scan["tick_quiet_ms"] < scan["naive_full_rescan_ms"]
+    assert scan["cascade_targets"] > 0
