@@ -17,8 +17,9 @@ Messages beyond PROTOCOL.md (additions, never changes):
   reduce-only order may be clipped to the position), `remaining` (open quantity) and, for the
   stop and take-profit kinds, `kind`.
 - `fill` has `liquidation: true` when the liquidation engine made the trade.
-- `triggered` has `market`; `funding` has `size` and `mark_price`; `liquidation` has `side`,
-  `fee` and `size` (docs/protocol.md).
+- `triggered` has `market`, `side`, `kind`, and as an ack would `status`, `qty` (a reduce-only
+  order may be clipped) and `remaining`; `funding` has `size` and `mark_price`; `liquidation`
+  has `side`, `fee` and `size` (docs/protocol.md).
 - `canceled` also has `market` and `qty` (the quantity canceled).
 - `amended` also has `market`; its `qty` is the order's new open quantity.
 - `hello` {cancel_on_disconnect: bool} -> `hello` {account, cancel_on_disconnect}: opts a session
@@ -335,8 +336,11 @@ def open_order_row(oid: int, order: list, status: str, market: Market) -> dict:
 
 
 def triggered_message(ev, market: Market) -> dict:
+    """EV_TRIGGERED: the fired order's ack, in effect (no other ack follows)."""
     return {"type": "triggered", "cid": ev[12], "oid": ev[11], "market": market.symbol,
-            "seq": ev[0], "ts": ev[1]}
+            "side": SIDE_NAMES[ev[9]], "kind": KIND_NAMES[ev[10]],
+            "status": STATUS_NAMES.get(ev[8], "open"), "qty": market.lots_to_str(ev[14]),
+            "remaining": market.lots_to_str(ev[15]), "seq": ev[0], "ts": ev[1]}
 
 
 def funding_message(ev, market: Market) -> dict:

@@ -18,7 +18,8 @@ Order events change it this way (engine/reference.py is the rule book):
 - `ack` with status open: the order rests with the ack's `remaining_lots` (its open quantity
   after the fills that follow the ack).
 - `ack` with status untriggered: the order waits outside the book (`untriggered`) until its
-  `triggered` event; the live order's own events follow that (an ack if it rests).
+  `triggered` event, which then counts as the live order's ack (its status and remaining say
+  where it ended; its trades follow).
 - `trade`: the maker's open quantity becomes `maker_remaining_lots`; the taker's becomes
   `remaining_lots` if the taker rests (an amended order re-matching), so a new order's level
   goes up by its final remainder at the ack and back to it after its fills (deltas are taken
@@ -220,6 +221,7 @@ class Mirror:
             return self.on_done(seq)
         elif etype == EV_TRIGGERED:
             self._take_untriggered(ev[11])
+            self.on_ack(ev)          # it says where the live order ended, as an ack does
         return None
 
     def on_ack(self, ev) -> None:

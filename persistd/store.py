@@ -33,7 +33,7 @@ Tables (the PROTOCOL.md columns first, extras at the end):
 
 seq/ts/ids/accounts are BIGINT (ts in nanoseconds as on the wire), market the symbol, and the
 word columns hold the wire's words ("buy"/"sell", "limit"/"market"/"stop_market"/...,
-"open"/"filled"/"canceled"/"untriggered"/"triggered", cancel reasons "user"/"ioc"/"stp"/...,
+"open"/"filled"/"canceled"/"untriggered", cancel reasons "user"/"ioc"/"stp"/...,
 liquidation kinds "liquidated"/"adl", insurance reasons "liquidation_fee"/"funding_residue"/
 "deficit"). Columns added after a store was created (the liquidation extras) are added to an
 older file when it is opened.
@@ -84,9 +84,8 @@ BALANCE_ROW_DTYPE = np.dtype([("seq", "<i8"), ("ts_ns", "<i8"), ("account", "<i4
 SIDE_WORDS = ("buy", "sell")
 KIND_WORDS = ("limit", "market", "stop_market", "stop_limit", "take_profit_market",
               "take_profit_limit")
-STATUS_TRIGGERED = 255          # store-only: the orders row of an EV_TRIGGERED
 STATUS_WORDS = {STATUS_OPEN: "open", STATUS_FILLED: "filled", STATUS_CANCELED: "canceled",
-                STATUS_UNTRIGGERED: "untriggered", STATUS_TRIGGERED: "triggered"}
+                STATUS_UNTRIGGERED: "untriggered"}
 LIQUIDATION_WORDS = {LIQ_KIND_LIQUIDATED: "liquidated", LIQ_KIND_ADL: "adl"}
 INSURANCE_WORDS = {INSURANCE_LIQUIDATION_FEE: "liquidation_fee",
                    INSURANCE_FUNDING_RESIDUE: "funding_residue", INSURANCE_DEFICIT: "deficit"}
@@ -386,8 +385,9 @@ class Store:
           remaining 0, reason ("user", "ioc", "stp", "reduce_only", ...).
         - EV_AMENDED -> orders row: status "open", the new price, qty = remaining = the new
           open quantity; reason "reduce_only" when the matcher shrank a reduce-only order.
-        - EV_TRIGGERED -> orders row: status "triggered", qty and remaining as the event
-          has them (the live order's own rows follow).
+        - EV_TRIGGERED (a stop or take-profit fired) -> orders row like an ack's: the event
+          says where the live order ended ("open", "filled", "canceled"), qty = the quantity
+          it entered with (a reduce-only order may be clipped); no other ack follows.
         - EV_BALANCE -> balances row: balance = balance_atoms (the balance after the change).
         - EV_MARK -> marks row.
         - EV_FUNDING -> funding_payments row: rate = rate_e9 / 1e9, payment (negative: paid),
@@ -498,16 +498,15 @@ class Store:
         oe = ev[p_oe].view(ORDER_EVENT_DTYPE)
         oet = oe["etype"]
         is_ack, is_cancel = oet == EV_ACK, oet == EV_CANCELED
-        is_new = is_ack | (oet == EV_TRIGGERED)
+        is_new = is_ack | (oet == EV_TRIGGERED)     # a fired order's ack, in effect
         self._check(oe, p_oe, ev, ("price_ticks",), ("qty_lots", "remaining_lots"))
         parts = [{
             "seq": oe["seq"], "ts_ns": oe["ts_ns"], "oid": oe["oid"], "cid": oe["cid"],
             "account": oe["account"].astype(np.int64), "market": oe["market"],
             "side": oe["side"], "kind": oe["kind"], "price_ticks": oe["price_ticks"],
             "qty_lots": np.where(is_new, oe["qty_lots"], oe["remaining_lots"]),
-            "status": np.select([is_ack, is_cancel, oet == EV_TRIGGERED],
-                                [oe["status"].astype(np.int64), STATUS_CANCELED,
-                                 STATUS_TRIGGERED], STATUS_OPEN).astype(np.uint8),
+            "status": np.where(is_new, oe["status"],
+                               np.where(is_cancel, STATUS_CANCELED, STATUS_OPEN)).astype(np.uint8),
             "remaining_lots": np.where(is_cancel, 0, oe["remaining_lots"]),
             "reason": oe["reason"],
             "_key": p_oe * 4,
@@ -526,8 +525,9 @@ class Store:
             })
         taker_done = tr["remaining_lots"] == 0
         if taker_done.any():
-            # a new order's ack (same command, same oid) already reports it filled
-            acks = oe[is_ack]
+            # a new order's ack or a fired order's EV_TRIGGERED (same command, same oid)
+            # already reports it filled
+            acks = oe[is_new]
             order = np.argsort(acks["oid"], kind="stable")
             ack_oid, ack_seq = acks["oid"][order], acks["seq"][order]
             i = np.minimum(np.searchsorted(ack_oid, tr["oid"]), max(len(ack_oid) - 1, 0))

@@ -21,13 +21,15 @@ from hypothesis import strategies as hs
 
 from engine.matcher import LocalEvents, Matcher, drain
 from engine.records import (CMD_SET_MARK, EV_ACK, EV_AMENDED, EV_BALANCE, EV_CANCELED,
-                            EV_MARK, EV_TRADE, EVENT_DTYPE, KIND_LIMIT, REASON_NAMES, SIDE_BUY,
-                            SIDE_SELL, TIF_IOC, TRADE_EVENT_DTYPE, new_commands)
+                            EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, EV_MARK, EV_TRADE,
+                            EV_TRIGGERED, EVENT_DTYPE, INSURANCE_EVENT_DTYPE, KIND_LIMIT,
+                            REASON_NAMES, SIDE_BUY, SIDE_SELL, TIF_IOC, TRADE_EVENT_DTYPE,
+                            new_commands)
 from gateway import codec
 from gateway.codec import (BALANCE_EVENT_STRUCT, MARK_EVENT_STRUCT, ORDER_EVENT_STRUCT,
                            TRADE_EVENT_STRUCT)
 from gateway.markets import Market, atoms_to_str
-from persistd.store import BALANCE_ROW_DTYPE, ReadOnlyViolation, Store
+from persistd.store import BALANCE_ROW_DTYPE, INSURANCE_WORDS, ReadOnlyViolation, Store
 from tests import engine_helpers as eh
 from tests.fuzz_streams import FUZZ_CONFIG, genesis, random_stream
 
@@ -66,7 +68,24 @@ def fuzz_events() -> np.ndarray:
     for k in range(6):
         batches.append((random_stream(100 + k, 4000), False))
         batches.append((set_marks(k, 5), True))
+        batches.append((risk_commands(k), True))
     return run_engine(FUZZ_CONFIG, batches)
+
+
+def risk_commands(k: int) -> np.ndarray:
+    """Funding in both markets, a mark shock in one, then LIQUIDATE for every account's cross
+    positions and each isolated one (the healthy are refused): funding, liquidation and
+    insurance events from the real engine."""
+    from engine.records import funding_command, liquidate_command
+    shock = new_commands(1)
+    shock["cmd"], shock["market"] = CMD_SET_MARK, k % 2
+    shock["price_ticks"] = (950, 19_500)[k % 2] if k % 3 else (1040, 20_600)[k % 2]
+    cmds = [funding_command(0, rate_e9=(-1) ** k * 1_000_000),
+            funding_command(1, rate_e9=(-1) ** (k + 1) * 700_001), shock]
+    for account in range(FUZZ_CONFIG.max_accounts):
+        cmds.append(liquidate_command(account))
+        cmds += [liquidate_command(account, m) for m in (0, 1)]
+    return np.concatenate(cmds)
 
 
 def command_bounds(events: np.ndarray) -> np.ndarray:
@@ -80,6 +99,7 @@ def wire_rows(events: np.ndarray, markets, after: int = 0, upto: int | None = No
     raw = np.ascontiguousarray(events).tobytes()
     upto = int(events["seq"].max()) if upto is None else upto
     fills, orders, balances, marks = [], [], [], []
+    funding, liquidations, insurance = [], [], []
     acked, amended_price = set(), {}
     for i in range(len(events)):
         off = i * 128
@@ -93,8 +113,8 @@ def wire_rows(events: np.ndarray, markets, after: int = 0, upto: int | None = No
             taker, maker = codec.fill_messages(tr, mk)
             price, qty = D(taker["price"]), D(taker["qty"])
             fills.append((seq, ts, taker["trade_id"], mk.symbol, price, qty, tr[5], tr[16],
-                          taker["side"], D(taker["fee"]), D(maker["fee"]), False,
-                          taker["oid"], maker["oid"]))
+                          taker["side"], D(taker["fee"]), D(maker["fee"]),
+                          taker.get("liquidation", False), taker["oid"], maker["oid"]))
             if maker["remaining"] == "0":
                 orders.append((seq, ts, maker["oid"], maker["cid"], tr[16], mk.symbol,
                                maker["side"], "limit", price, qty, "filled", D(0), None))
@@ -104,13 +124,18 @@ def wire_rows(events: np.ndarray, markets, after: int = 0, upto: int | None = No
                                taker["side"], "limit",
                                price if own is None else D(mk.ticks_to_str(own)), qty,
                                "filled", D(0), None))
-        elif etype in (EV_ACK, EV_CANCELED, EV_AMENDED):
+        elif etype in (EV_ACK, EV_CANCELED, EV_AMENDED, EV_TRIGGERED):
             ev = ORDER_EVENT_STRUCT.unpack_from(raw, off)
             (_, _, _, _, market, account, _, reason, _, side, kind, oid, cid, ticks, _, _) = ev
             mk = markets[market]
             side_w, kind_w = codec.SIDE_NAMES[side], codec.KIND_NAMES[kind]
             price = D(mk.ticks_to_str(ticks)) if ticks else None
-            if etype == EV_ACK:
+            if etype == EV_TRIGGERED:        # the fired order's ack, in effect
+                acked.add((seq, oid))
+                msg = codec.triggered_message(ev, mk)
+                orders.append((seq, ts, oid, cid, account, mk.symbol, msg["side"], kind_w,
+                               price, D(msg["qty"]), msg["status"], D(msg["remaining"]), None))
+            elif etype == EV_ACK:
                 acked.add((seq, oid))
                 msg = codec.ack_message(ev, mk)
                 assert (price is None) == ("price" not in msg)
@@ -133,7 +158,28 @@ def wire_rows(events: np.ndarray, markets, after: int = 0, upto: int | None = No
             m = MARK_EVENT_STRUCT.unpack_from(raw, off)
             mk = markets[m[4]]
             marks.append((seq, ts, mk.symbol, D(mk.ticks_to_str(m[7]))))
-    return {"fills": fills, "orders": orders, "balances": balances, "marks": marks}
+        elif etype == EV_FUNDING:
+            f = codec.FUNDING_EVENT_STRUCT.unpack_from(raw, off)
+            mk = markets[f[4]]
+            msg = codec.funding_message(f, mk)
+            funding.append((seq, ts, mk.symbol, f[5], D(msg["rate"]), D(msg["payment"]),
+                            D(msg["size"]), D(msg["mark_price"])))
+        elif etype == EV_LIQUIDATION:
+            q = codec.LIQUIDATION_EVENT_STRUCT.unpack_from(raw, off)
+            mk = markets[q[4]]
+            msg = codec.liquidation_message(q, mk)
+            liquidations.append((seq, ts, mk.symbol, q[5], D(msg["qty"]), D(msg["price"]),
+                                 msg["kind"], msg["side"], D(msg["fee"]),
+                                 D(mk.ticks_to_str(q[11])) if q[11] else None, q[13],
+                                 D(msg["size"])))
+        elif etype == EV_INSURANCE:
+            e = events[i:i + 1].view(INSURANCE_EVENT_DTYPE)[0]
+            insurance.append((seq, ts, INSURANCE_WORDS[int(e["reason"])],
+                              D(atoms_to_str(int(e["amount_atoms"]))),
+                              D(atoms_to_str(int(e["fund_atoms"])))))
+    return {"fills": fills, "orders": orders, "balances": balances, "marks": marks,
+            "funding_payments": funding, "liquidations": liquidations,
+            "insurance_fund": insurance}
 
 
 COLUMNS = {
@@ -143,6 +189,10 @@ COLUMNS = {
               "reason",
     "balances": "seq, ts, account, balance",
     "marks": "seq, ts, market, mark",
+    "funding_payments": "seq, ts, market, account, rate, payment, size, mark",
+    "liquidations": "seq, ts, market, account, qty, price, kind, side, fee, bankruptcy_price, "
+                    "counterparty, size",
+    "insurance_fund": "seq, ts, reason, amount, fund",
 }
 
 
@@ -257,7 +307,9 @@ def test_scenario_rows_exact(tmp_path):
                         (13, 1008, 1, D("99998.8375"))]
     assert marks == [(5, 0, "BTC-PERP", D("65010.0"))]
     assert wire_rows(events, BTC_MARKETS) == {"fills": fills, "orders": orders,
-                                              "balances": balances, "marks": marks}
+                                              "balances": balances, "marks": marks,
+                                              "funding_payments": [], "liquidations": [],
+                                              "insurance_fund": []}
 
 
 # ---- rows from random engine streams ---------------------------------------------------------
@@ -266,6 +318,8 @@ def test_engine_stream_rows_match_wire(tmp_path, fuzz_events):
     want = wire_rows(events, FUZZ_MARKETS)
     assert len(want["fills"]) > 500 and len(want["orders"]) > 2000
     assert len(want["marks"]) > 10 and len(want["balances"]) > 5
+    assert len(want["funding_payments"]) > 10 and len(want["insurance_fund"]) > 5
+    assert len(want["liquidations"]) > 0 and any(r[11] for r in want["fills"])
     amended_takers = [r for r in want["orders"] if r[10] == "filled"]
     assert len(amended_takers) > len(want["fills"])   # makers and some re-matched amends
     rng = np.random.default_rng(7)
@@ -689,7 +743,8 @@ def trade_heavy_commands(n_trades: int) -> np.ndarray:
 
 def test_bulk_insert_rate(tmp_path, capsys):
     n_trades = 200_000
-    events = run_engine(FUZZ_CONFIG, [(genesis(), True),
+    fees = np.concatenate([eh.deposit(a, 1_000 * eh.USDC) for a in (1, 2)])   # 200k taker fees
+    events = run_engine(FUZZ_CONFIG, [(np.concatenate([genesis(), fees]), True),
                                       (trade_heavy_commands(n_trades), False)])
     assert int((events["etype"] == EV_TRADE).sum()) == n_trades
     with Store(tmp_path / "x.duckdb", FUZZ_MARKETS) as store:
