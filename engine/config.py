@@ -32,11 +32,13 @@ class EngineConfig:
     max_markets: int = 8
     max_orders: int = 1 << 16
     max_levels_per_side: int = 4096
+    # untriggered stop / take-profit orders per market: bounds what one price move can set off
+    max_trigger_orders: int = 1024
 
     def __post_init__(self):
         if not 1 <= self.max_markets <= MAX_MARKETS_LIMIT:
             raise ValueError(f"max_markets must be 1..{MAX_MARKETS_LIMIT}")
-        for name in ("max_accounts", "max_orders", "max_levels_per_side"):
+        for name in ("max_accounts", "max_orders", "max_levels_per_side", "max_trigger_orders"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.max_accounts >= 2 ** 31:
@@ -44,14 +46,19 @@ class EngineConfig:
 
     def event_bound(self) -> int:
         """Most events one command can cause: a LIQUIDATE's (each resting order canceled or
-        traded, and reduce-only ones swept, plus its steps and ADL per market), or a FUNDING's
-        (one per account); engine/core.py `_event_bound` has the per-command counts.
+        traded, and reduce-only ones swept, plus its steps and ADL per market, plus what the
+        trigger books of those markets set off after), or a FUNDING's (one per account);
+        engine/core.py `_event_bound` and `_trigger_bound` have the per-command counts.
 
         Event rings can be much smaller: a command whose worst case exceeds the ring runs
         alone into an overflow buffer of this size (Matcher.process_oversized).
         """
         per_market = 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 2
-        return 3 * self.max_orders + self.max_markets * per_market + self.max_accounts + 32
+        # the trigger books: 8 + 2R + 5T per market, R + T orders in the pool
+        triggers = (8 * self.max_markets + 2 * self.max_orders
+                    + 3 * min(self.max_orders, self.max_markets * self.max_trigger_orders))
+        return (3 * self.max_orders + self.max_markets * per_market + self.max_accounts + 32
+                + triggers)
 
 
 # Why a market's parameters are refused, by problem code (0 = none). The checks are compiled

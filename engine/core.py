@@ -23,7 +23,8 @@ from engine.state import (ACCOUNT_DTYPE, C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDE
                           C_INSURANCE_ATOMS, C_NET_DEPOSITS_ATOMS, C_NEXT_OID, C_NEXT_TRADE_ID, C_ORDERS_USED, C_SEQ,
                           C_UNRESTS,
                           D_COUNT, D_MASK, D_NEED, D_RING, D_SEQ, D_SOURCE, D_WRITE, INDEX_DTYPE,
-                          LEVEL_DTYPE, MARKET_DTYPE, NONE, ORDER_DTYPE, POSITION_DTYPE, table_word)
+                          LEVEL_DTYPE, MARKET_DTYPE, NONE, ORDER_DTYPE, POSITION_DTYPE,
+                          TRIGGER_QUEUES, UNTRIGGERED, table_word)
 from engine.views import address_of, descriptor_view, prefetch, table_view
 
 # _nrt=False: nothing here allocates, and without the runtime numba emits no reference
@@ -47,6 +48,10 @@ _book_depth = table_view(table_word("book_depth"), np.int64, 2)
 _cid_index = table_view(table_word("cid_index"), INDEX_DTYPE, 1)
 _oid_index = table_view(table_word("oid_index"), INDEX_DTYPE, 1)
 _index_deletes = table_view(table_word("index_deletes"), np.int64, 2)
+_trigger_ticks = table_view(table_word("trigger_ticks"), np.int64, 1)
+_trigger_keys = table_view(table_word("trigger_keys"), np.int64, 3)
+_trigger_slots = table_view(table_word("trigger_slots"), np.int32, 3)
+_trigger_depth = table_view(table_word("trigger_depth"), np.int64, 2)
 _touched = table_view(table_word("touched"), np.int32, 1)
 # the event ring: one buffer of 128-byte slots, one view per event family
 _ring_words = table_view(D_RING, np.int64, 2)
@@ -379,6 +384,41 @@ def _copy_order(dst, src):
 
 
 @jit
+def _file_order(st, slot):
+    """Make an open order (resting or untriggered) its account's latest, findable by oid and
+    cid, and count it against the open-order limit."""
+    o = _orders(st)[slot]
+    acct = _accounts(st)[o.account]
+    o.account_prev = acct.last_order
+    o.account_next = NONE
+    if acct.last_order == NONE:
+        acct.first_order = slot
+    else:
+        _orders(st)[acct.last_order].account_next = slot
+    acct.last_order = slot
+    acct.open_orders += 1
+    _index_insert(_oid_index(st), 0, o.oid, slot)
+    _index_insert(_cid_index(st), o.account, o.cid, slot)
+    _positions(st)[o.account, o.market].open_orders += 1
+
+
+@jit
+def _unfile_order(st, o):
+    acct = _accounts(st)[o.account]
+    if o.account_prev == NONE:
+        acct.first_order = o.account_next
+    else:
+        _orders(st)[o.account_prev].account_next = o.account_next
+    if o.account_next == NONE:
+        acct.last_order = o.account_prev
+    else:
+        _orders(st)[o.account_next].account_prev = o.account_prev
+    acct.open_orders -= 1
+    _defer_index_delete(st, o)
+    _positions(st)[o.account, o.market].open_orders -= 1
+
+
+@jit
 def _open_lots_change(pos, side, delta):
     if side == SIDE_BUY:
         pos.open_buy_lots += delta
@@ -405,24 +445,13 @@ def _rest(st, slot):
     lv.last = slot
     lv.orders += 1
     lv.qty_lots += o.remaining_lots
-    acct = _accounts(st)[o.account]
-    o.account_prev = acct.last_order
-    o.account_next = NONE
-    if acct.last_order == NONE:
-        acct.first_order = slot
-    else:
-        _orders(st)[acct.last_order].account_next = slot
-    acct.last_order = slot
-    acct.open_orders += 1
-    _index_insert(_oid_index(st), 0, o.oid, slot)
-    _index_insert(_cid_index(st), o.account, o.cid, slot)
+    _file_order(st, slot)
     mk = _markets(st)[market]
     if o.side == SIDE_BUY:
         mk.resting_buy += 1
     else:
         mk.resting_sell += 1
     pos = _positions(st)[o.account, market]
-    pos.open_orders += 1
     _open_lots_change(pos, o.side, o.remaining_lots)
     if o.flags & FLAG_REDUCE_ONLY:
         pos.reduce_only_orders += 1
@@ -450,24 +479,13 @@ def _unrest(st, slot):
     if lv.orders == 0:
         _remove_level(st, market, o.side, lvl)
     o.level = NONE
-    acct = _accounts(st)[o.account]
-    if o.account_prev == NONE:
-        acct.first_order = o.account_next
-    else:
-        _orders(st)[o.account_prev].account_next = o.account_next
-    if o.account_next == NONE:
-        acct.last_order = o.account_prev
-    else:
-        _orders(st)[o.account_next].account_prev = o.account_prev
-    acct.open_orders -= 1
-    _defer_index_delete(st, o)
+    _unfile_order(st, o)
     mk = _markets(st)[market]
     if o.side == SIDE_BUY:
         mk.resting_buy -= 1
     else:
         mk.resting_sell -= 1
     pos = _positions(st)[o.account, market]
-    pos.open_orders -= 1
     _open_lots_change(pos, o.side, -o.remaining_lots)
     if o.flags & FLAG_REDUCE_ONLY:
         pos.reduce_only_orders -= 1
@@ -576,6 +594,31 @@ def _exposure_error(st, account, market, add_buy, add_sell, check_margin):
     if equity - required < 0:
         return REASON_INSUFFICIENT_MARGIN
     return 0
+
+
+@jit
+def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only):
+    """The checks an order passes on entering the book, new or triggered, in order:
+    reduce-only (clips qty), post-only, position limit and margin, FOK.
+    Returns (reason or 0, qty)."""
+    pos = _positions(st)[account, market]
+    if reduce_only:
+        closing = _closing_lots(pos.size_lots, side)
+        if closing <= 0:
+            return REASON_REDUCE_ONLY_VIOLATION, qty
+        if qty > closing:
+            qty = closing
+    if tif == TIF_POST_ONLY:
+        best = _best_level(st, market, 1 - side)
+        if best != NONE and _crosses(side, limit_ticks, _levels(st)[best].price_ticks):
+            return REASON_POST_ONLY_WOULD_TAKE, qty
+    err = _exposure_error(st, account, market, qty if side == SIDE_BUY else 0,
+                          qty if side == SIDE_SELL else 0, not reduce_only)
+    if err != 0:
+        return err, qty
+    if tif == TIF_FOK and not _fok_fillable(st, market, account, side, limit_ticks, stp, qty):
+        return REASON_FOK_UNFILLED, qty
+    return 0, qty
 
 
 @jit
@@ -748,7 +791,7 @@ def _trade(st, cmd, taker, maker_slot, qty, n_touched):
     _counters(st)[C_NEXT_TRADE_ID] = trade_id + 1
     j = _claim(st, cmd, EV_TRADE, market, taker.account)
     e = _trade_events(st)[j]
-    e.req = cmd.req
+    e.req = _req_for(cmd, taker.account)
     e.side = taker.side
     e.liquidation = liquidation
     e.trade_id = trade_id
@@ -805,7 +848,7 @@ def _sweep_reduce_only(st, cmd, market, n_touched):
         while slot != NONE:
             o = _orders(st)[slot]
             nxt = o.account_next
-            if (o.flags & FLAG_REDUCE_ONLY) and o.market == market:
+            if (o.flags & FLAG_REDUCE_ONLY) and o.market == market and o.level != UNTRIGGERED:
                 closing = _closing_lots(pos.size_lots, o.side)
                 if closing <= 0:
                     _cancel_resting(st, cmd, slot, REASON_REDUCE_ONLY)
@@ -818,13 +861,15 @@ def _sweep_reduce_only(st, cmd, market, n_touched):
 
 
 @jit
-def _take_then_rest(st, cmd, slot, limit_ticks, scratch):
-    """Match an order in `slot`, then rest or cancel what is left; returns its final status.
+def _take_then_rest(st, cmd, slot, limit_ticks, scratch, n_touched):
+    """Match an order in `slot`, then rest or cancel what is left; returns its final status
+    and n_touched (the accounts whose position changed, for _after_trading).
 
     `slot` is the taker scratch slot for a new order (copied to a real slot if it rests) or
-    the order's own slot when an amend re-prices it (freed unless it rests again).
+    the order's own slot when an amend re-prices it or a trigger fires it (freed unless it
+    rests).
     """
-    stopped, n_touched = _match(st, cmd, slot, limit_ticks, 0)
+    stopped, n_touched = _match(st, cmd, slot, limit_ticks, n_touched)
     o = _orders(st)[slot]
     if o.remaining_lots == 0:
         status = STATUS_FILLED
@@ -841,8 +886,194 @@ def _take_then_rest(st, cmd, slot, limit_ticks, scratch):
             _rest(st, slot)
     if status != STATUS_OPEN and slot != scratch:
         _free_order(st, slot)
-    _sweep_reduce_only(st, cmd, o.market, n_touched)
-    return status
+    return status, n_touched
+
+
+@jit
+def _after_trading(st, cmd, market, scratch, n_touched):
+    """What follows a command that may have moved a market's prices: fire the untriggered
+    orders whose condition now holds (a counter check when there are none), then sweep the
+    reduce-only orders of every account whose position the command changed, once.
+    Returns n_touched."""
+    if _markets(st)[market].untriggered != 0:
+        n_touched = _run_triggers(st, cmd, market, scratch, n_touched)
+    _sweep_reduce_only(st, cmd, market, n_touched)
+    return n_touched
+
+
+# ---- the trigger book -----------------------------------------------------------------------
+# An untriggered stop or take-profit holds a slot of the order pool (level UNTRIGGERED, no
+# margin, no open lots) and is filed like a resting order (account list, oid and cid indexes,
+# open-order count), so cancel, cancel_all, duplicate cids and the open-order limit reach it
+# unchanged. Its market keeps it in one of four queues (engine/state.py), each a sorted array
+# of keys with the next order to fire last: key -trigger where a rise fires (lowest trigger
+# first), +trigger where a fall does (highest first); among equal keys the oldest is last, as
+# a new order goes before its equals.
+@jit
+def _is_market_kind(kind):
+    return kind == KIND_MARKET or kind == KIND_STOP_MARKET or kind == KIND_TAKE_PROFIT_MARKET
+
+
+@jit
+def _trigger_queue(kind, side, flags):
+    rises = (kind <= KIND_STOP_LIMIT) == (side == SIDE_BUY)
+    q = 0 if rises else 1
+    if flags & FLAG_TRIGGER_BY_LAST:
+        q += 2
+    return q
+
+
+@jit
+def _trigger_key(queue, trigger_ticks):
+    return trigger_ticks if queue & 1 else -trigger_ticks
+
+
+@jit
+def _trigger_price(mk, queue):
+    """The price a queue watches; 0 (nothing fires) for the last price before any trade."""
+    return mk.last_trade_ticks if queue >= 2 else mk.mark_ticks
+
+
+@jit
+def _trigger_holds(queue, key, price_ticks):
+    if price_ticks == 0:
+        return False
+    if queue & 1:
+        return price_ticks <= key
+    return price_ticks >= -key
+
+
+@jit
+def _park(st, slot, trigger_ticks):
+    """File the order in `slot` in its market's trigger book."""
+    o = _orders(st)[slot]
+    market = o.market
+    q = _trigger_queue(o.kind, o.side, o.flags)
+    key = _trigger_key(q, trigger_ticks)
+    keys = _trigger_keys(st)
+    slots = _trigger_slots(st)
+    n = _trigger_depth(st)[market, q]
+    k = _lower_bound(keys, market, q, n, key)
+    for i in range(n, k, -1):
+        keys[market, q, i] = keys[market, q, i - 1]
+        slots[market, q, i] = slots[market, q, i - 1]
+    keys[market, q, k] = key
+    slots[market, q, k] = slot
+    _trigger_depth(st)[market, q] = n + 1
+    _trigger_ticks(st)[slot] = trigger_ticks
+    o.level = UNTRIGGERED
+    _file_order(st, slot)
+    _markets(st)[market].untriggered += 1
+
+
+@jit
+def _unpark(st, slot):
+    """Take an order out of its trigger book and unfile it; its slot stays allocated."""
+    o = _orders(st)[slot]
+    market = o.market
+    q = _trigger_queue(o.kind, o.side, o.flags)
+    keys = _trigger_keys(st)
+    slots = _trigger_slots(st)
+    n = _trigger_depth(st)[market, q]
+    k = _lower_bound(keys, market, q, n, _trigger_key(q, _trigger_ticks(st)[slot]))
+    while slots[market, q, k] != slot:
+        k += 1
+    for i in range(k, n - 1):
+        keys[market, q, i] = keys[market, q, i + 1]
+        slots[market, q, i] = slots[market, q, i + 1]
+    _trigger_depth(st)[market, q] = n - 1
+    _trigger_ticks(st)[slot] = 0
+    o.level = NONE
+    _unfile_order(st, o)
+    _markets(st)[market].untriggered -= 1
+
+
+@jit
+def _next_to_fire(st, market):
+    """The slot of the untriggered order to fire next, or NONE: mark queues before last-price
+    ones, a rise's queue before a fall's, the trigger nearest the old price first."""
+    mk = _markets(st)[market]
+    for q in range(TRIGGER_QUEUES):
+        n = _trigger_depth(st)[market, q]
+        if n > 0 and _trigger_holds(q, _trigger_keys(st)[market, q, n - 1],
+                                    _trigger_price(mk, q)):
+            return _trigger_slots(st)[market, q, n - 1]
+    return NONE
+
+
+@jit
+def _fire(st, cmd, slot, scratch, n_touched):
+    """Enter a triggered order as a new market or limit order with its own tif, behind every
+    order already resting at its price. EV_TRIGGERED first (its status, like an ack's, says
+    where the order ended), then its reject, reduce-only cancel or trades."""
+    o = _orders(st)[slot]
+    _unpark(st, slot)
+    market = o.market
+    account = o.account
+    mk = _markets(st)[market]
+    req = _req_for(cmd, account)
+    j = _order_event(st, cmd, EV_TRIGGERED, market, account, req, 0, STATUS_CANCELED, o.side,
+                     o.kind, o.oid, o.cid, o.price_ticks, o.remaining_lots, 0)
+    err = 0
+    qty = o.remaining_lots
+    if _is_market_kind(o.kind):
+        limit = _band_limit(mk, o.side)
+    else:
+        limit = o.price_ticks
+        if _outside_band(mk, limit):
+            err = REASON_PRICE_BAND
+    if err == 0 and (o.tif == TIF_GTC or o.tif == TIF_POST_ONLY) and _level_full(
+            st, market, o.side, limit, _book_keys(st).shape[2]):
+        err = REASON_TOO_MANY_ORDERS
+    if err == 0:
+        err, qty = _admit(st, market, account, o.side, o.tif, limit, o.stp, qty,
+                          (o.flags & FLAG_REDUCE_ONLY) != 0)
+    if err == REASON_REDUCE_ONLY_VIOLATION:
+        _canceled(st, cmd, slot, REASON_REDUCE_ONLY, qty)
+    elif err != 0:
+        _order_event(st, cmd, EV_REJECT, market, account, req, err, 0, o.side, o.kind, o.oid,
+                     o.cid, 0, 0, 0)
+    if err != 0:
+        _free_order(st, slot)
+        return n_touched
+    o.remaining_lots = qty
+    status, n_touched = _take_then_rest(st, cmd, slot, limit, scratch, n_touched)
+    e = _order_events(st)[j]
+    e.status = status
+    e.qty_lots = qty
+    if status == STATUS_OPEN:
+        e.remaining_lots = o.remaining_lots
+    return n_touched
+
+
+@jit
+def _run_triggers(st, cmd, market, scratch, n_touched):
+    """Fire, one at a time, every untriggered order whose condition holds; a fired order's
+    trades move the last price, so each pick looks at the prices as they are then. Nothing
+    fires in a halted market (RESUME looks again)."""
+    if _markets(st)[market].halted != 0:
+        return n_touched
+    while True:
+        slot = _next_to_fire(st, market)
+        if slot == NONE:
+            return n_touched
+        n_touched = _fire(st, cmd, slot, scratch, n_touched)
+
+
+@jit
+def _trigger_bound(st, market):
+    """Most events the trigger book of a market can add to a command (0 when it is empty).
+
+    Per taker (the command's order and each fired one): its EV_TRIGGERED, one trade that
+    fills it, and its reject or cancel. Per order that rests at some point (the R resting now,
+    the fired ones and the command's own): a trade that fills it or two (a capped reduce-only
+    maker: a trade, then its cancel), or one cancel, and one reduce-only sweep. Two more for
+    the command and its reply: 2 + 3(T + 1) + 2(R + T + 1) <= 8 + 2R + 5T.
+    """
+    mk = _markets(st)[market]
+    if mk.untriggered == 0:
+        return 0
+    return 8 + 2 * (mk.resting_buy + mk.resting_sell) + 5 * mk.untriggered
 
 
 # ---- commands -----------------------------------------------------------------------------
@@ -894,7 +1125,7 @@ def _set_market_limits(st, cmd):
 
 
 @jit
-def _set_mark(st, cmd):
+def _set_mark(st, cmd, scratch):
     if not _market_ok(st, cmd.market):
         return _reject(st, cmd, REASON_UNKNOWN_MARKET)
     mk = _markets(st)[cmd.market]
@@ -905,14 +1136,17 @@ def _set_mark(st, cmd):
     e = _mark_events(st)[j]
     e.req = cmd.req
     e.mark_ticks = cmd.price_ticks
+    _after_trading(st, cmd, cmd.market, scratch, 0)
 
 
 @jit
-def _halt(st, cmd, halted):
+def _halt(st, cmd, halted, scratch):
     if not _market_ok(st, cmd.market):
         return _reject(st, cmd, REASON_UNKNOWN_MARKET)
     _markets(st)[cmd.market].halted = halted
     _done(st, cmd, 0)
+    # triggers held back while halted fire on resume, against the prices of then
+    _after_trading(st, cmd, cmd.market, scratch, 0)
 
 
 @jit
@@ -971,11 +1205,14 @@ def _new_order(st, cmd, scratch):
         return _reject(st, cmd, REASON_UNKNOWN_MARKET)
     if not _account_ok(st, account):
         return _reject(st, cmd, REASON_UNKNOWN_ACCOUNT)
-    if (side > SIDE_SELL or kind > KIND_MARKET or tif > TIF_POST_ONLY
-            or cmd.stp > STP_CANCEL_BOTH or (cmd.flags & ~FLAG_REDUCE_ONLY) != 0
-            or (kind == KIND_MARKET and tif == TIF_POST_ONLY)):
+    conditional = kind >= KIND_STOP_MARKET
+    flags_allowed = FLAG_REDUCE_ONLY | (FLAG_TRIGGER_BY_LAST if conditional else 0)
+    market_kind = _is_market_kind(kind)
+    if (side > SIDE_SELL or kind > KIND_TAKE_PROFIT_LIMIT or tif > TIF_POST_ONLY
+            or cmd.stp > STP_CANCEL_BOTH or (cmd.flags & ~flags_allowed) != 0
+            or (market_kind and tif == TIF_POST_ONLY)):
         return _reject(st, cmd, REASON_INVALID_MESSAGE)
-    if kind == KIND_MARKET and tif == TIF_GTC:
+    if market_kind and tif == TIF_GTC:
         tif = TIF_IOC
     mk = _markets(st)[market]
     if mk.max_price_ticks == 0 or mk.halted != 0:
@@ -983,41 +1220,40 @@ def _new_order(st, cmd, scratch):
     qty = cmd.qty_lots
     if qty < 1 or qty > mk.max_order_lots:
         return _reject(st, cmd, REASON_INVALID_QTY)
-    if kind == KIND_LIMIT:
+    if market_kind:
+        price = 0
+        limit = _band_limit(mk, side)
+    else:
         price = cmd.price_ticks
         if price < 1 or price > mk.max_price_ticks:
             return _reject(st, cmd, REASON_INVALID_PRICE)
-        if _outside_band(mk, price):
+        # a conditional limit order meets the band when it fires, against the mark of then
+        if not conditional and _outside_band(mk, price):
             return _reject(st, cmd, REASON_PRICE_BAND)
         limit = price
-    else:
-        price = 0
-        limit = _band_limit(mk, side)
+    trigger = cmd.amount_atoms
+    if conditional:
+        q = _trigger_queue(kind, side, cmd.flags)
+        if (trigger < 1 or trigger > mk.max_price_ticks
+                or _trigger_holds(q, _trigger_key(q, trigger), _trigger_price(mk, q))):
+            return _reject(st, cmd, REASON_INVALID_PRICE)
     if _slot_of_cid(st, account, cmd.cid) != NONE:
         return _reject(st, cmd, REASON_DUPLICATE_CID)
     pos = _positions(st)[account, market]
+    if conditional:
+        if (pos.open_orders >= mk.max_open_orders or _counters(st)[C_ORDERS_USED] >= scratch
+                or mk.untriggered >= _trigger_keys(st).shape[2]):
+            return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
+        return _new_conditional(st, cmd, tif, price, trigger)
     if (tif == TIF_GTC or tif == TIF_POST_ONLY) and (
             pos.open_orders >= mk.max_open_orders
             or _counters(st)[C_ORDERS_USED] >= scratch
             or _level_full(st, market, side, price, _book_keys(st).shape[2])):
         return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
     reduce_only = (cmd.flags & FLAG_REDUCE_ONLY) != 0
-    if reduce_only:
-        closing = _closing_lots(pos.size_lots, side)
-        if closing <= 0:
-            return _reject(st, cmd, REASON_REDUCE_ONLY_VIOLATION)
-        if qty > closing:
-            qty = closing
-    if tif == TIF_POST_ONLY:
-        best = _best_level(st, market, 1 - side)
-        if best != NONE and _crosses(side, limit, _levels(st)[best].price_ticks):
-            return _reject(st, cmd, REASON_POST_ONLY_WOULD_TAKE)
-    err = _exposure_error(st, account, market, qty if side == SIDE_BUY else 0,
-                          qty if side == SIDE_SELL else 0, not reduce_only)
+    err, qty = _admit(st, market, account, side, tif, limit, cmd.stp, qty, reduce_only)
     if err != 0:
         return _reject(st, cmd, err)
-    if tif == TIF_FOK and not _fok_fillable(st, market, account, side, limit, cmd.stp, qty):
-        return _reject(st, cmd, REASON_FOK_UNFILLED)
 
     oid = _counters(st)[C_NEXT_OID]
     _counters(st)[C_NEXT_OID] = oid + 1
@@ -1036,11 +1272,36 @@ def _new_order(st, cmd, scratch):
     o.level = NONE
     ack = _order_event(st, cmd, EV_ACK, market, account, cmd.req, 0, 0, side, kind, oid,
                        cmd.cid, price, qty, 0)
-    status = _take_then_rest(st, cmd, scratch, limit, scratch)
+    status, n_touched = _take_then_rest(st, cmd, scratch, limit, scratch, 0)
     e = _order_events(st)[ack]
     e.status = status
     if status == STATUS_OPEN:
         e.remaining_lots = o.remaining_lots
+    _after_trading(st, cmd, market, scratch, n_touched)
+
+
+@jit
+def _new_conditional(st, cmd, tif, price_ticks, trigger_ticks):
+    """A stop or take-profit that passed validation: parked, acked `untriggered`. No margin
+    is held and reduce-only is not checked until it fires."""
+    oid = _counters(st)[C_NEXT_OID]
+    _counters(st)[C_NEXT_OID] = oid + 1
+    slot = _alloc_order(st)
+    o = _orders(st)[slot]
+    o.oid = oid
+    o.cid = cmd.cid
+    o.price_ticks = price_ticks
+    o.remaining_lots = cmd.qty_lots
+    o.account = cmd.account
+    o.market = cmd.market
+    o.side = cmd.side
+    o.kind = cmd.kind
+    o.tif = tif
+    o.flags = cmd.flags
+    o.stp = cmd.stp
+    _park(st, slot, trigger_ticks)
+    _order_event(st, cmd, EV_ACK, cmd.market, cmd.account, cmd.req, 0, STATUS_UNTRIGGERED,
+                 cmd.side, cmd.kind, oid, cmd.cid, price_ticks, cmd.qty_lots, cmd.qty_lots)
 
 
 @jit
@@ -1052,11 +1313,21 @@ def _find_order(st, account, oid, cid):
 
 
 @jit
+def _cancel_open(st, cmd, slot, reason):
+    """Cancel a resting or an untriggered order."""
+    if _orders(st)[slot].level != UNTRIGGERED:
+        return _cancel_resting(st, cmd, slot, reason)
+    _unpark(st, slot)
+    _canceled(st, cmd, slot, reason, _orders(st)[slot].remaining_lots)
+    _free_order(st, slot)
+
+
+@jit
 def _cancel(st, cmd):
     slot = _find_order(st, cmd.account, cmd.oid, cmd.cid)
     if slot == NONE:
         return _reject(st, cmd, REASON_UNKNOWN_ORDER)
-    _cancel_resting(st, cmd, slot, REASON_USER)
+    _cancel_open(st, cmd, slot, REASON_USER)
 
 
 @jit
@@ -1070,7 +1341,7 @@ def _cancel_all(st, cmd):
     while slot != NONE:
         nxt = _orders(st)[slot].account_next
         if cmd.market == -1 or _orders(st)[slot].market == cmd.market:
-            _cancel_resting(st, cmd, slot, REASON_USER)
+            _cancel_open(st, cmd, slot, REASON_USER)
             count += 1
         slot = nxt
     _done(st, cmd, count)
@@ -1085,7 +1356,8 @@ def _amend(st, cmd, scratch):
     mk = _markets(st)[o.market]
     new_price = cmd.price_ticks if cmd.price_ticks != 0 else o.price_ticks
     new_qty = cmd.qty_lots if cmd.qty_lots != 0 else o.remaining_lots
-    if cmd.price_ticks == 0 and cmd.qty_lots == 0:
+    # an untriggered order is not amended: cancel and place it again
+    if (cmd.price_ticks == 0 and cmd.qty_lots == 0) or o.level == UNTRIGGERED:
         return _reject(st, cmd, REASON_INVALID_MESSAGE)
     if mk.max_price_ticks == 0 or mk.halted != 0:
         return _reject(st, cmd, REASON_MARKET_HALTED)
@@ -1120,7 +1392,9 @@ def _amend(st, cmd, scratch):
     _unrest(st, slot)
     o.price_ticks = new_price
     o.remaining_lots = new_qty
-    _take_then_rest(st, cmd, slot, new_price, scratch)
+    market = o.market
+    status, n_touched = _take_then_rest(st, cmd, slot, new_price, scratch, 0)
+    _after_trading(st, cmd, market, scratch, n_touched)
 
 
 # ---- perpetual risk (engine/reference.py has the same rules in plain Python) --------------
@@ -1367,7 +1641,7 @@ def _liquidate(st, cmd, scratch):
     while slot != NONE:
         nxt = _orders(st)[slot].account_next
         if scope == -1 or _orders(st)[slot].market == scope:
-            _cancel_resting(st, cmd, slot, REASON_LIQUIDATION)
+            _cancel_open(st, cmd, slot, REASON_LIQUIDATION)
         slot = nxt
     _cover_deficit(st, cmd, account, scope)
     closed = 0
@@ -1380,7 +1654,8 @@ def _liquidate(st, cmd, scratch):
             continue
         lots, n_touched = _liquidate_position(st, cmd, account, m, scope, scratch)
         closed += lots
-        _sweep_reduce_only(st, cmd, m, n_touched)
+        # its trades moved the last price: the market's triggers may fire, then the sweep
+        n_touched = _after_trading(st, cmd, m, scratch, n_touched)
         # the next market's sweep starts a fresh list of touched accounts
         for t in range(n_touched):
             _accounts(st)[_touched(st)[t]].touched_seq = 0
@@ -1609,14 +1884,22 @@ def _event_bound(st, cmd):
     if code == CMD_NEW_ORDER:
         if not (0 <= cmd.market < len(_markets(st)) and 0 <= cmd.account < len(_accounts(st))):
             return 4
-        return _taker_bound(st, cmd.account, cmd.market, cmd.side, cmd.qty_lots)
+        need = _taker_bound(st, cmd.account, cmd.market, cmd.side, cmd.qty_lots)
+        if _markets(st)[cmd.market].untriggered != 0:
+            return max(need, _trigger_bound(st, cmd.market))
+        return need
     if code == CMD_AMEND:
         slot = _find_order(st, cmd.account, cmd.oid, cmd.cid)
         if slot == NONE:
             return 4
         o = _orders(st)[slot]
         qty = cmd.qty_lots if cmd.qty_lots > o.remaining_lots else o.remaining_lots
-        return _taker_bound(st, o.account, o.market, o.side, qty)
+        need = _taker_bound(st, o.account, o.market, o.side, qty)
+        return max(need, _trigger_bound(st, o.market))
+    if code == CMD_SET_MARK or code == CMD_RESUME:
+        if 0 <= cmd.market < len(_markets(st)):
+            return 4 + _trigger_bound(st, cmd.market)
+        return 4
     if code == CMD_CANCEL_ALL:
         if 0 <= cmd.account < len(_accounts(st)):
             return 4 + _accounts(st)[cmd.account].open_orders
@@ -1644,7 +1927,8 @@ def _liquidation_bound(st, cmd):
         if cmd.market == -1 or cmd.market == m:
             mk = _markets(st)[m]
             n += (mk.resting_buy + mk.resting_sell + mk.resting_reduce_only
-                  + 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 2)
+                  + 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 2
+                  + _trigger_bound(st, m))
     return n
 
 
@@ -1720,15 +2004,15 @@ def run_batch(desc, commands, command_words, start, count, privileged, free_slot
         elif code == CMD_WITHDRAW:
             _withdraw(st, cmd)
         elif code == CMD_SET_MARK:
-            _set_mark(st, cmd)
+            _set_mark(st, cmd, scratch)
         elif code == CMD_CREATE_MARKET:
             _create_market(st, cmd)
         elif code == CMD_SET_MARKET_LIMITS:
             _set_market_limits(st, cmd)
         elif code == CMD_HALT:
-            _halt(st, cmd, 1)
+            _halt(st, cmd, 1, scratch)
         elif code == CMD_RESUME:
-            _halt(st, cmd, 0)
+            _halt(st, cmd, 0, scratch)
         elif code == CMD_SET_MARGIN:
             _set_margin(st, cmd)
         elif code == CMD_FUNDING:

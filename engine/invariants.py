@@ -7,9 +7,10 @@ Plain Python over the tables: this is a checker, not a hot path.
 
 import numpy as np
 
-from engine.records import FLAG_REDUCE_ONLY, SIDE_BUY, SIDE_SELL
+from engine.records import (FLAG_REDUCE_ONLY, FLAG_TRIGGER_BY_LAST, KIND_STOP_LIMIT,
+                            KIND_STOP_MARKET, SIDE_BUY, SIDE_SELL)
 from engine.state import (C_FEES_ATOMS, C_INSURANCE_ATOMS, C_NET_DEPOSITS_ATOMS, C_ORDERS_USED,
-                          NONE, State)
+                          NONE, TRIGGER_QUEUES, UNTRIGGERED, State)
 
 
 def _walk_level(st: State, market: int, side: int, lvl: int, problems: list):
@@ -40,6 +41,29 @@ def _walk_level(st: State, market: int, side: int, lvl: int, problems: list):
     if sum(int(st.orders[s]["remaining_lots"]) for s in slots) != int(lv["qty_lots"]):
         problems.append(f"market {market}: level {lvl} quantity differs from its orders")
     return slots
+
+
+def _trigger_queue_problems(st: State, market: int, queue: int, open_count, problems) -> int:
+    """Check one trigger queue (sorted, each order filed where its kind, side and trigger
+    put it); count its orders as open. Returns how many it holds."""
+    depth = int(st.trigger_depth[market, queue])
+    keys = st.trigger_keys[market, queue, :depth]
+    if depth and not np.all(keys[1:] >= keys[:-1]):
+        problems.append(f"market {market}: trigger queue {queue} not sorted")
+    for k in range(depth):
+        slot = int(st.trigger_slots[market, queue, k])
+        o = st.orders[slot]
+        kind, side, flags = int(o["kind"]), int(o["side"]), int(o["flags"])
+        rises = (KIND_STOP_MARKET <= kind <= KIND_STOP_LIMIT) == (side == SIDE_BUY)
+        want_queue = (0 if rises else 1) + (2 if flags & FLAG_TRIGGER_BY_LAST else 0)
+        trigger = int(st.trigger_ticks[slot])
+        if (int(o["level"]) != UNTRIGGERED or int(o["market"]) != market
+                or kind < KIND_STOP_MARKET or want_queue != queue
+                or int(keys[k]) != (trigger if queue & 1 else -trigger)
+                or int(o["remaining_lots"]) <= 0):
+            problems.append(f"market {market}: order slot {slot} misfiled in trigger queue {queue}")
+        open_count[int(o["account"]), market] += 1
+    return depth
 
 
 def check_state(st: State) -> list[str]:
@@ -85,13 +109,18 @@ def check_state(st: State) -> list[str]:
             problems.append(f"market {m}: book crossed (bid {best[0]} >= ask {best[1]})")
         if int(st.positions["size_lots"][:, m].sum()) != 0:
             problems.append(f"market {m}: positions do not sum to zero")
+        untriggered = sum(_trigger_queue_problems(st, m, q, open_count, problems)
+                          for q in range(TRIGGER_QUEUES))
+        if untriggered != int(mk["untriggered"]):
+            problems.append(f"market {m}: untriggered count is off")
+        resting_total += untriggered
     pos = st.positions
     for name, expect in (("open_buy_lots", open_buy), ("open_sell_lots", open_sell),
                          ("open_orders", open_count), ("reduce_only_orders", reduce_only)):
         if not np.array_equal(pos[name], expect):
             problems.append(f"positions.{name} disagree with the resting orders")
     if resting_total != int(st.counters[C_ORDERS_USED]):
-        problems.append("order pool usage disagrees with the books")
+        problems.append("order pool usage disagrees with the books and trigger books")
     problems.extend(collateral_problems(st))
     return problems
 

@@ -15,6 +15,10 @@ Rules in brief (docs/matching.md has the long form):
 - Reduce-only orders may only shrink a position: checked at entry (quantity clipped to the
   position), capped when they trade, and after each command canceled or shrunk to the
   remaining position of every account whose position that command changed.
+- Stops and take-profits wait untriggered in their market's trigger book (no margin held),
+  and fire after the mark or the last trade price reaches their trigger: one at a time,
+  nearest trigger first, each entering as a new order with a fresh time priority; their
+  trades can fire more within the same command.
 """
 
 from bisect import bisect_left, insort
@@ -42,7 +46,8 @@ class Market:
     max_position_lots: int = 0
     max_open_orders: int = 0
     halted: bool = False
-    last_trade_ticks: int = 0
+    last_trade_ticks: int = 0                     # 0: no trade yet
+    triggers: list = field(default_factory=list)  # untriggered orders, placement order
     # price -> FIFO of resting orders; prices kept sorted ascending per side
     levels: tuple = field(default_factory=lambda: ({}, {}))
     prices: tuple = field(default_factory=lambda: ([], []))
@@ -77,6 +82,9 @@ class Order:
     price_ticks: int
     remaining_lots: int
     liquidation: bool = False    # the liquidation engine closing `account`: no taker fee
+    trigger_ticks: int = 0
+    trigger_by_last: bool = False
+    untriggered: bool = False
 
 
 @dataclass
@@ -104,7 +112,8 @@ class ReferenceMatcher:
         self.markets: dict[int, Market] = {}
         self.balances = [0] * config.max_accounts
         self.positions: dict[tuple[int, int], Position] = {}
-        self.orders: dict[int, Order] = {}                 # oid -> order, all resting orders
+        # open orders: resting ones and untriggered stops / take-profits
+        self.orders: dict[int, Order] = {}                 # oid -> order
         self.orders_of: dict[int, dict[int, Order]] = {}    # account -> oid -> order, placement order
         self.by_cid: dict[tuple[int, int], int] = {}       # (account, cid) -> oid
         self.fees_collected_atoms = 0
@@ -328,6 +337,7 @@ class ReferenceMatcher:
             return self._reject(REASON_INVALID_PRICE)
         market.mark_ticks = c["price_ticks"]
         self._emit(EV_MARK, c["market"], c["account"], req=c["req"], mark_ticks=c["price_ticks"])
+        self._after_trading(c["market"], market, [])
 
     def _halt(self, halted):
         market = self._market(self.cmd["market"])
@@ -335,6 +345,7 @@ class ReferenceMatcher:
             return self._reject(REASON_UNKNOWN_MARKET)
         market.halted = halted
         self._done()
+        self._after_trading(self.cmd["market"], market, [])   # resume: held-back triggers
 
     def _deposit(self):
         c = self.cmd
@@ -377,15 +388,29 @@ class ReferenceMatcher:
             insort(market.prices[order.side], order.price_ticks)
         queue.append(order)
         market.resting[order.side] += 1
-        self.orders[order.oid] = order
-        self.orders_of.setdefault(order.account, {})[order.oid] = order
-        self.by_cid[(order.account, order.cid)] = order.oid
-        pos = self._position(order.account, market_id)
-        pos.open_orders += 1
+        pos = self._file(order)
         if order.side == SIDE_BUY:
             pos.open_buy_lots += order.remaining_lots
         else:
             pos.open_sell_lots += order.remaining_lots
+
+    def _file(self, order):
+        """An open order (resting or untriggered): its account's latest, findable by oid and
+        cid, counted against the open-order limit. Returns its position."""
+        self.orders[order.oid] = order
+        self.orders_of.setdefault(order.account, {})[order.oid] = order
+        self.by_cid[(order.account, order.cid)] = order.oid
+        pos = self._position(order.account, order.market)
+        pos.open_orders += 1
+        return pos
+
+    def _unfile(self, order):
+        del self.orders[order.oid]
+        del self.orders_of[order.account][order.oid]
+        del self.by_cid[(order.account, order.cid)]
+        pos = self._position(order.account, order.market)
+        pos.open_orders -= 1
+        return pos
 
     def _unrest(self, order):
         """Take an order off the book (it keeps its fields)."""
@@ -398,11 +423,7 @@ class ReferenceMatcher:
             prices = market.prices[order.side]
             del prices[bisect_left(prices, order.price_ticks)]
         market.resting[order.side] -= 1
-        del self.orders[order.oid]
-        del self.orders_of[order.account][order.oid]
-        del self.by_cid[(order.account, order.cid)]
-        pos = self._position(order.account, order.market)
-        pos.open_orders -= 1
+        pos = self._unfile(order)
         if order.side == SIDE_BUY:
             pos.open_buy_lots -= order.remaining_lots
         else:
@@ -540,8 +561,9 @@ class ReferenceMatcher:
             self._shrink(maker, maker.remaining_lots - qty)
         trade_id = self.next_trade_id
         self.next_trade_id += 1
-        self._emit(EV_TRADE, market_id, taker.account, req=self.cmd["req"], side=taker.side,
-                   liquidation=int(taker.liquidation), trade_id=trade_id, price_ticks=price, qty_lots=qty, oid=taker.oid,
+        self._emit(EV_TRADE, market_id, taker.account, req=self._req_for(taker.account),
+                   side=taker.side, liquidation=int(taker.liquidation), trade_id=trade_id,
+                   price_ticks=price, qty_lots=qty, oid=taker.oid,
                    cid=taker.cid, remaining_lots=taker.remaining_lots, fee_atoms=taker_fee,
                    maker_account=maker.account, maker_oid=maker.oid, maker_cid=maker.cid,
                    maker_remaining_lots=maker.remaining_lots, maker_fee_atoms=maker_fee)
@@ -551,7 +573,7 @@ class ReferenceMatcher:
         for account in touched:
             size = self._position(account, market_id).size_lots
             for order in list(self.orders_of.get(account, {}).values()):
-                if not order.reduce_only or order.market != market_id:
+                if not order.reduce_only or order.market != market_id or order.untriggered:
                     continue
                 closing = -size if order.side == SIDE_BUY else size
                 if closing <= 0:
@@ -566,12 +588,12 @@ class ReferenceMatcher:
                                       price_ticks=order.price_ticks, qty_lots=closing,
                                       remaining_lots=closing)
 
-    def _take_then_rest(self, market_id, market, order, limit_ticks):
-        """Match an incoming (or re-priced) order, then rest or cancel what is left.
+    def _take_then_rest(self, market_id, market, order, limit_ticks, touched):
+        """Match an incoming (re-priced, triggered) order, then rest or cancel what is left.
 
-        Returns the order's final status.
+        Returns the order's final status; appends the accounts whose position changed to
+        `touched` (for _after_trading).
         """
-        touched = []
         stopped = self._match(market_id, market, order, limit_ticks, touched)
         if order.remaining_lots == 0:
             status = STATUS_FILLED
@@ -582,8 +604,109 @@ class ReferenceMatcher:
         else:
             self._rest(market_id, market, order)
             status = STATUS_OPEN
-        self._sweep_reduce_only(market_id, touched)
         return status
+
+    def _after_trading(self, market_id, market, touched):
+        """Fire the triggers the command's prices set off, then sweep reduce-only orders of
+        every account whose position it changed, once."""
+        self._run_triggers(market_id, market, touched)
+        self._sweep_reduce_only(market_id, touched)
+
+    def _admit(self, market_id, market, account, side, tif, limit_ticks, stp, qty, reduce_only):
+        """Checks on entering the book, new or triggered: reduce-only (clips qty), post-only,
+        position limit and margin, FOK. Returns (reason or 0, qty)."""
+        pos = self._position(account, market_id)
+        if reduce_only:
+            closing = -pos.size_lots if side == SIDE_BUY else pos.size_lots
+            if closing <= 0:
+                return REASON_REDUCE_ONLY_VIOLATION, qty
+            qty = min(qty, closing)
+        best = market.best_price(1 - side)
+        if tif == TIF_POST_ONLY and best is not None and self._crosses(side, limit_ticks, best):
+            return REASON_POST_ONLY_WOULD_TAKE, qty
+        err = self._exposure_error(account, market_id, market, pos,
+                                   qty if side == SIDE_BUY else 0,
+                                   qty if side == SIDE_SELL else 0, not reduce_only)
+        if err:
+            return err, qty
+        if tif == TIF_FOK and not self._fok_fillable(market, account, side, limit_ticks, stp, qty):
+            return REASON_FOK_UNFILLED, qty
+        return 0, qty
+
+    # ---- the trigger book --------------------------------------------------------------
+    @staticmethod
+    def _rises(order_kind, side):
+        """Buy stops and sell take-profits fire when the price rises to the trigger."""
+        return (order_kind in (KIND_STOP_MARKET, KIND_STOP_LIMIT)) == (side == SIDE_BUY)
+
+    @staticmethod
+    def _watched_price(market, by_last):
+        return market.last_trade_ticks if by_last else market.mark_ticks
+
+    def _holds(self, rises, trigger_ticks, price_ticks):
+        if price_ticks == 0:          # no last trade yet: nothing fires
+            return False
+        return price_ticks >= trigger_ticks if rises else price_ticks <= trigger_ticks
+
+    def _next_to_fire(self, market):
+        """Mark-triggered before last-triggered, rises before falls, the trigger nearest the
+        old price first (lowest for a rise, highest for a fall), then placement order."""
+        for by_last in (False, True):
+            price = self._watched_price(market, by_last)
+            for rises in (True, False):
+                due = [o for o in market.triggers
+                       if o.trigger_by_last == by_last and self._rises(o.kind, o.side) == rises
+                       and self._holds(rises, o.trigger_ticks, price)]
+                if due:
+                    return min(due, key=lambda o: (o.trigger_ticks if rises else -o.trigger_ticks,
+                                                   o.oid))
+        return None
+
+    def _unpark(self, order):
+        self.markets[order.market].triggers.remove(order)
+        self._unfile(order)
+        order.untriggered = False
+
+    def _run_triggers(self, market_id, market, touched):
+        if market.halted:
+            return
+        while (order := self._next_to_fire(market)) is not None:
+            self._fire(market_id, market, order, touched)
+
+    def _fire(self, market_id, market, order, touched):
+        """A fired order enters as a new order (market or limit, its own tif) behind every
+        order already resting at its price."""
+        self._unpark(order)
+        req = self._req_for(order.account)
+        triggered = self._order_event(EV_TRIGGERED, market_id, order.account, req=req,
+                                      status=STATUS_CANCELED, side=order.side, kind=order.kind,
+                                      oid=order.oid, cid=order.cid,
+                                      price_ticks=order.price_ticks,
+                                      qty_lots=order.remaining_lots)
+        err, qty = 0, order.remaining_lots
+        if order.kind in (KIND_STOP_MARKET, KIND_TAKE_PROFIT_MARKET):
+            limit = self._band_limit(market, order.side)
+        else:
+            limit = order.price_ticks
+            if self._outside_band(market, limit):
+                err = REASON_PRICE_BAND
+        if (not err and order.tif in (TIF_GTC, TIF_POST_ONLY)
+                and self._level_full(market, order.side, limit)):
+            err = REASON_TOO_MANY_ORDERS
+        if not err:
+            err, qty = self._admit(market_id, market, order.account, order.side, order.tif,
+                                   limit, order.stp, qty, order.reduce_only)
+        if err == REASON_REDUCE_ONLY_VIOLATION:
+            return self._canceled(order, REASON_REDUCE_ONLY, qty)
+        if err:
+            return self._order_event(EV_REJECT, market_id, order.account, req=req, reason=err,
+                                     side=order.side, kind=order.kind, oid=order.oid,
+                                     cid=order.cid)
+        order.remaining_lots = qty
+        triggered["qty_lots"] = qty
+        triggered["status"] = self._take_then_rest(market_id, market, order, limit, touched)
+        if triggered["status"] == STATUS_OPEN:
+            triggered["remaining_lots"] = order.remaining_lots
 
     # ---- order commands ----------------------------------------------------------------
     def _new_order(self):
@@ -594,51 +717,66 @@ class ReferenceMatcher:
             return self._reject(REASON_UNKNOWN_MARKET)
         if not self._valid_account(account):
             return self._reject(REASON_UNKNOWN_ACCOUNT)
-        if (side > SIDE_SELL or kind > KIND_MARKET or tif > TIF_POST_ONLY
-                or c["stp"] > STP_CANCEL_BOTH or c["flags"] & ~FLAG_REDUCE_ONLY
-                or (kind == KIND_MARKET and tif == TIF_POST_ONLY)):
+        conditional = kind in (KIND_STOP_MARKET, KIND_STOP_LIMIT, KIND_TAKE_PROFIT_MARKET,
+                               KIND_TAKE_PROFIT_LIMIT)
+        market_kind = kind in (KIND_MARKET, KIND_STOP_MARKET, KIND_TAKE_PROFIT_MARKET)
+        flags_allowed = FLAG_REDUCE_ONLY | (FLAG_TRIGGER_BY_LAST if conditional else 0)
+        if (side > SIDE_SELL or kind > KIND_TAKE_PROFIT_LIMIT or tif > TIF_POST_ONLY
+                or c["stp"] > STP_CANCEL_BOTH or c["flags"] & ~flags_allowed
+                or (market_kind and tif == TIF_POST_ONLY)):
             return self._reject(REASON_INVALID_MESSAGE)
-        if kind == KIND_MARKET and tif == TIF_GTC:
+        if market_kind and tif == TIF_GTC:
             tif = TIF_IOC
         if not market.tradeable:
             return self._reject(REASON_MARKET_HALTED)
         qty = c["qty_lots"]
         if not 1 <= qty <= market.max_order_lots:
             return self._reject(REASON_INVALID_QTY)
-        if kind == KIND_LIMIT:
+        if market_kind:
+            price = 0
+            limit = self._band_limit(market, side)
+        else:
             price = c["price_ticks"]
             if not 1 <= price <= market.max_price_ticks:
                 return self._reject(REASON_INVALID_PRICE)
-            if self._outside_band(market, price):
+            # a conditional limit order meets the band when it fires, against the mark of then
+            if not conditional and self._outside_band(market, price):
                 return self._reject(REASON_PRICE_BAND)
             limit = price
-        else:
-            price = 0
-            limit = self._band_limit(market, side)
+        trigger = c["amount_atoms"]
+        by_last = bool(c["flags"] & FLAG_TRIGGER_BY_LAST)
+        if conditional and (not 1 <= trigger <= market.max_price_ticks or self._holds(
+                self._rises(kind, side), trigger, self._watched_price(market, by_last))):
+            return self._reject(REASON_INVALID_PRICE)   # Binance: "would immediately trigger"
         if (account, c["cid"]) in self.by_cid:
             return self._reject(REASON_DUPLICATE_CID)
         pos = self._position(account, market_id)
+        reduce_only = bool(c["flags"] & FLAG_REDUCE_ONLY)
+        if conditional:
+            if (pos.open_orders >= market.max_open_orders
+                    or len(self.orders) >= self.config.max_orders
+                    or len(market.triggers) >= self.config.max_trigger_orders):
+                return self._reject(REASON_TOO_MANY_ORDERS)
+            order = Order(oid=self.next_oid, cid=c["cid"], account=account, market=market_id,
+                          side=side, kind=kind, tif=tif, reduce_only=reduce_only, stp=c["stp"],
+                          price_ticks=price, remaining_lots=qty, trigger_ticks=trigger,
+                          trigger_by_last=by_last, untriggered=True)
+            self.next_oid += 1
+            market.triggers.append(order)
+            self._file(order)
+            self._order_event(EV_ACK, market_id, account, req=c["req"],
+                              status=STATUS_UNTRIGGERED, side=side, kind=kind, oid=order.oid,
+                              cid=order.cid, price_ticks=price, qty_lots=qty, remaining_lots=qty)
+            return
         if tif in (TIF_GTC, TIF_POST_ONLY) and (
                 pos.open_orders >= market.max_open_orders
                 or len(self.orders) >= self.config.max_orders
                 or self._level_full(market, side, price)):
             return self._reject(REASON_TOO_MANY_ORDERS)
-        reduce_only = bool(c["flags"] & FLAG_REDUCE_ONLY)
-        if reduce_only:
-            closing = -pos.size_lots if side == SIDE_BUY else pos.size_lots
-            if closing <= 0:
-                return self._reject(REASON_REDUCE_ONLY_VIOLATION)
-            qty = min(qty, closing)
-        best = market.best_price(1 - side)
-        if tif == TIF_POST_ONLY and best is not None and self._crosses(side, limit, best):
-            return self._reject(REASON_POST_ONLY_WOULD_TAKE)
-        err = self._exposure_error(account, market_id, market, pos,
-                                   qty if side == SIDE_BUY else 0,
-                                   qty if side == SIDE_SELL else 0, not reduce_only)
+        err, qty = self._admit(market_id, market, account, side, tif, limit, c["stp"], qty,
+                               reduce_only)
         if err:
             return self._reject(err)
-        if tif == TIF_FOK and not self._fok_fillable(market, account, side, limit, c["stp"], qty):
-            return self._reject(REASON_FOK_UNFILLED)
 
         order = Order(oid=self.next_oid, cid=c["cid"], account=account, market=market_id,
                       side=side, kind=kind, tif=tif, reduce_only=reduce_only, stp=c["stp"],
@@ -646,16 +784,25 @@ class ReferenceMatcher:
         self.next_oid += 1
         ack = self._order_event(EV_ACK, market_id, account, req=c["req"], side=side, kind=kind,
                                 oid=order.oid, cid=order.cid, price_ticks=price, qty_lots=qty)
-        ack["status"] = self._take_then_rest(market_id, market, order, limit)
+        touched = []
+        ack["status"] = self._take_then_rest(market_id, market, order, limit, touched)
         ack["remaining_lots"] = order.remaining_lots if ack["status"] == STATUS_OPEN else 0
+        self._after_trading(market_id, market, touched)
+
+    def _cancel_open(self, order, reason):
+        """Cancel a resting or an untriggered order."""
+        if order.untriggered:
+            self._unpark(order)
+        else:
+            self._unrest(order)
+        self._canceled(order, reason, order.remaining_lots)
 
     def _cancel(self):
         c = self.cmd
         order = self._find_order(c["account"], c["oid"], c["cid"])
         if order is None:
             return self._reject(REASON_UNKNOWN_ORDER)
-        self._unrest(order)
-        self._canceled(order, REASON_USER, order.remaining_lots)
+        self._cancel_open(order, REASON_USER)
 
     def _cancel_all(self):
         c = self.cmd
@@ -667,8 +814,7 @@ class ReferenceMatcher:
         count = 0
         for order in list(self.orders_of.get(account, {}).values()):
             if market_id == -1 or order.market == market_id:
-                self._unrest(order)
-                self._canceled(order, REASON_USER, order.remaining_lots)
+                self._cancel_open(order, REASON_USER)
                 count += 1
         self._done(count)
 
@@ -680,7 +826,8 @@ class ReferenceMatcher:
         market = self.markets[order.market]
         new_price = c["price_ticks"] or order.price_ticks
         new_qty = c["qty_lots"] or order.remaining_lots
-        if c["price_ticks"] == 0 and c["qty_lots"] == 0:
+        # an untriggered order is not amended: cancel and place it again
+        if (c["price_ticks"] == 0 and c["qty_lots"] == 0) or order.untriggered:
             return self._reject(REASON_INVALID_MESSAGE)
         if not market.tradeable:
             return self._reject(REASON_MARKET_HALTED)
@@ -720,7 +867,9 @@ class ReferenceMatcher:
         self._unrest(order)
         order.price_ticks = new_price
         order.remaining_lots = new_qty
-        self._take_then_rest(order.market, market, order, new_price)
+        touched = []
+        self._take_then_rest(order.market, market, order, new_price, touched)
+        self._after_trading(order.market, market, touched)
 
     # ---- perpetual risk (docs/risk.md) ---------------------------------------------------
     def _set_market_risk(self):
@@ -859,8 +1008,7 @@ class ReferenceMatcher:
             return self._reject(REASON_NOT_LIQUIDATABLE)
         for order in list(self.orders_of.get(account, {}).values()):
             if scope == -1 or order.market == scope:
-                self._unrest(order)
-                self._canceled(order, REASON_LIQUIDATION, order.remaining_lots)
+                self._cancel_open(order, REASON_LIQUIDATION)
         self._cover_deficit(account, scope)
         if scope == -1:
             targets = [m for m in sorted(self.markets)
@@ -873,7 +1021,8 @@ class ReferenceMatcher:
         for market_id in targets:
             touched = []
             closed += self._liquidate_position(account, market_id, scope, touched)
-            self._sweep_reduce_only(market_id, touched)
+            # its trades moved the last price: the market's triggers may fire, then the sweep
+            self._after_trading(market_id, self.markets[market_id], touched)
         self._cover_deficit(account, scope)
         self._done(closed)
 

@@ -15,6 +15,7 @@ from engine.config import EngineConfig
 from engine.records import MAX_BRACKETS
 
 NONE = -1
+UNTRIGGERED = -2                       # ORDER_DTYPE.level of an order waiting in a trigger book
 
 MARKET_DTYPE = np.dtype([
     ("active", "<i8"),
@@ -43,6 +44,7 @@ MARKET_DTYPE = np.dtype([
     ("bracket_floor_atoms", "<i8", (MAX_BRACKETS,)),
     ("bracket_rate_e9", "<i8", (MAX_BRACKETS,)),
     ("bracket_amount_atoms", "<i8", (MAX_BRACKETS,)),  # derived: Binance's cumulative amount
+    ("untriggered", "<i8"),            # orders in the market's trigger book
 ])
 
 # One net position per (account, market), with the open-order totals its margin needs.
@@ -77,7 +79,7 @@ ORDER_DTYPE = np.dtype([
     ("price_ticks", "<i8"),
     ("remaining_lots", "<i8"),
     ("account", "<i4"),
-    ("level", "<i4"),
+    ("level", "<i4"),                  # NONE: not resting; UNTRIGGERED: in a trigger book
     ("prev", "<i4"),                   # FIFO within the price level
     ("next", "<i4"),                   # ... also the free-list link of an unused slot
     ("account_prev", "<i4"),
@@ -128,12 +130,20 @@ C_COUNT = 16
 # largest key, kept at the end); `book_levels` the matching level slots; `book_depth` how many.
 # `index_deletes` holds (oid, account, cid) of the last DEFERRED_DELETES orders taken off the
 # book, whose index entries are deleted only when the queue comes round (engine/core.py).
+# The trigger book: `trigger_ticks[slot]` is the trigger price of the untriggered order in that
+# order slot; `trigger_keys[m, queue, k]` / `trigger_slots` / `trigger_depth` hold, per market,
+# four queues (TRIGGER_QUEUES) of untriggered orders sorted so the next to fire is last.
 State = namedtuple("State", [
     "counters", "markets", "positions", "accounts", "orders", "levels",
     "book_keys", "book_levels", "book_depth",
     "cid_index", "oid_index", "index_deletes",
+    "trigger_ticks", "trigger_keys", "trigger_slots", "trigger_depth",
     "touched",
 ])
+
+# A trigger queue: 2 x (by last price) + (fires on a fall). Buy stops and sell take-profits
+# fire when the price rises to their trigger, sell stops and buy take-profits when it falls.
+TRIGGER_QUEUES = 4
 
 DEFERRED_DELETES = 16            # a power of two
 
@@ -160,6 +170,10 @@ def _table_shapes(cfg: EngineConfig):
         "cid_index": ((index_size,), INDEX_DTYPE),
         "oid_index": ((index_size,), INDEX_DTYPE),
         "index_deletes": ((DEFERRED_DELETES, 3), np.int64),
+        "trigger_ticks": ((cfg.max_orders + 1,), np.int64),
+        "trigger_keys": ((cfg.max_markets, TRIGGER_QUEUES, cfg.max_trigger_orders), np.int64),
+        "trigger_slots": ((cfg.max_markets, TRIGGER_QUEUES, cfg.max_trigger_orders), np.int32),
+        "trigger_depth": ((cfg.max_markets, TRIGGER_QUEUES), np.int64),
         "touched": ((cfg.max_orders + 2,), np.int32),
     }
 

@@ -19,7 +19,8 @@ from engine.records import (
     BALANCE_EVENT_DTYPE, EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, FUNDING_EVENT_DTYPE,
     INSURANCE_EVENT_DTYPE, LIQUIDATION_EVENT_DTYPE, CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_DEPOSIT, CMD_HALT,
     CMD_NEW_ORDER, CMD_RESUME, CMD_SET_MARK, CMD_WITHDRAW, COMMAND_DTYPE, EV_ACK, EV_AMENDED,
-    EV_BALANCE, EV_CANCELED, EV_COMMAND, EV_DONE, EV_MARK, EV_REJECT, EV_TRADE, FLAG_REDUCE_ONLY,
+    EV_BALANCE, EV_CANCELED, EV_COMMAND, EV_DONE, EV_MARK, EV_REJECT, EV_TRADE, EV_TRIGGERED,
+    FLAG_REDUCE_ONLY,
     KIND_LIMIT, KIND_MARKET, MARK_EVENT_DTYPE, ORDER_EVENT_DTYPE, REASON_NAMES, SIDE_BUY,
     SIDE_SELL, STATUS_CANCELED, STATUS_OPEN, STP_CANCEL_TAKER, TIF_GTC, TRADE_EVENT_DTYPE,
     bracket_command, funding_command, liquidate_command, market_create_command,
@@ -53,8 +54,9 @@ CLIENT_SOURCE = 1
 ETYPE_NAMES = {EV_COMMAND: "command", EV_ACK: "ack", EV_REJECT: "reject", EV_TRADE: "trade",
                EV_CANCELED: "canceled", EV_AMENDED: "amended", EV_DONE: "done",
                EV_BALANCE: "balance", EV_MARK: "mark", EV_FUNDING: "funding",
-               EV_LIQUIDATION: "liquidation", EV_INSURANCE: "insurance"}
-STATUS_NAMES = {0: "-", 1: "open", 2: "filled", 3: "canceled"}
+               EV_LIQUIDATION: "liquidation", EV_INSURANCE: "insurance",
+               EV_TRIGGERED: "triggered"}
+STATUS_NAMES = {0: "-", 1: "open", 2: "filled", 3: "canceled", 4: "untriggered"}
 # name -> code; for a name several codes share (invalid_message, forbidden, ...) the first code
 NAME_TO_REASON = {}
 for _code, _name in sorted(REASON_NAMES.items()):
@@ -253,6 +255,7 @@ _FIELDS = {
     EV_ACK: _layout_fields(ORDER_EVENT_DTYPE), EV_REJECT: _layout_fields(ORDER_EVENT_DTYPE),
     EV_CANCELED: _layout_fields(ORDER_EVENT_DTYPE), EV_AMENDED: _layout_fields(ORDER_EVENT_DTYPE),
     EV_DONE: _layout_fields(ORDER_EVENT_DTYPE), EV_TRADE: _layout_fields(TRADE_EVENT_DTYPE),
+    EV_TRIGGERED: _layout_fields(ORDER_EVENT_DTYPE),
     EV_BALANCE: _layout_fields(BALANCE_EVENT_DTYPE), EV_MARK: _layout_fields(MARK_EVENT_DTYPE),
     EV_FUNDING: _layout_fields(FUNDING_EVENT_DTYPE),
     EV_LIQUIDATION: _layout_fields(LIQUIDATION_EVENT_DTYPE),
@@ -329,7 +332,7 @@ def render(event: dict) -> str:
     parts = [name, f"acct={event.get('account')}"]
     if "reason" in event and event["reason"]:
         parts.append(f"reason={reason_name(event)}")
-    if event["etype"] in (EV_ACK, EV_CANCELED, EV_AMENDED):
+    if event["etype"] in (EV_ACK, EV_CANCELED, EV_AMENDED, EV_TRIGGERED):
         parts.append(f"status={STATUS_NAMES.get(event['status'], event['status'])}")
     for k in ("oid", "cid", "price_ticks", "qty_lots", "remaining_lots", "fee_atoms",
               "maker_account", "maker_oid", "maker_remaining_lots", "maker_fee_atoms",

@@ -1,7 +1,9 @@
 """Random command streams for differential tests of the compiled matcher against the reference.
 
 Streams are dense with edge cases on purpose: few accounts and a narrow price range so orders
-cross, self-trade, collide on cids, reduce positions and run into limits often.
+cross, self-trade, collide on cids, reduce positions and run into limits often. Stops and
+take-profits trigger in the same narrow range (by mark or last price), so marks and trades set
+them off, often several in a cascade, and their trigger books fill up.
 """
 
 import numpy as np
@@ -10,7 +12,10 @@ from hypothesis import strategies as hs
 from engine.config import EngineConfig
 from engine.records import *  # noqa: F403
 
-FUZZ_CONFIG = EngineConfig(max_accounts=12, max_markets=3, max_orders=96, max_levels_per_side=10)
+FUZZ_CONFIG = EngineConfig(max_accounts=12, max_markets=3, max_orders=96, max_levels_per_side=10,
+                           max_trigger_orders=6)
+CONDITIONAL_KINDS = (KIND_STOP_MARKET, KIND_STOP_LIMIT, KIND_TAKE_PROFIT_MARKET,
+                     KIND_TAKE_PROFIT_LIMIT)
 MARKETS = (0, 1)
 MARK_TICKS = (1000, 20000)
 
@@ -74,17 +79,25 @@ def random_stream(seed: int, n: int) -> np.ndarray:
     recent_oid = np.maximum(np.arange(n) // 7 - rng.integers(0, 25, n), 1)
     c["oid"] = np.where(rng.random(n) < 0.6, 0, recent_oid)
     c["side"] = rng.integers(0, 2, n)
-    c["kind"] = rng.choice([KIND_LIMIT, KIND_MARKET, 7], n, p=[0.85, 0.14, 0.01])
+    c["kind"] = rng.choice([KIND_LIMIT, KIND_MARKET, *CONDITIONAL_KINDS, 7], n,
+                           p=[0.68, 0.12, 0.04, 0.06, 0.04, 0.05, 0.01])
     c["tif"] = rng.choice([TIF_GTC, TIF_IOC, TIF_FOK, TIF_POST_ONLY, 9], n,
                           p=[0.55, 0.15, 0.1, 0.19, 0.01])
-    c["flags"] = np.where(rng.random(n) < 0.25, FLAG_REDUCE_ONLY, 0)
+    conditional = np.isin(c["kind"], CONDITIONAL_KINDS)
+    by_last = rng.random(n) < np.where(conditional, 0.5, 0.01)
+    c["flags"] = (np.where(rng.random(n) < 0.25, FLAG_REDUCE_ONLY, 0)
+                  | np.where(by_last, FLAG_TRIGGER_BY_LAST, 0))
     c["stp"] = rng.integers(0, 3, n)
     c["req"] = np.arange(n) + 1
+    trigger = mark + rng.integers(-12, 13, n) * np.maximum(mark // 400, 1)
     c["amount_atoms"] = rng.integers(1, 3_000_000, n)
     c["cmd"] = rng.choice(
         [CMD_NEW_ORDER, CMD_CANCEL, CMD_AMEND, CMD_CANCEL_ALL, CMD_SET_MARK, CMD_DEPOSIT,
          CMD_WITHDRAW, CMD_HALT, CMD_RESUME, 99, CMD_SET_MARGIN, CMD_FUNDING, CMD_LIQUIDATE],
         n, p=[0.45, 0.15, 0.13, 0.02, 0.08, 0.02, 0.033, 0.002, 0.02, 0.005, 0.025, 0.01, 0.055])
+    # a conditional order's trigger price rides in amount_atoms, near the mark like prices
+    c["amount_atoms"] = np.where(conditional & (c["cmd"] == CMD_NEW_ORDER), trigger,
+                                 c["amount_atoms"])
     # risk commands: marks set to the walk, margin settings,
     # funding rates around the cap, liquidation of cross accounts or isolated positions
     mark_move = c["cmd"] == CMD_SET_MARK
@@ -117,9 +130,11 @@ _command = hs.fixed_dictionaries({
     "market": hs.sampled_from([0, 0, 1, -1, 2]),
     "account": hs.integers(0, 4),
     "side": hs.integers(0, 1),
-    "kind": hs.sampled_from([KIND_LIMIT, KIND_LIMIT, KIND_MARKET]),
+    "kind": hs.sampled_from([KIND_LIMIT, KIND_LIMIT, KIND_MARKET, *CONDITIONAL_KINDS]),
     "tif": hs.sampled_from([TIF_GTC, TIF_IOC, TIF_FOK, TIF_POST_ONLY]),
-    "flags": hs.sampled_from([0, 0, FLAG_REDUCE_ONLY]),
+    "flags": hs.sampled_from([0, 0, FLAG_REDUCE_ONLY, FLAG_TRIGGER_BY_LAST,
+                              FLAG_TRIGGER_BY_LAST | FLAG_REDUCE_ONLY]),
+    "trigger_off": hs.integers(-6, 6),
     "stp": hs.integers(0, 2),
     "price_off": hs.integers(-6, 6),
     "qty_lots": hs.integers(0, 60),
@@ -136,7 +151,7 @@ def commands_from_dicts(items: list[dict]) -> np.ndarray:
         m = item["market"]
         mark = MARK_TICKS[m] if m in MARKETS else 500
         for k, v in item.items():
-            if k != "price_off":
+            if k not in ("price_off", "trigger_off"):
                 c[i][k] = v
         # marks move 5x wider than order prices (liquidations need real moves); funding rates
         # straddle the cap
@@ -144,6 +159,8 @@ def commands_from_dicts(items: list[dict]) -> np.ndarray:
         c[i]["price_ticks"] = mark + steps * max(mark // 400, 1)
         if item["cmd"] == CMD_FUNDING:
             c[i]["oid"] = (item["oid"] - 6) * 1_000_000
+        if item["cmd"] == CMD_NEW_ORDER and item["kind"] in CONDITIONAL_KINDS:
+            c[i]["amount_atoms"] = mark + item["trigger_off"] * max(mark // 400, 1)
         c[i]["ts_ns"] = i
         c[i]["req"] = i + 1
     return c
