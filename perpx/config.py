@@ -12,7 +12,8 @@ Keys (defaults in brackets):
                 rate_limit_per_s [5000], rate_limit_burst [10000] (per account, per gateway),
                 startup_timeout_s [180] (the first start compiles the matcher: ~1 min)
     [engine]    max_accounts [1024], max_markets [8], max_orders [65536],
-                max_levels_per_side [4096], command_ring_capacity [16384],
+                max_levels_per_side [4096], max_trigger_orders [1024] (untriggered stops and
+                take-profits per market), command_ring_capacity [16384],
                 event_ring_capacity [0: engine.service's default], batch [256]
     [persistence] snapshot_every [1000000] (commands between state snapshots), snapshots_keep
                 [2], store_flush_ms [100] (DuckDB batch interval), retire_journal [true]
@@ -95,6 +96,7 @@ ENGINE_DEFAULTS = {
     "max_markets": 8,
     "max_orders": 1 << 16,
     "max_levels_per_side": 4096,
+    "max_trigger_orders": 1024,
     "command_ring_capacity": 1 << 14,
     "event_ring_capacity": 0,
     "batch": 256,
@@ -247,7 +249,7 @@ class Config:
         from engine.config import EngineConfig
         return EngineConfig(**{k: self.engine[k] for k in
                                ("max_accounts", "max_markets", "max_orders",
-                                "max_levels_per_side")})
+                                "max_levels_per_side", "max_trigger_orders")})
 
     def market(self, symbol: str) -> MarketSpec:
         for m in self.markets:
@@ -445,6 +447,7 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     c.integer("engine.max_markets", eng["max_markets"], 1, MAX_MARKETS_LIMIT)
     c.integer("engine.max_orders", eng["max_orders"], 1, 1 << 28)
     c.integer("engine.max_levels_per_side", eng["max_levels_per_side"], 1, 1 << 24)
+    c.integer("engine.max_trigger_orders", eng["max_trigger_orders"], 1, 1 << 20)
     cap = c.integer("engine.command_ring_capacity", eng["command_ring_capacity"], 2, 1 << 24)
     if cap & (cap - 1):
         c.fail("engine.command_ring_capacity", f"{cap} must be a power of two")
