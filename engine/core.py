@@ -597,10 +597,11 @@ def _exposure_error(st, account, market, add_buy, add_sell, check_margin):
 
 
 @jit
-def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only):
+def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only, n_touched):
     """The checks an order passes on entering the book, new or triggered, in order:
     reduce-only (clips qty), post-only, position limit and margin, FOK.
-    Returns (reason or 0, qty)."""
+    Returns (reason or 0, qty). n_touched: the entries of `touched` in use (a fired order's
+    FOK check runs after earlier trades of its command)."""
     pos = _positions(st)[account, market]
     if reduce_only:
         closing = _closing_lots(pos.size_lots, side)
@@ -616,7 +617,8 @@ def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only):
                           qty if side == SIDE_SELL else 0, not reduce_only)
     if err != 0:
         return err, qty
-    if tif == TIF_FOK and not _fok_fillable(st, market, account, side, limit_ticks, stp, qty):
+    if tif == TIF_FOK and not _fok_fillable(st, market, account, side, limit_ticks, stp, qty,
+                                            n_touched):
         return REASON_FOK_UNFILLED, qty
     return 0, qty
 
@@ -672,7 +674,10 @@ def _maker_tradeable_lots(st, slot, already_traded):
 
 
 @jit
-def _fok_fillable(st, market, account, side, limit_ticks, stp, wanted):
+def _fok_fillable(st, market, account, side, limit_ticks, stp, wanted, seen_base):
+    """Whether a FOK order would fill completely. The makers' accounts it counts lots for
+    are noted in `touched` from seen_base on (after the entries the command is using), to be
+    reset after."""
     opposite = 1 - side
     n = _book_depth(st)[market, opposite]
     total = 0
@@ -691,7 +696,7 @@ def _fok_fillable(st, market, account, side, limit_ticks, stp, wanted):
             else:
                 acct = _accounts(st)[o.account]
                 if acct.fok_traded_lots == 0:
-                    _touched(st)[n_seen] = o.account
+                    _touched(st)[seen_base + n_seen] = o.account
                     n_seen += 1
                 lots = _maker_tradeable_lots(st, slot, acct.fok_traded_lots)
                 if lots > wanted - total:
@@ -705,7 +710,7 @@ def _fok_fillable(st, market, account, side, limit_ticks, stp, wanted):
         if ok or slot != NONE:
             break
     for i in range(n_seen):
-        _accounts(st)[_touched(st)[i]].fok_traded_lots = 0
+        _accounts(st)[_touched(st)[seen_base + i]].fok_traded_lots = 0
     return ok
 
 
@@ -1027,7 +1032,7 @@ def _fire(st, cmd, slot, scratch, n_touched):
         err = REASON_TOO_MANY_ORDERS
     if err == 0:
         err, qty = _admit(st, market, account, o.side, o.tif, limit, o.stp, qty,
-                          (o.flags & FLAG_REDUCE_ONLY) != 0)
+                          (o.flags & FLAG_REDUCE_ONLY) != 0, n_touched)
     if err == REASON_REDUCE_ONLY_VIOLATION:
         _canceled(st, cmd, slot, REASON_REDUCE_ONLY, qty)
     elif err != 0:
@@ -1064,11 +1069,12 @@ def _run_triggers(st, cmd, market, scratch, n_touched):
 def _trigger_bound(st, market):
     """Most events the trigger book of a market can add to a command (0 when it is empty).
 
-    Per taker (the command's order and each fired one): its EV_TRIGGERED, one trade that
-    fills it, and its reject or cancel. Per order that rests at some point (the R resting now,
-    the fired ones and the command's own): a trade that fills it or two (a capped reduce-only
-    maker: a trade, then its cancel), or one cancel, and one reduce-only sweep. Two more for
-    the command and its reply: 2 + 3(T + 1) + 2(R + T + 1) <= 8 + 2R + 5T.
+    Every trade fills its taker or its maker, or is a reduce-only maker's capped trade (its
+    cancel follows at once). So per taker (the command's order and each fired one): its
+    EV_TRIGGERED, the trade that fills it, its reject or cancel. Per order that rests at some
+    point (the R resting now, the fired ones and the command's own): the trade that fills it,
+    or a capped trade and its cancel, or a cancel; else, still resting, one reduce-only sweep.
+    Two more for the command and its reply: 2 + 3(T + 1) + 2(R + T + 1) <= 8 + 2R + 5T.
     """
     mk = _markets(st)[market]
     if mk.untriggered == 0:
@@ -1251,7 +1257,7 @@ def _new_order(st, cmd, scratch):
             or _level_full(st, market, side, price, _book_keys(st).shape[2])):
         return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
     reduce_only = (cmd.flags & FLAG_REDUCE_ONLY) != 0
-    err, qty = _admit(st, market, account, side, tif, limit, cmd.stp, qty, reduce_only)
+    err, qty = _admit(st, market, account, side, tif, limit, cmd.stp, qty, reduce_only, 0)
     if err != 0:
         return _reject(st, cmd, err)
 

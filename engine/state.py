@@ -174,7 +174,9 @@ def _table_shapes(cfg: EngineConfig):
         "trigger_keys": ((cfg.max_markets, TRIGGER_QUEUES, cfg.max_trigger_orders), np.int64),
         "trigger_slots": ((cfg.max_markets, TRIGGER_QUEUES, cfg.max_trigger_orders), np.int32),
         "trigger_depth": ((cfg.max_markets, TRIGGER_QUEUES), np.int64),
-        "touched": ((cfg.max_orders + 2,), np.int32),
+        # the accounts a command's trades touched (at most one per order, plus the taker's),
+        # then a FOK check's makers (at most one per resting order)
+        "touched": ((2 * cfg.max_orders + 4,), np.int32),
     }
 
 

@@ -11,11 +11,11 @@ from engine.records import (
     EV_TRIGGERED, FLAG_REDUCE_ONLY, FLAG_TRIGGER_BY_LAST, KIND_LIMIT, KIND_STOP_LIMIT,
     KIND_STOP_MARKET, KIND_TAKE_PROFIT_LIMIT, KIND_TAKE_PROFIT_MARKET, SIDE_BUY, SIDE_SELL,
     STATUS_CANCELED, STATUS_FILLED, STATUS_OPEN, STATUS_UNTRIGGERED, TIF_GTC, TIF_IOC,
-    TIF_POST_ONLY,
+    TIF_FOK, TIF_POST_ONLY,
 )
 from engine.config import EngineConfig
 from tests.engine_helpers import (
-    ACK, BAND_DEV, CANCELED, DONE, MARK, MARK_EV, MAX_OPEN_ORDERS, MAX_PRICE, REJECT, TRADE,
+    ACK, AMENDED, BAND_DEV, CANCELED, DONE, MARK, MARK_EV, MAX_OPEN_ORDERS, MAX_PRICE, REJECT, TRADE,
     USDC, amend, assert_events, btc_engines, buy, cancel, cancel_all, expected, halt, order,
     resume, sell, set_mark, the_reject, warm_up,
 )
@@ -436,6 +436,26 @@ def test_reduce_only_orders_are_swept_once_after_the_whole_cascade(eng):
     ])
 
 
+def test_a_fired_fok_check_keeps_the_accounts_the_command_already_touched(eng):
+    """The command's own trade changes account 1's position before a stop fires whose FOK
+    check walks other makers: the sweep after still reaches account 1's reduce-only order."""
+    eng.client(sell(2, 3, MARK, cid=1))                                                # oid 1
+    eng.client(buy(1, 3, MARK, cid=2))                                                 # oid 2
+    eng.client(sell(1, 3, 660_000, reduce_only=True, cid=3))                          # oid 3
+    eng.client(buy(3, 2, 649_000, cid=4))                                             # oid 4
+    eng.client(buy(5, 1, 648_000, cid=5))                                             # oid 5
+    eng.client(conditional(4, SIDE_SELL, 1, 649_000, 648_000, kind=KIND_STOP_LIMIT,
+                           tif=TIF_FOK, by_last=True, cid=6))                          # oid 6
+    ev = eng.client(sell(1, 2, 649_000, cid=7, req=9))                                # oid 7
+    assert_events(ev, [
+        ACK(1, 7, STATUS_FILLED, 2, 649_000, side=SIDE_SELL, cid=7, req=9),
+        TRADE(1, 7, SIDE_SELL, 649_000, 2, 0, 3, 4, 0, trade_id=2, cid=7, maker_cid=4, req=9),
+        TRIGGERED(4, 6, STATUS_FILLED, 1, 648_000, side=SIDE_SELL, kind=KIND_STOP_LIMIT, cid=6),
+        TRADE(4, 6, SIDE_SELL, 648_000, 1, 0, 5, 5, 0, trade_id=3, cid=6, maker_cid=5),
+        AMENDED(1, 3, 660_000, 1, reason="reduce_only", side=SIDE_SELL, cid=3, req=9),
+    ])
+
+
 # ---- state --------------------------------------------------------------------------------
 def test_the_state_hash_covers_the_trigger_book(eng):
     a = eng.digest()
@@ -445,3 +465,30 @@ def test_the_state_hash_covers_the_trigger_book(eng):
     other = btc_engines((1, D), (2, D), (3, D), (4, D), (5, D))
     other.client(conditional(1, SIDE_BUY, 1, UP + 1, cid=1))   # same order, another trigger
     assert other.digest() != b
+
+
+def test_the_event_bound_holds_over_cascading_streams():
+    """8 + 2R + 5T (engine/core.py _trigger_bound) over every command of long random streams
+    whose market has untriggered orders, counted on the reference model."""
+    from engine.records import CMD_AMEND, COMMAND_DTYPE, EV_COMMAND
+    from engine.reference import ReferenceMatcher
+    from tests.fuzz_streams import FUZZ_CONFIG, genesis, random_stream
+    import numpy as np
+
+    worst = 0
+    for seed in range(2):
+        ref = ReferenceMatcher(FUZZ_CONFIG)
+        for rec in np.concatenate([genesis(), random_stream(100 + seed, 10_000)]):
+            market_id = int(rec["market"])
+            if rec["cmd"] == CMD_AMEND:     # an amend works in its order's market
+                found = ref._find_order(int(rec["account"]), int(rec["oid"]), int(rec["cid"]))
+                market_id = -1 if found is None else found.market
+            market = ref.markets.get(market_id)
+            bound = None
+            if market is not None and market.triggers:
+                bound = 8 + 2 * sum(market.resting) + 5 * len(market.triggers)
+            events = ref.process({k: int(rec[k]) for k in COMMAND_DTYPE.names}, 0, True)
+            if bound is not None:
+                assert len(events) <= bound, (rec, len(events), bound)
+                worst = max(worst, sum(e["etype"] != EV_COMMAND for e in events))
+    assert worst >= 8          # the streams do cascade
