@@ -492,3 +492,34 @@ def test_the_event_bound_holds_over_cascading_streams():
                 assert len(events) <= bound, (rec, len(events), bound)
                 worst = max(worst, sum(e["etype"] != EV_COMMAND for e in events))
     assert worst >= 8          # the streams do cascade
+
+
+def test_a_liquidation_cancels_untriggered_orders_and_its_trades_fire_stops():
+    """The liquidation of tests/test_engine_risk.py, with a stop on each side: the liquidated
+    account's is canceled (reason liquidation) with its other orders; the liquidation's trade
+    at 637 500 moves the last price, which fires account 4's by-last sell stop once the
+    market's liquidation steps are done."""
+    from engine.records import EV_CANCELED, EV_DONE, EV_LIQUIDATION, EV_TRADE, REASON_LIQUIDATION
+    from tests.engine_helpers import liquidate
+
+    eng = btc_engines((1, 70 * USDC), (2, 1_000 * USDC), (3, 1_000 * USDC), (4, 1_000 * USDC),
+                      risk=True)
+    eng.client(sell(2, 50, MARK, cid=900), buy(1, 50, MARK, cid=900))                # oids 1, 2
+    eng.client(buy(1, 1, 600_000, cid=5))                                             # oid 3
+    eng.client(buy(3, 30, 637_500, cid=1), buy(3, 50, 630_000, cid=2))               # oids 4, 5
+    eng.client(conditional(1, SIDE_SELL, 5, 630_000, cid=6))                          # oid 6
+    eng.client(conditional(4, SIDE_SELL, 1, 637_500, by_last=True, cid=7))            # oid 7
+    eng.admin(set_mark(638_000))
+    events = eng.admin(liquidate(1))
+    canceled = [e for e in events if e["etype"] == EV_CANCELED]
+    assert [(e["oid"], e["reason"], e["kind"]) for e in canceled] == [
+        (3, REASON_LIQUIDATION, KIND_LIMIT), (6, REASON_LIQUIDATION, KIND_STOP_MARKET)]
+    kinds = [e["etype"] for e in events if e["etype"] not in (1, EV_CANCELED)]
+    # the liquidation's steps and ADL, then the stop it set off, then the reply
+    assert kinds[-4:] == [EV_LIQUIDATION, EV_TRIGGERED, EV_TRADE, EV_DONE]
+    fired = [e for e in events if e["etype"] in (EV_TRIGGERED, EV_TRADE)][-2:]
+    assert_events(fired, [
+        TRIGGERED(4, 7, STATUS_FILLED, 1, side=SIDE_SELL, kind=KIND_STOP_MARKET, cid=7),
+        TRADE(4, 7, SIDE_SELL, 630_000, 1, 0, 3, 5, 49, trade_id=3, cid=7, maker_cid=2),
+    ])
+    assert eng.open_orders(1) == [] and eng.open_orders(4) == []
