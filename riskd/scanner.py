@@ -33,8 +33,10 @@ Work per cycle (Scanner.cycle):
 3. Candidates become LIQUIDATE(account, -1) for cross and (account, m) for isolated, except
    ones already sent while the account has not changed since, until `retry_ns` passed.
 
-Floats, once: thresholds are solved in float64 and widened by a relative 1e-9 before rounding
-to ticks (toward including the position). They only choose whom to send LIQUIDATE; the matcher
+Floats, once: thresholds are solved in float64 with SLACK_ATOMS less backing than the account
+has (the matcher rounds maintenance up, by less than an atom; float64 misplaces the largest
+notionals, 2**54 atoms, by about 2) and widened by a relative 1e-9 before rounding to ticks
+(toward including the position). They only choose whom to send LIQUIDATE; the matcher
 re-checks every one against its own state exactly and rejects the healthy
 (REASON_NOT_LIQUIDATABLE). A position one tick from its threshold may draw such a reject, at
 most once per retry period.
@@ -53,6 +55,7 @@ from engine.records import MARGIN_ISOLATED
 
 RATE_E9 = 1_000_000_000
 WIDEN = 1e-9                    # relative widening of float thresholds toward liquidation
+SLACK_ATOMS = 4.0
 NO_LONG = np.iinfo(np.int64).min     # never liquidatable as a long
 NO_SHORT = np.iinfo(np.int64).max
 DEFAULT_SWEEP = 1024
@@ -85,6 +88,7 @@ def thresholds(size, cost, backing, atpl: float, brackets):
     if not len(floors):
         floors, rates, amounts = np.zeros(1), np.zeros(1), np.zeros(1)
     side = np.sign(size)
+    backing = backing - SLACK_ATOMS
     best = np.full(size.shape, np.nan)
     fallback = np.full(size.shape, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):

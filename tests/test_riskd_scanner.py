@@ -231,3 +231,23 @@ def test_bench_risk_scan_figures_from_the_cli():
     assert scan["positions"] == 3000 and scan["accounts"] == 2970
     assert 0 < scan["tick_quiet_ms"] < scan["naive_full_rescan_ms"]
     assert scan["cascade_targets"] > 0
+
+
+def test_small_positions_at_the_rounding_edge_are_not_missed():
+    """One-lot to five-lot positions, where the matcher's maintenance ceiling (up to one atom)
+    moves the exact threshold by a sizeable part of a tick: at every mark around it, whatever
+    engine/risk finds liquidatable is a target."""
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        st_ = new_state()
+        for a in range(1, ACCOUNTS):
+            size = int(rng.integers(1, 6)) * (1 if a % 2 else -1)
+            put(st_, a, 0, size, 650_000 + int(rng.integers(-500, 500)))
+            st_.accounts["balance_atoms"][a] = int(rng.integers(1_000_000, 3_000_000))
+            touch(st_, a, a)
+        sc = scanner(st_, retry_ns=0)
+        edges = [int(t) for t in np.concatenate([sc.long_t[0, 1:], sc.short_t[0, 1:]])
+                 if 10 < t < 10 ** 7]
+        for mark in {e + d for e in edges[::7] for d in (-2, -1, 0, 1, 2)}:
+            st_.markets["mark_ticks"][0] = mark
+            assert exact(st_) <= set(sc.cycle(mark, {0: mark})), mark
