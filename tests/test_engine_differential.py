@@ -15,6 +15,7 @@ from engine.invariants import check_state
 from engine.matcher import LocalEvents, Matcher
 from engine.records import COMMAND_DTYPE, EV_COMMAND
 from engine.reference import ReferenceMatcher
+from engine.state import C_INSURANCE_ATOMS
 from tests.fuzz_streams import FUZZ_CONFIG, command_lists, commands_from_dicts, genesis, random_stream
 
 BATCH = 64
@@ -42,7 +43,20 @@ def run_both(commands: np.ndarray, check_every_batch: bool = True, ring_slots: i
         if check_every_batch:
             problems = check_state(fast.state)
             assert not problems, f"after command {start + len(batch)}: {problems}"
+    _assert_same_accounts(fast, ref)
     return fast, ref
+
+
+def _assert_same_accounts(fast, ref):
+    """Balances, positions with their margin settings, and the insurance fund agree."""
+    st = fast.state
+    assert list(st.accounts["balance_atoms"]) == ref.balances
+    assert int(st.counters[C_INSURANCE_ATOMS]) == ref.insurance_atoms
+    for (account, market), p in ref.positions.items():
+        row = st.positions[account, market]
+        assert (int(row["size_lots"]), int(row["cost_atoms"]), int(row["isolated_margin_atoms"]),
+                int(row["leverage"]), int(row["margin_mode"])) == (
+            p.size_lots, p.cost_atoms, p.isolated_margin_atoms, p.leverage, p.margin_mode)
 
 
 def _explain(got, want, start):

@@ -3,8 +3,11 @@ insurance fund and auto-deleveraging. Every command runs through the reference m
 compiled matcher (tests/engine_helpers.py); events are compared exactly."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from engine import risk
+from engine.core import _compare_products
 from engine.records import (EV_BALANCE, EV_CANCELED, EV_DONE, EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, EV_TRADE,
                             INSURANCE_DEFICIT, INSURANCE_FUNDING_RESIDUE,
                             INSURANCE_LIQUIDATION_FEE, LIQ_KIND_ADL, LIQ_KIND_LIQUIDATED,
@@ -273,3 +276,17 @@ def test_the_fund_covers_a_deficit_and_isolated_liquidation_keeps_to_its_market(
     # the cross balance is what it was: the isolated loss stayed in the isolated margin
     assert eng.balance(4) == balance
     assert eng.counters()["insurance"] == fund - deficit
+
+
+@settings(max_examples=300, deadline=None)
+@given(hs.lists(hs.integers(0, 2**63 - 1), min_size=8, max_size=8),
+       hs.lists(hs.sampled_from([0, 1, 2**32 - 1, 2**32, 2**62, 2**63 - 1]), min_size=8,
+                max_size=8), hs.integers(0, 255))
+def test_exact_product_comparison_of_the_adl_ranking(values, edges, mask):
+    """The compiled matcher compares ADL scores as 256-bit products: it must agree with Python
+    integers, including at the word boundaries."""
+    xs = [e if mask >> (i % 8) & 1 else v for i, (v, e) in enumerate(zip(values, edges))]
+    a = xs[0] * xs[1] * xs[2] * xs[3]
+    b = xs[4] * xs[5] * xs[6] * xs[7]
+    assert _compare_products(*xs) == (a > b) - (a < b)
+    assert _compare_products(*xs[:4], *xs[:4]) == 0

@@ -27,7 +27,7 @@ from engine import risk
 from engine.records import (EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, LIQ_KIND_ADL,
                             MARGIN_ISOLATED)
 from tests.engine_helpers import (ATPL, BTC, BTC_BRACKETS, MARK, USDC, btc_engines, buy,
-                                  create_market, deposit, funding, liquidate, pick,
+                                  create_market, funding, liquidate, pick,
                                   risk_commands, sell, set_limits, set_margin, set_mark,
                                   taker_fee, warm_up)
 

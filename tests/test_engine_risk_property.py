@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from engine.records import (EV_LIQUIDATION, KIND_MARKET, LIQ_KIND_ADL, LIQ_KIND_LIQUIDATED,
                             MARGIN_CROSS, MARGIN_ISOLATED, SIDE_BUY, SIDE_SELL, STP_CANCEL_MAKER,
                             TIF_IOC)
-from tests.engine_helpers import (ATPL, BTC, MARK, USDC, Engines, buy, cancel_all, deposit,
+from tests.engine_helpers import (BTC, MARK, USDC, Engines, buy, cancel_all, deposit,
                                   funding, liquidate, market_commands, order, pick,
                                   risk_commands, sell, set_margin, set_mark, warm_up)
 
