@@ -388,7 +388,9 @@ class Store:
         - EV_TRIGGERED (a stop or take-profit fired) -> orders row like an ack's: the event
           says where the live order ended ("open", "filled", "canceled"), qty = the quantity
           it entered with (a reduce-only order may be clipped); no other ack follows.
-        - EV_BALANCE -> balances row: balance = balance_atoms (the balance after the change).
+        - EV_BALANCE -> balances row: balance = balance_atoms (the balance after the change);
+          except after an isolated position's deficit cover, where the event carries the
+          position's isolated margin (docs/risk.md): no row.
         - EV_MARK -> marks row.
         - EV_FUNDING -> funding_payments row: rate = rate_e9 / 1e9, payment (negative: paid),
           the size and mark it was charged on.
@@ -563,8 +565,14 @@ class Store:
         del orders["_key"]
         out["orders"] = orders
 
-        # balances: EV_BALANCE rows and the caller's rows, by seq
+        # balances: EV_BALANCE rows and the caller's rows, by seq. The EV_BALANCE right after
+        # an isolated position's deficit cover (EV_INSURANCE `deficit` of market >= 0) carries
+        # that position's isolated margin, not the balance: no row.
         p_bal = pos[etype == EV_BALANCE]
+        before = ev[np.maximum(p_bal - 1, 0)].view(INSURANCE_EVENT_DTYPE)
+        isolated_cover = ((p_bal > 0) & (before["etype"] == EV_INSURANCE) &
+                          (before["reason"] == INSURANCE_DEFICIT) & (before["market"] >= 0))
+        p_bal = p_bal[~isolated_cover]
         be = ev[p_bal].view(BALANCE_EVENT_DTYPE)
         cols = ("seq", "ts_ns", "account", "balance_atoms")
         bal = {k: be[k] for k in cols}
