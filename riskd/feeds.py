@@ -198,7 +198,7 @@ INDEX_BOARD_LAYOUT = 0x5045_5250_4958_0001    # "PERPIX" v1
 _PUBLISHED_DTYPE = np.dtype([
     ("version", "<i8"),
     ("index_ticks", "<i8"),
-    ("mark_ticks", "<i8"),          # the mark riskd computed from that index (and sent)
+    ("mark_ticks", "<i8"),          # the mark riskd computed from it (sent when it changed)
     ("funding_rate_e9", "<i8"),     # the current interval's rate estimate (riskd/funding.py)
     ("next_funding_ns", "<i8"),     # the end of the current interval (epoch ns)
     ("ts_ns", "<i8"),               # when riskd computed them (wall clock)

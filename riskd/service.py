@@ -221,16 +221,17 @@ class Riskd:
             computed.append((mk, Published(index, mark, mk.funding.estimate_e9(),
                                            mk.funding.next_funding_ns, now_ns,
                                            mk.feed.applied_version)))
+        # Published before sending: a gateway that sees the SET_MARK's event finds this tick's
+        # index and funding estimate on the board (`perpx oracle set` waits for the matcher's
+        # mark to equal the published one, so it does not depend on the order).
+        for mk, pub in computed:
+            self.board.publish(mk.spec.id, pub)
         marks = [(mk, pub.mark_ticks) for mk, pub in computed
                  if pub.mark_ticks != mk.last_sent_ticks]
         written = self._send(marks, now_ns)
         self._send_funding(now_ns)
         if self.scanner is not None:
             self._send_liquidations(now_ns, {mk.spec.id: mark for mk, mark in marks[:written]})
-        # Published after sending: whoever sees an operator's version applied on the board
-        # (`perpx oracle set`) knows the mark it caused is already in the ring.
-        for mk, pub in computed:
-            self.board.publish(mk.spec.id, pub)
         return written
 
     def _write(self, batch: np.ndarray) -> int:

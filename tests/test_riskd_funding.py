@@ -163,10 +163,11 @@ def test_riskd_sends_funding_at_each_boundary(shm_prefix, tmp_path):
         assert [(src, m, rate) for src, _, m, rate, _ in fundings[:2]] == [(1, 0, 1_500_000)] * 2
         seqs, stamps = [f[1] for f in fundings[:2]], [f[4] for f in fundings[:2]]
         assert seqs[0] < seqs[1]
-        # sent on the first tick past each boundary (even seconds since the epoch)
+        # sent on the first tick (20 ms) past each boundary (even seconds since the epoch); a
+        # loaded box may delay a tick, and a riskd stalled past a boundary skips one
         for ts in stamps:
-            assert ts % (2 * S) < 500_000_000, ts
-        assert stamps[1] // (2 * S) == stamps[0] // (2 * S) + 1
+            assert ts % (2 * S) < S, ts
+        assert stamps[1] // (2 * S) > stamps[0] // (2 * S)
         published = rig.board.published(0)
         assert published.funding_rate_e9 == 1_500_000
         assert published.next_funding_ns % (2 * S) == 0
