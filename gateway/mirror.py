@@ -50,7 +50,7 @@ M_ACTIVE, M_ATPL, M_LEVERAGE, M_MARK, M_MAX_PRICE, M_MAX_ORDER, M_HALTED, M_LAST
 ORDER_EVENTS = frozenset((EV_ACK, EV_CANCELED, EV_AMENDED, EV_DONE, EV_TRIGGERED))
 ADMIN_COMMANDS = (CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_HALT, CMD_RESUME)
 _STATE_TABLES = ("counters", "markets", "positions", "accounts", "orders", "levels",
-                 "book_keys", "book_levels", "book_depth")
+                 "book_keys", "book_levels", "book_depth", "trigger_slots", "trigger_depth")
 
 
 def consistent_state_copy(state, events, timeout_s: float = 10.0, stats: dict | None = None,
@@ -143,6 +143,16 @@ class Mirror:
                                                   int(o["remaining_lots"]),
                                                   int(o["remaining_lots"])])
                         slot = int(o["next"])
+        slots, depth = get("trigger_slots"), get("trigger_depth")
+        for m in range(max_markets):
+            for queue in range(depth.shape[1]):
+                for slot in slots[m, queue, :int(depth[m, queue])].tolist():
+                    o = orders[slot]
+                    oid, account, cid = int(o["oid"]), int(o["account"]), int(o["cid"])
+                    self.untriggered[oid] = [account, cid, m, int(o["side"]), int(o["kind"]),
+                                             int(o["price_ticks"]), int(o["remaining_lots"]),
+                                             int(o["remaining_lots"])]
+                    self.cid_index[(account, cid)] = oid
         return self
 
     # -- helpers ------------------------------------------------------------------------
