@@ -89,8 +89,8 @@ from gateway.codec import (COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT, ETYPE_OFFSET
                            ORDER_EVENT_STRUCT, TRADE_EVENT_STRUCT, pack)
 from gateway.account_state import account_state_fields, account_tables
 from gateway.markets import EdgeReject, MarketTable
-from gateway.mirror import (M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE, O_MARKET, Mirror,
-                            consistent_state_copy)
+from gateway.mirror import (M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE, O_ACCOUNT, O_MARKET,
+                            Mirror, consistent_state_copy)
 from persistd.progress import JournalProgress
 from riskd.feeds import IndexBoard
 from shm.region import ShmError, attach_retrying
@@ -938,6 +938,10 @@ class Gateway:
             market = self.market_by_id[order[O_MARKET]]
             if market is not None:
                 return market
+        waiting = mirror.untriggered.get(oid or mirror.cid_index.get((account, cid)))
+        if waiting is not None and waiting[O_ACCOUNT] == account:
+            raise EdgeReject(REASON_INVALID_MESSAGE, "an untriggered stop or take-profit order "
+                             "cannot be amended: cancel it and place a new one")
         if not oid:
             pend = self.pending_cids.get((account, cid))
             if pend is not None and self.market_by_id[pend[1]] is not None:

@@ -202,6 +202,27 @@ def test_stop_untriggered_then_triggered_and_filled_on_a_mark_move(exchange):
     assert (fill["price"], fill["qty"], fill["side"]) == ("65200", "0.2", "buy")
     assert a.request(type="open_orders")["orders"] == []
 
+    # by the last trade price: a take-profit limit sell that rests once fired
+    tp = a.request(**order(8, "BTC-PERP", "sell", "0.1", "65300", kind="take_profit_limit",
+                           trigger_price="65250", trigger_by="last"))
+    assert (tp["type"], tp["status"], tp["price"], tp["kind"]) == (
+        "ack", "untriggered", "65300", "take_profit_limit"), tp
+    amend = a.request(type="amend", cid=8, price="65400")
+    assert (amend["type"], amend["reason"]) == ("reject", "invalid_message")
+    assert "cancel it" in amend["message"]
+    exchange.set_mark(BTC, 652_600)                  # the mark alone does not fire it
+    assert a.request(type="open_orders")["orders"][0]["status"] == "untriggered"
+    assert b.request(**order(2, "BTC-PERP", "sell", "0.1", "65250"))["status"] == "open"
+    # takes the 0.3 left at 65200, then 0.1 at 65250: the last price reaches the trigger
+    assert a.request(**order(9, "BTC-PERP", "buy", "0.4", "65250"))["status"] == "filled"
+    fired = a.wait_for(is_type("triggered", cid=8))
+    assert (fired["status"], fired["remaining"], fired["kind"]) == ("open", "0.1",
+                                                                    "take_profit_limit")
+    (resting,) = a.request(type="open_orders")["orders"]
+    assert (resting["cid"], resting["status"], resting["price"]) == (8, "open", "65300")
+    book = a.request(type="book", market="BTC-PERP")
+    assert ["65300", "0.1"] in book["asks"]
+
 
 # ---- funding ----------------------------------------------------------------------------------
 def test_funding_reports_and_market_data(exchange):
