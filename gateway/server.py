@@ -259,6 +259,7 @@ class Gateway:
         self._cmd_n = 0
         self._held = deque()
         self._risk_command = None      # (seq, code, command) of the last FUNDING / LIQUIDATE
+        self._fired = None             # (seq, oid) of the last `triggered` routed here
         self.index_board = None
         self._index_board_retry = 0.0
         self.stats = {"requests": 0, "edge_rejects": 0, "events": 0, "dropped_frames": 0}
@@ -537,6 +538,9 @@ class Gateway:
                 if etype == EV_DONE and self._risk_command is not None:
                     self._risk_command_done(ev)
                 if etype == EV_REJECT or etype == EV_DONE or account not in by_account:
+                    if etype == EV_REJECT and self._fired == (seq, ev[11]) and \
+                            account in by_account:
+                        self._route_fired_reject(ev)
                     continue
                 self._route_order_event(etype, ev, None, None, REASON_NAMES.get(ev[7]))
                 continue
@@ -580,9 +584,17 @@ class Gateway:
             msg = codec.amended_message(ev, market)
         elif etype == EV_TRIGGERED:
             msg = codec.triggered_message(ev, market)
+            self._fired = (ev[0], ev[11])
         else:
             return
         self._to_account(ev[5], msg, identity, rid, ev[0])
+
+    def _route_fired_reject(self, ev) -> None:
+        """A fired stop/take-profit that a check at trigger time refused: the reject right
+        after its `triggered` is a report to the owner (with the oid), not a reply."""
+        msg = codec.engine_reject_message(ev, ev[12])
+        msg["oid"] = ev[11]
+        self._to_account(ev[5], msg, seq=ev[0])
 
     # Funding, liquidations and balances are rare next to orders: their events take this path,
     # off the per-order one.

@@ -192,10 +192,20 @@ def test_stop_untriggered_then_triggered_and_filled_on_a_mark_move(exchange):
     ack = a.request(**order(7, "BTC-PERP", "buy", "0.2", kind="stop_market",
                             trigger_price="65100"))
     assert (ack["type"], ack["status"], ack["cid"]) == ("ack", "untriggered", 7), ack
+    # the band is checked when it fires, not at placement
+    wide = a.request(**order(6, "BTC-PERP", "buy", "0.1", "72000", kind="stop_limit",
+                             trigger_price="65100"))
+    assert wide["status"] == "untriggered"
     listed = a.request(type="open_orders")["orders"]
-    assert [(o["cid"], o["kind"], o["status"]) for o in listed] == [
-        (7, "stop_market", "untriggered")]
-    exchange.set_mark(BTC, 651_000)                    # 65100: the buy stop triggers
+    assert sorted((o["cid"], o["kind"], o["status"]) for o in listed) == [
+        (6, "stop_limit", "untriggered"), (7, "stop_market", "untriggered")]
+    exchange.set_mark(BTC, 651_000)                    # 65100: both buy stops fire
+    refused = a.wait_for(is_type("triggered", cid=6))
+    assert refused["status"] == "canceled"
+    reject = a.wait_for(is_type("reject", cid=6))
+    assert (reject["reason"], reject["oid"], reject["seq"]) == (
+        "price_band", wide["oid"], refused["seq"])
+    assert "rid" not in reject
     trig = a.wait_for(is_type("triggered", cid=7))
     assert trig["oid"] == ack["oid"] and trig["market"] == "BTC-PERP"
     fill = a.wait_for(is_type("fill", cid=7))
