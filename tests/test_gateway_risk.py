@@ -277,6 +277,29 @@ def test_liquidation_reports_market_data_and_fills(exchange):
     assert victim.request(type="account")["positions"] == []
 
 
+def test_adl_publishes_the_liquidated_half_only(exchange):
+    """No bid to close into: the liquidated long is deleveraged against the short that took
+    the other side, at the bankruptcy price; both get an `adl` liquidation, market data one."""
+    a, victim = exchange.client(1), exchange.client(4)
+    sub = subscribe(exchange, "liquidation.BTC-PERP")
+    assert victim.request(type="withdraw", amount="9998000")["type"] == "done"   # 2000 left
+    assert a.request(**order(1, "BTC-PERP", "sell", "1", "65000"))["status"] == "open"
+    assert victim.request(**order(1, "BTC-PERP", "buy", "1", "65000"))["status"] == "filled"
+    exchange.set_mark(BTC, 632_000)
+    seq = exchange.submit(liquidate_command(4))
+    mine = victim.wait_for(is_type("liquidation", seq=seq))
+    theirs = a.wait_for(is_type("liquidation", seq=seq))
+    assert (mine["kind"], mine["side"], theirs["kind"], theirs["side"]) == (
+        "adl", "sell", "adl", "buy")
+    assert mine["price"] == theirs["price"] and mine["qty"] == theirs["qty"] == "1"
+    md = next_md(sub, "liquidation.BTC-PERP")
+    assert (md["kind"], md["side"], md["qty"], md["price"], md["seq"]) == (
+        "adl", "sell", "1", mine["price"], seq)
+    assert no_md(sub) == []
+    assert victim.request(type="account")["positions"] == []
+    assert a.request(type="account")["positions"] == []
+
+
 # ---- mark.MARKET with riskd's board ------------------------------------------------------------
 def test_mark_market_data_carries_riskd_index_and_funding(exchange):
     sub = subscribe(exchange, "mark.BTC-PERP")
