@@ -429,6 +429,7 @@ def _risk_report(doc: dict) -> dict:
 
 
 def cmd_status(args) -> int:
+    import time
     report = status_report(_state_dir(args))
     rows = [(p["name"], p["pid"], "yes" if p["alive"] else "NO", p["restarts"], p["state"],
              ",".join(map(str, p["cpus"] or [])) or "any") for p in report["processes"]]
@@ -455,8 +456,9 @@ def cmd_status(args) -> int:
         lines.append("command rings (queued): " + ", ".join(
             f"{k} {v}" for k, v in rings["commands"].items()))
     for symbol, r in report.get("risk", {}).items():
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["next_funding_ts"] // 10 ** 9))
         lines.append(f"{symbol}: index {r['index']}  mark {r['mark']}  funding rate "
-                     f"{r['funding_rate']} (next at {r['next_funding_ts']} ns)")
+                     f"{r['funding_rate']} (next at {at} UTC)")
     if report["endpoints"]:
         lines.append(f"orders {report['endpoints']['orders']}   market data "
                      f"{report['endpoints']['market_data']}")

@@ -112,6 +112,7 @@ def test_endpoints_and_status(exchange):
     assert status["rings"]["commands"] == {"ops": 0, "riskd": 0, "gateway-0": 0}
     text = cli(up.sd.path, "status").stdout
     assert "matcher" in text and "gateway-0" in text and "seq" in text
+    assert "SOL-PERP: index " in text and " UTC)" in text     # riskd's numbers per market
 
 
 def test_account_create_deposit_and_show(exchange):
