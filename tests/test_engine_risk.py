@@ -17,7 +17,8 @@ from engine.records import (EV_BALANCE, EV_CANCELED, EV_DONE, EV_FUNDING, EV_INS
                             REASON_NOT_LIQUIDATABLE, SIDE_BUY, SIDE_SELL, bracket_command)
 from tests.engine_helpers import (ATPL, BTC, BTC_BRACKETS, FUNDING_CAP_E9,
                                   LEVERAGE, LIQUIDATION_FEE_E9, MARK, USDC,
-                                  assert_events, btc_engines, buy, expected, fee, funding, liquidate,
+                                  assert_events, btc_engines, buy, deposit, expected, fee,
+                                  funding, liquidate,
                                   maker_fee, pick, sell, set_margin, set_mark, taker_fee,
                                   the_reject, warm_up)
 
@@ -290,3 +291,29 @@ def test_exact_product_comparison_of_the_adl_ranking(values, edges, mask):
     b = xs[4] * xs[5] * xs[6] * xs[7]
     assert _compare_products(*xs) == (a > b) - (a < b)
     assert _compare_products(*xs[:4], *xs[:4]) == 0
+
+
+def test_liquidation_steps_are_capped_and_resume_on_the_next_liquidate():
+    """One lot per order: a 40-lot position needs 40 steps; one LIQUIDATE does 32
+    (LIQUIDATION_MAX_STEPS), the account stays liquidatable, the next one finishes. Through a
+    64-slot ring, so the command runs alone in the overflow buffer."""
+    from engine.config import LIQUIDATION_MAX_STEPS
+    from tests.engine_helpers import CONFIG, Engines, create_market, risk_commands, set_limits
+    eng = Engines(CONFIG, ring_capacity=64)
+    eng.admin(create_market(), set_limits(max_order=1), risk_commands())
+    eng.admin(*[deposit(a, 10_000 * USDC) for a in range(2, 8)], deposit(1, 70 * USDC))
+    for k in range(40):
+        eng.client(sell(2, 1, MARK, cid=k))
+        eng.client(buy(1, 1, MARK, cid=k))
+    mark = 633_000
+    eng.admin(set_mark(mark))
+    for a in range(3, 8):
+        eng.client(*[buy(a, 1, mark, cid=k) for k in range(8)])
+    assert risk.liquidation_targets(eng.st, 1) == [-1]
+    steps = pick(eng.admin(liquidate(1)), EV_LIQUIDATION)
+    assert len(steps) == LIQUIDATION_MAX_STEPS
+    assert all(e["kind"] == LIQ_KIND_LIQUIDATED and e["qty_lots"] == 1 for e in steps)
+    assert eng.position(1)[0] == 40 - LIQUIDATION_MAX_STEPS
+    assert risk.liquidation_targets(eng.st, 1) == [-1]
+    steps = pick(eng.admin(liquidate(1)), EV_LIQUIDATION)
+    assert len(steps) == 40 - LIQUIDATION_MAX_STEPS and eng.position(1) == (0, 0)
