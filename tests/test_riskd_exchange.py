@@ -17,6 +17,7 @@ from decimal import Decimal
 import numpy as np
 
 from perpx import bench_risk
+from perpx.client import MarketData
 from perpx.ops import Exchange
 from riskd.feeds import IndexBoard
 from tests.engine_helpers import buy, deposit, sell
@@ -84,17 +85,19 @@ def test_funding_is_charged_at_each_boundary(ups):
     the 10,000 USDC impact notional at 50x on each side). Premium = (65010 - 64900) / 64900 =
     0.001694915 (1,694,915 e-9); I - P clamps to -0.05%: rate = 1,194,915 e-9 per interval."""
     up = ups("state", FUNDING_CONFIG)
-    up.wait_ready()
+    endpoints = up.wait_ready()
     ex = Exchange(up.sd)
     board = IndexBoard.attach(ex.prefix)
+    md = MarketData.connect(endpoints, ["BTC-PERP"])
     try:
-        board.set(0, 649_000)
         usdc = 10 ** 6
         setup = np.concatenate([deposit(a, 100_000 * usdc) for a in (1, 2, 3)] + [
             sell(2, 1_000, 650_000, cid=1), buy(1, 1_000, 650_000, cid=1),
             buy(3, 1_000, 650_100, cid=1), sell(3, 1_000, 650_300, cid=2)])
         with ex.session() as session:
             assert bench_risk.sequence_commands(session, setup) == 0
+        # the index only now: riskd samples nothing (no index) until the book is complete
+        board.set(0, 649_000)
         rate = "0.001194915"
         wait_until(lambda: len(sql(up.sd.path, "SELECT * FROM funding_payments")) >= 4,
                    3 * 2 + SQL_WAIT_S, "two fundings of two positions in DuckDB")
@@ -115,5 +118,24 @@ def test_funding_is_charged_at_each_boundary(ups):
         assert risk["next_funding_ts"] % 2_000_000_000 == 0
         assert risk["next_funding_ts"] > time.time_ns() - 2_000_000_000
         assert cli_json(up.sd.path, "check")["ok"]
+
+        # market data: each FUNDING as funding.MARKET; riskd's numbers ride on mark.MARKET,
+        # published when the mark moves (here it sits on the last trade, 65000, until the
+        # index moves enough to pull the median away)
+        wait_until(lambda: md.poll(0.05) >= 0 and md.funding.get("BTC-PERP"), SQL_WAIT_S,
+                   "funding.BTC-PERP")
+        assert md.funding["BTC-PERP"]["rate"] == rate
+        board.set(0, 640_000)
+
+        def mark_with_the_new_index():
+            md.poll(0.05)
+            info = md.mark_info.get("BTC-PERP", {})
+            return info.get("index") == "64000" and info
+        info = wait_until(mark_with_the_new_index, SQL_WAIT_S, "mark.BTC-PERP at index 64000")
+        assert Decimal(info["mark"]) < 65_000
+        assert Decimal("0.001") < Decimal(info["funding_rate"]) <= Decimal("0.005")
+        assert info["next_funding_ts"] % 2_000_000_000 == 0
+        assert info["next_funding_ts"] > time.time_ns() - 2_000_000_000
     finally:
+        md.close()
         board.close()
