@@ -6,7 +6,8 @@
 2. Funding every 2 s: riskd samples a book whose impact bid sits 0.17% above the index and
    sends FUNDING at each boundary; the two positions are charged (`funding_payments` in
    DuckDB), the long pays what the short receives plus a residue of at most one atom each way,
-   and `perpx status` shows the estimate and the next funding time.
+   `perpx status` shows the estimate and the next funding time, and market data carries the
+   rate (funding.MARKET) and, with the next mark, riskd's index and estimate (mark.MARKET).
 """
 
 from __future__ import annotations
