@@ -14,8 +14,14 @@ time-weighted average gives the rate estimate it publishes; when a funding bound
 (multiples of the market's funding_interval_s since the epoch) it writes FUNDING(market,
 rate_e9) after that tick's marks. Nothing is persisted: see riskd/funding.py for restarts.
 
-riskd only reads state. It takes no event-ring consumer slot (the "riskd" slot stays inactive
-until a margin scan needs events), so it can never hold the matcher back.
+Liquidations (riskd/scanner.py): after the marks and fundings of a tick, LIQUIDATE for every
+cross account and isolated position the scanner finds at the marks just written (the matcher
+applies them first: same ring), so a price shock's liquidations go out in the tick that moves
+the mark. The matcher re-checks each one.
+
+riskd only reads state. It takes no event-ring consumer slot (the scanner follows the
+accounts' changed_seq in the tables, not the events; the "riskd" slot stays inactive), so it
+can never hold the matcher back.
 
 Reading the book. The three values (two book keys behind their depths, and last_trade_ticks)
 are read straight from the shared tables, bracketed: note the state's seq, check that the last
