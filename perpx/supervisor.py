@@ -25,30 +25,30 @@ start the gateways and wait until each has bound its sockets, then write endpoin
 status.json.
 
 CPU pinning (`os.sched_setaffinity`, exchange.pin_cpus): with at least gateways + 2 CPUs the
-matcher and each gateway get a CPU of their own and everything else (the supervisor, riskd,
+matcher and each gateway get a CPU of their own and everything else (the supervisor,
 persistd, riskd) shares the rest. With fewer, the matcher keeps its own CPU (it is the
 sequencer: its latency is everyone's) and all other processes share the remaining CPUs. On this
-2-core box: matcher on CPU 0; gateways, supervisor on CPU 1. With one CPU nothing is pinned.
+2-core box: matcher on CPU 0; gateways, persistd, riskd, supervisor on CPU 1. With one CPU nothing is pinned.
 The CPUs are those this process may use (its own affinity mask), lowest first.
 
 Watching (every 0.1 s): a process that exits is noticed by its parent's wait (no polling of
-pids that could be reused). A gateway that dies is restarted on the same ports and the same
-ring (its consumer slot resumes at its saved cursor), immediately the first time and with a
-back-off (0.5 s doubling to 30 s) while it keeps dying within 10 s of its start; each restart
-counts in `restarts`. riskd is restarted the same way: it keeps nothing of its own, a new one
-re-attaches to the board (sim walks resume at the last published index, manual indexes are
-still on the board) and starts a fresh funding average (see riskd/funding.py). The matcher bumps a heartbeat counter in shm (`<prefix>-supervisor`) on
-every pass of its loop; if it stops for 5 s the supervisor says so loudly (it does not kill it).
-If the matcher dies, the exchange is down: trading state lives only in the matcher's shm until
-persistd exists, so the supervisor reports it on stderr, stops the gateways, removes the shm
-and exits with status 3 (matcher recovery comes with durability, issue 4). A CLI process killed
+pids that could be reused). Every child that dies is restarted (Supervisor._tend says how
+each resumes), immediately the first time and with a back-off (0.5 s doubling to 30 s) while
+it keeps dying within 10 s of its start; each restart counts in `restarts`. A gateway comes
+back on the same ports and ring (its consumer slot resumes at its saved cursor). riskd keeps
+nothing of its own: a new one re-attaches to the board (sim walks resume at the last
+published index, manual indexes are still on the board), rebuilds its liquidation scanner
+from the tables and starts a fresh funding average (see riskd/funding.py). The matcher bumps
+a heartbeat counter in shm (`<prefix>-supervisor`) on every pass of its loop; if it stops for
+5 s the supervisor says so loudly (it does not kill it). A CLI process killed
 while reading events as consumer "ops" would leave that slot active and eventually stall the
 matcher; the supervisor frees such a slot when nobody holds the ops lock.
 
 Shutdown (SIGINT, SIGTERM, SIGHUP, or `perpx down`): riskd and the gateways first (SIGTERM,
-then SIGKILL after 5 s), then the matcher (SIGTERM: it unlinks everything it created; SIGKILL after 10 s),
-then the heartbeat region and the IndexBoard; whatever is still in /dev/shm under the prefix is removed (and
-named). endpoints.json and status.json are removed; the exit status is 0.
+then SIGKILL after 5 s), then the matcher (SIGTERM: it unlinks everything it created; SIGKILL
+after 10 s), then persistd, then the heartbeat region and the IndexBoard; whatever is still in
+/dev/shm under the prefix is removed (and named). endpoints.json and status.json are removed;
+the exit status is 0.
 
 Children run in their own process group (a terminal's Ctrl-C reaches only the supervisor,
 which stops them in order) and get SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so a
