@@ -89,8 +89,8 @@ from gateway.codec import (COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT, ETYPE_OFFSET
                            ORDER_EVENT_STRUCT, TRADE_EVENT_STRUCT, pack)
 from gateway.account_state import account_state_fields, account_tables
 from gateway.markets import EdgeReject, MarketTable
-from gateway.mirror import (M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE, O_ACCOUNT, O_MARKET,
-                            Mirror, consistent_state_copy)
+from gateway.mirror import (M_ACTIVE, M_ATPL, M_MARK, M_MAX_ORDER, M_MAX_PRICE, O_ACCOUNT,
+                            O_MARKET, Mirror, consistent_state_copy)
 from persistd.progress import JournalProgress
 from riskd.feeds import IndexBoard
 from shm.region import ShmError, attach_retrying
@@ -132,6 +132,10 @@ def _send_pair(sock, first: bytes, second: bytes) -> None:
 _NOT_WHILE_JOURNAL_FAILS = frozenset(("new_order", "amend", "withdraw", "set_margin"))
 # How long an `account` query may wait for the matcher to pause between command batches.
 ACCOUNT_COPY_TIMEOUT_S = 0.5
+# How often the market-data gateway looks for index/funding changes riskd published without
+# a new mark.
+BOARD_REPUBLISH_S = 1.0
+NO_BOARD_LINE = (None, None, None)
 
 
 class Session:
@@ -262,6 +266,8 @@ class Gateway:
         self._fired = None             # (seq, oid) of the last `triggered` routed here
         self.index_board = None
         self._index_board_retry = 0.0
+        self._board_sent: dict[int, tuple] = {}    # market -> (index, rate, next) last published
+        self._board_due = 0.0
         self.stats = {"requests": 0, "edge_rejects": 0, "events": 0, "dropped_frames": 0}
 
     def _check_markets(self) -> None:
@@ -344,6 +350,8 @@ class Gateway:
                     self.release_upto(self.durable_seq())
                 if heartbeat is not None:
                     heartbeat()
+                if self.pub is not None and time.monotonic() >= self._board_due:
+                    self._publish_board_changes()
                 if worked:
                     if self.stats["events"] - events_at_gc > 1_000_000:
                         gc.collect(0)      # the young generation only: cheap, bounded
@@ -639,22 +647,41 @@ class Gateway:
             else None
 
     def _publish_mark(self, ev) -> None:
-        """`mark.MARKET`: the mark from the event; index, funding estimate and next funding
-        time from riskd's IndexBoard (null while riskd has published nothing for the market)."""
+        """`mark.MARKET` for a mark the matcher took (EV_MARK)."""
         market = self._market(ev[4])
-        if market is None:
-            return
-        published = self._index_board_values(ev[4])
-        if published is None:
-            index = rate = next_ts = None
-        else:
-            index = market.ticks_to_str(published.index_ticks) if published.index_ticks \
-                else None
-            rate = codec.rate_to_str(published.funding_rate_e9)
-            next_ts = published.next_funding_ns or None
+        if market is not None:
+            self._publish_mark_line(market, ev[0], ev[7], ev[1], self._board_line(market))
+
+    def _publish_mark_line(self, market, seq: int, mark_ticks: int, ts: int, line) -> None:
+        """`mark.MARKET`: the matcher's mark; index, funding estimate and next funding time
+        from riskd's IndexBoard (null while riskd has published nothing for the market)."""
+        line = line or NO_BOARD_LINE
+        self._board_sent[market.market_id] = line
         self._publish(market.topic_mark, pack(
-            {"seq": ev[0], "mark": market.ticks_to_str(ev[7]), "index": index,
-             "funding_rate": rate, "next_funding_ts": next_ts, "ts": ev[1]}), ev[0])
+            {"seq": seq, "mark": market.ticks_to_str(mark_ticks), "index": line[0],
+             "funding_rate": line[1], "next_funding_ts": line[2], "ts": ts}), seq)
+
+    def _board_line(self, market):
+        """(index, funding_rate, next_funding_ts) as the wire says them, None before riskd
+        published for the market."""
+        published = self._index_board_values(market.market_id)
+        if published is None:
+            return None
+        return (market.ticks_to_str(published.index_ticks) if published.index_ticks else None,
+                codec.rate_to_str(published.funding_rate_e9), published.next_funding_ns or None)
+
+    def _publish_board_changes(self) -> None:
+        """riskd re-sends no unchanged mark, but its index and funding estimate move on: once
+        a second, `mark.MARKET` again for each market whose board line changed since the last
+        one published (the mark as the matcher has it, at the mirror's seq)."""
+        self._board_due = time.monotonic() + BOARD_REPUBLISH_S
+        for m, market in enumerate(self.market_by_id):
+            if market is None or not self.mirror.markets[m][M_ACTIVE]:
+                continue
+            line = self._board_line(market)
+            if line is not None and self._board_sent.get(m) != line:
+                self._publish_mark_line(market, self.mirror.applied_seq,
+                                        self.mirror.markets[m][M_MARK], time.time_ns(), line)
 
     def _index_board_values(self, market_id: int):
         """riskd's published line for a market; the board is attached on first need (riskd

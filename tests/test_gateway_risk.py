@@ -311,17 +311,26 @@ def test_mark_market_data_carries_riskd_index_and_funding(exchange):
     board = IndexBoard.create(exchange.prefix, ENGINE.max_markets)
     try:
         next_ns = 1_800_000_000 * 10 ** 9
-        board.publish(BTC, Published(index_ticks=649_990, mark_ticks=650_020,
-                                     funding_rate_e9=-125_000, next_funding_ns=next_ns,
-                                     ts_ns=time.time_ns(), applied_version=0))
-        deadline = time.monotonic() + WAIT_S
-        while True:         # the gateway looks for the board at most once a second
-            seq = exchange.set_mark(BTC, 650_020)
-            md = next_md(sub, "mark.BTC-PERP")
-            if md["index"] is not None or time.monotonic() > deadline:
-                break
+
+        def publish(rate_e9):
+            board.publish(BTC, Published(index_ticks=649_990, mark_ticks=650_020,
+                                         funding_rate_e9=rate_e9, next_funding_ns=next_ns,
+                                         ts_ns=time.time_ns(), applied_version=0))
+
+        publish(-125_000)
+        # the gateway finds the board (it looks at most once a second) and, without a new
+        # mark, publishes the changed line with the matcher's mark
+        md = next_md(sub, "mark.BTC-PERP")
         assert (md["seq"], md["mark"], md["index"], md["funding_rate"],
-                md["next_funding_ts"]) == (seq, "65002", "64999", "-0.000125", next_ns)
+                md["next_funding_ts"]) == (seq, "65001", "64999", "-0.000125", next_ns)
+        seq = exchange.set_mark(BTC, 650_020)
+        md = next_md(sub, "mark.BTC-PERP")
+        assert (md["seq"], md["mark"], md["index"], md["funding_rate"]) == (
+            seq, "65002", "64999", "-0.000125")
+        assert no_md(sub, 1.5) == []                # nothing changed: nothing more
+        publish(310_000)
+        md = next_md(sub, "mark.BTC-PERP")
+        assert (md["seq"], md["mark"], md["funding_rate"]) == (seq, "65002", "0.00031")
     finally:
         board.close()
         board.unlink()
