@@ -268,8 +268,10 @@ def bench_cascade(accounts: int = DEFAULT_ACCOUNTS, progress=None) -> dict:
     return {**res, "shm_left": shm_left}
 
 
-def run_cascade(state_dir, accounts: int, say) -> dict:
-    """The cascade on a running exchange started with cascade_config(accounts)."""
+def run_cascade(state_dir, accounts: int, say, setup=None) -> dict:
+    """The cascade on a running exchange started with cascade_config(accounts): `setup`
+    (batches of commands; default _setup_commands) must leave the accounts FIRST_TRADER ..
+    FIRST_TRADER + accounts - 1 long and liquidatable at the shock, M (1) short, L (2) bidding."""
     from engine.records import CMD_NEW_ORDER, SIDE_SELL, TIF_IOC, new_commands
     from perpx.launch import wait_until
     from perpx.ops import Exchange
@@ -280,7 +282,7 @@ def run_cascade(state_dir, accounts: int, say) -> dict:
         board.set(0, P0_TICKS)
         say(f"cascade: {accounts:,} traders buying 0.01 BTC each at ~45x")
         with ex.session(timeout_s=120.0) as session:
-            for batch in _setup_commands(accounts):
+            for batch in setup or _setup_commands(accounts):
                 rejected = sequence_commands(session, batch)
                 if rejected:
                     raise RuntimeError(f"cascade setup: {rejected} of {len(batch)} commands "

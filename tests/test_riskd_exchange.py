@@ -2,7 +2,8 @@
 
 1. A small liquidation cascade (perpx/bench_risk.run_cascade with 200 traders at ~45x): after
    the shock riskd's scanner sends LIQUIDATE for every trader, the matcher closes them, DuckDB
-   holds a `liquidations` row per trader and `perpx check` finds every invariant intact.
+   holds a `liquidations` row per trader and `perpx check` finds every invariant intact; the
+   same with one isolated and one cross trader (LIQUIDATE(account, market) vs (account, -1)).
 2. Funding every 2 s: riskd samples a book whose impact bid sits 0.17% above the index and
    sends FUNDING at each boundary; the two positions are charged (`funding_payments` in
    DuckDB), the long pays what the short receives plus a residue of at most one atom each way,
@@ -17,6 +18,7 @@ from decimal import Decimal
 
 import numpy as np
 
+from engine.records import MARGIN_ISOLATED, set_margin_command
 from perpx import bench_risk
 from perpx.client import MarketData
 from perpx.ops import Exchange
@@ -140,3 +142,24 @@ def test_funding_is_charged_at_each_boundary(ups):
     finally:
         md.close()
         board.close()
+
+
+def test_an_isolated_and_a_cross_position_are_both_liquidated(ups):
+    """Trader 3 isolated at 40x (16.25 USDC of isolated margin on 0.01 BTC: liquidation at
+    ~63,629.5), trader 4 cross with 15 USDC (~63,6xx). The shock's mark, 63,350, is past both:
+    riskd must send LIQUIDATE(3, market 0) and LIQUIDATE(4, -1) (the matcher refuses the
+    other form: 3 has no cross position), and both close into L's bid at 63,700."""
+    up = ups("state", bench_risk.cascade_config(2))
+    up.wait_ready()
+    usdc = 10 ** 6
+    setup = [np.concatenate([deposit(1, 10 ** 7 * usdc), deposit(2, 10 ** 7 * usdc),
+                             deposit(3, 20 * usdc), deposit(4, 15 * usdc),
+                             set_margin_command(3, 0, mode=MARGIN_ISOLATED, leverage=40)]),
+             np.concatenate([sell(1, 20, 650_000, cid=1), buy(3, 10, 650_000, cid=1),
+                             buy(4, 10, 650_000, cid=1), buy(2, 100, 637_000, cid=1)])]
+    res = bench_risk.run_cascade(up.sd, 2, lambda msg: None, setup)
+    assert (res["liquidated"], res["closed"]) == (2, 2)
+    wait_until(lambda: sql(up.sd.path, "SELECT count(DISTINCT account) FROM liquidations "
+                                       "WHERE account IN (3, 4)")[0][0] == 2,
+               SQL_WAIT_S, "liquidations rows for both")
+    assert cli_json(up.sd.path, "check")["ok"]
