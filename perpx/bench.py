@@ -226,18 +226,39 @@ def _say(progress, msg):
         progress(msg)
 
 
+def timed_runs(config: EngineConfig, streams: list, ring: Ring, *, runs: int, batch: int,
+               progress=None) -> list[list[dict]]:
+    """`runs` timed passes of each (name, setup, commands) stream, interleaved (one pass of
+    each per round, so the machine's slow and fast phases fall on all of them alike)."""
+    # warm-up: compile (if the generator did not already) and fault in code and tables
+    for _name, setup, commands in streams:
+        timed_run(config, setup, commands[:min(len(commands), 20_000)], ring, batch)
+    results = [[] for _ in streams]
+    for r in range(runs):
+        for (name, setup, commands), out in zip(streams, results):
+            res = timed_run(config, setup, commands, ring, batch)
+            _say(progress, f"run {r + 1}/{runs}{name}: "
+                           f"{res['commands_per_s'] / 1e6:.2f} M commands/s")
+            out.append(res)
+    return results
+
+
 def measure(config: EngineConfig, setup: np.ndarray, commands: np.ndarray, *, runs: int,
             batch: int, reference_commands: int, verify_commands: int, expected_hash=None,
             progress=None) -> dict:
     """The common part of both benchmarks: timed runs, reference rate, event comparison."""
     ring = Ring(config)
-    # warm-up: compile (if the generator did not already) and fault in code and tables
-    timed_run(config, setup, commands[:min(len(commands), 20_000)], ring, batch)
-    results = []
-    for r in range(runs):
-        res = timed_run(config, setup, commands, ring, batch)
-        _say(progress, f"run {r + 1}/{runs}: {res['commands_per_s'] / 1e6:.2f} M commands/s")
-        results.append(res)
+    results = timed_runs(config, [("", setup, commands)], ring, runs=runs, batch=batch,
+                         progress=progress)[0]
+    return summarize(config, setup, commands, results, ring, batch=batch,
+                     reference_commands=reference_commands, verify_commands=verify_commands,
+                     expected_hash=expected_hash, progress=progress)
+
+
+def summarize(config: EngineConfig, setup: np.ndarray, commands: np.ndarray, results: list,
+              ring: Ring, *, batch: int, reference_commands: int, verify_commands: int,
+              expected_hash=None, progress=None) -> dict:
+    """A stream's timed runs, with the reference model's rate and the event comparison."""
     overhead = call_overhead_us(config, ring)
     rates = [r["commands_per_s"] for r in results]
     median_rate = statistics.median(rates)
@@ -290,26 +311,42 @@ def measure(config: EngineConfig, setup: np.ndarray, commands: np.ndarray, *, ru
 def bench_matcher(commands: int = 1_000_000, runs: int = DEFAULT_RUNS,
                   batch: int = DEFAULT_BATCH, seed: int | None = None,
                   reference_commands: int = 100_000, verify_commands: int = 20_000,
-                  progress=None) -> dict:
+                  risk: bool = False, progress=None) -> dict:
+    """The standard workload; with `risk`, also its risk-on variant (perpx/workload.py), timed
+    in the same rounds, reported under "risk" with `risk_ratio` = its rate / the plain one."""
     from perpx import workload
 
     if commands < 1 or runs < 1 or batch < 1:
         raise ValueError("--commands, --runs and --batch must be positive")
     seed = workload.DEFAULT_SEED if seed is None else seed
     config = workload.engine_config()
-    _say(progress, f"generating {commands} commands (seed {seed}; compiles on first use) ...")
-    t0 = time.perf_counter()
-    wl = workload.generate(commands, seed=seed, config=config)
-    gen_s = time.perf_counter() - t0
-    out = {"benchmark": "matcher", "workload": "standard", "seed": seed}
-    out.update(measure(config, wl.setup, wl.commands, runs=runs, batch=batch,
-                       reference_commands=reference_commands,
-                       verify_commands=verify_commands,
-                       expected_hash=wl.stats["state_hash"], progress=progress))
-    out["mix"] = wl.stats["mix"]
-    out["resting_orders_at_end"] = wl.stats["resting_at_end"]
-    out["max_resting_orders"] = wl.stats["max_resting"]
-    out["generate_seconds"] = round(gen_s, 3)
+    workloads = []
+    for variant in ((False, True) if risk else (False,)):
+        _say(progress, f"generating {commands} commands{' (risk on)' if variant else ''} "
+                       f"(seed {seed}; compiles on first use) ...")
+        t0 = time.perf_counter()
+        wl = workload.generate(commands, seed=seed, config=config, risk=variant)
+        workloads.append((wl, time.perf_counter() - t0))
+    ring = Ring(config)
+    results = timed_runs(config, [(" (risk on)" if k else "", wl.setup, wl.commands)
+                                  for k, (wl, _) in enumerate(workloads)],
+                         ring, runs=runs, batch=batch, progress=progress)
+    reports = []
+    for (wl, gen_s), res in zip(workloads, results):
+        rep = summarize(config, wl.setup, wl.commands, res, ring, batch=batch,
+                        reference_commands=reference_commands, verify_commands=verify_commands,
+                        expected_hash=wl.stats["state_hash"], progress=progress)
+        rep["mix"] = wl.stats["mix"]
+        rep["resting_orders_at_end"] = wl.stats["resting_at_end"]
+        rep["max_resting_orders"] = wl.stats["max_resting"]
+        rep["generate_seconds"] = round(gen_s, 3)
+        reports.append(rep)
+    out = {"benchmark": "matcher", "workload": "standard", "seed": seed, **reports[0]}
+    if risk:
+        out["risk"] = {"workload": "risk on", **reports[1],
+                       "liquidations": workloads[1][0].stats["liquidations"]}
+        out["risk_ratio"] = round(reports[1]["commands_per_s"] / reports[0]["commands_per_s"],
+                                  3)
     return out
 
 
@@ -369,4 +406,9 @@ def format_report(res: dict) -> str:
                                             if k in ("first_mismatch", "compiled_event",
                                                      "reference_event")})))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    text = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    if "risk" in res:
+        text += (f"\n\nrisk on ({res['risk']['liquidations']:,} liquidations; risk on / plain "
+                 f"{res['risk_ratio']}):\n" + format_report({"benchmark": "matcher",
+                                                               **res["risk"]}))
+    return text

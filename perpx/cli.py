@@ -65,10 +65,10 @@ def cmd_bench_matcher(args) -> int:
 
     res = bench.bench_matcher(commands=args.commands, runs=args.runs, batch=args.batch,
                               seed=args.seed, reference_commands=args.reference_commands,
-                              verify_commands=args.verify_commands,
+                              verify_commands=args.verify_commands, risk=args.risk,
                               progress=_progress(args))
     emit(args, res, bench.format_report(res))
-    return _events_status(res)
+    return max(_events_status(res), _events_status(res["risk"]) if "risk" in res else 0)
 
 
 def cmd_bench_lobster(args) -> int:
@@ -165,6 +165,9 @@ def _register_bench(sub, common):
     q.add_argument("--commands", type=_positive_int, default=1_000_000, metavar="N",
                    help="workload size (default 1000000)")
     q.add_argument("--seed", type=int, default=None, help="workload seed")
+    q.add_argument("--risk", action="store_true",
+                   help="also time the risk-on variant (moving marks, leveraged and isolated "
+                        "accounts, funding, liquidations) in the same rounds; risk_ratio")
     timing_options(q)
     q.set_defaults(func=cmd_bench_matcher)
 

@@ -41,6 +41,23 @@ inside the chunk before their cancel arrives, which is the realistic source of
 the surplus slots become passive new orders instead. Each chunk is drawn with numpy in one go,
 so generation costs about one matcher pass plus a little numpy per chunk.
 
+The risk-on variant (`generate(..., risk=True)`, `perpx bench matcher --risk`) is the same
+stream with perpetual risk switched on and exercised:
+  - setup adds per market a liquidation fee (0.5%), a funding cap (0.75%) and three
+    maintenance brackets (0.4% from 0, 0.5% from 50k USDC, 1% from 250k USDC); accounts
+    801..900 trade cross at leverage 10 and 901..1000 isolated at leverage 20 in both markets;
+    20 "punter" accounts 1001..1020 (half cross, half isolated, leverage 50) start with
+    200 USDC.
+  - every 32nd command is a SET_MARK, alternating markets: the mark swings around the mid as
+    a sine of amplitude 3% and period 100,000 commands (orders keep pricing off the mid);
+  - every 10,000th command (offset 16) is a FUNDING of +-0.01%, alternating markets and sign;
+  - 0.5% of the draws are punter market orders sized at 30x the punter's balance (as of the
+    chunk's start), which the swinging mark then pushes under: at each chunk's start the
+    generator asks engine.risk.liquidation_targets about every punter and sends a LIQUIDATE
+    for each target (what riskd would), and re-funds (200 USDC) punters left with less than
+    half of that and no position. These front-of-chunk commands replace the chunk's first
+    draws (after its mark).
+
 The stream depends only on the seed, the sizes and the matcher's rules: the same engine gives
 the same stream, and `Workload.stats` records what the generating pass saw (reject rate and
 reasons, trades, resting orders at the end, the state hash after the whole stream).
@@ -51,12 +68,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.config import EngineConfig
+from engine.risk import liquidation_targets
 from engine.matcher import Matcher, drain, event_sink
-from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_DEPOSIT, CMD_NEW_ORDER,
-                            CMD_WITHDRAW, EV_ACK, EV_AMENDED, EV_CANCELED, EV_REJECT, EV_TRADE,
-                            EVENT_DTYPE, KIND_MARKET, ORDER_EVENT_DTYPE, REASON_NAMES, SIDE_BUY,
-                            STATUS_OPEN, TIF_GTC, TIF_IOC, TIF_POST_ONLY, TRADE_EVENT_DTYPE,
-                            market_create_command, market_limits_command, new_commands)
+from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_DEPOSIT, CMD_FUNDING,
+                            CMD_LIQUIDATE, CMD_NEW_ORDER, CMD_SET_MARK, CMD_WITHDRAW, EV_ACK,
+                            EV_AMENDED, EV_CANCELED, EV_LIQUIDATION, EV_REJECT, EV_TRADE,
+                            EVENT_DTYPE, KIND_MARKET, MARGIN_CROSS, MARGIN_ISOLATED,
+                            ORDER_EVENT_DTYPE, REASON_NAMES, SIDE_BUY, STATUS_OPEN, TIF_GTC,
+                            TIF_IOC, TIF_POST_ONLY, TRADE_EVENT_DTYPE, bracket_command,
+                            market_create_command, market_limits_command, market_risk_command,
+                            new_commands, set_margin_command)
 
 USDC = 1_000_000               # atoms per USDC
 TS_BASE_NS = 1_700_000_000_000_000_000
@@ -83,6 +104,9 @@ INITIAL_DEPOSIT = 1_000_000 * USDC
 
 # workload mix, in draw order
 K_PASSIVE, K_CROSS, K_CANCEL, K_AMEND, K_MARKET, K_DEPOSIT, K_WITHDRAW, K_CANCEL_ALL = range(8)
+# the risk-on variant's commands, put in place of draws
+K_PUNTER, K_MARK, K_FUNDING, K_LIQUIDATE, K_REFILL = range(8, 13)
+RISK_MIX = ("punter_market", "mark", "funding", "liquidate", "punter_deposit")
 MIX = (
     ("passive_limit", 0.520),
     ("crossing_limit", 0.080),
@@ -111,6 +135,25 @@ AMEND_QTY_SHARE = 0.60
 DEPOSIT_AMOUNT = 1_000 * USDC
 WITHDRAW_AMOUNT = 100 * USDC
 
+# the risk-on variant (module docstring)
+LIQUIDATION_FEE_E9 = 5_000_000          # 0.5%
+FUNDING_CAP_E9 = 7_500_000              # 0.75%
+BRACKETS = ((0, 4_000_000), (50_000 * USDC, 5_000_000), (250_000 * USDC, 10_000_000))
+CROSS_LEVERAGED = (801, 901, 10)        # accounts [first, end) and their leverage
+ISOLATED_LEVERAGED = (901, 1001, 20)
+FIRST_PUNTER = 1001
+N_PUNTERS = 20
+PUNTER_LEVERAGE = 50
+PUNTER_DEPOSIT = 200 * USDC
+PUNTER_GEARING = 30                     # a punter order's notional / its balance
+PUNTER_SHARE = 0.005
+MARK_EVERY = 32
+MARK_SWING = 0.03
+MARK_PERIOD = 100_000
+FUNDING_EVERY = 10_000
+FUNDING_OFFSET = 16
+FUNDING_RATE_E9 = 100_000               # 0.01%
+
 DEFAULT_SEED = 20240621
 DEFAULT_CHUNK = 1024
 
@@ -126,8 +169,9 @@ def ring_capacity(config: EngineConfig, at_least: int = 0) -> int:
     return 1 << (need - 1).bit_length()
 
 
-def setup_commands() -> np.ndarray:
-    """Create and limit both markets, then fund every account."""
+def setup_commands(risk: bool = False) -> np.ndarray:
+    """Create and limit both markets, then fund every account; with `risk`, the markets' risk
+    parameters and the accounts' margin settings of the risk-on variant too."""
     parts = []
     for m, (_sym, _tick, _lot, aptl, mark) in enumerate(MARKETS):
         parts.append(market_create_command(
@@ -144,8 +188,50 @@ def setup_commands() -> np.ndarray:
     deposits["account"] = np.arange(FIRST_ACCOUNT, FIRST_ACCOUNT + N_ACCOUNTS)
     deposits["amount_atoms"] = INITIAL_DEPOSIT
     parts.append(deposits)
+    if risk:
+        parts.append(_risk_setup())
     out = np.concatenate(parts)
     out["req"] = np.arange(len(out)) - len(out)     # negative: setup, not workload
+    return out
+
+
+def _risk_setup() -> np.ndarray:
+    parts = []
+    for m in range(len(MARKETS)):
+        parts.append(market_risk_command(m, liquidation_fee_e9=LIQUIDATION_FEE_E9,
+                                         funding_cap_e9=FUNDING_CAP_E9, ts_ns=TS_BASE_NS))
+        for k, (floor_atoms, rate_e9) in enumerate(BRACKETS):
+            parts.append(bracket_command(m, k, floor_atoms=floor_atoms,
+                                         maintenance_rate_e9=rate_e9, ts_ns=TS_BASE_NS))
+    punters = range(FIRST_PUNTER, FIRST_PUNTER + N_PUNTERS)
+    settings = [(a, MARGIN_CROSS, CROSS_LEVERAGED[2]) for a in range(*CROSS_LEVERAGED[:2])]
+    settings += [(a, MARGIN_ISOLATED, ISOLATED_LEVERAGED[2])
+                 for a in range(*ISOLATED_LEVERAGED[:2])]
+    settings += [(a, MARGIN_CROSS if a < FIRST_PUNTER + N_PUNTERS // 2 else MARGIN_ISOLATED,
+                  PUNTER_LEVERAGE) for a in punters]
+    for account, mode, leverage in settings:
+        for m in range(len(MARKETS)):
+            parts.append(set_margin_command(account, m, mode=mode, leverage=leverage,
+                                            ts_ns=TS_BASE_NS))
+    deposits = new_commands(N_PUNTERS)
+    deposits["cmd"] = CMD_DEPOSIT
+    deposits["ts_ns"] = TS_BASE_NS
+    deposits["account"] = np.array(punters)
+    deposits["amount_atoms"] = PUNTER_DEPOSIT
+    parts.append(deposits)
+    return np.concatenate(parts)
+
+
+def _front_of_chunk(matcher: Matcher) -> list[tuple[int, int, int]]:
+    """(command, account, market) of the LIQUIDATEs riskd would send now, and the punters'
+    refills (market -1 for a deposit)."""
+    st = matcher.state
+    out = []
+    for account in range(FIRST_PUNTER, FIRST_PUNTER + N_PUNTERS):
+        out += [(CMD_LIQUIDATE, account, m) for m in liquidation_targets(st, account)]
+        if (st.accounts["balance_atoms"][account] < PUNTER_DEPOSIT // 2
+                and not st.positions["size_lots"][account].any()):
+            out.append((CMD_DEPOSIT, account, 0))
     return out
 
 
@@ -215,17 +301,75 @@ class _LiveOrders:
         self.price[o[has_price]] = p[has_price]
 
 
+def _risk_kinds(kind, c0, rng, front):
+    """Put the risk-on variant's commands in place of a chunk's draws (in `kind`): punter
+    orders at random, marks and funding at fixed strides, then `front` (_front_of_chunk) in
+    the first free places. Returns front as placed, one entry per K_LIQUIDATE/K_REFILL."""
+    k = len(kind)
+    g = np.arange(c0, c0 + k)
+    kind[rng.random(k) < PUNTER_SHARE] = K_PUNTER
+    kind[g % MARK_EVERY == 0] = K_MARK
+    kind[g % FUNDING_EVERY == FUNDING_OFFSET] = K_FUNDING
+    free = np.flatnonzero((kind != K_MARK) & (kind != K_FUNDING))
+    front = front[:len(free)]
+    for i, (code, _account, _market) in zip(free, front):
+        kind[i] = K_LIQUIDATE if code == CMD_LIQUIDATE else K_REFILL
+    return front
+
+
+def _fill_risk(cmds, kind, c0, front, matcher, next_cid):
+    """Write the risk-on commands _risk_kinds placed; returns the next free cid."""
+    g = np.arange(c0, c0 + len(cmds))
+    mids = np.array([m[4] for m in MARKETS], np.int64)
+    lot_atoms = np.array([m[3] * m[4] for m in MARKETS], np.int64)
+    m = kind == K_PUNTER
+    n = int(np.count_nonzero(m))
+    if n:
+        account = FIRST_PUNTER + g[m] % N_PUNTERS
+        balance = matcher.state.accounts["balance_atoms"][account]
+        qty = np.clip(balance * PUNTER_GEARING // lot_atoms[cmds["market"][m]], 1, MAX_ORDER_LOTS)
+        cmds["cmd"][m] = CMD_NEW_ORDER
+        cmds["kind"][m] = KIND_MARKET
+        cmds["tif"][m] = TIF_IOC
+        cmds["account"][m] = account
+        cmds["side"][m] = (g[m] // N_PUNTERS) % 2
+        cmds["qty_lots"][m] = qty
+        cmds["cid"][m] = np.arange(next_cid, next_cid + n)
+        next_cid += n
+    m = kind == K_MARK
+    market = (g[m] // MARK_EVERY) % len(MARKETS)
+    swing = np.sin(2 * np.pi * g[m] / MARK_PERIOD) * MARK_SWING
+    cmds["cmd"][m] = CMD_SET_MARK
+    cmds["market"][m] = market
+    cmds["account"][m] = 0
+    cmds["price_ticks"][m] = mids[market] + np.round(mids[market] * swing).astype(np.int64)
+    m = kind == K_FUNDING
+    period = g[m] // FUNDING_EVERY
+    cmds["cmd"][m] = CMD_FUNDING
+    cmds["market"][m] = period % len(MARKETS)
+    cmds["account"][m] = 0
+    cmds["oid"][m] = np.where(period % 4 < 2, FUNDING_RATE_E9, -FUNDING_RATE_E9)
+    placed = np.flatnonzero((kind == K_LIQUIDATE) | (kind == K_REFILL))
+    for i, (code, account, market) in zip(placed, front):
+        cmds["cmd"][i] = code
+        cmds["account"][i] = account
+        cmds["market"][i] = market
+        cmds["amount_atoms"][i] = PUNTER_DEPOSIT if code == CMD_DEPOSIT else 0
+    return next_cid
+
+
 def _geometric(rng, p, size, cap=None):
     x = rng.geometric(p, size).astype(np.int64)
     return np.minimum(x, cap) if cap is not None else x
 
 
 def generate(n_commands: int, seed: int = DEFAULT_SEED, chunk: int = DEFAULT_CHUNK,
-             config: EngineConfig | None = None) -> Workload:
-    """The standard workload of n_commands (plus setup); see the module docstring."""
+             config: EngineConfig | None = None, risk: bool = False) -> Workload:
+    """The standard workload of n_commands (plus setup), or its risk-on variant; see the
+    module docstring."""
     config = config or engine_config()
     rng = np.random.default_rng(seed)
-    setup = setup_commands()
+    setup = setup_commands(risk)
     out = new_commands(n_commands)
     mids = np.array([m[4] for m in MARKETS], np.int64)
     cum = np.cumsum([p for _, p in MIX])
@@ -237,22 +381,24 @@ def generate(n_commands: int, seed: int = DEFAULT_SEED, chunk: int = DEFAULT_CHU
     sink = event_sink(slots)
     book = _LiveOrders(n_commands)
     rejects = np.zeros(256, np.int64)
-    counts = np.zeros(len(MIX), np.int64)
+    counts = np.zeros(len(MIX) + len(RISK_MIX), np.int64)
     trades = 0
     events = 0
+    liquidations = 0
     next_cid = 1
     max_resting = 0
     factor = 1.0                # aggressor size factor (depth controller)
     factors = []
 
     def run(cmds):
-        nonlocal trades, events
+        nonlocal trades, events, liquidations
         for ev in drain(matcher, cmds, sink):
             book.apply(ev)
             et = ev["etype"]
             rej = ev.view(ORDER_EVENT_DTYPE)["reason"][et == EV_REJECT]
             np.add.at(rejects, rej, 1)
             trades += int(np.count_nonzero(et == EV_TRADE))
+            liquidations += int(np.count_nonzero(et == EV_LIQUIDATION))
             events += len(ev)
 
     run(setup)
@@ -264,6 +410,8 @@ def generate(n_commands: int, seed: int = DEFAULT_SEED, chunk: int = DEFAULT_CHU
         k = min(chunk, n_commands - c0)
         cmds = out[c0:c0 + k]
         kind = np.searchsorted(cum, rng.random(k), side="right").astype(np.int64)
+        if risk:
+            front = _risk_kinds(kind, c0, rng, _front_of_chunk(matcher))
 
         # cancel/amend targets: sampled from the orders resting now, without replacement
         resting = np.flatnonzero(book.live)
@@ -279,7 +427,7 @@ def generate(n_commands: int, seed: int = DEFAULT_SEED, chunk: int = DEFAULT_CHU
         targets = np.zeros(k, np.int64)
         if len(want):
             targets[want] = rng.choice(resting, len(want), replace=False)
-        counts += np.bincount(kind, minlength=len(MIX))
+        counts += np.bincount(kind, minlength=len(counts))
 
         idx = np.arange(c0, c0 + k)
         cmds["ts_ns"] = TS_BASE_NS + (idx + 1) * TS_STEP_NS
@@ -360,6 +508,8 @@ def generate(n_commands: int, seed: int = DEFAULT_SEED, chunk: int = DEFAULT_CHU
         cmds["account"][m] = maker_account[m]
         for name in ("side", "cid"):
             cmds[name][kind >= K_DEPOSIT] = 0
+        if risk:
+            next_cid = _fill_risk(cmds, kind, c0, front, matcher, next_cid)
 
         run(cmds)
 
@@ -368,12 +518,14 @@ def generate(n_commands: int, seed: int = DEFAULT_SEED, chunk: int = DEFAULT_CHU
         "commands": n_commands,
         "seed": seed,
         "chunk": chunk,
-        "mix": {name: int(c) for (name, _), c in zip(MIX, counts)},
+        "mix": {name: int(c) for name, c in zip([n for n, _ in MIX] + list(RISK_MIX), counts)
+                if c or name not in RISK_MIX},
         "rejects": n_rej,
         "reject_rate": n_rej / max(n_commands, 1),
         "reject_reasons": {f"{REASON_NAMES.get(r, r)}({r})": int(c)
                            for r, c in enumerate(rejects) if c},
         "trades": trades,
+        "liquidations": liquidations,
         "events": events,
         "resting_at_end": int(np.count_nonzero(book.live)),
         "max_resting": max_resting,

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from perpx import cli, lobster, workload
-from engine.records import CMD_AMEND, CMD_CANCEL, CMD_NEW_ORDER, TIF_IOC
+from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_NEW_ORDER, CMD_SET_BRACKET,
+                            CMD_SET_MARGIN, CMD_SET_MARK, TIF_IOC)
 
 KEYS = ("commands_per_s", "reference_commands_per_s", "reference_ratio", "batch_latency_us",
         "runs", "commands", "batch", "reject_rate", "events_match", "events_per_s")
@@ -45,6 +46,37 @@ def test_bench_matcher_json(capsys):
     mix = res["mix"]
     assert sum(mix.values()) == 20000
     assert mix["cancel"] > 0.15 * 20000 and mix["passive_limit"] > 0.4 * 20000
+
+
+def test_bench_matcher_risk_on(capsys):
+    """--risk times the risk-on variant in the same rounds: its own full report (events
+    checked against the reference model, stable state hash) and the ratio to the plain rate."""
+    code, out, err = run_cli(capsys, "bench", "matcher", "--json", "--risk", "--commands",
+                             "20000", "--runs", "1")
+    assert code == 0, err
+    res = json.loads(out)
+    check_result(res, 20000, 1, max_reject_rate=0.05)
+    risk = res["risk"]
+    check_result(risk, 20000, 1, max_reject_rate=0.1)
+    assert res["risk_ratio"] == round(risk["commands_per_s"] / res["commands_per_s"], 3)
+    mix = risk["mix"]
+    assert sum(mix.values()) == 20000
+    g = np.arange(20000)
+    funding = g % workload.FUNDING_EVERY == workload.FUNDING_OFFSET
+    assert mix["mark"] == np.count_nonzero((g % workload.MARK_EVERY == 0) & ~funding)
+    assert mix["funding"] == 2 and mix["punter_market"] > 0 and mix["liquidate"] > 0
+    assert risk["liquidations"] > 0
+
+
+def test_risk_workload_setup_and_stream():
+    wl = workload.generate(3000, seed=7, risk=True)
+    setup = wl.setup
+    assert np.count_nonzero(setup["cmd"] == CMD_SET_MARGIN) == 2 * (200 + workload.N_PUNTERS)
+    assert np.count_nonzero(setup["cmd"] == CMD_SET_BRACKET) == 2 * len(workload.BRACKETS)
+    assert wl.stats["rejects"] < 0.05 * 3000
+    marks = wl.commands[wl.commands["cmd"] == CMD_SET_MARK]
+    mids = np.array([m[4] for m in workload.MARKETS])[marks["market"]]
+    assert np.all(np.abs(marks["price_ticks"] - mids) <= workload.MARK_SWING * mids + 1)
 
 
 def test_global_json_before_subcommand(capsys):
