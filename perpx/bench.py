@@ -16,6 +16,11 @@ loop, Python call overhead included), events/s, and the latency of each process(
 both engines' events are compared on a shorter prefix (`events_match`). Each run's final
 state hash is compared with the generating pass's (`state_hash_stable`): same stream, same
 state, whatever the batch boundaries.
+
+`bench matcher --risk` also generates the risk-on variant of the workload (perpx/workload.py:
+moving marks, leveraged and isolated accounts, funding, liquidations) and times both streams
+in the same rounds, one run of each in turn, so the box's fast and slow phases fall on both;
+`risk_ratio` is the risk-on median over the plain median, and "risk" holds its full report.
 """
 
 import gc
