@@ -176,7 +176,8 @@ SHOCK_INDEX_TICKS = 630_000
 FIRST_TRADER = 3               # 1: the maker M, 2: the liquidity account L
 
 
-def cascade_config(accounts: int) -> str:
+def cascade_config(accounts: int, extra: str = "", market_extra: str = "") -> str:
+    """One manual BTC-PERP market at 65000; `extra` adds sections, `market_extra` market keys."""
     return f"""
 [exchange]
 gateways = 1
@@ -194,7 +195,7 @@ command_ring_capacity = 65536
 [endpoints]
 orders_port = 0
 market_data_port = 0
-
+{extra}
 [[markets]]
 symbol = "BTC-PERP"
 tick_size = "0.1"
@@ -202,7 +203,7 @@ lot_size = "0.001"
 initial_price = "65000"
 oracle = "manual"
 max_leverage = 50
-"""
+{market_extra}"""
 
 
 def _setup_commands(accounts: int) -> list:

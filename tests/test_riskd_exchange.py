@@ -52,35 +52,9 @@ def test_a_cascade_liquidates_every_trader_and_duckdb_has_them(ups):
     assert procs["riskd"]["alive"] and procs["riskd"]["restarts"] == 0
 
 
-FUNDING_CONFIG = """
-[exchange]
-ack_mode = "fast"
-
-[engine]
-max_accounts = 16
-max_markets = 1
-max_orders = 256
-max_levels_per_side = 64
-
-[endpoints]
-orders_port = 0
-market_data_port = 0
-
-[risk]
-mark_interval_ms = 50
-funding_sample_ms = 100
-
-[[markets]]
-symbol = "BTC-PERP"
-tick_size = "0.1"
-lot_size = "0.001"
-initial_price = "65000"
-oracle = "manual"
-max_leverage = 50
-funding_interval_s = 2
-interest_rate = "0.0001"
-funding_cap = "0.005"
-"""
+FUNDING_CONFIG = bench_risk.cascade_config(
+    2, extra="[risk]\nmark_interval_ms = 50\nfunding_sample_ms = 100\n",
+    market_extra='funding_interval_s = 2\ninterest_rate = "0.0001"\nfunding_cap = "0.005"\n')
 
 
 def test_funding_is_charged_at_each_boundary(ups):
