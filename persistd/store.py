@@ -150,6 +150,13 @@ def _event_array(events) -> np.ndarray:
     return raw.view(EVENT_DTYPE)
 
 
+def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two int64 columns as one 16-byte value per row (np.isin on pairs)."""
+    out = np.empty(len(a), [("a", "<i8"), ("b", "<i8")])
+    out["a"], out["b"] = a, b
+    return out.view("V16")
+
+
 class Store:
     """The exchange's DuckDB query store: write() event batches, query() read-only SQL.
 
@@ -528,14 +535,10 @@ class Store:
         taker_done = tr["remaining_lots"] == 0
         if taker_done.any():
             # a new order's ack or a fired order's EV_TRIGGERED (same command, same oid)
-            # already reports it filled
+            # already reports it filled; one oid has two such events when a stop is placed
+            # and fires, so the match is on the (seq, oid) pair
             acks = oe[is_new]
-            order = np.argsort(acks["oid"], kind="stable")
-            ack_oid, ack_seq = acks["oid"][order], acks["seq"][order]
-            i = np.minimum(np.searchsorted(ack_oid, tr["oid"]), max(len(ack_oid) - 1, 0))
-            new = ((ack_oid[i] == tr["oid"]) & (ack_seq[i] == tr["seq"])) if len(ack_oid) \
-                else np.zeros(len(tr), bool)
-            taker_done &= ~new
+            taker_done &= ~np.isin(_pairs(tr["seq"], tr["oid"]), _pairs(acks["seq"], acks["oid"]))
         if taker_done.any():
             t = tr[taker_done]
             price = t["price_ticks"].copy()
