@@ -40,14 +40,15 @@ def account_tables(state, events, account: int, timeout_s: float = 1.0):
     return SimpleNamespace(**tables), seq
 
 
-def entry_price(cost_atoms: int, size_lots: int, atoms_per_tick_lot: int, market) -> str | None:
+def entry_price(cost_atoms: int, size_lots: int, market) -> str | None:
     """The average entry price (cost per lot, in the price unit), ENTRY_EXTRA_DIGITS decimals
     finer than the tick and rounded half-even; None without a position."""
     if not size_lots:
         return None
     with localcontext() as ctx:
         ctx.prec = 60
-        value = Decimal(cost_atoms) / (Decimal(size_lots) * atoms_per_tick_lot) * market.tick_size
+        value = Decimal(cost_atoms) / (Decimal(size_lots) * market.atoms_per_tick_lot) \
+            * market.tick_size
         value = value.quantize(market.tick_size / 10 ** ENTRY_EXTRA_DIGITS).normalize()
     return format(value, "f")
 
@@ -70,7 +71,7 @@ def account_state_fields(st, row: int, market_by_id) -> dict:
         lp = p["liquidation_price_ticks"]
         positions.append({
             "market": market.symbol, "size": market.signed_lots_to_str(size),
-            "entry_price": entry_price(p["cost_atoms"], size, market.atoms_per_tick_lot, market),
+            "entry_price": entry_price(p["cost_atoms"], size, market),
             "mark_price": market.ticks_to_str(p["mark_ticks"]),
             "unrealized_pnl": atoms_to_str(p["upnl_atoms"]),
             "liquidation_price": market.ticks_to_str(lp) if lp is not None else None,
