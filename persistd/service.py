@@ -39,7 +39,7 @@ import numpy as np
 
 from engine.config import EngineConfig
 from engine.records import (EV_COMMAND, EV_FUNDING, EV_LIQUIDATION, EV_TRADE, EVENT_DTYPE,
-                            TRADE_EVENT_DTYPE)
+                            MARGIN_CROSS, TRADE_EVENT_DTYPE)
 from engine.service import event_ring_name
 from gateway.markets import Market
 from persistd import snapshot
@@ -258,14 +258,19 @@ class Persistd:
         """Balance rows for accounts whose balance fills (fees, realized PnL), funding payments
         or liquidation steps (fees) changed: the balance after the command batch, read from the
         replica (those events do not all carry the balance, and isolated positions move money
-        between balance and isolated margin without an event of their own)."""
+        between balance and isolated margin without an event of their own). An isolated
+        position's funding goes to its isolated margin: no row for that alone."""
         etype = events["etype"]
         t = events[etype == EV_TRADE].view(TRADE_EVENT_DTYPE)
-        others = events[(etype == EV_FUNDING) | (etype == EV_LIQUIDATION)]
-        if not len(t) and not len(others):
+        liquidated = events[etype == EV_LIQUIDATION]["account"]
+        funded = events[etype == EV_FUNDING]
+        mode = replica.matcher.state.positions["margin_mode"][funded["account"],
+                                                              funded["market"]]
+        funded = funded["account"][mode == MARGIN_CROSS]
+        if not len(t) and not len(liquidated) and not len(funded):
             return np.zeros(0, BALANCE_ROW_DTYPE)
-        accounts = np.unique(np.concatenate([t["account"], t["maker_account"],
-                                             others["account"]]))
+        accounts = np.unique(np.concatenate([t["account"], t["maker_account"], liquidated,
+                                             funded]))
         rows = np.zeros(len(accounts), BALANCE_ROW_DTYPE)
         rows["seq"] = replica.seq
         rows["ts_ns"] = int(events["ts_ns"][-1])

@@ -346,13 +346,26 @@ def test_funding_and_liquidation_rows_in_duckdb(ups):
     endpoints = up.wait_ready()
     ops = Ops(up.sd)
     accounts, clients = [], []
-    for usdc in (1_000_000, 2_000):
+    for usdc in (1_000_000, 2_000, 100_000):
         account, cert = create_account(up.sd, ops.engine.max_accounts)
         ops.deposit(account, usdc * 10 ** 6)
         accounts.append(account)
         clients.append(Client.connect(endpoints, cert, timeout_s=WAIT_S))
-    maker, victim = clients
+    maker, victim, isolated = clients
+
+    def rows(sql):
+        return cli_json(up.sd.path, "sql", sql)["rows"]
+
     try:
+        # an isolated long in ETH: its funding goes to the isolated margin, not the balance
+        assert isolated.set_margin("ETH-PERP", "isolated", 5)["type"] == "done"
+        assert maker.new_order("ETH-PERP", "sell", "limit", "2", "3500")["status"] == "open"
+        assert isolated.new_order("ETH-PERP", "buy", "limit", "2", "3500")["status"] == "filled"
+        # (balance rows carry the seq of persistd's batch: the fill's must be in before)
+        wait_until(lambda: rows("SELECT count(*) FROM fills WHERE market = 'ETH-PERP'") == [[1]],
+                   30, "the ETH fill in DuckDB")
+        eth_funding = ops.submit_one(funding_command(ETH, rate_e9=100_000), "funding")
+        isolated.wait_for(lambda m: m.get("type") == "funding")
         assert maker.new_order("BTC-PERP", "sell", "limit", "1", "65000")["status"] == "open"
         assert victim.new_order("BTC-PERP", "buy", "limit", "1", "65000")["status"] == "filled"
         funding = ops.submit_one(funding_command(BTC, rate_e9=100_000), "funding")
@@ -365,9 +378,6 @@ def test_funding_and_liquidation_rows_in_duckdb(ups):
             cli_json(up.sd.path, "oracle", "set", "BTC-PERP", "61000")
             ops.submit(liquidate_command(accounts[1]))    # unless riskd's scanner was first
         victim.wait_for(lambda m: m.get("type") == "liquidation", timeout_s=30)
-
-        def rows(sql):
-            return cli_json(up.sd.path, "sql", sql)["rows"]
 
         wait_until(lambda: rows("SELECT count(*) FROM liquidations")[0][0] >= 1, 30,
                    "the liquidation in DuckDB")
@@ -386,6 +396,10 @@ def test_funding_and_liquidation_rows_in_duckdb(ups):
         balances = rows(f"SELECT seq FROM balances WHERE account = {accounts[1]} "
                         f"ORDER BY seq")
         assert [funding.seq] in balances            # the funding payment changed the balance
+        assert rows(f"SELECT account, payment FROM funding_payments "
+                    f"WHERE seq = {eth_funding.seq} ORDER BY account")[1][0] == accounts[2]
+        assert rows(f"SELECT count(*) FROM balances WHERE account = {accounts[2]} "
+                    f"AND seq = {eth_funding.seq}") == [[0]]
         assert rows("SELECT count(*) FROM insurance_fund WHERE reason = 'liquidation_fee'")[
             0][0] >= 1
     finally:
