@@ -482,18 +482,22 @@ class Supervisor:
             time.sleep(0.02)
 
     def _genesis(self) -> None:
+        from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_LIMITS,
+                                    CMD_SET_MARKET_RISK)
         from perpx.config import genesis_commands
         from perpx.ops import Exchange, OpsError
+        names = {CMD_CREATE_MARKET: "CREATE_MARKET", CMD_SET_MARKET_LIMITS: "SET_MARKET_LIMITS",
+                 CMD_SET_MARKET_RISK: "SET_MARKET_RISK", CMD_SET_BRACKET: "SET_BRACKET"}
         ex = Exchange(self.sd, require_running=False)
         commands = genesis_commands(self.cfg)
         try:
             replies = ex.submit(commands, timeout_s=30.0)
         except OpsError as e:
             raise StartupError(f"genesis: {e}") from None
-        for k, reply in enumerate(replies):
+        for command, reply in zip(commands, replies):
             if reply.rejected:
-                m = self.cfg.markets[k // 2]
-                what = "CREATE_MARKET" if k % 2 == 0 else "SET_MARKET_LIMITS"
+                m = self.cfg.markets[int(command["market"])]
+                what = names[int(command["cmd"])]
                 raise StartupError(f"genesis: the matcher rejected {what} for {m.symbol} "
                                    f"(markets[{m.id}]): {reply.reason()}")
         self.log(f"genesis: {len(self.cfg.markets)} markets created "
