@@ -1952,12 +1952,14 @@ def _privileged_only(code):
 @jit
 def _prefetch_for(st, cmd):
     """Start loading what a later command reads first (likely cache misses): its position
-    (the event bound and the margin check read it) and the index bucket it probes first.
+    (the event bound and the margin check read it), its account row (the margin check's
+    balance, a resting order's account list) and the index bucket it probes first.
 
     A prefetch never faults: a command naming a bad account or market costs a useless load.
     """
     positions = _positions(st)
     prefetch(positions, cmd.account * positions.shape[1] + cmd.market)
+    prefetch(_accounts(st), cmd.account)
     if cmd.cmd == CMD_NEW_ORDER or ((cmd.cmd == CMD_CANCEL or cmd.cmd == CMD_AMEND)
                                     and cmd.oid == 0):
         index = _cid_index(st)
