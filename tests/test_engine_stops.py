@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from tests.engine_helpers import (
     ACK, AMENDED, BAND_DEV, CANCELED, DONE, MARK, MARK_EV, MAX_OPEN_ORDERS, MAX_PRICE, REJECT, TRADE,
     USDC, amend, assert_events, btc_engines, buy, cancel, cancel_all, expected, halt, order,
-    resume, sell, set_mark, the_reject, warm_up,
+    resume, sell, set_mark, warm_up,
 )
 
 D = 10_000 * USDC
