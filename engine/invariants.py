@@ -125,9 +125,9 @@ def check_state(st: State) -> list[str]:
     return problems
 
 
-def collateral_problems(st: State) -> list[str]:
-    """Collateral is conserved to the atom: balances + isolated margins + unrealized PnL at
-    mark + insurance fund + fees = deposits - withdrawals."""
+def collateral_totals(st: State) -> tuple[int, int]:
+    """(holdings, net deposits) as Python integers: holdings = balances + isolated margins +
+    unrealized PnL at mark + insurance fund + fees; net deposits = deposits - withdrawals."""
     active = st.markets["active"] != 0
     mark = st.markets["mark_ticks"] * st.markets["atoms_per_tick_lot"]
     # Python integers: an int64 sum over many accounts could wrap and hide a violation.
@@ -137,7 +137,12 @@ def collateral_problems(st: State) -> list[str]:
     isolated = int(st.positions["isolated_margin_atoms"].astype(object).sum())
     total = (sum(st.accounts["balance_atoms"].astype(object)) + upnl + isolated
              + int(st.counters[C_FEES_ATOMS]) + int(st.counters[C_INSURANCE_ATOMS]))
-    net = int(st.counters[C_NET_DEPOSITS_ATOMS])
+    return total, int(st.counters[C_NET_DEPOSITS_ATOMS])
+
+
+def collateral_problems(st: State) -> list[str]:
+    """Collateral is conserved to the atom (DESIGN.md §8.3)."""
+    total, net = collateral_totals(st)
     if total != net:
         return [f"collateral not conserved: holdings {total} != net deposits {net}"]
     return []

@@ -13,7 +13,7 @@ import functools
 import numpy as np
 
 from engine.config import EngineConfig
-from engine.invariants import check_state
+from engine.invariants import check_state, collateral_totals
 from engine.matcher import LocalEvents, Matcher
 from engine.records import (
     BALANCE_EVENT_DTYPE, EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, FUNDING_EVENT_DTYPE,
@@ -545,23 +545,8 @@ class Engines:
         return got
 
     def collateral(self) -> tuple[int, int]:
-        """(holdings, net deposits) of the compiled state in big ints: sum(balances) +
-        unrealized PnL at mark + isolated margins + insurance fund + fees, and deposits -
-        withdrawals."""
-        st = self.st
-        total = sum(int(b) for b in st.accounts["balance_atoms"])
-        for m in range(len(st.markets)):
-            mk = st.markets[m]
-            if not mk["active"]:
-                continue
-            mark = int(mk["mark_ticks"]) * int(mk["atoms_per_tick_lot"])
-            for a in range(len(st.accounts)):
-                p = st.positions[a, m]
-                total += int(p["size_lots"]) * mark - int(p["cost_atoms"])
-        total += int(st.positions["isolated_margin_atoms"].astype(object).sum())
-        total += int(st.counters[C_FEES_ATOMS]) + int(st.counters[C_INSURANCE_ATOMS])
-        net = int(st.counters[C_NET_DEPOSITS_ATOMS])
-        return total, net
+        """(holdings, net deposits) of the compiled state (engine.invariants.collateral_totals)."""
+        return collateral_totals(self.st)
 
     def check(self):
         """Both engines in the same state, every invariant of DESIGN.md §8 holds."""
