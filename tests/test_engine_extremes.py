@@ -20,6 +20,7 @@ from engine.config import (MAX_BALANCE_ATOMS, MAX_FEE_E9, MAX_LEVERAGE, MAX_OPEN
 from engine.matcher import event_sink
 from engine.records import (
     CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_CREATE_MARKET, CMD_DEPOSIT, CMD_HALT,
+    CMD_FUNDING, CMD_LIQUIDATE, CMD_SET_BRACKET, CMD_SET_MARGIN, CMD_SET_MARKET_RISK,
     CMD_NEW_ORDER, CMD_RESUME, CMD_SET_MARK, CMD_SET_MARKET_LIMITS, CMD_WITHDRAW, COMMAND_DTYPE,
     EV_ACK, EV_COMMAND, EV_REJECT, EV_TRADE, EVENT_DTYPE, KIND_MARKET, PRIVILEGED_COMMANDS,
     REASON_INVALID_MARKET_CONFIG, REASON_MARKET_EXISTS, REASON_UNKNOWN_ACCOUNT, SIDE_BUY,
@@ -507,7 +508,9 @@ def test_random_extreme_records(records, privileged):
             assert eng.digest() == before
         elif fields["cmd"] not in (CMD_NEW_ORDER, CMD_CANCEL, CMD_CANCEL_ALL, CMD_AMEND,
                                    CMD_DEPOSIT, CMD_WITHDRAW, CMD_SET_MARK, CMD_HALT,
-                                   CMD_RESUME, CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS):
+                                   CMD_RESUME, CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS,
+                                   CMD_SET_MARGIN, CMD_SET_MARKET_RISK, CMD_SET_BRACKET,
+                                   CMD_FUNDING, CMD_LIQUIDATE):
             pytest.fail(f"unknown command {fields['cmd']} was not rejected")
         if fields["cmd"] in PRIVILEGED_COMMANDS and not privileged:
             assert [reason_name(r) for r in rejects] == ["forbidden"]
