@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     service = MatcherService(cfg, prefix, sources, consumers=list(doc["consumers"]),
                              event_capacity=eng.get("event_ring_capacity") or None,
                              batch=int(eng.get("batch", 256)),
-                             reattach=MatcherService.exists(prefix))
+                             reattach=MatcherService.exists(prefix),
+                             idle_spins=bool(doc.get("matcher_spins", True)))
     try:
         # Load (or compile) the matcher now, not on the first command: an empty batch.
         empty = np.zeros(0, COMMAND_DTYPE)

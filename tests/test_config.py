@@ -11,7 +11,7 @@ from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_L
 from perpx.config import (ConfigError, config_from_resolved, genesis_commands, load_config,
                           parse_config, usdc_to_atoms)
 from perpx.statedir import shm_prefix_for
-from perpx.supervisor import plan_cpus
+from perpx.supervisor import matcher_spins, plan_cpus
 
 # The example of PROTOCOL.md, verbatim (the contract's keys).
 PROTOCOL_EXAMPLE = '''
@@ -246,17 +246,24 @@ def test_usdc_amounts_are_exact():
 
 
 def test_cpu_plan():
-    # one CPU: everything shares it
-    assert plan_cpus([0], 1) == {"matcher": [0], "gateway-0": [0], "other": [0]}
-    # this box: the matcher alone on CPU 0, the rest on CPU 1
-    assert plan_cpus([0, 1], 1) == {"matcher": [0], "gateway-0": [1], "other": [1]}
-    assert plan_cpus([0, 1], 2) == {"matcher": [0], "gateway-0": [1], "gateway-1": [1],
+    # one CPU: everything shares it, and the matcher does not spin
+    one = plan_cpus([0], 1)
+    assert one == {"matcher": [0], "gateway-0": [0], "other": [0]}
+    assert not matcher_spins(one)
+    # this box: the order path (matcher, gateways) on CPU 0, the rest on CPU 1
+    two = plan_cpus([0, 1], 1)
+    assert two == {"matcher": [0], "gateway-0": [0], "other": [1]}
+    assert not matcher_spins(two)
+    assert plan_cpus([0, 1], 2) == {"matcher": [0], "gateway-0": [0], "gateway-1": [0],
                                     "other": [1]}
-    # enough CPUs: a CPU each, the rest shared
-    assert plan_cpus([0, 1, 2, 3, 4], 2) == {"matcher": [0], "gateway-0": [1], "gateway-1": [2],
-                                             "other": [3, 4]}
-    assert plan_cpus([0, 1, 2], 2) == {"matcher": [0], "gateway-0": [1, 2], "gateway-1": [1, 2],
-                                       "other": [1, 2]}
+    # enough CPUs: a CPU each, the rest shared; the matcher spins on its own CPU
+    five = plan_cpus([0, 1, 2, 3, 4], 2)
+    assert five == {"matcher": [0], "gateway-0": [1], "gateway-1": [2], "other": [3, 4]}
+    assert matcher_spins(five)
+    assert plan_cpus([0, 1, 2], 2) == {"matcher": [0, 1], "gateway-0": [0, 1],
+                                       "gateway-1": [0, 1], "other": [2]}
+    # not pinned: the matcher may share a CPU with a gateway
+    assert not matcher_spins({})
 
 
 def test_shm_prefix_is_stable_per_state_dir(tmp_path):
