@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import select
 import shutil
 import signal
 import tempfile
@@ -120,6 +121,20 @@ def _cross(i: int, cid_base: int, rid: int, index: int) -> bytes:
 WORKLOADS = {"rest_cancel": (_rest_cancel, 2), "cross": (_cross, 1)}
 
 
+def _wait_readable(sock, fd: int, timeout_s: float) -> bool:
+    """Wait up to timeout_s (sub-millisecond: zmq's poll counts whole ms) for a message.
+
+    A paced client must not spin between sends: on a 2-core box two spinning clients take
+    both cores from the exchange they measure. ZMQ_FD is edge-triggered, so EVENTS is checked
+    first and select() only waits for what arrives after that."""
+    import zmq
+    if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        return True
+    if timeout_s > 0:
+        select.select([fd], [], [], timeout_s)
+    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+
 def _loop(sock, phase: dict, index: int) -> dict:
     """Send/receive until the timed window ends; returns counts and latency samples (ns), and
     (receipt time, seq) of every fill received in the timed window."""
@@ -142,6 +157,7 @@ def _loop(sock, phase: dict, index: int) -> dict:
     rid = 1_000_000
     next_due = t0
     pack_check = None
+    fd = sock.getsockopt(zmq.FD)
     while True:
         t = now()
         stopping = t >= end
@@ -156,10 +172,9 @@ def _loop(sock, phase: dict, index: int) -> dict:
         if stopping and (not inflight and i % group == 0 or t > drain_until):
             break
         if interval and len(inflight) < window and not stopping:
-            wait_ms = max(0, (next_due - t) // 1_000_000)   # < 1 ms to the next send: spin
-        else:
-            wait_ms = 100
-        if not sock.poll(wait_ms):
+            if not _wait_readable(sock, fd, (next_due - t) / 1e9):
+                continue
+        elif not sock.poll(100):
             continue
         while True:
             try:
