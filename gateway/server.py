@@ -362,7 +362,7 @@ class Gateway:
                     end = time.perf_counter() + self.spin_s
                     router = self.router
                     while time.perf_counter() < end:
-                        if consumer.available() or _get_option(router, _EVENTS) & 1:
+                        if consumer.available() or _get_option(router, _EVENTS) & _POLLIN:
                             break
                     else:
                         self._sleep(50)
@@ -379,7 +379,9 @@ class Gateway:
         """Block in one poll on the ROUTER, its monitor and the event ring's doorbell (a FIFO,
         shm/doorbell.py) until a message, a connection event, new events or (durable mode)
         journaled ones: arm the doorbell, re-check, poll, disarm."""
-        token = self.bell.arm()
+        bell = self.bell
+        token = bell.arm()
+        rung = False
         try:
             if self.consumer.available() or self._releasable():
                 return
@@ -388,8 +390,10 @@ class Gateway:
             for sock, _ in self.poller.poll(timeout_ms):
                 if sock is self.monitor:
                     self._drain_monitor()
+                elif sock == bell.fileno():
+                    rung = True
         finally:
-            self.bell.disarm(token)
+            bell.disarm(token, rung)
 
     # ------------------------------------------------------------------ output ---------
     def _send(self, identity: bytes, payload: bytes, seq: int = 0) -> None:

@@ -145,13 +145,20 @@ class Doorbell:
         full_fence()
         return token
 
-    def disarm(self, token: int) -> None:
-        """Awake again: drain the wake-ups and stop ringers from writing."""
-        try:
-            while os.read(self._read_fd, 4096):
+    def disarm(self, token: int, readable: bool = False) -> None:
+        """Awake again: drain the wake-ups and stop ringers from writing.
+
+        `readable`: poll() reported the FIFO readable. The FIFO is read only then or when a
+        ringer claimed this sleep, which saves a syscall on every wake-up by something else (a
+        gateway wakes for its sockets far more often than for events). A byte a late ringer
+        writes after this check stays in the FIFO: the next poll() reports it readable, and
+        that disarm drains it (a spurious wake-up, as above)."""
+        if readable or self._rung_seq.get() == token:
+            try:
+                while os.read(self._read_fd, 4096):
+                    pass
+            except BlockingIOError:
                 pass
-        except BlockingIOError:
-            pass
         self._sleep_seq.set(token + 1)
 
     def sleep(self, condition: Callable[[], bool], timeout_s: float) -> bool:
@@ -161,6 +168,7 @@ class Doorbell:
         spurious wake-up simply returns False.
         """
         token = self.arm()
+        readable = False
         try:
             if condition():
                 return True
@@ -168,11 +176,11 @@ class Doorbell:
                 self._poll = select.poll()
                 self._poll.register(self._read_fd, select.POLLIN)
             try:
-                self._poll.poll(max(0, int(timeout_s * 1000)))
+                readable = bool(self._poll.poll(max(0, int(timeout_s * 1000))))
             except InterruptedError:
                 pass     # a signal: the caller re-checks its condition
         finally:
-            self.disarm(token)
+            self.disarm(token, readable)
         return condition()
 
     @property

@@ -45,6 +45,23 @@ def test_ringing_with_nobody_asleep_posts_nothing(shm_prefix):
             os.close(fd)
 
 
+def test_a_late_ringers_byte_costs_one_spurious_wake_up_then_is_drained(shm_prefix):
+    with Doorbell.create(shm_prefix + "-bell") as bell:
+        token = bell.arm()
+        bell.ring()                   # claims this sleep ...
+        bell.disarm(token)            # ... the sleeper wakes for another reason and drains
+        # a ringer that claimed the sleep writes its byte after the drain: it stays behind
+        late = os.open(bell.path, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(late, b"\1")
+        os.close(late)
+        started = time.monotonic()
+        assert not bell.sleep(lambda: False, 1.0)      # returns at once: the stale byte
+        assert time.monotonic() - started < 0.5
+        started = time.monotonic()
+        assert not bell.sleep(lambda: False, 0.2)      # drained: this one blocks its slice
+        assert time.monotonic() - started >= 0.19
+
+
 def test_no_lost_wake_ups_in_a_thousand_sleeps(shm_prefix, children):
     """Ping-pong where neither side spins: half the rounds ring while the other side is on its
     way to sleep, half once it is asleep. A lost wake-up would cost a 5 s block slice."""
