@@ -381,7 +381,7 @@ class Gateway:
         journaled ones: arm the doorbell, re-check, poll, disarm."""
         bell = self.bell
         token = bell.arm()
-        rung = False
+        readable = False
         try:
             if self.consumer.available() or self._releasable():
                 return
@@ -391,9 +391,9 @@ class Gateway:
                 if sock is self.monitor:
                     self._drain_monitor()
                 elif sock == bell.fileno():
-                    rung = True
+                    readable = True
         finally:
-            bell.disarm(token, rung)
+            bell.disarm(token, readable)
 
     # ------------------------------------------------------------------ output ---------
     def _send(self, identity: bytes, payload: bytes, seq: int = 0) -> None:

@@ -138,17 +138,19 @@ class Doorbell:
 
     def arm(self) -> int:
         """About to block on fileno(): from here ringers write. Check the condition after
-        this, then block, then disarm(token)."""
+        this, then block, then disarm(token, readable)."""
         self.fileno()
         token = (self._sleep_seq.get() + 1) | 1
         self._sleep_seq.set(token)
         full_fence()
         return token
 
-    def disarm(self, token: int, readable: bool = False) -> None:
+    def disarm(self, token: int, readable: bool) -> None:
         """Awake again: drain the wake-ups and stop ringers from writing.
 
-        `readable`: poll() reported the FIFO readable. The FIFO is read only then or when a
+        `readable`: poll() reported the FIFO readable (False if the caller did not poll). No
+        default: a caller that polled and did not say so would never drain a late byte, and
+        every later poll() would return at once. The FIFO is read only then or when a
         ringer claimed this sleep, which saves a syscall on every wake-up by something else (a
         gateway wakes for its sockets far more often than for events). A byte a late ringer
         writes after this check stays in the FIFO: the next poll() reports it readable, and

@@ -49,7 +49,7 @@ def test_a_late_ringers_byte_costs_one_spurious_wake_up_then_is_drained(shm_pref
     with Doorbell.create(shm_prefix + "-bell") as bell:
         token = bell.arm()
         bell.ring()                   # claims this sleep ...
-        bell.disarm(token)            # ... the sleeper wakes for another reason and drains
+        bell.disarm(token, False)     # ... the sleeper wakes for another reason and drains
         # a ringer that claimed the sleep writes its byte after the drain: it stays behind
         late = os.open(bell.path, os.O_WRONLY | os.O_NONBLOCK)
         os.write(late, b"\1")
