@@ -8,8 +8,8 @@ ahead of their events, which is what persistd journals.
 
 When every ring is empty the matcher spins briefly, yields, then sleeps on one doorbell that
 all producers ring (shm/wait.py), so an idle exchange costs no core on a 2-core box. A matcher
-that shares its CPU with a gateway (idle_spins=False) skips the spin: the commands it waits
-for come from a process that can only run once the matcher lets go of the CPU.
+that shares its CPU with a gateway is given `shm.wait.shared_cpu_wait` (no spin): the
+commands it waits for come from a process that can only run once the matcher lets go of it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from engine.state import layout_version, state_in_buffer, state_nbytes
 from shm.doorbell import Doorbell
 from shm.region import Region
 from shm.ring import CommandRing, EventRing
-from shm.wait import SpinYieldBlockWait
+from shm.wait import SpinYieldBlockWait, WaitFactory
 
 DEFAULT_BATCH = 256
 # 2 MiB of 128-byte slots, a few milliseconds of events at full rate: the producer writes
@@ -32,10 +32,6 @@ DEFAULT_BATCH = 256
 # (measured: 16384 slots ~10% faster than 65536; a ring sized for the worst single command,
 # 2 x max orders, flushed the L3). Bigger commands go through the overflow buffer.
 DEFAULT_EVENT_CAPACITY = 1 << 14
-# Idle, sharing a CPU with a gateway: a few yields (each lets the gateway run on) before the
-# doorbell. Measured with `perpx bench e2e` on this 2-core box, matcher and gateway on CPU 0:
-# 20 yields 12.1k/13.4k orders/s, 3 yields 9.6k-15.8k, none 8.4k-9.6k.
-SHARED_CPU_YIELDS = 20
 
 
 @dataclass(frozen=True)
@@ -74,7 +70,7 @@ class MatcherService:
     def __init__(self, cfg: EngineConfig, prefix: str, sources: list[Source],
                  consumers: list[str], event_capacity: int | None = None,
                  batch: int = DEFAULT_BATCH, reattach: bool = False,
-                 idle_spins: bool = True):
+                 idle_wait: WaitFactory = SpinYieldBlockWait):
         """Create the exchange's shared memory, or with reattach=True map what a matcher that
         died left behind (the rings keep their cursors: producers and consumers carry on). A
         reattached state region holds whatever the dead matcher left: rebuild it before use.
@@ -110,8 +106,7 @@ class MatcherService:
             self.close()
             raise
         self.sink = event_sink(self.events.records)
-        self._idle = (SpinYieldBlockWait(self.bell) if idle_spins else
-                      SpinYieldBlockWait(self.bell, spins=0, yields=SHARED_CPU_YIELDS))
+        self._idle = idle_wait(self.bell)
 
     @staticmethod
     def exists(prefix: str) -> bool:

@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     from engine.service import MatcherService, Source
     from perpx.statedir import HEARTBEAT_DTYPE, HEARTBEAT_LAYOUT, heartbeat_region_name
     from shm.region import Region, ShmError
+    from shm.wait import SpinYieldBlockWait, shared_cpu_wait
 
     eng = doc["engine"]
     cfg = EngineConfig(**{k: eng[k] for k in EngineConfig.__dataclass_fields__})
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
                              event_capacity=eng.get("event_ring_capacity") or None,
                              batch=int(eng.get("batch", 256)),
                              reattach=MatcherService.exists(prefix),
-                             idle_spins=bool(doc.get("matcher_spins", True)))
+                             idle_wait=(SpinYieldBlockWait if doc.get("matcher_spins", True)
+                                        else shared_cpu_wait))
     try:
         # Load (or compile) the matcher now, not on the first command: an empty batch.
         empty = np.zeros(0, COMMAND_DTYPE)
