@@ -374,9 +374,13 @@ def status_report(sd) -> dict:
     try:
         hb = Region.attach(heartbeat_region_name(prefix), HEARTBEAT_LAYOUT)
         slot = hb.payload.view(HEARTBEAT_DTYPE)[MATCHER_SLOT:MATCHER_SLOT + 1]
-        first = int(slot["beats"][0])
-        time.sleep(0.12)     # the matcher beats at least every 50 ms
-        beats = int(slot["beats"][0])
+        first = beats = int(slot["beats"][0])
+        # The matcher beats at least every 50 ms; on a loaded 2-core box a beat can come late,
+        # so watch for up to a second before calling it stopped.
+        deadline = time.monotonic() + 1.0
+        while beats == first and time.monotonic() < deadline:
+            time.sleep(0.01)
+            beats = int(slot["beats"][0])
         report["heartbeats"]["matcher"] = {"beats": beats, "beating": beats != first,
                                            "ready": bool(slot["ready"][0])}
         del slot
