@@ -84,6 +84,12 @@ JOURNAL_RECORD_DTYPE = np.dtype([
 ])
 RECORD_BYTES = 80
 assert JOURNAL_RECORD_DTYPE.itemsize == RECORD_BYTES
+_RECORD_FIELDS = np.dtype({
+    "names": ["seq", "source", "privileged", "command"],
+    "formats": ["<i8", "u1", "u1", (np.void, COMMAND_DTYPE.itemsize)],
+    "offsets": [JOURNAL_RECORD_DTYPE.fields[f][1] for f in ("seq", "source", "privileged",
+                                                            "command")],
+    "itemsize": RECORD_BYTES})
 
 MAGIC = b"PXJ1"
 # magic, count, first_seq, last_seq, payload_crc, header_crc
@@ -140,31 +146,45 @@ def segments(directory) -> list[Segment]:
     return found
 
 
-def records_from_command_events(events: np.ndarray, privileged_sources: np.ndarray) -> np.ndarray:
-    """Journal records for EV_COMMAND event slots (EVENT_DTYPE or any 128-byte view of them).
+# What journal_records reads of an event slot and writes of a record, as plain fields: the
+# command travels as opaque bytes, so numpy copies it whole instead of field by field.
+_SLOT_PICK = np.dtype({
+    "names": ["seq", "etype", "source", "command"],
+    "formats": ["<i8", "u1", "u1", (np.void, COMMAND_DTYPE.itemsize)],
+    "offsets": [COMMAND_EVENT_DTYPE.fields[f][1] for f in ("seq", "etype", "source", "command")],
+    "itemsize": EVENT_BYTES})
+
+
+def journal_records(event_parts, privileged_sources: np.ndarray) -> np.ndarray:
+    """Journal records for the EV_COMMAND slots among `event_parts` (arrays of 128-byte event
+    slots, such as the two views of a ring's unread records), in order; other events are
+    skipped. Built straight from the slots: the command bytes are copied once.
 
     `privileged_sources[source]` says whether commands from that source ring are privileged;
     the flag is stored per record so replay does not depend on today's configuration.
     """
-    events = np.ascontiguousarray(events).reshape(-1)
-    if events.dtype.itemsize != EVENT_BYTES:
-        raise ValueError(f"events must be {EVENT_BYTES}-byte slots, got dtype {events.dtype}")
-    view = events.view(COMMAND_EVENT_DTYPE)
-    not_commands = np.flatnonzero(view["etype"] != EV_COMMAND)
-    if not_commands.size:
-        i = int(not_commands[0])
-        raise ValueError(f"event {i} (seq {int(view['seq'][i])}) has etype {int(view['etype'][i])},"
-                         f" not EV_COMMAND ({EV_COMMAND})")
-    privileged_sources = np.asarray(privileged_sources, dtype=bool)
-    sources = view["source"]
-    if sources.size and int(sources.max()) >= privileged_sources.size:
-        raise ValueError(f"source {int(sources.max())} has no entry in privileged_sources "
-                         f"(length {privileged_sources.size})")
-    out = np.zeros(events.size, dtype=JOURNAL_RECORD_DTYPE)
-    out["seq"] = view["seq"]
-    out["source"] = sources
-    out["privileged"] = privileged_sources[sources]
-    out["command"] = view["command"]
+    picked = []
+    for part in event_parts:
+        part = np.asarray(part).reshape(-1)
+        if part.dtype.itemsize != EVENT_BYTES:
+            raise ValueError(f"events must be {EVENT_BYTES}-byte slots, got dtype {part.dtype}")
+        if len(part):
+            slots = part.view(_SLOT_PICK)
+            picked.append(slots[slots["etype"] == EV_COMMAND])
+    out = np.zeros(sum(len(p) for p in picked), JOURNAL_RECORD_DTYPE)
+    fields = out.view(_RECORD_FIELDS)
+    at = 0
+    for p in picked:
+        into = fields[at:at + len(p)]
+        into["seq"] = p["seq"]
+        into["source"] = p["source"]
+        into["command"] = p["command"]
+        at += len(p)
+    try:
+        fields["privileged"] = np.asarray(privileged_sources, dtype=bool)[fields["source"]]
+    except IndexError:
+        raise ValueError(f"source {int(fields['source'].max())} has no entry in "
+                         f"privileged_sources (length {len(privileged_sources)})") from None
     return out
 
 

@@ -43,7 +43,7 @@ from engine.records import (EV_COMMAND, EV_FUNDING, EV_LIQUIDATION, EV_TRADE, EV
 from engine.service import event_ring_name
 from gateway.markets import Market
 from persistd import snapshot
-from persistd.journal import JournalWriter, records_from_command_events
+from persistd.journal import JournalWriter, journal_records
 from persistd.progress import JournalProgress
 from persistd.replica import Replica
 from persistd.store import BALANCE_ROW_DTYPE, ReadOnlyViolation, Store
@@ -146,16 +146,15 @@ class Persistd:
         n = len(head) + len(tail)
         if not n:
             return 0
-        parts = [p[p["etype"] == EV_COMMAND] for p in (head, tail) if len(p)]
-        commands = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        records = records_from_command_events(commands, self.privileged_sources)
+        records = journal_records((head, tail), self.privileged_sources)
         try:
             journal = self._writer()
         except OSError as e:
             self._journal_failing(e)
             return 0
         last = journal.last_seq
-        records = records[records["seq"] > last]
+        if len(records) and int(records["seq"][0]) <= last:   # re-read after a restart
+            records = records[records["seq"] > last]
         if len(records):
             if int(records["seq"][0]) != last + 1:
                 raise RuntimeError(f"the event ring continues at seq {int(records['seq'][0])} "

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from engine.records import (COMMAND_EVENT_DTYPE, EV_ACK, EV_COMMAND, EVENT_DTYPE)
 from persistd.journal import (HEADER_BYTES, JOURNAL_RECORD_DTYPE, RECORD_BYTES, JournalCorrupt,
-                              JournalError, JournalWriter, journal_info, read_journal,
-                              records_from_command_events, segment_name, segments)
+                              JournalError, JournalWriter, journal_info, journal_records,
+                              read_journal, segment_name, segments)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_record_layout_is_80_bytes_with_command_at_16():
     assert JOURNAL_RECORD_DTYPE.fields["command"][1] == 16
 
 
-def test_records_from_command_events_copies_command_bytes_and_privilege():
+def test_journal_records_copy_command_bytes_and_privilege():
     n = 300
     rng = np.random.default_rng(7)
     raw = rng.integers(0, 256, n * 128, dtype=np.uint8)       # garbage everywhere, then set header
@@ -96,7 +96,7 @@ def test_records_from_command_events_copies_command_bytes_and_privilege():
     events["source"] = rng.integers(0, 3, n)
     privileged_sources = np.array([True, False, True])
 
-    recs = records_from_command_events(events, privileged_sources)
+    recs = journal_records([events], privileged_sources)
 
     assert recs.dtype == JOURNAL_RECORD_DTYPE and recs.size == n
     assert np.array_equal(recs["seq"], np.arange(1000, 1000 + n))
@@ -109,16 +109,31 @@ def test_records_from_command_events_copies_command_bytes_and_privilege():
     assert np.array_equal(recs["command"], events.view(COMMAND_EVENT_DTYPE)["command"])
 
 
-def test_records_from_command_events_rejects_other_events_and_unknown_sources():
+def test_journal_records_pick_the_commands_across_parts_in_order():
+    rng = np.random.default_rng(8)
+    events = rng.integers(0, 256, 40 * 128, dtype=np.uint8).view(EVENT_DTYPE)
+    events["etype"] = EV_ACK
+    commands = np.sort(rng.choice(40, 15, replace=False))
+    events["etype"][commands] = EV_COMMAND
+    events["source"] = rng.integers(0, 2, 40)
+    privileged_sources = np.array([False, True])
+    # a ring's unread records wrap: head and tail views, and an empty part
+    recs = journal_records([events[:23], events[:0], events[23:]], privileged_sources)
+    whole = events[commands].view(COMMAND_EVENT_DTYPE)
+    assert np.array_equal(recs["seq"], whole["seq"])
+    assert np.array_equal(recs["command"], whole["command"])
+    assert np.array_equal(recs["privileged"], privileged_sources[whole["source"]].astype(np.uint8))
+    assert journal_records([events[:0], events[:0]], privileged_sources).size == 0
+
+
+def test_journal_records_reject_unknown_sources_and_other_slot_sizes():
     events = np.zeros(3, dtype=EVENT_DTYPE)
-    events["etype"] = EV_COMMAND
-    events["etype"][1] = EV_ACK
-    with pytest.raises(ValueError, match="event 1 .* not EV_COMMAND"):
-        records_from_command_events(events, np.array([True]))
     events["etype"] = EV_COMMAND
     events["source"][2] = 5
     with pytest.raises(ValueError, match="source 5 has no entry"):
-        records_from_command_events(events, np.array([True, False]))
+        journal_records([events], np.array([True, False]))
+    with pytest.raises(ValueError, match="128-byte slots"):
+        journal_records([np.zeros(3, JOURNAL_RECORD_DTYPE)], np.array([True]))
 
 
 # --- round trips ---------------------------------------------------------------------------
