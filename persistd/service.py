@@ -53,7 +53,7 @@ from shm.ring import EventRing
 READ_BATCH = 1 << 14
 STORE_NICE = 10
 FAST_NICE = 5
-FAST_PASS_S = 0.002
+FAST_PASS_S = 0.01
 RETRY_S = 0.5
 # One DuckDB thread: a second one only hands each ~100 ms batch between threads (~20-25% more
 # CPU per write), and the other core belongs to the order path. `perpx sql` queries get one too.
@@ -127,10 +127,12 @@ class Persistd:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FAST_NICE)
             while not self.stopping.is_set() and not self.stop.is_set():
                 started = time.monotonic()
-                if not self.journal_pass():
-                    self.consumer.wait(1, timeout_s=0.05)
-                elif self.fast_acks:
+                consumed = self.journal_pass()
+                if self.fast_acks:
+                    # On a timer, not the doorbell: the matcher never has to ring persistd.
                     self.stop.wait(max(0.0, FAST_PASS_S - (time.monotonic() - started)))
+                elif not consumed:
+                    self.consumer.wait(1, timeout_s=0.05)
                 if self._retire_through:
                     self._retire()
             # Stopping (the supervisor stops the matcher first): journal what is left.
@@ -173,7 +175,8 @@ class Persistd:
                 log("journal writes succeed again: accepting orders")
                 self.progress.set_journal_errno(0)
             self.progress.set_durable_seq(journal.last_seq)
-            self.events.wake_consumers()
+            if not self.fast_acks:     # gateways hold replies until durable_seq passes them
+                self.events.wake_consumers()
             self._records.put(records)
         self.consumer.advance(n)
         return n
