@@ -115,6 +115,7 @@ _send_part = zmq.backend.Socket.send
 _recv_part = zmq.backend.Socket.recv
 _get_option = zmq.backend.Socket.get
 _EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 _NB = int(zmq.NOBLOCK)
 _NB_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _NAME_INVALID = REASON_NAMES[REASON_INVALID_MESSAGE]
@@ -757,6 +758,8 @@ class Gateway:
     # ------------------------------------------------------------------ requests -------
     def _drain_router(self) -> int:
         router = self.router
+        if not _get_option(router, _EVENTS) & _POLLIN:
+            return 0    # most passes find nothing: 1.2 µs here against 3.3 for recv raising Again
         got = 0
         limit = self.recv_batch - self._cmd_n
         while got < limit:
