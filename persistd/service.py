@@ -58,6 +58,9 @@ RETRY_S = 0.5
 # One DuckDB thread: a second one only hands each ~100 ms batch between threads (~20-25% more
 # CPU per write), and the other core belongs to the order path. `perpx sql` queries get one too.
 STORE_CONFIG = {"threads": 1}
+# Event types after which _fill_balances has balance rows to read (indexed by etype).
+MOVES_BALANCE = np.zeros(256, bool)
+MOVES_BALANCE[[EV_TRADE, EV_LIQUIDATION, EV_FUNDING]] = True
 
 
 def log(msg: str) -> None:
@@ -234,10 +237,11 @@ class Persistd:
         balances: list[np.ndarray] = []
 
         def collect(events: np.ndarray) -> None:
-            rows = events[events["etype"] != EV_COMMAND]
+            rows = events[events["etype"] != EV_COMMAND]   # a copy: the sink's slots are reused
             if len(rows):
-                pending.append(rows.copy())
-                balances.append(self._fill_balances(replica, rows))
+                pending.append(rows)
+                if MOVES_BALANCE[rows["etype"]].any():
+                    balances.append(self._fill_balances(replica, rows))
 
         replica.catch_up(self.sd.journal_dir, on_events=collect)
         due = time.monotonic() + self.flush_s
