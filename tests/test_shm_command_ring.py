@@ -39,6 +39,26 @@ def test_wraparound_with_odd_batches(shm_prefix):
         assert ring.cursor > 50 * 64, "went round the ring many times"
 
 
+def test_strided_and_contiguous_batches_wrap_alike(shm_prefix):
+    # write() copies a contiguous batch as bytes and a strided one record by record.
+    with CommandRing.create(shm_prefix + "-strided", RECORD, capacity=16) as ring:
+        sent = 0
+        for i, n in enumerate((5, 7, 9, 3, 11, 6, 13, 2, 15, 4)):
+            if i % 2:
+                spread = np.zeros(2 * n, RECORD)
+                spread[::2] = make_records(sent, n)
+                batch = spread[::2]
+                assert not batch.flags.c_contiguous
+            else:
+                batch = make_records(sent, n)
+            assert ring.write(batch) == n
+            sent += n
+            got = ring.peek(n)
+            verify(got, sent - n)
+            ring.advance(n)
+        assert sent > 4 * 16, "went round the ring several times"
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 20)), max_size=60), capacity=st.sampled_from([2, 8, 16]))
 def test_ring_behaves_like_a_bounded_fifo(shm_prefix, ops, capacity):
