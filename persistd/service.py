@@ -49,6 +49,7 @@ from persistd.replica import Replica
 from persistd.store import BALANCE_ROW_DTYPE, ReadOnlyViolation, Store
 from perpx.statedir import StateDir
 from shm.ring import EventRing
+from shm.wait import shared_cpu_wait
 
 READ_BATCH = 1 << 14
 STORE_NICE = 10
@@ -97,7 +98,10 @@ class Persistd:
         self.journal = None
         self.progress.set_durable_seq(self._writer().last_seq)
         self._forget_beyond_journal()
-        self.events = EventRing.attach(event_ring_name(self.prefix), EVENT_DTYPE)
+        # Durable acks: the journal thread waits for events on a CPU it shares (on 2 cores with
+        # riskd, the supervisor and its own store thread): spinning takes it from them.
+        self.events = EventRing.attach(event_ring_name(self.prefix), EVENT_DTYPE,
+                                       wait=shared_cpu_wait)
         saved = self.events.consumer_cursor("persistd") is not None
         self.consumer = self.events.consumer("persistd", start="saved" if saved else "current")
         self.store = Store(self.sd.store_file, self.markets, config=STORE_CONFIG)
