@@ -10,10 +10,14 @@ journal (the main thread)
     then does it advance its ring cursor, so a persistd killed at any point re-reads what it
     had not made durable; commands at or below the journal's last seq are skipped, so nothing
     is journaled twice. A failing write (disk full) sets `journal_errno`, which makes the
-    gateways refuse new orders; the pass is retried until the write succeeds.
+    gateways refuse new orders; the pass is retried until the write succeeds. With durable
+    acks a pass starts as soon as events arrive; with fast acks (nobody waits) every
+    FAST_PASS_S on a timer, without waking the gateways.
 store
     Follows the journal with a replica of the matcher (persistd/replica.py) and writes the
-    replica's events to DuckDB (persistd/store.py) in batches, at least every `flush_s`.
+    replica's events to DuckDB (persistd/store.py) in batches: it wakes every `flush_s`,
+    applies the journal batches queued meanwhile (each in its own replica call) and writes
+    their rows in one transaction.
     Every `snapshot_every` commands it writes a snapshot of the replica's tables (the live
     matcher never pauses for one) and then retires journal segments older than the oldest
     snapshot kept. On start it rebuilds the replica from the newest snapshot at or below the
