@@ -565,6 +565,21 @@ def test_unknown_market_is_refused(tmp_path):
         assert store.query("SELECT count(*) FROM fills")[1] == [(0,)]
 
 
+def test_consecutive_writes_and_a_refused_one_between(tmp_path):
+    """Each table's input is registered once and refilled per write: batches of different
+    sizes land exactly, and a refused batch leaves the next write where it was."""
+    with Store(tmp_path / "x.duckdb", FUZZ_MARKETS) as store:
+        store.write(trade_events([(0, 10, 1, 0, 0), (0, 11, 2, 0, 0)], 1))
+        with pytest.raises(ValueError, match="names market 3"):
+            store.write(trade_events([(3, 12, 1, 0, 0)], 3))
+        store.write(trade_events([(0, 13, 3, 0, 0), (1, 14, 4, 0, 0), (0, 15, 5, 0, 0)], 3))
+        store.write(trade_events([(1, 16, 6, 0, 0)], 6))
+        assert store.last_seq == 6
+        assert store.query("SELECT seq, qty FROM fills ORDER BY seq")[1] == [
+            (s, D(str(q * FUZZ_MARKETS[m].lot_size)))
+            for s, m, q in [(1, 0, 1), (2, 0, 2), (3, 0, 3), (4, 1, 4), (5, 0, 5), (6, 1, 6)]]
+
+
 def test_scale_widens_for_a_finer_new_market(tmp_path):
     path = tmp_path / "x.duckdb"
     ev = trade_events([(0, 650_005, 1234, 5, -1)], 1)
