@@ -94,10 +94,11 @@ WaitFactory = Callable[[Doorbell], WaitStrategy]
 
 # Yields before sleeping for a waiter whose producer runs on the same CPU: spinning would
 # only keep the producer off it. Measured with `perpx bench e2e` on this 2-core box, matcher
-# and gateway on CPU 0: 20 yields 12.1k/13.4k orders/s, 3 yields 9.6k-15.8k, none 8.4k-9.6k.
+# and gateway on CPU 0: 20 yields 12.1k/13.4k orders/s, 3 yields 9.6k-15.8k, none 8.4k-9.6k
+# (the matcher itself now yields longer: perpx/matcherd.py).
 SHARED_CPU_YIELDS = 20
 
 
-def shared_cpu_wait(doorbell: Doorbell) -> SpinYieldBlockWait:
+def shared_cpu_wait(doorbell: Doorbell, yields: int = SHARED_CPU_YIELDS) -> SpinYieldBlockWait:
     """The wait for a consumer that shares its CPU with its producer: yield, then sleep."""
-    return SpinYieldBlockWait(doorbell, spins=0, yields=SHARED_CPU_YIELDS)
+    return SpinYieldBlockWait(doorbell, spins=0, yields=yields)
