@@ -250,8 +250,7 @@ class Persistd:
             rows = events[events["etype"] != EV_COMMAND]   # a copy: the sink's slots are reused
             if len(rows):
                 pending.append(rows)
-                if MOVES_BALANCE[rows["etype"]].any():
-                    balances.append(self._fill_balances(replica, rows))
+                balances.append(self._fill_balances(replica, rows))
 
         replica.catch_up(self.sd.journal_dir, on_events=collect)
         due = time.monotonic() + self.flush_s
@@ -278,6 +277,8 @@ class Persistd:
         between balance and isolated margin without an event of their own). An isolated
         position's funding goes to its isolated margin: no row for that alone."""
         etype = events["etype"]
+        if not MOVES_BALANCE[etype].any():
+            return np.zeros(0, BALANCE_ROW_DTYPE)    # most batches: no trade, funding or liquidation
         t = events[etype == EV_TRADE].view(TRADE_EVENT_DTYPE)
         liquidated = events[etype == EV_LIQUIDATION]["account"]
         funded = events[etype == EV_FUNDING]
