@@ -333,7 +333,6 @@ def _pid_alive(pid) -> bool:
 
 def status_report(sd) -> dict:
     """The `perpx status` document (also used by tests)."""
-    import time
     supervisor = sd.require_running()
     st = sd.status() or {"processes": [], "endpoints": None}
     procs = [{"name": p["name"], "pid": p["pid"], "alive": _pid_alive(p["pid"]),
@@ -350,6 +349,7 @@ def status_report(sd) -> dict:
     from engine.records import COMMAND_DTYPE, EVENT_DTYPE
     from engine.service import attach_state, command_ring_name, event_ring_name
     from engine.state import C_SEQ
+    from perpx.launch import wait_until
     from perpx.statedir import (HEARTBEAT_DTYPE, HEARTBEAT_LAYOUT, MATCHER_SLOT,
                                 heartbeat_region_name)
     from shm.region import Region, ShmError
@@ -374,13 +374,14 @@ def status_report(sd) -> dict:
     try:
         hb = Region.attach(heartbeat_region_name(prefix), HEARTBEAT_LAYOUT)
         slot = hb.payload.view(HEARTBEAT_DTYPE)[MATCHER_SLOT:MATCHER_SLOT + 1]
-        first = beats = int(slot["beats"][0])
+        first = int(slot["beats"][0])
         # The matcher beats at least every 50 ms; on a loaded 2-core box a beat can come late,
         # so watch for up to a second before calling it stopped.
-        deadline = time.monotonic() + 1.0
-        while beats == first and time.monotonic() < deadline:
-            time.sleep(0.01)
-            beats = int(slot["beats"][0])
+        try:
+            beats = wait_until(lambda s=slot: (b := int(s["beats"][0])) != first and b, 1.0,
+                               "a matcher heartbeat", interval_s=0.01, error=TimeoutError)
+        except TimeoutError:
+            beats = first
         report["heartbeats"]["matcher"] = {"beats": beats, "beating": beats != first,
                                            "ready": bool(slot["ready"][0])}
         del slot
