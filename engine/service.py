@@ -22,6 +22,7 @@ from engine.matcher import Matcher, event_sink
 from engine.records import COMMAND_DTYPE, EVENT_DTYPE
 from engine.state import layout_version, state_in_buffer, state_nbytes
 from shm.doorbell import Doorbell
+from shm import names
 from shm.region import Region
 from shm.ring import CommandRing, EventRing
 from shm.wait import SpinYieldBlockWait, WaitFactory
@@ -42,25 +43,9 @@ class Source:
     capacity: int = 1 << 14
 
 
-def state_region_name(prefix: str) -> str:
-    return f"{prefix}-state"
-
-
-def event_ring_name(prefix: str) -> str:
-    return f"{prefix}-events"
-
-
-def matcher_bell_name(prefix: str) -> str:
-    return f"{prefix}-matcher-bell"
-
-
-def command_ring_name(prefix: str, source: str) -> str:
-    return f"{prefix}-cmd-{source}"
-
-
 def attach_state(prefix: str, cfg: EngineConfig):
     """Another process's view of the live state tables (read them via snapshots or copies)."""
-    region = Region.attach(state_region_name(prefix), layout_version(cfg))
+    region = Region.attach(names.state_region(prefix), layout_version(cfg))
     return region, state_in_buffer(cfg, region.payload, fresh=False)
 
 
@@ -82,19 +67,19 @@ class MatcherService:
         self._owned = []
         try:
             if reattach:
-                self.state_region = self._keep(Region.attach(state_region_name(prefix),
+                self.state_region = self._keep(Region.attach(names.state_region(prefix),
                                                              layout_version(cfg)))
-                self.events = self._keep(EventRing.attach(event_ring_name(prefix), EVENT_DTYPE))
-                self.bell = self._keep(Doorbell.attach(matcher_bell_name(prefix)))
-                self.rings = [self._keep(CommandRing.attach(command_ring_name(prefix, s.name),
+                self.events = self._keep(EventRing.attach(names.event_ring(prefix), EVENT_DTYPE))
+                self.bell = self._keep(Doorbell.attach(names.matcher_bell(prefix)))
+                self.rings = [self._keep(CommandRing.attach(names.command_ring(prefix, s.name),
                                                             COMMAND_DTYPE)) for s in sources]
             else:
                 self.state_region = self._own(Region.create(
-                    state_region_name(prefix), layout_version(cfg), state_nbytes(cfg)))
-                self.events = self._own(EventRing.create(event_ring_name(prefix), EVENT_DTYPE,
+                    names.state_region(prefix), layout_version(cfg), state_nbytes(cfg)))
+                self.events = self._own(EventRing.create(names.event_ring(prefix), EVENT_DTYPE,
                                                          capacity, consumers))
-                self.bell = self._own(Doorbell.create(matcher_bell_name(prefix)))
-                self.rings = [self._own(CommandRing.create(command_ring_name(prefix, s.name),
+                self.bell = self._own(Doorbell.create(names.matcher_bell(prefix)))
+                self.rings = [self._own(CommandRing.create(names.command_ring(prefix, s.name),
                                                            COMMAND_DTYPE, s.capacity,
                                                            consumer_bell=self.bell.name))
                               for s in sources]
@@ -111,7 +96,7 @@ class MatcherService:
     @staticmethod
     def exists(prefix: str) -> bool:
         """Whether a matcher (alive or dead) created this prefix's state region."""
-        return Region.exists(state_region_name(prefix))
+        return Region.exists(names.state_region(prefix))
 
     def last_published_seq(self) -> int:
         """The seq of the newest event in the event ring (or the one mark_start left)."""

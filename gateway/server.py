@@ -44,7 +44,7 @@ Running one: `python -m gateway --prefix /perpx-x --index 0 --source-index 1
 --server-key server.key_secret --accounts ACCOUNTS_DIR --markets markets.json
 [--orders tcp://127.0.0.1:7001] [--market-data tcp://127.0.0.1:7002] [--rate 5000 --burst 10000]
 [--endpoints-file F]`; SIGTERM/SIGINT stop it cleanly. `--source-index` is the position of
-this gateway's ring (`command_ring_name(prefix, "gateway-N")`) in the MatcherService's source
+this gateway's ring (`names.command_ring(prefix, "gateway-N")`) in the MatcherService's source
 list; markets.json is `{"engine": {EngineConfig fields}, "markets": [...]}` (gateway/markets.py).
 Give `--market-data` to one gateway only.
 
@@ -81,7 +81,8 @@ from engine.records import (CMD_CANCEL_ALL, CMD_FUNDING, CMD_LIQUIDATE, COMMAND_
                             EV_TRADE, EV_TRIGGERED, EVENT_BYTES, EVENT_DTYPE, REASON_DISCONNECT,
                             REASON_FORBIDDEN, REASON_INVALID_MESSAGE, REASON_MARKET_HALTED,
                             REASON_NAMES, REASON_RATE_LIMITED, REASON_UNKNOWN_ORDER)
-from engine.service import attach_state, command_ring_name, event_ring_name
+from engine.service import attach_state
+from shm import names
 from gateway import codec
 from gateway.accounts import ZAP_DOMAIN, AccountAuthenticator, AccountRegistry
 from gateway.codec import (COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT, ETYPE_OFFSET,
@@ -91,8 +92,8 @@ from gateway.account_state import account_state_fields, account_tables
 from gateway.markets import EdgeReject, MarketTable
 from gateway.mirror import (M_ACTIVE, M_ATPL, M_MARK, M_MAX_ORDER, M_MAX_PRICE, O_ACCOUNT,
                             O_MARKET, Mirror, consistent_state_copy)
-from persistd.progress import JournalProgress
-from riskd.feeds import IndexBoard
+from shm.progress import JournalProgress
+from shm.index_board import IndexBoard
 from shm.region import ShmError, attach_retrying
 from shm.ring import CommandRing, EventRing
 from shm.wait import SpinYieldBlockWait
@@ -203,7 +204,7 @@ class Gateway:
         self.max_message_bytes = max_message_bytes
         self.durable = ack_mode == "durable"
         self.durable_seq = durable_seq
-        # persistd's journal_errno (persistd/progress.py): non-zero while journal writes fail
+        # persistd's journal_errno (shm/progress.py): non-zero while journal writes fail
         self.journal_errno = journal_errno or (lambda: 0)
         self.event_batch = event_batch
         self.recv_batch = recv_batch
@@ -229,7 +230,7 @@ class Gateway:
             return SpinYieldBlockWait(bell)
 
         self.events = attach_retrying(lambda: EventRing.attach(
-            event_ring_name(self.prefix), EVENT_DTYPE, wait=wait_factory), timeout_s)
+            names.event_ring(self.prefix), EVENT_DTYPE, wait=wait_factory), timeout_s)
         self._closers.append(self.events.close)
         try:
             self.consumer = self.events.consumer(self.consumer_name, start="saved")
@@ -239,7 +240,7 @@ class Gateway:
             self.joined = "current"
         self.bell = bells[-1]
         self.ring = attach_retrying(lambda: CommandRing.attach(
-            command_ring_name(self.prefix, self.source_name), COMMAND_DTYPE), timeout_s)
+            names.command_ring(self.prefix, self.source_name), COMMAND_DTYPE), timeout_s)
         self._closers.append(self.ring.close)
         region, self._state = attach_retrying(lambda: attach_state(self.prefix, self.cfg),
                                               timeout_s)

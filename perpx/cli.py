@@ -61,7 +61,7 @@ def _progress(args):
 
 # ---- bench --------------------------------------------------------------------------------
 def cmd_bench_matcher(args) -> int:
-    from perpx import bench
+    from perpx.bench import matcher as bench
 
     res = bench.bench_matcher(commands=args.commands, runs=args.runs, batch=args.batch,
                               seed=args.seed, reference_commands=args.reference_commands,
@@ -72,7 +72,7 @@ def cmd_bench_matcher(args) -> int:
 
 
 def cmd_bench_lobster(args) -> int:
-    from perpx import bench
+    from perpx.bench import matcher as bench
 
     try:
         res = bench.bench_lobster(data=args.data, limit=args.limit, runs=args.runs,
@@ -86,7 +86,7 @@ def cmd_bench_lobster(args) -> int:
 
 
 def cmd_bench_e2e(args) -> int:
-    from perpx import bench_e2e
+    from perpx.bench import e2e as bench_e2e
 
     res = bench_e2e.bench_e2e(seconds=args.seconds, clients=args.clients, rate=args.rate,
                               window=args.window, ack_mode=args.ack_mode,
@@ -96,7 +96,7 @@ def cmd_bench_e2e(args) -> int:
 
 
 def cmd_bench_durability(args) -> int:
-    from perpx import bench_durability
+    from perpx.bench import durability as bench_durability
 
     res = bench_durability.bench_durability(orders=args.orders, seconds=args.seconds,
                                             clients=args.clients, runs=args.runs,
@@ -106,7 +106,7 @@ def cmd_bench_durability(args) -> int:
 
 
 def cmd_bench_risk(args) -> int:
-    from perpx import bench_risk
+    from perpx.bench import risk as bench_risk
 
     res = bench_risk.bench_risk(positions=args.positions, accounts=args.accounts,
                                 runs=args.runs, cascade=not args.no_cascade,
@@ -347,11 +347,11 @@ def status_report(sd) -> dict:
     except RuntimeError:
         return report
     from engine.records import COMMAND_DTYPE, EVENT_DTYPE
-    from engine.service import attach_state, command_ring_name, event_ring_name
+    from engine.service import attach_state
+    from shm import names
     from engine.state import C_SEQ
     from perpx.launch import wait_until
-    from perpx.statedir import (HEARTBEAT_DTYPE, HEARTBEAT_LAYOUT, MATCHER_SLOT,
-                                heartbeat_region_name)
+    from shm.heartbeat import MATCHER_SLOT, HeartbeatBoard
     from shm.region import Region, ShmError
     from shm.ring import CommandRing, EventRing
     prefix = doc["prefix"]
@@ -363,7 +363,7 @@ def status_report(sd) -> dict:
     except ShmError:
         pass
     try:
-        from persistd.progress import JournalProgress
+        from shm.progress import JournalProgress
         progress = JournalProgress.attach(prefix)
         journal = progress.as_dict()
         progress.close()
@@ -372,8 +372,8 @@ def status_report(sd) -> dict:
     except ShmError:
         pass
     try:
-        hb = Region.attach(heartbeat_region_name(prefix), HEARTBEAT_LAYOUT)
-        slot = hb.payload.view(HEARTBEAT_DTYPE)[MATCHER_SLOT:MATCHER_SLOT + 1]
+        hb = HeartbeatBoard.attach(prefix)
+        slot = hb.slot(MATCHER_SLOT)
         first = int(slot["beats"][0])
         # The matcher beats at least every 50 ms; on a loaded 2-core box a beat can come late,
         # so watch for up to a second before calling it stopped.
@@ -389,7 +389,7 @@ def status_report(sd) -> dict:
     except ShmError:
         pass
     try:
-        events = EventRing.attach(event_ring_name(prefix), EVENT_DTYPE)
+        events = EventRing.attach(names.event_ring(prefix), EVENT_DTYPE)
         published = events.published_cursor()
         lags = {}
         for name in events.consumer_names:
@@ -401,7 +401,7 @@ def status_report(sd) -> dict:
         events.close()
         depths = {}
         for source in doc["sources"]:
-            ring = CommandRing.attach(command_ring_name(prefix, source["name"]), COMMAND_DTYPE)
+            ring = CommandRing.attach(names.command_ring(prefix, source["name"]), COMMAND_DTYPE)
             depths[source["name"]] = ring.available()
             ring.close()
         report["rings"]["commands"] = depths
@@ -416,7 +416,7 @@ def _risk_report(doc: dict) -> dict:
     from decimal import Decimal
 
     from perpx.config import config_from_resolved, dec_str
-    from riskd.feeds import IndexBoard
+    from shm.index_board import IndexBoard
     from shm.region import ShmError
     try:
         board = IndexBoard.attach(doc["prefix"])

@@ -53,11 +53,12 @@ def sql(sd: StateDir, query: str, timeout_s: float = 30.0) -> dict:
 def _live_copy(sd: StateDir, doc: dict):
     """(State of copied tables, seq) of the running matcher at a command boundary."""
     from engine.records import EVENT_DTYPE
-    from engine.service import attach_state, event_ring_name
+    from engine.service import attach_state
+    from shm import names
     from gateway.mirror import consistent_state_copy
     from shm.ring import EventRing
     region, state = attach_state(doc["prefix"], sd.engine_config(doc))
-    events = EventRing.attach(event_ring_name(doc["prefix"]), EVENT_DTYPE)
+    events = EventRing.attach(names.event_ring(doc["prefix"]), EVENT_DTYPE)
     try:
         tables, seq = consistent_state_copy(state, events, tables=State._fields)
     finally:
@@ -77,7 +78,7 @@ def check(sd: StateDir) -> dict:
 
 
 def _wait_durable(sd: StateDir, doc: dict, seq: int, timeout_s: float = 30.0) -> None:
-    from persistd.progress import JournalProgress
+    from shm.progress import JournalProgress
     progress = JournalProgress.attach(doc["prefix"])
     try:
         if not progress.wait_durable(seq, timeout_s):

@@ -14,7 +14,7 @@ the journal holds all of them; then it rebuilds its tables from snapshot + journ
 on at the next seq. Commands it had taken from a ring but not published are gone, unanswered
 (never acknowledged: acks wait for the journal).
 
-Heartbeat: the supervisor's region `<prefix>-supervisor` (perpx/statedir.py, HEARTBEAT_DTYPE)
+Heartbeat: the supervisor's region `<prefix>-supervisor` (shm/heartbeat.py)
 holds a slot for the matcher; this process writes its pid there, sets `ready` once it serves,
 and bumps `beats` on every pass of its loop (at least every 50 ms, idle or not), so a matcher
 that is alive but stuck shows as a heartbeat that stopped.
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     from engine.config import EngineConfig
     from engine.records import COMMAND_DTYPE
     from engine.service import MatcherService, Source
-    from perpx.statedir import HEARTBEAT_DTYPE, HEARTBEAT_LAYOUT, heartbeat_region_name
-    from shm.region import Region, ShmError
+    from shm.heartbeat import HEARTBEAT_DTYPE, HeartbeatBoard
+    from shm.region import ShmError
     from shm.wait import SpinYieldBlockWait, shared_cpu_wait
 
     eng = doc["engine"]
@@ -71,10 +71,10 @@ def main(argv=None) -> int:
                for s in doc["sources"]]
     prefix = doc["prefix"]
     try:
-        hb_region = Region.attach(heartbeat_region_name(prefix), HEARTBEAT_LAYOUT)
-        beat = hb_region.payload.view(HEARTBEAT_DTYPE)[args.heartbeat_slot:args.heartbeat_slot + 1]
+        hb_board = HeartbeatBoard.attach(prefix)
+        beat = hb_board.slot(args.heartbeat_slot)
     except ShmError:
-        hb_region = None
+        hb_board = None
         beat = np.zeros(1, HEARTBEAT_DTYPE)
     beat["ready"] = 0     # a predecessor killed while serving left its flag set
     beat["pid"] = os.getpid()
@@ -110,8 +110,8 @@ def main(argv=None) -> int:
         beat["ready"] = 0
         service.close()
         del beat
-        if hb_region is not None:
-            hb_region.close()
+        if hb_board is not None:
+            hb_board.close()
     print("matcher: stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -122,7 +122,7 @@ def log(msg: str) -> None:
 
 def recover(service, cfg, state_dir: Path, prefix: str, stop, wait_s: float = 120.0) -> None:
     """Rebuild the state tables from snapshot + journal (see the module docstring)."""
-    from persistd.progress import JournalProgress
+    from shm.progress import JournalProgress
     from persistd.replica import Replica
     from perpx.statedir import StateDir
 

@@ -132,7 +132,7 @@ class Exchange:
         a read right after this returns sees it. Returns the published numbers (ticks)."""
         from engine.service import attach_state
         from engine.state import C_SEQ
-        from riskd.feeds import IndexBoard
+        from shm.index_board import IndexBoard
         m = self.market(symbol)
         if m.oracle != "manual":
             raise OpsError(f"{symbol} takes its index from its {m.oracle.split(':')[0]!r} feed; "
@@ -173,10 +173,11 @@ class Exchange:
     def snapshot(self, timeout_s: float = 5.0):
         """(Mirror, seq): the matcher's state at a command boundary, as a gateway mirrors it."""
         from engine.records import EVENT_DTYPE
-        from engine.service import attach_state, event_ring_name
+        from engine.service import attach_state
+        from shm import names
         from gateway.mirror import Mirror, consistent_state_copy
         from shm.ring import EventRing
-        events = _attach(lambda: EventRing.attach(event_ring_name(self.prefix), EVENT_DTYPE))
+        events = _attach(lambda: EventRing.attach(names.event_ring(self.prefix), EVENT_DTYPE))
         try:
             region, state = _attach(lambda: attach_state(self.prefix, self.engine))
             try:
@@ -214,14 +215,14 @@ class OpsSession:
 
     def __enter__(self) -> OpsSession:
         from engine.records import COMMAND_DTYPE, EVENT_DTYPE
-        from engine.service import command_ring_name, event_ring_name
+        from shm import names
         from shm.ring import CommandRing, EventRing
         self.lock.acquire(LOCK_TIMEOUT_S, "the ops ring")
         try:
             prefix = self.ex.prefix
-            self.events = _attach(lambda: EventRing.attach(event_ring_name(prefix), EVENT_DTYPE))
+            self.events = _attach(lambda: EventRing.attach(names.event_ring(prefix), EVENT_DTYPE))
             self.consumer = self.events.consumer("ops", start="current")
-            self.ring = _attach(lambda: CommandRing.attach(command_ring_name(prefix, "ops"),
+            self.ring = _attach(lambda: CommandRing.attach(names.command_ring(prefix, "ops"),
                                                            COMMAND_DTYPE))
         except BaseException:
             self.__exit__()
@@ -282,7 +283,7 @@ class OpsSession:
 
     def _wait_durable(self, seq: int, deadline: float) -> None:
         """Like a gateway's acks, an operator's answer waits until the journal has it."""
-        from persistd.progress import JournalProgress
+        from shm.progress import JournalProgress
         progress = _attach(lambda: JournalProgress.attach(self.ex.prefix))
         try:
             if not progress.wait_durable(seq, max(0.0, deadline - time.monotonic())):

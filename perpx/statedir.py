@@ -18,20 +18,19 @@
       snapshots/          state snapshots at sequence numbers (persistd/snapshot.py)
       perpx.duckdb        the query store (persistd/store.py), written only by persistd
 
-The shm prefix is derived from the state directory's real path, so every command pointed at
-the same directory finds the same exchange, and two exchanges in two directories never meet:
-"/perpx-" + 10 hex digits of blake2b(realpath).
+The shm prefix is derived from the state directory's real path (shm/names.py).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
+
+from shm import names
 
 
 class NotRunning(RuntimeError):
@@ -51,11 +50,6 @@ def attach_retrying(fn, timeout_s: float = ATTACH_TIMEOUT_S):
         return retrying(fn, timeout_s, poll_s=0.02)
     except (ShmError, posix_ipc.ExistentialError) as e:
         raise NotRunning(f"cannot attach to the exchange's shared memory: {e}") from None
-
-
-def shm_prefix_for(state_dir) -> str:
-    real = os.path.realpath(os.fspath(state_dir))
-    return "/perpx-" + hashlib.blake2b(real.encode(), digest_size=5).hexdigest()
 
 
 class FileLock:
@@ -105,7 +99,7 @@ class FileLock:
 class StateDir:
     def __init__(self, path):
         self.path = Path(path).expanduser().absolute()
-        self.prefix = shm_prefix_for(self.path)
+        self.prefix = names.prefix_for(self.path)
         self.supervisor_lock = self.path / "supervisor.lock"
         self.ops_lock = self.path / "ops.lock"
         self.exchange_file = self.path / "exchange.json"
@@ -196,21 +190,3 @@ class StateDir:
             except posix_ipc.ExistentialError:
                 pass
         return removed
-
-
-# ---- heartbeats ------------------------------------------------------------------------------
-# The supervisor creates `<prefix>-supervisor`: one 64-byte slot per watched process. The
-# matcher (slot 0) writes its pid, sets `ready` once it serves and bumps `beats` on every pass
-# of its loop; the supervisor and `perpx status` read them.
-import numpy as np  # noqa: E402
-
-HEARTBEAT_LAYOUT = 0x5045_5250_4842_0001   # "PERPHB" v1
-HEARTBEAT_DTYPE = np.dtype([("pid", "<i8"), ("beats", "<i8"), ("ready", "<i8"),
-                            ("_pad", "u1", (40,))])
-assert HEARTBEAT_DTYPE.itemsize == 64
-HEARTBEAT_SLOTS = 16
-MATCHER_SLOT = 0
-
-
-def heartbeat_region_name(prefix: str) -> str:
-    return f"{prefix}-supervisor"

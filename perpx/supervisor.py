@@ -19,7 +19,7 @@ create the server's CURVE certificate once (kept across runs, so clients keep th
 server_public_key), start the matcher and wait for its heartbeat to say ready (the first run
 compiles the matcher: about a minute), start persistd, send the genesis commands (per market,
 config.genesis_commands) through the ops ring and check each was accepted, create the
-IndexBoard (`<prefix>-index`, riskd/feeds.py: it belongs to the supervisor so that an
+IndexBoard (`<prefix>-index`, shm/index_board.py: it belongs to the supervisor so that an
 operator's manual index outlives riskd restarts), start riskd and wait for its ready file,
 start the gateways and wait until each has bound its sockets, then write endpoints.json and
 status.json.
@@ -74,8 +74,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perpx.config import Config, write_json_atomic
-from perpx.statedir import (HEARTBEAT_DTYPE, HEARTBEAT_LAYOUT, HEARTBEAT_SLOTS, MATCHER_SLOT,
-                            FileLock, StateDir, heartbeat_region_name)
+from perpx.statedir import FileLock, StateDir
+from shm.heartbeat import MATCHER_SLOT, HeartbeatBoard
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WATCH_INTERVAL_S = 0.1
@@ -114,9 +114,9 @@ def consumers_for(cfg: Config) -> list[str]:
 def plan_cpus(available, gateways: int) -> dict[str, list[int]]:
     """Which CPUs each process may run on: keys 'matcher', 'gateway-N', 'other'."""
     cpus = sorted(available)
-    names = ["matcher"] + [f"gateway-{i}" for i in range(gateways)]
+    order_procs = ["matcher"] + [f"gateway-{i}" for i in range(gateways)]
     if len(cpus) < 2:
-        return {**{n: cpus for n in names}, "other": cpus}
+        return {**{n: cpus for n in order_procs}, "other": cpus}
     if len(cpus) >= gateways + 2:
         plan = {"matcher": cpus[:1]}
         for i in range(gateways):
@@ -124,7 +124,7 @@ def plan_cpus(available, gateways: int) -> dict[str, list[int]]:
         plan["other"] = cpus[gateways + 1:]
         return plan
     order_path = cpus[:-1]
-    return {**{n: order_path for n in names}, "other": cpus[-1:]}
+    return {**{n: order_path for n in order_procs}, "other": cpus[-1:]}
 
 
 def matcher_spins(plan: dict[str, list[int]]) -> bool:
@@ -264,7 +264,7 @@ class Supervisor:
         self.index_board = None
         self.progress = None
         self.gateways: list[Child] = []
-        self.hb_region = None
+        self.hb_board = None
         self.heartbeat = None
         self.events = None
         self.endpoints = None
@@ -346,12 +346,10 @@ class Supervisor:
         server_secret = self._server_certificate()
 
         # heartbeats, then the matcher
-        from shm.region import Region
-        self.hb_region = Region.create(heartbeat_region_name(sd.prefix), HEARTBEAT_LAYOUT,
-                                       HEARTBEAT_SLOTS * HEARTBEAT_DTYPE.itemsize)
-        self.heartbeat = self.hb_region.payload.view(HEARTBEAT_DTYPE)
+        self.hb_board = HeartbeatBoard.create(sd.prefix)
+        self.heartbeat = self.hb_board.slots
         from persistd.journal import journal_info
-        from persistd.progress import JournalProgress
+        from shm.progress import JournalProgress
         self.progress = JournalProgress.create(sd.prefix)
         journaled = journal_info(sd.journal_dir)["last_seq"] if sd.journal_dir.exists() else 0
 
@@ -384,10 +382,10 @@ class Supervisor:
             self._genesis()
 
         from engine.records import EVENT_DTYPE
-        from engine.service import event_ring_name
-        from riskd.feeds import IndexBoard
+        from shm import names
+        from shm.index_board import IndexBoard
         from shm.ring import EventRing
-        self.events = EventRing.attach(event_ring_name(sd.prefix), EVENT_DTYPE)
+        self.events = EventRing.attach(names.event_ring(sd.prefix), EVENT_DTYPE)
 
         self.index_board = IndexBoard.create(sd.prefix, cfg.engine["max_markets"])
         self.riskd = self._child("riskd", [sys.executable, "-m", "riskd", "--spec",
@@ -497,7 +495,7 @@ class Supervisor:
                                     CMD_SET_MARKET_RISK)
         from perpx.config import genesis_commands
         from perpx.ops import Exchange, OpsError
-        names = {CMD_CREATE_MARKET: "CREATE_MARKET", CMD_SET_MARKET_LIMITS: "SET_MARKET_LIMITS",
+        command_words = {CMD_CREATE_MARKET: "CREATE_MARKET", CMD_SET_MARKET_LIMITS: "SET_MARKET_LIMITS",
                  CMD_SET_MARKET_RISK: "SET_MARKET_RISK", CMD_SET_BRACKET: "SET_BRACKET"}
         ex = Exchange(self.sd, require_running=False)
         commands = genesis_commands(self.cfg)
@@ -508,7 +506,7 @@ class Supervisor:
         for command, reply in zip(commands, replies):
             if reply.rejected:
                 m = self.cfg.markets[int(command["market"])]
-                what = names[int(command["cmd"])]
+                what = command_words[int(command["cmd"])]
                 raise StartupError(f"genesis: the matcher rejected {what} for {m.symbol} "
                                    f"(markets[{m.id}]): {reply.reason()}")
         self.log(f"genesis: {len(self.cfg.markets)} markets created "
@@ -652,10 +650,10 @@ class Supervisor:
             self.index_board.unlink()
             self.index_board = None
         self.heartbeat = None
-        if self.hb_region is not None:
-            self.hb_region.close()
-            self.hb_region.unlink()
-            self.hb_region = None
+        if self.hb_board is not None:
+            self.hb_board.close()
+            self.hb_board.unlink()
+            self.hb_board = None
         left = self.sd.remove_shm_leftovers()
         if left:
             self.log(f"removed {len(left)} shared-memory entries the processes left: "

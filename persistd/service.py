@@ -6,7 +6,7 @@ journal (the main thread)
     Reads the event ring as consumer `persistd`, appends the sequenced commands (EV_COMMAND
     events) to the journal, fsyncs once per pass (group commit: everything the matcher
     published since the last pass goes in one write and one fsync), publishes `durable_seq`
-    (persistd/progress.py) and wakes the gateways, which release acks and fills up to it. Only
+    (shm/progress.py) and wakes the gateways, which release acks and fills up to it. Only
     then does it advance its ring cursor, so a persistd killed at any point re-reads what it
     had not made durable; commands at or below the journal's last seq are skipped, so nothing
     is journaled twice. A failing write (disk full) sets `journal_errno`, which makes the
@@ -44,11 +44,11 @@ import numpy as np
 from engine.config import EngineConfig
 from engine.records import (EV_COMMAND, EV_FUNDING, EV_LIQUIDATION, EV_TRADE, EVENT_DTYPE,
                             MARGIN_CROSS, TRADE_EVENT_DTYPE)
-from engine.service import event_ring_name
+from shm import names
 from gateway.markets import Market
 from persistd import snapshot
 from persistd.journal import JournalWriter, journal_records
-from persistd.progress import JournalProgress
+from shm.progress import JournalProgress
 from persistd.replica import Replica
 from persistd.store import BALANCE_ROW_DTYPE, ReadOnlyViolation, Store
 from perpx.statedir import StateDir
@@ -106,7 +106,7 @@ class Persistd:
         self._forget_beyond_journal()
         # Durable acks: the journal thread waits for events on a CPU it shares (on 2 cores with
         # riskd, the supervisor and its own store thread): spinning takes it from them.
-        self.events = EventRing.attach(event_ring_name(self.prefix), EVENT_DTYPE,
+        self.events = EventRing.attach(names.event_ring(self.prefix), EVENT_DTYPE,
                                        wait=shared_cpu_wait)
         saved = self.events.consumer_cursor("persistd") is not None
         self.consumer = self.events.consumer("persistd", start="saved" if saved else "current")

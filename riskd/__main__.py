@@ -27,11 +27,13 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: signals.append(signum))
 
-    from perpx.statedir import NotRunning
+    import posix_ipc
+
     from riskd.service import Riskd
+    from shm.region import ShmError
     try:
         riskd = Riskd(doc)
-    except (NotRunning, ValueError) as e:
+    except (ShmError, posix_ipc.ExistentialError, ValueError) as e:
         print(f"riskd: cannot start: {e}", file=sys.stderr, flush=True)
         return 1
     try:

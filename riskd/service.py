@@ -48,14 +48,16 @@ import numpy as np
 
 from engine.records import (CMD_SET_MARK, COMMAND_DTYPE, EVENT_DTYPE, SIDE_BUY, SIDE_SELL,
                             funding_command, liquidate_command, new_commands)
-from engine.service import attach_state, command_ring_name, event_ring_name
+from engine.service import attach_state
 from engine.state import C_SEQ
 from perpx.config import config_from_resolved
-from perpx.statedir import attach_retrying
-from riskd.feeds import IndexBoard, Published, feed_for
+from riskd.feeds import feed_for
 from riskd.funding import FundingSchedule, impact_price, premium_e9
-from riskd.scanner import Scanner
 from riskd.mark import MarkCalculator
+from riskd.scanner import Scanner
+from shm import names
+from shm.index_board import IndexBoard, Published
+from shm.region import attach_retrying
 from shm.ring import CommandRing, EventRing
 
 DEFAULT_MARK_INTERVAL_MS = 250
@@ -136,14 +138,14 @@ class Riskd:
         self._seq_view = None
         try:
             # The matcher creates the state and the rings, the supervisor the index board:
-            # riskd may start before they exist, so it waits for them (NotRunning after that).
+            # riskd may start before they exist, so it waits for them (ShmError after that).
             region, self.state = attach_retrying(lambda: attach_state(prefix, engine),
                                                  attach_timeout_s)
             self._held.append(region)
             self.events = self._hold(attach_retrying(
-                lambda: EventRing.attach(event_ring_name(prefix), EVENT_DTYPE), attach_timeout_s))
+                lambda: EventRing.attach(names.event_ring(prefix), EVENT_DTYPE), attach_timeout_s))
             self.ring = self._hold(attach_retrying(
-                lambda: CommandRing.attach(command_ring_name(prefix, "riskd"), COMMAND_DTYPE),
+                lambda: CommandRing.attach(names.command_ring(prefix, "riskd"), COMMAND_DTYPE),
                 attach_timeout_s))
             self.board = self._hold(attach_retrying(
                 lambda: IndexBoard.attach(prefix, engine.max_markets), attach_timeout_s))

@@ -23,7 +23,8 @@ from engine.config import EngineConfig
 from engine.records import (CMD_DEPOSIT, CMD_SET_MARK, COMMAND_DTYPE, bracket_command,
                             market_create_command, market_limits_command, market_risk_command,
                             new_commands)
-from engine.service import MatcherService, Source, attach_state, command_ring_name
+from engine.service import MatcherService, Source, attach_state
+from shm import names
 from engine.state import C_SEQ, state_hash
 from gateway.markets import MarketTable
 from shm.ring import CommandRing
@@ -150,7 +151,7 @@ class Exchange:
         self.procs.append((proc, self._stop_matcher))
         self.matcher = proc
         self.ops = attach_when_ready(
-            lambda: CommandRing.attach(command_ring_name(self.prefix, "ops"), COMMAND_DTYPE),
+            lambda: CommandRing.attach(names.command_ring(self.prefix, "ops"), COMMAND_DTYPE),
             STARTUP_S)
         cmds = genesis()
         assert self.ops.write(cmds) == len(cmds)

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from perpx import cli, lobster, workload
+from perpx import cli
+from perpx.bench import lobster, workload
 from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_NEW_ORDER, CMD_SET_BRACKET,
                             CMD_SET_MARGIN, CMD_SET_MARK, TIF_IOC)
 

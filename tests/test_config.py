@@ -10,7 +10,7 @@ from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_L
                             CMD_SET_MARKET_RISK)
 from perpx.config import (ConfigError, config_from_resolved, genesis_commands, load_config,
                           parse_config, usdc_to_atoms)
-from perpx.statedir import shm_prefix_for
+from shm.names import prefix_for as shm_prefix_for
 from perpx.supervisor import matcher_spins, plan_cpus
 
 # The example of PROTOCOL.md, verbatim (the contract's keys).

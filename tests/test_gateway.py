@@ -461,7 +461,8 @@ def test_state_copy_under_load_then_events_equals_the_matcher(exchange):
     boundary, then apply only later events; it must end equal to the matcher's own state."""
     from engine.records import (CMD_CANCEL, CMD_NEW_ORDER, EVENT_DTYPE, KIND_LIMIT,
                                 new_commands)
-    from engine.service import attach_state, event_ring_name
+    from engine.service import attach_state
+    from shm import names
     from gateway.mirror import apply_events, comparable, consistent_state_copy
     from shm.ring import EventRing
     from tests.gateway_fixtures import ENGINE as CFG
@@ -480,7 +481,7 @@ def test_state_copy_under_load_then_events_equals_the_matcher(exchange):
     c["cid"] = rng.integers(0, 50, n)
     c["oid"] = np.maximum(np.arange(n) // 2 - rng.integers(0, 40, n), 1)
 
-    events = EventRing.attach(event_ring_name(exchange.prefix), EVENT_DTYPE)
+    events = EventRing.attach(names.event_ring(exchange.prefix), EVENT_DTYPE)
     consumers = []
     done = threading.Event()
 

@@ -13,7 +13,7 @@ import pytest
 
 from engine.records import funding_command, liquidate_command
 from gateway.markets import MarketTable
-from riskd.feeds import IndexBoard, Published
+from shm.index_board import IndexBoard, Published
 from tests.gateway_fixtures import (BTC, BTC_MARK, ENGINE, ETH, MARKETS, WAIT_S, Exchange,
                                     is_type, order, wait_until)
 from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
@@ -162,12 +162,13 @@ def test_account_state_equals_engine_risk_cross_and_isolated(exchange):
     (eth,) = b_state["positions"]
     assert (eth["mode"], eth["leverage"], eth["margin"]) == ("isolated", 5, "6000")
     # what a query costs the gateway: the consistent copy of the rows, then engine/risk.py
-    from engine.service import attach_state, event_ring_name
+    from engine.service import attach_state
+    from shm import names
     from engine.records import EVENT_DTYPE
     from gateway.account_state import account_state_fields, account_tables
     from shm.ring import EventRing
     region, state = attach_state(exchange.prefix, ENGINE)
-    events = EventRing.attach(event_ring_name(exchange.prefix), EVENT_DTYPE)
+    events = EventRing.attach(names.event_ring(exchange.prefix), EVENT_DTYPE)
     try:
         markets = [TABLE.by_id.get(m) for m in range(ENGINE.max_markets)]
         t0 = time.perf_counter()

@@ -14,7 +14,8 @@ import pytest
 from engine.matcher import LocalEvents, Matcher
 from engine.records import (CMD_DEPOSIT, COMMAND_DTYPE, EV_REJECT, EVENT_DTYPE, REASON_FORBIDDEN,
                             event_to_dict, new_commands)
-from engine.service import MatcherService, Source, attach_state, command_ring_name, event_ring_name
+from engine.service import MatcherService, Source, attach_state
+from shm import names
 from engine.state import state_hash
 from shm.region import ShmError
 from shm.ring import CommandRing, EventRing
@@ -79,10 +80,10 @@ def test_matcher_process_sequences_rings_into_events(matcher_process):
     local = Matcher(FUZZ_CONFIG)
     expected = LocalEvents(1 << 16).run(local, commands, source=0, privileged=True)
 
-    events = attach_when_ready(lambda: EventRing.attach(event_ring_name(prefix), EVENT_DTYPE))
+    events = attach_when_ready(lambda: EventRing.attach(names.event_ring(prefix), EVENT_DTYPE))
     consumer = events.consumer("test", start="current")
-    ops = CommandRing.attach(command_ring_name(prefix, "ops"), COMMAND_DTYPE)
-    gw = CommandRing.attach(command_ring_name(prefix, "gw0"), COMMAND_DTYPE)
+    ops = CommandRing.attach(names.command_ring(prefix, "ops"), COMMAND_DTYPE)
+    gw = CommandRing.attach(names.command_ring(prefix, "gw0"), COMMAND_DTYPE)
     try:
         got = _exchange(ops, consumer, commands, len(expected))
         assert [event_to_dict(e) for e in got] == expected

@@ -29,13 +29,14 @@ import pytest
 from engine.config import EngineConfig
 from engine.matcher import LocalEvents, Matcher
 from engine.records import COMMAND_DTYPE, EV_MARK, EVENT_DTYPE, MARK_EVENT_DTYPE
-from engine.service import MatcherService, Source, attach_state, command_ring_name, event_ring_name
+from engine.service import MatcherService, Source, attach_state
+from shm import names
 from engine.state import C_SEQ
 from perpx.config import genesis_commands, parse_config
-from riskd.feeds import (CsvFeedError, CsvReplay, IndexBoard, ManualFeed, Published, SimWalk,
-                         feed_for)
+from riskd.feeds import CsvFeedError, CsvReplay, ManualFeed, SimWalk, feed_for
 from riskd.mark import MarkCalculator, median
 from riskd.service import Riskd, top_of_book
+from shm.index_board import IndexBoard, Published
 from shm.region import ShmError
 from shm.ring import CommandRing, EventRing
 from tests.engine_helpers import BTC, CONFIG, USDC, buy, deposit, market_commands, sell
@@ -357,9 +358,9 @@ def riskd_rig(shm_prefix: str, tmp_path: Path, cfg, risk: dict, setup=None):
     matcher.start()
     riskd = ops = events = consumer = board = region = state = None
     try:
-        ops = attach_when_ready(lambda: CommandRing.attach(command_ring_name(shm_prefix, "ops"),
+        ops = attach_when_ready(lambda: CommandRing.attach(names.command_ring(shm_prefix, "ops"),
                                                            COMMAND_DTYPE), STARTUP_S)
-        events = EventRing.attach(event_ring_name(shm_prefix), EVENT_DTYPE)
+        events = EventRing.attach(names.event_ring(shm_prefix), EVENT_DTYPE)
         consumer = events.consumer("test", start="current")
         region, state = attach_state(shm_prefix, EngineConfig(**engine))
         commands = genesis_commands(cfg)

@@ -1,6 +1,6 @@
 """riskd inside `perpx up`: liquidations and funding end to end, real processes throughout.
 
-1. A small liquidation cascade (perpx/bench_risk.run_cascade with 200 traders at ~45x): after
+1. A small liquidation cascade (perpx/bench/risk.run_cascade with 200 traders at ~45x): after
    the shock riskd's scanner sends LIQUIDATE for every trader, the matcher closes them, DuckDB
    holds a `liquidations` row per trader and `perpx check` finds every invariant intact; the
    same with one isolated and one cross trader (LIQUIDATE(account, market) vs (account, -1)).
@@ -19,10 +19,10 @@ from decimal import Decimal
 import numpy as np
 
 from engine.records import MARGIN_ISOLATED, set_margin_command
-from perpx import bench_risk
+from perpx.bench import risk as bench_risk
 from perpx.client import MarketData
 from perpx.ops import Exchange
-from riskd.feeds import IndexBoard
+from shm.index_board import IndexBoard
 from tests.engine_helpers import buy, deposit, sell
 from tests.test_supervisor import cli_json, wait_until
 

@@ -17,7 +17,7 @@ both engines' events are compared on a shorter prefix (`events_match`). Each run
 state hash is compared with the generating pass's (`state_hash_stable`): same stream, same
 state, whatever the batch boundaries.
 
-`bench matcher --risk` also generates the risk-on variant of the workload (perpx/workload.py:
+`bench matcher --risk` also generates the risk-on variant of the workload (perpx/bench/workload.py:
 moving marks, leveraged and isolated accounts, funding, liquidations) and times both streams
 in the same rounds, one run of each in turn, so the box's fast and slow phases fall on both;
 `risk_ratio` is the risk-on median over the plain median, and "risk" holds its full report.
@@ -317,9 +317,9 @@ def bench_matcher(commands: int = 1_000_000, runs: int = DEFAULT_RUNS,
                   batch: int = DEFAULT_BATCH, seed: int | None = None,
                   reference_commands: int = 100_000, verify_commands: int = 20_000,
                   risk: bool = False, progress=None) -> dict:
-    """The standard workload; with `risk`, also its risk-on variant (perpx/workload.py), timed
+    """The standard workload; with `risk`, also its risk-on variant (perpx/bench/workload.py), timed
     in the same rounds, reported under "risk" with `risk_ratio` = its rate / the plain one."""
-    from perpx import workload
+    from perpx.bench import workload
 
     if commands < 1 or runs < 1 or batch < 1:
         raise ValueError("--commands, --runs and --batch must be positive")
@@ -358,7 +358,7 @@ def bench_matcher(commands: int = 1_000_000, runs: int = DEFAULT_RUNS,
 def bench_lobster(data=None, limit: int | None = None, runs: int = DEFAULT_RUNS,
                   batch: int = DEFAULT_BATCH, reference_commands: int = 100_000,
                   verify_commands: int = 20_000, progress=None) -> dict:
-    from perpx import lobster
+    from perpx.bench import lobster
 
     if runs < 1 or batch < 1 or (limit is not None and limit < 1):
         raise ValueError("--runs, --batch and --limit must be positive")

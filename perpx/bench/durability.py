@@ -4,11 +4,11 @@ is back with a million resting orders.
 One invocation, two fresh exchanges (`perpx up` as child processes, ack_mode "durable", each on
 its own temporary state dir), one after the other:
 
-1. DuckDB lag under full load. C client processes (perpx/bench_e2e.py's client machinery,
+1. DuckDB lag under full load. C client processes (perpx/bench/e2e.py's client machinery,
    workload "cross": even clients buy, odd clients sell, 0.001 BTC-PERP limit orders at the
    mark, up to `window` in flight each, as fast as the box allows) make nearly every order
    trade. Each client notes when it receives a `fill` report (and its seq); meanwhile this
-   process polls persistd's progress cursors in shm (persistd/progress.py: store_seq, the seq
+   process polls persistd's progress cursors in shm (shm/progress.py: store_seq, the seq
    up to which `perpx sql` sees rows, and durable_seq) about every POLL_S and records when
    they move. A fill's lag is the time from its report at the client (the earliest of the two
    accounts' reports) until store_seq reached its seq; `lag_from_durable_ms` is the same from
@@ -67,8 +67,8 @@ from pathlib import Path
 import numpy as np
 
 from persistd import snapshot
-from perpx import bench_e2e
-from perpx.bench_e2e import _funded_accounts, bench_dir, run_phases, running_exchange
+from perpx.bench import e2e as bench_e2e
+from perpx.bench.e2e import _funded_accounts, bench_dir, run_phases, running_exchange
 from perpx.launch import child_env, wait_until
 
 DEFAULT_ORDERS = 1_000_000
@@ -142,7 +142,7 @@ class _CursorLog:
 
 
 def bench_lag(root: Path, seconds: float, clients: int, window: int, say) -> dict:
-    from persistd.progress import JournalProgress
+    from shm.progress import JournalProgress
     from perpx.durability import sql
     if clients < 2:
         raise ValueError("the lag run needs at least 2 clients (a buyer and a seller)")
@@ -274,11 +274,10 @@ class _Live:
 
     def __init__(self, sd):
         from engine.records import EVENT_DTYPE
-        from engine.service import attach_state, event_ring_name
-        from persistd.progress import JournalProgress
-        from perpx.statedir import (HEARTBEAT_DTYPE, HEARTBEAT_LAYOUT, MATCHER_SLOT,
-                                    heartbeat_region_name)
-        from shm.region import Region
+        from engine.service import attach_state
+        from shm import names
+        from shm.progress import JournalProgress
+        from shm.heartbeat import MATCHER_SLOT, HeartbeatBoard
         from shm.ring import EventRing
         self.sd = sd
         self._closers = []
@@ -286,10 +285,10 @@ class _Live:
         self._closers.append(self.state_region.close)
         self.progress = JournalProgress.attach(sd.prefix)
         self._closers.append(self.progress.close)
-        self.hb_region = Region.attach(heartbeat_region_name(sd.prefix), HEARTBEAT_LAYOUT)
-        self._closers.append(self.hb_region.close)
-        self.beat = self.hb_region.payload.view(HEARTBEAT_DTYPE)[MATCHER_SLOT:MATCHER_SLOT + 1]
-        self.events = EventRing.attach(event_ring_name(sd.prefix), EVENT_DTYPE)
+        self.hb_board = HeartbeatBoard.attach(sd.prefix)
+        self._closers.append(self.hb_board.close)
+        self.beat = self.hb_board.slot(MATCHER_SLOT)
+        self.events = EventRing.attach(names.event_ring(sd.prefix), EVENT_DTYPE)
         self._closers.append(self.events.close)
 
     def seq(self) -> int:
@@ -318,7 +317,7 @@ class _Live:
 def _load(sd, live: _Live, orders: int, say) -> dict:
     """Fund the accounts, then write the orders into gateway-0's command ring."""
     from engine.records import COMMAND_DTYPE
-    from engine.service import command_ring_name
+    from shm import names
     from perpx.ops import Exchange
     from shm.ring import CommandRing
     say(f"recovery: creating {ACCOUNTS} funded accounts")
@@ -326,7 +325,7 @@ def _load(sd, live: _Live, orders: int, say) -> dict:
     accounts = sd.registered_accounts()[-ACCOUNTS:]
     start_seq = Exchange(sd).counters()["seq"]
     commands = resting_orders(orders, accounts, time.time_ns())
-    ring = CommandRing.attach(command_ring_name(sd.prefix, "gateway-0"), COMMAND_DTYPE)
+    ring = CommandRing.attach(names.command_ring(sd.prefix, "gateway-0"), COMMAND_DTYPE)
     say(f"recovery: writing {orders:,} resting orders into gateway-0's command ring")
     try:
         t0 = time.monotonic()

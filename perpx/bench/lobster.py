@@ -81,7 +81,7 @@ TAKER_CID_BASE = 1 << 40       # taker cids: base + message row (never a LOBSTER
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def data_dirs() -> list[Path]:

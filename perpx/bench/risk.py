@@ -260,7 +260,7 @@ def sequence_commands(session, commands, timeout_s: float = 120.0) -> int:
 
 
 def bench_cascade(accounts: int = DEFAULT_ACCOUNTS, progress=None) -> dict:
-    from perpx.bench_e2e import bench_dir, running_exchange
+    from perpx.bench.e2e import bench_dir, running_exchange
     say = progress or (lambda msg: None)
     shm_left: list = []
     with bench_dir("risk") as root, \
@@ -276,7 +276,7 @@ def run_cascade(state_dir, accounts: int, say, setup=None) -> dict:
     from engine.records import CMD_NEW_ORDER, SIDE_SELL, TIF_IOC, new_commands
     from perpx.launch import wait_until
     from perpx.ops import Exchange
-    from riskd.feeds import IndexBoard
+    from shm.index_board import IndexBoard
     ex = Exchange(state_dir)
     board = IndexBoard.attach(ex.prefix)
     try:

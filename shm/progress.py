@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import time
 
+from shm import names
 from shm.cursor import CACHE_LINE, Cursor
 from shm.region import Region
 
 PROGRESS_LAYOUT = 0x5045_5250_4A52_0001    # "PERPJR" v1
 _FIELDS = ("durable_seq", "journal_errno", "store_seq", "snapshot_seq", "pid")
-
-
-def progress_region_name(prefix: str) -> str:
-    return f"{prefix}-journal"
 
 
 class JournalProgress:
@@ -39,12 +36,12 @@ class JournalProgress:
 
     @classmethod
     def create(cls, prefix: str) -> JournalProgress:
-        return cls(Region.create(progress_region_name(prefix), PROGRESS_LAYOUT,
+        return cls(Region.create(names.progress_board(prefix), PROGRESS_LAYOUT,
                                  len(_FIELDS) * CACHE_LINE))
 
     @classmethod
     def attach(cls, prefix: str) -> JournalProgress:
-        return cls(Region.attach(progress_region_name(prefix), PROGRESS_LAYOUT))
+        return cls(Region.attach(names.progress_board(prefix), PROGRESS_LAYOUT))
 
     def durable_seq(self) -> int:
         return self._durable_seq.get()

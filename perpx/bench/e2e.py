@@ -25,7 +25,7 @@ mode run, `settings.ack_mode`: the fast exchange unless only "durable" was asked
 durable / fast for each of them.
 
 The client machinery (`_run_clients`, phases) also serves `perpx bench durability`
-(perpx/bench_durability.py): a phase names its workload, "rest_cancel" (above) or "cross"
+(perpx/bench/durability.py): a phase names its workload, "rest_cancel" (above) or "cross"
 (even clients buy, odd clients sell, all at one price: every order trades or rests until the
 other side takes it), and the clients report every `fill` they receive (receipt time, seq).
 
@@ -207,7 +207,7 @@ def _loop(sock, phase: dict, index: int) -> dict:
 def _client_main(kind: str, target: dict, phases: list, queue, start_evt, index: int) -> None:
     """A client process: connect (and handshake), then run each phase on the start signal."""
     import zmq
-    from perpx.bench import quiet_gc
+    from perpx.bench.matcher import quiet_gc
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent handles Ctrl-C
     ctx = zmq.Context()
     client = sock = None
