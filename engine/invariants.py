@@ -7,6 +7,7 @@ Plain Python over the tables: this is a checker, not a hot path.
 
 import numpy as np
 
+from engine.book import order_slots
 from engine.records import (FLAG_REDUCE_ONLY, FLAG_TRIGGER_BY_LAST, KIND_STOP_LIMIT,
                             KIND_STOP_MARKET, SIDE_BUY, SIDE_SELL)
 from engine.state import (C_FEES_ATOMS, C_INSURANCE_ATOMS, C_NET_DEPOSITS_ATOMS, C_ORDERS_USED,
@@ -14,12 +15,12 @@ from engine.state import (C_FEES_ATOMS, C_INSURANCE_ATOMS, C_NET_DEPOSITS_ATOMS,
 
 
 def _walk_level(st: State, market: int, side: int, lvl: int, problems: list):
-    """Follow a level's FIFO links; returns its order slots front to back."""
+    """Follow a level's FIFO links; returns its order slots front to back. A cycle shows as a
+    back link that disagrees (every order has one predecessor)."""
     lv = st.levels[lvl]
     slots = []
     prev = NONE
-    slot = int(lv["first"])
-    while slot != NONE:
+    for slot in order_slots(st, lvl):
         o = st.orders[slot]
         if int(o["prev"]) != prev or int(o["level"]) != lvl:
             problems.append(f"market {market}: broken FIFO links at order slot {slot}")
@@ -30,10 +31,6 @@ def _walk_level(st: State, market: int, side: int, lvl: int, problems: list):
             problems.append(f"market {market}: order slot {slot} has a bad price or quantity")
         slots.append(slot)
         prev = slot
-        slot = int(o["next"])
-        if len(slots) > len(st.orders):
-            problems.append(f"market {market}: cycle in level {lvl}")
-            break
     if int(lv["last"]) != prev:
         problems.append(f"market {market}: level {lvl} tail link is wrong")
     if len(slots) != int(lv["orders"]):

@@ -157,10 +157,3 @@ def drain(matcher: Matcher, commands: np.ndarray, sink: EventSink, batch: int | 
         if done == 0:
             yield matcher.process_oversized(commands, start, source, privileged)
             start += 1
-
-
-def command_from_dict(fields: dict) -> np.ndarray:
-    rec = np.zeros(1, COMMAND_DTYPE)
-    for k, v in fields.items():
-        rec[k] = v
-    return rec

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from engine.config import EngineConfig
 from engine.matcher import Matcher, event_sink
 from engine.records import COMMAND_DTYPE, EVENT_DTYPE
+from engine.spec import Source
 from engine.state import layout_version, state_in_buffer, state_nbytes
-from shm.doorbell import Doorbell
 from shm import names
+from shm.doorbell import Doorbell
 from shm.region import Region
 from shm.ring import CommandRing, EventRing
 from shm.wait import SpinYieldBlockWait, WaitFactory
@@ -33,14 +34,6 @@ DEFAULT_BATCH = 256
 # (measured: 16384 slots ~10% faster than 65536; a ring sized for the worst single command,
 # 2 x max orders, flushed the L3). Bigger commands go through the overflow buffer.
 DEFAULT_EVENT_CAPACITY = 1 << 14
-
-
-@dataclass(frozen=True)
-class Source:
-    """A producer of commands: its ring name suffix and whether it may send admin commands."""
-    name: str
-    privileged: bool
-    capacity: int = 1 << 14
 
 
 def attach_state(prefix: str, cfg: EngineConfig):

@@ -1,4 +1,4 @@
-"""`python -m gateway --prefix ... --source-index ... --server-key ... --accounts ... --markets ...`"""
+"""`python -m gateway --spec exchange.json --index N --server-key ...`: one gateway process."""
 
 import sys
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from engine.risk import account_risk
 from gateway.codec import MARGIN_MODE_NAMES
-from gateway.markets import atoms_to_str
+from engine.units import atoms_str
 from gateway.mirror import consistent_copy
 
 # entry prices are averages: shown with this many decimals beyond the tick's
@@ -70,21 +70,21 @@ def account_state_fields(st, row: int, market_by_id) -> dict:
             continue
         lp = p["liquidation_price_ticks"]
         positions.append({
-            "market": market.symbol, "size": market.signed_lots_to_str(size),
+            "market": market.symbol, "size": market.lots_to_str(size),
             "entry_price": entry_price(p["cost_atoms"], size, market),
             "mark_price": market.ticks_to_str(p["mark_ticks"]),
-            "unrealized_pnl": atoms_to_str(p["upnl_atoms"]),
+            "unrealized_pnl": atoms_str(p["upnl_atoms"]),
             "liquidation_price": market.ticks_to_str(lp) if lp is not None else None,
             "mode": MARGIN_MODE_NAMES[p["margin_mode"]], "leverage": p["leverage"],
-            "margin": atoms_to_str(p["isolated_margin_atoms"]),
-            "maintenance_margin": atoms_to_str(p["maintenance_atoms"]),
-            "notional": atoms_to_str(p["notional_atoms"])})
-    return {"balance": atoms_to_str(risk["balance_atoms"]),
-            "equity": atoms_to_str(risk["equity_atoms"]),
-            "available": atoms_to_str(risk["available_atoms"]),
-            "maintenance_margin": atoms_to_str(risk["maintenance_atoms"]),
-            "cross_equity": atoms_to_str(risk["cross_equity_atoms"]),
-            "initial_margin": atoms_to_str(risk["initial_margin_atoms"]),
+            "margin": atoms_str(p["isolated_margin_atoms"]),
+            "maintenance_margin": atoms_str(p["maintenance_atoms"]),
+            "notional": atoms_str(p["notional_atoms"])})
+    return {"balance": atoms_str(risk["balance_atoms"]),
+            "equity": atoms_str(risk["equity_atoms"]),
+            "available": atoms_str(risk["available_atoms"]),
+            "maintenance_margin": atoms_str(risk["maintenance_atoms"]),
+            "cross_equity": atoms_str(risk["cross_equity_atoms"]),
+            "initial_margin": atoms_str(risk["initial_margin_atoms"]),
             "positions": positions}
 
 

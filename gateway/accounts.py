@@ -103,5 +103,6 @@ class AccountAuthenticator(ThreadAuthenticator):
         self.configure_curve_callback(ZAP_DOMAIN, _Credentials(self.registry))
 
     def curve_user_id(self, client_public_key: bytes) -> str:
+        """pyzmq's hook: the User-Id a CURVE client's messages carry (its account id)."""
         account = self.registry.account_of(z85.encode(client_public_key))
         return str(account)

@@ -7,7 +7,7 @@ into its command buffer (struct packing: no numpy per message). Anything wrong r
 `EdgeReject` with a protocol reason and a text; nothing invalid reaches a ring.
 
 Events: the matcher's 128-byte records are read with `struct` layouts that mirror
-engine/records.py field for field (tests/test_gateway_codec.py checks them against the numpy
+engine/records.py field for field (tests/test_gateway_units.py checks them against the numpy
 dtypes), and turned into reply/report maps by the `*_message` builders. Amounts are decimal
 strings; ids, sequence numbers and `ts` (ns) integers.
 
@@ -42,8 +42,8 @@ from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER
                             STATUS_CANCELED, STATUS_FILLED, STATUS_OPEN, STATUS_UNTRIGGERED,
                             STP_CANCEL_BOTH, STP_CANCEL_MAKER, STP_CANCEL_TAKER, TIF_FOK,
                             TIF_GTC, TIF_IOC, TIF_POST_ONLY)
-from gateway.markets import (INT64_MAX, EdgeReject, Market, MarketTable, atoms_to_str,
-                             format_scaled, usdc_to_atoms)
+from engine.market import Market, MarketTable
+from engine.units import EdgeReject, INT64_MAX, atoms_str, scaled_str, usdc_to_atoms
 
 INT64_MIN = -2 ** 63
 
@@ -214,7 +214,7 @@ def parse_new_order(msg: dict, markets: MarketTable):
             raise EdgeReject(REASON_INVALID_MESSAGE, f"stp must be one of {', '.join(STPS)}")
     if reduce_only:
         flags |= FLAG_REDUCE_ONLY
-    return (CMD_NEW_ORDER, market.market_id, cid, 0, ticks, lots, trigger_ticks, side, kind,
+    return (CMD_NEW_ORDER, market.id, cid, 0, ticks, lots, trigger_ticks, side, kind,
             tif, flags, stp), market
 
 
@@ -240,7 +240,7 @@ def parse_set_margin(msg: dict, markets: MarketTable):
     if mode is None:
         raise EdgeReject(REASON_INVALID_MESSAGE, "mode must be \"cross\" or \"isolated\"")
     leverage = _int_field(msg, "leverage", required=True, lo=1, hi=INT64_MAX)
-    return (CMD_SET_MARGIN, market.market_id, 0, 0, 0, leverage, 0, 0, mode, 0, 0, 0)
+    return (CMD_SET_MARGIN, market.id, 0, 0, 0, leverage, 0, 0, mode, 0, 0, 0)
 
 
 def order_ref(msg: dict) -> tuple[int, int]:
@@ -266,12 +266,12 @@ def amend_fields(msg: dict, oid: int, cid: int, market: Market):
     lots = market.qty_to_lots(qty) if qty is not None else 0
     if qty is not None and lots == 0:
         raise EdgeReject(REASON_INVALID_QTY, "qty must be positive")
-    return (CMD_AMEND, market.market_id, cid, oid, ticks, lots, 0, 0, 0, 0, 0, 0)
+    return (CMD_AMEND, market.id, cid, oid, ticks, lots, 0, 0, 0, 0, 0, 0)
 
 
 def parse_cancel_all(msg: dict, markets: MarketTable):
     symbol = msg.get("market")
-    market_id = -1 if symbol is None else markets.get(symbol).market_id
+    market_id = -1 if symbol is None else markets.get(symbol).id
     return (CMD_CANCEL_ALL, market_id, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
@@ -346,7 +346,7 @@ def triggered_message(ev, market: Market) -> dict:
 def funding_message(ev, market: Market) -> dict:
     """EV_FUNDING (FUNDING_EVENT_STRUCT tuple) -> `funding` to the account."""
     return {"type": "funding", "market": market.symbol, "rate": rate_to_str(ev[7]),
-            "payment": atoms_to_str(ev[10]), "size": market.signed_lots_to_str(ev[8]),
+            "payment": atoms_str(ev[10]), "size": market.lots_to_str(ev[8]),
             "mark_price": market.ticks_to_str(ev[9]), "seq": ev[0], "ts": ev[1]}
 
 
@@ -355,12 +355,12 @@ def liquidation_message(ev, market: Market) -> dict:
     return {"type": "liquidation", "market": market.symbol,
             "qty": market.lots_to_str(ev[9]), "price": market.ticks_to_str(ev[10]),
             "kind": LIQUIDATION_KIND_NAMES[ev[7]], "side": SIDE_NAMES[ev[8]],
-            "fee": atoms_to_str(ev[12]), "size": market.signed_lots_to_str(ev[14]),
+            "fee": atoms_str(ev[12]), "size": market.lots_to_str(ev[14]),
             "seq": ev[0], "ts": ev[1]}
 
 
 def rate_to_str(rate_e9: int) -> str:
-    return format_scaled(rate_e9, 9)
+    return scaled_str(rate_e9, 9)
 
 
 def done_message(ev, count=None) -> dict:
@@ -378,12 +378,12 @@ def fill_messages(tr, market: Market):
     qty_s = market.lots_to_str(qty)
     taker = {"type": "fill", "cid": cid, "oid": oid, "trade_id": trade_id,
              "market": market.symbol, "side": SIDE_NAMES[side], "price": price_s, "qty": qty_s,
-             "remaining": market.lots_to_str(remaining), "fee": atoms_to_str(fee),
+             "remaining": market.lots_to_str(remaining), "fee": atoms_str(fee),
              "liquidity": "taker", "seq": seq, "ts": ts}
     maker = {"type": "fill", "cid": maker_cid, "oid": maker_oid, "trade_id": trade_id,
              "market": market.symbol, "side": SIDE_NAMES[1 - side], "price": price_s,
              "qty": qty_s, "remaining": market.lots_to_str(maker_remaining),
-             "fee": atoms_to_str(maker_fee), "liquidity": "maker", "seq": seq, "ts": ts}
+             "fee": atoms_str(maker_fee), "liquidity": "maker", "seq": seq, "ts": ts}
     if liquidation:
         taker["liquidation"] = maker["liquidation"] = True
     return taker, maker

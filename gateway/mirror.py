@@ -32,13 +32,15 @@ Order events change it this way (engine/reference.py is the rule book):
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
+from engine.book import level_slots, order_slots
 from engine.records import (CMD_CREATE_MARKET, CMD_HALT, CMD_RESUME, CMD_SET_MARKET_LIMITS,
                             EV_ACK, EV_AMENDED, EV_CANCELED, EV_DONE, EV_TRIGGERED, STATUS_OPEN,
                             STATUS_UNTRIGGERED)
-from engine.state import C_SEQ, NONE
+from engine.state import C_SEQ
 
 # an order: [account, cid, market, side, kind, price_ticks, remaining_lots, qty_lots]
 O_ACCOUNT, O_CID, O_MARKET, O_SIDE, O_KIND, O_PRICE, O_REMAINING, O_QTY = range(8)
@@ -128,21 +130,19 @@ class Mirror:
                                int(r["max_price_ticks"]), int(r["max_order_lots"]),
                                int(r["halted"]), int(r["last_trade_ticks"])]
         orders, levels = get("orders"), get("levels")
-        depth, book_levels = get("book_depth"), get("book_levels")
+        book_tables = SimpleNamespace(**{n: get(n) for n in ("orders", "levels", "book_depth",
+                                                             "book_levels")})
         for m in range(max_markets):
             for side in (0, 1):
                 book = self.books[m][side]
-                for k in range(int(depth[m, side]) - 1, -1, -1):   # best first
-                    lvl = levels[int(book_levels[m, side, k])]
-                    book[int(lvl["price_ticks"])] = int(lvl["qty_lots"])
-                    slot = int(lvl["first"])
-                    while slot != NONE:
+                for lvl in level_slots(book_tables, m, side):
+                    book[int(levels[lvl]["price_ticks"])] = int(levels[lvl]["qty_lots"])
+                    for slot in order_slots(book_tables, lvl):
                         o = orders[slot]
                         self._add(int(o["oid"]), [int(o["account"]), int(o["cid"]), m, side,
                                                   int(o["kind"]), int(o["price_ticks"]),
                                                   int(o["remaining_lots"]),
                                                   int(o["remaining_lots"])])
-                        slot = int(o["next"])
         slots, depth = get("trigger_slots"), get("trigger_depth")
         for m in range(max_markets):
             for queue in range(depth.shape[1]):

@@ -40,13 +40,11 @@ else "current"), copy the matcher's state at a command boundary (gateway/mirror.
 only later events to the mirror; events between the saved cursor and that point are still
 routed. Then bind the sockets and serve.
 
-Running one: `python -m gateway --prefix /perpx-x --index 0 --source-index 1
---server-key server.key_secret --accounts ACCOUNTS_DIR --markets markets.json
-[--orders tcp://127.0.0.1:7001] [--market-data tcp://127.0.0.1:7002] [--rate 5000 --burst 10000]
-[--endpoints-file F]`; SIGTERM/SIGINT stop it cleanly. `--source-index` is the position of
-this gateway's ring (`names.command_ring(prefix, "gateway-N")`) in the MatcherService's source
-list; markets.json is `{"engine": {EngineConfig fields}, "markets": [...]}` (gateway/markets.py).
-Give `--market-data` to one gateway only.
+Running one: `python -m gateway --spec exchange.json --index 0 --server-key server.key_secret
+[--orders tcp://127.0.0.1:7001] [--market-data tcp://127.0.0.1:7002] [--endpoints-file F]`;
+SIGTERM/SIGINT stop it cleanly. The spec (engine/spec.py) gives the shm prefix, the markets,
+the accounts directory, the rate limit, the ack mode and this gateway's ring `gateway-N` among
+the matcher's sources. Give `--market-data` to one gateway only.
 
 Connections: a connection is known from its first message (identity + User-Id + its socket
 fd); the ROUTER's monitor reports disconnects by fd, which ends the session. A session that
@@ -75,6 +73,7 @@ import zmq.auth
 from zmq.utils.monitor import parse_monitor_message
 
 from engine.config import EngineConfig
+from engine.market import MarketTable
 from engine.records import (CMD_CANCEL_ALL, CMD_FUNDING, CMD_LIQUIDATE, COMMAND_DTYPE, EV_ACK,
                             EV_AMENDED, EV_BALANCE, EV_CANCELED, EV_COMMAND, EV_DONE,
                             EV_FUNDING, EV_LIQUIDATION, EV_MARK, EV_REJECT,
@@ -82,18 +81,19 @@ from engine.records import (CMD_CANCEL_ALL, CMD_FUNDING, CMD_LIQUIDATE, COMMAND_
                             REASON_FORBIDDEN, REASON_INVALID_MESSAGE, REASON_MARKET_HALTED,
                             REASON_NAMES, REASON_RATE_LIMITED, REASON_UNKNOWN_ORDER)
 from engine.service import attach_state
-from shm import names
+from engine.spec import load_spec
+from engine.units import EdgeReject
 from gateway import codec
+from gateway.account_state import account_state_fields, account_tables
 from gateway.accounts import ZAP_DOMAIN, AccountAuthenticator, AccountRegistry
 from gateway.codec import (COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT, ETYPE_OFFSET,
                            FUNDING_EVENT_STRUCT, LIQUIDATION_EVENT_STRUCT, MARK_EVENT_STRUCT,
                            ORDER_EVENT_STRUCT, TRADE_EVENT_STRUCT, pack)
-from gateway.account_state import account_state_fields, account_tables
-from gateway.markets import EdgeReject, MarketTable
 from gateway.mirror import (M_ACTIVE, M_ATPL, M_MARK, M_MAX_ORDER, M_MAX_PRICE, O_ACCOUNT,
                             O_MARKET, Mirror, consistent_state_copy)
-from shm.progress import JournalProgress
+from shm import names
 from shm.index_board import IndexBoard
+from shm.progress import JournalProgress
 from shm.region import ShmError, attach_retrying
 from shm.ring import CommandRing, EventRing
 from shm.wait import SpinYieldBlockWait
@@ -662,7 +662,7 @@ class Gateway:
         """`mark.MARKET`: the matcher's mark; index, funding estimate and next funding time
         from riskd's IndexBoard (null while riskd has published nothing for the market)."""
         line = line or NO_BOARD_LINE
-        self._board_sent[market.market_id] = line
+        self._board_sent[market.id] = line
         self._publish(market.topic_mark, pack(
             {"seq": seq, "mark": market.ticks_to_str(mark_ticks), "index": line[0],
              "funding_rate": line[1], "next_funding_ts": line[2], "ts": ts}), seq)
@@ -670,7 +670,7 @@ class Gateway:
     def _board_line(self, market):
         """(index, funding_rate, next_funding_ts) as the wire says them, None before riskd
         published for the market."""
-        published = self._index_board_values(market.market_id)
+        published = self._index_board_values(market.id)
         if published is None:
             return None
         return (market.ticks_to_str(published.index_ticks) if published.index_ticks else None,
@@ -1008,7 +1008,7 @@ class Gateway:
             depth = 0
         if type(depth) is not int or depth < 0:
             raise EdgeReject(REASON_INVALID_MESSAGE, "depth must be a non-negative integer")
-        bids, asks = self.mirror.book_levels(market.market_id, depth)
+        bids, asks = self.mirror.book_levels(market.id, depth)
         t, l = market.ticks_to_str, market.lots_to_str
         self._reply(identity, {"type": "book", "market": market.symbol,
                                "seq": self.mirror.applied_seq,
@@ -1019,7 +1019,7 @@ class Gateway:
     def _answer_open_orders(self, identity, account, msg, rid, now) -> None:
         only = None
         if msg.get("market") is not None:
-            only = self.markets.get(msg["market"]).market_id
+            only = self.markets.get(msg["market"]).id
         out = []
         for oid, o, status in self.mirror.open_orders(account, only):
             market = self.market_by_id[o[O_MARKET]]
@@ -1075,34 +1075,18 @@ class Gateway:
 
 
 # ---------------------------------------------------------------------- entry point -----
-def engine_config_from(doc: dict) -> EngineConfig:
-    fields = {k: v for k, v in (doc.get("engine") or {}).items()
-              if k in EngineConfig.__dataclass_fields__}
-    return EngineConfig(**fields)
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m gateway",
                                 description="perpx order-entry gateway (one process)")
-    p.add_argument("--prefix", required=True, help="shm name prefix of the exchange, e.g. /perpx-main")
+    p.add_argument("--spec", required=True, help="exchange.json written by `perpx up`")
     p.add_argument("--index", type=int, default=0, help="gateway number N (gateway-N)")
-    p.add_argument("--source-index", type=int, required=True,
-                   help="position of this gateway's ring among the matcher's sources")
     p.add_argument("--orders", default="tcp://127.0.0.1:*", help="ROUTER endpoint to bind")
     p.add_argument("--market-data", default=None,
                    help="PUB endpoint to bind (give it to one gateway only)")
     p.add_argument("--server-key", required=True,
                    help="the server's CURVE secret certificate (zmq.auth format)")
-    p.add_argument("--accounts", required=True, help="directory of <account>.key public keys")
-    p.add_argument("--markets", required=True,
-                   help="JSON: {\"engine\": {EngineConfig fields}, \"markets\": [...]}")
-    p.add_argument("--rate", type=float, default=5000.0, help="requests/s per account")
-    p.add_argument("--burst", type=float, default=10000.0, help="token bucket size per account")
     p.add_argument("--spin-us", type=float, default=0.0,
                    help="busy-wait this long for a due reply before sleeping (0: never spin)")
-    p.add_argument("--ack-mode", choices=("durable", "fast"), default="durable",
-                   help="durable: release acks and fills once persistd journaled them; fast: "
-                        "at once (benchmarks only)")
     p.add_argument("--endpoints-file", default=None,
                    help="write the bound endpoints here as JSON once serving")
     return p.parse_args(argv)
@@ -1112,17 +1096,22 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"gateway-{args.index} %(levelname)s %(message)s")
-    doc = json.loads(Path(args.markets).read_text())
+    spec = load_spec(args.spec)
+    source = f"gateway-{args.index}"
+    source_index = [s.name for s in spec.sources].index(source)
+    exchange = spec.section("exchange")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    progress = attach_retrying(lambda: JournalProgress.attach(args.prefix), 30.0)
-    gw = Gateway(args.prefix, engine_config_from(doc), MarketTable.from_dicts(doc["markets"]),
-                 source_index=args.source_index, index=args.index,
-                 accounts_dir=args.accounts, server_secret_key_file=args.server_key,
+    progress = attach_retrying(lambda: JournalProgress.attach(spec.prefix), 30.0)
+    gw = Gateway(spec.prefix, spec.engine, MarketTable(spec.markets),
+                 source_index=source_index, index=args.index,
+                 accounts_dir=spec.layout.accounts_dir, server_secret_key_file=args.server_key,
                  orders_endpoint=args.orders, market_data_endpoint=args.market_data,
-                 rate_per_s=args.rate, burst=args.burst, spin_s=args.spin_us * 1e-6,
-                 ack_mode=args.ack_mode, durable_seq=progress.durable_seq,
+                 rate_per_s=float(exchange.get("rate_limit_per_s", 5000.0)),
+                 burst=float(exchange.get("rate_limit_burst", 10000.0)),
+                 spin_s=args.spin_us * 1e-6,
+                 ack_mode=spec.ack_mode, durable_seq=progress.durable_seq,
                  journal_errno=progress.journal_errno)
     try:
         if args.endpoints_file:       # atomically: a watcher may poll for it

@@ -278,7 +278,7 @@ _depth = _non_negative("a depth")
 
 
 def _amount_atoms(text: str) -> int:
-    from perpx.config import usdc_to_atoms
+    from engine.units import usdc_to_atoms
     try:
         return usdc_to_atoms(text)
     except ValueError as e:
@@ -415,7 +415,8 @@ def _risk_report(doc: dict) -> dict:
     """riskd's latest numbers per market from the IndexBoard (wire decimals), {} if none."""
     from decimal import Decimal
 
-    from perpx.config import config_from_resolved, dec_str
+    from perpx.config import config_from_resolved
+    from engine.units import dec_str
     from shm.index_board import IndexBoard
     from shm.region import ShmError
     try:
@@ -427,8 +428,8 @@ def _risk_report(doc: dict) -> dict:
         for m in config_from_resolved(doc).markets:
             pub = board.published(m.id)
             if pub is not None:
-                out[m.symbol] = {"index": m.price_str(pub.index_ticks),
-                                 "mark": m.price_str(pub.mark_ticks),
+                out[m.symbol] = {"index": m.ticks_to_str(pub.index_ticks),
+                                 "mark": m.ticks_to_str(pub.mark_ticks),
                                  "funding_rate": dec_str(Decimal(pub.funding_rate_e9) / 10 ** 9),
                                  "next_funding_ts": pub.next_funding_ns}
         return out
@@ -521,7 +522,8 @@ def cmd_verify(args) -> int:
 
 # ---- accounts and money -----------------------------------------------------------------------
 def cmd_account_create(args) -> int:
-    from perpx.config import atoms_str, load_config
+    from perpx.config import load_config
+    from engine.units import atoms_str
     from perpx.ops import Exchange, create_account
     sd = _state_dir(args)
     atoms = _amount_atoms(args.deposit) if args.deposit is not None else None
@@ -546,7 +548,7 @@ def cmd_account_create(args) -> int:
 
 
 def cmd_deposit(args) -> int:
-    from perpx.config import atoms_str
+    from engine.units import atoms_str
     atoms = _amount_atoms(args.amount)
     ex = _exchange(args)
     reply = ex.deposit(args.account, atoms)
@@ -608,7 +610,7 @@ def cmd_oracle_set(args) -> int:
     ex = _exchange(args)
     done = ex.set_index(args.market, args.price)
     m = ex.market(args.market)
-    index, mark = m.price_str(done["index_ticks"]), m.price_str(done["mark_ticks"])
+    index, mark = m.ticks_to_str(done["index_ticks"]), m.ticks_to_str(done["mark_ticks"])
     emit(args, {"market": args.market, "index_price": index, "mark_price": mark,
                 "seq": done["seq"]},
          f"{args.market} index set to {index}: mark {mark} (seq {done['seq']})")

@@ -64,13 +64,22 @@ import re
 import time
 import tomllib
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation, localcontext
+from decimal import Decimal
 from pathlib import Path
+
+import numpy as np
+
+from engine.config import (MARKET_PROBLEMS, MAX_FEE_E9, MAX_LEVERAGE, MAX_MARKETS_LIMIT,
+                           MAX_OPEN_ORDERS_LIMIT, MAX_POSITION_LOTS_LIMIT, NOTIONAL_LIMIT_ATOMS,
+                           market_config_problem, market_limits_problem)
+from engine.market import Bracket, Market
+from engine.records import (MAX_BRACKETS, bracket_command, market_create_command,
+                            market_limits_command, market_risk_command)
+from engine.spec import engine_config_from
+from engine.units import ATOMS_PER_USDC, RATE, RATE_E9, USDC, Grid, dec_str, parse_decimal
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 
-ATOMS_PER_USDC = 10 ** 6
-RATE_E9 = 10 ** 9
 ORACLE_KINDS = ("sim", "manual", "csv:PATH")
 ACK_MODES = ("durable", "fast")
 DEFAULT_BRACKETS = (("0", "0.004"), ("50000", "0.005"), ("250000", "0.01"),
@@ -142,95 +151,6 @@ TOP_LEVEL = ("exchange", "engine", "endpoints", "persistence", "risk", "markets"
 
 
 @dataclass(frozen=True)
-class Bracket:
-    floor: Decimal             # notional (USDC) from which the rate applies
-    rate: Decimal              # maintenance margin rate
-    maintenance_amount: Decimal  # Binance-style deduction: keeps the requirement continuous
-
-
-@dataclass(frozen=True)
-class MarketSpec:
-    id: int
-    symbol: str
-    tick_size: Decimal
-    lot_size: Decimal
-    initial_price: Decimal
-    oracle: str                # "sim", "manual" or "csv:<absolute path>"
-    max_leverage: int
-    maker_fee: Decimal
-    taker_fee: Decimal
-    price_band: Decimal
-    brackets: tuple
-    liquidation_fee: Decimal
-    funding_interval_s: int
-    interest_rate: Decimal
-    funding_cap: Decimal
-    max_open_orders: int
-    # engine units
-    atoms_per_tick_lot: int
-    initial_price_ticks: int
-    max_price_ticks: int
-    max_position_lots: int
-    max_order_lots: int
-    maker_fee_e9: int
-    taker_fee_e9: int
-    price_band_e9: int
-    liquidation_fee_e9: int
-    interest_rate_e9: int
-    funding_cap_e9: int
-
-    # -- conversions ----------------------------------------------------------------------
-    def price_str(self, ticks: int) -> str:
-        return dec_str(Decimal(ticks) * self.tick_size)
-
-    def qty_str(self, lots: int) -> str:
-        return dec_str(Decimal(lots) * self.lot_size)
-
-    def price_to_ticks(self, text, what: str = "price") -> int:
-        """An operator's price as ticks: exact, on the grid, within (0, max price]."""
-        value = parse_decimal(text, what)
-        ticks = _exact_units(value, self.tick_size)
-        if ticks is None:
-            raise ValueError(f"{what} {text} is not a multiple of the tick size "
-                             f"{dec_str(self.tick_size)} of {self.symbol}")
-        if not 1 <= ticks <= self.max_price_ticks:
-            raise ValueError(f"{what} {text} is outside (0, {self.price_str(self.max_price_ticks)}]"
-                             f" for {self.symbol}")
-        return ticks
-
-    @property
-    def max_price(self) -> Decimal:
-        return Decimal(self.max_price_ticks) * self.tick_size
-
-    def describe(self) -> dict:
-        """The market as configured, wire style (decimal strings), plus its engine units."""
-        return {
-            "symbol": self.symbol, "id": self.id,
-            "tick_size": dec_str(self.tick_size), "lot_size": dec_str(self.lot_size),
-            "initial_price": dec_str(self.initial_price), "oracle": self.oracle,
-            "max_leverage": self.max_leverage,
-            "maker_fee": dec_str(self.maker_fee), "taker_fee": dec_str(self.taker_fee),
-            "price_band": dec_str(self.price_band),
-            "brackets": [[dec_str(b.floor), dec_str(b.rate), dec_str(b.maintenance_amount)]
-                         for b in self.brackets],
-            "liquidation_fee": dec_str(self.liquidation_fee),
-            "funding_interval_s": self.funding_interval_s,
-            "interest_rate": dec_str(self.interest_rate),
-            "funding_cap": dec_str(self.funding_cap),
-            "max_price": self.price_str(self.max_price_ticks),
-            "max_position_qty": self.qty_str(self.max_position_lots),
-            "max_order_qty": self.qty_str(self.max_order_lots),
-            "max_open_orders": self.max_open_orders,
-            # engine units (the gateway's market table reads these two)
-            "atoms_per_tick_lot": self.atoms_per_tick_lot,
-            "max_price_ticks": self.max_price_ticks,
-            "max_order_lots": self.max_order_lots,
-            "max_position_lots": self.max_position_lots,
-            "initial_price_ticks": self.initial_price_ticks,
-        }
-
-
-@dataclass(frozen=True)
 class Config:
     gateways: int
     ack_mode: str
@@ -246,12 +166,9 @@ class Config:
     source: str = "<bundled default>"
 
     def engine_config(self):
-        from engine.config import EngineConfig
-        return EngineConfig(**{k: self.engine[k] for k in
-                               ("max_accounts", "max_markets", "max_orders",
-                                "max_levels_per_side", "max_trigger_orders")})
+        return engine_config_from(self.engine)
 
-    def market(self, symbol: str) -> MarketSpec:
+    def market(self, symbol: str) -> Market:
         for m in self.markets:
             if m.symbol == symbol:
                 return m
@@ -275,62 +192,6 @@ class Config:
 
 
 # ---- numbers ---------------------------------------------------------------------------------
-def dec_str(value: Decimal) -> str:
-    """A decimal as a plain string without exponent or trailing zeros: 65000, 0.001, -0.0001."""
-    if value == 0:
-        return "0"
-    return format(value.normalize(), "f")
-
-
-def parse_decimal(value, what: str) -> Decimal:
-    """A config or command-line number: str, int or (TOML-parsed) Decimal; never bool/float."""
-    if isinstance(value, bool) or isinstance(value, float):
-        raise ValueError(f"{what}: {value!r} must be a decimal string like \"0.1\"")
-    if isinstance(value, Decimal):
-        d = value
-    elif isinstance(value, int):
-        d = Decimal(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        if not re.fullmatch(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)", text):
-            raise ValueError(f"{what}: {value!r} is not a plain decimal number")
-        try:
-            d = Decimal(text)
-        except InvalidOperation:
-            raise ValueError(f"{what}: {value!r} is not a decimal number") from None
-    else:
-        raise ValueError(f"{what}: {value!r} must be a decimal string, not "
-                         f"{type(value).__name__}")
-    if not d.is_finite():
-        raise ValueError(f"{what}: {value!r} is not a finite number")
-    return d
-
-
-def _exact_units(value: Decimal, step: Decimal) -> int | None:
-    """value / step if it is a whole number, else None."""
-    with localcontext() as ctx:
-        ctx.prec = 80
-        q = value / step
-    return int(q) if q == q.to_integral_value() else None
-
-
-def usdc_to_atoms(text, what: str = "amount") -> int:
-    """A positive USDC amount with at most 6 decimals, as atoms (exact)."""
-    value = parse_decimal(text, what)
-    atoms = _exact_units(value, Decimal(1) / ATOMS_PER_USDC)
-    if atoms is None:
-        raise ValueError(f"{what} {text} has more than 6 decimals (USDC atoms are 1e-6)")
-    if atoms < 1:
-        raise ValueError(f"{what} must be positive, got {text}")
-    if atoms >= 2 ** 62:
-        raise ValueError(f"{what} {text} is too large")
-    return atoms
-
-
-def atoms_str(atoms: int) -> str:
-    return dec_str(Decimal(atoms) / ATOMS_PER_USDC)
-
-
 def _two_digits_down(n: int) -> int:
     """n rounded down to two significant digits (27_712_812 -> 27_000_000); n >= 1."""
     if n < 100:
@@ -383,7 +244,7 @@ class _Checker:
             raise ConfigError(str(e)) from None
 
     def rate_e9(self, key: str, value: Decimal, text) -> int:
-        e9 = _exact_units(value, Decimal(1) / RATE_E9)
+        e9 = RATE.exact(value)
         if e9 is None:
             self.fail(key, f"'{text}' is not a whole number of 1e-9 (the engine's rate unit)")
         return e9
@@ -392,7 +253,7 @@ class _Checker:
         d = self.decimal(key, value)
         if d <= 0:
             self.fail(key, f"'{value}' must be positive")
-        units = _exact_units(d, step)
+        units = Grid(step).exact(d)
         if units is None:
             self.fail(key, f"'{value}' is not a multiple of {step_key} '{dec_str(step)}'")
         return units
@@ -442,7 +303,6 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     eng = c.table(doc, "engine")
     c.unknown_keys("engine", eng, ENGINE_DEFAULTS)
     eng = {**ENGINE_DEFAULTS, **eng}
-    from engine.config import MAX_MARKETS_LIMIT
     c.integer("engine.max_accounts", eng["max_accounts"], 2, 2 ** 31 - 1)
     c.integer("engine.max_markets", eng["max_markets"], 1, MAX_MARKETS_LIMIT)
     c.integer("engine.max_orders", eng["max_orders"], 1, 1 << 28)
@@ -513,10 +373,7 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
 
 
 def _market(c: _Checker, i: int, item, origin: Path | None,
-            engine_checks: bool = True) -> MarketSpec:
-    from engine.config import (MAX_FEE_E9, MAX_LEVERAGE, MAX_OPEN_ORDERS_LIMIT,
-                               MAX_POSITION_LOTS_LIMIT, NOTIONAL_LIMIT_ATOMS,
-                               market_config_problem, market_limits_problem)
+            engine_checks: bool = True) -> Market:
     at = f"markets[{i}]"
     if not isinstance(item, dict):
         c.fail(at, "must be a table ([[markets]])")
@@ -535,7 +392,7 @@ def _market(c: _Checker, i: int, item, origin: Path | None,
         c.fail(f"{at}.tick_size", f"'{m['tick_size']}' must be positive")
     if lot <= 0:
         c.fail(f"{at}.lot_size", f"'{m['lot_size']}' must be positive")
-    atpl = _exact_units(tick * lot, Decimal(1) / ATOMS_PER_USDC)
+    atpl = USDC.exact(tick * lot)
     if atpl is None or atpl < 1:
         c.fail(f"{at}.tick_size", f"'{m['tick_size']}' x lot_size '{m['lot_size']}' = "
                                   f"{dec_str(tick * lot)} USDC is not a whole number of 1e-6 USDC")
@@ -573,9 +430,9 @@ def _market(c: _Checker, i: int, item, origin: Path | None,
     taker, taker_e9 = rate("taker_fee", Decimal(0), max_fee)
     maker, maker_e9 = rate("maker_fee", -taker, max_fee)
     band, band_e9 = rate("price_band", Decimal(0), Decimal(1), lo_open=True, hi_open=True)
-    liq_fee, liq_e9 = rate("liquidation_fee", Decimal(0), Decimal(1), hi_open=True)
-    interest, interest_e9 = rate("interest_rate", Decimal(-1), Decimal(1), True, True)
-    cap, cap_e9 = rate("funding_cap", Decimal(0), Decimal(1), hi_open=True)
+    liq_fee, _ = rate("liquidation_fee", Decimal(0), Decimal(1), hi_open=True)
+    interest, _ = rate("interest_rate", Decimal(-1), Decimal(1), True, True)
+    cap, _ = rate("funding_cap", Decimal(0), Decimal(1), hi_open=True)
     interval = c.integer(f"{at}.funding_interval_s", m["funding_interval_s"], 1, 7 * 24 * 3600)
 
     brackets = _brackets(c, f"{at}.brackets", m["brackets"], leverage)
@@ -585,7 +442,6 @@ def _market(c: _Checker, i: int, item, origin: Path | None,
     if problem:
         key = {1: "tick_size", 2: "initial_price", 3: "taker_fee", 4: "maker_fee",
                5: "price_band", 6: "max_leverage"}.get(problem, "symbol")
-        from engine.config import MARKET_PROBLEMS
         c.fail(f"{at}.{key}", MARKET_PROBLEMS[problem])
 
     # limits
@@ -623,20 +479,17 @@ def _market(c: _Checker, i: int, item, origin: Path | None,
     problem = engine_checks and market_limits_problem(atpl, initial_ticks, max_price_ticks,
                                                       max_order, max_position, max_open)
     if problem:
-        from engine.config import MARKET_PROBLEMS
         key = {8: "max_position_qty", 9: "max_order_qty", 10: "max_open_orders",
                11: "max_position_qty", 12: "max_price"}.get(problem, "max_price")
         c.fail(f"{at}.{key}", MARKET_PROBLEMS[problem])
 
-    return MarketSpec(
-        id=i, symbol=symbol, tick_size=tick, lot_size=lot, initial_price=initial, oracle=oracle,
+    return Market(
+        id=i, symbol=symbol, tick_size=tick, lot_size=lot, oracle=oracle,
         max_leverage=leverage, maker_fee=maker, taker_fee=taker, price_band=band,
         brackets=brackets, liquidation_fee=liq_fee, funding_interval_s=interval,
         interest_rate=interest, funding_cap=cap, max_open_orders=max_open,
-        atoms_per_tick_lot=atpl, initial_price_ticks=initial_ticks,
-        max_price_ticks=max_price_ticks, max_position_lots=max_position, max_order_lots=max_order,
-        maker_fee_e9=maker_e9, taker_fee_e9=taker_e9, price_band_e9=band_e9,
-        liquidation_fee_e9=liq_e9, interest_rate_e9=interest_e9, funding_cap_e9=cap_e9)
+        initial_price_ticks=initial_ticks, max_price_ticks=max_price_ticks,
+        max_position_lots=max_position, max_order_lots=max_order)
 
 
 def _brackets(c: _Checker, key: str, value, leverage: int) -> tuple:
@@ -654,7 +507,7 @@ def _brackets(c: _Checker, key: str, value, leverage: int) -> tuple:
         floor = c.decimal(at + "[0]", pair[0])
         rate = c.decimal(at + "[1]", pair[1])
         c.rate_e9(at + "[1]", rate, pair[1])
-        if _exact_units(floor, Decimal(1) / ATOMS_PER_USDC) is None:
+        if USDC.exact(floor) is None:
             c.fail(at + "[0]", f"'{pair[0]}' has more than 6 decimals (USDC)")
         if k == 0 and floor != 0:
             c.fail(at + "[0]", f"the first bracket must start at notional 0, not '{pair[0]}'")
@@ -682,10 +535,7 @@ def genesis_commands(cfg: Config, ts_ns: int | None = None):
     """Per market (id = position in the config): CREATE_MARKET, SET_MARKET_LIMITS,
     SET_MARKET_RISK (liquidation fee, funding cap) and one SET_BRACKET per maintenance bracket,
     in index order (the matcher derives the maintenance amounts itself)."""
-    import numpy as np
 
-    from engine.records import (MAX_BRACKETS, bracket_command, market_create_command,
-                                market_limits_command, market_risk_command)
     ts = time.time_ns() if ts_ns is None else ts_ns
     cmds = []
     for m in cfg.markets:

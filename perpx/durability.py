@@ -16,12 +16,20 @@ from __future__ import annotations
 import time
 
 import msgpack
+import zmq
 
+from engine.invariants import check_state
+from engine.records import EVENT_DTYPE
+from engine.service import attach_state
 from engine.state import State, state_hash
+from gateway.mirror import consistent_state_copy
+from perpx.statedir import StateDir
 from persistd import snapshot
 from persistd.journal import JournalCorrupt, journal_info
 from persistd.replica import Replica
-from perpx.statedir import StateDir
+from shm import names
+from shm.progress import JournalProgress
+from shm.ring import EventRing
 
 
 class DurabilityError(RuntimeError):
@@ -30,7 +38,6 @@ class DurabilityError(RuntimeError):
 
 def sql(sd: StateDir, query: str, timeout_s: float = 30.0) -> dict:
     """{"columns", "rows", "store_seq"} of a read-only query; DurabilityError on refusal."""
-    import zmq
     sd.require_running()
     if not sd.sql_socket.exists():
         raise DurabilityError("persistd is not serving SQL (is it starting or restarting?)")
@@ -52,11 +59,6 @@ def sql(sd: StateDir, query: str, timeout_s: float = 30.0) -> dict:
 
 def _live_copy(sd: StateDir, doc: dict):
     """(State of copied tables, seq) of the running matcher at a command boundary."""
-    from engine.records import EVENT_DTYPE
-    from engine.service import attach_state
-    from shm import names
-    from gateway.mirror import consistent_state_copy
-    from shm.ring import EventRing
     region, state = attach_state(doc["prefix"], sd.engine_config(doc))
     events = EventRing.attach(names.event_ring(doc["prefix"]), EVENT_DTYPE)
     try:
@@ -69,7 +71,6 @@ def _live_copy(sd: StateDir, doc: dict):
 
 
 def check(sd: StateDir) -> dict:
-    from engine.invariants import check_state
     sd.require_running()
     doc = sd.exchange()
     st, seq = _live_copy(sd, doc)
@@ -78,7 +79,6 @@ def check(sd: StateDir) -> dict:
 
 
 def _wait_durable(sd: StateDir, doc: dict, seq: int, timeout_s: float = 30.0) -> None:
-    from shm.progress import JournalProgress
     progress = JournalProgress.attach(doc["prefix"])
     try:
         if not progress.wait_durable(seq, timeout_s):

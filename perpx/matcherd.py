@@ -23,15 +23,22 @@ that is alive but stuck shows as a heartbeat that stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
+
+from engine.records import COMMAND_DTYPE
+from engine.service import MatcherService
+from engine.spec import StateLayout, load_spec
+from persistd.replica import Replica
+from shm.heartbeat import HEARTBEAT_DTYPE, HeartbeatBoard
+from shm.progress import JournalProgress
+from shm.region import ShmError
+from shm.wait import SpinYieldBlockWait, shared_cpu_wait
 
 # Yields before the matcher sleeps when it shares its CPU with a gateway. Under load the next
 # batch of commands comes within a few hundred µs, and waking a sleeping matcher costs the
@@ -48,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--spec", required=True, help="exchange.json written by `perpx up`")
     p.add_argument("--heartbeat-slot", type=int, default=0)
     args = p.parse_args(argv)
-    doc = json.loads(Path(args.spec).read_text())
+    spec = load_spec(args.spec)
 
     stop = [False]
 
@@ -58,18 +65,9 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    from engine.config import EngineConfig
-    from engine.records import COMMAND_DTYPE
-    from engine.service import MatcherService, Source
-    from shm.heartbeat import HEARTBEAT_DTYPE, HeartbeatBoard
-    from shm.region import ShmError
-    from shm.wait import SpinYieldBlockWait, shared_cpu_wait
 
-    eng = doc["engine"]
-    cfg = EngineConfig(**{k: eng[k] for k in EngineConfig.__dataclass_fields__})
-    sources = [Source(s["name"], bool(s["privileged"]), int(s["capacity"]))
-               for s in doc["sources"]]
-    prefix = doc["prefix"]
+    cfg, sources, prefix = spec.engine, list(spec.sources), spec.prefix
+    eng = spec.engine_options
     try:
         hb_board = HeartbeatBoard.attach(prefix)
         beat = hb_board.slot(args.heartbeat_slot)
@@ -79,11 +77,11 @@ def main(argv=None) -> int:
     beat["ready"] = 0     # a predecessor killed while serving left its flag set
     beat["pid"] = os.getpid()
 
-    service = MatcherService(cfg, prefix, sources, consumers=list(doc["consumers"]),
+    service = MatcherService(cfg, prefix, sources, consumers=list(spec.consumers),
                              event_capacity=eng.get("event_ring_capacity") or None,
                              batch=int(eng.get("batch", 256)),
                              reattach=MatcherService.exists(prefix),
-                             idle_wait=(SpinYieldBlockWait if doc.get("matcher_spins", True)
+                             idle_wait=(SpinYieldBlockWait if spec.doc.get("matcher_spins", True)
                                         else partial(shared_cpu_wait, yields=MATCHER_YIELDS)))
     try:
         # Load (or compile) the matcher now, not on the first command: an empty batch.
@@ -92,7 +90,7 @@ def main(argv=None) -> int:
                                 service.events.free_slots(), source=0, privileged=True)
         log(f"shared memory {'mapped' if service.reattached else 'created'} and the compiled "
             f"matcher loaded in {time.monotonic() - t_main:.2f} s")
-        recover(service, cfg, Path(doc["state_dir"]), prefix, stop)
+        recover(service, cfg, spec.layout, prefix, stop)
         service.mark_start()
         beats = beat["beats"]
         beat["ready"] = 1
@@ -120,13 +118,9 @@ def log(msg: str) -> None:
     print(f"matcher: {msg}", file=sys.stderr, flush=True)
 
 
-def recover(service, cfg, state_dir: Path, prefix: str, stop, wait_s: float = 120.0) -> None:
+def recover(service, cfg, sd: StateLayout, prefix: str, stop, wait_s: float = 120.0) -> None:
     """Rebuild the state tables from snapshot + journal (see the module docstring)."""
-    from shm.progress import JournalProgress
-    from persistd.replica import Replica
-    from perpx.statedir import StateDir
 
-    sd = StateDir(state_dir)
     last = service.last_published_seq() if service.reattached else 0
     if last:
         progress = JournalProgress.attach(prefix)

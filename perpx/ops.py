@@ -26,10 +26,25 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
+import zmq.auth
 
+from engine.market import MarketTable
+from engine.records import (CMD_DEPOSIT, CMD_HALT, CMD_RESUME, COMMAND_DTYPE, EVENT_DTYPE,
+                            EV_BALANCE, EV_COMMAND, EV_DONE, EV_MARK, EV_REJECT,
+                            ORDER_EVENT_DTYPE, REASON_NAMES, event_to_dict, new_commands)
+from engine.service import attach_state
+from engine.state import C_NET_DEPOSITS_ATOMS, C_SEQ
+from gateway.account_state import account_state_fields, positions_rows
+from gateway.codec import open_order_row
+from gateway.mirror import (M_ACTIVE, M_HALTED, M_LAST, M_MARK, Mirror, O_MARKET,
+                            consistent_state_copy)
 from perpx.config import Config, config_from_resolved
 from perpx.statedir import FileLock, StateDir
 from perpx.statedir import attach_retrying as _attach
+from shm import names
+from shm.index_board import IndexBoard
+from shm.progress import JournalProgress
+from shm.ring import CommandRing, EventRing
 
 REPLY_TIMEOUT_S = 10.0
 LOCK_TIMEOUT_S = 10.0
@@ -59,11 +74,9 @@ class Reply:
 
     @property
     def rejected(self) -> bool:
-        from engine.records import EV_REJECT
         return self.last["etype"] == EV_REJECT
 
     def reason(self) -> str:
-        from engine.records import REASON_NAMES
         code = self.last.get("reason", 0)
         text = _ADMIN_REJECT_TEXT.get(code)
         name = REASON_NAMES.get(code, str(code))
@@ -102,7 +115,6 @@ class Exchange:
         return reply
 
     def deposit(self, account: int, atoms: int) -> Reply:
-        from engine.records import CMD_DEPOSIT, EV_BALANCE, new_commands
         self.check_account(account)
         c = new_commands(1)
         c["cmd"] = CMD_DEPOSIT
@@ -114,7 +126,6 @@ class Exchange:
         return reply
 
     def halt(self, symbol: str, halted: bool) -> Reply:
-        from engine.records import CMD_HALT, CMD_RESUME, new_commands
         m = self.market(symbol)
         c = new_commands(1)
         c["cmd"] = CMD_HALT if halted else CMD_RESUME
@@ -130,9 +141,6 @@ class Exchange:
         and no basis the mark is the index), writes SET_MARK into its ring and then publishes
         the version it applied. We wait for that, then for the matcher to hold that mark, so
         a read right after this returns sees it. Returns the published numbers (ticks)."""
-        from engine.service import attach_state
-        from engine.state import C_SEQ
-        from shm.index_board import IndexBoard
         m = self.market(symbol)
         if m.oracle != "manual":
             raise OpsError(f"{symbol} takes its index from its {m.oracle.split(':')[0]!r} feed; "
@@ -172,11 +180,6 @@ class Exchange:
     # -- reads ----------------------------------------------------------------------------
     def snapshot(self, timeout_s: float = 5.0):
         """(Mirror, seq): the matcher's state at a command boundary, as a gateway mirrors it."""
-        from engine.records import EVENT_DTYPE
-        from engine.service import attach_state
-        from shm import names
-        from gateway.mirror import Mirror, consistent_state_copy
-        from shm.ring import EventRing
         events = _attach(lambda: EventRing.attach(names.event_ring(self.prefix), EVENT_DTYPE))
         try:
             region, state = _attach(lambda: attach_state(self.prefix, self.engine))
@@ -193,8 +196,6 @@ class Exchange:
 
     def counters(self) -> dict:
         """seq and friends straight from the state region (no copy of the tables)."""
-        from engine.service import attach_state
-        from engine.state import C_NET_DEPOSITS_ATOMS, C_SEQ
         region, state = _attach(lambda: attach_state(self.prefix, self.engine))
         try:
             c = state.counters
@@ -214,9 +215,6 @@ class OpsSession:
         self.events = self.consumer = self.ring = None
 
     def __enter__(self) -> OpsSession:
-        from engine.records import COMMAND_DTYPE, EVENT_DTYPE
-        from shm import names
-        from shm.ring import CommandRing, EventRing
         self.lock.acquire(LOCK_TIMEOUT_S, "the ops ring")
         try:
             prefix = self.ex.prefix
@@ -241,8 +239,6 @@ class OpsSession:
 
     def submit(self, commands: np.ndarray) -> list[Reply]:
         """Send the commands; return each one's events once its closing event arrived."""
-        from engine.records import (EV_COMMAND, EV_DONE, EV_MARK, EV_REJECT, ORDER_EVENT_DTYPE,
-                                    event_to_dict)
         cmds = np.array(commands, copy=True)
         n = len(cmds)
         base = 1 + int.from_bytes(os.urandom(4), "little") % (2 ** 30)
@@ -283,7 +279,6 @@ class OpsSession:
 
     def _wait_durable(self, seq: int, deadline: float) -> None:
         """Like a gateway's acks, an operator's answer waits until the journal has it."""
-        from shm.progress import JournalProgress
         progress = _attach(lambda: JournalProgress.attach(self.ex.prefix))
         try:
             if not progress.wait_durable(seq, max(0.0, deadline - time.monotonic())):
@@ -303,7 +298,6 @@ def create_account(sd: StateDir, max_accounts: int) -> tuple[int, str]:
     then renamed, so a gateway never reads half a file). Ids are allocated under the ops lock:
     one more than the highest registered id, starting at 1 (0 is the exchange's).
     """
-    import zmq.auth
     sd.make()
     with FileLock(sd.ops_lock) as lock:
         lock.acquire(LOCK_TIMEOUT_S, "account create")
@@ -328,17 +322,13 @@ def create_account(sd: StateDir, max_accounts: int) -> tuple[int, str]:
 # ---- formatting of state reads ------------------------------------------------------------------
 def wire_markets(ex: Exchange) -> list:
     """The configured markets as the gateway's Market objects, indexed by market id."""
-    from gateway.markets import MarketTable
-    table = MarketTable.from_dicts([m.describe() for m in ex.config.markets])
+    table = MarketTable(ex.config.markets)
     return [table.by_id.get(m) for m in range(ex.engine.max_markets)]
 
 
 def account_view(ex: Exchange, mirror, account: int) -> dict:
     """What `perpx account show` prints: the gateway's account_state (the same code,
     gateway/account_state.py, on a state copy), plus open orders."""
-    from gateway.account_state import account_state_fields
-    from gateway.codec import open_order_row
-    from gateway.mirror import O_MARKET
     markets = wire_markets(ex)
     view = {"account": account, "registered": account in ex.sd.registered_accounts()}
     view.update(account_state_fields(SimpleNamespace(**mirror.tables), account, markets))
@@ -350,12 +340,11 @@ def account_view(ex: Exchange, mirror, account: int) -> dict:
 
 
 def positions_view(ex: Exchange, mirror, symbol: str | None) -> dict:
-    from gateway.account_state import positions_rows
     only = ex.market(symbol).id if symbol else None
     markets = wire_markets(ex)
     sizes = mirror.tables["positions"]["size_lots"]
-    open_interest = {m.symbol: m.lots_to_str(int(sizes[:, m.market_id].clip(min=0).sum()))
-                     for m in markets if m is not None and only in (None, m.market_id)}
+    open_interest = {m.symbol: m.lots_to_str(int(sizes[:, m.id].clip(min=0).sum()))
+                     for m in markets if m is not None and only in (None, m.id)}
     return {"seq": mirror.applied_seq,
             "positions": positions_rows(SimpleNamespace(**mirror.tables), markets, only),
             "open_interest": open_interest}
@@ -365,20 +354,19 @@ def book_view(ex: Exchange, mirror, symbol: str, depth: int) -> dict:
     m = ex.market(symbol)
     bids, asks = mirror.book_levels(m.id, depth)
     return {"market": m.symbol, "seq": mirror.applied_seq,
-            "bids": [[m.price_str(p), m.qty_str(q)] for p, q in bids],
-            "asks": [[m.price_str(p), m.qty_str(q)] for p, q in asks]}
+            "bids": [[m.ticks_to_str(p), m.lots_to_str(q)] for p, q in bids],
+            "asks": [[m.ticks_to_str(p), m.lots_to_str(q)] for p, q in asks]}
 
 
 def markets_view(config: Config, mirror=None) -> list[dict]:
     """The markets as configured; with a live mirror also their mark, last price and halt flag."""
-    from gateway.mirror import M_ACTIVE, M_HALTED, M_LAST, M_MARK
     out = []
     for m in config.markets:
         row = m.describe()
         if mirror is not None:
             mk = mirror.markets[m.id]
             row["live"] = {"active": bool(mk[M_ACTIVE]), "halted": bool(mk[M_HALTED]),
-                           "mark_price": m.price_str(mk[M_MARK]) if mk[M_MARK] else None,
-                           "last_price": m.price_str(mk[M_LAST]) if mk[M_LAST] else None}
+                           "mark_price": m.ticks_to_str(mk[M_MARK]) if mk[M_MARK] else None,
+                           "last_price": m.ticks_to_str(mk[M_LAST]) if mk[M_LAST] else None}
         out.append(row)
     return out

@@ -1,22 +1,5 @@
-"""The exchange's state directory: what lives where, the shm prefix, and the two locks.
-
-    STATE_DIR/
-      supervisor.lock     flock held (exclusive) by the running `perpx up`: "is it running?"
-      ops.lock            flock serializing writers of the single-producer ops ring (CLI, genesis)
-      exchange.json       the resolved config of the running (or last) exchange: engine
-                          capacities, markets in engine units, shm prefix, sources, consumers.
-                          Gateways read their market table from it; CLI commands their markets.
-      endpoints.json      {"orders", "market_data", "server_public_key"} (+ "orders_all": every
-                          gateway's order endpoint); present while the exchange runs
-      status.json         the supervisor's process table (pids, restarts, cpus); while it runs
-      keys/server.key, keys/server.key_secret      the server's CURVE certificate (kept)
-      accounts/<id>.key   the account registry the gateways read (public keys only)
-      clients/<id>.key_secret                      the client certificates `account create` made
-      logs/<process>.log  stdout/stderr of each child process
-      run/                scratch: each gateway's endpoints file, persistd's SQL socket
-      journal/            persistd's command journal: the source of truth (persistd/journal.py)
-      snapshots/          state snapshots at sequence numbers (persistd/snapshot.py)
-      perpx.duckdb        the query store (persistd/store.py), written only by persistd
+"""The exchange's state directory: its layout (engine/spec.py StateLayout), the shm prefix,
+and the two locks.
 
 The shm prefix is derived from the state directory's real path (shm/names.py).
 """
@@ -30,7 +13,11 @@ import os
 import time
 from pathlib import Path
 
+import posix_ipc
+
+from engine.spec import StateLayout, engine_config_from
 from shm import names
+from shm.region import ShmError, attach_retrying as retrying
 
 
 class NotRunning(RuntimeError):
@@ -43,9 +30,7 @@ ATTACH_TIMEOUT_S = 5.0
 def attach_retrying(fn, timeout_s: float = ATTACH_TIMEOUT_S):
     """fn() (attaching to some shared memory), retried while it is not there yet; NotRunning
     after timeout_s."""
-    import posix_ipc
 
-    from shm.region import ShmError, attach_retrying as retrying
     try:
         return retrying(fn, timeout_s, poll_s=0.02)
     except (ShmError, posix_ipc.ExistentialError) as e:
@@ -96,24 +81,12 @@ class FileLock:
         self.release()
 
 
-class StateDir:
+class StateDir(StateLayout):
+    """The state directory's layout (engine/spec.py) with its locks and running checks."""
+
     def __init__(self, path):
-        self.path = Path(path).expanduser().absolute()
+        super().__init__(path)
         self.prefix = names.prefix_for(self.path)
-        self.supervisor_lock = self.path / "supervisor.lock"
-        self.ops_lock = self.path / "ops.lock"
-        self.exchange_file = self.path / "exchange.json"
-        self.endpoints_file = self.path / "endpoints.json"
-        self.status_file = self.path / "status.json"
-        self.keys_dir = self.path / "keys"
-        self.accounts_dir = self.path / "accounts"
-        self.clients_dir = self.path / "clients"
-        self.logs_dir = self.path / "logs"
-        self.run_dir = self.path / "run"
-        self.journal_dir = self.path / "journal"
-        self.snapshots_dir = self.path / "snapshots"
-        self.store_file = self.path / "perpx.duckdb"
-        self.sql_socket = self.run_dir / "sql.ipc"
 
     def make(self) -> None:
         for d in (self.path, self.keys_dir, self.accounts_dir, self.clients_dir, self.logs_dir,
@@ -156,9 +129,7 @@ class StateDir:
             return None
 
     def engine_config(self, doc: dict | None = None):
-        from engine.config import EngineConfig
-        eng = (doc or self.exchange())["engine"]
-        return EngineConfig(**{k: eng[k] for k in EngineConfig.__dataclass_fields__ if k in eng})
+        return engine_config_from((doc or self.exchange())["engine"])
 
     # -- accounts -----------------------------------------------------------------------
     def registered_accounts(self) -> list[int]:
@@ -178,7 +149,6 @@ class StateDir:
                       if n.startswith(base + "-") or n.startswith("sem." + base + "-"))
 
     def remove_shm_leftovers(self) -> list[str]:
-        import posix_ipc
         removed = []
         for entry in self.shm_leftovers():
             try:

@@ -73,9 +73,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from perpx.config import Config, write_json_atomic
+import zmq.auth
+
+from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_LIMITS,
+                            CMD_SET_MARKET_RISK, EVENT_DTYPE)
+from perpx.config import Config, genesis_commands, write_json_atomic
+from perpx.ops import Exchange, OpsError
 from perpx.statedir import FileLock, StateDir
+from persistd.journal import journal_info
+from shm import names
 from shm.heartbeat import MATCHER_SLOT, HeartbeatBoard
+from shm.index_board import IndexBoard
+from shm.progress import JournalProgress
+from shm.region import ShmError
+from shm.ring import EventRing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WATCH_INTERVAL_S = 0.1
@@ -348,8 +359,6 @@ class Supervisor:
         # heartbeats, then the matcher
         self.hb_board = HeartbeatBoard.create(sd.prefix)
         self.heartbeat = self.hb_board.slots
-        from persistd.journal import journal_info
-        from shm.progress import JournalProgress
         self.progress = JournalProgress.create(sd.prefix)
         journaled = journal_info(sd.journal_dir)["last_seq"] if sd.journal_dir.exists() else 0
 
@@ -381,10 +390,6 @@ class Supervisor:
         if journaled == 0:
             self._genesis()
 
-        from engine.records import EVENT_DTYPE
-        from shm import names
-        from shm.index_board import IndexBoard
-        from shm.ring import EventRing
         self.events = EventRing.attach(names.event_ring(sd.prefix), EVENT_DTYPE)
 
         self.index_board = IndexBoard.create(sd.prefix, cfg.engine["max_markets"])
@@ -400,12 +405,9 @@ class Supervisor:
 
         for i in range(cfg.gateways):
             ready_file = sd.run_dir / f"gateway-{i}.json"
-            argv = [sys.executable, "-m", "gateway", "--prefix", sd.prefix, "--index", str(i),
-                    "--source-index", str(2 + i), "--orders", ports["orders_bind"][i],
-                    "--server-key", str(server_secret), "--accounts", str(sd.accounts_dir),
-                    "--markets", str(sd.exchange_file),
-                    "--rate", repr(cfg.rate_limit_per_s), "--burst", repr(cfg.rate_limit_burst),
-                    "--endpoints-file", str(ready_file), "--ack-mode", cfg.ack_mode]
+            argv = [sys.executable, "-m", "gateway", "--spec", str(sd.exchange_file),
+                    "--index", str(i), "--orders", ports["orders_bind"][i],
+                    "--server-key", str(server_secret), "--endpoints-file", str(ready_file)]
             if i == 0:
                 argv += ["--market-data", ports["market_data_bind"]]
             gw = self._child(f"gateway-{i}", argv, ready_file)
@@ -415,7 +417,6 @@ class Supervisor:
                    GATEWAY_READY_TIMEOUT_S, "the gateways to bind their sockets",
                    [self.matcher, *self.gateways])
 
-        import zmq.auth
         public, _ = zmq.auth.load_certificate(str(server_secret))
         self.endpoints = {"orders": ports["orders"][0], "market_data": ports["market_data"],
                           "server_public_key": public.decode(), "orders_all": ports["orders"]}
@@ -430,7 +431,6 @@ class Supervisor:
                   f"Ctrl-C or `perpx down` stops it.", file=self.out, flush=True)
 
     def _server_certificate(self) -> Path:
-        import zmq.auth
         secret = self.sd.keys_dir / "server.key_secret"
         if not secret.exists():
             _, secret_file = zmq.auth.create_certificates(str(self.sd.keys_dir), "server")
@@ -491,10 +491,6 @@ class Supervisor:
             time.sleep(0.02)
 
     def _genesis(self) -> None:
-        from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_LIMITS,
-                                    CMD_SET_MARKET_RISK)
-        from perpx.config import genesis_commands
-        from perpx.ops import Exchange, OpsError
         command_words = {CMD_CREATE_MARKET: "CREATE_MARKET", CMD_SET_MARKET_LIMITS: "SET_MARKET_LIMITS",
                  CMD_SET_MARKET_RISK: "SET_MARKET_RISK", CMD_SET_BRACKET: "SET_BRACKET"}
         ex = Exchange(self.sd, require_running=False)
@@ -594,7 +590,6 @@ class Supervisor:
         try:
             if self.events.consumer_cursor("ops") is None:
                 return
-            from shm.region import ShmError
             try:
                 consumer = self.events.consumer("ops", start="current")
             except ShmError:

@@ -36,22 +36,19 @@ import signal
 import sys
 import threading
 import time
-from decimal import Decimal
 
 import msgpack
 import numpy as np
 
-from engine.config import EngineConfig
 from engine.records import (EV_COMMAND, EV_FUNDING, EV_LIQUIDATION, EV_TRADE, EVENT_DTYPE,
                             MARGIN_CROSS, TRADE_EVENT_DTYPE)
-from shm import names
-from gateway.markets import Market
+from engine.spec import ExchangeSpec, load_spec
 from persistd import snapshot
 from persistd.journal import JournalWriter, journal_records
-from shm.progress import JournalProgress
 from persistd.replica import Replica
 from persistd.store import BALANCE_ROW_DTYPE, ReadOnlyViolation, Store
-from perpx.statedir import StateDir
+from shm import names
+from shm.progress import JournalProgress
 from shm.ring import EventRing
 from shm.wait import shared_cpu_wait
 
@@ -78,17 +75,15 @@ def log(msg: str) -> None:
 
 
 class Persistd:
-    def __init__(self, doc: dict, *, snapshot_every: int = 1_000_000, snapshots_keep: int = 2,
-                 flush_s: float = 0.1, retire_journal: bool = True):
-        eng = doc["engine"]
-        self.cfg = EngineConfig(**{k: eng[k] for k in EngineConfig.__dataclass_fields__})
-        self.sd = StateDir(doc["state_dir"])
-        self.prefix = doc["prefix"]
-        self.privileged_sources = np.array([bool(s["privileged"]) for s in doc["sources"]]
-                                           + [False] * (256 - len(doc["sources"])))
-        self.markets = [Market(m["symbol"], m["id"], Decimal(m["tick_size"]),
-                               Decimal(m["lot_size"])) for m in doc["markets"]]
-        self.fast_acks = doc.get("exchange", {}).get("ack_mode") == "fast"
+    def __init__(self, spec: ExchangeSpec, *, snapshot_every: int = 1_000_000,
+                 snapshots_keep: int = 2, flush_s: float = 0.1, retire_journal: bool = True):
+        self.cfg = spec.engine
+        self.sd = spec.layout
+        self.prefix = spec.prefix
+        self.privileged_sources = np.array([s.privileged for s in spec.sources]
+                                           + [False] * (256 - len(spec.sources)))
+        self.markets = list(spec.markets)
+        self.fast_acks = spec.ack_mode == "fast"
         self.snapshot_every = snapshot_every
         self.snapshots_keep = snapshots_keep
         self.flush_s = flush_s
@@ -393,16 +388,14 @@ class Persistd:
 
 def main(argv=None) -> int:
     import argparse
-    import json
-    from pathlib import Path
 
     p = argparse.ArgumentParser(prog="python -m persistd")
     p.add_argument("--spec", required=True, help="exchange.json written by `perpx up`")
     args = p.parse_args(argv)
-    doc = json.loads(Path(args.spec).read_text())
+    spec = load_spec(args.spec)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a file-size limit is an error, not a kill
-    opts = doc.get("persistence", {})
-    service = Persistd(doc, snapshot_every=int(opts.get("snapshot_every", 1_000_000)),
+    opts = spec.section("persistence")
+    service = Persistd(spec, snapshot_every=int(opts.get("snapshot_every", 1_000_000)),
                        snapshots_keep=int(opts.get("snapshots_keep", 2)),
                        flush_s=float(opts.get("store_flush_ms", 100)) / 1000,
                        retire_journal=bool(opts.get("retire_journal", True)))

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import re
 import threading
-from decimal import Decimal
 
 import duckdb
 import numpy as np
@@ -117,15 +116,6 @@ class ReadOnlyViolation(Exception):
     """A query() that would do more than read."""
 
 
-def _step_of(size: Decimal) -> tuple[int, int]:
-    """A positive decimal step as (mantissa, exponent): size = mantissa * 10**-exponent."""
-    _, digits, exp = size.normalize().as_tuple()
-    mantissa = int("".join(map(str, digits)))
-    if exp > 0:
-        return mantissa * 10 ** exp, 0
-    return mantissa, -exp
-
-
 def _sql_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -160,7 +150,7 @@ def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Store:
     """The exchange's DuckDB query store: write() event batches, query() read-only SQL.
 
-    `markets` lists gateway.markets.Market objects by market id (the events' `market` field);
+    `markets` lists engine.market.Market objects by market id (the events' `market` field);
     None marks an unused id.
     """
 
@@ -168,11 +158,12 @@ class Store:
         self.path = str(path)
         self.markets = list(markets)
         for i, m in enumerate(self.markets):
-            if m is not None and m.market_id != i:
-                raise ValueError(f"market {m.symbol} has id {m.market_id} but is at index {i}; "
+            if m is not None and m.id != i:
+                raise ValueError(f"market {m.symbol} has id {m.id} but is at index {i}; "
                                  f"pass markets indexed by id (None for unused ids)")
-        price_steps = [None if m is None else _step_of(m.tick_size) for m in self.markets]
-        qty_steps = [None if m is None else _step_of(m.lot_size) for m in self.markets]
+        price_steps = [None if m is None else (m.tick.mantissa, m.tick.exponent)
+                       for m in self.markets]
+        qty_steps = [None if m is None else (m.lot.mantissa, m.lot.exponent) for m in self.markets]
         want_p = max([s[1] for s in price_steps if s] + [0])
         want_q = max([s[1] for s in qty_steps if s] + [0])
 

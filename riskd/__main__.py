@@ -15,25 +15,26 @@ import signal
 import sys
 from pathlib import Path
 
+import posix_ipc
+
+from engine.spec import load_spec
+from riskd.service import Riskd
+from shm.region import ShmError
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m riskd")
     p.add_argument("--spec", required=True, help="exchange.json written by `perpx up`")
     p.add_argument("--ready-file", help="written once riskd is attached and about to serve")
     args = p.parse_args(argv)
-    doc = json.loads(Path(args.spec).read_text())
 
     signals = []     # the handler only records; the loop notices within one tick
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: signals.append(signum))
 
-    import posix_ipc
-
-    from riskd.service import Riskd
-    from shm.region import ShmError
     try:
-        riskd = Riskd(doc)
-    except (ShmError, posix_ipc.ExistentialError, ValueError) as e:
+        riskd = Riskd(load_spec(args.spec))
+    except (ShmError, posix_ipc.ExistentialError, ValueError, OSError) as e:
         print(f"riskd: cannot start: {e}", file=sys.stderr, flush=True)
         return 1
     try:

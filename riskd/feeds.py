@@ -25,12 +25,11 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from decimal import Decimal, localcontext
 from pathlib import Path
 
 import numpy as np
 
-from perpx.config import dec_str, parse_decimal
+from engine.units import Grid, parse_decimal
 from shm.index_board import IndexBoard
 
 NS_PER_S = 1_000_000_000
@@ -106,15 +105,6 @@ class CsvFeedError(ValueError):
     """A CSV index file that cannot be replayed; the message names the file and line."""
 
 
-def price_ticks_exact(text: str, tick_size: Decimal) -> int | None:
-    """A decimal price as a whole number of ticks, or None when it is off the grid."""
-    value = parse_decimal(text, "price")
-    with localcontext() as ctx:
-        ctx.prec = 80
-        q = value / tick_size
-    return int(q) if q == q.to_integral_value() else None
-
-
 class CsvReplay(IndexFeed):
     """Replays `ts_ns,price` rows (price a decimal string on the tick grid).
 
@@ -130,8 +120,8 @@ class CsvReplay(IndexFeed):
 
     def __init__(self, path, tick_size, max_ticks: int | None = None, absolute_ts: bool = False):
         self.path = Path(path)
-        tick = parse_decimal(tick_size, "tick_size")
-        self._times_ns, self._prices_ticks = _load_csv(self.path, tick, max_ticks)
+        self._times_ns, self._prices_ticks = _load_csv(self.path, Grid(tick_size, "tick size"),
+                                                       max_ticks)
         self._absolute = absolute_ts
         self._origin_ns = None
 
@@ -146,7 +136,7 @@ class CsvReplay(IndexFeed):
         return self._prices_ticks[k - 1] if k else None
 
 
-def _load_csv(path: Path, tick: Decimal, max_ticks: int | None) -> tuple[list, list]:
+def _load_csv(path: Path, tick: Grid, max_ticks: int | None) -> tuple[list, list]:
     times, prices = [], []
     try:
         lines = path.read_text().splitlines()
@@ -169,17 +159,17 @@ def _load_csv(path: Path, tick: Decimal, max_ticks: int | None) -> tuple[list, l
         if times and ts_ns < times[-1]:
             raise CsvFeedError(f"{where}: ts_ns {ts_ns} goes back (previous row {times[-1]})")
         try:
-            ticks = price_ticks_exact(price_text, tick)
+            ticks = tick.exact(parse_decimal(price_text, "price"))
         except ValueError as e:
             raise CsvFeedError(f"{where}: {e}") from None
         if ticks is None:
             raise CsvFeedError(f"{where}: price {price_text} is not a multiple of the tick size "
-                               f"{dec_str(tick)}")
+                               f"{tick.text}")
         if ticks < 1:
             raise CsvFeedError(f"{where}: price {price_text} is not positive")
         if max_ticks is not None and ticks > max_ticks:
             raise CsvFeedError(f"{where}: price {price_text} is above the market's max price "
-                               f"{dec_str(tick * max_ticks)}")
+                               f"{tick.format(max_ticks)}")
         times.append(ts_ns)
         prices.append(ticks)
     if not times:

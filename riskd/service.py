@@ -46,11 +46,12 @@ import time
 
 import numpy as np
 
+from engine.book import side_levels
 from engine.records import (CMD_SET_MARK, COMMAND_DTYPE, EVENT_DTYPE, SIDE_BUY, SIDE_SELL,
                             funding_command, liquidate_command, new_commands)
 from engine.service import attach_state
+from engine.spec import ExchangeSpec
 from engine.state import C_SEQ
-from perpx.config import config_from_resolved
 from riskd.feeds import feed_for
 from riskd.funding import FundingSchedule, impact_price, premium_e9
 from riskd.mark import MarkCalculator
@@ -84,12 +85,7 @@ def top_of_book(state, market: int) -> tuple[int | None, int | None, int | None]
 
 def book_side(state, market: int, side: int):
     """(price_ticks, qty_lots) of a book side, best first, read lazily from the tables."""
-    keys = state.book_keys[market, side]
-    slots = state.book_levels[market, side]
-    levels = state.levels
-    sign = 1 if side == SIDE_BUY else -1
-    for k in range(int(state.book_depth[market, side]) - 1, -1, -1):
-        price, qty = sign * int(keys[k]), int(levels["qty_lots"][slots[k]])
+    for price, qty in side_levels(state, market, side):
         if price < 1 or qty < 0:
             return           # a torn read (see Riskd.read_book): the rest is not a book
         yield price, qty
@@ -121,17 +117,16 @@ class _Market:
 
 
 class Riskd:
-    def __init__(self, doc: dict, log=None, attach_timeout_s: float = ATTACH_TIMEOUT_S):
+    def __init__(self, spec: ExchangeSpec, log=None, attach_timeout_s: float = ATTACH_TIMEOUT_S):
         self.log = log or (lambda msg: print(f"riskd: {msg}", file=sys.stderr, flush=True))
-        self.prefix = prefix = doc["prefix"]
-        risk = doc.get("risk", {})
+        self.prefix = prefix = spec.prefix
+        risk = spec.section("risk")
         self.interval_s = risk.get("mark_interval_ms", DEFAULT_MARK_INTERVAL_MS) / 1000
         seed = int(risk.get("seed", 0))
         sample_ms = int(risk.get("funding_sample_ms", DEFAULT_FUNDING_SAMPLE_MS))
         self.fundings_sent = self.liquidations_sent = 0
         self.scanner = None
-        config = config_from_resolved(doc)
-        engine = config.engine_config()
+        engine = spec.engine
         self.dropped = self.unsettled_reads = 0
         self._req = 0
         self._held = []
@@ -150,20 +145,20 @@ class Riskd:
             self.board = self._hold(attach_retrying(
                 lambda: IndexBoard.attach(prefix, engine.max_markets), attach_timeout_s))
             self.markets = []
-            for spec in config.markets:
+            for market in spec.markets:
                 # A restarted riskd resumes a sim walk where it was, not at the initial price.
-                before = self.board.published(spec.id)
-                feed = self._hold(feed_for(spec, prefix, seed,
+                before = self.board.published(market.id)
+                feed = self._hold(feed_for(market, prefix, seed,
                                            before.index_ticks if before else None))
-                self.markets.append(_Market(spec, feed,
-                                            int(self.state.markets["mark_ticks"][spec.id]),
-                                            FundingSchedule(spec, sample_ms, time.time_ns())))
+                self.markets.append(_Market(market, feed,
+                                            int(self.state.markets["mark_ticks"][market.id]),
+                                            FundingSchedule(market, sample_ms, time.time_ns())))
         except BaseException:
             self.close()
             raise
         self._seq_view = self.events.records["seq"]
         if risk.get("scan", True):
-            self.scanner = Scanner(self.state, [spec.id for spec in config.markets],
+            self.scanner = Scanner(self.state, [market.id for market in spec.markets],
                                    self._published_seq,
                                    int(risk.get("liquidation_retry_ms",
                                                 DEFAULT_LIQUIDATION_RETRY_MS)) * 1_000_000)
@@ -323,8 +318,8 @@ class Riskd:
             if pub is None:
                 parts.append(f"{mk.spec.symbol} no index")
             else:
-                parts.append(f"{mk.spec.symbol} index {mk.spec.price_str(pub.index_ticks)} mark "
-                             f"{mk.spec.price_str(pub.mark_ticks)} ({mk.sent} sent)")
+                parts.append(f"{mk.spec.symbol} index {mk.spec.ticks_to_str(pub.index_ticks)} mark "
+                             f"{mk.spec.ticks_to_str(pub.mark_ticks)} ({mk.sent} sent)")
         return "; ".join(parts) + (f"; {self.fundings_sent} fundings, "
                                    f"{self.liquidations_sent} liquidations sent"
                                    f"; dropped {self.dropped}, unsettled reads "

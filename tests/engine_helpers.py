@@ -12,6 +12,7 @@ import functools
 
 import numpy as np
 
+from engine.book import level_slots, order_slots
 from engine.config import EngineConfig
 from engine.invariants import check_state, collateral_totals
 from engine.matcher import LocalEvents, Matcher
@@ -489,15 +490,9 @@ class Engines:
         """[(price, [(oid, account, remaining), ...]), ...] best price first, FIFO inside."""
         st = self.st
         got = []
-        n = int(st.book_depth[market, side])
-        for k in range(n - 1, -1, -1):
-            lvl = int(st.book_levels[market, side, k])
-            orders = []
-            slot = int(st.levels[lvl]["first"])
-            while slot != NONE:
-                o = st.orders[slot]
-                orders.append((int(o["oid"]), int(o["account"]), int(o["remaining_lots"])))
-                slot = int(o["next"])
+        for lvl in level_slots(st, market, side):
+            orders = [(int(st.orders[s]["oid"]), int(st.orders[s]["account"]),
+                       int(st.orders[s]["remaining_lots"])) for s in order_slots(st, lvl)]
             got.append((int(st.levels[lvl]["price_ticks"]), orders))
         want = []
         mk = self.ref.markets.get(market)

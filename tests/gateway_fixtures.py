@@ -23,10 +23,11 @@ from engine.config import EngineConfig
 from engine.records import (CMD_DEPOSIT, CMD_SET_MARK, COMMAND_DTYPE, bracket_command,
                             market_create_command, market_limits_command, market_risk_command,
                             new_commands)
-from engine.service import MatcherService, Source, attach_state
+from engine.service import MatcherService, attach_state
+from engine.spec import Source
 from shm import names
 from engine.state import C_SEQ, state_hash
-from gateway.markets import MarketTable
+from engine.market import MarketTable
 from shm.ring import CommandRing
 from tests.shm_workers import attach_when_ready
 

@@ -8,8 +8,8 @@ import pytest
 from engine.config import market_config_problem, market_limits_problem
 from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_LIMITS,
                             CMD_SET_MARKET_RISK)
-from perpx.config import (ConfigError, config_from_resolved, genesis_commands, load_config,
-                          parse_config, usdc_to_atoms)
+from perpx.config import ConfigError, config_from_resolved, genesis_commands, load_config, parse_config
+from engine.units import usdc_to_atoms
 from shm.names import prefix_for as shm_prefix_for
 from perpx.supervisor import matcher_spins, plan_cpus
 

@@ -9,7 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from gateway.markets import MarketTable
+from engine.market import MarketTable
 from gateway.mirror import Mirror
 from tests.gateway_fixtures import (ENGINE, MARKETS, WAIT_S, Exchange, is_type, order,
                                     wait_until)
@@ -384,7 +384,7 @@ def test_market_data_rebuilds_the_book(exchange):
     _, _, tables = exchange.quiet_state()
     for m in markets:
         assert rebuilt[m] == book_dict(final[m]), m
-        assert book_dict(final[m]) == matcher_book(tables, TABLE.by_symbol[m].market_id), m
+        assert book_dict(final[m]) == matcher_book(tables, TABLE.by_symbol[m].id), m
     fills = [x for cl in clients.values() for x in cl.log if x.get("type") == "fill"]
     assert trades > 20 and trades == len({(f["trade_id"]) for f in fills})
 

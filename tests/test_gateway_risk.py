@@ -12,7 +12,7 @@ import msgpack
 import pytest
 
 from engine.records import funding_command, liquidate_command
-from gateway.markets import MarketTable
+from engine.market import MarketTable
 from shm.index_board import IndexBoard, Published
 from tests.gateway_fixtures import (BTC, BTC_MARK, ENGINE, ETH, MARKETS, WAIT_S, Exchange,
                                     is_type, order, wait_until)

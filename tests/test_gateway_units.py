@@ -16,7 +16,8 @@ from engine.records import (FUNDING_EVENT_DTYPE, LIQUIDATION_EVENT_DTYPE,
                             REASON_INVALID_QTY, REASON_INVALID_TICK, REASON_UNKNOWN_MARKET,
                             TRADE_EVENT_DTYPE, TIF_IOC, KIND_MARKET, CMD_NEW_ORDER)
 from gateway import codec
-from gateway.markets import EdgeReject, Market, MarketTable, atoms_to_str, format_scaled, usdc_to_atoms
+from engine.market import Market, MarketTable
+from engine.units import EdgeReject, atoms_str, scaled_str, usdc_to_atoms
 from gateway.mirror import Mirror, apply_events, comparable
 from tests.fuzz_streams import FUZZ_CONFIG, genesis, random_stream
 
@@ -44,8 +45,8 @@ def test_prices_and_quantities_convert_exactly():
     assert BTC.ticks_to_str(650005) == "65000.5" and BTC.ticks_to_str(650000) == "65000"
     assert BTC.lots_to_str(1) == "0.001" and BTC.lots_to_str(1500) == "1.5"
     assert ODD.lots_to_str(5) == "10" and ODD.ticks_to_str(3) == "1.5"
-    assert format_scaled(-5, 3) == "-0.005" and atoms_to_str(-2_600_000) == "-2.6"
-    assert atoms_to_str(0) == "0" and usdc_to_atoms("100.000001") == 100_000_001
+    assert scaled_str(-5, 3) == "-0.005" and atoms_str(-2_600_000) == "-2.6"
+    assert atoms_str(0) == "0" and usdc_to_atoms("100.000001") == 100_000_001
     for ticks in (1, 9, 10, 11, 650005, 1999999):
         assert BTC.price_to_ticks(BTC.ticks_to_str(ticks)) == ticks
 

@@ -29,7 +29,8 @@ import pytest
 from engine.config import EngineConfig
 from engine.matcher import LocalEvents, Matcher
 from engine.records import COMMAND_DTYPE, EV_MARK, EVENT_DTYPE, MARK_EVENT_DTYPE
-from engine.service import MatcherService, Source, attach_state
+from engine.service import MatcherService, attach_state
+from engine.spec import ExchangeSpec, Source
 from shm import names
 from engine.state import C_SEQ
 from perpx.config import genesis_commands, parse_config
@@ -446,8 +447,9 @@ def test_riskd_drops_marks_its_full_ring_cannot_take(shm_prefix, tmp_path):
         while service.matcher.seq < len(genesis):
             service.poll_once()
         board = IndexBoard.create(shm_prefix, engine.max_markets)
-        doc = {**cfg.to_dict(), "prefix": shm_prefix, "risk": {"mark_interval_ms": 20}}
-        riskd = Riskd(doc, log=lambda msg: None)
+        doc = {**cfg.to_dict(), "prefix": shm_prefix, "state_dir": str(tmp_path),
+               "risk": {"mark_interval_ms": 20}}
+        riskd = Riskd(ExchangeSpec.from_dict(doc), log=lambda msg: None)
         t0 = 1_700_000_000 * S
         # The walk starts at the genesis mark (nothing to send), then moves (a minute a tick).
         sent = [riskd.tick(t0 + k * 60 * S) for k in range(5)]

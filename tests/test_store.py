@@ -3,7 +3,7 @@
 Events come from the real compiled matcher where practical (engine.matcher.Matcher with a
 LocalEvents ring, commands from tests/engine_helpers.py and tests/fuzz_streams.py); the
 expected rows are computed one event at a time from what the gateway would send on the wire
-(gateway.codec messages, gateway.markets conversions), independently of the store's vectorised
+(gateway.codec messages, engine.units conversions), independently of the store's vectorised
 numpy/SQL path. Extreme values use hand-built events.
 """
 
@@ -28,7 +28,8 @@ from engine.records import (CMD_SET_MARK, EV_ACK, EV_AMENDED, EV_BALANCE, EV_CAN
 from gateway import codec
 from gateway.codec import (BALANCE_EVENT_STRUCT, MARK_EVENT_STRUCT, ORDER_EVENT_STRUCT,
                            TRADE_EVENT_STRUCT)
-from gateway.markets import Market, atoms_to_str
+from engine.market import Market
+from engine.units import atoms_str
 from persistd.store import BALANCE_ROW_DTYPE, INSURANCE_WORDS, ReadOnlyViolation, Store
 from tests import engine_helpers as eh
 from tests.fuzz_streams import FUZZ_CONFIG, genesis, random_stream
@@ -156,7 +157,7 @@ def wire_rows(events: np.ndarray, markets, after: int = 0, upto: int | None = No
             prev = events[i - 1:i].view(INSURANCE_EVENT_DTYPE)
             if i and prev["etype"][0] == EV_INSURANCE and prev["market"][0] >= 0:
                 continue            # an isolated deficit cover: the isolated margin, not a balance
-            balances.append((seq, ts, b[5], D(atoms_to_str(b[8]))))
+            balances.append((seq, ts, b[5], D(atoms_str(b[8]))))
         elif etype == EV_MARK:
             m = MARK_EVENT_STRUCT.unpack_from(raw, off)
             mk = markets[m[4]]
@@ -178,8 +179,8 @@ def wire_rows(events: np.ndarray, markets, after: int = 0, upto: int | None = No
         elif etype == EV_INSURANCE:
             e = events[i:i + 1].view(INSURANCE_EVENT_DTYPE)[0]
             insurance.append((seq, ts, INSURANCE_WORDS[int(e["reason"])],
-                              D(atoms_to_str(int(e["amount_atoms"]))),
-                              D(atoms_to_str(int(e["fund_atoms"])))))
+                              D(atoms_str(int(e["amount_atoms"]))),
+                              D(atoms_str(int(e["fund_atoms"])))))
     return {"fills": fills, "orders": orders, "balances": balances, "marks": marks,
             "funding_payments": funding, "liquidations": liquidations,
             "insurance_fund": insurance}
@@ -497,7 +498,7 @@ def check_exact(store: Store, ev: np.ndarray, markets) -> None:
         for row, e in zip(rows, ev):
             sym, price_s, qty_s, fee_s, maker_fee_s, price, qty, fee = row
             mk = by_symbol[sym]
-            assert mk.market_id == e["market"]
+            assert mk.id == e["market"]
             want_price = D(int(e["price_ticks"])) * mk.tick_size
             want_qty = D(int(e["qty_lots"])) * mk.lot_size
             assert D(price_s) == want_price == price, (sym, price_s, int(e["price_ticks"]))
@@ -506,7 +507,7 @@ def check_exact(store: Store, ev: np.ndarray, markets) -> None:
             assert D(maker_fee_s) == D(int(e["maker_fee_atoms"])) / 10 ** 6
             # and the wire's own strings
             assert D(price_s) == D(mk.ticks_to_str(int(e["price_ticks"])))
-            assert D(fee_s) == D(atoms_to_str(int(e["fee_atoms"])))
+            assert D(fee_s) == D(atoms_str(int(e["fee_atoms"])))
             assert isinstance(price, Decimal) and isinstance(fee, Decimal)
 
 

@@ -363,7 +363,7 @@ def _summary(results: list) -> dict:
 
 def _funded_accounts(sd, n: int, usdc: str = "1000000") -> list[str]:
     """n new accounts with `usdc` USDC each; their certificate paths."""
-    from perpx.config import usdc_to_atoms
+    from engine.units import usdc_to_atoms
     from perpx.ops import Exchange, create_account
     ex = Exchange(sd)
     certs = []
