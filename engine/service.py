@@ -29,10 +29,8 @@ from shm.ring import CommandRing, EventRing
 from shm.wait import SpinYieldBlockWait, WaitFactory
 
 DEFAULT_BATCH = 256
-# 2 MiB of 128-byte slots, a few milliseconds of events at full rate: the producer writes
-# every slot once per lap, so a ring that fits the caches makes each event write a cache hit
-# (measured: 16384 slots ~10% faster than 65536; a ring sized for the worst single command,
-# 2 x max orders, flushed the L3). Bigger commands go through the overflow buffer.
+# 2 MiB of 128-byte slots: small enough that each event write hits the cache (docs/tuning.md);
+# commands whose events exceed it go through the overflow buffer.
 DEFAULT_EVENT_CAPACITY = 1 << 14
 
 

@@ -92,10 +92,8 @@ class SpinYieldBlockWait:
 
 WaitFactory = Callable[[Doorbell], WaitStrategy]
 
-# Yields before sleeping for a waiter whose producer runs on the same CPU: spinning would
-# only keep the producer off it. Measured with `perpx bench e2e` on this 2-core box, matcher
-# and gateway on CPU 0: 20 yields 12.1k/13.4k orders/s, 3 yields 9.6k-15.8k, none 8.4k-9.6k
-# (the matcher itself now yields longer: perpx/matcherd.py).
+# Yields before sleeping for a waiter whose producer runs on the same CPU: spinning would only
+# keep the producer off it (`perpx bench e2e` chose the count: docs/tuning.md).
 SHARED_CPU_YIELDS = 20
 
 
