@@ -10,5 +10,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
-# One numba cache for the checkout: a fresh clone compiles the matcher once, later runs load it.
-export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$PWD/.venv/numba-cache}"
+# The numba cache dir is chosen by the engine package itself (engine/__init__.py).
