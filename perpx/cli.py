@@ -497,15 +497,26 @@ def cmd_check(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from perpx.durability import DurabilityError, progress_printer, verify
-    from persistd.journal import journal_info
+    from perpx.durability import DurabilityError, verify
+    from perpx.progress import Bar, ensure_matcher_compiled
     sd = _state_dir(args)
-    total = journal_info(sd.journal_dir)["last_seq"] if sd.journal_dir.exists() else 0
-    show = None if args.json else progress_printer(total, sys.stderr)
+    out = None if args.json else sys.stderr
+    bar = None
+
+    def on_total(total: int) -> None:
+        nonlocal bar
+        if out is not None:
+            bar = Bar("verify: replaying the journal", total, out)
+
+    if out is not None:
+        ensure_matcher_compiled(out)
     try:
-        result = verify(sd, on_progress=show)
+        result = verify(sd, on_progress=lambda seq: bar and bar.update(seq), on_total=on_total)
     except DurabilityError as e:
         raise CliError(f"verify failed: {e}") from None
+    finally:
+        if bar is not None:
+            bar.stop()
     lines = [f"replayed the journal from {result['from']} to seq {result['seq']} in "
              f"{result['seconds']} s: state hash {result['state_hash'][:16]}…"]
     for c in result["checks"]:

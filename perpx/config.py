@@ -101,6 +101,8 @@ ENGINE_DEFAULTS = {
     "event_ring_capacity": 0,
     "batch": 256,
 }
+# Config.source of the bundled perpx/default.toml
+BUNDLED_SOURCE = "<bundled default>"
 ENDPOINT_DEFAULTS = {
     "host": "127.0.0.1",
     "orders_port": 7700,
@@ -243,7 +245,7 @@ class Config:
     markets: tuple
     persistence: dict = None   # PERSISTENCE_DEFAULTS keys
     risk: dict = None          # RISK_DEFAULTS keys
-    source: str = "<bundled default>"
+    source: str = BUNDLED_SOURCE
 
     def engine_config(self):
         from engine.config import EngineConfig
@@ -409,7 +411,7 @@ def load_config(path=None) -> Config:
     except OSError as e:
         raise ConfigError(f"config file {p}: {e.strerror}") from None
     return parse_config(text, origin=p if path is not None else None,
-                        source=str(p) if path is not None else "<bundled default>")
+                        source=str(p) if path is not None else BUNDLED_SOURCE)
 
 
 def parse_config(text: str, origin: Path | None = None, source: str = "<string>") -> Config:

@@ -88,8 +88,13 @@ def _wait_durable(sd: StateDir, doc: dict, seq: int, timeout_s: float = 30.0) ->
         progress.close()
 
 
-def verify(sd: StateDir, on_progress=None) -> dict:
-    """Replay the journal offline and compare state hashes (see the module docstring)."""
+def verify(sd: StateDir, on_progress=None, on_total=None) -> dict:
+    """Replay the journal offline and compare state hashes (see the module docstring).
+
+    The replay ends at the journal's end as found when it starts (or the live state's seq,
+    if later): a running exchange keeps appending, and a moving end would never be reached.
+    `on_total(seq)` is told that end once it is known, `on_progress(seq)` each batch.
+    """
     doc = sd.exchange()
     cfg = sd.engine_config(doc)
     info = journal_info(sd.journal_dir) if sd.journal_dir.is_dir() else {"last_seq": 0}
@@ -117,7 +122,9 @@ def verify(sd: StateDir, on_progress=None) -> dict:
                if s > replica.seq]
     if live is not None:
         targets.append((live[0], "live", live[1]))
-    total = info["last_seq"]
+    total = max([info["last_seq"]] + [seq for seq, _, _ in targets])
+    if on_total is not None:
+        on_total(total)
     t0 = time.monotonic()
     try:
         for seq, what, expected in sorted(targets):
@@ -128,28 +135,9 @@ def verify(sd: StateDir, on_progress=None) -> dict:
             got = replica.state_hash()
             checks.append({"at": what, "seq": seq, "ok": got == expected,
                            "expected": expected, "replayed": got})
-        replica.catch_up(sd.journal_dir, on_progress=on_progress)
+        replica.catch_up(sd.journal_dir, upto_seq=total, on_progress=on_progress)
     except JournalCorrupt as e:
         raise DurabilityError(f"journal corrupt: {e}") from None
     return {"ok": all(c["ok"] for c in checks), "from": start, "seq": replica.seq,
             "journal_last_seq": total, "state_hash": replica.state_hash(),
             "seconds": round(time.monotonic() - t0, 3), "checks": checks}
-
-
-def progress_printer(total: int, out):
-    """A one-line progress bar for long replays (stderr)."""
-    last = [0.0]
-
-    def show(seq: int) -> None:
-        now = time.monotonic()
-        if now - last[0] < 0.2 and seq < total:
-            return
-        last[0] = now
-        frac = min(1.0, seq / total) if total else 1.0
-        bar = "#" * int(frac * 30)
-        print(f"\rverify: [{bar:<30}] seq {seq}/{total} ({frac:.0%})", end="", file=out,
-              flush=True)
-        if seq >= total:
-            print(file=out, flush=True)
-    return show
-

@@ -17,7 +17,7 @@ Start-up: lock STATE_DIR/supervisor.lock (one `perpx up` per state dir), clear w
 run left in /dev/shm under this state dir's prefix, resolve the config into exchange.json,
 create the server's CURVE certificate once (kept across runs, so clients keep their
 server_public_key), start the matcher and wait for its heartbeat to say ready (the first run
-compiles the matcher: about a minute), start persistd, send the genesis commands (per market,
+compiles the matcher, about a minute, and says so with a clock), start persistd, send the genesis commands (per market,
 config.genesis_commands) through the ops ring and check each was accepted, create the
 IndexBoard (`<prefix>-index`, shm/index_board.py: it belongs to the supervisor so that an
 operator's manual index outlives riskd restarts), start riskd and wait for its ready file,
@@ -70,10 +70,13 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from perpx.config import Config, write_json_atomic
+from engine.matcher import matcher_is_cached
+from perpx.config import BUNDLED_SOURCE, Config, write_json_atomic
+from perpx.progress import COMPILING_MATCHER, elapsed
 from perpx.statedir import FileLock, StateDir
 from shm.heartbeat import MATCHER_SLOT, HeartbeatBoard
 
@@ -147,17 +150,19 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
-def resolve_ports(cfg: Config) -> dict:
-    """Concrete ports: 0 becomes a free port now (kept for the run, so restarts reuse it)."""
+def resolve_ports(cfg: Config, log=None) -> dict:
+    """Concrete ports: 0 becomes a free port now (kept for the run, so restarts reuse it).
+
+    A configured port that is taken is an error naming it and its config key, except under the
+    bundled default config (nobody chose 7700 there): then a free port is used instead and
+    `log` says which, so that a second exchange on the box, or anything else on 7700, does not
+    stop a newcomer's `./scripts/run`.
+    """
     host = cfg.endpoints["host"]
+    fall_back = cfg.source == BUNDLED_SOURCE
     taken = set()
 
-    def pick(port: int, key: str) -> int:
-        if port:
-            if not _bindable(host, port):
-                raise StartupError(f"endpoints.{key}: port {port} on {host} is in use")
-            taken.add(port)
-            return port
+    def free_port() -> int:
         for _ in range(100):
             addr = "127.0.0.1" if host in ("*", "0.0.0.0") else host.strip("[]")
             family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -168,6 +173,22 @@ def resolve_ports(cfg: Config) -> dict:
                 taken.add(port)
                 return port
         raise StartupError("could not find a free port")
+
+    def pick(port: int, key: str) -> int:
+        if not port:
+            return free_port()
+        if port not in taken and _bindable(host, port):
+            taken.add(port)
+            return port
+        if not fall_back:
+            raise StartupError(f"endpoints.{key}: port {port} on {host} is in use; choose "
+                               f"another in {cfg.source} (0 = any free port)")
+        chosen = free_port()
+        if log is not None:
+            log(f"port {port} (endpoints.{key}) on {host} is in use, so this run uses "
+                f"{chosen}; clients find it in endpoints.json. To fix the port, set "
+                f"endpoints.{key} in a config file: perpx up --config FILE")
+        return chosen
 
     base = cfg.endpoints["orders_port"]
     orders = [pick(base + i if base else 0, "orders_port") for i in range(cfg.gateways)]
@@ -291,6 +312,9 @@ class Supervisor:
     # -- the whole run ------------------------------------------------------------------
     def run(self) -> int:
         self.install_signal_handlers()
+        unsafe = self.sd.others_can_write()
+        if unsafe:
+            raise StartupError(unsafe)
         self.sd.make()
         deadline = time.monotonic() + 1.0
         while not self.lock.try_acquire():
@@ -300,6 +324,10 @@ class Supervisor:
                                    f"(supervisor pid {pid}); `perpx down` stops it")
             time.sleep(0.05)
         self.lock.write_pid()
+        fixed = self.sd.private()
+        if fixed:
+            self.log(f"made {len(fixed)} files and directories of {self.sd.path} private to "
+                     f"this user (0600/0700): {', '.join(fixed[:4])}{' ...' if len(fixed) > 4 else ''}")
         try:
             try:
                 self.start()
@@ -328,7 +356,7 @@ class Supervisor:
         if cfg.ack_mode == "fast":
             self.log("note: ack_mode \"fast\": gateways acknowledge before the journal has the "
                      "command (benchmarks only: an acknowledged order can be lost in a crash)")
-        ports = resolve_ports(cfg)
+        ports = resolve_ports(cfg, self.log)
         available = sorted(os.sched_getaffinity(0))
         self.cpu_plan = plan_cpus(available, cfg.gateways) if cfg.pin_cpus else {}
         if self.cpu_plan and len(available) > 1:
@@ -360,13 +388,15 @@ class Supervisor:
         self.matcher = self._child("matcher", [sys.executable, "-m", "perpx.matcherd",
                                                "--spec", str(sd.exchange_file)],
                                    ready_check=matcher_ready)
+        compiles = not matcher_is_cached()
         self._spawn(self.matcher)
         self.log(f"matcher started (pid {self.matcher.pid}, cpus {self.matcher.cpus or 'any'}); "
-                 f"waiting for it to load the compiled matcher"
+                 f"waiting for it to {'compile' if compiles else 'load'} the matcher"
                  + (f" and recover seq {journaled} from the journal" if journaled else ""))
         t0 = time.monotonic()
-        self._wait(lambda: self._check_ready(self.matcher), cfg.startup_timeout_s,
-                   "the matcher to start", [self.matcher])
+        with elapsed(COMPILING_MATCHER) if compiles else nullcontext():
+            self._wait(lambda: self._check_ready(self.matcher), cfg.startup_timeout_s,
+                       "the matcher to start", [self.matcher])
         self.log(f"matcher ready in {time.monotonic() - t0:.1f} s")
 
         self.persistd = self._child("persistd", [sys.executable, "-m", "persistd",
