@@ -11,9 +11,12 @@ list the register function in REGISTRARS. Only implemented subcommands are regis
 """
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
+
+from perpx.statedir import PRIVATE_UMASK
 
 DEFAULT_STATE_DIR = "./perpx-state"
 # bench defaults (kept here so building the parser does not import the engine)
@@ -25,7 +28,54 @@ class CliError(Exception):
     """A failure to report as one line on stderr (exit status 1)."""
 
 
+# Examples shown at the end of each command's --help, by command path.
+EXAMPLES = {
+    "": ["./scripts/run                        # exchange + demo traders, state in ./perpx-state",
+         "perpx up                             # just the exchange (foreground)",
+         "perpx account create --deposit 1000  # an account for your bot",
+         "perpx status", "perpx top", "perpx down"],
+    "up": ["perpx up", "perpx up --config my-exchange.toml --state-dir /srv/perpx",
+           "perpx --json up                # one JSON line with the endpoints once up"],
+    "down": ["perpx down", "perpx down --timeout 60"],
+    "status": ["perpx status", "perpx status --json | jq .rings.events.consumer_lag"],
+    "top": ["perpx top", "perpx top --interval 0.5", "perpx top --once    # one frame, then exit"],
+    "account": ["perpx account create --deposit 1000", "perpx account show 1"],
+    "account create": ["perpx account create", "perpx account create --deposit 1000",
+                       "perpx --json account create --deposit 250.5"],
+    "account show": ["perpx account show 1", "perpx account show 1 --json"],
+    "deposit": ["perpx deposit 1 250.5"],
+    "halt": ["perpx halt BTC-PERP"],
+    "resume": ["perpx resume BTC-PERP"],
+    "oracle": ["perpx oracle set BTC-PERP 64000"],
+    "oracle set": ["perpx oracle set BTC-PERP 64000", "perpx oracle set ETH-PERP 3150.25"],
+    "book": ["perpx book BTC-PERP", "perpx book ETH-PERP --depth 3"],
+    "positions": ["perpx positions", "perpx positions BTC-PERP --json"],
+    "markets": ["perpx markets", "perpx markets --config my-exchange.toml   # validate a config"],
+    "sql": ['perpx sql "SELECT market, count(*), sum(qty) FROM fills GROUP BY market"',
+            'perpx sql "SELECT * FROM admin_log ORDER BY seq DESC LIMIT 10"'],
+    "check": ["perpx check"],
+    "verify": ["perpx verify", "perpx --json verify"],
+    "demo": ["perpx demo", "perpx demo --seconds 30 --seed 7"],
+    "bench": ["perpx bench matcher", "perpx bench e2e --seconds 3"],
+    "bench matcher": ["perpx bench matcher", "perpx bench matcher --commands 200000 --runs 3",
+                      "perpx bench matcher --risk --json"],
+    "bench lobster": ["perpx bench lobster", "perpx bench lobster --limit 100000"],
+    "bench e2e": ["perpx bench e2e", "perpx bench e2e --seconds 3 --ack-mode fast"],
+    "bench durability": ["perpx bench durability --orders 100000 --runs 1"],
+    "bench risk": ["perpx bench risk --no-cascade", "perpx bench risk --positions 10000"],
+}
+
+
 class _Parser(argparse.ArgumentParser):
+    """perpx's parsers: one-line errors, and the examples of EXAMPLES after the help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        examples = EXAMPLES.get(self.prog.partition(" ")[2])
+        if examples and not self.epilog:
+            self.epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+
     def error(self, message):
         # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -544,14 +594,18 @@ def cmd_account_create(args) -> int:
     else:
         max_accounts = load_config(None).engine["max_accounts"]
     account, cert = create_account(sd, max_accounts)
-    result = {"account": account, "certificate": cert}
-    text = f"account {account}\ncertificate {cert}"
+    connect = f"Client.connect({str(sd.endpoints_file)!r}, {cert!r})"
+    result = {"account": account, "certificate": cert, "endpoints": str(sd.endpoints_file),
+              "connect": connect}
+    text = f"account {account}\ncertificate {cert}  (secret: keep it to yourself)"
     if ex is not None:
         reply = ex.deposit(account, atoms)
         balance = next(e for e in reply.events if "balance_atoms" in e)["balance_atoms"]
         result.update({"deposit": atoms_str(atoms), "balance": atoms_str(balance),
                        "seq": reply.seq})
         text += f"\ndeposited {atoms_str(atoms)} USDC (balance {atoms_str(balance)})"
+    text += ("\nconnect a bot (docs/client.md):\n    from perpx.client import Client\n"
+             f"    c = {connect}")
     emit(args, result, text)
     return 0
 
@@ -729,26 +783,28 @@ def _register_account(sub, common):
                             parser_class=_Parser)
     q = asub.add_parser("create", parents=[common],
                         help="new account with a CURVE certificate, registered with the gateways")
-    q.add_argument("--deposit", metavar="AMOUNT", default=None, help="USDC to deposit")
+    q.add_argument("--deposit", metavar="AMOUNT", default=None,
+                   help="USDC to deposit into it, e.g. 1000 or 250.5 (needs a running exchange)")
     q.set_defaults(func=cmd_account_create)
     q = asub.add_parser("show", parents=[common], help="balance, margin, positions, orders")
-    q.add_argument("id", type=_account_id, metavar="ID")
+    q.add_argument("id", type=_account_id, metavar="ID", help="the account id, e.g. 1")
     q.set_defaults(func=cmd_account_show)
 
 
 def _register_deposit(sub, common):
     p = sub.add_parser("deposit", parents=[common], help="credit USDC to an account")
-    p.add_argument("account", type=_account_id, metavar="ACCOUNT")
+    p.add_argument("account", type=_account_id, metavar="ACCOUNT",
+                   help="the account id (from `perpx account create`)")
     p.add_argument("amount", metavar="AMOUNT", help="USDC, e.g. 1000 or 0.5")
     p.set_defaults(func=cmd_deposit)
 
 
 def _register_halt(sub, common):
     p = sub.add_parser("halt", parents=[common], help="stop trading in a market")
-    p.add_argument("market", metavar="MARKET")
+    p.add_argument("market", metavar="MARKET", help="market symbol, e.g. BTC-PERP")
     p.set_defaults(func=cmd_halt)
     p = sub.add_parser("resume", parents=[common], help="resume trading in a market")
-    p.add_argument("market", metavar="MARKET")
+    p.add_argument("market", metavar="MARKET", help="market symbol, e.g. BTC-PERP")
     p.set_defaults(func=cmd_resume)
 
 
@@ -758,14 +814,15 @@ def _register_oracle(sub, common):
                             parser_class=_Parser)
     q = osub.add_parser("set", parents=[common],
                         help="set the index (and mark) of a market whose oracle is manual")
-    q.add_argument("market", metavar="MARKET")
-    q.add_argument("price", metavar="PRICE")
+    q.add_argument("market", metavar="MARKET", help="market symbol, e.g. BTC-PERP")
+    q.add_argument("price", metavar="PRICE",
+                   help="the index price, a decimal on the market's tick grid, e.g. 64000.5")
     q.set_defaults(func=cmd_oracle_set)
 
 
 def _register_book(sub, common):
     p = sub.add_parser("book", parents=[common], help="a market's order book")
-    p.add_argument("market", metavar="MARKET")
+    p.add_argument("market", metavar="MARKET", help="market symbol, e.g. BTC-PERP")
     p.add_argument("--depth", type=_depth, default=10, metavar="N",
                    help="levels per side (default 10; 0 = all)")
     p.set_defaults(func=cmd_book)
@@ -773,7 +830,8 @@ def _register_book(sub, common):
 
 def _register_positions(sub, common):
     p = sub.add_parser("positions", parents=[common], help="open positions (all accounts)")
-    p.add_argument("market", metavar="MARKET", nargs="?", default=None)
+    p.add_argument("market", metavar="MARKET", nargs="?", default=None,
+                   help="only this market (default: all)")
     p.set_defaults(func=cmd_positions)
 
 
@@ -795,7 +853,7 @@ def _register_demo(sub, common):
 
 def _register_durability(sub, common):
     p = sub.add_parser("sql", parents=[common], help="read-only SQL on the DuckDB store")
-    p.add_argument("query", metavar="SQL")
+    p.add_argument("query", metavar="SQL", help="one read-only statement (SELECT, ...)")
     p.set_defaults(func=cmd_sql)
     p = sub.add_parser("check", parents=[common],
                        help="check the invariants of the live state (DESIGN.md §8)")
@@ -823,9 +881,19 @@ REGISTRARS = [
 ]
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("perpx")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
-    parser = _Parser(prog="perpx", description="perpx: a perpetual-futures exchange on one box")
+    parser = _Parser(prog="perpx", description="perpx: a perpetual-futures exchange on one box. "
+                                               "`perpx COMMAND --help` explains each command.")
+    parser.add_argument("--version", action="version", version=f"perpx {version()}",
+                        help="print the version and exit")
     parser.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
                         help=f"exchange state directory (default {DEFAULT_STATE_DIR})")
     parser.add_argument("--json", action="store_true", default=False,
@@ -839,7 +907,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help()
+        return 0
     args = parser.parse_args(argv)
+    os.umask(PRIVATE_UMASK)       # what perpx creates (keys, state, logs) is this user's alone
     try:
         return int(args.func(args) or 0)
     except CliError as e:
