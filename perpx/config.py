@@ -24,8 +24,9 @@ Keys (defaults in brackets):
                 account that has not changed after this long), scan [true] (the liquidation
                 scanner; false only for benchmarks of the rest)
     [endpoints] host ["127.0.0.1"], orders_port [7700] (gateway N binds orders_port + N),
-                market_data_port [7800]; a port of 0 means "any free port, chosen at start"
-                (and kept across gateway restarts)
+                market_data_port [7800], metrics_port [7900] (Prometheus, perpx/metrics.py);
+                a port of 0 means "any free port, chosen at start" (and kept across gateway
+                restarts)
     [[markets]] symbol, tick_size, lot_size, initial_price (required); oracle ["sim"],
                 max_leverage [20], maker_fee ["0.0002"], taker_fee ["0.0005"],
                 price_band ["0.10"], brackets [see DEFAULT_BRACKETS], liquidation_fee ["0.005"],
@@ -107,6 +108,7 @@ ENDPOINT_DEFAULTS = {
     "host": "127.0.0.1",
     "orders_port": 7700,
     "market_data_port": 7800,
+    "metrics_port": 7900,
 }
 PERSISTENCE_DEFAULTS = {
     "snapshot_every": 1_000_000,
@@ -466,6 +468,7 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
         c.fail("endpoints.host", f"{ep['host']!r} must be a host name or address")
     c.integer("endpoints.orders_port", ep["orders_port"], 0, 65535)
     c.integer("endpoints.market_data_port", ep["market_data_port"], 0, 65535)
+    c.integer("endpoints.metrics_port", ep["metrics_port"], 0, 65535)
     if ep["orders_port"] and ep["orders_port"] + gateways - 1 > 65535:
         c.fail("endpoints.orders_port", f"{ep['orders_port']} + {gateways} gateways passes 65535")
     if (ep["orders_port"] and ep["market_data_port"]

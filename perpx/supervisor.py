@@ -21,8 +21,9 @@ compiles the matcher, about a minute, and says so with a clock), start persistd,
 config.genesis_commands) through the ops ring and check each was accepted, create the
 IndexBoard (`<prefix>-index`, shm/index_board.py: it belongs to the supervisor so that an
 operator's manual index outlives riskd restarts), start riskd and wait for its ready file,
-start the gateways and wait until each has bound its sockets, then write endpoints.json and
-status.json.
+start the gateways and wait until each has bound its sockets, start the Prometheus exporter
+(perpx/metrics.py: threads of this process, reading shm only; endpoints.metrics), then write
+endpoints.json and status.json.
 
 CPU pinning (`os.sched_setaffinity`, exchange.pin_cpus): with at least gateways + 2 CPUs the
 matcher and each gateway get a CPU of their own and everything else (the supervisor,
@@ -76,6 +77,7 @@ from pathlib import Path
 
 from engine.matcher import matcher_is_cached
 from perpx.config import BUNDLED_SOURCE, Config, write_json_atomic
+from perpx.metrics import Exporter
 from perpx.progress import COMPILING_MATCHER, elapsed
 from perpx.statedir import FileLock, StateDir
 from shm.heartbeat import MATCHER_SLOT, HeartbeatBoard
@@ -193,12 +195,14 @@ def resolve_ports(cfg: Config, log=None) -> dict:
     base = cfg.endpoints["orders_port"]
     orders = [pick(base + i if base else 0, "orders_port") for i in range(cfg.gateways)]
     md = pick(cfg.endpoints["market_data_port"], "market_data_port")
+    metrics = pick(cfg.endpoints["metrics_port"], "metrics_port")
     connect_host = "127.0.0.1" if host in ("*", "0.0.0.0") else host
     return {
         "orders_bind": [f"tcp://{host}:{p}" for p in orders],
         "market_data_bind": f"tcp://{host}:{md}",
         "orders": [f"tcp://{connect_host}:{p}" for p in orders],
         "market_data": f"tcp://{connect_host}:{md}",
+        "metrics_host": host, "metrics_port": metrics,
     }
 
 
@@ -284,6 +288,7 @@ class Supervisor:
         self.riskd: Child | None = None
         self.index_board = None
         self.progress = None
+        self.exporter = None
         self.gateways: list[Child] = []
         self.hb_board = None
         self.heartbeat = None
@@ -449,13 +454,22 @@ class Supervisor:
         public, _ = zmq.auth.load_certificate(str(server_secret))
         self.endpoints = {"orders": ports["orders"][0], "market_data": ports["market_data"],
                           "server_public_key": public.decode(), "orders_all": ports["orders"]}
+        self.exporter = Exporter(sd, self.doc, self.endpoints, log=self.log, restarts=lambda: {
+            c.name: c.restarts for c in self._running()})
+        try:
+            self.endpoints["metrics"] = self.exporter.start(ports["metrics_host"],
+                                                            ports["metrics_port"])
+        except OSError as e:
+            raise StartupError(f"endpoints.metrics_port: cannot serve metrics on "
+                               f"{ports['metrics_host']}:{ports['metrics_port']}: {e}") from None
         write_json_atomic(sd.endpoints_file, self.endpoints)
         self.write_status()
         if self.json_out:
             print(json.dumps(self.endpoints), file=self.out, flush=True)
         else:
             print(f"perpx is up: orders {self.endpoints['orders']}, market data "
-                  f"{self.endpoints['market_data']}; state in {sd.path}; "
+                  f"{self.endpoints['market_data']}, metrics {self.endpoints['metrics']} "
+                  f"(perpx top); state in {sd.path}; "
                   f"{len(cfg.markets)} markets ({', '.join(m.symbol for m in cfg.markets)}). "
                   f"Ctrl-C or `perpx down` stops it.", file=self.out, flush=True)
 
@@ -660,6 +674,9 @@ class Supervisor:
     def shutdown(self) -> None:
         for child in self._running():
             child.restart_at = None
+        if self.exporter is not None:      # it reads the shm the children are about to remove
+            self.exporter.stop()
+            self.exporter = None
         # riskd with the gateways: no new marks or liquidations once clients are gone.
         self._stop_children([c for c in (self.riskd, *self.gateways) if c is not None],
                             GATEWAY_STOP_S)
