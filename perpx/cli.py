@@ -97,6 +97,7 @@ def _common_options() -> argparse.ArgumentParser:
 
 def emit(args, result: dict, text: str | None = None):
     """Print a command's result: JSON with --json, else `text` (or the JSON, indented)."""
+    args.result_seq = result.get("seq")       # for admin_log (see admin_command)
     if args.json:
         print(json.dumps(result, sort_keys=False))
     else:
@@ -333,6 +334,37 @@ def _amount_atoms(text: str) -> int:
         return usdc_to_atoms(text)
     except ValueError as e:
         raise CliError(str(e)) from None
+
+
+def admin_command(name: str):
+    """Decorate an operator command that changes the exchange: whatever its outcome, a row
+    goes to DuckDB's admin_log (who, when, the command line, its seq, ok or the error). A row
+    that cannot be written (persistd restarting) is a warning on stderr, not a failure."""
+    def wrap(cmd):
+        def run(args) -> int:
+            outcome = "ok"
+            try:
+                return cmd(args)
+            except BaseException as e:
+                outcome = f"error: {e}" if str(e) else f"error: {type(e).__name__}"
+                raise
+            finally:
+                _record_admin(args, name, outcome)
+        run.__name__, run.__doc__ = cmd.__name__, cmd.__doc__
+        return run
+    return wrap
+
+
+def _record_admin(args, name: str, outcome: str) -> None:
+    from perpx.durability import DurabilityError, record_admin
+    from perpx.statedir import NotRunning
+    try:
+        record_admin(_state_dir(args), name, " ".join(getattr(args, "argv", [])),
+                     getattr(args, "result_seq", None), outcome)
+    except NotRunning:
+        pass                      # nothing changed, and there is no store to write to
+    except (DurabilityError, OSError) as e:
+        print(f"perpx: warning: not recorded in admin_log: {e}", file=sys.stderr)
 
 
 # ---- up / down / status -----------------------------------------------------------------------
@@ -581,6 +613,7 @@ def cmd_verify(args) -> int:
 
 
 # ---- accounts and money -----------------------------------------------------------------------
+@admin_command("account create")
 def cmd_account_create(args) -> int:
     from perpx.config import atoms_str, load_config
     from perpx.ops import Exchange, create_account
@@ -610,6 +643,7 @@ def cmd_account_create(args) -> int:
     return 0
 
 
+@admin_command("deposit")
 def cmd_deposit(args) -> int:
     from perpx.config import atoms_str
     atoms = _amount_atoms(args.amount)
@@ -653,10 +687,12 @@ def cmd_account_show(args) -> int:
 
 
 # ---- markets --------------------------------------------------------------------------------
+@admin_command("halt")
 def cmd_halt(args) -> int:
     return _halt(args, True)
 
 
+@admin_command("resume")
 def cmd_resume(args) -> int:
     return _halt(args, False)
 
@@ -669,6 +705,7 @@ def _halt(args, halted: bool) -> int:
     return 0
 
 
+@admin_command("oracle set")
 def cmd_oracle_set(args) -> int:
     ex = _exchange(args)
     done = ex.set_index(args.market, args.price)
@@ -912,6 +949,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     args = parser.parse_args(argv)
+    args.argv = ["perpx", *argv]
     os.umask(PRIVATE_UMASK)       # what perpx creates (keys, state, logs) is this user's alone
     try:
         return int(args.func(args) or 0)

@@ -1,7 +1,8 @@
 """The operator's side of durability: `perpx sql`, `perpx verify`, `perpx check`.
 
 - `sql`: a read-only query, answered by persistd (it holds DuckDB's write connection) over a
-  local ZeroMQ socket (STATE_DIR/run/sql.ipc).
+  local ZeroMQ socket (STATE_DIR/run/sql.ipc). `record_admin` adds an operator command's
+  who/when row to admin_log over the same socket.
 - `verify`: replays the journal offline into a private copy of the state, from genesis when
   the journal starts at seq 1, else from the oldest snapshot it reaches back to. Every batch
   checksum is checked on the way (a corrupt batch fails the run, naming segment and offset);
@@ -13,6 +14,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import time
 
 import msgpack
@@ -30,6 +33,11 @@ class DurabilityError(RuntimeError):
 
 def sql(sd: StateDir, query: str, timeout_s: float = 30.0) -> dict:
     """{"columns", "rows", "store_seq"} of a read-only query; DurabilityError on refusal."""
+    return _sql_request(sd, {"sql": query}, timeout_s)
+
+
+def _sql_request(sd: StateDir, request: dict, timeout_s: float) -> dict:
+    """One request on persistd's local socket (STATE_DIR/run/sql.ipc); its reply map."""
     import zmq
     sd.require_running()
     if not sd.sql_socket.exists():
@@ -39,7 +47,7 @@ def sql(sd: StateDir, query: str, timeout_s: float = 30.0) -> dict:
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(f"ipc://{sd.sql_socket}")
-        sock.send(msgpack.packb({"sql": query}))
+        sock.send(msgpack.packb(request))
         if not sock.poll(int(timeout_s * 1000)):
             raise DurabilityError(f"persistd did not answer within {timeout_s:g} s")
         reply = msgpack.unpackb(sock.recv())
@@ -48,6 +56,20 @@ def sql(sd: StateDir, query: str, timeout_s: float = 30.0) -> dict:
     if "error" in reply:
         raise DurabilityError(reply["error"])
     return reply
+
+
+def record_admin(sd: StateDir, command: str, args: str, seq: int | None, outcome: str,
+                 timeout_s: float = 5.0) -> None:
+    """Add who ran an operator command, and when, to DuckDB's admin_log (through persistd,
+    the store's only writer); DurabilityError if it could not be recorded."""
+    uid = os.getuid()
+    try:
+        operator = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        operator = str(uid)
+    _sql_request(sd, {"admin_log": {"ts_ns": time.time_ns(), "operator": operator, "uid": uid,
+                                    "pid": os.getpid(), "command": command, "args": args,
+                                    "seq": seq, "outcome": outcome}}, timeout_s)
 
 
 def _live_copy(sd: StateDir, doc: dict):
