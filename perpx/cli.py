@@ -784,6 +784,28 @@ def cmd_markets(args) -> int:
     return 0
 
 
+def cmd_top(args) -> int:
+    from rich.console import Console
+
+    from perpx.top import run_top, scrape
+    sd = _state_dir(args)
+    sd.require_running()
+    url = (sd.status() or {}).get("endpoints", {}) or {}
+    url = url.get("metrics")
+    if not url:
+        raise CliError(f"no metrics endpoint in {sd.status_file} (is the exchange still "
+                       f"starting?)")
+    if args.json:
+        emit(args, scrape(url))
+        return 0
+    try:
+        run_top(url, Console(), interval_s=args.interval, once=args.once,
+                title=f"perpx top  {sd.path}")
+    except OSError as e:
+        raise CliError(f"cannot read {url}: {e}") from None
+    return 0
+
+
 def cmd_demo(args) -> int:
     from perpx.demo import run_demo
     result = run_demo(args.state_dir, seconds=args.seconds,
@@ -879,6 +901,16 @@ def _register_markets(sub, common):
     p.set_defaults(func=cmd_markets)
 
 
+def _register_top(sub, common):
+    p = sub.add_parser("top", parents=[common],
+                       help="live dashboard: throughput, ack latency, markets, lags, rejects")
+    p.add_argument("--interval", type=_positive_float, default=1.0, metavar="S",
+                   help="seconds between redraws (default 1)")
+    p.add_argument("--once", action="store_true",
+                   help="print one frame and exit (with --json: the scrape as JSON)")
+    p.set_defaults(func=cmd_top)
+
+
 def _register_demo(sub, common):
     p = sub.add_parser("demo", parents=[common],
                        help="demo traders (a market maker, two takers) against the exchange")
@@ -905,6 +937,7 @@ REGISTRARS = [
     _register_up,
     _register_down,
     _register_status,
+    _register_top,
     _register_account,
     _register_deposit,
     _register_halt,
