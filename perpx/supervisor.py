@@ -454,7 +454,7 @@ class Supervisor:
         public, _ = zmq.auth.load_certificate(str(server_secret))
         self.endpoints = {"orders": ports["orders"][0], "market_data": ports["market_data"],
                           "server_public_key": public.decode(), "orders_all": ports["orders"]}
-        self.exporter = Exporter(sd, self.doc, self.endpoints, log=self.log, restarts=lambda: {
+        self.exporter = Exporter(sd, self.doc, log=self.log, restarts=lambda: {
             c.name: c.restarts for c in self._running()})
         try:
             self.endpoints["metrics"] = self.exporter.start(ports["metrics_host"],
