@@ -958,12 +958,25 @@ def version() -> str:
         return "unknown (not installed: pip install -e .)"
 
 
+class _VersionAction(argparse.Action):
+    """--version: the version, and where the compiled matcher is cached (engine package)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from engine import numba_cache_dir
+        print(f"perpx {version()}\nnumba cache (the compiled matcher): {numba_cache_dir()}")
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     parser = _Parser(prog="perpx", description="perpx: a perpetual-futures exchange on one box. "
                                                "`perpx COMMAND --help` explains each command.")
-    parser.add_argument("--version", action="version", version=f"perpx {version()}",
-                        help="print the version and exit")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the version (and the matcher's cache dir) and exit")
     parser.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
                         help=f"exchange state directory (default {DEFAULT_STATE_DIR})")
     parser.add_argument("--json", action="store_true", default=False,

@@ -248,6 +248,8 @@ class Config:
     persistence: dict = None   # PERSISTENCE_DEFAULTS keys
     risk: dict = None          # RISK_DEFAULTS keys
     source: str = BUNDLED_SOURCE
+    # endpoint keys the config file gave; a port left to the defaults may move when taken
+    explicit_endpoints: tuple = ()
 
     def engine_config(self):
         from engine.config import EngineConfig
@@ -463,6 +465,7 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
 
     ep = c.table(doc, "endpoints")
     c.unknown_keys("endpoints", ep, ENDPOINT_DEFAULTS)
+    explicit_endpoints = tuple(k for k in ENDPOINT_DEFAULTS if k in ep)
     ep = {**ENDPOINT_DEFAULTS, **ep}
     if not isinstance(ep["host"], str) or not re.fullmatch(r"[A-Za-z0-9.:\-\[\]*]+", ep["host"]):
         c.fail("endpoints.host", f"{ep['host']!r} must be a host name or address")
@@ -514,7 +517,8 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     return Config(gateways=gateways, ack_mode=ex["ack_mode"], pin_cpus=ex["pin_cpus"],
                   rate_limit_per_s=rate, rate_limit_burst=burst, startup_timeout_s=startup,
                   engine={k: eng[k] for k in ENGINE_DEFAULTS}, endpoints=dict(ep),
-                  markets=tuple(markets), persistence=per, risk=risk, source=source)
+                  markets=tuple(markets), persistence=per, risk=risk, source=source,
+                  explicit_endpoints=explicit_endpoints)
 
 
 def _market(c: _Checker, i: int, item, origin: Path | None,

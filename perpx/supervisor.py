@@ -155,13 +155,13 @@ def _bindable(host: str, port: int) -> bool:
 def resolve_ports(cfg: Config, log=None) -> dict:
     """Concrete ports: 0 becomes a free port now (kept for the run, so restarts reuse it).
 
-    A configured port that is taken is an error naming it and its config key, except under the
-    bundled default config (nobody chose 7700 there): then a free port is used instead and
-    `log` says which, so that a second exchange on the box, or anything else on 7700, does not
-    stop a newcomer's `./scripts/run`.
+    A port the config file names that is taken is an error naming it and its config key. A
+    port nobody chose (the bundled config's, or a key the file leaves out) that is taken is
+    replaced by a free one, and `log` says which and how to fix it: a second exchange on the
+    box, or anything else on 7700, does not stop a newcomer's `./scripts/run`.
     """
     host = cfg.endpoints["host"]
-    fall_back = cfg.source == BUNDLED_SOURCE
+    chosen_keys = () if cfg.source == BUNDLED_SOURCE else cfg.explicit_endpoints
     taken = set()
 
     def free_port() -> int:
@@ -182,7 +182,7 @@ def resolve_ports(cfg: Config, log=None) -> dict:
         if port not in taken and _bindable(host, port):
             taken.add(port)
             return port
-        if not fall_back:
+        if key in chosen_keys:
             raise StartupError(f"endpoints.{key}: port {port} on {host} is in use; choose "
                                f"another in {cfg.source} (0 = any free port)")
         chosen = free_port()
@@ -203,6 +203,7 @@ def resolve_ports(cfg: Config, log=None) -> dict:
         "orders": [f"tcp://{connect_host}:{p}" for p in orders],
         "market_data": f"tcp://{connect_host}:{md}",
         "metrics_host": host, "metrics_port": metrics,
+        "metrics_port_chosen": "metrics_port" in chosen_keys,
     }
 
 
@@ -456,12 +457,17 @@ class Supervisor:
                           "server_public_key": public.decode(), "orders_all": ports["orders"]}
         self.exporter = Exporter(sd, self.doc, log=self.log, restarts=lambda: {
             c.name: c.restarts for c in self._running()})
+        host, port = ports["metrics_host"], ports["metrics_port"]
         try:
-            self.endpoints["metrics"] = self.exporter.start(ports["metrics_host"],
-                                                            ports["metrics_port"])
+            self.endpoints["metrics"] = self.exporter.start(host, port)
         except OSError as e:
-            raise StartupError(f"endpoints.metrics_port: cannot serve metrics on "
-                               f"{ports['metrics_host']}:{ports['metrics_port']}: {e}") from None
+            if ports["metrics_port_chosen"]:
+                raise StartupError(f"endpoints.metrics_port: cannot serve metrics on "
+                                   f"{host}:{port}: {e}") from None
+            # taken since resolve_ports looked (another exchange starting): any free port
+            self.endpoints["metrics"] = self.exporter.start(host, 0)
+            self.log(f"port {port} (endpoints.metrics_port) on {host} was taken meanwhile; "
+                     f"metrics at {self.endpoints['metrics']}")
         write_json_atomic(sd.endpoints_file, self.endpoints)
         self.write_status()
         if self.json_out:
