@@ -64,7 +64,7 @@ import os
 import re
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation, localcontext
 from pathlib import Path
 
@@ -248,8 +248,9 @@ class Config:
     persistence: dict = None   # PERSISTENCE_DEFAULTS keys
     risk: dict = None          # RISK_DEFAULTS keys
     source: str = BUNDLED_SOURCE
-    # endpoint keys the config file gave; a port left to the defaults may move when taken
-    explicit_endpoints: tuple = ()
+    # endpoint keys the config file gave (a port left to the defaults may move when taken);
+    # how the file was written, not what it says, so not compared
+    explicit_endpoints: tuple = field(default=(), compare=False)
 
     def engine_config(self):
         from engine.config import EngineConfig
