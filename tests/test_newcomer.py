@@ -304,6 +304,13 @@ def test_metrics_under_load_and_perpx_top(ups):
                  "rejects by reason"):
         assert part in top.stdout, f"{part!r} not in:\n{top.stdout}"
 
+    # verify on a journal that keeps growing (riskd's marks): its bar ends at exactly 100%
+    checked = cli(up.sd.path, "verify", timeout=120)
+    assert checked.returncode == 0, checked.stderr
+    end = int(checked.stdout.split(" to seq ")[1].split()[0])
+    assert checked.stderr.strip().splitlines()[-1] == (
+        f"verify: replaying the journal: {end}/{end} seq (100%)")
+
     # admin_log: who ran which operator command, when, with its seq and outcome
     t0 = time.time_ns()
     deposit = cli_json(up.sd.path, "deposit", first["accounts"][0], "5")
