@@ -7,7 +7,10 @@ non-zero status (1 for a failed command, 2 for a usage error).
 
 Adding a subcommand: write `cmd_<name>(args) -> int` and a `_register_<name>(subparsers,
 common)` that adds its parser with `parents=[common]` and `set_defaults(func=cmd_<name>)`, then
-list the register function in REGISTRARS. Only implemented subcommands are registered.
+list the register function in REGISTRARS. Only implemented subcommands are registered. Every
+argument gets help text and every command examples in EXAMPLES (tests/test_newcomer.py checks
+both); a command that changes the exchange is decorated with `@admin_command(name)` so that
+admin_log records who ran it. `perpx` alone prints the help.
 """
 
 import argparse

@@ -138,6 +138,8 @@ def _decimal_text(value, what: str) -> str:
         raise FloatRefused(f"{what}={value!r} is a float: pass a string such as '0.01' or a "
                            f"decimal.Decimal (floats cannot hold most decimals exactly, and "
                            f"the exchange rejects a value off its grid rather than round it)")
+    if isinstance(value, Decimal):
+        return format(value, "f")        # never exponent notation (1E-7), which is refused
     return str(value)
 
 
