@@ -19,6 +19,7 @@ import json
 import os
 import sys
 
+from engine import numba_cache_dir
 from perpx.statedir import PRIVATE_UMASK
 
 DEFAULT_STATE_DIR = "./perpx-state"
@@ -969,7 +970,6 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from engine import numba_cache_dir
         print(f"perpx {version()}\nnumba cache (the compiled matcher): {numba_cache_dir()}")
         parser.exit(0)
 

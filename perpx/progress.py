@@ -12,9 +12,14 @@ import threading
 import time
 from contextlib import contextmanager
 
+import numpy as np
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
+
+from engine.config import EngineConfig
+from engine.matcher import Matcher, event_sink, matcher_is_cached
+from engine.records import COMMAND_DTYPE, EVENT_DTYPE
 
 COMPILING_MATCHER = "compiling the matcher (first run only)"
 
@@ -108,11 +113,6 @@ class Bar:
 def ensure_matcher_compiled(out=None) -> bool:
     """Load the compiled matcher into this process, saying so when that means compiling it
     (numba's cache is cold: about a minute). Returns whether it compiled."""
-    import numpy as np
-
-    from engine.config import EngineConfig
-    from engine.matcher import Matcher, event_sink, matcher_is_cached
-    from engine.records import COMMAND_DTYPE, EVENT_DTYPE
     if matcher_is_cached():
         return False
     with elapsed(COMPILING_MATCHER, out):
