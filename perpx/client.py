@@ -27,8 +27,9 @@ Set-up fails fast and says why (docs/client.md): the certificate is read before 
 exists (CertificateMissing, CertificateInvalid, PublicOnlyCertificate); a socket monitor sees
 the CURVE handshake's outcome, and a key the gateway keeps refusing for UNKNOWN_KEY_GRACE_S
 raises UnknownKey (libzmq does not retry a refused handshake, so each attempt is a new socket;
-the grace lets a key registered a moment ago in at the gateway's next registry scan); silence
-until connect_timeout_s raises ConnectTimeout. Every socket lingers 0 and a failed set-up
+the grace lets a key registered a moment ago in at the gateway's next registry scan), another
+failed handshake (a wrong server key) HandshakeFailed; silence until connect_timeout_s raises
+ConnectTimeout. Every socket lingers 0 and a failed set-up
 closes what it made, so nothing blocks in ctx.term(). Prices, quantities and amounts are
 strings, ints or Decimals; a float raises FloatRefused.
 
@@ -92,6 +93,11 @@ class PublicOnlyCertificate(CertificateError):
 class UnknownKey(ClientError):
     """The gateway refused the certificate's key at the handshake: not a registered account
     (or a disabled one)."""
+
+
+class HandshakeFailed(ClientError):
+    """The CURVE handshake failed for another reason than the key: most often an
+    endpoints.json of another exchange (or of an earlier server key)."""
 
 
 class ConnectTimeout(ClientError):
@@ -293,13 +299,23 @@ def _make_socket(ctx, endpoints: dict, public: bytes, secret: bytes):
 
 
 def _handshake_outcome(event: int) -> str:
-    return "ok" if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else "refused"
+    """'ok'; 'refused' (the gateway's authenticator denied the key); 'failed' (anything else:
+    e.g. a wrong server key, which the gateway cannot decrypt)."""
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return "ok"
+    return "refused" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "failed"
 
 
-def _refused_message(endpoints: dict, certificate: str, seconds: float) -> str:
-    return (f"the gateway at {endpoints['orders']} refused the key of {certificate} for "
-            f"{seconds:.1f} s: it is not a registered account of this exchange (or it is "
-            f"disabled); `perpx account create` registers a new one")
+def _failed_handshake_error(outcome: str, endpoints: dict, certificate: str,
+                            seconds: float) -> ClientError:
+    if outcome == "refused":
+        return UnknownKey(f"the gateway at {endpoints['orders']} refused the key of "
+                          f"{certificate} for {seconds:.1f} s: it is not a registered account "
+                          f"of this exchange (or it is disabled); `perpx account create` "
+                          f"registers a new one")
+    return HandshakeFailed(f"the CURVE handshake with {endpoints['orders']} failed for "
+                           f"{seconds:.1f} s: is server_public_key in endpoints.json this "
+                           f"exchange's (its current endpoints.json)?")
 
 
 def _silent_message(endpoints: dict, timeout_s: float) -> str:
@@ -368,17 +384,18 @@ class Client(_Connection, _Requests):
                 except RequestTimeout:
                     raise ConnectTimeout(_silent_message(self.endpoints, timeout_s)) from None
             now = time.monotonic()
-            if outcome == "refused":
+            if outcome in ("refused", "failed"):
                 refused_since = refused_since or now
                 if now - refused_since >= UNKNOWN_KEY_GRACE_S:
-                    raise UnknownKey(_refused_message(self.endpoints, self.certificate,
-                                                      now - refused_since))
+                    raise _failed_handshake_error(outcome, self.endpoints, self.certificate,
+                                                  now - refused_since)
                 time.sleep(0.05)
             elif now >= deadline:
                 raise ConnectTimeout(_silent_message(self.endpoints, timeout_s))
 
     def _await_handshake(self, mon, timeout_s: float) -> str:
-        """'ok', 'refused' or 'silent' (nothing within timeout_s) for the current socket."""
+        """'ok', 'refused', 'failed' or 'silent' (nothing within timeout_s) for the current
+        socket."""
         try:
             if mon.poll(max(int(timeout_s * 1000), 1)):
                 return _handshake_outcome(recv_monitor_message(mon)["event"])
@@ -493,11 +510,11 @@ class AsyncClient(_Requests):
                         raise ConnectTimeout(_silent_message(endpoints,
                                                              connect_timeout_s)) from None
                 now = time.monotonic()
-                if outcome == "refused":
+                if outcome in ("refused", "failed"):
                     refused_since = refused_since or now
                     if now - refused_since >= UNKNOWN_KEY_GRACE_S:
-                        raise UnknownKey(_refused_message(endpoints, c.certificate,
-                                                          now - refused_since))
+                        raise _failed_handshake_error(outcome, endpoints, c.certificate,
+                                                      now - refused_since)
                     await asyncio.sleep(0.05)
                 elif now >= deadline:
                     raise ConnectTimeout(_silent_message(endpoints, connect_timeout_s))
@@ -509,7 +526,7 @@ class AsyncClient(_Requests):
         return c
 
     async def _open(self, handshake_s: float) -> str:
-        """A fresh socket and reader; its handshake outcome ('ok', 'refused', 'silent')."""
+        """A fresh socket and reader; its handshake outcome (see Client._await_handshake)."""
         self._stop_reader()
         if self.socket is not None:
             self.socket.close(0)

@@ -11,10 +11,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import zmq
 import zmq.auth
 
 from perpx.client import (Ack, AccountState, AsyncClient, Book, CertificateInvalid,
-                          CertificateMissing, Client, ClientError, Fill, FloatRefused, MarketData,
+                          CertificateMissing, Client, ClientError, Fill, FloatRefused,
+                          HandshakeFailed, MarketData,
                           PublicOnlyCertificate, Reject, RequestTimeout, UnknownKey, typed)
 from perpx.demo import run_demo
 from perpx.ops import Exchange, create_account
@@ -253,6 +255,13 @@ def test_certificate_failures_raise_typed_errors_within_two_seconds(exchange, tm
     _, stranger = zmq.auth.create_certificates(str(tmp_path), "stranger")
     assert "not a registered account" in _fails_fast(
         UnknownKey, lambda: Client.connect(endpoints, stranger))
+
+    # the right key, but another exchange's server key (an old endpoints.json)
+    other_server, _ = zmq.curve_keypair()
+    assert "server_public_key" in _fails_fast(
+        HandshakeFailed, lambda: Client.connect(dict(endpoints,
+                                                     server_public_key=other_server.decode()),
+                                                cert))
 
     async def async_stranger():
         await AsyncClient.connect(endpoints, stranger)
