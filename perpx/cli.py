@@ -555,7 +555,8 @@ def cmd_status(args) -> int:
                      f"{r['funding_rate']} (next at {at} UTC)")
     if report["endpoints"]:
         lines.append(f"orders {report['endpoints']['orders']}   market data "
-                     f"{report['endpoints']['market_data']}")
+                     f"{report['endpoints']['market_data']}   metrics "
+                     f"{report['endpoints'].get('metrics', '-')} (perpx top)")
     emit(args, report, "\n".join(lines))
     return 0
 
