@@ -1,10 +1,11 @@
 """`perpx demo`: demo traders against a running exchange.
 
 Three accounts are created through the same path as `perpx account create` (perpx.ops) and
-funded, once per state dir: later runs reuse them (STATE_DIR/demo.json); one market maker quotes every market a few levels each side around the mark (with a
-small random walk of its own mid, kept inside the price band), re-quoting every ~200 ms with
-`amend` (a level whose order is gone is placed anew); two takers send small market and IOC
-orders at random intervals. Every second one line: orders/s, trades/s, open interest and
+funded, once per state dir: later runs reuse them (STATE_DIR/demo.json); one market maker
+quotes every market a few levels each side around the mark (with a small random walk of its
+own mid, kept inside the price band), re-quoting every ~200 ms with `amend` (a level whose
+order is gone is placed anew); two takers send small market and IOC orders at random
+intervals. Every second one line: orders/s, trades/s, open interest and
 last price per market. Ctrl-C (or `seconds`, or the exchange stopping) stops it: the maker
 cancels its quotes.
 

@@ -227,7 +227,8 @@ class Sampler:
             if pub is not None:
                 mark = Decimal(int(pub.mark_ticks)) * m.tick_size
                 index = Decimal(int(pub.index_ticks)) * m.tick_size
-                row.update(mark=float(mark), index=float(index), mark_minus_index=float(mark - index))
+                row.update(mark=float(mark), index=float(index),
+                           mark_minus_index=float(mark - index))
             markets[m.symbol] = row
         for symbol, crossed in self._books().items():
             markets[symbol]["crossed"] = int(crossed)

@@ -139,8 +139,8 @@ class StateDir:
         except FileNotFoundError:
             return None
         if mode & 0o022:
-            return (f"{self.path} is writable by group or others (mode {mode:04o}): anyone who can write it could plant keys, a journal "
-                    f"or a config; make it private (chmod 700 {self.path}) or pick another "
+            return (f"{self.path} is writable by group or others (mode {mode:04o}): anyone "
+                    f"who can write it could plant keys, a journal or a config; make it private (chmod 700 {self.path}) or pick another "
                     f"--state-dir")
         return None
 

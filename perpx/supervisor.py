@@ -17,8 +17,8 @@ Start-up: lock STATE_DIR/supervisor.lock (one `perpx up` per state dir), clear w
 run left in /dev/shm under this state dir's prefix, resolve the config into exchange.json,
 create the server's CURVE certificate once (kept across runs, so clients keep their
 server_public_key), start the matcher and wait for its heartbeat to say ready (the first run
-compiles the matcher, about a minute, and says so with a clock), start persistd, send the genesis commands (per market,
-config.genesis_commands) through the ops ring and check each was accepted, create the
+compiles the matcher, about a minute, and says so with a clock), start persistd, send the
+genesis commands (per market, config.genesis_commands) through the ops ring and check each was accepted, create the
 IndexBoard (`<prefix>-index`, shm/index_board.py: it belongs to the supervisor so that an
 operator's manual index outlives riskd restarts), start riskd and wait for its ready file,
 start the gateways and wait until each has bound its sockets, start the Prometheus exporter
@@ -333,7 +333,8 @@ class Supervisor:
         fixed = self.sd.private()
         if fixed:
             self.log(f"made {len(fixed)} files and directories of {self.sd.path} private to "
-                     f"this user (0600/0700): {', '.join(fixed[:4])}{' ...' if len(fixed) > 4 else ''}")
+                     f"this user (0600/0700): {', '.join(fixed[:4])}"
+                     + (" ..." if len(fixed) > 4 else ""))
         try:
             try:
                 self.start()

@@ -24,7 +24,7 @@ from engine.records import CMD_HALT, new_commands
 from perpx.cli import build_parser
 from perpx.client import Client
 from perpx.demo import run_demo
-from perpx.launch import REPO, STARTUP_S, child_env, pid_alive
+from perpx.launch import REPO, STARTUP_S, child_env
 from perpx.metrics import METRICS
 from perpx.ops import Exchange, create_account
 from perpx.progress import ensure_matcher_compiled
@@ -36,7 +36,7 @@ WAIT_S = 20.0
 CONSOLE_SCRIPT = Path(sys.executable).parent / "perpx"
 
 
-# ---- ./scripts/run ------------------------------------------------------------------------------
+# ---- ./scripts/run -----------------------------------------------------------------------------
 def _hold_port(port: int):
     """A socket listening on 127.0.0.1:port, or None if something else holds it already."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -91,7 +91,7 @@ def test_scripts_run_with_port_7700_taken_comes_up_refuses_twins_and_stops_with_
     assert not left, f"left in /dev/shm: {left}"
 
 
-# ---- the numba cache ------------------------------------------------------------------------------
+# ---- the numba cache ---------------------------------------------------------------------------
 def test_the_console_script_loads_the_matcher_the_tests_compiled(tmp_path):
     """The cache dir comes from the engine package, not from the scripts: the `perpx` console
     script (any venv of this checkout, any cwd, no NUMBA_CACHE_DIR) resolves the same dir as
@@ -124,7 +124,7 @@ def test_the_console_script_loads_the_matcher_the_tests_compiled(tmp_path):
     assert loaded.stdout.split() == ["True", "1", "0"], loaded.stdout    # one hit, no miss
 
 
-# ---- the command line ---------------------------------------------------------------------------
+# ---- the command line --------------------------------------------------------------------------
 def test_version_and_bare_perpx(tmp_path):
     r = subprocess.run([str(CONSOLE_SCRIPT), "--version"], capture_output=True, text=True,
                        env=child_env(), cwd=str(tmp_path), timeout=60)
@@ -152,7 +152,7 @@ def test_every_argument_has_help_and_every_command_examples():
     assert not missing, missing
 
 
-# ---- file modes -----------------------------------------------------------------------------------
+# ---- file modes --------------------------------------------------------------------------------
 def _modes(root: Path) -> dict[str, int]:
     out = {}
     for dirpath, dirs, files in os.walk(root):
@@ -198,7 +198,7 @@ def test_up_refuses_a_state_dir_others_can_write(tmp_path):
     assert not (state / "exchange.json").exists()
 
 
-# ---- metrics and perpx top -----------------------------------------------------------------------
+# ---- metrics and perpx top ---------------------------------------------------------------------
 def _values(scraped: dict, name: str) -> dict:
     return {tuple(sorted(labels.items())): v for labels, v in scraped.get(name, [])}
 
