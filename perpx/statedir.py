@@ -140,8 +140,8 @@ class StateDir:
             return None
         if mode & 0o022:
             return (f"{self.path} is writable by group or others (mode {mode:04o}): anyone "
-                    f"who can write it could plant keys, a journal or a config; make it private (chmod 700 {self.path}) or pick another "
-                    f"--state-dir")
+                    f"who can write it could plant keys, a journal or a config; make it "
+                    f"private (chmod 700 {self.path}) or pick another --state-dir")
         return None
 
     def private(self) -> list[str]:

@@ -18,12 +18,12 @@ run left in /dev/shm under this state dir's prefix, resolve the config into exch
 create the server's CURVE certificate once (kept across runs, so clients keep their
 server_public_key), start the matcher and wait for its heartbeat to say ready (the first run
 compiles the matcher, about a minute, and says so with a clock), start persistd, send the
-genesis commands (per market, config.genesis_commands) through the ops ring and check each was accepted, create the
-IndexBoard (`<prefix>-index`, shm/index_board.py: it belongs to the supervisor so that an
-operator's manual index outlives riskd restarts), start riskd and wait for its ready file,
-start the gateways and wait until each has bound its sockets, start the Prometheus exporter
-(perpx/metrics.py: threads of this process, reading shm only; endpoints.metrics), then write
-endpoints.json and status.json.
+genesis commands (per market, config.genesis_commands) through the ops ring and check each
+was accepted, create the IndexBoard (`<prefix>-index`, shm/index_board.py: it belongs to the
+supervisor so that an operator's manual index outlives riskd restarts), start riskd and wait
+for its ready file, start the gateways and wait until each has bound its sockets, start the
+Prometheus exporter (perpx/metrics.py: threads of this process, reading shm only;
+endpoints.metrics), then write endpoints.json and status.json.
 
 CPU pinning (`os.sched_setaffinity`, exchange.pin_cpus): with at least gateways + 2 CPUs the
 matcher and each gateway get a CPU of their own and everything else (the supervisor,
