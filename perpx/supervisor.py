@@ -71,16 +71,18 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.matcher import matcher_is_cached
+from engine.service import attach_state
+from engine.state import C_SEQ
 from perpx.config import BUNDLED_SOURCE, Config, write_json_atomic
 from perpx.metrics import Exporter
-from perpx.progress import COMPILING_MATCHER, elapsed
+from perpx.progress import COMPILING_MATCHER, Bar, elapsed
 from perpx.statedir import FileLock, StateDir
 from shm.heartbeat import MATCHER_SLOT, HeartbeatBoard
+from shm.region import ShmError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WATCH_INTERVAL_S = 0.1
@@ -401,9 +403,12 @@ class Supervisor:
                  f"waiting for it to {'compile' if compiles else 'load'} the matcher"
                  + (f" and recover seq {journaled} from the journal" if journaled else ""))
         t0 = time.monotonic()
-        with elapsed(COMPILING_MATCHER) if compiles else nullcontext():
-            self._wait(lambda: self._check_ready(self.matcher), cfg.startup_timeout_s,
-                       "the matcher to start", [self.matcher])
+        if compiles:
+            with elapsed(COMPILING_MATCHER):
+                self._wait(lambda: self._check_ready(self.matcher), cfg.startup_timeout_s,
+                           "the matcher to start", [self.matcher])
+        else:
+            self._wait_for_matcher_replay(journaled, cfg.startup_timeout_s)
         self.log(f"matcher ready in {time.monotonic() - t0:.1f} s")
 
         self.persistd = self._child("persistd", [sys.executable, "-m", "persistd",
@@ -479,6 +484,37 @@ class Supervisor:
                   f"(perpx top); state in {sd.path}; "
                   f"{len(cfg.markets)} markets ({', '.join(m.symbol for m in cfg.markets)}). "
                   f"Ctrl-C or `perpx down` stops it.", file=self.out, flush=True)
+
+    def _wait_for_matcher_replay(self, journaled: int, timeout_s: float) -> None:
+        """Wait for the matcher to serve; with a journal to replay, show a bar of the replay:
+        the seq of the state it rebuilds in shared memory (counters[C_SEQ]) against the
+        journal's last seq."""
+        if not journaled:
+            self._wait(lambda: self._check_ready(self.matcher), timeout_s,
+                       "the matcher to start", [self.matcher])
+            return
+        bar = Bar("matcher: replaying the journal", journaled)
+        mapped = []                   # [region, state] once the matcher has made the region
+
+        def ready() -> bool:
+            if not mapped:
+                try:
+                    mapped.extend(attach_state(self.sd.prefix, self.cfg.engine_config()))
+                except ShmError:
+                    pass              # not created yet
+            if mapped:
+                bar.update(min(int(mapped[1].counters[C_SEQ]), journaled))
+            return self._check_ready(self.matcher)
+
+        try:
+            self._wait(ready, timeout_s, "the matcher to start", [self.matcher])
+            bar.update(journaled)     # ready: it has replayed all of it
+        finally:
+            bar.stop()
+            if mapped:
+                region = mapped[0]
+                mapped.clear()        # drop the state's views before unmapping
+                region.close()
 
     def _server_certificate(self) -> Path:
         import zmq.auth

@@ -186,6 +186,13 @@ def test_state_dir_is_private_whatever_the_umask(ups, tmp_path):
              if (m & 0o077 if (state / p).is_socket()
                  else m != (0o700 if (state / p).is_dir() else 0o600))}
     assert not wrong, wrong
+    # started again, the matcher replays that journal: a bar that ends at exactly N/N (100%)
+    seq = cli_json(state, "status")["seq"]
+    assert cli(state, "down").returncode == 0
+    again = ups("state", config_text())
+    again.wait_ready()
+    assert f"matcher: replaying the journal: {seq}/{seq} seq (100%)" in again.stderr, \
+        again.stderr
 
 
 def test_up_refuses_a_state_dir_others_can_write(tmp_path):
