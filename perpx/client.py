@@ -349,8 +349,9 @@ class Client(_Connection, _Requests):
         """Load the certificate, connect, handshake and ping.
 
         Raises a CertificateError at once for an unusable certificate, UnknownKey within
-        about UNKNOWN_KEY_GRACE_S when the gateway refuses the key, ConnectTimeout when
-        nothing answers within connect_timeout_s; nothing stays open after a failure."""
+        about UNKNOWN_KEY_GRACE_S when the gateway refuses the key (HandshakeFailed when the
+        handshake fails otherwise: a wrong server key), ConnectTimeout when nothing answers
+        within connect_timeout_s; nothing stays open after a failure."""
         endpoints = load_endpoints(endpoints)
         load_client_certificate(certificate)       # before any socket or context
         own = ctx is None
@@ -403,7 +404,6 @@ class Client(_Connection, _Requests):
         finally:
             self.socket.disable_monitor()
             mon.close(0)
-
 
     def __enter__(self):
         return self
