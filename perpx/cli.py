@@ -808,6 +808,8 @@ def cmd_top(args) -> int:
                 title=f"perpx top  {sd.path}")
     except OSError as e:
         raise CliError(f"cannot read {url}: {e}") from None
+    except KeyboardInterrupt:
+        pass                      # Ctrl-C is how one leaves top
     return 0
 
 

@@ -30,41 +30,40 @@ def _console(out) -> Console:
 
 @contextmanager
 def elapsed(what: str, out=None, every_s: float = 10.0):
-    """Show `what… N s` while the block runs, then `what: done in N s`.
+    """Show `what… N s` while the block runs, then `what: done in N s` (or, if the block
+    raised, `what: stopped after N s`).
 
     On a terminal the seconds tick in place; elsewhere a line every `every_s` seconds.
     """
     console = _console(out)
     t0 = time.monotonic()
-    if console.is_terminal:
-        with console.status(f"{what}…") as status:
-            stop = threading.Event()
+    stop = threading.Event()
+    status = console.status(f"{what}…") if console.is_terminal else None
 
-            def tick():
-                while not stop.wait(0.5):
-                    status.update(f"{what}… {time.monotonic() - t0:.0f} s")
-            ticker = threading.Thread(target=tick, daemon=True)
-            ticker.start()
-            try:
-                yield
-            finally:
-                stop.set()
-                ticker.join()
+    def tick():
+        while not stop.wait(0.5 if status is not None else every_s):
+            text = f"{what}… {time.monotonic() - t0:.0f} s"
+            if status is not None:
+                status.update(text)
+            else:
+                console.print(text)
+
+    if status is not None:
+        status.start()
     else:
         console.print(f"{what}…")
-        stop = threading.Event()
-
-        def tick():
-            while not stop.wait(every_s):
-                console.print(f"{what}… {time.monotonic() - t0:.0f} s")
-        ticker = threading.Thread(target=tick, daemon=True)
-        ticker.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            ticker.join()
-    console.print(f"{what}: done in {time.monotonic() - t0:.1f} s")
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    outcome = "stopped after"
+    try:
+        yield
+        outcome = "done in"
+    finally:
+        stop.set()
+        ticker.join()
+        if status is not None:
+            status.stop()
+        console.print(f"{what}: {outcome} {time.monotonic() - t0:.1f} s")
 
 
 class Bar:
