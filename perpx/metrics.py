@@ -8,7 +8,7 @@ or joins the event ring as a consumer, so a slow or stopped exporter never holds
   so the crossed-book alarm needs two samples in a row before it fires);
 - the event ring is read behind the matcher's back: events between the last one seen and the
   published cursor are copied, then kept only if the producer cannot have overwritten them
-  meanwhile (published < first + capacity); events that went by unseen are counted in
+  meanwhile (see _tail_events); events that went by unseen are counted in
   perpx_events_missed_total instead. From them come rejects by reason and liquidations.
 - ack latency: the gateways measure none, so it is derived: a thread follows the event ring
   every TAIL_INTERVAL_S, and for each ack or reject of a sequenced order command it records
@@ -54,6 +54,7 @@ TAIL_INTERVAL_S = 0.002
 TAIL_IDLE_S = 0.02
 TAIL_LINGER_S = 0.25
 LIQUIDATION_KINDS = {LIQ_KIND_LIQUIDATED: "liquidated", LIQ_KIND_ADL: "adl"}
+WRITE_AHEAD_FRACTION = 8       # see _tail_events
 ORDER_COMMANDS = np.array([CMD_NEW_ORDER, CMD_CANCEL, CMD_AMEND, CMD_CANCEL_ALL], np.uint8)
 # seconds; a durable ack on this box is ~1-3 ms, a stalled journal shows in the top buckets
 ACK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -83,24 +84,29 @@ METRICS = {
 
 
 def _tail_events(ring: EventRing, start: int) -> tuple[np.ndarray, int, int]:
-    """(events published from `start` on, still intact; next position; events missed)."""
+    """(events published from `start` on, still intact; next position; events missed).
+
+    The matcher reuses a slot once every consumer has passed it, and writes a batch's slots
+    before it publishes them, so a slot can be rewritten while published < its position +
+    capacity. Kept are the slots the writer cannot have reached, with a margin of
+    WRITE_AHEAD_FRACTION of the ring for its unpublished batch, and only events whose seq
+    is not past the last published one (a rewritten slot holds a newer seq)."""
     published = ring.published_cursor()
     missed = 0
-    first = max(start, published - ring.capacity)
+    first = max(start, published - ring.capacity + ring.capacity // WRITE_AHEAD_FRACTION)
     if first > start:
         missed = first - start
-    n = published - first
-    if n <= 0:
+    if published <= first:
         return np.zeros(0, EVENT_DTYPE), published, missed
-    idx = (np.arange(first, published) & ring.mask)
-    copy = ring.records[idx].copy()
+    newest_seq = int(ring.records[(published - 1) & ring.mask]["seq"])
+    copy = ring.records[np.arange(first, published) & ring.mask].copy()
     after = ring.published_cursor()
-    # slots before after - capacity may have been rewritten while we copied
-    lost = max(0, after - ring.capacity - first)
-    if lost:
-        copy = copy[lost:]
-        missed += lost
-    return copy, published, missed
+    lost = min(max(0, after + ring.capacity // WRITE_AHEAD_FRACTION - ring.capacity - first),
+               len(copy))
+    copy = copy[lost:]
+    fresh = copy["seq"] <= newest_seq
+    missed += lost + int(len(copy) - fresh.sum())
+    return copy[fresh], published, missed
 
 
 class Sampler:

@@ -20,16 +20,18 @@ from pathlib import Path
 import pytest
 
 import engine
-from engine.records import CMD_HALT, new_commands
+from engine.records import CMD_HALT, EVENT_DTYPE, new_commands
 from perpx.cli import build_parser
 from perpx.client import Client
 from perpx.demo import run_demo
 from perpx.launch import REPO, STARTUP_S, child_env
-from perpx.metrics import METRICS
+from perpx.metrics import METRICS, WRITE_AHEAD_FRACTION, _tail_events
 from perpx.ops import Exchange, create_account
 from perpx.progress import ensure_matcher_compiled
 from perpx.statedir import StateDir
 from perpx.top import scrape
+from shm.ring import EventRing
+from tests.shm_workers import shm_prefix  # noqa: F401  (fixture)
 from tests.test_supervisor import cli, cli_json, config_text, wait_until
 
 WAIT_S = 20.0
@@ -330,3 +332,31 @@ def test_metrics_under_load_and_perpx_top(ups):
                                     "ETH-PERP)")]
     assert all(r[1] and r[3] > 0 and r[4] >= t0 for r in rows[-2:])
     assert rows[-1][7].endswith("halt NOPE-PERP")
+
+
+# ---- the exporter's ring reader -------------------------------------------------------------------
+def test_the_exporter_reads_the_event_ring_behind_the_matcher_without_joining_it(shm_prefix):
+    """_tail_events sees every event while it keeps up, counts what the producer reused before
+    it looked as missed, never returns a slot the producer may have rewritten, and leaves the
+    ring's consumers alone (the producer never waits for it)."""
+    with EventRing.create(shm_prefix + "-ev", EVENT_DTYPE, capacity=64,
+                          consumers=["persistd"]) as ring:
+        reader = ring.consumer("persistd", start="current")
+
+        def produce(n):                         # seq = position + 1, the reader drains all
+            for _ in range(n):
+                assert ring.free_slots() >= 1
+                pos = ring.write_cursor
+                ring.records[pos & ring.mask]["seq"] = pos + 1
+                ring.publish(pos + 1)
+                reader.advance(1)
+
+        produce(10)
+        events, pos, missed = _tail_events(ring, 0)
+        assert events["seq"].tolist() == list(range(1, 11)) and (pos, missed) == (10, 0)
+        produce(200)                            # three laps while the exporter looked away
+        events, pos, missed = _tail_events(ring, pos)
+        keep = 64 - 64 // WRITE_AHEAD_FRACTION
+        assert events["seq"].tolist() == list(range(211 - keep, 211))
+        assert (pos, missed) == (210, 200 - keep)
+        assert ring.consumer_names == ["persistd"] and ring.free_slots() == 64
