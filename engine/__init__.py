@@ -2,39 +2,67 @@
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
+# as numba spells it (abspath, not resolve): its cache subfolder is named from this path
+_HERE = Path(os.path.abspath(os.path.dirname(__file__)))
 
-def _drop_stale_numba_cache() -> None:
+
+def numba_cache_dir() -> Path:
+    """Where numba keeps the compiled matcher: one place per checkout, whoever imports engine.
+
+    NUMBA_CACHE_DIR wins when set. Otherwise a checkout (engine/ next to pyproject.toml, as in
+    an editable install) caches in CHECKOUT/.numba-cache, so ./scripts/*, the `perpx` console
+    script of any venv, the tests and CI all load the one compile; an installed copy caches in
+    $XDG_CACHE_HOME/perpx/numba (numba keeps each source directory in its own subfolder).
+    """
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    checkout = _HERE.parent
+    if (checkout / "pyproject.toml").is_file() and os.access(checkout, os.W_OK):
+        return checkout / ".numba-cache"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "perpx" / "numba"
+
+
+def _use_numba_cache_dir() -> Path:
+    """Point numba at numba_cache_dir(), before engine.core decorates anything."""
+    cache_dir = numba_cache_dir()
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir)     # child processes inherit it
+    config = sys.modules.get("numba.core.config")
+    if config is not None:       # numba was imported first: its config has read the env already
+        config.CACHE_DIR = str(cache_dir)
+    return cache_dir
+
+
+def _drop_stale_numba_cache(cache_dir: Path) -> None:
     """Make numba recompile when any engine source changed, not only the defining file.
 
     numba keys its on-disk cache on the source file of each compiled function, but the
     compiled matcher freezes constants and functions from its sibling modules (records,
     config, numbers); an edit there left stale machine code in use (seen here). So when the
-    digest of all engine sources differs from the one recorded at the last compile, the
-    engine's cache files are removed.
+    digest of all engine sources differs from the one recorded (in the cache dir) at the last
+    compile, the engine's cache files are removed.
     """
-    here = Path(__file__).parent
-    digest = hashlib.blake2b(b"".join(p.read_bytes() for p in sorted(here.glob("*.py"))),
+    digest = hashlib.blake2b(b"".join(p.read_bytes() for p in sorted(_HERE.glob("*.py"))),
                              digest_size=16).hexdigest()
-    stamp = here / "__pycache__" / "numba-sources.stamp"
+    # numba's subfolder for this directory (numba.core.caching.get_suitable_cache_subpath)
+    own = cache_dir / f"{_HERE.name}_{hashlib.sha1(str(_HERE).encode()).hexdigest()}"
+    stamp = own / "sources.stamp"
     try:
         if stamp.read_text() == digest:
             return
     except OSError:
         pass
-    roots = [here / "__pycache__"]
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        roots.append(Path(os.environ["NUMBA_CACHE_DIR"]))
-    for root in roots:
-        for cached in list(root.rglob("*.nb[ic]")) if root.is_dir() else []:
-            if root == roots[0] or "engine" in cached.parent.name:
-                cached.unlink(missing_ok=True)
+    for root in (own, _HERE / "__pycache__"):
+        for cached in list(root.glob("*.nb[ic]")) if root.is_dir() else []:
+            cached.unlink(missing_ok=True)
     try:
-        stamp.parent.mkdir(exist_ok=True)
+        own.mkdir(parents=True, exist_ok=True)
         stamp.write_text(digest)
     except OSError:
-        pass   # a read-only checkout recompiles each time; still correct
+        pass   # an unwritable cache dir recompiles each time; still correct
 
 
-_drop_stale_numba_cache()
+_drop_stale_numba_cache(_use_numba_cache_dir())

@@ -13,6 +13,16 @@ from engine.records import COMMAND_DTYPE, EVENT_BYTES, EVENT_DTYPE, event_to_dic
 from engine.state import (C_SEQ, D_MASK, D_NEED, D_RING, D_SOURCE, D_WRITE, allocate_state,
                           descriptor, state_hash)
 
+def matcher_is_cached() -> bool:
+    """Whether loading the compiled matcher reads numba's cache (False: it compiles, about a
+    minute). Reads numba's cache index the way the load will (same source stamp and numba
+    version); a cache made for another CPU still compiles, which this does not see."""
+    try:
+        return bool(core.run_batch._cache._cache_file._load_index())
+    except (AttributeError, OSError, EOFError, ValueError):
+        return False
+
+
 class EventSink:
     """A power-of-two ring of 128-byte event slots the matcher writes into."""
 

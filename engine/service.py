@@ -15,7 +15,6 @@ commands it waits for come from a process that can only run once the matcher let
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.matcher import Matcher, event_sink

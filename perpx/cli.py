@@ -7,13 +7,20 @@ non-zero status (1 for a failed command, 2 for a usage error).
 
 Adding a subcommand: write `cmd_<name>(args) -> int` and a `_register_<name>(subparsers,
 common)` that adds its parser with `parents=[common]` and `set_defaults(func=cmd_<name>)`, then
-list the register function in REGISTRARS. Only implemented subcommands are registered.
+list the register function in REGISTRARS. Only implemented subcommands are registered. Every
+argument gets help text and every command examples in EXAMPLES (tests/test_newcomer.py checks
+both); a command that changes the exchange is decorated with `@admin_command(name)` so that
+admin_log records who ran it. `perpx` alone prints the help.
 """
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
+
+from engine import numba_cache_dir
+from perpx.statedir import PRIVATE_UMASK
 
 DEFAULT_STATE_DIR = "./perpx-state"
 # bench defaults (kept here so building the parser does not import the engine)
@@ -25,7 +32,54 @@ class CliError(Exception):
     """A failure to report as one line on stderr (exit status 1)."""
 
 
+# Examples shown at the end of each command's --help, by command path.
+EXAMPLES = {
+    "": ["./scripts/run                        # exchange + demo traders, state in ./perpx-state",
+         "perpx up                             # just the exchange (foreground)",
+         "perpx account create --deposit 1000  # an account for your bot",
+         "perpx status", "perpx top", "perpx down"],
+    "up": ["perpx up", "perpx up --config my-exchange.toml --state-dir /srv/perpx",
+           "perpx --json up                # one JSON line with the endpoints once up"],
+    "down": ["perpx down", "perpx down --timeout 60"],
+    "status": ["perpx status", "perpx status --json | jq .rings.events.consumer_lag"],
+    "top": ["perpx top", "perpx top --interval 0.5", "perpx top --once    # one frame, then exit"],
+    "account": ["perpx account create --deposit 1000", "perpx account show 1"],
+    "account create": ["perpx account create", "perpx account create --deposit 1000",
+                       "perpx --json account create --deposit 250.5"],
+    "account show": ["perpx account show 1", "perpx account show 1 --json"],
+    "deposit": ["perpx deposit 1 250.5"],
+    "halt": ["perpx halt BTC-PERP"],
+    "resume": ["perpx resume BTC-PERP"],
+    "oracle": ["perpx oracle set BTC-PERP 64000"],
+    "oracle set": ["perpx oracle set BTC-PERP 64000", "perpx oracle set ETH-PERP 3150.25"],
+    "book": ["perpx book BTC-PERP", "perpx book ETH-PERP --depth 3"],
+    "positions": ["perpx positions", "perpx positions BTC-PERP --json"],
+    "markets": ["perpx markets", "perpx markets --config my-exchange.toml   # validate a config"],
+    "sql": ['perpx sql "SELECT market, count(*), sum(qty) FROM fills GROUP BY market"',
+            'perpx sql "SELECT * FROM admin_log ORDER BY seq DESC LIMIT 10"'],
+    "check": ["perpx check"],
+    "verify": ["perpx verify", "perpx --json verify"],
+    "demo": ["perpx demo", "perpx demo --seconds 30 --seed 7"],
+    "bench": ["perpx bench matcher", "perpx bench e2e --seconds 3"],
+    "bench matcher": ["perpx bench matcher", "perpx bench matcher --commands 200000 --runs 3",
+                      "perpx bench matcher --risk --json"],
+    "bench lobster": ["perpx bench lobster", "perpx bench lobster --limit 100000"],
+    "bench e2e": ["perpx bench e2e", "perpx bench e2e --seconds 3 --ack-mode fast"],
+    "bench durability": ["perpx bench durability --orders 100000 --runs 1"],
+    "bench risk": ["perpx bench risk --no-cascade", "perpx bench risk --positions 10000"],
+}
+
+
 class _Parser(argparse.ArgumentParser):
+    """perpx's parsers: one-line errors, and the examples of EXAMPLES after the help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        examples = EXAMPLES.get(self.prog.partition(" ")[2])
+        if examples and not self.epilog:
+            self.epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+
     def error(self, message):
         # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -47,6 +101,7 @@ def _common_options() -> argparse.ArgumentParser:
 
 def emit(args, result: dict, text: str | None = None):
     """Print a command's result: JSON with --json, else `text` (or the JSON, indented)."""
+    args.result_seq = result.get("seq")       # for admin_log (see admin_command)
     if args.json:
         print(json.dumps(result, sort_keys=False))
     else:
@@ -285,6 +340,37 @@ def _amount_atoms(text: str) -> int:
         raise CliError(str(e)) from None
 
 
+def admin_command(name: str):
+    """Decorate an operator command that changes the exchange: whatever its outcome, a row
+    goes to DuckDB's admin_log (who, when, the command line, its seq, ok or the error). A row
+    that cannot be written (persistd restarting) is a warning on stderr, not a failure."""
+    def wrap(cmd):
+        def run(args) -> int:
+            outcome = "ok"
+            try:
+                return cmd(args)
+            except BaseException as e:
+                outcome = f"error: {e}" if str(e) else f"error: {type(e).__name__}"
+                raise
+            finally:
+                _record_admin(args, name, outcome)
+        run.__name__, run.__doc__ = cmd.__name__, cmd.__doc__
+        return run
+    return wrap
+
+
+def _record_admin(args, name: str, outcome: str) -> None:
+    from perpx.durability import DurabilityError, record_admin
+    from perpx.statedir import NotRunning
+    try:
+        record_admin(_state_dir(args), name, " ".join(getattr(args, "argv", [])),
+                     getattr(args, "result_seq", None), outcome)
+    except NotRunning:
+        pass                      # nothing changed, and there is no store to write to
+    except (DurabilityError, OSError) as e:
+        print(f"perpx: warning: not recorded in admin_log: {e}", file=sys.stderr)
+
+
 # ---- up / down / status -----------------------------------------------------------------------
 def cmd_up(args) -> int:
     from perpx.config import load_config
@@ -352,7 +438,7 @@ def status_report(sd) -> dict:
     from engine.state import C_SEQ
     from perpx.launch import wait_until
     from shm.heartbeat import MATCHER_SLOT, HeartbeatBoard
-    from shm.region import Region, ShmError
+    from shm.region import ShmError
     from shm.ring import CommandRing, EventRing
     prefix = doc["prefix"]
     try:
@@ -470,7 +556,8 @@ def cmd_status(args) -> int:
                      f"{r['funding_rate']} (next at {at} UTC)")
     if report["endpoints"]:
         lines.append(f"orders {report['endpoints']['orders']}   market data "
-                     f"{report['endpoints']['market_data']}")
+                     f"{report['endpoints']['market_data']}   metrics "
+                     f"{report['endpoints'].get('metrics', '-')} (perpx top)")
     emit(args, report, "\n".join(lines))
     return 0
 
@@ -498,15 +585,26 @@ def cmd_check(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from perpx.durability import DurabilityError, progress_printer, verify
-    from persistd.journal import journal_info
+    from perpx.durability import DurabilityError, verify
+    from perpx.progress import Bar, ensure_matcher_compiled
     sd = _state_dir(args)
-    total = journal_info(sd.journal_dir)["last_seq"] if sd.journal_dir.exists() else 0
-    show = None if args.json else progress_printer(total, sys.stderr)
+    out = None if args.json else sys.stderr
+    bar = None
+
+    def on_total(total: int) -> None:
+        nonlocal bar
+        if out is not None:
+            bar = Bar("verify: replaying the journal", total, out)
+
+    if out is not None:
+        ensure_matcher_compiled(out)
     try:
-        result = verify(sd, on_progress=show)
+        result = verify(sd, on_progress=lambda seq: bar and bar.update(seq), on_total=on_total)
     except DurabilityError as e:
         raise CliError(f"verify failed: {e}") from None
+    finally:
+        if bar is not None:
+            bar.stop()
     lines = [f"replayed the journal from {result['from']} to seq {result['seq']} in "
              f"{result['seconds']} s: state hash {result['state_hash'][:16]}…"]
     for c in result["checks"]:
@@ -521,6 +619,7 @@ def cmd_verify(args) -> int:
 
 
 # ---- accounts and money -----------------------------------------------------------------------
+@admin_command("account create")
 def cmd_account_create(args) -> int:
     from perpx.config import load_config
     from engine.units import atoms_str
@@ -535,18 +634,23 @@ def cmd_account_create(args) -> int:
     else:
         max_accounts = load_config(None).engine["max_accounts"]
     account, cert = create_account(sd, max_accounts)
-    result = {"account": account, "certificate": cert}
-    text = f"account {account}\ncertificate {cert}"
+    connect = f"Client.connect({str(sd.endpoints_file)!r}, {cert!r})"
+    result = {"account": account, "certificate": cert, "endpoints": str(sd.endpoints_file),
+              "connect": connect}
+    text = f"account {account}\ncertificate {cert}  (secret: keep it to yourself)"
     if ex is not None:
         reply = ex.deposit(account, atoms)
         balance = next(e for e in reply.events if "balance_atoms" in e)["balance_atoms"]
         result.update({"deposit": atoms_str(atoms), "balance": atoms_str(balance),
                        "seq": reply.seq})
         text += f"\ndeposited {atoms_str(atoms)} USDC (balance {atoms_str(balance)})"
+    text += ("\nconnect a bot (docs/client.md):\n    from perpx.client import Client\n"
+             f"    c = {connect}")
     emit(args, result, text)
     return 0
 
 
+@admin_command("deposit")
 def cmd_deposit(args) -> int:
     from engine.units import atoms_str
     atoms = _amount_atoms(args.amount)
@@ -590,10 +694,12 @@ def cmd_account_show(args) -> int:
 
 
 # ---- markets --------------------------------------------------------------------------------
+@admin_command("halt")
 def cmd_halt(args) -> int:
     return _halt(args, True)
 
 
+@admin_command("resume")
 def cmd_resume(args) -> int:
     return _halt(args, False)
 
@@ -606,6 +712,7 @@ def _halt(args, halted: bool) -> int:
     return 0
 
 
+@admin_command("oracle set")
 def cmd_oracle_set(args) -> int:
     ex = _exchange(args)
     done = ex.set_index(args.market, args.price)
@@ -684,6 +791,30 @@ def cmd_markets(args) -> int:
     return 0
 
 
+def cmd_top(args) -> int:
+    from rich.console import Console
+
+    from perpx.top import run_top, scrape
+    sd = _state_dir(args)
+    sd.require_running()
+    url = (sd.status() or {}).get("endpoints", {}) or {}
+    url = url.get("metrics")
+    if not url:
+        raise CliError(f"no metrics endpoint in {sd.status_file} (is the exchange still "
+                       f"starting?)")
+    if args.json:
+        emit(args, scrape(url))
+        return 0
+    try:
+        run_top(url, Console(), interval_s=args.interval, once=args.once,
+                title=f"perpx top  {sd.path}")
+    except OSError as e:
+        raise CliError(f"cannot read {url}: {e}") from None
+    except KeyboardInterrupt:
+        pass                      # Ctrl-C is how one leaves top
+    return 0
+
+
 def cmd_demo(args) -> int:
     from perpx.demo import run_demo
     result = run_demo(args.state_dir, seconds=args.seconds,
@@ -720,26 +851,28 @@ def _register_account(sub, common):
                             parser_class=_Parser)
     q = asub.add_parser("create", parents=[common],
                         help="new account with a CURVE certificate, registered with the gateways")
-    q.add_argument("--deposit", metavar="AMOUNT", default=None, help="USDC to deposit")
+    q.add_argument("--deposit", metavar="AMOUNT", default=None,
+                   help="USDC to deposit into it, e.g. 1000 or 250.5 (needs a running exchange)")
     q.set_defaults(func=cmd_account_create)
     q = asub.add_parser("show", parents=[common], help="balance, margin, positions, orders")
-    q.add_argument("id", type=_account_id, metavar="ID")
+    q.add_argument("id", type=_account_id, metavar="ID", help="the account id, e.g. 1")
     q.set_defaults(func=cmd_account_show)
 
 
 def _register_deposit(sub, common):
     p = sub.add_parser("deposit", parents=[common], help="credit USDC to an account")
-    p.add_argument("account", type=_account_id, metavar="ACCOUNT")
+    p.add_argument("account", type=_account_id, metavar="ACCOUNT",
+                   help="the account id (from `perpx account create`)")
     p.add_argument("amount", metavar="AMOUNT", help="USDC, e.g. 1000 or 0.5")
     p.set_defaults(func=cmd_deposit)
 
 
 def _register_halt(sub, common):
     p = sub.add_parser("halt", parents=[common], help="stop trading in a market")
-    p.add_argument("market", metavar="MARKET")
+    p.add_argument("market", metavar="MARKET", help="market symbol, e.g. BTC-PERP")
     p.set_defaults(func=cmd_halt)
     p = sub.add_parser("resume", parents=[common], help="resume trading in a market")
-    p.add_argument("market", metavar="MARKET")
+    p.add_argument("market", metavar="MARKET", help="market symbol, e.g. BTC-PERP")
     p.set_defaults(func=cmd_resume)
 
 
@@ -749,14 +882,15 @@ def _register_oracle(sub, common):
                             parser_class=_Parser)
     q = osub.add_parser("set", parents=[common],
                         help="set the index (and mark) of a market whose oracle is manual")
-    q.add_argument("market", metavar="MARKET")
-    q.add_argument("price", metavar="PRICE")
+    q.add_argument("market", metavar="MARKET", help="market symbol, e.g. BTC-PERP")
+    q.add_argument("price", metavar="PRICE",
+                   help="the index price, a decimal on the market's tick grid, e.g. 64000.5")
     q.set_defaults(func=cmd_oracle_set)
 
 
 def _register_book(sub, common):
     p = sub.add_parser("book", parents=[common], help="a market's order book")
-    p.add_argument("market", metavar="MARKET")
+    p.add_argument("market", metavar="MARKET", help="market symbol, e.g. BTC-PERP")
     p.add_argument("--depth", type=_depth, default=10, metavar="N",
                    help="levels per side (default 10; 0 = all)")
     p.set_defaults(func=cmd_book)
@@ -764,7 +898,8 @@ def _register_book(sub, common):
 
 def _register_positions(sub, common):
     p = sub.add_parser("positions", parents=[common], help="open positions (all accounts)")
-    p.add_argument("market", metavar="MARKET", nargs="?", default=None)
+    p.add_argument("market", metavar="MARKET", nargs="?", default=None,
+                   help="only this market (default: all)")
     p.set_defaults(func=cmd_positions)
 
 
@@ -773,6 +908,16 @@ def _register_markets(sub, common):
     p.add_argument("--config", metavar="FILE", default=None,
                    help="show (and validate) this config instead of the exchange's")
     p.set_defaults(func=cmd_markets)
+
+
+def _register_top(sub, common):
+    p = sub.add_parser("top", parents=[common],
+                       help="live dashboard: throughput, ack latency, markets, lags, rejects")
+    p.add_argument("--interval", type=_positive_float, default=1.0, metavar="S",
+                   help="seconds between redraws (default 1)")
+    p.add_argument("--once", action="store_true",
+                   help="print one frame and exit (with --json: the scrape as JSON)")
+    p.set_defaults(func=cmd_top)
 
 
 def _register_demo(sub, common):
@@ -786,7 +931,7 @@ def _register_demo(sub, common):
 
 def _register_durability(sub, common):
     p = sub.add_parser("sql", parents=[common], help="read-only SQL on the DuckDB store")
-    p.add_argument("query", metavar="SQL")
+    p.add_argument("query", metavar="SQL", help="one read-only statement (SELECT, ...)")
     p.set_defaults(func=cmd_sql)
     p = sub.add_parser("check", parents=[common],
                        help="check the invariants of the live state (DESIGN.md §8)")
@@ -801,6 +946,7 @@ REGISTRARS = [
     _register_up,
     _register_down,
     _register_status,
+    _register_top,
     _register_account,
     _register_deposit,
     _register_halt,
@@ -814,9 +960,31 @@ REGISTRARS = [
 ]
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("perpx")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
+class _VersionAction(argparse.Action):
+    """--version: the version, and where the compiled matcher is cached (engine package)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"perpx {version()}\nnumba cache (the compiled matcher): {numba_cache_dir()}")
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
-    parser = _Parser(prog="perpx", description="perpx: a perpetual-futures exchange on one box")
+    parser = _Parser(prog="perpx", description="perpx: a perpetual-futures exchange on one box. "
+                                               "`perpx COMMAND --help` explains each command.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the version (and the matcher's cache dir) and exit")
     parser.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
                         help=f"exchange state directory (default {DEFAULT_STATE_DIR})")
     parser.add_argument("--json", action="store_true", default=False,
@@ -830,7 +998,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help()
+        return 0
     args = parser.parse_args(argv)
+    args.argv = ["perpx", *argv]
+    os.umask(PRIVATE_UMASK)       # what perpx creates (keys, state, logs) is this user's alone
     try:
         return int(args.func(args) or 0)
     except CliError as e:

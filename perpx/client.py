@@ -23,9 +23,19 @@ passed to `on_report`. Conditional orders are `new_order(..., kind="stop_market"
 trigger_price="64000", trigger_by="mark")` (ack status "untriggered", later a `triggered`
 report); `set_margin(market, "isolated", 10)` answers `done` or `reject`.
 
-Handshake: the gateway refuses an unknown key, and libzmq does not retry a refused CURVE
-handshake, so `connect` pings and, when no `pong` comes, opens a new socket and tries again
-until its deadline (a new account's key is picked up by the gateway's next registry scan).
+Set-up fails fast and says why (docs/client.md): the certificate is read before any socket
+exists (CertificateMissing, CertificateInvalid, PublicOnlyCertificate); a socket monitor sees
+the CURVE handshake's outcome, and a key the gateway keeps refusing for UNKNOWN_KEY_GRACE_S
+raises UnknownKey (libzmq does not retry a refused handshake, so each attempt is a new socket;
+the grace lets a key registered a moment ago in at the gateway's next registry scan), another
+failed handshake (a wrong server key) HandshakeFailed; silence until connect_timeout_s raises
+ConnectTimeout. Every socket lingers 0 and a failed set-up
+closes what it made, so nothing blocks in ctx.term(). Prices, quantities and amounts are
+strings, ints or Decimals; a float raises FloatRefused.
+
+Typed objects: `typed(msg)` turns any reply or report map into a frozen dataclass (Ack,
+Reject, Fill, Canceled, AccountState, Book, ...; decimals as Decimal, the map in `.raw`);
+`typed_reports()` is `reports()` typed.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import itertools
 import json
 import time
 from collections import deque
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 
@@ -42,17 +53,59 @@ import msgpack
 import zmq
 import zmq.asyncio
 import zmq.auth
+from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_CONNECT_TIMEOUT_S = 15.0
 HANDSHAKE_ATTEMPT_S = 1.0
+# A refused handshake is retried this long before UnknownKey: a key registered a moment ago
+# gets in once the gateway re-scans its registry (every 0.2 s at most, gateway/accounts.py).
+UNKNOWN_KEY_GRACE_S = 1.0
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class ClientError(RuntimeError):
-    pass
+    """Anything the client library raises about the exchange or its own set-up."""
 
 
 class RequestTimeout(ClientError):
-    pass
+    """No reply to a request within its deadline."""
+
+
+class CertificateError(ClientError):
+    """The client certificate cannot be used (raised before any socket is made)."""
+
+
+class CertificateMissing(CertificateError):
+    """No file at the certificate path."""
+
+
+class CertificateInvalid(CertificateError):
+    """The file is not a CURVE certificate (or its keys are malformed)."""
+
+
+class PublicOnlyCertificate(CertificateError):
+    """The file holds a public key only (accounts/<id>.key); clients need the secret one."""
+
+
+class UnknownKey(ClientError):
+    """The gateway refused the certificate's key at the handshake: not a registered account
+    (or a disabled one)."""
+
+
+class HandshakeFailed(ClientError):
+    """The CURVE handshake failed for another reason than the key: most often an
+    endpoints.json of another exchange (or of an earlier server key)."""
+
+
+class ConnectTimeout(ClientError):
+    """No answer from the gateway at all (exchange down, wrong endpoint or server key)."""
+
+
+class FloatRefused(ClientError, TypeError):
+    """A price, quantity or amount given as a float: floats cannot say 0.1 exactly."""
 
 
 def load_endpoints(endpoints) -> dict:
@@ -63,6 +116,37 @@ def load_endpoints(endpoints) -> dict:
     if p.is_dir():
         p = p / "endpoints.json"
     return json.loads(p.read_text())
+
+
+def load_client_certificate(path) -> tuple[bytes, bytes]:
+    """(public, secret) z85 keys of a client certificate file; a CertificateError saying what
+    is wrong otherwise. `perpx account create` prints the path of a new one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CertificateMissing(f"{path}: no such certificate file (`perpx account create` "
+                                 f"makes one and prints its path)")
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise CertificateInvalid(f"{path}: not a CURVE certificate ({e})") from None
+    if not secret:
+        raise PublicOnlyCertificate(f"{path} holds only a public key: a client connects with "
+                                    f"the secret certificate, clients/<id>.key_secret")
+    for name, key in (("public", public), ("secret", secret)):
+        if len(key) != 40:
+            raise CertificateInvalid(f"{path}: the {name} key is not 40 z85 characters")
+    return public, secret
+
+
+def _decimal_text(value, what: str) -> str:
+    """A price/qty/amount as the wire's decimal string; floats are refused (0.1 is not 0.1)."""
+    if isinstance(value, float):
+        raise FloatRefused(f"{what}={value!r} is a float: pass a string such as '0.01' or a "
+                           f"decimal.Decimal (floats cannot hold most decimals exactly, and "
+                           f"the exchange rejects a value off its grid rather than round it)")
+    if isinstance(value, Decimal):
+        return format(value, "f")        # never exponent notation (1E-7), which is refused
+    return str(value)
 
 
 def _pack(msg: dict) -> bytes:
@@ -81,9 +165,9 @@ def _first_cid() -> int:
 def _order_msg(market, side, kind, qty, price, tif, reduce_only, stp, cid, trigger_price,
                trigger_by) -> dict:
     msg = {"type": "new_order", "cid": cid, "market": market, "side": side, "kind": kind,
-           "qty": str(qty)}
+           "qty": _decimal_text(qty, "qty")}
     if price is not None:
-        msg["price"] = str(price)
+        msg["price"] = _decimal_text(price, "price")
     if tif is not None:
         msg["tif"] = tif
     if reduce_only:
@@ -91,7 +175,7 @@ def _order_msg(market, side, kind, qty, price, tif, reduce_only, stp, cid, trigg
     if stp is not None:
         msg["stp"] = stp
     if trigger_price is not None:
-        msg["trigger_price"] = str(trigger_price)
+        msg["trigger_price"] = _decimal_text(trigger_price, "trigger_price")
     if trigger_by is not None:
         msg["trigger_by"] = trigger_by
     return msg
@@ -104,14 +188,18 @@ def _ref(oid, cid) -> dict:
 
 
 class _Connection:
-    """A socket, and the zmq context when this object made it."""
+    """A socket, and the zmq context when this object made it.
+
+    close() never blocks: sockets close with linger 0, and a context of its own is destroyed
+    (every socket still open in it closed with linger 0, then terminated), so a set-up that
+    failed half-way cannot leave ctx.term() waiting for a socket nobody closes."""
 
     def close(self) -> None:
         if self.socket is not None:
             self.socket.close(0)
             self.socket = None
         if self.own_ctx:
-            self.ctx.term()
+            self.ctx.destroy(linger=0)
             self.own_ctx = False
 
 
@@ -144,9 +232,9 @@ class _Requests:
               timeout_s=None):
         msg = {"type": "amend", **_ref(oid, cid)}
         if price is not None:
-            msg["price"] = str(price)
+            msg["price"] = _decimal_text(price, "price")
         if qty is not None:
-            msg["qty"] = str(qty)
+            msg["qty"] = _decimal_text(qty, "qty")
         return self.request(msg, timeout_s)
 
     def account(self, timeout_s=None):
@@ -169,7 +257,8 @@ class _Requests:
                             timeout_s)
 
     def withdraw(self, amount, timeout_s=None):
-        return self.request({"type": "withdraw", "amount": str(amount)}, timeout_s)
+        return self.request({"type": "withdraw", "amount": _decimal_text(amount, "amount")},
+                            timeout_s)
 
     def set_margin(self, market: str, mode: str, leverage: int, timeout_s=None):
         """Margin mode ("cross"/"isolated") and leverage of one market: `done` or `reject`."""
@@ -189,12 +278,49 @@ class _Requests:
 
 
 def _make_socket(ctx, endpoints: dict, public: bytes, secret: bytes):
+    """(DEALER with the client's CURVE keys, connected; PAIR socket receiving its handshake
+    outcome, attached before the connect so that no outcome is missed). Both linger 0; both
+    closed again if any step fails. The caller closes the monitor once it has the outcome."""
     s = ctx.socket(zmq.DEALER)
-    s.linger = 0
-    s.curve_publickey, s.curve_secretkey = public, secret
-    s.curve_serverkey = endpoints["server_public_key"].encode()
-    s.connect(endpoints["orders"])
-    return s
+    mon = None
+    try:
+        s.linger = 0
+        s.curve_publickey, s.curve_secretkey = public, secret
+        s.curve_serverkey = endpoints["server_public_key"].encode()
+        mon = s.get_monitor_socket(_HANDSHAKE_EVENTS)
+        mon.linger = 0
+        s.connect(endpoints["orders"])
+    except BaseException:
+        if mon is not None:
+            mon.close(0)
+        s.close(0)
+        raise
+    return s, mon
+
+
+def _handshake_outcome(event: int) -> str:
+    """'ok'; 'refused' (the gateway's authenticator denied the key); 'failed' (anything else:
+    e.g. a wrong server key, which the gateway cannot decrypt)."""
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return "ok"
+    return "refused" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "failed"
+
+
+def _failed_handshake_error(outcome: str, endpoints: dict, certificate: str,
+                            seconds: float) -> ClientError:
+    if outcome == "refused":
+        return UnknownKey(f"the gateway at {endpoints['orders']} refused the key of "
+                          f"{certificate} for {seconds:.1f} s: it is not a registered account "
+                          f"of this exchange (or it is disabled); `perpx account create` "
+                          f"registers a new one")
+    return HandshakeFailed(f"the CURVE handshake with {endpoints['orders']} failed for "
+                           f"{seconds:.1f} s: is server_public_key in endpoints.json this "
+                           f"exchange's (its current endpoints.json)?")
+
+
+def _silent_message(endpoints: dict, timeout_s: float) -> str:
+    return (f"no answer from {endpoints['orders']} within {timeout_s:g} s: is the exchange "
+            f"up (perpx status), and endpoints.json its current one?")
 
 
 class Client(_Connection, _Requests):
@@ -206,7 +332,7 @@ class Client(_Connection, _Requests):
         self.own_ctx = own_ctx
         self.endpoints = endpoints
         self.certificate = str(certificate)
-        self.public, self.secret = zmq.auth.load_certificate(self.certificate)
+        self.public, self.secret = load_client_certificate(self.certificate)
         self.on_report = on_report
         self.timeout_s = timeout_s
         self.last_rid = 0
@@ -218,11 +344,19 @@ class Client(_Connection, _Requests):
 
     @classmethod
     def connect(cls, endpoints, certificate, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                connect_timeout_s: float = 15.0, on_report=None, cancel_on_disconnect=False,
-                ctx: zmq.Context | None = None) -> Client:
+                connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, on_report=None,
+                cancel_on_disconnect=False, ctx: zmq.Context | None = None) -> Client:
+        """Load the certificate, connect, handshake and ping.
+
+        Raises a CertificateError at once for an unusable certificate, UnknownKey within
+        about UNKNOWN_KEY_GRACE_S when the gateway refuses the key (HandshakeFailed when the
+        handshake fails otherwise: a wrong server key), ConnectTimeout when nothing answers
+        within connect_timeout_s; nothing stays open after a failure."""
+        endpoints = load_endpoints(endpoints)
+        load_client_certificate(certificate)       # before any socket or context
         own = ctx is None
-        c = cls(ctx or zmq.Context(), load_endpoints(endpoints), certificate,
-                on_report=on_report, timeout_s=timeout_s, own_ctx=own)
+        c = cls(ctx or zmq.Context(), endpoints, certificate, on_report=on_report,
+                timeout_s=timeout_s, own_ctx=own)
         try:
             c._handshake(connect_timeout_s)
             if cancel_on_disconnect:
@@ -233,21 +367,43 @@ class Client(_Connection, _Requests):
         return c
 
     def _handshake(self, timeout_s: float) -> None:
+        """Open a socket and ping until a pong, with a fresh socket per attempt (libzmq does
+        not retry a refused CURVE handshake); see connect for what it raises."""
         deadline = time.monotonic() + timeout_s
+        refused_since = None
         while True:
             if self.socket is not None:
                 self.socket.close(0)
-            self.socket = _make_socket(self.ctx, self.endpoints, self.public, self.secret)
-            try:
-                attempt = min(HANDSHAKE_ATTEMPT_S, max(deadline - time.monotonic(), 0.05))
-                self.ping(timeout_s=attempt)
-                return
-            except RequestTimeout:
-                if time.monotonic() >= deadline:
-                    raise ClientError(f"no pong from {self.endpoints['orders']} within "
-                                      f"{timeout_s:g} s (is the key registered, the exchange "
-                                      f"up?)") from None
+                self.socket = None
+            self.socket, mon = _make_socket(self.ctx, self.endpoints, self.public, self.secret)
+            attempt = min(HANDSHAKE_ATTEMPT_S, max(deadline - time.monotonic(), 0.05))
+            outcome = self._await_handshake(mon, attempt)
+            if outcome == "ok":
+                try:
+                    self.ping(timeout_s=max(deadline - time.monotonic(), attempt))
+                    return
+                except RequestTimeout:
+                    raise ConnectTimeout(_silent_message(self.endpoints, timeout_s)) from None
+            now = time.monotonic()
+            if outcome in ("refused", "failed"):
+                refused_since = refused_since or now
+                if now - refused_since >= UNKNOWN_KEY_GRACE_S:
+                    raise _failed_handshake_error(outcome, self.endpoints, self.certificate,
+                                                  now - refused_since)
+                time.sleep(0.05)
+            elif now >= deadline:
+                raise ConnectTimeout(_silent_message(self.endpoints, timeout_s))
 
+    def _await_handshake(self, mon, timeout_s: float) -> str:
+        """'ok', 'refused', 'failed' or 'silent' (nothing within timeout_s) for the current
+        socket."""
+        try:
+            if mon.poll(max(int(timeout_s * 1000), 1)):
+                return _handshake_outcome(recv_monitor_message(mon)["event"])
+            return "silent"
+        finally:
+            self.socket.disable_monitor()
+            mon.close(0)
 
     def __enter__(self):
         return self
@@ -290,6 +446,10 @@ class Client(_Connection, _Requests):
         self._queue.clear()
         return out
 
+    def typed_reports(self, timeout_s: float = 0.0) -> list[Report]:
+        """reports() as typed objects (Fill, Canceled, ...)."""
+        return [typed(m) for m in self.reports(timeout_s)]
+
     def wait_for(self, pred, timeout_s: float | None = None) -> dict:
         """The first queued (or arriving) report matching pred; it is removed from the queue."""
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
@@ -313,7 +473,8 @@ class AsyncClient(_Requests):
         self.ctx = ctx
         self.own_ctx = own_ctx
         self.endpoints = endpoints
-        self.public, self.secret = zmq.auth.load_certificate(str(certificate))
+        self.certificate = str(certificate)
+        self.public, self.secret = load_client_certificate(self.certificate)
         self.on_report = on_report
         self.timeout_s = timeout_s
         self._rids = itertools.count(1)
@@ -327,22 +488,36 @@ class AsyncClient(_Requests):
 
     @classmethod
     async def connect(cls, endpoints, certificate, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                      connect_timeout_s: float = 15.0, on_report=None,
+                      connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, on_report=None,
                       cancel_on_disconnect=False, ctx=None) -> AsyncClient:
+        """As Client.connect (same errors, same deadlines)."""
+        endpoints = load_endpoints(endpoints)
+        load_client_certificate(certificate)       # before any socket or context
         own = ctx is None
-        c = cls(ctx or zmq.asyncio.Context(), load_endpoints(endpoints), certificate,
+        c = cls(ctx or zmq.asyncio.Context(), endpoints, certificate,
                 on_report=on_report, timeout_s=timeout_s, own_ctx=own)
         try:
             deadline = time.monotonic() + connect_timeout_s
+            refused_since = None
             while True:
-                c._open()
-                try:
-                    await c.ping(timeout_s=min(HANDSHAKE_ATTEMPT_S,
-                                               max(deadline - time.monotonic(), 0.05)))
-                    break
-                except RequestTimeout:
-                    if time.monotonic() >= deadline:
-                        raise ClientError(f"no pong from {c.endpoints['orders']}") from None
+                attempt = min(HANDSHAKE_ATTEMPT_S, max(deadline - time.monotonic(), 0.05))
+                outcome = await c._open(attempt)
+                if outcome == "ok":
+                    try:
+                        await c.ping(timeout_s=max(deadline - time.monotonic(), attempt))
+                        break
+                    except RequestTimeout:
+                        raise ConnectTimeout(_silent_message(endpoints,
+                                                             connect_timeout_s)) from None
+                now = time.monotonic()
+                if outcome in ("refused", "failed"):
+                    refused_since = refused_since or now
+                    if now - refused_since >= UNKNOWN_KEY_GRACE_S:
+                        raise _failed_handshake_error(outcome, endpoints, c.certificate,
+                                                      now - refused_since)
+                    await asyncio.sleep(0.05)
+                elif now >= deadline:
+                    raise ConnectTimeout(_silent_message(endpoints, connect_timeout_s))
             if cancel_on_disconnect:
                 await c.hello(True)
         except BaseException:
@@ -350,12 +525,24 @@ class AsyncClient(_Requests):
             raise
         return c
 
-    def _open(self) -> None:
+    async def _open(self, handshake_s: float) -> str:
+        """A fresh socket and reader; its handshake outcome (see Client._await_handshake)."""
         self._stop_reader()
         if self.socket is not None:
             self.socket.close(0)
-        self.socket = _make_socket(self.ctx, self.endpoints, self.public, self.secret)
+            self.socket = None
+        self.socket, mon = _make_socket(self.ctx, self.endpoints, self.public, self.secret)
+        try:
+            if await mon.poll(max(int(handshake_s * 1000), 1)):
+                outcome = _handshake_outcome(
+                    parse_monitor_message(await mon.recv_multipart())["event"])
+            else:
+                outcome = "silent"
+        finally:
+            self.socket.disable_monitor()
+            mon.close(0)
         self._task = asyncio.get_running_loop().create_task(self._reader(self.socket))
+        return outcome
 
     def _stop_reader(self) -> None:
         if self._task is not None:
@@ -400,6 +587,193 @@ class AsyncClient(_Requests):
     async def close(self) -> None:
         self._stop_reader()
         _Connection.close(self)
+
+
+# ---- typed reports ----------------------------------------------------------------------------
+# The wire's maps as frozen dataclasses: `typed(msg)`. Decimal strings become Decimal; fields a
+# message lacks are None; every object keeps the map it came from in `raw` (so new fields are
+# never lost). The dict API stays the primary one: requests return, and reports() yields, maps.
+def _dec(v):
+    return None if v is None else Decimal(v)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Base of every typed message: `type`, `rid` (replies only), `account_seq` (reports
+    addressed to an account, once the gateway sends it), and the raw map."""
+    type: str
+    rid: int | None
+    account_seq: int | None
+    raw: dict = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Ack(Report):
+    cid: int | None
+    oid: int | None
+    status: str | None
+
+
+@dataclass(frozen=True)
+class Reject(Report):
+    cid: int | None
+    reason: str | None
+    message: str | None
+
+
+@dataclass(frozen=True)
+class Fill(Report):
+    cid: int | None
+    oid: int | None
+    trade_id: int | None
+    market: str | None
+    side: str | None
+    price: Decimal | None
+    qty: Decimal | None
+    remaining: Decimal | None
+    fee: Decimal | None
+    liquidity: str | None
+
+
+@dataclass(frozen=True)
+class Canceled(Report):
+    cid: int | None
+    oid: int | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Amended(Report):
+    cid: int | None
+    oid: int | None
+    price: Decimal | None
+    qty: Decimal | None
+
+
+@dataclass(frozen=True)
+class Triggered(Report):
+    cid: int | None
+    oid: int | None
+
+
+@dataclass(frozen=True)
+class Funding(Report):
+    market: str | None
+    rate: Decimal | None
+    payment: Decimal | None
+
+
+@dataclass(frozen=True)
+class Liquidation(Report):
+    market: str | None
+    qty: Decimal | None
+    price: Decimal | None
+    kind: str | None
+    fee: Decimal | None
+
+
+@dataclass(frozen=True)
+class Position:
+    market: str
+    size: Decimal
+    entry_price: Decimal | None
+    mark_price: Decimal | None
+    unrealized_pnl: Decimal | None
+    liquidation_price: Decimal | None
+    mode: str | None
+    leverage: int | None
+
+
+@dataclass(frozen=True)
+class AccountState(Report):
+    balance: Decimal | None
+    equity: Decimal | None
+    available: Decimal | None
+    maintenance_margin: Decimal | None
+    positions: tuple[Position, ...]
+
+
+@dataclass(frozen=True)
+class OpenOrder:
+    oid: int
+    cid: int
+    market: str
+    side: str
+    kind: str
+    price: Decimal | None
+    qty: Decimal
+    remaining: Decimal
+    status: str
+
+
+@dataclass(frozen=True)
+class OpenOrders(Report):
+    orders: tuple[OpenOrder, ...]
+
+
+@dataclass(frozen=True)
+class Book(Report):
+    market: str | None
+    seq: int | None
+    bids: tuple[tuple[Decimal, Decimal], ...]
+    asks: tuple[tuple[Decimal, Decimal], ...]
+
+
+@dataclass(frozen=True)
+class Done(Report):
+    pass
+
+
+@dataclass(frozen=True)
+class Pong(Report):
+    pass
+
+
+@dataclass(frozen=True)
+class Other(Report):
+    """A message type this library does not know (yet): see `raw`."""
+
+
+_DECIMAL_FIELDS = {"price", "qty", "remaining", "fee", "rate", "payment", "balance", "equity",
+                   "available", "maintenance_margin", "entry_price", "mark_price",
+                   "unrealized_pnl", "liquidation_price", "size"}
+
+
+def _fields_of(cls, msg: dict) -> dict:
+    out = {}
+    for f in fields(cls):
+        if f.name in ("type", "rid", "account_seq", "raw"):
+            continue
+        v = msg.get(f.name)
+        out[f.name] = _dec(v) if f.name in _DECIMAL_FIELDS and isinstance(v, str) else v
+    return out
+
+
+_TYPED = {"ack": Ack, "reject": Reject, "fill": Fill, "canceled": Canceled,
+          "amended": Amended, "triggered": Triggered, "funding": Funding,
+          "liquidation": Liquidation, "done": Done, "pong": Pong}
+
+
+def typed(msg: dict) -> Report:
+    """The typed object of a wire message (reply or report); Other for an unknown type."""
+    kind = msg.get("type")
+    head = {"type": kind, "rid": msg.get("rid"), "account_seq": msg.get("account_seq"),
+            "raw": msg}
+    if kind == "account_state":
+        body = _fields_of(AccountState, {k: v for k, v in msg.items() if k != "positions"})
+        body["positions"] = tuple(Position(**_fields_of(Position, p))
+                                  for p in msg.get("positions", ()))
+        return AccountState(**head, **body)
+    if kind == "open_orders":
+        return OpenOrders(**head, orders=tuple(OpenOrder(**_fields_of(OpenOrder, o))
+                                               for o in msg.get("orders", ())))
+    if kind == "book":
+        def side(levels):
+            return tuple((Decimal(p), Decimal(q)) for p, q in levels)
+        return Book(**head, market=msg.get("market"), seq=msg.get("seq"),
+                    bids=side(msg.get("bids", ())), asks=side(msg.get("asks", ())))
+    cls = _TYPED.get(kind, Other)
+    return cls(**head, **_fields_of(cls, msg))
 
 
 # ---- market data ----------------------------------------------------------------------------

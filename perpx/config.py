@@ -24,8 +24,9 @@ Keys (defaults in brackets):
                 account that has not changed after this long), scan [true] (the liquidation
                 scanner; false only for benchmarks of the rest)
     [endpoints] host ["127.0.0.1"], orders_port [7700] (gateway N binds orders_port + N),
-                market_data_port [7800]; a port of 0 means "any free port, chosen at start"
-                (and kept across gateway restarts)
+                market_data_port [7800], metrics_port [7900] (Prometheus, perpx/metrics.py);
+                a port of 0 means "any free port, chosen at start" (and kept across gateway
+                restarts)
     [[markets]] symbol, tick_size, lot_size, initial_price (required); oracle ["sim"],
                 max_leverage [20], maker_fee ["0.0002"], taker_fee ["0.0005"],
                 price_band ["0.10"], brackets [see DEFAULT_BRACKETS], liquidation_fee ["0.005"],
@@ -63,7 +64,7 @@ import os
 import re
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
@@ -110,10 +111,13 @@ ENGINE_DEFAULTS = {
     "event_ring_capacity": 0,
     "batch": 256,
 }
+# Config.source of the bundled perpx/default.toml
+BUNDLED_SOURCE = "<bundled default>"
 ENDPOINT_DEFAULTS = {
     "host": "127.0.0.1",
     "orders_port": 7700,
     "market_data_port": 7800,
+    "metrics_port": 7900,
 }
 PERSISTENCE_DEFAULTS = {
     "snapshot_every": 1_000_000,
@@ -163,7 +167,10 @@ class Config:
     markets: tuple
     persistence: dict = None   # PERSISTENCE_DEFAULTS keys
     risk: dict = None          # RISK_DEFAULTS keys
-    source: str = "<bundled default>"
+    source: str = BUNDLED_SOURCE
+    # endpoint keys the config file gave (a port left to the defaults may move when taken);
+    # how the file was written, not what it says, so not compared
+    explicit_endpoints: tuple = field(default=(), compare=False)
 
     def engine_config(self):
         return engine_config_from(self.engine)
@@ -270,7 +277,7 @@ def load_config(path=None) -> Config:
     except OSError as e:
         raise ConfigError(f"config file {p}: {e.strerror}") from None
     return parse_config(text, origin=p if path is not None else None,
-                        source=str(p) if path is not None else "<bundled default>")
+                        source=str(p) if path is not None else BUNDLED_SOURCE)
 
 
 def parse_config(text: str, origin: Path | None = None, source: str = "<string>") -> Config:
@@ -319,11 +326,13 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
 
     ep = c.table(doc, "endpoints")
     c.unknown_keys("endpoints", ep, ENDPOINT_DEFAULTS)
+    explicit_endpoints = tuple(k for k in ENDPOINT_DEFAULTS if k in ep)
     ep = {**ENDPOINT_DEFAULTS, **ep}
     if not isinstance(ep["host"], str) or not re.fullmatch(r"[A-Za-z0-9.:\-\[\]*]+", ep["host"]):
         c.fail("endpoints.host", f"{ep['host']!r} must be a host name or address")
     c.integer("endpoints.orders_port", ep["orders_port"], 0, 65535)
     c.integer("endpoints.market_data_port", ep["market_data_port"], 0, 65535)
+    c.integer("endpoints.metrics_port", ep["metrics_port"], 0, 65535)
     if ep["orders_port"] and ep["orders_port"] + gateways - 1 > 65535:
         c.fail("endpoints.orders_port", f"{ep['orders_port']} + {gateways} gateways passes 65535")
     if (ep["orders_port"] and ep["market_data_port"]
@@ -369,7 +378,8 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     return Config(gateways=gateways, ack_mode=ex["ack_mode"], pin_cpus=ex["pin_cpus"],
                   rate_limit_per_s=rate, rate_limit_burst=burst, startup_timeout_s=startup,
                   engine={k: eng[k] for k in ENGINE_DEFAULTS}, endpoints=dict(ep),
-                  markets=tuple(markets), persistence=per, risk=risk, source=source)
+                  markets=tuple(markets), persistence=per, risk=risk, source=source,
+                  explicit_endpoints=explicit_endpoints)
 
 
 def _market(c: _Checker, i: int, item, origin: Path | None,

@@ -1,11 +1,13 @@
 """`perpx demo`: demo traders against a running exchange.
 
 Three accounts are created through the same path as `perpx account create` (perpx.ops) and
-funded; one market maker quotes every market a few levels each side around the mark (with a
-small random walk of its own mid, kept inside the price band), re-quoting every ~200 ms with
-`amend` (a level whose order is gone is placed anew); two takers send small market and IOC
-orders at random intervals. Every second one line: orders/s, trades/s, open interest and
-last price per market. Ctrl-C (or `seconds`) stops it: the maker cancels its quotes.
+funded, once per state dir: later runs reuse them (STATE_DIR/demo.json); one market maker
+quotes every market a few levels each side around the mark (with a small random walk of its
+own mid, kept inside the price band), re-quoting every ~200 ms with `amend` (a level whose
+order is gone is placed anew); two takers send small market and IOC orders at random
+intervals. Every second one line: orders/s, trades/s, open interest and
+last price per market. Ctrl-C (or `seconds`, or the exchange stopping) stops it: the maker
+cancels its quotes.
 
 Each trader is a thread with its own `perpx.client.Client`; the main thread reads market
 data and prints. CPU stays modest: the traders sleep between actions.
@@ -13,6 +15,7 @@ data and prints. CPU stays modest: the traders sleep between actions.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import threading
@@ -24,6 +27,7 @@ import zmq
 from perpx.client import Client, ClientError, MarketData, load_endpoints
 
 DEPOSIT_ATOMS = 10_000_000 * 10 ** 6       # 10M USDC each
+DEMO_FILE = "demo.json"                    # the demo's account ids, reused by the next run
 LEVELS = 3
 REQUOTE_S = 0.2
 
@@ -41,14 +45,32 @@ class Stats:
             self.rejects += rejects
 
 
-def create_funded_accounts(sd, n: int, atoms: int = DEPOSIT_ATOMS) -> list[tuple[int, str]]:
-    from perpx.ops import Exchange, create_account
+def demo_accounts(sd, n: int, atoms: int = DEPOSIT_ATOMS) -> list[tuple[int, str]]:
+    """The demo's n accounts (id, certificate), funded: those of the last run when their
+    certificates and registrations are still there (recorded in STATE_DIR/demo.json, topped up
+    to `atoms` when below half of it), new ones otherwise, so that runs do not pile up accounts."""
+    from perpx.config import write_json_atomic
+    from perpx.ops import Exchange, account_view, create_account
     ex = Exchange(sd)
-    out = []
-    for _ in range(n):
+    record = sd.path / DEMO_FILE
+    try:
+        ids = [int(a) for a in json.loads(record.read_text())["accounts"]][:n]
+    except (OSError, ValueError, KeyError, TypeError):
+        ids = []
+    registered = set(sd.registered_accounts())
+    out = [(a, str(sd.clients_dir / f"{a}.key_secret")) for a in ids
+           if a in registered and (sd.clients_dir / f"{a}.key_secret").exists()]
+    if out:
+        mirror, _ = ex.snapshot()
+        for account, _ in out:
+            balance_atoms = int(Decimal(account_view(ex, mirror, account)["balance"]) * 10 ** 6)
+            if balance_atoms < atoms // 2:
+                ex.deposit(account, atoms - balance_atoms)
+    while len(out) < n:
         account, cert = create_account(ex.sd, ex.engine.max_accounts)
         ex.deposit(account, atoms)
         out.append((account, cert))
+    write_json_atomic(record, {"accounts": [a for a, _ in out]})
     return out
 
 
@@ -189,7 +211,7 @@ def run_demo(state_dir, seconds: float | None = None, out=sys.stdout, seed: int 
     sd.require_running()
     endpoints = load_endpoints(sd.endpoints_file)
     params = market_params(sd)
-    accounts = create_funded_accounts(sd, 3)
+    accounts = demo_accounts(sd, 3)
     rng = random.Random(seed)
     stop = stop or threading.Event()
     stats = Stats()
@@ -212,6 +234,9 @@ def run_demo(state_dir, seconds: float | None = None, out=sys.stdout, seed: int 
             if seconds is not None and now - started >= seconds:
                 break
             if now - last_t >= 1.0:
+                if sd.supervisor_pid() is None:
+                    print("demo: the exchange stopped", file=out, flush=True)
+                    break
                 dt = now - last_t
                 try:
                     oi = open_interest(sd)

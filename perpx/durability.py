@@ -1,7 +1,8 @@
 """The operator's side of durability: `perpx sql`, `perpx verify`, `perpx check`.
 
 - `sql`: a read-only query, answered by persistd (it holds DuckDB's write connection) over a
-  local ZeroMQ socket (STATE_DIR/run/sql.ipc).
+  local ZeroMQ socket (STATE_DIR/run/sql.ipc). `record_admin` adds an operator command's
+  who/when row to admin_log over the same socket.
 - `verify`: replays the journal offline into a private copy of the state, from genesis when
   the journal starts at seq 1, else from the oldest snapshot it reaches back to. Every batch
   checksum is checked on the way (a corrupt batch fails the run, naming segment and offset);
@@ -13,6 +14,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import time
 
 import msgpack
@@ -38,6 +41,11 @@ class DurabilityError(RuntimeError):
 
 def sql(sd: StateDir, query: str, timeout_s: float = 30.0) -> dict:
     """{"columns", "rows", "store_seq"} of a read-only query; DurabilityError on refusal."""
+    return _sql_request(sd, {"sql": query}, timeout_s)
+
+
+def _sql_request(sd: StateDir, request: dict, timeout_s: float) -> dict:
+    """One request on persistd's local socket (STATE_DIR/run/sql.ipc); its reply map."""
     sd.require_running()
     if not sd.sql_socket.exists():
         raise DurabilityError("persistd is not serving SQL (is it starting or restarting?)")
@@ -46,7 +54,7 @@ def sql(sd: StateDir, query: str, timeout_s: float = 30.0) -> dict:
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(f"ipc://{sd.sql_socket}")
-        sock.send(msgpack.packb({"sql": query}))
+        sock.send(msgpack.packb(request))
         if not sock.poll(int(timeout_s * 1000)):
             raise DurabilityError(f"persistd did not answer within {timeout_s:g} s")
         reply = msgpack.unpackb(sock.recv())
@@ -55,6 +63,20 @@ def sql(sd: StateDir, query: str, timeout_s: float = 30.0) -> dict:
     if "error" in reply:
         raise DurabilityError(reply["error"])
     return reply
+
+
+def record_admin(sd: StateDir, command: str, args: str, seq: int | None, outcome: str,
+                 timeout_s: float = 5.0) -> None:
+    """Add who ran an operator command, and when, to DuckDB's admin_log (through persistd,
+    the store's only writer); DurabilityError if it could not be recorded."""
+    uid = os.getuid()
+    try:
+        operator = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        operator = str(uid)
+    _sql_request(sd, {"admin_log": {"ts_ns": time.time_ns(), "operator": operator, "uid": uid,
+                                    "pid": os.getpid(), "command": command, "args": args,
+                                    "seq": seq, "outcome": outcome}}, timeout_s)
 
 
 def _live_copy(sd: StateDir, doc: dict):
@@ -88,8 +110,13 @@ def _wait_durable(sd: StateDir, doc: dict, seq: int, timeout_s: float = 30.0) ->
         progress.close()
 
 
-def verify(sd: StateDir, on_progress=None) -> dict:
-    """Replay the journal offline and compare state hashes (see the module docstring)."""
+def verify(sd: StateDir, on_progress=None, on_total=None) -> dict:
+    """Replay the journal offline and compare state hashes (see the module docstring).
+
+    The replay ends at the journal's end as found when it starts (or the live state's seq,
+    if later): a running exchange keeps appending, and a moving end would never be reached.
+    `on_total(seq)` is told that end once it is known, `on_progress(seq)` each batch.
+    """
     doc = sd.exchange()
     cfg = sd.engine_config(doc)
     info = journal_info(sd.journal_dir) if sd.journal_dir.is_dir() else {"last_seq": 0}
@@ -117,7 +144,9 @@ def verify(sd: StateDir, on_progress=None) -> dict:
                if s > replica.seq]
     if live is not None:
         targets.append((live[0], "live", live[1]))
-    total = info["last_seq"]
+    total = max([info["last_seq"]] + [seq for seq, _, _ in targets])
+    if on_total is not None:
+        on_total(total)
     t0 = time.monotonic()
     try:
         for seq, what, expected in sorted(targets):
@@ -128,28 +157,9 @@ def verify(sd: StateDir, on_progress=None) -> dict:
             got = replica.state_hash()
             checks.append({"at": what, "seq": seq, "ok": got == expected,
                            "expected": expected, "replayed": got})
-        replica.catch_up(sd.journal_dir, on_progress=on_progress)
+        replica.catch_up(sd.journal_dir, upto_seq=total, on_progress=on_progress)
     except JournalCorrupt as e:
         raise DurabilityError(f"journal corrupt: {e}") from None
     return {"ok": all(c["ok"] for c in checks), "from": start, "seq": replica.seq,
             "journal_last_seq": total, "state_hash": replica.state_hash(),
             "seconds": round(time.monotonic() - t0, 3), "checks": checks}
-
-
-def progress_printer(total: int, out):
-    """A one-line progress bar for long replays (stderr)."""
-    last = [0.0]
-
-    def show(seq: int) -> None:
-        now = time.monotonic()
-        if now - last[0] < 0.2 and seq < total:
-            return
-        last[0] = now
-        frac = min(1.0, seq / total) if total else 1.0
-        bar = "#" * int(frac * 30)
-        print(f"\rverify: [{bar:<30}] seq {seq}/{total} ({frac:.0%})", end="", file=out,
-              flush=True)
-        if seq >= total:
-            print(file=out, flush=True)
-    return show
-

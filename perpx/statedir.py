@@ -1,7 +1,9 @@
 """The exchange's state directory: its layout (engine/spec.py StateLayout), the shm prefix,
 and the two locks.
 
-The shm prefix is derived from the state directory's real path (shm/names.py).
+The directory is 0700 and every file in it 0600 (`perpx up` refuses a directory that group or
+others can write, and makes what an older run left private). The shm prefix is derived from the
+state directory's real path (shm/names.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -18,6 +21,11 @@ import posix_ipc
 from engine.spec import StateLayout, engine_config_from
 from shm import names
 from shm.region import ShmError, attach_retrying as retrying
+
+
+# Files perpx creates are its user's alone (journal, DuckDB, logs, keys: every account's orders
+# and balances); set by `perpx` before it creates anything, inherited by the processes it starts.
+PRIVATE_UMASK = 0o077
 
 
 class NotRunning(RuntimeError):
@@ -89,11 +97,42 @@ class StateDir(StateLayout):
         self.prefix = names.prefix_for(self.path)
 
     def make(self) -> None:
+        """Create the directory and its subdirectories, private to this user (see private)."""
+        os.umask(PRIVATE_UMASK)
         for d in (self.path, self.keys_dir, self.accounts_dir, self.clients_dir, self.logs_dir,
                   self.run_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.keys_dir, 0o700)
-        os.chmod(self.clients_dir, 0o700)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)
+
+    def others_can_write(self) -> str | None:
+        """Why the state directory is not safe to run from (its mode lets group or others
+        write it), or None."""
+        try:
+            mode = self.path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            return None
+        if mode & 0o022:
+            return (f"{self.path} is writable by group or others (mode {mode:04o}): anyone "
+                    f"who can write it could plant keys, a journal or a config; make it "
+                    f"private (chmod 700 {self.path}) or pick another --state-dir")
+        return None
+
+    def private(self) -> list[str]:
+        """Make everything in the directory this user's alone: directories 0700, files 0600
+        (left as they are by runs before this rule, or by an odd umask). Returns what changed."""
+        changed = []
+        for root, dirs, files in os.walk(self.path):
+            for name, want in [(d, 0o700) for d in dirs] + [(f, 0o600) for f in files]:
+                p = os.path.join(root, name)
+                try:
+                    st = os.lstat(p)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISLNK(st.st_mode) or st.st_mode & 0o777 == want:
+                    continue
+                os.chmod(p, want)
+                changed.append(os.path.relpath(p, self.path))
+        return changed
 
     # -- is it running? -----------------------------------------------------------------
     def supervisor_pid(self) -> int | None:

@@ -17,12 +17,13 @@ Start-up: lock STATE_DIR/supervisor.lock (one `perpx up` per state dir), clear w
 run left in /dev/shm under this state dir's prefix, resolve the config into exchange.json,
 create the server's CURVE certificate once (kept across runs, so clients keep their
 server_public_key), start the matcher and wait for its heartbeat to say ready (the first run
-compiles the matcher: about a minute), start persistd, send the genesis commands (per market,
-config.genesis_commands) through the ops ring and check each was accepted, create the
-IndexBoard (`<prefix>-index`, shm/index_board.py: it belongs to the supervisor so that an
-operator's manual index outlives riskd restarts), start riskd and wait for its ready file,
-start the gateways and wait until each has bound its sockets, then write endpoints.json and
-status.json.
+compiles the matcher, about a minute, and says so with a clock), start persistd, send the
+genesis commands (per market, config.genesis_commands) through the ops ring and check each
+was accepted, create the IndexBoard (`<prefix>-index`, shm/index_board.py: it belongs to the
+supervisor so that an operator's manual index outlives riskd restarts), start riskd and wait
+for its ready file, start the gateways and wait until each has bound its sockets, start the
+Prometheus exporter (perpx/metrics.py: threads of this process, reading shm only;
+endpoints.metrics), then write endpoints.json and status.json.
 
 CPU pinning (`os.sched_setaffinity`, exchange.pin_cpus): with at least gateways + 2 CPUs the
 matcher and each gateway get a CPU of their own and everything else (the supervisor,
@@ -75,10 +76,15 @@ from pathlib import Path
 
 import zmq.auth
 
+from engine.matcher import matcher_is_cached
 from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_LIMITS,
                             CMD_SET_MARKET_RISK, EVENT_DTYPE)
-from perpx.config import Config, genesis_commands, write_json_atomic
+from engine.service import attach_state
+from engine.state import C_SEQ
+from perpx.config import BUNDLED_SOURCE, Config, genesis_commands, write_json_atomic
+from perpx.metrics import Exporter
 from perpx.ops import Exchange, OpsError
+from perpx.progress import COMPILING_MATCHER, Bar, elapsed
 from perpx.statedir import FileLock, StateDir
 from persistd.journal import journal_info
 from shm import names
@@ -158,17 +164,19 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
-def resolve_ports(cfg: Config) -> dict:
-    """Concrete ports: 0 becomes a free port now (kept for the run, so restarts reuse it)."""
+def resolve_ports(cfg: Config, log=None) -> dict:
+    """Concrete ports: 0 becomes a free port now (kept for the run, so restarts reuse it).
+
+    A port the config file names that is taken is an error naming it and its config key. A
+    port nobody chose (the bundled config's, or a key the file leaves out) that is taken is
+    replaced by a free one, and `log` says which and how to fix it: a second exchange on the
+    box, or anything else on 7700, does not stop a newcomer's `./scripts/run`.
+    """
     host = cfg.endpoints["host"]
+    chosen_keys = () if cfg.source == BUNDLED_SOURCE else cfg.explicit_endpoints
     taken = set()
 
-    def pick(port: int, key: str) -> int:
-        if port:
-            if not _bindable(host, port):
-                raise StartupError(f"endpoints.{key}: port {port} on {host} is in use")
-            taken.add(port)
-            return port
+    def free_port() -> int:
         for _ in range(100):
             addr = "127.0.0.1" if host in ("*", "0.0.0.0") else host.strip("[]")
             family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -180,15 +188,34 @@ def resolve_ports(cfg: Config) -> dict:
                 return port
         raise StartupError("could not find a free port")
 
+    def pick(port: int, key: str) -> int:
+        if not port:
+            return free_port()
+        if port not in taken and _bindable(host, port):
+            taken.add(port)
+            return port
+        if key in chosen_keys:
+            raise StartupError(f"endpoints.{key}: port {port} on {host} is in use; choose "
+                               f"another in {cfg.source} (0 = any free port)")
+        chosen = free_port()
+        if log is not None:
+            log(f"port {port} (endpoints.{key}) on {host} is in use, so this run uses "
+                f"{chosen}; clients find it in endpoints.json. To fix the port, set "
+                f"endpoints.{key} in a config file: perpx up --config FILE")
+        return chosen
+
     base = cfg.endpoints["orders_port"]
     orders = [pick(base + i if base else 0, "orders_port") for i in range(cfg.gateways)]
     md = pick(cfg.endpoints["market_data_port"], "market_data_port")
+    metrics = pick(cfg.endpoints["metrics_port"], "metrics_port")
     connect_host = "127.0.0.1" if host in ("*", "0.0.0.0") else host
     return {
         "orders_bind": [f"tcp://{host}:{p}" for p in orders],
         "market_data_bind": f"tcp://{host}:{md}",
         "orders": [f"tcp://{connect_host}:{p}" for p in orders],
         "market_data": f"tcp://{connect_host}:{md}",
+        "metrics_host": host, "metrics_port": metrics,
+        "metrics_port_chosen": "metrics_port" in chosen_keys,
     }
 
 
@@ -274,6 +301,7 @@ class Supervisor:
         self.riskd: Child | None = None
         self.index_board = None
         self.progress = None
+        self.exporter = None
         self.gateways: list[Child] = []
         self.hb_board = None
         self.heartbeat = None
@@ -302,6 +330,9 @@ class Supervisor:
     # -- the whole run ------------------------------------------------------------------
     def run(self) -> int:
         self.install_signal_handlers()
+        unsafe = self.sd.others_can_write()
+        if unsafe:
+            raise StartupError(unsafe)
         self.sd.make()
         deadline = time.monotonic() + 1.0
         while not self.lock.try_acquire():
@@ -311,6 +342,11 @@ class Supervisor:
                                    f"(supervisor pid {pid}); `perpx down` stops it")
             time.sleep(0.05)
         self.lock.write_pid()
+        fixed = self.sd.private()
+        if fixed:
+            self.log(f"made {len(fixed)} files and directories of {self.sd.path} private to "
+                     f"this user (0600/0700): {', '.join(fixed[:4])}"
+                     + (" ..." if len(fixed) > 4 else ""))
         try:
             try:
                 self.start()
@@ -339,7 +375,7 @@ class Supervisor:
         if cfg.ack_mode == "fast":
             self.log("note: ack_mode \"fast\": gateways acknowledge before the journal has the "
                      "command (benchmarks only: an acknowledged order can be lost in a crash)")
-        ports = resolve_ports(cfg)
+        ports = resolve_ports(cfg, self.log)
         available = sorted(os.sched_getaffinity(0))
         self.cpu_plan = plan_cpus(available, cfg.gateways) if cfg.pin_cpus else {}
         if self.cpu_plan and len(available) > 1:
@@ -369,13 +405,18 @@ class Supervisor:
         self.matcher = self._child("matcher", [sys.executable, "-m", "perpx.matcherd",
                                                "--spec", str(sd.exchange_file)],
                                    ready_check=matcher_ready)
+        compiles = not matcher_is_cached()
         self._spawn(self.matcher)
         self.log(f"matcher started (pid {self.matcher.pid}, cpus {self.matcher.cpus or 'any'}); "
-                 f"waiting for it to load the compiled matcher"
+                 f"waiting for it to {'compile' if compiles else 'load'} the matcher"
                  + (f" and recover seq {journaled} from the journal" if journaled else ""))
         t0 = time.monotonic()
-        self._wait(lambda: self._check_ready(self.matcher), cfg.startup_timeout_s,
-                   "the matcher to start", [self.matcher])
+        if compiles:
+            with elapsed(COMPILING_MATCHER):
+                self._wait(lambda: self._check_ready(self.matcher), cfg.startup_timeout_s,
+                           "the matcher to start", [self.matcher])
+        else:
+            self._wait_for_matcher_replay(journaled, cfg.startup_timeout_s)
         self.log(f"matcher ready in {time.monotonic() - t0:.1f} s")
 
         self.persistd = self._child("persistd", [sys.executable, "-m", "persistd",
@@ -420,15 +461,60 @@ class Supervisor:
         public, _ = zmq.auth.load_certificate(str(server_secret))
         self.endpoints = {"orders": ports["orders"][0], "market_data": ports["market_data"],
                           "server_public_key": public.decode(), "orders_all": ports["orders"]}
+        self.exporter = Exporter(sd, self.doc, log=self.log, restarts=lambda: {
+            c.name: c.restarts for c in self._running()})
+        host, port = ports["metrics_host"], ports["metrics_port"]
+        try:
+            self.endpoints["metrics"] = self.exporter.start(host, port)
+        except OSError as e:
+            if ports["metrics_port_chosen"]:
+                raise StartupError(f"endpoints.metrics_port: cannot serve metrics on "
+                                   f"{host}:{port}: {e}") from None
+            # taken since resolve_ports looked (another exchange starting): any free port
+            self.endpoints["metrics"] = self.exporter.start(host, 0)
+            self.log(f"port {port} (endpoints.metrics_port) on {host} was taken meanwhile; "
+                     f"metrics at {self.endpoints['metrics']}")
         write_json_atomic(sd.endpoints_file, self.endpoints)
         self.write_status()
         if self.json_out:
             print(json.dumps(self.endpoints), file=self.out, flush=True)
         else:
             print(f"perpx is up: orders {self.endpoints['orders']}, market data "
-                  f"{self.endpoints['market_data']}; state in {sd.path}; "
+                  f"{self.endpoints['market_data']}, metrics {self.endpoints['metrics']} "
+                  f"(perpx top); state in {sd.path}; "
                   f"{len(cfg.markets)} markets ({', '.join(m.symbol for m in cfg.markets)}). "
                   f"Ctrl-C or `perpx down` stops it.", file=self.out, flush=True)
+
+    def _wait_for_matcher_replay(self, journaled: int, timeout_s: float) -> None:
+        """Wait for the matcher to serve; with a journal to replay, show a bar of the replay:
+        the seq of the state it rebuilds in shared memory (counters[C_SEQ]) against the
+        journal's last seq."""
+        if not journaled:
+            self._wait(lambda: self._check_ready(self.matcher), timeout_s,
+                       "the matcher to start", [self.matcher])
+            return
+        bar = Bar("matcher: replaying the journal", journaled)
+        mapped = []                   # [region, state] once the matcher has made the region
+
+        def ready() -> bool:
+            if not mapped:
+                try:
+                    mapped.extend(attach_state(self.sd.prefix, self.cfg.engine_config()))
+                except ShmError:
+                    pass              # not created yet
+            if mapped:
+                bar.update(min(int(mapped[1].counters[C_SEQ]), journaled))
+            return self._check_ready(self.matcher)
+
+        try:
+            self._wait(ready, timeout_s, "the matcher to start", [self.matcher])
+            bar.update(journaled)     # ready: it has replayed all of it
+        finally:
+            bar.stop()
+            if mapped:
+                region = mapped[0]
+                mapped.clear()        # drop the state's views before unmapping
+                region.close()
 
     def _server_certificate(self) -> Path:
         secret = self.sd.keys_dir / "server.key_secret"
@@ -625,6 +711,9 @@ class Supervisor:
     def shutdown(self) -> None:
         for child in self._running():
             child.restart_at = None
+        if self.exporter is not None:      # it reads the shm the children are about to remove
+            self.exporter.stop()
+            self.exporter = None
         # riskd with the gateways: no new marks or liquidations once clients are gone.
         self._stop_children([c for c in (self.riskd, *self.gateways) if c is not None],
                             GATEWAY_STOP_S)

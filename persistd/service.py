@@ -24,7 +24,9 @@ store
     store's last seq and replays the journal from there, writing only rows the store lacks.
 sql
     Answers `perpx sql` on a local ZeroMQ socket with read-only queries (the store refuses
-    anything else); persistd holds DuckDB's write connection, so nobody else opens the file.
+    anything else), and records operator commands in admin_log ({"admin_log": row}, from
+    perpx.durability.record_admin); persistd holds DuckDB's write connection, so nobody else
+    opens the file.
 """
 
 from __future__ import annotations
@@ -360,6 +362,8 @@ class Persistd:
     def _answer(self, raw: bytes) -> dict:
         try:
             request = msgpack.unpackb(raw)
+            if isinstance(request, dict) and isinstance(request.get("admin_log"), dict):
+                return self._log_admin(request["admin_log"])
             sql = request["sql"]
             if not isinstance(sql, str):
                 raise TypeError
@@ -376,6 +380,18 @@ class Persistd:
             return {"error": f"{type(e).__name__}: {e}"}
         return {"columns": columns, "rows": [list(r) for r in rows],
                 "store_seq": self.progress.store_seq()}
+
+    def _log_admin(self, row: dict) -> dict:
+        """An operator command's who/when for admin_log (perpx.durability.record_admin)."""
+        store = self.store
+        if store is None:
+            return {"error": "the DuckDB store is being reopened after a failed write; retry"}
+        try:
+            store.log_admin(**{k: row.get(k) for k in ("ts_ns", "operator", "uid", "pid",
+                                                       "command", "args", "seq", "outcome")})
+        except Exception as e:
+            return {"error": f"admin_log: {type(e).__name__}: {e}"}
+        return {"ok": True}
 
     def close(self) -> None:
         if self.store is not None:

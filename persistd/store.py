@@ -224,6 +224,9 @@ class Store:
                     seq BIGINT, ts BIGINT, reason VARCHAR, amount {A}, fund {A});
                 CREATE TABLE IF NOT EXISTS marks (
                     seq BIGINT, ts BIGINT, market VARCHAR, mark {P});
+                CREATE TABLE IF NOT EXISTS admin_log (
+                    ts BIGINT, operator VARCHAR, uid BIGINT, pid BIGINT, command VARCHAR,
+                    args VARCHAR, seq BIGINT, outcome VARCHAR);
                 CREATE TABLE IF NOT EXISTS meta (
                     last_seq BIGINT NOT NULL, schema_version INTEGER NOT NULL);
             """)
@@ -467,6 +470,19 @@ class Store:
                     columns.clear()       # the batch's arrays are not kept alive
             self._last_seq = new_last
             return counts
+
+    def log_admin(self, ts_ns: int, operator: str, uid: int, pid: int, command: str,
+                  args: str, seq: int | None, outcome: str) -> None:
+        """One row of admin_log: who (user name, uid, pid of the `perpx` process) ran which
+        operator command when (wall-clock ns), the seq it ended at (None if it has none) and
+        its outcome ("ok" or the error). Not derived from the journal (an oracle set reaches
+        the matcher as riskd's SET_MARK), so forget_after leaves these rows alone."""
+        with self._write_lock:
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            self._writer.execute("INSERT INTO admin_log VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 [int(ts_ns), str(operator), int(uid), int(pid), str(command),
+                                  str(args), None if seq is None else int(seq), str(outcome)])
 
     def forget_after(self, seq: int) -> int:
         """Delete every row of a seq > `seq` and lower meta.last_seq to `seq` if above it,

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
+from perpx.progress import ensure_matcher_compiled
 from tests.test_supervisor import Up, config_text
+
+
+def pytest_sessionstart(session):
+    """On a cold numba cache (a fresh checkout), compile the matcher first, with a clock on
+    the terminal, rather than silently inside whichever test loads it first."""
+    if not session.config.option.collectonly:
+        ensure_matcher_compiled(sys.__stderr__)
 
 
 @pytest.fixture

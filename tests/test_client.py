@@ -7,10 +7,17 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from decimal import Decimal
+from pathlib import Path
 
 import pytest
+import zmq
+import zmq.auth
 
-from perpx.client import AsyncClient, Client, MarketData, RequestTimeout
+from perpx.client import (Ack, AccountState, AsyncClient, Book, CertificateInvalid,
+                          CertificateMissing, Client, ClientError, Fill, FloatRefused,
+                          HandshakeFailed, MarketData,
+                          PublicOnlyCertificate, Reject, RequestTimeout, UnknownKey, typed)
 from perpx.demo import run_demo
 from perpx.ops import Exchange, create_account
 from tests.test_supervisor import Up, cli_json, config_text, wait_until
@@ -215,3 +222,97 @@ def test_demo_trades(exchange):
     maker = result["accounts"][0]
     view = cli_json(up.sd.path, "account", "show", maker)
     assert view["open_orders"] == [], book
+
+
+# ---- set-up failures: typed, fast, nothing left hanging -----------------------------------------
+FAIL_FAST_S = 2.0
+
+
+def _fails_fast(error, connect):
+    """connect() raises `error` within FAIL_FAST_S (and returns, so nothing blocked in close)."""
+    t0 = time.monotonic()
+    with pytest.raises(error) as info:
+        connect()
+    elapsed = time.monotonic() - t0
+    assert elapsed < FAIL_FAST_S, f"{error.__name__} after {elapsed:.2f} s"
+    return str(info.value)
+
+
+def test_certificate_failures_raise_typed_errors_within_two_seconds(exchange, tmp_path):
+    up, endpoints = exchange
+    missing = tmp_path / "nope.key_secret"
+    assert "no such certificate file" in _fails_fast(
+        CertificateMissing, lambda: Client.connect(endpoints, missing))
+    garbage = tmp_path / "garbage.key_secret"
+    garbage.write_text("this is not a certificate\n")
+    _fails_fast(CertificateInvalid, lambda: Client.connect(endpoints, garbage))
+    cert = new_account(up)
+    account = Path(cert).name.split(".")[0]
+    public_only = up.sd.accounts_dir / f"{account}.key"
+    assert "only a public key" in _fails_fast(
+        PublicOnlyCertificate, lambda: Client.connect(endpoints, public_only))
+    # a well-formed key the exchange never registered: refused at the handshake
+    _, stranger = zmq.auth.create_certificates(str(tmp_path), "stranger")
+    assert "not a registered account" in _fails_fast(
+        UnknownKey, lambda: Client.connect(endpoints, stranger))
+
+    # the right key, but another exchange's server key (an old endpoints.json)
+    other_server, _ = zmq.curve_keypair()
+    assert "server_public_key" in _fails_fast(
+        HandshakeFailed, lambda: Client.connect(dict(endpoints,
+                                                     server_public_key=other_server.decode()),
+                                                cert))
+
+    async def async_stranger():
+        await AsyncClient.connect(endpoints, stranger)
+    _fails_fast(UnknownKey, lambda: asyncio.run(async_stranger()))
+    # ... and all of them are ClientErrors; the account's own certificate still connects
+    assert issubclass(UnknownKey, ClientError) and issubclass(PublicOnlyCertificate, ClientError)
+    with Client.connect(endpoints, cert) as c:
+        assert c.ping()["type"] == "pong"
+
+
+def test_a_fresh_account_gets_in_at_once(exchange):
+    """The unknown-key grace covers a key registered a moment ago (gateway re-scan)."""
+    up, endpoints = exchange
+    t0 = time.monotonic()
+    with Client.connect(endpoints, new_account(up)) as c:
+        assert c.ping()["type"] == "pong"
+    assert time.monotonic() - t0 < FAIL_FAST_S
+
+
+def test_floats_are_refused_before_sending(clients):
+    c = clients()
+    rid = c.last_rid
+    for call in (lambda: c.new_order("BTC-PERP", "buy", "limit", 0.01, "64000"),
+                 lambda: c.new_order("BTC-PERP", "buy", "limit", "0.01", 64000.0),
+                 lambda: c.amend(cid=1, price=64000.5),
+                 lambda: c.withdraw(1.5)):
+        with pytest.raises(FloatRefused, match="float"):
+            call()
+    assert c.last_rid == rid                  # nothing was sent
+    assert c.new_order("BTC-PERP", "buy", "limit", Decimal("0.01"), 64000)["type"] == "ack"
+    c.cancel_all()
+
+
+def test_typed_reports(clients):
+    a, b = clients(), clients()
+    book = typed(a.book("ETH-PERP"))
+    assert isinstance(book, Book) and book.market == "ETH-PERP"
+    # the best bid, so that b's market sell meets it whatever earlier tests left resting
+    price = max([p for p, _ in book.bids], default=Decimal("3400")) + Decimal("0.01")
+    assert not book.asks or price < book.asks[0][0]
+    ack = typed(a.new_order("ETH-PERP", "buy", "limit", "0.01", str(price), cid=7))
+    assert isinstance(ack, Ack) and (ack.cid, ack.status) == (7, "open")
+    assert ack.raw["type"] == "ack"
+    taken = typed(b.new_order("ETH-PERP", "sell", "market", "0.01"))
+    assert isinstance(taken, Ack) and taken.status == "filled"
+    fill = a.wait_for(is_type("fill", cid=7))
+    tf = typed(fill)
+    assert isinstance(tf, Fill)
+    assert (tf.price, tf.qty, tf.side, tf.liquidity) == (price, Decimal("0.01"), "buy", "maker")
+    state = typed(a.account())
+    assert isinstance(state, AccountState)
+    assert [(p.market, p.size) for p in state.positions] == [("ETH-PERP", Decimal("0.01"))]
+    reject = typed(a.new_order("NOPE-PERP", "buy", "limit", "1", "1"))
+    assert isinstance(reject, Reject) and reject.reason == "unknown_market"

@@ -113,7 +113,8 @@ def test_protocol_example_and_defaults():
     only = parse_config(GOOD_MARKET).markets[0]
     assert (only.oracle, only.max_leverage, only.taker_fee) == ("sim", 20, Decimal("0.0005"))
     assert parse_config(GOOD_MARKET).endpoints == {"host": "127.0.0.1", "orders_port": 7700,
-                                                   "market_data_port": 7800}
+                                                   "market_data_port": 7800,
+                                                   "metrics_port": 7900}
 
 
 def test_toml_floats_are_exact_and_rebates_allowed():

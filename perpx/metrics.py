@@ -1,0 +1,382 @@
+"""The Prometheus exporter: what an operator watches, read from shared memory, off the hot path.
+
+`perpx up` runs it as threads of the supervisor (Exporter.start) and names its URL in
+endpoints.json as `metrics` (port: endpoints.metrics_port). Nothing here writes to shared memory
+or joins the event ring as a consumer, so a slow or stopped exporter never holds up the matcher:
+
+- counters, tables and boards are read as they are (a torn read of a moving table is possible,
+  so the crossed-book alarm needs two samples in a row before it fires);
+- the event ring is read behind the matcher's back: events between the last one seen and the
+  published cursor are copied, then kept only if the producer cannot have overwritten them
+  meanwhile (see _tail_events); events that went by unseen are counted in
+  perpx_events_missed_total instead. From them come rejects by reason and liquidations.
+- ack latency: the gateways measure none, so it is derived: a thread follows the event ring
+  every TAIL_INTERVAL_S, and for each ack or reject of a sequenced order command it records
+  the time from the gateway's receipt stamp (the command's ts_ns) until the exporter sees the
+  command durable (durable acks; published, for ack_mode "fast") - when the gateway may send
+  the ack. It is an upper bound by up to one poll interval, and leaves out the gateway's own
+  send. What is missing: the gateway-side part (send queue, CURVE, socket) of the latency a
+  client sees, and rejects the gateways give before the matcher (rate_limited,
+  invalid_message, ...): that needs per-gateway counters in shared memory.
+
+Metric names (all prefixed perpx_): see METRICS. `perpx top` renders a scrape of the same.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from decimal import Decimal
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER,
+                            COMMAND_EVENT_DTYPE, EV_COMMAND, EV_LIQUIDATION, EV_REJECT,
+                            EVENT_DTYPE, LIQ_KIND_ADL, LIQ_KIND_LIQUIDATED,
+                            LIQUIDATION_EVENT_DTYPE, ORDER_EVENT_DTYPE, REASON_NAMES)
+from engine.service import attach_state
+from engine.state import C_INSURANCE_ATOMS, C_SEQ
+from perpx.config import config_from_resolved
+from persistd.snapshot import snapshots
+from shm import names
+from shm.index_board import IndexBoard
+from shm.progress import JournalProgress
+from shm.ring import EventRing
+
+SAMPLE_INTERVAL_S = 1.0
+# The event-ring follower polls every TAIL_INTERVAL_S (the latency's resolution) while order
+# commands came in the last TAIL_LINGER_S, else every TAIL_IDLE_S (idle, the supervisor costs
+# ~0.7% of a CPU instead of ~3%); a command that became durable during an idle sleep is not
+# timed (the first after a quiet spell).
+TAIL_INTERVAL_S = 0.002
+TAIL_IDLE_S = 0.02
+TAIL_LINGER_S = 0.25
+LIQUIDATION_KINDS = {LIQ_KIND_LIQUIDATED: "liquidated", LIQ_KIND_ADL: "adl"}
+WRITE_AHEAD_FRACTION = 8       # see _tail_events
+ORDER_COMMANDS = np.array([CMD_NEW_ORDER, CMD_CANCEL, CMD_AMEND, CMD_CANCEL_ALL], np.uint8)
+# seconds; a durable ack on this box is ~1-3 ms, a stalled journal shows in the top buckets
+ACK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+# name -> help text; every one is present in every scrape once the exchange is up
+METRICS = {
+    "perpx_seq": "sequence number of the last command the matcher processed",
+    "perpx_commands_total": "commands sequenced by the matcher (seq)",
+    "perpx_commands_per_second": "commands sequenced per second over the last sample interval",
+    "perpx_ack_latency_seconds": "gateway receipt to durable (ack may go), per order command",
+    "perpx_event_ring_lag_events": "events published but not yet read, per consumer",
+    "perpx_durable_lag_commands": "seq minus durable_seq: commands not yet journaled",
+    "perpx_duckdb_lag_commands": "seq minus the DuckDB store's seq",
+    "perpx_snapshot_age_seconds": "age of the newest state snapshot file",
+    "perpx_snapshot_lag_commands": "seq minus the newest snapshot's seq",
+    "perpx_book_crossed": "1 when a market's best bid >= best ask in two samples in a row",
+    "perpx_open_interest": "open interest per market, in contracts (sum of long sizes)",
+    "perpx_insurance_fund_usdc": "the insurance fund",
+    "perpx_mark_price": "riskd's mark price per market",
+    "perpx_index_price": "riskd's index price per market",
+    "perpx_mark_minus_index": "mark minus index per market, in quote units",
+    "perpx_liquidations_total": "liquidation and ADL closing steps per market and kind",
+    "perpx_rejects_total": "requests the matcher rejected, by reason",
+    "perpx_process_restarts_total": "restarts of each supervised process",
+    "perpx_events_missed_total": "events the exporter could not read before they were reused",
+}
+
+
+def _tail_events(ring: EventRing, start: int) -> tuple[np.ndarray, int, int]:
+    """(events published from `start` on, still intact; next position; events missed).
+
+    The matcher reuses a slot once every consumer has passed it, and writes a batch's slots
+    before it publishes them, so a slot can be rewritten while published < its position +
+    capacity. Kept are the slots the writer cannot have reached, with a margin of
+    WRITE_AHEAD_FRACTION of the ring for its unpublished batch, and only events whose seq
+    is not past the last published one (a rewritten slot holds a newer seq)."""
+    published = ring.published_cursor()
+    missed = 0
+    first = max(start, published - ring.capacity + ring.capacity // WRITE_AHEAD_FRACTION)
+    if first > start:
+        missed = first - start
+    if published <= first:
+        return np.zeros(0, EVENT_DTYPE), published, missed
+    newest_seq = int(ring.records[(published - 1) & ring.mask]["seq"])
+    copy = ring.records[np.arange(first, published) & ring.mask].copy()
+    after = ring.published_cursor()
+    lost = min(max(0, after + ring.capacity // WRITE_AHEAD_FRACTION - ring.capacity - first),
+               len(copy))
+    copy = copy[lost:]
+    fresh = copy["seq"] <= newest_seq
+    missed += lost + int(len(copy) - fresh.sum())
+    return copy[fresh], published, missed
+
+
+class Sampler:
+    """The exchange's numbers, from shared memory only: sample() reads the gauges (once a
+    second), follow() the event ring's new events (every TAIL_INTERVAL_S)."""
+
+    def __init__(self, sd, doc: dict, restarts=None, observe_ack=None):
+        self.sd = sd
+        self.doc = doc
+        self.config = config_from_resolved(doc)
+        self.markets = list(self.config.markets)
+        self.restarts = restarts or (lambda: {})
+        self.observe_ack = observe_ack or (lambda seconds: None)
+        self.fast_acks = doc.get("ack_mode") == "fast"
+        # order entry comes from the unprivileged rings (the gateways)
+        self.client_sources = np.array([i for i, src in enumerate(doc["sources"])
+                                        if not src["privileged"]], np.uint8)
+        prefix = doc["prefix"]
+        self._region, self.state = attach_state(prefix, sd.engine_config(doc))
+        self.events = EventRing.attach(names.event_ring(prefix), EVENT_DTYPE)
+        self.progress = JournalProgress.attach(prefix)
+        self.board = IndexBoard.attach(prefix)
+        self._event_pos = self.events.published_cursor()
+        self._pending = np.zeros(0, [("seq", "<i8"), ("ts_ns", "<i8")])   # not durable yet
+        self._last_follow = 0.0
+        self._last = None          # (monotonic, seq) of the previous sample
+        self._crossed_before: set[str] = set()
+        self.rejects: dict[str, int] = {}
+        self.liquidations: dict[tuple[str, str], int] = {}
+        self.missed = 0
+        self.values: dict = {}
+
+    def close(self) -> None:
+        self.state = None
+        for thing in (self.events, self.progress, self.board, self._region):
+            thing.close()
+
+    def follow(self) -> bool:
+        """Read the events published since the last call: rejects, liquidations, and the
+        receipt-to-durable time of each order command (see the module docstring). Returns
+        whether order commands are going on (new ones, or some not yet durable)."""
+        t = time.monotonic()
+        precise = t - self._last_follow <= 2 * TAIL_INTERVAL_S
+        self._last_follow = t
+        ev, self._event_pos, missed = _tail_events(self.events, self._event_pos)
+        self.missed += missed
+        orders = ()
+        if len(ev):
+            self._count(ev)
+            cmd_ev = ev[(ev["etype"] == EV_COMMAND)
+                        & np.isin(ev["source"], self.client_sources)].view(COMMAND_EVENT_DTYPE)
+            orders = cmd_ev[np.isin(cmd_ev["command"]["cmd"], ORDER_COMMANDS)]
+            if len(orders):
+                fresh = np.empty(len(orders), self._pending.dtype)
+                fresh["seq"], fresh["ts_ns"] = orders["seq"], orders["command"]["ts_ns"]
+                self._pending = np.concatenate([self._pending, fresh])
+        if len(self._pending):
+            done = (self._pending["seq"] <= self.progress.durable_seq() if not self.fast_acks
+                    else np.ones(len(self._pending), bool))
+            if done.any():
+                if precise:
+                    now = time.time_ns()
+                    for ts in self._pending["ts_ns"][done].tolist():
+                        self.observe_ack(max(now - ts, 0) / 1e9)
+                self._pending = self._pending[~done]
+        return bool(len(self._pending) or len(orders))
+
+    def _count(self, ev: np.ndarray) -> None:
+        rej = ev[ev["etype"] == EV_REJECT].view(ORDER_EVENT_DTYPE)
+        for code, n in zip(*np.unique(rej["reason"], return_counts=True)):
+            name = REASON_NAMES.get(int(code), str(int(code)))
+            self.rejects[name] = self.rejects.get(name, 0) + int(n)
+        liq = ev[ev["etype"] == EV_LIQUIDATION].view(LIQUIDATION_EVENT_DTYPE)
+        for market, kind in zip(liq["market"].tolist(), liq["kind"].tolist()):
+            key = (self._symbol(market), LIQUIDATION_KINDS.get(kind, str(kind)))
+            self.liquidations[key] = self.liquidations.get(key, 0) + 1
+
+    def _symbol(self, market_id: int) -> str:
+        for m in self.markets:
+            if m.id == market_id:
+                return m.symbol
+        return str(market_id)
+
+    def _books(self) -> dict[str, bool]:
+        st = self.state
+        crossed = {}
+        for m in self.markets:
+            nb, na = int(st.book_depth[m.id, 0]), int(st.book_depth[m.id, 1])
+            if nb and na:
+                bid = int(st.book_keys[m.id, 0, nb - 1])
+                ask = -int(st.book_keys[m.id, 1, na - 1])
+                now = bid >= ask
+            else:
+                now = False
+            crossed[m.symbol] = now and m.symbol in self._crossed_before
+            if now:
+                self._crossed_before.add(m.symbol)
+            else:
+                self._crossed_before.discard(m.symbol)
+        return crossed
+
+    def sample(self) -> dict:
+        now = time.monotonic()
+        st = self.state
+        seq = int(st.counters[C_SEQ])
+        rate = 0.0
+        if self._last is not None and now > self._last[0]:
+            rate = (seq - self._last[1]) / (now - self._last[0])
+        self._last = (now, seq)
+        lags = {}
+        published = self.events.published_cursor()
+        for name in self.events.consumer_names:
+            cursor = self.events.consumer_cursor(name)
+            if cursor is not None:
+                lags[name] = max(published - cursor, 0)
+        snaps = snapshots(self.sd.snapshots_dir)
+        snap_age = time.time() - snaps[-1][1].stat().st_mtime if snaps else None
+        sizes = st.positions["size_lots"]
+        markets = {}
+        for m in self.markets:
+            col = sizes[:, m.id]
+            pub = self.board.published(m.id)
+            row = {"open_interest": float(Decimal(int(col[col > 0].sum())) * m.lot_size)}
+            if pub is not None:
+                mark = Decimal(int(pub.mark_ticks)) * m.tick_size
+                index = Decimal(int(pub.index_ticks)) * m.tick_size
+                row.update(mark=float(mark), index=float(index),
+                           mark_minus_index=float(mark - index))
+            markets[m.symbol] = row
+        for symbol, crossed in self._books().items():
+            markets[symbol]["crossed"] = int(crossed)
+        self.values = {
+            "seq": seq, "commands_per_second": rate, "event_ring_lag": lags,
+            "durable_lag": max(seq - self.progress.durable_seq(), 0),
+            "duckdb_lag": max(seq - self.progress.store_seq(), 0),
+            "snapshot_age": snap_age,
+            "snapshot_lag": max(seq - self.progress.snapshot_seq(), 0),
+            "insurance_fund": int(st.counters[C_INSURANCE_ATOMS]) / 1e6,
+            "markets": markets, "rejects": dict(self.rejects),
+            "liquidations": dict(self.liquidations), "restarts": self.restarts(),
+            "events_missed": self.missed,
+        }
+        return self.values
+
+
+class _Collector:
+    """Turns the Sampler's latest values into metric families at each scrape."""
+
+    def __init__(self, sampler: Sampler, lock: threading.Lock):
+        self.sampler = sampler
+        self.lock = lock
+
+    def collect(self):
+        with self.lock:
+            v = dict(self.sampler.values)
+        if not v:
+            return
+
+        def gauge(name, labels=(), rows=None, value=None):
+            g = GaugeMetricFamily(name, METRICS[name], labels=list(labels))
+            if rows is None:
+                g.add_metric([], value)
+            else:
+                for lv, x in rows:
+                    g.add_metric(list(lv), x)
+            return g
+
+        def counter(name, labels=(), rows=None, value=None):
+            # CounterMetricFamily adds the _total suffix to the family's name
+            c = CounterMetricFamily(name, METRICS[name + "_total"], labels=list(labels))
+            if rows is None:
+                c.add_metric([], value)
+            else:
+                for lv, x in rows:
+                    c.add_metric(list(lv), x)
+            return c
+
+        mk = v["markets"]
+        yield gauge("perpx_seq", value=v["seq"])
+        yield counter("perpx_commands", value=v["seq"])
+        yield gauge("perpx_commands_per_second", value=v["commands_per_second"])
+        yield gauge("perpx_event_ring_lag_events", ["consumer"],
+                    [((k,), x) for k, x in v["event_ring_lag"].items()])
+        yield gauge("perpx_durable_lag_commands", value=v["durable_lag"])
+        yield gauge("perpx_duckdb_lag_commands", value=v["duckdb_lag"])
+        yield gauge("perpx_snapshot_age_seconds",
+                    value=v["snapshot_age"] if v["snapshot_age"] is not None else float("nan"))
+        yield gauge("perpx_snapshot_lag_commands", value=v["snapshot_lag"])
+        yield gauge("perpx_book_crossed", ["market"], [((s,), r["crossed"]) for s, r in mk.items()])
+        yield gauge("perpx_open_interest", ["market"],
+                    [((s,), r["open_interest"]) for s, r in mk.items()])
+        yield gauge("perpx_insurance_fund_usdc", value=v["insurance_fund"])
+        for key, name in (("mark", "perpx_mark_price"), ("index", "perpx_index_price"),
+                          ("mark_minus_index", "perpx_mark_minus_index")):
+            yield gauge(name, ["market"], [((s,), r[key]) for s, r in mk.items() if key in r])
+        yield counter("perpx_liquidations", ["market", "kind"],
+                      [((s, k), n) for (s, k), n in v["liquidations"].items()]
+                      or [((s, "liquidated"), 0) for s in mk])
+        yield counter("perpx_rejects", ["reason"], [((r,), n) for r, n in v["rejects"].items()]
+                      or [(("none",), 0)])
+        yield counter("perpx_process_restarts", ["process"],
+                      [((p,), n) for p, n in v["restarts"].items()])
+        yield counter("perpx_events_missed", value=v["events_missed"])
+
+
+class Exporter:
+    """The sampler, the event-ring follower and the HTTP server, as daemon threads of the
+    caller (the supervisor)."""
+
+    def __init__(self, sd, doc: dict, restarts=None,
+                 sample_interval_s: float = SAMPLE_INTERVAL_S,
+                 tail_interval_s: float = TAIL_INTERVAL_S, log=None):
+        self.sample_interval_s = sample_interval_s
+        self.tail_interval_s = tail_interval_s
+        self.log = log or (lambda msg: None)
+        self.lock = threading.Lock()
+        self.registry = CollectorRegistry()
+        self.ack_latency = Histogram("perpx_ack_latency_seconds",
+                                     METRICS["perpx_ack_latency_seconds"],
+                                     buckets=ACK_BUCKETS, registry=self.registry)
+        self.sampler = Sampler(sd, doc, restarts, observe_ack=self.ack_latency.observe)
+        self.registry.register(_Collector(self.sampler, self.lock))
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._httpd = None
+
+    def start(self, host: str, port: int) -> str:
+        """Serve on host:port; returns the URL of /metrics."""
+        with self.lock:
+            self.sampler.sample()
+            self.sampler.follow()
+        self._httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._threads.append(thread)
+        for step, busy_s, idle_s, name in (
+                (self.sampler.sample, self.sample_interval_s, self.sample_interval_s,
+                 "metrics-sampler"),
+                (self.sampler.follow, self.tail_interval_s, TAIL_IDLE_S,
+                 "metrics-follower")):
+            t = threading.Thread(target=self._loop, args=(step, busy_s, idle_s), name=name,
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+        connect_host = "127.0.0.1" if host in ("*", "0.0.0.0", "") else host
+        return f"http://{connect_host}:{self._httpd.server_port}/metrics"
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        for t in self._threads:
+            t.join(timeout=5)
+        self.sampler.close()
+
+    def _loop(self, step, busy_s: float, idle_s: float) -> None:
+        """step() every busy_s until it has returned nothing true for TAIL_LINGER_S, then
+        every idle_s until it does again."""
+        failed = None
+        wait_s = busy_s
+        last_busy = 0.0
+        while not self._stop.wait(wait_s):
+            try:
+                with self.lock:
+                    busy = step()
+                now = time.monotonic()
+                if busy:
+                    last_busy = now
+                wait_s = busy_s if now - last_busy < TAIL_LINGER_S else idle_s
+                failed = None
+            except Exception as e:      # keep the exporter alive; say why once per cause
+                if repr(e) != failed:
+                    failed = repr(e)
+                    self.log(f"metrics: {step.__name__} failed: {type(e).__name__}: {e}")

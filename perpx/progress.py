@@ -1,0 +1,121 @@
+"""What long operations show on a terminal: a bar for work of known size, a clock otherwise.
+
+Both write to stderr (stdout stays for results and --json). On a terminal they redraw in
+place (rich); elsewhere (logs, pipes, tests) they print a line when they start and one when
+they end, so a log still says what took the time.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from engine.config import EngineConfig
+from engine.matcher import Matcher, event_sink, matcher_is_cached
+from engine.records import COMMAND_DTYPE, EVENT_DTYPE
+
+COMPILING_MATCHER = "compiling the matcher (first run only)"
+
+
+def _console(out) -> Console:
+    return Console(file=out or sys.stderr, highlight=False)
+
+
+@contextmanager
+def elapsed(what: str, out=None, every_s: float = 10.0):
+    """Show `what… N s` while the block runs, then `what: done in N s` (or, if the block
+    raised, `what: stopped after N s`).
+
+    On a terminal the seconds tick in place; elsewhere a line every `every_s` seconds.
+    """
+    console = _console(out)
+    t0 = time.monotonic()
+    stop = threading.Event()
+    status = console.status(f"{what}…") if console.is_terminal else None
+
+    def tick():
+        while not stop.wait(0.5 if status is not None else every_s):
+            text = f"{what}… {time.monotonic() - t0:.0f} s"
+            if status is not None:
+                status.update(text)
+            else:
+                console.print(text)
+
+    if status is not None:
+        status.start()
+    else:
+        console.print(f"{what}…")
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    outcome = "stopped after"
+    try:
+        yield
+        outcome = "done in"
+    finally:
+        stop.set()
+        ticker.join()
+        if status is not None:
+            status.stop()
+        console.print(f"{what}: {outcome} {time.monotonic() - t0:.1f} s")
+
+
+class Bar:
+    """A progress bar over a count (e.g. journal seqs) whose end may move.
+
+    `update(done)` moves it; a `done` past the total raises the total (the bar never runs past
+    100%); `stop()` ends it, at exactly 100% when done reached the total.
+    """
+
+    def __init__(self, what: str, total: int, out=None, unit: str = "seq"):
+        self.total = max(int(total), 0)
+        self.done = 0
+        self._console = _console(out)
+        self._what = what
+        self._unit = unit
+        self._stopped = False
+        self._progress = Progress(TextColumn(f"{what}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn(unit), TextColumn("{task.percentage:>3.0f}%"),
+                                  TimeElapsedColumn(), TimeRemainingColumn(),
+                                  console=self._console, transient=False,
+                                  disable=not self._console.is_terminal)
+        self._task = self._progress.add_task(what, total=self.total or None)
+        self._progress.start()
+
+    def update(self, done: int) -> None:
+        self.done = int(done)
+        if self.done > self.total:
+            self.total = self.done
+        self._progress.update(self._task, completed=self.done, total=self.total or None)
+
+    def stop(self) -> None:
+        """End the bar where it is: at exactly 100% when the work reached its (last) total."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.done >= self.total:          # finished: never shown short of or past 100%
+            self.total = self.done
+            self._progress.update(self._task, completed=max(self.done, 1),
+                                  total=max(self.total, 1))
+        self._progress.stop()
+        if not self._console.is_terminal:
+            pct = 100 if self.done >= self.total else self.done * 100 // max(self.total, 1)
+            self._console.print(f"{self._what}: {self.done}/{self.total} {self._unit} ({pct}%)")
+
+
+def ensure_matcher_compiled(out=None) -> bool:
+    """Load the compiled matcher into this process, saying so when that means compiling it
+    (numba's cache is cold: about a minute). Returns whether it compiled."""
+    if matcher_is_cached():
+        return False
+    with elapsed(COMPILING_MATCHER, out):
+        config = EngineConfig()
+        slots = np.zeros(16, EVENT_DTYPE)
+        Matcher(config).process(np.zeros(0, COMMAND_DTYPE), event_sink(slots), 0, len(slots))
+    return True
