@@ -149,7 +149,7 @@ def unpack(data):
 
 
 # --- requests --------------------------------------------------------------------------------
-def _int_field(msg: dict, name: str, *, required: bool, lo: int = INT64_MIN, hi: int = INT64_MAX,
+def int_field(msg: dict, name: str, *, required: bool, lo: int = INT64_MIN, hi: int = INT64_MAX,
                default: int = 0) -> int:
     v = msg.get(name)
     if v is None:
@@ -255,15 +255,15 @@ def parse_set_margin(msg: dict, markets: MarketTable):
     mode = MARGIN_MODES.get(mode_name) if type(mode_name) is str else None
     if mode is None:
         raise EdgeReject(REASON_INVALID_MESSAGE, "mode must be \"cross\" or \"isolated\"")
-    leverage = _int_field(msg, "leverage", required=True, lo=1, hi=INT64_MAX)
+    leverage = int_field(msg, "leverage", required=True, lo=1, hi=INT64_MAX)
     return (CMD_SET_MARGIN, market.market_id, 0, 0, 0, leverage, 0, 0, mode, 0, 0, 0)
 
 
 def order_ref(msg: dict) -> tuple[int, int]:
     """(oid, cid) of a cancel/amend: oid if given (it wins), else cid."""
-    oid = _int_field(msg, "oid", required=False, lo=1)
+    oid = int_field(msg, "oid", required=False, lo=1)
     has_cid = msg.get("cid") is not None
-    cid = _int_field(msg, "cid", required=False)
+    cid = int_field(msg, "cid", required=False)
     if oid == 0 and not has_cid:
         raise EdgeReject(REASON_INVALID_MESSAGE, "oid or cid is required")
     return oid, cid

@@ -15,8 +15,9 @@ import time
 import numpy as np
 
 from engine.records import (CMD_CANCEL_ALL, COMMAND_DTYPE, EV_ACK, EV_AMENDED, EV_CANCELED,
-                            EV_DONE, EV_REJECT, REASON_FORBIDDEN, REASON_INVALID_MESSAGE,
-                            REASON_MARKET_HALTED, REASON_RATE_LIMITED, REASON_UNKNOWN_ORDER)
+                            EV_DONE, EV_REJECT, FLAG_CID_GIVEN, FLAG_ON_DISCONNECT,
+                            REASON_FORBIDDEN, REASON_INVALID_MESSAGE, REASON_MARKET_HALTED,
+                            REASON_RATE_LIMITED, REASON_UNKNOWN_ORDER)
 from gateway import codec
 from gateway.account_state import account_state_fields, account_tables
 from gateway.codec import COMMAND_STRUCT
@@ -33,10 +34,25 @@ REPLY_ETYPES = {
     R_DISCONNECT: (EV_DONE, EV_REJECT),
 }
 REQ_LIMIT = 2 ** 31 - 1
+F_CID, F_FLAGS = 2, 10     # positions in codec's command-field tuples
 # Requests that would add exposure or move money: refused while the journal fails.
 NOT_WHILE_JOURNAL_FAILS = frozenset(("new_order", "amend", "withdraw", "set_margin"))
 # How long an `account` query may wait for the matcher to pause between command batches.
 ACCOUNT_COPY_TIMEOUT_S = 0.5
+
+
+def _cid_given(fields: tuple, msg: dict) -> tuple:
+    if "cid" not in msg:
+        return fields
+    return fields[:F_FLAGS] + (fields[F_FLAGS] | FLAG_CID_GIVEN,) + fields[F_FLAGS + 1:]
+
+
+def _request_cid(fields: tuple, msg: dict) -> tuple:
+    if msg.get("cid") is None:
+        return fields
+    cid = codec.int_field(msg, "cid", required=True)
+    return (fields[:F_CID] + (cid,) + fields[F_CID + 1:F_FLAGS]
+            + (fields[F_FLAGS] | FLAG_CID_GIVEN,) + fields[F_FLAGS + 1:])
 
 
 class Requests:
@@ -114,7 +130,8 @@ class Requests:
             req = self.new_req()
             self.pending[req] = (None, None, s.account, R_DISCONNECT, None, None)
             self.queue_command(time.time_ns(), s.account, req,
-                               (CMD_CANCEL_ALL, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+                               (CMD_CANCEL_ALL, -1, 0, 0, 0, 0, 0, 0, 0, 0,
+                                FLAG_ON_DISCONNECT, 0))
 
     # -- one message --------------------------------------------------------------------
     def handle(self, identity: bytes, frame, extra_frames: bool) -> None:
@@ -180,27 +197,32 @@ class Requests:
         req = self._command(s, rid, R_NEW_ORDER, fields[2], None, now, fields)
         self.pending_cids[(s.account, fields[2])] = (req, fields[1])
 
+    # A cid the request named rides in the command with FLAG_CID_GIVEN, so the reject (or
+    # `done`) echoes it, live and replayed (gateway/replay.py). cancel_all, withdraw and
+    # set_margin take an optional cid of the client's choosing for that alone.
     def _cancel(self, s, msg, rid, now) -> None:
         oid, cid = codec.order_ref(msg)
         self._command(s, rid, R_CANCEL, cid if "cid" in msg else None, None, now,
-                      codec.cancel_fields(oid, cid, 0))
+                      _cid_given(codec.cancel_fields(oid, cid, 0), msg))
 
     def _amend(self, s, msg, rid, now) -> None:
         oid, cid = codec.order_ref(msg)
         market = self._market_of_order(s.account, oid, cid, msg)
         fields = codec.amend_fields(msg, oid, cid, market)
-        self._command(s, rid, R_AMEND, cid if "cid" in msg else None, None, now, fields)
+        self._command(s, rid, R_AMEND, cid if "cid" in msg else None, None, now,
+                      _cid_given(fields, msg))
 
     def _cancel_all(self, s, msg, rid, now) -> None:
         self._command(s, rid, R_DONE, None, True, now,
-                      codec.parse_cancel_all(msg, self.markets))
+                      _request_cid(codec.parse_cancel_all(msg, self.markets), msg))
 
     def _withdraw(self, s, msg, rid, now) -> None:
-        self._command(s, rid, R_DONE, None, False, now, codec.parse_withdraw(msg))
+        self._command(s, rid, R_DONE, None, False, now,
+                      _request_cid(codec.parse_withdraw(msg), msg))
 
     def _set_margin(self, s, msg, rid, now) -> None:
         self._command(s, rid, R_DONE, None, False, now,
-                      codec.parse_set_margin(msg, self.markets))
+                      _request_cid(codec.parse_set_margin(msg, self.markets), msg))
 
     def _market_of_order(self, account: int, oid: int, cid: int, msg: dict):
         """The market of an order this account may amend (its grid checks the new values)."""

@@ -6,10 +6,13 @@ if its source is this gateway's ring, its req is pending here and its account is
 requester's. Which events are replies: `ack`/`reject` for new_order, `canceled`/`reject` for
 cancel, `amended`/`reject` for amend, `done`/`reject` for cancel_all, withdraw, set_margin.
 
-Order events (ack, canceled, amended, triggered, fill) go to every session of the account on
-this gateway (the requester's copy carries `rid`, the others none); rejects and `done` only to
-the requester. Nothing is ever sent to a session of another account: events are addressed by
-the account field the matcher wrote, and sessions are keyed by the authenticated account.
+Every report to an account (engine/reports.py says which events are: acks, fills, cancels,
+amends, triggers, funding, liquidations, rejects and `done` of client commands) is numbered
+with its `account_seq` (gateway/replay.py), kept for replay, and goes to every session of the
+account on this gateway (the requester's copy carries `rid`, the others none): each session
+sees the account's whole stream, without gaps. Nothing is ever sent to a session of another
+account: events are addressed by the account field the matcher wrote, and sessions are keyed
+by the authenticated account.
 """
 
 from __future__ import annotations
@@ -18,27 +21,27 @@ import logging
 
 import numpy as np
 
-from engine.records import (CMD_FUNDING, CMD_LIQUIDATE, EV_ACK, EV_AMENDED, EV_BALANCE,
-                            EV_CANCELED, EV_COMMAND, EV_DONE, EV_FUNDING, EV_LIQUIDATION,
-                            EV_MARK, EV_REJECT, EV_TRADE, EV_TRIGGERED, EVENT_BYTES,
-                            REASON_DISCONNECT, REASON_NAMES)
-from gateway import codec
+from engine.records import (CMD_FUNDING, CMD_LIQUIDATE, EV_BALANCE, EV_COMMAND, EV_DONE,
+                            EV_FUNDING, EV_LIQUIDATION, EV_MARK, EV_REJECT, EV_TRADE,
+                            EVENT_BYTES)
+from engine.reports import AccountSeqTracker
 from gateway.codec import (CM_ACCOUNT, CM_CMD, CM_MARKET, CM_OID, CM_TS,
                            COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT, E_ACCOUNT, E_MARKET, E_REQ,
-                           E_SEQ, E_SOURCE, ETYPE_OFFSET, FUNDING_EVENT_STRUCT,
-                           LIQUIDATION_EVENT_STRUCT, MARK_EVENT_STRUCT, OE_CID, OE_OID,
-                           OE_QTY, OE_REASON, ORDER_EVENT_STRUCT, TR_MAKER_ACCOUNT,
-                           TRADE_EVENT_STRUCT, pack)
+                           E_SEQ, E_SOURCE, ETYPE_OFFSET, FUNDING_EVENT_STRUCT, HEADER_STRUCT,
+                           LIQUIDATION_EVENT_STRUCT, MARK_EVENT_STRUCT, ORDER_EVENT_STRUCT,
+                           TR_MAKER_ACCOUNT, TRADE_EVENT_STRUCT)
 from gateway.mirror import M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE
-from gateway.outbox import with_rid
-from gateway.requests import R_DISCONNECT, R_DONE, R_NEW_ORDER, REPLY_ETYPES
+from gateway.replay import ReportLog, render_report
+from gateway.requests import R_DISCONNECT, R_NEW_ORDER, REPLY_ETYPES
 
 log = logging.getLogger("perpx.gateway")
 
 
 class EventRouter:
     def __init__(self, consumer, mirror, boot_seq: int, source_index: int, requests, sessions,
-                 outbox, market_data, markets, market_by_id, event_batch: int, stats: dict):
+                 outbox, market_data, markets, market_by_id, event_batch: int, stats: dict,
+                 account_seqs, report_log: ReportLog):
+        """account_seqs: the accounts' account_seq column in the state copied at boot_seq."""
         self.consumer = consumer
         self.mirror = mirror
         self.boot_seq = boot_seq
@@ -54,7 +57,10 @@ class EventRouter:
         self.stats = stats
         stats.setdefault("events", 0)
         self._risk_command = None      # (seq, code, command) of the last FUNDING / LIQUIDATE
-        self._fired = None             # (seq, oid) of the last `triggered` routed here
+        self.tracker = AccountSeqTracker(account_seqs)
+        self.report_log = report_log
+        self._cmd = None               # the command whose events are being routed ...
+        self._cmd_record = b""         # ... and its 64-byte record (kept with its reports)
 
     # -- the ring -----------------------------------------------------------------------
     def drain(self) -> int:
@@ -108,8 +114,8 @@ class EventRouter:
         boot = self.boot_seq
         mine = self.source_index
         pending = self.pending
-        by_account = self.sessions.by_account
         market_data = self.market_data
+        number = self.tracker.on_event
         order_unpack = ORDER_EVENT_STRUCT.unpack_from
         for i in range(count):
             off = i * EVENT_BYTES
@@ -120,20 +126,32 @@ class EventRouter:
                 if seq > boot:
                     mirror.on_command(seq, cmd)
                     mirror.applied_seq = seq
+                    self.tracker.on_command(cmd[CM_CMD])
+                    self._cmd = cmd
+                    self._cmd_record = bytes(mv[off + COMMAND_IN_EVENT_OFFSET:off + EVENT_BYTES])
                 code = cmd[CM_CMD]
                 if code == CMD_FUNDING or code == CMD_LIQUIDATE:
                     self._risk_command = (seq, code, cmd)
                 continue
+            # Events of commands before the boot copy: the mirror has them and no session
+            # existed yet; only market data is still published.
             if etype == EV_TRADE:
                 tr = TRADE_EVENT_STRUCT.unpack_from(mv, off)
                 if tr[E_SEQ] > boot:
                     mirror.on_trade(tr)
-                self._route_trade(tr)
+                    for role, (account, n) in enumerate(
+                            number(EV_TRADE, tr[E_ACCOUNT], tr[TR_MAKER_ACCOUNT])):
+                        self._report(account, n, role, EV_TRADE, tr, mv, off)
+                if market_data is not None:
+                    market = self._market(tr[E_MARKET])
+                    if market is not None:
+                        market_data.trade(tr, market)
                 continue
             if etype == EV_MARK:
                 ev = MARK_EVENT_STRUCT.unpack_from(mv, off)
                 if ev[E_SEQ] > boot:
                     mirror.on_mark(ev)
+                    number(EV_MARK, ev[E_ACCOUNT])
                 if market_data is not None:
                     market_data.mark(ev)
                 continue
@@ -149,112 +167,72 @@ class EventRouter:
                 if p is not None and (p[2] != account or (
                         p[3] != R_DISCONNECT and etype not in REPLY_ETYPES[p[3]])):
                     p = None      # not the reply: a report that follows it (or not ours)
-            if seq > boot:
-                changed = mirror.on_order_event(etype, ev, seq)
-                if changed is not None:
-                    self._market_changed(changed)
+            requester = rid = None
             if p is None:
                 if etype == EV_DONE and self._risk_command is not None:
                     self._risk_command_done(ev)
-                if etype == EV_REJECT or etype == EV_DONE or account not in by_account:
-                    if etype == EV_REJECT and self._fired == (seq, ev[OE_OID]) and \
-                            account in by_account:
-                        self._route_fired_reject(ev)
-                    continue
-                self._route_order_event(etype, ev, None, None, REASON_NAMES.get(ev[OE_REASON]))
-                continue
-            identity, rid, _, kind, cid, _ = p
-            if kind == R_DISCONNECT:
-                if etype == EV_CANCELED:
-                    self._route_order_event(etype, ev, None, None,
-                                            REASON_NAMES[REASON_DISCONNECT])
-                elif etype in (EV_DONE, EV_REJECT):
+            elif p[3] == R_DISCONNECT:    # nobody to reply to; the reports go to the others
+                if etype == EV_DONE or etype == EV_REJECT:
                     del pending[req]
-                continue
-            del pending[req]
-            if kind == R_NEW_ORDER:
-                key = (account, cid)
-                if self.pending_cids.get(key, (0,))[0] == req:
-                    del self.pending_cids[key]
-            if etype == EV_REJECT:
-                self.outbox.send(identity, pack(with_rid(
-                    codec.engine_reject_message(ev, cid), rid)), seq)
-            elif etype == EV_DONE:
-                count = ev[OE_QTY] if kind == R_DONE and p[5] else None   # cancel_all's
-                msg = codec.done_message(ev, count)
-                self.outbox.send(identity, pack(with_rid(msg, rid)), seq)
             else:
-                self._route_order_event(etype, ev, identity, rid, REASON_NAMES.get(ev[OE_REASON]))
+                requester, rid = p[0], p[1]
+                del pending[req]
+                if p[3] == R_NEW_ORDER:
+                    key = (account, p[4])
+                    if self.pending_cids.get(key, (0,))[0] == req:
+                        del self.pending_cids[key]
+            if seq <= boot:
+                continue
+            changed = mirror.on_order_event(etype, ev, seq)
+            if changed is not None:
+                self._market_changed(changed)
+            numbered = number(etype, account)
+            if numbered:
+                self._report(account, numbered[0][1], 0, etype, ev, mv, off, requester, rid)
+            elif requester is not None:
+                # a reply that is no report (a command naming no account): the requester's
+                msg = render_report(etype, ev, 0, self.tracker.index, self._cmd, 0,
+                                    self.market_by_id)
+                del msg["account_seq"]
+                self.outbox.reply(requester, msg, rid, seq)
 
-    # -- orders and fills ---------------------------------------------------------------
+    # -- reports ------------------------------------------------------------------------
     def _market(self, market_id: int):
         return self.market_by_id[market_id] if 0 <= market_id < len(self.market_by_id) \
             else None
 
-    def _route_order_event(self, etype, ev, identity, rid, reason_name) -> None:
-        market = self._market(ev[E_MARKET])
-        if market is None:
-            return
-        if etype == EV_ACK:
-            msg = codec.ack_message(ev, market)
-        elif etype == EV_CANCELED:
-            msg = codec.canceled_message(ev, market, reason_name)
-        elif etype == EV_AMENDED:
-            msg = codec.amended_message(ev, market)
-        elif etype == EV_TRIGGERED:
-            msg = codec.triggered_message(ev, market)
-            self._fired = (ev[E_SEQ], ev[OE_OID])
-        else:
-            return
-        self.outbox.to_account(ev[E_ACCOUNT], msg, identity, rid, ev[E_SEQ])
-
-    def _route_fired_reject(self, ev) -> None:
-        """A fired stop/take-profit that a check at trigger time refused: the reject right
-        after its `triggered` is a report to the owner (with the oid), not a reply."""
-        msg = codec.engine_reject_message(ev, ev[OE_CID])
-        msg["oid"] = ev[OE_OID]
-        self.outbox.to_account(ev[E_ACCOUNT], msg, seq=ev[E_SEQ])
-
-    def _route_trade(self, tr) -> None:
-        market = self._market(tr[E_MARKET])
-        if market is None:
-            return
-        by_account = self.sessions.by_account
-        taker, maker = tr[E_ACCOUNT], tr[TR_MAKER_ACCOUNT]
-        if taker in by_account or maker in by_account:
-            taker_msg, maker_msg = codec.fill_messages(tr, market)
-            if taker in by_account:
-                self.outbox.to_account(taker, taker_msg, seq=tr[E_SEQ])
-            if maker in by_account:
-                self.outbox.to_account(maker, maker_msg, seq=tr[E_SEQ])
-        if self.market_data is not None:
-            self.market_data.trade(tr, market)
+    def _report(self, account: int, account_seq: int, role: int, etype: int, ev: tuple,
+                mv: memoryview, off: int, requester=None, rid=None) -> None:
+        """A numbered report: kept for replay, and sent to every session of the account (the
+        requester's copy, when it is a reply, with `rid`)."""
+        idx = self.tracker.index
+        self.report_log.append(account, account_seq, ev[E_SEQ], idx, role,
+                               self._cmd_record + bytes(mv[off:off + EVENT_BYTES]))
+        if requester is not None or account in self.sessions.by_account:
+            msg = render_report(etype, ev, role, idx, self._cmd, account_seq,
+                                self.market_by_id)
+            self.outbox.to_account(account, msg, requester, rid, ev[E_SEQ])
 
     # -- funding, liquidations, balances: rare next to orders, off the per-order path ----
     def _risk_event(self, etype: int, mv: memoryview, off: int) -> None:
-        by_account = self.sessions.by_account
-        if etype == EV_FUNDING:
-            ev = FUNDING_EVENT_STRUCT.unpack_from(mv, off)
-            market = self._market(ev[E_MARKET])
-            if market is not None and ev[E_ACCOUNT] in by_account:
-                self.outbox.to_account(ev[E_ACCOUNT], codec.funding_message(ev, market),
-                                       seq=ev[E_SEQ])
-        elif etype == EV_LIQUIDATION:
-            ev = LIQUIDATION_EVENT_STRUCT.unpack_from(mv, off)
-            market = self._market(ev[E_MARKET])
-            if market is None:
-                return
-            if ev[E_ACCOUNT] in by_account:
-                self.outbox.to_account(ev[E_ACCOUNT], codec.liquidation_message(ev, market),
-                                       seq=ev[E_SEQ])
+        if etype == EV_FUNDING or etype == EV_LIQUIDATION:
+            ev = (FUNDING_EVENT_STRUCT if etype == EV_FUNDING
+                  else LIQUIDATION_EVENT_STRUCT).unpack_from(mv, off)
+        else:
+            ev = HEADER_STRUCT.unpack_from(mv, off)
+        if ev[E_SEQ] > self.boot_seq:
+            for account, n in self.tracker.on_event(etype, ev[E_ACCOUNT]):
+                self._report(account, n, 0, etype, ev, mv, off)
+        if etype == EV_LIQUIDATION:
             # an ADL step also has the deleveraged account's half, addressed to it: market
             # data shows the liquidated account's half only
+            market = self._market(ev[E_MARKET])
             rc = self._risk_command
-            if self.market_data is not None and rc is not None and rc[0] == ev[E_SEQ] and \
-                    rc[2][CM_ACCOUNT] == ev[E_ACCOUNT]:
+            if self.market_data is not None and market is not None and rc is not None and \
+                    rc[0] == ev[E_SEQ] and rc[2][CM_ACCOUNT] == ev[E_ACCOUNT]:
                 self.market_data.liquidation(ev, market)
-        # EV_BALANCE, EV_INSURANCE: nothing to route (deposits are the operator's; the fund
-        # is nobody's account); `account` reads balances from the matcher
+        # EV_BALANCE, EV_INSURANCE: no report (deposits are the operator's; the fund is
+        # nobody's account); `account` reads balances from the matcher
 
     def _risk_command_done(self, ev) -> None:
         """EV_DONE of a FUNDING command: its rate on `funding.MARKET`, once per command."""

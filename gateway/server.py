@@ -19,21 +19,23 @@ One process, one thread doing the work (plus pyzmq's ZAP thread for handshakes):
 
 Where each part lives: gateway/sessions.py (connections, accounts, request budgets),
 gateway/requests.py (decoding, validation, commands, queries), gateway/routing.py (events ->
-replies and reports), gateway/outbox.py (sending, the durable hold), gateway/market_data.py
-(the PUB), gateway/mirror.py (the book copy), gateway/codec.py (wire <-> records).
+replies and reports), gateway/replay.py (account_seq, rendering reports, `replay`),
+gateway/outbox.py (sending, the durable hold), gateway/market_data.py (the PUB),
+gateway/mirror.py (the book copy), gateway/codec.py (wire <-> records).
 
 Start-up: attach the rings (matcher first), join the event ring as consumer `gateway-N`
 (start="saved" if that slot was used before, so a restarted gateway resumes at its cursor,
 else "current"), copy the matcher's state at a command boundary (gateway/mirror.py) and apply
-only later events to the mirror; events between the saved cursor and that point are still
-routed. Then bind the sockets and serve.
+only later events to the mirror and the report numbering (gateway/replay.py); events between
+the saved cursor and that point only feed market data (no session exists yet). Then bind the
+sockets and serve.
 
 Running one: `python -m gateway --prefix /perpx-x --index 0 --source-index 1
 --server-key server.key_secret --accounts ACCOUNTS_DIR --markets markets.json
 [--orders tcp://127.0.0.1:7001] [--market-data tcp://127.0.0.1:7002] [--rate 5000 --burst 10000]
-[--endpoints-file F]`; SIGTERM/SIGINT stop it cleanly. `--source-index` is the position of
-this gateway's ring (`names.command_ring(prefix, "gateway-N")`) in the MatcherService's source
-list; markets.json is `{"engine": {EngineConfig fields}, "markets": [...]}` (gateway/markets.py).
+[--endpoints-file F] [--replay-store ipc://.../sql.ipc]`; SIGTERM/SIGINT stop it cleanly.
+`--source-index` is the position of this gateway's ring (`names.command_ring(prefix,
+"gateway-N")`) in the MatcherService's source list; markets.json is `{"engine": {EngineConfig fields}, "markets": [...]}` (gateway/markets.py).
 Give `--market-data` to one gateway only.
 
 Connections: a connection is known from its first message (identity + User-Id + its socket
@@ -68,6 +70,7 @@ from gateway.markets import MarketTable
 from gateway.mirror import M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE, Mirror, \
     consistent_state_copy
 from gateway.outbox import Outbox
+from gateway.replay import DEFAULT_KEEP, DurableSource, Replayer, ReportLog
 from gateway.requests import Requests
 from gateway.routing import EventRouter
 from gateway.sessions import Sessions, TokenBucket
@@ -99,7 +102,10 @@ class Gateway:
                  max_message_bytes: int = 1024, hard_max_message_bytes: int = 64 * 1024,
                  ack_mode: str = "fast", durable_seq=None, journal_errno=None,
                  event_batch: int = 4096, recv_batch: int = 256, spin_s: float = 0.0,
-                 attach_timeout_s: float = 30.0, context: zmq.Context | None = None):
+                 attach_timeout_s: float = 30.0, context: zmq.Context | None = None,
+                 replay_store: str | None = None, replay_keep: int = DEFAULT_KEEP):
+        """replay_store: persistd's SQL endpoint, the durable source of `replay` for reports
+        older than the last `replay_keep` per account this gateway keeps in memory."""
         if ack_mode not in ("fast", "durable"):
             raise ValueError(f"ack_mode must be 'fast' or 'durable', got {ack_mode!r}")
         if ack_mode == "durable" and durable_seq is None:
@@ -139,11 +145,18 @@ class Gateway:
                 recv_batch=recv_batch, durable=self.durable,
                 journal_errno=journal_errno or (lambda: 0),
                 learn_disconnects=self._drain_monitor, stats=self.stats)
+            report_log = ReportLog(replay_keep)
             self.router_events = EventRouter(
                 self.consumer, self.mirror, self.boot_seq, source_index, self.requests,
                 self.sessions, self.outbox, self.market_data, markets, self.market_by_id,
-                event_batch, self.stats)
+                event_batch, self.stats, self._boot_account_seqs, report_log)
             self.requests.catch_up = self.router_events.catch_up
+            self.replayer = Replayer(
+                tracker=self.router_events.tracker, log=report_log, outbox=self.outbox,
+                sessions=self.sessions, mirror=self.mirror, market_by_id=self.market_by_id,
+                durable=self.durable,
+                source=DurableSource(replay_store, self.ctx) if replay_store else None)
+            self.requests.register("replay", self.replayer.handle)
         except BaseException:
             self.close()
             raise
@@ -175,6 +188,7 @@ class Gateway:
         tables, seq = consistent_state_copy(self._state, self.events, timeout_s)
         self.mirror = Mirror.from_state(tables, seq, self.cfg.max_markets)
         self.boot_seq = seq
+        self._boot_account_seqs = tables["accounts"]["account_seq"]
         self._check_markets()
         # Requests of a previous incarnation of this gateway may still be in our ring: let the
         # matcher take them, and consume their events, before our own req tokens start.
@@ -254,6 +268,9 @@ class Gateway:
         requests = self.requests
         drain_events = self.router_events.drain
         market_data = self.market_data
+        # durable replays answered by the worker thread (gateway/replay.py); an empty deque
+        # when there is no durable source
+        replay_done = self.replayer.source.done if self.replayer.source is not None else ()
         try:
             while not should_stop():
                 worked = drain_events()
@@ -261,6 +278,8 @@ class Gateway:
                     worked += self._drain_router()
                 if requests.cmd_n:
                     requests.flush()
+                if replay_done:
+                    self.replayer.poll()
                 if self.durable:
                     self.outbox.release_upto(self.durable_seq())
                 if heartbeat is not None:
@@ -369,6 +388,8 @@ class Gateway:
         if self._closed:
             return
         self._closed = True
+        if getattr(self, "replayer", None) is not None:
+            self.replayer.close()         # its worker's socket, before the context ends
         if getattr(self, "monitor", None) is not None:
             try:
                 self.router.disable_monitor()
@@ -425,6 +446,11 @@ def parse_args(argv):
                         "at once (benchmarks only)")
     p.add_argument("--endpoints-file", default=None,
                    help="write the bound endpoints here as JSON once serving")
+    p.add_argument("--replay-store", default=None,
+                   help="persistd's SQL endpoint (ipc://...): replays of reports older than "
+                        "the gateway's memory read them from the DuckDB store")
+    p.add_argument("--replay-keep", type=int, default=DEFAULT_KEEP,
+                   help="reports kept in memory per account for replay")
     return p.parse_args(argv)
 
 
@@ -443,7 +469,8 @@ def main(argv=None) -> int:
                  orders_endpoint=args.orders, market_data_endpoint=args.market_data,
                  rate_per_s=args.rate, burst=args.burst, spin_s=args.spin_us * 1e-6,
                  ack_mode=args.ack_mode, durable_seq=progress.durable_seq,
-                 journal_errno=progress.journal_errno)
+                 journal_errno=progress.journal_errno, replay_store=args.replay_store,
+                 replay_keep=args.replay_keep)
     try:
         if args.endpoints_file:       # atomically: a watcher may poll for it
             target = Path(args.endpoints_file)

@@ -405,7 +405,8 @@ class Supervisor:
                     "--server-key", str(server_secret), "--accounts", str(sd.accounts_dir),
                     "--markets", str(sd.exchange_file),
                     "--rate", repr(cfg.rate_limit_per_s), "--burst", repr(cfg.rate_limit_burst),
-                    "--endpoints-file", str(ready_file), "--ack-mode", cfg.ack_mode]
+                    "--endpoints-file", str(ready_file), "--ack-mode", cfg.ack_mode,
+                    "--replay-store", f"ipc://{sd.sql_socket}"]
             if i == 0:
                 argv += ["--market-data", ports["market_data_bind"]]
             gw = self._child(f"gateway-{i}", argv, ready_file)

@@ -174,7 +174,8 @@ def test_an_account_cannot_touch_another_accounts_orders(exchange):
     assert (too_much["type"], too_much["reason"]) == ("reject", "insufficient_balance")
     assert too_much["seq"] > done["seq"]
     assert b.request(type="cancel_all") == {"type": "done", "count": 0, "rid": b._rid,
-                                             "seq": b.log[-1]["seq"], "ts": b.log[-1]["ts"]}
+                                             "seq": b.log[-1]["seq"], "ts": b.log[-1]["ts"],
+                                             "account_seq": too_much["account_seq"] + 1}
     forbidden = b.request(type="cancel", oid=oid, account=1)
     assert (forbidden["reason"], forbidden["type"]) == ("forbidden", "reject")
     assert b.request(type="open_orders", account=1)["reason"] == "forbidden"
