@@ -56,6 +56,9 @@ import zmq.auth
 import zmq.utils.monitor
 
 DEFAULT_TIMEOUT_S = 5.0
+# How long a command whose reply did not come may wait for a replay to tell its outcome (the
+# gateway may be restarting).
+RECOVER_S = 30.0
 HANDSHAKE_ATTEMPT_S = 1.0
 
 
@@ -467,7 +470,7 @@ class Client(_Connection, _Requests):
         if msg["type"] not in SEQUENCED:
             raise RequestTimeout(f"no reply to {msg['type']} (rid {msg['rid']})")
         try:
-            self.sync(timeout_s)
+            self.sync(max(timeout_s, RECOVER_S))
         except RequestTimeout:
             raise RequestTimeout(f"no reply to {msg['type']} (rid {msg['rid']}) and no "
                                  f"replay to tell its outcome") from None
@@ -678,7 +681,7 @@ class AsyncClient(_Requests):
         except asyncio.TimeoutError:
             if msg["type"] not in SEQUENCED:
                 raise RequestTimeout(f"no reply to {msg['type']} (rid {rid})") from None
-            await self.sync(timeout_s)      # a report found by the replay resolves fut
+            await self.sync(max(timeout_s, RECOVER_S))   # a replayed report resolves fut
             if fut.done():
                 return fut.result()
             raise RequestLost(f"{msg['type']} (rid {rid}) was never sequenced: no reply, "
