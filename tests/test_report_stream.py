@@ -116,7 +116,8 @@ def test_account_seq_same_from_two_gateways_and_after_a_restart(ups):
 
 
 def test_kill9_of_the_gateway_under_traffic(ups):
-    """Two traders on gateway-0 while it is killed twice: afterwards each has received every
+    """Two traders on gateway-0 while it is killed twice (and persistd once, so the reports
+    table is numbered again from a snapshot and the journal): afterwards each has received every
     fill DuckDB holds for its account, once, in account_seq order without gaps, and every
     request it made has an outcome (a reply, one found by replay, or RequestLost for one
     never sequenced, which DuckDB confirms)."""
@@ -160,15 +161,14 @@ def test_kill9_of_the_gateway_under_traffic(ups):
     thread = threading.Thread(target=trade, daemon=True)
     thread.start()
     try:
-        for kill in range(2):
+        for name, restarts in (("gateway-0", 1), ("persistd", 1), ("gateway-0", 2)):
             start = len(sent)
             wait_until(lambda: len(sent) > start + 100, WAIT_S * 2, "orders under traffic")
-            victim = processes(sd.path)["gateway-0"]
-            os.kill(victim["pid"], signal.SIGKILL)
-            wait_until(lambda: processes(sd.path)["gateway-0"]["restarts"] == kill + 1,
-                       WAIT_S * 2, "gateway-0 to be restarted")
-            wait_until(lambda: processes(sd.path)["gateway-0"]["state"] == "ready",
-                       WAIT_S * 2, "gateway-0 to be ready again")
+            os.kill(processes(sd.path)[name]["pid"], signal.SIGKILL)
+            wait_until(lambda: processes(sd.path)[name]["restarts"] == restarts,
+                       WAIT_S * 2, f"{name} to be restarted")
+            wait_until(lambda: processes(sd.path)[name]["state"] == "ready",
+                       WAIT_S * 2, f"{name} to be ready again")
         start = len(sent)
         wait_until(lambda: len(sent) > start + 100 or errors, WAIT_S * 2,
                    "trading after the kills")
@@ -189,6 +189,13 @@ def test_kill9_of_the_gateway_under_traffic(ups):
             # reports delivered in order, each once; replies (with rid) fill the rest
             assert seqs == sorted(set(seqs))
             assert c.last_account_seq == max(seqs)
+        # the durable stream: per account 1..N, each once
+        for account, n, top, distinct in sql_rows(
+                sd.path, "SELECT account, count(*), max(account_seq), "
+                         "count(DISTINCT account_seq) FROM reports GROUP BY account"):
+            assert n == top == distinct, (account, n, top, distinct)
+            if account in accounts:
+                assert top == clients[accounts.index(account)].last_account_seq
         # RequestLost means never sequenced
         for c, cid in outcomes["lost"]:
             rows = sql_rows(sd.path, f"SELECT count(*) FROM orders WHERE cid = {cid}")
