@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import struct
 import threading
 import time
 from collections import deque
@@ -44,7 +45,7 @@ import zmq
 
 from engine.records import (CMD_CANCEL_ALL, CMD_NEW_ORDER, COMMAND_BYTES, EV_ACK, EV_AMENDED,
                             EV_CANCELED, EV_DONE, EV_FUNDING, EV_LIQUIDATION, EV_REJECT,
-                            EV_TRADE, EV_TRIGGERED, FLAG_CID_GIVEN,
+                            EV_TRADE, EV_TRIGGERED, EVENT_BYTES, FLAG_CID_GIVEN,
                             FLAG_ON_DISCONNECT, REASON_DISCONNECT, REASON_INVALID_MESSAGE,
                             REASON_NAMES, REASON_USER)
 from gateway import codec
@@ -59,6 +60,10 @@ MAX_REPLAY = 5000            # reports per `replay` answer; `more` says there ar
 REPLAY_WAIT_S = 10.0         # how long the durable source may trail before a partial answer
 DURABLE_TIMEOUT_S = 5.0      # one SQL request to persistd
 DEFAULT_KEEP = 512           # reports kept in memory per account
+# persistd's `reports` table holds the command and event records as int64 words c0.., e0..
+RECORD_STRUCT = struct.Struct(f"<{(COMMAND_BYTES + EVENT_BYTES) // 8}q")
+RECORD_WORDS = ", ".join([f"c{i}" for i in range(COMMAND_BYTES // 8)]
+                         + [f"e{i}" for i in range(EVENT_BYTES // 8)])
 _DISCONNECT = REASON_NAMES[REASON_DISCONNECT]
 _STRUCTS = {EV_TRADE: TRADE_EVENT_STRUCT, EV_FUNDING: FUNDING_EVENT_STRUCT,
             EV_LIQUIDATION: LIQUIDATION_EVENT_STRUCT}
@@ -198,7 +203,7 @@ class DurableSource:
         """job["rows"]: [(account_seq, seq, idx, role, record)] in (from, upto], as many as
         the store has from from+1 on (fewer when it trails), or job["error"]."""
         lo, hi = job["from"], min(job["upto"], job["from"] + MAX_REPLAY)
-        sql = (f"SELECT account_seq, seq, idx, role, command, event FROM reports "
+        sql = (f"SELECT account_seq, seq, idx, role, {RECORD_WORDS} FROM reports "
                f"WHERE account = {int(job['account'])} AND account_seq > {int(lo)} "
                f"AND account_seq <= {int(hi)} ORDER BY account_seq")
         deadline = time.monotonic() + REPLAY_WAIT_S
@@ -214,7 +219,7 @@ class DurableSource:
                 answer = {"error": str(e)}
             rows = answer.get("rows") or []
             if rows and rows[0][0] == lo + 1:
-                job["rows"] = [(r[0], r[1], r[2], r[3], bytes(r[4]) + bytes(r[5]))
+                job["rows"] = [(r[0], r[1], r[2], r[3], RECORD_STRUCT.pack(*r[4:]))
                                for r in rows]
                 return sock
             if time.monotonic() >= deadline or self._closing.is_set():

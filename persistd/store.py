@@ -27,7 +27,7 @@ Tables (the PROTOCOL.md columns first, extras at the end):
     liquidations(seq, ts, market, account, qty, price, kind, side, fee, bankruptcy_price,
                  counterparty, size)
     balances(seq, ts, account, balance)
-    reports(account, account_seq, seq, idx, role, command, event)
+    reports(account, account_seq, seq, idx, role, c0 .. c7, e0 .. e15)
     insurance_fund(seq, ts, reason, amount, fund)
     marks(seq, ts, market, mark)
     meta(last_seq, schema_version)             -- one row
@@ -104,6 +104,10 @@ REPORT_ROW_DTYPE = np.dtype([("seq", "<i8"), ("account_seq", "<i8"), ("account",
                              ("idx", "<i4"), ("role", "u1"),
                              ("command", "u1", (COMMAND_BYTES,)),
                              ("event", "u1", (EVENT_BYTES,))])
+REPORT_WORD_NAMES = ([f"c{i}" for i in range(COMMAND_BYTES // 8)]
+                     + [f"e{i}" for i in range(EVENT_BYTES // 8)])
+REPORT_WORDS = ", ".join(REPORT_WORD_NAMES)
+REPORT_WORD_COLUMNS = ", ".join(f"{w} BIGINT" for w in REPORT_WORD_NAMES)
 
 # Which columns follow the price / quantity scale (widened together when a market needs it).
 PRICE_COLUMNS = (("fills", "price"), ("orders", "price"), ("liquidations", "price"),
@@ -149,14 +153,15 @@ def _word_case(column: str, words: dict) -> str:
 
 
 def _report_columns(reports, last: int, upto: int) -> dict:
-    """Column arrays of the report rows in (last, upto]; the records as BLOBs (bytes)."""
+    """Column arrays of the report rows in (last, upto]; the records as int64 words."""
     if reports is None or not len(reports):
         return {"seq": ()}
     r = reports[(reports["seq"] > last) & (reports["seq"] <= upto)]
     cols = {k: r[k] for k in ("account", "account_seq", "seq", "idx", "role")}
-    for k in ("command", "event"):
-        raw = np.ascontiguousarray(r[k])
-        cols[k] = np.array([row.tobytes() for row in raw], dtype=object)
+    words = np.concatenate([np.ascontiguousarray(r["command"]).view("<i8"),
+                            np.ascontiguousarray(r["event"]).view("<i8")], axis=1)
+    for i, name in enumerate(REPORT_WORD_NAMES):
+        cols[name] = np.ascontiguousarray(words[:, i])
     return cols
 
 
@@ -259,7 +264,7 @@ class Store:
                     seq BIGINT, ts BIGINT, market VARCHAR, mark {P});
                 CREATE TABLE IF NOT EXISTS reports (
                     account BIGINT, account_seq BIGINT, seq BIGINT, idx INTEGER,
-                    role TINYINT, command BLOB, event BLOB);
+                    role TINYINT, {REPORT_WORD_COLUMNS});
                 CREATE TABLE IF NOT EXISTS meta (
                     last_seq BIGINT NOT NULL, schema_version INTEGER NOT NULL);
             """)
@@ -376,9 +381,9 @@ class Store:
                        {atoms('fee_atoms')}, {price('bankruptcy_ticks')}, counterparty,
                        {qty('size_lots')}
                 FROM _store_liquidations""",
-            "reports": """
-                INSERT INTO reports (account, account_seq, seq, idx, role, command, event)
-                SELECT account, account_seq, seq, idx, role, command, event
+            "reports": f"""
+                INSERT INTO reports (account, account_seq, seq, idx, role, {REPORT_WORDS})
+                SELECT account, account_seq, seq, idx, role, {REPORT_WORDS}
                 FROM _store_reports""",
             "insurance_fund": f"""
                 INSERT INTO insurance_fund (seq, ts, reason, amount, fund)

@@ -881,6 +881,7 @@ def test_reports_rows_numbered_gap_free(tmp_path, fuzz_events):
     from engine.records import COMMAND_BYTES, COMMAND_DTYPE, EV_COMMAND
     from engine.reports import AccountSeqTracker
     from persistd.service import report_rows
+    from persistd.store import REPORT_WORDS
     events = fuzz_events
     counters = np.zeros(FUZZ_CONFIG.max_accounts, np.int64)
     rng = np.random.default_rng(5)
@@ -890,8 +891,10 @@ def test_reports_rows_numbered_gap_free(tmp_path, fuzz_events):
         for a, b in zip(cuts[:-1], cuts[1:]):
             store.write(events[a:b], reports=report_rows(events[a:b], counters))
         assert store.write(events, reports=report_rows(events, counters.copy() * 0)) == {}
-        rows = store.query("SELECT account, account_seq, seq, idx, role, command, event "
-                           "FROM reports ORDER BY account, account_seq")[1]
+        rows = store.query(f"SELECT account, account_seq, seq, idx, role, {REPORT_WORDS} "
+                           f"FROM reports ORDER BY account, account_seq")[1]
+        rows = [(*r[:5], np.array(r[5:13], "<i8").tobytes(), np.array(r[13:], "<i8").tobytes())
+                for r in rows]
     # the oracle: the per-event tracker over the same stream
     tracker = AccountSeqTracker(np.zeros(FUZZ_CONFIG.max_accounts, np.int64))
     want = []
