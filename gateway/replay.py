@@ -47,7 +47,7 @@ from engine.records import (CMD_CANCEL_ALL, CMD_NEW_ORDER, COMMAND_BYTES, EV_ACK
                             EV_CANCELED, EV_DONE, EV_FUNDING, EV_LIQUIDATION, EV_REJECT,
                             EV_TRADE, EV_TRIGGERED, EVENT_BYTES, FLAG_CID_GIVEN,
                             FLAG_ON_DISCONNECT, REASON_DISCONNECT, REASON_INVALID_MESSAGE,
-                            REASON_NAMES, REASON_USER)
+                            REASON_NAMES, REASON_RATE_LIMITED, REASON_USER)
 from gateway import codec
 from gateway.codec import (CM_CID, CM_CMD, CM_FLAGS, CM_OID, COMMAND_STRUCT, E_MARKET, ETYPE_OFFSET,
                            FUNDING_EVENT_STRUCT, LIQUIDATION_EVENT_STRUCT, OE_CID, OE_OID,
@@ -59,6 +59,7 @@ log = logging.getLogger("perpx.gateway")
 MAX_REPLAY = 5000            # reports per `replay` answer; `more` says there are others
 REPLAY_WAIT_S = 10.0         # how long the durable source may trail before a partial answer
 DURABLE_TIMEOUT_S = 5.0      # one SQL request to persistd
+MAX_DURABLE_JOBS = 64        # replays waiting for the durable source, per gateway
 DEFAULT_KEEP = 512           # reports kept in memory per account
 # persistd's `reports` table holds the command and event records as int64 words c0.., e0..
 RECORD_STRUCT = struct.Struct(f"<{(COMMAND_BYTES + EVENT_BYTES) // 8}q")
@@ -240,6 +241,7 @@ class Replayer:
         self.market_by_id = market_by_id
         self.durable = durable
         self.source = source
+        self.asked = 0               # durable replays asked and not yet answered
 
     def handle(self, s, msg, rid, now) -> None:
         """`replay` {from_account_seq}: the hook gateway/requests.py dispatches to."""
@@ -257,8 +259,12 @@ class Replayer:
         if self.source is None:
             raise EdgeReject(REASON_INVALID_MESSAGE, "reports that old are no longer held "
                              "and this gateway has no durable source")
+        if self.asked >= MAX_DURABLE_JOBS:
+            raise EdgeReject(REASON_RATE_LIMITED, "too many replays from the durable store "
+                             "in progress; ask again")
         oldest = self.log.by_account.get(account)
         upto = oldest[0][0] - 1 if oldest else last
+        self.asked += 1
         self.source.ask({"account": account, "from": from_seq, "upto": upto,
                          "identity": s.identity, "rid": rid})
 
@@ -269,6 +275,7 @@ class Replayer:
         while done:
             job = done.popleft()
             n += 1
+            self.asked -= 1
             s = self.sessions.by_identity.get(job["identity"])
             if s is None or s.account != job["account"]:
                 continue           # the connection is gone: its replay goes with it

@@ -106,6 +106,19 @@ class _ReportStream:
         self.replay_rid = None
         self.need_replay = False
 
+    def on_message(self, msg: dict) -> list[dict]:
+        """Anything received that is no awaited reply: the reports it makes deliverable."""
+        rid = msg.get("rid")
+        if rid is not None and rid == self.replay_rid:
+            if msg.get("type") == "replayed":
+                return self.replayed(msg)
+            self.replay_rid = None          # refused (rate limit, ...): ask again
+            self.need_replay = True
+            return []
+        if msg.get("type") == "replayed":   # the end of a replay given up (reconnected)
+            return []
+        return self.accept(msg)
+
     def accept(self, msg: dict, as_reply: bool = False) -> list[dict]:
         n = msg.get("account_seq")
         if n is None:
@@ -424,18 +437,7 @@ class Client(_Connection, _Requests):
                 self._stream.need_replay = True
 
     def _handle(self, msg: dict) -> None:
-        stream = self._stream
-        rid = msg.get("rid")
-        if rid is not None and rid == stream.replay_rid:
-            if msg.get("type") == "replayed":
-                delivered = stream.replayed(msg)
-            else:                       # refused (rate limit, ...): ask again
-                stream.replay_rid = None
-                stream.need_replay = True
-                delivered = []
-        else:
-            delivered = stream.accept(msg)
-        for m in delivered:
+        for m in self._stream.on_message(msg):
             self._report(m)
 
     def _resolve(self, msg: dict) -> None:
@@ -616,16 +618,7 @@ class AsyncClient(_Requests):
                 if not pending[1].done():
                     pending[1].set_result(msg)
                 continue
-            if rid is not None and rid == stream.replay_rid:
-                if msg.get("type") == "replayed":
-                    delivered = stream.replayed(msg)
-                else:
-                    stream.replay_rid = None
-                    stream.need_replay = True
-                    delivered = []
-            else:
-                delivered = stream.accept(msg)
-            for m in delivered:
+            for m in stream.on_message(msg):
                 self._report(m)
             self._arrived.set()
             await self._replay_if_needed()

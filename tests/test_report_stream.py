@@ -6,12 +6,13 @@ replay")."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import threading
 
-from perpx.client import Client, ClientError, RequestLost
+from perpx.client import AsyncClient, Client, ClientError, RequestLost
 from tests.durability_helpers import funded_account, sql_rows, wait_store
 from tests.test_supervisor import WAIT_S, cli_json, config_text, processes, wait_until
 
@@ -85,6 +86,15 @@ def test_account_seq_same_from_two_gateways_and_after_a_restart(ups):
                 finally:
                     c.close()
         assert replays[0] == replays[2] and replays[1] == replays[3]
+
+        async def replay_async():
+            c = await AsyncClient.connect(endpoints, maker_cert, timeout_s=WAIT_S,
+                                          from_account_seq=0)
+            try:
+                return [stream_key(m) for m in await c.reports()]
+            finally:
+                await c.close()
+        assert asyncio.run(replay_async()) == replays[0]
         assert len(replays[0]) == 61 and len(replays[1]) == 62
         # live copies carried the same fields (the replies' rid aside)
         assert {stream_key(m) for m in live} <= set(replays[0])
