@@ -144,6 +144,18 @@ def test_kill9_of_the_gateway_under_traffic(ups):
     accounts = [account_of(c) for c in clients]
     sent = []
 
+    def outcome(call, c, cid):
+        """The request's outcome (its reply, or what the replay found), None if it was never
+        sequenced (RequestLost: only new orders are checked against DuckDB for that)."""
+        try:
+            reply = call()
+        except RequestLost:
+            if cid is not None:
+                outcomes["lost"].append((c, cid))
+            return None
+        outcomes["resolved" if reply.get("rid") is None else "reply"] += 1
+        return reply
+
     def trade():
         price = 650000
         try:
@@ -153,17 +165,23 @@ def test_kill9_of_the_gateway_under_traffic(ups):
                 for c, side, tif in ((clients[0], "sell", "gtc"), (clients[1], "buy", "ioc")):
                     cid = c.next_cid()
                     sent.append((c, cid))
-                    try:
-                        reply = c.new_order("BTC-PERP", side, "limit", "0.001", p, tif=tif,
-                                            cid=cid)
-                    except RequestLost:
-                        outcomes["lost"].append((c, cid))
-                        continue
-                    if reply.get("rid") is None:
-                        outcomes["resolved"] += 1     # its reply was lost, the replay had it
-                    else:
-                        outcomes["reply"] += 1
-                    assert reply["type"] in ("ack", "reject") and reply["cid"] == cid
+                    reply = outcome(lambda: c.new_order("BTC-PERP", side, "limit", "0.001", p,
+                                                        tif=tif, cid=cid), c, cid)
+                    if reply is not None:
+                        assert reply["type"] in ("ack", "reject") and reply["cid"] == cid
+                # now and then an order far from the market, canceled by cid, and a
+                # cancel_all: their outcomes, too, must come (by reply or by replay)
+                if price % 10 == 0:
+                    maker = clients[0]
+                    cid = maker.next_cid()
+                    sent.append((maker, cid))
+                    if outcome(lambda: maker.new_order("BTC-PERP", "sell", "limit", "0.001",
+                                                       "70000", cid=cid), maker, cid):
+                        reply = outcome(lambda: maker.cancel(cid=cid), maker, None)
+                        assert reply is None or (reply["type"], reply["cid"]) in (
+                            ("canceled", cid), ("reject", cid)), reply
+                    reply = outcome(lambda: clients[1].cancel_all(), clients[1], None)
+                    assert reply is None or reply["type"] == "done", reply
                 c.reports()
         except (ClientError, AssertionError) as e:
             errors.append(e)
