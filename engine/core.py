@@ -19,6 +19,7 @@ from engine.config import (ADL_MAX_COUNTERPARTIES, LIQUIDATION_MAX_STEPS, MAX_BA
                            MAX_NET_DEPOSITS_ATOMS, bracket_problem, market_config_problem,
                            market_limits_problem, market_risk_problem)
 from engine.records import *  # noqa: F403
+from engine.reports import NO_ACCOUNT, report_accounts
 from engine.state import (ACCOUNT_DTYPE, C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDER,
                           C_INSURANCE_ATOMS, C_NET_DEPOSITS_ATOMS, C_NEXT_OID, C_NEXT_TRADE_ID, C_ORDERS_USED, C_SEQ,
                           C_UNRESTS,
@@ -63,6 +64,31 @@ _mark_events = table_view(D_RING, MARK_EVENT_DTYPE, 1)
 _funding_events = table_view(D_RING, FUNDING_EVENT_DTYPE, 1)
 _liquidation_events = table_view(D_RING, LIQUIDATION_EVENT_DTYPE, 1)
 _insurance_events = table_view(D_RING, INSURANCE_EVENT_DTYPE, 1)
+
+_report_accounts = jit(report_accounts)
+
+
+@jit
+def _number_reports(st, cmd, first_pos):
+    """Advance account_seq by the reports among the command's events, which start after its
+    EV_COMMAND at ring position first_pos - 1 (engine/reports.py: the one rule)."""
+    desc = _desc(st)
+    mask = desc[D_MASK]
+    headers = _ring_headers(st)
+    trades = _trade_events(st)
+    accounts = _accounts(st)
+    n_accounts = len(accounts)
+    for pos in range(first_pos, desc[D_WRITE]):
+        j = pos & mask
+        etype = headers[j].etype
+        maker = trades[j].maker_account if etype == EV_TRADE else NO_ACCOUNT
+        first, second = _report_accounts(cmd.cmd, pos - first_pos + 1, etype,
+                                         headers[j].account, maker, n_accounts)
+        if first != NO_ACCOUNT:
+            accounts[first].account_seq += 1
+        if second != NO_ACCOUNT:
+            accounts[second].account_seq += 1
+
 
 # An order flag no command may carry (_new_order rejects unknown flags): the taker is the
 # liquidation engine closing its account's position. It pays no taker fee and its trades are
@@ -1993,6 +2019,7 @@ def run_batch(desc, commands, command_words, start, count, privileged, free_slot
         seq = _counters(st)[C_SEQ] + 1
         _counters(st)[C_SEQ] = seq
         desc[D_SEQ] = seq
+        command_pos = desc[D_WRITE]
         j = _claim(st, cmd, EV_COMMAND, cmd.market, cmd.account)
         for w in range(COMMAND_BYTES // 8):
             ring_words[j, COMMAND_EVENT_WORD + w] = command_words[i, w]
@@ -2033,4 +2060,5 @@ def run_batch(desc, commands, command_words, start, count, privileged, free_slot
             _set_bracket(st, cmd)
         else:
             _reject(st, cmd, REASON_INVALID_MESSAGE)
+        _number_reports(st, cmd, command_pos + 1)
     return count

@@ -10,6 +10,7 @@ import numpy as np
 from engine.book import order_slots
 from engine.records import (FLAG_REDUCE_ONLY, FLAG_TRIGGER_BY_LAST, KIND_STOP_LIMIT,
                             KIND_STOP_MARKET, SIDE_BUY, SIDE_SELL)
+from engine.reports import account_seqs_of_events
 from engine.state import (C_FEES_ATOMS, C_INSURANCE_ATOMS, C_NET_DEPOSITS_ATOMS, C_ORDERS_USED,
                           NONE, TRIGGER_QUEUES, UNTRIGGERED, State)
 
@@ -143,3 +144,15 @@ def collateral_problems(st: State) -> list[str]:
     if total != net:
         return [f"collateral not conserved: holdings {total} != net deposits {net}"]
     return []
+
+
+def account_seq_problems(before: np.ndarray, events, after: np.ndarray) -> list[str]:
+    """Each account's `account_seq` advanced by exactly the reports among `events` (event
+    dicts, EV_COMMAND included, as engine.records.event_to_dict gives them) under the one
+    rule of engine/reports.py: `before` and `after` are the accounts' counters around them."""
+    want = account_seqs_of_events(events, before)
+    if np.array_equal(want, after):
+        return []
+    wrong = np.flatnonzero(want != np.asarray(after))
+    return [f"account {int(a)}: account_seq {int(after[a])}, the events' reports make it "
+            f"{int(want[a])}" for a in wrong[:10]]

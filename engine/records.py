@@ -58,6 +58,11 @@ TIF_POST_ONLY = 3
 
 FLAG_REDUCE_ONLY = 1
 FLAG_TRIGGER_BY_LAST = 2   # conditional kinds: trigger on the last trade price, else on the mark
+# Flags the matcher ignores, carried (and journaled) for whoever renders the command's reports
+# (gateway/replay.py renders a replayed report from its command and event records alone):
+FLAG_CID_GIVEN = 4         # cancel, amend, cancel_all, withdraw, set_margin: the request had a
+                           # `cid`, which the reject or `done` echoes
+FLAG_ON_DISCONNECT = 8     # cancel_all: a gateway's cancel-on-disconnect (reason `disconnect`)
 
 MARGIN_CROSS = 0
 MARGIN_ISOLATED = 1

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from engine import numbers as num
 from engine import risk
+from engine.reports import NO_ACCOUNT, report_accounts
 from engine.config import (ADL_MAX_COUNTERPARTIES, LIQUIDATION_MAX_STEPS, EngineConfig,
                            MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, bracket_problem,
                            market_config_problem, market_limits_problem, market_risk_problem)
@@ -111,6 +112,7 @@ class ReferenceMatcher:
         self.next_trade_id = 1
         self.markets: dict[int, Market] = {}
         self.balances = [0] * config.max_accounts
+        self.account_seqs = [0] * config.max_accounts   # last account_seq per account
         self.positions: dict[tuple[int, int], Position] = {}
         # open orders: resting ones and untriggered stops / take-profits
         self.orders: dict[int, Order] = {}                 # oid -> order
@@ -139,7 +141,18 @@ class ReferenceMatcher:
                 self._reject(REASON_INVALID_MESSAGE)
             else:
                 handler(self)
+        self._number_reports()
         return self.events
+
+    def _number_reports(self):
+        """Advance each account's account_seq by the reports this command caused."""
+        code = self.cmd["cmd"]
+        for index, ev in enumerate(self.events[1:], start=1):
+            for account in report_accounts(code, index, ev["etype"], ev["account"],
+                                           ev.get("maker_account", NO_ACCOUNT),
+                                           self.config.max_accounts):
+                if account != NO_ACCOUNT:
+                    self.account_seqs[account] += 1
 
     # ---- events ------------------------------------------------------------------------
     def _emit(self, etype, market, account, **fields):
@@ -157,6 +170,8 @@ class ReferenceMatcher:
 
     def _reject(self, reason):
         c = self.cmd
+        # a command's reject is its only event (engine/reports.py counts on it being first)
+        assert len(self.events) == 1, "a command is rejected before anything happens"
         self._order_event(EV_REJECT, c["market"], c["account"], req=c["req"], reason=reason,
                           side=c["side"], kind=c["kind"], oid=c["oid"], cid=c["cid"])
 

@@ -71,7 +71,9 @@ ACCOUNT_DTYPE = np.dtype([
     # seq of the last command that changed its balance, a position, an isolated margin or its
     # margin settings: riskd's incremental scanner re-checks only accounts that moved
     ("changed_seq", "<i8"),
-    ("_pad", "u1", (16,)),             # one cache line per account: a fill touches one line
+    # the last `account_seq` given to a report to this account (engine/reports.py): 0 = none
+    ("account_seq", "<i8"),
+    ("_pad", "u1", (8,)),             # one cache line per account: a fill touches one line
 ])
 assert ACCOUNT_DTYPE.itemsize == 64
 

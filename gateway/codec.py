@@ -32,6 +32,7 @@ import struct
 
 import msgpack
 
+from engine.market import Market, MarketTable
 from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER,
                             CMD_SET_MARGIN, CMD_WITHDRAW, FLAG_REDUCE_ONLY, FLAG_TRIGGER_BY_LAST,
                             KIND_LIMIT, KIND_MARKET, KIND_STOP_LIMIT, KIND_STOP_MARKET,
@@ -42,7 +43,6 @@ from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER
                             STATUS_CANCELED, STATUS_FILLED, STATUS_OPEN, STATUS_UNTRIGGERED,
                             STP_CANCEL_BOTH, STP_CANCEL_MAKER, STP_CANCEL_TAKER, TIF_FOK,
                             TIF_GTC, TIF_IOC, TIF_POST_ONLY)
-from engine.market import Market, MarketTable
 from engine.units import EdgeReject, INT64_MAX, atoms_str, scaled_str, usdc_to_atoms
 
 INT64_MIN = -2 ** 63
@@ -70,6 +70,22 @@ LIQUIDATION_EVENT_STRUCT = struct.Struct(_H + "iBB2xqqqqqq")
 COMMAND_IN_EVENT_OFFSET = 64                     # EV_COMMAND: the command record's byte offset
 ETYPE_OFFSET = 16
 assert COMMAND_STRUCT.size == 64 and HEADER_STRUCT.size == 24
+
+# --- positions of the fields in the tuples these structs unpack -------------------------------
+(CM_TS, CM_CID, CM_OID, CM_PRICE, CM_QTY, CM_AMOUNT, CM_ACCOUNT, CM_REQ, CM_MARKET, CM_CMD,
+ CM_SIDE, CM_KIND, CM_TIF, CM_FLAGS, CM_STP) = range(15)
+# every event: the header, then req
+E_SEQ, E_TS, E_ETYPE, E_SOURCE, E_MARKET, E_ACCOUNT, E_REQ = range(7)
+# ORDER_EVENT_STRUCT
+(OE_REASON, OE_STATUS, OE_SIDE, OE_KIND, OE_OID, OE_CID, OE_PRICE, OE_QTY,
+ OE_REMAINING) = range(7, 16)
+# TRADE_EVENT_STRUCT (the taker's fields unprefixed)
+(TR_SIDE, TR_LIQUIDATION, TR_TRADE_ID, TR_PRICE, TR_QTY, TR_OID, TR_CID, TR_REMAINING, TR_FEE,
+ TR_MAKER_ACCOUNT, TR_MAKER_OID, TR_MAKER_CID, TR_MAKER_REMAINING, TR_MAKER_FEE) = range(7, 21)
+MK_MARK = 7                                      # MARK_EVENT_STRUCT
+FU_RATE, FU_SIZE, FU_MARK, FU_PAYMENT, FU_BALANCE = range(7, 12)      # FUNDING_EVENT_STRUCT
+(LQ_KIND, LQ_SIDE, LQ_QTY, LQ_PRICE, LQ_BANKRUPTCY, LQ_FEE, LQ_COUNTERPARTY,
+ LQ_SIZE) = range(7, 15)                         # LIQUIDATION_EVENT_STRUCT
 
 # --- names ----------------------------------------------------------------------------------
 SIDES = {"buy": SIDE_BUY, "sell": SIDE_SELL}
@@ -133,7 +149,7 @@ def unpack(data):
 
 
 # --- requests --------------------------------------------------------------------------------
-def _int_field(msg: dict, name: str, *, required: bool, lo: int = INT64_MIN, hi: int = INT64_MAX,
+def int_field(msg: dict, name: str, *, required: bool, lo: int = INT64_MIN, hi: int = INT64_MAX,
                default: int = 0) -> int:
     v = msg.get(name)
     if v is None:
@@ -239,15 +255,15 @@ def parse_set_margin(msg: dict, markets: MarketTable):
     mode = MARGIN_MODES.get(mode_name) if type(mode_name) is str else None
     if mode is None:
         raise EdgeReject(REASON_INVALID_MESSAGE, "mode must be \"cross\" or \"isolated\"")
-    leverage = _int_field(msg, "leverage", required=True, lo=1, hi=INT64_MAX)
+    leverage = int_field(msg, "leverage", required=True, lo=1, hi=INT64_MAX)
     return (CMD_SET_MARGIN, market.id, 0, 0, 0, leverage, 0, 0, mode, 0, 0, 0)
 
 
 def order_ref(msg: dict) -> tuple[int, int]:
     """(oid, cid) of a cancel/amend: oid if given (it wins), else cid."""
-    oid = _int_field(msg, "oid", required=False, lo=1)
+    oid = int_field(msg, "oid", required=False, lo=1)
     has_cid = msg.get("cid") is not None
-    cid = _int_field(msg, "cid", required=False)
+    cid = int_field(msg, "cid", required=False)
     if oid == 0 and not has_cid:
         raise EdgeReject(REASON_INVALID_MESSAGE, "oid or cid is required")
     return oid, cid
@@ -297,9 +313,9 @@ def reject_message(reason_name: str, text: str, cid=None, seq=None, ts=0) -> dic
 
 def engine_reject_message(ev, cid) -> dict:
     """EV_REJECT (ORDER_EVENT_STRUCT tuple) -> `reject`; cid only if the request had one."""
-    name = REASON_NAMES.get(ev[7], "invalid_message")
-    text = ENGINE_REASON_TEXT.get(ev[7]) or REASON_TEXT.get(name, name)
-    return reject_message(name, text, cid, ev[0], ev[1])
+    name = REASON_NAMES.get(ev[OE_REASON], "invalid_message")
+    text = ENGINE_REASON_TEXT.get(ev[OE_REASON]) or REASON_TEXT.get(name, name)
+    return reject_message(name, text, cid, ev[E_SEQ], ev[E_TS])
 
 
 def ack_message(ev, market: Market) -> dict:
@@ -315,15 +331,15 @@ def ack_message(ev, market: Market) -> dict:
 
 
 def canceled_message(ev, market: Market, reason_name: str) -> dict:
-    return {"type": "canceled", "cid": ev[12], "oid": ev[11], "reason": reason_name,
-            "market": market.symbol, "qty": market.lots_to_str(ev[15]),
-            "seq": ev[0], "ts": ev[1]}
+    return {"type": "canceled", "cid": ev[OE_CID], "oid": ev[OE_OID], "reason": reason_name,
+            "market": market.symbol, "qty": market.lots_to_str(ev[OE_REMAINING]),
+            "seq": ev[E_SEQ], "ts": ev[E_TS]}
 
 
 def amended_message(ev, market: Market) -> dict:
-    return {"type": "amended", "cid": ev[12], "oid": ev[11], "market": market.symbol,
-            "price": market.ticks_to_str(ev[13]), "qty": market.lots_to_str(ev[15]),
-            "seq": ev[0], "ts": ev[1]}
+    return {"type": "amended", "cid": ev[OE_CID], "oid": ev[OE_OID], "market": market.symbol,
+            "price": market.ticks_to_str(ev[OE_PRICE]),
+            "qty": market.lots_to_str(ev[OE_REMAINING]), "seq": ev[E_SEQ], "ts": ev[E_TS]}
 
 
 def open_order_row(oid: int, order: list, status: str, market: Market) -> dict:
@@ -337,26 +353,27 @@ def open_order_row(oid: int, order: list, status: str, market: Market) -> dict:
 
 def triggered_message(ev, market: Market) -> dict:
     """EV_TRIGGERED: the fired order's ack, in effect (no other ack follows)."""
-    return {"type": "triggered", "cid": ev[12], "oid": ev[11], "market": market.symbol,
-            "side": SIDE_NAMES[ev[9]], "kind": KIND_NAMES[ev[10]],
-            "status": STATUS_NAMES.get(ev[8], "open"), "qty": market.lots_to_str(ev[14]),
-            "remaining": market.lots_to_str(ev[15]), "seq": ev[0], "ts": ev[1]}
+    return {"type": "triggered", "cid": ev[OE_CID], "oid": ev[OE_OID], "market": market.symbol,
+            "side": SIDE_NAMES[ev[OE_SIDE]], "kind": KIND_NAMES[ev[OE_KIND]],
+            "status": STATUS_NAMES.get(ev[OE_STATUS], "open"),
+            "qty": market.lots_to_str(ev[OE_QTY]),
+            "remaining": market.lots_to_str(ev[OE_REMAINING]), "seq": ev[E_SEQ], "ts": ev[E_TS]}
 
 
 def funding_message(ev, market: Market) -> dict:
     """EV_FUNDING (FUNDING_EVENT_STRUCT tuple) -> `funding` to the account."""
-    return {"type": "funding", "market": market.symbol, "rate": rate_to_str(ev[7]),
-            "payment": atoms_str(ev[10]), "size": market.lots_to_str(ev[8]),
-            "mark_price": market.ticks_to_str(ev[9]), "seq": ev[0], "ts": ev[1]}
+    return {"type": "funding", "market": market.symbol, "rate": rate_to_str(ev[FU_RATE]),
+            "payment": atoms_str(ev[FU_PAYMENT]), "size": market.lots_to_str(ev[FU_SIZE]),
+            "mark_price": market.ticks_to_str(ev[FU_MARK]), "seq": ev[E_SEQ], "ts": ev[E_TS]}
 
 
 def liquidation_message(ev, market: Market) -> dict:
     """EV_LIQUIDATION (LIQUIDATION_EVENT_STRUCT tuple) -> `liquidation` to the account."""
     return {"type": "liquidation", "market": market.symbol,
-            "qty": market.lots_to_str(ev[9]), "price": market.ticks_to_str(ev[10]),
-            "kind": LIQUIDATION_KIND_NAMES[ev[7]], "side": SIDE_NAMES[ev[8]],
-            "fee": atoms_str(ev[12]), "size": market.lots_to_str(ev[14]),
-            "seq": ev[0], "ts": ev[1]}
+            "qty": market.lots_to_str(ev[LQ_QTY]), "price": market.ticks_to_str(ev[LQ_PRICE]),
+            "kind": LIQUIDATION_KIND_NAMES[ev[LQ_KIND]], "side": SIDE_NAMES[ev[LQ_SIDE]],
+            "fee": atoms_str(ev[LQ_FEE]), "size": market.lots_to_str(ev[LQ_SIZE]),
+            "seq": ev[E_SEQ], "ts": ev[E_TS]}
 
 
 def rate_to_str(rate_e9: int) -> str:
@@ -364,7 +381,7 @@ def rate_to_str(rate_e9: int) -> str:
 
 
 def done_message(ev, count=None) -> dict:
-    msg = {"type": "done", "seq": ev[0], "ts": ev[1]}
+    msg = {"type": "done", "seq": ev[E_SEQ], "ts": ev[E_TS]}
     if count is not None:
         msg["count"] = count
     return msg

@@ -41,6 +41,9 @@ from engine.records import (CMD_CREATE_MARKET, CMD_HALT, CMD_RESUME, CMD_SET_MAR
                             EV_ACK, EV_AMENDED, EV_CANCELED, EV_DONE, EV_TRIGGERED, STATUS_OPEN,
                             STATUS_UNTRIGGERED)
 from engine.state import C_SEQ
+from gateway.codec import (CM_CMD, E_ACCOUNT, E_MARKET, MK_MARK, OE_CID, OE_KIND, OE_OID,
+                           OE_PRICE, OE_QTY, OE_REMAINING, OE_SIDE, OE_STATUS, TR_MAKER_OID,
+                           TR_MAKER_REMAINING, TR_OID, TR_PRICE, TR_REMAINING)
 
 # an order: [account, cid, market, side, kind, price_ticks, remaining_lots, qty_lots]
 O_ACCOUNT, O_CID, O_MARKET, O_SIDE, O_KIND, O_PRICE, O_REMAINING, O_QTY = range(8)
@@ -196,7 +199,7 @@ class Mirror:
     # -- events (tuples as gateway.codec unpacks them) -----------------------------------
     def on_command(self, seq: int, command: tuple) -> None:
         """EV_COMMAND: remember an admin command until its `done` says it applied."""
-        self._admin = (seq, command) if command[9] in ADMIN_COMMANDS else None
+        self._admin = (seq, command) if command[CM_CMD] in ADMIN_COMMANDS else None
 
     def on_done(self, seq: int) -> int | None:
         """EV_DONE; returns the market id an admin command changed, if one did."""
@@ -230,21 +233,21 @@ class Mirror:
         elif etype == EV_DONE:
             return self.on_done(seq)
         elif etype == EV_TRIGGERED:
-            self._take_untriggered(ev[11])
+            self._take_untriggered(ev[OE_OID])
             self.on_ack(ev)          # it says where the live order ended, as an ack does
         return None
 
     def on_ack(self, ev) -> None:
-        status = ev[8]
-        if status == STATUS_OPEN:
-            # seq ts etype source market account req reason status side kind oid cid price qty rem
-            order = [ev[5], ev[12], ev[4], ev[9], ev[10], ev[13], ev[15], ev[14]]
-            self._add(ev[11], order)
-            self._level(ev[4], ev[9], ev[13], ev[15])
-        elif status == STATUS_UNTRIGGERED:
-            self.untriggered[ev[11]] = [ev[5], ev[12], ev[4], ev[9], ev[10], ev[13], ev[15],
-                                        ev[14]]
-            self.cid_index[(ev[5], ev[12])] = ev[11]
+        status = ev[OE_STATUS]
+        if status == STATUS_OPEN or status == STATUS_UNTRIGGERED:
+            order = [ev[E_ACCOUNT], ev[OE_CID], ev[E_MARKET], ev[OE_SIDE], ev[OE_KIND],
+                     ev[OE_PRICE], ev[OE_REMAINING], ev[OE_QTY]]
+            if status == STATUS_OPEN:
+                self._add(ev[OE_OID], order)
+                self._level(ev[E_MARKET], ev[OE_SIDE], ev[OE_PRICE], ev[OE_REMAINING])
+            else:
+                self.untriggered[ev[OE_OID]] = order
+                self.cid_index[(ev[E_ACCOUNT], ev[OE_CID])] = ev[OE_OID]
 
     def _take_untriggered(self, oid: int) -> list | None:
         order = self.untriggered.pop(oid, None)
@@ -253,30 +256,32 @@ class Mirror:
         return order
 
     def on_trade(self, tr) -> None:
-        self._set_remaining(tr[17], tr[19])      # maker_oid, maker_remaining_lots
-        self._set_remaining(tr[12], tr[14])      # oid, remaining_lots
-        self.markets[tr[4]][M_LAST] = tr[10]
+        self._set_remaining(tr[TR_MAKER_OID], tr[TR_MAKER_REMAINING])
+        self._set_remaining(tr[TR_OID], tr[TR_REMAINING])
+        self.markets[tr[E_MARKET]][M_LAST] = tr[TR_PRICE]
 
     def on_canceled(self, ev) -> None:
-        order = self.orders.get(ev[11])
+        oid = ev[OE_OID]
+        order = self.orders.get(oid)
         if order is not None:
             self._level(order[O_MARKET], order[O_SIDE], order[O_PRICE], -order[O_REMAINING])
-            self._remove(ev[11], order)
+            self._remove(oid, order)
         elif self.untriggered:
-            self._take_untriggered(ev[11])
+            self._take_untriggered(oid)
 
     def on_amended(self, ev) -> None:
-        order = self.orders.get(ev[11])
+        order = self.orders.get(ev[OE_OID])
         if order is None:
             return
         market, side = order[O_MARKET], order[O_SIDE]
         self._level(market, side, order[O_PRICE], -order[O_REMAINING])
-        order[O_PRICE], order[O_QTY], order[O_REMAINING] = ev[13], ev[14], ev[15]
-        self._level(market, side, ev[13], ev[15])
+        order[O_PRICE], order[O_QTY], order[O_REMAINING] = \
+            ev[OE_PRICE], ev[OE_QTY], ev[OE_REMAINING]
+        self._level(market, side, ev[OE_PRICE], ev[OE_REMAINING])
 
     def on_mark(self, ev) -> None:
-        if 0 <= ev[4] < self.max_markets:
-            self.markets[ev[4]][M_MARK] = ev[7]
+        if 0 <= ev[E_MARKET] < self.max_markets:
+            self.markets[ev[E_MARKET]][M_MARK] = ev[MK_MARK]
 
     # -- queries ------------------------------------------------------------------------
     def book_levels(self, market: int, depth: int = 0):

@@ -23,6 +23,17 @@ passed to `on_report`. Conditional orders are `new_order(..., kind="stop_market"
 trigger_price="64000", trigger_by="mark")` (ack status "untriggered", later a `triggered`
 report); `set_margin(market, "isolated", 10)` answers `done` or `reject`.
 
+Reports in order, none lost (PROTOCOL.md, "Report sequence and replay"): every report to the
+account carries `account_seq`; the client delivers them in that order, each once, and keeps
+`last_account_seq`. A gap (a report numbered beyond the next), a reconnection (the socket
+monitor sees the connection come back, e.g. after a gateway restart) or a request that timed
+out sends `replay {from_account_seq: last}`; what it returns fills the gap. `connect` starts
+the stream at `from_account_seq` (a bot's saved position) or, by default, at the account's
+current end. A request whose reply was lost is resolved from the replayed reports by its cid
+(new orders, cancels and amends by their order's cid or oid; cancel_all, withdraw and
+set_margin get a cid of the client's, which `done` and `reject` echo); if the replay holds no
+outcome the command was never sequenced and `RequestLost` is raised (safe to send again).
+
 Set-up fails fast and says why (docs/client.md): the certificate is read before any socket
 exists (CertificateMissing, CertificateInvalid, PublicOnlyCertificate); a socket monitor sees
 the CURVE handshake's outcome, and a key the gateway keeps refusing for UNKNOWN_KEY_GRACE_S
@@ -57,6 +68,9 @@ from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_CONNECT_TIMEOUT_S = 15.0
+# How long a command whose reply did not come may wait for a replay to tell its outcome (the
+# gateway may be restarting).
+RECOVER_S = 30.0
 HANDSHAKE_ATTEMPT_S = 1.0
 # A refused handshake is retried this long before UnknownKey: a key registered a moment ago
 # gets in once the gateway re-scans its registry (every 0.2 s at most, gateway/accounts.py).
@@ -64,6 +78,9 @@ UNKNOWN_KEY_GRACE_S = 1.0
 _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+# the socket's monitor: the handshake's outcome at connect, then disconnects and reconnects
+# (a reconnection replays the report stream)
+_MONITOR_EVENTS = _HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
 
 
 class ClientError(RuntimeError):
@@ -106,6 +123,97 @@ class ConnectTimeout(ClientError):
 
 class FloatRefused(ClientError, TypeError):
     """A price, quantity or amount given as a float: floats cannot say 0.1 exactly."""
+
+
+class RequestLost(RequestTimeout):
+    """No reply, and the account's replayed reports hold no outcome: never sequenced."""
+
+
+SYNC_FROM = 2 ** 62          # a replay from here answers only the account's last account_seq
+# requests whose outcome is a report (so a lost reply is found again by replay)
+SEQUENCED = frozenset(("new_order", "cancel", "amend", "cancel_all", "withdraw", "set_margin"))
+_OUTCOME_TYPES = {"new_order": ("ack",), "cancel": ("canceled",), "amend": ("amended",),
+                  "cancel_all": ("done",), "withdraw": ("done",), "set_margin": ("done",)}
+
+
+def is_outcome(request: dict, report: dict) -> bool:
+    """Whether `report` is the reply to `request` (matched by cid or oid, not rid)."""
+    kind = request["type"]
+    typ = report.get("type")
+    if typ != "reject" and typ not in _OUTCOME_TYPES.get(kind, ()):
+        return False
+    if kind in ("new_order", "cancel_all", "withdraw", "set_margin"):
+        return report.get("cid") == request.get("cid") and "oid" not in report \
+            if typ == "reject" else report.get("cid") == request.get("cid")
+    if typ == "canceled" and report.get("reason") != "user":
+        return False
+    if "oid" in request:
+        return report.get("oid") == request["oid"]
+    return report.get("cid") == request.get("cid") and (typ != "reject" or "oid" not in report)
+
+
+class _ReportStream:
+    """account_seq bookkeeping: which reports to deliver now, in order, each once."""
+
+    def __init__(self, from_account_seq: int | None):
+        self.last = from_account_seq     # None until the first replay says where the end is
+        self.ahead: dict[int, dict | None] = {}   # beyond a gap (None: delivered as a reply)
+        self.replay_rid = None
+        self.need_replay = False
+
+    def on_message(self, msg: dict) -> list[dict]:
+        """Anything received that is no awaited reply: the reports it makes deliverable."""
+        rid = msg.get("rid")
+        if rid is not None and rid == self.replay_rid:
+            if msg.get("type") == "replayed":
+                return self.replayed(msg)
+            self.replay_rid = None          # refused (rate limit, ...): ask again
+            self.need_replay = True
+            return []
+        if msg.get("type") == "replayed":   # the end of a replay given up (reconnected)
+            return []
+        return self.accept(msg)
+
+    def accept(self, msg: dict, as_reply: bool = False) -> list[dict]:
+        n = msg.get("account_seq")
+        if n is None:
+            return [] if as_reply else [msg]
+        if self.last is None or n > self.last + 1:
+            self.ahead[n] = None if as_reply else msg
+            if self.last is not None:
+                self.need_replay = True
+            return []
+        if n <= self.last:
+            return []          # seen already (a replay and the live copy)
+        self.last = n
+        return ([] if as_reply else [msg]) + self._take_ahead()
+
+    def _take_ahead(self) -> list[dict]:
+        out = []
+        while self.last + 1 in self.ahead:
+            self.last += 1
+            m = self.ahead.pop(self.last)
+            if m is not None:
+                out.append(m)
+        return out
+
+    def replayed(self, msg: dict) -> list[dict]:
+        """The end of a replay; returns reports it made deliverable."""
+        self.replay_rid = None
+        out = []
+        if self.last is None:
+            self.last = msg.get("last_account_seq", 0)
+            for n in [k for k in self.ahead if k <= self.last]:
+                del self.ahead[n]
+            out = self._take_ahead()
+        self.need_replay = bool(msg.get("more") or self.ahead)
+        return out
+
+    def replay_request(self, rid: int) -> dict:
+        self.replay_rid = rid
+        self.need_replay = False
+        return {"type": "replay", "rid": rid,
+                "from_account_seq": SYNC_FROM if self.last is None else self.last}
 
 
 def load_endpoints(endpoints) -> dict:
@@ -223,7 +331,7 @@ class _Requests:
         return self.request({"type": "cancel", **_ref(oid, cid)}, timeout_s)
 
     def cancel_all(self, market: str | None = None, timeout_s=None):
-        msg = {"type": "cancel_all"}
+        msg = {"type": "cancel_all", "cid": self.next_cid()}
         if market is not None:
             msg["market"] = market
         return self.request(msg, timeout_s)
@@ -257,19 +365,26 @@ class _Requests:
                             timeout_s)
 
     def withdraw(self, amount, timeout_s=None):
-        return self.request({"type": "withdraw", "amount": _decimal_text(amount, "amount")},
+        return self.request({"type": "withdraw", "amount": _decimal_text(amount, "amount"),
+                             "cid": self.next_cid()},
                             timeout_s)
 
     def set_margin(self, market: str, mode: str, leverage: int, timeout_s=None):
         """Margin mode ("cross"/"isolated") and leverage of one market: `done` or `reject`."""
         return self.request({"type": "set_margin", "market": market, "mode": mode,
-                             "leverage": leverage}, timeout_s)
+                             "leverage": leverage, "cid": self.next_cid()}, timeout_s)
 
     def on(self, report_type: str, handler) -> None:
         """Call handler(msg) for every report of this type (after queueing it)."""
         self._handlers.setdefault(report_type, []).append(handler)
 
+    @property
+    def last_account_seq(self) -> int | None:
+        """The account_seq of the last report delivered (in order, without gaps)."""
+        return self._stream.last
+
     def _report(self, msg: dict) -> None:
+        self._resolve(msg)
         self._queue.append(msg)
         if self.on_report is not None:
             self.on_report(msg)
@@ -278,16 +393,16 @@ class _Requests:
 
 
 def _make_socket(ctx, endpoints: dict, public: bytes, secret: bytes):
-    """(DEALER with the client's CURVE keys, connected; PAIR socket receiving its handshake
-    outcome, attached before the connect so that no outcome is missed). Both linger 0; both
-    closed again if any step fails. The caller closes the monitor once it has the outcome."""
+    """(DEALER with the client's CURVE keys, connected; its monitor (_MONITOR_EVENTS),
+    attached before the connect so that no handshake outcome is missed). Both linger 0; both
+    closed again if any step fails."""
     s = ctx.socket(zmq.DEALER)
     mon = None
     try:
         s.linger = 0
         s.curve_publickey, s.curve_secretkey = public, secret
         s.curve_serverkey = endpoints["server_public_key"].encode()
-        mon = s.get_monitor_socket(_HANDSHAKE_EVENTS)
+        mon = s.get_monitor_socket(_MONITOR_EVENTS)
         mon.linger = 0
         s.connect(endpoints["orders"])
     except BaseException:
@@ -323,11 +438,14 @@ def _silent_message(endpoints: dict, timeout_s: float) -> str:
             f"up (perpx status), and endpoints.json its current one?")
 
 
+
+
 class Client(_Connection, _Requests):
     """A synchronous order-entry session (one thread)."""
 
     def __init__(self, ctx: zmq.Context, endpoints: dict, certificate, *, on_report=None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, own_ctx: bool = False):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, own_ctx: bool = False,
+                 from_account_seq: int | None = None):
         self.ctx = ctx
         self.own_ctx = own_ctx
         self.endpoints = endpoints
@@ -340,13 +458,19 @@ class Client(_Connection, _Requests):
         self._cids = itertools.count(_first_cid())
         self._queue: deque = deque()
         self._handlers: dict = {}
+        self._stream = _ReportStream(from_account_seq)
+        self._awaiting = None          # the request being waited for ...
+        self._resolved = None          # ... and its outcome, when a report turned out to be it
+        self._disconnected = False
         self.socket = None
+        self.monitor = None
 
     @classmethod
     def connect(cls, endpoints, certificate, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, on_report=None,
-                cancel_on_disconnect=False, ctx: zmq.Context | None = None) -> Client:
-        """Load the certificate, connect, handshake and ping.
+                cancel_on_disconnect=False, ctx: zmq.Context | None = None,
+                from_account_seq: int | None = None) -> Client:
+        """Load the certificate, connect, handshake, ping and sync the report stream.
 
         Raises a CertificateError at once for an unusable certificate, UnknownKey within
         about UNKNOWN_KEY_GRACE_S when the gateway refuses the key (HandshakeFailed when the
@@ -356,9 +480,10 @@ class Client(_Connection, _Requests):
         load_client_certificate(certificate)       # before any socket or context
         own = ctx is None
         c = cls(ctx or zmq.Context(), endpoints, certificate, on_report=on_report,
-                timeout_s=timeout_s, own_ctx=own)
+                timeout_s=timeout_s, own_ctx=own, from_account_seq=from_account_seq)
         try:
             c._handshake(connect_timeout_s)
+            c.sync()
             if cancel_on_disconnect:
                 c.hello(True)
         except BaseException:
@@ -372,12 +497,14 @@ class Client(_Connection, _Requests):
         deadline = time.monotonic() + timeout_s
         refused_since = None
         while True:
-            if self.socket is not None:
-                self.socket.close(0)
-                self.socket = None
-            self.socket, mon = _make_socket(self.ctx, self.endpoints, self.public, self.secret)
+            self._close_sockets()
+            self.socket, self.monitor = _make_socket(self.ctx, self.endpoints, self.public,
+                                                     self.secret)
+            self._poller = zmq.Poller()
+            self._poller.register(self.socket, zmq.POLLIN)
+            self._poller.register(self.monitor, zmq.POLLIN)
             attempt = min(HANDSHAKE_ATTEMPT_S, max(deadline - time.monotonic(), 0.05))
-            outcome = self._await_handshake(mon, attempt)
+            outcome = self._await_handshake(attempt)
             if outcome == "ok":
                 try:
                     self.ping(timeout_s=max(deadline - time.monotonic(), attempt))
@@ -394,16 +521,33 @@ class Client(_Connection, _Requests):
             elif now >= deadline:
                 raise ConnectTimeout(_silent_message(self.endpoints, timeout_s))
 
-    def _await_handshake(self, mon, timeout_s: float) -> str:
+    def _await_handshake(self, timeout_s: float) -> str:
         """'ok', 'refused', 'failed' or 'silent' (nothing within timeout_s) for the current
-        socket."""
-        try:
-            if mon.poll(max(int(timeout_s * 1000), 1)):
-                return _handshake_outcome(recv_monitor_message(mon)["event"])
-            return "silent"
-        finally:
-            self.socket.disable_monitor()
-            mon.close(0)
+        socket: the first handshake event on its monitor."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.monitor.poll(max(int(left * 1000), 1)):
+                return "silent"
+            event = recv_monitor_message(self.monitor)["event"]
+            if event & _HANDSHAKE_EVENTS:
+                return _handshake_outcome(event)
+
+    def _close_sockets(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(0)
+            self.monitor = None
+        if self.socket is not None:
+            self.socket.close(0)
+            self.socket = None
+
+    def close(self) -> None:
+        self._close_sockets()
+        _Connection.close(self)
 
     def __enter__(self):
         return self
@@ -412,31 +556,111 @@ class Client(_Connection, _Requests):
         self.close()
 
     # -- I/O -------------------------------------------------------------------------------
+    def _pump(self, timeout_ms: int, rid=None):
+        """Wait up to timeout_ms for input and handle it; returns the reply with `rid` if it
+        came. Reports are delivered in account_seq order; replays are asked for as needed."""
+        if self._stream.need_replay and self._stream.replay_rid is None:
+            self._send(self._stream.replay_request(next(self._rids)))
+        ready = dict(self._poller.poll(timeout_ms))
+        if self.monitor in ready:
+            self._on_monitor()
+        if self.socket not in ready:
+            return None
+        reply = None
+        while True:
+            try:
+                msg = _unpack(self.socket.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return reply
+            if rid is not None and msg.get("rid") == rid:
+                for m in self._stream.accept(msg, as_reply=True):
+                    self._report(m)
+                reply = msg
+            else:
+                self._handle(msg)
+
+    def _on_monitor(self) -> None:
+        while True:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._disconnected = True
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._disconnected:
+                # back (the gateway restarted, or the network): whatever was sent meanwhile
+                # is in the replay; a replay asked before may have lost its answer
+                self._disconnected = False
+                self._stream.replay_rid = None
+                self._stream.need_replay = True
+
+    def _handle(self, msg: dict) -> None:
+        for m in self._stream.on_message(msg):
+            self._report(m)
+
+    def _resolve(self, msg: dict) -> None:
+        if self._awaiting is not None and self._resolved is None and \
+                is_outcome(self._awaiting, msg):
+            self._resolved = msg
+
+    def _send(self, msg: dict) -> None:
+        self.socket.send(_pack(msg))
+
     def request(self, msg: dict, timeout_s: float | None = None) -> dict:
         rid = self.last_rid = next(self._rids)
         msg["rid"] = rid
-        self.socket.send(_pack(msg))
+        self._send(msg)
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        self._awaiting, self._resolved = (msg if msg["type"] in SEQUENCED else None), None
+        try:
+            while self._resolved is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return self._lost(msg, timeout_s)
+                reply = self._pump(max(int(left * 1000), 1), rid)
+                if reply is not None:
+                    return reply
+            return self._resolved
+        finally:
+            self._awaiting = None
+
+    def _lost(self, msg: dict, timeout_s: float) -> dict:
+        """No reply in time: if it was a command, the replayed reports say what became of it."""
+        if msg["type"] not in SEQUENCED:
+            raise RequestTimeout(f"no reply to {msg['type']} (rid {msg['rid']})")
+        try:
+            self.sync(max(timeout_s, RECOVER_S))
+        except RequestTimeout:
+            raise RequestTimeout(f"no reply to {msg['type']} (rid {msg['rid']}) and no "
+                                 f"replay to tell its outcome") from None
+        if self._resolved is not None:
+            return self._resolved
+        raise RequestLost(f"{msg['type']} (rid {msg['rid']}) was never sequenced: no reply, "
+                          f"and nothing of it in the replayed reports")
+
+    def sync(self, timeout_s: float | None = None) -> int:
+        """Replay from the last report delivered until the stream is whole (or, for a stream
+        not started yet, learn where it ends); returns last_account_seq."""
+        stream = self._stream
+        stream.need_replay = True
+        stream.replay_rid = None
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        while True:
+        while stream.need_replay or stream.replay_rid is not None:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.socket.poll(max(int(left * 1000), 1)):
-                if time.monotonic() >= deadline:
-                    raise RequestTimeout(f"no reply to {msg['type']} (rid {rid})")
-                continue
-            reply = _unpack(self.socket.recv())
-            if reply.get("rid") == rid:
-                return reply
-            self._report(reply)
+            if left <= 0:
+                raise RequestTimeout("the replay did not finish")
+            self._pump(max(int(left * 1000), 1))
+        return stream.last
 
     def _drain(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
+        before = len(self._queue)
         while True:
             left = deadline - time.monotonic()
-            if not self.socket.poll(max(int(left * 1000), 0)):
+            self._pump(max(int(left * 1000), 0))      # reads everything that has arrived
+            if len(self._queue) > before or left <= 0:
                 return
-            self._report(_unpack(self.socket.recv()))
-            timeout_s = 0
-            deadline = time.monotonic()
 
     def reports(self, timeout_s: float = 0.0) -> list[dict]:
         """Every queued report (after reading what has arrived, waiting up to timeout_s for
@@ -461,15 +685,16 @@ class Client(_Connection, _Requests):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RequestTimeout("no matching report")
-            if self.socket.poll(max(int(left * 1000), 1)):
-                self._report(_unpack(self.socket.recv()))
+            self._pump(max(int(left * 1000), 1))
 
 
 class AsyncClient(_Requests):
-    """The same requests as coroutines, on zmq.asyncio; reports go to `reports()`/on_report."""
+    """The same requests as coroutines, on zmq.asyncio; reports go to `reports()`/on_report,
+    in account_seq order, replayed after reconnections and gaps like Client's."""
 
     def __init__(self, ctx, endpoints: dict, certificate, *, on_report=None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, own_ctx: bool = False):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, own_ctx: bool = False,
+                 from_account_seq: int | None = None):
         self.ctx = ctx
         self.own_ctx = own_ctx
         self.endpoints = endpoints
@@ -479,23 +704,29 @@ class AsyncClient(_Requests):
         self.timeout_s = timeout_s
         self._rids = itertools.count(1)
         self._cids = itertools.count(_first_cid())
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, tuple[dict, asyncio.Future]] = {}
         self._queue: deque = deque()
         self._handlers: dict = {}
+        self._stream = _ReportStream(from_account_seq)
+        self._synced = asyncio.Event()
         self._arrived = asyncio.Event()
-        self._task = None
+        self._tasks: list = []
+        self._disconnected = False
         self.socket = None
+        self.monitor = None
 
     @classmethod
     async def connect(cls, endpoints, certificate, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                       connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, on_report=None,
-                      cancel_on_disconnect=False, ctx=None) -> AsyncClient:
+                      cancel_on_disconnect=False, ctx=None,
+                      from_account_seq: int | None = None) -> AsyncClient:
         """As Client.connect (same errors, same deadlines)."""
         endpoints = load_endpoints(endpoints)
         load_client_certificate(certificate)       # before any socket or context
         own = ctx is None
         c = cls(ctx or zmq.asyncio.Context(), endpoints, certificate,
-                on_report=on_report, timeout_s=timeout_s, own_ctx=own)
+                on_report=on_report, timeout_s=timeout_s, own_ctx=own,
+                from_account_seq=from_account_seq)
         try:
             deadline = time.monotonic() + connect_timeout_s
             refused_since = None
@@ -518,6 +749,7 @@ class AsyncClient(_Requests):
                     await asyncio.sleep(0.05)
                 elif now >= deadline:
                     raise ConnectTimeout(_silent_message(endpoints, connect_timeout_s))
+            await c.sync()
             if cancel_on_disconnect:
                 await c.hello(True)
         except BaseException:
@@ -526,50 +758,117 @@ class AsyncClient(_Requests):
         return c
 
     async def _open(self, handshake_s: float) -> str:
-        """A fresh socket and reader; its handshake outcome (see Client._await_handshake)."""
-        self._stop_reader()
+        """A fresh socket with its monitor, and their tasks; the handshake's outcome (see
+        Client._await_handshake)."""
+        self._stop_tasks()
+        self._close_sockets()
+        self.socket, self.monitor = _make_socket(self.ctx, self.endpoints, self.public,
+                                                 self.secret)
+        deadline = time.monotonic() + handshake_s
+        outcome = "silent"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not await self.monitor.poll(max(int(left * 1000), 1)):
+                break
+            event = parse_monitor_message(await self.monitor.recv_multipart())["event"]
+            if event & _HANDSHAKE_EVENTS:
+                outcome = _handshake_outcome(event)
+                break
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._reader(self.socket)),
+                       loop.create_task(self._watch(self.monitor))]
+        return outcome
+
+    def _stop_tasks(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        self._tasks = []
+
+    def _close_sockets(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(0)
+            self.monitor = None
         if self.socket is not None:
             self.socket.close(0)
             self.socket = None
-        self.socket, mon = _make_socket(self.ctx, self.endpoints, self.public, self.secret)
-        try:
-            if await mon.poll(max(int(handshake_s * 1000), 1)):
-                outcome = _handshake_outcome(
-                    parse_monitor_message(await mon.recv_multipart())["event"])
-            else:
-                outcome = "silent"
-        finally:
-            self.socket.disable_monitor()
-            mon.close(0)
-        self._task = asyncio.get_running_loop().create_task(self._reader(self.socket))
-        return outcome
-
-    def _stop_reader(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
 
     async def _reader(self, sock) -> None:
+        stream = self._stream
         while True:
             msg = _unpack(await sock.recv())
-            fut = self._pending.pop(msg.get("rid"), None) if "rid" in msg else None
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+            rid = msg.get("rid")
+            pending = self._pending.pop(rid, None) if rid is not None else None
+            if pending is not None:
+                for m in stream.accept(msg, as_reply=True):
+                    self._report(m)
+                if not pending[1].done():
+                    pending[1].set_result(msg)
                 continue
-            self._report(msg)
+            for m in stream.on_message(msg):
+                self._report(m)
             self._arrived.set()
+            await self._replay_if_needed()
+
+    async def _watch(self, monitor) -> None:
+        while True:
+            event = await zmq.utils.monitor.recv_monitor_message(monitor)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._disconnected = True
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._disconnected:
+                self._disconnected = False
+                self._stream.replay_rid = None
+                self._stream.need_replay = True
+                await self._replay_if_needed()
+
+    async def _replay_if_needed(self) -> None:
+        stream = self._stream
+        if stream.need_replay and stream.replay_rid is None:
+            await self.socket.send(_pack(stream.replay_request(next(self._rids))))
+        if not stream.need_replay and stream.replay_rid is None:
+            self._synced.set()
+
+    def _resolve(self, msg: dict) -> None:
+        for rid, (request, fut) in list(self._pending.items()):
+            if not fut.done() and is_outcome(request, msg):
+                del self._pending[rid]
+                fut.set_result(msg)
+                return
+
+    async def sync(self, timeout_s: float | None = None) -> int:
+        """Replay until the report stream is whole (see Client.sync)."""
+        stream = self._stream
+        stream.need_replay = True
+        stream.replay_rid = None
+        self._synced.clear()
+        await self._replay_if_needed()
+        try:
+            await asyncio.wait_for(self._synced.wait(),
+                                   self.timeout_s if timeout_s is None else timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout("the replay did not finish") from None
+        return stream.last
 
     async def request(self, msg: dict, timeout_s: float | None = None) -> dict:
         rid = next(self._rids)
         msg["rid"] = rid
         fut = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
+        self._pending[rid] = (msg, fut)
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
             await self.socket.send(_pack(msg))
-            return await asyncio.wait_for(fut, self.timeout_s if timeout_s is None
-                                          else timeout_s)
+            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
         except asyncio.TimeoutError:
-            raise RequestTimeout(f"no reply to {msg['type']} (rid {rid})") from None
+            if msg["type"] not in SEQUENCED:
+                raise RequestTimeout(f"no reply to {msg['type']} (rid {rid})") from None
+            await self.sync(max(timeout_s, RECOVER_S))   # a replayed report resolves fut
+            if fut.done():
+                return fut.result()
+            raise RequestLost(f"{msg['type']} (rid {rid}) was never sequenced: no reply, "
+                              f"and nothing of it in the replayed reports") from None
         finally:
             self._pending.pop(rid, None)
 
@@ -585,7 +884,8 @@ class AsyncClient(_Requests):
         return out
 
     async def close(self) -> None:
-        self._stop_reader()
+        self._stop_tasks()
+        self._close_sockets()
         _Connection.close(self)
 
 

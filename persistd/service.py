@@ -18,6 +18,9 @@ store
     replica's events to DuckDB (persistd/store.py) in batches: it wakes every `flush_s`,
     applies the journal batches queued meanwhile (each in its own replica call) and writes
     their rows in one transaction.
+    Each report to an account among the events gets its row in the `reports` table, keyed
+    by (account, account_seq) as engine/reports.py numbers them from the replica's counters:
+    the durable source a gateway replays from once its own memory no longer holds a report.
     Every `snapshot_every` commands it writes a snapshot of the replica's tables (the live
     matcher never pauses for one) and then retires journal segments older than the oldest
     snapshot kept. On start it rebuilds the replica from the newest snapshot at or below the
@@ -43,18 +46,20 @@ import msgpack
 import numpy as np
 
 from engine.records import (EV_COMMAND, EV_FUNDING, EV_LIQUIDATION, EV_TRADE, EVENT_DTYPE,
-                            MARGIN_CROSS, TRADE_EVENT_DTYPE)
+                            COMMAND_EVENT_WORD, MARGIN_CROSS, TRADE_EVENT_DTYPE)
+from engine.reports import number_events
 from engine.spec import ExchangeSpec, load_spec
 from persistd import snapshot
 from persistd.journal import JournalWriter, journal_records
 from persistd.replica import Replica
-from persistd.store import BALANCE_ROW_DTYPE, ReadOnlyViolation, Store
+from persistd.store import BALANCE_ROW_DTYPE, REPORT_ROW_DTYPE, ReadOnlyViolation, Store
 from shm import names
 from shm.progress import JournalProgress
 from shm.ring import EventRing
 from shm.wait import shared_cpu_wait
 
 READ_BATCH = 1 << 14
+COMMAND_IN_EVENT_BYTE = COMMAND_EVENT_WORD * 8   # EV_COMMAND: where the command record starts
 STORE_NICE = 10
 FAST_NICE = 5
 # 10 ms passes cost ~3x less journal CPU per command but, in 3 alternating unpaced e2e pairs,
@@ -74,6 +79,23 @@ def log(msg: str) -> None:
         print(f"persistd: {msg}", file=sys.stderr, flush=True)
     except OSError:
         pass     # the log may sit on the disk that is full: losing a line beats dying of it
+
+
+def report_rows(events: np.ndarray, account_seqs: np.ndarray) -> np.ndarray:
+    """`reports` rows for the reports among `events` (whole commands), numbered from
+    account_seqs (advanced in place)."""
+    found = number_events(events, account_seqs)
+    rows = np.zeros(len(found), REPORT_ROW_DTYPE)
+    if len(found):
+        raw = events.view(np.uint8).reshape(len(events), -1)
+        rows["seq"] = events["seq"][found["event"]]
+        rows["account_seq"] = found["account_seq"]
+        rows["account"] = found["account"]
+        rows["idx"] = found["index"]
+        rows["role"] = found["role"]
+        rows["command"] = raw[found["command"], COMMAND_IN_EVENT_BYTE:]
+        rows["event"] = raw[found["event"]]
+    return rows
 
 
 class Persistd:
@@ -242,8 +264,12 @@ class Persistd:
         self.progress.set_snapshot_seq(last_snapshot)
         pending: list[np.ndarray] = []
         balances: list[np.ndarray] = []
+        reports: list[np.ndarray] = []
+        # every later event passes through collect(), in order, from this command boundary
+        account_seqs = replica.matcher.state.accounts["account_seq"].copy()
 
         def collect(events: np.ndarray) -> None:
+            reports.append(report_rows(events, account_seqs))
             rows = events[events["etype"] != EV_COMMAND]   # a copy: the sink's slots are reused
             if len(rows):
                 pending.append(rows)
@@ -260,10 +286,10 @@ class Persistd:
                 for events in replica.apply(self._records.get()):
                     collect(events)
                 if replica.seq - last_snapshot >= self.snapshot_every and \
-                        self._flush(replica, pending, balances):
+                        self._flush(replica, pending, balances, reports):
                     last_snapshot = self._snapshot(replica)
             if pending:
-                self._flush(replica, pending, balances)
+                self._flush(replica, pending, balances, reports)
             if self.stop.is_set() and self.store_error is not None:
                 break        # rows the store lacks are rewritten from the journal later
 
@@ -293,14 +319,15 @@ class Persistd:
         rows["balance_atoms"] = replica.matcher.state.accounts["balance_atoms"][accounts]
         return rows
 
-    def _flush(self, replica: Replica, pending: list, balances: list) -> bool:
+    def _flush(self, replica: Replica, pending: list, balances: list, reports: list) -> bool:
         """Write what is pending in one transaction; False (kept for a retry) if it failed."""
         events = np.concatenate(pending) if pending else np.zeros(0, EVENT_DTYPE)
         extra = np.concatenate(balances) if balances else np.zeros(0, BALANCE_ROW_DTYPE)
+        numbered = np.concatenate(reports) if reports else np.zeros(0, REPORT_ROW_DTYPE)
         try:
             if self.store is None:
                 self.store = Store(self.sd.store_file, self.markets, config=STORE_CONFIG)
-            self.store.write(events, extra, upto_seq=replica.seq)
+            self.store.write(events, extra, upto_seq=replica.seq, reports=numbered)
         except Exception as e:   # disk full, I/O error: DuckDB lags, acks do not wait for it
             if self.store_error is None:
                 log(f"DuckDB WRITE FAILED ({type(e).__name__}: {e}); retrying every "
@@ -309,6 +336,7 @@ class Persistd:
             self._reopen_store()
             pending[:] = [events]
             balances[:] = [extra]
+            reports[:] = [numbered]
             self.stop.wait(RETRY_S)
             return False
         if self.store_error is not None:
@@ -316,6 +344,7 @@ class Persistd:
             self.store_error = None
         pending.clear()
         balances.clear()
+        reports.clear()
         self.progress.set_store_seq(replica.seq)
         return True
 

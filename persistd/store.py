@@ -27,6 +27,7 @@ Tables (the PROTOCOL.md columns first, extras at the end):
     liquidations(seq, ts, market, account, qty, price, kind, side, fee, bankruptcy_price,
                  counterparty, size)
     balances(seq, ts, account, balance)
+    reports(account, account_seq, seq, idx, role, c0 .. c7, e0 .. e15)
     insurance_fund(seq, ts, reason, amount, fund)
     marks(seq, ts, market, mark)
     meta(last_seq, schema_version)             -- one row
@@ -35,7 +36,12 @@ seq/ts/ids/accounts are BIGINT (ts in nanoseconds as on the wire), market the sy
 word columns hold the wire's words ("buy"/"sell", "limit"/"market"/"stop_market"/...,
 "open"/"filled"/"canceled"/"untriggered", cancel reasons "user"/"ioc"/"stp"/...,
 liquidation kinds "liquidated"/"adl", insurance reasons "liquidation_fee"/"funding_residue"/
-"deficit"). Columns added after a store was created (the liquidation extras) are added to an
+"deficit"). `reports` is the durable source of `replay` (PROTOCOL.md, "Report sequence and
+replay"): one row per report to an account, keyed by (account, account_seq) as
+engine/reports.py numbers them, holding the raw 64-byte command and 128-byte event records
+(BLOBs) from which a gateway renders the report exactly as it was sent live, `idx` the
+event's position after its command (from 1) and `role` 0 for the event's own account, 1 for
+a trade's maker. Columns added after a store was created (the liquidation extras) are added to an
 older file when it is opened.
 
 Threads: one Store is shared by a writer thread (write) and any number of query threads
@@ -63,7 +69,7 @@ import numpy as np
 
 from engine.records import (BALANCE_EVENT_DTYPE, EV_ACK, EV_AMENDED, EV_BALANCE, EV_CANCELED,
                             EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, EV_MARK, EV_TRADE,
-                            EV_TRIGGERED, EVENT_BYTES, EVENT_DTYPE, FUNDING_EVENT_DTYPE,
+                            EV_TRIGGERED, COMMAND_BYTES, EVENT_BYTES, EVENT_DTYPE, FUNDING_EVENT_DTYPE,
                             INSURANCE_DEFICIT, INSURANCE_EVENT_DTYPE, INSURANCE_FUNDING_RESIDUE,
                             INSURANCE_LIQUIDATION_FEE, KIND_LIMIT, LIQ_KIND_ADL,
                             LIQ_KIND_LIQUIDATED, LIQUIDATION_EVENT_DTYPE, MARK_EVENT_DTYPE,
@@ -90,7 +96,17 @@ INSURANCE_WORDS = {INSURANCE_LIQUIDATION_FEE: "liquidation_fee",
                    INSURANCE_FUNDING_RESIDUE: "funding_residue", INSURANCE_DEFICIT: "deficit"}
 
 DATA_TABLES = ("fills", "orders", "funding_payments", "liquidations", "balances",
-               "insurance_fund", "marks")
+               "insurance_fund", "marks", "reports")
+
+# Report rows a caller numbered (persistd, with engine/reports.py): these fields.
+REPORT_ROW_DTYPE = np.dtype([("seq", "<i8"), ("account_seq", "<i8"), ("account", "<i4"),
+                             ("idx", "<i4"), ("role", "u1"),
+                             ("command", "u1", (COMMAND_BYTES,)),
+                             ("event", "u1", (EVENT_BYTES,))])
+REPORT_WORD_NAMES = ([f"c{i}" for i in range(COMMAND_BYTES // 8)]
+                     + [f"e{i}" for i in range(EVENT_BYTES // 8)])
+REPORT_WORDS = ", ".join(REPORT_WORD_NAMES)
+REPORT_WORD_COLUMNS = ", ".join(f"{w} BIGINT" for w in REPORT_WORD_NAMES)
 
 # Which columns follow the price / quantity scale (widened together when a market needs it).
 PRICE_COLUMNS = (("fills", "price"), ("orders", "price"), ("liquidations", "price"),
@@ -124,6 +140,19 @@ def _word_case(column: str, words: dict) -> str:
     """CASE column WHEN code THEN 'word' ... END (NULL for any other code)."""
     whens = " ".join(f"WHEN {code} THEN {_sql_str(word)}" for code, word in sorted(words.items()))
     return f"CASE {column} {whens} END"
+
+
+def _report_columns(reports, last: int, upto: int) -> dict:
+    """Column arrays of the report rows in (last, upto]; the records as int64 words."""
+    if reports is None or not len(reports):
+        return {"seq": ()}
+    r = reports[(reports["seq"] > last) & (reports["seq"] <= upto)]
+    cols = {k: r[k] for k in ("account", "account_seq", "seq", "idx", "role")}
+    words = np.concatenate([np.ascontiguousarray(r["command"]).view("<i8"),
+                            np.ascontiguousarray(r["event"]).view("<i8")], axis=1)
+    for i, name in enumerate(REPORT_WORD_NAMES):
+        cols[name] = np.ascontiguousarray(words[:, i])
+    return cols
 
 
 def _event_array(events) -> np.ndarray:
@@ -227,6 +256,9 @@ class Store:
                 CREATE TABLE IF NOT EXISTS admin_log (
                     ts BIGINT, operator VARCHAR, uid BIGINT, pid BIGINT, command VARCHAR,
                     args VARCHAR, seq BIGINT, outcome VARCHAR);
+                CREATE TABLE IF NOT EXISTS reports (
+                    account BIGINT, account_seq BIGINT, seq BIGINT, idx INTEGER,
+                    role TINYINT, {REPORT_WORD_COLUMNS});
                 CREATE TABLE IF NOT EXISTS meta (
                     last_seq BIGINT NOT NULL, schema_version INTEGER NOT NULL);
             """)
@@ -343,6 +375,10 @@ class Store:
                        {atoms('fee_atoms')}, {price('bankruptcy_ticks')}, counterparty,
                        {qty('size_lots')}
                 FROM _store_liquidations""",
+            "reports": f"""
+                INSERT INTO reports (account, account_seq, seq, idx, role, {REPORT_WORDS})
+                SELECT account, account_seq, seq, idx, role, {REPORT_WORDS}
+                FROM _store_reports""",
             "insurance_fund": f"""
                 INSERT INTO insurance_fund (seq, ts, reason, amount, fund)
                 SELECT seq, ts_ns, {_word_case("reason", INSURANCE_WORDS)},
@@ -357,7 +393,7 @@ class Store:
         return self._last_seq
 
     def write(self, events: np.ndarray | None, balances: np.ndarray | None = None,
-              upto_seq: int | None = None) -> dict:
+              upto_seq: int | None = None, reports: np.ndarray | None = None) -> dict:
         """Write the rows of a batch of events in one transaction; returns rows per table.
 
         `events` are 128-byte event slots (engine.records.EVENT_DTYPE) in seq order, as the
@@ -406,6 +442,8 @@ class Store:
         balance_atoms (BALANCE_ROW_DTYPE) of balance changes the caller knows (fills, funding,
         liquidations, from its replica of the state); inserted as given, with the same seq
         window. Balance rows of one seq keep their order, EV_BALANCE rows first.
+        `reports` (optional): REPORT_ROW_DTYPE rows (the caller numbers them), inserted as
+        given with the same seq window.
 
         Raises ValueError (nothing written) for an event of a market the store does not know
         or a value too large for its DECIMAL column.
@@ -439,6 +477,7 @@ class Store:
                     self._last_seq_stale = False
                 last = self._last_seq
                 batches = self._rows(ev, extra, last, upto_seq)
+                batches["reports"] = _report_columns(reports, last, upto_seq)
                 counts = {}
                 statements = []
                 for table, data in batches.items():

@@ -567,10 +567,13 @@ class Engines:
         return self.matcher.state_hash()
 
     def digest(self) -> str:
-        """The state hash with the sequence counter masked: what a reject must not change."""
+        """The state hash with the sequence counter and the report numbers masked: what a
+        reject must not change (it is a command, and a report to its account)."""
         counters = self.st.counters.copy()
         counters[C_SEQ] = 0
-        return state_hash(self.st._replace(counters=counters))
+        accounts = self.st.accounts.copy()
+        accounts["account_seq"] = 0
+        return state_hash(self.st._replace(counters=counters, accounts=accounts))
 
 
 def btc_engines(*accounts_and_deposits, config=CONFIG, risk=False) -> Engines:

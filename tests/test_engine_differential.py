@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from engine.invariants import check_state
+from engine.invariants import account_seq_problems, check_state
 from engine.matcher import LocalEvents, Matcher
 from engine.records import COMMAND_DTYPE, EV_COMMAND
 from engine.reference import ReferenceMatcher
@@ -32,6 +32,7 @@ def run_both(commands: np.ndarray, check_every_batch: bool = True, ring_slots: i
     for b, start in enumerate(range(0, len(commands), BATCH)):
         batch = commands[start:start + BATCH]
         privileged = b % 3 != 1
+        seqs_before = fast.state.accounts["account_seq"].copy()
         got = ring.run(fast, batch, source=b % 4, privileged=privileged)
         want = []
         for i, rec in enumerate(batch):
@@ -40,6 +41,11 @@ def run_both(commands: np.ndarray, check_every_batch: bool = True, ring_slots: i
             ref.check_invariants()
         if got != want:
             _explain(got, want, start)
+        # the compiled counters advanced by the rule applied to its own events, and agree
+        # with the reference's
+        problems = account_seq_problems(seqs_before, got, fast.state.accounts["account_seq"])
+        assert not problems, f"batch at {start}: {problems}"
+        assert list(fast.state.accounts["account_seq"]) == ref.account_seqs
         if check_every_batch:
             problems = check_state(fast.state)
             assert not problems, f"after command {start + len(batch)}: {problems}"
@@ -77,6 +83,8 @@ def test_seeded_streams_agree(seed):
     assert not check_state(fast.state)
     # the stream must exercise matching, not just rejects
     assert ref.next_trade_id > len(commands) // 50
+    # and most accounts received reports of every kind the rule counts
+    assert sum(1 for s in ref.account_seqs if s > 100) >= 8
 
 
 def test_events_identical_through_a_ring_smaller_than_a_command():

@@ -174,7 +174,8 @@ def test_an_account_cannot_touch_another_accounts_orders(exchange):
     assert (too_much["type"], too_much["reason"]) == ("reject", "insufficient_balance")
     assert too_much["seq"] > done["seq"]
     assert b.request(type="cancel_all") == {"type": "done", "count": 0, "rid": b._rid,
-                                             "seq": b.log[-1]["seq"], "ts": b.log[-1]["ts"]}
+                                             "seq": b.log[-1]["seq"], "ts": b.log[-1]["ts"],
+                                             "account_seq": too_much["account_seq"] + 1}
     forbidden = b.request(type="cancel", oid=oid, account=1)
     assert (forbidden["reason"], forbidden["type"]) == ("forbidden", "reject")
     assert b.request(type="open_orders", account=1)["reason"] == "forbidden"
@@ -558,3 +559,40 @@ def test_two_gateways_share_the_matcher(exchange):
     assert (cxl["type"], cxl["qty"]) == ("canceled", "0.2")
     assert "rid" not in a0.wait_for(is_type("canceled", oid=oid))
     assert [m for m in b1.reports() if m.get("oid") == oid] == []
+
+
+def test_report_stream_every_session_gap_free_and_replay_from_memory(exchange_factory):
+    """Two connections of one account both see the whole stream (rejects and `done` too),
+    numbered 1, 2, 3, ...; `replay` from the gateway's memory (4 reports per account here)
+    returns the same messages; older ones need a durable source this gateway has not."""
+    ex = exchange_factory(replay_keep=4)
+    a, a2 = ex.client(1), ex.client(1)
+    assert a2.request(type="ping")["type"] == "pong"      # a2's session exists
+    ack = a.request(**order(1, "BTC-PERP", "buy", "0.1", "64000"))
+    rej = a.request(**order(1, "BTC-PERP", "buy", "0.1", "64000"))   # duplicate cid
+    assert rej["reason"] == "duplicate_cid"
+    cancel = a.request(type="cancel", oid=ack["oid"], cid=1)
+    edge = a.request(type="cancel")                       # refused by the gateway: no number
+    done = a.request(type="withdraw", amount="1", cid=77)
+    wrong = a.request(type="cancel", oid=ack["oid"])
+    assert "account_seq" not in edge and done["cid"] == 77
+    assert (wrong["reason"], wrong["oid"]) == ("unknown_order", ack["oid"])
+    live = [ack, rej, cancel, done, wrong]
+    assert [m["account_seq"] for m in live] == [1, 2, 3, 4, 5]
+    seen = a2.reports()
+    assert [m["account_seq"] for m in seen] == [1, 2, 3, 4, 5]
+    strip = [{k: v for k, v in m.items() if k != "rid"} for m in live]
+    assert seen == strip                                  # the same messages, without rid
+    assert ex.client(2).request(type="replay", from_account_seq=0)["last_account_seq"] == 0
+
+    a.send(type="replay", from_account_seq=2)
+    got = a.reports()
+    assert got[:3] == strip[2:]
+    assert got[3]["type"] == "replayed" and (got[3]["last_account_seq"], got[3]["more"]) == \
+        (5, False)
+    beyond = a.request(type="replay", from_account_seq=10 ** 9)
+    assert (beyond["type"], beyond["last_account_seq"]) == ("replayed", 5)
+    old = a.request(type="replay", from_account_seq=0)    # report 1 is no longer in memory
+    assert (old["type"], old["reason"]) == ("reject", "invalid_message")
+    bad = a.request(type="replay", from_account_seq=-1)
+    assert (bad["type"], bad["reason"]) == ("reject", "invalid_message")

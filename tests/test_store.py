@@ -874,3 +874,50 @@ def test_older_store_file_gains_the_new_columns(tmp_path):
         assert store.write(risk_events())["liquidations"] == 3
         assert store.query("SELECT side, size FROM liquidations ORDER BY rowid")[1][2] == \
             ("buy", D("4"))
+
+
+def test_reports_rows_numbered_gap_free(tmp_path, fuzz_events):
+    """persistd's `reports` rows: per account account_seq 1..N without gaps, N = the engine's
+    counter, each row the raw event (and its command) it numbers; rewrites add nothing."""
+    from engine.records import COMMAND_BYTES, COMMAND_DTYPE, EV_COMMAND
+    from engine.reports import AccountSeqTracker
+    from persistd.service import report_rows
+    from persistd.store import REPORT_WORDS
+    events = fuzz_events
+    counters = np.zeros(FUZZ_CONFIG.max_accounts, np.int64)
+    rng = np.random.default_rng(5)
+    bounds = command_bounds(events)
+    cuts = np.unique(np.concatenate([[0, len(events)], rng.choice(bounds, 30)]))
+    with Store(tmp_path / "x.duckdb", FUZZ_MARKETS) as store:
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            store.write(events[a:b], reports=report_rows(events[a:b], counters))
+        assert store.write(events, reports=report_rows(events, counters.copy() * 0)) == {}
+        rows = store.query(f"SELECT account, account_seq, seq, idx, role, {REPORT_WORDS} "
+                           f"FROM reports ORDER BY account, account_seq")[1]
+        rows = [(*r[:5], np.array(r[5:13], "<i8").tobytes(), np.array(r[13:], "<i8").tobytes())
+                for r in rows]
+    # the oracle: the per-event tracker over the same stream
+    tracker = AccountSeqTracker(np.zeros(FUZZ_CONFIG.max_accounts, np.int64))
+    want = []
+    raw = events.view(np.uint8).reshape(len(events), -1)
+    command = None
+    for i, ev in enumerate(events):
+        if ev["etype"] == EV_COMMAND:
+            command = raw[i, 64:64 + COMMAND_BYTES].tobytes()
+            tracker.on_command(int(raw[i, 64 + COMMAND_DTYPE.fields["cmd"][1]]))
+            continue
+        maker = int(ev.view(TRADE_EVENT_DTYPE)["maker_account"]) \
+            if ev["etype"] == EV_TRADE else -1
+        for role, (account, n) in enumerate(tracker.on_event(int(ev["etype"]),
+                                                            int(ev["account"]), maker)):
+            want.append((account, n, int(ev["seq"]), tracker.index, role, command,
+                         raw[i].tobytes()))
+    want.sort(key=lambda r: (r[0], r[1]))
+    assert [tuple(r) for r in rows] == want
+    assert list(counters) == tracker.counters
+    per_account = {}
+    for r in rows:
+        per_account.setdefault(r[0], []).append(r[1])
+    assert len(per_account) >= 8
+    for seqs in per_account.values():
+        assert seqs == list(range(1, len(seqs) + 1))

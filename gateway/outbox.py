@@ -1,0 +1,118 @@
+"""Everything the gateway sends: replies and reports to sessions, market data to the PUB, and
+the durable hold in front of both.
+
+"fast" mode sends at once. "durable" mode (PROTOCOL: acks and fills only once journaled)
+holds every message caused by an event, and query answers, until `durable_seq()` (persistd's
+journal progress in shm) reaches its seq; `release_upto(seq)` sends what is due. Messages
+without a seq (pong, hello, edge rejects) are never held.
+
+Nothing here blocks: a client (or subscriber) that does not read loses messages at the
+high-water mark, not the gateway.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import zmq
+
+from engine.records import REASON_NAMES
+from gateway.codec import pack
+
+# pyzmq's Cython socket method, called directly with int flags: the Python-level wrappers and
+# flag enums cost several µs per message (measured: send_multipart 5.6 µs, this 1.0 µs).
+_send_part = zmq.backend.Socket.send
+_NB = int(zmq.NOBLOCK)
+_NB_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+
+
+def send_pair(sock, first: bytes, second: bytes) -> None:
+    """A two-frame message (routing id or topic, then payload), never blocking."""
+    try:
+        _send_part(sock, first, _NB_MORE, True, False)
+        _send_part(sock, second, _NB, True, False)
+    except zmq.ZMQError:
+        pass
+
+
+def with_rid(msg: dict, rid) -> dict:
+    if rid is not None:
+        msg["rid"] = rid
+    return msg
+
+
+class Outbox:
+    def __init__(self, router, pub, sessions, durable_seq=None, stats: dict | None = None):
+        self.router = router
+        self.pub = pub
+        self.sessions = sessions
+        self.durable = durable_seq is not None
+        self.durable_seq = durable_seq
+        self.held = deque()            # (seq, identity or None for the PUB, payload)
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("edge_rejects", 0)
+
+    # -- to sessions --------------------------------------------------------------------
+    def send(self, identity: bytes, payload: bytes, seq: int = 0) -> None:
+        if self.durable and seq:
+            self.held.append((seq, identity, payload))
+            return
+        send_pair(self.router, identity, payload)
+
+    def reply(self, identity: bytes, msg: dict, rid, seq: int = 0) -> None:
+        self.send(identity, pack(with_rid(msg, rid)), seq)
+
+    def reject(self, identity, reason: int, text: str, rid=None, cid=None) -> None:
+        """An edge reject: the gateway's own, nothing was sequenced."""
+        self.stats["edge_rejects"] += 1
+        msg = {"type": "reject", "reason": REASON_NAMES[reason], "message": text,
+               "ts": time.time_ns()}
+        if type(cid) is int:
+            msg["cid"] = cid
+        self.reply(identity, msg, rid)
+
+    def to_account(self, account: int, msg: dict, requester=None, rid=None, seq=0) -> None:
+        """An event's message to every connection of the account; the requester's copy has rid."""
+        conns = self.sessions.by_account.get(account)
+        if requester is not None and rid is not None:
+            plain = None
+            msg_rid = dict(msg)
+            msg_rid["rid"] = rid
+            self.send(requester, pack(msg_rid), seq)
+        else:
+            plain = pack(msg)
+            if requester is not None:
+                self.send(requester, plain, seq)
+        if conns:
+            for ident in conns:
+                if ident != requester:
+                    if plain is None:
+                        plain = pack(msg)
+                    self.send(ident, plain, seq)
+
+    # -- market data --------------------------------------------------------------------
+    def publish(self, topic: bytes, payload: bytes, seq: int) -> None:
+        if self.durable:
+            self.held.append((seq, None, (topic, payload)))
+            return
+        send_pair(self.pub, topic, payload)
+
+    # -- the durable hold ---------------------------------------------------------------
+    def releasable(self) -> bool:
+        """Durable mode: something held is journaled now (persistd rings our doorbell)."""
+        held = self.held
+        return bool(held) and held[0][0] <= self.durable_seq()
+
+    def release_upto(self, seq: int) -> int:
+        """Send what was held for events up to `seq` (journaled); returns how many."""
+        held = self.held
+        n = 0
+        while held and held[0][0] <= seq:
+            _, identity, payload = held.popleft()
+            if identity is None:
+                send_pair(self.pub, payload[0], payload[1])
+            else:
+                send_pair(self.router, identity, payload)
+            n += 1
+        return n
