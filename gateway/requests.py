@@ -60,7 +60,7 @@ class Requests:
         self.stats = stats
         stats.setdefault("requests", 0)
         stats.setdefault("dropped_frames", 0)
-        # req -> (identity, rid, account, R_*, cid or None, extra)
+        # req -> (Session, rid, account, R_*, cid or None, extra)
         self.pending: dict[int, tuple] = {}
         # (account, cid) -> (req, market) of new orders not acked yet (amend by cid needs it)
         self.pending_cids: dict[tuple[int, int], tuple[int, int]] = {}
@@ -104,12 +104,13 @@ class Requests:
 
     def _command(self, s, rid, kind: int, cid, extra, now: int, fields: tuple) -> int:
         req = self.new_req()
-        self.pending[req] = (s.identity, rid, s.account, kind, cid, extra)
+        self.pending[req] = (s, rid, s.account, kind, cid, extra)
         self.queue_command(now, s.account, req, fields)
         return req
 
     def cancel_on_disconnect(self, s) -> None:
-        """The session's disconnect: cancel all its account's orders if it asked for that."""
+        """A finished session (gateway/sessions.py): cancel all its account's orders if it
+        asked for that, after every command it sent."""
         if s.cancel_on_disconnect:
             req = self.new_req()
             self.pending[req] = (None, None, s.account, R_DISCONNECT, None, None)
@@ -123,7 +124,7 @@ class Requests:
         s = self.sessions.of_message(identity, frame, self.learn_disconnects)
         if extra_frames:
             if s is not None:
-                outbox.reject(identity, REASON_INVALID_MESSAGE,
+                outbox.reject(s, REASON_INVALID_MESSAGE,
                               "a request is exactly one frame (a msgpack map)")
             return
         if s is None:
@@ -134,7 +135,7 @@ class Requests:
         allowed = self.limiter.take(account, now)
         if len(frame) > self.max_message_bytes:
             if allowed:
-                outbox.reject(identity, REASON_INVALID_MESSAGE,
+                outbox.reject(s, REASON_INVALID_MESSAGE,
                               f"message larger than {self.max_message_bytes} bytes")
             return
         try:
@@ -143,23 +144,23 @@ class Requests:
             msg = None
         if type(msg) is not dict:
             if allowed:
-                outbox.reject(identity, REASON_INVALID_MESSAGE, "not a msgpack map")
+                outbox.reject(s, REASON_INVALID_MESSAGE, "not a msgpack map")
             return
         rid = msg.get("rid")
         if rid is not None and type(rid) is not int:
-            outbox.reject(identity, REASON_INVALID_MESSAGE, "rid must be an integer")
+            outbox.reject(s, REASON_INVALID_MESSAGE, "rid must be an integer")
             return
         typ = msg.get("type")
         cid = msg.get("cid")
         if "account" in msg and msg["account"] != account:
-            outbox.reject(identity, REASON_FORBIDDEN,
+            outbox.reject(s, REASON_FORBIDDEN,
                           "this connection trades only for its own account", rid, cid)
             return
         if not allowed:
-            outbox.reject(identity, REASON_RATE_LIMITED, "too many requests", rid, cid)
+            outbox.reject(s, REASON_RATE_LIMITED, "too many requests", rid, cid)
             return
         if typ in NOT_WHILE_JOURNAL_FAILS and self.journal_errno():
-            outbox.reject(identity, REASON_MARKET_HALTED,
+            outbox.reject(s, REASON_MARKET_HALTED,
                           f"not accepting {typ} while the journal cannot be written "
                           f"({os.strerror(self.journal_errno())}): nothing would be "
                           f"durable; cancels still work", rid, cid)
@@ -172,7 +173,7 @@ class Requests:
                                  else "type is missing or not a string")
             handler(s, msg, rid, now)
         except EdgeReject as e:
-            outbox.reject(identity, e.reason, e.text, rid, cid)
+            outbox.reject(s, e.reason, e.text, rid, cid)
 
     # -- commands -----------------------------------------------------------------------
     def _new_order(self, s, msg, rid, now) -> None:
@@ -231,14 +232,14 @@ class Requests:
 
     # -- answered here ------------------------------------------------------------------
     def _ping(self, s, msg, rid, now) -> None:
-        self.outbox.reply(s.identity, {"type": "pong", "ts": now}, rid)
+        self.outbox.reply(s, {"type": "pong", "ts": now}, rid)
 
     def _hello(self, s, msg, rid, now) -> None:
         flag = msg.get("cancel_on_disconnect", False)
         if type(flag) is not bool:
             raise EdgeReject(REASON_INVALID_MESSAGE, "cancel_on_disconnect must be true or false")
         s.cancel_on_disconnect = flag
-        self.outbox.reply(s.identity, {"type": "hello", "account": s.account,
+        self.outbox.reply(s, {"type": "hello", "account": s.account,
                                        "cancel_on_disconnect": flag, "ts": now}, rid)
 
     def _query_seq(self) -> int:
@@ -254,7 +255,7 @@ class Requests:
             raise EdgeReject(REASON_INVALID_MESSAGE, "depth must be a non-negative integer")
         bids, asks = self.mirror.book_levels(market.market_id, depth)
         t, l = market.ticks_to_str, market.lots_to_str
-        self.outbox.reply(s.identity, {"type": "book", "market": market.symbol,
+        self.outbox.reply(s, {"type": "book", "market": market.symbol,
                                        "seq": self.mirror.applied_seq,
                                        "bids": [[t(p), l(q)] for p, q in bids],
                                        "asks": [[t(p), l(q)] for p, q in asks], "ts": now},
@@ -269,7 +270,7 @@ class Requests:
             market = self.market_by_id[o[O_MARKET]]
             if market is not None:
                 out.append(codec.open_order_row(oid, o, status, market))
-        self.outbox.reply(s.identity, {"type": "open_orders", "orders": out,
+        self.outbox.reply(s, {"type": "open_orders", "orders": out,
                                        "seq": self.mirror.applied_seq, "ts": now},
                           rid, self._query_seq())
 
@@ -283,4 +284,4 @@ class Requests:
         out.update(account_state_fields(tables, 0, self.market_by_id))
         out["seq"] = seq
         out["ts"] = now
-        self.outbox.reply(s.identity, out, rid, seq if self.durable else 0)
+        self.outbox.reply(s, out, rid, seq if self.durable else 0)

@@ -163,7 +163,7 @@ class EventRouter:
                     continue
                 self._route_order_event(etype, ev, None, None, REASON_NAMES.get(ev[OE_REASON]))
                 continue
-            identity, rid, _, kind, cid, _ = p
+            requester, rid, _, kind, cid, _ = p
             if kind == R_DISCONNECT:
                 if etype == EV_CANCELED:
                     self._route_order_event(etype, ev, None, None,
@@ -177,21 +177,22 @@ class EventRouter:
                 if self.pending_cids.get(key, (0,))[0] == req:
                     del self.pending_cids[key]
             if etype == EV_REJECT:
-                self.outbox.send(identity, pack(with_rid(
+                self.outbox.send(requester, pack(with_rid(
                     codec.engine_reject_message(ev, cid), rid)), seq)
             elif etype == EV_DONE:
                 count = ev[OE_QTY] if kind == R_DONE and p[5] else None   # cancel_all's
                 msg = codec.done_message(ev, count)
-                self.outbox.send(identity, pack(with_rid(msg, rid)), seq)
+                self.outbox.send(requester, pack(with_rid(msg, rid)), seq)
             else:
-                self._route_order_event(etype, ev, identity, rid, REASON_NAMES.get(ev[OE_REASON]))
+                self._route_order_event(etype, ev, requester, rid,
+                                        REASON_NAMES.get(ev[OE_REASON]))
 
     # -- orders and fills ---------------------------------------------------------------
     def _market(self, market_id: int):
         return self.market_by_id[market_id] if 0 <= market_id < len(self.market_by_id) \
             else None
 
-    def _route_order_event(self, etype, ev, identity, rid, reason_name) -> None:
+    def _route_order_event(self, etype, ev, requester, rid, reason_name) -> None:
         market = self._market(ev[E_MARKET])
         if market is None:
             return
@@ -206,7 +207,7 @@ class EventRouter:
             self._fired = (ev[E_SEQ], ev[OE_OID])
         else:
             return
-        self.outbox.to_account(ev[E_ACCOUNT], msg, identity, rid, ev[E_SEQ])
+        self.outbox.to_account(ev[E_ACCOUNT], msg, requester, rid, ev[E_SEQ])
 
     def _route_fired_reject(self, ev) -> None:
         """A fired stop/take-profit that a check at trigger time refused: the reject right

@@ -1,10 +1,22 @@
 """Who is connected: sessions of authenticated connections, and each account's request budget.
 
-A session is one client connection as the ROUTER shows it: its routing id, the account its
-CURVE key authenticated as (the ZAP User-Id libzmq attaches to every message of the
-connection) and the connection's fd (from the message; the socket monitor names connections
-by fd). It is known from its first message and ends when the monitor reports its fd
-disconnected.
+A session is one client connection: its routing id, the account its CURVE key authenticated as
+(the ZAP User-Id libzmq attaches to every message of the connection) and the connection's fd
+(the message's ZMQ_SRCFD; the socket monitor names connections by fd). The three together
+are the session's key; a routing id alone names nothing for long, since a client may choose
+its own and reuse it on a new connection once the old one is gone.
+
+Lifecycle:
+- live: from its first message. Replies and its account's reports are sent to it.
+- closing: the monitor reported its fd disconnected (or the fd accepted again). Nothing more
+  is sent to it, its replies and held messages included: they are dropped, never re-routed.
+  Messages it sent before the disconnect may still be unread in the ROUTER; they carry its key
+  and are processed as this session (their commands are sequenced).
+- finished: all its messages are read. Then its cancel-on-disconnect is queued, after every
+  command it sent. libzmq frees a routing id only once its pipe is read to the end, so a
+  message with the same routing id and another key proves the old one drained; so does an
+  empty ROUTER, or more reads than there are connections since its last message (the ROUTER
+  queues fairly, one message per pipe in turn).
 """
 
 from __future__ import annotations
@@ -13,7 +25,8 @@ import zmq
 
 
 class Session:
-    __slots__ = ("identity", "account", "user_id", "fd", "cancel_on_disconnect")
+    __slots__ = ("identity", "account", "user_id", "fd", "cancel_on_disconnect", "live",
+                 "last_read")
 
     def __init__(self, identity: bytes, account: int, user_id: str, fd: int):
         self.identity = identity
@@ -21,63 +34,90 @@ class Session:
         self.user_id = user_id
         self.fd = fd
         self.cancel_on_disconnect = False
+        self.live = True
+        self.last_read = 0          # Sessions.reads at its last message (or its disconnect)
 
 
 class Sessions:
-    """The session table: by routing id, by account (for reports) and by fd (for the monitor)."""
+    """The session table: by routing id, live ones by account (for reports) and by fd (for the
+    monitor), closing ones until their messages are read."""
 
-    def __init__(self):
+    def __init__(self, on_finished):
+        self.on_finished = on_finished    # called with each session once all it sent is read
         self.by_identity: dict[bytes, Session] = {}
-        self.by_account: dict[int, list[bytes]] = {}
-        self.by_fd: dict[int, list[bytes]] = {}
+        self.by_account: dict[int, list[Session]] = {}
+        self.by_fd: dict[int, list[Session]] = {}
+        self.closing: list[Session] = []
+        self.reads = 0                    # messages read from the ROUTER
 
     def of_message(self, identity: bytes, frame, learn_disconnects) -> Session | None:
         """The message's session (None if it carries no account). `learn_disconnects()`
         drains the monitor before a new connection is trusted (an fd may have been reused)."""
+        self.reads += 1
         try:
             user_id = frame.get("User-Id")
+            fd = frame.get(zmq.SRCFD)
         except zmq.ZMQError:
             return None
         s = self.by_identity.get(identity)
-        if s is not None and s.user_id == user_id:
+        if s is not None and s.user_id == user_id and s.fd == fd:
+            s.last_read = self.reads
             return s
         learn_disconnects()
+        s = self.by_identity.get(identity)
         if s is not None:
-            self.remove(s)
+            # The routing id has a new connection: the old one's pipe is gone, all it sent read.
+            if s.live:
+                self.close(s)
+            self.finish(s)
         if not user_id or not user_id.isdigit():
             return None
-        try:
-            fd = frame.get(zmq.SRCFD)
-        except zmq.ZMQError:
-            fd = -1
         s = Session(identity, int(user_id), user_id, fd)
+        s.last_read = self.reads
         self.by_identity[identity] = s
-        self.by_account.setdefault(s.account, []).append(identity)
-        self.by_fd.setdefault(fd, []).append(identity)
+        self.by_account.setdefault(s.account, []).append(s)
+        self.by_fd.setdefault(fd, []).append(s)
         return s
 
-    def remove(self, s: Session) -> None:
-        if self.by_identity.get(s.identity) is s:
-            del self.by_identity[s.identity]
+    def on_fd(self, fd: int) -> None:
+        """The monitor reports fd disconnected (or accepted: a reused fd's old connection is
+        gone): its live sessions close."""
+        for s in list(self.by_fd.get(fd, ())):
+            self.close(s)
+
+    def close(self, s: Session) -> None:
+        """live -> closing: nothing more is sent to it."""
+        if not s.live:
+            return
+        s.live = False
+        s.last_read = self.reads
         conns = self.by_account.get(s.account)
-        if conns is not None and s.identity in conns:
-            conns.remove(s.identity)
+        if conns is not None and s in conns:
+            conns.remove(s)
             if not conns:
                 del self.by_account[s.account]
         same_fd = self.by_fd.get(s.fd)
-        if same_fd is not None and s.identity in same_fd:
-            same_fd.remove(s.identity)
+        if same_fd is not None and s in same_fd:
+            same_fd.remove(s)
             if not same_fd:
                 del self.by_fd[s.fd]
+        self.closing.append(s)
 
-    def on_fd(self, fd: int) -> list[Session]:
-        """The sessions of a connection the monitor reports accepted or disconnected."""
-        out = []
-        for identity in list(self.by_fd.get(fd, ())):
-            s = self.by_identity.get(identity)
-            if s is not None:
-                out.append(s)
-        return out
+    def finish(self, s: Session) -> None:
+        """closing -> finished: all it sent is read."""
+        if self.by_identity.get(s.identity) is s:
+            del self.by_identity[s.identity]
+        if s in self.closing:
+            self.closing.remove(s)
+            self.on_finished(s)
+
+    def finish_drained(self, router_empty: bool) -> None:
+        """After reading from the ROUTER: finish the closing sessions that have nothing left
+        in it (all of them if it is empty)."""
+        horizon = self.reads - 2 * len(self.by_identity) - 2
+        for s in list(self.closing):
+            if router_empty or s.last_read < horizon:
+                self.finish(s)
 
 
 class TokenBucket:
