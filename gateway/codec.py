@@ -148,6 +148,18 @@ def unpack(data):
                            max_map_len=MAX_CONTAINER, max_ext_len=64)
 
 
+def unpack_lenient(data) -> dict | None:
+    """A message refused anyway (too large, several frames, not strictly valid), read as far
+    as it goes to find its `rid` and `cid`: the map, or None. msgpack bounds every length by
+    the frame's (at most the hard limit), and tuples keep any key hashable."""
+    try:
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=False,
+                              unicode_errors="replace")
+    except Exception:
+        return None
+    return msg if type(msg) is dict else None
+
+
 # --- requests --------------------------------------------------------------------------------
 def _int_field(msg: dict, name: str, *, required: bool, lo: int = INT64_MIN, hi: int = INT64_MAX,
                default: int = 0) -> int:

@@ -21,6 +21,7 @@ import zmq
 
 from engine.records import REASON_NAMES
 from gateway.codec import pack
+from gateway.reasons import ReasonLog
 
 # pyzmq's Cython socket method, called directly with int flags: the Python-level wrappers and
 # flag enums cost several µs per message (measured: send_multipart 5.6 µs, this 1.0 µs).
@@ -54,6 +55,7 @@ class Outbox:
         self.held = deque()            # (seq, Session or None for the PUB, payload)
         self.stats = stats if stats is not None else {}
         self.stats.setdefault("edge_rejects", 0)
+        self.reasons = ReasonLog()
 
     # -- to sessions --------------------------------------------------------------------
     def send(self, session, payload: bytes, seq: int = 0) -> None:
@@ -68,6 +70,7 @@ class Outbox:
     def reject(self, session, reason: int, text: str, rid=None, cid=None) -> None:
         """An edge reject: the gateway's own, nothing was sequenced."""
         self.stats["edge_rejects"] += 1
+        self.reasons.note(REASON_NAMES[reason])
         msg = {"type": "reject", "reason": REASON_NAMES[reason], "message": text,
                "ts": time.time_ns()}
         if type(cid) is int:

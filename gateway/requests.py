@@ -22,6 +22,7 @@ from gateway.account_state import account_state_fields, account_tables
 from gateway.codec import COMMAND_STRUCT
 from gateway.markets import EdgeReject
 from gateway.mirror import O_ACCOUNT, O_MARKET
+from gateway.reasons import where
 
 # what a pending request expects as its reply
 R_NEW_ORDER, R_CANCEL, R_AMEND, R_DONE, R_DISCONNECT = range(5)
@@ -35,6 +36,10 @@ REPLY_ETYPES = {
 REQ_LIMIT = 2 ** 31 - 1
 # Requests that would add exposure or move money: refused while the journal fails.
 NOT_WHILE_JOURNAL_FAILS = frozenset(("new_order", "amend", "withdraw", "set_margin"))
+# Tokens of the account's rate limit a request takes (Binance-style request weights): what it
+# costs the gateway's one thread next to an order. A type not listed (malformed ones
+# included) weighs 1.
+WEIGHTS = {"cancel_all": 5, "book": 5, "open_orders": 5, "account": 10}
 # How long an `account` query may wait for the matcher to pause between command batches.
 ACCOUNT_COPY_TIMEOUT_S = 0.5
 
@@ -74,9 +79,13 @@ class Requests:
             "set_margin": self._set_margin, "ping": self._ping, "hello": self._hello,
             "book": self._book, "open_orders": self._open_orders, "account": self._account,
         }
+        self.weights = dict(WEIGHTS)
 
-    def register(self, typ: str, handler) -> None:
+    def register(self, typ: str, handler, weight: int = 1) -> None:
+        """handler(session, msg, rid, now_ns) answers `typ`; `weight` tokens of the account's
+        rate limit per request."""
         self.handlers[typ] = handler
+        self.weights[typ] = weight
 
     # -- the command buffer -------------------------------------------------------------
     def new_req(self) -> int:
@@ -119,61 +128,80 @@ class Requests:
 
     # -- one message --------------------------------------------------------------------
     def handle(self, identity: bytes, frame, extra_frames: bool) -> None:
+        """One message (`frame`: its first frame; `extra_frames`: it had more): exactly one
+        reply, with its `rid` (and `cid`) whenever they can be read, whatever its shape."""
         self.stats["requests"] += 1
-        outbox = self.outbox
         s = self.sessions.of_message(identity, frame, self.learn_disconnects)
-        if extra_frames:
-            if s is not None:
-                outbox.reject(s, REASON_INVALID_MESSAGE,
-                              "a request is exactly one frame (a msgpack map)")
-            return
         if s is None:
-            self.stats["dropped_frames"] += 1
+            self.stats["dropped_frames"] += 1      # no account: not through our ZAP
             return
-        account = s.account
-        now = time.time_ns()
-        allowed = self.limiter.take(account, now)
-        if len(frame) > self.max_message_bytes:
-            if allowed:
-                outbox.reject(s, REASON_INVALID_MESSAGE,
-                              f"message larger than {self.max_message_bytes} bytes")
-            return
+        rid = cid = None
         try:
-            msg = codec.unpack(frame.buffer)
-        except Exception:
-            msg = None
-        if type(msg) is not dict:
-            if allowed:
-                outbox.reject(s, REASON_INVALID_MESSAGE, "not a msgpack map")
-            return
-        rid = msg.get("rid")
-        if rid is not None and type(rid) is not int:
-            outbox.reject(s, REASON_INVALID_MESSAGE, "rid must be an integer")
-            return
-        typ = msg.get("type")
-        cid = msg.get("cid")
-        if "account" in msg and msg["account"] != account:
-            outbox.reject(s, REASON_FORBIDDEN,
-                          "this connection trades only for its own account", rid, cid)
-            return
+            rid, cid = self._handle(s, frame, extra_frames)
+        except Exception as e:
+            # A bug must not let one client's message take the gateway down, nor fill the log.
+            self.outbox.reject(s, REASON_INVALID_MESSAGE,
+                               "the gateway could not process this message", rid, cid)
+            self.outbox.reasons.note(f"unexpected {where(e)}")
+
+    def _handle(self, s, frame, extra_frames: bool):
+        outbox = self.outbox
+        now = time.time_ns()
+        size = len(frame)
+        msg = None
+        if size <= self.max_message_bytes and not extra_frames:
+            try:
+                msg = codec.unpack(frame.buffer)
+            except Exception:
+                msg = None
+        strict = type(msg) is dict
+        if not strict:
+            msg = codec.unpack_lenient(frame.buffer)     # only to read rid and cid
+        rid = cid = typ = None
+        if msg is not None:
+            rid = msg.get("rid")
+            cid = msg.get("cid")
+            typ = msg.get("type")
+            if type(rid) is not int:
+                rid = None
+            if type(cid) is not int:
+                cid = None
+            if type(typ) is not str:
+                typ = None
+        allowed = self.limiter.take(s.account, now, self.weights.get(typ, 1))
         if not allowed:
             outbox.reject(s, REASON_RATE_LIMITED, "too many requests", rid, cid)
-            return
-        if typ in NOT_WHILE_JOURNAL_FAILS and self.journal_errno():
+        elif extra_frames:
+            outbox.reject(s, REASON_INVALID_MESSAGE,
+                          "a request is exactly one frame (a msgpack map)", rid, cid)
+        elif size > self.max_message_bytes:
+            outbox.reject(s, REASON_INVALID_MESSAGE,
+                          f"message larger than {self.max_message_bytes} bytes", rid, cid)
+        elif not strict:
+            outbox.reject(s, REASON_INVALID_MESSAGE, "not a msgpack map with string keys",
+                          rid, cid)
+        elif rid is None and msg.get("rid") is not None:
+            outbox.reject(s, REASON_INVALID_MESSAGE, "rid must be an integer", None, cid)
+        elif "account" in msg and msg["account"] != s.account:
+            outbox.reject(s, REASON_FORBIDDEN,
+                          "this connection trades only for its own account", rid, cid)
+        elif typ is None:
+            outbox.reject(s, REASON_INVALID_MESSAGE, "type is missing or not a string", rid,
+                          cid)
+        elif typ in NOT_WHILE_JOURNAL_FAILS and self.journal_errno():
             outbox.reject(s, REASON_MARKET_HALTED,
                           f"not accepting {typ} while the journal cannot be written "
                           f"({os.strerror(self.journal_errno())}): nothing would be "
                           f"durable; cancels still work", rid, cid)
-            return
-        try:
-            handler = self.handlers.get(typ) if type(typ) is str else None
-            if handler is None:
-                raise EdgeReject(REASON_INVALID_MESSAGE,
-                                 "unknown message type" if type(typ) is str
-                                 else "type is missing or not a string")
-            handler(s, msg, rid, now)
-        except EdgeReject as e:
-            outbox.reject(s, e.reason, e.text, rid, cid)
+        else:
+            handler = self.handlers.get(typ)
+            try:
+                if handler is None:
+                    raise EdgeReject(REASON_INVALID_MESSAGE, "unknown message type")
+                handler(s, msg, rid, now)
+            except EdgeReject as e:
+                outbox.reject(s, e.reason, e.text, rid, cid)
+        return rid, cid
 
     # -- commands -----------------------------------------------------------------------
     def _new_order(self, s, msg, rid, now) -> None:

@@ -61,7 +61,7 @@ import zmq.auth
 from zmq.utils.monitor import parse_monitor_message
 
 from engine.config import EngineConfig
-from engine.records import COMMAND_DTYPE, EVENT_DTYPE, REASON_INVALID_MESSAGE
+from engine.records import COMMAND_DTYPE, EVENT_DTYPE
 from engine.service import attach_state
 from gateway.accounts import ZAP_DOMAIN, AccountAuthenticator, AccountRegistry
 from gateway.market_data import MarketData
@@ -69,6 +69,7 @@ from gateway.markets import MarketTable
 from gateway.mirror import M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE, Mirror, \
     consistent_state_copy
 from gateway.outbox import Outbox
+from gateway.reasons import where
 from gateway.requests import Requests
 from gateway.routing import EventRouter
 from gateway.sessions import Sessions, TokenBucket
@@ -286,6 +287,7 @@ class Gateway:
                     else:
                         self._sleep(50)
                     continue
+                self.outbox.reasons.flush_due()
                 now = time.monotonic()
                 if now - last_gc > 10.0:
                     gc.collect()      # idle: nobody waits for this pass
@@ -337,21 +339,16 @@ class Gateway:
             except zmq.Again:
                 empty = True
                 break
-            frame = _recv_part(router, _NB, False, False)
+            frame = part = _recv_part(router, _NB, False, False)
             extra = False
-            while frame.more:          # more than one frame: read them all, refuse the request
-                frame = _recv_part(router, _NB, False, False)
+            while part.more:           # more than one frame: read them all, refuse the request
+                part = _recv_part(router, _NB, False, False)
                 extra = True
             got += 1
             try:
                 requests.handle(identity, frame, extra)
-            except Exception:
-                # A bug must not let one client's message take the gateway down for everyone.
-                log.exception("unexpected error handling a request; rejected it")
-                s = sessions.by_identity.get(identity)
-                if s is not None:
-                    self.outbox.reject(s, REASON_INVALID_MESSAGE, "the gateway could not "
-                                       "process this message")
+            except Exception as e:     # handle() answers its own errors: this is a bug there
+                self.outbox.reasons.note(f"unexpected {where(e)} (not answered)")
         if sessions.closing:
             sessions.finish_drained(empty)
         return got

@@ -121,7 +121,8 @@ class Sessions:
 
 
 class TokenBucket:
-    """Per-account request budget: `rate` per second, bursts up to `burst`."""
+    """Per-account request budget: `rate` tokens per second, bursts up to `burst`; a request
+    takes its weight in tokens."""
 
     __slots__ = ("rate", "burst", "buckets")
 
@@ -130,17 +131,16 @@ class TokenBucket:
         self.burst = float(burst)
         self.buckets: dict[int, list] = {}
 
-    def take(self, account: int, now_ns: int) -> bool:
+    def take(self, account: int, now_ns: int, weight: int = 1) -> bool:
         b = self.buckets.get(account)
         if b is None:
-            self.buckets[account] = [self.burst - 1.0, now_ns]
-            return True
+            b = self.buckets[account] = [self.burst, now_ns]
         tokens = b[0] + (now_ns - b[1]) * self.rate
         if tokens > self.burst:
             tokens = self.burst
         b[1] = now_ns
-        if tokens < 1.0:
+        if tokens < weight:
             b[0] = tokens
             return False
-        b[0] = tokens - 1.0
+        b[0] = tokens - weight
         return True
