@@ -8,8 +8,11 @@ without a seq (pong, hello, edge rejects) are never held.
 
 Only live sessions are sent to (gateway/sessions.py): what is due to a session that closed,
 held messages included, is dropped, never sent to whoever has its routing id now. Nothing here
-blocks: a client (or subscriber) that does not read loses messages at the high-water mark,
-not the gateway.
+blocks. A session's connection holds at most the ROUTER's send high-water mark of messages
+(`max_queued_messages`): a session whose queue is full is dropped (closed as if it had
+disconnected; the client reconnects and replays), so a client that does not read costs a
+bounded amount of memory and nobody else's messages. A market-data subscriber that does not
+read loses messages at its high-water mark.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Outbox:
         self.held = deque()            # (seq, Session or None for the PUB, payload)
         self.stats = stats if stats is not None else {}
         self.stats.setdefault("edge_rejects", 0)
+        self.stats.setdefault("dropped_sessions", 0)
         self.reasons = ReasonLog()
 
     # -- to sessions --------------------------------------------------------------------
@@ -62,7 +66,19 @@ class Outbox:
         if self.durable and seq:
             self.held.append((seq, session, payload))
         elif session.live:
-            send_pair(self.router, session.identity, payload)
+            self._deliver(session, payload)
+
+    def _deliver(self, session, payload: bytes) -> None:
+        try:
+            _send_part(self.router, session.identity, _NB_MORE, True, False)
+            _send_part(self.router, payload, _NB, True, False)
+        except zmq.ZMQError as e:
+            # ROUTER_MANDATORY: EAGAIN is a full queue (a client that does not read),
+            # EHOSTUNREACH a connection gone before the monitor said so
+            if e.errno == zmq.EAGAIN:
+                self.stats["dropped_sessions"] += 1
+                self.reasons.note("session dropped: its client does not read (queue full)")
+            self.sessions.close(session)
 
     def reply(self, session, msg: dict, rid, seq: int = 0) -> None:
         self.send(session, pack(with_rid(msg, rid)), seq)
@@ -91,7 +107,7 @@ class Outbox:
             if requester is not None:
                 self.send(requester, plain, seq)
         if conns:
-            for s in conns:
+            for s in tuple(conns):       # a full queue closes a session: it leaves conns
                 if s is not requester:
                     if plain is None:
                         plain = pack(msg)
@@ -119,6 +135,6 @@ class Outbox:
             if session is None:
                 send_pair(self.pub, payload[0], payload[1])
             elif session.live:
-                send_pair(self.router, session.identity, payload)
+                self._deliver(session, payload)
             n += 1
         return n

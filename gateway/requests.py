@@ -171,6 +171,9 @@ class Requests:
         allowed = self.limiter.take(s.account, now, self.weights.get(typ, 1))
         if not allowed:
             outbox.reject(s, REASON_RATE_LIMITED, "too many requests", rid, cid)
+        elif s.refused:
+            outbox.reject(s, REASON_FORBIDDEN, f"this account has {self.sessions.max_per_account}"
+                          f" connections to this gateway already: this one is refused", rid, cid)
         elif extra_frames:
             outbox.reject(s, REASON_INVALID_MESSAGE,
                           "a request is exactly one frame (a msgpack map)", rid, cid)

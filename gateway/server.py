@@ -50,6 +50,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -88,6 +89,13 @@ _get_option = zmq.backend.Socket.get
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _NB = int(zmq.NOBLOCK)
+STATS_INTERVAL_S = 1.0
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
 
 
 class Gateway:
@@ -101,6 +109,8 @@ class Gateway:
                  max_message_bytes: int = 1024, hard_max_message_bytes: int = 64 * 1024,
                  ack_mode: str = "fast", durable_seq=None, journal_errno=None,
                  event_batch: int = 4096, recv_batch: int = 256, spin_s: float = 0.0,
+                 max_connections: int = 512, max_connections_per_account: int = 8,
+                 max_queued_messages: int = 10_000, stats_file: str | None = None,
                  attach_timeout_s: float = 30.0, context: zmq.Context | None = None):
         if ack_mode not in ("fast", "durable"):
             raise ValueError(f"ack_mode must be 'fast' or 'durable', got {ack_mode!r}")
@@ -120,13 +130,22 @@ class Gateway:
         self.spin_s = spin_s
         self.market_by_id = [markets.by_id.get(m) for m in range(engine_cfg.max_markets)]
         self.stats: dict[str, int] = {}
+        self.limits = {"max_connections": max_connections,
+                       "max_connections_per_account": max_connections_per_account,
+                       "max_queued_messages": max_queued_messages,
+                       "max_message_bytes": max_message_bytes,
+                       "hard_max_message_bytes": hard_max_message_bytes}
+        self.stats_file = Path(stats_file) if stats_file else None
+        self._stats_due = 0.0
         self._closers = []
         self._closed = False
         try:
+            self.sessions = Sessions(lambda s: self.requests.cancel_on_disconnect(s),
+                                     max_connections_per_account, max_connections)
             self._attach(attach_timeout_s)
             self._setup_zmq(context, accounts_dir, server_secret_key_file, server_keys,
-                            orders_endpoint, market_data_endpoint, hard_max_message_bytes)
-            self.sessions = Sessions(lambda s: self.requests.cancel_on_disconnect(s))
+                            orders_endpoint, market_data_endpoint, hard_max_message_bytes,
+                            max_queued_messages)
             self.outbox = Outbox(self.router, self.pub, self.sessions,
                                  durable_seq if self.durable else None, self.stats)
             self.market_data = None
@@ -198,7 +217,7 @@ class Gateway:
                               market.max_order_lots or mk[M_MAX_ORDER])
 
     def _setup_zmq(self, context, accounts_dir, secret_file, server_keys, orders_endpoint,
-                   md_endpoint, hard_max) -> None:
+                   md_endpoint, hard_max, max_queued) -> None:
         if server_keys is None:
             if secret_file is None:
                 raise ValueError("the gateway needs the server's CURVE keys "
@@ -211,7 +230,7 @@ class Gateway:
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.registry = AccountRegistry(accounts_dir, self.cfg.max_accounts)
-        self.auth = AccountAuthenticator(self.ctx, self.registry)
+        self.auth = AccountAuthenticator(self.ctx, self.registry, self.sessions.admits)
         self.auth.start()
         r = self.router = self.ctx.socket(zmq.ROUTER)
         r.linger = 0
@@ -219,7 +238,10 @@ class Gateway:
         r.curve_publickey, r.curve_secretkey = server_keys
         r.zap_domain = ZAP_DOMAIN.encode()
         r.maxmsgsize = hard_max
-        r.sndhwm = 100_000
+        # per connection: at most this many messages queued to it, then sends to it fail
+        # (ROUTER_MANDATORY) and the session is dropped (gateway/outbox.py)
+        r.sndhwm = max_queued
+        r.router_mandatory = 1
         r.rcvhwm = 100_000
         self.monitor = r.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         r.bind(orders_endpoint)
@@ -229,7 +251,7 @@ class Gateway:
         if md_endpoint:
             self.pub = self.ctx.socket(zmq.PUB)
             self.pub.linger = 0
-            self.pub.sndhwm = 100_000
+            self.pub.sndhwm = max_queued
             self.pub.bind(md_endpoint)
             self.market_data_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
             self.mirror.track_dirty = True
@@ -270,8 +292,12 @@ class Gateway:
                     self.outbox.release_upto(self.durable_seq())
                 if heartbeat is not None:
                     heartbeat()
-                if market_data is not None and time.monotonic() >= market_data.board_due:
+                now = time.monotonic()
+                if market_data is not None and now >= market_data.board_due:
                     market_data.board_changes()
+                if self.stats_file is not None and now >= self._stats_due:
+                    self._stats_due = now + STATS_INTERVAL_S
+                    self.write_stats()
                 if worked:
                     if self.stats["events"] - events_at_gc > 1_000_000:
                         gc.collect(0)      # the young generation only: cheap, bounded
@@ -363,8 +389,27 @@ class Gateway:
                 event = parse_monitor_message(frames)
             except Exception:
                 continue
-            if event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_ACCEPTED):
+            kind = event["event"]
+            if kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_ACCEPTED):
                 self.sessions.on_fd(event["value"])
+                self.sessions.open_connections += 1 if kind == zmq.EVENT_ACCEPTED else -1
+
+    # ------------------------------------------------------------------ stats ----------
+    def status(self) -> dict:
+        """Counts and limits for `perpx status` (written to `stats_file` once a second)."""
+        sessions = self.sessions
+        live = sum(len(v) for v in sessions.by_account.values())
+        return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "seq": self.mirror.applied_seq,
+                "connections": sessions.open_connections, "sessions": live,
+                "refused_sessions": sum(1 for s in sessions.by_identity.values()
+                                        if s.refused and s.live),
+                "closing_sessions": len(sessions.closing), "held": len(self.outbox.held),
+                "pending": len(self.requests.pending), **self.stats, "limits": self.limits}
+
+    def write_stats(self) -> None:
+        tmp = self.stats_file.with_name(self.stats_file.name + ".tmp")
+        tmp.write_text(json.dumps(self.status()))
+        tmp.rename(self.stats_file)
 
     # ------------------------------------------------------------------ shutdown -------
     def _close_state(self, region) -> None:
@@ -434,6 +479,14 @@ def parse_args(argv):
                         "at once (benchmarks only)")
     p.add_argument("--endpoints-file", default=None,
                    help="write the bound endpoints here as JSON once serving")
+    p.add_argument("--stats-file", default=None,
+                   help="write counts and limits here as JSON once a second (perpx status)")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="connections open at once; more are refused at the handshake")
+    p.add_argument("--max-connections-per-account", type=int, default=8,
+                   help="sessions per account; more are refused")
+    p.add_argument("--max-queued-messages", type=int, default=10_000,
+                   help="messages queued to one connection; a session over it is dropped")
     return p.parse_args(argv)
 
 
@@ -452,7 +505,9 @@ def main(argv=None) -> int:
                  orders_endpoint=args.orders, market_data_endpoint=args.market_data,
                  rate_per_s=args.rate, burst=args.burst, spin_s=args.spin_us * 1e-6,
                  ack_mode=args.ack_mode, durable_seq=progress.durable_seq,
-                 journal_errno=progress.journal_errno)
+                 journal_errno=progress.journal_errno, max_connections=args.max_connections,
+                 max_connections_per_account=args.max_connections_per_account,
+                 max_queued_messages=args.max_queued_messages, stats_file=args.stats_file)
     try:
         if args.endpoints_file:       # atomically: a watcher may poll for it
             target = Path(args.endpoints_file)

@@ -17,6 +17,11 @@ Lifecycle:
   message with the same routing id and another key proves the old one drained; so does an
   empty ROUTER, or more reads than there are connections since its last message (the ROUTER
   queues fairly, one message per pipe in turn).
+
+Limits: at most `max_per_account` live sessions per account; a connection beyond it is
+`refused`: each message it sends is answered with a reject and nothing else is sent to it.
+The handshake already refuses a key whose account is at its limit, and any key while the
+gateway has `max_connections` connections open (`admits`, called from the ZAP thread).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import zmq
 
 class Session:
     __slots__ = ("identity", "account", "user_id", "fd", "cancel_on_disconnect", "live",
-                 "last_read")
+                 "last_read", "refused")
 
     def __init__(self, identity: bytes, account: int, user_id: str, fd: int):
         self.identity = identity
@@ -36,14 +41,18 @@ class Session:
         self.cancel_on_disconnect = False
         self.live = True
         self.last_read = 0          # Sessions.reads at its last message (or its disconnect)
+        self.refused = False        # beyond its account's connection limit
 
 
 class Sessions:
     """The session table: by routing id, live ones by account (for reports) and by fd (for the
     monitor), closing ones until their messages are read."""
 
-    def __init__(self, on_finished):
+    def __init__(self, on_finished, max_per_account: int = 8, max_connections: int = 512):
         self.on_finished = on_finished    # called with each session once all it sent is read
+        self.max_per_account = max_per_account
+        self.max_connections = max_connections
+        self.open_connections = 0         # accepted minus disconnected (the monitor's count)
         self.by_identity: dict[bytes, Session] = {}
         self.by_account: dict[int, list[Session]] = {}
         self.by_fd: dict[int, list[Session]] = {}
@@ -75,9 +84,21 @@ class Sessions:
         s = Session(identity, int(user_id), user_id, fd)
         s.last_read = self.reads
         self.by_identity[identity] = s
-        self.by_account.setdefault(s.account, []).append(s)
+        conns = self.by_account.get(s.account)
+        if conns is None:
+            self.by_account[s.account] = [s]
+        elif len(conns) < self.max_per_account:
+            conns.append(s)
+        else:
+            s.refused = True
         self.by_fd.setdefault(fd, []).append(s)
         return s
+
+    def admits(self, account: int) -> bool:
+        """May a key of `account` complete a handshake now? (Read from the ZAP thread: a
+        snapshot is enough, the session table has the last word.)"""
+        return self.open_connections < self.max_connections and \
+            len(self.by_account.get(account, ())) < self.max_per_account
 
     def on_fd(self, fd: int) -> None:
         """The monitor reports fd disconnected (or accepted: a reused fd's old connection is

@@ -195,10 +195,11 @@ class Exchange:
         return payload
 
     def client(self, account_or_cert, endpoints: dict | None = None,
-               routing_id: bytes | None = None, watch_handshake: bool = False) -> Client:
+               routing_id: bytes | None = None, watch_handshake: bool = False,
+               slow_reader: bool = False) -> Client:
         cert = self.certs[account_or_cert] if isinstance(account_or_cert, int) else account_or_cert
         c = Client(self.zmq, (endpoints or self.endpoints)["orders"], self.server_public, cert,
-                   routing_id, watch_handshake)
+                   routing_id, watch_handshake, slow_reader)
         self.clients.append(c)
         return c
 
@@ -286,7 +287,8 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
 # -- a client -----------------------------------------------------------------------------------
 class Client:
     def __init__(self, ctx: zmq.Context, endpoint: str, server_public: bytes, cert: Path,
-                 routing_id: bytes | None = None, watch_handshake: bool = False):
+                 routing_id: bytes | None = None, watch_handshake: bool = False,
+                 slow_reader: bool = False):
         public, secret = zmq.auth.load_certificate(cert)
         s = self.sock = ctx.socket(zmq.DEALER)
         s.linger = 0
@@ -295,6 +297,8 @@ class Client:
         self.monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED) \
             if watch_handshake else None
         s.rcvhwm = s.sndhwm = 100_000
+        if slow_reader:        # buffers nothing on its side: what it does not read queues up
+            s.rcvhwm, s.rcvbuf = 1, 4096
         s.sndtimeo = int(WAIT_S * 1000)      # a refused connection never blocks a test
         s.curve_publickey, s.curve_secretkey, s.curve_serverkey = public, secret, server_public
         s.connect(endpoint)

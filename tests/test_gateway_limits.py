@@ -1,0 +1,87 @@
+"""Bounded resources per account and per gateway (issue 14 item 3): connections per account,
+a queue limit per connection (a client that does not read is dropped, not buffered without
+end), and another account unaffected; the counts in the gateway's stats file."""
+
+import json
+
+import pytest
+
+from tests.gateway_fixtures import WAIT_S, Exchange, is_type, order, wait_until
+from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
+
+PER_ACCOUNT = 4
+QUEUED = 200
+
+
+@pytest.fixture
+def exchange(shm_prefix, tmp_path):
+    ex = Exchange(shm_prefix, tmp_path)
+    ex.stats_file = tmp_path / "gateway-0.stats.json"
+    try:
+        ex.start_matcher()
+        ex.start_gateway(max_connections_per_account=PER_ACCOUNT,
+                         max_queued_messages=QUEUED, stats_file=str(ex.stats_file))
+        yield ex
+    finally:
+        ex.close()
+
+
+def stats(ex) -> dict:
+    wait_until(ex.stats_file.exists, WAIT_S, "the stats file")
+    return json.loads(ex.stats_file.read_text())
+
+
+def test_silent_connections_are_bounded_and_another_account_is_unaffected(exchange):
+    ex = exchange
+    silent = []
+    for _ in range(PER_ACCOUNT):
+        c = ex.client(1, slow_reader=True)
+        assert c.request(type="hello", cancel_on_disconnect=False)["account"] == 1
+        silent.append(c)
+    # one more of account 1: refused at the handshake (or answered `forbidden`)
+    extra = ex.client(1)
+    extra.send(type="ping")
+    reply = extra.recv(1.0)
+    assert reply is None or (reply["type"], reply["reason"]) == ("reject", "forbidden"), reply
+    extra.close()
+    rss_before = stats(ex)["rss_bytes"]
+
+    # account 1 trades from one of its silent connections: every ack and cancel is a report
+    # to all four, none of which reads
+    other = ex.client(2)
+    flooder = silent[0]
+    acked_2 = 0
+    for k in range(1500):
+        flooder.send(**order(k + 1, "BTC-PERP", "buy", "0.001", "60000"))
+        flooder.send(type="cancel", cid=k + 1)
+        if k % 100 == 0:     # meanwhile account 2's orders are answered as always
+            assert other.request(**order(10_000 + k, "ETH-PERP", "sell", "0.01", "3100"))[
+                "type"] == "ack"
+            acked_2 += 1
+    wait_until(lambda: stats(ex)["dropped_sessions"] >= PER_ACCOUNT, WAIT_S,
+               "the gateway to drop the sessions that do not read")
+    st = stats(ex)
+    assert st["dropped_sessions"] == PER_ACCOUNT and st["limits"]["max_queued_messages"] == QUEUED
+    assert st["rss_bytes"] - rss_before < 64 * 2 ** 20, (rss_before, st["rss_bytes"])
+    # account 2 saw every reply, in order, and none of account 1's
+    assert acked_2 == 15
+    assert all(m.get("rid") for m in other.log) and len(other.log) == acked_2
+    assert other.request(type="ping")["type"] == "pong"
+
+    # a dropped session gets nothing more, even once it reads (what was queued before, at most)
+    late = silent[1]
+    late.sock.rcvhwm = 100_000
+    got = late.reports(quiet_s=0.5)
+    assert len(got) <= QUEUED + 1000, len(got)       # its queue plus the kernel's buffers
+    late.send(type="ping")
+    assert late.recv(0.5) is None
+    # the client recovers by connecting again (the dropped sessions count no more)
+    for c in silent:
+        c.close()
+    fresh = ex.client(1)
+    wait_until(lambda: fresh.request(type="ping", timeout_s=1.0)["type"] == "pong", WAIT_S,
+               "a new connection of account 1")
+    assert fresh.request(type="open_orders")["orders"] == []
+    assert fresh.request(type="cancel_all")["type"] == "done"
+    wait_until(lambda: stats(ex)["sessions"] == 2, WAIT_S, "the stats to show 2 sessions")
+    assert is_type("pong")(fresh.request(type="ping"))
