@@ -408,7 +408,19 @@ def status_report(sd) -> dict:
     except ShmError:
         pass
     report["risk"] = _risk_report(doc)
+    report["gateways"] = _gateway_report(sd)
     return report
+
+
+def _gateway_report(sd) -> dict:
+    """Each gateway's counts and limits from its stats file (written once a second)."""
+    out = {}
+    for path in sorted(sd.run_dir.glob("gateway-*.stats.json")):
+        try:
+            out[path.name.split(".")[0]] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue      # being replaced, or from a gateway that died writing it
+    return out
 
 
 def _risk_report(doc: dict) -> dict:
@@ -467,6 +479,13 @@ def cmd_status(args) -> int:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["next_funding_ts"] // 10 ** 9))
         lines.append(f"{symbol}: index {r['index']}  mark {r['mark']}  funding rate "
                      f"{r['funding_rate']} (next at {at} UTC)")
+    for name, g in report.get("gateways", {}).items():
+        lim = g["limits"]
+        lines.append(f"{name}: {g['connections']} connections (max {lim['max_connections']}), "
+                     f"{g['sessions']} sessions (max {lim['max_connections_per_account']} per "
+                     f"account, {g['refused_sessions']} refused), {g['dropped_sessions']} "
+                     f"dropped for not reading (queue max {lim['max_queued_messages']}), "
+                     f"rss {g['rss_bytes'] / 2 ** 20:.0f} MB")
     if report["endpoints"]:
         lines.append(f"orders {report['endpoints']['orders']}   market data "
                      f"{report['endpoints']['market_data']}")

@@ -405,7 +405,10 @@ class Supervisor:
                     "--server-key", str(server_secret), "--accounts", str(sd.accounts_dir),
                     "--markets", str(sd.exchange_file),
                     "--rate", repr(cfg.rate_limit_per_s), "--burst", repr(cfg.rate_limit_burst),
-                    "--endpoints-file", str(ready_file), "--ack-mode", cfg.ack_mode]
+                    "--endpoints-file", str(ready_file), "--ack-mode", cfg.ack_mode,
+                    "--stats-file", str(sd.run_dir / f"gateway-{i}.stats.json")]
+            for k, v in (cfg.gateway_limits or {}).items():
+                argv += [f"--{k.replace('_', '-')}", str(v)]
             if i == 0:
                 argv += ["--market-data", ports["market_data_bind"]]
             gw = self._child(f"gateway-{i}", argv, ready_file)

@@ -113,6 +113,12 @@ def test_endpoints_and_status(exchange):
     text = cli(up.sd.path, "status").stdout
     assert "matcher" in text and "gateway-0" in text and "seq" in text
     assert "SOL-PERP: index " in text and " UTC)" in text     # riskd's numbers per market
+    # the gateway's counts and limits (its stats file, written once a second)
+    wait_until(lambda: "gateway-0" in cli_json(up.sd.path, "status")["gateways"], 10.0,
+               "the gateway's stats")
+    gw = cli_json(up.sd.path, "status")["gateways"]["gateway-0"]
+    assert gw["limits"]["max_connections_per_account"] == 8 and gw["rss_bytes"] > 0
+    assert "gateway-0: " in cli(up.sd.path, "status").stdout
 
 
 def test_account_create_deposit_and_show(exchange):
