@@ -73,8 +73,9 @@ class Outbox:
             _send_part(self.router, session.identity, _NB_MORE, True, False)
             _send_part(self.router, payload, _NB, True, False)
         except zmq.ZMQError as e:
-            # ROUTER_MANDATORY: EAGAIN is a full queue (a client that does not read),
-            # EHOSTUNREACH a connection gone before the monitor said so
+            # ROUTER_MANDATORY: EAGAIN is a full queue (a client that does not read; also a
+            # connection closing that the monitor has not reported yet), EHOSTUNREACH a
+            # connection gone: either way nothing more can reach this session
             if e.errno == zmq.EAGAIN:
                 self.stats["dropped_sessions"] += 1
                 self.reasons.note("session dropped: its client does not read (queue full)")

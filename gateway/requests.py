@@ -23,6 +23,7 @@ from gateway.codec import COMMAND_STRUCT
 from gateway.markets import EdgeReject
 from gateway.mirror import O_ACCOUNT, O_MARKET
 from gateway.reasons import where
+from gateway.views import PackedMap
 
 # what a pending request expects as its reply
 R_NEW_ORDER, R_CANCEL, R_AMEND, R_DONE, R_DISCONNECT = range(5)
@@ -47,7 +48,7 @@ ACCOUNT_COPY_TIMEOUT_S = 0.5
 class Requests:
     def __init__(self, *, sessions, outbox, limiter, ring, mirror, markets, market_by_id,
                  state, events, max_message_bytes: int, recv_batch: int, durable: bool,
-                 journal_errno, learn_disconnects, stats: dict):
+                 journal_errno, learn_disconnects, stats: dict, views):
         self.sessions = sessions
         self.outbox = outbox
         self.limiter = limiter
@@ -63,6 +64,7 @@ class Requests:
         self.learn_disconnects = learn_disconnects
         self.catch_up = lambda seq: None     # the event router's: route events up to seq
         self.stats = stats
+        self.views = views
         stats.setdefault("requests", 0)
         stats.setdefault("dropped_frames", 0)
         # req -> (Session, rid, account, R_*, cid or None, extra)
@@ -271,8 +273,9 @@ class Requests:
             raise EdgeReject(REASON_INVALID_MESSAGE, "cancel_on_disconnect must be true or false")
         s.cancel_on_disconnect = flag
         self.outbox.reply(s, {"type": "hello", "account": s.account,
-                                       "cancel_on_disconnect": flag, "ts": now}, rid)
+                              "cancel_on_disconnect": flag, "ts": now}, rid)
 
+    # Queries: answered from views built once per change (gateway/views.py).
     def _query_seq(self) -> int:
         """Durable mode holds a query's answer until what it shows is journaled."""
         return self.mirror.applied_seq if self.durable else 0
@@ -284,35 +287,49 @@ class Requests:
             depth = 0
         if type(depth) is not int or depth < 0:
             raise EdgeReject(REASON_INVALID_MESSAGE, "depth must be a non-negative integer")
-        bids, asks = self.mirror.book_levels(market.market_id, depth)
-        t, l = market.ticks_to_str, market.lots_to_str
-        self.outbox.reply(s, {"type": "book", "market": market.symbol,
-                                       "seq": self.mirror.applied_seq,
-                                       "bids": [[t(p), l(q)] for p, q in bids],
-                                       "asks": [[t(p), l(q)] for p, q in asks], "ts": now},
-                          rid, self._query_seq())
+        m = market.market_id
+        version = self.mirror.book_version[m]
+        view = self.views.book(m, depth, version)
+        if view is None:
+            bids, asks = self.mirror.book_levels(m, depth)
+            t, l = market.ticks_to_str, market.lots_to_str
+            view = PackedMap({"type": "book", "market": market.symbol,
+                              "bids": [[t(p), l(q)] for p, q in bids],
+                              "asks": [[t(p), l(q)] for p, q in asks]})
+            self.views.keep_book(m, depth, version, view)
+        self.outbox.send(s, view.with_fields(seq=self.mirror.applied_seq, ts=now, rid=rid),
+                         self._query_seq())
 
     def _open_orders(self, s, msg, rid, now) -> None:
         only = None
         if msg.get("market") is not None:
             only = self.markets.get(msg["market"]).market_id
-        out = []
-        for oid, o, status in self.mirror.open_orders(s.account, only):
-            market = self.market_by_id[o[O_MARKET]]
-            if market is not None:
-                out.append(codec.open_order_row(oid, o, status, market))
-        self.outbox.reply(s, {"type": "open_orders", "orders": out,
-                                       "seq": self.mirror.applied_seq, "ts": now},
-                          rid, self._query_seq())
+        view = self.views.orders(s.account, only)
+        if view is None:
+            out = []
+            for oid, o, status in self.mirror.open_orders(s.account, only):
+                market = self.market_by_id[o[O_MARKET]]
+                if market is not None:
+                    out.append(codec.open_order_row(oid, o, status, market))
+            view = PackedMap({"type": "open_orders", "orders": out})
+            self.views.keep_orders(s.account, only, view)
+        self.outbox.send(s, view.with_fields(seq=self.mirror.applied_seq, ts=now, rid=rid),
+                         self._query_seq())
 
     def _account(self, s, msg, rid, now) -> None:
         """From the matcher's own rows (gateway/account_state.py), exact at their seq. The
         events up to that seq are published by then: they are routed first, so a client sees
-        the fills of those commands before the account_state that includes them."""
-        tables, seq = account_tables(self.state, self.events, s.account, ACCOUNT_COPY_TIMEOUT_S)
-        self.catch_up(seq)
-        out = {"type": "account_state", "account": s.account}
-        out.update(account_state_fields(tables, 0, self.market_by_id))
-        out["seq"] = seq
-        out["ts"] = now
-        self.outbox.reply(s, out, rid, seq if self.durable else 0)
+        the fills of those commands before the account_state that includes them. Kept until
+        an event for the account (or for everyone) passes that seq."""
+        kept = self.views.account(s.account)
+        if kept is None:
+            tables, seq = account_tables(self.state, self.events, s.account,
+                                         ACCOUNT_COPY_TIMEOUT_S)
+            self.catch_up(seq)
+            out = {"type": "account_state", "account": s.account}
+            out.update(account_state_fields(tables, 0, self.market_by_id))
+            kept = (seq, PackedMap(out))
+            self.views.keep_account(s.account, seq, kept[1])
+        seq, view = kept
+        self.outbox.send(s, view.with_fields(seq=seq, ts=now, rid=rid),
+                         seq if self.durable else 0)

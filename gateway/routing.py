@@ -18,7 +18,8 @@ import logging
 
 import numpy as np
 
-from engine.records import (CMD_FUNDING, CMD_LIQUIDATE, EV_ACK, EV_AMENDED, EV_BALANCE,
+from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_DEPOSIT, CMD_FUNDING,
+                            CMD_LIQUIDATE, CMD_NEW_ORDER, CMD_SET_MARGIN, CMD_WITHDRAW, EV_ACK, EV_AMENDED, EV_BALANCE,
                             EV_CANCELED, EV_COMMAND, EV_DONE, EV_FUNDING, EV_LIQUIDATION,
                             EV_MARK, EV_REJECT, EV_TRADE, EV_TRIGGERED, EVENT_BYTES,
                             REASON_DISCONNECT, REASON_NAMES)
@@ -35,10 +36,16 @@ from gateway.requests import R_DISCONNECT, R_DONE, R_NEW_ORDER, REPLY_ETYPES
 
 log = logging.getLogger("perpx.gateway")
 
+# commands whose effects are their account's alone (a trade's maker is told by the trade);
+# any other command may change every account's view (gateway/views.py)
+ACCOUNT_COMMANDS = frozenset((CMD_NEW_ORDER, CMD_CANCEL, CMD_CANCEL_ALL, CMD_AMEND,
+                              CMD_WITHDRAW, CMD_DEPOSIT, CMD_SET_MARGIN))
+
 
 class EventRouter:
     def __init__(self, consumer, mirror, boot_seq: int, source_index: int, requests, sessions,
-                 outbox, market_data, markets, market_by_id, event_batch: int, stats: dict):
+                 outbox, market_data, markets, market_by_id, event_batch: int, stats: dict,
+                 views):
         self.consumer = consumer
         self.mirror = mirror
         self.boot_seq = boot_seq
@@ -52,6 +59,7 @@ class EventRouter:
         self.market_by_id = market_by_id
         self.event_batch = event_batch
         self.stats = stats
+        self.views = views
         stats.setdefault("events", 0)
         self._risk_command = None      # (seq, code, command) of the last FUNDING / LIQUIDATE
         self._fired = None             # (seq, oid) of the last `triggered` routed here
@@ -110,6 +118,8 @@ class EventRouter:
         pending = self.pending
         by_account = self.sessions.by_account
         market_data = self.market_data
+        views = self.views
+        versions = views.versions
         order_unpack = ORDER_EVENT_STRUCT.unpack_from
         for i in range(count):
             off = i * EVENT_BYTES
@@ -121,11 +131,16 @@ class EventRouter:
                     mirror.on_command(seq, cmd)
                     mirror.applied_seq = seq
                 code = cmd[CM_CMD]
+                if code in ACCOUNT_COMMANDS:
+                    versions[cmd[CM_ACCOUNT]] = seq
+                else:
+                    views.bump_all(seq)
                 if code == CMD_FUNDING or code == CMD_LIQUIDATE:
                     self._risk_command = (seq, code, cmd)
                 continue
             if etype == EV_TRADE:
                 tr = TRADE_EVENT_STRUCT.unpack_from(mv, off)
+                versions[tr[TR_MAKER_ACCOUNT]] = versions[tr[E_ACCOUNT]] = tr[E_SEQ]
                 if tr[E_SEQ] > boot:
                     mirror.on_trade(tr)
                 self._route_trade(tr)
@@ -142,6 +157,7 @@ class EventRouter:
                 continue
             ev = order_unpack(mv, off)
             seq, account, req = ev[E_SEQ], ev[E_ACCOUNT], ev[E_REQ]
+            versions[account] = seq
             # is it the reply to one of our requests?
             p = None
             if ev[E_SOURCE] == mine and req:

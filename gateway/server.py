@@ -74,6 +74,7 @@ from gateway.reasons import where
 from gateway.requests import Requests
 from gateway.routing import EventRouter
 from gateway.sessions import Sessions, TokenBucket
+from gateway.views import Views
 from shm import names
 from shm.progress import JournalProgress
 from shm.region import ShmError, attach_retrying
@@ -90,6 +91,7 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _NB = int(zmq.NOBLOCK)
 STATS_INTERVAL_S = 1.0
+QUERY_RUN = 32
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -149,6 +151,7 @@ class Gateway:
             self.outbox = Outbox(self.router, self.pub, self.sessions,
                                  durable_seq if self.durable else None, self.stats)
             self.market_data = None
+            self.views = Views()
             if self.pub is not None:
                 self.market_data = MarketData(prefix, self.mirror, self.market_by_id,
                                               self.outbox, self._closers)
@@ -159,11 +162,11 @@ class Gateway:
                 events=self.events, max_message_bytes=max_message_bytes,
                 recv_batch=recv_batch, durable=self.durable,
                 journal_errno=journal_errno or (lambda: 0),
-                learn_disconnects=self._drain_monitor, stats=self.stats)
+                learn_disconnects=self._drain_monitor, stats=self.stats, views=self.views)
             self.router_events = EventRouter(
                 self.consumer, self.mirror, self.boot_seq, source_index, self.requests,
                 self.sessions, self.outbox, self.market_data, markets, self.market_by_id,
-                event_batch, self.stats)
+                event_batch, self.stats, self.views)
             self.requests.catch_up = self.router_events.catch_up
         except BaseException:
             self.close()
@@ -359,7 +362,11 @@ class Gateway:
         got = 0
         limit = self.recv_batch - requests.cmd_n
         empty = False
-        while got < limit:
+        # Once a command waits in the buffer, at most QUERY_RUN other messages (queries,
+        # rejects: a flood by some account) are read before it goes to the matcher, so an
+        # order's ack waits for a few dozen of them, not for a whole batch.
+        others = 0
+        while got < limit and others < QUERY_RUN:
             try:
                 identity = _recv_part(router, _NB, True, False)
             except zmq.Again:
@@ -371,10 +378,13 @@ class Gateway:
                 part = _recv_part(router, _NB, False, False)
                 extra = True
             got += 1
+            queued = requests.cmd_n
             try:
                 requests.handle(identity, frame, extra)
             except Exception as e:     # handle() answers its own errors: this is a bug there
                 self.outbox.reasons.note(f"unexpected {where(e)} (not answered)")
+            if queued and requests.cmd_n == queued:
+                others += 1
         if sessions.closing:
             sessions.finish_drained(empty)
         return got
@@ -404,7 +414,8 @@ class Gateway:
                 "refused_sessions": sum(1 for s in sessions.by_identity.values()
                                         if s.refused and s.live),
                 "closing_sessions": len(sessions.closing), "held": len(self.outbox.held),
-                "pending": len(self.requests.pending), **self.stats, "limits": self.limits}
+                "pending": len(self.requests.pending), **self.stats, **self.views.stats,
+                "limits": self.limits}
 
     def write_stats(self) -> None:
         tmp = self.stats_file.with_name(self.stats_file.name + ".tmp")
