@@ -35,6 +35,7 @@ REPLY_TIMEOUT_S = 10.0
 LOCK_TIMEOUT_S = 10.0
 # Account 0 is the exchange's own (insurance fund / fee residues, DESIGN.md §4): never a client.
 FIRST_CLIENT_ACCOUNT = 1
+ACCOUNT_IDS_FILE = "account_ids"     # the highest account id ever handed out
 
 _ADMIN_REJECT_TEXT = {
     19: "the matcher refused the market parameters",
@@ -301,19 +302,27 @@ def create_account(sd: StateDir, max_accounts: int) -> tuple[int, str]:
     The client's certificate (public + secret key) goes to clients/<id>.key_secret, its public
     key to accounts/<id>.key (the registry gateway/accounts.py reads: written to a temp name,
     then renamed, so a gateway never reads half a file). Ids are allocated under the ops lock:
-    one more than the highest registered id, starting at 1 (0 is the exchange's).
+    one more than the highest id ever handed out, starting at 1 (0 is the exchange's). Never
+    reused: the highest is kept in STATE_DIR/account_ids (besides the key files, which an
+    operator may delete), so a new account never inherits an old one's balance or positions.
     """
     import zmq.auth
     sd.make()
+    high_file = sd.path / ACCOUNT_IDS_FILE
     with FileLock(sd.ops_lock) as lock:
         lock.acquire(LOCK_TIMEOUT_S, "account create")
         taken = set(sd.registered_accounts())
         taken.update(int(p.name.split(".")[0]) for p in sd.clients_dir.glob("*.key_secret")
                      if p.name.split(".")[0].isdigit())
+        if high_file.exists():
+            taken.add(int(high_file.read_text().strip() or 0))
         account = max(taken, default=FIRST_CLIENT_ACCOUNT - 1) + 1
         if account >= max_accounts:
             raise OpsError(f"no account id left: ids go up to {max_accounts - 1} "
                            f"(engine.max_accounts)")
+        tmp = high_file.with_name(f".{ACCOUNT_IDS_FILE}.tmp")     # before the key exists
+        tmp.write_text(f"{account}\n")
+        os.replace(tmp, high_file)
         public_file, secret_file = zmq.auth.create_certificates(str(sd.clients_dir), str(account))
         os.chmod(secret_file, 0o600)
         target = sd.accounts_dir / f"{account}.key"

@@ -144,6 +144,10 @@ def test_account_create_deposit_and_show(exchange):
 
     # a second account gets the next id
     assert cli_json(up.sd.path, "account", "create")["account"] == account + 1
+    # ids are never reused, even once the account's key files are gone
+    os.unlink(up.sd.accounts_dir / f"{account + 1}.key")
+    os.unlink(up.sd.clients_dir / f"{account + 1}.key_secret")
+    assert cli_json(up.sd.path, "account", "create")["account"] == account + 2
 
 
 def test_markets(exchange):
