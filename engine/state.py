@@ -71,7 +71,8 @@ ACCOUNT_DTYPE = np.dtype([
     # seq of the last command that changed its balance, a position, an isolated margin or its
     # margin settings: riskd's incremental scanner re-checks only accounts that moved
     ("changed_seq", "<i8"),
-    ("_pad", "u1", (16,)),             # one cache line per account: a fill touches one line
+    ("disabled", "u1"),                # 1: CMD_SET_ACCOUNT_STATE disabled it (operator)
+    ("_pad", "u1", (15,)),             # one cache line per account: a fill touches one line
 ])
 assert ACCOUNT_DTYPE.itemsize == 64
 
