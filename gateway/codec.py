@@ -127,6 +127,7 @@ REASON_TEXT = {
     "too_many_orders": "too many open orders (or price levels)",
     "insufficient_balance": "not enough balance",
     "forbidden": "not allowed",
+    "account_disabled": "this account is disabled",
 }
 # Engine reasons that share a protocol reason but deserve their own text.
 ENGINE_REASON_TEXT = {

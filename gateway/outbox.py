@@ -60,6 +60,7 @@ class Outbox:
         self.stats.setdefault("edge_rejects", 0)
         self.stats.setdefault("dropped_sessions", 0)
         self.reasons = ReasonLog()
+        self.learn_disconnects = lambda: None    # the gateway's: drain the socket monitor
 
     # -- to sessions --------------------------------------------------------------------
     def send(self, session, payload: bytes, seq: int = 0) -> None:
@@ -73,13 +74,16 @@ class Outbox:
             _send_part(self.router, session.identity, _NB_MORE, True, False)
             _send_part(self.router, payload, _NB, True, False)
         except zmq.ZMQError as e:
-            # ROUTER_MANDATORY: EAGAIN is a full queue (a client that does not read; also a
-            # connection closing that the monitor has not reported yet), EHOSTUNREACH a
-            # connection gone: either way nothing more can reach this session
+            # ROUTER_MANDATORY: EAGAIN is a full queue (a client that does not read) or a
+            # connection closing, EHOSTUNREACH one gone; the monitor reports a closing
+            # connection before libzmq refuses sends to it: it closes, it is not evicted
+            self.learn_disconnects()      # a closing connection is not a slow client
+            if not session.live:
+                return
             if e.errno == zmq.EAGAIN:
                 self.stats["dropped_sessions"] += 1
                 self.reasons.note("session dropped: its client does not read (queue full)")
-            self.sessions.close(session)
+            self.sessions.evict(session)
 
     def reply(self, session, msg: dict, rid, seq: int = 0) -> None:
         self.send(session, pack(with_rid(msg, rid)), seq)

@@ -67,6 +67,7 @@ class Requests:
         self.views = views
         stats.setdefault("requests", 0)
         stats.setdefault("dropped_frames", 0)
+        stats.setdefault("ignored_messages", 0)
         # req -> (Session, rid, account, R_*, cid or None, extra)
         self.pending: dict[int, tuple] = {}
         # (account, cid) -> (req, market) of new orders not acked yet (amend by cid needs it)
@@ -136,6 +137,9 @@ class Requests:
         s = self.sessions.of_message(identity, frame, self.learn_disconnects)
         if s is None:
             self.stats["dropped_frames"] += 1      # no account: not through our ZAP
+            return
+        if s.evicted:
+            self.stats["ignored_messages"] += 1    # gateway/sessions.py: it gets nothing
             return
         rid = cid = None
         try:

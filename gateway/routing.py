@@ -15,16 +15,18 @@ the account field the matcher wrote, and sessions are keyed by the authenticated
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
 from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_DEPOSIT, CMD_FUNDING,
-                            CMD_LIQUIDATE, CMD_NEW_ORDER, CMD_SET_MARGIN, CMD_WITHDRAW, EV_ACK, EV_AMENDED, EV_BALANCE,
+                            CMD_LIQUIDATE, CMD_NEW_ORDER, CMD_SET_ACCOUNT_STATE, CMD_SET_MARGIN,
+                            CMD_WITHDRAW, EV_ACK, EV_AMENDED, EV_BALANCE,
                             EV_CANCELED, EV_COMMAND, EV_DONE, EV_FUNDING, EV_LIQUIDATION,
                             EV_MARK, EV_REJECT, EV_TRADE, EV_TRIGGERED, EVENT_BYTES,
-                            REASON_DISCONNECT, REASON_NAMES)
+                            REASON_ACCOUNT_DISABLED, REASON_DISCONNECT, REASON_NAMES)
 from gateway import codec
-from gateway.codec import (CM_ACCOUNT, CM_CMD, CM_MARKET, CM_OID, CM_TS,
+from gateway.codec import (CM_ACCOUNT, CM_CMD, CM_MARKET, CM_OID, CM_QTY, CM_TS,
                            COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT, E_ACCOUNT, E_MARKET, E_REQ,
                            E_SEQ, E_SOURCE, ETYPE_OFFSET, FUNDING_EVENT_STRUCT,
                            LIQUIDATION_EVENT_STRUCT, MARK_EVENT_STRUCT, OE_CID, OE_OID,
@@ -63,6 +65,7 @@ class EventRouter:
         stats.setdefault("events", 0)
         self._risk_command = None      # (seq, code, command) of the last FUNDING / LIQUIDATE
         self._fired = None             # (seq, oid) of the last `triggered` routed here
+        self._disabling = None         # (seq, account) of a CMD_SET_ACCOUNT_STATE disabling
 
     # -- the ring -----------------------------------------------------------------------
     def drain(self) -> int:
@@ -137,6 +140,8 @@ class EventRouter:
                     views.bump_all(seq)
                 if code == CMD_FUNDING or code == CMD_LIQUIDATE:
                     self._risk_command = (seq, code, cmd)
+                elif code == CMD_SET_ACCOUNT_STATE and cmd[CM_QTY] == 1:
+                    self._disabling = (seq, cmd[CM_ACCOUNT])
                 continue
             if etype == EV_TRADE:
                 tr = TRADE_EVENT_STRUCT.unpack_from(mv, off)
@@ -172,6 +177,9 @@ class EventRouter:
             if p is None:
                 if etype == EV_DONE and self._risk_command is not None:
                     self._risk_command_done(ev)
+                if etype == EV_DONE and self._disabling is not None and \
+                        self._disabling[0] == seq:
+                    self._account_disabled(account)
                 if etype == EV_REJECT or etype == EV_DONE or account not in by_account:
                     if etype == EV_REJECT and self._fired == (seq, ev[OE_OID]) and \
                             account in by_account:
@@ -282,6 +290,17 @@ class EventRouter:
         market = self._market(cmd[CM_MARKET])
         if code == CMD_FUNDING and self.market_data is not None and market is not None:
             self.market_data.funding(market, seq, cmd[CM_OID], cmd[CM_TS])  # rate_e9 rides in oid
+
+    def _account_disabled(self, account: int) -> None:
+        """The operator disabled the account (its DONE): each of its sessions is told, then
+        evicted (gateway/sessions.py); the handshake refuses its keys from now on."""
+        self._disabling = None
+        note = pack({"type": "reject", "reason": REASON_NAMES[REASON_ACCOUNT_DISABLED],
+                     "message": "this account was disabled by the operator: its sessions are "
+                                "closed", "ts": time.time_ns()})
+        for s in tuple(self.sessions.by_account.get(account, ())):
+            self.outbox.send(s, note)        # not held: the session will not be there then
+            self.sessions.evict(s)
 
     def _market_changed(self, m: int) -> None:
         market = self.market_by_id[m]

@@ -150,6 +150,7 @@ class Gateway:
                             max_queued_messages)
             self.outbox = Outbox(self.router, self.pub, self.sessions,
                                  durable_seq if self.durable else None, self.stats)
+            self.outbox.learn_disconnects = self._drain_monitor
             self.market_data = None
             self.views = Views()
             if self.pub is not None:
@@ -233,7 +234,7 @@ class Gateway:
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.registry = AccountRegistry(accounts_dir, self.cfg.max_accounts)
-        self.auth = AccountAuthenticator(self.ctx, self.registry, self.sessions.admits)
+        self.auth = AccountAuthenticator(self.ctx, self.registry, self._admits)
         self.auth.start()
         r = self.router = self.ctx.socket(zmq.ROUTER)
         r.linger = 0
@@ -264,6 +265,14 @@ class Gateway:
         self.poller.register(self.monitor, zmq.POLLIN)
         # the event ring's doorbell for this consumer is a FIFO: new events wake the same poll
         self.poller.register(self.bell.fileno(), zmq.POLLIN)
+
+    def _admits(self, account: int) -> bool:
+        """The handshake's last word (ZAP thread): the connection limits, and an account the
+        operator disabled (the matcher's state says so) is refused."""
+        state = self._state
+        return self.sessions.admits(account) and not (
+            state is not None and 0 <= account < len(state.accounts)
+            and state.accounts["disabled"][account])
 
     def endpoints(self) -> dict:
         return {"orders": self.orders_endpoint, "market_data": self.market_data_endpoint,

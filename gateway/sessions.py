@@ -13,7 +13,10 @@ Lifecycle:
   Messages it sent before the disconnect may still be unread in the ROUTER; they carry its key
   and are processed as this session (their commands are sequenced).
 - finished: all its messages are read. Then its cancel-on-disconnect is queued, after every
-  command it sent. libzmq frees a routing id only once its pipe is read to the end, so a
+  command it sent.
+- evicted: ended by the gateway while the connection stays open (a client that does not read,
+  an account the operator disabled). Finished at once; what the connection sends from then on
+  is read and ignored until the monitor reports it closed. libzmq frees a routing id only once its pipe is read to the end, so a
   message with the same routing id and another key proves the old one drained; so does an
   empty ROUTER, or more reads than there are connections since its last message (the ROUTER
   queues fairly, one message per pipe in turn).
@@ -31,7 +34,7 @@ import zmq
 
 class Session:
     __slots__ = ("identity", "account", "user_id", "fd", "cancel_on_disconnect", "live",
-                 "last_read", "refused")
+                 "last_read", "refused", "evicted")
 
     def __init__(self, identity: bytes, account: int, user_id: str, fd: int):
         self.identity = identity
@@ -42,6 +45,7 @@ class Session:
         self.live = True
         self.last_read = 0          # Sessions.reads at its last message (or its disconnect)
         self.refused = False        # beyond its account's connection limit
+        self.evicted = False        # ended by the gateway while its connection stays open
 
 
 class Sessions:
@@ -57,6 +61,8 @@ class Sessions:
         self.by_account: dict[int, list[Session]] = {}
         self.by_fd: dict[int, list[Session]] = {}
         self.closing: list[Session] = []
+        self.evicted: dict[int, list[Session]] = {}    # fd -> sessions evicted, still connected
+        self.forgetting: list[Session] = []     # evicted, connection closed, maybe unread
         self.reads = 0                    # messages read from the ROUTER
 
     def of_message(self, identity: bytes, frame, learn_disconnects) -> Session | None:
@@ -102,9 +108,24 @@ class Sessions:
 
     def on_fd(self, fd: int) -> None:
         """The monitor reports fd disconnected (or accepted: a reused fd's old connection is
-        gone): its live sessions close."""
+        gone): its live sessions close, its evicted ones are forgotten."""
         for s in list(self.by_fd.get(fd, ())):
             self.close(s)
+        for s in self.evicted.pop(fd, ()):
+            s.last_read = self.reads
+            self.forgetting.append(s)
+
+    def evict(self, s: Session) -> None:
+        """The gateway ends a session whose connection stays open (its queue is full, or its
+        account was disabled): nothing more is sent to it and nothing it sends from now on is
+        executed, so it is finished at once, after all it sent before; it is forgotten once
+        its connection has closed and all it sent is read."""
+        if not s.live:
+            return
+        self.close(s)
+        s.evicted = True
+        self.evicted.setdefault(s.fd, []).append(s)
+        self.finish(s)
 
     def close(self, s: Session) -> None:
         """live -> closing: nothing more is sent to it."""
@@ -126,7 +147,7 @@ class Sessions:
 
     def finish(self, s: Session) -> None:
         """closing -> finished: all it sent is read."""
-        if self.by_identity.get(s.identity) is s:
+        if not s.evicted and self.by_identity.get(s.identity) is s:
             del self.by_identity[s.identity]
         if s in self.closing:
             self.closing.remove(s)
@@ -139,6 +160,11 @@ class Sessions:
         for s in list(self.closing):
             if router_empty or s.last_read < horizon:
                 self.finish(s)
+        for s in list(self.forgetting):
+            if router_empty or s.last_read < horizon:
+                self.forgetting.remove(s)
+                if self.by_identity.get(s.identity) is s:
+                    del self.by_identity[s.identity]
 
 
 class TokenBucket:

@@ -606,6 +606,27 @@ def cmd_account_show(args) -> int:
     return 0
 
 
+def cmd_account_disable(args) -> int:
+    return _account_state(args, True)
+
+
+def cmd_account_enable(args) -> int:
+    return _account_state(args, False)
+
+
+def _account_state(args, disabled: bool) -> int:
+    ex = _exchange(args)
+    cancel = getattr(args, "cancel_orders", False)
+    reply, canceled = ex.set_account_state(args.id, disabled, cancel)
+    result = {"account": args.id, "disabled": disabled, "seq": reply.seq}
+    text = f"account {args.id} {'disabled' if disabled else 'enabled'} (seq {reply.seq})"
+    if canceled is not None:
+        result["canceled"] = canceled.last.get("qty_lots", 0)
+        text += f"; {result['canceled']} open orders canceled"
+    emit(args, result, text)
+    return 0
+
+
 # ---- markets --------------------------------------------------------------------------------
 def cmd_halt(args) -> int:
     return _halt(args, True)
@@ -742,6 +763,14 @@ def _register_account(sub, common):
     q = asub.add_parser("show", parents=[common], help="balance, margin, positions, orders")
     q.add_argument("id", type=_account_id, metavar="ID")
     q.set_defaults(func=cmd_account_show)
+    q = asub.add_parser("disable", parents=[common],
+                        help="refuse the account's keys, close its sessions, stop its trading")
+    q.add_argument("id", type=_account_id, metavar="ID")
+    q.add_argument("--cancel-orders", action="store_true", help="also cancel its open orders")
+    q.set_defaults(func=cmd_account_disable)
+    q = asub.add_parser("enable", parents=[common], help="undo `account disable`")
+    q.add_argument("id", type=_account_id, metavar="ID")
+    q.set_defaults(func=cmd_account_enable)
 
 
 def _register_deposit(sub, common):

@@ -114,6 +114,29 @@ class Exchange:
             raise OpsError("deposit: the matcher answered without a balance change")
         return reply
 
+    def set_account_state(self, account: int, disabled: bool,
+                          cancel_orders: bool = False) -> tuple[Reply, Reply | None]:
+        """`perpx account disable|enable`: a journaled command (CMD_SET_ACCOUNT_STATE). The
+        gateways refuse a disabled account's keys at the handshake and close its sessions;
+        with cancel_orders its open orders are canceled after it (the matcher's reply to
+        that cancel_all is the second Reply)."""
+        from engine.records import CMD_CANCEL_ALL, CMD_SET_ACCOUNT_STATE, new_commands
+        if not 0 <= account < self.engine.max_accounts:
+            raise OpsError(f"account {account} is outside 0..{self.engine.max_accounts - 1}")
+        c = new_commands(1)
+        c["cmd"] = CMD_SET_ACCOUNT_STATE
+        c["account"] = account
+        c["qty_lots"] = 1 if disabled else 0
+        reply = self.submit_one(c, f"{'disable' if disabled else 'enable'} account {account}")
+        canceled = None
+        if cancel_orders:
+            c = new_commands(1)
+            c["cmd"] = CMD_CANCEL_ALL
+            c["account"] = account
+            c["market"] = -1
+            canceled = self.submit_one(c, f"cancel the orders of account {account}")
+        return reply, canceled
+
     def halt(self, symbol: str, halted: bool) -> Reply:
         from engine.records import CMD_HALT, CMD_RESUME, new_commands
         m = self.market(symbol)

@@ -148,6 +148,10 @@ def test_account_create_deposit_and_show(exchange):
     os.unlink(up.sd.accounts_dir / f"{account + 1}.key")
     os.unlink(up.sd.clients_dir / f"{account + 1}.key_secret")
     assert cli_json(up.sd.path, "account", "create")["account"] == account + 2
+    # disable (journaled), then enable again
+    off = cli_json(up.sd.path, "account", "disable", account, "--cancel-orders")
+    assert (off["disabled"], off["canceled"]) == (True, 0) and off["seq"] > deposit["seq"]
+    assert cli_json(up.sd.path, "account", "enable", account)["disabled"] is False
 
 
 def test_markets(exchange):

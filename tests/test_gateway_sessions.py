@@ -4,6 +4,7 @@ dropped, never re-routed; cancel-on-disconnect comes after everything the sessio
 
 import pytest
 
+from engine.records import CMD_SET_ACCOUNT_STATE, new_commands
 from tests.gateway_fixtures import WAIT_S, Exchange, is_type, order, wait_until
 from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
 
@@ -118,3 +119,29 @@ def test_a_reused_routing_id_gets_nothing_of_the_old_session(exchange):
         assert new.request(type="cancel_all")["type"] == "done"
         new.close()
         rounds += 1
+
+
+def account_state(account: int, disabled: int):
+    c = new_commands(1)
+    c["cmd"], c["account"], c["qty_lots"] = CMD_SET_ACCOUNT_STATE, account, disabled
+    return c
+
+
+def test_a_disabled_account_is_refused_and_its_sessions_closed(exchange):
+    a, b = exchange.client(1), exchange.client(2)
+    assert a.request(**order(1, "BTC-PERP", "buy", "0.001", "60000"))["type"] == "ack"
+    exchange.submit(account_state(1, 1))            # the operator's journaled command
+    note = a.wait_for(is_type("reject", reason="account_disabled"))
+    assert "rid" not in note
+    a.send(type="ping")
+    assert a.recv(0.5) is None                      # its session is closed: nothing more
+    refused = exchange.client(1)                    # its keys are refused at the handshake
+    refused.send(type="ping")
+    assert refused.recv(0.5) is None
+    assert b.request(**order(2, "BTC-PERP", "buy", "0.001", "60000"))["type"] == "ack"
+    exchange.submit(account_state(1, 0))
+    again = exchange.client(1)
+    assert again.request(type="ping")["type"] == "pong"
+    # its order rested through it all (the CLI's --cancel-orders would have canceled it)
+    assert [o["cid"] for o in again.request(type="open_orders")["orders"]] == [1]
+    assert again.request(**order(3, "BTC-PERP", "buy", "0.001", "60000"))["type"] == "ack"
