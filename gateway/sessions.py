@@ -71,9 +71,12 @@ class Sessions:
         self.reads += 1
         try:
             user_id = frame.get("User-Id")
-            fd = frame.get(zmq.SRCFD)
         except zmq.ZMQError:
             return None
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except zmq.ZMQError:      # (deprecated in libzmq; without it the fd is unknown)
+            fd = -1
         s = self.by_identity.get(identity)
         if s is not None and s.user_id == user_id and s.fd == fd:
             s.last_read = self.reads
