@@ -12,8 +12,8 @@ Keys (defaults in brackets):
                 rate_limit_per_s [5000], rate_limit_burst [10000] (per account, per gateway),
                 startup_timeout_s [180] (the first start compiles the matcher: ~1 min),
                 max_connections [512] (per gateway), max_connections_per_account [8] (per
-                gateway), max_queued_messages [10000] (per connection; a client that lets more
-                queue up is dropped)
+                gateway), max_queued_messages [10000] (>= 5000; per connection: a client that
+                lets more queue up is dropped)
     [engine]    max_accounts [1024], max_markets [8], max_orders [65536],
                 max_levels_per_side [4096], max_trigger_orders [1024] (untriggered stops and
                 take-profits per market), command_ring_capacity [16384],
@@ -97,7 +97,11 @@ EXCHANGE_DEFAULTS = {
     "max_connections_per_account": 8,
     "max_queued_messages": 10_000,
 }
-GATEWAY_LIMIT_KEYS = ("max_connections", "max_connections_per_account", "max_queued_messages")
+# lower bounds: a gateway pass may write up to its event batch (4096) messages to one connection
+# before the client's reads are credited, so a smaller queue would drop clients that read
+GATEWAY_LIMIT_MIN = {"max_connections": 1, "max_connections_per_account": 1,
+                     "max_queued_messages": 5000}
+GATEWAY_LIMIT_KEYS = tuple(GATEWAY_LIMIT_MIN)
 ENGINE_DEFAULTS = {
     "max_accounts": 1024,
     "max_markets": 8,
@@ -447,7 +451,8 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     rate = c.number("exchange.rate_limit_per_s", ex["rate_limit_per_s"], 1, 1e9)
     burst = c.number("exchange.rate_limit_burst", ex["rate_limit_burst"], 1, 1e9)
     startup = c.number("exchange.startup_timeout_s", ex["startup_timeout_s"], 1, 3600)
-    limits = {k: c.integer(f"exchange.{k}", ex[k], 1, 1 << 20) for k in GATEWAY_LIMIT_KEYS}
+    limits = {k: c.integer(f"exchange.{k}", ex[k], lo, 1 << 20)
+              for k, lo in GATEWAY_LIMIT_MIN.items()}
 
     eng = c.table(doc, "engine")
     c.unknown_keys("engine", eng, ENGINE_DEFAULTS)
