@@ -1207,10 +1207,24 @@ def _deposit(st, cmd):
 
 
 @jit
+def _set_account_state(st, cmd):
+    """Disable (qty_lots 1) or enable (0) an account: a disabled one places, amends, withdraws
+    and changes margin settings no more (its cancels, fills and liquidations go on)."""
+    if not _account_ok(st, cmd.account):
+        return _reject(st, cmd, REASON_UNKNOWN_ACCOUNT)
+    if cmd.qty_lots != 0 and cmd.qty_lots != 1:
+        return _reject(st, cmd, REASON_INVALID_MESSAGE)
+    _accounts(st)[cmd.account].disabled = 1 if cmd.qty_lots == 1 else 0
+    _done(st, cmd, 0)
+
+
+@jit
 def _withdraw(st, cmd):
     if not _account_ok(st, cmd.account):
         return _reject(st, cmd, REASON_UNKNOWN_ACCOUNT)
     acct = _accounts(st)[cmd.account]
+    if acct.disabled != 0:
+        return _reject(st, cmd, REASON_ACCOUNT_DISABLED)
     amount = cmd.amount_atoms
     if amount < 1 or amount > MAX_BALANCE_ATOMS:
         return _reject(st, cmd, REASON_INVALID_MESSAGE)
@@ -1237,6 +1251,8 @@ def _new_order(st, cmd, scratch):
         return _reject(st, cmd, REASON_UNKNOWN_MARKET)
     if not _account_ok(st, account):
         return _reject(st, cmd, REASON_UNKNOWN_ACCOUNT)
+    if _accounts(st)[account].disabled != 0:
+        return _reject(st, cmd, REASON_ACCOUNT_DISABLED)
     conditional = kind >= KIND_STOP_MARKET
     flags_allowed = FLAG_REDUCE_ONLY | (FLAG_TRIGGER_BY_LAST if conditional else 0)
     market_kind = _is_market_kind(kind)
@@ -1384,6 +1400,8 @@ def _amend(st, cmd, scratch):
     slot = _find_order(st, cmd.account, cmd.oid, cmd.cid)
     if slot == NONE:
         return _reject(st, cmd, REASON_UNKNOWN_ORDER)
+    if _accounts(st)[cmd.account].disabled != 0:
+        return _reject(st, cmd, REASON_ACCOUNT_DISABLED)
     o = _orders(st)[slot]
     mk = _markets(st)[o.market]
     new_price = cmd.price_ticks if cmd.price_ticks != 0 else o.price_ticks
@@ -1470,6 +1488,8 @@ def _set_margin(st, cmd):
         return _reject(st, cmd, REASON_UNKNOWN_MARKET)
     if not _account_ok(st, account):
         return _reject(st, cmd, REASON_UNKNOWN_ACCOUNT)
+    if _accounts(st)[account].disabled != 0:
+        return _reject(st, cmd, REASON_ACCOUNT_DISABLED)
     mode = cmd.kind
     leverage = cmd.qty_lots
     mk = _markets(st)[market]
@@ -2058,6 +2078,8 @@ def run_batch(desc, commands, command_words, start, count, privileged, free_slot
             _set_market_risk(st, cmd)
         elif code == CMD_SET_BRACKET:
             _set_bracket(st, cmd)
+        elif code == CMD_SET_ACCOUNT_STATE:
+            _set_account_state(st, cmd)
         else:
             _reject(st, cmd, REASON_INVALID_MESSAGE)
         _number_reports(st, cmd, command_pos + 1)

@@ -31,11 +31,12 @@ CMD_SET_MARKET_RISK = 13   # liquidation fee and funding cap of a market
 CMD_SET_BRACKET = 14       # one maintenance bracket of a market
 CMD_FUNDING = 15           # settle funding for every open position of a market (riskd)
 CMD_LIQUIDATE = 16         # liquidate an account's cross positions or one isolated position (riskd)
+CMD_SET_ACCOUNT_STATE = 17  # disable (qty_lots 1) or enable (0) an account (operator)
 
 # Commands that only the operator/risk rings may send; from a gateway ring they are `forbidden`.
 PRIVILEGED_COMMANDS = (
     CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_DEPOSIT, CMD_SET_MARK, CMD_HALT, CMD_RESUME,
-    CMD_SET_MARKET_RISK, CMD_SET_BRACKET, CMD_FUNDING, CMD_LIQUIDATE,
+    CMD_SET_MARKET_RISK, CMD_SET_BRACKET, CMD_FUNDING, CMD_LIQUIDATE, CMD_SET_ACCOUNT_STATE,
 )
 
 SIDE_BUY = 0
@@ -168,6 +169,7 @@ REASON_REDUCE_ONLY = 35
 REASON_LIQUIDATION = 36
 REASON_HALT = 37
 REASON_DISCONNECT = 38
+REASON_ACCOUNT_DISABLED = 39   # new orders, amends, withdrawals, set_margin of a disabled one
 
 REASON_NAMES = {
     REASON_NONE: "none",
@@ -189,6 +191,7 @@ REASON_NAMES = {
     REASON_TOO_MANY_ORDERS: "too_many_orders",
     REASON_INSUFFICIENT_BALANCE: "insufficient_balance",
     REASON_FORBIDDEN: "forbidden",
+    REASON_ACCOUNT_DISABLED: "account_disabled",
     # Protocol-level `invalid_message` variants the gateway never lets through but the matcher
     # still guards against (ops tools and riskd write rings too).
     REASON_INVALID_MARKET_CONFIG: "invalid_message",

@@ -113,6 +113,7 @@ class ReferenceMatcher:
         self.markets: dict[int, Market] = {}
         self.balances = [0] * config.max_accounts
         self.account_seqs = [0] * config.max_accounts   # last account_seq per account
+        self.disabled = set()          # accounts CMD_SET_ACCOUNT_STATE disabled
         self.positions: dict[tuple[int, int], Position] = {}
         # open orders: resting ones and untriggered stops / take-profits
         self.orders: dict[int, Order] = {}                 # oid -> order
@@ -376,11 +377,27 @@ class ReferenceMatcher:
                    balance_atoms=self.balances[account])
         self._done()
 
+    def _set_account_state(self):
+        """Disable (qty_lots 1) or enable (0): a disabled account places, amends, withdraws and
+        changes margin settings no more; its cancels, fills and liquidations go on."""
+        c = self.cmd
+        if not self._valid_account(c["account"]):
+            return self._reject(REASON_UNKNOWN_ACCOUNT)
+        if c["qty_lots"] not in (0, 1):
+            return self._reject(REASON_INVALID_MESSAGE)
+        if c["qty_lots"]:
+            self.disabled.add(c["account"])
+        else:
+            self.disabled.discard(c["account"])
+        self._done()
+
     def _withdraw(self):
         c = self.cmd
         account, amount = c["account"], c["amount_atoms"]
         if not self._valid_account(account):
             return self._reject(REASON_UNKNOWN_ACCOUNT)
+        if account in self.disabled:
+            return self._reject(REASON_ACCOUNT_DISABLED)
         if amount < 1 or amount > MAX_BALANCE_ATOMS:
             return self._reject(REASON_INVALID_MESSAGE)
         if amount > self.balances[account]:
@@ -732,6 +749,8 @@ class ReferenceMatcher:
             return self._reject(REASON_UNKNOWN_MARKET)
         if not self._valid_account(account):
             return self._reject(REASON_UNKNOWN_ACCOUNT)
+        if account in self.disabled:
+            return self._reject(REASON_ACCOUNT_DISABLED)
         conditional = kind in (KIND_STOP_MARKET, KIND_STOP_LIMIT, KIND_TAKE_PROFIT_MARKET,
                                KIND_TAKE_PROFIT_LIMIT)
         market_kind = kind in (KIND_MARKET, KIND_STOP_MARKET, KIND_TAKE_PROFIT_MARKET)
@@ -838,6 +857,8 @@ class ReferenceMatcher:
         order = self._find_order(c["account"], c["oid"], c["cid"])
         if order is None:
             return self._reject(REASON_UNKNOWN_ORDER)
+        if c["account"] in self.disabled:
+            return self._reject(REASON_ACCOUNT_DISABLED)
         market = self.markets[order.market]
         new_price = c["price_ticks"] or order.price_ticks
         new_qty = c["qty_lots"] or order.remaining_lots
@@ -921,6 +942,8 @@ class ReferenceMatcher:
             return self._reject(REASON_UNKNOWN_MARKET)
         if not self._valid_account(account):
             return self._reject(REASON_UNKNOWN_ACCOUNT)
+        if account in self.disabled:
+            return self._reject(REASON_ACCOUNT_DISABLED)
         if mode not in (MARGIN_CROSS, MARGIN_ISOLATED):
             return self._reject(REASON_INVALID_MESSAGE)
         if not 1 <= leverage <= market.max_leverage:
@@ -1138,6 +1161,7 @@ class ReferenceMatcher:
         CMD_SET_MARGIN: _set_margin,
         CMD_FUNDING: _funding,
         CMD_LIQUIDATE: _liquidate,
+        CMD_SET_ACCOUNT_STATE: _set_account_state,
     }
 
     # ---- invariants (DESIGN.md §8) -----------------------------------------------------

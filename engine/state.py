@@ -73,7 +73,8 @@ ACCOUNT_DTYPE = np.dtype([
     ("changed_seq", "<i8"),
     # the last `account_seq` given to a report to this account (engine/reports.py): 0 = none
     ("account_seq", "<i8"),
-    ("_pad", "u1", (8,)),             # one cache line per account: a fill touches one line
+    ("disabled", "u1"),                # 1: CMD_SET_ACCOUNT_STATE disabled it (operator)
+    ("_pad", "u1", (7,)),             # one cache line per account: a fill touches one line
 ])
 assert ACCOUNT_DTYPE.itemsize == 64
 

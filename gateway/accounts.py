@@ -84,23 +84,28 @@ class AccountRegistry:
 
 
 class _Credentials:
-    def __init__(self, registry: AccountRegistry):
+    def __init__(self, registry: AccountRegistry, admit):
         self.registry = registry
+        self.admit = admit
 
     def callback(self, domain, key):
-        return self.registry.account_of(key) is not None
+        account = self.registry.account_of(key)
+        return account is not None and self.admit(account)
 
 
 class AccountAuthenticator(ThreadAuthenticator):
-    """ZAP: accept registered CURVE keys only, with the account id as the connection's User-Id."""
+    """ZAP: accept registered CURVE keys only, with the account id as the connection's User-Id.
+    `admit(account)` (called in the ZAP thread) may refuse a registered key too: the gateway's
+    connection limits."""
 
-    def __init__(self, context: zmq.Context, registry: AccountRegistry):
+    def __init__(self, context: zmq.Context, registry: AccountRegistry, admit=None):
         super().__init__(context)
         self.registry = registry
+        self.admit = admit or (lambda account: True)
 
     def start(self):
         super().start()
-        self.configure_curve_callback(ZAP_DOMAIN, _Credentials(self.registry))
+        self.configure_curve_callback(ZAP_DOMAIN, _Credentials(self.registry, self.admit))
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         """pyzmq's hook: the User-Id a CURVE client's messages carry (its account id)."""

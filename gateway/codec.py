@@ -127,6 +127,7 @@ REASON_TEXT = {
     "too_many_orders": "too many open orders (or price levels)",
     "insufficient_balance": "not enough balance",
     "forbidden": "not allowed",
+    "account_disabled": "this account is disabled",
 }
 # Engine reasons that share a protocol reason but deserve their own text.
 ENGINE_REASON_TEXT = {
@@ -146,6 +147,18 @@ def unpack(data):
     return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
                            max_str_len=4096, max_bin_len=4096, max_array_len=MAX_CONTAINER,
                            max_map_len=MAX_CONTAINER, max_ext_len=64)
+
+
+def unpack_lenient(data) -> dict | None:
+    """A message refused anyway (too large, several frames, not strictly valid), read as far
+    as it goes to find its `rid` and `cid`: the map, or None. msgpack bounds every length by
+    the frame's (at most the hard limit), and tuples keep any key hashable."""
+    try:
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=False,
+                              unicode_errors="replace")
+    except Exception:
+        return None
+    return msg if type(msg) is dict else None
 
 
 # --- requests --------------------------------------------------------------------------------

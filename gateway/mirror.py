@@ -113,6 +113,7 @@ class Mirror:
         self.untriggered: dict[int, list] = {}    # conditional orders waiting for a trigger
         self.books = [({}, {}) for _ in range(max_markets)]
         self.markets = [[0, 0, 0, 0, 0, 0, 0, 0] for _ in range(max_markets)]
+        self.book_version = [0] * max_markets     # counts the changes of each book's levels
         self.track_dirty = track_dirty
         self.dirty = [(set(), set()) for _ in range(max_markets)] if track_dirty else None
         self.any_dirty = False
@@ -178,6 +179,7 @@ class Mirror:
         if delta == 0:
             return
         book = self.books[market][side]
+        self.book_version[market] += 1
         qty = book.get(price, 0) + delta
         if qty:
             book[price] = qty

@@ -6,8 +6,13 @@ holds every message caused by an event, and query answers, until `durable_seq()`
 journal progress in shm) reaches its seq; `release_upto(seq)` sends what is due. Messages
 without a seq (pong, hello, edge rejects) are never held.
 
-Nothing here blocks: a client (or subscriber) that does not read loses messages at the
-high-water mark, not the gateway.
+Only live sessions are sent to (gateway/sessions.py): what is due to a session that closed,
+held messages included, is dropped, never sent to whoever has its routing id now. Nothing here
+blocks. A session's connection holds at most the ROUTER's send high-water mark of messages
+(`max_queued_messages`): a session whose queue is full is dropped (closed as if it had
+disconnected; the client reconnects and replays), so a client that does not read costs a
+bounded amount of memory and nobody else's messages. A market-data subscriber that does not
+read loses messages at its high-water mark.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import zmq
 
 from engine.records import REASON_NAMES
 from gateway.codec import pack
+from gateway.reasons import ReasonLog
 
 # pyzmq's Cython socket method, called directly with int flags: the Python-level wrappers and
 # flag enums cost several µs per message (measured: send_multipart 5.6 µs, this 1.0 µs).
@@ -49,31 +55,52 @@ class Outbox:
         self.sessions = sessions
         self.durable = durable_seq is not None
         self.durable_seq = durable_seq
-        self.held = deque()            # (seq, identity or None for the PUB, payload)
+        self.held = deque()            # (seq, Session or None for the PUB, payload)
         self.stats = stats if stats is not None else {}
         self.stats.setdefault("edge_rejects", 0)
+        self.stats.setdefault("dropped_sessions", 0)
+        self.reasons = ReasonLog()
+        self.learn_disconnects = lambda: None    # the gateway's: drain the socket monitor
 
     # -- to sessions --------------------------------------------------------------------
-    def send(self, identity: bytes, payload: bytes, seq: int = 0) -> None:
+    def send(self, session, payload: bytes, seq: int = 0) -> None:
         if self.durable and seq:
-            self.held.append((seq, identity, payload))
-            return
-        send_pair(self.router, identity, payload)
+            self.held.append((seq, session, payload))
+        elif session.live:
+            self._deliver(session, payload)
 
-    def reply(self, identity: bytes, msg: dict, rid, seq: int = 0) -> None:
-        self.send(identity, pack(with_rid(msg, rid)), seq)
+    def _deliver(self, session, payload: bytes) -> None:
+        try:
+            _send_part(self.router, session.identity, _NB_MORE, True, False)
+            _send_part(self.router, payload, _NB, True, False)
+        except zmq.ZMQError as e:
+            # ROUTER_MANDATORY: EAGAIN is a full queue (a client that does not read) or a
+            # connection closing, EHOSTUNREACH one gone; the monitor reports a closing
+            # connection before libzmq refuses sends to it: it closes, it is not evicted
+            self.learn_disconnects()      # a closing connection is not a slow client
+            if not session.live:
+                return
+            if e.errno == zmq.EAGAIN:
+                self.stats["dropped_sessions"] += 1
+                self.reasons.note("session dropped: its client does not read (queue full)")
+            self.sessions.evict(session)
 
-    def reject(self, identity, reason: int, text: str, rid=None, cid=None) -> None:
+    def reply(self, session, msg: dict, rid, seq: int = 0) -> None:
+        self.send(session, pack(with_rid(msg, rid)), seq)
+
+    def reject(self, session, reason: int, text: str, rid=None, cid=None) -> None:
         """An edge reject: the gateway's own, nothing was sequenced."""
         self.stats["edge_rejects"] += 1
+        self.reasons.note(REASON_NAMES[reason])
         msg = {"type": "reject", "reason": REASON_NAMES[reason], "message": text,
                "ts": time.time_ns()}
         if type(cid) is int:
             msg["cid"] = cid
-        self.reply(identity, msg, rid)
+        self.reply(session, msg, rid)
 
     def to_account(self, account: int, msg: dict, requester=None, rid=None, seq=0) -> None:
-        """An event's message to every connection of the account; the requester's copy has rid."""
+        """An event's message to every live session of the account; the requester's copy (if
+        it is still live) has rid."""
         conns = self.sessions.by_account.get(account)
         if requester is not None and rid is not None:
             plain = None
@@ -85,11 +112,11 @@ class Outbox:
             if requester is not None:
                 self.send(requester, plain, seq)
         if conns:
-            for ident in conns:
-                if ident != requester:
+            for s in tuple(conns):       # a full queue closes a session: it leaves conns
+                if s is not requester:
                     if plain is None:
                         plain = pack(msg)
-                    self.send(ident, plain, seq)
+                    self.send(s, plain, seq)
 
     # -- market data --------------------------------------------------------------------
     def publish(self, topic: bytes, payload: bytes, seq: int) -> None:
@@ -109,10 +136,10 @@ class Outbox:
         held = self.held
         n = 0
         while held and held[0][0] <= seq:
-            _, identity, payload = held.popleft()
-            if identity is None:
+            _, session, payload = held.popleft()
+            if session is None:
                 send_pair(self.pub, payload[0], payload[1])
-            else:
-                send_pair(self.router, identity, payload)
+            elif session.live:
+                self._deliver(session, payload)
             n += 1
         return n

@@ -23,6 +23,8 @@ from gateway import codec
 from gateway.account_state import account_state_fields, account_tables
 from gateway.codec import COMMAND_STRUCT
 from gateway.mirror import O_ACCOUNT, O_MARKET
+from gateway.reasons import where
+from gateway.views import PackedMap
 
 # what a pending request expects as its reply
 R_NEW_ORDER, R_CANCEL, R_AMEND, R_DONE, R_DISCONNECT = range(5)
@@ -37,6 +39,10 @@ REQ_LIMIT = 2 ** 31 - 1
 F_CID, F_FLAGS = 2, 10     # positions in codec's command-field tuples
 # Requests that would add exposure or move money: refused while the journal fails.
 NOT_WHILE_JOURNAL_FAILS = frozenset(("new_order", "amend", "withdraw", "set_margin"))
+# Tokens of the account's rate limit a request takes (Binance-style request weights): what it
+# costs the gateway's one thread next to an order. A type not listed (malformed ones
+# included) weighs 1.
+WEIGHTS = {"cancel_all": 5, "book": 5, "open_orders": 5, "account": 10}
 # How long an `account` query may wait for the matcher to pause between command batches.
 ACCOUNT_COPY_TIMEOUT_S = 0.5
 
@@ -58,7 +64,7 @@ def _request_cid(fields: tuple, msg: dict) -> tuple:
 class Requests:
     def __init__(self, *, sessions, outbox, limiter, ring, mirror, markets, market_by_id,
                  state, events, max_message_bytes: int, recv_batch: int, durable: bool,
-                 journal_errno, learn_disconnects, stats: dict):
+                 journal_errno, learn_disconnects, stats: dict, views):
         self.sessions = sessions
         self.outbox = outbox
         self.limiter = limiter
@@ -74,9 +80,11 @@ class Requests:
         self.learn_disconnects = learn_disconnects
         self.catch_up = lambda seq: None     # the event router's: route events up to seq
         self.stats = stats
+        self.views = views
         stats.setdefault("requests", 0)
         stats.setdefault("dropped_frames", 0)
-        # req -> (identity, rid, account, R_*, cid or None, extra)
+        stats.setdefault("ignored_messages", 0)
+        # req -> (Session, rid, account, R_*, cid or None, extra)
         self.pending: dict[int, tuple] = {}
         # (account, cid) -> (req, market) of new orders not acked yet (amend by cid needs it)
         self.pending_cids: dict[tuple[int, int], tuple[int, int]] = {}
@@ -90,9 +98,13 @@ class Requests:
             "set_margin": self._set_margin, "ping": self._ping, "hello": self._hello,
             "book": self._book, "open_orders": self._open_orders, "account": self._account,
         }
+        self.weights = dict(WEIGHTS)
 
-    def register(self, typ: str, handler) -> None:
+    def register(self, typ: str, handler, weight: int = 1) -> None:
+        """handler(session, msg, rid, now_ns) answers `typ`; `weight` tokens of the account's
+        rate limit per request."""
         self.handlers[typ] = handler
+        self.weights[typ] = weight
 
     # -- the command buffer -------------------------------------------------------------
     def new_req(self) -> int:
@@ -120,12 +132,13 @@ class Requests:
 
     def _command(self, s, rid, kind: int, cid, extra, now: int, fields: tuple) -> int:
         req = self.new_req()
-        self.pending[req] = (s.identity, rid, s.account, kind, cid, extra)
+        self.pending[req] = (s, rid, s.account, kind, cid, extra)
         self.queue_command(now, s.account, req, fields)
         return req
 
     def cancel_on_disconnect(self, s) -> None:
-        """The session's disconnect: cancel all its account's orders if it asked for that."""
+        """A finished session (gateway/sessions.py): cancel all its account's orders if it
+        asked for that, after every command it sent."""
         if s.cancel_on_disconnect:
             req = self.new_req()
             self.pending[req] = (None, None, s.account, R_DISCONNECT, None, None)
@@ -135,61 +148,86 @@ class Requests:
 
     # -- one message --------------------------------------------------------------------
     def handle(self, identity: bytes, frame, extra_frames: bool) -> None:
+        """One message (`frame`: its first frame; `extra_frames`: it had more): exactly one
+        reply, with its `rid` (and `cid`) whenever they can be read, whatever its shape."""
         self.stats["requests"] += 1
-        outbox = self.outbox
         s = self.sessions.of_message(identity, frame, self.learn_disconnects)
-        if extra_frames:
-            if s is not None:
-                outbox.reject(identity, REASON_INVALID_MESSAGE,
-                              "a request is exactly one frame (a msgpack map)")
-            return
         if s is None:
-            self.stats["dropped_frames"] += 1
+            self.stats["dropped_frames"] += 1      # no account: not through our ZAP
             return
-        account = s.account
-        now = time.time_ns()
-        allowed = self.limiter.take(account, now)
-        if len(frame) > self.max_message_bytes:
-            if allowed:
-                outbox.reject(identity, REASON_INVALID_MESSAGE,
-                              f"message larger than {self.max_message_bytes} bytes")
+        if s.evicted:
+            self.stats["ignored_messages"] += 1    # gateway/sessions.py: it gets nothing
             return
+        rid = cid = None
         try:
-            msg = codec.unpack(frame.buffer)
-        except Exception:
-            msg = None
-        if type(msg) is not dict:
-            if allowed:
-                outbox.reject(identity, REASON_INVALID_MESSAGE, "not a msgpack map")
-            return
-        rid = msg.get("rid")
-        if rid is not None and type(rid) is not int:
-            outbox.reject(identity, REASON_INVALID_MESSAGE, "rid must be an integer")
-            return
-        typ = msg.get("type")
-        cid = msg.get("cid")
-        if "account" in msg and msg["account"] != account:
-            outbox.reject(identity, REASON_FORBIDDEN,
-                          "this connection trades only for its own account", rid, cid)
-            return
+            rid, cid = self._handle(s, frame, extra_frames)
+        except Exception as e:
+            # A bug must not let one client's message take the gateway down, nor fill the log.
+            self.outbox.reject(s, REASON_INVALID_MESSAGE,
+                               "the gateway could not process this message", rid, cid)
+            self.outbox.reasons.note(f"unexpected {where(e)}")
+
+    def _handle(self, s, frame, extra_frames: bool):
+        outbox = self.outbox
+        now = time.time_ns()
+        size = len(frame)
+        msg = None
+        if size <= self.max_message_bytes and not extra_frames:
+            try:
+                msg = codec.unpack(frame.buffer)
+            except Exception:
+                msg = None
+        strict = type(msg) is dict
+        if not strict:
+            msg = codec.unpack_lenient(frame.buffer)     # only to read rid and cid
+        rid = cid = typ = None
+        if msg is not None:
+            rid = msg.get("rid")
+            cid = msg.get("cid")
+            typ = msg.get("type")
+            if type(rid) is not int:
+                rid = None
+            if type(cid) is not int:
+                cid = None
+            if type(typ) is not str:
+                typ = None
+        allowed = self.limiter.take(s.account, now, self.weights.get(typ, 1))
         if not allowed:
-            outbox.reject(identity, REASON_RATE_LIMITED, "too many requests", rid, cid)
-            return
-        if typ in NOT_WHILE_JOURNAL_FAILS and self.journal_errno():
-            outbox.reject(identity, REASON_MARKET_HALTED,
+            outbox.reject(s, REASON_RATE_LIMITED, "too many requests", rid, cid)
+        elif s.refused:
+            outbox.reject(s, REASON_FORBIDDEN, f"this account has {self.sessions.max_per_account}"
+                          f" connections to this gateway already: this one is refused", rid, cid)
+        elif extra_frames:
+            outbox.reject(s, REASON_INVALID_MESSAGE,
+                          "a request is exactly one frame (a msgpack map)", rid, cid)
+        elif size > self.max_message_bytes:
+            outbox.reject(s, REASON_INVALID_MESSAGE,
+                          f"message larger than {self.max_message_bytes} bytes", rid, cid)
+        elif not strict:
+            outbox.reject(s, REASON_INVALID_MESSAGE, "not a msgpack map with string keys",
+                          rid, cid)
+        elif rid is None and msg.get("rid") is not None:
+            outbox.reject(s, REASON_INVALID_MESSAGE, "rid must be an integer", None, cid)
+        elif "account" in msg and msg["account"] != s.account:
+            outbox.reject(s, REASON_FORBIDDEN,
+                          "this connection trades only for its own account", rid, cid)
+        elif typ is None:
+            outbox.reject(s, REASON_INVALID_MESSAGE, "type is missing or not a string", rid,
+                          cid)
+        elif typ in NOT_WHILE_JOURNAL_FAILS and self.journal_errno():
+            outbox.reject(s, REASON_MARKET_HALTED,
                           f"not accepting {typ} while the journal cannot be written "
                           f"({os.strerror(self.journal_errno())}): nothing would be "
                           f"durable; cancels still work", rid, cid)
-            return
-        try:
-            handler = self.handlers.get(typ) if type(typ) is str else None
-            if handler is None:
-                raise EdgeReject(REASON_INVALID_MESSAGE,
-                                 "unknown message type" if type(typ) is str
-                                 else "type is missing or not a string")
-            handler(s, msg, rid, now)
-        except EdgeReject as e:
-            outbox.reject(identity, e.reason, e.text, rid, cid)
+        else:
+            handler = self.handlers.get(typ)
+            try:
+                if handler is None:
+                    raise EdgeReject(REASON_INVALID_MESSAGE, "unknown message type")
+                handler(s, msg, rid, now)
+            except EdgeReject as e:
+                outbox.reject(s, e.reason, e.text, rid, cid)
+        return rid, cid
 
     # -- commands -----------------------------------------------------------------------
     def _new_order(self, s, msg, rid, now) -> None:
@@ -253,16 +291,17 @@ class Requests:
 
     # -- answered here ------------------------------------------------------------------
     def _ping(self, s, msg, rid, now) -> None:
-        self.outbox.reply(s.identity, {"type": "pong", "ts": now}, rid)
+        self.outbox.reply(s, {"type": "pong", "ts": now}, rid)
 
     def _hello(self, s, msg, rid, now) -> None:
         flag = msg.get("cancel_on_disconnect", False)
         if type(flag) is not bool:
             raise EdgeReject(REASON_INVALID_MESSAGE, "cancel_on_disconnect must be true or false")
         s.cancel_on_disconnect = flag
-        self.outbox.reply(s.identity, {"type": "hello", "account": s.account,
-                                       "cancel_on_disconnect": flag, "ts": now}, rid)
+        self.outbox.reply(s, {"type": "hello", "account": s.account,
+                              "cancel_on_disconnect": flag, "ts": now}, rid)
 
+    # Queries: answered from views built once per change (gateway/views.py).
     def _query_seq(self) -> int:
         """Durable mode holds a query's answer until what it shows is journaled."""
         return self.mirror.applied_seq if self.durable else 0
@@ -274,35 +313,49 @@ class Requests:
             depth = 0
         if type(depth) is not int or depth < 0:
             raise EdgeReject(REASON_INVALID_MESSAGE, "depth must be a non-negative integer")
-        bids, asks = self.mirror.book_levels(market.id, depth)
-        t, l = market.ticks_to_str, market.lots_to_str
-        self.outbox.reply(s.identity, {"type": "book", "market": market.symbol,
-                                       "seq": self.mirror.applied_seq,
-                                       "bids": [[t(p), l(q)] for p, q in bids],
-                                       "asks": [[t(p), l(q)] for p, q in asks], "ts": now},
-                          rid, self._query_seq())
+        m = market.market_id
+        version = self.mirror.book_version[m]
+        view = self.views.book(m, depth, version)
+        if view is None:
+            bids, asks = self.mirror.book_levels(m, depth)
+            t, l = market.ticks_to_str, market.lots_to_str
+            view = PackedMap({"type": "book", "market": market.symbol,
+                              "bids": [[t(p), l(q)] for p, q in bids],
+                              "asks": [[t(p), l(q)] for p, q in asks]})
+            self.views.keep_book(m, depth, version, view)
+        self.outbox.send(s, view.with_fields(seq=self.mirror.applied_seq, ts=now, rid=rid),
+                         self._query_seq())
 
     def _open_orders(self, s, msg, rid, now) -> None:
         only = None
         if msg.get("market") is not None:
-            only = self.markets.get(msg["market"]).id
-        out = []
-        for oid, o, status in self.mirror.open_orders(s.account, only):
-            market = self.market_by_id[o[O_MARKET]]
-            if market is not None:
-                out.append(codec.open_order_row(oid, o, status, market))
-        self.outbox.reply(s.identity, {"type": "open_orders", "orders": out,
-                                       "seq": self.mirror.applied_seq, "ts": now},
-                          rid, self._query_seq())
+            only = self.markets.get(msg["market"]).market_id
+        view = self.views.orders(s.account, only)
+        if view is None:
+            out = []
+            for oid, o, status in self.mirror.open_orders(s.account, only):
+                market = self.market_by_id[o[O_MARKET]]
+                if market is not None:
+                    out.append(codec.open_order_row(oid, o, status, market))
+            view = PackedMap({"type": "open_orders", "orders": out})
+            self.views.keep_orders(s.account, only, view)
+        self.outbox.send(s, view.with_fields(seq=self.mirror.applied_seq, ts=now, rid=rid),
+                         self._query_seq())
 
     def _account(self, s, msg, rid, now) -> None:
         """From the matcher's own rows (gateway/account_state.py), exact at their seq. The
         events up to that seq are published by then: they are routed first, so a client sees
-        the fills of those commands before the account_state that includes them."""
-        tables, seq = account_tables(self.state, self.events, s.account, ACCOUNT_COPY_TIMEOUT_S)
-        self.catch_up(seq)
-        out = {"type": "account_state", "account": s.account}
-        out.update(account_state_fields(tables, 0, self.market_by_id))
-        out["seq"] = seq
-        out["ts"] = now
-        self.outbox.reply(s.identity, out, rid, seq if self.durable else 0)
+        the fills of those commands before the account_state that includes them. Kept until
+        an event for the account (or for everyone) passes that seq."""
+        kept = self.views.account(s.account)
+        if kept is None:
+            tables, seq = account_tables(self.state, self.events, s.account,
+                                         ACCOUNT_COPY_TIMEOUT_S)
+            self.catch_up(seq)
+            out = {"type": "account_state", "account": s.account}
+            out.update(account_state_fields(tables, 0, self.market_by_id))
+            kept = (seq, PackedMap(out))
+            self.views.keep_account(s.account, seq, kept[1])
+        seq, view = kept
+        self.outbox.send(s, view.with_fields(seq=seq, ts=now, rid=rid),
+                         seq if self.durable else 0)

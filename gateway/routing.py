@@ -18,18 +18,21 @@ by the authenticated account.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
-from engine.records import (CMD_FUNDING, CMD_LIQUIDATE, EV_BALANCE, EV_COMMAND, EV_DONE,
-                            EV_FUNDING, EV_LIQUIDATION, EV_MARK, EV_REJECT, EV_TRADE,
-                            EVENT_BYTES)
+from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_DEPOSIT, CMD_FUNDING,
+                            CMD_LIQUIDATE, CMD_NEW_ORDER, CMD_SET_ACCOUNT_STATE, CMD_SET_MARGIN,
+                            CMD_WITHDRAW, EV_BALANCE, EV_COMMAND, EV_DONE, EV_FUNDING,
+                            EV_LIQUIDATION, EV_MARK, EV_REJECT, EV_TRADE, EVENT_BYTES,
+                            REASON_ACCOUNT_DISABLED, REASON_NAMES)
 from engine.reports import AccountSeqTracker
-from gateway.codec import (CM_ACCOUNT, CM_CMD, CM_MARKET, CM_OID, CM_TS,
+from gateway.codec import (CM_ACCOUNT, CM_CMD, CM_MARKET, CM_OID, CM_QTY, CM_TS,
                            COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT, E_ACCOUNT, E_MARKET, E_REQ,
                            E_SEQ, E_SOURCE, ETYPE_OFFSET, FUNDING_EVENT_STRUCT, HEADER_STRUCT,
                            LIQUIDATION_EVENT_STRUCT, MARK_EVENT_STRUCT, ORDER_EVENT_STRUCT,
-                           TR_MAKER_ACCOUNT, TRADE_EVENT_STRUCT)
+                           TR_MAKER_ACCOUNT, TRADE_EVENT_STRUCT, pack)
 from gateway.mirror import M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE
 from gateway.replay import ReportLog, render_report
 from gateway.requests import R_DISCONNECT, R_NEW_ORDER, REPLY_ETYPES
@@ -37,10 +40,16 @@ from gateway.requests import R_DISCONNECT, R_NEW_ORDER, REPLY_ETYPES
 log = logging.getLogger("perpx.gateway")
 
 
+# commands whose effects are their account's alone (a trade's maker is told by the trade);
+# any other command may change every account's view (gateway/views.py)
+ACCOUNT_COMMANDS = frozenset((CMD_NEW_ORDER, CMD_CANCEL, CMD_CANCEL_ALL, CMD_AMEND,
+                              CMD_WITHDRAW, CMD_DEPOSIT, CMD_SET_MARGIN))
+
+
 class EventRouter:
     def __init__(self, consumer, mirror, boot_seq: int, source_index: int, requests, sessions,
                  outbox, market_data, markets, market_by_id, event_batch: int, stats: dict,
-                 account_seqs, report_log: ReportLog):
+                 views, account_seqs, report_log: ReportLog):
         """account_seqs: the accounts' account_seq column in the state copied at boot_seq."""
         self.consumer = consumer
         self.mirror = mirror
@@ -55,8 +64,10 @@ class EventRouter:
         self.market_by_id = market_by_id
         self.event_batch = event_batch
         self.stats = stats
+        self.views = views
         stats.setdefault("events", 0)
         self._risk_command = None      # (seq, code, command) of the last FUNDING / LIQUIDATE
+        self._disabling = None         # (seq, account) of a CMD_SET_ACCOUNT_STATE disabling
         self.tracker = AccountSeqTracker(account_seqs)
         self.report_log = report_log
         self._cmd = None               # the command whose events are being routed ...
@@ -116,6 +127,8 @@ class EventRouter:
         pending = self.pending
         market_data = self.market_data
         number = self.tracker.on_event
+        views = self.views
+        versions = views.versions
         order_unpack = ORDER_EVENT_STRUCT.unpack_from
         for i in range(count):
             off = i * EVENT_BYTES
@@ -130,13 +143,20 @@ class EventRouter:
                     self._cmd = cmd
                     self._cmd_record = bytes(mv[off + COMMAND_IN_EVENT_OFFSET:off + EVENT_BYTES])
                 code = cmd[CM_CMD]
+                if code in ACCOUNT_COMMANDS:
+                    versions[cmd[CM_ACCOUNT]] = seq
+                else:
+                    views.bump_all(seq)
                 if code == CMD_FUNDING or code == CMD_LIQUIDATE:
                     self._risk_command = (seq, code, cmd)
+                elif code == CMD_SET_ACCOUNT_STATE and cmd[CM_QTY] == 1:
+                    self._disabling = (seq, cmd[CM_ACCOUNT])
                 continue
             # Events of commands before the boot copy: the mirror has them and no session
             # existed yet; only market data is still published.
             if etype == EV_TRADE:
                 tr = TRADE_EVENT_STRUCT.unpack_from(mv, off)
+                versions[tr[TR_MAKER_ACCOUNT]] = versions[tr[E_ACCOUNT]] = tr[E_SEQ]
                 if tr[E_SEQ] > boot:
                     mirror.on_trade(tr)
                     for role, (account, n) in enumerate(
@@ -160,6 +180,7 @@ class EventRouter:
                 continue
             ev = order_unpack(mv, off)
             seq, account, req = ev[E_SEQ], ev[E_ACCOUNT], ev[E_REQ]
+            versions[account] = seq
             # is it the reply to one of our requests?
             p = None
             if ev[E_SOURCE] == mine and req:
@@ -171,6 +192,9 @@ class EventRouter:
             if p is None:
                 if etype == EV_DONE and self._risk_command is not None:
                     self._risk_command_done(ev)
+                if etype == EV_DONE and self._disabling is not None and \
+                        self._disabling[0] == seq:
+                    self._account_disabled(account)
             elif p[3] == R_DISCONNECT:    # nobody to reply to; the reports go to the others
                 if etype == EV_DONE or etype == EV_REJECT:
                     del pending[req]
@@ -258,3 +282,14 @@ class EventRouter:
             return
         market.set_limits(market.max_price_ticks or mk[M_MAX_PRICE],
                           market.max_order_lots or mk[M_MAX_ORDER])
+
+    def _account_disabled(self, account: int) -> None:
+        """The operator disabled the account (its DONE): each of its sessions is told, then
+        evicted (gateway/sessions.py); the handshake refuses its keys from now on."""
+        self._disabling = None
+        note = pack({"type": "reject", "reason": REASON_NAMES[REASON_ACCOUNT_DISABLED],
+                     "message": "this account was disabled by the operator: its sessions are "
+                                "closed", "ts": time.time_ns()})
+        for s in tuple(self.sessions.by_account.get(account, ())):
+            self.outbox.send(s, note)        # not held: the session will not be there then
+            self.sessions.evict(s)

@@ -37,11 +37,12 @@ the accounts directory, the rate limit, the ack mode, this gateway's ring `gatew
 the matcher's sources and persistd's SQL socket (replays older than the gateway's memory read
 the DuckDB store through it). Give `--market-data` to one gateway only.
 
-Connections: a connection is known from its first message (identity + User-Id + its socket
-fd); the ROUTER's monitor reports disconnects by fd, which ends the session. A session that
-sent `{"type": "hello", "cancel_on_disconnect": true}` gets all its account's orders canceled
-(reason `disconnect`) when it disconnects (only if the gateway sees the disconnect: a gateway
-restart forgets sessions, so clients say hello again when they reconnect).
+Connections: a session is known from its first message, keyed by routing id, account and
+fd; the ROUTER's monitor reports disconnects by fd (gateway/sessions.py has the lifecycle). A
+session that sent `{"type": "hello", "cancel_on_disconnect": true}` gets all its account's
+orders canceled (reason `disconnect`) once every message it sent is read, so after all its
+commands (only if the gateway sees the disconnect: a gateway restart forgets sessions, so
+clients say hello again when they reconnect).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -62,7 +64,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from engine.config import EngineConfig
 from engine.market import MarketTable
-from engine.records import COMMAND_DTYPE, EVENT_DTYPE, REASON_INVALID_MESSAGE
+from engine.records import COMMAND_DTYPE, EVENT_DTYPE
 from engine.service import attach_state
 from engine.spec import load_spec
 from gateway.accounts import ZAP_DOMAIN, AccountAuthenticator, AccountRegistry
@@ -70,10 +72,12 @@ from gateway.market_data import MarketData
 from gateway.mirror import M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE, Mirror, \
     consistent_state_copy
 from gateway.outbox import Outbox
+from gateway.reasons import where
 from gateway.replay import DEFAULT_KEEP, DurableSource, Replayer, ReportLog
 from gateway.requests import Requests
 from gateway.routing import EventRouter
 from gateway.sessions import Sessions, TokenBucket
+from gateway.views import Views
 from shm import names
 from shm.progress import JournalProgress
 from shm.region import ShmError, attach_retrying
@@ -89,6 +93,14 @@ _get_option = zmq.backend.Socket.get
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _NB = int(zmq.NOBLOCK)
+STATS_INTERVAL_S = 1.0
+QUERY_RUN = 32
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
 
 
 class Gateway:
@@ -102,6 +114,8 @@ class Gateway:
                  max_message_bytes: int = 1024, hard_max_message_bytes: int = 64 * 1024,
                  ack_mode: str = "fast", durable_seq=None, journal_errno=None,
                  event_batch: int = 4096, recv_batch: int = 256, spin_s: float = 0.0,
+                 max_connections: int = 512, max_connections_per_account: int = 8,
+                 max_queued_messages: int = 10_000, stats_file: str | None = None,
                  attach_timeout_s: float = 30.0, context: zmq.Context | None = None,
                  replay_store: str | None = None, replay_keep: int = DEFAULT_KEEP):
         """replay_store: persistd's SQL endpoint, the durable source of `replay` for reports
@@ -124,16 +138,27 @@ class Gateway:
         self.spin_s = spin_s
         self.market_by_id = [markets.by_id.get(m) for m in range(engine_cfg.max_markets)]
         self.stats: dict[str, int] = {}
+        self.limits = {"max_connections": max_connections,
+                       "max_connections_per_account": max_connections_per_account,
+                       "max_queued_messages": max_queued_messages,
+                       "max_message_bytes": max_message_bytes,
+                       "hard_max_message_bytes": hard_max_message_bytes}
+        self.stats_file = Path(stats_file) if stats_file else None
+        self._stats_due = 0.0
         self._closers = []
         self._closed = False
         try:
+            self.sessions = Sessions(lambda s: self.requests.cancel_on_disconnect(s),
+                                     max_connections_per_account, max_connections)
             self._attach(attach_timeout_s)
             self._setup_zmq(context, accounts_dir, server_secret_key_file, server_keys,
-                            orders_endpoint, market_data_endpoint, hard_max_message_bytes)
-            self.sessions = Sessions()
+                            orders_endpoint, market_data_endpoint, hard_max_message_bytes,
+                            max_queued_messages)
             self.outbox = Outbox(self.router, self.pub, self.sessions,
                                  durable_seq if self.durable else None, self.stats)
+            self.outbox.learn_disconnects = self._drain_monitor
             self.market_data = None
+            self.views = Views()
             if self.pub is not None:
                 self.market_data = MarketData(prefix, self.mirror, self.market_by_id,
                                               self.outbox, self._closers)
@@ -144,12 +169,12 @@ class Gateway:
                 events=self.events, max_message_bytes=max_message_bytes,
                 recv_batch=recv_batch, durable=self.durable,
                 journal_errno=journal_errno or (lambda: 0),
-                learn_disconnects=self._drain_monitor, stats=self.stats)
+                learn_disconnects=self._drain_monitor, stats=self.stats, views=self.views)
             report_log = ReportLog(replay_keep)
             self.router_events = EventRouter(
                 self.consumer, self.mirror, self.boot_seq, source_index, self.requests,
                 self.sessions, self.outbox, self.market_data, markets, self.market_by_id,
-                event_batch, self.stats, self._boot_account_seqs, report_log)
+                event_batch, self.stats, self.views, self._boot_account_seqs, report_log)
             self.requests.catch_up = self.router_events.catch_up
             self.replayer = Replayer(
                 tracker=self.router_events.tracker, log=report_log, outbox=self.outbox,
@@ -210,7 +235,7 @@ class Gateway:
                               market.max_order_lots or mk[M_MAX_ORDER])
 
     def _setup_zmq(self, context, accounts_dir, secret_file, server_keys, orders_endpoint,
-                   md_endpoint, hard_max) -> None:
+                   md_endpoint, hard_max, max_queued) -> None:
         if server_keys is None:
             if secret_file is None:
                 raise ValueError("the gateway needs the server's CURVE keys "
@@ -223,7 +248,7 @@ class Gateway:
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.registry = AccountRegistry(accounts_dir, self.cfg.max_accounts)
-        self.auth = AccountAuthenticator(self.ctx, self.registry)
+        self.auth = AccountAuthenticator(self.ctx, self.registry, self._admits)
         self.auth.start()
         r = self.router = self.ctx.socket(zmq.ROUTER)
         r.linger = 0
@@ -231,7 +256,10 @@ class Gateway:
         r.curve_publickey, r.curve_secretkey = server_keys
         r.zap_domain = ZAP_DOMAIN.encode()
         r.maxmsgsize = hard_max
-        r.sndhwm = 100_000
+        # per connection: at most this many messages queued to it, then sends to it fail
+        # (ROUTER_MANDATORY) and the session is dropped (gateway/outbox.py)
+        r.sndhwm = max_queued
+        r.router_mandatory = 1
         r.rcvhwm = 100_000
         self.monitor = r.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         r.bind(orders_endpoint)
@@ -241,7 +269,7 @@ class Gateway:
         if md_endpoint:
             self.pub = self.ctx.socket(zmq.PUB)
             self.pub.linger = 0
-            self.pub.sndhwm = 100_000
+            self.pub.sndhwm = max_queued
             self.pub.bind(md_endpoint)
             self.market_data_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
             self.mirror.track_dirty = True
@@ -251,6 +279,14 @@ class Gateway:
         self.poller.register(self.monitor, zmq.POLLIN)
         # the event ring's doorbell for this consumer is a FIFO: new events wake the same poll
         self.poller.register(self.bell.fileno(), zmq.POLLIN)
+
+    def _admits(self, account: int) -> bool:
+        """The handshake's last word (ZAP thread): the connection limits, and an account the
+        operator disabled (the matcher's state says so) is refused."""
+        state = self._state
+        return self.sessions.admits(account) and not (
+            state is not None and 0 <= account < len(state.accounts)
+            and state.accounts["disabled"][account])
 
     def endpoints(self) -> dict:
         return {"orders": self.orders_endpoint, "market_data": self.market_data_endpoint,
@@ -271,8 +307,11 @@ class Gateway:
         # durable replays answered by the worker thread (gateway/replay.py); an empty deque
         # when there is no durable source
         replay_done = self.replayer.source.done if self.replayer.source is not None else ()
+        monitor = self.monitor
         try:
             while not should_stop():
+                if _get_option(monitor, _EVENTS) & _POLLIN:
+                    self._drain_monitor()      # closed sessions get nothing more
                 worked = drain_events()
                 if requests.cmd_n < self.recv_batch:
                     worked += self._drain_router()
@@ -284,8 +323,12 @@ class Gateway:
                     self.outbox.release_upto(self.durable_seq())
                 if heartbeat is not None:
                     heartbeat()
-                if market_data is not None and time.monotonic() >= market_data.board_due:
+                now = time.monotonic()
+                if market_data is not None and now >= market_data.board_due:
                     market_data.board_changes()
+                if self.stats_file is not None and now >= self._stats_due:
+                    self._stats_due = now + STATS_INTERVAL_S
+                    self.write_stats()
                 if worked:
                     if self.stats["events"] - events_at_gc > 1_000_000:
                         gc.collect(0)      # the young generation only: cheap, bounded
@@ -301,6 +344,7 @@ class Gateway:
                     else:
                         self._sleep(50)
                     continue
+                self.outbox.reasons.flush_due()
                 now = time.monotonic()
                 if now - last_gc > 10.0:
                     gc.collect()      # idle: nobody waits for this pass
@@ -336,29 +380,41 @@ class Gateway:
 
     def _drain_router(self) -> int:
         router = self.router
+        sessions = self.sessions
         if not _get_option(router, _EVENTS) & _POLLIN:
-            return 0    # most passes find nothing: 1.2 µs here against 3.3 for recv raising Again
+            # most passes find nothing: 1.2 µs here against 3.3 for recv raising Again
+            if sessions.closing:
+                sessions.finish_drained(True)
+            return 0
         requests = self.requests
         got = 0
         limit = self.recv_batch - requests.cmd_n
-        while got < limit:
+        empty = False
+        # Once a command waits in the buffer, at most QUERY_RUN other messages (queries,
+        # rejects: a flood by some account) are read before it goes to the matcher, so an
+        # order's ack waits for a few dozen of them, not for a whole batch.
+        others = 0
+        while got < limit and others < QUERY_RUN:
             try:
                 identity = _recv_part(router, _NB, True, False)
             except zmq.Again:
+                empty = True
                 break
-            frame = _recv_part(router, _NB, False, False)
+            frame = part = _recv_part(router, _NB, False, False)
             extra = False
-            while frame.more:          # more than one frame: read them all, refuse the request
-                frame = _recv_part(router, _NB, False, False)
+            while part.more:           # more than one frame: read them all, refuse the request
+                part = _recv_part(router, _NB, False, False)
                 extra = True
             got += 1
+            queued = requests.cmd_n
             try:
                 requests.handle(identity, frame, extra)
-            except Exception:
-                # A bug must not let one client's message take the gateway down for everyone.
-                log.exception("unexpected error handling a request; rejected it")
-                self.outbox.reject(identity, REASON_INVALID_MESSAGE, "the gateway could not "
-                                   "process this message")
+            except Exception as e:     # handle() answers its own errors: this is a bug there
+                self.outbox.reasons.note(f"unexpected {where(e)} (not answered)")
+            if queued and requests.cmd_n == queued:
+                others += 1
+        if sessions.closing:
+            sessions.finish_drained(empty)
         return got
 
     def _drain_monitor(self) -> None:
@@ -371,10 +427,28 @@ class Gateway:
                 event = parse_monitor_message(frames)
             except Exception:
                 continue
-            if event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_ACCEPTED):
-                for s in self.sessions.on_fd(event["value"]):
-                    self.sessions.remove(s)
-                    self.requests.cancel_on_disconnect(s)
+            kind = event["event"]
+            if kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_ACCEPTED):
+                self.sessions.on_fd(event["value"])
+                self.sessions.open_connections += 1 if kind == zmq.EVENT_ACCEPTED else -1
+
+    # ------------------------------------------------------------------ stats ----------
+    def status(self) -> dict:
+        """Counts and limits for `perpx status` (written to `stats_file` once a second)."""
+        sessions = self.sessions
+        live = sum(len(v) for v in sessions.by_account.values())
+        return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "seq": self.mirror.applied_seq,
+                "connections": sessions.open_connections, "sessions": live,
+                "refused_sessions": sum(1 for s in sessions.by_identity.values()
+                                        if s.refused and s.live),
+                "closing_sessions": len(sessions.closing), "held": len(self.outbox.held),
+                "pending": len(self.requests.pending), **self.stats, **self.views.stats,
+                "limits": self.limits}
+
+    def write_stats(self) -> None:
+        tmp = self.stats_file.with_name(self.stats_file.name + ".tmp")
+        tmp.write_text(json.dumps(self.status()))
+        tmp.rename(self.stats_file)
 
     # ------------------------------------------------------------------ shutdown -------
     def _close_state(self, region) -> None:
@@ -432,6 +506,8 @@ def parse_args(argv):
                    help="write the bound endpoints here as JSON once serving")
     p.add_argument("--replay-keep", type=int, default=DEFAULT_KEEP,
                    help="reports kept in memory per account for replay")
+    p.add_argument("--stats-file", default=None,
+                   help="write counts and limits here as JSON once a second (perpx status)")
     return p.parse_args(argv)
 
 
@@ -455,6 +531,11 @@ def main(argv=None) -> int:
                  burst=float(exchange.get("rate_limit_burst", 10000.0)),
                  spin_s=args.spin_us * 1e-6, ack_mode=spec.ack_mode,
                  durable_seq=progress.durable_seq, journal_errno=progress.journal_errno,
+                 max_connections=int(exchange.get("max_connections", 512)),
+                 max_connections_per_account=int(exchange.get("max_connections_per_account",
+                                                              8)),
+                 max_queued_messages=int(exchange.get("max_queued_messages", 10_000)),
+                 stats_file=args.stats_file,
                  replay_store=f"ipc://{spec.layout.sql_socket}", replay_keep=args.replay_keep)
     try:
         if args.endpoints_file:       # atomically: a watcher may poll for it

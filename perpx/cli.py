@@ -494,7 +494,19 @@ def status_report(sd) -> dict:
     except ShmError:
         pass
     report["risk"] = _risk_report(doc)
+    report["gateways"] = _gateway_report(sd)
     return report
+
+
+def _gateway_report(sd) -> dict:
+    """Each gateway's counts and limits from its stats file (written once a second)."""
+    out = {}
+    for path in sorted(sd.run_dir.glob("gateway-*.stats.json")):
+        try:
+            out[path.name.split(".")[0]] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue      # being replaced, or from a gateway that died writing it
+    return out
 
 
 def _risk_report(doc: dict) -> dict:
@@ -554,6 +566,13 @@ def cmd_status(args) -> int:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["next_funding_ts"] // 10 ** 9))
         lines.append(f"{symbol}: index {r['index']}  mark {r['mark']}  funding rate "
                      f"{r['funding_rate']} (next at {at} UTC)")
+    for name, g in report.get("gateways", {}).items():
+        lim = g["limits"]
+        lines.append(f"{name}: {g['connections']} connections (max {lim['max_connections']}), "
+                     f"{g['sessions']} sessions (max {lim['max_connections_per_account']} per "
+                     f"account, {g['refused_sessions']} refused), {g['dropped_sessions']} "
+                     f"dropped for not reading (queue max {lim['max_queued_messages']}), "
+                     f"rss {g['rss_bytes'] / 2 ** 20:.0f} MB")
     if report["endpoints"]:
         lines.append(f"orders {report['endpoints']['orders']}   market data "
                      f"{report['endpoints']['market_data']}   metrics "
@@ -690,6 +709,27 @@ def cmd_account_show(args) -> int:
                               o["price"] or "-", o["qty"], o["remaining"], o["status"])
                              for o in view["open_orders"]])]
     emit(args, view, "\n".join(lines))
+    return 0
+
+
+def cmd_account_disable(args) -> int:
+    return _account_state(args, True)
+
+
+def cmd_account_enable(args) -> int:
+    return _account_state(args, False)
+
+
+def _account_state(args, disabled: bool) -> int:
+    ex = _exchange(args)
+    cancel = getattr(args, "cancel_orders", False)
+    reply, canceled = ex.set_account_state(args.id, disabled, cancel)
+    result = {"account": args.id, "disabled": disabled, "seq": reply.seq}
+    text = f"account {args.id} {'disabled' if disabled else 'enabled'} (seq {reply.seq})"
+    if canceled is not None:
+        result["canceled"] = canceled.last.get("qty_lots", 0)
+        text += f"; {result['canceled']} open orders canceled"
+    emit(args, result, text)
     return 0
 
 
@@ -857,6 +897,14 @@ def _register_account(sub, common):
     q = asub.add_parser("show", parents=[common], help="balance, margin, positions, orders")
     q.add_argument("id", type=_account_id, metavar="ID", help="the account id, e.g. 1")
     q.set_defaults(func=cmd_account_show)
+    q = asub.add_parser("disable", parents=[common],
+                        help="refuse the account's keys, close its sessions, stop its trading")
+    q.add_argument("id", type=_account_id, metavar="ID")
+    q.add_argument("--cancel-orders", action="store_true", help="also cancel its open orders")
+    q.set_defaults(func=cmd_account_disable)
+    q = asub.add_parser("enable", parents=[common], help="undo `account disable`")
+    q.add_argument("id", type=_account_id, metavar="ID")
+    q.set_defaults(func=cmd_account_enable)
 
 
 def _register_deposit(sub, common):

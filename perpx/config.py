@@ -10,7 +10,10 @@ Keys (defaults in brackets):
 
     [exchange]  gateways [1], ack_mode ["durable"] ("durable" | "fast"), pin_cpus [true],
                 rate_limit_per_s [5000], rate_limit_burst [10000] (per account, per gateway),
-                startup_timeout_s [180] (the first start compiles the matcher: ~1 min)
+                startup_timeout_s [180] (the first start compiles the matcher: ~1 min),
+                max_connections [512] (per gateway), max_connections_per_account [8] (per
+                gateway), max_queued_messages [10000] (>= 5000; per connection: a client that
+                lets more queue up is dropped)
     [engine]    max_accounts [1024], max_markets [8], max_orders [65536],
                 max_levels_per_side [4096], max_trigger_orders [1024] (untriggered stops and
                 take-profits per market), command_ring_capacity [16384],
@@ -100,7 +103,15 @@ EXCHANGE_DEFAULTS = {
     "rate_limit_per_s": 5000,
     "rate_limit_burst": 10000,
     "startup_timeout_s": 180,
+    "max_connections": 512,
+    "max_connections_per_account": 8,
+    "max_queued_messages": 10_000,
 }
+# lower bounds: a gateway pass may write up to its event batch (4096) messages to one connection
+# before the client's reads are credited, so a smaller queue would drop clients that read
+GATEWAY_LIMIT_MIN = {"max_connections": 1, "max_connections_per_account": 1,
+                     "max_queued_messages": 5000}
+GATEWAY_LIMIT_KEYS = tuple(GATEWAY_LIMIT_MIN)
 ENGINE_DEFAULTS = {
     "max_accounts": 1024,
     "max_markets": 8,
@@ -168,6 +179,7 @@ class Config:
     persistence: dict = None   # PERSISTENCE_DEFAULTS keys
     risk: dict = None          # RISK_DEFAULTS keys
     source: str = BUNDLED_SOURCE
+    gateway_limits: dict = None  # GATEWAY_LIMIT_KEYS
     # endpoint keys the config file gave (a port left to the defaults may move when taken);
     # how the file was written, not what it says, so not compared
     explicit_endpoints: tuple = field(default=(), compare=False)
@@ -189,7 +201,8 @@ class Config:
             "exchange": {"gateways": self.gateways, "ack_mode": self.ack_mode,
                          "pin_cpus": self.pin_cpus, "rate_limit_per_s": self.rate_limit_per_s,
                          "rate_limit_burst": self.rate_limit_burst,
-                         "startup_timeout_s": self.startup_timeout_s},
+                         "startup_timeout_s": self.startup_timeout_s,
+                         **(self.gateway_limits or {})},
             "engine": dict(self.engine),
             "endpoints": dict(self.endpoints),
             "persistence": dict(self.persistence or PERSISTENCE_DEFAULTS),
@@ -306,6 +319,8 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     rate = c.number("exchange.rate_limit_per_s", ex["rate_limit_per_s"], 1, 1e9)
     burst = c.number("exchange.rate_limit_burst", ex["rate_limit_burst"], 1, 1e9)
     startup = c.number("exchange.startup_timeout_s", ex["startup_timeout_s"], 1, 3600)
+    limits = {k: c.integer(f"exchange.{k}", ex[k], lo, 1 << 20)
+              for k, lo in GATEWAY_LIMIT_MIN.items()}
 
     eng = c.table(doc, "engine")
     c.unknown_keys("engine", eng, ENGINE_DEFAULTS)
@@ -379,7 +394,7 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
                   rate_limit_per_s=rate, rate_limit_burst=burst, startup_timeout_s=startup,
                   engine={k: eng[k] for k in ENGINE_DEFAULTS}, endpoints=dict(ep),
                   markets=tuple(markets), persistence=per, risk=risk, source=source,
-                  explicit_endpoints=explicit_endpoints)
+                  gateway_limits=limits, explicit_endpoints=explicit_endpoints)
 
 
 def _market(c: _Checker, i: int, item, origin: Path | None,

@@ -50,6 +50,7 @@ REPLY_TIMEOUT_S = 10.0
 LOCK_TIMEOUT_S = 10.0
 # Account 0 is the exchange's own (insurance fund / fee residues, DESIGN.md §4): never a client.
 FIRST_CLIENT_ACCOUNT = 1
+ACCOUNT_IDS_FILE = "account_ids"     # the highest account id ever handed out
 
 _ADMIN_REJECT_TEXT = {
     19: "the matcher refused the market parameters",
@@ -124,6 +125,29 @@ class Exchange:
         if not any(e["etype"] == EV_BALANCE for e in reply.events):
             raise OpsError("deposit: the matcher answered without a balance change")
         return reply
+
+    def set_account_state(self, account: int, disabled: bool,
+                          cancel_orders: bool = False) -> tuple[Reply, Reply | None]:
+        """`perpx account disable|enable`: a journaled command (CMD_SET_ACCOUNT_STATE). The
+        gateways refuse a disabled account's keys at the handshake and close its sessions;
+        with cancel_orders its open orders are canceled after it (the matcher's reply to
+        that cancel_all is the second Reply)."""
+        from engine.records import CMD_CANCEL_ALL, CMD_SET_ACCOUNT_STATE, new_commands
+        if not 0 <= account < self.engine.max_accounts:
+            raise OpsError(f"account {account} is outside 0..{self.engine.max_accounts - 1}")
+        c = new_commands(1)
+        c["cmd"] = CMD_SET_ACCOUNT_STATE
+        c["account"] = account
+        c["qty_lots"] = 1 if disabled else 0
+        reply = self.submit_one(c, f"{'disable' if disabled else 'enable'} account {account}")
+        canceled = None
+        if cancel_orders:
+            c = new_commands(1)
+            c["cmd"] = CMD_CANCEL_ALL
+            c["account"] = account
+            c["market"] = -1
+            canceled = self.submit_one(c, f"cancel the orders of account {account}")
+        return reply, canceled
 
     def halt(self, symbol: str, halted: bool) -> Reply:
         m = self.market(symbol)
@@ -296,18 +320,26 @@ def create_account(sd: StateDir, max_accounts: int) -> tuple[int, str]:
     The client's certificate (public + secret key) goes to clients/<id>.key_secret, its public
     key to accounts/<id>.key (the registry gateway/accounts.py reads: written to a temp name,
     then renamed, so a gateway never reads half a file). Ids are allocated under the ops lock:
-    one more than the highest registered id, starting at 1 (0 is the exchange's).
+    one more than the highest id ever handed out, starting at 1 (0 is the exchange's). Never
+    reused: the highest is kept in STATE_DIR/account_ids (besides the key files, which an
+    operator may delete), so a new account never inherits an old one's balance or positions.
     """
     sd.make()
+    high_file = sd.path / ACCOUNT_IDS_FILE
     with FileLock(sd.ops_lock) as lock:
         lock.acquire(LOCK_TIMEOUT_S, "account create")
         taken = set(sd.registered_accounts())
         taken.update(int(p.name.split(".")[0]) for p in sd.clients_dir.glob("*.key_secret")
                      if p.name.split(".")[0].isdigit())
+        if high_file.exists():
+            taken.add(int(high_file.read_text().strip() or 0))
         account = max(taken, default=FIRST_CLIENT_ACCOUNT - 1) + 1
         if account >= max_accounts:
             raise OpsError(f"no account id left: ids go up to {max_accounts - 1} "
                            f"(engine.max_accounts)")
+        tmp = high_file.with_name(f".{ACCOUNT_IDS_FILE}.tmp")     # before the key exists
+        tmp.write_text(f"{account}\n")
+        os.replace(tmp, high_file)
         public_file, secret_file = zmq.auth.create_certificates(str(sd.clients_dir), str(account))
         os.chmod(secret_file, 0o600)
         target = sd.accounts_dir / f"{account}.key"

@@ -448,7 +448,8 @@ class Supervisor:
             ready_file = sd.run_dir / f"gateway-{i}.json"
             argv = [sys.executable, "-m", "gateway", "--spec", str(sd.exchange_file),
                     "--index", str(i), "--orders", ports["orders_bind"][i],
-                    "--server-key", str(server_secret), "--endpoints-file", str(ready_file)]
+                    "--server-key", str(server_secret), "--endpoints-file", str(ready_file),
+                    "--stats-file", str(sd.run_dir / f"gateway-{i}.stats.json")]
             if i == 0:
                 argv += ["--market-data", ports["market_data_bind"]]
             gw = self._child(f"gateway-{i}", argv, ready_file)

@@ -56,8 +56,10 @@ def genesis() -> np.ndarray:
     return np.concatenate(cmds)
 
 
-def random_stream(seed: int, n: int) -> np.ndarray:
-    """n commands after genesis, drawn from a seeded generator (vectorized)."""
+def random_stream(seed: int, n: int, account_states: bool = False) -> np.ndarray:
+    """n commands after genesis, drawn from a seeded generator (vectorized). account_states:
+    also accounts disabled for a while and enabled again (drawn apart, so the rest of the
+    stream is the same as without)."""
     rng = np.random.default_rng(seed)
     c = new_commands(n)
     c["ts_ns"] = np.arange(n) * 1000 + seed
@@ -117,6 +119,11 @@ def random_stream(seed: int, n: int) -> np.ndarray:
     c["qty_lots"] = np.where(amend & (which == 2), 0, c["qty_lots"])
     c["market"] = np.where(c["cmd"] == CMD_CANCEL_ALL, np.where(which == 0, -1, c["market"]),
                            c["market"])
+    if account_states:
+        extra = np.random.default_rng(seed + 1_000_003)
+        at = extra.random(n) < 0.004
+        c["cmd"][at] = CMD_SET_ACCOUNT_STATE
+        c["qty_lots"][at] = extra.choice([1, 0, 2], at.sum(), p=[0.4, 0.55, 0.05])
     return c
 
 
@@ -126,7 +133,8 @@ _command = hs.fixed_dictionaries({
     "cmd": hs.sampled_from([CMD_NEW_ORDER] * 5 + [CMD_CANCEL, CMD_AMEND, CMD_CANCEL_ALL,
                                                   CMD_SET_MARK, CMD_WITHDRAW, CMD_HALT,
                                                   CMD_RESUME, CMD_SET_MARGIN, CMD_FUNDING,
-                                                  CMD_LIQUIDATE, CMD_LIQUIDATE]),
+                                                  CMD_LIQUIDATE, CMD_LIQUIDATE,
+                                                  CMD_SET_ACCOUNT_STATE]),
     "market": hs.sampled_from([0, 0, 1, -1, 2]),
     "account": hs.integers(0, 4),
     "side": hs.integers(0, 1),

@@ -195,9 +195,12 @@ class Exchange:
             self.endpoints = payload
         return payload
 
-    def client(self, account_or_cert, endpoints: dict | None = None) -> Client:
+    def client(self, account_or_cert, endpoints: dict | None = None,
+               routing_id: bytes | None = None, watch_handshake: bool = False,
+               slow_reader: bool = False) -> Client:
         cert = self.certs[account_or_cert] if isinstance(account_or_cert, int) else account_or_cert
-        c = Client(self.zmq, (endpoints or self.endpoints)["orders"], self.server_public, cert)
+        c = Client(self.zmq, (endpoints or self.endpoints)["orders"], self.server_public, cert,
+                   routing_id, watch_handshake, slow_reader)
         self.clients.append(c)
         return c
 
@@ -284,11 +287,19 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
 
 # -- a client -----------------------------------------------------------------------------------
 class Client:
-    def __init__(self, ctx: zmq.Context, endpoint: str, server_public: bytes, cert: Path):
+    def __init__(self, ctx: zmq.Context, endpoint: str, server_public: bytes, cert: Path,
+                 routing_id: bytes | None = None, watch_handshake: bool = False,
+                 slow_reader: bool = False):
         public, secret = zmq.auth.load_certificate(cert)
         s = self.sock = ctx.socket(zmq.DEALER)
         s.linger = 0
+        if routing_id is not None:        # chosen by the client, as any client may
+            s.routing_id = routing_id
+        self.monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED) \
+            if watch_handshake else None
         s.rcvhwm = s.sndhwm = 100_000
+        if slow_reader:        # buffers nothing on its side: what it does not read queues up
+            s.rcvhwm, s.rcvbuf = 1, 4096
         s.sndtimeo = int(WAIT_S * 1000)      # a refused connection never blocks a test
         s.curve_publickey, s.curve_secretkey, s.curve_serverkey = public, secret, server_public
         s.connect(endpoint)
@@ -341,5 +352,15 @@ class Client:
                 return out
             out.append(m)
 
+    def wait_handshake(self, timeout_s: float = WAIT_S) -> None:
+        """The CURVE handshake completed: the gateway's ROUTER has this connection."""
+        if not self.monitor.poll(int(timeout_s * 1000)):
+            raise AssertionError(f"no handshake within {timeout_s} s")
+        self.monitor.recv_multipart()
+
     def close(self) -> None:
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
         self.sock.close(linger=0)

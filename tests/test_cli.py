@@ -113,6 +113,12 @@ def test_endpoints_and_status(exchange):
     text = cli(up.sd.path, "status").stdout
     assert "matcher" in text and "gateway-0" in text and "seq" in text
     assert "SOL-PERP: index " in text and " UTC)" in text     # riskd's numbers per market
+    # the gateway's counts and limits (its stats file, written once a second)
+    wait_until(lambda: "gateway-0" in cli_json(up.sd.path, "status")["gateways"], 10.0,
+               "the gateway's stats")
+    gw = cli_json(up.sd.path, "status")["gateways"]["gateway-0"]
+    assert gw["limits"]["max_connections_per_account"] == 8 and gw["rss_bytes"] > 0
+    assert "gateway-0: " in cli(up.sd.path, "status").stdout
 
 
 def test_account_create_deposit_and_show(exchange):
@@ -138,6 +144,14 @@ def test_account_create_deposit_and_show(exchange):
 
     # a second account gets the next id
     assert cli_json(up.sd.path, "account", "create")["account"] == account + 1
+    # ids are never reused, even once the account's key files are gone
+    os.unlink(up.sd.accounts_dir / f"{account + 1}.key")
+    os.unlink(up.sd.clients_dir / f"{account + 1}.key_secret")
+    assert cli_json(up.sd.path, "account", "create")["account"] == account + 2
+    # disable (journaled), then enable again
+    off = cli_json(up.sd.path, "account", "disable", account, "--cancel-orders")
+    assert (off["disabled"], off["canceled"]) == (True, 0) and off["seq"] > deposit["seq"]
+    assert cli_json(up.sd.path, "account", "enable", account)["disabled"] is False
 
 
 def test_markets(exchange):

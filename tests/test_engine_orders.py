@@ -10,16 +10,16 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.records import (
-    EV_ACK, EV_AMENDED, EV_CANCELED, EV_TRADE, KIND_MARKET, REASON_POSITION_LIMIT,
+    CMD_SET_ACCOUNT_STATE, EV_ACK, EV_AMENDED, EV_CANCELED, EV_TRADE, KIND_MARKET, REASON_POSITION_LIMIT,
     REASON_UNKNOWN_ACCOUNT, SIDE_BUY, SIDE_SELL, STATUS_CANCELED, STATUS_FILLED, STATUS_OPEN,
     STP_CANCEL_BOTH, STP_CANCEL_MAKER, STP_CANCEL_TAKER, TIF_FOK, TIF_IOC, TIF_POST_ONLY,
 )
 from tests.engine_helpers import (
     ACK, AMENDED, ATPL, BALANCE, BAND_DEV, BTC, CANCELED, DONE, MARK, MARK_EV, MAX_ORDER,
     MAX_OPEN_ORDERS, MAX_PRICE, REJECT, TRADE, USDC, PyPosition, amend, assert_events, body,
-    btc_engines, buy, cancel, cancel_all, create_market, deposit, Engines, halt, maker_fee,
+    btc_engines, buy, cancel, cancel_all, command, create_market, deposit, Engines, halt, maker_fee,
     margin_required, market_commands, market_order, order, pick, reason_name, resume, sell,
-    set_limits, set_mark, taker_fee, the_reject, warm_up, withdraw,
+    set_limits, set_margin, set_mark, taker_fee, the_reject, warm_up, withdraw,
 )
 
 D = 10_000 * USDC          # each funded account's deposit
@@ -922,3 +922,27 @@ def test_collateral_identity_through_deposits_withdrawals_and_marks(eng):
     st = eng.st
     assert int(st.positions[1, BTC]["size_lots"]) * 700_001 * ATPL \
         - int(st.positions[1, BTC]["cost_atoms"]) == -7 * (700_001 - 651_000) * ATPL
+
+
+def test_disabled_account_places_amends_withdraws_nothing_but_cancels_and_trades(eng):
+    """CMD_SET_ACCOUNT_STATE (operator): a disabled account's new orders, amends, withdrawals
+    and margin changes are `account_disabled`; its cancels work and its resting orders still
+    trade; enabled again it is as before."""
+    def account_state(account, disabled):
+        return command(cmd=CMD_SET_ACCOUNT_STATE, account=account, qty_lots=disabled)
+
+    eng.client(buy(1, 5, 649_000, cid=1), buy(1, 5, 648_000, cid=2))
+    assert_events(eng.admin(account_state(1, 1)), [DONE(1, 0, market=0)])
+    before = eng.digest()
+    assert_events(eng.client(buy(1, 1, 649_000, cid=3)), [REJECT(1, "account_disabled", cid=3)])
+    assert_events(eng.client(amend(1, cid=1, qty=2)), [REJECT(1, "account_disabled", cid=1)])
+    assert reason_name(the_reject(eng.client(withdraw(1, USDC)))) == "account_disabled"
+    assert reason_name(the_reject(eng.client(set_margin(1, 0, 5)))) == "account_disabled"
+    assert eng.digest() == before
+    assert pick(eng.client(sell(2, 5, 649_000)), EV_TRADE)      # its resting order trades
+    assert_events(eng.client(cancel(1, cid=2)), [CANCELED(1, 2, "user", 5, 648_000, cid=2)])
+    # only the operator's ring may send it; values other than 0 and 1 are refused
+    assert reason_name(the_reject(eng.client(account_state(1, 0)))) == "forbidden"
+    assert reason_name(the_reject(eng.admin(account_state(1, 2)))) == "invalid_message"
+    assert_events(eng.admin(account_state(1, 0)), [DONE(1, 0, market=0)])
+    assert pick(eng.client(buy(1, 1, 649_000, cid=4)), EV_ACK)

@@ -425,6 +425,16 @@ def test_rate_limit_per_account(exchange_factory):
     wait_until(lambda: a.request(type="ping")["type"] == "pong", 2.0, "tokens to refill")
 
 
+def test_requests_weigh_what_they_cost(exchange_factory):
+    """Binance-style weights: `account` takes 10 tokens, `book` 5, a ping 1 (no refill here)."""
+    ex = exchange_factory(rate_per_s=0.001, burst=12)
+    a = ex.client(3)
+    kinds = [a.request(type=t, market="BTC-PERP") for t in
+             ("account", "book", "ping", "ping", "ping")]
+    assert [m["type"] if m["type"] != "reject" else m["reason"] for m in kinds] == [
+        "account_state", "rate_limited", "pong", "pong", "rate_limited"]
+
+
 def test_restarted_gateway_resumes_with_the_same_book(exchange):
     a, b = exchange.client(1), exchange.client(2)
     a.request(**order(51, "BTC-PERP", "buy", "0.5", "64900"))
