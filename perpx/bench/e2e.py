@@ -189,12 +189,15 @@ def _loop(sock, phase: dict, index: int) -> dict:
                 if m.get("type") == "fill" and rec_start <= tr <= end:
                     fills.append((tr, m["seq"]))
                 continue
-            if entry[0] >= rec_start and tr <= end:
+            if rec_start <= entry[0] < end:
                 if m.get("type") == "reject":
                     rejected += 1
                     pack_check = pack_check or m
                 else:
-                    acked += 1
+                    # latency of every request sent in the window, also when its reply comes
+                    # after the end (dropping those would hide the tail); throughput counts
+                    # only replies inside the window
+                    acked += tr <= end
                     lat.append(tr - entry[0])
                     sched.append(tr - entry[1])
     return {"acked": acked, "rejected": rejected, "unmatched": others, "sent": i,
@@ -358,7 +361,9 @@ def _summary(results: list) -> dict:
             "max_us": round(float(lat.max()) / 1e3, 1) if len(lat) else 0.0,
             "sched_p50_us": pct(sched, 50), "sched_p99_us": pct(sched, 99),
             "sched_p999_us": pct(sched, 99.9), "samples": int(len(lat)),
-            "fills": np.concatenate([r["fills"] for r in results])}
+            "unanswered": sum(r["left_in_flight"] for r in results),
+            "fills": np.concatenate([r["fills"] for r in results]),
+            "lat_ns": lat, "sched_ns": sched}
 
 
 def _funded_accounts(sd, n: int, usdc: str = "1000000") -> list[str]:
