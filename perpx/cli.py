@@ -90,7 +90,7 @@ def cmd_bench_e2e(args) -> int:
 
     res = bench_e2e.bench_e2e(seconds=args.seconds, clients=args.clients, rate=args.rate,
                               window=args.window, ack_mode=args.ack_mode,
-                              progress=_progress(args))
+                              progress=_progress(args), plot_path=args.plot)
     emit(args, res, bench_e2e.format_report(res))
     return 0
 
@@ -214,6 +214,8 @@ def _register_bench(sub, common):
     q.add_argument("--ack-mode", choices=("durable", "fast", "both"), default="both",
                    help="exchange(s) to measure: fast, durable, or both in one run, each "
                         "a fresh exchange (default both; the top-level figures are fast's)")
+    q.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="write the latency spectra (closed loop and paced) as a PNG")
     q.set_defaults(func=cmd_bench_e2e)
 
     q = bsub.add_parser("latency", parents=[common],

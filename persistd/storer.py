@@ -130,15 +130,18 @@ class StoreProcess:
                 self._sync_marker()
                 durable = self.progress.durable_seq()
                 while True:
-                    records = follower.read(durable)
+                    if replica.seq - last_snapshot >= self.snapshot_every and \
+                            self._flush(replica, pending, balances):
+                        last_snapshot = self._snapshot(replica)
+                    # never past a due snapshot by more than a journal batch (while its
+                    # flush fails, no further)
+                    upto = max(replica.seq, last_snapshot + self.snapshot_every)
+                    records = follower.read(min(durable, upto))
                     if not len(records):
                         break
                     # balance rows are read from the replica after each compiled call
                     for events in replica.apply(records):
                         collect(events)
-                    if replica.seq - last_snapshot >= self.snapshot_every and \
-                            self._flush(replica, pending, balances):
-                        last_snapshot = self._snapshot(replica)
                 if pending:
                     self._flush(replica, pending, balances)
                 if last_round or self.stop.is_set():

@@ -52,8 +52,9 @@ def latency_figures(summary: dict) -> dict:
 
 
 def _mode_runs(root, mode: str, seconds: float, rates: list, clients: list, with_max: bool,
-               say) -> tuple[list, dict]:
-    """A fresh exchange in `mode`; every (clients, rate) run against it; (rows, samples)."""
+               say) -> tuple[list, dict, str]:
+    """A fresh exchange in `mode`; every (clients, rate) run against it; (rows, samples, its
+    shm prefix)."""
     shm_left: list = []
     rows, samples = [], {}
     warmup = min(0.5, seconds / 4)
@@ -77,7 +78,7 @@ def _mode_runs(root, mode: str, seconds: float, rates: list, clients: list, with
                 samples[(mode, c, label)] = summary["sched_ns"]
     if shm_left:
         raise RuntimeError(f"the {mode} exchange left shm entries: {shm_left}")
-    return rows, samples
+    return rows, samples, exchange.sd.prefix
 
 
 def _targets(rows: list) -> dict:
@@ -103,12 +104,13 @@ def bench_latency(seconds: float = DEFAULT_SECONDS, rates=DEFAULT_RATES,
     if any(m not in ACK_MODES for m in modes):
         raise ValueError(f"ack_mode must be fast, durable or both, not {ack_mode!r}")
     rates, clients = sorted(set(rates)), sorted(set(clients))
-    rows, samples = [], {}
+    rows, samples, prefixes = [], {}, []
     with bench_dir("latency") as root:
         for mode in modes:
-            r, s = _mode_runs(root, mode, seconds, rates, clients, with_max, say)
+            r, s, prefix = _mode_runs(root, mode, seconds, rates, clients, with_max, say)
             rows += r
             samples.update(s)
+            prefixes.append(prefix)
     res = {"benchmark": "latency", "runs": rows, "targets": _targets(rows),
            "settings": {"seconds": seconds, "warmup_s": min(0.5, seconds / 4),
                         "rates": rates, "max_rate": with_max, "max_fraction": MAX_FRACTION,
@@ -118,7 +120,7 @@ def bench_latency(seconds: float = DEFAULT_SECONDS, rates=DEFAULT_RATES,
                         "latency": "from each request's intended send time (open loop)",
                         "percentiles": "exact (numpy) over all samples",
                         "cpus": os.cpu_count()},
-           "plot": None}
+           "plot": None, "shm_prefixes": prefixes}
     if plot_path is not None:
         panels = [(f"{mode} acks, {c} client{'s' * (c > 1)}",
                    [(f"{label}/s", a) for (m, c2, label), a in samples.items()
