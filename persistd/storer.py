@@ -11,9 +11,9 @@ Two threads:
 store (the main thread)
     Wakes every `flush_s`, reads the journal's new durable records, applies them to a replica
     of the matcher (persistd/replica.py) batch by batch and writes the replica's events to
-    DuckDB (persistd/store.py) in one transaction, then publishes `store_seq`. It also
-    fdatasyncs the journal's synced-seq marker (persistd/journal.py), which persistd rewrites
-    after each sync without waiting for the disk. Every `snapshot_every` commands it writes a
+    DuckDB (persistd/store.py) in one transaction, then publishes `store_seq`. Once a second
+    it also fdatasyncs the journal's synced-seq marker (persistd/journal.py), which persistd
+    rewrites after each sync without waiting for the disk. Every `snapshot_every` commands it writes a
     snapshot of the replica's tables and publishes `snapshot_seq`; persistd, the journal's only
     writer, retires the segments the snapshots cover. On start it rebuilds the replica from the
     newest snapshot at or below the store's last seq and replays the journal from there,
@@ -48,6 +48,9 @@ from shm.progress import JournalProgress
 
 RETRY_S = 0.5
 STORE_NICE = 10
+# The marker's fdatasync is a disk flush of its own, beside the journal's: once a second is
+# enough (a marker behind only classifies damage more leniently, never wrongly).
+MARKER_SYNC_S = 1.0
 # One DuckDB thread: a second one only hands each ~100 ms batch between threads (~20-25% more
 # CPU per write). `perpx sql` queries get one too.
 STORE_CONFIG = {"threads": 1}
@@ -74,6 +77,7 @@ class StoreProcess:
         self.store = Store(self.sd.store_file, self.markets, config=STORE_CONFIG)
         self.progress.set_store_seq(self.store.last_seq)
         self._marker_fd = None
+        self._marker_synced_at = 0.0
 
     def run(self) -> None:
         os.nice(STORE_NICE)   # background work: the order path and the journal win the CPU
@@ -127,7 +131,8 @@ class StoreProcess:
                 if os.getppid() != self.parent_pid:
                     self.log("persistd is gone: stopping")
                     return
-                self._sync_marker()
+                if last_round or time.monotonic() - self._marker_synced_at >= MARKER_SYNC_S:
+                    self._sync_marker()
                 durable = self.progress.durable_seq()
                 while True:
                     if replica.seq - last_snapshot >= self.snapshot_every and \
@@ -159,6 +164,7 @@ class StoreProcess:
             except FileNotFoundError:
                 return
         os.fdatasync(self._marker_fd)
+        self._marker_synced_at = time.monotonic()
 
     def _fill_balances(self, replica: Replica, events: np.ndarray) -> np.ndarray:
         """Balance rows for accounts whose balance fills (fees, realized PnL), funding payments
