@@ -80,7 +80,6 @@ class StoreProcess:
         self._marker_synced_at = 0.0
 
     def run(self) -> None:
-        os.nice(STORE_NICE)   # background work: the order path and the journal win the CPU
         sql = threading.Thread(target=self._guard, args=(self._sql_loop,), name="sql")
         sql.start()
         try:
@@ -287,6 +286,9 @@ class StoreProcess:
 
 def serve(setup, opts: dict, log) -> int:
     """The store process's main (persistd's `--store`)."""
+    # Background work: the order path, the journal and the clients win the CPU. First thing,
+    # so that every thread of the process (DuckDB's included) inherits it: nice is per thread.
+    os.nice(STORE_NICE)
     service = StoreProcess(setup, snapshot_every=int(opts.get("snapshot_every", 1_000_000)),
                            snapshots_keep=int(opts.get("snapshots_keep", 2)),
                            flush_s=float(opts.get("store_flush_ms", 100)) / 1000, log=log)
