@@ -4,7 +4,10 @@ One invocation:
 1. the floor: a bare echo server (ROUTER, CURVE, no ZAP handler, one process) and C client
    processes (DEALER, CURVE) sending the same msgpack new_order/cancel messages the exchange
    run sends, pipelined with the same window; the server echoes each frame unchanged. Measured
-   before the exchange is started, so the floor has the box to itself.
+   before the exchange is started, so the floor has the box to itself. Then the relay floor
+   (perpx/bench/relay.py): the exchange's shape (a gateway- and a matcher-shaped process over
+   perpx's shm rings and doorbells) without its logic, the same clients; `orders_over_relay`
+   and `ack_p50_over_relay_p50` are what the exchange's own work costs.
 2. the exchange, once per ack mode (`--ack-mode fast|durable|both`, default both: fast first,
    then durable): a fresh exchange (`perpx up` as a child process, its own session) on a
    temporary state dir with that ack_mode and rate limits out of the way, C accounts with
