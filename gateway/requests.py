@@ -313,7 +313,7 @@ class Requests:
             depth = 0
         if type(depth) is not int or depth < 0:
             raise EdgeReject(REASON_INVALID_MESSAGE, "depth must be a non-negative integer")
-        m = market.market_id
+        m = market.id
         version = self.mirror.book_version[m]
         view = self.views.book(m, depth, version)
         if view is None:
@@ -329,7 +329,7 @@ class Requests:
     def _open_orders(self, s, msg, rid, now) -> None:
         only = None
         if msg.get("market") is not None:
-            only = self.markets.get(msg["market"]).market_id
+            only = self.markets.get(msg["market"]).id
         view = self.views.orders(s.account, only)
         if view is None:
             out = []

@@ -145,8 +145,18 @@ def cmd_bench_e2e(args) -> int:
 
     res = bench_e2e.bench_e2e(seconds=args.seconds, clients=args.clients, rate=args.rate,
                               window=args.window, ack_mode=args.ack_mode,
-                              progress=_progress(args))
+                              progress=_progress(args), plot_path=args.plot)
     emit(args, res, bench_e2e.format_report(res))
+    return 0
+
+
+def cmd_bench_latency(args) -> int:
+    from perpx.bench import latency as bench_latency
+    res = bench_latency.bench_latency(seconds=args.seconds, rates=args.rates,
+                                      clients=args.clients, ack_mode=args.ack_mode,
+                                      with_max=not args.no_max, plot_path=args.plot,
+                                      progress=_progress(args))
+    emit(args, res, bench_latency.format_report(res))
     return 0
 
 
@@ -196,6 +206,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be positive: {text}")
     return value
+
+
+def _int_list(text: str) -> list[int]:
+    values = [_positive_int(t) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("an empty list")
+    return values
 
 
 def _register_bench(sub, common):
@@ -252,7 +269,28 @@ def _register_bench(sub, common):
     q.add_argument("--ack-mode", choices=("durable", "fast", "both"), default="both",
                    help="exchange(s) to measure: fast, durable, or both in one run, each "
                         "a fresh exchange (default both; the top-level figures are fast's)")
+    q.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="write the latency spectra (closed loop and paced) as a PNG")
     q.set_defaults(func=cmd_bench_e2e)
+
+    q = bsub.add_parser("latency", parents=[common],
+                        help="ack latency under open-loop load at fixed rates, from each "
+                             "order's intended send time")
+    q.add_argument("--seconds", type=_positive_float, default=3.0, metavar="S",
+                   help="timed seconds per rate (default 3)")
+    q.add_argument("--rates", type=_int_list, default=[100, 1000, 5000], metavar="R,R,...",
+                   help="total orders/s (default 100,1000,5000; plus the sustained maximum "
+                        "unless --no-max)")
+    q.add_argument("--clients", type=_int_list, default=[1, 4], metavar="C,C,...",
+                   help="client counts, each runs every rate (default 1,4)")
+    q.add_argument("--ack-mode", choices=("durable", "fast", "both"), default="both",
+                   help="exchange(s) to measure, a fresh one each (default both)")
+    q.add_argument("--no-max", action="store_true",
+                   help="skip the closed-loop run and the rate at the sustained maximum")
+    q.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="write the percentile spectra (one panel per ack mode and client "
+                        "count) as a PNG")
+    q.set_defaults(func=cmd_bench_latency)
 
     q = bsub.add_parser("durability", parents=[common],
                         help="DuckDB lag under full load (crossing orders: half the "
@@ -637,6 +675,93 @@ def cmd_verify(args) -> int:
     return 0 if result["ok"] else 1
 
 
+def cmd_journal_inspect(args) -> int:
+    from persistd.journal import inspect_journal
+    sd = _state_dir(args)
+    if not sd.journal_dir.exists():
+        raise CliError(f"no journal in {sd.path}")
+    info = inspect_journal(sd.journal_dir)
+    store_seq = _store_last_seq(sd)
+    info["store_seq"] = store_seq
+    lines = [f"{row['path']}: seqs {row['first_seq']}..{row['last_seq']}, {row['bytes']} bytes"
+             for row in info["segments"]]
+    lines.append(f"journal ends at seq {info['last_seq']}; synced-seq marker {info['synced_seq']}"
+                 + (f"; DuckDB at seq {store_seq}" if store_seq is not None else ""))
+    p = info["problem"]
+    if p is None:
+        lines.append("no damage found")
+    else:
+        lines.append(f"{'DAMAGE TO ACKNOWLEDGED HISTORY' if p['acknowledged'] else 'torn tail'}"
+                     f": {p['segment']} at byte {p['offset']}, seq {p['seq']}: {p['reason']}")
+        lines.append("`perpx journal repair --yes` cuts the journal there"
+                     + (f" and deletes DuckDB rows past seq {p['seq'] - 1}"
+                        if store_seq is not None and store_seq >= p["seq"] else ""))
+    store_ahead = store_seq is not None and p is None and store_seq > info["last_seq"]
+    if store_ahead:
+        lines.append(f"DuckDB holds rows past the journal's end (seq {store_seq}): "
+                     f"`perpx journal repair --yes` deletes them")
+    emit(args, info, "\n".join(lines))
+    return 0 if p is None and not store_ahead else 1
+
+
+def _store_last_seq(sd):
+    """meta.last_seq of the DuckDB store (None: no store file). Opens it, so not while the
+    exchange runs (persistd's store process holds it)."""
+    from persistd.store import Store
+    if not sd.store_file.exists():
+        return None
+    store = Store(sd.store_file, [], config={"threads": 1})   # the schema is there already
+    try:
+        return store.last_seq
+    finally:
+        store.close()
+
+
+def cmd_journal_repair(args) -> int:
+    from persistd.journal import cut_journal, inspect_journal
+    from persistd.store import Store
+    sd = _state_dir(args)
+    if sd.supervisor_pid() is not None:
+        raise CliError(f"the exchange in {sd.path} is running: `perpx down` first")
+    if not sd.journal_dir.exists():
+        raise CliError(f"no journal in {sd.path}")
+    info = inspect_journal(sd.journal_dir)
+    p = info["problem"]
+    end = p["seq"] - 1 if p else info["last_seq"]
+    store_seq = _store_last_seq(sd)
+    store_ahead = store_seq is not None and store_seq > end
+    if p is None and not store_ahead:
+        emit(args, {"repaired": False, "last_seq": end}, "nothing to repair")
+        return 0
+    what = ([f"cut the journal at {p['segment']} byte {p['offset']} (seq {p['seq']} on, "
+             f"{'ACKNOWLEDGED' if p['acknowledged'] else 'never acknowledged'})"] if p else []) \
+        + ([f"delete DuckDB rows past seq {end} (it holds up to {store_seq})"]
+           if store_ahead else [])
+    if not args.yes:
+        raise CliError("would " + " and ".join(what) + "; run again with --yes to do it")
+    out = cut_journal(sd.journal_dir) if p else {"last_seq": end, "cut_bytes": 0, "deleted": []}
+    deleted_rows = 0
+    if store_ahead:
+        store = Store(sd.store_file, [], config={"threads": 1})
+        try:
+            deleted_rows = store.forget_after(end)
+        finally:
+            store.close()
+    from persistd import snapshot
+    dropped = []
+    for seq, path in snapshot.snapshots(sd.snapshots_dir):
+        if seq > end:
+            path.unlink()
+            dropped.append(path.name)
+    result = {"repaired": True, "last_seq": end, "cut_bytes": out["cut_bytes"],
+              "deleted_segments": out["deleted"], "deleted_store_rows": deleted_rows,
+              "deleted_snapshots": dropped}
+    emit(args, result, f"repaired: the journal ends at seq {end} ({out['cut_bytes']} bytes cut, "
+                       f"{len(out['deleted'])} later segments deleted); {deleted_rows} DuckDB "
+                       f"rows and {len(dropped)} snapshots past it deleted")
+    return 0
+
+
 # ---- accounts and money -----------------------------------------------------------------------
 @admin_command("account create")
 def cmd_account_create(args) -> int:
@@ -989,6 +1114,23 @@ def _register_durability(sub, common):
     p.set_defaults(func=cmd_verify)
 
 
+def _register_journal(sub, common):
+    p = sub.add_parser("journal", parents=[common],
+                       help="inspect or repair a damaged journal (exchange stopped)")
+    jsub = p.add_subparsers(dest="journal_command", metavar="ACTION", required=True,
+                            parser_class=_Parser)
+    q = jsub.add_parser("inspect", parents=[common],
+                        help="scan every segment: seq ranges, the synced-seq marker, the first "
+                             "damage (exit 1 if any)")
+    q.set_defaults(func=cmd_journal_inspect)
+    q = jsub.add_parser("repair", parents=[common],
+                        help="cut the journal at its first damage and drop DuckDB rows and "
+                             "snapshots past the new end")
+    q.add_argument("--yes", action="store_true",
+                   help="do it (without: say what would be cut, exit 1)")
+    q.set_defaults(func=cmd_journal_repair)
+
+
 # Subcommands, in help order.
 REGISTRARS = [
     _register_up,
@@ -1003,6 +1145,7 @@ REGISTRARS = [
     _register_positions,
     _register_markets,
     _register_durability,
+    _register_journal,
     _register_demo,
     _register_bench,
 ]
@@ -1063,6 +1206,9 @@ def main(argv=None) -> int:
         return 130
     except (ValueError, OSError, RuntimeError) as e:
         print(f"perpx: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:    # every failure is one line, never a traceback
+        print(f"perpx: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
 

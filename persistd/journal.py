@@ -53,6 +53,18 @@ synced, so never acknowledged. A bad batch FOLLOWED by a whole valid batch is no
 but damage to history that may have been acknowledged: the writer refuses to open and the reader
 raises JournalCorrupt(path, offset, reason); an operator has to decide.
 
+The synced-seq marker
+---------------------
+A torn tail can only hold bytes that were never synced, hence never acknowledged. To tell it
+from damage to acknowledged history, persistd records the last synced seq beside the journal,
+in the file `synced_seq` (16 bytes: i64 seq, u32 crc32 of those 8 bytes, 4 zero bytes),
+rewritten with `JournalWriter.mark_synced()` after each sync and publish (a 16-byte pwrite;
+made durable by persistd's store process, off the journal path). It never runs ahead of the
+journal's synced bytes, at worst behind them. A damaged batch at or below it is corruption: the
+writer refuses to open and read_journal/journal_info raise JournalCorrupt naming the segment,
+the byte offset and the seq. Only `cut_journal` (behind `perpx journal repair --yes`) moves the
+marker back. An unreadable marker counts as 0 (no knowledge), reported by `marked_synced_seq`.
+
 Readers (read_journal, journal_info) take no lock: they may run while the writer appends and
 then see a torn tail, which read_journal tolerates by default. Segments are retired with
 `JournalWriter.retire_through(seq)`, which must only be given a seq covered by a durable
@@ -107,6 +119,8 @@ _UNIT = np.dtype((np.void, _UNIT_BYTES))
 _HEADER_UNITS = HEADER_BYTES // _UNIT_BYTES
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+SYNCED_MARKER = "synced_seq"
+_MARKER = struct.Struct("<qI4x")
 SEGMENT_SUFFIX = ".journal"
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.journal$")
 
@@ -144,6 +158,29 @@ def segments(directory) -> list[Segment]:
             found.append(Segment(int(match.group(1)), directory / name))
     found.sort()
     return found
+
+
+def marked_synced_seq(directory) -> int:
+    """The seq the synced-seq marker records (0: no marker, or an unreadable one)."""
+    try:
+        data = (Path(directory) / SYNCED_MARKER).read_bytes()
+    except FileNotFoundError:
+        return 0
+    if len(data) != _MARKER.size:
+        return 0
+    seq, crc = _MARKER.unpack(data)
+    return seq if zlib.crc32(data[:8]) == crc and seq >= 0 else 0
+
+
+def _marker_bytes(seq: int) -> bytes:
+    head = struct.pack("<q", seq)
+    return _MARKER.pack(seq, zlib.crc32(head))
+
+
+def _damage(path, offset: int, problem: str, first_bad_seq: int, synced: int) -> JournalCorrupt:
+    return JournalCorrupt(path, offset, f"{problem}: seq {first_bad_seq} is at or below the last "
+                                        f"synced seq {synced}, so this is damage to acknowledged "
+                                        f"history, not a torn tail")
 
 
 # What journal_records reads of an event slot and writes of a record, as plain fields: the
@@ -332,6 +369,9 @@ def read_journal(directory, from_seq: int = 1,
         if scan.problem is not None:
             if not (is_last and scan.torn):
                 raise JournalCorrupt(seg.path, scan.valid_bytes, scan.problem)
+            synced = marked_synced_seq(directory)
+            if scan.last_seq < synced:
+                raise _damage(seg.path, scan.valid_bytes, scan.problem, scan.last_seq + 1, synced)
             if not tolerate_torn_tail:
                 raise JournalCorrupt(seg.path, scan.valid_bytes, "torn tail: " + scan.problem)
         records = _gather_records(data, scan, seg.path)
@@ -360,6 +400,12 @@ def journal_info(directory) -> dict:
     scan = _scan(data, last.first_seq)
     if scan.problem is not None and not scan.torn:
         raise JournalCorrupt(last.path, scan.valid_bytes, scan.problem)
+    synced = marked_synced_seq(directory)
+    if scan.last_seq < synced:
+        if scan.problem is not None:
+            raise _damage(last.path, scan.valid_bytes, scan.problem, scan.last_seq + 1, synced)
+        raise JournalCorrupt(last.path, scan.valid_bytes, f"the journal ends at seq "
+                             f"{scan.last_seq} but seq {synced} was synced: records are missing")
     rows.append((last.path, last.first_seq, scan.last_seq, len(data)))
     torn_tail = None
     if scan.problem is not None:
@@ -367,6 +413,174 @@ def journal_info(directory) -> dict:
                      f"{scan.valid_bytes}: {scan.problem}")
     return {"segments": rows, "first_seq": segs[0].first_seq, "last_seq": scan.last_seq,
             "records": scan.last_seq - segs[0].first_seq + 1, "torn_tail": torn_tail}
+
+
+class JournalFollower:
+    """Reads, in another process than the writer's, the records the writer has made durable.
+
+    `read(upto_seq)` returns the records after the last one returned, through `upto_seq` (a seq
+    the writer published as durable, hence the end of a whole, synced batch), as one array;
+    empty if there is nothing new. Keeps its place (segment, byte offset), so each call reads
+    only the new bytes; follows the writer into new segments. Damage within what is durable
+    raises JournalCorrupt.
+    """
+
+    def __init__(self, directory, from_seq: int):
+        self.directory = Path(directory)
+        self.next_seq = int(from_seq)
+        self._fd = None
+        self._offset = 0
+        self._segment = None
+
+    def _open_segment(self) -> bool:
+        """Open the segment holding next_seq (at its first batch); False if it is not there."""
+        segs = [s for s in segments(self.directory) if s.first_seq <= self.next_seq]
+        if not segs:
+            return False
+        seg = segs[-1]
+        if self._segment is not None and seg.path == self._segment.path:
+            return False                # next_seq is not written yet
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._segment, self._offset = seg, 0
+        return True
+
+    def read(self, upto_seq: int, max_bytes: int = 16 << 20) -> np.ndarray:
+        parts = []
+        got = 0
+        while self.next_seq <= upto_seq and got < max_bytes:
+            if self._fd is None and not self._open_segment():
+                break
+            data = os.pread(self._fd, max_bytes, self._offset)
+            pos = 0
+            while pos + HEADER_BYTES <= len(data):
+                fields = _batch_header_at(data, pos)
+                if fields is None:
+                    raise JournalCorrupt(self._segment.path, self._offset + pos,
+                                         "bad batch header inside the durable journal")
+                _, count, first, last, payload_crc, _ = fields
+                if first > upto_seq:
+                    break
+                end = pos + HEADER_BYTES + count * RECORD_BYTES
+                if end > len(data):
+                    break        # a batch bigger than what this read brought: the next call
+                payload = memoryview(data)[pos + HEADER_BYTES:end]
+                if zlib.crc32(payload) != payload_crc:
+                    raise JournalCorrupt(self._segment.path, self._offset + pos,
+                                         f"payload checksum mismatch in durable batch of seqs "
+                                         f"{first}..{last}")
+                records = np.frombuffer(data, JOURNAL_RECORD_DTYPE, count, pos + HEADER_BYTES)
+                if last >= self.next_seq:
+                    parts.append(records[max(0, self.next_seq - first):])
+                    self.next_seq = last + 1
+                pos = end
+            self._offset += pos
+            got += pos
+            if pos == 0 and self.next_seq <= upto_seq and not self._open_segment():
+                break        # nothing new here, and no later segment yet
+        if not parts:
+            return np.zeros(0, JOURNAL_RECORD_DTYPE)
+        return np.concatenate(parts)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# --- operator tools ----------------------------------------------------------------------
+
+def inspect_journal(directory) -> dict:
+    """Every segment scanned whole: {"segments": [{path, first_seq, last_seq, bytes}],
+    "synced_seq", "last_seq", "problem": None or {segment, offset, seq, reason, torn,
+    acknowledged}}. The first problem found stops the walk (later segments are listed
+    unscanned, last_seq None). `acknowledged`: the damaged seq is at or below the marker."""
+    directory = Path(directory)
+    synced = marked_synced_seq(directory)
+    rows, problem = [], None
+    expected = None
+    segs = segments(directory)
+    for i, seg in enumerate(segs):
+        if problem is not None:
+            rows.append({"path": str(seg.path), "first_seq": seg.first_seq, "last_seq": None,
+                         "bytes": seg.path.stat().st_size})
+            continue
+        data = seg.path.read_bytes()
+        if expected is not None and seg.first_seq != expected:
+            problem = {"segment": str(seg.path), "offset": 0, "seq": expected,
+                       "reason": f"segment starts at seq {seg.first_seq}, expected {expected}",
+                       "torn": False}
+        scan = _scan(data, seg.first_seq)
+        rows.append({"path": str(seg.path), "first_seq": seg.first_seq,
+                     "last_seq": scan.last_seq, "bytes": len(data)})
+        if problem is None and scan.problem is not None:
+            problem = {"segment": str(seg.path), "offset": scan.valid_bytes,
+                       "seq": scan.last_seq + 1, "reason": scan.problem,
+                       "torn": scan.torn and i == len(segs) - 1}
+        expected = scan.last_seq + 1
+    last = rows[-1]["last_seq"] if rows and problem is None else (
+        problem["seq"] - 1 if problem else 0)
+    if problem is None and last < synced:
+        problem = {"segment": str(segs[-1].path) if segs else str(directory),
+                   "offset": rows[-1]["bytes"] if rows else 0, "seq": last + 1,
+                   "reason": f"the journal ends at seq {last} but seq {synced} was synced",
+                   "torn": False}
+    if problem is not None:
+        problem["acknowledged"] = problem["seq"] <= synced
+    return {"segments": rows, "synced_seq": synced, "last_seq": last, "problem": problem}
+
+
+def cut_journal(directory) -> dict:
+    """The operator's repair: cut the journal at its first problem (inspect_journal), delete
+    the segments after it, and lower the synced-seq marker to the new end. Records after the
+    cut are gone for good, acknowledged or not. Refuses while a writer holds the journal.
+    Returns {"last_seq", "cut_bytes", "deleted": [paths], "problem"}."""
+    directory = Path(directory)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JournalError(f"journal {directory} is open by a writer (is persistd "
+                               f"running? stop the exchange first)") from None
+        info = inspect_journal(directory)
+        problem = info["problem"]
+        out = {"last_seq": info["last_seq"], "cut_bytes": 0, "deleted": [], "problem": problem}
+        if problem is None:
+            return out
+        bad = Path(problem["segment"])
+        found = False
+        for seg in segments(directory):
+            if seg.path == bad:
+                found = True
+                size = seg.path.stat().st_size
+                os.truncate(seg.path, problem["offset"])
+                out["cut_bytes"] += size - problem["offset"]
+                fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            elif found:
+                out["cut_bytes"] += seg.path.stat().st_size
+                os.unlink(seg.path)
+                out["deleted"].append(str(seg.path))
+        last = problem["seq"] - 1
+        marker = directory / SYNCED_MARKER
+        tmp = directory / (SYNCED_MARKER + ".tmp")
+        tmp.write_bytes(_marker_bytes(min(info["synced_seq"], last)))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, marker)
+        os.fsync(dir_fd)
+        out["last_seq"] = last
+        return out
+    finally:
+        os.close(dir_fd)
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -397,6 +611,7 @@ class JournalWriter:
         self._durable_seq = 0               # last seq covered by a successful fdatasync
         self._unusable = None               # why, after a failed fdatasync
         self._pending_truncate_bytes = None  # a failed write's leftovers not yet cut off
+        self._marker_fd = None
         created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         try:
@@ -415,6 +630,10 @@ class JournalWriter:
     def _open_last_segment(self) -> None:
         segs = segments(self.directory)
         if not segs:
+            synced = marked_synced_seq(self.directory)
+            if synced:
+                raise JournalCorrupt(self.directory, 0, f"no segments, but seq {synced} was "
+                                                        f"synced: the journal is missing")
             return
         seg = segs[-1]
         data = seg.path.read_bytes()
@@ -422,6 +641,13 @@ class JournalWriter:
         if scan.problem is not None and not scan.torn:
             raise JournalCorrupt(seg.path, scan.valid_bytes,
                                  scan.problem + "; valid batches follow, refusing to cut history")
+        synced = marked_synced_seq(self.directory)
+        if scan.last_seq < synced:
+            if scan.problem is not None:
+                raise _damage(seg.path, scan.valid_bytes, scan.problem, scan.last_seq + 1, synced)
+            raise JournalCorrupt(seg.path, scan.valid_bytes, f"the journal ends at seq "
+                                 f"{scan.last_seq} but seq {synced} was synced: records are "
+                                 f"missing")
         _gather_records(data, scan, seg.path)   # seq-checks the records we will build on
         fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -570,6 +796,18 @@ class JournalWriter:
             self._sync_current()
         return self._durable_seq
 
+    def mark_synced(self) -> None:
+        """Record durable_seq in the synced-seq marker (one 16-byte pwrite, no fsync: whoever
+        fdatasyncs `marker_path` makes it durable; until then it is merely behind)."""
+        if self._marker_fd is None:
+            self._marker_fd = os.open(self.marker_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                                      0o644)
+        os.pwrite(self._marker_fd, _marker_bytes(self._durable_seq), 0)
+
+    @property
+    def marker_path(self) -> Path:
+        return self.directory / SYNCED_MARKER
+
     def retire_through(self, seq: int) -> list[Path]:
         """Delete the oldest segments whose every record has seq <= `seq`; never the current one.
 
@@ -590,6 +828,9 @@ class JournalWriter:
 
     def close(self) -> None:
         """Close the files and release the lock. Does not sync: call sync() first."""
+        if self._marker_fd is not None:
+            os.close(self._marker_fd)
+            self._marker_fd = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -12,12 +12,15 @@ from perpx.cli import main
 
 REQUIRED = ("orders_per_s", "ack_p50_us", "ack_p99_us", "ack_p999_us", "echo_msgs_per_s",
             "echo_rtt_p50_us", "orders_over_echo", "ack_p50_over_echo_p50",
-            "paced_achieved_per_s", "paced_ack_p99_us", "settings")
+            "relay_msgs_per_s", "relay_rtt_p50_us", "orders_over_relay",
+            "ack_p50_over_relay_p50", "paced_achieved_per_s", "paced_ack_p99_us", "settings")
 
 
-def test_bench_e2e_json(capsys):
+def test_bench_e2e_json(capsys, tmp_path):
     before = set(os.listdir("/dev/shm"))
-    assert main(["bench", "e2e", "--json", "--seconds", "2", "--rate", "2000"]) == 0
+    png = tmp_path / "e2e.png"
+    assert main(["bench", "e2e", "--json", "--seconds", "2", "--rate", "2000",
+                 "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
     assert len(lines) == 1, out
@@ -28,6 +31,11 @@ def test_bench_e2e_json(capsys):
     assert res["paced_achieved_per_s"] > 0
     assert 0 < res["ack_p50_us"] <= res["ack_p99_us"] <= res["ack_p999_us"]
     assert 0 < res["echo_rtt_p50_us"] <= res["echo_rtt_p99_us"] <= res["echo_rtt_p999_us"]
+    # the relay floor: real shm rings between two processes, every message answered
+    assert res["relay_msgs_per_s"] > 0 and res["samples"]["relay"] > 0
+    assert 0 < res["relay_rtt_p50_us"] <= res["relay_rtt_p99_us"] <= res["relay_rtt_max_us"]
+    assert res["orders_over_relay"] == round(res["orders_per_s"] / res["relay_msgs_per_s"], 3)
+    assert res["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res["paced_ack_p50_us"] <= res["paced_ack_p99_us"] <= res["paced_ack_p999_us"]
     assert res["rejects"] == 0, res["first_reject"]
     assert res["settings"]["ack_mode"] == "fast" and res["settings"]["clients"] == 2
@@ -44,5 +52,6 @@ def test_bench_e2e_json(capsys):
     assert res["shm_left"] == []
     assert len(set(res["shm_prefixes"])) == 2 and res["shm_prefix"] == res["shm_prefixes"][0]
     after = set(os.listdir("/dev/shm"))
+    assert not [n for n in after - before if n.startswith("perpx-relay-")]
     for prefix in res["shm_prefixes"]:
         assert not [n for n in after - before if prefix.lstrip("/") in n]

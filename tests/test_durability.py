@@ -9,7 +9,7 @@ import resource
 import signal
 
 from perpx.client import Client
-from persistd.journal import journal_info, segments
+from persistd.journal import HEADER_BYTES, journal_info, marked_synced_seq, segments
 from tests.durability_helpers import (Traders, assert_nothing_acknowledged_was_lost,
                                       durable_config, funded_account, sql_rows, wait_store)
 from tests.test_supervisor import WAIT_S, cli, cli_json, processes, wait_until
@@ -104,23 +104,75 @@ def _stopped_exchange_with_journal(ups, name: str, orders: int):
     return up
 
 
-def test_torn_journal_tail_is_cut_loudly_and_verify_passes(ups):
+def test_torn_tail_past_the_synced_seq_is_repaired_and_verify_passes(ups):
+    """Bytes after the last synced batch (a crash mid-write) are a torn tail: cut, loudly."""
     up = _stopped_exchange_with_journal(ups, "state", 50)
     sd = up.sd
     last_seq = journal_info(sd.journal_dir)["last_seq"]
+    assert marked_synced_seq(sd.journal_dir) == last_seq
     path = segments(sd.journal_dir)[-1].path
-    data = bytearray(path.read_bytes())
-    data[-5] ^= 0xFF                     # a flipped byte inside the last batch
-    path.write_bytes(bytes(data))
+    size = path.stat().st_size
+    with open(path, "ab") as f:          # half a batch header: a write the crash interrupted
+        f.write(path.read_bytes()[-HEADER_BYTES - 80:][:20])
 
     again = ups("state", durable_config(snapshot_every=10 ** 9))
     again.wait_ready()
     log = (sd.logs_dir / "persistd.log").read_text()
     assert "JOURNAL REPAIRED" in log
-    assert journal_info(sd.journal_dir)["last_seq"] < last_seq
+    assert journal_info(sd.journal_dir)["last_seq"] >= last_seq
+    assert path.stat().st_size >= size
     r = cli(sd.path, "--json", "verify")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["checks"][-1]["ok"]
+
+
+def test_damaged_durable_batch_stops_startup_with_one_line(ups):
+    """A flipped byte in the last batch, which was synced (the marker says so): not a torn
+    tail. `perpx up` stops with one line naming segment, offset and seq; DuckDB keeps its
+    rows until the operator runs `perpx journal repair --yes`; then the exchange starts."""
+    up = _stopped_exchange_with_journal(ups, "state", 50)
+    sd = up.sd
+    last_seq = journal_info(sd.journal_dir)["last_seq"]
+    path = segments(sd.journal_dir)[-1].path
+    offset = journal_info(sd.journal_dir)["segments"][-1][3] - HEADER_BYTES - 80
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF                     # inside the last batch (one record: seq last_seq)
+    path.write_bytes(bytes(data))
+    stored = sql_store_seq(sd)
+
+    refused = ups("state", durable_config(snapshot_every=10 ** 9))
+    assert refused.wait_exit(120) == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert path.name in lines[0] and f"byte {offset}" in lines[0] and \
+        f"seq {last_seq}" in lines[0], lines[0]
+    assert "Traceback" not in refused.stderr
+
+    r = cli(sd.path, "journal", "inspect")
+    assert r.returncode == 1 and "DAMAGE TO ACKNOWLEDGED HISTORY" in r.stdout, r.stdout
+    r = cli(sd.path, "journal", "repair")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--yes" in r.stderr
+    assert sql_store_seq(sd) == stored == last_seq       # nothing deleted without --yes
+    r = cli(sd.path, "--json", "journal", "repair", "--yes")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["last_seq"] == last_seq - 1 and res["deleted_store_rows"] > 0
+    assert sql_store_seq(sd) == last_seq - 1
+
+    again = ups("state", durable_config(snapshot_every=10 ** 9))
+    again.wait_ready()
+    assert journal_info(sd.journal_dir)["last_seq"] >= last_seq - 1
+
+
+def sql_store_seq(sd) -> int:
+    """meta.last_seq of a stopped exchange's DuckDB file."""
+    import duckdb
+    con = duckdb.connect(str(sd.store_file), read_only=True)
+    try:
+        return int(con.execute("SELECT last_seq FROM meta").fetchall()[0][0])
+    finally:
+        con.close()
 
 
 def test_corruption_mid_journal_fails_verify_clearly(ups):

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from engine.records import (COMMAND_EVENT_DTYPE, EV_ACK, EV_COMMAND, EVENT_DTYPE)
 from persistd.journal import (HEADER_BYTES, JOURNAL_RECORD_DTYPE, RECORD_BYTES, JournalCorrupt,
-                              JournalError, JournalWriter, journal_info, journal_records,
-                              read_journal, segment_name, segments)
+                              JournalError, JournalFollower, JournalWriter, cut_journal,
+                              inspect_journal, journal_info, journal_records,
+                              marked_synced_seq, read_journal, segment_name, segments)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -451,3 +452,50 @@ def test_property_any_batches_and_segment_sizes_round_trip(sizes, segment_bytes,
             assert path.stat().st_size == nbytes
             # a segment only outgrows segment_bytes when it holds a single oversized batch
             assert nbytes <= segment_bytes or len(batch_offsets(path)) == 1
+
+
+# --- the synced-seq marker, the follower, the operator's tools -----------------------------
+
+def test_damage_at_or_below_the_synced_marker_is_refused_above_it_is_a_torn_tail(tmp_path):
+    written = write_batches(tmp_path, [4, 6, 5])
+    with JournalWriter(tmp_path) as w:
+        w.mark_synced()
+    assert marked_synced_seq(tmp_path) == 15
+    [seg] = segments(tmp_path)
+    last_offset, _ = batch_offsets(seg.path)[-1]
+    flip_byte(seg.path, last_offset + HEADER_BYTES + 170)
+    with pytest.raises(JournalCorrupt) as exc:
+        JournalWriter(tmp_path)
+    assert exc.value.offset == last_offset and "seq 11" in str(exc.value)
+    with pytest.raises(JournalCorrupt):
+        read_all(tmp_path)
+    with pytest.raises(JournalCorrupt):
+        journal_info(tmp_path)
+    info = inspect_journal(tmp_path)
+    assert info["problem"]["seq"] == 11 and info["problem"]["acknowledged"]
+    assert info["problem"]["offset"] == last_offset
+
+    out = cut_journal(tmp_path)             # the operator's knowing repair
+    assert out["last_seq"] == 10 and marked_synced_seq(tmp_path) == 10
+    assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == written[:10].tobytes()
+    with JournalWriter(tmp_path) as w:
+        assert w.last_seq == 10 and w.repairs == []
+
+
+def test_follower_reads_only_durable_batches_across_segments(tmp_path):
+    written = make_records(1, 60)
+    with JournalWriter(tmp_path, segment_bytes=700) as w:
+        follower = JournalFollower(tmp_path, from_seq=3)
+        assert len(follower.read(0)) == 0
+        got, at = [], 0
+        for n in (5, 7, 1, 9, 20, 18):
+            w.append(written[at:at + n])
+            at += n
+            w.sync()
+            # the writer has appended more (unsynced) than the follower is told about
+            part = follower.read(at - n) if at > n else follower.read(0)
+            got.append(part)
+            got.append(follower.read(at))
+        follower.close()
+    assert len(segments(tmp_path)) > 3
+    assert np.concatenate(got).tobytes() == written[2:].tobytes()

@@ -4,7 +4,10 @@ One invocation:
 1. the floor: a bare echo server (ROUTER, CURVE, no ZAP handler, one process) and C client
    processes (DEALER, CURVE) sending the same msgpack new_order/cancel messages the exchange
    run sends, pipelined with the same window; the server echoes each frame unchanged. Measured
-   before the exchange is started, so the floor has the box to itself.
+   before the exchange is started, so the floor has the box to itself. Then the relay floor
+   (perpx/bench/relay.py): the exchange's shape (a gateway- and a matcher-shaped process over
+   perpx's shm rings and doorbells) without its logic, the same clients; `orders_over_relay`
+   and `ack_p50_over_relay_p50` are what the exchange's own work costs.
 2. the exchange, once per ack mode (`--ack-mode fast|durable|both`, default both: fast first,
    then durable): a fresh exchange (`perpx up` as a child process, its own session) on a
    temporary state dir with that ack_mode and rate limits out of the way, C accounts with
@@ -54,6 +57,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from perpx.bench import plot, relay
 from perpx.launch import ExchangeProcess
 
 DEFAULT_SECONDS = 5.0
@@ -189,12 +193,15 @@ def _loop(sock, phase: dict, index: int) -> dict:
                 if m.get("type") == "fill" and rec_start <= tr <= end:
                     fills.append((tr, m["seq"]))
                 continue
-            if entry[0] >= rec_start and tr <= end:
+            if rec_start <= entry[0] < end:
                 if m.get("type") == "reject":
                     rejected += 1
                     pack_check = pack_check or m
                 else:
-                    acked += 1
+                    # latency of every request sent in the window, also when its reply comes
+                    # after the end (dropping those would hide the tail); throughput counts
+                    # only replies inside the window
+                    acked += tr <= end
                     lat.append(tr - entry[0])
                     sched.append(tr - entry[1])
     return {"acked": acked, "rejected": rejected, "unmatched": others, "sent": i,
@@ -358,7 +365,9 @@ def _summary(results: list) -> dict:
             "max_us": round(float(lat.max()) / 1e3, 1) if len(lat) else 0.0,
             "sched_p50_us": pct(sched, 50), "sched_p99_us": pct(sched, 99),
             "sched_p999_us": pct(sched, 99.9), "samples": int(len(lat)),
-            "fills": np.concatenate([r["fills"] for r in results])}
+            "unanswered": sum(r["left_in_flight"] for r in results),
+            "fills": np.concatenate([r["fills"] for r in results]),
+            "lat_ns": lat, "sched_ns": sched}
 
 
 def _funded_accounts(sd, n: int, usdc: str = "1000000") -> list[str]:
@@ -423,6 +432,31 @@ def _measure_echo(clients: int, phase: dict, say) -> dict:
     return _summary(out[phase["name"]])
 
 
+def _measure_relay(clients: int, phase: dict, say) -> dict:
+    """The relay floor (perpx/bench/relay.py): the same clients, one throughput run."""
+    import zmq
+    procs = _Procs()
+    stop = procs.mp.Event()
+    tag = f"{os.getpid()}-{time.monotonic_ns() % 10 ** 9}"
+    cmd, evt = relay.create_rings(tag)
+    try:
+        q = procs.mp.Queue()
+        public, secret = zmq.curve_keypair()
+        procs.start(relay.matcher_main, tag, stop)
+        procs.start(relay.gateway_main, tag, secret, q, stop)
+        _, _, endpoint = q.get(timeout=30)
+        say(f"relay (gateway- and matcher-shaped processes, shm rings) on {endpoint}")
+        out = _run_clients(procs, "relay", {"endpoint": endpoint, "server_public": public},
+                           [phase], clients, say)
+    finally:
+        stop.set()
+        procs.close()
+        for ring in (cmd, evt):
+            ring.close()
+            ring.unlink()
+    return _summary(out[phase["name"]])
+
+
 def run_phases(target: dict, phases: list, clients: int, say) -> dict:
     """Each phase with fresh client processes against an exchange; {phase name: summary}.
 
@@ -454,14 +488,17 @@ def _exchange_runs(root: Path, ack_mode: str, clients: int, phases: list, say) -
     return {**out, "shm_prefix": exchange.sd.prefix, "shm_left": shm_left}
 
 
-def _measurements(t: dict, p: dict, e: dict, rate: float) -> dict:
-    """One exchange run's figures (the names of the JSON's top level)."""
+def _measurements(t: dict, p: dict, e: dict, r: dict, rate: float) -> dict:
+    """One exchange run's figures (the names of the JSON's top level); e: the echo, r: the
+    relay."""
     return {
         "orders_per_s": t["per_s"],
         "ack_p50_us": t["p50_us"], "ack_p99_us": t["p99_us"], "ack_p999_us": t["p999_us"],
         "ack_max_us": t["max_us"],
         "orders_over_echo": round(t["per_s"] / e["per_s"], 3) if e["per_s"] else None,
         "ack_p50_over_echo_p50": round(t["p50_us"] / e["p50_us"], 3) if e["p50_us"] else None,
+        "orders_over_relay": round(t["per_s"] / r["per_s"], 3) if r["per_s"] else None,
+        "ack_p50_over_relay_p50": round(t["p50_us"] / r["p50_us"], 3) if r["p50_us"] else None,
         "paced_target_per_s": rate,
         "paced_rate_per_s": p["rate_per_s"],
         "paced_achieved_per_s": p["per_s"],
@@ -470,7 +507,8 @@ def _measurements(t: dict, p: dict, e: dict, rate: float) -> dict:
         "paced_sched_p99_us": p["sched_p99_us"],   # from the scheduled send time
         "rejects": t["rejected"] + p["rejected"],
         "first_reject": t["first_reject"] or p["first_reject"],
-        "samples": {"throughput": t["samples"], "paced": p["samples"], "echo": e["samples"]},
+        "samples": {"throughput": t["samples"], "paced": p["samples"], "echo": e["samples"],
+                    "relay": r["samples"]},
     }
 
 
@@ -479,9 +517,22 @@ COMPARED = ("orders_per_s", "ack_p50_us", "ack_p99_us", "ack_p999_us", "paced_ac
             "paced_ack_p50_us", "paced_ack_p99_us", "paced_ack_p999_us")
 
 
+def _plot(path, echo: dict, relay_floor: dict, runs: dict, clients: int, window: int) -> str:
+    """The latency spectra of the run as a PNG (perpx/bench/plot.py)."""
+    closed = [("echo", echo["lat_ns"]), ("relay", relay_floor["lat_ns"])] + \
+        [(m, r["throughput"]["lat_ns"])
+                                            for m, r in runs.items()]
+    paced = [(f"{m} at {r['paced']['rate_per_s']:,}/s", r["paced"]["sched_ns"])
+             for m, r in runs.items()]
+    return str(plot.write_spectra(path, [
+        (f"closed loop, {clients} clients x window {window}: round trip", closed),
+        ("paced: from the intended send time", paced)],
+        "perpx bench e2e: ack latency"))
+
+
 def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
               rate: float = DEFAULT_RATE, window: int = DEFAULT_WINDOW, ack_mode: str = "both",
-              progress=None) -> dict:
+              progress=None, plot_path=None) -> dict:
     say = progress or (lambda msg: None)
     modes = ACK_MODES if ack_mode == "both" else (ack_mode,)
     if not modes or any(m not in ACK_MODES for m in modes):
@@ -499,19 +550,24 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
     runs = {}
     with bench_dir("e2e") as root:
         echo = _measure_echo(clients, throughput, say)   # before any exchange: the box to itself
+        relay_floor = _measure_relay(clients, throughput, say)
         for mode in modes:
             runs[mode] = _exchange_runs(root, mode, clients, [throughput, paced], say)
 
     first = runs[modes[0]]
     res = {
         "benchmark": "e2e",
-        **_measurements(first["throughput"], first["paced"], echo, rate),
+        **_measurements(first["throughput"], first["paced"], echo, relay_floor, rate),
         "echo_msgs_per_s": echo["per_s"],
         "echo_rtt_p50_us": echo["p50_us"], "echo_rtt_p99_us": echo["p99_us"],
         "echo_rtt_p999_us": echo["p999_us"],
+        "relay_msgs_per_s": relay_floor["per_s"],
+        "relay_rtt_p50_us": relay_floor["p50_us"], "relay_rtt_p99_us": relay_floor["p99_us"],
+        "relay_rtt_p999_us": relay_floor["p999_us"], "relay_rtt_max_us": relay_floor["max_us"],
     }
     if len(modes) == 2:
-        d = _measurements(runs["durable"]["throughput"], runs["durable"]["paced"], echo, rate)
+        d = _measurements(runs["durable"]["throughput"], runs["durable"]["paced"], echo,
+                          relay_floor, rate)
         d["over_fast"] = {k: round(d[k] / res[k], 3) if res[k] else None for k in COMPARED}
         d["shm_prefix"] = runs["durable"]["shm_prefix"]
         res["durable"] = d
@@ -522,10 +578,13 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
                      "orders": "alternating resting new_order and cancel, both counted",
                      "percentiles": "exact (numpy) over all samples",
                      "echo": "measured before the exchanges start, once",
+                     "relay": "measured after the echo, before the exchanges, once",
                      "cpus": os.cpu_count()},
         "shm_prefix": first["shm_prefix"],
         "shm_prefixes": [runs[m]["shm_prefix"] for m in modes],
         "shm_left": [n for m in modes for n in runs[m]["shm_left"]],
+        "plot": _plot(plot_path, echo, relay_floor, runs, clients, window) if plot_path
+        else None,
     })
     return res
 
@@ -538,6 +597,8 @@ def _run_rows(res: dict, label: str) -> list:
                                    f"p99.9 {res['ack_p999_us']}  max {res['ack_max_us']}"),
         (f"{label}orders / echo", f"{res['orders_over_echo']}  (target >= 0.7)"),
         (f"{label}ack p50 / echo p50", f"{res['ack_p50_over_echo_p50']}  (target <= 1.5)"),
+        (f"{label}orders / relay", f"{res['orders_over_relay']}  (target >= 0.9)"),
+        (f"{label}ack p50 / relay p50", f"{res['ack_p50_over_relay_p50']}  (target <= 1.2)"),
         (f"{label}paced run", f"asked {res['paced_target_per_s']:,.0f}/s, paced at "
                               f"{res['paced_rate_per_s']:,}/s" +
          ("" if res["paced_rate_per_s"] >= res["paced_target_per_s"] else
@@ -564,6 +625,10 @@ def format_report(res: dict) -> str:
         ("echo msgs/s", f"{res['echo_msgs_per_s']:,}  (bare pyzmq ROUTER/CURVE, run first)"),
         ("echo rtt µs", f"p50 {res['echo_rtt_p50_us']}  p99 {res['echo_rtt_p99_us']}  "
                         f"p99.9 {res['echo_rtt_p999_us']}"),
+        ("relay msgs/s", f"{res['relay_msgs_per_s']:,}  (gateway- and matcher-shaped "
+                         f"processes over shm rings, no logic)"),
+        ("relay rtt µs", f"p50 {res['relay_rtt_p50_us']}  p99 {res['relay_rtt_p99_us']}  "
+                         f"p99.9 {res['relay_rtt_p999_us']}  max {res['relay_rtt_max_us']}"),
         *_run_rows(res, f"{s['ack_mode']}: "),
     ]
     if "durable" in res:

@@ -1,0 +1,157 @@
+"""`perpx bench latency`: order-ack latency under open-loop load at fixed rates.
+
+For each ack mode (fast, durable: a fresh exchange each, as `perpx bench e2e` starts them) and
+each client count, every rate in turn: the clients send `perpx bench e2e`'s rest/cancel
+stream on a fixed schedule, rate/clients each, whatever the replies do (a window of
+OPEN_WINDOW requests in flight is only a safety cap). Latency is measured from each request's
+INTENDED send time to its reply, as wrk2 and HdrHistogram do: when the exchange stalls, the
+requests that should have gone out meanwhile are charged for the stall too (no coordinated
+omission). Each rate gets fresh client processes, a warm-up, then `seconds` of timed sends;
+every request sent in the timed window counts, also when its reply comes after it.
+
+The rates: the fixed ones (default 100, 1,000 and 5,000 orders/s) plus "max", the highest
+this box sustains for that ack mode: MAX_FRACTION of the closed-loop throughput (e2e's window-8
+run) measured on the same exchange just before. Per rate: achieved orders/s, p50, p90, p99,
+p99.9 and max (µs), the samples, and requests never answered (should be 0).
+
+`--plot FILE.png` writes the percentile spectra (perpx/bench/plot.py): one panel per ack mode
+and client count, one line per rate.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from perpx.bench import plot
+from perpx.bench.e2e import (DEFAULT_WINDOW, bench_dir, exchange_config, _funded_accounts,
+                             run_phases, running_exchange)
+
+DEFAULT_SECONDS = 3.0
+DEFAULT_RATES = (100, 1_000, 5_000)
+DEFAULT_CLIENTS = (1, 4)
+ACK_MODES = ("fast", "durable")
+OPEN_WINDOW = 4096
+MAX_FRACTION = 0.9
+QUANTILES = (("p50_us", 50), ("p90_us", 90), ("p99_us", 99), ("p999_us", 99.9))
+# issue 16's targets at 1,000 orders/s, one client (µs)
+TARGET_RATE = 1_000
+
+
+def latency_figures(summary: dict) -> dict:
+    """One rate's figures from e2e's run summary, latencies from the intended send time."""
+    sched = summary["sched_ns"]
+    out = {"achieved_per_s": summary["per_s"]}
+    for name, q in QUANTILES:
+        out[name] = round(float(np.percentile(sched, q)) / 1e3, 1) if len(sched) else None
+    out["max_us"] = round(float(sched.max()) / 1e3, 1) if len(sched) else None
+    out.update({"samples": int(len(sched)), "unanswered": summary["unanswered"],
+                "rejected": summary["rejected"], "first_reject": summary["first_reject"]})
+    return out
+
+
+def _mode_runs(root, mode: str, seconds: float, rates: list, clients: list, with_max: bool,
+               say) -> tuple[list, dict, str]:
+    """A fresh exchange in `mode`; every (clients, rate) run against it; (rows, samples, its
+    shm prefix)."""
+    shm_left: list = []
+    rows, samples = [], {}
+    warmup = min(0.5, seconds / 4)
+    base = {"seconds": seconds, "warmup_s": warmup, "window": OPEN_WINDOW}
+    say(f"starting the exchange (ack_mode {mode})")
+    with running_exchange(root / mode, exchange_config(max(clients), mode), say,
+                          shm_left) as (exchange, endpoints):
+        target = {"endpoints": endpoints,
+                  "certificates": _funded_accounts(exchange.sd, max(clients))}
+        mode_rates = [(str(r), float(r)) for r in rates]
+        if with_max:
+            closed = run_phases(target, [{**base, "name": "closed", "window": DEFAULT_WINDOW,
+                                          "rate": 0}], max(clients), say)["closed"]
+            mode_rates.append(("max", max(1.0, MAX_FRACTION * closed["per_s"])))
+        for c in clients:
+            for label, rate in mode_rates:
+                phase = {**base, "name": f"{label}/s", "rate": rate / c}
+                summary = run_phases(target, [phase], c, say)[phase["name"]]
+                rows.append({"ack_mode": mode, "clients": c, "rate": label,
+                             "rate_per_s": round(rate), **latency_figures(summary)})
+                samples[(mode, c, label)] = summary["sched_ns"]
+    if shm_left:
+        raise RuntimeError(f"the {mode} exchange left shm entries: {shm_left}")
+    return rows, samples, exchange.sd.prefix
+
+
+def _targets(rows: list) -> dict:
+    """issue 16's targets at 1,000/s, one client, where both modes were measured."""
+    at = {r["ack_mode"]: r for r in rows if r["clients"] == 1 and r["rate"] == str(TARGET_RATE)}
+    if "fast" not in at or "durable" not in at:
+        return {}
+    f, d = at["fast"], at["durable"]
+    checks = {
+        "durable_p50_le_fast_p50_plus_300us": (d["p50_us"], f["p50_us"] + 300),
+        "durable_p99_le_2ms": (d["p99_us"], 2000), "durable_p999_le_5ms": (d["p999_us"], 5000),
+        "durable_max_le_20ms": (d["max_us"], 20000), "fast_p99_le_1ms": (f["p99_us"], 1000),
+    }
+    return {k: {"value_us": v, "limit_us": lim, "met": v <= lim}
+            for k, (v, lim) in checks.items()}
+
+
+def bench_latency(seconds: float = DEFAULT_SECONDS, rates=DEFAULT_RATES,
+                  clients=DEFAULT_CLIENTS, ack_mode: str = "both", with_max: bool = True,
+                  plot_path=None, progress=None) -> dict:
+    say = progress or (lambda msg: None)
+    modes = ACK_MODES if ack_mode == "both" else (ack_mode,)
+    if any(m not in ACK_MODES for m in modes):
+        raise ValueError(f"ack_mode must be fast, durable or both, not {ack_mode!r}")
+    rates, clients = sorted(set(rates)), sorted(set(clients))
+    rows, samples, prefixes = [], {}, []
+    with bench_dir("latency") as root:
+        for mode in modes:
+            r, s, prefix = _mode_runs(root, mode, seconds, rates, clients, with_max, say)
+            rows += r
+            samples.update(s)
+            prefixes.append(prefix)
+    res = {"benchmark": "latency", "runs": rows, "targets": _targets(rows),
+           "settings": {"seconds": seconds, "warmup_s": min(0.5, seconds / 4),
+                        "rates": rates, "max_rate": with_max, "max_fraction": MAX_FRACTION,
+                        "clients": clients, "ack_modes": list(modes),
+                        "open_window": OPEN_WINDOW, "gateways": 1,
+                        "orders": "alternating resting new_order and cancel, both counted",
+                        "latency": "from each request's intended send time (open loop)",
+                        "percentiles": "exact (numpy) over all samples",
+                        "cpus": os.cpu_count()},
+           "plot": None, "shm_prefixes": prefixes}
+    if plot_path is not None:
+        panels = [(f"{mode} acks, {c} client{'s' * (c > 1)}",
+                   [(f"{label}/s", a) for (m, c2, label), a in samples.items()
+                    if m == mode and c2 == c])
+                  for mode in modes for c in clients]
+        res["plot"] = str(plot.write_spectra(
+            plot_path, panels, "perpx bench latency: ack latency from the intended send time"))
+    return res
+
+
+def format_report(res: dict) -> str:
+    s = res["settings"]
+    lines = [f"latency: open loop, {s['seconds']:g} s per rate (+{s['warmup_s']:g} s warm-up), "
+             f"latency from the intended send time, {s['cpus']} cpus shared by clients and "
+             f"exchange",
+             f"{'mode':8} {'clients':>7} {'rate/s':>8} {'achieved':>9} {'p50 µs':>9} "
+             f"{'p90 µs':>9} {'p99 µs':>9} {'p99.9 µs':>9} {'max µs':>9} {'n':>7}"]
+    for r in res["runs"]:
+        rate = f"{r['rate_per_s']:,}" + ("*" if r["rate"] == "max" else "")
+        lines.append(f"{r['ack_mode']:8} {r['clients']:>7} {rate:>8} {r['achieved_per_s']:>9,} "
+                     + " ".join(f"{r[k] if r[k] is not None else '-':>9}"
+                                for k in ("p50_us", "p90_us", "p99_us", "p999_us", "max_us"))
+                     + f" {r['samples']:>7}"
+                     + (f"  unanswered {r['unanswered']}" if r["unanswered"] else "")
+                     + (f"  rejected {r['rejected']}" if r["rejected"] else ""))
+    if s["max_rate"]:
+        lines.append(f"* max: {s['max_fraction']:g} x the closed-loop throughput of that "
+                     f"exchange (window {DEFAULT_WINDOW})")
+    for name, t in res["targets"].items():
+        lines.append(f"target {name}: {t['value_us']} µs (limit {t['limit_us']}) "
+                     f"{'met' if t['met'] else 'MISSED'}")
+    if res["plot"]:
+        lines.append(f"plot: {res['plot']}")
+    return "\n".join(lines)

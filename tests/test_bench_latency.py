@@ -1,0 +1,41 @@
+"""`perpx bench latency --json --plot`: a tiny open-loop run against one real exchange; the
+JSON has a row per (clients, rate) with ordered percentiles from the intended send time, the
+PNG exists and is a PNG, and nothing is left in /dev/shm."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+from perpx.cli import main
+
+
+def test_bench_latency_json_and_plot(capsys, tmp_path):
+    before = set(os.listdir("/dev/shm"))
+    png = tmp_path / "latency.png"
+    assert main(["bench", "latency", "--json", "--seconds", "0.6", "--rates", "200",
+                 "--clients", "1,2", "--ack-mode", "durable", "--plot", str(png)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    assert res["benchmark"] == "latency" and res["plot"] == str(png)
+    assert res["settings"]["ack_modes"] == ["durable"] and res["settings"]["clients"] == [1, 2]
+    # 200/s and the sustained maximum, for 1 and for 2 clients
+    assert [(r["clients"], r["rate"]) for r in res["runs"]] == \
+        [(1, "200"), (1, "max"), (2, "200"), (2, "max")]
+    for r in res["runs"]:
+        assert r["ack_mode"] == "durable" and r["samples"] > 0, r
+        assert r["unanswered"] == 0 and r["rejected"] == 0, r
+        assert 0 < r["p50_us"] <= r["p90_us"] <= r["p99_us"] <= r["p999_us"] <= r["max_us"], r
+        assert r["achieved_per_s"] > 0
+    maxed = [r for r in res["runs"] if r["rate"] == "max"]
+    assert all(r["rate_per_s"] > 200 for r in maxed)
+    assert res["targets"] == {}          # the targets compare fast and durable: one was run
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 600 and height >= 400
+    after = set(os.listdir("/dev/shm"))
+    [prefix] = res["shm_prefixes"]
+    assert not [n for n in after - before if prefix.lstrip("/") in n]
