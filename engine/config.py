@@ -79,6 +79,8 @@ MARKET_PROBLEMS = {
     13: "liquidation fee and funding cap must be in [0, 1)",
     14: "brackets are set in index order (at most 8), the first at notional 0, floors rising",
     15: "maintenance rates must be in (0, 1), not falling, the first below 1/max_leverage",
+    16: "a bracket's max leverage must be in [1, the market's max leverage], not rising with the"
+        " notional, and its initial rate 1/leverage above its maintenance rate",
 }
 
 
@@ -127,11 +129,25 @@ def market_risk_problem(liquidation_fee_e9, funding_cap_e9):
 
 
 @kernel
+def bracket_leverage(leverage, rate_e9, prev_leverage):
+    """A bracket's max leverage as SET_BRACKET resolves it: `leverage`, or when 0 the default,
+    the largest whole leverage whose initial rate 1/L is above the maintenance rate, at most the
+    previous bracket's (the first bracket's previous is the market's max leverage)."""
+    if leverage != 0 or not 0 < rate_e9 < RATE_ONE_E9:
+        return leverage
+    default = (RATE_ONE_E9 - 1) // rate_e9
+    return default if default < prev_leverage else prev_leverage
+
+
+@kernel
 def bracket_problem(n_brackets, index, floor_atoms, rate_e9, prev_floor_atoms, prev_rate_e9,
-                    max_leverage):
+                    max_leverage, leverage, prev_leverage):
     """Why SET_BRACKET `index` cannot follow the n_brackets already set (0 = it can).
 
-    Rates may repeat (the config allows equal rates); floors must rise.
+    Rates may repeat (the config allows equal rates); floors must rise. `leverage` is the
+    bracket's resolved max leverage (bracket_leverage), `prev_leverage` the previous bracket's
+    (the market's max for the first): leverage x rate < 1e9 proves the initial margin of every
+    position is above its maintenance margin.
     """
     if index != n_brackets or index >= MAX_BRACKETS:
         return 14
@@ -145,4 +161,8 @@ def bracket_problem(n_brackets, index, floor_atoms, rate_e9, prev_floor_atoms, p
         return 15
     if index > 0 and rate_e9 < prev_rate_e9:
         return 15
+    if not 1 <= leverage <= prev_leverage or leverage > max_leverage:
+        return 16
+    if leverage * rate_e9 >= RATE_ONE_E9:
+        return 16
     return 0

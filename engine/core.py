@@ -16,7 +16,8 @@ from numba import njit
 from engine.numbers import (RATE_ONE_E9, cost_share, fee_atoms, mul_div_ceil, mul_div_floor,
                             position_after_fill)
 from engine.config import (ADL_MAX_COUNTERPARTIES, LIQUIDATION_MAX_STEPS, MAX_BALANCE_ATOMS,
-                           MAX_NET_DEPOSITS_ATOMS, bracket_problem, market_config_problem,
+                           MAX_NET_DEPOSITS_ATOMS, bracket_leverage, bracket_problem,
+                           market_config_problem,
                            market_limits_problem, market_risk_problem)
 from engine.records import *  # noqa: F403
 from engine.state import (ACCOUNT_DTYPE, C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDER,
@@ -525,11 +526,73 @@ def _upnl(mk, pos):
     return pos.size_lots * mk.mark_ticks * mk.atoms_per_tick_lot - pos.cost_atoms
 
 
+NO_LEVERAGE_CAP = 1 << 62   # MARKET_DTYPE.full_leverage_below_atoms of a market without caps
+
+
 @jit
-def _margin_per_lot(mk, leverage):
+def _leverage_cap(mk, notional_atoms):
+    """The max leverage of the bracket a notional falls in (the market's max below the floor
+    of the first bracket that caps it)."""
+    if notional_atoms < mk.full_leverage_below_atoms:
+        return mk.max_leverage
+    k = mk.n_brackets - 1
+    while k > 0 and mk.bracket_floor_atoms[k] > notional_atoms:
+        k -= 1
+    return mk.bracket_max_leverage[k]
+
+
+@jit
+def _margin_per_lot(mk, leverage, exposure_lots):
+    """engine.risk.effective_leverage: initial margin of one lot at the mark, at the leverage
+    setting (0: the market's max) capped by the max leverage of the bracket that exposure_lots
+    at the mark fall in. Below the first capped bracket's floor no lookup is needed."""
+    notional = exposure_lots * mk.mark_ticks * mk.atoms_per_tick_lot
+    if notional >= mk.full_leverage_below_atoms:
+        cap = _leverage_cap(mk, notional)
+        if leverage == 0 or cap < leverage:
+            leverage = cap
     if leverage == 0:
         return mk.margin_per_lot_atoms
     return mul_div_ceil(mk.mark_ticks, mk.atoms_per_tick_lot, leverage)
+
+
+@jit
+def _entry_cost(st, market, account, side, limit_ticks, qty, rests):
+    """engine.risk.entry_cost_atoms of an order entering the book now, with the furthest
+    price its lots can trade at found as reference._worst_price walks the book."""
+    mk = _markets(st)[market]
+    opposite = 1 - side
+    n = _book_depth(st)[market, opposite]
+    worst = 0
+    best = 0
+    total = 0
+    for k in range(n - 1, -1, -1):
+        lvl = _book_levels(st)[market, opposite, k]
+        price = _levels(st)[lvl].price_ticks
+        if not _crosses(side, limit_ticks, price):
+            break
+        if worst == 0:
+            best = price
+        worst = price
+        slot = _levels(st)[lvl].first
+        while slot != NONE:
+            o = _orders(st)[slot]
+            if o.account != account and (o.flags & FLAG_REDUCE_ONLY) == 0:
+                total += o.remaining_lots
+            slot = o.next
+        if total >= qty:
+            break
+    if total < qty and rests:
+        worst = limit_ticks
+    if worst == 0:
+        return 0
+    gap = worst - mk.mark_ticks if side == SIDE_BUY else mk.mark_ticks - worst
+    cost = qty * gap * mk.atoms_per_tick_lot if gap > 0 else 0
+    if best != 0 and mk.taker_fee_e9 > 0:
+        fee_price = worst if side == SIDE_BUY else best
+        cost += mul_div_ceil(qty * fee_price * mk.atoms_per_tick_lot, mk.taker_fee_e9,
+                             RATE_ONE_E9) + qty
+    return cost
 
 
 @jit
@@ -554,13 +617,14 @@ def _equity_and_requirement(st, account, extra_market, extra_buy, extra_sell, ex
                 leverage = extra_leverage
         elif pos.size_lots == 0 and buy == 0 and sell == 0:
             continue
-        per_lot = _margin_per_lot(mk, leverage)
+        exposure = _exposure_lots(pos.size_lots, buy, sell)
+        per_lot = _margin_per_lot(mk, leverage, exposure)
         if pos.margin_mode == MARGIN_ISOLATED:
             required += _isolated_requirement(pos.size_lots, buy, sell,
                                               pos.isolated_margin_atoms + _upnl(mk, pos), per_lot)
         else:
             equity += _upnl(mk, pos)
-            required += _exposure_lots(pos.size_lots, buy, sell) * per_lot
+            required += exposure * per_lot
     return equity, required
 
 
@@ -571,6 +635,10 @@ def _isolated_requirement(size, buy, sell, isolated_equity, per_lot):
     growing = buy if size >= 0 else sell
     closing = sell if size >= 0 else buy
     drain = growing * per_lot
+    if growing > 0:
+        shortfall = (size if size >= 0 else -size) * per_lot - isolated_equity
+        if shortfall > 0:
+            drain += shortfall
     if closing > 0:
         flip = closing - (size if size >= 0 else -size)
         if flip < 0:
@@ -582,7 +650,7 @@ def _isolated_requirement(size, buy, sell, isolated_equity, per_lot):
 
 
 @jit
-def _exposure_error(st, account, market, add_buy, add_sell, check_margin):
+def _exposure_error(st, account, market, add_buy, add_sell, check_margin, entry_cost):
     mk = _markets(st)[market]
     pos = _positions(st)[account, market]
     if _exposure_lots(pos.size_lots, pos.open_buy_lots + add_buy,
@@ -591,7 +659,7 @@ def _exposure_error(st, account, market, add_buy, add_sell, check_margin):
     if not check_margin:
         return 0
     equity, required = _equity_and_requirement(st, account, market, add_buy, add_sell, 0)
-    if equity - required < 0:
+    if equity - required - entry_cost < 0:
         return REASON_INSUFFICIENT_MARGIN
     return 0
 
@@ -613,8 +681,12 @@ def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only, n
         best = _best_level(st, market, 1 - side)
         if best != NONE and _crosses(side, limit_ticks, _levels(st)[best].price_ticks):
             return REASON_POST_ONLY_WOULD_TAKE, qty
+    cost = 0
+    if not reduce_only:
+        cost = _entry_cost(st, market, account, side, limit_ticks, qty,
+                           tif == TIF_GTC or tif == TIF_POST_ONLY)
     err = _exposure_error(st, account, market, qty if side == SIDE_BUY else 0,
-                          qty if side == SIDE_SELL else 0, not reduce_only)
+                          qty if side == SIDE_SELL else 0, not reduce_only, cost)
     if err != 0:
         return err, qty
     if tif == TIF_FOK and not _fok_fillable(st, market, account, side, limit_ticks, stp, qty,
@@ -738,15 +810,16 @@ def _apply_fill(st, account, market, side, qty, price, fee):
     acct.balance_atoms += realized - fee
     acct.changed_seq = _counters(st)[C_SEQ]
     if pos.margin_mode == MARGIN_ISOLATED:
-        _isolated_fill(mk, pos, acct, before, qty, side)
+        _isolated_fill(mk, pos, acct, before, qty, side, price)
 
 
 @jit
-def _isolated_fill(mk, pos, acct, before, qty, side):
+def _isolated_fill(mk, pos, acct, before, qty, side, price):
     """Move margin between the balance and an isolated position as a fill changes |size|:
     the closed lots release their share of the margin (all of it on a full close), the
-    opened lots post initial margin at the mark and the position's leverage, as far as the
-    balance holds it."""
+    opened lots post initial margin at the mark and the leverage of the new size's bracket,
+    plus the loss the fill took against the mark, or more if that leaves the position below
+    its initial margin (a top-up), as far as the balance holds it."""
     closed = 0
     if before != 0 and (before > 0) != (side == SIDE_BUY):
         whole = before if before > 0 else -before
@@ -757,7 +830,15 @@ def _isolated_fill(mk, pos, acct, before, qty, side):
     opened = qty - closed
     if opened > 0:
         # the margin check covered the margin, not the fee: post no more than the balance holds
-        posted = opened * _margin_per_lot(mk, pos.leverage)
+        size = pos.size_lots if pos.size_lots >= 0 else -pos.size_lots
+        gap = price - mk.mark_ticks if side == SIDE_BUY else mk.mark_ticks - price
+        per_lot = _margin_per_lot(mk, pos.leverage, size)
+        posted = opened * per_lot
+        if gap > 0:
+            posted += opened * gap * mk.atoms_per_tick_lot
+        top_up = size * per_lot - pos.isolated_margin_atoms - _upnl(mk, pos)
+        if top_up > posted:
+            posted = top_up
         available = acct.balance_atoms if acct.balance_atoms > 0 else 0
         if posted > available:
             posted = available
@@ -1110,6 +1191,7 @@ def _create_market(st, cmd):
     mk.taker_fee_e9 = cmd.oid
     mk.price_band_e9 = cmd.qty_lots
     mk.max_leverage = cmd.account
+    mk.full_leverage_below_atoms = NO_LEVERAGE_CAP
     _set_mark_ticks(mk, cmd.price_ticks)
     _done(st, cmd, 0)
 
@@ -1385,9 +1467,14 @@ def _amend(st, cmd, scratch):
                                                   _book_keys(st).shape[2]):
         return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
     grow = new_qty - o.remaining_lots
-    if grow > 0:
-        err = _exposure_error(st, o.account, o.market, grow if o.side == SIDE_BUY else 0,
-                              grow if o.side == SIDE_SELL else 0, not reduce_only)
+    if grow > 0 or new_price != o.price_ticks:
+        # a re-priced order enters again: its loss against the mark (and the taker fee when
+        # it crosses) is checked as for a new order
+        add = grow if grow > 0 else 0
+        err = _exposure_error(st, o.account, o.market, add if o.side == SIDE_BUY else 0,
+                              add if o.side == SIDE_SELL else 0, not reduce_only,
+                              _entry_cost(st, o.market, o.account, o.side, new_price, new_qty,
+                                          o.tif == TIF_GTC or o.tif == TIF_POST_ONLY))
         if err != 0:
             return _reject(st, cmd, err)
     _order_event(st, cmd, EV_AMENDED, o.market, o.account, cmd.req, 0, STATUS_OPEN, o.side,
@@ -1425,9 +1512,14 @@ def _set_bracket(st, cmd):
     prev_floor = mk.bracket_floor_atoms[n - 1] if n > 0 else 0
     prev_rate = mk.bracket_rate_e9[n - 1] if n > 0 else 0
     prev_amount = mk.bracket_amount_atoms[n - 1] if n > 0 else 0
+    prev_leverage = mk.bracket_max_leverage[n - 1] if n > 0 else mk.max_leverage
+    leverage = bracket_leverage(cmd.qty_lots, cmd.price_ticks, prev_leverage)
     if bracket_problem(n, cmd.kind, cmd.amount_atoms, cmd.price_ticks, prev_floor, prev_rate,
-                       mk.max_leverage) != 0:
+                       mk.max_leverage, leverage, prev_leverage) != 0:
         return _reject(st, cmd, REASON_INVALID_MARKET_CONFIG)
+    mk.bracket_max_leverage[n] = leverage
+    if leverage < mk.max_leverage and mk.full_leverage_below_atoms == NO_LEVERAGE_CAP:
+        mk.full_leverage_below_atoms = cmd.amount_atoms
     mk.bracket_floor_atoms[n] = cmd.amount_atoms
     mk.bracket_rate_e9[n] = cmd.price_ticks
     mk.bracket_amount_atoms[n] = prev_amount + mul_div_floor(
@@ -1449,9 +1541,11 @@ def _set_margin(st, cmd):
     mk = _markets(st)[market]
     if mode > MARGIN_ISOLATED:
         return _reject(st, cmd, REASON_INVALID_MESSAGE)
-    if leverage < 1 or leverage > mk.max_leverage:
-        return _reject(st, cmd, REASON_LEVERAGE)
     pos = _positions(st)[account, market]
+    # not above the max leverage of the bracket the current position falls in
+    size = pos.size_lots if pos.size_lots >= 0 else -pos.size_lots
+    if leverage < 1 or leverage > _leverage_cap(mk, size * mk.mark_ticks * mk.atoms_per_tick_lot):
+        return _reject(st, cmd, REASON_LEVERAGE)
     if mode != pos.margin_mode and (pos.size_lots != 0 or pos.open_orders != 0):
         return _reject(st, cmd, REASON_MARGIN_MODE_LOCKED)
     equity, required = _equity_and_requirement(st, account, -1, 0, 0, 0)

@@ -82,7 +82,8 @@ STP_CANCEL_BOTH = 2
 # The risk commands pack theirs the same way (constructors at the end of this module):
 #   SET_MARKET_RISK:    cid = liquidation_fee_e9, oid = funding_cap_e9
 #   SET_BRACKET:        kind = bracket index, amount_atoms = notional floor in atoms,
-#                       price_ticks = maintenance rate e9 (the engine derives the amounts)
+#                       price_ticks = maintenance rate e9 (the engine derives the amounts),
+#                       qty_lots = the bracket's max leverage (0: the default, config.py)
 #   SET_MARGIN:         kind = MARGIN_CROSS / MARGIN_ISOLATED, qty_lots = leverage
 #   FUNDING:            oid = funding rate e9 (signed; positive: longs pay shorts)
 #   LIQUIDATE:          account; market = -1 for its cross positions, else that isolated one
@@ -392,9 +393,9 @@ def market_risk_command(market: int, *, liquidation_fee_e9: int, funding_cap_e9:
 
 
 def bracket_command(market: int, index: int, *, floor_atoms: int, maintenance_rate_e9: int,
-                    ts_ns: int = 0) -> np.ndarray:
+                    max_leverage: int = 0, ts_ns: int = 0) -> np.ndarray:
     return _command(CMD_SET_BRACKET, market, ts_ns, kind=index, amount_atoms=floor_atoms,
-                    price_ticks=maintenance_rate_e9)
+                    price_ticks=maintenance_rate_e9, qty_lots=max_leverage)
 
 
 def set_margin_command(account: int, market: int, *, mode: int, leverage: int,

@@ -28,9 +28,15 @@ from dataclasses import dataclass, field
 from engine import numbers as num
 from engine import risk
 from engine.config import (ADL_MAX_COUNTERPARTIES, LIQUIDATION_MAX_STEPS, EngineConfig,
-                           MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, bracket_problem,
+                           MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, bracket_leverage,
+                           bracket_problem,
                            market_config_problem, market_limits_problem, market_risk_problem)
 from engine.records import *  # noqa: F403 — the codes are the vocabulary of this module
+
+
+# The commands a client raises its own risk with: after each, the bracket invariant holds for
+# the sending account (ReferenceMatcher.check_risk_raised; docs/risk.md).
+RISK_RAISING_COMMANDS = (CMD_NEW_ORDER, CMD_AMEND, CMD_WITHDRAW, CMD_SET_MARGIN)
 
 
 @dataclass
@@ -56,6 +62,7 @@ class Market:
     liquidation_fee_e9: int = 0
     funding_cap_e9: int = 0
     brackets: list = field(default_factory=list)   # [(floor_atoms, rate_e9, amount_atoms)]
+    leverage_caps: list = field(default_factory=list)   # each bracket's max leverage
 
     @property
     def tradeable(self):
@@ -198,21 +205,25 @@ class ReferenceMatcher:
 
     # ---- margin ------------------------------------------------------------------------
     @staticmethod
-    def _margin_per_lot(market, pos, leverage=None):
+    def _margin_per_lot(market, pos, exposure_lots, leverage=None):
+        """Initial margin of one lot at the mark, at the position's leverage setting capped by
+        the max leverage of the bracket that exposure_lots at the mark fall in."""
         return risk.initial_margin_per_lot_atoms(
-            market.mark_ticks, market.atoms_per_tick_lot,
-            (pos.leverage if leverage is None else leverage) or market.max_leverage)
+            market.mark_ticks, market.atoms_per_tick_lot, risk.effective_leverage(
+                pos.leverage if leverage is None else leverage, market.max_leverage,
+                exposure_lots * market.mark_ticks * market.atoms_per_tick_lot,
+                market.brackets, market.leverage_caps))
 
     def _requirement(self, market, pos, open_buy, open_sell, leverage=None):
         """Initial margin the cross balance must cover: the whole exposure of a cross position;
         for an isolated one what its open orders would drain from the balance (the position
         itself is backed by its isolated margin; risk.isolated_requirement_atoms)."""
-        per_lot = self._margin_per_lot(market, pos, leverage)
+        exposure = max(abs(pos.size_lots + open_buy), abs(pos.size_lots - open_sell))
+        per_lot = self._margin_per_lot(market, pos, exposure, leverage)
         if pos.isolated:
             return risk.isolated_requirement_atoms(
                 pos.size_lots, open_buy, open_sell,
                 pos.isolated_margin_atoms + self._upnl(market, pos), per_lot)
-        exposure = max(abs(pos.size_lots + open_buy), abs(pos.size_lots - open_sell))
         return exposure * per_lot
 
     @staticmethod
@@ -279,11 +290,13 @@ class ReferenceMatcher:
             return pos.isolated_margin_atoms
         return self._cross_equity(account, skip_market=market_id)
 
-    def _exposure_error(self, account, market_id, market, pos, add_buy, add_sell, check_margin):
+    def _exposure_error(self, account, market_id, market, pos, add_buy, add_sell, check_margin,
+                        entry_cost=0):
         """Position limit, then margin, for adding open quantity; a reason code or 0.
 
         The position limit binds reduce-only orders too: it is what bounds every exposure
-        (and so every int64 product) the margin arithmetic ever forms.
+        (and so every int64 product) the margin arithmetic ever forms. entry_cost: what the
+        order may cost at once beyond its margin (risk.entry_cost_atoms).
         """
         buy = pos.open_buy_lots + add_buy
         sell = pos.open_sell_lots + add_sell
@@ -292,7 +305,7 @@ class ReferenceMatcher:
         if not check_margin:
             return 0
         equity, required = self._equity_and_requirement(account, market_id, add_buy, add_sell)
-        if equity - required < 0:
+        if equity - required - entry_cost < 0:
             return REASON_INSUFFICIENT_MARGIN
         return 0
 
@@ -534,9 +547,17 @@ class ReferenceMatcher:
                 self.balances[account] += release
             opened = abs(delta) - closed
             if opened:
-                # the margin check covered the margin, not the fee: post no more than the
-                # balance holds, so an isolated fill never leaves the balance negative
-                posted = min(opened * self._margin_per_lot(market, pos),
+                # initial margin at the bracket of the new size, plus the loss the fill took
+                # against the mark, or a top-up to the new size's initial margin if more (the
+                # entry check covered all), so the position is at least at its initial margin;
+                # but no more than the balance holds, so an isolated fill never leaves the
+                # balance negative
+                gap = (price - market.mark_ticks) if delta > 0 else (market.mark_ticks - price)
+                per_lot = self._margin_per_lot(market, pos, abs(pos.size_lots))
+                top_up = (abs(pos.size_lots) * per_lot - pos.isolated_margin_atoms
+                          - self._upnl(market, pos))
+                posted = min(max(opened * per_lot + opened * max(gap, 0)
+                                 * market.atoms_per_tick_lot, top_up),
                              max(self.balances[account], 0))
                 pos.isolated_margin_atoms += posted
                 self.balances[account] -= posted
@@ -626,12 +647,46 @@ class ReferenceMatcher:
             return REASON_POST_ONLY_WOULD_TAKE, qty
         err = self._exposure_error(account, market_id, market, pos,
                                    qty if side == SIDE_BUY else 0,
-                                   qty if side == SIDE_SELL else 0, not reduce_only)
+                                   qty if side == SIDE_SELL else 0, not reduce_only,
+                                   self._entry_cost(market, account, side, limit_ticks, qty,
+                                                    tif in (TIF_GTC, TIF_POST_ONLY)))
         if err:
             return err, qty
         if tif == TIF_FOK and not self._fok_fillable(market, account, side, limit_ticks, stp, qty):
             return REASON_FOK_UNFILLED, qty
         return 0, qty
+
+    def _worst_price(self, market, account, side, limit_ticks, qty, rests):
+        """The furthest price any lot of an order entering now can trade at: the level where
+        the crossing book holds qty lots (the account's own orders and reduce-only makers
+        not counted, so the walk goes at least as deep as the match), else its limit if the
+        rest rests, else the deepest crossing level (the rest is canceled); None when it
+        cannot trade at all."""
+        opposite = 1 - side
+        prices = market.prices[opposite]
+        walk = reversed(prices) if opposite == SIDE_BUY else iter(prices)
+        total = 0
+        worst = None
+        for price in walk:
+            if not self._crosses(side, limit_ticks, price):
+                break
+            worst = price
+            total += sum(o.remaining_lots for o in market.levels[opposite][price]
+                         if o.account != account and not o.reduce_only)
+            if total >= qty:
+                return price
+        return limit_ticks if rests else worst
+
+    def _entry_cost(self, market, account, side, limit_ticks, qty, rests):
+        """risk.entry_cost_atoms of an order entering the book now."""
+        best = market.best_price(1 - side)
+        takes = best is not None and self._crosses(side, limit_ticks, best)
+        worst = self._worst_price(market, account, side, limit_ticks, qty, rests)
+        if worst is None:
+            return 0
+        fee_price = worst if side == SIDE_BUY else (best if takes else limit_ticks)
+        return risk.entry_cost_atoms(side, worst, qty, market.mark_ticks, fee_price,
+                                     market.atoms_per_tick_lot, market.taker_fee_e9, takes)
 
     # ---- the trigger book --------------------------------------------------------------
     @staticmethod
@@ -849,11 +904,17 @@ class ReferenceMatcher:
         if new_price != order.price_ticks and self._level_full(market, order.side, new_price):
             return self._reject(REASON_TOO_MANY_ORDERS)
         grow = new_qty - order.remaining_lots
-        if grow > 0:
+        if grow > 0 or new_price != order.price_ticks:
+            # a re-priced order enters again: its loss against the mark (and the taker fee when
+            # it crosses) is checked as for a new order
+            grow = max(grow, 0)
             err = self._exposure_error(order.account, order.market, market, pos,
                                        grow if order.side == SIDE_BUY else 0,
                                        grow if order.side == SIDE_SELL else 0,
-                                       not order.reduce_only)
+                                       not order.reduce_only,
+                                       self._entry_cost(market, order.account, order.side,
+                                                        new_price, new_qty,
+                                                        order.tif in (TIF_GTC, TIF_POST_ONLY)))
             if err:
                 return self._reject(err)
 
@@ -890,12 +951,15 @@ class ReferenceMatcher:
             return self._reject(REASON_UNKNOWN_MARKET)
         index, floor_atoms, rate_e9 = c["kind"], c["amount_atoms"], c["price_ticks"]
         prev_floor, prev_rate, prev_amount = market.brackets[-1] if market.brackets else (0, 0, 0)
+        prev_leverage = market.leverage_caps[-1] if market.leverage_caps else market.max_leverage
+        leverage = bracket_leverage(c["qty_lots"], rate_e9, prev_leverage)
         if bracket_problem(len(market.brackets), index, floor_atoms, rate_e9, prev_floor,
-                           prev_rate, market.max_leverage):
+                           prev_rate, market.max_leverage, leverage, prev_leverage):
             return self._reject(REASON_INVALID_MARKET_CONFIG)
         amount = prev_amount + num.mul_div_floor(floor_atoms, rate_e9 - prev_rate,
                                                  num.RATE_ONE_E9)
         market.brackets.append((floor_atoms, rate_e9, amount))
+        market.leverage_caps.append(leverage)
         self._done()
 
     def _set_margin(self):
@@ -908,9 +972,13 @@ class ReferenceMatcher:
             return self._reject(REASON_UNKNOWN_ACCOUNT)
         if mode not in (MARGIN_CROSS, MARGIN_ISOLATED):
             return self._reject(REASON_INVALID_MESSAGE)
-        if not 1 <= leverage <= market.max_leverage:
-            return self._reject(REASON_LEVERAGE)
         pos = self._position(account, market_id)
+        # not above the max leverage of the bracket the current position falls in
+        if not 1 <= leverage <= risk.effective_leverage(
+                0, market.max_leverage,
+                abs(pos.size_lots) * market.mark_ticks * market.atoms_per_tick_lot,
+                market.brackets, market.leverage_caps):
+            return self._reject(REASON_LEVERAGE)
         if mode != pos.margin_mode and (pos.size_lots != 0 or pos.open_orders != 0):
             return self._reject(REASON_MARGIN_MODE_LOCKED)
         # Only a change that raises the requirement can be refused: lowering it always helps.
@@ -1126,6 +1194,39 @@ class ReferenceMatcher:
     }
 
     # ---- invariants (DESIGN.md §8) -----------------------------------------------------
+    def risk_snapshot(self, account):
+        """What check_risk_raised compares against: the account's positions and balance."""
+        return ({m: p.size_lots for (a, m), p in self.positions.items() if a == account},
+                self.balances[account])
+
+    def check_risk_raised(self, account, before):
+        """The bracket invariant (docs/risk.md): a command that raised the account's risk (a
+        position grew or flipped, or its balance fell by a withdrawal) leaves each scope it
+        raised with equity at the mark above its maintenance margin. Returns the violations."""
+        sizes, balance = before
+        raised = set()
+        for (a, m), pos in self.positions.items():
+            old = sizes.get(m, 0)
+            if a == account and (abs(pos.size_lots) > abs(old) or pos.size_lots * old < 0):
+                raised.add(m if pos.isolated else -1)
+        if self.balances[account] < balance and self.cmd["cmd"] == CMD_WITHDRAW:
+            raised.add(-1)
+        problems = []
+        for scope in sorted(raised):
+            if scope == -1:
+                equity = self._cross_equity(account)
+                mm = sum(self._maintenance(self.markets[m], p)
+                         for (a, m), p in self.positions.items()
+                         if a == account and not p.isolated and p.size_lots != 0)
+            else:
+                pos = self.positions[(account, scope)]
+                equity = pos.isolated_margin_atoms + self._upnl(self.markets[scope], pos)
+                mm = self._maintenance(self.markets[scope], pos)
+            if mm > 0 and equity <= mm:
+                problems.append(f"seq {self.seq}: account {account} scope {scope} raised its "
+                                f"risk to equity {equity} <= maintenance {mm}")
+        return problems
+
     def check_invariants(self):
         for market_id, market in self.markets.items():
             bid, ask = market.best_price(SIDE_BUY), market.best_price(SIDE_SELL)

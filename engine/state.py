@@ -45,6 +45,10 @@ MARKET_DTYPE = np.dtype([
     ("bracket_rate_e9", "<i8", (MAX_BRACKETS,)),
     ("bracket_amount_atoms", "<i8", (MAX_BRACKETS,)),  # derived: Binance's cumulative amount
     ("untriggered", "<i8"),            # orders in the market's trigger book
+    ("bracket_max_leverage", "<i8", (MAX_BRACKETS,)),  # initial rate 1/L of each bracket
+    # derived: the floor of the first bracket whose max leverage is below the market's (2**62
+    # when none), so margin checks below it skip the bracket lookup
+    ("full_leverage_below_atoms", "<i8"),
 ])
 
 # One net position per (account, market), with the open-order totals its margin needs.

@@ -114,7 +114,8 @@ REASON_TEXT = {
 }
 # Engine reasons that share a protocol reason but deserve their own text.
 ENGINE_REASON_TEXT = {
-    REASON_LEVERAGE: "leverage must be an integer from 1 to the market's max_leverage",
+    REASON_LEVERAGE: "leverage must be an integer from 1 to the max leverage of the bracket "
+                     "the position's notional falls in (at most the market's max_leverage)",
     REASON_MARGIN_MODE_LOCKED: "the margin mode cannot change while this market has a "
                                "position or open orders of this account",
 }

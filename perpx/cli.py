@@ -672,7 +672,7 @@ def cmd_markets(args) -> int:
              m["max_leverage"], m["maker_fee"], m["taker_fee"], m["price_band"], m["max_price"],
              m["max_position_qty"], m["max_order_qty"], m["liquidation_fee"],
              f"{m['funding_interval_s']} s", m["funding_cap"],
-             " ".join(f"{floor}:{rate}" for floor, rate, _ in m["brackets"]))
+             " ".join(f"{floor}:{rate}:{lev}x" for floor, rate, lev, _ in m["brackets"]))
             for m in rows]
     if mirror is not None:
         headers += ["mark", "halted"]

@@ -146,6 +146,7 @@ class Bracket:
     floor: Decimal             # notional (USDC) from which the rate applies
     rate: Decimal              # maintenance margin rate
     maintenance_amount: Decimal  # Binance-style deduction: keeps the requirement continuous
+    max_leverage: int = 0      # resolved: the default when the config leaves it out
 
 
 @dataclass(frozen=True)
@@ -211,8 +212,9 @@ class MarketSpec:
             "max_leverage": self.max_leverage,
             "maker_fee": dec_str(self.maker_fee), "taker_fee": dec_str(self.taker_fee),
             "price_band": dec_str(self.price_band),
-            "brackets": [[dec_str(b.floor), dec_str(b.rate), dec_str(b.maintenance_amount)]
-                         for b in self.brackets],
+            # [floor, maintenance rate, max leverage] as configured, then the derived amount
+            "brackets": [[dec_str(b.floor), dec_str(b.rate), b.max_leverage,
+                          dec_str(b.maintenance_amount)] for b in self.brackets],
             "liquidation_fee": dec_str(self.liquidation_fee),
             "funding_interval_s": self.funding_interval_s,
             "interest_rate": dec_str(self.interest_rate),
@@ -640,17 +642,23 @@ def _market(c: _Checker, i: int, item, origin: Path | None,
 
 
 def _brackets(c: _Checker, key: str, value, leverage: int) -> tuple:
-    """[[notional floor, maintenance rate], ...]: floors from 0 strictly up, rates non-decreasing
-    in (0, 1), the first below the initial margin rate 1/max_leverage. The maintenance amount of
-    bracket k is amount[k-1] + floor[k] x (rate[k] - rate[k-1]) (Binance's cumulative deduction),
-    so notional x rate - amount is continuous across floors."""
+    """[[notional floor, maintenance rate, max leverage (optional)], ...]: floors from 0
+    strictly up, rates non-decreasing in (0, 1), the first below the initial margin rate
+    1/max_leverage. Each bracket's max leverage is in [1, max_leverage], does not rise with
+    the floor, and its initial rate 1/L is above the maintenance rate; left out, it is the
+    largest such whole leverage, at most the previous bracket's (engine.config.bracket_leverage).
+    The maintenance amount of bracket k is amount[k-1] + floor[k] x (rate[k] - rate[k-1])
+    (Binance's cumulative deduction), so notional x rate - amount is continuous across floors."""
+    from engine.config import bracket_leverage
+
     if not isinstance(value, list) or not value:
         c.fail(key, "must be a non-empty list of [notional floor, maintenance rate] pairs")
     out = []
     for k, pair in enumerate(value):
         at = f"{key}[{k}]"
-        if not isinstance(pair, list) or len(pair) != 2:
-            c.fail(at, f"{pair!r} must be a pair [notional floor, maintenance rate]")
+        if not isinstance(pair, list) or len(pair) not in (2, 3):
+            c.fail(at, f"{pair!r} must be a pair [notional floor, maintenance rate] or "
+                       f"[notional floor, maintenance rate, max leverage]")
         floor = c.decimal(at + "[0]", pair[0])
         rate = c.decimal(at + "[1]", pair[1])
         c.rate_e9(at + "[1]", rate, pair[1])
@@ -673,7 +681,18 @@ def _brackets(c: _Checker, key: str, value, leverage: int) -> tuple:
                 c.fail(at + "[1]", f"maintenance rate '{pair[1]}' must be below the initial "
                                    f"margin rate 1/max_leverage = {dec_str(Decimal(1) / leverage)}")
             amount = Decimal(0)
-        out.append(Bracket(floor, rate, amount))
+        prev_leverage = out[-1].max_leverage if out else leverage
+        bracket_lev = bracket_leverage(
+            c.integer(at + "[2]", pair[2], 1, leverage) if len(pair) == 3 else 0,
+            int(rate * RATE_E9), prev_leverage)
+        if bracket_lev > prev_leverage:
+            c.fail(at + "[2]", f"max leverage {bracket_lev} is above the previous bracket's "
+                               f"{prev_leverage}")
+        if rate * bracket_lev >= 1:
+            c.fail(at + "[2]", f"max leverage {bracket_lev} gives an initial margin rate "
+                               f"{dec_str(Decimal(1) / bracket_lev)}, not above the maintenance "
+                               f"rate '{pair[1]}'")
+        out.append(Bracket(floor, rate, amount, bracket_lev))
     return tuple(out)
 
 
@@ -703,7 +722,8 @@ def genesis_commands(cfg: Config, ts_ns: int | None = None):
         for k, b in enumerate(m.brackets):
             cmds.append(bracket_command(
                 m.id, k, floor_atoms=int(b.floor * ATOMS_PER_USDC),
-                maintenance_rate_e9=int(b.rate * RATE_E9), ts_ns=ts))
+                maintenance_rate_e9=int(b.rate * RATE_E9), max_leverage=b.max_leverage,
+                ts_ns=ts))
     return np.concatenate(cmds)
 
 
@@ -713,7 +733,8 @@ def config_from_resolved(doc: dict) -> Config:
     markets = []
     for m in doc["markets"]:
         item = {k: m[k] for k in MARKET_KEYS if k in m}
-        item["brackets"] = [[b[0], b[1]] for b in m["brackets"]]
+        # [floor, rate, max leverage, amount]; older files hold [floor, rate, amount]
+        item["brackets"] = [b[:3] if len(b) == 4 else b[:2] for b in m["brackets"]]
         if item.get("oracle", "").startswith("csv:"):
             pass   # already absolute
         markets.append(item)

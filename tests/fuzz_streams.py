@@ -20,9 +20,10 @@ MARKETS = (0, 1)
 MARK_TICKS = (1000, 20000)
 
 
-# Maintenance brackets (floor atoms, rate e9) steep enough that mark moves liquidate often.
-BRACKETS = (((0, 45_000_000), (20_000_000, 60_000_000), (50_000_000, 100_000_000)),
-            ((0, 180_000_000), (30_000_000, 200_000_000), (100_000_000, 250_000_000)))
+# Maintenance brackets (floor atoms, rate e9, max leverage; 0 = the default) steep enough that
+# mark moves liquidate often, and with max leverages that bind within the fuzzed positions.
+BRACKETS = (((0, 45_000_000, 20), (2_000_000, 60_000_000, 12), (6_000_000, 100_000_000, 0)),
+            ((0, 180_000_000, 0), (3_000_000, 200_000_000, 0), (10_000_000, 250_000_000, 0)))
 FUNDING_CAP_E9 = 5_000_000
 
 
@@ -44,9 +45,9 @@ def genesis() -> np.ndarray:
     for m, brackets in enumerate(BRACKETS):
         cmds.append(market_risk_command(m, liquidation_fee_e9=5_000_000 * (m + 1),
                                         funding_cap_e9=FUNDING_CAP_E9))
-        for k, (floor_atoms, rate_e9) in enumerate(brackets):
+        for k, (floor_atoms, rate_e9, leverage) in enumerate(brackets):
             cmds.append(bracket_command(m, k, floor_atoms=floor_atoms,
-                                        maintenance_rate_e9=rate_e9))
+                                        maintenance_rate_e9=rate_e9, max_leverage=leverage))
     for account in range(FUZZ_CONFIG.max_accounts - 2):
         d = new_commands(1)
         d["cmd"] = CMD_DEPOSIT

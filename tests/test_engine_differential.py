@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from engine.invariants import check_state
 from engine.matcher import LocalEvents, Matcher
 from engine.records import COMMAND_DTYPE, EV_COMMAND
-from engine.reference import ReferenceMatcher
+from engine.reference import RISK_RAISING_COMMANDS, ReferenceMatcher
 from engine.state import C_INSURANCE_ATOMS
 from tests.fuzz_streams import FUZZ_CONFIG, command_lists, commands_from_dicts, genesis, random_stream
 
@@ -35,9 +35,14 @@ def run_both(commands: np.ndarray, check_every_batch: bool = True, ring_slots: i
         got = ring.run(fast, batch, source=b % 4, privileged=privileged)
         want = []
         for i, rec in enumerate(batch):
+            account = int(rec["account"])
+            known = 0 <= account < FUZZ_CONFIG.max_accounts
+            before = ref.risk_snapshot(account) if known else None
             want.extend(ref.process({k: int(rec[k]) for k in COMMAND_DTYPE.names}, b % 4,
                                     privileged))
             ref.check_invariants()
+            if before is not None and int(rec["cmd"]) in RISK_RAISING_COMMANDS:
+                assert not ref.check_risk_raised(account, before)
         if got != want:
             _explain(got, want, start)
         if check_every_batch:

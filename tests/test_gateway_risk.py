@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import msgpack
 import pytest
 
-from engine.records import funding_command, liquidate_command
+from engine.records import REASON_LEVERAGE, funding_command, liquidate_command
+from gateway.codec import ENGINE_REASON_TEXT
 from gateway.markets import MarketTable
 from shm.index_board import IndexBoard, Published
 from tests.gateway_fixtures import (BTC, BTC_MARK, ENGINE, ETH, MARKETS, WAIT_S, Exchange,
@@ -20,7 +21,7 @@ from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefi
 
 TABLE = MarketTable.from_dicts(MARKETS)
 D = Decimal
-LEVERAGE_TEXT = "leverage must be an integer from 1 to the market's max_leverage"
+LEVERAGE_TEXT = ENGINE_REASON_TEXT[REASON_LEVERAGE]
 LOCKED_TEXT = ("the margin mode cannot change while this market has a position or open orders "
                "of this account")
 
