@@ -53,7 +53,7 @@ class EngineConfig:
         Event rings can be much smaller: a command whose worst case exceeds the ring runs
         alone into an overflow buffer of this size (Matcher.process_oversized).
         """
-        per_market = 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 2
+        per_market = 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 4
         # the trigger books: 8 + 2R + 5T per market, R + T orders in the pool
         triggers = (8 * self.max_markets + 2 * self.max_orders
                     + 3 * min(self.max_orders, self.max_markets * self.max_trigger_orders))

@@ -1559,6 +1559,17 @@ def _set_margin(st, cmd):
 
 
 @jit
+def _insurance_deposit(st, cmd):
+    amount = cmd.amount_atoms
+    if (amount < 1 or amount > MAX_BALANCE_ATOMS - _counters(st)[C_INSURANCE_ATOMS]
+            or amount > MAX_NET_DEPOSITS_ATOMS - _counters(st)[C_NET_DEPOSITS_ATOMS]):
+        return _reject(st, cmd, REASON_INVALID_MESSAGE)
+    _counters(st)[C_NET_DEPOSITS_ATOMS] += amount
+    _insure(st, cmd, INSURANCE_DEPOSIT, amount, cmd.market, cmd.account)
+    _done(st, cmd, 0)
+
+
+@jit
 def _insure(st, cmd, reason, amount, market, account):
     """Change the insurance fund by amount, with its event (none when 0)."""
     if amount == 0:
@@ -1687,28 +1698,28 @@ def _bankruptcy_limit(st, account, market):
 
 
 @jit
-def _cover_deficit(st, cmd, account, scope):
-    """The fund pays what it can of the negative equity of the scope being liquidated."""
+def _cover_deficit(st, cmd, account, scope, balance_before):
+    """The fund pays what it can of the realized loss the liquidation left (reference
+    ._cover_deficit): the negative balance, or for an isolated position the balance's fall
+    since balance_before; at most the scope's negative equity. Credited to the balance."""
     acct = _accounts(st)[account]
     if scope == -1:
+        realized = acct.balance_atoms
         equity = _cross_equity(st, account, -1)
     else:
         pos = _positions(st)[account, scope]
-        equity = pos.isolated_margin_atoms + _upnl(_markets(st)[scope], pos)
+        realized = acct.balance_atoms - balance_before
+        equity = pos.isolated_margin_atoms + _upnl(_markets(st)[scope], pos) + realized
+    cover = -realized if -realized < -equity else -equity
     fund = _counters(st)[C_INSURANCE_ATOMS]
-    cover = -equity if -equity < fund else fund
+    if fund < cover:
+        cover = fund
     if cover <= 0:
         return
     _insure(st, cmd, INSURANCE_DEFICIT, -cover, scope, account)
-    if scope == -1:
-        acct.balance_atoms += cover
-        after = acct.balance_atoms
-    else:
-        pos = _positions(st)[account, scope]
-        pos.isolated_margin_atoms += cover
-        after = pos.isolated_margin_atoms
+    acct.balance_atoms += cover
     acct.changed_seq = _counters(st)[C_SEQ]
-    _balance_event(st, cmd, scope, account, cover, after)
+    _balance_event(st, cmd, scope, account, cover, acct.balance_atoms)
 
 
 @jit
@@ -1743,7 +1754,7 @@ def _liquidate(st, cmd, scratch):
         if scope == -1 or _orders(st)[slot].market == scope:
             _cancel_open(st, cmd, slot, REASON_LIQUIDATION)
         slot = nxt
-    _cover_deficit(st, cmd, account, scope)
+    balance_before = _accounts(st)[account].balance_atoms
     closed = 0
     for m in range(len(_markets(st))):
         pos = _positions(st)[account, m]
@@ -1752,22 +1763,23 @@ def _liquidate(st, cmd, scratch):
                 continue
         elif m != scope:
             continue
-        lots, n_touched = _liquidate_position(st, cmd, account, m, scope, scratch)
+        lots, n_touched = _liquidate_position(st, cmd, account, m, scope, scratch,
+                                              balance_before)
         closed += lots
         # its trades moved the last price: the market's triggers may fire, then the sweep
         n_touched = _after_trading(st, cmd, m, scratch, n_touched)
         # the next market's sweep starts a fresh list of touched accounts
         for t in range(n_touched):
             _accounts(st)[_touched(st)[t]].touched_seq = 0
-    _cover_deficit(st, cmd, account, scope)
+    _cover_deficit(st, cmd, account, scope, balance_before)
     _done(st, cmd, closed)
 
 
 @jit
-def _liquidate_position(st, cmd, account, market, scope, scratch):
+def _liquidate_position(st, cmd, account, market, scope, scratch, balance_before):
     """Close into the book by IOC steps at the bankruptcy price while the scope stays
-    liquidatable; what the book cannot take is auto-deleveraged.
-    Returns (lots closed, n_touched)."""
+    liquidatable; when the book takes no more, the fund covers the realized loss so far, and
+    the rest is auto-deleveraged. Returns (lots closed, n_touched)."""
     mk = _markets(st)[market]
     pos = _positions(st)[account, market]
     acct = _accounts(st)[account]
@@ -1797,6 +1809,7 @@ def _liquidate_position(st, cmd, account, market, scope, scratch):
         _, n_touched = _match(st, cmd, scratch, bankrupt, n_touched)
         filled = qty - o.remaining_lots
         if filled == 0:
+            _cover_deficit(st, cmd, account, scope, balance_before)
             lots, n_touched = _auto_deleverage(st, cmd, account, market, n_touched)
             return closed + lots, n_touched
         closed += filled
@@ -2018,7 +2031,8 @@ def _liquidation_bound(st, cmd):
     Its own orders canceled; per market liquidated: each resting order traded out or
     canceled (reduce-only) at most once, a partly filled one more per step, each reduce-only
     order swept once, per step a liquidation and an insurance event, per ADL counterparty two
-    events; deficit cover before and after (an insurance and a balance event each).
+    events; a deficit cover before its ADL and one at the end (an insurance and a balance
+    event each).
     """
     if not 0 <= cmd.account < len(_accounts(st)):
         return 4
@@ -2027,7 +2041,7 @@ def _liquidation_bound(st, cmd):
         if cmd.market == -1 or cmd.market == m:
             mk = _markets(st)[m]
             n += (mk.resting_buy + mk.resting_sell + mk.resting_reduce_only
-                  + 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 2
+                  + 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 4
                   + _trigger_bound(st, m))
     return n
 
@@ -2125,6 +2139,8 @@ def run_batch(desc, commands, command_words, start, count, privileged, free_slot
             _set_market_risk(st, cmd)
         elif code == CMD_SET_BRACKET:
             _set_bracket(st, cmd)
+        elif code == CMD_INSURANCE_DEPOSIT:
+            _insurance_deposit(st, cmd)
         else:
             _reject(st, cmd, REASON_INVALID_MESSAGE)
     return count

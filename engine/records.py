@@ -31,11 +31,12 @@ CMD_SET_MARKET_RISK = 13   # liquidation fee and funding cap of a market
 CMD_SET_BRACKET = 14       # one maintenance bracket of a market
 CMD_FUNDING = 15           # settle funding for every open position of a market (riskd)
 CMD_LIQUIDATE = 16         # liquidate an account's cross positions or one isolated position (riskd)
+CMD_INSURANCE_DEPOSIT = 17 # the operator tops the insurance fund up (amount_atoms)
 
 # Commands that only the operator/risk rings may send; from a gateway ring they are `forbidden`.
 PRIVILEGED_COMMANDS = (
     CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_DEPOSIT, CMD_SET_MARK, CMD_HALT, CMD_RESUME,
-    CMD_SET_MARKET_RISK, CMD_SET_BRACKET, CMD_FUNDING, CMD_LIQUIDATE,
+    CMD_SET_MARKET_RISK, CMD_SET_BRACKET, CMD_FUNDING, CMD_LIQUIDATE, CMD_INSURANCE_DEPOSIT,
 )
 
 SIDE_BUY = 0
@@ -300,7 +301,8 @@ INSURANCE_EVENT_DTYPE = np.dtype(_HEADER + [
 
 INSURANCE_LIQUIDATION_FEE = 1
 INSURANCE_FUNDING_RESIDUE = 2
-INSURANCE_DEFICIT = 3           # the fund paid an account's negative equity
+INSURANCE_DEFICIT = 3           # the fund paid a liquidated account's realized loss
+INSURANCE_DEPOSIT = 4           # the operator topped the fund up (CMD_INSURANCE_DEPOSIT)
 
 # EV_COMMAND: the header, then the 64-byte command record verbatim in the second half.
 COMMAND_EVENT_DTYPE = np.dtype(_HEADER + [
@@ -410,3 +412,7 @@ def funding_command(market: int, *, rate_e9: int, ts_ns: int = 0) -> np.ndarray:
 
 def liquidate_command(account: int, market: int = -1, *, ts_ns: int = 0) -> np.ndarray:
     return _command(CMD_LIQUIDATE, market, ts_ns, account=account)
+
+
+def insurance_deposit_command(amount_atoms: int, *, ts_ns: int = 0) -> np.ndarray:
+    return _command(CMD_INSURANCE_DEPOSIT, -1, ts_ns, amount_atoms=amount_atoms)

@@ -1022,6 +1022,16 @@ class ReferenceMatcher:
         self._insure(INSURANCE_FUNDING_RESIDUE, residue, market_id, c["account"])
         self._done(count)
 
+    def _insurance_deposit(self):
+        c = self.cmd
+        amount = c["amount_atoms"]
+        if (amount < 1 or amount > MAX_BALANCE_ATOMS - self.insurance_atoms
+                or amount > MAX_NET_DEPOSITS_ATOMS - self.net_deposits_atoms):
+            return self._reject(REASON_INVALID_MESSAGE)
+        self.net_deposits_atoms += amount
+        self._insure(INSURANCE_DEPOSIT, amount, c["market"], c["account"])
+        self._done()
+
     def _insure(self, reason, amount, market_id, account):
         """Change the insurance fund by amount (an event unless 0)."""
         if amount == 0:
@@ -1030,25 +1040,25 @@ class ReferenceMatcher:
         self._emit(EV_INSURANCE, market_id, account, req=self._req_for(account), reason=reason,
                    amount_atoms=amount, fund_atoms=self.insurance_atoms)
 
-    def _cover_deficit(self, account, scope):
-        """The fund pays what it can of the negative equity of the scope being liquidated."""
+    def _cover_deficit(self, account, scope, balance_before):
+        """The fund pays what it can of the realized loss the liquidation left: the negative
+        balance (cross), or what an isolated position's closing took from the balance beyond
+        its margin (the balance's change since balance_before); never more than the scope's
+        negative equity (an open rest with a profit pays first). Credited to the balance."""
+        realized = self.balances[account] - (balance_before if scope != -1 else 0)
         if scope == -1:
             equity = self._cross_equity(account)
         else:
             pos = self._position(account, scope)
-            equity = pos.isolated_margin_atoms + self._upnl(self.markets[scope], pos)
-        cover = min(-equity, self.insurance_atoms)
+            equity = (pos.isolated_margin_atoms + self._upnl(self.markets[scope], pos)
+                      + self.balances[account] - balance_before)
+        cover = min(-realized, -equity, self.insurance_atoms)
         if cover <= 0:
             return
         self._insure(INSURANCE_DEFICIT, -cover, scope, account)
-        if scope == -1:
-            self.balances[account] += cover
-            after = self.balances[account]
-        else:
-            pos.isolated_margin_atoms += cover
-            after = pos.isolated_margin_atoms
+        self.balances[account] += cover
         self._emit(EV_BALANCE, scope, account, req=self._req_for(account), amount_atoms=cover,
-                   balance_atoms=after)
+                   balance_atoms=self.balances[account])
 
     def _bankruptcy_limit(self, account, market_id):
         market = self.markets[market_id]
@@ -1077,7 +1087,7 @@ class ReferenceMatcher:
         for order in list(self.orders_of.get(account, {}).values()):
             if scope == -1 or order.market == scope:
                 self._cancel_open(order, REASON_LIQUIDATION)
-        self._cover_deficit(account, scope)
+        balance_before = self.balances[account]
         if scope == -1:
             targets = [m for m in sorted(self.markets)
                        if (account, m) in self.positions
@@ -1088,15 +1098,17 @@ class ReferenceMatcher:
         closed = 0
         for market_id in targets:
             touched = []
-            closed += self._liquidate_position(account, market_id, scope, touched)
+            closed += self._liquidate_position(account, market_id, scope, touched,
+                                               balance_before)
             # its trades moved the last price: the market's triggers may fire, then the sweep
             self._after_trading(market_id, self.markets[market_id], touched)
-        self._cover_deficit(account, scope)
+        self._cover_deficit(account, scope, balance_before)
         self._done(closed)
 
-    def _liquidate_position(self, account, market_id, scope, touched):
+    def _liquidate_position(self, account, market_id, scope, touched, balance_before):
         """Close into the book by IOC steps at the bankruptcy price while the scope stays
-        liquidatable; what the book cannot take is auto-deleveraged. Returns the lots closed."""
+        liquidatable; when the book takes no more, the fund covers the realized loss so far,
+        and the rest is auto-deleveraged. Returns the lots closed."""
         market = self.markets[market_id]
         pos = self.positions[(account, market_id)]
         closed = 0
@@ -1113,6 +1125,7 @@ class ReferenceMatcher:
             self._match(market_id, market, taker, bankrupt, touched)
             filled = qty - taker.remaining_lots
             if filled == 0:
+                self._cover_deficit(account, scope, balance_before)
                 return closed + self._auto_deleverage(account, market_id, touched)
             closed += filled
             # the equity the fee may take: an isolated position's closed part was paid out to
@@ -1191,6 +1204,7 @@ class ReferenceMatcher:
         CMD_SET_MARGIN: _set_margin,
         CMD_FUNDING: _funding,
         CMD_LIQUIDATE: _liquidate,
+        CMD_INSURANCE_DEPOSIT: _insurance_deposit,
     }
 
     # ---- invariants (DESIGN.md §8) -----------------------------------------------------

@@ -558,6 +558,17 @@ def cmd_deposit(args) -> int:
     return 0
 
 
+def cmd_fund_deposit(args) -> int:
+    from perpx.config import atoms_str
+    atoms = _amount_atoms(args.amount)
+    reply = _exchange(args).fund_deposit(atoms)
+    fund = next(e for e in reply.events if "fund_atoms" in e)["fund_atoms"]
+    emit(args, {"amount": atoms_str(atoms), "fund": atoms_str(fund), "seq": reply.seq},
+         f"deposited {atoms_str(atoms)} USDC to the insurance fund: {atoms_str(fund)} "
+         f"(seq {reply.seq})")
+    return 0
+
+
 def cmd_account_show(args) -> int:
     from perpx.ops import account_view
     ex = _exchange(args)
@@ -732,6 +743,16 @@ def _register_deposit(sub, common):
     p.set_defaults(func=cmd_deposit)
 
 
+def _register_fund(sub, common):
+    p = sub.add_parser("fund", parents=[common], help="the insurance fund")
+    fsub = p.add_subparsers(dest="fund_command", metavar="SUBCOMMAND", required=True,
+                            parser_class=_Parser)
+    q = fsub.add_parser("deposit", parents=[common],
+                        help="top the insurance fund up (journaled like any command)")
+    q.add_argument("amount", metavar="AMOUNT", help="USDC, e.g. 1000 or 0.5")
+    q.set_defaults(func=cmd_fund_deposit)
+
+
 def _register_halt(sub, common):
     p = sub.add_parser("halt", parents=[common], help="stop trading in a market")
     p.add_argument("market", metavar="MARKET")
@@ -801,6 +822,7 @@ REGISTRARS = [
     _register_status,
     _register_account,
     _register_deposit,
+    _register_fund,
     _register_halt,
     _register_oracle,
     _register_book,

@@ -113,6 +113,13 @@ class Exchange:
             raise OpsError("deposit: the matcher answered without a balance change")
         return reply
 
+    def fund_deposit(self, atoms: int) -> Reply:
+        from engine.records import EV_INSURANCE, insurance_deposit_command
+        reply = self.submit_one(insurance_deposit_command(atoms), "insurance fund deposit")
+        if not any(e["etype"] == EV_INSURANCE for e in reply.events):
+            raise OpsError("fund deposit: the matcher answered without a fund change")
+        return reply
+
     def halt(self, symbol: str, halted: bool) -> Reply:
         from engine.records import CMD_HALT, CMD_RESUME, new_commands
         m = self.market(symbol)

@@ -94,8 +94,10 @@ def random_stream(seed: int, n: int) -> np.ndarray:
     c["amount_atoms"] = rng.integers(1, 3_000_000, n)
     c["cmd"] = rng.choice(
         [CMD_NEW_ORDER, CMD_CANCEL, CMD_AMEND, CMD_CANCEL_ALL, CMD_SET_MARK, CMD_DEPOSIT,
-         CMD_WITHDRAW, CMD_HALT, CMD_RESUME, 99, CMD_SET_MARGIN, CMD_FUNDING, CMD_LIQUIDATE],
-        n, p=[0.45, 0.15, 0.13, 0.02, 0.08, 0.02, 0.033, 0.002, 0.02, 0.005, 0.025, 0.01, 0.055])
+         CMD_WITHDRAW, CMD_HALT, CMD_RESUME, 99, CMD_SET_MARGIN, CMD_FUNDING, CMD_LIQUIDATE,
+         CMD_INSURANCE_DEPOSIT],
+        n, p=[0.445, 0.15, 0.13, 0.02, 0.08, 0.02, 0.033, 0.002, 0.02, 0.005, 0.025, 0.01, 0.055,
+              0.005])
     # a conditional order's trigger price rides in amount_atoms, near the mark like prices
     c["amount_atoms"] = np.where(conditional & (c["cmd"] == CMD_NEW_ORDER), trigger,
                                  c["amount_atoms"])
@@ -127,7 +129,8 @@ _command = hs.fixed_dictionaries({
     "cmd": hs.sampled_from([CMD_NEW_ORDER] * 5 + [CMD_CANCEL, CMD_AMEND, CMD_CANCEL_ALL,
                                                   CMD_SET_MARK, CMD_WITHDRAW, CMD_HALT,
                                                   CMD_RESUME, CMD_SET_MARGIN, CMD_FUNDING,
-                                                  CMD_LIQUIDATE, CMD_LIQUIDATE]),
+                                                  CMD_LIQUIDATE, CMD_LIQUIDATE,
+                                                  CMD_INSURANCE_DEPOSIT]),
     "market": hs.sampled_from([0, 0, 1, -1, 2]),
     "account": hs.integers(0, 4),
     "side": hs.integers(0, 1),

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from decimal import Decimal
+
 import msgpack
 import pytest
 import zmq
@@ -138,6 +140,19 @@ def test_account_create_deposit_and_show(exchange):
 
     # a second account gets the next id
     assert cli_json(up.sd.path, "account", "create")["account"] == account + 1
+
+
+def test_fund_deposit_is_journaled_and_in_duckdb(exchange):
+    up, _ = exchange
+    doc = cli_json(up.sd.path, "fund", "deposit", "150.25")
+    assert doc["amount"] == "150.25" and Decimal(doc["fund"]) >= Decimal("150.25")
+    seq = doc["seq"]
+    query = f"SELECT reason, CAST(amount AS VARCHAR) FROM insurance_fund WHERE seq = {seq}"
+    wait_until(lambda: cli_json(up.sd.path, "sql", query)["rows"] != [], WAIT_S,
+               "the fund deposit in DuckDB")
+    ((reason, amount),) = cli_json(up.sd.path, "sql", query)["rows"]
+    assert (reason, Decimal(amount)) == ("deposit", Decimal("150.25"))
+    assert "must be positive" in cli_fails(up.sd.path, "fund", "deposit", "0")
 
 
 def test_markets(exchange):

@@ -153,9 +153,6 @@ def wire_rows(events: np.ndarray, markets, after: int = 0, upto: int | None = No
                                REASON_NAMES[reason] if reason else None))
         elif etype == EV_BALANCE:
             b = BALANCE_EVENT_STRUCT.unpack_from(raw, off)
-            prev = events[i - 1:i].view(INSURANCE_EVENT_DTYPE)
-            if i and prev["etype"][0] == EV_INSURANCE and prev["market"][0] >= 0:
-                continue            # an isolated deficit cover: the isolated margin, not a balance
             balances.append((seq, ts, b[5], D(atoms_to_str(b[8]))))
         elif etype == EV_MARK:
             m = MARK_EVENT_STRUCT.unpack_from(raw, off)
