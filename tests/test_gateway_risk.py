@@ -379,7 +379,7 @@ def test_funding_and_liquidation_rows_in_duckdb(ups):
             # the last trade, 65000) goes below the liquidation price ~63300
             cli_json(up.sd.path, "oracle", "set", "BTC-PERP", "61000")
             ops.submit(liquidate_command(accounts[1]))    # unless riskd's scanner was first
-        victim.wait_for(lambda m: m.get("type") == "liquidation", timeout_s=30)
+        report = victim.wait_for(lambda m: m.get("type") == "liquidation", timeout_s=30)
 
         wait_until(lambda: rows("SELECT count(*) FROM liquidations")[0][0] >= 1, 30,
                    "the liquidation in DuckDB")
@@ -394,6 +394,14 @@ def test_funding_and_liquidation_rows_in_duckdb(ups):
         (liq_row,) = rows(f"SELECT kind, qty, price FROM liquidations "
                           f"WHERE account = {accounts[1]}")
         assert decimals(liq_row) == ["liquidated", D("1"), D("63150")]
+        # the clearance fee: in the report, in DuckDB, in the fund, and the balance adds up to
+        # the atom: 2000 deposited - 32.5 taker fee - 6.5 funding - 1850 realized - the fee
+        ((fee,),) = rows(f"SELECT fee FROM liquidations WHERE account = {accounts[1]}")
+        assert D(report["fee"]) == D(str(fee)) > 0
+        assert [D(report["fee"])] in [[D(str(r[0]))] for r in rows(
+            "SELECT amount FROM insurance_fund WHERE reason = 'liquidation_fee'")]
+        assert D(victim.account()["balance"]) == (D("2000") - D("32.5") - D("6.5")
+                                                 - D("1850") - D(report["fee"]))
         assert rows("SELECT count(*) FROM fills WHERE liquidation")[0][0] == 1
         balances = rows(f"SELECT seq FROM balances WHERE account = {accounts[1]} "
                         f"ORDER BY seq")
