@@ -81,6 +81,7 @@ MARKET_PROBLEMS = {
     15: "maintenance rates must be in (0, 1), not falling, the first below 1/max_leverage",
     16: "a bracket's max leverage must be in [1, the market's max leverage], not rising with the"
         " notional, and its initial rate 1/leverage above its maintenance rate",
+    17: "min notional, stop orders per account and open-interest cap must be >= 0 and in range",
 }
 
 
@@ -125,6 +126,15 @@ def market_limits_problem(atoms_per_tick_lot, mark_ticks, max_price_ticks, max_o
 def market_risk_problem(liquidation_fee_e9, funding_cap_e9):
     if not (0 <= liquidation_fee_e9 < RATE_ONE_E9 and 0 <= funding_cap_e9 < RATE_ONE_E9):
         return 13
+    return 0
+
+
+@kernel
+def market_filters_problem(min_notional_atoms, max_stop_orders, open_interest_cap_lots):
+    if not (0 <= min_notional_atoms <= NOTIONAL_LIMIT_ATOMS
+            and 0 <= max_stop_orders <= MAX_OPEN_ORDERS_LIMIT
+            and 0 <= open_interest_cap_lots <= MAX_POSITION_LOTS_LIMIT * MAX_OPEN_ORDERS_LIMIT):
+        return 17
     return 0
 
 

@@ -17,7 +17,7 @@ from engine.numbers import (RATE_ONE_E9, cost_share, fee_atoms, mul_div_ceil, mu
                             position_after_fill)
 from engine.config import (ADL_MAX_COUNTERPARTIES, LIQUIDATION_MAX_STEPS, MAX_BALANCE_ATOMS,
                            MAX_NET_DEPOSITS_ATOMS, bracket_leverage, bracket_problem,
-                           market_config_problem,
+                           market_config_problem, market_filters_problem,
                            market_limits_problem, market_risk_problem)
 from engine.records import *  # noqa: F403
 from engine.state import (ACCOUNT_DTYPE, C_FEES_ATOMS, C_FREE_LEVEL, C_FREE_ORDER,
@@ -667,7 +667,7 @@ def _exposure_error(st, account, market, add_buy, add_sell, check_margin, entry_
 @jit
 def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only, n_touched):
     """The checks an order passes on entering the book, new or triggered, in order:
-    reduce-only (clips qty), post-only, position limit and margin, FOK.
+    reduce-only (clips qty), post-only, open-interest cap, position limit and margin, FOK.
     Returns (reason or 0, qty). n_touched: the entries of `touched` in use (a fired order's
     FOK check runs after earlier trades of its command)."""
     pos = _positions(st)[account, market]
@@ -683,6 +683,8 @@ def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only, n
             return REASON_POST_ONLY_WOULD_TAKE, qty
     cost = 0
     if not reduce_only:
+        if _open_interest_error(_markets(st)[market], pos, side, qty):
+            return REASON_OPEN_INTEREST_CAP, qty
         cost = _entry_cost(st, market, account, side, limit_ticks, qty,
                            tif == TIF_GTC or tif == TIF_POST_ONLY)
     err = _exposure_error(st, account, market, qty if side == SIDE_BUY else 0,
@@ -693,6 +695,31 @@ def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only, n
                                             n_touched):
         return REASON_FOK_UNFILLED, qty
     return 0, qty
+
+
+@jit
+def _open_interest_error(mk, pos, side, qty):
+    """reference._open_interest_error: would the lots the order opens (beyond closing its
+    account's position) raise the open interest above the market's cap?"""
+    if mk.open_interest_cap_lots == 0:
+        return False
+    closing = _closing_lots(pos.size_lots, side)
+    opening = qty - (closing if closing > 0 else 0)
+    return opening > 0 and mk.open_interest_lots + opening > mk.open_interest_cap_lots
+
+
+@jit
+def _untriggered_of(st, account, market):
+    """The account's untriggered orders in the market (a walk of its order list: only stop
+    and take-profit placements pay for it)."""
+    n = 0
+    slot = _accounts(st)[account].first_order
+    while slot != NONE:
+        o = _orders(st)[slot]
+        if o.market == market and o.level == UNTRIGGERED:
+            n += 1
+        slot = o.account_next
+    return n
 
 
 @jit
@@ -804,6 +831,8 @@ def _apply_fill(st, account, market, side, qty, price, fee):
     delta = qty if side == SIDE_BUY else -qty
     size, cost, realized = position_after_fill(before, pos.cost_atoms, delta, price,
                                                 mk.atoms_per_tick_lot)
+    # open interest = the sum of long positions
+    mk.open_interest_lots += (size if size > 0 else 0) - (before if before > 0 else 0)
     pos.size_lots = size
     pos.cost_atoms = cost
     acct = _accounts(st)[account]
@@ -1325,10 +1354,18 @@ def _new_order(st, cmd, scratch):
         if (trigger < 1 or trigger > mk.max_price_ticks
                 or _trigger_holds(q, _trigger_key(q, trigger), _trigger_price(mk, q))):
             return _reject(st, cmd, REASON_INVALID_PRICE)
+    reduce_only = (cmd.flags & FLAG_REDUCE_ONLY) != 0
+    # Binance's MIN_NOTIONAL: at the order's price, a market kind's at the mark; an order that
+    # only reduces is exempt
+    if not reduce_only and qty * (price if price != 0 else mk.mark_ticks) * \
+            mk.atoms_per_tick_lot < mk.min_notional_atoms:
+        return _reject(st, cmd, REASON_MIN_NOTIONAL)
     if _slot_of_cid(st, account, cmd.cid) != NONE:
         return _reject(st, cmd, REASON_DUPLICATE_CID)
     pos = _positions(st)[account, market]
     if conditional:
+        if mk.max_stop_orders != 0 and _untriggered_of(st, account, market) >= mk.max_stop_orders:
+            return _reject(st, cmd, REASON_TOO_MANY_STOP_ORDERS)
         if (pos.open_orders >= mk.max_open_orders or _counters(st)[C_ORDERS_USED] >= scratch
                 or mk.untriggered >= _trigger_keys(st).shape[2]):
             return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
@@ -1338,7 +1375,6 @@ def _new_order(st, cmd, scratch):
             or _counters(st)[C_ORDERS_USED] >= scratch
             or _level_full(st, market, side, price, _book_keys(st).shape[2])):
         return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
-    reduce_only = (cmd.flags & FLAG_REDUCE_ONLY) != 0
     err, qty = _admit(st, market, account, side, tif, limit, cmd.stp, qty, reduce_only, 0)
     if err != 0:
         return _reject(st, cmd, err)
@@ -1457,8 +1493,13 @@ def _amend(st, cmd, scratch):
         return _reject(st, cmd, REASON_PRICE_BAND)
     pos = _positions(st)[o.account, o.market]
     reduce_only = (o.flags & FLAG_REDUCE_ONLY) != 0
-    if reduce_only and new_qty > _closing_lots(pos.size_lots, o.side):
-        return _reject(st, cmd, REASON_REDUCE_ONLY_VIOLATION)
+    if reduce_only:
+        if new_qty > _closing_lots(pos.size_lots, o.side):
+            return _reject(st, cmd, REASON_REDUCE_ONLY_VIOLATION)
+    elif new_qty * new_price * mk.atoms_per_tick_lot < mk.min_notional_atoms:
+        return _reject(st, cmd, REASON_MIN_NOTIONAL)
+    elif new_qty > o.remaining_lots and _open_interest_error(mk, pos, o.side, new_qty):
+        return _reject(st, cmd, REASON_OPEN_INTEREST_CAP)
     best = _best_level(st, o.market, 1 - o.side)
     crosses = best != NONE and _crosses(o.side, new_price, _levels(st)[best].price_ticks)
     if crosses and o.tif == TIF_POST_ONLY:
@@ -1555,6 +1596,19 @@ def _set_margin(st, cmd):
     pos.margin_mode = mode
     pos.leverage = leverage
     _accounts(st)[account].changed_seq = _counters(st)[C_SEQ]
+    _done(st, cmd, 0)
+
+
+@jit
+def _set_market_filters(st, cmd):
+    if not _market_ok(st, cmd.market):
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    if market_filters_problem(cmd.amount_atoms, cmd.qty_lots, cmd.price_ticks) != 0:
+        return _reject(st, cmd, REASON_INVALID_MARKET_CONFIG)
+    mk = _markets(st)[cmd.market]
+    mk.min_notional_atoms = cmd.amount_atoms
+    mk.max_stop_orders = cmd.qty_lots
+    mk.open_interest_cap_lots = cmd.price_ticks
     _done(st, cmd, 0)
 
 
@@ -2141,6 +2195,8 @@ def run_batch(desc, commands, command_words, start, count, privileged, free_slot
             _set_bracket(st, cmd)
         elif code == CMD_INSURANCE_DEPOSIT:
             _insurance_deposit(st, cmd)
+        elif code == CMD_SET_MARKET_FILTERS:
+            _set_market_filters(st, cmd)
         else:
             _reject(st, cmd, REASON_INVALID_MESSAGE)
     return count

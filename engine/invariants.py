@@ -108,8 +108,11 @@ def check_state(st: State) -> list[str]:
             resting_total += resting_side
         if best[0] is not None and best[1] is not None and best[0] >= best[1]:
             problems.append(f"market {m}: book crossed (bid {best[0]} >= ask {best[1]})")
-        if int(st.positions["size_lots"][:, m].sum()) != 0:
+        sizes = st.positions["size_lots"][:, m]
+        if int(sizes.sum()) != 0:
             problems.append(f"market {m}: positions do not sum to zero")
+        if int(sizes[sizes > 0].sum()) != int(mk["open_interest_lots"]):
+            problems.append(f"market {m}: open interest differs from the long positions")
         problems.extend(bracket_problems(st, m))
         untriggered = sum(_trigger_queue_problems(st, m, q, open_count, problems)
                           for q in range(TRIGGER_QUEUES))

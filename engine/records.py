@@ -32,11 +32,13 @@ CMD_SET_BRACKET = 14       # one maintenance bracket of a market
 CMD_FUNDING = 15           # settle funding for every open position of a market (riskd)
 CMD_LIQUIDATE = 16         # liquidate an account's cross positions or one isolated position (riskd)
 CMD_INSURANCE_DEPOSIT = 17 # the operator tops the insurance fund up (amount_atoms)
+CMD_SET_MARKET_FILTERS = 18  # min notional, stop orders per account, open-interest cap
 
 # Commands that only the operator/risk rings may send; from a gateway ring they are `forbidden`.
 PRIVILEGED_COMMANDS = (
     CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_DEPOSIT, CMD_SET_MARK, CMD_HALT, CMD_RESUME,
     CMD_SET_MARKET_RISK, CMD_SET_BRACKET, CMD_FUNDING, CMD_LIQUIDATE, CMD_INSURANCE_DEPOSIT,
+    CMD_SET_MARKET_FILTERS,
 )
 
 SIDE_BUY = 0
@@ -88,6 +90,8 @@ STP_CANCEL_BOTH = 2
 #   SET_MARGIN:         kind = MARGIN_CROSS / MARGIN_ISOLATED, qty_lots = leverage
 #   FUNDING:            oid = funding rate e9 (signed; positive: longs pay shorts)
 #   LIQUIDATE:          account; market = -1 for its cross positions, else that isolated one
+#   SET_MARKET_FILTERS: amount_atoms = min notional, qty_lots = max untriggered stop orders
+#                       per account, price_ticks = open-interest cap in lots (0: none each)
 #   NEW_ORDER of a conditional kind: amount_atoms = trigger price in ticks,
 #                       flags & FLAG_TRIGGER_BY_LAST picks the last trade price over the mark
 COMMAND_DTYPE = np.dtype([
@@ -157,6 +161,9 @@ REASON_LEVERAGE = 23           # leverage outside [1, the market's max]
 REASON_MARGIN_MODE_LOCKED = 24 # mode change with a position or open orders in the market
 REASON_NOT_LIQUIDATABLE = 25   # LIQUIDATE re-checked against the matcher's state: healthy
 REASON_FUNDING_CAP = 26        # FUNDING rate beyond the market's cap
+REASON_MIN_NOTIONAL = 27       # an order's notional below the market's min_notional
+REASON_TOO_MANY_STOP_ORDERS = 28  # the account's untriggered orders in the market at the cap
+REASON_OPEN_INTEREST_CAP = 29  # the order would raise open interest above the market's cap
 # cancel reasons
 REASON_USER = 32
 REASON_IOC = 33
@@ -196,6 +203,9 @@ REASON_NAMES = {
     REASON_MARGIN_MODE_LOCKED: "invalid_message",
     REASON_NOT_LIQUIDATABLE: "invalid_message",
     REASON_FUNDING_CAP: "invalid_message",
+    REASON_MIN_NOTIONAL: "min_notional",
+    REASON_TOO_MANY_STOP_ORDERS: "too_many_stop_orders",
+    REASON_OPEN_INTEREST_CAP: "open_interest_cap",
     REASON_USER: "user",
     REASON_IOC: "ioc",
     REASON_STP: "stp",
@@ -412,6 +422,12 @@ def funding_command(market: int, *, rate_e9: int, ts_ns: int = 0) -> np.ndarray:
 
 def liquidate_command(account: int, market: int = -1, *, ts_ns: int = 0) -> np.ndarray:
     return _command(CMD_LIQUIDATE, market, ts_ns, account=account)
+
+
+def market_filters_command(market: int, *, min_notional_atoms: int, max_stop_orders: int,
+                           open_interest_cap_lots: int, ts_ns: int = 0) -> np.ndarray:
+    return _command(CMD_SET_MARKET_FILTERS, market, ts_ns, amount_atoms=min_notional_atoms,
+                    qty_lots=max_stop_orders, price_ticks=open_interest_cap_lots)
 
 
 def insurance_deposit_command(amount_atoms: int, *, ts_ns: int = 0) -> np.ndarray:

@@ -29,7 +29,7 @@ from engine import numbers as num
 from engine import risk
 from engine.config import (ADL_MAX_COUNTERPARTIES, LIQUIDATION_MAX_STEPS, EngineConfig,
                            MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, bracket_leverage,
-                           bracket_problem,
+                           bracket_problem, market_filters_problem,
                            market_config_problem, market_limits_problem, market_risk_problem)
 from engine.records import *  # noqa: F403 — the codes are the vocabulary of this module
 
@@ -63,6 +63,9 @@ class Market:
     funding_cap_e9: int = 0
     brackets: list = field(default_factory=list)   # [(floor_atoms, rate_e9, amount_atoms)]
     leverage_caps: list = field(default_factory=list)   # each bracket's max leverage
+    min_notional_atoms: int = 0                 # filters, 0: none (SET_MARKET_FILTERS)
+    max_stop_orders: int = 0
+    open_interest_cap_lots: int = 0
 
     @property
     def tradeable(self):
@@ -635,7 +638,7 @@ class ReferenceMatcher:
 
     def _admit(self, market_id, market, account, side, tif, limit_ticks, stp, qty, reduce_only):
         """Checks on entering the book, new or triggered: reduce-only (clips qty), post-only,
-        position limit and margin, FOK. Returns (reason or 0, qty)."""
+        open-interest cap, position limit and margin, FOK. Returns (reason or 0, qty)."""
         pos = self._position(account, market_id)
         if reduce_only:
             closing = -pos.size_lots if side == SIDE_BUY else pos.size_lots
@@ -645,6 +648,10 @@ class ReferenceMatcher:
         best = market.best_price(1 - side)
         if tif == TIF_POST_ONLY and best is not None and self._crosses(side, limit_ticks, best):
             return REASON_POST_ONLY_WOULD_TAKE, qty
+        if not reduce_only:
+            err = self._open_interest_error(market_id, market, pos, side, qty)
+            if err:
+                return err, qty
         err = self._exposure_error(account, market_id, market, pos,
                                    qty if side == SIDE_BUY else 0,
                                    qty if side == SIDE_SELL else 0, not reduce_only,
@@ -803,11 +810,19 @@ class ReferenceMatcher:
         if conditional and (not 1 <= trigger <= market.max_price_ticks or self._holds(
                 self._rises(kind, side), trigger, self._watched_price(market, by_last))):
             return self._reject(REASON_INVALID_PRICE)   # Binance: "would immediately trigger"
+        reduce_only = bool(c["flags"] & FLAG_REDUCE_ONLY)
+        # Binance's MIN_NOTIONAL: at the order's price, a market kind's at the mark; an order
+        # that only reduces is exempt
+        if not reduce_only and qty * (price or market.mark_ticks) * market.atoms_per_tick_lot \
+                < market.min_notional_atoms:
+            return self._reject(REASON_MIN_NOTIONAL)
         if (account, c["cid"]) in self.by_cid:
             return self._reject(REASON_DUPLICATE_CID)
         pos = self._position(account, market_id)
-        reduce_only = bool(c["flags"] & FLAG_REDUCE_ONLY)
         if conditional:
+            if market.max_stop_orders and sum(
+                    o.account == account for o in market.triggers) >= market.max_stop_orders:
+                return self._reject(REASON_TOO_MANY_STOP_ORDERS)
             if (pos.open_orders >= market.max_open_orders
                     or len(self.orders) >= self.config.max_orders
                     or len(market.triggers) >= self.config.max_trigger_orders):
@@ -897,6 +912,11 @@ class ReferenceMatcher:
             closing = -pos.size_lots if order.side == SIDE_BUY else pos.size_lots
             if new_qty > closing:
                 return self._reject(REASON_REDUCE_ONLY_VIOLATION)
+        elif new_qty * new_price * market.atoms_per_tick_lot < market.min_notional_atoms:
+            return self._reject(REASON_MIN_NOTIONAL)
+        elif new_qty > order.remaining_lots and self._open_interest_error(
+                order.market, market, pos, order.side, new_qty):
+            return self._reject(REASON_OPEN_INTEREST_CAP)
         best = market.best_price(1 - order.side)
         crosses = best is not None and self._crosses(order.side, new_price, best)
         if crosses and order.tif == TIF_POST_ONLY:
@@ -943,6 +963,34 @@ class ReferenceMatcher:
         market.liquidation_fee_e9 = c["cid"]
         market.funding_cap_e9 = c["oid"]
         self._done()
+
+    def _set_market_filters(self):
+        c = self.cmd
+        market = self._market(c["market"])
+        if market is None:
+            return self._reject(REASON_UNKNOWN_MARKET)
+        if market_filters_problem(c["amount_atoms"], c["qty_lots"], c["price_ticks"]):
+            return self._reject(REASON_INVALID_MARKET_CONFIG)
+        market.min_notional_atoms = c["amount_atoms"]
+        market.max_stop_orders = c["qty_lots"]
+        market.open_interest_cap_lots = c["price_ticks"]
+        self._done()
+
+    def open_interest_lots(self, market_id):
+        """The market's open interest: the sum of its long positions (= of its shorts)."""
+        return sum(p.size_lots for (a, m), p in self.positions.items()
+                   if m == market_id and p.size_lots > 0)
+
+    def _open_interest_error(self, market_id, market, pos, side, qty):
+        """An order that would open lots (beyond closing its account's position) while they
+        would raise the open interest above the cap is refused; closing lots always pass."""
+        if market.open_interest_cap_lots == 0:
+            return 0
+        opening = qty - max(-pos.size_lots if side == SIDE_BUY else pos.size_lots, 0)
+        if opening > 0 and (self.open_interest_lots(market_id) + opening
+                            > market.open_interest_cap_lots):
+            return REASON_OPEN_INTEREST_CAP
+        return 0
 
     def _set_bracket(self):
         c = self.cmd
@@ -1205,6 +1253,7 @@ class ReferenceMatcher:
         CMD_FUNDING: _funding,
         CMD_LIQUIDATE: _liquidate,
         CMD_INSURANCE_DEPOSIT: _insurance_deposit,
+        CMD_SET_MARKET_FILTERS: _set_market_filters,
     }
 
     # ---- invariants (DESIGN.md §8) -----------------------------------------------------
@@ -1246,6 +1295,9 @@ class ReferenceMatcher:
             bid, ask = market.best_price(SIDE_BUY), market.best_price(SIDE_SELL)
             assert bid is None or ask is None or bid < ask, f"book crossed in market {market_id}"
             assert sum(p.size_lots for (a, m), p in self.positions.items() if m == market_id) == 0
+            # the cap is set at genesis: trades never raise the open interest above it
+            assert (not market.open_interest_cap_lots
+                    or self.open_interest_lots(market_id) <= market.open_interest_cap_lots)
             for side in (SIDE_BUY, SIDE_SELL):
                 for queue in market.levels[side].values():
                     oids = [o.oid for o in queue]

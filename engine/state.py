@@ -49,6 +49,11 @@ MARKET_DTYPE = np.dtype([
     # derived: the floor of the first bracket whose max leverage is below the market's (2**62
     # when none), so margin checks below it skip the bracket lookup
     ("full_leverage_below_atoms", "<i8"),
+    # filters (SET_MARKET_FILTERS; 0: none) and the open interest (sum of long positions)
+    ("min_notional_atoms", "<i8"),
+    ("max_stop_orders", "<i8"),        # untriggered orders per account
+    ("open_interest_cap_lots", "<i8"),
+    ("open_interest_lots", "<i8"),
 ])
 
 # One net position per (account, market), with the open-order totals its margin needs.

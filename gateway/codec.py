@@ -111,6 +111,11 @@ REASON_TEXT = {
     "too_many_orders": "too many open orders (or price levels)",
     "insufficient_balance": "not enough balance",
     "forbidden": "not allowed",
+    "min_notional": "the order's notional (at its price, or the mark) is below the market's "
+                    "min_notional",
+    "too_many_stop_orders": "this account has max_stop_orders untriggered stop and "
+                            "take-profit orders in this market",
+    "open_interest_cap": "the order would raise the market's open interest above its cap",
 }
 # Engine reasons that share a protocol reason but deserve their own text.
 ENGINE_REASON_TEXT = {

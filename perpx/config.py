@@ -30,6 +30,7 @@ Keys (defaults in brackets):
                 max_leverage [20], maker_fee ["0.0002"], taker_fee ["0.0005"],
                 price_band ["0.10"], brackets [see DEFAULT_BRACKETS], liquidation_fee ["0.005"],
                 funding_interval_s [28800], interest_rate ["0.0001"], funding_cap ["0.0075"],
+                min_notional ["0": none], max_stop_orders [10], open_interest_cap ["0": none],
                 and the extras max_price, max_position_qty, max_order_qty, max_open_orders.
 
 Numbers. Prices, quantities, amounts and rates are read as decimal.Decimal, never as binary
@@ -52,7 +53,8 @@ Limits (engine.config.market_limits_problem proves int64 headroom with them). De
 
 Market ids are the positions in the file (the first [[markets]] is market 0).
 `genesis_commands(config)` gives the commands that create them: CREATE_MARKET,
-SET_MARKET_LIMITS, SET_MARKET_RISK and the SET_BRACKETs per market, in id order.
+SET_MARKET_LIMITS, SET_MARKET_RISK, the SET_BRACKETs and SET_MARKET_FILTERS per market, in id
+order.
 """
 
 from __future__ import annotations
@@ -136,6 +138,10 @@ MARKET_DEFAULTS = {
     "max_position_qty": None,
     "max_order_qty": None,
     "max_open_orders": 200,
+    # filters (PROTOCOL.md): "0" = none
+    "min_notional": "0",
+    "max_stop_orders": 10,
+    "open_interest_cap": "0",
 }
 MARKET_KEYS = MARKET_REQUIRED + tuple(MARKET_DEFAULTS)
 TOP_LEVEL = ("exchange", "engine", "endpoints", "persistence", "risk", "markets")
@@ -179,6 +185,10 @@ class MarketSpec:
     liquidation_fee_e9: int
     interest_rate_e9: int
     funding_cap_e9: int
+    # filters (0: none)
+    min_notional_atoms: int = 0
+    max_stop_orders: int = 0
+    open_interest_cap_lots: int = 0
 
     # -- conversions ----------------------------------------------------------------------
     def price_str(self, ticks: int) -> str:
@@ -223,6 +233,9 @@ class MarketSpec:
             "max_position_qty": self.qty_str(self.max_position_lots),
             "max_order_qty": self.qty_str(self.max_order_lots),
             "max_open_orders": self.max_open_orders,
+            "min_notional": atoms_str(self.min_notional_atoms),
+            "max_stop_orders": self.max_stop_orders,
+            "open_interest_cap": self.qty_str(self.open_interest_cap_lots),
             # engine units (the gateway's market table reads these two)
             "atoms_per_tick_lot": self.atoms_per_tick_lot,
             "max_price_ticks": self.max_price_ticks,
@@ -629,6 +642,17 @@ def _market(c: _Checker, i: int, item, origin: Path | None,
         key = {8: "max_position_qty", 9: "max_order_qty", 10: "max_open_orders",
                11: "max_position_qty", 12: "max_price"}.get(problem, "max_price")
         c.fail(f"{at}.{key}", MARKET_PROBLEMS[problem])
+    # filters: "0" = none
+    min_notional = c.decimal(f"{at}.min_notional", m["min_notional"])
+    min_notional_atoms = _exact_units(min_notional, Decimal(1) / ATOMS_PER_USDC)
+    if min_notional_atoms is None or min_notional < 0:
+        c.fail(f"{at}.min_notional",
+               f"'{m['min_notional']}' must be >= 0 USDC, with 6 decimals at most")
+    stops = c.integer(f"{at}.max_stop_orders", m["max_stop_orders"], 0, MAX_OPEN_ORDERS_LIMIT)
+    oi_cap = 0
+    if c.decimal(f"{at}.open_interest_cap", m["open_interest_cap"]) != 0:
+        oi_cap = c.quantity(f"{at}.open_interest_cap", m["open_interest_cap"], lot, "lot_size",
+                            "qty")
 
     return MarketSpec(
         id=i, symbol=symbol, tick_size=tick, lot_size=lot, initial_price=initial, oracle=oracle,
@@ -638,7 +662,9 @@ def _market(c: _Checker, i: int, item, origin: Path | None,
         atoms_per_tick_lot=atpl, initial_price_ticks=initial_ticks,
         max_price_ticks=max_price_ticks, max_position_lots=max_position, max_order_lots=max_order,
         maker_fee_e9=maker_e9, taker_fee_e9=taker_e9, price_band_e9=band_e9,
-        liquidation_fee_e9=liq_e9, interest_rate_e9=interest_e9, funding_cap_e9=cap_e9)
+        liquidation_fee_e9=liq_e9, interest_rate_e9=interest_e9, funding_cap_e9=cap_e9,
+        min_notional_atoms=min_notional_atoms, max_stop_orders=stops,
+        open_interest_cap_lots=oi_cap)
 
 
 def _brackets(c: _Checker, key: str, value, leverage: int) -> tuple:
@@ -704,7 +730,8 @@ def genesis_commands(cfg: Config, ts_ns: int | None = None):
     import numpy as np
 
     from engine.records import (MAX_BRACKETS, bracket_command, market_create_command,
-                                market_limits_command, market_risk_command)
+                                market_filters_command, market_limits_command,
+                                market_risk_command)
     ts = time.time_ns() if ts_ns is None else ts_ns
     cmds = []
     for m in cfg.markets:
@@ -724,6 +751,9 @@ def genesis_commands(cfg: Config, ts_ns: int | None = None):
                 m.id, k, floor_atoms=int(b.floor * ATOMS_PER_USDC),
                 maintenance_rate_e9=int(b.rate * RATE_E9), max_leverage=b.max_leverage,
                 ts_ns=ts))
+        cmds.append(market_filters_command(
+            m.id, min_notional_atoms=m.min_notional_atoms, max_stop_orders=m.max_stop_orders,
+            open_interest_cap_lots=m.open_interest_cap_lots, ts_ns=ts))
     return np.concatenate(cmds)
 
 

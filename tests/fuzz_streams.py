@@ -25,6 +25,9 @@ MARK_TICKS = (1000, 20000)
 BRACKETS = (((0, 45_000_000, 20), (2_000_000, 60_000_000, 12), (6_000_000, 100_000_000, 0)),
             ((0, 180_000_000, 0), (3_000_000, 200_000_000, 0), (10_000_000, 250_000_000, 0)))
 FUNDING_CAP_E9 = 5_000_000
+# (min notional atoms, untriggered orders per account, open-interest cap lots) per market:
+# tight enough that each binds in the stream
+FILTERS = ((500_000, 1, 1_000), (0, 2, 300))
 
 
 def genesis() -> np.ndarray:
@@ -45,6 +48,9 @@ def genesis() -> np.ndarray:
     for m, brackets in enumerate(BRACKETS):
         cmds.append(market_risk_command(m, liquidation_fee_e9=5_000_000 * (m + 1),
                                         funding_cap_e9=FUNDING_CAP_E9))
+        min_notional, stops, oi_cap = FILTERS[m]
+        cmds.append(market_filters_command(m, min_notional_atoms=min_notional,
+                                           max_stop_orders=stops, open_interest_cap_lots=oi_cap))
         for k, (floor_atoms, rate_e9, leverage) in enumerate(brackets):
             cmds.append(bracket_command(m, k, floor_atoms=floor_atoms,
                                         maintenance_rate_e9=rate_e9, max_leverage=leverage))
