@@ -47,8 +47,9 @@ class EngineConfig:
     def event_bound(self) -> int:
         """Most events one command can cause: a LIQUIDATE's (each resting order canceled or
         traded, and reduce-only ones swept, plus its steps and ADL per market, plus what the
-        trigger books of those markets set off after), or a FUNDING's (one per account);
-        engine/core.py `_event_bound` and `_trigger_bound` have the per-command counts.
+        trigger books of those markets set off after), or a FUNDING's (one per account), or a
+        SETTLE_MARKET's (every order canceled, three per account); engine/core.py
+        `_event_bound` and `_trigger_bound` have the per-command counts.
 
         Event rings can be much smaller: a command whose worst case exceeds the ring runs
         alone into an overflow buffer of this size (Matcher.process_oversized).
@@ -57,7 +58,8 @@ class EngineConfig:
         # the trigger books: 8 + 2R + 5T per market, R + T orders in the pool
         triggers = (8 * self.max_markets + 2 * self.max_orders
                     + 3 * min(self.max_orders, self.max_markets * self.max_trigger_orders))
-        return (3 * self.max_orders + self.max_markets * per_market + self.max_accounts + 32
+        # one event per account for FUNDING; SETTLE_MARKET's close and deficit cover: three
+        return (3 * self.max_orders + self.max_markets * per_market + 3 * self.max_accounts + 32
                 + triggers)
 
 

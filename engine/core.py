@@ -1137,6 +1137,8 @@ def _fire(st, cmd, slot, scratch, n_touched):
         limit = o.price_ticks
         if _outside_band(mk, limit):
             err = REASON_PRICE_BAND
+    if err == 0 and mk.state == MARKET_REDUCE_ONLY and (o.flags & FLAG_REDUCE_ONLY) == 0:
+        err = REASON_MARKET_REDUCE_ONLY
     if err == 0 and (o.tif == TIF_GTC or o.tif == TIF_POST_ONLY) and _level_full(
             st, market, o.side, limit, _book_keys(st).shape[2]):
         err = REASON_TOO_MANY_ORDERS
@@ -1257,13 +1259,79 @@ def _set_mark(st, cmd, scratch):
 
 
 @jit
-def _halt(st, cmd, halted, scratch):
+def _entry_error(mk, reduce_only):
+    """reference.Market.entry_error: why the market's state refuses an order entering it."""
+    if mk.max_price_ticks == 0 or mk.state == MARKET_HALTED:
+        return REASON_MARKET_HALTED
+    if mk.state == MARKET_CANCEL_ONLY:
+        return REASON_MARKET_CANCEL_ONLY
+    if mk.state == MARKET_SETTLED:
+        return REASON_MARKET_SETTLED
+    if mk.state == MARKET_REDUCE_ONLY and not reduce_only:
+        return REASON_MARKET_REDUCE_ONLY
+    return 0
+
+
+@jit
+def _set_state(st, cmd, state, scratch):
+    """HALT, RESUME and SET_MARKET_STATE (state -1: the command's kind)."""
     if not _market_ok(st, cmd.market):
         return _reject(st, cmd, REASON_UNKNOWN_MARKET)
-    _markets(st)[cmd.market].halted = halted
+    if state == -1:
+        state = cmd.kind
+        if state > MARKET_HALTED:
+            return _reject(st, cmd, REASON_INVALID_MESSAGE)
+    mk = _markets(st)[cmd.market]
+    if mk.state == MARKET_SETTLED:
+        return _reject(st, cmd, REASON_MARKET_SETTLED)
+    mk.state = state
+    mk.halted = 1 if state == MARKET_CANCEL_ONLY or state == MARKET_HALTED else 0
     _done(st, cmd, 0)
     # triggers held back while halted fire on resume, against the prices of then
     _after_trading(st, cmd, cmd.market, scratch, 0)
+
+
+@jit
+def _settle_market(st, cmd):
+    """reference._settle_market: cancel the market's orders, close its positions at the
+    settlement price (the mark first), cover negative balances from the fund; settled."""
+    market = cmd.market
+    price = cmd.price_ticks
+    if not _market_ok(st, market):
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    mk = _markets(st)[market]
+    if mk.state == MARKET_SETTLED:
+        return _reject(st, cmd, REASON_MARKET_SETTLED)
+    if price < 1 or price > mk.max_price_ticks:
+        return _reject(st, cmd, REASON_INVALID_PRICE)
+    _set_mark_ticks(mk, price)
+    j = _claim(st, cmd, EV_MARK, market, cmd.account)
+    e = _mark_events(st)[j]
+    e.req = cmd.req
+    e.mark_ticks = price
+    mk.state = MARKET_SETTLED
+    mk.halted = 1
+    n_accounts = len(_accounts(st))
+    for account in range(n_accounts):
+        slot = _accounts(st)[account].first_order
+        while slot != NONE:
+            nxt = _orders(st)[slot].account_next
+            if _orders(st)[slot].market == market:
+                _cancel_open(st, cmd, slot, REASON_HALT)
+            slot = nxt
+    closed = 0
+    for account in range(n_accounts):
+        size = _positions(st)[account, market].size_lots
+        if size == 0:
+            continue
+        side = SIDE_SELL if size > 0 else SIDE_BUY
+        lots = size if size > 0 else -size
+        _apply_fill(st, account, market, side, lots, price, 0)
+        _liquidation_event(st, cmd, market, account, LIQ_KIND_SETTLEMENT, side, lots, price,
+                           price, 0, -1)
+        _cover_deficit(st, cmd, account, -1, 0)
+        closed += 1
+    _done(st, cmd, closed)
 
 
 @jit
@@ -1332,8 +1400,9 @@ def _new_order(st, cmd, scratch):
     if market_kind and tif == TIF_GTC:
         tif = TIF_IOC
     mk = _markets(st)[market]
-    if mk.max_price_ticks == 0 or mk.halted != 0:
-        return _reject(st, cmd, REASON_MARKET_HALTED)
+    err = _entry_error(mk, (cmd.flags & FLAG_REDUCE_ONLY) != 0)
+    if err != 0:
+        return _reject(st, cmd, err)
     qty = cmd.qty_lots
     if qty < 1 or qty > mk.max_order_lots:
         return _reject(st, cmd, REASON_INVALID_QTY)
@@ -1483,8 +1552,9 @@ def _amend(st, cmd, scratch):
     # an untriggered order is not amended: cancel and place it again
     if (cmd.price_ticks == 0 and cmd.qty_lots == 0) or o.level == UNTRIGGERED:
         return _reject(st, cmd, REASON_INVALID_MESSAGE)
-    if mk.max_price_ticks == 0 or mk.halted != 0:
-        return _reject(st, cmd, REASON_MARKET_HALTED)
+    err = _entry_error(mk, (o.flags & FLAG_REDUCE_ONLY) != 0)
+    if err != 0:
+        return _reject(st, cmd, err)
     if new_qty < 1 or new_qty > mk.max_order_lots:
         return _reject(st, cmd, REASON_INVALID_QTY)
     if new_price < 1 or new_price > mk.max_price_ticks:
@@ -2073,6 +2143,15 @@ def _event_bound(st, cmd):
         return 4
     if code == CMD_FUNDING:
         return 6 + len(_accounts(st))
+    if code == CMD_SETTLE_MARKET:
+        if not 0 <= cmd.market < len(_markets(st)):
+            return 4
+        mk = _markets(st)[cmd.market]
+        return 8 + mk.resting_buy + mk.resting_sell + mk.untriggered + 3 * len(_accounts(st))
+    if code == CMD_SET_MARKET_STATE:
+        if 0 <= cmd.market < len(_markets(st)):
+            return 4 + _trigger_bound(st, cmd.market)
+        return 4
     if code == CMD_LIQUIDATE:
         return _liquidation_bound(st, cmd)
     return 4
@@ -2180,9 +2259,9 @@ def run_batch(desc, commands, command_words, start, count, privileged, free_slot
         elif code == CMD_SET_MARKET_LIMITS:
             _set_market_limits(st, cmd)
         elif code == CMD_HALT:
-            _halt(st, cmd, 1, scratch)
+            _set_state(st, cmd, MARKET_HALTED, scratch)
         elif code == CMD_RESUME:
-            _halt(st, cmd, 0, scratch)
+            _set_state(st, cmd, MARKET_TRADING, scratch)
         elif code == CMD_SET_MARGIN:
             _set_margin(st, cmd)
         elif code == CMD_FUNDING:
@@ -2197,6 +2276,10 @@ def run_batch(desc, commands, command_words, start, count, privileged, free_slot
             _insurance_deposit(st, cmd)
         elif code == CMD_SET_MARKET_FILTERS:
             _set_market_filters(st, cmd)
+        elif code == CMD_SET_MARKET_STATE:
+            _set_state(st, cmd, -1, scratch)
+        elif code == CMD_SETTLE_MARKET:
+            _settle_market(st, cmd)
         else:
             _reject(st, cmd, REASON_INVALID_MESSAGE)
     return count

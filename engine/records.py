@@ -33,12 +33,14 @@ CMD_FUNDING = 15           # settle funding for every open position of a market 
 CMD_LIQUIDATE = 16         # liquidate an account's cross positions or one isolated position (riskd)
 CMD_INSURANCE_DEPOSIT = 17 # the operator tops the insurance fund up (amount_atoms)
 CMD_SET_MARKET_FILTERS = 18  # min notional, stop orders per account, open-interest cap
+CMD_SET_MARKET_STATE = 19  # trading / cancel_only / reduce_only / halted (kind)
+CMD_SETTLE_MARKET = 20     # close every position at price_ticks, cancel every order: settled
 
 # Commands that only the operator/risk rings may send; from a gateway ring they are `forbidden`.
 PRIVILEGED_COMMANDS = (
     CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_DEPOSIT, CMD_SET_MARK, CMD_HALT, CMD_RESUME,
     CMD_SET_MARKET_RISK, CMD_SET_BRACKET, CMD_FUNDING, CMD_LIQUIDATE, CMD_INSURANCE_DEPOSIT,
-    CMD_SET_MARKET_FILTERS,
+    CMD_SET_MARKET_FILTERS, CMD_SET_MARKET_STATE, CMD_SETTLE_MARKET,
 )
 
 SIDE_BUY = 0
@@ -65,10 +67,20 @@ FLAG_TRIGGER_BY_LAST = 2   # conditional kinds: trigger on the last trade price,
 MARGIN_CROSS = 0
 MARGIN_ISOLATED = 1
 
+# A market's state (MARKET_DTYPE.state): what client orders it takes. HALT / RESUME set
+# halted / trading; SET_MARKET_STATE any of the first four; SETTLE_MARKET the last, for good.
+MARKET_TRADING = 0
+MARKET_CANCEL_ONLY = 1     # cancels only: no new orders or amends, no triggers fire
+MARKET_REDUCE_ONLY = 2     # only reduce-only orders (new, amended or fired)
+MARKET_HALTED = 3          # as cancel_only (reason market_halted)
+MARKET_SETTLED = 4         # positions closed at the settlement price, no orders ever again
+MARKET_STATE_NAMES = ("trading", "cancel_only", "reduce_only", "halted", "settled")
+
 MAX_BRACKETS = 8
 
 LIQ_KIND_LIQUIDATED = 0    # closed into the book by the liquidation engine
 LIQ_KIND_ADL = 1           # closed against an opposite position by auto-deleveraging
+LIQ_KIND_SETTLEMENT = 2    # closed at the settlement price of a settled market
 
 STP_CANCEL_TAKER = 0
 STP_CANCEL_MAKER = 1
@@ -92,6 +104,8 @@ STP_CANCEL_BOTH = 2
 #   LIQUIDATE:          account; market = -1 for its cross positions, else that isolated one
 #   SET_MARKET_FILTERS: amount_atoms = min notional, qty_lots = max untriggered stop orders
 #                       per account, price_ticks = open-interest cap in lots (0: none each)
+#   SET_MARKET_STATE:   kind = MARKET_TRADING .. MARKET_HALTED
+#   SETTLE_MARKET:      price_ticks = the settlement price
 #   NEW_ORDER of a conditional kind: amount_atoms = trigger price in ticks,
 #                       flags & FLAG_TRIGGER_BY_LAST picks the last trade price over the mark
 COMMAND_DTYPE = np.dtype([
@@ -164,6 +178,9 @@ REASON_FUNDING_CAP = 26        # FUNDING rate beyond the market's cap
 REASON_MIN_NOTIONAL = 27       # an order's notional below the market's min_notional
 REASON_TOO_MANY_STOP_ORDERS = 28  # the account's untriggered orders in the market at the cap
 REASON_OPEN_INTEREST_CAP = 29  # the order would raise open interest above the market's cap
+REASON_MARKET_CANCEL_ONLY = 30
+REASON_MARKET_REDUCE_ONLY = 31  # the market takes reduce-only orders only
+REASON_MARKET_SETTLED = 39      # (after the cancel reasons: 32.. are taken)
 # cancel reasons
 REASON_USER = 32
 REASON_IOC = 33
@@ -206,6 +223,9 @@ REASON_NAMES = {
     REASON_MIN_NOTIONAL: "min_notional",
     REASON_TOO_MANY_STOP_ORDERS: "too_many_stop_orders",
     REASON_OPEN_INTEREST_CAP: "open_interest_cap",
+    REASON_MARKET_CANCEL_ONLY: "market_cancel_only",
+    REASON_MARKET_REDUCE_ONLY: "market_reduce_only",
+    REASON_MARKET_SETTLED: "market_settled",
     REASON_USER: "user",
     REASON_IOC: "ioc",
     REASON_STP: "stp",
@@ -428,6 +448,14 @@ def market_filters_command(market: int, *, min_notional_atoms: int, max_stop_ord
                            open_interest_cap_lots: int, ts_ns: int = 0) -> np.ndarray:
     return _command(CMD_SET_MARKET_FILTERS, market, ts_ns, amount_atoms=min_notional_atoms,
                     qty_lots=max_stop_orders, price_ticks=open_interest_cap_lots)
+
+
+def market_state_command(market: int, state: int, *, ts_ns: int = 0) -> np.ndarray:
+    return _command(CMD_SET_MARKET_STATE, market, ts_ns, kind=state)
+
+
+def settle_market_command(market: int, price_ticks: int, *, ts_ns: int = 0) -> np.ndarray:
+    return _command(CMD_SETTLE_MARKET, market, ts_ns, price_ticks=price_ticks)
 
 
 def insurance_deposit_command(amount_atoms: int, *, ts_ns: int = 0) -> np.ndarray:

@@ -51,7 +51,7 @@ class Market:
     max_order_lots: int = 0
     max_position_lots: int = 0
     max_open_orders: int = 0
-    halted: bool = False
+    state: int = MARKET_TRADING
     last_trade_ticks: int = 0                     # 0: no trade yet
     triggers: list = field(default_factory=list)  # untriggered orders, placement order
     # price -> FIFO of resting orders; prices kept sorted ascending per side
@@ -68,8 +68,21 @@ class Market:
     open_interest_cap_lots: int = 0
 
     @property
-    def tradeable(self):
-        return self.max_price_ticks > 0 and not self.halted
+    def halted(self):
+        """No order entry and no triggers: cancel_only, halted, settled."""
+        return self.state in (MARKET_CANCEL_ONLY, MARKET_HALTED, MARKET_SETTLED)
+
+    def entry_error(self, reduce_only):
+        """Why the market's state refuses an order entering it (new or amended), or 0."""
+        if self.max_price_ticks == 0 or self.state == MARKET_HALTED:
+            return REASON_MARKET_HALTED
+        if self.state == MARKET_CANCEL_ONLY:
+            return REASON_MARKET_CANCEL_ONLY
+        if self.state == MARKET_SETTLED:
+            return REASON_MARKET_SETTLED
+        if self.state == MARKET_REDUCE_ONLY and not reduce_only:
+            return REASON_MARKET_REDUCE_ONLY
+        return 0
 
     def best_price(self, side):
         prices = self.prices[side]
@@ -355,13 +368,54 @@ class ReferenceMatcher:
         self._emit(EV_MARK, c["market"], c["account"], req=c["req"], mark_ticks=c["price_ticks"])
         self._after_trading(c["market"], market, [])
 
-    def _halt(self, halted):
+    def _set_state(self, state):
+        """HALT, RESUME and SET_MARKET_STATE (state in the command's kind)."""
         market = self._market(self.cmd["market"])
         if market is None:
             return self._reject(REASON_UNKNOWN_MARKET)
-        market.halted = halted
+        if state is None:
+            state = self.cmd["kind"]
+            if state > MARKET_HALTED:
+                return self._reject(REASON_INVALID_MESSAGE)
+        if market.state == MARKET_SETTLED:
+            return self._reject(REASON_MARKET_SETTLED)
+        market.state = state
         self._done()
         self._after_trading(self.cmd["market"], market, [])   # resume: held-back triggers
+
+    def _settle_market(self):
+        """Cancel every order of the market, close every position at the settlement price
+        (the mark first becomes that price, so the payments are the uPnL at it: collateral is
+        conserved), the fund covers a balance it leaves negative, and the market is settled."""
+        c = self.cmd
+        market_id, price = c["market"], c["price_ticks"]
+        market = self._market(market_id)
+        if market is None:
+            return self._reject(REASON_UNKNOWN_MARKET)
+        if market.state == MARKET_SETTLED:
+            return self._reject(REASON_MARKET_SETTLED)
+        if not 1 <= price <= market.max_price_ticks:
+            return self._reject(REASON_INVALID_PRICE)
+        market.mark_ticks = price
+        self._emit(EV_MARK, market_id, c["account"], req=c["req"], mark_ticks=price)
+        market.state = MARKET_SETTLED
+        for account in range(self.config.max_accounts):
+            for order in list(self.orders_of.get(account, {}).values()):
+                if order.market == market_id:
+                    self._cancel_open(order, REASON_HALT)
+        closed = 0
+        for account in range(self.config.max_accounts):
+            pos = self.positions.get((account, market_id))
+            if pos is None or pos.size_lots == 0:
+                continue
+            size = pos.size_lots
+            self._apply_fill(account, market_id, market, -size, price, 0)
+            self._liquidation_event(market_id, account, LIQ_KIND_SETTLEMENT,
+                                    SIDE_SELL if size > 0 else SIDE_BUY, abs(size), price, price,
+                                    0, -1)
+            self._cover_deficit(account, -1, 0)
+            closed += 1
+        self._done(closed)
 
     def _deposit(self):
         c = self.cmd
@@ -752,6 +806,8 @@ class ReferenceMatcher:
             limit = order.price_ticks
             if self._outside_band(market, limit):
                 err = REASON_PRICE_BAND
+        if not err and market.state == MARKET_REDUCE_ONLY and not order.reduce_only:
+            err = REASON_MARKET_REDUCE_ONLY
         if (not err and order.tif in (TIF_GTC, TIF_POST_ONLY)
                 and self._level_full(market, order.side, limit)):
             err = REASON_TOO_MANY_ORDERS
@@ -789,8 +845,9 @@ class ReferenceMatcher:
             return self._reject(REASON_INVALID_MESSAGE)
         if market_kind and tif == TIF_GTC:
             tif = TIF_IOC
-        if not market.tradeable:
-            return self._reject(REASON_MARKET_HALTED)
+        err = market.entry_error(bool(c["flags"] & FLAG_REDUCE_ONLY))
+        if err:
+            return self._reject(err)
         qty = c["qty_lots"]
         if not 1 <= qty <= market.max_order_lots:
             return self._reject(REASON_INVALID_QTY)
@@ -899,8 +956,9 @@ class ReferenceMatcher:
         # an untriggered order is not amended: cancel and place it again
         if (c["price_ticks"] == 0 and c["qty_lots"] == 0) or order.untriggered:
             return self._reject(REASON_INVALID_MESSAGE)
-        if not market.tradeable:
-            return self._reject(REASON_MARKET_HALTED)
+        err = market.entry_error(order.reduce_only)
+        if err:
+            return self._reject(err)
         if not 1 <= new_qty <= market.max_order_lots:
             return self._reject(REASON_INVALID_QTY)
         if not 1 <= new_price <= market.max_price_ticks:
@@ -1245,8 +1303,10 @@ class ReferenceMatcher:
         CMD_CANCEL: _cancel,
         CMD_CANCEL_ALL: _cancel_all,
         CMD_AMEND: _amend,
-        CMD_HALT: lambda self: self._halt(True),
-        CMD_RESUME: lambda self: self._halt(False),
+        CMD_HALT: lambda self: self._set_state(MARKET_HALTED),
+        CMD_RESUME: lambda self: self._set_state(MARKET_TRADING),
+        CMD_SET_MARKET_STATE: lambda self: self._set_state(None),
+        CMD_SETTLE_MARKET: _settle_market,
         CMD_SET_MARKET_RISK: _set_market_risk,
         CMD_SET_BRACKET: _set_bracket,
         CMD_SET_MARGIN: _set_margin,

@@ -29,7 +29,7 @@ MARKET_DTYPE = np.dtype([
     ("max_order_lots", "<i8"),
     ("max_position_lots", "<i8"),
     ("max_open_orders", "<i8"),
-    ("halted", "<i8"),
+    ("halted", "<i8"),                 # 1: no order entry, no triggers (state 1, 3 or 4)
     ("last_trade_ticks", "<i8"),
     ("resting_buy", "<i8"),            # resting orders per side (bounds a command's events)
     ("resting_sell", "<i8"),
@@ -54,6 +54,7 @@ MARKET_DTYPE = np.dtype([
     ("max_stop_orders", "<i8"),        # untriggered orders per account
     ("open_interest_cap_lots", "<i8"),
     ("open_interest_lots", "<i8"),
+    ("state", "<i8"),                  # MARKET_TRADING .. MARKET_SETTLED (engine/records.py)
 ])
 
 # One net position per (account, market), with the open-order totals its margin needs.

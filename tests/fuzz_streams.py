@@ -126,6 +126,14 @@ def random_stream(seed: int, n: int) -> np.ndarray:
     c["qty_lots"] = np.where(amend & (which == 2), 0, c["qty_lots"])
     c["market"] = np.where(c["cmd"] == CMD_CANCEL_ALL, np.where(which == 0, -1, c["market"]),
                            c["market"])
+    # market states (mostly back to trading, 4 is invalid), and in the last twentieth a rare
+    # settlement at the walk's mark (a settled market takes no orders again)
+    state = rng.random(n) < 0.008
+    c["cmd"] = np.where(state, CMD_SET_MARKET_STATE, c["cmd"])
+    c["kind"] = np.where(state, rng.choice([0, 0, 0, 0, 1, 2, 2, 3, 4], n), c["kind"])
+    settle = (np.arange(n) > 0.95 * n) & (rng.random(n) < 0.002)
+    c["cmd"] = np.where(settle, CMD_SETTLE_MARKET, c["cmd"])
+    c["price_ticks"] = np.where(settle, mark, c["price_ticks"])
     return c
 
 
@@ -136,7 +144,8 @@ _command = hs.fixed_dictionaries({
                                                   CMD_SET_MARK, CMD_WITHDRAW, CMD_HALT,
                                                   CMD_RESUME, CMD_SET_MARGIN, CMD_FUNDING,
                                                   CMD_LIQUIDATE, CMD_LIQUIDATE,
-                                                  CMD_INSURANCE_DEPOSIT]),
+                                                  CMD_INSURANCE_DEPOSIT, CMD_SET_MARKET_STATE,
+                                                  CMD_SETTLE_MARKET]),
     "market": hs.sampled_from([0, 0, 1, -1, 2]),
     "account": hs.integers(0, 4),
     "side": hs.integers(0, 1),
