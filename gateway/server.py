@@ -78,9 +78,10 @@ from engine.config import EngineConfig
 from engine.records import (CMD_CANCEL_ALL, CMD_FUNDING, CMD_LIQUIDATE, COMMAND_DTYPE, EV_ACK,
                             EV_AMENDED, EV_BALANCE, EV_CANCELED, EV_COMMAND, EV_DONE,
                             EV_FUNDING, EV_LIQUIDATION, EV_MARK, EV_REJECT,
-                            EV_TRADE, EV_TRIGGERED, EVENT_BYTES, EVENT_DTYPE, REASON_DISCONNECT,
-                            REASON_FORBIDDEN, REASON_INVALID_MESSAGE, REASON_MARKET_HALTED,
-                            REASON_NAMES, REASON_RATE_LIMITED, REASON_UNKNOWN_ORDER)
+                            EV_TRADE, EV_TRIGGERED, EVENT_BYTES, EVENT_DTYPE, MARKET_STATE_NAMES,
+                            MARKET_TRADING, REASON_DISCONNECT, REASON_FORBIDDEN,
+                            REASON_INVALID_MESSAGE, REASON_MARKET_HALTED, REASON_NAMES,
+                            REASON_RATE_LIMITED, REASON_UNKNOWN_ORDER)
 from engine.service import attach_state
 from shm import names
 from gateway import codec
@@ -90,8 +91,8 @@ from gateway.codec import (COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT, ETYPE_OFFSET
                            ORDER_EVENT_STRUCT, TRADE_EVENT_STRUCT, pack)
 from gateway.account_state import account_state_fields, account_tables
 from gateway.markets import EdgeReject, MarketTable
-from gateway.mirror import (M_ACTIVE, M_ATPL, M_MARK, M_MAX_ORDER, M_MAX_PRICE, O_ACCOUNT,
-                            O_MARKET, Mirror, consistent_state_copy)
+from gateway.mirror import (M_ACTIVE, M_ATPL, M_MARK, M_MAX_ORDER, M_MAX_PRICE, M_STATE,
+                            O_ACCOUNT, O_MARKET, Mirror, consistent_state_copy)
 from shm.progress import JournalProgress
 from shm.index_board import IndexBoard
 from shm.region import ShmError, attach_retrying
@@ -269,6 +270,7 @@ class Gateway:
         self.index_board = None
         self._index_board_retry = 0.0
         self._board_sent: dict[int, tuple] = {}    # market -> (index, rate, next) last published
+        self._state_sent: dict[int, int] = {}      # market -> its state in the last mark.MARKET
         self._board_due = 0.0
         self.stats = {"requests": 0, "edge_rejects": 0, "events": 0, "dropped_frames": 0}
 
@@ -663,9 +665,12 @@ class Gateway:
         from riskd's IndexBoard (null while riskd has published nothing for the market)."""
         line = line or NO_BOARD_LINE
         self._board_sent[market.market_id] = line
+        state = self.mirror.markets[market.market_id][M_STATE]
+        self._state_sent[market.market_id] = state
         self._publish(market.topic_mark, pack(
             {"seq": seq, "mark": market.ticks_to_str(mark_ticks), "index": line[0],
-             "funding_rate": line[1], "next_funding_ts": line[2], "ts": ts}), seq)
+             "funding_rate": line[1], "next_funding_ts": line[2], "ts": ts,
+             "state": MARKET_STATE_NAMES[state]}), seq)
 
     def _board_line(self, market):
         """(index, funding_rate, next_funding_ts) as the wire says them, None before riskd
@@ -755,6 +760,10 @@ class Gateway:
             return
         market.set_limits(market.max_price_ticks or mk[M_MAX_PRICE],
                           market.max_order_lots or mk[M_MAX_ORDER])
+        if mk[M_STATE] != self._state_sent.get(m, MARKET_TRADING):
+            # a market state change (halt, cancel_only, settlement...) shows in mark.MARKET
+            self._publish_mark_line(market, self.mirror.applied_seq, mk[M_MARK], time.time_ns(),
+                                    self._board_line(market))
 
     # ------------------------------------------------------------------ requests -------
     def _drain_router(self) -> int:

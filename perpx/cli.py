@@ -558,6 +558,23 @@ def cmd_deposit(args) -> int:
     return 0
 
 
+def cmd_market_state(args) -> int:
+    reply = _exchange(args).set_market_state(args.market, args.state)
+    emit(args, {"market": args.market, "state": args.state, "seq": reply.seq},
+         f"{args.market} is {args.state} (seq {reply.seq})")
+    return 0
+
+
+def cmd_market_settle(args) -> int:
+    from engine.records import EV_DONE
+    reply = _exchange(args).settle_market(args.market, args.price)
+    closed = next(e["qty_lots"] for e in reply.events if e["etype"] == EV_DONE)
+    emit(args, {"market": args.market, "price": args.price, "state": "settled",
+                "positions_closed": closed, "seq": reply.seq},
+         f"{args.market} settled at {args.price}: {closed} positions closed (seq {reply.seq})")
+    return 0
+
+
 def cmd_fund_deposit(args) -> int:
     from perpx.config import atoms_str
     atoms = _amount_atoms(args.amount)
@@ -686,9 +703,8 @@ def cmd_markets(args) -> int:
              " ".join(f"{floor}:{rate}:{lev}x" for floor, rate, lev, _ in m["brackets"]))
             for m in rows]
     if mirror is not None:
-        headers += ["mark", "halted"]
-        body = [b + (m["live"]["mark_price"], "yes" if m["live"]["halted"] else "no")
-                for b, m in zip(body, rows)]
+        headers += ["mark", "state"]
+        body = [b + (m["live"]["mark_price"], m["live"]["state"]) for b, m in zip(body, rows)]
     emit(args, {"source": cfg.source, "markets": rows}, table(headers, body))
     return 0
 
@@ -741,6 +757,22 @@ def _register_deposit(sub, common):
     p.add_argument("account", type=_account_id, metavar="ACCOUNT")
     p.add_argument("amount", metavar="AMOUNT", help="USDC, e.g. 1000 or 0.5")
     p.set_defaults(func=cmd_deposit)
+
+
+def _register_market(sub, common):
+    p = sub.add_parser("market", parents=[common], help="a market's state and settlement")
+    msub = p.add_subparsers(dest="market_command", metavar="ACTION", required=True,
+                            parser_class=_Parser)
+    q = msub.add_parser("state", parents=[common],
+                        help="trading | cancel_only | reduce_only | halted (journaled)")
+    q.add_argument("market", metavar="MARKET")
+    q.add_argument("state", metavar="STATE")
+    q.set_defaults(func=cmd_market_state)
+    q = msub.add_parser("settle", parents=[common],
+                        help="close every position at PRICE, cancel every order: settled")
+    q.add_argument("market", metavar="MARKET")
+    q.add_argument("price", metavar="PRICE")
+    q.set_defaults(func=cmd_market_settle)
 
 
 def _register_fund(sub, common):
@@ -824,6 +856,7 @@ REGISTRARS = [
     _register_deposit,
     _register_fund,
     _register_halt,
+    _register_market,
     _register_oracle,
     _register_book,
     _register_positions,

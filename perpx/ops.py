@@ -113,6 +113,26 @@ class Exchange:
             raise OpsError("deposit: the matcher answered without a balance change")
         return reply
 
+    def set_market_state(self, symbol: str, state: str) -> Reply:
+        """`perpx market state`: trading, cancel_only, reduce_only or halted (journaled)."""
+        from engine.records import MARKET_SETTLED, MARKET_STATE_NAMES, market_state_command
+        if state not in MARKET_STATE_NAMES[:MARKET_SETTLED]:
+            raise OpsError(f"state must be one of {', '.join(MARKET_STATE_NAMES[:MARKET_SETTLED])}"
+                           f", not {state!r} (settle with `perpx market settle`)")
+        m = self.market(symbol)
+        return self.submit_one(market_state_command(m.id, MARKET_STATE_NAMES.index(state)),
+                               f"market state {symbol} {state}")
+
+    def settle_market(self, symbol: str, price_text: str) -> Reply:
+        """`perpx market settle`: close every position at the price, cancel every order."""
+        from engine.records import settle_market_command
+        m = self.market(symbol)
+        try:
+            ticks = m.price_to_ticks(price_text)
+        except ValueError as e:
+            raise OpsError(str(e)) from None
+        return self.submit_one(settle_market_command(m.id, ticks), f"settle {symbol}")
+
     def fund_deposit(self, atoms: int) -> Reply:
         from engine.records import EV_INSURANCE, insurance_deposit_command
         reply = self.submit_one(insurance_deposit_command(atoms), "insurance fund deposit")
@@ -377,14 +397,17 @@ def book_view(ex: Exchange, mirror, symbol: str, depth: int) -> dict:
 
 
 def markets_view(config: Config, mirror=None) -> list[dict]:
-    """The markets as configured; with a live mirror also their mark, last price and halt flag."""
-    from gateway.mirror import M_ACTIVE, M_HALTED, M_LAST, M_MARK
+    """The markets as configured; with a live mirror also their mark, last price, halt flag
+    and state (trading, cancel_only, reduce_only, halted, settled)."""
+    from engine.records import MARKET_STATE_NAMES
+    from gateway.mirror import M_ACTIVE, M_HALTED, M_LAST, M_MARK, M_STATE
     out = []
     for m in config.markets:
         row = m.describe()
         if mirror is not None:
             mk = mirror.markets[m.id]
             row["live"] = {"active": bool(mk[M_ACTIVE]), "halted": bool(mk[M_HALTED]),
+                           "state": MARKET_STATE_NAMES[mk[M_STATE]],
                            "mark_price": m.price_str(mk[M_MARK]) if mk[M_MARK] else None,
                            "last_price": m.price_str(mk[M_LAST]) if mk[M_LAST] else None}
         out.append(row)

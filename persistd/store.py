@@ -68,7 +68,8 @@ from engine.records import (BALANCE_EVENT_DTYPE, EV_ACK, EV_AMENDED, EV_BALANCE,
                             INSURANCE_DEFICIT, INSURANCE_DEPOSIT, INSURANCE_EVENT_DTYPE,
                             INSURANCE_FUNDING_RESIDUE,
                             INSURANCE_LIQUIDATION_FEE, KIND_LIMIT, LIQ_KIND_ADL,
-                            LIQ_KIND_LIQUIDATED, LIQUIDATION_EVENT_DTYPE, MARK_EVENT_DTYPE,
+                            LIQ_KIND_LIQUIDATED, LIQ_KIND_SETTLEMENT, LIQUIDATION_EVENT_DTYPE,
+                            MARK_EVENT_DTYPE,
                             ORDER_EVENT_DTYPE, REASON_NAMES, REASON_USER, STATUS_CANCELED,
                             STATUS_FILLED, STATUS_OPEN, STATUS_UNTRIGGERED, TRADE_EVENT_DTYPE)
 
@@ -87,7 +88,8 @@ KIND_WORDS = ("limit", "market", "stop_market", "stop_limit", "take_profit_marke
               "take_profit_limit")
 STATUS_WORDS = {STATUS_OPEN: "open", STATUS_FILLED: "filled", STATUS_CANCELED: "canceled",
                 STATUS_UNTRIGGERED: "untriggered"}
-LIQUIDATION_WORDS = {LIQ_KIND_LIQUIDATED: "liquidated", LIQ_KIND_ADL: "adl"}
+LIQUIDATION_WORDS = {LIQ_KIND_LIQUIDATED: "liquidated", LIQ_KIND_ADL: "adl",
+                     LIQ_KIND_SETTLEMENT: "settlement"}
 INSURANCE_WORDS = {INSURANCE_LIQUIDATION_FEE: "liquidation_fee",
                    INSURANCE_FUNDING_RESIDUE: "funding_residue", INSURANCE_DEFICIT: "deficit",
                    INSURANCE_DEPOSIT: "deposit"}

@@ -30,9 +30,9 @@ FUNDING_CAP_E9 = 5_000_000
 FILTERS = ((500_000, 1, 1_000), (0, 2, 300))
 
 
-def genesis() -> np.ndarray:
+def genesis(filters: bool = True) -> np.ndarray:
     """Two markets (one with a maker rebate) with risk parameters and brackets, funded
-    accounts."""
+    accounts; with filters, also min notionals, stop caps and open-interest caps."""
     cmds = [
         market_create_command(0, atoms_per_tick_lot=100, initial_mark_ticks=MARK_TICKS[0],
                               maker_fee_e9=-100_000, taker_fee_e9=500_000,
@@ -48,9 +48,11 @@ def genesis() -> np.ndarray:
     for m, brackets in enumerate(BRACKETS):
         cmds.append(market_risk_command(m, liquidation_fee_e9=5_000_000 * (m + 1),
                                         funding_cap_e9=FUNDING_CAP_E9))
-        min_notional, stops, oi_cap = FILTERS[m]
-        cmds.append(market_filters_command(m, min_notional_atoms=min_notional,
-                                           max_stop_orders=stops, open_interest_cap_lots=oi_cap))
+        if filters:
+            min_notional, stops, oi_cap = FILTERS[m]
+            cmds.append(market_filters_command(m, min_notional_atoms=min_notional,
+                                               max_stop_orders=stops,
+                                               open_interest_cap_lots=oi_cap))
         for k, (floor_atoms, rate_e9, leverage) in enumerate(brackets):
             cmds.append(bracket_command(m, k, floor_atoms=floor_atoms,
                                         maintenance_rate_e9=rate_e9, max_leverage=leverage))
