@@ -412,7 +412,11 @@ def status_report(sd) -> dict:
 
 
 def _risk_report(doc: dict) -> dict:
-    """riskd's latest numbers per market from the IndexBoard (wire decimals), {} if none."""
+    """riskd's latest numbers per market from the IndexBoard (wire decimals), {} if none.
+
+    `stale`: riskd has published nothing for the market for three of its ticks (at least 2 s)
+    or ever: its index feed fails (riskd logs why) or has no price yet."""
+    import time
     from decimal import Decimal
 
     from perpx.config import config_from_resolved, dec_str
@@ -424,13 +428,20 @@ def _risk_report(doc: dict) -> dict:
         return {}
     try:
         out = {}
+        risk = doc.get("risk", {})
+        stale_ns = max(3 * risk.get("mark_interval_ms", 250) * 10 ** 6, 2 * 10 ** 9)
+        now = time.time_ns()
         for m in config_from_resolved(doc).markets:
             pub = board.published(m.id)
-            if pub is not None:
+            if pub is None:
+                out[m.symbol] = {"index": None, "mark": None, "funding_rate": None,
+                                 "next_funding_ts": None, "stale": True}
+            else:
                 out[m.symbol] = {"index": m.price_str(pub.index_ticks),
                                  "mark": m.price_str(pub.mark_ticks),
                                  "funding_rate": dec_str(Decimal(pub.funding_rate_e9) / 10 ** 9),
-                                 "next_funding_ts": pub.next_funding_ns}
+                                 "next_funding_ts": pub.next_funding_ns,
+                                 "stale": now - pub.ts_ns > stale_ns}
         return out
     finally:
         board.close()
@@ -464,9 +475,12 @@ def cmd_status(args) -> int:
         lines.append("command rings (queued): " + ", ".join(
             f"{k} {v}" for k, v in rings["commands"].items()))
     for symbol, r in report.get("risk", {}).items():
+        if r["index"] is None:
+            lines.append(f"{symbol}: no index (STALE)")
+            continue
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["next_funding_ts"] // 10 ** 9))
         lines.append(f"{symbol}: index {r['index']}  mark {r['mark']}  funding rate "
-                     f"{r['funding_rate']} (next at {at} UTC)")
+                     f"{r['funding_rate']} (next at {at} UTC)" + ("  STALE" if r["stale"] else ""))
     if report["endpoints"]:
         lines.append(f"orders {report['endpoints']['orders']}   market data "
                      f"{report['endpoints']['market_data']}")

@@ -22,7 +22,8 @@ Keys (defaults in brackets):
                 seed [0] (sim index walks), funding_sample_ms [5000] (premium index samples,
                 Binance's 5 s), liquidation_retry_ms [1000] (riskd re-sends a LIQUIDATE for an
                 account that has not changed after this long), scan [true] (the liquidation
-                scanner; false only for benchmarks of the rest)
+                scanner; false only for benchmarks of the rest), feed_stale_s [30] (a market
+                whose index feed has failed this long goes cancel_only until it recovers)
     [endpoints] host ["127.0.0.1"], orders_port [7700] (gateway N binds orders_port + N),
                 market_data_port [7800]; a port of 0 means "any free port, chosen at start"
                 (and kept across gateway restarts)
@@ -116,6 +117,7 @@ PERSISTENCE_DEFAULTS = {
 }
 RISK_DEFAULTS = {
     "mark_interval_ms": 250,
+    "feed_stale_s": 30,
     "seed": 0,
     "funding_sample_ms": 5000,
     "liquidation_retry_ms": 1000,
@@ -503,6 +505,7 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     c.integer("risk.seed", risk["seed"], 0, 2 ** 63 - 1)
     c.integer("risk.funding_sample_ms", risk["funding_sample_ms"], 10, 3_600_000)
     c.integer("risk.liquidation_retry_ms", risk["liquidation_retry_ms"], 10, 3_600_000)
+    c.integer("risk.feed_stale_s", risk["feed_stale_s"], 1, 86_400)
     if not isinstance(risk["scan"], bool):
         c.fail("risk.scan", f"{risk['scan']!r} must be true or false")
 

@@ -46,12 +46,13 @@ import time
 
 import numpy as np
 
-from engine.records import (CMD_SET_MARK, COMMAND_DTYPE, EVENT_DTYPE, SIDE_BUY, SIDE_SELL,
-                            funding_command, liquidate_command, new_commands)
+from engine.records import (CMD_SET_MARK, COMMAND_DTYPE, EVENT_DTYPE, MARKET_CANCEL_ONLY,
+                            MARKET_TRADING, SIDE_BUY, SIDE_SELL, funding_command,
+                            liquidate_command, market_state_command, new_commands)
 from engine.service import attach_state
 from engine.state import C_SEQ
 from perpx.config import config_from_resolved
-from riskd.feeds import feed_for
+from riskd.feeds import GuardedFeed, feed_for
 from riskd.funding import FundingSchedule, impact_price, premium_e9
 from riskd.mark import MarkCalculator
 from riskd.scanner import Scanner
@@ -63,6 +64,7 @@ from shm.ring import CommandRing, EventRing
 DEFAULT_MARK_INTERVAL_MS = 250
 DEFAULT_FUNDING_SAMPLE_MS = 5000
 DEFAULT_LIQUIDATION_RETRY_MS = 1000
+DEFAULT_FEED_STALE_S = 30
 ATTACH_TIMEOUT_S = 30.0
 READ_ATTEMPTS = 64
 SUMMARY_EVERY_S = 60.0
@@ -118,6 +120,7 @@ class _Market:
         self.last_sent_ticks = last_sent_ticks
         self.sent = 0
         self.unsent_funding_e9 = None   # a FUNDING the full ring refused: retried next tick
+        self.stale_cancel_only = False  # riskd put the market in cancel_only: its feed failed
 
 
 class Riskd:
@@ -128,6 +131,7 @@ class Riskd:
         self.interval_s = risk.get("mark_interval_ms", DEFAULT_MARK_INTERVAL_MS) / 1000
         seed = int(risk.get("seed", 0))
         sample_ms = int(risk.get("funding_sample_ms", DEFAULT_FUNDING_SAMPLE_MS))
+        self.feed_stale_ns = int(risk.get("feed_stale_s", DEFAULT_FEED_STALE_S) * 1e9)
         self.fundings_sent = self.liquidations_sent = 0
         self.scanner = None
         config = config_from_resolved(doc)
@@ -153,8 +157,10 @@ class Riskd:
             for spec in config.markets:
                 # A restarted riskd resumes a sim walk where it was, not at the initial price.
                 before = self.board.published(spec.id)
-                feed = self._hold(feed_for(spec, prefix, seed,
-                                           before.index_ticks if before else None))
+                start = before.index_ticks if before else None
+                feed = self._hold(GuardedFeed(
+                    lambda spec=spec, start=start: feed_for(spec, prefix, seed, start),
+                    spec.symbol, self.log))
                 self.markets.append(_Market(spec, feed,
                                             int(self.state.markets["mark_ticks"][spec.id]),
                                             FundingSchedule(spec, sample_ms, time.time_ns())))
@@ -237,6 +243,7 @@ class Riskd:
         marks = [(mk, pub.mark_ticks) for mk, pub in computed
                  if pub.mark_ticks != mk.last_sent_ticks]
         written = self._send(marks, now_ns)
+        self._send_stale_states(now_ns)
         self._send_funding(now_ns)
         if self.scanner is not None:
             self._send_liquidations(now_ns, {mk.spec.id: mark for mk, mark in marks[:written]})
@@ -271,6 +278,29 @@ class Riskd:
                          "tick sends fresh ones")
             self.dropped += len(batch) - written
         return written
+
+    def _send_stale_states(self, now_ns: int) -> None:
+        """A market whose feed has failed for feed_stale_s goes cancel_only (SET_MARKET_STATE,
+        journaled like any command); once the feed recovers it goes back to trading, unless
+        its state changed meanwhile (an operator's, which riskd leaves alone)."""
+        states = self.state.markets["state"]
+        for mk in self.markets:
+            since = mk.feed.failing_since_ns
+            if (not mk.stale_cancel_only and since is not None
+                    and now_ns - since >= self.feed_stale_ns
+                    and int(states[mk.spec.id]) == MARKET_TRADING):
+                if self._write(market_state_command(mk.spec.id, MARKET_CANCEL_ONLY,
+                                                    ts_ns=now_ns)):
+                    mk.stale_cancel_only = True
+                    self.log(f"{mk.spec.symbol}: index stale for "
+                             f"{(now_ns - since) / 1e9:.0f} s: cancel_only")
+            elif mk.stale_cancel_only and since is None:
+                if int(states[mk.spec.id]) == MARKET_CANCEL_ONLY:
+                    if not self._write(market_state_command(mk.spec.id, MARKET_TRADING,
+                                                            ts_ns=now_ns)):
+                        continue      # the ring is full: next tick
+                    self.log(f"{mk.spec.symbol}: index feed back: trading")
+                mk.stale_cancel_only = False
 
     def _send_funding(self, now_ns: int) -> None:
         """FUNDING for each market whose interval ended, after its mark (it settles at the

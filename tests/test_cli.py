@@ -259,7 +259,8 @@ def test_oracle_set_manual_only(exchange):
     assert cli_json(up.sd.path, "markets")["markets"][1]["live"]["mark_price"] == "3600.5"
     status = cli_json(up.sd.path, "status")["risk"]
     assert (status["ETH-PERP"]["index"], status["ETH-PERP"]["mark"]) == ("3600.5", "3600.5")
-    assert "BTC-PERP" not in status            # manual, never set: riskd has no index for it
+    # manual, never set: riskd has no index for it (stale, no numbers)
+    assert status["BTC-PERP"]["index"] is None and status["BTC-PERP"]["stale"]
     assert float(status["SOL-PERP"]["index"]) > 0
     line = cli_fails(up.sd.path, "oracle", "set", "SOL-PERP", "151")
     assert "'sim' feed" in line and "oracle = \"manual\"" in line

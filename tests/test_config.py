@@ -133,7 +133,7 @@ def test_resolved_config_round_trips():
     cfg = load_config()
     assert config_from_resolved(cfg.to_dict()) == cfg
     assert cfg.risk == {"mark_interval_ms": 250, "seed": 0, "funding_sample_ms": 5000,
-                        "liquidation_retry_ms": 1000, "scan": True}
+                        "liquidation_retry_ms": 1000, "scan": True, "feed_stale_s": 30}
     tuned = parse_config("[risk]\nmark_interval_ms = 50\nscan = false\n" + GOOD_MARKET)
     assert (tuned.risk["mark_interval_ms"], tuned.risk["scan"]) == (50, False)
     assert config_from_resolved(tuned.to_dict()) == tuned
