@@ -648,7 +648,7 @@ def _halt(args, halted: bool) -> int:
 
 def cmd_oracle_set(args) -> int:
     ex = _exchange(args)
-    done = ex.set_index(args.market, args.price)
+    done = ex.set_index(args.market, args.price, force=args.force)
     m = ex.market(args.market)
     index, mark = m.price_str(done["index_ticks"]), m.price_str(done["mark_ticks"])
     emit(args, {"market": args.market, "index_price": index, "mark_price": mark,
@@ -816,6 +816,8 @@ def _register_oracle(sub, common):
                         help="set the index (and mark) of a market whose oracle is manual")
     q.add_argument("market", metavar="MARKET")
     q.add_argument("price", metavar="PRICE")
+    q.add_argument("--force", action="store_true", default=False,
+                   help="allow an index further than [risk] oracle_max_jump from the current")
     q.set_defaults(func=cmd_oracle_set)
 
 

@@ -23,7 +23,10 @@ Keys (defaults in brackets):
                 Binance's 5 s), liquidation_retry_ms [1000] (riskd re-sends a LIQUIDATE for an
                 account that has not changed after this long), scan [true] (the liquidation
                 scanner; false only for benchmarks of the rest), feed_stale_s [30] (a market
-                whose index feed has failed this long goes cancel_only until it recovers)
+                whose index feed has failed this long goes cancel_only until it recovers),
+                breaker_move ["0": off], breaker_window_s [60], breaker_halt_s [60] (a mark
+                moving more than breaker_move within the window: cancel_only for halt_s),
+                oracle_max_jump ["0": off] (`oracle set` further from the index needs --force)
     [endpoints] host ["127.0.0.1"], orders_port [7700] (gateway N binds orders_port + N),
                 market_data_port [7800]; a port of 0 means "any free port, chosen at start"
                 (and kept across gateway restarts)
@@ -118,6 +121,13 @@ PERSISTENCE_DEFAULTS = {
 RISK_DEFAULTS = {
     "mark_interval_ms": 250,
     "feed_stale_s": 30,
+    # the circuit breaker (off: "0"): a mark moving more than this fraction within the window
+    # puts the market in cancel_only for halt_s; a manual index further than oracle_max_jump
+    # from the current one needs `perpx oracle set --force` ("0": no bound)
+    "breaker_move": "0",
+    "breaker_window_s": 60,
+    "breaker_halt_s": 60,
+    "oracle_max_jump": "0",
     "seed": 0,
     "funding_sample_ms": 5000,
     "liquidation_retry_ms": 1000,
@@ -506,6 +516,14 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     c.integer("risk.funding_sample_ms", risk["funding_sample_ms"], 10, 3_600_000)
     c.integer("risk.liquidation_retry_ms", risk["liquidation_retry_ms"], 10, 3_600_000)
     c.integer("risk.feed_stale_s", risk["feed_stale_s"], 1, 86_400)
+    c.integer("risk.breaker_window_s", risk["breaker_window_s"], 1, 86_400)
+    c.integer("risk.breaker_halt_s", risk["breaker_halt_s"], 1, 86_400)
+    for key in ("breaker_move", "oracle_max_jump"):
+        value = c.decimal(f"risk.{key}", risk[key])
+        if not 0 <= value < 100 or value * RATE_E9 != int(value * RATE_E9):
+            c.fail(f"risk.{key}", f"'{risk[key]}' must be a fraction >= 0 with at most 9 "
+                                  f"decimals (\"0\": off)")
+        risk[key] = dec_str(value)
     if not isinstance(risk["scan"], bool):
         c.fail("risk.scan", f"{risk['scan']!r} must be true or false")
 

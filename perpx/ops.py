@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from types import SimpleNamespace
 
 import numpy as np
@@ -149,7 +150,7 @@ class Exchange:
         return self.submit_one(c, f"{'halt' if halted else 'resume'} {symbol}")
 
     def set_index(self, symbol: str, price_text: str,
-                  timeout_s: float = REPLY_TIMEOUT_S) -> dict:
+                  timeout_s: float = REPLY_TIMEOUT_S, force: bool = False) -> dict:
         """`perpx oracle set`: a manual market's index, through the IndexBoard to riskd.
 
         The price goes on the board (under the ops lock: one operator writer at a time); riskd
@@ -169,6 +170,14 @@ class Exchange:
         board = _attach(lambda: IndexBoard.attach(self.prefix, self.engine.max_markets))
         region, state = _attach(lambda: attach_state(self.prefix, self.engine))
         try:
+            max_jump = Decimal((self.config.risk or {}).get("oracle_max_jump", "0"))
+            current = board.published(m.id)
+            if max_jump and current is not None and current.index_ticks and not force and \
+                    abs(ticks - current.index_ticks) > max_jump * current.index_ticks:
+                raise OpsError(f"oracle set {symbol}: {price_text} is more than "
+                               f"{max_jump * 100:f}% from the current index "
+                               f"{m.price_str(current.index_ticks)} ([risk] oracle_max_jump); "
+                               f"use --force if you mean it")
             with FileLock(self.sd.ops_lock) as lock:
                 lock.acquire(LOCK_TIMEOUT_S, "the index board")
                 version = board.set(m.id, ticks)

@@ -43,7 +43,8 @@ oracle = "manual"
 @pytest.fixture(scope="module")
 def exchange(tmp_path_factory):
     up = Up(tmp_path_factory.mktemp("cli") / "state",
-            config_text(gateways=1, more_markets=SIM_MARKET + LIFE_MARKET))
+            config_text(gateways=1, more_markets=SIM_MARKET + LIFE_MARKET,
+                        extra='[risk]\noracle_max_jump = "0.5"\n'))
     try:
         endpoints = up.wait_ready()
         yield up, endpoints
@@ -265,7 +266,11 @@ def test_oracle_set_manual_only(exchange):
     line = cli_fails(up.sd.path, "oracle", "set", "SOL-PERP", "151")
     assert "'sim' feed" in line and "oracle = \"manual\"" in line
     assert "tick size" in cli_fails(up.sd.path, "oracle", "set", "ETH-PERP", "3600.505")
-    cli_json(up.sd.path, "oracle", "set", "ETH-PERP", "3500")
+    # more than oracle_max_jump (50%) from the current index needs --force
+    assert "use --force" in cli_fails(up.sd.path, "oracle", "set", "ETH-PERP", "5401")
+    assert cli_json(up.sd.path, "oracle", "set", "ETH-PERP", "5401", "--force")["index_price"] \
+        == "5401"
+    cli_json(up.sd.path, "oracle", "set", "ETH-PERP", "3500", "--force")
 
 
 def test_trades_show_in_book_positions_and_accounts(exchange, traders, trader):

@@ -133,7 +133,9 @@ def test_resolved_config_round_trips():
     cfg = load_config()
     assert config_from_resolved(cfg.to_dict()) == cfg
     assert cfg.risk == {"mark_interval_ms": 250, "seed": 0, "funding_sample_ms": 5000,
-                        "liquidation_retry_ms": 1000, "scan": True, "feed_stale_s": 30}
+                        "liquidation_retry_ms": 1000, "scan": True, "feed_stale_s": 30,
+                        "breaker_move": "0", "breaker_window_s": 60, "breaker_halt_s": 60,
+                        "oracle_max_jump": "0"}
     tuned = parse_config("[risk]\nmark_interval_ms = 50\nscan = false\n" + GOOD_MARKET)
     assert (tuned.risk["mark_interval_ms"], tuned.risk["scan"]) == (50, False)
     assert config_from_resolved(tuned.to_dict()) == tuned
@@ -187,6 +189,8 @@ BAD = [
     (market(min_notional='"-1"'), "markets[1].min_notional", "must be >= 0 USDC"),
     (market(min_notional='"0.0000001"'), "markets[1].min_notional", "6 decimals at most"),
     (market(max_stop_orders="-1"), "markets[1].max_stop_orders", "must be in [0,"),
+    ("[risk]\nbreaker_move = \"-0.1\"\n" + GOOD_MARKET, "risk.breaker_move",
+     "must be a fraction >= 0"),
     (market(open_interest_cap='"0.001"'), "markets[1].open_interest_cap",
      "not a multiple of lot_size '0.01'"),
     (market(brackets='[]'), "markets[1].brackets", "non-empty list"),

@@ -470,6 +470,39 @@ def test_a_bad_csv_row_stops_only_its_own_market(shm_prefix, tmp_path):
         assert "CSV-PERP: index feed recovered" in rig.log_path.read_text()
 
 
+def test_circuit_breaker_puts_a_jumping_market_in_cancel_only_for_a_while(shm_prefix,
+                                                                          tmp_path):
+    """breaker_move 10% within 60 s: the manual market's index jumps 14%: riskd sends
+    cancel_only (journaled, before the mark), the mark still goes out, and after
+    breaker_halt_s the market trades again. A 5% move does not trip it."""
+    cfg = config(tmp_path)
+    risk = {"mark_interval_ms": 50, "breaker_move": "0.1", "breaker_window_s": 60,
+            "breaker_halt_s": 1}
+    with riskd_rig(shm_prefix, tmp_path, cfg, risk) as rig:
+        log = MarkLog(rig.consumer)
+
+        def alive():
+            log.drain()
+            rig.check_alive()
+
+        def state():
+            return int(rig.state.markets["state"][MAN])
+
+        for ticks in (351_000, 368_000):          # +4.8%: no trip
+            rig.board.set(MAN, ticks)
+            wait_until(lambda: log.from_riskd(MAN)[-1:] == [ticks], WAIT_S, f"mark {ticks}",
+                       alive)
+        assert state() == MARKET_TRADING
+        rig.board.set(MAN, 420_000)                # +14% of 368,000 (+20% of 351,000)
+        wait_until(lambda: log.from_riskd(MAN)[-1:] == [420_000], WAIT_S, "the jumped mark",
+                   alive)
+        assert state() == MARKET_CANCEL_ONLY
+        assert "MAN-PERP: circuit breaker" in rig.log_path.read_text()
+        wait_until(lambda: state() == MARKET_TRADING, WAIT_S, "trading after breaker_halt_s",
+                   alive)
+        assert int(rig.state.markets["state"][SIM]) == MARKET_TRADING
+
+
 def test_riskd_drops_marks_its_full_ring_cannot_take(shm_prefix, tmp_path):
     """A stalled matcher: riskd waits a fraction of a tick, drops what does not fit, and sends
     a fresh mark once the ring drains (in one process: the matcher polled by hand)."""
