@@ -82,7 +82,8 @@ def effective_leverage(setting: int, max_leverage: int, notional_atoms: int, bra
     the exposure's (position plus open orders, after the order being checked) at the mark."""
     leverage = setting or max_leverage
     k = bracket_index(notional_atoms, brackets)
-    if k >= 0 and caps[k] < leverage:
+    # (a cap of 0: tables filled without SET_BRACKET, e.g. by hand in tests: no cap)
+    if k >= 0 and 0 < caps[k] < leverage:
         return caps[k]
     return leverage
 
