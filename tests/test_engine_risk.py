@@ -9,7 +9,7 @@ from hypothesis import strategies as hs
 from engine import risk
 from engine.core import _compare_products
 from engine.records import (EV_BALANCE, EV_CANCELED, EV_DONE, EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, EV_TRADE,
-                            INSURANCE_DEFICIT, INSURANCE_FUNDING_RESIDUE,
+                            INSURANCE_FUNDING_RESIDUE,
                             INSURANCE_LIQUIDATION_FEE, LIQ_KIND_ADL, LIQ_KIND_LIQUIDATED,
                             MARGIN_CROSS, MARGIN_ISOLATED, REASON_FUNDING_CAP,
                             REASON_INSUFFICIENT_MARGIN, REASON_INVALID_MARKET_CONFIG,
