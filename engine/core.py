@@ -557,12 +557,26 @@ def _margin_per_lot(mk, leverage, exposure_lots):
 
 
 @jit
-def _entry_cost(st, market, account, side, limit_ticks, qty, rests):
+def _entry_cost(st, market, account, side, limit_ticks, qty, rests, walk):
     """engine.risk.entry_cost_atoms of an order entering the book now, with the furthest
-    price its lots can trade at found as reference._worst_price walks the book."""
+    price its lots can trade at as reference._worst_price finds it (walk: a market order's
+    walk of the book; else the limit)."""
     mk = _markets(st)[market]
     opposite = 1 - side
+    if not walk:
+        best_lvl = _best_level(st, market, opposite)
+        best = 0
+        if best_lvl != NONE and _crosses(side, limit_ticks, _levels(st)[best_lvl].price_ticks):
+            best = _levels(st)[best_lvl].price_ticks
+        if best == 0 and not rests:
+            return 0
+        return _cost_at(mk, side, limit_ticks, best, qty)
     n = _book_depth(st)[market, opposite]
+    pos = _positions(st)[account, market]
+    # With no reduce-only maker in the market and none of the account's own orders on the
+    # other side, a level's total is what the walk would count: no need to visit its orders.
+    own = pos.open_sell_lots if side == SIDE_BUY else pos.open_buy_lots
+    by_level = mk.resting_reduce_only == 0 and own == 0
     worst = 0
     best = 0
     total = 0
@@ -574,18 +588,28 @@ def _entry_cost(st, market, account, side, limit_ticks, qty, rests):
         if worst == 0:
             best = price
         worst = price
-        slot = _levels(st)[lvl].first
-        while slot != NONE:
-            o = _orders(st)[slot]
-            if o.account != account and (o.flags & FLAG_REDUCE_ONLY) == 0:
-                total += o.remaining_lots
-            slot = o.next
+        if by_level:
+            total += _levels(st)[lvl].qty_lots
+        else:
+            slot = _levels(st)[lvl].first
+            while slot != NONE and total < qty:
+                o = _orders(st)[slot]
+                if o.account != account and (o.flags & FLAG_REDUCE_ONLY) == 0:
+                    total += o.remaining_lots
+                slot = o.next
         if total >= qty:
             break
     if total < qty and rests:
         worst = limit_ticks
     if worst == 0:
         return 0
+    return _cost_at(mk, side, worst, best, qty)
+
+
+@jit
+def _cost_at(mk, side, worst, best, qty):
+    """qty's loss against the mark at worst, plus the taker fee bound when it crosses (best:
+    the best crossing price, 0 when none)."""
     gap = worst - mk.mark_ticks if side == SIDE_BUY else mk.mark_ticks - worst
     cost = qty * gap * mk.atoms_per_tick_lot if gap > 0 else 0
     if best != 0 and mk.taker_fee_e9 > 0:
@@ -665,7 +689,8 @@ def _exposure_error(st, account, market, add_buy, add_sell, check_margin, entry_
 
 
 @jit
-def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only, n_touched):
+def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only, n_touched,
+           market_kind):
     """The checks an order passes on entering the book, new or triggered, in order:
     reduce-only (clips qty), post-only, open-interest cap, position limit and margin, FOK.
     Returns (reason or 0, qty). n_touched: the entries of `touched` in use (a fired order's
@@ -686,7 +711,7 @@ def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only, n
         if _open_interest_error(_markets(st)[market], pos, side, qty):
             return REASON_OPEN_INTEREST_CAP, qty
         cost = _entry_cost(st, market, account, side, limit_ticks, qty,
-                           tif == TIF_GTC or tif == TIF_POST_ONLY)
+                           tif == TIF_GTC or tif == TIF_POST_ONLY, market_kind)
     err = _exposure_error(st, account, market, qty if side == SIDE_BUY else 0,
                           qty if side == SIDE_SELL else 0, not reduce_only, cost)
     if err != 0:
@@ -1144,7 +1169,7 @@ def _fire(st, cmd, slot, scratch, n_touched):
         err = REASON_TOO_MANY_ORDERS
     if err == 0:
         err, qty = _admit(st, market, account, o.side, o.tif, limit, o.stp, qty,
-                          (o.flags & FLAG_REDUCE_ONLY) != 0, n_touched)
+                          (o.flags & FLAG_REDUCE_ONLY) != 0, n_touched, _is_market_kind(o.kind))
     if err == REASON_REDUCE_ONLY_VIOLATION:
         _canceled(st, cmd, slot, REASON_REDUCE_ONLY, qty)
     elif err != 0:
@@ -1444,7 +1469,8 @@ def _new_order(st, cmd, scratch):
             or _counters(st)[C_ORDERS_USED] >= scratch
             or _level_full(st, market, side, price, _book_keys(st).shape[2])):
         return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
-    err, qty = _admit(st, market, account, side, tif, limit, cmd.stp, qty, reduce_only, 0)
+    err, qty = _admit(st, market, account, side, tif, limit, cmd.stp, qty, reduce_only, 0,
+                      market_kind)
     if err != 0:
         return _reject(st, cmd, err)
 
@@ -1585,7 +1611,7 @@ def _amend(st, cmd, scratch):
         err = _exposure_error(st, o.account, o.market, add if o.side == SIDE_BUY else 0,
                               add if o.side == SIDE_SELL else 0, not reduce_only,
                               _entry_cost(st, o.market, o.account, o.side, new_price, new_qty,
-                                          o.tif == TIF_GTC or o.tif == TIF_POST_ONLY))
+                                          o.tif == TIF_GTC or o.tif == TIF_POST_ONLY, False))
         if err != 0:
             return _reject(st, cmd, err)
     _order_event(st, cmd, EV_AMENDED, o.market, o.account, cmd.req, 0, STATUS_OPEN, o.side,

@@ -690,9 +690,11 @@ class ReferenceMatcher:
         self._run_triggers(market_id, market, touched)
         self._sweep_reduce_only(market_id, touched)
 
-    def _admit(self, market_id, market, account, side, tif, limit_ticks, stp, qty, reduce_only):
+    def _admit(self, market_id, market, account, side, tif, limit_ticks, stp, qty, reduce_only,
+               market_kind):
         """Checks on entering the book, new or triggered: reduce-only (clips qty), post-only,
-        open-interest cap, position limit and margin, FOK. Returns (reason or 0, qty)."""
+        open-interest cap, position limit and margin (with the entry cost: market_kind walks
+        the book for it), FOK. Returns (reason or 0, qty)."""
         pos = self._position(account, market_id)
         if reduce_only:
             closing = -pos.size_lots if side == SIDE_BUY else pos.size_lots
@@ -710,20 +712,26 @@ class ReferenceMatcher:
                                    qty if side == SIDE_BUY else 0,
                                    qty if side == SIDE_SELL else 0, not reduce_only,
                                    self._entry_cost(market, account, side, limit_ticks, qty,
-                                                    tif in (TIF_GTC, TIF_POST_ONLY)))
+                                                    tif in (TIF_GTC, TIF_POST_ONLY),
+                                                    market_kind))
         if err:
             return err, qty
         if tif == TIF_FOK and not self._fok_fillable(market, account, side, limit_ticks, stp, qty):
             return REASON_FOK_UNFILLED, qty
         return 0, qty
 
-    def _worst_price(self, market, account, side, limit_ticks, qty, rests):
-        """The furthest price any lot of an order entering now can trade at: the level where
-        the crossing book holds qty lots (the account's own orders and reduce-only makers
-        not counted, so the walk goes at least as deep as the match), else its limit if the
-        rest rests, else the deepest crossing level (the rest is canceled); None when it
-        cannot trade at all."""
+    def _worst_price(self, market, account, side, limit_ticks, qty, rests, walk):
+        """The furthest price any lot of an order entering now can trade at; None when it
+        cannot trade at all. A limit order's is its limit (when it rests or crosses). A market
+        order (walk) has no limit of its own (the band's edge): its worst is the level where
+        the crossing book holds qty lots (the account's own orders and reduce-only makers not
+        counted, so the walk goes at least as deep as the match), else the deepest crossing
+        level (the rest is canceled)."""
         opposite = 1 - side
+        if not walk:
+            best = market.best_price(opposite)
+            takes = best is not None and self._crosses(side, limit_ticks, best)
+            return limit_ticks if rests or takes else None
         prices = market.prices[opposite]
         walk = reversed(prices) if opposite == SIDE_BUY else iter(prices)
         total = 0
@@ -738,11 +746,11 @@ class ReferenceMatcher:
                 return price
         return limit_ticks if rests else worst
 
-    def _entry_cost(self, market, account, side, limit_ticks, qty, rests):
+    def _entry_cost(self, market, account, side, limit_ticks, qty, rests, walk=False):
         """risk.entry_cost_atoms of an order entering the book now."""
         best = market.best_price(1 - side)
         takes = best is not None and self._crosses(side, limit_ticks, best)
-        worst = self._worst_price(market, account, side, limit_ticks, qty, rests)
+        worst = self._worst_price(market, account, side, limit_ticks, qty, rests, walk)
         if worst is None:
             return 0
         fee_price = worst if side == SIDE_BUY else (best if takes else limit_ticks)
@@ -813,7 +821,8 @@ class ReferenceMatcher:
             err = REASON_TOO_MANY_ORDERS
         if not err:
             err, qty = self._admit(market_id, market, order.account, order.side, order.tif,
-                                   limit, order.stp, qty, order.reduce_only)
+                                   limit, order.stp, qty, order.reduce_only,
+                                   order.kind in (KIND_STOP_MARKET, KIND_TAKE_PROFIT_MARKET))
         if err == REASON_REDUCE_ONLY_VIOLATION:
             return self._canceled(order, REASON_REDUCE_ONLY, qty)
         if err:
@@ -901,7 +910,7 @@ class ReferenceMatcher:
                 or self._level_full(market, side, price)):
             return self._reject(REASON_TOO_MANY_ORDERS)
         err, qty = self._admit(market_id, market, account, side, tif, limit, c["stp"], qty,
-                               reduce_only)
+                               reduce_only, market_kind)
         if err:
             return self._reject(err)
 

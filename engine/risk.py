@@ -93,8 +93,8 @@ def entry_cost_atoms(side: int, worst_ticks: int, qty_lots: int, mark_ticks: int
                      may_take: bool) -> int:
     """What an order may cost its account at once, beyond initial margin (Binance's "open
     loss", plus the taker fee): qty x max(0, worst - mark) for a buy (mark - worst for a
-    sell), worst being the furthest price any of its lots can trade at (the matcher walks the
-    book for it: reference._worst_price), and when it may take, the taker fee of qty at
+    sell), worst being the furthest price any of its lots can trade at (a limit order's limit;
+    a market order's from a walk of the book: reference._worst_price), and when it may take, the taker fee of qty at
     fee_price (the highest price it can fill at) plus one atom per lot for the rounding of
     each fill's fee. With it in the margin check an accepted order leaves its account's
     equity at the mark at or above its initial margin, so above its maintenance margin
