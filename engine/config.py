@@ -47,17 +47,19 @@ class EngineConfig:
     def event_bound(self) -> int:
         """Most events one command can cause: a LIQUIDATE's (each resting order canceled or
         traded, and reduce-only ones swept, plus its steps and ADL per market, plus what the
-        trigger books of those markets set off after), or a FUNDING's (one per account);
-        engine/core.py `_event_bound` and `_trigger_bound` have the per-command counts.
+        trigger books of those markets set off after), or a FUNDING's (one per account), or a
+        SETTLE_MARKET's (every order canceled, three per account); engine/core.py
+        `_event_bound` and `_trigger_bound` have the per-command counts.
 
         Event rings can be much smaller: a command whose worst case exceeds the ring runs
         alone into an overflow buffer of this size (Matcher.process_oversized).
         """
-        per_market = 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 2
+        per_market = 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 4
         # the trigger books: 8 + 2R + 5T per market, R + T orders in the pool
         triggers = (8 * self.max_markets + 2 * self.max_orders
                     + 3 * min(self.max_orders, self.max_markets * self.max_trigger_orders))
-        return (3 * self.max_orders + self.max_markets * per_market + self.max_accounts + 32
+        # one event per account for FUNDING; SETTLE_MARKET's close and deficit cover: three
+        return (3 * self.max_orders + self.max_markets * per_market + 3 * self.max_accounts + 32
                 + triggers)
 
 
@@ -79,6 +81,9 @@ MARKET_PROBLEMS = {
     13: "liquidation fee and funding cap must be in [0, 1)",
     14: "brackets are set in index order (at most 8), the first at notional 0, floors rising",
     15: "maintenance rates must be in (0, 1), not falling, the first below 1/max_leverage",
+    16: "a bracket's max leverage must be in [1, the market's max leverage], not rising with the"
+        " notional, and its initial rate 1/leverage above its maintenance rate",
+    17: "min notional, stop orders per account and open-interest cap must be >= 0 and in range",
 }
 
 
@@ -127,11 +132,34 @@ def market_risk_problem(liquidation_fee_e9, funding_cap_e9):
 
 
 @kernel
+def market_filters_problem(min_notional_atoms, max_stop_orders, open_interest_cap_lots):
+    if not (0 <= min_notional_atoms <= NOTIONAL_LIMIT_ATOMS
+            and 0 <= max_stop_orders <= MAX_OPEN_ORDERS_LIMIT
+            and 0 <= open_interest_cap_lots <= MAX_POSITION_LOTS_LIMIT * MAX_OPEN_ORDERS_LIMIT):
+        return 17
+    return 0
+
+
+@kernel
+def bracket_leverage(leverage, rate_e9, prev_leverage):
+    """A bracket's max leverage as SET_BRACKET resolves it: `leverage`, or when 0 the default,
+    the largest whole leverage whose initial rate 1/L is above the maintenance rate, at most the
+    previous bracket's (the first bracket's previous is the market's max leverage)."""
+    if leverage != 0 or not 0 < rate_e9 < RATE_ONE_E9:
+        return leverage
+    default = (RATE_ONE_E9 - 1) // rate_e9
+    return default if default < prev_leverage else prev_leverage
+
+
+@kernel
 def bracket_problem(n_brackets, index, floor_atoms, rate_e9, prev_floor_atoms, prev_rate_e9,
-                    max_leverage):
+                    max_leverage, leverage, prev_leverage):
     """Why SET_BRACKET `index` cannot follow the n_brackets already set (0 = it can).
 
-    Rates may repeat (the config allows equal rates); floors must rise.
+    Rates may repeat (the config allows equal rates); floors must rise. `leverage` is the
+    bracket's resolved max leverage (bracket_leverage), `prev_leverage` the previous bracket's
+    (the market's max for the first): leverage x rate < 1e9 proves the initial margin of every
+    position is above its maintenance margin.
     """
     if index != n_brackets or index >= MAX_BRACKETS:
         return 14
@@ -145,4 +173,8 @@ def bracket_problem(n_brackets, index, floor_atoms, rate_e9, prev_floor_atoms, p
         return 15
     if index > 0 and rate_e9 < prev_rate_e9:
         return 15
+    if not 1 <= leverage <= prev_leverage or leverage > max_leverage:
+        return 16
+    if leverage * rate_e9 >= RATE_ONE_E9:
+        return 16
     return 0

@@ -16,7 +16,8 @@ from numba import njit
 from engine.numbers import (RATE_ONE_E9, cost_share, fee_atoms, mul_div_ceil, mul_div_floor,
                             position_after_fill)
 from engine.config import (ADL_MAX_COUNTERPARTIES, LIQUIDATION_MAX_STEPS, MAX_BALANCE_ATOMS,
-                           MAX_NET_DEPOSITS_ATOMS, bracket_problem, market_config_problem,
+                           MAX_NET_DEPOSITS_ATOMS, bracket_leverage, bracket_problem,
+                           market_config_problem, market_filters_problem,
                            market_limits_problem, market_risk_problem)
 from engine.records import *  # noqa: F403
 from engine.reports import NO_ACCOUNT, report_accounts
@@ -551,11 +552,97 @@ def _upnl(mk, pos):
     return pos.size_lots * mk.mark_ticks * mk.atoms_per_tick_lot - pos.cost_atoms
 
 
+NO_LEVERAGE_CAP = 1 << 62   # MARKET_DTYPE.full_leverage_below_atoms of a market without caps
+
+
 @jit
-def _margin_per_lot(mk, leverage):
+def _leverage_cap(mk, notional_atoms):
+    """The max leverage of the bracket a notional falls in (the market's max below the floor
+    of the first bracket that caps it)."""
+    if notional_atoms < mk.full_leverage_below_atoms:
+        return mk.max_leverage
+    k = mk.n_brackets - 1
+    while k > 0 and mk.bracket_floor_atoms[k] > notional_atoms:
+        k -= 1
+    return mk.bracket_max_leverage[k]
+
+
+@jit
+def _margin_per_lot(mk, leverage, exposure_lots):
+    """engine.risk.effective_leverage: initial margin of one lot at the mark, at the leverage
+    setting (0: the market's max) capped by the max leverage of the bracket that exposure_lots
+    at the mark fall in. Below the first capped bracket's floor no lookup is needed."""
+    notional = exposure_lots * mk.mark_ticks * mk.atoms_per_tick_lot
+    if notional >= mk.full_leverage_below_atoms:
+        cap = _leverage_cap(mk, notional)
+        if leverage == 0 or cap < leverage:
+            leverage = cap
     if leverage == 0:
         return mk.margin_per_lot_atoms
     return mul_div_ceil(mk.mark_ticks, mk.atoms_per_tick_lot, leverage)
+
+
+@jit
+def _entry_cost(st, market, account, side, limit_ticks, qty, rests, walk):
+    """engine.risk.entry_cost_atoms of an order entering the book now, with the furthest
+    price its lots can trade at as reference._worst_price finds it (walk: a market order's
+    walk of the book; else the limit)."""
+    mk = _markets(st)[market]
+    opposite = 1 - side
+    if not walk:
+        best_lvl = _best_level(st, market, opposite)
+        best = 0
+        if best_lvl != NONE and _crosses(side, limit_ticks, _levels(st)[best_lvl].price_ticks):
+            best = _levels(st)[best_lvl].price_ticks
+        if best == 0 and not rests:
+            return 0
+        return _cost_at(mk, side, limit_ticks, best, qty)
+    n = _book_depth(st)[market, opposite]
+    pos = _positions(st)[account, market]
+    # With no reduce-only maker in the market and none of the account's own orders on the
+    # other side, a level's total is what the walk would count: no need to visit its orders.
+    own = pos.open_sell_lots if side == SIDE_BUY else pos.open_buy_lots
+    by_level = mk.resting_reduce_only == 0 and own == 0
+    worst = 0
+    best = 0
+    total = 0
+    for k in range(n - 1, -1, -1):
+        lvl = _book_levels(st)[market, opposite, k]
+        price = _levels(st)[lvl].price_ticks
+        if not _crosses(side, limit_ticks, price):
+            break
+        if worst == 0:
+            best = price
+        worst = price
+        if by_level:
+            total += _levels(st)[lvl].qty_lots
+        else:
+            slot = _levels(st)[lvl].first
+            while slot != NONE and total < qty:
+                o = _orders(st)[slot]
+                if o.account != account and (o.flags & FLAG_REDUCE_ONLY) == 0:
+                    total += o.remaining_lots
+                slot = o.next
+        if total >= qty:
+            break
+    if total < qty and rests:
+        worst = limit_ticks
+    if worst == 0:
+        return 0
+    return _cost_at(mk, side, worst, best, qty)
+
+
+@jit
+def _cost_at(mk, side, worst, best, qty):
+    """qty's loss against the mark at worst, plus the taker fee bound when it crosses (best:
+    the best crossing price, 0 when none)."""
+    gap = worst - mk.mark_ticks if side == SIDE_BUY else mk.mark_ticks - worst
+    cost = qty * gap * mk.atoms_per_tick_lot if gap > 0 else 0
+    if best != 0 and mk.taker_fee_e9 > 0:
+        fee_price = worst if side == SIDE_BUY else best
+        cost += mul_div_ceil(qty * fee_price * mk.atoms_per_tick_lot, mk.taker_fee_e9,
+                             RATE_ONE_E9) + qty
+    return cost
 
 
 @jit
@@ -580,13 +667,14 @@ def _equity_and_requirement(st, account, extra_market, extra_buy, extra_sell, ex
                 leverage = extra_leverage
         elif pos.size_lots == 0 and buy == 0 and sell == 0:
             continue
-        per_lot = _margin_per_lot(mk, leverage)
+        exposure = _exposure_lots(pos.size_lots, buy, sell)
+        per_lot = _margin_per_lot(mk, leverage, exposure)
         if pos.margin_mode == MARGIN_ISOLATED:
             required += _isolated_requirement(pos.size_lots, buy, sell,
                                               pos.isolated_margin_atoms + _upnl(mk, pos), per_lot)
         else:
             equity += _upnl(mk, pos)
-            required += _exposure_lots(pos.size_lots, buy, sell) * per_lot
+            required += exposure * per_lot
     return equity, required
 
 
@@ -597,6 +685,10 @@ def _isolated_requirement(size, buy, sell, isolated_equity, per_lot):
     growing = buy if size >= 0 else sell
     closing = sell if size >= 0 else buy
     drain = growing * per_lot
+    if growing > 0:
+        shortfall = (size if size >= 0 else -size) * per_lot - isolated_equity
+        if shortfall > 0:
+            drain += shortfall
     if closing > 0:
         flip = closing - (size if size >= 0 else -size)
         if flip < 0:
@@ -608,7 +700,7 @@ def _isolated_requirement(size, buy, sell, isolated_equity, per_lot):
 
 
 @jit
-def _exposure_error(st, account, market, add_buy, add_sell, check_margin):
+def _exposure_error(st, account, market, add_buy, add_sell, check_margin, entry_cost):
     mk = _markets(st)[market]
     pos = _positions(st)[account, market]
     if _exposure_lots(pos.size_lots, pos.open_buy_lots + add_buy,
@@ -617,15 +709,16 @@ def _exposure_error(st, account, market, add_buy, add_sell, check_margin):
     if not check_margin:
         return 0
     equity, required = _equity_and_requirement(st, account, market, add_buy, add_sell, 0)
-    if equity - required < 0:
+    if equity - required - entry_cost < 0:
         return REASON_INSUFFICIENT_MARGIN
     return 0
 
 
 @jit
-def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only, n_touched):
+def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only, n_touched,
+           market_kind):
     """The checks an order passes on entering the book, new or triggered, in order:
-    reduce-only (clips qty), post-only, position limit and margin, FOK.
+    reduce-only (clips qty), post-only, open-interest cap, position limit and margin, FOK.
     Returns (reason or 0, qty). n_touched: the entries of `touched` in use (a fired order's
     FOK check runs after earlier trades of its command)."""
     pos = _positions(st)[account, market]
@@ -639,14 +732,45 @@ def _admit(st, market, account, side, tif, limit_ticks, stp, qty, reduce_only, n
         best = _best_level(st, market, 1 - side)
         if best != NONE and _crosses(side, limit_ticks, _levels(st)[best].price_ticks):
             return REASON_POST_ONLY_WOULD_TAKE, qty
+    cost = 0
+    if not reduce_only:
+        if _open_interest_error(_markets(st)[market], pos, side, qty):
+            return REASON_OPEN_INTEREST_CAP, qty
+        cost = _entry_cost(st, market, account, side, limit_ticks, qty,
+                           tif == TIF_GTC or tif == TIF_POST_ONLY, market_kind)
     err = _exposure_error(st, account, market, qty if side == SIDE_BUY else 0,
-                          qty if side == SIDE_SELL else 0, not reduce_only)
+                          qty if side == SIDE_SELL else 0, not reduce_only, cost)
     if err != 0:
         return err, qty
     if tif == TIF_FOK and not _fok_fillable(st, market, account, side, limit_ticks, stp, qty,
                                             n_touched):
         return REASON_FOK_UNFILLED, qty
     return 0, qty
+
+
+@jit
+def _open_interest_error(mk, pos, side, qty):
+    """reference._open_interest_error: would the lots the order opens (beyond closing its
+    account's position) raise the open interest above the market's cap?"""
+    if mk.open_interest_cap_lots == 0:
+        return False
+    closing = _closing_lots(pos.size_lots, side)
+    opening = qty - (closing if closing > 0 else 0)
+    return opening > 0 and mk.open_interest_lots + opening > mk.open_interest_cap_lots
+
+
+@jit
+def _untriggered_of(st, account, market):
+    """The account's untriggered orders in the market (a walk of its order list: only stop
+    and take-profit placements pay for it)."""
+    n = 0
+    slot = _accounts(st)[account].first_order
+    while slot != NONE:
+        o = _orders(st)[slot]
+        if o.market == market and o.level == UNTRIGGERED:
+            n += 1
+        slot = o.account_next
+    return n
 
 
 @jit
@@ -758,21 +882,24 @@ def _apply_fill(st, account, market, side, qty, price, fee):
     delta = qty if side == SIDE_BUY else -qty
     size, cost, realized = position_after_fill(before, pos.cost_atoms, delta, price,
                                                 mk.atoms_per_tick_lot)
+    # open interest = the sum of long positions
+    mk.open_interest_lots += (size if size > 0 else 0) - (before if before > 0 else 0)
     pos.size_lots = size
     pos.cost_atoms = cost
     acct = _accounts(st)[account]
     acct.balance_atoms += realized - fee
     acct.changed_seq = _counters(st)[C_SEQ]
     if pos.margin_mode == MARGIN_ISOLATED:
-        _isolated_fill(mk, pos, acct, before, qty, side)
+        _isolated_fill(mk, pos, acct, before, qty, side, price)
 
 
 @jit
-def _isolated_fill(mk, pos, acct, before, qty, side):
+def _isolated_fill(mk, pos, acct, before, qty, side, price):
     """Move margin between the balance and an isolated position as a fill changes |size|:
     the closed lots release their share of the margin (all of it on a full close), the
-    opened lots post initial margin at the mark and the position's leverage, as far as the
-    balance holds it."""
+    opened lots post initial margin at the mark and the leverage of the new size's bracket,
+    plus the loss the fill took against the mark, or more if that leaves the position below
+    its initial margin (a top-up), as far as the balance holds it."""
     closed = 0
     if before != 0 and (before > 0) != (side == SIDE_BUY):
         whole = before if before > 0 else -before
@@ -783,7 +910,15 @@ def _isolated_fill(mk, pos, acct, before, qty, side):
     opened = qty - closed
     if opened > 0:
         # the margin check covered the margin, not the fee: post no more than the balance holds
-        posted = opened * _margin_per_lot(mk, pos.leverage)
+        size = pos.size_lots if pos.size_lots >= 0 else -pos.size_lots
+        gap = price - mk.mark_ticks if side == SIDE_BUY else mk.mark_ticks - price
+        per_lot = _margin_per_lot(mk, pos.leverage, size)
+        posted = opened * per_lot
+        if gap > 0:
+            posted += opened * gap * mk.atoms_per_tick_lot
+        top_up = size * per_lot - pos.isolated_margin_atoms - _upnl(mk, pos)
+        if top_up > posted:
+            posted = top_up
         available = acct.balance_atoms if acct.balance_atoms > 0 else 0
         if posted > available:
             posted = available
@@ -1053,12 +1188,14 @@ def _fire(st, cmd, slot, scratch, n_touched):
         limit = o.price_ticks
         if _outside_band(mk, limit):
             err = REASON_PRICE_BAND
+    if err == 0 and mk.state == MARKET_REDUCE_ONLY and (o.flags & FLAG_REDUCE_ONLY) == 0:
+        err = REASON_MARKET_REDUCE_ONLY
     if err == 0 and (o.tif == TIF_GTC or o.tif == TIF_POST_ONLY) and _level_full(
             st, market, o.side, limit, _book_keys(st).shape[2]):
         err = REASON_TOO_MANY_ORDERS
     if err == 0:
         err, qty = _admit(st, market, account, o.side, o.tif, limit, o.stp, qty,
-                          (o.flags & FLAG_REDUCE_ONLY) != 0, n_touched)
+                          (o.flags & FLAG_REDUCE_ONLY) != 0, n_touched, _is_market_kind(o.kind))
     if err == REASON_REDUCE_ONLY_VIOLATION:
         _canceled(st, cmd, slot, REASON_REDUCE_ONLY, qty)
     elif err != 0:
@@ -1136,6 +1273,7 @@ def _create_market(st, cmd):
     mk.taker_fee_e9 = cmd.oid
     mk.price_band_e9 = cmd.qty_lots
     mk.max_leverage = cmd.account
+    mk.full_leverage_below_atoms = NO_LEVERAGE_CAP
     _set_mark_ticks(mk, cmd.price_ticks)
     _done(st, cmd, 0)
 
@@ -1172,13 +1310,79 @@ def _set_mark(st, cmd, scratch):
 
 
 @jit
-def _halt(st, cmd, halted, scratch):
+def _entry_error(mk, reduce_only):
+    """reference.Market.entry_error: why the market's state refuses an order entering it."""
+    if mk.max_price_ticks == 0 or mk.state == MARKET_HALTED:
+        return REASON_MARKET_HALTED
+    if mk.state == MARKET_CANCEL_ONLY:
+        return REASON_MARKET_CANCEL_ONLY
+    if mk.state == MARKET_SETTLED:
+        return REASON_MARKET_SETTLED
+    if mk.state == MARKET_REDUCE_ONLY and not reduce_only:
+        return REASON_MARKET_REDUCE_ONLY
+    return 0
+
+
+@jit
+def _set_state(st, cmd, state, scratch):
+    """HALT, RESUME and SET_MARKET_STATE (state -1: the command's kind)."""
     if not _market_ok(st, cmd.market):
         return _reject(st, cmd, REASON_UNKNOWN_MARKET)
-    _markets(st)[cmd.market].halted = halted
+    if state == -1:
+        state = cmd.kind
+        if state > MARKET_HALTED:
+            return _reject(st, cmd, REASON_INVALID_MESSAGE)
+    mk = _markets(st)[cmd.market]
+    if mk.state == MARKET_SETTLED:
+        return _reject(st, cmd, REASON_MARKET_SETTLED)
+    mk.state = state
+    mk.halted = 1 if state == MARKET_CANCEL_ONLY or state == MARKET_HALTED else 0
     _done(st, cmd, 0)
     # triggers held back while halted fire on resume, against the prices of then
     _after_trading(st, cmd, cmd.market, scratch, 0)
+
+
+@jit
+def _settle_market(st, cmd):
+    """reference._settle_market: cancel the market's orders, close its positions at the
+    settlement price (the mark first), cover negative balances from the fund; settled."""
+    market = cmd.market
+    price = cmd.price_ticks
+    if not _market_ok(st, market):
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    mk = _markets(st)[market]
+    if mk.state == MARKET_SETTLED:
+        return _reject(st, cmd, REASON_MARKET_SETTLED)
+    if price < 1 or price > mk.max_price_ticks:
+        return _reject(st, cmd, REASON_INVALID_PRICE)
+    _set_mark_ticks(mk, price)
+    j = _claim(st, cmd, EV_MARK, market, cmd.account)
+    e = _mark_events(st)[j]
+    e.req = cmd.req
+    e.mark_ticks = price
+    mk.state = MARKET_SETTLED
+    mk.halted = 1
+    n_accounts = len(_accounts(st))
+    for account in range(n_accounts):
+        slot = _accounts(st)[account].first_order
+        while slot != NONE:
+            nxt = _orders(st)[slot].account_next
+            if _orders(st)[slot].market == market:
+                _cancel_open(st, cmd, slot, REASON_HALT)
+            slot = nxt
+    closed = 0
+    for account in range(n_accounts):
+        size = _positions(st)[account, market].size_lots
+        if size == 0:
+            continue
+        side = SIDE_SELL if size > 0 else SIDE_BUY
+        lots = size if size > 0 else -size
+        _apply_fill(st, account, market, side, lots, price, 0)
+        _liquidation_event(st, cmd, market, account, LIQ_KIND_SETTLEMENT, side, lots, price,
+                           price, 0, -1)
+        _cover_deficit(st, cmd, account, -1, 0)
+        closed += 1
+    _done(st, cmd, closed)
 
 
 @jit
@@ -1263,8 +1467,9 @@ def _new_order(st, cmd, scratch):
     if market_kind and tif == TIF_GTC:
         tif = TIF_IOC
     mk = _markets(st)[market]
-    if mk.max_price_ticks == 0 or mk.halted != 0:
-        return _reject(st, cmd, REASON_MARKET_HALTED)
+    err = _entry_error(mk, (cmd.flags & FLAG_REDUCE_ONLY) != 0)
+    if err != 0:
+        return _reject(st, cmd, err)
     qty = cmd.qty_lots
     if qty < 1 or qty > mk.max_order_lots:
         return _reject(st, cmd, REASON_INVALID_QTY)
@@ -1285,10 +1490,18 @@ def _new_order(st, cmd, scratch):
         if (trigger < 1 or trigger > mk.max_price_ticks
                 or _trigger_holds(q, _trigger_key(q, trigger), _trigger_price(mk, q))):
             return _reject(st, cmd, REASON_INVALID_PRICE)
+    reduce_only = (cmd.flags & FLAG_REDUCE_ONLY) != 0
+    # Binance's MIN_NOTIONAL: at the order's price, a market kind's at the mark; an order that
+    # only reduces is exempt
+    if not reduce_only and qty * (price if price != 0 else mk.mark_ticks) * \
+            mk.atoms_per_tick_lot < mk.min_notional_atoms:
+        return _reject(st, cmd, REASON_MIN_NOTIONAL)
     if _slot_of_cid(st, account, cmd.cid) != NONE:
         return _reject(st, cmd, REASON_DUPLICATE_CID)
     pos = _positions(st)[account, market]
     if conditional:
+        if mk.max_stop_orders != 0 and _untriggered_of(st, account, market) >= mk.max_stop_orders:
+            return _reject(st, cmd, REASON_TOO_MANY_STOP_ORDERS)
         if (pos.open_orders >= mk.max_open_orders or _counters(st)[C_ORDERS_USED] >= scratch
                 or mk.untriggered >= _trigger_keys(st).shape[2]):
             return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
@@ -1298,8 +1511,8 @@ def _new_order(st, cmd, scratch):
             or _counters(st)[C_ORDERS_USED] >= scratch
             or _level_full(st, market, side, price, _book_keys(st).shape[2])):
         return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
-    reduce_only = (cmd.flags & FLAG_REDUCE_ONLY) != 0
-    err, qty = _admit(st, market, account, side, tif, limit, cmd.stp, qty, reduce_only, 0)
+    err, qty = _admit(st, market, account, side, tif, limit, cmd.stp, qty, reduce_only, 0,
+                      market_kind)
     if err != 0:
         return _reject(st, cmd, err)
 
@@ -1409,8 +1622,9 @@ def _amend(st, cmd, scratch):
     # an untriggered order is not amended: cancel and place it again
     if (cmd.price_ticks == 0 and cmd.qty_lots == 0) or o.level == UNTRIGGERED:
         return _reject(st, cmd, REASON_INVALID_MESSAGE)
-    if mk.max_price_ticks == 0 or mk.halted != 0:
-        return _reject(st, cmd, REASON_MARKET_HALTED)
+    err = _entry_error(mk, (o.flags & FLAG_REDUCE_ONLY) != 0)
+    if err != 0:
+        return _reject(st, cmd, err)
     if new_qty < 1 or new_qty > mk.max_order_lots:
         return _reject(st, cmd, REASON_INVALID_QTY)
     if new_price < 1 or new_price > mk.max_price_ticks:
@@ -1419,8 +1633,13 @@ def _amend(st, cmd, scratch):
         return _reject(st, cmd, REASON_PRICE_BAND)
     pos = _positions(st)[o.account, o.market]
     reduce_only = (o.flags & FLAG_REDUCE_ONLY) != 0
-    if reduce_only and new_qty > _closing_lots(pos.size_lots, o.side):
-        return _reject(st, cmd, REASON_REDUCE_ONLY_VIOLATION)
+    if reduce_only:
+        if new_qty > _closing_lots(pos.size_lots, o.side):
+            return _reject(st, cmd, REASON_REDUCE_ONLY_VIOLATION)
+    elif new_qty * new_price * mk.atoms_per_tick_lot < mk.min_notional_atoms:
+        return _reject(st, cmd, REASON_MIN_NOTIONAL)
+    elif new_qty > o.remaining_lots and _open_interest_error(mk, pos, o.side, new_qty):
+        return _reject(st, cmd, REASON_OPEN_INTEREST_CAP)
     best = _best_level(st, o.market, 1 - o.side)
     crosses = best != NONE and _crosses(o.side, new_price, _levels(st)[best].price_ticks)
     if crosses and o.tif == TIF_POST_ONLY:
@@ -1429,9 +1648,14 @@ def _amend(st, cmd, scratch):
                                                   _book_keys(st).shape[2]):
         return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
     grow = new_qty - o.remaining_lots
-    if grow > 0:
-        err = _exposure_error(st, o.account, o.market, grow if o.side == SIDE_BUY else 0,
-                              grow if o.side == SIDE_SELL else 0, not reduce_only)
+    if grow > 0 or new_price != o.price_ticks:
+        # a re-priced order enters again: its loss against the mark (and the taker fee when
+        # it crosses) is checked as for a new order
+        add = grow if grow > 0 else 0
+        err = _exposure_error(st, o.account, o.market, add if o.side == SIDE_BUY else 0,
+                              add if o.side == SIDE_SELL else 0, not reduce_only,
+                              _entry_cost(st, o.market, o.account, o.side, new_price, new_qty,
+                                          o.tif == TIF_GTC or o.tif == TIF_POST_ONLY, False))
         if err != 0:
             return _reject(st, cmd, err)
     _order_event(st, cmd, EV_AMENDED, o.market, o.account, cmd.req, 0, STATUS_OPEN, o.side,
@@ -1469,9 +1693,14 @@ def _set_bracket(st, cmd):
     prev_floor = mk.bracket_floor_atoms[n - 1] if n > 0 else 0
     prev_rate = mk.bracket_rate_e9[n - 1] if n > 0 else 0
     prev_amount = mk.bracket_amount_atoms[n - 1] if n > 0 else 0
+    prev_leverage = mk.bracket_max_leverage[n - 1] if n > 0 else mk.max_leverage
+    leverage = bracket_leverage(cmd.qty_lots, cmd.price_ticks, prev_leverage)
     if bracket_problem(n, cmd.kind, cmd.amount_atoms, cmd.price_ticks, prev_floor, prev_rate,
-                       mk.max_leverage) != 0:
+                       mk.max_leverage, leverage, prev_leverage) != 0:
         return _reject(st, cmd, REASON_INVALID_MARKET_CONFIG)
+    mk.bracket_max_leverage[n] = leverage
+    if leverage < mk.max_leverage and mk.full_leverage_below_atoms == NO_LEVERAGE_CAP:
+        mk.full_leverage_below_atoms = cmd.amount_atoms
     mk.bracket_floor_atoms[n] = cmd.amount_atoms
     mk.bracket_rate_e9[n] = cmd.price_ticks
     mk.bracket_amount_atoms[n] = prev_amount + mul_div_floor(
@@ -1495,9 +1724,11 @@ def _set_margin(st, cmd):
     mk = _markets(st)[market]
     if mode > MARGIN_ISOLATED:
         return _reject(st, cmd, REASON_INVALID_MESSAGE)
-    if leverage < 1 or leverage > mk.max_leverage:
-        return _reject(st, cmd, REASON_LEVERAGE)
     pos = _positions(st)[account, market]
+    # not above the max leverage of the bracket the current position falls in
+    size = pos.size_lots if pos.size_lots >= 0 else -pos.size_lots
+    if leverage < 1 or leverage > _leverage_cap(mk, size * mk.mark_ticks * mk.atoms_per_tick_lot):
+        return _reject(st, cmd, REASON_LEVERAGE)
     if mode != pos.margin_mode and (pos.size_lots != 0 or pos.open_orders != 0):
         return _reject(st, cmd, REASON_MARGIN_MODE_LOCKED)
     equity, required = _equity_and_requirement(st, account, -1, 0, 0, 0)
@@ -1507,6 +1738,30 @@ def _set_margin(st, cmd):
     pos.margin_mode = mode
     pos.leverage = leverage
     _accounts(st)[account].changed_seq = _counters(st)[C_SEQ]
+    _done(st, cmd, 0)
+
+
+@jit
+def _set_market_filters(st, cmd):
+    if not _market_ok(st, cmd.market):
+        return _reject(st, cmd, REASON_UNKNOWN_MARKET)
+    if market_filters_problem(cmd.amount_atoms, cmd.qty_lots, cmd.price_ticks) != 0:
+        return _reject(st, cmd, REASON_INVALID_MARKET_CONFIG)
+    mk = _markets(st)[cmd.market]
+    mk.min_notional_atoms = cmd.amount_atoms
+    mk.max_stop_orders = cmd.qty_lots
+    mk.open_interest_cap_lots = cmd.price_ticks
+    _done(st, cmd, 0)
+
+
+@jit
+def _insurance_deposit(st, cmd):
+    amount = cmd.amount_atoms
+    if (amount < 1 or amount > MAX_BALANCE_ATOMS - _counters(st)[C_INSURANCE_ATOMS]
+            or amount > MAX_NET_DEPOSITS_ATOMS - _counters(st)[C_NET_DEPOSITS_ATOMS]):
+        return _reject(st, cmd, REASON_INVALID_MESSAGE)
+    _counters(st)[C_NET_DEPOSITS_ATOMS] += amount
+    _insure(st, cmd, INSURANCE_DEPOSIT, amount, cmd.market, cmd.account)
     _done(st, cmd, 0)
 
 
@@ -1639,28 +1894,28 @@ def _bankruptcy_limit(st, account, market):
 
 
 @jit
-def _cover_deficit(st, cmd, account, scope):
-    """The fund pays what it can of the negative equity of the scope being liquidated."""
+def _cover_deficit(st, cmd, account, scope, balance_before):
+    """The fund pays what it can of the realized loss the liquidation left (reference
+    ._cover_deficit): the negative balance, or for an isolated position the balance's fall
+    since balance_before; at most the scope's negative equity. Credited to the balance."""
     acct = _accounts(st)[account]
     if scope == -1:
+        realized = acct.balance_atoms
         equity = _cross_equity(st, account, -1)
     else:
         pos = _positions(st)[account, scope]
-        equity = pos.isolated_margin_atoms + _upnl(_markets(st)[scope], pos)
+        realized = acct.balance_atoms - balance_before
+        equity = pos.isolated_margin_atoms + _upnl(_markets(st)[scope], pos) + realized
+    cover = -realized if -realized < -equity else -equity
     fund = _counters(st)[C_INSURANCE_ATOMS]
-    cover = -equity if -equity < fund else fund
+    if fund < cover:
+        cover = fund
     if cover <= 0:
         return
     _insure(st, cmd, INSURANCE_DEFICIT, -cover, scope, account)
-    if scope == -1:
-        acct.balance_atoms += cover
-        after = acct.balance_atoms
-    else:
-        pos = _positions(st)[account, scope]
-        pos.isolated_margin_atoms += cover
-        after = pos.isolated_margin_atoms
+    acct.balance_atoms += cover
     acct.changed_seq = _counters(st)[C_SEQ]
-    _balance_event(st, cmd, scope, account, cover, after)
+    _balance_event(st, cmd, scope, account, cover, acct.balance_atoms)
 
 
 @jit
@@ -1695,7 +1950,7 @@ def _liquidate(st, cmd, scratch):
         if scope == -1 or _orders(st)[slot].market == scope:
             _cancel_open(st, cmd, slot, REASON_LIQUIDATION)
         slot = nxt
-    _cover_deficit(st, cmd, account, scope)
+    balance_before = _accounts(st)[account].balance_atoms
     closed = 0
     for m in range(len(_markets(st))):
         pos = _positions(st)[account, m]
@@ -1704,22 +1959,23 @@ def _liquidate(st, cmd, scratch):
                 continue
         elif m != scope:
             continue
-        lots, n_touched = _liquidate_position(st, cmd, account, m, scope, scratch)
+        lots, n_touched = _liquidate_position(st, cmd, account, m, scope, scratch,
+                                              balance_before)
         closed += lots
         # its trades moved the last price: the market's triggers may fire, then the sweep
         n_touched = _after_trading(st, cmd, m, scratch, n_touched)
         # the next market's sweep starts a fresh list of touched accounts
         for t in range(n_touched):
             _accounts(st)[_touched(st)[t]].touched_seq = 0
-    _cover_deficit(st, cmd, account, scope)
+    _cover_deficit(st, cmd, account, scope, balance_before)
     _done(st, cmd, closed)
 
 
 @jit
-def _liquidate_position(st, cmd, account, market, scope, scratch):
+def _liquidate_position(st, cmd, account, market, scope, scratch, balance_before):
     """Close into the book by IOC steps at the bankruptcy price while the scope stays
-    liquidatable; what the book cannot take is auto-deleveraged.
-    Returns (lots closed, n_touched)."""
+    liquidatable; when the book takes no more, the fund covers the realized loss so far, and
+    the rest is auto-deleveraged. Returns (lots closed, n_touched)."""
     mk = _markets(st)[market]
     pos = _positions(st)[account, market]
     acct = _accounts(st)[account]
@@ -1749,6 +2005,7 @@ def _liquidate_position(st, cmd, account, market, scope, scratch):
         _, n_touched = _match(st, cmd, scratch, bankrupt, n_touched)
         filled = qty - o.remaining_lots
         if filled == 0:
+            _cover_deficit(st, cmd, account, scope, balance_before)
             lots, n_touched = _auto_deleverage(st, cmd, account, market, n_touched)
             return closed + lots, n_touched
         closed += filled
@@ -1958,6 +2215,15 @@ def _event_bound(st, cmd):
         return 4
     if code == CMD_FUNDING:
         return 6 + len(_accounts(st))
+    if code == CMD_SETTLE_MARKET:
+        if not 0 <= cmd.market < len(_markets(st)):
+            return 4
+        mk = _markets(st)[cmd.market]
+        return 8 + mk.resting_buy + mk.resting_sell + mk.untriggered + 3 * len(_accounts(st))
+    if code == CMD_SET_MARKET_STATE:
+        if 0 <= cmd.market < len(_markets(st)):
+            return 4 + _trigger_bound(st, cmd.market)
+        return 4
     if code == CMD_LIQUIDATE:
         return _liquidation_bound(st, cmd)
     return 4
@@ -1970,7 +2236,8 @@ def _liquidation_bound(st, cmd):
     Its own orders canceled; per market liquidated: each resting order traded out or
     canceled (reduce-only) at most once, a partly filled one more per step, each reduce-only
     order swept once, per step a liquidation and an insurance event, per ADL counterparty two
-    events; deficit cover before and after (an insurance and a balance event each).
+    events; a deficit cover before its ADL and one at the end (an insurance and a balance
+    event each).
     """
     if not 0 <= cmd.account < len(_accounts(st)):
         return 4
@@ -1979,7 +2246,7 @@ def _liquidation_bound(st, cmd):
         if cmd.market == -1 or cmd.market == m:
             mk = _markets(st)[m]
             n += (mk.resting_buy + mk.resting_sell + mk.resting_reduce_only
-                  + 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 2
+                  + 3 * LIQUIDATION_MAX_STEPS + 2 * ADL_MAX_COUNTERPARTIES + 4
                   + _trigger_bound(st, m))
     return n
 
@@ -2065,9 +2332,9 @@ def run_batch(desc, commands, command_words, start, count, privileged, free_slot
         elif code == CMD_SET_MARKET_LIMITS:
             _set_market_limits(st, cmd)
         elif code == CMD_HALT:
-            _halt(st, cmd, 1, scratch)
+            _set_state(st, cmd, MARKET_HALTED, scratch)
         elif code == CMD_RESUME:
-            _halt(st, cmd, 0, scratch)
+            _set_state(st, cmd, MARKET_TRADING, scratch)
         elif code == CMD_SET_MARGIN:
             _set_margin(st, cmd)
         elif code == CMD_FUNDING:
@@ -2080,6 +2347,14 @@ def run_batch(desc, commands, command_words, start, count, privileged, free_slot
             _set_bracket(st, cmd)
         elif code == CMD_SET_ACCOUNT_STATE:
             _set_account_state(st, cmd)
+        elif code == CMD_INSURANCE_DEPOSIT:
+            _insurance_deposit(st, cmd)
+        elif code == CMD_SET_MARKET_FILTERS:
+            _set_market_filters(st, cmd)
+        elif code == CMD_SET_MARKET_STATE:
+            _set_state(st, cmd, -1, scratch)
+        elif code == CMD_SETTLE_MARKET:
+            _settle_market(st, cmd)
         else:
             _reject(st, cmd, REASON_INVALID_MESSAGE)
         _number_reports(st, cmd, command_pos + 1)

@@ -8,6 +8,7 @@ Plain Python over the tables: this is a checker, not a hot path.
 import numpy as np
 
 from engine.book import order_slots
+from engine.config import RATE_ONE_E9
 from engine.records import (FLAG_REDUCE_ONLY, FLAG_TRIGGER_BY_LAST, KIND_STOP_LIMIT,
                             KIND_STOP_MARKET, SIDE_BUY, SIDE_SELL)
 from engine.reports import account_seqs_of_events
@@ -105,8 +106,12 @@ def check_state(st: State) -> list[str]:
             resting_total += resting_side
         if best[0] is not None and best[1] is not None and best[0] >= best[1]:
             problems.append(f"market {m}: book crossed (bid {best[0]} >= ask {best[1]})")
-        if int(st.positions["size_lots"][:, m].sum()) != 0:
+        sizes = st.positions["size_lots"][:, m]
+        if int(sizes.sum()) != 0:
             problems.append(f"market {m}: positions do not sum to zero")
+        if int(sizes[sizes > 0].sum()) != int(mk["open_interest_lots"]):
+            problems.append(f"market {m}: open interest differs from the long positions")
+        problems.extend(bracket_problems(st, m))
         untriggered = sum(_trigger_queue_problems(st, m, q, open_count, problems)
                           for q in range(TRIGGER_QUEUES))
         if untriggered != int(mk["untriggered"]):
@@ -120,6 +125,24 @@ def check_state(st: State) -> list[str]:
     if resting_total != int(st.counters[C_ORDERS_USED]):
         problems.append("order pool usage disagrees with the books and trigger books")
     problems.extend(collateral_problems(st))
+    return problems
+
+
+def bracket_problems(st: State, market: int) -> list[str]:
+    """Every bracket's initial rate 1/max leverage is above its maintenance rate, and max
+    leverages do not rise with the notional: so an order the margin check accepts leaves its
+    account's equity above maintenance (docs/risk.md, the bracket invariant)."""
+    mk = st.markets[market]
+    n = int(mk["n_brackets"])
+    caps = [int(x) for x in mk["bracket_max_leverage"][:n]]
+    rates = [int(x) for x in mk["bracket_rate_e9"][:n]]
+    problems = []
+    prev = int(mk["max_leverage"])
+    for k, (cap, rate) in enumerate(zip(caps, rates)):
+        if not 1 <= cap <= prev or cap * rate >= RATE_ONE_E9:
+            problems.append(f"market {market}: bracket {k} max leverage {cap} does not keep "
+                            f"its initial rate above its maintenance rate {rate}e-9 or rises")
+        prev = cap
     return problems
 
 

@@ -15,7 +15,8 @@ from decimal import Decimal
 
 from engine.records import (REASON_INVALID_LOT, REASON_INVALID_MESSAGE, REASON_INVALID_PRICE,
                             REASON_INVALID_QTY, REASON_INVALID_TICK, REASON_UNKNOWN_MARKET)
-from engine.units import ATOMS_PER_USDC, INT64_MAX, RATE, EdgeReject, Grid, dec_str
+from engine.units import (ATOMS_PER_USDC, INT64_MAX, RATE, USDC, EdgeReject, Grid, atoms_str,
+                          dec_str)
 
 CACHE_LIMIT = 1 << 16        # entries per conversion cache (cleared when full)
 
@@ -25,6 +26,7 @@ class Bracket:
     floor: Decimal               # notional (USDC) from which the rate applies
     rate: Decimal                # maintenance margin rate
     maintenance_amount: Decimal  # Binance-style deduction: keeps the requirement continuous
+    max_leverage: int = 0        # resolved: the default when the config leaves it out
 
 
 @dataclass
@@ -50,6 +52,10 @@ class Market:
     funding_interval_s: int = 28800
     interest_rate: Decimal = Decimal(0)
     funding_cap: Decimal = Decimal(0)
+    # filters (0: none)
+    min_notional_atoms: int = 0
+    max_stop_orders: int = 0
+    open_interest_cap_lots: int = 0
 
     def __hash__(self):
         return hash((self.symbol, self.id))
@@ -162,8 +168,9 @@ class Market:
             "max_leverage": self.max_leverage,
             "maker_fee": dec_str(self.maker_fee), "taker_fee": dec_str(self.taker_fee),
             "price_band": dec_str(self.price_band),
-            "brackets": [[dec_str(b.floor), dec_str(b.rate), dec_str(b.maintenance_amount)]
-                         for b in self.brackets],
+            # [floor, maintenance rate, max leverage] as configured, then the derived amount
+            "brackets": [[dec_str(b.floor), dec_str(b.rate), b.max_leverage,
+                          dec_str(b.maintenance_amount)] for b in self.brackets],
             "liquidation_fee": dec_str(self.liquidation_fee),
             "funding_interval_s": self.funding_interval_s,
             "interest_rate": dec_str(self.interest_rate),
@@ -172,6 +179,9 @@ class Market:
             "max_position_qty": self.lots_to_str(self.max_position_lots),
             "max_order_qty": self.lots_to_str(self.max_order_lots),
             "max_open_orders": self.max_open_orders,
+            "min_notional": atoms_str(self.min_notional_atoms),
+            "max_stop_orders": self.max_stop_orders,
+            "open_interest_cap": self.lots_to_str(self.open_interest_cap_lots),
             "atoms_per_tick_lot": self.atoms_per_tick_lot,
             "max_price_ticks": self.max_price_ticks,
             "max_order_lots": self.max_order_lots,
@@ -194,10 +204,18 @@ class Market:
                                                      "funding_cap") if k in item}
         rules.update({k: item[k] for k in ("max_position_lots", "initial_price_ticks",
                                             "max_open_orders", "oracle", "max_leverage",
-                                            "funding_interval_s") if k in item})
+                                            "funding_interval_s", "max_stop_orders") if k in item})
         if "brackets" in item:
-            rules["brackets"] = tuple(Bracket(*(Decimal(str(x)) for x in b))
-                                      for b in item["brackets"])
+            # [floor, rate, max leverage, amount]; older files hold [floor, rate, amount]
+            rules["brackets"] = tuple(
+                Bracket(Decimal(str(b[0])), Decimal(str(b[1])), Decimal(str(b[3])), int(b[2]))
+                if len(b) == 4 else Bracket(*(Decimal(str(x)) for x in b))
+                for b in item["brackets"])
+        if "min_notional" in item:
+            rules["min_notional_atoms"] = USDC.exact(Decimal(str(item["min_notional"])))
+        if "open_interest_cap" in item:
+            rules["open_interest_cap_lots"] = Grid(lot, "lot size").exact(
+                Decimal(str(item["open_interest_cap"])))
         market = cls(symbol=symbol, id=item.get("id", default_id), tick_size=tick,
                      lot_size=lot, max_price_ticks=item.get("max_price_ticks", 0),
                      max_order_lots=item.get("max_order_lots", 0), **rules)

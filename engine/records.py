@@ -31,12 +31,17 @@ CMD_SET_MARKET_RISK = 13   # liquidation fee and funding cap of a market
 CMD_SET_BRACKET = 14       # one maintenance bracket of a market
 CMD_FUNDING = 15           # settle funding for every open position of a market (riskd)
 CMD_LIQUIDATE = 16         # liquidate an account's cross positions or one isolated position (riskd)
-CMD_SET_ACCOUNT_STATE = 17  # disable (qty_lots 1) or enable (0) an account (operator)
+CMD_INSURANCE_DEPOSIT = 17 # the operator tops the insurance fund up (amount_atoms)
+CMD_SET_MARKET_FILTERS = 18  # min notional, stop orders per account, open-interest cap
+CMD_SET_MARKET_STATE = 19  # trading / cancel_only / reduce_only / halted (kind)
+CMD_SETTLE_MARKET = 20     # close every position at price_ticks, cancel every order: settled
+CMD_SET_ACCOUNT_STATE = 21  # disable (qty_lots 1) or enable (0) an account (operator)
 
 # Commands that only the operator/risk rings may send; from a gateway ring they are `forbidden`.
 PRIVILEGED_COMMANDS = (
     CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_DEPOSIT, CMD_SET_MARK, CMD_HALT, CMD_RESUME,
-    CMD_SET_MARKET_RISK, CMD_SET_BRACKET, CMD_FUNDING, CMD_LIQUIDATE, CMD_SET_ACCOUNT_STATE,
+    CMD_SET_MARKET_RISK, CMD_SET_BRACKET, CMD_FUNDING, CMD_LIQUIDATE, CMD_INSURANCE_DEPOSIT,
+    CMD_SET_MARKET_FILTERS, CMD_SET_MARKET_STATE, CMD_SETTLE_MARKET, CMD_SET_ACCOUNT_STATE,
 )
 
 SIDE_BUY = 0
@@ -68,10 +73,20 @@ FLAG_ON_DISCONNECT = 8     # cancel_all: a gateway's cancel-on-disconnect (reaso
 MARGIN_CROSS = 0
 MARGIN_ISOLATED = 1
 
+# A market's state (MARKET_DTYPE.state): what client orders it takes. HALT / RESUME set
+# halted / trading; SET_MARKET_STATE any of the first four; SETTLE_MARKET the last, for good.
+MARKET_TRADING = 0
+MARKET_CANCEL_ONLY = 1     # cancels only: no new orders or amends, no triggers fire
+MARKET_REDUCE_ONLY = 2     # only reduce-only orders (new, amended or fired)
+MARKET_HALTED = 3          # as cancel_only (reason market_halted)
+MARKET_SETTLED = 4         # positions closed at the settlement price, no orders ever again
+MARKET_STATE_NAMES = ("trading", "cancel_only", "reduce_only", "halted", "settled")
+
 MAX_BRACKETS = 8
 
 LIQ_KIND_LIQUIDATED = 0    # closed into the book by the liquidation engine
 LIQ_KIND_ADL = 1           # closed against an opposite position by auto-deleveraging
+LIQ_KIND_SETTLEMENT = 2    # closed at the settlement price of a settled market
 
 STP_CANCEL_TAKER = 0
 STP_CANCEL_MAKER = 1
@@ -88,10 +103,15 @@ STP_CANCEL_BOTH = 2
 # The risk commands pack theirs the same way (constructors at the end of this module):
 #   SET_MARKET_RISK:    cid = liquidation_fee_e9, oid = funding_cap_e9
 #   SET_BRACKET:        kind = bracket index, amount_atoms = notional floor in atoms,
-#                       price_ticks = maintenance rate e9 (the engine derives the amounts)
+#                       price_ticks = maintenance rate e9 (the engine derives the amounts),
+#                       qty_lots = the bracket's max leverage (0: the default, config.py)
 #   SET_MARGIN:         kind = MARGIN_CROSS / MARGIN_ISOLATED, qty_lots = leverage
 #   FUNDING:            oid = funding rate e9 (signed; positive: longs pay shorts)
 #   LIQUIDATE:          account; market = -1 for its cross positions, else that isolated one
+#   SET_MARKET_FILTERS: amount_atoms = min notional, qty_lots = max untriggered stop orders
+#                       per account, price_ticks = open-interest cap in lots (0: none each)
+#   SET_MARKET_STATE:   kind = MARKET_TRADING .. MARKET_HALTED
+#   SETTLE_MARKET:      price_ticks = the settlement price
 #   NEW_ORDER of a conditional kind: amount_atoms = trigger price in ticks,
 #                       flags & FLAG_TRIGGER_BY_LAST picks the last trade price over the mark
 COMMAND_DTYPE = np.dtype([
@@ -161,6 +181,12 @@ REASON_LEVERAGE = 23           # leverage outside [1, the market's max]
 REASON_MARGIN_MODE_LOCKED = 24 # mode change with a position or open orders in the market
 REASON_NOT_LIQUIDATABLE = 25   # LIQUIDATE re-checked against the matcher's state: healthy
 REASON_FUNDING_CAP = 26        # FUNDING rate beyond the market's cap
+REASON_MIN_NOTIONAL = 27       # an order's notional below the market's min_notional
+REASON_TOO_MANY_STOP_ORDERS = 28  # the account's untriggered orders in the market at the cap
+REASON_OPEN_INTEREST_CAP = 29  # the order would raise open interest above the market's cap
+REASON_MARKET_CANCEL_ONLY = 30
+REASON_MARKET_REDUCE_ONLY = 31  # the market takes reduce-only orders only
+REASON_MARKET_SETTLED = 39      # (after the cancel reasons: 32.. are taken)
 # cancel reasons
 REASON_USER = 32
 REASON_IOC = 33
@@ -169,7 +195,7 @@ REASON_REDUCE_ONLY = 35
 REASON_LIQUIDATION = 36
 REASON_HALT = 37
 REASON_DISCONNECT = 38
-REASON_ACCOUNT_DISABLED = 39   # new orders, amends, withdrawals, set_margin of a disabled one
+REASON_ACCOUNT_DISABLED = 40   # new orders, amends, withdrawals, set_margin of a disabled one
 
 REASON_NAMES = {
     REASON_NONE: "none",
@@ -202,6 +228,12 @@ REASON_NAMES = {
     REASON_MARGIN_MODE_LOCKED: "invalid_message",
     REASON_NOT_LIQUIDATABLE: "invalid_message",
     REASON_FUNDING_CAP: "invalid_message",
+    REASON_MIN_NOTIONAL: "min_notional",
+    REASON_TOO_MANY_STOP_ORDERS: "too_many_stop_orders",
+    REASON_OPEN_INTEREST_CAP: "open_interest_cap",
+    REASON_MARKET_CANCEL_ONLY: "market_cancel_only",
+    REASON_MARKET_REDUCE_ONLY: "market_reduce_only",
+    REASON_MARKET_SETTLED: "market_settled",
     REASON_USER: "user",
     REASON_IOC: "ioc",
     REASON_STP: "stp",
@@ -307,7 +339,8 @@ INSURANCE_EVENT_DTYPE = np.dtype(_HEADER + [
 
 INSURANCE_LIQUIDATION_FEE = 1
 INSURANCE_FUNDING_RESIDUE = 2
-INSURANCE_DEFICIT = 3           # the fund paid an account's negative equity
+INSURANCE_DEFICIT = 3           # the fund paid a liquidated account's realized loss
+INSURANCE_DEPOSIT = 4           # the operator topped the fund up (CMD_INSURANCE_DEPOSIT)
 
 # EV_COMMAND: the header, then the 64-byte command record verbatim in the second half.
 COMMAND_EVENT_DTYPE = np.dtype(_HEADER + [
@@ -400,9 +433,9 @@ def market_risk_command(market: int, *, liquidation_fee_e9: int, funding_cap_e9:
 
 
 def bracket_command(market: int, index: int, *, floor_atoms: int, maintenance_rate_e9: int,
-                    ts_ns: int = 0) -> np.ndarray:
+                    max_leverage: int = 0, ts_ns: int = 0) -> np.ndarray:
     return _command(CMD_SET_BRACKET, market, ts_ns, kind=index, amount_atoms=floor_atoms,
-                    price_ticks=maintenance_rate_e9)
+                    price_ticks=maintenance_rate_e9, qty_lots=max_leverage)
 
 
 def set_margin_command(account: int, market: int, *, mode: int, leverage: int,
@@ -417,3 +450,21 @@ def funding_command(market: int, *, rate_e9: int, ts_ns: int = 0) -> np.ndarray:
 
 def liquidate_command(account: int, market: int = -1, *, ts_ns: int = 0) -> np.ndarray:
     return _command(CMD_LIQUIDATE, market, ts_ns, account=account)
+
+
+def market_filters_command(market: int, *, min_notional_atoms: int, max_stop_orders: int,
+                           open_interest_cap_lots: int, ts_ns: int = 0) -> np.ndarray:
+    return _command(CMD_SET_MARKET_FILTERS, market, ts_ns, amount_atoms=min_notional_atoms,
+                    qty_lots=max_stop_orders, price_ticks=open_interest_cap_lots)
+
+
+def market_state_command(market: int, state: int, *, ts_ns: int = 0) -> np.ndarray:
+    return _command(CMD_SET_MARKET_STATE, market, ts_ns, kind=state)
+
+
+def settle_market_command(market: int, price_ticks: int, *, ts_ns: int = 0) -> np.ndarray:
+    return _command(CMD_SETTLE_MARKET, market, ts_ns, price_ticks=price_ticks)
+
+
+def insurance_deposit_command(amount_atoms: int, *, ts_ns: int = 0) -> np.ndarray:
+    return _command(CMD_INSURANCE_DEPOSIT, -1, ts_ns, amount_atoms=amount_atoms)

@@ -29,9 +29,15 @@ from engine import numbers as num
 from engine import risk
 from engine.reports import NO_ACCOUNT, report_accounts
 from engine.config import (ADL_MAX_COUNTERPARTIES, LIQUIDATION_MAX_STEPS, EngineConfig,
-                           MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, bracket_problem,
+                           MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, bracket_leverage,
+                           bracket_problem, market_filters_problem,
                            market_config_problem, market_limits_problem, market_risk_problem)
 from engine.records import *  # noqa: F403 — the codes are the vocabulary of this module
+
+
+# The commands a client raises its own risk with: after each, the bracket invariant holds for
+# the sending account (ReferenceMatcher.check_risk_raised; docs/risk.md).
+RISK_RAISING_COMMANDS = (CMD_NEW_ORDER, CMD_AMEND, CMD_WITHDRAW, CMD_SET_MARGIN)
 
 
 @dataclass
@@ -46,7 +52,7 @@ class Market:
     max_order_lots: int = 0
     max_position_lots: int = 0
     max_open_orders: int = 0
-    halted: bool = False
+    state: int = MARKET_TRADING
     last_trade_ticks: int = 0                     # 0: no trade yet
     triggers: list = field(default_factory=list)  # untriggered orders, placement order
     # price -> FIFO of resting orders; prices kept sorted ascending per side
@@ -57,10 +63,27 @@ class Market:
     liquidation_fee_e9: int = 0
     funding_cap_e9: int = 0
     brackets: list = field(default_factory=list)   # [(floor_atoms, rate_e9, amount_atoms)]
+    leverage_caps: list = field(default_factory=list)   # each bracket's max leverage
+    min_notional_atoms: int = 0                 # filters, 0: none (SET_MARKET_FILTERS)
+    max_stop_orders: int = 0
+    open_interest_cap_lots: int = 0
 
     @property
-    def tradeable(self):
-        return self.max_price_ticks > 0 and not self.halted
+    def halted(self):
+        """No order entry and no triggers: cancel_only, halted, settled."""
+        return self.state in (MARKET_CANCEL_ONLY, MARKET_HALTED, MARKET_SETTLED)
+
+    def entry_error(self, reduce_only):
+        """Why the market's state refuses an order entering it (new or amended), or 0."""
+        if self.max_price_ticks == 0 or self.state == MARKET_HALTED:
+            return REASON_MARKET_HALTED
+        if self.state == MARKET_CANCEL_ONLY:
+            return REASON_MARKET_CANCEL_ONLY
+        if self.state == MARKET_SETTLED:
+            return REASON_MARKET_SETTLED
+        if self.state == MARKET_REDUCE_ONLY and not reduce_only:
+            return REASON_MARKET_REDUCE_ONLY
+        return 0
 
     def best_price(self, side):
         prices = self.prices[side]
@@ -214,21 +237,25 @@ class ReferenceMatcher:
 
     # ---- margin ------------------------------------------------------------------------
     @staticmethod
-    def _margin_per_lot(market, pos, leverage=None):
+    def _margin_per_lot(market, pos, exposure_lots, leverage=None):
+        """Initial margin of one lot at the mark, at the position's leverage setting capped by
+        the max leverage of the bracket that exposure_lots at the mark fall in."""
         return risk.initial_margin_per_lot_atoms(
-            market.mark_ticks, market.atoms_per_tick_lot,
-            (pos.leverage if leverage is None else leverage) or market.max_leverage)
+            market.mark_ticks, market.atoms_per_tick_lot, risk.effective_leverage(
+                pos.leverage if leverage is None else leverage, market.max_leverage,
+                exposure_lots * market.mark_ticks * market.atoms_per_tick_lot,
+                market.brackets, market.leverage_caps))
 
     def _requirement(self, market, pos, open_buy, open_sell, leverage=None):
         """Initial margin the cross balance must cover: the whole exposure of a cross position;
         for an isolated one what its open orders would drain from the balance (the position
         itself is backed by its isolated margin; risk.isolated_requirement_atoms)."""
-        per_lot = self._margin_per_lot(market, pos, leverage)
+        exposure = max(abs(pos.size_lots + open_buy), abs(pos.size_lots - open_sell))
+        per_lot = self._margin_per_lot(market, pos, exposure, leverage)
         if pos.isolated:
             return risk.isolated_requirement_atoms(
                 pos.size_lots, open_buy, open_sell,
                 pos.isolated_margin_atoms + self._upnl(market, pos), per_lot)
-        exposure = max(abs(pos.size_lots + open_buy), abs(pos.size_lots - open_sell))
         return exposure * per_lot
 
     @staticmethod
@@ -295,11 +322,13 @@ class ReferenceMatcher:
             return pos.isolated_margin_atoms
         return self._cross_equity(account, skip_market=market_id)
 
-    def _exposure_error(self, account, market_id, market, pos, add_buy, add_sell, check_margin):
+    def _exposure_error(self, account, market_id, market, pos, add_buy, add_sell, check_margin,
+                        entry_cost=0):
         """Position limit, then margin, for adding open quantity; a reason code or 0.
 
         The position limit binds reduce-only orders too: it is what bounds every exposure
-        (and so every int64 product) the margin arithmetic ever forms.
+        (and so every int64 product) the margin arithmetic ever forms. entry_cost: what the
+        order may cost at once beyond its margin (risk.entry_cost_atoms).
         """
         buy = pos.open_buy_lots + add_buy
         sell = pos.open_sell_lots + add_sell
@@ -308,7 +337,7 @@ class ReferenceMatcher:
         if not check_margin:
             return 0
         equity, required = self._equity_and_requirement(account, market_id, add_buy, add_sell)
-        if equity - required < 0:
+        if equity - required - entry_cost < 0:
             return REASON_INSUFFICIENT_MARGIN
         return 0
 
@@ -355,13 +384,54 @@ class ReferenceMatcher:
         self._emit(EV_MARK, c["market"], c["account"], req=c["req"], mark_ticks=c["price_ticks"])
         self._after_trading(c["market"], market, [])
 
-    def _halt(self, halted):
+    def _set_state(self, state):
+        """HALT, RESUME and SET_MARKET_STATE (state in the command's kind)."""
         market = self._market(self.cmd["market"])
         if market is None:
             return self._reject(REASON_UNKNOWN_MARKET)
-        market.halted = halted
+        if state is None:
+            state = self.cmd["kind"]
+            if state > MARKET_HALTED:
+                return self._reject(REASON_INVALID_MESSAGE)
+        if market.state == MARKET_SETTLED:
+            return self._reject(REASON_MARKET_SETTLED)
+        market.state = state
         self._done()
         self._after_trading(self.cmd["market"], market, [])   # resume: held-back triggers
+
+    def _settle_market(self):
+        """Cancel every order of the market, close every position at the settlement price
+        (the mark first becomes that price, so the payments are the uPnL at it: collateral is
+        conserved), the fund covers a balance it leaves negative, and the market is settled."""
+        c = self.cmd
+        market_id, price = c["market"], c["price_ticks"]
+        market = self._market(market_id)
+        if market is None:
+            return self._reject(REASON_UNKNOWN_MARKET)
+        if market.state == MARKET_SETTLED:
+            return self._reject(REASON_MARKET_SETTLED)
+        if not 1 <= price <= market.max_price_ticks:
+            return self._reject(REASON_INVALID_PRICE)
+        market.mark_ticks = price
+        self._emit(EV_MARK, market_id, c["account"], req=c["req"], mark_ticks=price)
+        market.state = MARKET_SETTLED
+        for account in range(self.config.max_accounts):
+            for order in list(self.orders_of.get(account, {}).values()):
+                if order.market == market_id:
+                    self._cancel_open(order, REASON_HALT)
+        closed = 0
+        for account in range(self.config.max_accounts):
+            pos = self.positions.get((account, market_id))
+            if pos is None or pos.size_lots == 0:
+                continue
+            size = pos.size_lots
+            self._apply_fill(account, market_id, market, -size, price, 0)
+            self._liquidation_event(market_id, account, LIQ_KIND_SETTLEMENT,
+                                    SIDE_SELL if size > 0 else SIDE_BUY, abs(size), price, price,
+                                    0, -1)
+            self._cover_deficit(account, -1, 0)
+            closed += 1
+        self._done(closed)
 
     def _deposit(self):
         c = self.cmd
@@ -566,9 +636,17 @@ class ReferenceMatcher:
                 self.balances[account] += release
             opened = abs(delta) - closed
             if opened:
-                # the margin check covered the margin, not the fee: post no more than the
-                # balance holds, so an isolated fill never leaves the balance negative
-                posted = min(opened * self._margin_per_lot(market, pos),
+                # initial margin at the bracket of the new size, plus the loss the fill took
+                # against the mark, or a top-up to the new size's initial margin if more (the
+                # entry check covered all), so the position is at least at its initial margin;
+                # but no more than the balance holds, so an isolated fill never leaves the
+                # balance negative
+                gap = (price - market.mark_ticks) if delta > 0 else (market.mark_ticks - price)
+                per_lot = self._margin_per_lot(market, pos, abs(pos.size_lots))
+                top_up = (abs(pos.size_lots) * per_lot - pos.isolated_margin_atoms
+                          - self._upnl(market, pos))
+                posted = min(max(opened * per_lot + opened * max(gap, 0)
+                                 * market.atoms_per_tick_lot, top_up),
                              max(self.balances[account], 0))
                 pos.isolated_margin_atoms += posted
                 self.balances[account] -= posted
@@ -644,9 +722,11 @@ class ReferenceMatcher:
         self._run_triggers(market_id, market, touched)
         self._sweep_reduce_only(market_id, touched)
 
-    def _admit(self, market_id, market, account, side, tif, limit_ticks, stp, qty, reduce_only):
+    def _admit(self, market_id, market, account, side, tif, limit_ticks, stp, qty, reduce_only,
+               market_kind):
         """Checks on entering the book, new or triggered: reduce-only (clips qty), post-only,
-        position limit and margin, FOK. Returns (reason or 0, qty)."""
+        open-interest cap, position limit and margin (with the entry cost: market_kind walks
+        the book for it), FOK. Returns (reason or 0, qty)."""
         pos = self._position(account, market_id)
         if reduce_only:
             closing = -pos.size_lots if side == SIDE_BUY else pos.size_lots
@@ -656,14 +736,58 @@ class ReferenceMatcher:
         best = market.best_price(1 - side)
         if tif == TIF_POST_ONLY and best is not None and self._crosses(side, limit_ticks, best):
             return REASON_POST_ONLY_WOULD_TAKE, qty
+        if not reduce_only:
+            err = self._open_interest_error(market_id, market, pos, side, qty)
+            if err:
+                return err, qty
         err = self._exposure_error(account, market_id, market, pos,
                                    qty if side == SIDE_BUY else 0,
-                                   qty if side == SIDE_SELL else 0, not reduce_only)
+                                   qty if side == SIDE_SELL else 0, not reduce_only,
+                                   self._entry_cost(market, account, side, limit_ticks, qty,
+                                                    tif in (TIF_GTC, TIF_POST_ONLY),
+                                                    market_kind))
         if err:
             return err, qty
         if tif == TIF_FOK and not self._fok_fillable(market, account, side, limit_ticks, stp, qty):
             return REASON_FOK_UNFILLED, qty
         return 0, qty
+
+    def _worst_price(self, market, account, side, limit_ticks, qty, rests, walk):
+        """The furthest price any lot of an order entering now can trade at; None when it
+        cannot trade at all. A limit order's is its limit (when it rests or crosses). A market
+        order (walk) has no limit of its own (the band's edge): its worst is the level where
+        the crossing book holds qty lots (the account's own orders and reduce-only makers not
+        counted, so the walk goes at least as deep as the match), else the deepest crossing
+        level (the rest is canceled)."""
+        opposite = 1 - side
+        if not walk:
+            best = market.best_price(opposite)
+            takes = best is not None and self._crosses(side, limit_ticks, best)
+            return limit_ticks if rests or takes else None
+        prices = market.prices[opposite]
+        walk = reversed(prices) if opposite == SIDE_BUY else iter(prices)
+        total = 0
+        worst = None
+        for price in walk:
+            if not self._crosses(side, limit_ticks, price):
+                break
+            worst = price
+            total += sum(o.remaining_lots for o in market.levels[opposite][price]
+                         if o.account != account and not o.reduce_only)
+            if total >= qty:
+                return price
+        return limit_ticks if rests else worst
+
+    def _entry_cost(self, market, account, side, limit_ticks, qty, rests, walk=False):
+        """risk.entry_cost_atoms of an order entering the book now."""
+        best = market.best_price(1 - side)
+        takes = best is not None and self._crosses(side, limit_ticks, best)
+        worst = self._worst_price(market, account, side, limit_ticks, qty, rests, walk)
+        if worst is None:
+            return 0
+        fee_price = worst if side == SIDE_BUY else (best if takes else limit_ticks)
+        return risk.entry_cost_atoms(side, worst, qty, market.mark_ticks, fee_price,
+                                     market.atoms_per_tick_lot, market.taker_fee_e9, takes)
 
     # ---- the trigger book --------------------------------------------------------------
     @staticmethod
@@ -722,12 +846,15 @@ class ReferenceMatcher:
             limit = order.price_ticks
             if self._outside_band(market, limit):
                 err = REASON_PRICE_BAND
+        if not err and market.state == MARKET_REDUCE_ONLY and not order.reduce_only:
+            err = REASON_MARKET_REDUCE_ONLY
         if (not err and order.tif in (TIF_GTC, TIF_POST_ONLY)
                 and self._level_full(market, order.side, limit)):
             err = REASON_TOO_MANY_ORDERS
         if not err:
             err, qty = self._admit(market_id, market, order.account, order.side, order.tif,
-                                   limit, order.stp, qty, order.reduce_only)
+                                   limit, order.stp, qty, order.reduce_only,
+                                   order.kind in (KIND_STOP_MARKET, KIND_TAKE_PROFIT_MARKET))
         if err == REASON_REDUCE_ONLY_VIOLATION:
             return self._canceled(order, REASON_REDUCE_ONLY, qty)
         if err:
@@ -761,8 +888,9 @@ class ReferenceMatcher:
             return self._reject(REASON_INVALID_MESSAGE)
         if market_kind and tif == TIF_GTC:
             tif = TIF_IOC
-        if not market.tradeable:
-            return self._reject(REASON_MARKET_HALTED)
+        err = market.entry_error(bool(c["flags"] & FLAG_REDUCE_ONLY))
+        if err:
+            return self._reject(err)
         qty = c["qty_lots"]
         if not 1 <= qty <= market.max_order_lots:
             return self._reject(REASON_INVALID_QTY)
@@ -782,11 +910,19 @@ class ReferenceMatcher:
         if conditional and (not 1 <= trigger <= market.max_price_ticks or self._holds(
                 self._rises(kind, side), trigger, self._watched_price(market, by_last))):
             return self._reject(REASON_INVALID_PRICE)   # Binance: "would immediately trigger"
+        reduce_only = bool(c["flags"] & FLAG_REDUCE_ONLY)
+        # Binance's MIN_NOTIONAL: at the order's price, a market kind's at the mark; an order
+        # that only reduces is exempt
+        if not reduce_only and qty * (price or market.mark_ticks) * market.atoms_per_tick_lot \
+                < market.min_notional_atoms:
+            return self._reject(REASON_MIN_NOTIONAL)
         if (account, c["cid"]) in self.by_cid:
             return self._reject(REASON_DUPLICATE_CID)
         pos = self._position(account, market_id)
-        reduce_only = bool(c["flags"] & FLAG_REDUCE_ONLY)
         if conditional:
+            if market.max_stop_orders and sum(
+                    o.account == account for o in market.triggers) >= market.max_stop_orders:
+                return self._reject(REASON_TOO_MANY_STOP_ORDERS)
             if (pos.open_orders >= market.max_open_orders
                     or len(self.orders) >= self.config.max_orders
                     or len(market.triggers) >= self.config.max_trigger_orders):
@@ -808,7 +944,7 @@ class ReferenceMatcher:
                 or self._level_full(market, side, price)):
             return self._reject(REASON_TOO_MANY_ORDERS)
         err, qty = self._admit(market_id, market, account, side, tif, limit, c["stp"], qty,
-                               reduce_only)
+                               reduce_only, market_kind)
         if err:
             return self._reject(err)
 
@@ -865,8 +1001,9 @@ class ReferenceMatcher:
         # an untriggered order is not amended: cancel and place it again
         if (c["price_ticks"] == 0 and c["qty_lots"] == 0) or order.untriggered:
             return self._reject(REASON_INVALID_MESSAGE)
-        if not market.tradeable:
-            return self._reject(REASON_MARKET_HALTED)
+        err = market.entry_error(order.reduce_only)
+        if err:
+            return self._reject(err)
         if not 1 <= new_qty <= market.max_order_lots:
             return self._reject(REASON_INVALID_QTY)
         if not 1 <= new_price <= market.max_price_ticks:
@@ -878,6 +1015,11 @@ class ReferenceMatcher:
             closing = -pos.size_lots if order.side == SIDE_BUY else pos.size_lots
             if new_qty > closing:
                 return self._reject(REASON_REDUCE_ONLY_VIOLATION)
+        elif new_qty * new_price * market.atoms_per_tick_lot < market.min_notional_atoms:
+            return self._reject(REASON_MIN_NOTIONAL)
+        elif new_qty > order.remaining_lots and self._open_interest_error(
+                order.market, market, pos, order.side, new_qty):
+            return self._reject(REASON_OPEN_INTEREST_CAP)
         best = market.best_price(1 - order.side)
         crosses = best is not None and self._crosses(order.side, new_price, best)
         if crosses and order.tif == TIF_POST_ONLY:
@@ -885,11 +1027,17 @@ class ReferenceMatcher:
         if new_price != order.price_ticks and self._level_full(market, order.side, new_price):
             return self._reject(REASON_TOO_MANY_ORDERS)
         grow = new_qty - order.remaining_lots
-        if grow > 0:
+        if grow > 0 or new_price != order.price_ticks:
+            # a re-priced order enters again: its loss against the mark (and the taker fee when
+            # it crosses) is checked as for a new order
+            grow = max(grow, 0)
             err = self._exposure_error(order.account, order.market, market, pos,
                                        grow if order.side == SIDE_BUY else 0,
                                        grow if order.side == SIDE_SELL else 0,
-                                       not order.reduce_only)
+                                       not order.reduce_only,
+                                       self._entry_cost(market, order.account, order.side,
+                                                        new_price, new_qty,
+                                                        order.tif in (TIF_GTC, TIF_POST_ONLY)))
             if err:
                 return self._reject(err)
 
@@ -919,6 +1067,34 @@ class ReferenceMatcher:
         market.funding_cap_e9 = c["oid"]
         self._done()
 
+    def _set_market_filters(self):
+        c = self.cmd
+        market = self._market(c["market"])
+        if market is None:
+            return self._reject(REASON_UNKNOWN_MARKET)
+        if market_filters_problem(c["amount_atoms"], c["qty_lots"], c["price_ticks"]):
+            return self._reject(REASON_INVALID_MARKET_CONFIG)
+        market.min_notional_atoms = c["amount_atoms"]
+        market.max_stop_orders = c["qty_lots"]
+        market.open_interest_cap_lots = c["price_ticks"]
+        self._done()
+
+    def open_interest_lots(self, market_id):
+        """The market's open interest: the sum of its long positions (= of its shorts)."""
+        return sum(p.size_lots for (a, m), p in self.positions.items()
+                   if m == market_id and p.size_lots > 0)
+
+    def _open_interest_error(self, market_id, market, pos, side, qty):
+        """An order that would open lots (beyond closing its account's position) while they
+        would raise the open interest above the cap is refused; closing lots always pass."""
+        if market.open_interest_cap_lots == 0:
+            return 0
+        opening = qty - max(-pos.size_lots if side == SIDE_BUY else pos.size_lots, 0)
+        if opening > 0 and (self.open_interest_lots(market_id) + opening
+                            > market.open_interest_cap_lots):
+            return REASON_OPEN_INTEREST_CAP
+        return 0
+
     def _set_bracket(self):
         c = self.cmd
         market = self._market(c["market"])
@@ -926,12 +1102,15 @@ class ReferenceMatcher:
             return self._reject(REASON_UNKNOWN_MARKET)
         index, floor_atoms, rate_e9 = c["kind"], c["amount_atoms"], c["price_ticks"]
         prev_floor, prev_rate, prev_amount = market.brackets[-1] if market.brackets else (0, 0, 0)
+        prev_leverage = market.leverage_caps[-1] if market.leverage_caps else market.max_leverage
+        leverage = bracket_leverage(c["qty_lots"], rate_e9, prev_leverage)
         if bracket_problem(len(market.brackets), index, floor_atoms, rate_e9, prev_floor,
-                           prev_rate, market.max_leverage):
+                           prev_rate, market.max_leverage, leverage, prev_leverage):
             return self._reject(REASON_INVALID_MARKET_CONFIG)
         amount = prev_amount + num.mul_div_floor(floor_atoms, rate_e9 - prev_rate,
                                                  num.RATE_ONE_E9)
         market.brackets.append((floor_atoms, rate_e9, amount))
+        market.leverage_caps.append(leverage)
         self._done()
 
     def _set_margin(self):
@@ -946,9 +1125,13 @@ class ReferenceMatcher:
             return self._reject(REASON_ACCOUNT_DISABLED)
         if mode not in (MARGIN_CROSS, MARGIN_ISOLATED):
             return self._reject(REASON_INVALID_MESSAGE)
-        if not 1 <= leverage <= market.max_leverage:
-            return self._reject(REASON_LEVERAGE)
         pos = self._position(account, market_id)
+        # not above the max leverage of the bracket the current position falls in
+        if not 1 <= leverage <= risk.effective_leverage(
+                0, market.max_leverage,
+                abs(pos.size_lots) * market.mark_ticks * market.atoms_per_tick_lot,
+                market.brackets, market.leverage_caps):
+            return self._reject(REASON_LEVERAGE)
         if mode != pos.margin_mode and (pos.size_lots != 0 or pos.open_orders != 0):
             return self._reject(REASON_MARGIN_MODE_LOCKED)
         # Only a change that raises the requirement can be refused: lowering it always helps.
@@ -992,6 +1175,16 @@ class ReferenceMatcher:
         self._insure(INSURANCE_FUNDING_RESIDUE, residue, market_id, c["account"])
         self._done(count)
 
+    def _insurance_deposit(self):
+        c = self.cmd
+        amount = c["amount_atoms"]
+        if (amount < 1 or amount > MAX_BALANCE_ATOMS - self.insurance_atoms
+                or amount > MAX_NET_DEPOSITS_ATOMS - self.net_deposits_atoms):
+            return self._reject(REASON_INVALID_MESSAGE)
+        self.net_deposits_atoms += amount
+        self._insure(INSURANCE_DEPOSIT, amount, c["market"], c["account"])
+        self._done()
+
     def _insure(self, reason, amount, market_id, account):
         """Change the insurance fund by amount (an event unless 0)."""
         if amount == 0:
@@ -1000,25 +1193,25 @@ class ReferenceMatcher:
         self._emit(EV_INSURANCE, market_id, account, req=self._req_for(account), reason=reason,
                    amount_atoms=amount, fund_atoms=self.insurance_atoms)
 
-    def _cover_deficit(self, account, scope):
-        """The fund pays what it can of the negative equity of the scope being liquidated."""
+    def _cover_deficit(self, account, scope, balance_before):
+        """The fund pays what it can of the realized loss the liquidation left: the negative
+        balance (cross), or what an isolated position's closing took from the balance beyond
+        its margin (the balance's change since balance_before); never more than the scope's
+        negative equity (an open rest with a profit pays first). Credited to the balance."""
+        realized = self.balances[account] - (balance_before if scope != -1 else 0)
         if scope == -1:
             equity = self._cross_equity(account)
         else:
             pos = self._position(account, scope)
-            equity = pos.isolated_margin_atoms + self._upnl(self.markets[scope], pos)
-        cover = min(-equity, self.insurance_atoms)
+            equity = (pos.isolated_margin_atoms + self._upnl(self.markets[scope], pos)
+                      + self.balances[account] - balance_before)
+        cover = min(-realized, -equity, self.insurance_atoms)
         if cover <= 0:
             return
         self._insure(INSURANCE_DEFICIT, -cover, scope, account)
-        if scope == -1:
-            self.balances[account] += cover
-            after = self.balances[account]
-        else:
-            pos.isolated_margin_atoms += cover
-            after = pos.isolated_margin_atoms
+        self.balances[account] += cover
         self._emit(EV_BALANCE, scope, account, req=self._req_for(account), amount_atoms=cover,
-                   balance_atoms=after)
+                   balance_atoms=self.balances[account])
 
     def _bankruptcy_limit(self, account, market_id):
         market = self.markets[market_id]
@@ -1047,7 +1240,7 @@ class ReferenceMatcher:
         for order in list(self.orders_of.get(account, {}).values()):
             if scope == -1 or order.market == scope:
                 self._cancel_open(order, REASON_LIQUIDATION)
-        self._cover_deficit(account, scope)
+        balance_before = self.balances[account]
         if scope == -1:
             targets = [m for m in sorted(self.markets)
                        if (account, m) in self.positions
@@ -1058,15 +1251,17 @@ class ReferenceMatcher:
         closed = 0
         for market_id in targets:
             touched = []
-            closed += self._liquidate_position(account, market_id, scope, touched)
+            closed += self._liquidate_position(account, market_id, scope, touched,
+                                               balance_before)
             # its trades moved the last price: the market's triggers may fire, then the sweep
             self._after_trading(market_id, self.markets[market_id], touched)
-        self._cover_deficit(account, scope)
+        self._cover_deficit(account, scope, balance_before)
         self._done(closed)
 
-    def _liquidate_position(self, account, market_id, scope, touched):
+    def _liquidate_position(self, account, market_id, scope, touched, balance_before):
         """Close into the book by IOC steps at the bankruptcy price while the scope stays
-        liquidatable; what the book cannot take is auto-deleveraged. Returns the lots closed."""
+        liquidatable; when the book takes no more, the fund covers the realized loss so far,
+        and the rest is auto-deleveraged. Returns the lots closed."""
         market = self.markets[market_id]
         pos = self.positions[(account, market_id)]
         closed = 0
@@ -1083,6 +1278,7 @@ class ReferenceMatcher:
             self._match(market_id, market, taker, bankrupt, touched)
             filled = qty - taker.remaining_lots
             if filled == 0:
+                self._cover_deficit(account, scope, balance_before)
                 return closed + self._auto_deleverage(account, market_id, touched)
             closed += filled
             # the equity the fee may take: an isolated position's closed part was paid out to
@@ -1154,22 +1350,62 @@ class ReferenceMatcher:
         CMD_CANCEL: _cancel,
         CMD_CANCEL_ALL: _cancel_all,
         CMD_AMEND: _amend,
-        CMD_HALT: lambda self: self._halt(True),
-        CMD_RESUME: lambda self: self._halt(False),
+        CMD_HALT: lambda self: self._set_state(MARKET_HALTED),
+        CMD_RESUME: lambda self: self._set_state(MARKET_TRADING),
+        CMD_SET_MARKET_STATE: lambda self: self._set_state(None),
+        CMD_SETTLE_MARKET: _settle_market,
         CMD_SET_MARKET_RISK: _set_market_risk,
         CMD_SET_BRACKET: _set_bracket,
         CMD_SET_MARGIN: _set_margin,
         CMD_FUNDING: _funding,
         CMD_LIQUIDATE: _liquidate,
         CMD_SET_ACCOUNT_STATE: _set_account_state,
+        CMD_INSURANCE_DEPOSIT: _insurance_deposit,
+        CMD_SET_MARKET_FILTERS: _set_market_filters,
     }
 
     # ---- invariants (DESIGN.md §8) -----------------------------------------------------
+    def risk_snapshot(self, account):
+        """What check_risk_raised compares against: the account's positions and balance."""
+        return ({m: p.size_lots for (a, m), p in self.positions.items() if a == account},
+                self.balances[account])
+
+    def check_risk_raised(self, account, before):
+        """The bracket invariant (docs/risk.md): a command that raised the account's risk (a
+        position grew or flipped, or its balance fell by a withdrawal) leaves each scope it
+        raised with equity at the mark above its maintenance margin. Returns the violations."""
+        sizes, balance = before
+        raised = set()
+        for (a, m), pos in self.positions.items():
+            old = sizes.get(m, 0)
+            if a == account and (abs(pos.size_lots) > abs(old) or pos.size_lots * old < 0):
+                raised.add(m if pos.isolated else -1)
+        if self.balances[account] < balance and self.cmd["cmd"] == CMD_WITHDRAW:
+            raised.add(-1)
+        problems = []
+        for scope in sorted(raised):
+            if scope == -1:
+                equity = self._cross_equity(account)
+                mm = sum(self._maintenance(self.markets[m], p)
+                         for (a, m), p in self.positions.items()
+                         if a == account and not p.isolated and p.size_lots != 0)
+            else:
+                pos = self.positions[(account, scope)]
+                equity = pos.isolated_margin_atoms + self._upnl(self.markets[scope], pos)
+                mm = self._maintenance(self.markets[scope], pos)
+            if mm > 0 and equity <= mm:
+                problems.append(f"seq {self.seq}: account {account} scope {scope} raised its "
+                                f"risk to equity {equity} <= maintenance {mm}")
+        return problems
+
     def check_invariants(self):
         for market_id, market in self.markets.items():
             bid, ask = market.best_price(SIDE_BUY), market.best_price(SIDE_SELL)
             assert bid is None or ask is None or bid < ask, f"book crossed in market {market_id}"
             assert sum(p.size_lots for (a, m), p in self.positions.items() if m == market_id) == 0
+            # the cap is set at genesis: trades never raise the open interest above it
+            assert (not market.open_interest_cap_lots
+                    or self.open_interest_lots(market_id) <= market.open_interest_cap_lots)
             for side in (SIDE_BUY, SIDE_SELL):
                 for queue in market.levels[side].values():
                     oids = [o.oid for o in queue]

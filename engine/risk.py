@@ -14,6 +14,10 @@ Signatures others call:
     liquidation_price_ticks(wallet_balance_atoms, other_maintenance_atoms, other_upnl_atoms,
                             size_lots, cost_atoms, atoms_per_tick_lot, brackets) -> int | None
     market_brackets(st, market) -> list[tuple[int, int, int]]
+    market_leverage_caps(st, market) -> list[int]   (each bracket's max leverage)
+    effective_leverage(setting, max_leverage, notional_atoms, brackets, caps) -> int
+    entry_cost_atoms(side, worst_ticks, qty_lots, mark_ticks, fee_price_ticks,
+                     atoms_per_tick_lot, taker_fee_e9, may_take) -> int
     account_risk(st, account) -> dict
     liquidation_targets(st, account) -> list[int]   (LIQUIDATE markets: -1 = cross)
 """
@@ -71,20 +75,56 @@ def initial_margin_per_lot_atoms(mark_ticks: int, atoms_per_tick_lot: int, lever
     return _ceil_div(mark_ticks * atoms_per_tick_lot, leverage)
 
 
+def effective_leverage(setting: int, max_leverage: int, notional_atoms: int, brackets,
+                       caps) -> int:
+    """The leverage a position's initial margin is computed at: min(its setting (0: the
+    market's max), the max leverage of the bracket its notional falls in). The notional is
+    the exposure's (position plus open orders, after the order being checked) at the mark."""
+    leverage = setting or max_leverage
+    k = bracket_index(notional_atoms, brackets)
+    # (a cap of 0: tables filled without SET_BRACKET, e.g. by hand in tests: no cap)
+    if k >= 0 and 0 < caps[k] < leverage:
+        return caps[k]
+    return leverage
+
+
+def entry_cost_atoms(side: int, worst_ticks: int, qty_lots: int, mark_ticks: int,
+                     fee_price_ticks: int, atoms_per_tick_lot: int, taker_fee_e9: int,
+                     may_take: bool) -> int:
+    """What an order may cost its account at once, beyond initial margin (Binance's "open
+    loss", plus the taker fee): qty x max(0, worst - mark) for a buy (mark - worst for a
+    sell), worst being the furthest price any of its lots can trade at (a limit order's limit;
+    a market order's from a walk of the book: reference._worst_price), and when it may take, the taker fee of qty at
+    fee_price (the highest price it can fill at) plus one atom per lot for the rounding of
+    each fill's fee. With it in the margin check an accepted order leaves its account's
+    equity at the mark at or above its initial margin, so above its maintenance margin
+    (docs/risk.md)."""
+    gap = worst_ticks - mark_ticks if side == 0 else mark_ticks - worst_ticks
+    cost = qty_lots * gap * atoms_per_tick_lot if gap > 0 else 0
+    if may_take and taker_fee_e9 > 0:
+        cost += _ceil_div(qty_lots * fee_price_ticks * atoms_per_tick_lot * taker_fee_e9,
+                          RATE_ONE_E9) + qty_lots
+    return cost
+
+
 def isolated_requirement_atoms(size_lots: int, open_buy_lots: int, open_sell_lots: int,
                                isolated_equity_atoms: int, per_lot_atoms: int) -> int:
     """What an isolated position's open orders need from the cross balance (>= 0).
 
-    Orders that grow the position post per_lot_atoms for each new lot. Orders on the closing
-    side hand the isolated equity (margin + uPnL) back to the balance and post margin for any
-    lots beyond the position (a flip), so they drain flip_lots x per_lot - isolated equity.
-    The larger drain of the two sides counts; with no position it is exposure x per_lot.
+    Orders that grow the position post per_lot_atoms for each new lot, and top the position
+    up to its initial margin (|size| x per_lot) when its equity has fallen below it. Orders on
+    the closing side hand the isolated equity (margin + uPnL) back to the balance and post
+    margin for any lots beyond the position (a flip), so they drain flip_lots x per_lot -
+    isolated equity. The larger drain of the two sides counts; with no position it is
+    exposure x per_lot.
     """
     if size_lots >= 0:
         growing, closing = open_buy_lots, open_sell_lots
     else:
         growing, closing = open_sell_lots, open_buy_lots
     drain = growing * per_lot_atoms
+    if growing > 0:
+        drain += max(abs(size_lots) * per_lot_atoms - isolated_equity_atoms, 0)
     if closing > 0:
         flip = max(closing - abs(size_lots), 0)
         drain = max(drain, flip * per_lot_atoms - isolated_equity_atoms)
@@ -167,6 +207,11 @@ def market_brackets(st, market: int) -> list[tuple[int, int, int]]:
              int(mk["bracket_amount_atoms"][k])) for k in range(n)]
 
 
+def market_leverage_caps(st, market: int) -> list[int]:
+    mk = st.markets[market]
+    return [int(x) for x in mk["bracket_max_leverage"][:int(mk["n_brackets"])]]
+
+
 def _position_rows(st, account: int):
     """(market, position row, market row) of every active market where the account holds a
     position or open orders."""
@@ -199,13 +244,15 @@ def account_risk(st, account: int) -> dict:
         cost = int(p["cost_atoms"])
         mark = int(mk["mark_ticks"])
         atpl = int(mk["atoms_per_tick_lot"])
-        leverage = int(p["leverage"]) or int(mk["max_leverage"])
         brackets = market_brackets(st, m)
         notional = abs(size) * mark * atpl
         upnl = size * mark * atpl - cost
         mm = maintenance_atoms(notional, brackets) if size else 0
         buy, sell = int(p["open_buy_lots"]), int(p["open_sell_lots"])
         exposure = max(abs(size + buy), abs(size - sell))
+        leverage = effective_leverage(int(p["leverage"]), int(mk["max_leverage"]),
+                                      exposure * mark * atpl, brackets,
+                                      market_leverage_caps(st, m))
         per_lot = initial_margin_per_lot_atoms(mark, atpl, leverage)
         isolated = int(p["margin_mode"]) == MARGIN_ISOLATED
         iso_margin = int(p["isolated_margin_atoms"])

@@ -29,7 +29,7 @@ MARKET_DTYPE = np.dtype([
     ("max_order_lots", "<i8"),
     ("max_position_lots", "<i8"),
     ("max_open_orders", "<i8"),
-    ("halted", "<i8"),
+    ("halted", "<i8"),                 # 1: no order entry, no triggers (state 1, 3 or 4)
     ("last_trade_ticks", "<i8"),
     ("resting_buy", "<i8"),            # resting orders per side (bounds a command's events)
     ("resting_sell", "<i8"),
@@ -45,6 +45,16 @@ MARKET_DTYPE = np.dtype([
     ("bracket_rate_e9", "<i8", (MAX_BRACKETS,)),
     ("bracket_amount_atoms", "<i8", (MAX_BRACKETS,)),  # derived: Binance's cumulative amount
     ("untriggered", "<i8"),            # orders in the market's trigger book
+    ("bracket_max_leverage", "<i8", (MAX_BRACKETS,)),  # initial rate 1/L of each bracket
+    # derived: the floor of the first bracket whose max leverage is below the market's (2**62
+    # when none), so margin checks below it skip the bracket lookup
+    ("full_leverage_below_atoms", "<i8"),
+    # filters (SET_MARKET_FILTERS; 0: none) and the open interest (sum of long positions)
+    ("min_notional_atoms", "<i8"),
+    ("max_stop_orders", "<i8"),        # untriggered orders per account
+    ("open_interest_cap_lots", "<i8"),
+    ("open_interest_lots", "<i8"),
+    ("state", "<i8"),                  # MARKET_TRADING .. MARKET_SETTLED (engine/records.py)
 ])
 
 # One net position per (account, market), with the open-order totals its margin needs.

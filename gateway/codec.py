@@ -37,7 +37,8 @@ from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER
                             CMD_SET_MARGIN, CMD_WITHDRAW, FLAG_REDUCE_ONLY, FLAG_TRIGGER_BY_LAST,
                             KIND_LIMIT, KIND_MARKET, KIND_STOP_LIMIT, KIND_STOP_MARKET,
                             KIND_TAKE_PROFIT_LIMIT, KIND_TAKE_PROFIT_MARKET, LIQ_KIND_ADL,
-                            LIQ_KIND_LIQUIDATED, MARGIN_CROSS, MARGIN_ISOLATED,
+                            LIQ_KIND_LIQUIDATED, LIQ_KIND_SETTLEMENT, MARGIN_CROSS,
+                            MARGIN_ISOLATED,
                             REASON_INVALID_MESSAGE, REASON_INVALID_QTY, REASON_LEVERAGE,
                             REASON_MARGIN_MODE_LOCKED, REASON_NAMES, SIDE_BUY, SIDE_SELL,
                             STATUS_CANCELED, STATUS_FILLED, STATUS_OPEN, STATUS_UNTRIGGERED,
@@ -100,7 +101,8 @@ PRICED_KINDS = frozenset((KIND_LIMIT, KIND_STOP_LIMIT, KIND_TAKE_PROFIT_LIMIT))
 TRIGGER_BY = {"mark": 0, "last": FLAG_TRIGGER_BY_LAST}
 MARGIN_MODES = {"cross": MARGIN_CROSS, "isolated": MARGIN_ISOLATED}
 MARGIN_MODE_NAMES = ("cross", "isolated")
-LIQUIDATION_KIND_NAMES = {LIQ_KIND_LIQUIDATED: "liquidated", LIQ_KIND_ADL: "adl"}
+LIQUIDATION_KIND_NAMES = {LIQ_KIND_LIQUIDATED: "liquidated", LIQ_KIND_ADL: "adl",
+                          LIQ_KIND_SETTLEMENT: "settlement"}
 TIFS = {"gtc": TIF_GTC, "ioc": TIF_IOC, "fok": TIF_FOK, "post_only": TIF_POST_ONLY}
 STPS = {"cancel_taker": STP_CANCEL_TAKER, "cancel_maker": STP_CANCEL_MAKER,
         "cancel_both": STP_CANCEL_BOTH}
@@ -128,10 +130,19 @@ REASON_TEXT = {
     "insufficient_balance": "not enough balance",
     "forbidden": "not allowed",
     "account_disabled": "this account is disabled",
+    "min_notional": "the order's notional (at its price, or the mark) is below the market's "
+                    "min_notional",
+    "too_many_stop_orders": "this account has max_stop_orders untriggered stop and "
+                            "take-profit orders in this market",
+    "open_interest_cap": "the order would raise the market's open interest above its cap",
+    "market_cancel_only": "the market takes cancels only",
+    "market_reduce_only": "the market takes reduce-only orders only",
+    "market_settled": "the market is settled: it takes no orders",
 }
 # Engine reasons that share a protocol reason but deserve their own text.
 ENGINE_REASON_TEXT = {
-    REASON_LEVERAGE: "leverage must be an integer from 1 to the market's max_leverage",
+    REASON_LEVERAGE: "leverage must be an integer from 1 to the max leverage of the bracket "
+                     "the position's notional falls in (at most the market's max_leverage)",
     REASON_MARGIN_MODE_LOCKED: "the margin mode cannot change while this market has a "
                                "position or open orders of this account",
 }

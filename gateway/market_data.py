@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import time
 
+from engine.records import MARKET_STATE_NAMES, MARKET_TRADING
 from gateway import codec
 from gateway.codec import (E_MARKET, E_SEQ, E_TS, LQ_KIND, LQ_PRICE, LQ_QTY, LQ_SIDE,
                            MK_MARK, TR_PRICE, TR_QTY, TR_SIDE, TR_TRADE_ID, pack)
-from gateway.mirror import M_ACTIVE, M_MARK
+from gateway.mirror import M_ACTIVE, M_MARK, M_STATE
 from shm.index_board import IndexBoard
 from shm.region import ShmError
 
@@ -28,6 +29,7 @@ class MarketData:
         self.index_board = None
         self._index_board_retry = 0.0
         self._board_sent: dict[int, tuple] = {}    # market -> (index, rate, next) last published
+        self._state_sent: dict[int, int] = {}      # market -> its state in the last mark.MARKET
         self.board_due = 0.0
 
     def trade(self, tr, market) -> None:
@@ -89,9 +91,19 @@ class MarketData:
         from riskd's IndexBoard (null while riskd has published nothing for the market)."""
         line = line or NO_BOARD_LINE
         self._board_sent[market.id] = line
+        state = self.mirror.markets[market.id][M_STATE]
+        self._state_sent[market.id] = state
         self.outbox.publish(market.topic_mark, pack(
             {"seq": seq, "mark": market.ticks_to_str(mark_ticks), "index": line[0],
-             "funding_rate": line[1], "next_funding_ts": line[2], "ts": ts}), seq)
+             "funding_rate": line[1], "next_funding_ts": line[2], "ts": ts,
+             "state": MARKET_STATE_NAMES[state]}), seq)
+
+    def state_changed(self, market) -> None:
+        """A market state change (halt, cancel_only, settlement...) shows in `mark.MARKET`."""
+        mk = self.mirror.markets[market.id]
+        if mk[M_STATE] != self._state_sent.get(market.id, MARKET_TRADING):
+            self._mark_line(market, self.mirror.applied_seq, mk[M_MARK], time.time_ns(),
+                            self._board_line(market))
 
     def _board_line(self, market):
         """(index, funding_rate, next_funding_ts) as the wire says them, None before riskd

@@ -38,8 +38,9 @@ import numpy as np
 
 from engine.book import level_slots, order_slots
 from engine.records import (CMD_CREATE_MARKET, CMD_HALT, CMD_RESUME, CMD_SET_MARKET_LIMITS,
-                            EV_ACK, EV_AMENDED, EV_CANCELED, EV_DONE, EV_TRIGGERED, STATUS_OPEN,
-                            STATUS_UNTRIGGERED)
+                            CMD_SET_MARKET_STATE, CMD_SETTLE_MARKET, EV_ACK, EV_AMENDED,
+                            EV_CANCELED, EV_DONE, EV_TRIGGERED, MARKET_CANCEL_ONLY, MARKET_HALTED,
+                            MARKET_SETTLED, MARKET_TRADING, STATUS_OPEN, STATUS_UNTRIGGERED)
 from engine.state import C_SEQ
 from gateway.codec import (CM_CMD, E_ACCOUNT, E_MARKET, MK_MARK, OE_CID, OE_KIND, OE_OID,
                            OE_PRICE, OE_QTY, OE_REMAINING, OE_SIDE, OE_STATUS, TR_MAKER_OID,
@@ -48,12 +49,14 @@ from gateway.codec import (CM_CMD, E_ACCOUNT, E_MARKET, MK_MARK, OE_CID, OE_KIND
 # an order: [account, cid, market, side, kind, price_ticks, remaining_lots, qty_lots]
 O_ACCOUNT, O_CID, O_MARKET, O_SIDE, O_KIND, O_PRICE, O_REMAINING, O_QTY = range(8)
 # a market: [active, atoms_per_tick_lot, max_leverage, mark_ticks, max_price_ticks,
-#            max_order_lots, halted, last_trade_ticks]
-M_ACTIVE, M_ATPL, M_LEVERAGE, M_MARK, M_MAX_PRICE, M_MAX_ORDER, M_HALTED, M_LAST = range(8)
+#            max_order_lots, halted, last_trade_ticks, state (MARKET_TRADING ..)]
+(M_ACTIVE, M_ATPL, M_LEVERAGE, M_MARK, M_MAX_PRICE, M_MAX_ORDER, M_HALTED, M_LAST,
+ M_STATE) = range(9)
 
 # the events on_order_event folds in (balance, funding, liquidation, insurance: money, not books)
 ORDER_EVENTS = frozenset((EV_ACK, EV_CANCELED, EV_AMENDED, EV_DONE, EV_TRIGGERED))
-ADMIN_COMMANDS = (CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_HALT, CMD_RESUME)
+ADMIN_COMMANDS = (CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_HALT, CMD_RESUME,
+                  CMD_SET_MARKET_STATE, CMD_SETTLE_MARKET)
 _STATE_TABLES = ("counters", "markets", "positions", "accounts", "orders", "levels",
                  "book_keys", "book_levels", "book_depth", "trigger_slots", "trigger_depth")
 
@@ -112,7 +115,7 @@ class Mirror:
         self.cid_index: dict[tuple[int, int], int] = {}
         self.untriggered: dict[int, list] = {}    # conditional orders waiting for a trigger
         self.books = [({}, {}) for _ in range(max_markets)]
-        self.markets = [[0, 0, 0, 0, 0, 0, 0, 0] for _ in range(max_markets)]
+        self.markets = [[0] * 9 for _ in range(max_markets)]
         self.book_version = [0] * max_markets     # counts the changes of each book's levels
         self.track_dirty = track_dirty
         self.dirty = [(set(), set()) for _ in range(max_markets)] if track_dirty else None
@@ -132,7 +135,7 @@ class Mirror:
             self.markets[m] = [int(r["active"]), int(r["atoms_per_tick_lot"]),
                                int(r["max_leverage"]), int(r["mark_ticks"]),
                                int(r["max_price_ticks"]), int(r["max_order_lots"]),
-                               int(r["halted"]), int(r["last_trade_ticks"])]
+                               int(r["halted"]), int(r["last_trade_ticks"]), int(r["state"])]
         orders, levels = get("orders"), get("levels")
         book_tables = SimpleNamespace(**{n: get(n) for n in ("orders", "levels", "book_depth",
                                                              "book_levels")})
@@ -209,18 +212,19 @@ class Mirror:
         if admin is None or admin[0] != seq:
             return None
         self._admin = None
-        (_, cid, oid, price, qty, amount, account, _, market, code) = admin[1][:10]
+        (_, cid, oid, price, qty, amount, account, _, market, code, _, kind) = admin[1][:12]
         if not 0 <= market < self.max_markets:
             return None
         mk = self.markets[market]
         if code == CMD_CREATE_MARKET:
-            self.markets[market] = [1, amount, account, price, 0, 0, 0, 0]
+            self.markets[market] = [1, amount, account, price, 0, 0, 0, 0, MARKET_TRADING]
         elif code == CMD_SET_MARKET_LIMITS:
             mk[M_MAX_PRICE], mk[M_MAX_ORDER] = price, qty
-        elif code == CMD_HALT:
-            mk[M_HALTED] = 1
-        elif code == CMD_RESUME:
-            mk[M_HALTED] = 0
+        else:
+            state = {CMD_HALT: MARKET_HALTED, CMD_RESUME: MARKET_TRADING,
+                     CMD_SETTLE_MARKET: MARKET_SETTLED}.get(code, kind)
+            mk[M_STATE] = state
+            mk[M_HALTED] = int(state in (MARKET_CANCEL_ONLY, MARKET_HALTED, MARKET_SETTLED))
         return market
 
     def on_order_event(self, etype: int, ev: tuple, seq: int):

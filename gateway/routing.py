@@ -282,6 +282,8 @@ class EventRouter:
             return
         market.set_limits(market.max_price_ticks or mk[M_MAX_PRICE],
                           market.max_order_lots or mk[M_MAX_ORDER])
+        if self.market_data is not None:
+            self.market_data.state_changed(market)
 
     def _account_disabled(self, account: int) -> None:
         """The operator disabled the account (its DONE): each of its sessions is told, then

@@ -548,7 +548,11 @@ def _gateway_report(sd) -> dict:
 
 
 def _risk_report(doc: dict) -> dict:
-    """riskd's latest numbers per market from the IndexBoard (wire decimals), {} if none."""
+    """riskd's latest numbers per market from the IndexBoard (wire decimals), {} if none.
+
+    `stale`: riskd has published nothing for the market for three of its ticks (at least 2 s)
+    or ever: its index feed fails (riskd logs why) or has no price yet."""
+    import time
     from decimal import Decimal
 
     from perpx.config import config_from_resolved
@@ -561,13 +565,20 @@ def _risk_report(doc: dict) -> dict:
         return {}
     try:
         out = {}
+        risk = doc.get("risk", {})
+        stale_ns = max(3 * risk.get("mark_interval_ms", 250) * 10 ** 6, 2 * 10 ** 9)
+        now = time.time_ns()
         for m in config_from_resolved(doc).markets:
             pub = board.published(m.id)
-            if pub is not None:
+            if pub is None:
+                out[m.symbol] = {"index": None, "mark": None, "funding_rate": None,
+                                 "next_funding_ts": None, "stale": True}
+            else:
                 out[m.symbol] = {"index": m.ticks_to_str(pub.index_ticks),
                                  "mark": m.ticks_to_str(pub.mark_ticks),
                                  "funding_rate": dec_str(Decimal(pub.funding_rate_e9) / 10 ** 9),
-                                 "next_funding_ts": pub.next_funding_ns}
+                                 "next_funding_ts": pub.next_funding_ns,
+                                 "stale": now - pub.ts_ns > stale_ns}
         return out
     finally:
         board.close()
@@ -601,9 +612,12 @@ def cmd_status(args) -> int:
         lines.append("command rings (queued): " + ", ".join(
             f"{k} {v}" for k, v in rings["commands"].items()))
     for symbol, r in report.get("risk", {}).items():
+        if r["index"] is None:
+            lines.append(f"{symbol}: no index (STALE)")
+            continue
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["next_funding_ts"] // 10 ** 9))
         lines.append(f"{symbol}: index {r['index']}  mark {r['mark']}  funding rate "
-                     f"{r['funding_rate']} (next at {at} UTC)")
+                     f"{r['funding_rate']} (next at {at} UTC)" + ("  STALE" if r["stale"] else ""))
     for name, g in report.get("gateways", {}).items():
         lim = g["limits"]
         lines.append(f"{name}: {g['connections']} connections (max {lim['max_connections']}), "
@@ -808,6 +822,34 @@ def cmd_deposit(args) -> int:
     return 0
 
 
+def cmd_market_state(args) -> int:
+    reply = _exchange(args).set_market_state(args.market, args.state)
+    emit(args, {"market": args.market, "state": args.state, "seq": reply.seq},
+         f"{args.market} is {args.state} (seq {reply.seq})")
+    return 0
+
+
+def cmd_market_settle(args) -> int:
+    from engine.records import EV_DONE
+    reply = _exchange(args).settle_market(args.market, args.price)
+    closed = next(e["qty_lots"] for e in reply.events if e["etype"] == EV_DONE)
+    emit(args, {"market": args.market, "price": args.price, "state": "settled",
+                "positions_closed": closed, "seq": reply.seq},
+         f"{args.market} settled at {args.price}: {closed} positions closed (seq {reply.seq})")
+    return 0
+
+
+def cmd_fund_deposit(args) -> int:
+    from engine.units import atoms_str
+    atoms = _amount_atoms(args.amount)
+    reply = _exchange(args).fund_deposit(atoms)
+    fund = next(e for e in reply.events if "fund_atoms" in e)["fund_atoms"]
+    emit(args, {"amount": atoms_str(atoms), "fund": atoms_str(fund), "seq": reply.seq},
+         f"deposited {atoms_str(atoms)} USDC to the insurance fund: {atoms_str(fund)} "
+         f"(seq {reply.seq})")
+    return 0
+
+
 def cmd_account_show(args) -> int:
     from perpx.ops import account_view
     ex = _exchange(args)
@@ -880,7 +922,7 @@ def _halt(args, halted: bool) -> int:
 @admin_command("oracle set")
 def cmd_oracle_set(args) -> int:
     ex = _exchange(args)
-    done = ex.set_index(args.market, args.price)
+    done = ex.set_index(args.market, args.price, force=args.force)
     m = ex.market(args.market)
     index, mark = m.ticks_to_str(done["index_ticks"]), m.ticks_to_str(done["mark_ticks"])
     emit(args, {"market": args.market, "index_price": index, "mark_price": mark,
@@ -946,12 +988,11 @@ def cmd_markets(args) -> int:
              m["max_leverage"], m["maker_fee"], m["taker_fee"], m["price_band"], m["max_price"],
              m["max_position_qty"], m["max_order_qty"], m["liquidation_fee"],
              f"{m['funding_interval_s']} s", m["funding_cap"],
-             " ".join(f"{floor}:{rate}" for floor, rate, _ in m["brackets"]))
+             " ".join(f"{floor}:{rate}:{lev}x" for floor, rate, lev, _ in m["brackets"]))
             for m in rows]
     if mirror is not None:
-        headers += ["mark", "halted"]
-        body = [b + (m["live"]["mark_price"], "yes" if m["live"]["halted"] else "no")
-                for b, m in zip(body, rows)]
+        headers += ["mark", "state"]
+        body = [b + (m["live"]["mark_price"], m["live"]["state"]) for b, m in zip(body, rows)]
     emit(args, {"source": cfg.source, "markets": rows}, table(headers, body))
     return 0
 
@@ -1040,6 +1081,32 @@ def _register_deposit(sub, common):
     p.set_defaults(func=cmd_deposit)
 
 
+def _register_market(sub, common):
+    p = sub.add_parser("market", parents=[common], help="a market's state and settlement")
+    msub = p.add_subparsers(dest="market_command", metavar="ACTION", required=True,
+                            parser_class=_Parser)
+    q = msub.add_parser("state", parents=[common],
+                        help="trading | cancel_only | reduce_only | halted (journaled)")
+    q.add_argument("market", metavar="MARKET")
+    q.add_argument("state", metavar="STATE")
+    q.set_defaults(func=cmd_market_state)
+    q = msub.add_parser("settle", parents=[common],
+                        help="close every position at PRICE, cancel every order: settled")
+    q.add_argument("market", metavar="MARKET")
+    q.add_argument("price", metavar="PRICE")
+    q.set_defaults(func=cmd_market_settle)
+
+
+def _register_fund(sub, common):
+    p = sub.add_parser("fund", parents=[common], help="the insurance fund")
+    fsub = p.add_subparsers(dest="fund_command", metavar="SUBCOMMAND", required=True,
+                            parser_class=_Parser)
+    q = fsub.add_parser("deposit", parents=[common],
+                        help="top the insurance fund up (journaled like any command)")
+    q.add_argument("amount", metavar="AMOUNT", help="USDC, e.g. 1000 or 0.5")
+    q.set_defaults(func=cmd_fund_deposit)
+
+
 def _register_halt(sub, common):
     p = sub.add_parser("halt", parents=[common], help="stop trading in a market")
     p.add_argument("market", metavar="MARKET", help="market symbol, e.g. BTC-PERP")
@@ -1058,6 +1125,8 @@ def _register_oracle(sub, common):
     q.add_argument("market", metavar="MARKET", help="market symbol, e.g. BTC-PERP")
     q.add_argument("price", metavar="PRICE",
                    help="the index price, a decimal on the market's tick grid, e.g. 64000.5")
+    q.add_argument("--force", action="store_true", default=False,
+                   help="allow an index further than [risk] oracle_max_jump from the current")
     q.set_defaults(func=cmd_oracle_set)
 
 
@@ -1139,7 +1208,9 @@ REGISTRARS = [
     _register_top,
     _register_account,
     _register_deposit,
+    _register_fund,
     _register_halt,
+    _register_market,
     _register_oracle,
     _register_book,
     _register_positions,

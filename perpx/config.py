@@ -25,7 +25,11 @@ Keys (defaults in brackets):
                 seed [0] (sim index walks), funding_sample_ms [5000] (premium index samples,
                 Binance's 5 s), liquidation_retry_ms [1000] (riskd re-sends a LIQUIDATE for an
                 account that has not changed after this long), scan [true] (the liquidation
-                scanner; false only for benchmarks of the rest)
+                scanner; false only for benchmarks of the rest), feed_stale_s [30] (a market
+                whose index feed has failed this long goes cancel_only until it recovers),
+                breaker_move ["0": off], breaker_window_s [60], breaker_halt_s [60] (a mark
+                moving more than breaker_move within the window: cancel_only for halt_s),
+                oracle_max_jump ["0": off] (`oracle set` further from the index needs --force)
     [endpoints] host ["127.0.0.1"], orders_port [7700] (gateway N binds orders_port + N),
                 market_data_port [7800], metrics_port [7900] (Prometheus, perpx/metrics.py);
                 a port of 0 means "any free port, chosen at start" (and kept across gateway
@@ -34,6 +38,7 @@ Keys (defaults in brackets):
                 max_leverage [20], maker_fee ["0.0002"], taker_fee ["0.0005"],
                 price_band ["0.10"], brackets [see DEFAULT_BRACKETS], liquidation_fee ["0.005"],
                 funding_interval_s [28800], interest_rate ["0.0001"], funding_cap ["0.0075"],
+                min_notional ["0": none], max_stop_orders [10], open_interest_cap ["0": none],
                 and the extras max_price, max_position_qty, max_order_qty, max_open_orders.
 
 Numbers. Prices, quantities, amounts and rates are read as decimal.Decimal, never as binary
@@ -56,7 +61,8 @@ Limits (engine.config.market_limits_problem proves int64 headroom with them). De
 
 Market ids are the positions in the file (the first [[markets]] is market 0).
 `genesis_commands(config)` gives the commands that create them: CREATE_MARKET,
-SET_MARKET_LIMITS, SET_MARKET_RISK and the SET_BRACKETs per market, in id order.
+SET_MARKET_LIMITS, SET_MARKET_RISK, the SET_BRACKETs and SET_MARKET_FILTERS per market, in id
+order.
 """
 
 from __future__ import annotations
@@ -75,10 +81,10 @@ import numpy as np
 
 from engine.config import (MARKET_PROBLEMS, MAX_FEE_E9, MAX_LEVERAGE, MAX_MARKETS_LIMIT,
                            MAX_OPEN_ORDERS_LIMIT, MAX_POSITION_LOTS_LIMIT, NOTIONAL_LIMIT_ATOMS,
-                           market_config_problem, market_limits_problem)
+                           bracket_leverage, market_config_problem, market_limits_problem)
 from engine.market import Bracket, Market
 from engine.records import (MAX_BRACKETS, bracket_command, market_create_command,
-                            market_limits_command, market_risk_command)
+                            market_filters_command, market_limits_command, market_risk_command)
 from engine.spec import engine_config_from
 from engine.units import ATOMS_PER_USDC, RATE, RATE_E9, USDC, Grid, dec_str, parse_decimal
 
@@ -138,6 +144,14 @@ PERSISTENCE_DEFAULTS = {
 }
 RISK_DEFAULTS = {
     "mark_interval_ms": 250,
+    "feed_stale_s": 30,
+    # the circuit breaker (off: "0"): a mark moving more than this fraction within the window
+    # puts the market in cancel_only for halt_s; a manual index further than oracle_max_jump
+    # from the current one needs `perpx oracle set --force` ("0": no bound)
+    "breaker_move": "0",
+    "breaker_window_s": 60,
+    "breaker_halt_s": 60,
+    "oracle_max_jump": "0",
     "seed": 0,
     "funding_sample_ms": 5000,
     "liquidation_retry_ms": 1000,
@@ -160,6 +174,10 @@ MARKET_DEFAULTS = {
     "max_position_qty": None,
     "max_order_qty": None,
     "max_open_orders": 200,
+    # filters (PROTOCOL.md): "0" = none
+    "min_notional": "0",
+    "max_stop_orders": 10,
+    "open_interest_cap": "0",
 }
 MARKET_KEYS = MARKET_REQUIRED + tuple(MARKET_DEFAULTS)
 TOP_LEVEL = ("exchange", "engine", "endpoints", "persistence", "risk", "markets")
@@ -372,6 +390,15 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     c.integer("risk.seed", risk["seed"], 0, 2 ** 63 - 1)
     c.integer("risk.funding_sample_ms", risk["funding_sample_ms"], 10, 3_600_000)
     c.integer("risk.liquidation_retry_ms", risk["liquidation_retry_ms"], 10, 3_600_000)
+    c.integer("risk.feed_stale_s", risk["feed_stale_s"], 1, 86_400)
+    c.integer("risk.breaker_window_s", risk["breaker_window_s"], 1, 86_400)
+    c.integer("risk.breaker_halt_s", risk["breaker_halt_s"], 1, 86_400)
+    for key in ("breaker_move", "oracle_max_jump"):
+        value = c.decimal(f"risk.{key}", risk[key])
+        if not 0 <= value < 100 or value * RATE_E9 != int(value * RATE_E9):
+            c.fail(f"risk.{key}", f"'{risk[key]}' must be a fraction >= 0 with at most 9 "
+                                  f"decimals (\"0\": off)")
+        risk[key] = dec_str(value)
     if not isinstance(risk["scan"], bool):
         c.fail("risk.scan", f"{risk['scan']!r} must be true or false")
 
@@ -507,6 +534,17 @@ def _market(c: _Checker, i: int, item, origin: Path | None,
         key = {8: "max_position_qty", 9: "max_order_qty", 10: "max_open_orders",
                11: "max_position_qty", 12: "max_price"}.get(problem, "max_price")
         c.fail(f"{at}.{key}", MARKET_PROBLEMS[problem])
+    # filters: "0" = none
+    min_notional = c.decimal(f"{at}.min_notional", m["min_notional"])
+    min_notional_atoms = USDC.exact(min_notional)
+    if min_notional_atoms is None or min_notional < 0:
+        c.fail(f"{at}.min_notional",
+               f"'{m['min_notional']}' must be >= 0 USDC, with 6 decimals at most")
+    stops = c.integer(f"{at}.max_stop_orders", m["max_stop_orders"], 0, MAX_OPEN_ORDERS_LIMIT)
+    oi_cap = 0
+    if c.decimal(f"{at}.open_interest_cap", m["open_interest_cap"]) != 0:
+        oi_cap = c.quantity(f"{at}.open_interest_cap", m["open_interest_cap"], lot, "lot_size",
+                            "qty")
 
     return Market(
         id=i, symbol=symbol, tick_size=tick, lot_size=lot, oracle=oracle,
@@ -514,21 +552,27 @@ def _market(c: _Checker, i: int, item, origin: Path | None,
         brackets=brackets, liquidation_fee=liq_fee, funding_interval_s=interval,
         interest_rate=interest, funding_cap=cap, max_open_orders=max_open,
         initial_price_ticks=initial_ticks, max_price_ticks=max_price_ticks,
-        max_position_lots=max_position, max_order_lots=max_order)
+        max_position_lots=max_position, max_order_lots=max_order,
+        min_notional_atoms=min_notional_atoms, max_stop_orders=stops,
+        open_interest_cap_lots=oi_cap)
 
 
 def _brackets(c: _Checker, key: str, value, leverage: int) -> tuple:
-    """[[notional floor, maintenance rate], ...]: floors from 0 strictly up, rates non-decreasing
-    in (0, 1), the first below the initial margin rate 1/max_leverage. The maintenance amount of
-    bracket k is amount[k-1] + floor[k] x (rate[k] - rate[k-1]) (Binance's cumulative deduction),
-    so notional x rate - amount is continuous across floors."""
+    """[[notional floor, maintenance rate, max leverage (optional)], ...]: floors from 0
+    strictly up, rates non-decreasing in (0, 1), the first below the initial margin rate
+    1/max_leverage. Each bracket's max leverage is in [1, max_leverage], does not rise with
+    the floor, and its initial rate 1/L is above the maintenance rate; left out, it is the
+    largest such whole leverage, at most the previous bracket's (engine.config.bracket_leverage).
+    The maintenance amount of bracket k is amount[k-1] + floor[k] x (rate[k] - rate[k-1])
+    (Binance's cumulative deduction), so notional x rate - amount is continuous across floors."""
     if not isinstance(value, list) or not value:
         c.fail(key, "must be a non-empty list of [notional floor, maintenance rate] pairs")
     out = []
     for k, pair in enumerate(value):
         at = f"{key}[{k}]"
-        if not isinstance(pair, list) or len(pair) != 2:
-            c.fail(at, f"{pair!r} must be a pair [notional floor, maintenance rate]")
+        if not isinstance(pair, list) or len(pair) not in (2, 3):
+            c.fail(at, f"{pair!r} must be a pair [notional floor, maintenance rate] or "
+                       f"[notional floor, maintenance rate, max leverage]")
         floor = c.decimal(at + "[0]", pair[0])
         rate = c.decimal(at + "[1]", pair[1])
         c.rate_e9(at + "[1]", rate, pair[1])
@@ -551,7 +595,18 @@ def _brackets(c: _Checker, key: str, value, leverage: int) -> tuple:
                 c.fail(at + "[1]", f"maintenance rate '{pair[1]}' must be below the initial "
                                    f"margin rate 1/max_leverage = {dec_str(Decimal(1) / leverage)}")
             amount = Decimal(0)
-        out.append(Bracket(floor, rate, amount))
+        prev_leverage = out[-1].max_leverage if out else leverage
+        bracket_lev = bracket_leverage(
+            c.integer(at + "[2]", pair[2], 1, leverage) if len(pair) == 3 else 0,
+            int(rate * RATE_E9), prev_leverage)
+        if bracket_lev > prev_leverage:
+            c.fail(at + "[2]", f"max leverage {bracket_lev} is above the previous bracket's "
+                               f"{prev_leverage}")
+        if rate * bracket_lev >= 1:
+            c.fail(at + "[2]", f"max leverage {bracket_lev} gives an initial margin rate "
+                               f"{dec_str(Decimal(1) / bracket_lev)}, not above the maintenance "
+                               f"rate '{pair[1]}'")
+        out.append(Bracket(floor, rate, amount, bracket_lev))
     return tuple(out)
 
 
@@ -578,7 +633,11 @@ def genesis_commands(cfg: Config, ts_ns: int | None = None):
         for k, b in enumerate(m.brackets):
             cmds.append(bracket_command(
                 m.id, k, floor_atoms=int(b.floor * ATOMS_PER_USDC),
-                maintenance_rate_e9=int(b.rate * RATE_E9), ts_ns=ts))
+                maintenance_rate_e9=int(b.rate * RATE_E9), max_leverage=b.max_leverage,
+                ts_ns=ts))
+        cmds.append(market_filters_command(
+            m.id, min_notional_atoms=m.min_notional_atoms, max_stop_orders=m.max_stop_orders,
+            open_interest_cap_lots=m.open_interest_cap_lots, ts_ns=ts))
     return np.concatenate(cmds)
 
 
@@ -588,7 +647,8 @@ def config_from_resolved(doc: dict) -> Config:
     markets = []
     for m in doc["markets"]:
         item = {k: m[k] for k in MARKET_KEYS if k in m}
-        item["brackets"] = [[b[0], b[1]] for b in m["brackets"]]
+        # [floor, rate, max leverage, amount]; older files hold [floor, rate, amount]
+        item["brackets"] = [b[:3] if len(b) == 4 else b[:2] for b in m["brackets"]]
         if item.get("oracle", "").startswith("csv:"):
             pass   # already absolute
         markets.append(item)

@@ -23,20 +23,24 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from types import SimpleNamespace
 
 import numpy as np
 import zmq.auth
 
 from engine.market import MarketTable
-from engine.records import (CMD_DEPOSIT, CMD_HALT, CMD_RESUME, COMMAND_DTYPE, EVENT_DTYPE,
-                            EV_BALANCE, EV_COMMAND, EV_DONE, EV_MARK, EV_REJECT,
-                            ORDER_EVENT_DTYPE, REASON_NAMES, event_to_dict, new_commands)
+from engine.records import (CMD_CANCEL_ALL, CMD_DEPOSIT, CMD_HALT, CMD_RESUME,
+                            CMD_SET_ACCOUNT_STATE, COMMAND_DTYPE, EVENT_DTYPE, EV_BALANCE,
+                            EV_COMMAND, EV_DONE, EV_INSURANCE, EV_MARK, EV_REJECT, MARKET_SETTLED,
+                            MARKET_STATE_NAMES, ORDER_EVENT_DTYPE, REASON_NAMES, event_to_dict,
+                            insurance_deposit_command, market_state_command, new_commands,
+                            settle_market_command)
 from engine.service import attach_state
 from engine.state import C_NET_DEPOSITS_ATOMS, C_SEQ
 from gateway.account_state import account_state_fields, positions_rows
 from gateway.codec import open_order_row
-from gateway.mirror import (M_ACTIVE, M_HALTED, M_LAST, M_MARK, Mirror, O_MARKET,
+from gateway.mirror import (M_ACTIVE, M_HALTED, M_LAST, M_MARK, M_STATE, Mirror, O_MARKET,
                             consistent_state_copy)
 from perpx.config import Config, config_from_resolved
 from perpx.statedir import FileLock, StateDir
@@ -132,7 +136,6 @@ class Exchange:
         gateways refuse a disabled account's keys at the handshake and close its sessions;
         with cancel_orders its open orders are canceled after it (the matcher's reply to
         that cancel_all is the second Reply)."""
-        from engine.records import CMD_CANCEL_ALL, CMD_SET_ACCOUNT_STATE, new_commands
         if not 0 <= account < self.engine.max_accounts:
             raise OpsError(f"account {account} is outside 0..{self.engine.max_accounts - 1}")
         c = new_commands(1)
@@ -149,6 +152,30 @@ class Exchange:
             canceled = self.submit_one(c, f"cancel the orders of account {account}")
         return reply, canceled
 
+    def set_market_state(self, symbol: str, state: str) -> Reply:
+        """`perpx market state`: trading, cancel_only, reduce_only or halted (journaled)."""
+        if state not in MARKET_STATE_NAMES[:MARKET_SETTLED]:
+            raise OpsError(f"state must be one of {', '.join(MARKET_STATE_NAMES[:MARKET_SETTLED])}"
+                           f", not {state!r} (settle with `perpx market settle`)")
+        m = self.market(symbol)
+        return self.submit_one(market_state_command(m.id, MARKET_STATE_NAMES.index(state)),
+                               f"market state {symbol} {state}")
+
+    def settle_market(self, symbol: str, price_text: str) -> Reply:
+        """`perpx market settle`: close every position at the price, cancel every order."""
+        m = self.market(symbol)
+        try:
+            ticks = m.price_to_ticks(price_text)
+        except ValueError as e:
+            raise OpsError(str(e)) from None
+        return self.submit_one(settle_market_command(m.id, ticks), f"settle {symbol}")
+
+    def fund_deposit(self, atoms: int) -> Reply:
+        reply = self.submit_one(insurance_deposit_command(atoms), "insurance fund deposit")
+        if not any(e["etype"] == EV_INSURANCE for e in reply.events):
+            raise OpsError("fund deposit: the matcher answered without a fund change")
+        return reply
+
     def halt(self, symbol: str, halted: bool) -> Reply:
         m = self.market(symbol)
         c = new_commands(1)
@@ -157,7 +184,7 @@ class Exchange:
         return self.submit_one(c, f"{'halt' if halted else 'resume'} {symbol}")
 
     def set_index(self, symbol: str, price_text: str,
-                  timeout_s: float = REPLY_TIMEOUT_S) -> dict:
+                  timeout_s: float = REPLY_TIMEOUT_S, force: bool = False) -> dict:
         """`perpx oracle set`: a manual market's index, through the IndexBoard to riskd.
 
         The price goes on the board (under the ops lock: one operator writer at a time); riskd
@@ -174,6 +201,14 @@ class Exchange:
         board = _attach(lambda: IndexBoard.attach(self.prefix, self.engine.max_markets))
         region, state = _attach(lambda: attach_state(self.prefix, self.engine))
         try:
+            max_jump = Decimal((self.config.risk or {}).get("oracle_max_jump", "0"))
+            current = board.published(m.id)
+            if max_jump and current is not None and current.index_ticks and not force and \
+                    abs(ticks - current.index_ticks) > max_jump * current.index_ticks:
+                raise OpsError(f"oracle set {symbol}: {price_text} is more than "
+                               f"{max_jump * 100:f}% from the current index "
+                               f"{m.ticks_to_str(current.index_ticks)} ([risk] oracle_max_jump); "
+                               f"use --force if you mean it")
             with FileLock(self.sd.ops_lock) as lock:
                 lock.acquire(LOCK_TIMEOUT_S, "the index board")
                 version = board.set(m.id, ticks)
@@ -391,13 +426,15 @@ def book_view(ex: Exchange, mirror, symbol: str, depth: int) -> dict:
 
 
 def markets_view(config: Config, mirror=None) -> list[dict]:
-    """The markets as configured; with a live mirror also their mark, last price and halt flag."""
+    """The markets as configured; with a live mirror also their mark, last price, halt flag
+    and state (trading, cancel_only, reduce_only, halted, settled)."""
     out = []
     for m in config.markets:
         row = m.describe()
         if mirror is not None:
             mk = mirror.markets[m.id]
             row["live"] = {"active": bool(mk[M_ACTIVE]), "halted": bool(mk[M_HALTED]),
+                           "state": MARKET_STATE_NAMES[mk[M_STATE]],
                            "mark_price": m.ticks_to_str(mk[M_MARK]) if mk[M_MARK] else None,
                            "last_price": m.ticks_to_str(mk[M_LAST]) if mk[M_LAST] else None}
         out.append(row)

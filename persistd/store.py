@@ -69,10 +69,12 @@ import numpy as np
 
 from engine.records import (BALANCE_EVENT_DTYPE, EV_ACK, EV_AMENDED, EV_BALANCE, EV_CANCELED,
                             EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, EV_MARK, EV_TRADE,
-                            EV_TRIGGERED, COMMAND_BYTES, EVENT_BYTES, EVENT_DTYPE, FUNDING_EVENT_DTYPE,
-                            INSURANCE_DEFICIT, INSURANCE_EVENT_DTYPE, INSURANCE_FUNDING_RESIDUE,
+                            EV_TRIGGERED, COMMAND_BYTES, EVENT_BYTES, EVENT_DTYPE,
+                            FUNDING_EVENT_DTYPE, INSURANCE_DEFICIT, INSURANCE_DEPOSIT,
+                            INSURANCE_EVENT_DTYPE, INSURANCE_FUNDING_RESIDUE,
                             INSURANCE_LIQUIDATION_FEE, KIND_LIMIT, LIQ_KIND_ADL,
-                            LIQ_KIND_LIQUIDATED, LIQUIDATION_EVENT_DTYPE, MARK_EVENT_DTYPE,
+                            LIQ_KIND_LIQUIDATED, LIQ_KIND_SETTLEMENT, LIQUIDATION_EVENT_DTYPE,
+                            MARK_EVENT_DTYPE,
                             ORDER_EVENT_DTYPE, REASON_NAMES, REASON_USER, STATUS_CANCELED,
                             STATUS_FILLED, STATUS_OPEN, STATUS_UNTRIGGERED, TRADE_EVENT_DTYPE)
 
@@ -91,9 +93,11 @@ KIND_WORDS = ("limit", "market", "stop_market", "stop_limit", "take_profit_marke
               "take_profit_limit")
 STATUS_WORDS = {STATUS_OPEN: "open", STATUS_FILLED: "filled", STATUS_CANCELED: "canceled",
                 STATUS_UNTRIGGERED: "untriggered"}
-LIQUIDATION_WORDS = {LIQ_KIND_LIQUIDATED: "liquidated", LIQ_KIND_ADL: "adl"}
+LIQUIDATION_WORDS = {LIQ_KIND_LIQUIDATED: "liquidated", LIQ_KIND_ADL: "adl",
+                     LIQ_KIND_SETTLEMENT: "settlement"}
 INSURANCE_WORDS = {INSURANCE_LIQUIDATION_FEE: "liquidation_fee",
-                   INSURANCE_FUNDING_RESIDUE: "funding_residue", INSURANCE_DEFICIT: "deficit"}
+                   INSURANCE_FUNDING_RESIDUE: "funding_residue", INSURANCE_DEFICIT: "deficit",
+                   INSURANCE_DEPOSIT: "deposit"}
 
 DATA_TABLES = ("fills", "orders", "funding_payments", "liquidations", "balances",
                "insurance_fund", "marks", "reports")
@@ -427,9 +431,7 @@ class Store:
         - EV_TRIGGERED (a stop or take-profit fired) -> orders row like an ack's: the event
           says where the live order ended ("open", "filled", "canceled"), qty = the quantity
           it entered with (a reduce-only order may be clipped); no other ack follows.
-        - EV_BALANCE -> balances row: balance = balance_atoms (the balance after the change);
-          except after an isolated position's deficit cover, where the event carries the
-          position's isolated margin (docs/risk.md): no row.
+        - EV_BALANCE -> balances row: balance = balance_atoms (the balance after the change).
         - EV_MARK -> marks row.
         - EV_FUNDING -> funding_payments row: rate = rate_e9 / 1e9, payment (negative: paid),
           the size and mark it was charged on.
@@ -631,14 +633,9 @@ class Store:
         del orders["_key"]
         out["orders"] = orders
 
-        # balances: EV_BALANCE rows and the caller's rows, by seq. The EV_BALANCE right after
-        # an isolated position's deficit cover (EV_INSURANCE `deficit` of market >= 0) carries
-        # that position's isolated margin, not the balance: no row.
+        # balances: EV_BALANCE rows (deposits, withdrawals, the fund's deficit covers, all
+        # of them on the balance) and the caller's rows, by seq
         p_bal = pos[etype == EV_BALANCE]
-        before = ev[np.maximum(p_bal - 1, 0)].view(INSURANCE_EVENT_DTYPE)
-        isolated_cover = ((p_bal > 0) & (before["etype"] == EV_INSURANCE) &
-                          (before["reason"] == INSURANCE_DEFICIT) & (before["market"] >= 0))
-        p_bal = p_bal[~isolated_cover]
         be = ev[p_bal].view(BALANCE_EVENT_DTYPE)
         cols = ("seq", "ts_ns", "account", "balance_atoms")
         bal = {k: be[k] for k in cols}

@@ -12,7 +12,7 @@ Kinds, chosen by the market's `oracle` string (perpx/config.py):
     "manual"     ManualFeed: the price an operator set with `perpx oracle set` (IndexBoard)
 
 Plugging in an external feed (an exchange websocket, a Pyth/Chainlink reader, ...): subclass
-`IndexFeed`, register a factory under a new kind in `FEED_KINDS` (it receives the MarketSpec,
+`IndexFeed`, register a factory under a new kind in `FEED_KINDS` (it receives the Market,
 the text after "kind:" and a `FeedContext`), and admit the kind in perpx/config.py's oracle
 validation. A feed that does network I/O must do it on its own thread and make
 `index_ticks` return the latest value at once: riskd calls every feed on one thread, every tick.
@@ -195,6 +195,63 @@ class ManualFeed(IndexFeed):
 
     def close(self) -> None:
         self._board.close()
+
+
+# ---- one market's feed fails alone ------------------------------------------------------------
+FEED_RETRY_S = 1.0
+
+
+class GuardedFeed(IndexFeed):
+    """A market's feed that fails alone: building it (a CSV with a bad row) or reading a price
+    may raise; the error is kept (`error`, `failing_since_ns`) and logged when it changes, the
+    market gets no index meanwhile (riskd keeps its last good one and sends no mark), and the
+    feed is built again every FEED_RETRY_S (an operator fixes the file: it recovers)."""
+
+    def __init__(self, build, symbol: str, log):
+        self._build = build
+        self._symbol = symbol
+        self._log = log
+        self._feed = None
+        self._retry_ns = 0
+        self.error: str | None = None
+        self.failing_since_ns: int | None = None
+
+    @property
+    def applied_version(self) -> int:
+        return self._feed.applied_version if self._feed is not None else 0
+
+    def index_ticks(self, now_ns: int) -> int | None:
+        try:
+            if self._feed is None:
+                if now_ns < self._retry_ns:
+                    return None
+                self._feed = self._build()
+            ticks = self._feed.index_ticks(now_ns)
+        except Exception as e:          # any feed's failure: this market's alone
+            self._fail(f"{type(e).__name__}: {e}", now_ns)
+            return None
+        if self.error is not None:
+            self._log(f"{self._symbol}: index feed recovered")
+            self.error = self.failing_since_ns = None
+        return ticks
+
+    def _fail(self, error: str, now_ns: int) -> None:
+        if error != self.error:
+            self._log(f"{self._symbol}: index feed failing, keeping the last index: {error}")
+        self.error = error
+        if self.failing_since_ns is None:
+            self.failing_since_ns = now_ns
+        self._retry_ns = now_ns + int(FEED_RETRY_S * NS_PER_S)
+        if self._feed is not None:
+            try:
+                self._feed.close()
+            finally:
+                self._feed = None
+
+    def close(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
+            self._feed = None
 
 
 # ---- the factory ---------------------------------------------------------------------------

@@ -43,16 +43,19 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import deque
+from decimal import Decimal
 
 import numpy as np
 
 from engine.book import side_levels
-from engine.records import (CMD_SET_MARK, COMMAND_DTYPE, EVENT_DTYPE, SIDE_BUY, SIDE_SELL,
-                            funding_command, liquidate_command, new_commands)
+from engine.records import (CMD_SET_MARK, COMMAND_DTYPE, EVENT_DTYPE, MARKET_CANCEL_ONLY,
+                            MARKET_TRADING, SIDE_BUY, SIDE_SELL, funding_command,
+                            liquidate_command, market_state_command, new_commands)
 from engine.service import attach_state
 from engine.spec import ExchangeSpec
 from engine.state import C_SEQ
-from riskd.feeds import feed_for
+from riskd.feeds import GuardedFeed, feed_for
 from riskd.funding import FundingSchedule, impact_price, premium_e9
 from riskd.mark import MarkCalculator
 from riskd.scanner import Scanner
@@ -64,6 +67,7 @@ from shm.ring import CommandRing, EventRing
 DEFAULT_MARK_INTERVAL_MS = 250
 DEFAULT_FUNDING_SAMPLE_MS = 5000
 DEFAULT_LIQUIDATION_RETRY_MS = 1000
+DEFAULT_FEED_STALE_S = 30
 ATTACH_TIMEOUT_S = 30.0
 READ_ATTEMPTS = 64
 SUMMARY_EVERY_S = 60.0
@@ -114,6 +118,9 @@ class _Market:
         self.last_sent_ticks = last_sent_ticks
         self.sent = 0
         self.unsent_funding_e9 = None   # a FUNDING the full ring refused: retried next tick
+        self.riskd_cancel_only = False  # riskd put the market in cancel_only (stale, breaker)
+        self.recent_marks = deque()     # (ts_ns, mark) sent within the breaker's window
+        self.breaker_until_ns = 0
 
 
 class Riskd:
@@ -124,6 +131,10 @@ class Riskd:
         self.interval_s = risk.get("mark_interval_ms", DEFAULT_MARK_INTERVAL_MS) / 1000
         seed = int(risk.get("seed", 0))
         sample_ms = int(risk.get("funding_sample_ms", DEFAULT_FUNDING_SAMPLE_MS))
+        self.feed_stale_ns = int(risk.get("feed_stale_s", DEFAULT_FEED_STALE_S) * 1e9)
+        self.breaker_move_e9 = int(Decimal(str(risk.get("breaker_move", "0"))) * 10 ** 9)
+        self.breaker_window_ns = int(risk.get("breaker_window_s", 60)) * 10 ** 9
+        self.breaker_halt_ns = int(risk.get("breaker_halt_s", 60)) * 10 ** 9
         self.fundings_sent = self.liquidations_sent = 0
         self.scanner = None
         engine = spec.engine
@@ -148,8 +159,10 @@ class Riskd:
             for market in spec.markets:
                 # A restarted riskd resumes a sim walk where it was, not at the initial price.
                 before = self.board.published(market.id)
-                feed = self._hold(feed_for(market, prefix, seed,
-                                           before.index_ticks if before else None))
+                start = before.index_ticks if before else None
+                feed = self._hold(GuardedFeed(
+                    lambda market=market, start=start: feed_for(market, prefix, seed, start),
+                    market.symbol, self.log))
                 self.markets.append(_Market(market, feed,
                                             int(self.state.markets["mark_ticks"][market.id]),
                                             FundingSchedule(market, sample_ms, time.time_ns())))
@@ -231,6 +244,11 @@ class Riskd:
             self.board.publish(mk.spec.id, pub)
         marks = [(mk, pub.mark_ticks) for mk, pub in computed
                  if pub.mark_ticks != mk.last_sent_ticks]
+        if self.breaker_move_e9:
+            for mk, mark in marks:
+                self._breaker(mk, mark, now_ns)
+        # a tripped breaker's cancel_only goes before the mark that tripped it
+        self._send_market_states(now_ns)
         written = self._send(marks, now_ns)
         self._send_funding(now_ns)
         if self.scanner is not None:
@@ -266,6 +284,44 @@ class Riskd:
                          "tick sends fresh ones")
             self.dropped += len(batch) - written
         return written
+
+    def _breaker(self, mk: _Market, mark: int, now_ns: int) -> None:
+        """The circuit breaker: a mark more than breaker_move away from any mark sent within
+        the window trips it (cancel_only for breaker_halt_s from now)."""
+        recent = mk.recent_marks
+        while recent and now_ns - recent[0][0] > self.breaker_window_ns:
+            recent.popleft()
+        if any(abs(mark - m) * 10 ** 9 > self.breaker_move_e9 * m for _, m in recent):
+            if mk.breaker_until_ns <= now_ns:
+                self.log(f"{mk.spec.symbol}: circuit breaker: mark {mark} ticks moved more "
+                         f"than {self.breaker_move_e9 / 1e7:g}% within "
+                         f"{self.breaker_window_ns // 10 ** 9} s")
+            mk.breaker_until_ns = now_ns + self.breaker_halt_ns
+        recent.append((now_ns, mark))
+
+    def _send_market_states(self, now_ns: int) -> None:
+        """A market whose feed has failed for feed_stale_s, or whose circuit breaker tripped,
+        goes cancel_only (SET_MARKET_STATE, journaled like any command); once neither holds it
+        goes back to trading, unless its state changed meanwhile (an operator's call, which
+        riskd leaves alone)."""
+        states = self.state.markets["state"]
+        for mk in self.markets:
+            since = mk.feed.failing_since_ns
+            hold = ((since is not None and now_ns - since >= self.feed_stale_ns)
+                    or mk.breaker_until_ns > now_ns)
+            if hold and not mk.riskd_cancel_only and int(states[mk.spec.id]) == MARKET_TRADING:
+                if self._write(market_state_command(mk.spec.id, MARKET_CANCEL_ONLY,
+                                                    ts_ns=now_ns)):
+                    mk.riskd_cancel_only = True
+                    self.log(f"{mk.spec.symbol}: cancel_only ("
+                             + ("index stale" if since is not None else "circuit breaker") + ")")
+            elif not hold and mk.riskd_cancel_only:
+                if int(states[mk.spec.id]) == MARKET_CANCEL_ONLY:
+                    if not self._write(market_state_command(mk.spec.id, MARKET_TRADING,
+                                                            ts_ns=now_ns)):
+                        continue      # the ring is full: next tick
+                    self.log(f"{mk.spec.symbol}: trading again")
+                mk.riskd_cancel_only = False
 
     def _send_funding(self, now_ns: int) -> None:
         """FUNDING for each market whose interval ended, after its mark (it settles at the

@@ -27,7 +27,7 @@ from engine.records import (
     bracket_command, funding_command, liquidate_command, market_create_command,
     market_limits_command, market_risk_command, new_commands, set_margin_command,
 )
-from engine.reference import ReferenceMatcher
+from engine.reference import RISK_RAISING_COMMANDS, ReferenceMatcher
 from engine.state import (C_FEES_ATOMS, C_INSURANCE_ATOMS, C_NET_DEPOSITS_ATOMS, C_NEXT_OID,
                           C_NEXT_TRADE_ID, C_SEQ, NONE, state_hash)
 
@@ -221,8 +221,9 @@ def risk_commands(market=BTC, *, brackets=BTC_BRACKETS, liquidation_fee_e9=LIQUI
     """SET_MARKET_RISK and the SET_BRACKETs of a market (what genesis sends)."""
     cmds = [market_risk_command(market, liquidation_fee_e9=liquidation_fee_e9,
                                 funding_cap_e9=funding_cap_e9)]
-    cmds += [bracket_command(market, k, floor_atoms=f, maintenance_rate_e9=r)
-             for k, (f, r) in enumerate(brackets)]
+    cmds += [bracket_command(market, k, floor_atoms=b[0], maintenance_rate_e9=b[1],
+                             max_leverage=b[2] if len(b) > 2 else 0)
+             for k, b in enumerate(brackets)]
     return np.concatenate(cmds)
 
 
@@ -409,8 +410,14 @@ class Engines:
         recs = np.concatenate([np.asarray(c, COMMAND_DTYPE).reshape(-1) for c in commands])
         want = []
         for rec in recs:
+            account = int(rec["account"])
+            raising = (int(rec["cmd"]) in RISK_RAISING_COMMANDS
+                       and 0 <= account < self.config.max_accounts)
+            before = self.ref.risk_snapshot(account) if raising else None
             want.extend(self.ref.process({k: int(rec[k]) for k in COMMAND_DTYPE.names}, source,
                                          privileged))
+            if raising:
+                assert not self.ref.check_risk_raised(account, before)
         got = self.ring.run(self.matcher, recs, source=source, privileged=privileged)
         if got != want:
             for i, (g, w) in enumerate(zip(got, want)):

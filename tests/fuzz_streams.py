@@ -20,15 +20,19 @@ MARKETS = (0, 1)
 MARK_TICKS = (1000, 20000)
 
 
-# Maintenance brackets (floor atoms, rate e9) steep enough that mark moves liquidate often.
-BRACKETS = (((0, 45_000_000), (20_000_000, 60_000_000), (50_000_000, 100_000_000)),
-            ((0, 180_000_000), (30_000_000, 200_000_000), (100_000_000, 250_000_000)))
+# Maintenance brackets (floor atoms, rate e9, max leverage; 0 = the default) steep enough that
+# mark moves liquidate often, and with max leverages that bind within the fuzzed positions.
+BRACKETS = (((0, 45_000_000, 20), (2_000_000, 60_000_000, 12), (6_000_000, 100_000_000, 0)),
+            ((0, 180_000_000, 0), (3_000_000, 200_000_000, 0), (10_000_000, 250_000_000, 0)))
 FUNDING_CAP_E9 = 5_000_000
+# (min notional atoms, untriggered orders per account, open-interest cap lots) per market:
+# tight enough that each binds in the stream
+FILTERS = ((500_000, 1, 1_000), (0, 2, 300))
 
 
-def genesis() -> np.ndarray:
+def genesis(filters: bool = True) -> np.ndarray:
     """Two markets (one with a maker rebate) with risk parameters and brackets, funded
-    accounts."""
+    accounts; with filters, also min notionals, stop caps and open-interest caps."""
     cmds = [
         market_create_command(0, atoms_per_tick_lot=100, initial_mark_ticks=MARK_TICKS[0],
                               maker_fee_e9=-100_000, taker_fee_e9=500_000,
@@ -44,9 +48,14 @@ def genesis() -> np.ndarray:
     for m, brackets in enumerate(BRACKETS):
         cmds.append(market_risk_command(m, liquidation_fee_e9=5_000_000 * (m + 1),
                                         funding_cap_e9=FUNDING_CAP_E9))
-        for k, (floor_atoms, rate_e9) in enumerate(brackets):
+        if filters:
+            min_notional, stops, oi_cap = FILTERS[m]
+            cmds.append(market_filters_command(m, min_notional_atoms=min_notional,
+                                               max_stop_orders=stops,
+                                               open_interest_cap_lots=oi_cap))
+        for k, (floor_atoms, rate_e9, leverage) in enumerate(brackets):
             cmds.append(bracket_command(m, k, floor_atoms=floor_atoms,
-                                        maintenance_rate_e9=rate_e9))
+                                        maintenance_rate_e9=rate_e9, max_leverage=leverage))
     for account in range(FUZZ_CONFIG.max_accounts - 2):
         d = new_commands(1)
         d["cmd"] = CMD_DEPOSIT
@@ -95,8 +104,10 @@ def random_stream(seed: int, n: int, account_states: bool = False) -> np.ndarray
     c["amount_atoms"] = rng.integers(1, 3_000_000, n)
     c["cmd"] = rng.choice(
         [CMD_NEW_ORDER, CMD_CANCEL, CMD_AMEND, CMD_CANCEL_ALL, CMD_SET_MARK, CMD_DEPOSIT,
-         CMD_WITHDRAW, CMD_HALT, CMD_RESUME, 99, CMD_SET_MARGIN, CMD_FUNDING, CMD_LIQUIDATE],
-        n, p=[0.45, 0.15, 0.13, 0.02, 0.08, 0.02, 0.033, 0.002, 0.02, 0.005, 0.025, 0.01, 0.055])
+         CMD_WITHDRAW, CMD_HALT, CMD_RESUME, 99, CMD_SET_MARGIN, CMD_FUNDING, CMD_LIQUIDATE,
+         CMD_INSURANCE_DEPOSIT],
+        n, p=[0.445, 0.15, 0.13, 0.02, 0.08, 0.02, 0.033, 0.002, 0.02, 0.005, 0.025, 0.01, 0.055,
+              0.005])
     # a conditional order's trigger price rides in amount_atoms, near the mark like prices
     c["amount_atoms"] = np.where(conditional & (c["cmd"] == CMD_NEW_ORDER), trigger,
                                  c["amount_atoms"])
@@ -124,6 +135,14 @@ def random_stream(seed: int, n: int, account_states: bool = False) -> np.ndarray
         at = extra.random(n) < 0.004
         c["cmd"][at] = CMD_SET_ACCOUNT_STATE
         c["qty_lots"][at] = extra.choice([1, 0, 2], at.sum(), p=[0.4, 0.55, 0.05])
+    # market states (mostly back to trading, 4 is invalid), and in the last twentieth a rare
+    # settlement at the walk's mark (a settled market takes no orders again)
+    state = rng.random(n) < 0.008
+    c["cmd"] = np.where(state, CMD_SET_MARKET_STATE, c["cmd"])
+    c["kind"] = np.where(state, rng.choice([0, 0, 0, 0, 1, 2, 2, 3, 4], n), c["kind"])
+    settle = (np.arange(n) > 0.95 * n) & (rng.random(n) < 0.002)
+    c["cmd"] = np.where(settle, CMD_SETTLE_MARKET, c["cmd"])
+    c["price_ticks"] = np.where(settle, mark, c["price_ticks"])
     return c
 
 
@@ -134,7 +153,8 @@ _command = hs.fixed_dictionaries({
                                                   CMD_SET_MARK, CMD_WITHDRAW, CMD_HALT,
                                                   CMD_RESUME, CMD_SET_MARGIN, CMD_FUNDING,
                                                   CMD_LIQUIDATE, CMD_LIQUIDATE,
-                                                  CMD_SET_ACCOUNT_STATE]),
+                                                  CMD_SET_ACCOUNT_STATE, CMD_INSURANCE_DEPOSIT,
+                                                  CMD_SET_MARKET_STATE, CMD_SETTLE_MARKET]),
     "market": hs.sampled_from([0, 0, 1, -1, 2]),
     "account": hs.integers(0, 4),
     "side": hs.integers(0, 1),

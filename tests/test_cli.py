@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from decimal import Decimal
+
 import msgpack
 import pytest
 import zmq
@@ -27,12 +29,22 @@ lot_size = "0.1"
 initial_price = "150"
 oracle = "sim"
 """
+# A market of its own for the lifecycle test: it ends settled.
+LIFE_MARKET = """
+[[markets]]
+symbol = "LIFE-PERP"
+tick_size = "0.01"
+lot_size = "1"
+initial_price = "2"
+oracle = "manual"
+"""
 
 
 @pytest.fixture(scope="module")
 def exchange(tmp_path_factory):
     up = Up(tmp_path_factory.mktemp("cli") / "state",
-            config_text(gateways=1, more_markets=SIM_MARKET))
+            config_text(gateways=1, more_markets=SIM_MARKET + LIFE_MARKET,
+                        extra='[risk]\noracle_max_jump = "0.5"\n'))
     try:
         endpoints = up.wait_ready()
         yield up, endpoints
@@ -154,10 +166,23 @@ def test_account_create_deposit_and_show(exchange):
     assert cli_json(up.sd.path, "account", "enable", account)["disabled"] is False
 
 
+def test_fund_deposit_is_journaled_and_in_duckdb(exchange):
+    up, _ = exchange
+    doc = cli_json(up.sd.path, "fund", "deposit", "150.25")
+    assert doc["amount"] == "150.25" and Decimal(doc["fund"]) >= Decimal("150.25")
+    seq = doc["seq"]
+    query = f"SELECT reason, CAST(amount AS VARCHAR) FROM insurance_fund WHERE seq = {seq}"
+    wait_until(lambda: cli_json(up.sd.path, "sql", query)["rows"] != [], WAIT_S,
+               "the fund deposit in DuckDB")
+    ((reason, amount),) = cli_json(up.sd.path, "sql", query)["rows"]
+    assert (reason, Decimal(amount)) == ("deposit", Decimal("150.25"))
+    assert "must be positive" in cli_fails(up.sd.path, "fund", "deposit", "0")
+
+
 def test_markets(exchange):
     up, _ = exchange
     doc = cli_json(up.sd.path, "markets")
-    btc, eth, _ = doc["markets"]
+    btc, eth = doc["markets"][:2]
     assert (btc["symbol"], btc["id"], btc["tick_size"], btc["lot_size"], btc["initial_price"]) == (
         "BTC-PERP", 0, "0.1", "0.001", "65000")
     assert (eth["symbol"], eth["oracle"], eth["max_price"]) == ("ETH-PERP", "manual", "35000")
@@ -182,6 +207,66 @@ def test_halt_and_resume(exchange, trader):
     assert t.request(type="cancel", cid=902)["type"] == "canceled"
 
 
+def test_market_states_and_settlement(exchange):
+    up, endpoints = exchange
+    made = [cli_json(up.sd.path, "account", "create", "--deposit", "1000") for _ in range(2)]
+    buyer, seller = (Trader(endpoints, m["certificate"]) for m in made)
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.connect(endpoints["market_data"])
+    sub.setsockopt(zmq.SUBSCRIBE, b"mark.LIFE-PERP")
+
+    def mark_state(want):
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if sub.poll(100):
+                _, body = sub.recv_multipart()
+                if msgpack.unpackb(body).get("state") == want:
+                    return True
+        raise AssertionError(f"no mark.LIFE-PERP with state {want}")
+
+    def new(t, side, qty, cid, **kw):
+        return t.request(type="new_order", market="LIFE-PERP", side=side, qty=qty,
+                         price="2", cid=cid, **kw)
+
+    def live_state():
+        doc = cli_json(up.sd.path, "markets")
+        return next(m for m in doc["markets"] if m["symbol"] == "LIFE-PERP")["live"]["state"]
+
+    try:
+        time.sleep(0.2)      # the SUB connection settles (market data has no snapshot)
+        assert new(seller, "sell", "10", 1)["status"] == "open"
+        assert new(buyer, "buy", "10", 1)["status"] == "filled"
+        assert new(seller, "sell", "5", 2)["status"] == "open"
+        assert cli_json(up.sd.path, "market", "state", "LIFE-PERP", "cancel_only")["state"] \
+            == "cancel_only"
+        mark_state("cancel_only")
+        assert live_state() == "cancel_only"
+        assert new(buyer, "buy", "1", 2)["reason"] == "market_cancel_only"
+        cli_json(up.sd.path, "market", "state", "LIFE-PERP", "reduce_only")
+        mark_state("reduce_only")
+        assert new(buyer, "buy", "1", 3)["reason"] == "market_reduce_only"
+        assert new(buyer, "sell", "1", 4, reduce_only=True)["type"] == "ack"
+        assert "state must be one of" in cli_fails(up.sd.path, "market", "state", "LIFE-PERP",
+                                                   "settled")
+        done = cli_json(up.sd.path, "market", "settle", "LIFE-PERP", "2.5")
+        assert (done["state"], done["positions_closed"]) == ("settled", 2)
+        mark_state("settled")
+        assert live_state() == "settled"
+        assert new(buyer, "buy", "1", 5)["reason"] == "market_settled"
+        shown = cli_json(up.sd.path, "account", "show", made[0]["account"])
+        assert shown["positions"] == [] and shown["open_orders"] == []
+        # bought 10 at 2, settled at 2.5: +5 USDC, less the taker fee 0.0005 x 20
+        assert shown["balance"] == "1004.99"
+        assert "market_settled" in cli_fails(up.sd.path, "market", "state", "LIFE-PERP",
+                                             "trading")
+    finally:
+        ctx.destroy(linger=0)
+        buyer.close()
+        seller.close()
+
+
 def test_oracle_set_manual_only(exchange):
     up, _ = exchange
     done = cli_json(up.sd.path, "oracle", "set", "ETH-PERP", "3600.5")
@@ -189,12 +274,17 @@ def test_oracle_set_manual_only(exchange):
     assert cli_json(up.sd.path, "markets")["markets"][1]["live"]["mark_price"] == "3600.5"
     status = cli_json(up.sd.path, "status")["risk"]
     assert (status["ETH-PERP"]["index"], status["ETH-PERP"]["mark"]) == ("3600.5", "3600.5")
-    assert "BTC-PERP" not in status            # manual, never set: riskd has no index for it
+    # manual, never set: riskd has no index for it (stale, no numbers)
+    assert status["BTC-PERP"]["index"] is None and status["BTC-PERP"]["stale"]
     assert float(status["SOL-PERP"]["index"]) > 0
     line = cli_fails(up.sd.path, "oracle", "set", "SOL-PERP", "151")
     assert "'sim' feed" in line and "oracle = \"manual\"" in line
     assert "tick size" in cli_fails(up.sd.path, "oracle", "set", "ETH-PERP", "3600.505")
-    cli_json(up.sd.path, "oracle", "set", "ETH-PERP", "3500")
+    # more than oracle_max_jump (50%) from the current index needs --force
+    assert "use --force" in cli_fails(up.sd.path, "oracle", "set", "ETH-PERP", "5401")
+    assert cli_json(up.sd.path, "oracle", "set", "ETH-PERP", "5401", "--force")["index_price"] \
+        == "5401"
+    cli_json(up.sd.path, "oracle", "set", "ETH-PERP", "3500", "--force")
 
 
 def test_trades_show_in_book_positions_and_accounts(exchange, traders, trader):

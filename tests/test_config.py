@@ -6,7 +6,8 @@ from decimal import Decimal
 import pytest
 
 from engine.config import market_config_problem, market_limits_problem
-from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_LIMITS,
+from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_FILTERS,
+                            CMD_SET_MARKET_LIMITS,
                             CMD_SET_MARKET_RISK)
 from perpx.config import ConfigError, config_from_resolved, genesis_commands, load_config, parse_config
 from engine.units import usdc_to_atoms
@@ -85,9 +86,13 @@ def test_genesis_commands_create_each_market_then_its_limits_and_risk():
     cfg = load_config()
     cmds = genesis_commands(cfg, ts_ns=1)
     per_market = ([CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_SET_MARKET_RISK]
-                  + [CMD_SET_BRACKET] * 4)
+                  + [CMD_SET_BRACKET] * 4 + [CMD_SET_MARKET_FILTERS])
     assert list(cmds["cmd"]) == per_market * 2
-    assert list(cmds["market"]) == [0] * 7 + [1] * 7
+    assert list(cmds["market"]) == [0] * 8 + [1] * 8
+    # default.toml's filters: min notional 5 USDC, 10 stop orders, no open-interest cap
+    assert list(cmds[7][["amount_atoms", "qty_lots", "price_ticks"]].item()) == [5_000_000, 10, 0]
+    # each bracket's max leverage, resolved (BTC: max 50; 2.5% allows 39)
+    assert list(cmds[3:7]["qty_lots"]) == [50, 50, 50, 39]
     btc = cfg.markets[0]
     create, limits, market_risk = cmds[0], cmds[1], cmds[2]
     assert (market_risk["cid"], market_risk["oid"]) == (5_000_000, 7_500_000)
@@ -129,7 +134,9 @@ def test_resolved_config_round_trips():
     cfg = load_config()
     assert config_from_resolved(cfg.to_dict()) == cfg
     assert cfg.risk == {"mark_interval_ms": 250, "seed": 0, "funding_sample_ms": 5000,
-                        "liquidation_retry_ms": 1000, "scan": True}
+                        "liquidation_retry_ms": 1000, "scan": True, "feed_stale_s": 30,
+                        "breaker_move": "0", "breaker_window_s": 60, "breaker_halt_s": 60,
+                        "oracle_max_jump": "0"}
     tuned = parse_config("[risk]\nmark_interval_ms = 50\nscan = false\n" + GOOD_MARKET)
     assert (tuned.risk["mark_interval_ms"], tuned.risk["scan"]) == (50, False)
     assert config_from_resolved(tuned.to_dict()) == tuned
@@ -174,6 +181,19 @@ BAD = [
     (market(max_leverage="50", brackets='[["0", "0.02"]]'), "markets[1].brackets[0][1]",
      "below the initial margin rate 1/max_leverage = 0.02"),
     (market(brackets='[["0"]]'), "markets[1].brackets[0]", "must be a pair"),
+    (market(max_leverage="20", brackets='[["0", "0.004"], ["100", "0.1", 10]]'),
+     "markets[1].brackets[1][2]", "initial margin rate 0.1, not above the maintenance rate"),
+    (market(max_leverage="20", brackets='[["0", "0.004", 10], ["100", "0.005", 15]]'),
+     "markets[1].brackets[1][2]", "above the previous bracket's 10"),
+    (market(max_leverage="20", brackets='[["0", "0.004", 30]]'), "markets[1].brackets[0][2]",
+     "must be in [1, 20]"),
+    (market(min_notional='"-1"'), "markets[1].min_notional", "must be >= 0 USDC"),
+    (market(min_notional='"0.0000001"'), "markets[1].min_notional", "6 decimals at most"),
+    (market(max_stop_orders="-1"), "markets[1].max_stop_orders", "must be in [0,"),
+    ("[risk]\nbreaker_move = \"-0.1\"\n" + GOOD_MARKET, "risk.breaker_move",
+     "must be a fraction >= 0"),
+    (market(open_interest_cap='"0.001"'), "markets[1].open_interest_cap",
+     "not a multiple of lot_size '0.01'"),
     (market(brackets='[]'), "markets[1].brackets", "non-empty list"),
     (market(liquidation_fee='"1"'), "markets[1].liquidation_fee", "must be in [0, 1)"),
     (market(funding_interval_s="0"), "markets[1].funding_interval_s", "must be in [1,"),

@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 
 from engine.invariants import account_seq_problems, check_state
 from engine.matcher import LocalEvents, Matcher
-from engine.records import COMMAND_DTYPE, EV_COMMAND
-from engine.reference import ReferenceMatcher
+from engine.records import (CMD_LIQUIDATE, COMMAND_DTYPE, EV_COMMAND, EV_INSURANCE,
+                            INSURANCE_DEFICIT)
+from engine.reference import RISK_RAISING_COMMANDS, ReferenceMatcher
 from engine.state import C_INSURANCE_ATOMS
 from tests.fuzz_streams import FUZZ_CONFIG, command_lists, commands_from_dicts, genesis, random_stream
 
@@ -36,9 +37,17 @@ def run_both(commands: np.ndarray, check_every_batch: bool = True, ring_slots: i
         got = ring.run(fast, batch, source=b % 4, privileged=privileged)
         want = []
         for i, rec in enumerate(batch):
+            account = int(rec["account"])
+            known = 0 <= account < FUZZ_CONFIG.max_accounts
+            before = ref.risk_snapshot(account) if known else None
             want.extend(ref.process({k: int(rec[k]) for k in COMMAND_DTYPE.names}, b % 4,
                                     privileged))
             ref.check_invariants()
+            if before is not None and int(rec["cmd"]) in RISK_RAISING_COMMANDS:
+                assert not ref.check_risk_raised(account, before)
+            if before is not None and int(rec["cmd"]) == CMD_LIQUIDATE:
+                _assert_fund_paid_only_losses(ref, account, int(rec["market"]), before[1],
+                                              want)
         if got != want:
             _explain(got, want, start)
         # the compiled counters advanced by the rule applied to its own events, and agree
@@ -51,6 +60,19 @@ def run_both(commands: np.ndarray, check_every_batch: bool = True, ring_slots: i
             assert not problems, f"after command {start + len(batch)}: {problems}"
     _assert_same_accounts(fast, ref)
     return fast, ref
+
+
+def _assert_fund_paid_only_losses(ref, account, scope, balance_before, events):
+    """After a liquidation, the account's balance is no more than its closing fills alone
+    left it, unless that was a loss: the fund lifts a negative balance (cross) or an isolated
+    position's loss beyond its margin at most back to zero."""
+    covered = sum(-e["amount_atoms"] for e in events
+                  if e["etype"] == EV_INSURANCE and e["reason"] == INSURANCE_DEFICIT
+                  and e["seq"] == ref.seq and e["account"] == account)
+    if covered:
+        after = ref.balances[account]
+        floor = 0 if scope == -1 else balance_before
+        assert after <= max(after - covered, floor), (ref.seq, after, covered, floor)
 
 
 def _assert_same_accounts(fast, ref):

@@ -1,6 +1,8 @@
 """Randomized price paths with many accounts, cross and isolated, liquidated by a scanner.
 
-After every mark, trading round and funding, the scanner (engine/risk.py, as riskd uses it)
+Every trader's command is held to the bracket invariant (a command that raised an account's
+risk leaves it above maintenance; tests/engine_helpers.py). After every mark, trading round
+and funding, the scanner (engine/risk.py, as riskd uses it)
 sends LIQUIDATE for every account or isolated position it finds below maintenance, until it
 finds none. Both engines run every command (events compared exactly) and after each batch:
 positions sum to zero per market, collateral is conserved to the atom (balances + isolated
@@ -22,6 +24,9 @@ from tests.engine_helpers import (BTC, MARK, USDC, Engines, buy, cancel_all, dep
                                   risk_commands, sell, set_margin, set_mark, warm_up)
 
 CONFIG = EngineConfig(max_accounts=40, max_markets=2, max_orders=512, max_levels_per_side=64)
+# BTC-like maintenance rates with max leverages that bind inside the traded sizes (a lot is
+# ~65 USDC, positions reach thousands)
+BRACKETS = ((0, 4_000_000, 50), (1_000 * USDC, 10_000_000, 25), (3_000 * USDC, 25_000_000, 10))
 TRADERS = range(1, 31)
 MAKERS = range(31, 35)
 STEPS = 50
@@ -80,7 +85,7 @@ def test_price_paths_with_a_liquidation_scanner(seed):
     warm_up()
     rng = np.random.default_rng(seed)
     eng = Engines(CONFIG)
-    eng.admin(market_commands(), risk_commands())
+    eng.admin(market_commands(), risk_commands(brackets=BRACKETS))
     for a in TRADERS:
         eng.admin(deposit(a, int(rng.integers(20, 400)) * USDC))
     for a in MAKERS:

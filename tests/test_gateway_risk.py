@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import msgpack
 import pytest
 
-from engine.records import funding_command, liquidate_command
 from engine.market import MarketTable
+from engine.records import REASON_LEVERAGE, funding_command, liquidate_command
+from gateway.codec import ENGINE_REASON_TEXT
 from shm.index_board import IndexBoard, Published
 from tests.gateway_fixtures import (BTC, BTC_MARK, ENGINE, ETH, MARKETS, WAIT_S, Exchange,
                                     is_type, order, wait_until)
@@ -20,7 +21,7 @@ from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefi
 
 TABLE = MarketTable.from_dicts(MARKETS)
 D = Decimal
-LEVERAGE_TEXT = "leverage must be an integer from 1 to the market's max_leverage"
+LEVERAGE_TEXT = ENGINE_REASON_TEXT[REASON_LEVERAGE]
 LOCKED_TEXT = ("the margin mode cannot change while this market has a position or open orders "
                "of this account")
 
@@ -378,7 +379,7 @@ def test_funding_and_liquidation_rows_in_duckdb(ups):
             # the last trade, 65000) goes below the liquidation price ~63300
             cli_json(up.sd.path, "oracle", "set", "BTC-PERP", "61000")
             ops.submit(liquidate_command(accounts[1]))    # unless riskd's scanner was first
-        victim.wait_for(lambda m: m.get("type") == "liquidation", timeout_s=30)
+        report = victim.wait_for(lambda m: m.get("type") == "liquidation", timeout_s=30)
 
         wait_until(lambda: rows("SELECT count(*) FROM liquidations")[0][0] >= 1, 30,
                    "the liquidation in DuckDB")
@@ -393,6 +394,14 @@ def test_funding_and_liquidation_rows_in_duckdb(ups):
         (liq_row,) = rows(f"SELECT kind, qty, price FROM liquidations "
                           f"WHERE account = {accounts[1]}")
         assert decimals(liq_row) == ["liquidated", D("1"), D("63150")]
+        # the clearance fee: in the report, in DuckDB, in the fund, and the balance adds up to
+        # the atom: 2000 deposited - 32.5 taker fee - 6.5 funding - 1850 realized - the fee
+        ((fee,),) = rows(f"SELECT fee FROM liquidations WHERE account = {accounts[1]}")
+        assert D(report["fee"]) == D(str(fee)) > 0
+        assert [D(report["fee"])] in [[D(str(r[0]))] for r in rows(
+            "SELECT amount FROM insurance_fund WHERE reason = 'liquidation_fee'")]
+        assert D(victim.account()["balance"]) == (D("2000") - D("32.5") - D("6.5")
+                                                 - D("1850") - D(report["fee"]))
         assert rows("SELECT count(*) FROM fills WHERE liquidation")[0][0] == 1
         balances = rows(f"SELECT seq FROM balances WHERE account = {accounts[1]} "
                         f"ORDER BY seq")

@@ -28,11 +28,13 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.matcher import LocalEvents, Matcher
-from engine.records import COMMAND_DTYPE, EV_MARK, EVENT_DTYPE, MARK_EVENT_DTYPE
+from engine.records import (COMMAND_DTYPE, EV_MARK, EVENT_DTYPE, MARK_EVENT_DTYPE,
+                            MARKET_CANCEL_ONLY, MARKET_TRADING)
 from engine.service import MatcherService, attach_state
 from engine.spec import ExchangeSpec, Source
 from shm import names
 from engine.state import C_SEQ
+from perpx.cli import _risk_report
 from perpx.config import genesis_commands, parse_config
 from riskd.feeds import CsvFeedError, CsvReplay, ManualFeed, SimWalk, feed_for
 from riskd.mark import MarkCalculator, median
@@ -431,6 +433,75 @@ def test_riskd_process_feeds_marks_to_a_real_matcher(shm_prefix, tmp_path):
         assert riskd.wait(timeout=WAIT_S) == 0, rig.log_path.read_text()
         assert shm_entries(shm_prefix) == rig.shm_before_riskd   # riskd created nothing
         assert "riskd: stopped" in rig.log_path.read_text()
+
+
+def test_a_bad_csv_row_stops_only_its_own_market(shm_prefix, tmp_path):
+    """The CSV market's file has an unparsable row: riskd keeps serving the other markets, the
+    CSV market has no index (reported stale), goes cancel_only after feed_stale_s (a journaled
+    SET_MARKET_STATE from riskd's ring), and trades again once the file is fixed."""
+    cfg = config(tmp_path, "0,2000\n1,abc\n")
+    with riskd_rig(shm_prefix, tmp_path, cfg, {"mark_interval_ms": 50, "feed_stale_s": 1}) as rig:
+        log = MarkLog(rig.consumer)
+
+        def alive():
+            log.drain()
+            rig.check_alive()
+
+        wait_until(lambda: len(set(log.from_riskd(SIM))) >= 3, WAIT_S,
+                   "sim marks while the CSV feed fails", alive)
+        rig.board.set(MAN, 351_234)
+        wait_until(lambda: log.from_riskd(MAN)[-1:] == [351_234], WAIT_S,
+                   "the manual market's mark while the CSV feed fails", alive)
+        assert rig.board.published(CSV) is None and log.from_riskd(CSV) == []
+        doc = json.loads((tmp_path / "exchange.json").read_text())
+        report = _risk_report(doc)
+        assert report["CSV-PERP"]["stale"] and not report["SIM-PERP"]["stale"]
+        wait_until(lambda: int(rig.state.markets["state"][CSV]) == MARKET_CANCEL_ONLY, WAIT_S,
+                   "the CSV market in cancel_only", alive)
+        assert int(rig.state.markets["state"][SIM]) == MARKET_TRADING
+        text = rig.log_path.read_text()
+        assert "CSV-PERP: index feed failing" in text and "'abc'" in text
+        # the operator fixes the file: the feed recovers, the market trades again
+        (tmp_path / "index.csv").write_text("0,2000\n100000000,2001.5\n")
+        wait_until(lambda: int(rig.state.markets["state"][CSV]) == MARKET_TRADING, WAIT_S,
+                   "the CSV market trading again", alive)
+        wait_until(lambda: log.from_riskd(CSV)[-1:] == [4003], WAIT_S, "the fixed CSV's mark",
+                   alive)
+        assert not _risk_report(doc)["CSV-PERP"]["stale"]
+        assert "CSV-PERP: index feed recovered" in rig.log_path.read_text()
+
+
+def test_circuit_breaker_puts_a_jumping_market_in_cancel_only_for_a_while(shm_prefix,
+                                                                          tmp_path):
+    """breaker_move 10% within 60 s: the manual market's index jumps 14%: riskd sends
+    cancel_only (journaled, before the mark), the mark still goes out, and after
+    breaker_halt_s the market trades again. A 5% move does not trip it."""
+    cfg = config(tmp_path)
+    risk = {"mark_interval_ms": 50, "breaker_move": "0.1", "breaker_window_s": 60,
+            "breaker_halt_s": 1}
+    with riskd_rig(shm_prefix, tmp_path, cfg, risk) as rig:
+        log = MarkLog(rig.consumer)
+
+        def alive():
+            log.drain()
+            rig.check_alive()
+
+        def state():
+            return int(rig.state.markets["state"][MAN])
+
+        for ticks in (351_000, 368_000):          # +4.8%: no trip
+            rig.board.set(MAN, ticks)
+            wait_until(lambda: log.from_riskd(MAN)[-1:] == [ticks], WAIT_S, f"mark {ticks}",
+                       alive)
+        assert state() == MARKET_TRADING
+        rig.board.set(MAN, 420_000)                # +14% of 368,000 (+20% of 351,000)
+        wait_until(lambda: log.from_riskd(MAN)[-1:] == [420_000], WAIT_S, "the jumped mark",
+                   alive)
+        assert state() == MARKET_CANCEL_ONLY
+        assert "MAN-PERP: circuit breaker" in rig.log_path.read_text()
+        wait_until(lambda: state() == MARKET_TRADING, WAIT_S, "trading after breaker_halt_s",
+                   alive)
+        assert int(rig.state.markets["state"][SIM]) == MARKET_TRADING
 
 
 def test_riskd_drops_marks_its_full_ring_cannot_take(shm_prefix, tmp_path):
