@@ -254,7 +254,7 @@ class Replayer:
         from_seq = min(from_seq, last)
         kept = self.log.after(account, from_seq, last)
         if kept is not None:
-            self._send(s.identity, account, kept, from_seq, last, rid)
+            self._send(s, account, kept, from_seq, last, rid)
             return
         if self.source is None:
             raise EdgeReject(REASON_INVALID_MESSAGE, "reports that old are no longer held "
@@ -266,7 +266,7 @@ class Replayer:
         upto = oldest[0][0] - 1 if oldest else last
         self.asked += 1
         self.source.ask({"account": account, "from": from_seq, "upto": upto,
-                         "identity": s.identity, "rid": rid})
+                         "session": s, "rid": rid})
 
     def poll(self) -> int:
         """Answer the replays whose durable rows have come back; returns how many."""
@@ -276,41 +276,41 @@ class Replayer:
             job = done.popleft()
             n += 1
             self.asked -= 1
-            s = self.sessions.by_identity.get(job["identity"])
-            if s is None or s.account != job["account"]:
+            s = job["session"]
+            if not s.live:
                 continue           # the connection is gone: its replay goes with it
             if "error" in job:
                 log.warning("replay for account %d from %d: %s", job["account"], job["from"],
                             job["error"])
-                self._replayed(s.identity, job["from"], True, job["rid"])
+                self._replayed(s, job["from"], True, job["rid"])
                 continue
             rows = job["rows"]
-            self._send_rows(s.identity, rows)
+            self._send_rows(s, rows)
             sent = rows[-1][0]
             last = self.tracker.last(s.account)
             kept = self.log.after(s.account, sent, last) if sent == job["upto"] else None
             if kept is None:
-                self._replayed(s.identity, sent, True, job["rid"])
+                self._replayed(s, sent, True, job["rid"])
             else:
-                self._send(s.identity, s.account, kept, sent, last, job["rid"])
+                self._send(s, s.account, kept, sent, last, job["rid"])
         return n
 
-    def _send(self, identity, account, kept, from_seq, last, rid) -> None:
+    def _send(self, session, account, kept, from_seq, last, rid) -> None:
         more = len(kept) > MAX_REPLAY
         kept = kept[:MAX_REPLAY]
-        self._send_rows(identity, kept)
-        self._replayed(identity, kept[-1][0] if kept else from_seq, more, rid,
+        self._send_rows(session, kept)
+        self._replayed(session, kept[-1][0] if kept else from_seq, more, rid,
                        self.mirror.applied_seq if self.durable else 0)
 
-    def _send_rows(self, identity, rows) -> None:
+    def _send_rows(self, session, rows) -> None:
         send = self.outbox.send
         market_by_id = self.market_by_id
         for account_seq, seq, idx, role, record in rows:
-            send(identity, pack(render_record(record, role, idx, account_seq, market_by_id)),
+            send(session, pack(render_record(record, role, idx, account_seq, market_by_id)),
                  seq)
 
-    def _replayed(self, identity, last: int, more: bool, rid, seq: int = 0) -> None:
-        self.outbox.reply(identity, {"type": "replayed", "last_account_seq": last,
+    def _replayed(self, session, last: int, more: bool, rid, seq: int = 0) -> None:
+        self.outbox.reply(session, {"type": "replayed", "last_account_seq": last,
                                      "more": more, "ts": time.time_ns()}, rid, seq)
 
     def close(self) -> None:

@@ -67,6 +67,20 @@ EXAMPLES = {
     "bench e2e": ["perpx bench e2e", "perpx bench e2e --seconds 3 --ack-mode fast"],
     "bench durability": ["perpx bench durability --orders 100000 --runs 1"],
     "bench risk": ["perpx bench risk --no-cascade", "perpx bench risk --positions 10000"],
+    "bench latency": ["perpx bench latency", "perpx bench latency --plot docs/latency.png",
+                      "perpx bench latency --clients 1 --rates 1000 --no-max --json"],
+    "account disable": ["perpx account disable 7", "perpx account disable 7 --cancel-orders"],
+    "account enable": ["perpx account enable 7"],
+    "fund": ["perpx fund deposit 10000"],
+    "fund deposit": ["perpx fund deposit 10000", "perpx --json fund deposit 2500.5"],
+    "market": ["perpx market state BTC-PERP cancel_only", "perpx market settle ETH-PERP 3150"],
+    "market state": ["perpx market state BTC-PERP cancel_only",
+                     "perpx market state BTC-PERP trading"],
+    "market settle": ["perpx market settle ETH-PERP 3150.25"],
+    "journal": ["perpx journal inspect", "perpx journal repair"],
+    "journal inspect": ["perpx journal inspect", "perpx --json journal inspect"],
+    "journal repair": ["perpx journal repair          # says what it would do",
+                       "perpx journal repair --yes    # does it (stop the exchange first)"],
 }
 
 
@@ -1065,11 +1079,11 @@ def _register_account(sub, common):
     q.set_defaults(func=cmd_account_show)
     q = asub.add_parser("disable", parents=[common],
                         help="refuse the account's keys, close its sessions, stop its trading")
-    q.add_argument("id", type=_account_id, metavar="ID")
+    q.add_argument("id", type=_account_id, metavar="ID", help="the account id, e.g. 7")
     q.add_argument("--cancel-orders", action="store_true", help="also cancel its open orders")
     q.set_defaults(func=cmd_account_disable)
     q = asub.add_parser("enable", parents=[common], help="undo `account disable`")
-    q.add_argument("id", type=_account_id, metavar="ID")
+    q.add_argument("id", type=_account_id, metavar="ID", help="the account id, e.g. 7")
     q.set_defaults(func=cmd_account_enable)
 
 
@@ -1087,13 +1101,15 @@ def _register_market(sub, common):
                             parser_class=_Parser)
     q = msub.add_parser("state", parents=[common],
                         help="trading | cancel_only | reduce_only | halted (journaled)")
-    q.add_argument("market", metavar="MARKET")
-    q.add_argument("state", metavar="STATE")
+    q.add_argument("market", metavar="MARKET", help="market symbol, e.g. BTC-PERP")
+    q.add_argument("state", metavar="STATE",
+                   help="trading, cancel_only, reduce_only or halted")
     q.set_defaults(func=cmd_market_state)
     q = msub.add_parser("settle", parents=[common],
                         help="close every position at PRICE, cancel every order: settled")
-    q.add_argument("market", metavar="MARKET")
-    q.add_argument("price", metavar="PRICE")
+    q.add_argument("market", metavar="MARKET", help="market symbol, e.g. BTC-PERP")
+    q.add_argument("price", metavar="PRICE",
+                   help="the settlement price on the tick grid, e.g. 64000.5")
     q.set_defaults(func=cmd_market_settle)
 
 

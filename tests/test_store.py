@@ -878,7 +878,7 @@ def test_reports_rows_numbered_gap_free(tmp_path, fuzz_events):
     counter, each row the raw event (and its command) it numbers; rewrites add nothing."""
     from engine.records import COMMAND_BYTES, COMMAND_DTYPE, EV_COMMAND
     from engine.reports import AccountSeqTracker
-    from persistd.service import report_rows
+    from persistd.storer import report_rows
     from persistd.store import REPORT_WORDS
     events = fuzz_events
     counters = np.zeros(FUZZ_CONFIG.max_accounts, np.int64)
