@@ -302,10 +302,23 @@ class _Connection:
     (every socket still open in it closed with linger 0, then terminated), so a set-up that
     failed half-way cannot leave ctx.term() waiting for a socket nobody closes."""
 
-    def close(self) -> None:
+    socket = None
+    monitor = None      # the socket's monitor (order-entry sessions)
+
+    def _close_sockets(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(0)
+            self.monitor = None
         if self.socket is not None:
             self.socket.close(0)
             self.socket = None
+
+    def close(self) -> None:
+        self._close_sockets()
         if self.own_ctx:
             self.ctx.destroy(linger=0)
             self.own_ctx = False
@@ -533,21 +546,6 @@ class Client(_Connection, _Requests):
             if event & _HANDSHAKE_EVENTS:
                 return _handshake_outcome(event)
 
-    def _close_sockets(self) -> None:
-        if self.monitor is not None:
-            try:
-                self.socket.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self.monitor.close(0)
-            self.monitor = None
-        if self.socket is not None:
-            self.socket.close(0)
-            self.socket = None
-
-    def close(self) -> None:
-        self._close_sockets()
-        _Connection.close(self)
 
     def __enter__(self):
         return self
@@ -688,7 +686,7 @@ class Client(_Connection, _Requests):
             self._pump(max(int(left * 1000), 1))
 
 
-class AsyncClient(_Requests):
+class AsyncClient(_Connection, _Requests):
     """The same requests as coroutines, on zmq.asyncio; reports go to `reports()`/on_report,
     in account_seq order, replayed after reconnections and gaps like Client's."""
 
@@ -784,17 +782,6 @@ class AsyncClient(_Requests):
             t.cancel()
         self._tasks = []
 
-    def _close_sockets(self) -> None:
-        if self.monitor is not None:
-            try:
-                self.socket.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self.monitor.close(0)
-            self.monitor = None
-        if self.socket is not None:
-            self.socket.close(0)
-            self.socket = None
 
     async def _reader(self, sock) -> None:
         stream = self._stream
@@ -885,7 +872,6 @@ class AsyncClient(_Requests):
 
     async def close(self) -> None:
         self._stop_tasks()
-        self._close_sockets()
         _Connection.close(self)
 
 
