@@ -15,10 +15,13 @@ LOG_INTERVAL_S = 10.0
 class ReasonLog:
     def __init__(self, interval_s: float = LOG_INTERVAL_S):
         self.interval_s = interval_s
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}     # since the last log line
+        self.totals: dict[str, int] = {}     # since start (the gateway's stats: metrics)
         self.due = 0.0
 
     def note(self, reason: str) -> None:
+        totals = self.totals
+        totals[reason] = totals.get(reason, 0) + 1
         counts = self.counts
         counts[reason] = counts.get(reason, 0) + 1
         if len(counts) == 1 and counts[reason] == 1 and time.monotonic() >= self.due:

@@ -443,7 +443,7 @@ class Gateway:
                                         if s.refused and s.live),
                 "closing_sessions": len(sessions.closing), "held": len(self.outbox.held),
                 "pending": len(self.requests.pending), **self.stats, **self.views.stats,
-                "limits": self.limits}
+                "refused_by_reason": dict(self.outbox.reasons.totals), "limits": self.limits}
 
     def write_stats(self) -> None:
         tmp = self.stats_file.with_name(self.stats_file.name + ".tmp")

@@ -24,6 +24,7 @@ Metric names (all prefixed perpx_): see METRICS. `perpx top` renders a scrape of
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from decimal import Decimal
@@ -78,6 +79,8 @@ METRICS = {
     "perpx_mark_minus_index": "mark minus index per market, in quote units",
     "perpx_liquidations_total": "liquidation and ADL closing steps per market and kind",
     "perpx_rejects_total": "requests the matcher rejected, by reason",
+    "perpx_gateway_refusals_total": "messages a gateway refused before the matcher (rate "
+                                    "limit, malformed, ...), by gateway and reason",
     "perpx_process_restarts_total": "restarts of each supervised process",
     "perpx_events_missed_total": "events the exporter could not read before they were reused",
 }
@@ -190,6 +193,20 @@ class Sampler:
                 return m.symbol
         return str(market_id)
 
+    def _gateway_refusals(self) -> dict[tuple[str, str], int]:
+        """(gateway, reason) -> messages it refused itself, from the stats file each gateway
+        writes once a second (run/gateway-N.stats.json; a restarted gateway counts afresh)."""
+        out = {}
+        for path in sorted(self.sd.run_dir.glob("gateway-*.stats.json")):
+            try:
+                stats = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue          # being replaced, or its gateway not up yet
+            gateway = path.name.split(".")[0]
+            for reason, n in stats.get("refused_by_reason", {}).items():
+                out[(gateway, reason)] = int(n)
+        return out
+
     def _books(self) -> dict[str, bool]:
         st = self.state
         crossed = {}
@@ -246,6 +263,7 @@ class Sampler:
             "snapshot_lag": max(seq - self.progress.snapshot_seq(), 0),
             "insurance_fund": int(st.counters[C_INSURANCE_ATOMS]) / 1e6,
             "markets": markets, "rejects": dict(self.rejects),
+            "gateway_refusals": self._gateway_refusals(),
             "liquidations": dict(self.liquidations), "restarts": self.restarts(),
             "events_missed": self.missed,
         }
@@ -307,6 +325,9 @@ class _Collector:
                       or [((s, "liquidated"), 0) for s in mk])
         yield counter("perpx_rejects", ["reason"], [((r,), n) for r, n in v["rejects"].items()]
                       or [(("none",), 0)])
+        yield counter("perpx_gateway_refusals", ["gateway", "reason"],
+                      [((g, r), n) for (g, r), n in v["gateway_refusals"].items()]
+                      or [(("gateway-0", "none"), 0)])
         yield counter("perpx_process_restarts", ["process"],
                       [((p,), n) for p, n in v["restarts"].items()])
         yield counter("perpx_events_missed", value=v["events_missed"])

@@ -262,9 +262,14 @@ def test_metrics_under_load_and_perpx_top(ups):
                             if p["name"] == "gateway-0")["state"] == "ready", WAIT_S,
                "gateway-0 to serve again")
 
+    # a refusal by the gateway itself (after the restart: a gateway counts afresh)
+    with Client.connect(endpoints, certs["b"]) as b:
+        assert b.request({"type": "no_such_type"})["reason"] == "invalid_message"
+
     for name, what in (("perpx_liquidations_total", "a liquidation"),
                        ("perpx_process_restarts_total", "the restart"),
-                       ("perpx_snapshot_age_seconds", "a snapshot")):
+                       ("perpx_snapshot_age_seconds", "a snapshot"),
+                       ("perpx_gateway_refusals_total", "the gateway's refusal")):
         wait_until(lambda: _total(scrape(url), name) > 0, WAIT_S, f"{what} in the metrics")
     after = scrape(url)
 
@@ -293,6 +298,8 @@ def test_metrics_under_load_and_perpx_top(ups):
         "perpx_events_missed_total": _total(after, "perpx_events_missed_total") == 0,
     }
     assert all(moved.values()), {k: v for k, v in moved.items() if not v}
+    assert _values(after, "perpx_gateway_refusals_total")[
+        (("gateway", "gateway-0"), ("reason", "invalid_message"))] >= 1
     reasons = {dict(k)["reason"] for k in _values(after, "perpx_rejects_total")}
     assert {"insufficient_balance", "unknown_market"} <= reasons, reasons
     assert set(_values(after, "perpx_event_ring_lag_events")) >= {
