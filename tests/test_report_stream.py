@@ -137,6 +137,7 @@ def test_kill9_of_the_gateway_under_traffic(ups):
     certs = (funded_account(sd.path), funded_account(sd.path))
     got: dict[int, list] = {0: [], 1: []}
     outcomes = {"reply": 0, "resolved": 0, "lost": []}
+    replied: dict[int, list] = {0: [], 1: []}    # account_seq of the replies (not reports)
     stop = threading.Event()
     errors = []
     clients = [Client.connect(endpoints, cert, timeout_s=3.0, on_report=got[i].append,
@@ -154,6 +155,8 @@ def test_kill9_of_the_gateway_under_traffic(ups):
                 outcomes["lost"].append((c, cid))
             return None
         outcomes["resolved" if reply.get("rid") is None else "reply"] += 1
+        if "account_seq" in reply:
+            replied[clients.index(c)].append(reply["account_seq"])
         return reply
 
     def trade():
@@ -216,7 +219,8 @@ def test_kill9_of_the_gateway_under_traffic(ups):
             seqs = [m["account_seq"] for m in got[i] if "account_seq" in m]
             # reports delivered in order, each once; replies (with rid) fill the rest
             assert seqs == sorted(set(seqs))
-            assert c.last_account_seq == max(seqs)
+            # the stream ends at the last report or reply, whichever came last
+            assert c.last_account_seq == max(seqs + replied[i])
         # the durable stream: per account 1..N, each once
         for account, n, top, distinct in sql_rows(
                 sd.path, "SELECT account, count(*), max(account_seq), "
