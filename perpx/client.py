@@ -160,6 +160,20 @@ class _ReportStream:
         self.ahead: dict[int, dict | None] = {}   # beyond a gap (None: delivered as a reply)
         self.replay_rid = None
         self.need_replay = False
+        self.disconnected = False
+
+    def on_connection_event(self, event: int) -> bool:
+        """A monitor event of the session's socket; True when it reconnected after a
+        disconnect: whatever was sent meanwhile is in the replay, and a replay asked before
+        may have lost its answer, so a new one is due (need_replay)."""
+        if event == zmq.EVENT_DISCONNECTED:
+            self.disconnected = True
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.disconnected:
+            self.disconnected = False
+            self.replay_rid = None
+            self.need_replay = True
+            return True
+        return False
 
     def on_message(self, msg: dict) -> list[dict]:
         """Anything received that is no awaited reply: the reports it makes deliverable."""
@@ -474,7 +488,6 @@ class Client(_Connection, _Requests):
         self._stream = _ReportStream(from_account_seq)
         self._awaiting = None          # the request being waited for ...
         self._resolved = None          # ... and its outcome, when a report turned out to be it
-        self._disconnected = False
         self.socket = None
         self.monitor = None
 
@@ -583,14 +596,7 @@ class Client(_Connection, _Requests):
                 event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._disconnected = True
-            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._disconnected:
-                # back (the gateway restarted, or the network): whatever was sent meanwhile
-                # is in the replay; a replay asked before may have lost its answer
-                self._disconnected = False
-                self._stream.replay_rid = None
-                self._stream.need_replay = True
+            self._stream.on_connection_event(event["event"])
 
     def _handle(self, msg: dict) -> None:
         for m in self._stream.on_message(msg):
@@ -709,7 +715,6 @@ class AsyncClient(_Connection, _Requests):
         self._synced = asyncio.Event()
         self._arrived = asyncio.Event()
         self._tasks: list = []
-        self._disconnected = False
         self.socket = None
         self.monitor = None
 
@@ -803,12 +808,7 @@ class AsyncClient(_Connection, _Requests):
     async def _watch(self, monitor) -> None:
         while True:
             event = await zmq.utils.monitor.recv_monitor_message(monitor)
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._disconnected = True
-            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._disconnected:
-                self._disconnected = False
-                self._stream.replay_rid = None
-                self._stream.need_replay = True
+            if self._stream.on_connection_event(event["event"]):
                 await self._replay_if_needed()
 
     async def _replay_if_needed(self) -> None:
