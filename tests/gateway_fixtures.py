@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 import zmq.auth
 
@@ -364,3 +365,29 @@ class Client:
             self.monitor.close(linger=0)
             self.monitor = None
         self.sock.close(linger=0)
+
+
+# ---- fixtures (tests that use them import shm_prefix from tests.shm_workers too) ----------
+@pytest.fixture
+def exchange_factory(shm_prefix, tmp_path):
+    made = []
+
+    def make(durable=False, **gateway_options):
+        ex = Exchange(shm_prefix, tmp_path)
+        made.append(ex)
+        ex.start_matcher()
+        if durable:
+            ex.durable = gateway_options["durable_value"] = ex.ctx.Value("q", 0)
+        ex.start_gateway(**gateway_options)
+        return ex
+
+    try:
+        yield make
+    finally:
+        for ex in made:
+            ex.close()
+
+
+@pytest.fixture
+def exchange(exchange_factory):
+    return exchange_factory()

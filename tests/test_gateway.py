@@ -11,36 +11,11 @@ import pytest
 
 from engine.market import MarketTable
 from gateway.mirror import Mirror
-from tests.gateway_fixtures import (ENGINE, MARKETS, WAIT_S, Exchange, is_type, order,
-                                    wait_until)
+from tests.gateway_fixtures import (ENGINE, MARKETS, WAIT_S, Exchange, exchange,  # noqa: F401
+                                    exchange_factory, is_type, order, wait_until)
 from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
 
 TABLE = MarketTable.from_dicts(MARKETS)
-
-
-@pytest.fixture
-def exchange_factory(shm_prefix, tmp_path):
-    made = []
-
-    def make(durable=False, **gateway_options):
-        ex = Exchange(shm_prefix, tmp_path)
-        made.append(ex)
-        ex.start_matcher()
-        if durable:
-            ex.durable = gateway_options["durable_value"] = ex.ctx.Value("q", 0)
-        ex.start_gateway(**gateway_options)
-        return ex
-
-    try:
-        yield make
-    finally:
-        for ex in made:
-            ex.close()
-
-
-@pytest.fixture
-def exchange(exchange_factory):
-    return exchange_factory()
 
 
 def book_dict(book_msg):

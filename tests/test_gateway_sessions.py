@@ -2,34 +2,10 @@
 connection and its account, never a routing id alone; what a closed session was due is
 dropped, never re-routed; cancel-on-disconnect comes after everything the session sent."""
 
-import pytest
-
 from engine.records import CMD_SET_ACCOUNT_STATE, new_commands
-from tests.gateway_fixtures import WAIT_S, Exchange, is_type, order, wait_until
+from tests.gateway_fixtures import (WAIT_S, exchange,  # noqa: F401 — fixtures
+                                    exchange_factory, is_type, order, wait_until)
 from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
-
-
-@pytest.fixture
-def exchange_factory(shm_prefix, tmp_path):
-    made = []
-
-    def make(**gateway_options):
-        ex = Exchange(shm_prefix, tmp_path)
-        made.append(ex)
-        ex.start_matcher()
-        ex.start_gateway(**gateway_options)
-        return ex
-
-    try:
-        yield make
-    finally:
-        for ex in made:
-            ex.close()
-
-
-@pytest.fixture
-def exchange(exchange_factory):
-    return exchange_factory()
 
 
 def settled_open_orders(exchange, client) -> list:
