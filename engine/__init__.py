@@ -27,7 +27,7 @@ def numba_cache_dir() -> Path:
 
 
 def _use_numba_cache_dir() -> Path:
-    """Point numba at numba_cache_dir(), before engine.core decorates anything."""
+    """Point numba at numba_cache_dir(), before engine/core/ decorates anything."""
     cache_dir = numba_cache_dir()
     os.environ["NUMBA_CACHE_DIR"] = str(cache_dir)     # child processes inherit it
     config = sys.modules.get("numba.core.config")
@@ -36,28 +36,36 @@ def _use_numba_cache_dir() -> Path:
     return cache_dir
 
 
+def _numba_subfolder(cache_dir: Path, source_dir: Path) -> Path:
+    """numba's cache subfolder for the functions defined in source_dir
+    (numba.core.caching._CacheLocator.get_suitable_cache_subpath)."""
+    return cache_dir / f"{source_dir.name}_{hashlib.sha1(str(source_dir).encode()).hexdigest()}"
+
+
 def _drop_stale_numba_cache(cache_dir: Path) -> None:
     """Make numba recompile when any engine source changed, not only the defining file.
 
     numba keys its on-disk cache on the source file of each compiled function, but the
-    compiled matcher freezes constants and functions from its sibling modules (records,
-    config, numbers); an edit there left stale machine code in use (seen here). So when the
-    digest of all engine sources differs from the one recorded (in the cache dir) at the last
-    compile, the engine's cache files are removed.
+    compiled matcher freezes constants and functions from other modules (its own files in
+    engine/core/, records, config, numbers); an edit there left stale machine code in use
+    (seen here). So when the digest of every .py under engine/ (names and contents) differs
+    from the one recorded (in the cache dir) at the last compile, the cache files of every
+    engine source directory are removed.
     """
-    digest = hashlib.blake2b(b"".join(p.read_bytes() for p in sorted(_HERE.glob("*.py"))),
-                             digest_size=16).hexdigest()
-    # numba's subfolder for this directory (numba.core.caching.get_suitable_cache_subpath)
-    own = cache_dir / f"{_HERE.name}_{hashlib.sha1(str(_HERE).encode()).hexdigest()}"
+    sources = sorted(_HERE.rglob("*.py"))
+    digest = hashlib.blake2b(b"".join(str(p.relative_to(_HERE)).encode() + b"\0" + p.read_bytes()
+                                      for p in sources), digest_size=16).hexdigest()
+    own = _numba_subfolder(cache_dir, _HERE)
     stamp = own / "sources.stamp"
     try:
         if stamp.read_text() == digest:
             return
     except OSError:
         pass
-    for root in (own, _HERE / "__pycache__"):
-        for cached in list(root.glob("*.nb[ic]")) if root.is_dir() else []:
-            cached.unlink(missing_ok=True)
+    for source_dir in sorted({p.parent for p in sources}):
+        for root in (_numba_subfolder(cache_dir, source_dir), source_dir / "__pycache__"):
+            for cached in list(root.glob("*.nb[ic]")) if root.is_dir() else []:
+                cached.unlink(missing_ok=True)
     try:
         own.mkdir(parents=True, exist_ok=True)
         stamp.write_text(digest)

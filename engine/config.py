@@ -48,8 +48,9 @@ class EngineConfig:
         """Most events one command can cause: a LIQUIDATE's (each resting order canceled or
         traded, and reduce-only ones swept, plus its steps and ADL per market, plus what the
         trigger books of those markets set off after), or a FUNDING's (one per account), or a
-        SETTLE_MARKET's (every order canceled, three per account); engine/core.py
-        `_event_bound` and `_trigger_bound` have the per-command counts.
+        SETTLE_MARKET's (every order canceled, three per account); `_event_bound`
+        (engine/core/batch.py) and `_trigger_bound` (engine/core/triggers.py) have the
+        per-command counts.
 
         Event rings can be much smaller: a command whose worst case exceeds the ring runs
         alone into an overflow buffer of this size (Matcher.process_oversized).

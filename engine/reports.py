@@ -8,7 +8,7 @@ any restart. The matcher keeps each account's last `account_seq` in its accounts
 event stream at a command boundary copies those counters and applies the same function to
 each later event (`AccountSeqTracker`), so it numbers every report exactly as the matcher
 counted it. The reference model (engine/reference.py) and the compiled matcher
-(engine/core.py, which compiles this very function) both use it; the differential fuzz and
+(engine/core/tables.py compiles this very function) both use it; the differential fuzz and
 engine/invariants.py check that counters and events agree.
 
 The rule, per event (`index` is the event's position after its command's EV_COMMAND, from 1):
@@ -46,7 +46,7 @@ NO_ACCOUNT = -1
 def report_accounts(cmd_code, index, etype, account, maker_account, max_accounts):
     """(first, second): the accounts this event is a report to, NO_ACCOUNT for none.
 
-    Plain integer code on purpose: engine/core.py compiles it with numba, everything else
+    Plain integer code on purpose: engine/core/tables.py compiles it with numba, everything else
     calls it as Python.
     """
     if etype == EV_TRADE:

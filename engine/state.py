@@ -144,7 +144,7 @@ C_COUNT = 16
 # sorted price keys of a book side (price for bids, -price for asks, so "best" is always the
 # largest key, kept at the end); `book_levels` the matching level slots; `book_depth` how many.
 # `index_deletes` holds (oid, account, cid) of the last DEFERRED_DELETES orders taken off the
-# book, whose index entries are deleted only when the queue comes round (engine/core.py).
+# book, whose index entries are deleted only when the queue comes round (engine/core/indexes.py).
 # The trigger book: `trigger_ticks[slot]` is the trigger price of the untriggered order in that
 # order slot; `trigger_keys[m, queue, k]` / `trigger_slots` / `trigger_depth` hold, per market,
 # four queues (TRIGGER_QUEUES) of untriggered orders sorted so the next to fire is last.

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from engine import risk
-from engine.core import _compare_products
+from engine.core.perpetual_risk import _compare_products
 from engine.records import (EV_BALANCE, EV_CANCELED, EV_DONE, EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, EV_TRADE,
                             INSURANCE_FUNDING_RESIDUE,
                             INSURANCE_LIQUIDATION_FEE, LIQ_KIND_ADL, LIQ_KIND_LIQUIDATED,

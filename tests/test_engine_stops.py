@@ -468,8 +468,8 @@ def test_the_state_hash_covers_the_trigger_book(eng):
 
 
 def test_the_event_bound_holds_over_cascading_streams():
-    """8 + 2R + 5T (engine/core.py _trigger_bound) over every command of long random streams
-    whose market has untriggered orders, counted on the reference model."""
+    """8 + 2R + 5T (engine/core/triggers.py _trigger_bound) over every command of long random
+    streams whose market has untriggered orders, counted on the reference model."""
     from engine.records import CMD_AMEND, COMMAND_DTYPE, EV_COMMAND
     from engine.reference import ReferenceMatcher
     from tests.fuzz_streams import FUZZ_CONFIG, genesis, random_stream

@@ -1,6 +1,6 @@
 """Benchmarks of the matching engine: `perpx bench matcher` and `perpx bench lobster`.
 
-What is measured: `Matcher.process` (the compiled matcher, engine/core.py) fed a pre-built
+What is measured: `Matcher.process` (the compiled matcher, engine/core/) fed a pre-built
 command stream in batches (default 256 commands per call, as the matcher process hands them
 over) into an event ring of 128-byte slots. The ring is a power of two >= the engine's worst
 case for one command; the benchmark is its only consumer and is taken to have consumed
