@@ -27,6 +27,10 @@ MAX_REPLAY reports per request): the client asks again from `last_account_seq`. 
   asked for again until REPLAY_WAIT_S. Its answers are picked up by `Replayer.poll` on the
   next pass; live reports sent meanwhile may arrive before the replayed ones (the client
   orders by account_seq).
+Both are bounded: memory holds at most `keep` reports for a bounded number of accounts
+(ReportLog), an answer sends at most MAX_REPLAY of them, and the one worker thread fetches at
+most MAX_REPLAY rows at a time, which the next pass sends (into the connection's counted
+queue, gateway/memory.py).
 In durable mode every report and the final `replayed` are held until journaled, like the
 live messages (gateway/outbox.py).
 """
@@ -53,6 +57,7 @@ from gateway import codec
 from gateway.codec import (CM_CID, CM_CMD, CM_FLAGS, CM_OID, COMMAND_STRUCT, E_MARKET, ETYPE_OFFSET,
                            FUNDING_EVENT_STRUCT, LIQUIDATION_EVENT_STRUCT, OE_CID, OE_OID,
                            OE_QTY, OE_REASON, ORDER_EVENT_STRUCT, TRADE_EVENT_STRUCT, pack)
+from gateway.memory import ENTRY_BYTES
 
 log = logging.getLogger("perpx.gateway")
 
@@ -134,18 +139,28 @@ def render_record(record: bytes, role: int, idx: int, account_seq: int, market_b
 
 # -- memory --------------------------------------------------------------------------------------
 class ReportLog:
-    """The last `keep` reports of each account: (account_seq, seq, idx, role, record)."""
+    """The last `keep` reports of each account: (account_seq, seq, idx, role, record), for at
+    most `max_bytes` // (keep x ENTRY_BYTES) accounts: one more forgets the account whose log
+    was made first (its replays then come from the durable store), so what is kept stays
+    bounded however many accounts trade (gateway/memory.py)."""
 
-    def __init__(self, keep: int = DEFAULT_KEEP):
+    def __init__(self, keep: int = DEFAULT_KEEP, max_bytes: int = 1 << 62):
         self.keep = keep
+        self.max_accounts = max(1, max_bytes // (keep * ENTRY_BYTES))
         self.by_account: dict[int, deque] = {}
 
     def append(self, account: int, account_seq: int, seq: int, idx: int, role: int,
                record: bytes) -> None:
         log_ = self.by_account.get(account)
         if log_ is None:
+            if len(self.by_account) >= self.max_accounts:
+                del self.by_account[next(iter(self.by_account))]
             log_ = self.by_account[account] = deque(maxlen=self.keep)
         log_.append((account_seq, seq, idx, role, record))
+
+    def bytes(self) -> int:
+        """What the kept reports take, as counted (read at checks, not per report)."""
+        return ENTRY_BYTES * sum(len(log_) for log_ in self.by_account.values())
 
     def after(self, account: int, from_seq: int, last: int):
         """The kept reports numbered in (from_seq, last], or None when memory no longer
