@@ -52,7 +52,10 @@ _ZERO = bytes(4)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _shutdown = _libc.shutdown
+_setsockopt = _libc.setsockopt
 _SHUT_RDWR = 2
+_SOL_SOCKET, _SO_LINGER = 1, 13
+_LINGER_0 = struct.pack("ii", 1, 0)       # struct linger {l_onoff 1, l_linger 0}
 # glibc's; elsewhere freed memory stays where malloc keeps it
 _malloc_trim = getattr(_libc, "malloc_trim", None)
 
@@ -77,8 +80,11 @@ def kernel_sndbuf(max_queued_bytes: int) -> int:
 
 def shut_down(fd: int) -> None:
     """End a connection libzmq owns: its engine reads the end, closes the socket and frees the
-    pipe (what was queued to it); the monitor reports the disconnect, the client's libzmq
-    reconnects. (libzmq has no call to close one peer of a bound ROUTER.)"""
+    pipe (what was queued to it); the monitor reports the disconnect. Lingering 0, the close
+    resets the connection and drops what the kernel still held for it, so a client that does
+    not read learns it at once too and its libzmq reconnects. (libzmq has no call to close
+    one peer of a bound ROUTER.)"""
+    _setsockopt(fd, _SOL_SOCKET, _SO_LINGER, _LINGER_0, len(_LINGER_0))
     _shutdown(fd, _SHUT_RDWR)
 
 

@@ -190,7 +190,8 @@ class Gateway:
                 tracker=self.router_events.tracker, log=report_log, outbox=self.outbox,
                 sessions=self.sessions, mirror=self.mirror, market_by_id=self.market_by_id,
                 durable=self.durable,
-                source=DurableSource(replay_store, self.ctx) if replay_store else None)
+                source=DurableSource(replay_store, self.ctx) if replay_store else None,
+                max_queued_bytes=max_queued_bytes)
             self.requests.register("replay", self.replayer.handle)
         except BaseException:
             self.close()
