@@ -133,7 +133,9 @@ class MemoryBudget:
         """Bring the session's queued bytes up to date (see the module docstring); returns
         them."""
         unsent = unsent_bytes(s.fd)
-        if unsent is not None and unsent < self.drained_below:
+        # a socket we cannot ask (its fd unknown, or closing) counts as draining: the
+        # message limit still holds it
+        if unsent is None or unsent < self.drained_below:
             s.taken_bytes = s.checked_bytes
         s.checked_bytes = s.out_bytes
         s.check_at = s.out_bytes + self.check_every

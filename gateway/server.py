@@ -20,7 +20,8 @@ One process, one thread doing the work (plus pyzmq's ZAP thread for handshakes):
 Where each part lives: gateway/sessions.py (connections, accounts, request budgets),
 gateway/requests.py (decoding, validation, commands, queries), gateway/routing.py (events ->
 replies and reports), gateway/replay.py (account_seq, rendering reports, `replay`),
-gateway/outbox.py (sending, the durable hold), gateway/market_data.py (the PUB),
+gateway/outbox.py (sending, the durable hold, dropping), gateway/memory.py (the byte limit
+per connection and the memory bound), gateway/market_data.py (the PUB),
 gateway/mirror.py (the book copy), gateway/codec.py (wire <-> records).
 
 Start-up: attach the rings (matcher first), join the event ring as consumer `gateway-N`

@@ -14,12 +14,13 @@ Lifecycle:
   and are processed as this session (their commands are sequenced).
 - finished: all its messages are read. Then its cancel-on-disconnect is queued, after every
   command it sent.
-- evicted: ended by the gateway while the connection stays open (a client that does not read,
-  an account the operator disabled). Finished at once; what the connection sends from then on
-  is read and ignored until the monitor reports it closed. libzmq frees a routing id only once its pipe is read to the end, so a
-  message with the same routing id and another key proves the old one drained; so does an
-  empty ROUTER, or more reads than there are connections since its last message (the ROUTER
-  queues fairly, one message per pipe in turn).
+- evicted: ended by the gateway while the connection may stay open (an account the operator
+  disabled; a client that does not read, whose connection the outbox then shuts down,
+  gateway/outbox.py). Finished at once; what the connection sends from then on is read and
+  ignored until the monitor reports it closed. libzmq frees a routing id only once its pipe
+  is read to the end, so a message with the same routing id and another key proves the old
+  one drained; so does an empty ROUTER, or more reads than there are connections since its
+  last message (the ROUTER queues fairly, one message per pipe in turn).
 
 Limits: at most `max_per_account` live sessions per account; a connection beyond it is
 `refused`: each message it sends is answered with a reject and nothing else is sent to it.
