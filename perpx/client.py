@@ -204,6 +204,8 @@ class _ReportStream:
         rid = msg.get("rid")
         if rid is not None and rid == self.hello_rid:
             self.hello_rid = None           # the repeated hello's answer: nobody waits for it
+            if msg.get("type") != "hello":
+                self.need_hello = True      # refused (rate limit, ...): say it again
             return []
         if rid is not None and rid == self.replay_rid:
             if msg.get("type") == "replayed":
