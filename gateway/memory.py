@@ -17,15 +17,16 @@ REPLAY_SHARE of what the limit leaves.
 Queued bytes per connection. libzmq tells nothing of a peer's queue: it holds up to `sndhwm`
 messages in the ROUTER's pipe to the connection, then the kernel's send buffer (SO_SNDBUF)
 more. The outbox counts what it hands to libzmq per session (`out_bytes`, one add per
-message: its length and MESSAGE_OVERHEAD); every `check_every` bytes (a quarter of the
-per-connection limit, less when the memory bound leaves little room, so that many connections
-cannot pass it by much between checks; and once a second for a session with something
-counted) it
-asks the kernel how much the connection's socket has not sent (SIOCOUTQ, one system call).
-Less than half of the send buffer unsent means libzmq's pipe drains into it, so everything
-handed before the previous check has left the gateway; otherwise the count goes on. The
-session's queued bytes are what was handed since: an upper bound of what sits in libzmq's
-pipe and the kernel for it, which a client that reads keeps under 2 x check_every.
+message: its length and MESSAGE_OVERHEAD). Every `check_every` bytes, and once a second for a
+session with something counted, it asks the kernel how much the connection's socket has not
+sent (SIOCOUTQ, one system call): less than half of the send buffer unsent means libzmq's pipe
+drains into it, so everything handed before the previous check has left the gateway;
+otherwise the count goes on. The session's queued bytes are what was handed since: an upper
+bound of what sits in libzmq's pipe and the kernel for it, which a client that reads keeps
+under about 2 x check_every. check_every is a quarter of the per-connection limit, less when
+the memory bound leaves little room (so that many connections cannot pass it by much between
+checks). A message limit (`sndhwm`) stays as well: libzmq refuses more, the session is
+dropped at once.
 """
 
 from __future__ import annotations

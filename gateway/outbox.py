@@ -136,10 +136,10 @@ class Outbox:
         self.drop(largest, DROP_MEMORY)
         return True
 
-    def memory_tick(self) -> int:
+    def memory_tick(self) -> None:
         """Once a second: bring counted queues up to date (a client that caught up frees its
         count), hold the bound (accounted bytes, and RSS itself: one more drop per tick while
-        it is above the limit), give what drops freed back to the system; returns RSS."""
+        it is above the limit), give what drops freed back to the system."""
         memory = self.memory
         for conns in tuple(self.sessions.by_account.values()):
             for s in tuple(conns):
@@ -147,13 +147,11 @@ class Outbox:
                     self._check(s)
         while memory.over() and self.drop_largest():
             pass
-        rss = rss_bytes()
-        if rss > memory.limit and self.drop_largest():
-            rss = rss_bytes()
+        if rss_bytes() > memory.limit:
+            self.drop_largest()
         if self._trim:
             self._trim = False
             release_freed()
-        return rss
 
     def reply(self, session, msg: dict, rid, seq: int = 0) -> None:
         self.send(session, pack(with_rid(msg, rid)), seq)

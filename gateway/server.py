@@ -268,11 +268,13 @@ class Gateway:
         r.curve_publickey, r.curve_secretkey = server_keys
         r.zap_domain = ZAP_DOMAIN.encode()
         r.maxmsgsize = hard_max
-        # per connection: at most this many messages queued to it, then sends to it fail
-        # (ROUTER_MANDATORY) and the session is dropped (gateway/outbox.py)
+        # What one connection can hold in this process and its kernel: libzmq's pipe, at most
+        # `max_queued` messages (then sends to it fail, ROUTER_MANDATORY, and the session is
+        # dropped) and at most max_queued_bytes handed since its socket last drained (the
+        # outbox's count, gateway/memory.py, drops it past that), plus the kernel's send
+        # buffer, fixed here (no autotuning up to 4 MB; the kernel books twice it) and read
+        # by the count to tell a socket that drains.
         r.sndhwm = max_queued
-        # and the kernel's buffer per connection: a fixed size (no autotuning up to 4 MB),
-        # which the byte count reads to tell a connection that drains (gateway/memory.py)
         r.sndbuf = sndbuf
         r.router_mandatory = 1
         r.rcvhwm = 100_000
