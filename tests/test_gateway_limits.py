@@ -136,8 +136,6 @@ def test_silent_connections_are_bounded_and_another_account_is_unaffected(exchan
 
     # a dropped connection is shut down: its libzmq reconnects, as a new session that gets
     # what it asks and the account's reports from then on, not what the old one missed
-    # (its receive high-water mark stays: libzmq applies a new one to the open pipe, whose
-    # reader then credits its reads only after half of it)
     late = silent[0]
     got = late.reports(quiet_s=0.5)
     assert len(got) <= QUEUED + 2000, len(got)       # its queue plus the kernel's buffers
@@ -165,6 +163,7 @@ def test_a_client_over_the_byte_limit_is_dropped_and_recovers_by_replay(new_exch
                "the gateway to drop the connection at its byte limit")
     st = stats(ex)
     assert st["dropped_sessions"] == 1 and DROP_QUEUE_FULL not in st["refused_by_reason"]
+    assert st["memory"]["queued_bytes"] == 0        # its count went with it
     assert st["limits"]["max_queued_bytes"] == QUEUED_BYTES
     # what it was sent before the drop, at most the limit's worth (and the kernel's buffers)
     before = [m for m in slow.reports(quiet_s=0.5) if "account_seq" in m]
@@ -217,7 +216,8 @@ def test_silent_connections_keep_the_gateway_under_its_memory_bound(new_exchange
     wait_until(lambda: stats(ex)["dropped_sessions"] >= 2, WAIT_S,
                "the memory bound to drop silent connections")
     st = stats(ex)
-    assert set(st["refused_by_reason"]) == {DROP_MEMORY}, st["refused_by_reason"]
+    drops = {r for r in st["refused_by_reason"] if r.startswith("session dropped")}
+    assert drops == {DROP_MEMORY}, st["refused_by_reason"]
     assert st["refused_by_reason"][DROP_MEMORY] == st["dropped_sessions"] < len(silent)
     limit = limit_mb << 20
     mem = st["memory"]
