@@ -9,10 +9,13 @@ without a seq (pong, hello, edge rejects) are never held.
 Only live sessions are sent to (gateway/sessions.py): what is due to a session that closed,
 held messages included, is dropped, never sent to whoever has its routing id now. Nothing here
 blocks. A session's connection holds at most the ROUTER's send high-water mark of messages
-(`max_queued_messages`): a session whose queue is full is dropped (closed as if it had
-disconnected; the client reconnects and replays), so a client that does not read costs a
-bounded amount of memory and nobody else's messages. A market-data subscriber that does not
-read loses messages at its high-water mark.
+(`max_queued_messages`) and `max_queued_bytes` not taken by its client (counted as
+gateway/memory.py says): a session over either is dropped, and so is the one with the most
+queued when the gateway's memory passes its bound (`gateway_memory_limit_mb`). Dropped: ended
+(gateway/sessions.py `evict`, its cancel_on_disconnect applies) and its connection shut down,
+which frees what libzmq queued to it; the client's libzmq reconnects and its library replays.
+So a client that does not read costs a bounded amount of memory and nobody else's messages.
+A market-data subscriber that does not read loses messages at its high-water mark.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import zmq
 
 from engine.records import REASON_NAMES
 from gateway.codec import pack
+from gateway.memory import MESSAGE_OVERHEAD, MemoryBudget, release_freed, rss_bytes, shut_down
 from gateway.reasons import ReasonLog
 
 # pyzmq's Cython socket method, called directly with int flags: the Python-level wrappers and
@@ -48,15 +52,25 @@ def with_rid(msg: dict, rid) -> dict:
     return msg
 
 
+DROP_QUEUE_FULL = "session dropped: its client does not read (queue full)"
+DROP_BYTES = "session dropped: its client does not read (bytes queued)"
+DROP_MEMORY = "session dropped: the gateway's memory bound (most bytes queued)"
+
+
 class Outbox:
-    def __init__(self, router, pub, sessions, durable_seq=None, stats: dict | None = None):
+    def __init__(self, router, pub, sessions, durable_seq, stats: dict,
+                 memory: MemoryBudget):
         self.router = router
         self.pub = pub
         self.sessions = sessions
         self.durable = durable_seq is not None
         self.durable_seq = durable_seq
         self.held = deque()            # (seq, Session or None for the PUB, payload)
-        self.stats = stats if stats is not None else {}
+        self.held_bytes = 0            # their payloads'
+        self.memory = memory
+        self.memory.parts["held"] = lambda: self.held_bytes
+        self._trim = False             # something was dropped: give freed memory back
+        self.stats = stats
         self.stats.setdefault("edge_rejects", 0)
         self.stats.setdefault("dropped_sessions", 0)
         self.reasons = ReasonLog()
@@ -66,6 +80,7 @@ class Outbox:
     def send(self, session, payload: bytes, seq: int = 0) -> None:
         if self.durable and seq:
             self.held.append((seq, session, payload))
+            self.held_bytes += len(payload)
         elif session.live:
             self._deliver(session, payload)
 
@@ -81,9 +96,62 @@ class Outbox:
             if not session.live:
                 return
             if e.errno == zmq.EAGAIN:
-                self.stats["dropped_sessions"] += 1
-                self.reasons.note("session dropped: its client does not read (queue full)")
-            self.sessions.evict(session)
+                self.drop(session, DROP_QUEUE_FULL)
+            else:
+                self.sessions.evict(session)
+            return
+        session.out_bytes += len(payload) + MESSAGE_OVERHEAD
+        if session.out_bytes >= session.check_at:
+            self._check(session)
+
+    # -- the bounds (gateway/memory.py) -------------------------------------------------
+    def _check(self, session) -> None:
+        memory = self.memory
+        if memory.queue_check(session) > memory.max_queued_bytes:
+            self.drop(session, DROP_BYTES)
+        elif memory.over():
+            self.drop_largest()
+
+    def drop(self, session, reason: str) -> None:
+        """End a session that costs too much and shut its connection down (see the module
+        docstring)."""
+        self.learn_disconnects()       # its fd is still its connection's
+        if not session.live:
+            return
+        self.stats["dropped_sessions"] += 1
+        self.reasons.note(reason)
+        self.sessions.evict(session)
+        shut_down(session.fd)
+        self._trim = True
+
+    def drop_largest(self) -> bool:
+        """Drop the live session with the most bytes queued, if any has some."""
+        largest = None
+        for conns in self.sessions.by_account.values():
+            for s in conns:
+                if largest is None or s.queued_bytes > largest.queued_bytes:
+                    largest = s
+        if largest is None or largest.queued_bytes <= 0:
+            return False
+        self.drop(largest, DROP_MEMORY)
+        return True
+
+    def memory_tick(self) -> None:
+        """Once a second: bring counted queues up to date (a client that caught up frees its
+        count), hold the bound (accounted bytes, and RSS itself: one more drop per tick while
+        it is above the limit), give what drops freed back to the system."""
+        memory = self.memory
+        for conns in tuple(self.sessions.by_account.values()):
+            for s in tuple(conns):
+                if s.queued_bytes and s.live:
+                    self._check(s)
+        while memory.over() and self.drop_largest():
+            pass
+        if rss_bytes() > memory.limit:
+            self.drop_largest()
+        if self._trim:
+            self._trim = False
+            release_freed()
 
     def reply(self, session, msg: dict, rid, seq: int = 0) -> None:
         self.send(session, pack(with_rid(msg, rid)), seq)
@@ -122,6 +190,7 @@ class Outbox:
     def publish(self, topic: bytes, payload: bytes, seq: int) -> None:
         if self.durable:
             self.held.append((seq, None, (topic, payload)))
+            self.held_bytes += len(payload)
             return
         send_pair(self.pub, topic, payload)
 
@@ -135,11 +204,16 @@ class Outbox:
         """Send what was held for events up to `seq` (journaled); returns how many."""
         held = self.held
         n = 0
+        size = 0
         while held and held[0][0] <= seq:
             _, session, payload = held.popleft()
             if session is None:
                 send_pair(self.pub, payload[0], payload[1])
-            elif session.live:
-                self._deliver(session, payload)
+                size += len(payload[1])
+            else:
+                size += len(payload)
+                if session.live:
+                    self._deliver(session, payload)
             n += 1
+        self.held_bytes -= size
         return n

@@ -17,7 +17,9 @@ request named a cid (FLAG_CID_GIVEN) and whether a cancel_all was a cancel-on-di
 
 Replay. `replay {from_account_seq}` answers the account's reports numbered above it, in order,
 then `replayed {last_account_seq, more}`; `more: true` when it stopped early (at most
-MAX_REPLAY reports per request): the client asks again from `last_account_seq`. Sources:
+`max_reports` per request, MAX_REPLAY or fewer: an answer is at most a quarter of what a
+connection may queue, `max_queued_bytes`, so that a client that reads is never dropped for
+the replay it asked for): the client asks again from `last_account_seq`. Sources:
 - memory (`ReportLog`): the last `keep` reports of every account, as (command, event) records,
   appended as the gateway numbers them; a replay it covers is answered at once, in the same
   pass (so before any later live report to that connection);
@@ -27,6 +29,10 @@ MAX_REPLAY reports per request): the client asks again from `last_account_seq`. 
   asked for again until REPLAY_WAIT_S. Its answers are picked up by `Replayer.poll` on the
   next pass; live reports sent meanwhile may arrive before the replayed ones (the client
   orders by account_seq).
+Both are bounded: memory holds at most `keep` reports for a bounded number of accounts
+(ReportLog), an answer sends at most `max_reports` of them, and the one worker thread fetches
+at most that many rows at a time, which the next pass sends (into the connection's counted
+queue, gateway/memory.py).
 In durable mode every report and the final `replayed` are held until journaled, like the
 live messages (gateway/outbox.py).
 """
@@ -53,10 +59,12 @@ from gateway import codec
 from gateway.codec import (CM_CID, CM_CMD, CM_FLAGS, CM_OID, COMMAND_STRUCT, E_MARKET, ETYPE_OFFSET,
                            FUNDING_EVENT_STRUCT, LIQUIDATION_EVENT_STRUCT, OE_CID, OE_OID,
                            OE_QTY, OE_REASON, ORDER_EVENT_STRUCT, TRADE_EVENT_STRUCT, pack)
+from gateway.memory import ENTRY_BYTES
 
 log = logging.getLogger("perpx.gateway")
 
 MAX_REPLAY = 5000            # reports per `replay` answer; `more` says there are others
+REPORT_BYTES = 400           # a report on the wire with libzmq's cost per message, at most
 REPLAY_WAIT_S = 10.0         # how long the durable source may trail before a partial answer
 DURABLE_TIMEOUT_S = 5.0      # one SQL request to persistd
 MAX_DURABLE_JOBS = 64        # replays waiting for the durable source, per gateway
@@ -134,18 +142,28 @@ def render_record(record: bytes, role: int, idx: int, account_seq: int, market_b
 
 # -- memory --------------------------------------------------------------------------------------
 class ReportLog:
-    """The last `keep` reports of each account: (account_seq, seq, idx, role, record)."""
+    """The last `keep` reports of each account: (account_seq, seq, idx, role, record), for at
+    most `max_bytes` // (keep x ENTRY_BYTES) accounts: one more forgets the account whose log
+    was made first (its replays then come from the durable store), so what is kept stays
+    bounded however many accounts trade (gateway/memory.py)."""
 
-    def __init__(self, keep: int = DEFAULT_KEEP):
+    def __init__(self, keep: int = DEFAULT_KEEP, max_bytes: int = 1 << 62):
         self.keep = keep
+        self.max_accounts = max(1, max_bytes // (keep * ENTRY_BYTES))
         self.by_account: dict[int, deque] = {}
 
     def append(self, account: int, account_seq: int, seq: int, idx: int, role: int,
                record: bytes) -> None:
         log_ = self.by_account.get(account)
         if log_ is None:
+            if len(self.by_account) >= self.max_accounts:
+                del self.by_account[next(iter(self.by_account))]
             log_ = self.by_account[account] = deque(maxlen=self.keep)
         log_.append((account_seq, seq, idx, role, record))
+
+    def bytes(self) -> int:
+        """What the kept reports take, as counted (read at checks, not per report)."""
+        return ENTRY_BYTES * sum(len(log_) for log_ in self.by_account.values())
 
     def after(self, account: int, from_seq: int, last: int):
         """The kept reports numbered in (from_seq, last], or None when memory no longer
@@ -203,7 +221,7 @@ class DurableSource:
     def _fetch(self, sock, job: dict):
         """job["rows"]: [(account_seq, seq, idx, role, record)] in (from, upto], as many as
         the store has from from+1 on (fewer when it trails), or job["error"]."""
-        lo, hi = job["from"], min(job["upto"], job["from"] + MAX_REPLAY)
+        lo, hi = job["from"], min(job["upto"], job["from"] + job["max"])
         sql = (f"SELECT account_seq, seq, idx, role, {RECORD_WORDS} FROM reports "
                f"WHERE account = {int(job['account'])} AND account_seq > {int(lo)} "
                f"AND account_seq <= {int(hi)} ORDER BY account_seq")
@@ -232,7 +250,7 @@ class DurableSource:
 # -- the request ---------------------------------------------------------------------------------
 class Replayer:
     def __init__(self, *, tracker, log: ReportLog, outbox, sessions, mirror, market_by_id,
-                 durable: bool, source: DurableSource | None):
+                 durable: bool, source: DurableSource | None, max_queued_bytes: int):
         self.tracker = tracker
         self.log = log
         self.outbox = outbox
@@ -242,6 +260,7 @@ class Replayer:
         self.durable = durable
         self.source = source
         self.asked = 0               # durable replays asked and not yet answered
+        self.max_reports = max(1, min(MAX_REPLAY, max_queued_bytes // (4 * REPORT_BYTES)))
 
     def handle(self, s, msg, rid, now) -> None:
         """`replay` {from_account_seq}: the hook gateway/requests.py dispatches to."""
@@ -266,7 +285,7 @@ class Replayer:
         upto = oldest[0][0] - 1 if oldest else last
         self.asked += 1
         self.source.ask({"account": account, "from": from_seq, "upto": upto,
-                         "session": s, "rid": rid})
+                         "max": self.max_reports, "session": s, "rid": rid})
 
     def poll(self) -> int:
         """Answer the replays whose durable rows have come back; returns how many."""
@@ -296,8 +315,8 @@ class Replayer:
         return n
 
     def _send(self, session, account, kept, from_seq, last, rid) -> None:
-        more = len(kept) > MAX_REPLAY
-        kept = kept[:MAX_REPLAY]
+        more = len(kept) > self.max_reports
+        kept = kept[:self.max_reports]
         self._send_rows(session, kept)
         self._replayed(session, kept[-1][0] if kept else from_seq, more, rid,
                        self.mirror.applied_seq if self.durable else 0)

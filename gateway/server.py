@@ -20,7 +20,8 @@ One process, one thread doing the work (plus pyzmq's ZAP thread for handshakes):
 Where each part lives: gateway/sessions.py (connections, accounts, request budgets),
 gateway/requests.py (decoding, validation, commands, queries), gateway/routing.py (events ->
 replies and reports), gateway/replay.py (account_seq, rendering reports, `replay`),
-gateway/outbox.py (sending, the durable hold), gateway/market_data.py (the PUB),
+gateway/outbox.py (sending, the durable hold, dropping), gateway/memory.py (the byte limit
+per connection and the memory bound), gateway/market_data.py (the PUB),
 gateway/mirror.py (the book copy), gateway/codec.py (wire <-> records).
 
 Start-up: attach the rings (matcher first), join the event ring as consumer `gateway-N`
@@ -69,6 +70,7 @@ from engine.service import attach_state
 from engine.spec import load_spec
 from gateway.accounts import ZAP_DOMAIN, AccountAuthenticator, AccountRegistry
 from gateway.market_data import MarketData
+from gateway.memory import REPLAY_SHARE, MemoryBudget, kernel_sndbuf, rss_bytes
 from gateway.mirror import M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE, Mirror, \
     consistent_state_copy
 from gateway.outbox import Outbox
@@ -93,14 +95,10 @@ _get_option = zmq.backend.Socket.get
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _NB = int(zmq.NOBLOCK)
-STATS_INTERVAL_S = 1.0
+STATS_INTERVAL_S = 1.0          # the stats file, and the memory bound's tick
 QUERY_RUN = 32
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
+DEFAULT_MAX_QUEUED_BYTES = 8 << 20
+DEFAULT_MEMORY_LIMIT_MB = 1024
 
 
 class Gateway:
@@ -115,7 +113,9 @@ class Gateway:
                  ack_mode: str = "fast", durable_seq=None, journal_errno=None,
                  event_batch: int = 4096, recv_batch: int = 256, spin_s: float = 0.0,
                  max_connections: int = 512, max_connections_per_account: int = 8,
-                 max_queued_messages: int = 10_000, stats_file: str | None = None,
+                 max_queued_messages: int = 10_000,
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+                 memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB, stats_file: str | None = None,
                  attach_timeout_s: float = 30.0, context: zmq.Context | None = None,
                  replay_store: str | None = None, replay_keep: int = DEFAULT_KEEP):
         """replay_store: persistd's SQL endpoint, the durable source of `replay` for reports
@@ -141,6 +141,8 @@ class Gateway:
         self.limits = {"max_connections": max_connections,
                        "max_connections_per_account": max_connections_per_account,
                        "max_queued_messages": max_queued_messages,
+                       "max_queued_bytes": max_queued_bytes,
+                       "gateway_memory_limit_mb": memory_limit_mb,
                        "max_message_bytes": max_message_bytes,
                        "hard_max_message_bytes": hard_max_message_bytes}
         self.stats_file = Path(stats_file) if stats_file else None
@@ -153,9 +155,16 @@ class Gateway:
             self._attach(attach_timeout_s)
             self._setup_zmq(context, accounts_dir, server_secret_key_file, server_keys,
                             orders_endpoint, market_data_endpoint, hard_max_message_bytes,
-                            max_queued_messages)
+                            max_queued_messages, kernel_sndbuf(max_queued_bytes))
+            self.memory = MemoryBudget(memory_limit_mb << 20, max_queued_bytes,
+                                       kernel_sndbuf(max_queued_bytes))
+            if not self.memory.headroom():
+                raise ValueError(f"gateway_memory_limit_mb = {memory_limit_mb} leaves nothing: "
+                                 f"the gateway takes {self.memory.base >> 20} MB to run")
+            self.sessions.on_closed = self.memory.forget
             self.outbox = Outbox(self.router, self.pub, self.sessions,
-                                 durable_seq if self.durable else None, self.stats)
+                                 durable_seq if self.durable else None, self.stats,
+                                 self.memory)
             self.outbox.learn_disconnects = self._drain_monitor
             self.market_data = None
             self.views = Views()
@@ -170,7 +179,9 @@ class Gateway:
                 recv_batch=recv_batch, durable=self.durable,
                 journal_errno=journal_errno or (lambda: 0),
                 learn_disconnects=self._drain_monitor, stats=self.stats, views=self.views)
-            report_log = ReportLog(replay_keep)
+            report_log = ReportLog(replay_keep, self.memory.headroom() // REPLAY_SHARE)
+            self.memory.parts["replay"] = report_log.bytes
+            self.memory.parts["views"] = lambda: self.views.bytes
             self.router_events = EventRouter(
                 self.consumer, self.mirror, self.boot_seq, source_index, self.requests,
                 self.sessions, self.outbox, self.market_data, markets, self.market_by_id,
@@ -180,7 +191,8 @@ class Gateway:
                 tracker=self.router_events.tracker, log=report_log, outbox=self.outbox,
                 sessions=self.sessions, mirror=self.mirror, market_by_id=self.market_by_id,
                 durable=self.durable,
-                source=DurableSource(replay_store, self.ctx) if replay_store else None)
+                source=DurableSource(replay_store, self.ctx) if replay_store else None,
+                max_queued_bytes=max_queued_bytes)
             self.requests.register("replay", self.replayer.handle)
         except BaseException:
             self.close()
@@ -235,7 +247,7 @@ class Gateway:
                               market.max_order_lots or mk[M_MAX_ORDER])
 
     def _setup_zmq(self, context, accounts_dir, secret_file, server_keys, orders_endpoint,
-                   md_endpoint, hard_max, max_queued) -> None:
+                   md_endpoint, hard_max, max_queued, sndbuf) -> None:
         if server_keys is None:
             if secret_file is None:
                 raise ValueError("the gateway needs the server's CURVE keys "
@@ -256,9 +268,14 @@ class Gateway:
         r.curve_publickey, r.curve_secretkey = server_keys
         r.zap_domain = ZAP_DOMAIN.encode()
         r.maxmsgsize = hard_max
-        # per connection: at most this many messages queued to it, then sends to it fail
-        # (ROUTER_MANDATORY) and the session is dropped (gateway/outbox.py)
+        # What one connection can hold in this process and its kernel: libzmq's pipe, at most
+        # `max_queued` messages (then sends to it fail, ROUTER_MANDATORY, and the session is
+        # dropped) and at most max_queued_bytes handed since its socket last drained (the
+        # outbox's count, gateway/memory.py, drops it past that), plus the kernel's send
+        # buffer, fixed here (no autotuning up to 4 MB; the kernel books twice it) and read
+        # by the count to tell a socket that drains.
         r.sndhwm = max_queued
+        r.sndbuf = sndbuf
         r.router_mandatory = 1
         r.rcvhwm = 100_000
         self.monitor = r.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -298,6 +315,7 @@ class Gateway:
         gc.collect()
         gc.freeze()
         gc.disable()
+        self.memory.start()
         last_gc = time.monotonic()
         events_at_gc = 0
         consumer = self.consumer
@@ -326,9 +344,11 @@ class Gateway:
                 now = time.monotonic()
                 if market_data is not None and now >= market_data.board_due:
                     market_data.board_changes()
-                if self.stats_file is not None and now >= self._stats_due:
+                if now >= self._stats_due:
                     self._stats_due = now + STATS_INTERVAL_S
-                    self.write_stats()
+                    self.outbox.memory_tick()
+                    if self.stats_file is not None:
+                        self.write_stats()
                 if worked:
                     if self.stats["events"] - events_at_gc > 1_000_000:
                         gc.collect(0)      # the young generation only: cheap, bounded
@@ -437,7 +457,13 @@ class Gateway:
         """Counts and limits for `perpx status` (written to `stats_file` once a second)."""
         sessions = self.sessions
         live = sum(len(v) for v in sessions.by_account.values())
+        memory = self.memory
+        accounted = memory.accounted()
         return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "seq": self.mirror.applied_seq,
+                "memory": {"limit_bytes": memory.limit, "base_bytes": memory.base,
+                           "accounted_bytes": sum(accounted.values()),
+                           "headroom_bytes": memory.headroom(),
+                           **{f"{k}_bytes": v for k, v in accounted.items()}},
                 "connections": sessions.open_connections, "sessions": live,
                 "refused_sessions": sum(1 for s in sessions.by_identity.values()
                                         if s.refused and s.live),
@@ -535,6 +561,10 @@ def main(argv=None) -> int:
                  max_connections_per_account=int(exchange.get("max_connections_per_account",
                                                               8)),
                  max_queued_messages=int(exchange.get("max_queued_messages", 10_000)),
+                 max_queued_bytes=int(exchange.get("max_queued_bytes",
+                                                   DEFAULT_MAX_QUEUED_BYTES)),
+                 memory_limit_mb=int(exchange.get("gateway_memory_limit_mb",
+                                                  DEFAULT_MEMORY_LIMIT_MB)),
                  stats_file=args.stats_file,
                  replay_store=f"ipc://{spec.layout.sql_socket}", replay_keep=args.replay_keep)
     try:

@@ -14,12 +14,13 @@ Lifecycle:
   and are processed as this session (their commands are sequenced).
 - finished: all its messages are read. Then its cancel-on-disconnect is queued, after every
   command it sent.
-- evicted: ended by the gateway while the connection stays open (a client that does not read,
-  an account the operator disabled). Finished at once; what the connection sends from then on
-  is read and ignored until the monitor reports it closed. libzmq frees a routing id only once its pipe is read to the end, so a
-  message with the same routing id and another key proves the old one drained; so does an
-  empty ROUTER, or more reads than there are connections since its last message (the ROUTER
-  queues fairly, one message per pipe in turn).
+- evicted: ended by the gateway while the connection may stay open (an account the operator
+  disabled; a client that does not read, whose connection the outbox then shuts down,
+  gateway/outbox.py). Finished at once; what the connection sends from then on is read and
+  ignored until the monitor reports it closed. libzmq frees a routing id only once its pipe
+  is read to the end, so a message with the same routing id and another key proves the old
+  one drained; so does an empty ROUTER, or more reads than there are connections since its
+  last message (the ROUTER queues fairly, one message per pipe in turn).
 
 Limits: at most `max_per_account` live sessions per account; a connection beyond it is
 `refused`: each message it sends is answered with a reject and nothing else is sent to it.
@@ -34,7 +35,8 @@ import zmq
 
 class Session:
     __slots__ = ("identity", "account", "user_id", "fd", "cancel_on_disconnect", "live",
-                 "last_read", "refused", "evicted")
+                 "last_read", "refused", "evicted", "out_bytes", "checked_bytes",
+                 "taken_bytes", "check_at", "queued_bytes")
 
     def __init__(self, identity: bytes, account: int, user_id: str, fd: int):
         self.identity = identity
@@ -46,6 +48,11 @@ class Session:
         self.last_read = 0          # Sessions.reads at its last message (or its disconnect)
         self.refused = False        # beyond its account's connection limit
         self.evicted = False        # ended by the gateway while its connection stays open
+        # outgoing bytes (gateway/memory.py): handed to libzmq; handed at the last check;
+        # known to have left the gateway; when to check next; not taken by the client
+        self.out_bytes = self.checked_bytes = self.taken_bytes = 0
+        self.check_at = 0
+        self.queued_bytes = 0
 
 
 class Sessions:
@@ -64,6 +71,7 @@ class Sessions:
         self.evicted: dict[int, list[Session]] = {}    # fd -> sessions evicted, still connected
         self.forgetting: list[Session] = []     # evicted, connection closed, maybe unread
         self.reads = 0                    # messages read from the ROUTER
+        self.on_closed = lambda s: None   # each session as it stops being live
 
     def of_message(self, identity: bytes, frame, learn_disconnects) -> Session | None:
         """The message's session (None if it carries no account). `learn_disconnects()`
@@ -136,6 +144,7 @@ class Sessions:
             return
         s.live = False
         s.last_read = self.reads
+        self.on_closed(s)
         conns = self.by_account.get(s.account)
         if conns is not None and s in conns:
             conns.remove(s)

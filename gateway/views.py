@@ -53,6 +53,7 @@ class Views:
         self.open_orders: dict[tuple, tuple[int, PackedMap]] = {}  # (account, market) -> ...
         self.books: dict[tuple, tuple[int, PackedMap]] = {}   # (market, depth) -> (version, ..)
         self.stats = {"view_hits": 0, "view_builds": 0}
+        self.bytes = 0       # the packed answers kept (gateway/memory.py counts them)
 
     def version(self, account: int) -> int:
         v = self.versions.get(account, 0)
@@ -72,7 +73,7 @@ class Views:
 
     def keep_account(self, account: int, seq: int, view: PackedMap) -> None:
         self.stats["view_builds"] += 1
-        _keep(self.accounts, account, (seq, view))
+        self._keep(self.accounts, account, (seq, view))
 
     def orders(self, account: int, market) -> PackedMap | None:
         got = self.open_orders.get((account, market))
@@ -83,7 +84,7 @@ class Views:
 
     def keep_orders(self, account: int, market, view: PackedMap) -> None:
         self.stats["view_builds"] += 1
-        _keep(self.open_orders, (account, market), (self.version(account), view))
+        self._keep(self.open_orders, (account, market), (self.version(account), view))
 
     def book(self, market: int, depth: int, version: int) -> PackedMap | None:
         got = self.books.get((market, depth))
@@ -94,10 +95,13 @@ class Views:
 
     def keep_book(self, market: int, depth: int, version: int, view: PackedMap) -> None:
         self.stats["view_builds"] += 1
-        _keep(self.books, (market, depth), (version, view))
+        self._keep(self.books, (market, depth), (version, view))
 
-
-def _keep(table: dict, key, value) -> None:
-    if len(table) >= _MAX_KEPT and key not in table:
-        del table[next(iter(table))]
-    table[key] = value
+    def _keep(self, table: dict, key, value) -> None:
+        old = table.get(key)
+        if old is None and len(table) >= _MAX_KEPT:
+            old = table.pop(next(iter(table)))
+        if old is not None:
+            self.bytes -= len(old[1].body)
+        table[key] = value
+        self.bytes += len(value[1].body)

@@ -637,8 +637,14 @@ def cmd_status(args) -> int:
         lines.append(f"{name}: {g['connections']} connections (max {lim['max_connections']}), "
                      f"{g['sessions']} sessions (max {lim['max_connections_per_account']} per "
                      f"account, {g['refused_sessions']} refused), {g['dropped_sessions']} "
-                     f"dropped for not reading (queue max {lim['max_queued_messages']}), "
-                     f"rss {g['rss_bytes'] / 2 ** 20:.0f} MB")
+                     f"dropped for not reading (queue max {lim['max_queued_messages']} "
+                     f"messages, {lim['max_queued_bytes'] / 2 ** 20:.1f} MB)")
+        mem = {k: f"{v / 2 ** 20:.1f}" for k, v in g["memory"].items()}
+        lines.append(f"{name}: rss {g['rss_bytes'] / 2 ** 20:.1f} MB (limit "
+                     f"{mem['limit_bytes']} MB, base {mem['base_bytes']} MB); held for clients "
+                     f"{mem['accounted_bytes']} MB: queued {mem['queued_bytes']}, durable hold "
+                     f"{mem['held_bytes']}, replay {mem['replay_bytes']}, views "
+                     f"{mem['views_bytes']}")
     if report["endpoints"]:
         lines.append(f"orders {report['endpoints']['orders']}   market data "
                      f"{report['endpoints']['market_data']}   metrics "

@@ -33,6 +33,10 @@ current end. A request whose reply was lost is resolved from the replayed report
 (new orders, cancels and amends by their order's cid or oid; cancel_all, withdraw and
 set_margin get a cid of the client's, which `done` and `reject` echo); if the replay holds no
 outcome the command was never sequenced and `RequestLost` is raised (safe to send again).
+A new connection is a new session at the gateway: after a reconnection the client says its
+last `hello` again (cancel_on_disconnect) before the replay and before any later request
+(a request sent while the connection was down may reach the gateway before it: libzmq sends
+what it queued meanwhile first).
 
 Set-up fails fast and says why (docs/client.md): the certificate is read before any socket
 exists (CertificateMissing, CertificateInvalid, PublicOnlyCertificate); a socket monitor sees
@@ -153,7 +157,8 @@ def is_outcome(request: dict, report: dict) -> bool:
 
 
 class _ReportStream:
-    """account_seq bookkeeping: which reports to deliver now, in order, each once."""
+    """account_seq bookkeeping: which reports to deliver now, in order, each once; and what a
+    new connection must be told first (`resume`)."""
 
     def __init__(self, from_account_seq: int | None):
         self.last = from_account_seq     # None until the first replay says where the end is
@@ -161,10 +166,16 @@ class _ReportStream:
         self.replay_rid = None
         self.need_replay = False
         self.disconnected = False
+        # the session's settings as the last `hello` asked them (None: never said), which a
+        # new connection (a new session at the gateway) must be told again
+        self.hello: dict | None = None
+        self.hello_rid = None
+        self.need_hello = False
 
     def on_connection_event(self, event: int) -> bool:
         """A monitor event of the session's socket; True when it reconnected after a
-        disconnect: whatever was sent meanwhile is in the replay, and a replay asked before
+        disconnect: the gateway sees a new session, which is told the hello settings again
+        (need_hello); whatever was sent meanwhile is in the replay, and a replay asked before
         may have lost its answer, so a new one is due (need_replay)."""
         if event == zmq.EVENT_DISCONNECTED:
             self.disconnected = True
@@ -172,12 +183,30 @@ class _ReportStream:
             self.disconnected = False
             self.replay_rid = None
             self.need_replay = True
+            self.need_hello = self.hello is not None
             return True
         return False
+
+    def resume(self, rids) -> list[dict]:
+        """What to send now, in this order, before anything else: `hello` again on a new
+        connection, then the replay that is due (rids: the client's rid counter)."""
+        out = []
+        if self.need_hello:
+            self.need_hello = False
+            self.hello_rid = next(rids)
+            out.append({"type": "hello", "rid": self.hello_rid, **self.hello})
+        if self.need_replay and self.replay_rid is None:
+            out.append(self.replay_request(next(rids)))
+        return out
 
     def on_message(self, msg: dict) -> list[dict]:
         """Anything received that is no awaited reply: the reports it makes deliverable."""
         rid = msg.get("rid")
+        if rid is not None and rid == self.hello_rid:
+            self.hello_rid = None           # the repeated hello's answer: nobody waits for it
+            if msg.get("type") != "hello":
+                self.need_hello = True      # refused (rate limit, ...): say it again
+            return []
         if rid is not None and rid == self.replay_rid:
             if msg.get("type") == "replayed":
                 return self.replayed(msg)
@@ -388,6 +417,8 @@ class _Requests:
         return self.request({"type": "ping"}, timeout_s)
 
     def hello(self, cancel_on_disconnect: bool = True, timeout_s=None):
+        """The session's settings; said again on every new connection (_ReportStream)."""
+        self._stream.hello = {"cancel_on_disconnect": cancel_on_disconnect}
         return self.request({"type": "hello", "cancel_on_disconnect": cancel_on_disconnect},
                             timeout_s)
 
@@ -570,8 +601,7 @@ class Client(_Connection, _Requests):
     def _pump(self, timeout_ms: int, rid=None):
         """Wait up to timeout_ms for input and handle it; returns the reply with `rid` if it
         came. Reports are delivered in account_seq order; replays are asked for as needed."""
-        if self._stream.need_replay and self._stream.replay_rid is None:
-            self._send(self._stream.replay_request(next(self._rids)))
+        self._resume()
         ready = dict(self._poller.poll(timeout_ms))
         if self.monitor in ready:
             self._on_monitor()
@@ -598,6 +628,13 @@ class Client(_Connection, _Requests):
                 return
             self._stream.on_connection_event(event["event"])
 
+    def _resume(self) -> None:
+        """A reconnection seen (the monitor, without waiting): hello again, then the replay
+        due, before any request."""
+        self._on_monitor()
+        for m in self._stream.resume(self._rids):
+            self._send(m)
+
     def _handle(self, msg: dict) -> None:
         for m in self._stream.on_message(msg):
             self._report(m)
@@ -611,6 +648,7 @@ class Client(_Connection, _Requests):
         self.socket.send(_pack(msg))
 
     def request(self, msg: dict, timeout_s: float | None = None) -> dict:
+        self._resume()
         rid = self.last_rid = next(self._rids)
         msg["rid"] = rid
         self._send(msg)
@@ -803,18 +841,19 @@ class AsyncClient(_Connection, _Requests):
             for m in stream.on_message(msg):
                 self._report(m)
             self._arrived.set()
-            await self._replay_if_needed()
+            await self._resume()
 
     async def _watch(self, monitor) -> None:
         while True:
             event = await zmq.utils.monitor.recv_monitor_message(monitor)
             if self._stream.on_connection_event(event["event"]):
-                await self._replay_if_needed()
+                await self._resume()
 
-    async def _replay_if_needed(self) -> None:
+    async def _resume(self) -> None:
+        """hello again on a new connection, then the replay due (Client._resume)."""
         stream = self._stream
-        if stream.need_replay and stream.replay_rid is None:
-            await self.socket.send(_pack(stream.replay_request(next(self._rids))))
+        for m in stream.resume(self._rids):
+            await self.socket.send(_pack(m))
         if not stream.need_replay and stream.replay_rid is None:
             self._synced.set()
 
@@ -831,7 +870,7 @@ class AsyncClient(_Connection, _Requests):
         stream.need_replay = True
         stream.replay_rid = None
         self._synced.clear()
-        await self._replay_if_needed()
+        await self._resume()
         try:
             await asyncio.wait_for(self._synced.wait(),
                                    self.timeout_s if timeout_s is None else timeout_s)

@@ -13,7 +13,11 @@ Keys (defaults in brackets):
                 startup_timeout_s [180] (the first start compiles the matcher: ~1 min),
                 max_connections [512] (per gateway), max_connections_per_account [8] (per
                 gateway), max_queued_messages [10000] (>= 5000; per connection: a client that
-                lets more queue up is dropped)
+                lets more queue up is dropped), max_queued_bytes [8388608] (>= 1 MiB; per
+                connection, bytes its client has not taken: over it, dropped too),
+                gateway_memory_limit_mb [1024] (>= 256; per gateway process: the memory its
+                queues, held messages, replay log and views may take above what it needs to
+                run; past it the connection with the most queued is dropped)
     [engine]    max_accounts [1024], max_markets [8], max_orders [65536],
                 max_levels_per_side [4096], max_trigger_orders [1024] (untriggered stops and
                 take-profits per market), command_ring_capacity [16384],
@@ -112,12 +116,17 @@ EXCHANGE_DEFAULTS = {
     "max_connections": 512,
     "max_connections_per_account": 8,
     "max_queued_messages": 10_000,
+    "max_queued_bytes": 8 << 20,
+    "gateway_memory_limit_mb": 1024,
 }
-# lower bounds: a gateway pass may write up to its event batch (4096) messages to one connection
-# before the client's reads are credited, so a smaller queue would drop clients that read
-GATEWAY_LIMIT_MIN = {"max_connections": 1, "max_connections_per_account": 1,
-                     "max_queued_messages": 5000}
-GATEWAY_LIMIT_KEYS = tuple(GATEWAY_LIMIT_MIN)
+# (lowest, highest): a gateway pass may write up to its event batch (4096) messages, about
+# 1 MiB, to one connection before the client's reads are credited, so a smaller queue would
+# drop clients that read; the gateway itself takes 100-200 MB to run
+GATEWAY_LIMITS = {"max_connections": (1, 1 << 20), "max_connections_per_account": (1, 1 << 20),
+                  "max_queued_messages": (5000, 1 << 20),
+                  "max_queued_bytes": (1 << 20, 1 << 34),
+                  "gateway_memory_limit_mb": (256, 1 << 20)}
+GATEWAY_LIMIT_KEYS = tuple(GATEWAY_LIMITS)
 ENGINE_DEFAULTS = {
     "max_accounts": 1024,
     "max_markets": 8,
@@ -337,8 +346,8 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     rate = c.number("exchange.rate_limit_per_s", ex["rate_limit_per_s"], 1, 1e9)
     burst = c.number("exchange.rate_limit_burst", ex["rate_limit_burst"], 1, 1e9)
     startup = c.number("exchange.startup_timeout_s", ex["startup_timeout_s"], 1, 3600)
-    limits = {k: c.integer(f"exchange.{k}", ex[k], lo, 1 << 20)
-              for k, lo in GATEWAY_LIMIT_MIN.items()}
+    limits = {k: c.integer(f"exchange.{k}", ex[k], lo, hi)
+              for k, (lo, hi) in GATEWAY_LIMITS.items()}
 
     eng = c.table(doc, "engine")
     c.unknown_keys("engine", eng, ENGINE_DEFAULTS)

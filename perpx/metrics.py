@@ -83,6 +83,8 @@ METRICS = {
     "perpx_rejects_total": "requests the matcher rejected, by reason",
     "perpx_gateway_refusals_total": "messages a gateway refused before the matcher (rate "
                                     "limit, malformed, ...), by gateway and reason",
+    "perpx_gateway_memory_bytes": "a gateway's memory: rss, limit (gateway_memory_limit_mb), "
+                                  "and what it holds for clients: queued, held, replay, views",
     "perpx_process_restarts_total": "restarts of each supervised process",
     "perpx_events_missed_total": "events the exporter could not read before they were reused",
 }
@@ -220,10 +222,14 @@ class Sampler:
                 return m.symbol
         return str(market_id)
 
-    def _gateway_refusals(self) -> dict[tuple[str, str], int]:
-        """(gateway, reason) -> messages it refused itself, from the stats file each gateway
-        writes once a second (run/gateway-N.stats.json; a restarted gateway counts afresh)."""
-        out = {}
+    def _gateway_stats(self) -> tuple[dict, dict]:
+        """From the stats file each gateway writes once a second (run/gateway-N.stats.json; a
+        restarted gateway counts afresh): (gateway, reason) -> messages it refused itself, and
+        (gateway, part) -> bytes of its memory."""
+        refusals = {}
+        limit_mb = self.config.gateway_limits["gateway_memory_limit_mb"]
+        # the limit of each gateway from the config, so the family is there before any stats
+        memory = {(f"gateway-{i}", "limit"): limit_mb << 20 for i in range(self.config.gateways)}
         for path in sorted(self.sd.run_dir.glob("gateway-*.stats.json")):
             try:
                 stats = json.loads(path.read_text())
@@ -231,8 +237,13 @@ class Sampler:
                 continue          # being replaced, or its gateway not up yet
             gateway = path.name.split(".")[0]
             for reason, n in stats.get("refused_by_reason", {}).items():
-                out[(gateway, reason)] = int(n)
-        return out
+                refusals[(gateway, reason)] = int(n)
+            mem = stats.get("memory", {})
+            for part in ("rss", "limit", "queued", "held", "replay", "views"):
+                value = stats.get("rss_bytes") if part == "rss" else mem.get(f"{part}_bytes")
+                if value is not None:
+                    memory[(gateway, part)] = int(value)
+        return refusals, memory
 
     def _books(self) -> dict[str, bool]:
         st = self.state
@@ -282,6 +293,7 @@ class Sampler:
             markets[m.symbol] = row
         for symbol, crossed in self._books().items():
             markets[symbol]["crossed"] = int(crossed)
+        refusals, gateway_memory = self._gateway_stats()
         self.values = {
             "seq": seq, "commands_per_second": rate, "event_ring_lag": lags,
             "durable_lag": max(seq - self.progress.durable_seq(), 0),
@@ -290,7 +302,7 @@ class Sampler:
             "snapshot_lag": max(seq - self.progress.snapshot_seq(), 0),
             "insurance_fund": int(st.counters[C_INSURANCE_ATOMS]) / 1e6,
             "markets": markets, "rejects": dict(self.rejects),
-            "gateway_refusals": self._gateway_refusals(),
+            "gateway_refusals": refusals, "gateway_memory": gateway_memory,
             "liquidations": dict(self.liquidations), "restarts": self.restarts(),
             "events_missed": self.missed,
         }
@@ -357,6 +369,8 @@ class _Collector:
         yield counter("perpx_gateway_refusals", ["gateway", "reason"],
                       [((g, r), n) for (g, r), n in v["gateway_refusals"].items()]
                       or [(("gateway-0", "none"), 0)])
+        yield gauge("perpx_gateway_memory_bytes", ["gateway", "part"],
+                    [((g, part), n) for (g, part), n in v["gateway_memory"].items()])
         yield counter("perpx_process_restarts", ["process"],
                       [((p,), n) for p, n in v["restarts"].items()])
         yield counter("perpx_events_missed", value=v["events_missed"])

@@ -130,7 +130,15 @@ def test_endpoints_and_status(exchange):
                "the gateway's stats")
     gw = cli_json(up.sd.path, "status")["gateways"]["gateway-0"]
     assert gw["limits"]["max_connections_per_account"] == 8 and gw["rss_bytes"] > 0
-    assert "gateway-0: " in cli(up.sd.path, "status").stdout
+    assert gw["limits"]["max_queued_bytes"] == 8 << 20
+    # its memory: RSS under the configured bound, what it holds for clients counted
+    mem = gw["memory"]
+    assert mem["limit_bytes"] == 1024 << 20 and 0 < mem["base_bytes"] < mem["limit_bytes"]
+    assert gw["rss_bytes"] < mem["limit_bytes"], mem
+    assert mem["accounted_bytes"] == sum(mem[f"{k}_bytes"]
+                                         for k in ("queued", "held", "replay", "views"))
+    text = cli(up.sd.path, "status").stdout
+    assert "gateway-0: " in text and "(limit 1024.0 MB" in text, text
 
 
 def test_account_create_deposit_and_show(exchange):

@@ -2,6 +2,10 @@
 account_seq order and once, a gap asks for a replay, and a lost reply is recognised among the
 reports by its cid or oid."""
 
+import itertools
+
+import zmq
+
 from perpx.client import SYNC_FROM, _ReportStream, is_outcome
 
 
@@ -52,3 +56,24 @@ def test_outcomes_by_cid_or_oid():
     done = {"type": "withdraw", "cid": 77}
     assert is_outcome(done, {"type": "done", "cid": 77})
     assert not is_outcome(done, {"type": "done"})
+
+
+def test_a_new_connection_is_told_hello_first_then_the_replay():
+    s = _ReportStream(from_account_seq=3)
+    rids = itertools.count(20)
+    assert s.on_connection_event(zmq.EVENT_DISCONNECTED) is False
+    assert s.on_connection_event(zmq.EVENT_HANDSHAKE_SUCCEEDED) is True
+    assert s.resume(rids) == [{"type": "replay", "rid": 20, "from_account_seq": 3}]  # no hello
+    s.replay_rid = None
+    s.hello = {"cancel_on_disconnect": True}
+    s.on_connection_event(zmq.EVENT_DISCONNECTED)
+    s.on_connection_event(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    assert s.resume(rids) == [{"type": "hello", "rid": 21, "cancel_on_disconnect": True},
+                              {"type": "replay", "rid": 22, "from_account_seq": 3}]
+    assert s.resume(rids) == []                      # said once per connection
+    # its answer is nobody's reply and no report; a refusal is said again
+    assert s.on_message({"type": "reject", "rid": 21, "reason": "rate_limited"}) == []
+    assert [m["type"] for m in s.resume(rids)] == ["hello"]
+    assert s.on_message({"type": "hello", "rid": 23, "account": 1,
+                         "cancel_on_disconnect": True}) == []
+    assert s.resume(rids) == [] and not s.need_hello

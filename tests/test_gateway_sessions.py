@@ -2,7 +2,11 @@
 connection and its account, never a routing id alone; what a closed session was due is
 dropped, never re-routed; cancel-on-disconnect comes after everything the session sent."""
 
+import asyncio
+import time
+
 from engine.records import CMD_SET_ACCOUNT_STATE, new_commands
+from perpx.client import AsyncClient, Client, RequestTimeout
 from tests.gateway_fixtures import (WAIT_S, exchange,  # noqa: F401 — fixtures
                                     exchange_factory, is_type, order, wait_until)
 from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
@@ -121,3 +125,49 @@ def test_a_disabled_account_is_refused_and_its_sessions_closed(exchange):
     # its order rested through it all (the CLI's --cancel-orders would have canceled it)
     assert [o["cid"] for o in again.request(type="open_orders")["orders"]] == [1]
     assert again.request(**order(3, "BTC-PERP", "buy", "0.001", "60000"))["type"] == "ack"
+
+
+def test_the_client_library_says_hello_again_on_a_new_connection(exchange):
+    """perpx.client's Client and AsyncClient opt in to cancel_on_disconnect; the gateway
+    restarts on the same endpoint (its sessions forgotten) and both reconnect: orders placed
+    on the new connections are canceled when the clients go, so each new session was told
+    its hello again (and its answer is no report)."""
+    ex = exchange
+    orders = ex.endpoints["orders"]
+    endpoints = {"orders": orders, "market_data": None,
+                 "server_public_key": ex.server_public.decode()}
+
+    def answers(ping) -> bool:
+        try:
+            return ping(timeout_s=0.5)["type"] == "pong"
+        except RequestTimeout:
+            return False
+
+    async def answers_async(ping) -> bool:
+        try:
+            return (await ping(timeout_s=0.5))["type"] == "pong"
+        except RequestTimeout:
+            return False
+
+    async def run():
+        sync = Client.connect(endpoints, ex.certs[1], timeout_s=WAIT_S,
+                              cancel_on_disconnect=True)
+        aio = await AsyncClient.connect(endpoints, ex.certs[3], timeout_s=WAIT_S,
+                                        cancel_on_disconnect=True)
+        try:
+            await asyncio.to_thread(ex.restart_gateway, kill=False, orders_endpoint=orders)
+            wait_until(lambda: answers(sync.ping), WAIT_S, "the sync client to reconnect")
+            deadline = time.monotonic() + WAIT_S
+            while not await answers_async(aio.ping):
+                assert time.monotonic() < deadline, "the asyncio client did not reconnect"
+            assert sync.new_order("BTC-PERP", "buy", "limit", "0.001", "60000")["type"] == "ack"
+            assert (await aio.new_order("BTC-PERP", "buy", "limit", "0.001", "60001"))[
+                "type"] == "ack"
+            assert not [m for m in sync.reports() + await aio.reports() if m["type"] == "hello"]
+        finally:
+            sync.close()
+            await aio.close()
+
+    asyncio.run(run())
+    for account in (1, 3):
+        assert settled_open_orders(ex, ex.client(account)) == [], account

@@ -1,5 +1,6 @@
 """The gateway's pure parts, in-process: decimal conversions, record layouts, request parsing,
-and the mirror (books, resting and untriggered orders) kept exact from the event stream."""
+the mirror (books, resting and untriggered orders) kept exact from the event stream, and what
+it keeps for replay and queries, counted."""
 
 from decimal import Decimal
 
@@ -18,7 +19,10 @@ from engine.records import (FUNDING_EVENT_DTYPE, LIQUIDATION_EVENT_DTYPE,
 from gateway import codec
 from engine.market import Market, MarketTable
 from engine.units import EdgeReject, atoms_str, scaled_str, usdc_to_atoms
+from gateway.memory import ENTRY_BYTES
 from gateway.mirror import Mirror, apply_events, comparable
+from gateway.replay import ReportLog
+from gateway.views import PackedMap, Views
 from tests.fuzz_streams import FUZZ_CONFIG, genesis, random_stream
 
 BTC = Market("BTC-PERP", 0, Decimal("0.1"), Decimal("0.001"), max_price_ticks=2_000_000,
@@ -210,3 +214,23 @@ def test_mirror_follows_the_matcher_exactly():
     assert fed.applied_seq == late.applied_seq == matcher.seq
     assert comparable(fed) == comparable(final) == comparable(late)
     assert fed.orders and any(b or a for b, a in fed.books) and waited   # something to compare
+
+
+def test_what_the_gateway_keeps_is_counted_and_bounded():
+    """gateway/memory.py's parts: the ReportLog keeps logs for a bounded number of accounts
+    (the oldest made is forgotten: its replays then go to the durable store) and counts its
+    bytes; the views count the answers they keep, replaced or forgotten."""
+    log = ReportLog(keep=4, max_bytes=2 * 4 * ENTRY_BYTES)
+    record = bytes(192)
+    for n in range(1, 7):
+        log.append(1, n, n, 0, 0, record)
+    log.append(2, 1, 7, 0, 0, record)
+    assert log.bytes() == (4 + 1) * ENTRY_BYTES
+    assert [e[0] for e in log.after(1, 2, 6)] == [3, 4, 5, 6]
+    log.append(3, 1, 8, 0, 0, record)              # a third account: account 1 is forgotten
+    assert sorted(log.by_account) == [2, 3] and log.after(1, 2, 6) is None
+    assert log.bytes() == 2 * ENTRY_BYTES
+    views = Views()
+    views.keep_book(0, 0, 1, PackedMap({"type": "book", "bids": [["1", "2"]] * 10}))
+    views.keep_book(0, 0, 2, PackedMap({"type": "book", "bids": []}))      # replaces it
+    assert views.bytes == len(PackedMap({"type": "book", "bids": []}).body)

@@ -300,6 +300,10 @@ def test_metrics_under_load_and_perpx_top(ups):
     assert all(moved.values()), {k: v for k, v in moved.items() if not v}
     assert _values(after, "perpx_gateway_refusals_total")[
         (("gateway", "gateway-0"), ("reason", "invalid_message"))] >= 1
+    memory = {dict(k)["part"]: x for k, x in _values(after, "perpx_gateway_memory_bytes").items()
+              if dict(k)["gateway"] == "gateway-0"}
+    assert memory["limit"] == 1024 << 20 and 0 < memory["rss"] < memory["limit"], memory
+    assert {"queued", "held", "replay", "views"} <= set(memory), memory
     reasons = {dict(k)["reason"] for k in _values(after, "perpx_rejects_total")}
     assert {"insufficient_balance", "unknown_market"} <= reasons, reasons
     assert set(_values(after, "perpx_event_ring_lag_events")) >= {
