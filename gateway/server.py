@@ -101,6 +101,22 @@ DEFAULT_MAX_QUEUED_BYTES = 8 << 20
 DEFAULT_MEMORY_LIMIT_MB = 1024
 
 
+def gateway_context() -> zmq.Context:
+    """The gateway's ZeroMQ context: its I/O and reaper threads run SCHED_BATCH.
+
+    Every reply the gateway sends wakes the context's I/O thread (CURVE, then the socket
+    write). Pinned to the gateway's CPU and woken as an ordinary thread, it preempted the
+    gateway at once: two context switches and one sendmsg per reply. A SCHED_BATCH thread is
+    never preempted for on wake-up: it runs when the gateway's pass ends in a poll (or at the
+    scheduler's next tick) and writes what queued meanwhile in one go. `perpx bench e2e`
+    (docs/tuning.md): about +10% orders/s and 12% less gateway CPU per order. libzmq applies
+    the policy as it starts each thread (set before the first socket).
+    """
+    ctx = zmq.Context()
+    ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
+    return ctx
+
+
 class Gateway:
     def __init__(self, prefix: str, engine_cfg: EngineConfig, markets: MarketTable, *,
                  source_index: int, accounts_dir, server_secret_key_file=None,
@@ -257,7 +273,7 @@ class Gateway:
                 raise ValueError(f"{secret_file} holds no secret key")
             server_keys = (public, secret)
         self.server_public_key = server_keys[0]
-        self.ctx = context or zmq.Context()
+        self.ctx = context or gateway_context()
         self._own_ctx = context is None
         self.registry = AccountRegistry(accounts_dir, self.cfg.max_accounts)
         self.auth = AccountAuthenticator(self.ctx, self.registry, self._admits)

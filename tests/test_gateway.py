@@ -1,6 +1,7 @@
 """The gateway end to end: a real matcher process and gateway process, CURVE clients over
 loopback (PROTOCOL.md "Order entry" and "Market data")."""
 
+import os
 import random
 import threading
 import time
@@ -581,3 +582,17 @@ def test_report_stream_every_session_gap_free_and_replay_from_memory(exchange_fa
     assert (old["type"], old["reason"]) == ("reject", "invalid_message")
     bad = a.request(type="replay", from_account_seq=-1)
     assert (bad["type"], bad["reason"]) == ("reject", "invalid_message")
+
+
+def test_the_gateways_io_thread_does_not_preempt_it(exchange):
+    """libzmq's I/O thread runs SCHED_BATCH (gateway/server.py gateway_context), the gateway's
+    own thread the default policy; and the gateway answers through it."""
+    c = exchange.client(1)
+    assert c.request(type="ping")["type"] == "pong"      # the I/O thread has run (and named itself)
+    pid = exchange.gateway.pid
+    policies = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            policies.setdefault(f.read().strip(), []).append(os.sched_getscheduler(int(tid)))
+    assert policies["ZMQbg/IO/0"] == [os.SCHED_BATCH], policies
+    assert os.sched_getscheduler(pid) == os.SCHED_OTHER
