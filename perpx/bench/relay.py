@@ -24,6 +24,7 @@ from functools import partial
 
 import numpy as np
 
+from gateway.server import gateway_context
 from perpx.matcherd import MATCHER_YIELDS
 from perpx.supervisor import plan_cpus
 from shm.ring import CommandRing, EventRing
@@ -105,7 +106,7 @@ def gateway_main(tag: str, secret: bytes, queue, stop_evt) -> None:
     consumer = evt.consumer("gateway", start="current")
     bell = bells[-1]
     cmd = CommandRing.attach(cmd_name, TOKEN_COMMAND)
-    ctx = zmq.Context()
+    ctx = gateway_context()       # the gateway's I/O thread policy: the floor has its shape
     router = ctx.socket(zmq.ROUTER)
     router.linger = 0
     router.curve_server = True
