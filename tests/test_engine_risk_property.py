@@ -100,6 +100,10 @@ def test_price_paths_with_a_liquidation_scanner(seed):
     for step in range(STEPS):
         # the mark walks, with the odd jump of several percent
         move = rng.normal(0, 0.006) + (rng.choice([-1, 1]) * 0.05 if rng.random() < 0.08 else 0)
+        if step == STEPS // 2:
+            # one jump every path has, so that each exercises liquidation (a path of small
+            # moves may liquidate nobody: seed 56319 did not)
+            move = rng.choice([-1, 1]) * 0.25
         mark = int(min(max(mark * (1 + move), MARK // 2), MARK * 2))
         eng.admin(set_mark(mark))
         for i, n in enumerate(_scan(eng)):
