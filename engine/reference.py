@@ -555,6 +555,12 @@ class ReferenceMatcher:
             return min(market.mark_ticks + dev, market.max_price_ticks)
         return max(market.mark_ticks - dev, 1)
 
+    @staticmethod
+    def _toward_book(side, old_ticks, new_ticks):
+        """Is new_ticks nearer the other side of the book than old_ticks (a bid up, an ask
+        down)?"""
+        return new_ticks > old_ticks if side == SIDE_BUY else new_ticks < old_ticks
+
     def _outside_band(self, market, price_ticks):
         dev = num.mul_div_floor(market.mark_ticks, market.price_band_e9, num.RATE_ONE_E9)
         return abs(price_ticks - market.mark_ticks) > dev
@@ -1027,9 +1033,10 @@ class ReferenceMatcher:
         if new_price != order.price_ticks and self._level_full(market, order.side, new_price):
             return self._reject(REASON_TOO_MANY_ORDERS)
         grow = new_qty - order.remaining_lots
-        if grow > 0 or new_price != order.price_ticks:
-            # a re-priced order enters again: its loss against the mark (and the taker fee when
-            # it crosses) is checked as for a new order
+        if grow > 0 or self._toward_book(order.side, order.price_ticks, new_price):
+            # more lots, or a price nearer the other side (its loss against the mark and the
+            # taker fee when it crosses can only grow): checked as a new order. Moved away
+            # with no more lots, the order's risk only falls: not checked, as a shrink is not
             grow = max(grow, 0)
             err = self._exposure_error(order.account, order.market, market, pos,
                                        grow if order.side == SIDE_BUY else 0,

@@ -399,9 +399,10 @@ def _amend(st, cmd, scratch):
                                                   _book_keys(st).shape[2]):
         return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
     grow = new_qty - o.remaining_lots
-    if grow > 0 or new_price != o.price_ticks:
-        # a re-priced order enters again: its loss against the mark (and the taker fee when
-        # it crosses) is checked as for a new order
+    toward = new_price > o.price_ticks if o.side == SIDE_BUY else new_price < o.price_ticks
+    if grow > 0 or toward:
+        # more lots, or a price nearer the other side: checked as a new order (moved away
+        # with no more lots, its risk only falls: reference._toward_book)
         add = grow if grow > 0 else 0
         err = _exposure_error(st, o.account, o.market, add if o.side == SIDE_BUY else 0,
                               add if o.side == SIDE_SELL else 0, not reduce_only,
