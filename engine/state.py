@@ -170,7 +170,9 @@ def _table_shapes(cfg: EngineConfig):
     # load <= 1/2, and room for the stale entries of deferred deletes even when tiny
     index_size = 1 << max(6, (2 * cfg.max_orders - 1).bit_length())
     assert index_size > cfg.max_orders + DEFERRED_DELETES
-    n_levels = cfg.max_markets * 2 * cfg.max_levels_per_side
+    # a level holds at least one resting order, so there are never more than the pool's orders
+    # (an amend takes its order off the book before it rests again)
+    n_levels = min(cfg.max_markets * 2 * cfg.max_levels_per_side, cfg.max_orders)
     return {
         "counters": ((C_COUNT,), np.int64),
         "markets": ((cfg.max_markets,), MARKET_DTYPE),
