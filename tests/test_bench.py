@@ -172,3 +172,14 @@ def test_lobster_missing_data_is_one_clear_line(capsys, tmp_path):
     assert code != 0
     assert out == ""
     assert len(err.strip().splitlines()) == 1 and "LOBSTER message file not found" in err
+
+
+def test_bench_levels_json(capsys):
+    code, out, err = run_cli(capsys, "bench", "levels", "--json", "--levels", "64,2048",
+                             "--pairs", "200", "--runs", "1")
+    assert code == 0, err
+    res = json.loads(out)
+    assert [r["levels"] for r in res["rows"]] == [64, 2048]
+    deep = res["rows"][1]
+    # a level below 2048 others shifts them all (twice per pair): slower than one at the top
+    assert 0 < deep["near_ns"] < deep["far_ns"]
