@@ -1,8 +1,8 @@
 """`perpx bench levels`: what a deep book side costs the compiled matcher per command.
 
-A book side is one sorted array of price keys with the best price last (engine/core.py): a new
-level near the best shifts nothing, one far from it shifts every level between (a memmove of
-12 bytes per level), and so does removing it. A side can hold up to `max_levels_per_side`
+A book side is one sorted array of price keys with the best price last
+(engine/core/book_sides.py): a new level near the best shifts nothing, one far from it shifts
+every level between (a memmove of 12 bytes per level), and so does removing it. A side can hold up to `max_levels_per_side`
 levels, which the config sizes to the order pool (docs/risk.md, "What stuffing costs now"), so
 the worst case is a side holding the whole pool.
 
