@@ -1,16 +1,17 @@
 """`perpx bench levels`: what a deep book side costs the compiled matcher per command.
 
-A book side is one sorted array of price keys with the best price last
-(engine/core/book_sides.py): a new level near the best shifts nothing, one far from it shifts
-every level between (a memmove of 12 bytes per level), and so does removing it. A side can hold up to `max_levels_per_side`
-levels, which the config sizes to the order pool (docs/risk.md, "What stuffing costs now"), so
-the worst case is a side holding the whole pool.
+A book side's levels are sorted in blocks (engine/core/book_sides.py): a new or removed level
+shifts one block, and the side's block directory when a block splits, merges or empties. With
+one sorted array per side (before), a level far from the best shifted every level between it
+and the best. A side can hold up to `max_levels_per_side` levels, which the config sizes to the
+order pool (docs/risk.md, "What stuffing costs now"), so the worst case is a side holding the
+whole pool.
 
 Measured: one account rests `levels` bids at distinct prices, then (timed) places and cancels
-one bid `pairs` times, either below the lowest level (far: the whole array shifts, twice) or
-above the best (near: nothing shifts). Reported per command (a pair is two commands): the
-median over runs of wall time / commands, batches of `batch` commands per Matcher.process call
-as the matcher process hands them over; `shift_ns_per_level` = (far - near) / levels.
+one bid `pairs` times, either below the lowest level (far) or above the best (near).
+Reported per command (a pair is two commands): the median over runs of wall time / commands,
+batches of `batch` commands per Matcher.process call as the matcher process hands them over;
+`shift_ns_per_level` = (far - near) / levels (0.86 with one sorted array).
 """
 
 import time
