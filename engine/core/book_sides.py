@@ -83,6 +83,7 @@ def _block_of(st, market, side, key):
 
 @jit
 def _search_blocks(st, market, side, nb, key):
+    """_block_of below the top block: bisect the directory by the blocks' first keys."""
     dirs = _book_dir(st)
     keys = _book_keys(st)
     lo = 0
