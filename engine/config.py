@@ -31,7 +31,8 @@ class EngineConfig:
     max_accounts: int = 1024
     max_markets: int = 8
     max_orders: int = 1 << 16
-    max_levels_per_side: int = 4096
+    # price levels per book side: book_levels_needed() says how many a market can come to use
+    max_levels_per_side: int = 1 << 16
     # untriggered stop / take-profit orders per market: bounds what one price move can set off
     max_trigger_orders: int = 1024
 
@@ -62,6 +63,27 @@ class EngineConfig:
         # one event per account for FUNDING; SETTLE_MARKET's close and deficit cover: three
         return (3 * self.max_orders + self.max_markets * per_market + 3 * self.max_accounts + 32
                 + triggers)
+
+
+def book_levels_needed(max_price_ticks: int, max_orders: int) -> int:
+    """The price levels one book side of a market can come to hold, so that a side sized to
+    it never refuses a new price before the order pool refuses the order (docs/risk.md, "What
+    stuffing costs now"). A level is one distinct price of resting orders, so there are at most
+    `max_orders` (the pool of all markets). And any price in [1, max_price] can carry a resting
+    order of either side: the price band is checked at entry against the mark of then, orders
+    rest until canceled, and the mark may be anywhere up to max_price (riskd clamps it there,
+    SET_MARK refuses more), so after the mark has moved the levels of several bands add up. The
+    band at one mark is the smaller count an attacker needs to lock out new prices until the
+    mark moves, `band_ticks` below."""
+    return min(max_price_ticks, max_orders)
+
+
+def band_ticks(mark_ticks: int, price_band_e9: int, max_price_ticks: int) -> int:
+    """The prices inside the band at this mark, both edges included and clipped to
+    [1, max_price]: where a side's new orders may rest (a bid above the mark rests when no ask
+    is at or below it). engine/reference.py `_outside_band` is the rule it counts."""
+    dev = mark_ticks * price_band_e9 // RATE_ONE_E9
+    return min(mark_ticks + dev, max_price_ticks) - max(mark_ticks - dev, 1) + 1
 
 
 # Why a market's parameters are refused, by problem code (0 = none). The checks are compiled

@@ -7,13 +7,13 @@ Plain Python over the tables: this is a checker, not a hot path.
 
 import numpy as np
 
-from engine.book import order_slots
+from engine.book import level_keys, level_slots, order_slots
 from engine.config import RATE_ONE_E9
 from engine.records import (FLAG_REDUCE_ONLY, FLAG_TRIGGER_BY_LAST, KIND_STOP_LIMIT,
                             KIND_STOP_MARKET, SIDE_BUY, SIDE_SELL)
 from engine.reports import account_seqs_of_events
-from engine.state import (C_FEES_ATOMS, C_INSURANCE_ATOMS, C_NET_DEPOSITS_ATOMS, C_ORDERS_USED,
-                          NONE, TRIGGER_QUEUES, UNTRIGGERED, State)
+from engine.state import (C_FEES_ATOMS, C_FREE_BLOCKS, C_INSURANCE_ATOMS, C_NET_DEPOSITS_ATOMS,
+                          C_ORDERS_USED, NONE, TRIGGER_QUEUES, UNTRIGGERED, State)
 
 
 def _walk_level(st: State, market: int, side: int, lvl: int, problems: list):
@@ -65,6 +65,39 @@ def _trigger_queue_problems(st: State, market: int, queue: int, open_count, prob
     return depth
 
 
+def _block_problems(st: State, market: int, side: int) -> list[str]:
+    """A side's blocks: in use by no other side, none empty, and no two neighbours holding half
+    a block or less together (what bounds the blocks a side uses: engine/state.py)."""
+    problems = []
+    nb = int(st.book_nblocks[market, side])
+    size = st.book_levels.shape[1]
+    if not 1 <= nb <= st.book_dir.shape[2]:
+        return [f"market {market}: side {side} has {nb} blocks"]
+    blocks = [int(b) for b in st.book_dir[market, side, :nb]]
+    counts = [int(st.book_counts[b]) for b in blocks]
+    if not blocks or blocks[-1] != 2 * market + side:
+        return [f"market {market}: side {side}'s top block is not block {2 * market + side}"]
+    # only the top block of an empty side is empty
+    lowest_top = 0 if nb == 1 else 1
+    if any(not 1 <= n <= size for n in counts[:-1]) or not lowest_top <= counts[-1] <= size:
+        problems.append(f"market {market}: side {side} has a block holding {counts}")
+    if any(2 * (a + b) <= size for a, b in zip(counts, counts[1:])):
+        problems.append(f"market {market}: side {side} has neighbouring blocks to merge")
+    return problems
+
+
+def _block_pool_problems(st: State) -> list[str]:
+    """Every block of the pool is in exactly one side's directory or on the free stack."""
+    free = int(st.counters[C_FREE_BLOCKS])
+    used = [int(b) for b in st.book_free[:free]]
+    for m in range(len(st.markets)):
+        for side in (SIDE_BUY, SIDE_SELL):
+            used.extend(int(b) for b in st.book_dir[m, side, :int(st.book_nblocks[m, side])])
+    if sorted(used) != list(range(len(st.book_free))):
+        return ["book blocks: the free stack and the sides' directories do not share out the pool"]
+    return []
+
+
 def check_state(st: State) -> list[str]:
     problems: list[str] = []
     n_markets = len(st.markets)
@@ -80,13 +113,16 @@ def check_state(st: State) -> list[str]:
             continue
         best = [None, None]
         for side in (SIDE_BUY, SIDE_SELL):
-            depth = int(st.book_depth[m, side])
-            keys = st.book_keys[m, side, :depth]
-            if depth and not np.all(keys[1:] > keys[:-1]):
+            problems.extend(_block_problems(st, m, side))
+            slots = level_slots(st, m, side)
+            keys = np.array(level_keys(st, m, side), np.int64)       # descending
+            if len(slots) != int(st.book_depth[m, side]):
+                problems.append(f"market {m}: side {side} counts {int(st.book_depth[m, side])} "
+                                f"levels, its blocks hold {len(slots)}")
+            if len(keys) and not np.all(keys[1:] < keys[:-1]):
                 problems.append(f"market {m}: price keys of side {side} not strictly sorted")
             resting_side = 0
-            for k in range(depth):
-                lvl = int(st.book_levels[m, side, k])
+            for k, lvl in enumerate(slots):
                 price = int(st.levels[lvl]["price_ticks"])
                 if (price if side == SIDE_BUY else -price) != int(keys[k]):
                     problems.append(f"market {m}: level {lvl} filed under the wrong price")
@@ -99,8 +135,8 @@ def check_state(st: State) -> list[str]:
                     if int(o["flags"]) & FLAG_REDUCE_ONLY:
                         reduce_only[a, m] += 1
                     resting_side += 1
-            if depth:
-                best[side] = int(st.levels[int(st.book_levels[m, side, depth - 1])]["price_ticks"])
+            if slots:
+                best[side] = int(st.levels[slots[0]]["price_ticks"])
             if resting_side != int(mk["resting_buy" if side == SIDE_BUY else "resting_sell"]):
                 problems.append(f"market {m}: resting count of side {side} is off")
             resting_total += resting_side
@@ -122,6 +158,7 @@ def check_state(st: State) -> list[str]:
                          ("open_orders", open_count), ("reduce_only_orders", reduce_only)):
         if not np.array_equal(pos[name], expect):
             problems.append(f"positions.{name} disagree with the resting orders")
+    problems.extend(_block_pool_problems(st))
     if resting_total != int(st.counters[C_ORDERS_USED]):
         problems.append("order pool usage disagrees with the books and trigger books")
     problems.extend(collateral_problems(st))

@@ -138,19 +138,28 @@ C_ORDERS_USED = 6
 C_FREE_ORDER = 7
 C_FREE_LEVEL = 8
 C_UNRESTS = 9                    # orders taken off the book so far (index_deletes' cursor)
+C_FREE_BLOCKS = 10               # book blocks on the free stack (book_free[:n])
+C_MAX_LEVELS = 11                # EngineConfig.max_levels_per_side: levels a book side may hold
 C_COUNT = 16
 
-# The tables, in the order the state hash reads them. `book_keys[m, side, k]` holds the
-# sorted price keys of a book side (price for bids, -price for asks, so "best" is always the
-# largest key, kept at the end); `book_levels` the matching level slots; `book_depth` how many.
+# The tables, in the order the state hash reads them. A book side's levels are sorted by key
+# (price for bids, -price for asks, so "best" is always the largest key) in blocks of
+# book_block_size() levels: `book_dir[m, side, :book_nblocks[m, side]]` lists its blocks in key
+# order (the best block last, always block 2 m + side; the rest of the row holds nothing);
+# block b holds
+# `book_counts[b]` keys in `book_keys[b]`, ascending, and their level slots in `book_levels[b]`.
+# Blocks come from one pool (`book_free[:counters[C_FREE_BLOCKS]]` is its free stack); no two
+# neighbouring blocks of a side hold B/2 levels or fewer together (they are merged), which
+# bounds the blocks a side of L levels uses at 4 L / B + 1. `book_depth` counts the levels.
 # `index_deletes` holds (oid, account, cid) of the last DEFERRED_DELETES orders taken off the
-# book, whose index entries are deleted only when the queue comes round (engine/core/indexes.py).
+# book, whose index entries are deleted only when the queue comes round (engine/core.py).
 # The trigger book: `trigger_ticks[slot]` is the trigger price of the untriggered order in that
 # order slot; `trigger_keys[m, queue, k]` / `trigger_slots` / `trigger_depth` hold, per market,
 # four queues (TRIGGER_QUEUES) of untriggered orders sorted so the next to fire is last.
 State = namedtuple("State", [
     "counters", "markets", "positions", "accounts", "orders", "levels",
-    "book_keys", "book_levels", "book_depth",
+    "book_keys", "book_levels", "book_counts", "book_dir", "book_nblocks", "book_depth",
+    "book_free",
     "cid_index", "oid_index", "index_deletes",
     "trigger_ticks", "trigger_keys", "trigger_slots", "trigger_depth",
     "touched",
@@ -166,11 +175,36 @@ DEFERRED_DELETES = 16            # a power of two
 _SCRATCH = ("touched",)
 
 
+def book_block_size(max_levels_per_side: int) -> int:
+    """Levels per block of a book side: the largest power of two at most 2 x sqrt(max levels),
+    at least 4. A new or removed level shifts one block and, when a block splits, merges or
+    empties, the side's directory of about 4 L / B blocks: ~2 sqrt(L) + 4 sqrt(L) entries at most
+    where one sorted array shifted L (docs/tuning.md, "Deep book sides")."""
+    block = 4
+    while block * block <= max_levels_per_side:
+        block *= 2
+    return block
+
+
+def book_blocks(cfg: EngineConfig) -> tuple[int, int]:
+    """(blocks in the pool, directory entries per side). A side of L levels uses fewer than
+    4 L / B + 1 blocks (and one more while a block splits); all sides together hold at most
+    min(max_orders, 2 x markets x max_levels_per_side) levels (a level holds a resting order)."""
+    block = book_block_size(cfg.max_levels_per_side)
+    total = min(cfg.max_orders, 2 * cfg.max_markets * cfg.max_levels_per_side)
+    return (4 * total // block + 2 * cfg.max_markets + 4,
+            4 * cfg.max_levels_per_side // block + 3)
+
+
 def _table_shapes(cfg: EngineConfig):
     # load <= 1/2, and room for the stale entries of deferred deletes even when tiny
     index_size = 1 << max(6, (2 * cfg.max_orders - 1).bit_length())
     assert index_size > cfg.max_orders + DEFERRED_DELETES
-    n_levels = cfg.max_markets * 2 * cfg.max_levels_per_side
+    # a level holds at least one resting order, so there are never more than the pool's orders
+    # (an amend takes its order off the book before it rests again)
+    n_levels = min(cfg.max_markets * 2 * cfg.max_levels_per_side, cfg.max_orders)
+    block = book_block_size(cfg.max_levels_per_side)
+    pool, per_side = book_blocks(cfg)
     return {
         "counters": ((C_COUNT,), np.int64),
         "markets": ((cfg.max_markets,), MARKET_DTYPE),
@@ -179,9 +213,13 @@ def _table_shapes(cfg: EngineConfig):
         # one extra slot: the taker scratch order, so IOC orders need no free slot
         "orders": ((cfg.max_orders + 1,), ORDER_DTYPE),
         "levels": ((n_levels,), LEVEL_DTYPE),
-        "book_keys": ((cfg.max_markets, 2, cfg.max_levels_per_side), np.int64),
-        "book_levels": ((cfg.max_markets, 2, cfg.max_levels_per_side), np.int32),
+        "book_keys": ((pool, block), np.int64),
+        "book_levels": ((pool, block), np.int32),
+        "book_counts": ((pool,), np.int64),
+        "book_dir": ((cfg.max_markets, 2, per_side), np.int32),
+        "book_nblocks": ((cfg.max_markets, 2), np.int64),
         "book_depth": ((cfg.max_markets, 2), np.int64),
+        "book_free": ((pool,), np.int32),
         "cid_index": ((index_size,), INDEX_DTYPE),
         "oid_index": ((index_size,), INDEX_DTYPE),
         "index_deletes": ((DEFERRED_DELETES, 3), np.int64),
@@ -267,6 +305,14 @@ def allocate_state(cfg: EngineConfig, alloc=None) -> State:
     st.levels["next_free"][:] = np.arange(1, n_levels + 1, dtype=np.int32)
     st.levels["next_free"][n_levels - 1] = NONE
     st.counters[C_FREE_LEVEL] = 0
+    # block 2 m + side is the top block of that side for good: an empty side holds just it
+    n_tops = 2 * cfg.max_markets
+    st.book_dir[:, :, 0] = np.arange(n_tops, dtype=np.int32).reshape(cfg.max_markets, 2)
+    st.book_nblocks[:] = 1
+    st.book_free[:len(st.book_free) - n_tops] = np.arange(len(st.book_free) - 1, n_tops - 1, -1,
+                                                          dtype=np.int32)
+    st.counters[C_FREE_BLOCKS] = len(st.book_free) - n_tops
+    st.counters[C_MAX_LEVELS] = cfg.max_levels_per_side
     st.accounts["first_order"][:] = NONE
     st.accounts["last_order"][:] = NONE
     st.cid_index["slot"] = NONE
@@ -274,26 +320,32 @@ def allocate_state(cfg: EngineConfig, alloc=None) -> State:
     return st
 
 
-# The descriptor the compiled matcher reads (engine/views.py): for each State table, in field
-# order, 4 words (address, up to three dimensions); then the event ring (address, slots, words
-# per slot); then the batch's cursor words.
+# The descriptor the compiled matcher reads (engine/views.py): the event ring (address, slots,
+# words per slot) and the batch's cursor words first, in their own 128 bytes; then for each
+# State table, in field order, 4 words (address, up to three dimensions). The cursor words are
+# written all through a batch: behind the table words (where they were) their place moved with
+# the number of tables, and with 4 more tables the plain `perpx bench matcher` ran ~20% slower
+# (docs/tuning.md); here the tables can change without moving them.
 D_TABLE_WORDS = 4
-D_RING = len(State._fields) * D_TABLE_WORDS
+D_RING = 0
 D_MASK = D_RING + 4          # event ring slots - 1
 D_WRITE = D_RING + 5         # next event ring position to write
 D_SEQ = D_RING + 6           # sequence number of the command being processed
 D_SOURCE = D_RING + 7        # ring the batch came from
 D_NEED = D_RING + 8          # set when a batch stops early: free slots the next command needs
-D_COUNT = D_RING + 9
+D_TABLES = 16
+D_COUNT = D_TABLES + len(State._fields) * D_TABLE_WORDS
 
 
 def table_word(name: str) -> int:
-    return State._fields.index(name) * D_TABLE_WORDS
+    return D_TABLES + State._fields.index(name) * D_TABLE_WORDS
 
 
 def descriptor(st: State) -> np.ndarray:
     """The int64 descriptor of these tables; the caller keeps `st` alive while it is used."""
-    desc = np.zeros(D_COUNT, np.int64)
+    raw = np.zeros(D_COUNT + 8, np.int64)
+    start = (-raw.ctypes.data % 64) // 8        # on a cache line boundary
+    desc = raw[start:start + D_COUNT]
     for name in State._fields:
         arr = getattr(st, name)
         if not arr.flags.c_contiguous:

@@ -58,7 +58,8 @@ ORDER_EVENTS = frozenset((EV_ACK, EV_CANCELED, EV_AMENDED, EV_DONE, EV_TRIGGERED
 ADMIN_COMMANDS = (CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_HALT, CMD_RESUME,
                   CMD_SET_MARKET_STATE, CMD_SETTLE_MARKET)
 _STATE_TABLES = ("counters", "markets", "positions", "accounts", "orders", "levels",
-                 "book_keys", "book_levels", "book_depth", "trigger_slots", "trigger_depth")
+                 "book_keys", "book_levels", "book_counts", "book_dir", "book_nblocks",
+                 "book_depth", "trigger_slots", "trigger_depth")
 
 
 def consistent_state_copy(state, events, timeout_s: float = 10.0, stats: dict | None = None,
@@ -137,8 +138,9 @@ class Mirror:
                                int(r["max_price_ticks"]), int(r["max_order_lots"]),
                                int(r["halted"]), int(r["last_trade_ticks"]), int(r["state"])]
         orders, levels = get("orders"), get("levels")
-        book_tables = SimpleNamespace(**{n: get(n) for n in ("orders", "levels", "book_depth",
-                                                             "book_levels")})
+        book_tables = SimpleNamespace(**{n: get(n) for n in ("orders", "levels", "book_levels",
+                                                             "book_counts", "book_dir",
+                                                             "book_nblocks")})
         for m in range(max_markets):
             for side in (0, 1):
                 book = self.books[m][side]

@@ -67,6 +67,7 @@ EXAMPLES = {
     "bench e2e": ["perpx bench e2e", "perpx bench e2e --seconds 3 --ack-mode fast"],
     "bench durability": ["perpx bench durability --orders 100000 --runs 1"],
     "bench risk": ["perpx bench risk --no-cascade", "perpx bench risk --positions 10000"],
+    "bench levels": ["perpx bench levels", "perpx bench levels --levels 4096,65536 --json"],
     "bench latency": ["perpx bench latency", "perpx bench latency --plot docs/latency.png",
                       "perpx bench latency --clients 1 --rates 1000 --no-max --json"],
     "account disable": ["perpx account disable 7", "perpx account disable 7 --cancel-orders"],
@@ -191,6 +192,15 @@ def cmd_bench_risk(args) -> int:
                                 runs=args.runs, cascade=not args.no_cascade,
                                 progress=_progress(args))
     emit(args, res, bench_risk.format_report(res))
+    return 0
+
+
+def cmd_bench_levels(args) -> int:
+    from perpx.bench import levels as bench_levels
+
+    res = bench_levels.bench_levels(levels=args.levels, pairs=args.pairs, runs=args.runs,
+                                    batch=args.batch)
+    emit(args, res, bench_levels.format_report(res))
     return 0
 
 
@@ -329,6 +339,19 @@ def _register_bench(sub, common):
     q.add_argument("--no-cascade", action="store_true",
                    help="only the scanner figures (no exchange is started)")
     q.set_defaults(func=cmd_bench_risk)
+
+    q = bsub.add_parser("levels", parents=[common],
+                        help="the compiled matcher's cost per command on a deep book side: a "
+                             "new level (and its cancel) next to the best vs below all others")
+    q.add_argument("--levels", type=_int_list, default=[4096, 16384, 65536], metavar="L,L,...",
+                   help="levels resting on the side (default 4096,16384,65536)")
+    q.add_argument("--pairs", type=_positive_int, default=20_000, metavar="N",
+                   help="place+cancel pairs per timed run (default 20000)")
+    q.add_argument("--runs", type=_positive_int, default=3, metavar="R",
+                   help="timed runs, the median is reported (default 3)")
+    q.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH,
+                   help=f"commands per Matcher.process call (default {DEFAULT_BATCH})")
+    q.set_defaults(func=cmd_bench_levels)
 
 
 # ---- helpers for the exchange commands ------------------------------------------------------

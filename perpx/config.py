@@ -19,7 +19,9 @@ Keys (defaults in brackets):
                 queues, held messages, replay log and views may take above what it needs to
                 run; past it the connection with the most queued is dropped)
     [engine]    max_accounts [1024], max_markets [8], max_orders [65536],
-                max_levels_per_side [4096], max_trigger_orders [1024] (untriggered stops and
+                max_levels_per_side [max_orders] (price levels per book side; at least
+                engine.config.book_levels_needed of every market: min(max_orders, the market's
+                max_price in ticks)), max_trigger_orders [1024] (untriggered stops and
                 take-profits per market), command_ring_capacity [16384],
                 event_ring_capacity [0: engine.service's default], batch [256]
     [persistence] snapshot_every [1000000] (commands between state snapshots), snapshots_keep
@@ -85,7 +87,8 @@ import numpy as np
 
 from engine.config import (MARKET_PROBLEMS, MAX_FEE_E9, MAX_LEVERAGE, MAX_MARKETS_LIMIT,
                            MAX_OPEN_ORDERS_LIMIT, MAX_POSITION_LOTS_LIMIT, NOTIONAL_LIMIT_ATOMS,
-                           bracket_leverage, market_config_problem, market_limits_problem)
+                           band_ticks, book_levels_needed, bracket_leverage,
+                           market_config_problem, market_limits_problem)
 from engine.market import Bracket, Market
 from engine.records import (MAX_BRACKETS, bracket_command, market_create_command,
                             market_filters_command, market_limits_command, market_risk_command)
@@ -131,7 +134,7 @@ ENGINE_DEFAULTS = {
     "max_accounts": 1024,
     "max_markets": 8,
     "max_orders": 1 << 16,
-    "max_levels_per_side": 4096,
+    "max_levels_per_side": None,     # None: max_orders
     "max_trigger_orders": 1024,
     "command_ring_capacity": 1 << 14,
     "event_ring_capacity": 0,
@@ -355,7 +358,9 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     c.integer("engine.max_accounts", eng["max_accounts"], 2, 2 ** 31 - 1)
     c.integer("engine.max_markets", eng["max_markets"], 1, MAX_MARKETS_LIMIT)
     c.integer("engine.max_orders", eng["max_orders"], 1, 1 << 28)
-    c.integer("engine.max_levels_per_side", eng["max_levels_per_side"], 1, 1 << 24)
+    if eng["max_levels_per_side"] is None:
+        eng["max_levels_per_side"] = eng["max_orders"]
+    c.integer("engine.max_levels_per_side", eng["max_levels_per_side"], 1, 1 << 28)
     c.integer("engine.max_trigger_orders", eng["max_trigger_orders"], 1, 1 << 20)
     cap = c.integer("engine.command_ring_capacity", eng["command_ring_capacity"], 2, 1 << 24)
     if cap & (cap - 1):
@@ -425,12 +430,29 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
         if m.symbol in seen:
             c.fail(f"markets[{i}].symbol", f"{m.symbol!r} is already markets[{seen[m.symbol]}]")
         seen[m.symbol] = i
+        _check_book_capacity(c, i, m, eng)
         markets.append(m)
     return Config(gateways=gateways, ack_mode=ex["ack_mode"], pin_cpus=ex["pin_cpus"],
                   rate_limit_per_s=rate, rate_limit_burst=burst, startup_timeout_s=startup,
                   engine={k: eng[k] for k in ENGINE_DEFAULTS}, endpoints=dict(ep),
                   markets=tuple(markets), persistence=per, risk=risk, source=source,
                   gateway_limits=limits, explicit_endpoints=explicit_endpoints)
+
+
+def _check_book_capacity(c: _Checker, i: int, m: Market, eng: dict) -> None:
+    """A book side must have room for a level at every price its resting orders can take
+    before the order pool runs out, or a few accounts filling its levels lock everyone out of
+    new prices (docs/risk.md, "What stuffing costs now")."""
+    levels, orders = eng["max_levels_per_side"], eng["max_orders"]
+    needed = book_levels_needed(m.max_price_ticks, orders)
+    if levels < needed:
+        band = band_ticks(m.initial_price_ticks, m.price_band_e9, m.max_price_ticks)
+        c.fail("engine.max_levels_per_side",
+               f"{levels} is below the {needed} price levels a book side of markets[{i}] "
+               f"({m.symbol}) can come to hold: one per resting order (engine.max_orders "
+               f"{orders}) at any of its {m.max_price_ticks} prices up to max_price "
+               f"{dec_str(m.max_price)} (its price band alone spans {band} prices at "
+               f"initial_price); set it to at least {needed}, or leave it out (max_orders)")
 
 
 def _market(c: _Checker, i: int, item, origin: Path | None,

@@ -37,6 +37,7 @@ from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER
                             COMMAND_EVENT_DTYPE, EV_COMMAND, EV_LIQUIDATION, EV_REJECT,
                             EVENT_DTYPE, LIQ_KIND_ADL, LIQ_KIND_LIQUIDATED,
                             LIQUIDATION_EVENT_DTYPE, ORDER_EVENT_DTYPE, REASON_NAMES)
+from engine.book import best_price
 from engine.service import attach_state
 from engine.state import C_INSURANCE_ATOMS, C_SEQ
 from perpx.config import config_from_resolved
@@ -249,13 +250,8 @@ class Sampler:
         st = self.state
         crossed = {}
         for m in self.markets:
-            nb, na = int(st.book_depth[m.id, 0]), int(st.book_depth[m.id, 1])
-            if nb and na:
-                bid = int(st.book_keys[m.id, 0, nb - 1])
-                ask = -int(st.book_keys[m.id, 1, na - 1])
-                now = bid >= ask
-            else:
-                now = False
+            bid, ask = best_price(st, m.id, 0), best_price(st, m.id, 1)
+            now = bid is not None and ask is not None and bid >= ask
             crossed[m.symbol] = now and m.symbol in self._crossed_before
             if now:
                 self._crossed_before.add(m.symbol)

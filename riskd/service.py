@@ -48,7 +48,7 @@ from decimal import Decimal
 
 import numpy as np
 
-from engine.book import side_levels
+from engine.book import best_price, side_levels
 from engine.records import (CMD_SET_MARK, COMMAND_DTYPE, EVENT_DTYPE, MARKET_CANCEL_ONLY,
                             MARKET_TRADING, SIDE_BUY, SIDE_SELL, funding_command,
                             liquidate_command, market_state_command, new_commands)
@@ -75,14 +75,9 @@ SUMMARY_EVERY_S = 60.0
 
 def top_of_book(state, market: int) -> tuple[int | None, int | None, int | None]:
     """(best bid, best ask, last trade) in ticks, None where absent, straight from the tables.
-
-    book_keys[m, side] is sorted with the best key last; keys are price for bids and -price
-    for asks. No consistency guarantee: see Riskd.read_book.
-    """
-    depth_bid = int(state.book_depth[market, SIDE_BUY])
-    depth_ask = int(state.book_depth[market, SIDE_SELL])
-    bid = int(state.book_keys[market, SIDE_BUY, depth_bid - 1]) if depth_bid else None
-    ask = -int(state.book_keys[market, SIDE_SELL, depth_ask - 1]) if depth_ask else None
+    No consistency guarantee: see Riskd.read_book."""
+    bid = best_price(state, market, SIDE_BUY)
+    ask = best_price(state, market, SIDE_SELL)
     last = int(state.markets["last_trade_ticks"][market]) or None
     return bid, ask, last
 

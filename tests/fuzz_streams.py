@@ -18,6 +18,9 @@ CONDITIONAL_KINDS = (KIND_STOP_MARKET, KIND_STOP_LIMIT, KIND_TAKE_PROFIT_MARKET,
                      KIND_TAKE_PROFIT_LIMIT)
 MARKETS = (0, 1)
 MARK_TICKS = (1000, 20000)
+# Market 0's max price sits inside its mark walk (+-160 ticks): marks above it are refused,
+# and so are orders above it, and the band's upper limit is clipped to it.
+MAX_PRICE_TICKS = (1100, 10_000_000)
 
 
 # Maintenance brackets (floor atoms, rate e9, max leverage; 0 = the default) steep enough that
@@ -37,12 +40,12 @@ def genesis(filters: bool = True) -> np.ndarray:
         market_create_command(0, atoms_per_tick_lot=100, initial_mark_ticks=MARK_TICKS[0],
                               maker_fee_e9=-100_000, taker_fee_e9=500_000,
                               price_band_e9=50_000_000, max_leverage=20),
-        market_limits_command(0, max_price_ticks=1_000_000, max_order_lots=500,
+        market_limits_command(0, max_price_ticks=MAX_PRICE_TICKS[0], max_order_lots=500,
                               max_position_lots=2_000, max_open_orders=7),
         market_create_command(1, atoms_per_tick_lot=7, initial_mark_ticks=MARK_TICKS[1],
                               maker_fee_e9=200_000, taker_fee_e9=700_000,
                               price_band_e9=30_000_000, max_leverage=5),
-        market_limits_command(1, max_price_ticks=10_000_000, max_order_lots=300,
+        market_limits_command(1, max_price_ticks=MAX_PRICE_TICKS[1], max_order_lots=300,
                               max_position_lots=1_000, max_open_orders=8),
     ]
     for m, brackets in enumerate(BRACKETS):

@@ -172,3 +172,14 @@ def test_lobster_missing_data_is_one_clear_line(capsys, tmp_path):
     assert code != 0
     assert out == ""
     assert len(err.strip().splitlines()) == 1 and "LOBSTER message file not found" in err
+
+
+def test_bench_levels_json(capsys):
+    code, out, err = run_cli(capsys, "bench", "levels", "--json", "--levels", "64,2048",
+                             "--pairs", "200", "--runs", "1")
+    assert code == 0, err
+    res = json.loads(out)
+    assert [r["levels"] for r in res["rows"]] == [64, 2048]
+    for row in res["rows"]:
+        assert row["near_ns"] > 0 and row["far_ns"] > 0 and "shift_ns_per_level" in row
+    assert res["pairs"] == 200 and res["runs"] == 1

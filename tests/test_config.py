@@ -5,7 +5,8 @@ from decimal import Decimal
 
 import pytest
 
-from engine.config import market_config_problem, market_limits_problem
+from engine.config import (band_ticks, book_levels_needed, market_config_problem,
+                           market_limits_problem)
 from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_FILTERS,
                             CMD_SET_MARKET_LIMITS,
                             CMD_SET_MARKET_RISK)
@@ -80,6 +81,34 @@ def test_bundled_default():
     assert [b.maintenance_amount for b in btc.brackets] == [Decimal(0), Decimal(50),
                                                             Decimal(1300), Decimal(16300)]
     assert btc.describe()["max_position_qty"] == "27000"
+    # a book side has room for a level per order of the pool, at any price up to max_price
+    assert cfg.engine["max_levels_per_side"] == cfg.engine["max_orders"] == 65536
+    assert [book_levels_needed(m.max_price_ticks, 65536) for m in cfg.markets] == [65536] * 2
+
+
+def test_band_ticks_counts_both_edges_clipped_to_the_price_range():
+    assert band_ticks(650_000, 100_000_000, 6_500_000) == 130_001      # BTC-PERP at 65000
+    assert band_ticks(10, 500_000_000, 100) == 11                      # [5, 15]
+    assert band_ticks(10, 500_000_000, 12) == 8                        # [5, 12]
+    assert band_ticks(3, 999_999_999, 100) == 5                        # [1, 5]
+    assert band_ticks(1, 500_000_000, 1) == 1
+
+
+def test_book_sides_must_hold_a_level_per_price_or_per_order():
+    """engine.max_levels_per_side defaults to max_orders; a smaller value passes only for
+    markets with fewer prices up to their max_price than the pool has orders."""
+    coarse = GOOD_MARKET.replace('tick_size = "0.1"', 'tick_size = "100"')   # 650 ticks
+    cfg = parse_config("[engine]\nmax_orders = 4096\n" + GOOD_MARKET)
+    assert cfg.engine["max_levels_per_side"] == 4096
+    cfg = parse_config("[engine]\nmax_levels_per_side = 6500\n" + coarse)
+    assert cfg.markets[0].max_price_ticks == 6500
+    with pytest.raises(ConfigError) as err:
+        parse_config("[engine]\nmax_levels_per_side = 6499\n" + coarse)
+    assert str(err.value) == (
+        "engine.max_levels_per_side: 6499 is below the 6500 price levels a book side of "
+        "markets[0] (BTC-PERP) can come to hold: one per resting order (engine.max_orders "
+        "65536) at any of its 6500 prices up to max_price 650000 (its price band alone spans "
+        "131 prices at initial_price); set it to at least 6500, or leave it out (max_orders)")
 
 
 def test_genesis_commands_create_each_market_then_its_limits_and_risk():
@@ -220,6 +249,8 @@ BAD = [
     ("[engine]\ncommand_ring_capacity = 1000\n" + GOOD_MARKET, "engine.command_ring_capacity",
      "power of two"),
     ("[engine]\nmax_markets = 1\n" + market(), "markets", "2 markets but engine.max_markets is 1"),
+    ("[engine]\nmax_levels_per_side = 4096\n" + GOOD_MARKET, "engine.max_levels_per_side",
+     "4096 is below the 65536 price levels a book side of markets[0] (BTC-PERP) can come to hold"),
     ("[endpoints]\norders_port = 70000\n" + GOOD_MARKET, "endpoints.orders_port",
      "must be in [0, 65535]"),
     ("[exchange]\ngateways = 3\n[endpoints]\norders_port = 7700\nmarket_data_port = 7702\n"

@@ -1,12 +1,15 @@
 """Market filters (SET_MARKET_FILTERS; docs/risk.md "Filters"): min notional, untriggered
-stop orders per account, and the open-interest cap. Both engines run every command."""
+stop orders per account, the open-interest cap, and what stuffing a book side's levels takes.
+Both engines run every command."""
 
+from engine.config import EngineConfig, band_ticks, book_levels_needed
+from engine.state import C_ORDERS_USED
 from engine.records import (EV_ACK, EV_DONE, KIND_MARKET, KIND_STOP_LIMIT, KIND_STOP_MARKET,
                             SIDE_BUY, SIDE_SELL, STATUS_UNTRIGGERED, TIF_IOC,
                             market_filters_command)
-from tests.engine_helpers import (MARK, USDC, Engines, amend, buy, cancel, deposit,
-                                  market_commands, order, pick, reason_name, sell, set_mark,
-                                  the_reject)
+from tests.engine_helpers import (MARK, MAX_OPEN_ORDERS, MAX_PRICE, USDC, Engines, amend, buy,
+                                  cancel, deposit, market_commands, order, pick, reason_name,
+                                  sell, set_mark, the_reject)
 
 LOT = 65 * USDC           # one lot (0.001 BTC) at the mark 65,000.0
 
@@ -98,3 +101,70 @@ def test_filters_are_validated():
     assert reason_name(the_reject(ev)) == "invalid_message"
     assert pick(eng.admin(market_filters_command(0, min_notional_atoms=0, max_stop_orders=10,
                                                  open_interest_cap_lots=0)), EV_DONE)
+
+
+# ---- stuffing a book side (docs/risk.md, "What stuffing costs now") -----------------------
+POOL = 64                 # engine.max_orders of these tests
+NEWCOMER, LATECOMER = 14, 15
+
+
+def stuffed_bids(levels: int, band_e9: int, prices: list[int]) -> tuple[Engines, int]:
+    """A market whose book sides hold `levels` levels (min notional 5 USDC) and attackers
+    resting one-lot bids at `prices`, MAX_OPEN_ORDERS per account (accounts 1, 2, ...), until
+    one is refused; returns the engines and how many rested."""
+    eng = Engines(EngineConfig(max_accounts=16, max_markets=1, max_orders=POOL,
+                               max_levels_per_side=levels))
+    attackers = range(1, -(-len(prices) // MAX_OPEN_ORDERS) + 1)
+    eng.admin(market_commands(band_e9=band_e9),
+              market_filters_command(0, min_notional_atoms=5 * USDC, max_stop_orders=0,
+                                     open_interest_cap_lots=0),
+              *[deposit(a, 1_000 * USDC) for a in [*attackers, NEWCOMER, LATECOMER]])
+    for k, price in enumerate(prices):
+        ev = eng.client(buy(1 + k // MAX_OPEN_ORDERS, 1, price, cid=1 + k % MAX_OPEN_ORDERS))
+        if not pick(ev, EV_ACK):
+            assert reason_name(the_reject(ev)) == "too_many_orders"
+            return eng, k
+    return eng, len(prices)
+
+
+def test_a_side_sized_below_the_pool_is_locked_by_filling_its_levels():
+    """The sizing this replaces: 32 levels for a 64-order pool. Four accounts fill the side, and
+    a newcomer can bid at no new price though half the pool is free."""
+    eng, rested = stuffed_bids(32, 100_000_000, [MARK - k for k in range(48)])
+    assert rested == 32 and int(eng.st.counters[C_ORDERS_USED]) == 32
+    assert reason_name(the_reject(eng.client(buy(NEWCOMER, 1, MARK - 100, cid=1)))) \
+        == "too_many_orders"
+    assert pick(eng.client(buy(NEWCOMER, 1, MARK, cid=2)), EV_ACK)   # existing prices only
+
+
+def test_a_side_covering_the_band_is_locked_again_once_the_mark_moves():
+    """Why the band at one mark is not enough: a side as big as the band (the mark +- 10
+    ticks: 21 prices), filled at one mark, holds all of it; the mark moves up 5 ticks and the
+    band's 5 new prices are refused to everyone, since the old levels rest on."""
+    band_e9 = 15_385                               # floor(650,000 x 15,385 / 1e9) = 10 ticks
+    levels = band_ticks(MARK, band_e9, MAX_PRICE)
+    assert levels == 21
+    eng, rested = stuffed_bids(levels, band_e9, [MARK + k for k in range(-10, 11)])
+    assert rested == 21
+    assert reason_name(the_reject(eng.client(buy(NEWCOMER, 1, MARK - 11, cid=1)))) \
+        == "price_band"
+    eng.admin(set_mark(MARK + 5))
+    assert reason_name(the_reject(eng.client(buy(NEWCOMER, 1, MARK + 15, cid=1)))) \
+        == "too_many_orders"
+
+
+def test_stuffing_a_side_sized_by_book_levels_needed_locks_out_no_new_price():
+    """Sized as the config requires, a side never fills before the order pool: seven accounts
+    rest 56 bids at 56 prices, and a newcomer still bids at new prices, after the mark moved
+    too, until the pool itself is full; then the refusal is the pool's, at every price."""
+    levels = book_levels_needed(MAX_PRICE, POOL)
+    assert levels == POOL
+    eng, rested = stuffed_bids(levels, 100_000_000, [MARK - k for k in range(56)])
+    assert rested == 56
+    assert pick(eng.client(buy(NEWCOMER, 1, MARK - 1000, cid=1)), EV_ACK)
+    eng.admin(set_mark(MARK + 5000))
+    for cid in range(2, MAX_OPEN_ORDERS + 1):
+        assert pick(eng.client(buy(NEWCOMER, 1, MARK + 5000 - cid, cid=cid)), EV_ACK)
+    assert int(eng.st.book_depth[0, 0]) == POOL
+    assert reason_name(the_reject(eng.client(buy(LATECOMER, 1, MARK, cid=1)))) \
+        == "too_many_orders"                                          # the pool, not the side

@@ -71,7 +71,6 @@ def config(tmp_path: Path, csv_rows: str = "0,2000\n"):
 max_accounts = 16
 max_markets = 4
 max_orders = 1024
-max_levels_per_side = 64
 
 [[markets]]
 symbol = "SIM-PERP"

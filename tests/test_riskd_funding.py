@@ -119,7 +119,6 @@ MARKETS = """
 max_accounts = 16
 max_markets = 2
 max_orders = 1024
-max_levels_per_side = 64
 
 [[markets]]
 symbol = "FUND-PERP"

@@ -40,7 +40,6 @@ ack_mode = "{ack_mode}"
 max_accounts = 64
 max_markets = 4
 max_orders = 4096
-max_levels_per_side = 256
 
 [endpoints]
 orders_port = 0

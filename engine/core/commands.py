@@ -24,7 +24,7 @@ from engine.records import (EV_ACK, EV_AMENDED, EV_BALANCE, EV_MARK, FLAG_REDUCE
                             SIDE_SELL, STATUS_OPEN, STATUS_UNTRIGGERED, STP_CANCEL_BOTH, TIF_GTC,
                             TIF_IOC, TIF_POST_ONLY)
 from engine.state import C_NET_DEPOSITS_ATOMS, C_NEXT_OID, C_ORDERS_USED, C_SEQ, NONE, UNTRIGGERED
-from engine.core.tables import (_accounts, _balance_events, _book_keys, _counters, _levels,
+from engine.core.tables import (_accounts, _balance_events, _counters, _levels,
                                 _mark_events, _markets, _order_events, _orders, _positions,
                                 _trigger_keys, jit)
 from engine.core.indexes import _slot_of_cid, _slot_of_oid
@@ -260,7 +260,7 @@ def _new_order(st, cmd, scratch):
     if (tif == TIF_GTC or tif == TIF_POST_ONLY) and (
             pos.open_orders >= mk.max_open_orders
             or _counters(st)[C_ORDERS_USED] >= scratch
-            or _level_full(st, market, side, price, _book_keys(st).shape[2])):
+            or _level_full(st, market, side, price)):
         return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
     err, qty = _admit(st, market, account, side, tif, limit, cmd.stp, qty, reduce_only, 0,
                       market_kind)
@@ -395,8 +395,7 @@ def _amend(st, cmd, scratch):
     crosses = best != NONE and _crosses(o.side, new_price, _levels(st)[best].price_ticks)
     if crosses and o.tif == TIF_POST_ONLY:
         return _reject(st, cmd, REASON_POST_ONLY_WOULD_TAKE)
-    if new_price != o.price_ticks and _level_full(st, o.market, o.side, new_price,
-                                                  _book_keys(st).shape[2]):
+    if new_price != o.price_ticks and _level_full(st, o.market, o.side, new_price):
         return _reject(st, cmd, REASON_TOO_MANY_ORDERS)
     grow = new_qty - o.remaining_lots
     toward = new_price > o.price_ticks if o.side == SIDE_BUY else new_price < o.price_ticks

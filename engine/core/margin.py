@@ -10,9 +10,8 @@ from engine.numbers import RATE_ONE_E9, mul_div_ceil, mul_div_floor
 from engine.records import (FLAG_REDUCE_ONLY, MARGIN_ISOLATED, REASON_INSUFFICIENT_MARGIN,
                             REASON_POSITION_LIMIT, SIDE_BUY)
 from engine.state import NONE, UNTRIGGERED
-from engine.core.tables import (_accounts, _book_depth, _book_levels, _levels, _markets, _orders,
-                                _positions, jit)
-from engine.core.book_sides import _best_level
+from engine.core.tables import _accounts, _levels, _markets, _orders, _positions, jit
+from engine.core.book_sides import _best_level, _best_position, _level_at, _worse_position
 
 
 @jit
@@ -74,7 +73,6 @@ def _entry_cost(st, market, account, side, limit_ticks, qty, rests, walk):
         if best == 0 and not rests:
             return 0
         return _cost_at(mk, side, limit_ticks, best, qty)
-    n = _book_depth(st)[market, opposite]
     pos = _positions(st)[account, market]
     # With no reduce-only maker in the market and none of the account's own orders on the
     # other side, a level's total is what the walk would count: no need to visit its orders.
@@ -83,8 +81,10 @@ def _entry_cost(st, market, account, side, limit_ticks, qty, rests, walk):
     worst = 0
     best = 0
     total = 0
-    for k in range(n - 1, -1, -1):
-        lvl = _book_levels(st)[market, opposite, k]
+    d, i = _best_position(st, market, opposite)
+    while d >= 0:
+        lvl = _level_at(st, market, opposite, d, i)
+        d, i = _worse_position(st, market, opposite, d, i)
         price = _levels(st)[lvl].price_ticks
         if not _crosses(side, limit_ticks, price):
             break

@@ -15,11 +15,10 @@ from engine.records import (EV_AMENDED, EV_TRADE, FLAG_REDUCE_ONLY, KIND_MARKET,
                             STP_CANCEL_MAKER, STP_CANCEL_TAKER, TIF_FOK, TIF_GTC, TIF_IOC,
                             TIF_POST_ONLY)
 from engine.state import C_FEES_ATOMS, C_NEXT_TRADE_ID, C_SEQ, NONE, UNTRIGGERED
-from engine.core.tables import (FLAG_LIQUIDATION_TAKER, _accounts, _book_depth, _book_levels,
-                                _counters, _levels, _markets, _orders, _positions, _touched,
+from engine.core.tables import (FLAG_LIQUIDATION_TAKER, _accounts, _counters, _levels, _markets, _orders, _positions, _touched,
                                 _trade_events, jit)
 from engine.core.events import _canceled, _claim, _order_event, _req_for
-from engine.core.book_sides import _best_level
+from engine.core.book_sides import _best_level, _best_position, _level_at, _worse_position
 from engine.core.orders import (_alloc_order, _cancel_resting, _copy_order, _free_order, _rest,
                                 _shrink, _unrest)
 from engine.core.margin import (_closing_lots, _crosses, _entry_cost, _exposure_error,
@@ -77,12 +76,13 @@ def _fok_fillable(st, market, account, side, limit_ticks, stp, wanted, seen_base
     are noted in `touched` from seen_base on (after the entries the command is using), to be
     reset after."""
     opposite = 1 - side
-    n = _book_depth(st)[market, opposite]
     total = 0
     ok = False
     n_seen = 0
-    for k in range(n - 1, -1, -1):
-        lvl = _book_levels(st)[market, opposite, k]
+    d, i = _best_position(st, market, opposite)
+    while d >= 0:
+        lvl = _level_at(st, market, opposite, d, i)
+        d, i = _worse_position(st, market, opposite, d, i)
         if not _crosses(side, limit_ticks, _levels(st)[lvl].price_ticks):
             break
         slot = _levels(st)[lvl].first

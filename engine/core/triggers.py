@@ -13,7 +13,7 @@ from engine.records import (EV_REJECT, EV_TRIGGERED, FLAG_REDUCE_ONLY, FLAG_TRIG
                             REASON_REDUCE_ONLY_VIOLATION, REASON_TOO_MANY_ORDERS, SIDE_BUY,
                             STATUS_CANCELED, STATUS_OPEN, TIF_GTC, TIF_POST_ONLY)
 from engine.state import NONE, TRIGGER_QUEUES, UNTRIGGERED
-from engine.core.tables import (_book_keys, _markets, _order_events, _orders, _trigger_depth,
+from engine.core.tables import (_markets, _order_events, _orders, _trigger_depth,
                                 _trigger_keys, _trigger_slots, _trigger_ticks, jit)
 from engine.core.events import _canceled, _order_event, _req_for
 from engine.core.book_sides import _level_full, _lower_bound
@@ -145,7 +145,7 @@ def _fire(st, cmd, slot, scratch, n_touched):
     if err == 0 and mk.state == MARKET_REDUCE_ONLY and (o.flags & FLAG_REDUCE_ONLY) == 0:
         err = REASON_MARKET_REDUCE_ONLY
     if err == 0 and (o.tif == TIF_GTC or o.tif == TIF_POST_ONLY) and _level_full(
-            st, market, o.side, limit, _book_keys(st).shape[2]):
+            st, market, o.side, limit):
         err = REASON_TOO_MANY_ORDERS
     if err == 0:
         err, qty = _admit(st, market, account, o.side, o.tif, limit, o.stp, qty,

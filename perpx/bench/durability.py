@@ -82,6 +82,11 @@ POLL_S = 0.0005
 MARKETS = 4
 ACCOUNTS = 8
 LEVELS = 1000
+# A coarse tick and a max price near the mark keep the book sides small: a side must have room
+# for every price up to max_price (or every order of the pool), whichever is fewer
+TICK_SIZE = 5
+MARK_TICKS = 65_000 // TICK_SIZE
+MAX_PRICE_TICKS = 70_000 // TICK_SIZE
 CHUNK = 1 << 14
 SNAPSHOT_FRACTION = 0.8
 QUICK_CRASH_S = 10.0      # perpx/supervisor.py: a second death within this backs off
@@ -220,9 +225,10 @@ def recovery_config(orders: int) -> str:
     markets = "".join(f"""
 [[markets]]
 symbol = "M{m}-PERP"
-tick_size = "0.1"
+tick_size = "{TICK_SIZE}"
 lot_size = "0.001"
-initial_price = "65000"
+initial_price = "{MARK_TICKS * TICK_SIZE}"
+max_price = "{MAX_PRICE_TICKS * TICK_SIZE}"
 max_leverage = 50
 oracle = "manual"
 max_open_orders = {per_pair}
@@ -238,7 +244,7 @@ rate_limit_burst = 1000000000
 max_accounts = {ACCOUNTS + 8}
 max_markets = {MARKETS}
 max_orders = {max(1 << 16, orders + orders // 10)}
-max_levels_per_side = {LEVELS + 24}
+max_levels_per_side = {MAX_PRICE_TICKS}
 command_ring_capacity = {1 << 16}
 
 [persistence]
@@ -258,7 +264,7 @@ def resting_orders(orders: int, accounts: list[int], ts_ns: int) -> np.ndarray:
     c = np.zeros(orders, COMMAND_DTYPE)
     c["ts_ns"] = ts_ns
     c["cid"] = k + 1                                         # unique per account
-    c["price_ticks"] = 650_000 - 1 - (k // (len(accounts) * MARKETS)) % LEVELS
+    c["price_ticks"] = MARK_TICKS - 1 - (k // (len(accounts) * MARKETS)) % LEVELS
     c["qty_lots"] = 1
     c["account"] = np.asarray(accounts, np.int32)[k % len(accounts)]
     c["market"] = (k // len(accounts)) % MARKETS

@@ -84,7 +84,6 @@ rate_limit_burst = 1000000000
 max_accounts = {max(64, clients + 2)}
 max_markets = 4
 max_orders = {max_orders}
-max_levels_per_side = 1024
 
 [endpoints]
 orders_port = 0

@@ -189,7 +189,6 @@ rate_limit_burst = 1000000000
 max_accounts = {accounts + FIRST_TRADER + 16}
 max_markets = 1
 max_orders = 4096
-max_levels_per_side = 256
 command_ring_capacity = 65536
 
 [endpoints]
