@@ -336,7 +336,7 @@ def serve(spec: ExchangeSpec, opts: dict, log) -> int:
     os.nice(STORE_NICE)
     service = StoreProcess(spec, snapshot_every=int(opts.get("snapshot_every", 1_000_000)),
                            snapshots_keep=int(opts.get("snapshots_keep", 2)),
-                           flush_s=float(opts.get("store_flush_ms", 100)) / 1000, log=log)
+                           flush_s=float(opts.get("store_flush_ms", 1000)) / 1000, log=log)
 
     def on_signal(*_):
         service.stopping.set()
