@@ -258,12 +258,8 @@ def _echo_main(secret: bytes, queue, stop_evt) -> None:
     import zmq
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctx = zmq.Context()
-    s = ctx.socket(zmq.ROUTER)
-    s.linger = 0
-    s.curve_server = True
-    s.curve_secretkey = secret
-    s.bind("tcp://127.0.0.1:*")
-    queue.put(("endpoint", -1, s.getsockopt_string(zmq.LAST_ENDPOINT)))
+    s, endpoint = relay.curve_router(ctx, secret)
+    queue.put(("endpoint", -1, endpoint))
     try:
         while not stop_evt.is_set():
             if not s.poll(100):
@@ -412,48 +408,47 @@ def running_exchange(state_dir: Path, config: str, say, shm_left: list):
         shm_left.extend(exchange.close())
 
 
-def _measure_echo(clients: int, phase: dict, say) -> dict:
-    """The floor: a bare echo server and the clients, one throughput run."""
+def _measure_floor(kind: str, servers, clients: int, phase: dict, say) -> dict:
+    """One throughput run of the clients against a floor: `servers(procs, secret, queue,
+    stop)` starts its processes, the last of which puts its endpoint on the queue."""
     import zmq
     procs = _Procs()
     stop = procs.mp.Event()
     try:
         q = procs.mp.Queue()
         public, secret = zmq.curve_keypair()
-        procs.start(_echo_main, secret, q, stop)
+        servers(procs, secret, q, stop)
         _, _, endpoint = q.get(timeout=30)
-        say(f"echo server on {endpoint}")
-        out = _run_clients(procs, "echo", {"endpoint": endpoint, "server_public": public},
+        say(f"{kind} on {endpoint}")
+        out = _run_clients(procs, kind, {"endpoint": endpoint, "server_public": public},
                            [phase], clients, say)
     finally:
         stop.set()
         procs.close()
     return _summary(out[phase["name"]])
+
+
+def _measure_echo(clients: int, phase: dict, say) -> dict:
+    """The floor: a bare echo server and the clients."""
+    return _measure_floor("echo", lambda procs, secret, q, stop: procs.start(
+        _echo_main, secret, q, stop), clients, phase, say)
 
 
 def _measure_relay(clients: int, phase: dict, say) -> dict:
-    """The relay floor (perpx/bench/relay.py): the same clients, one throughput run."""
-    import zmq
-    procs = _Procs()
-    stop = procs.mp.Event()
+    """The relay floor (perpx/bench/relay.py: gateway- and matcher-shaped processes over shm
+    rings) and the same clients."""
     tag = f"{os.getpid()}-{time.monotonic_ns() % 10 ** 9}"
     cmd, evt = relay.create_rings(tag)
-    try:
-        q = procs.mp.Queue()
-        public, secret = zmq.curve_keypair()
+
+    def servers(procs, secret, q, stop):
         procs.start(relay.matcher_main, tag, stop)
         procs.start(relay.gateway_main, tag, secret, q, stop)
-        _, _, endpoint = q.get(timeout=30)
-        say(f"relay (gateway- and matcher-shaped processes, shm rings) on {endpoint}")
-        out = _run_clients(procs, "relay", {"endpoint": endpoint, "server_public": public},
-                           [phase], clients, say)
+    try:
+        return _measure_floor("relay", servers, clients, phase, say)
     finally:
-        stop.set()
-        procs.close()
         for ring in (cmd, evt):
             ring.close()
             ring.unlink()
-    return _summary(out[phase["name"]])
 
 
 def run_phases(target: dict, phases: list, clients: int, say) -> dict:

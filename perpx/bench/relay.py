@@ -52,6 +52,18 @@ def create_rings(tag: str) -> tuple[CommandRing, EventRing]:
     return cmd, evt
 
 
+def curve_router(ctx, secret: bytes):
+    """A CURVE server ROUTER bound to a free loopback port: (socket, its endpoint). The
+    floors' (echo, relay) front, as the gateway's."""
+    import zmq
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.curve_server = True
+    router.curve_secretkey = secret
+    router.bind("tcp://127.0.0.1:*")
+    return router, router.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
 def _pin(role: str) -> None:
     plan = plan_cpus(os.sched_getaffinity(0), 1)
     os.sched_setaffinity(0, plan[role])
@@ -107,12 +119,8 @@ def gateway_main(tag: str, secret: bytes, queue, stop_evt) -> None:
     bell = bells[-1]
     cmd = CommandRing.attach(cmd_name, TOKEN_COMMAND)
     ctx = gateway_context()       # the gateway's I/O thread policy: the floor has its shape
-    router = ctx.socket(zmq.ROUTER)
-    router.linger = 0
-    router.curve_server = True
-    router.curve_secretkey = secret
-    router.bind("tcp://127.0.0.1:*")
-    queue.put(("endpoint", -1, router.getsockopt_string(zmq.LAST_ENDPOINT)))
+    router, endpoint = curve_router(ctx, secret)
+    queue.put(("endpoint", -1, endpoint))
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
     poller.register(bell.fileno(), zmq.POLLIN)
