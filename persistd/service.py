@@ -299,8 +299,8 @@ def main(argv=None) -> int:
             log(f"store: {msg}")
         return storer.serve(spec, opts, store_log)
     try:
-        service = Persistd(spec, args.spec, snapshots_keep=int(opts.get("snapshots_keep", 2)),
-                           retire_journal=bool(opts.get("retire_journal", True)))
+        service = Persistd(spec, args.spec, snapshots_keep=int(opts["snapshots_keep"]),
+                           retire_journal=bool(opts["retire_journal"]))
     except (JournalError, StartupRefused) as e:
         log(f"NOT STARTING: {e}")      # one line: the operator's cue (perpx journal inspect)
         return 1

@@ -334,9 +334,10 @@ def serve(spec: ExchangeSpec, opts: dict, log) -> int:
     # Background work: the order path, the journal and the clients win the CPU. First thing,
     # so that every thread of the process (DuckDB's included) inherits it: nice is per thread.
     os.nice(STORE_NICE)
-    service = StoreProcess(spec, snapshot_every=int(opts.get("snapshot_every", 1_000_000)),
-                           snapshots_keep=int(opts.get("snapshots_keep", 2)),
-                           flush_s=float(opts.get("store_flush_ms", 1000)) / 1000, log=log)
+    # exchange.json carries the whole section, defaults resolved (perpx/config.py)
+    service = StoreProcess(spec, snapshot_every=int(opts["snapshot_every"]),
+                           snapshots_keep=int(opts["snapshots_keep"]),
+                           flush_s=int(opts["store_flush_ms"]) / 1000, log=log)
 
     def on_signal(*_):
         service.stopping.set()
