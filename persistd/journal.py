@@ -501,6 +501,7 @@ class JournalFollower:
         self.next_seq = int(from_seq)
         self._fd = None
         self._offset = 0
+        self._offset_seq = 0     # the seq of the first record at _offset
         self._segment = None
 
     def _open_segment(self) -> bool:
@@ -514,7 +515,7 @@ class JournalFollower:
         if self._fd is not None:
             os.close(self._fd)
         self._fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
-        self._segment, self._offset = seg, 0
+        self._segment, self._offset, self._offset_seq = seg, 0, seg.first_seq
         return True
 
     def read(self, upto_seq: int, max_bytes: int = 16 << 20) -> np.ndarray:
@@ -525,7 +526,7 @@ class JournalFollower:
                 break
             # Batches through upto_seq hold at most this many bytes (>= 1 record each): reading
             # no further keeps the pre-zeroed space ahead of the writer out of every read.
-            want = min(max_bytes - got, (upto_seq - self.next_seq + 1) * _MAX_BYTES_PER_RECORD)
+            want = min(max_bytes - got, (upto_seq - self._offset_seq + 1) * _MAX_BYTES_PER_RECORD)
             data = os.pread(self._fd, want, self._offset)
             pos = 0
             while pos + HEADER_BYTES <= len(data) and self.next_seq <= upto_seq:
@@ -550,6 +551,7 @@ class JournalFollower:
                 if last >= self.next_seq:
                     parts.append(records[max(0, self.next_seq - first):])
                     self.next_seq = last + 1
+                self._offset_seq = last + 1
                 pos = end
             self._offset += pos
             got += pos
