@@ -54,8 +54,9 @@ the filler claims each 64 KiB piece beyond them before its own and drops its pla
 got there first, rolled or cut; a batch that reaches a piece in flight waits for that one pwrite
 (rare: the filler works a gap ahead when it is behind). A writer without the filler (tools,
 tests) appends past the zeros as before. The filler's failures (no space) are logged and retried;
-appends go on without it. Opening a writer cuts the last segment to its data end (trailing zeros
-included), and the filler re-zeroes from there.
+appends go on without it. Closing a writer cuts the zeros (a journal closed cleanly ends at its
+data); opening one cuts the last segment to its data end (trailing zeros included, a crash's),
+and the filler re-zeroes from there.
 
 If a write fails (ENOSPC, EFBIG, EIO...) the OSError propagates and the writer truncates the
 segment back to the end of its last whole batch, so a retry of the same records lands where the
@@ -1042,13 +1043,21 @@ class JournalWriter:
         os.fdatasync(fd)
 
     def close(self) -> None:
-        """Close the files and release the lock. Does not sync: call sync() first."""
+        """Close the files and release the lock. Does not sync: call sync() first. Cuts the
+        pre-zeroed space, so a journal closed cleanly ends at its data (a crash leaves it)."""
         if self._filler is not None:
             with self._fill_lock:
                 self._filler_stop = True
                 self._fill_lock.notify_all()
             self._filler.join()
             self._filler = None
+            if (self._fd is not None and self._unusable is None
+                    and self._pending_truncate_bytes is None):
+                try:
+                    if os.fstat(self._fd).st_size > self._segment_used_bytes:
+                        os.ftruncate(self._fd, self._segment_used_bytes)
+                except OSError:
+                    pass        # zeros after the data are valid: the next open cuts them
         if self._marker_fd is not None:
             os.close(self._marker_fd)
             self._marker_fd = None

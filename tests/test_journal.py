@@ -645,6 +645,8 @@ def test_the_filler_never_overwrites_records_and_roll_cuts_its_zeros(tmp_path, s
         for seg in segs[:-1]:
             size = seg.path.stat().st_size
             assert size == data_end(seg.path) and size == sum(n for _, n in batch_offsets(seg.path))
+    # closing cut the zeros: a journal closed cleanly ends at its data
+    assert segs[-1].path.stat().st_size == data_end(segs[-1].path)
     assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == written.tobytes()
     with JournalWriter(tmp_path, segment_bytes=65536) as w:
         assert w.repairs == [] and w.last_seq == len(written)
