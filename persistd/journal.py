@@ -985,8 +985,9 @@ class JournalWriter:
             # so the batches that follow don't reach the zeros being written.
             start = -(-(self._reserved_bytes + _ZERO_GAP_BYTES) // _ZERO_ALIGN_BYTES) \
                 * _ZERO_ALIGN_BYTES
-        if start >= want_end:
-            return None
+        if start >= want_end or self._filled_bytes - self._reserved_bytes >= \
+                min(self._zero_ahead_bytes // 2, want_end - self._reserved_bytes):
+            return None     # enough ahead: fill in big chunks, each one size change, not many
         return (self._fill_generation, self._fill_path, start,
                 min(want_end, start + _ZERO_CHUNK_BYTES))
 

@@ -534,8 +534,8 @@ def test_records_written_into_pre_zeroed_space_read_back_exactly(tmp_path, small
         w.append(written[:10])
         w.sync()
         path = w.segment_path
-        # the filler works a gap (4096) ahead of the writer's end, up to 32768 past it
-        wait_until(lambda: path.stat().st_size >= 10 * RECORD_BYTES + 32768 - 4096, 10,
+        # the filler starts a gap (4096) past the writer's end and fills a chunk (16384)
+        wait_until(lambda: path.stat().st_size >= 4096 + 16384, 10,
                    "the filler to zero ahead of the writer")
         zero_start = path.stat().st_size
         follower = JournalFollower(tmp_path, from_seq=1)
