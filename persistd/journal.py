@@ -531,10 +531,10 @@ class JournalFollower:
             data = os.pread(self._fd, want, self._offset)
             pos = 0
             while pos + HEADER_BYTES <= len(data) and self.next_seq <= upto_seq:
-                if _all_zero(memoryview(data)[pos:pos + HEADER_BYTES]):
-                    break        # the end of this segment's data (its pre-zeroed space)
                 fields = _batch_header_at(data, pos)
                 if fields is None:
+                    if _all_zero(memoryview(data)[pos:pos + HEADER_BYTES]):
+                        break    # the end of this segment's data (its pre-zeroed space)
                     raise JournalCorrupt(self._segment.path, self._offset + pos,
                                          "bad batch header inside the durable journal")
                 _, count, first, last, payload_crc, _ = fields
@@ -996,6 +996,7 @@ class JournalWriter:
         # reported to the writer's next fdatasync as well (Linux reports it once per file
         # description), never consumed by the filler's alone.
         fd, fd_path = None, None
+        failing = False
         try:
             while True:
                 with self._fill_lock:
@@ -1012,10 +1013,17 @@ class JournalWriter:
                         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
                         fd_path = path
                     self._zero_fill(fd, generation, start, end)
+                    failing = False
                 except OSError as e:
                     # No space, or the segment was rolled away: appends go on, past the zeros.
-                    print(f"JOURNAL: zero-filling {path} ahead of the writer failed ({e}); "
-                          f"retrying in {_ZERO_RETRY_S:g} s", file=sys.stderr, flush=True)
+                    if not failing:     # once per streak: the disk may be full for a while
+                        failing = True
+                        try:
+                            print(f"JOURNAL: zero-filling {path} ahead of the writer failed "
+                                  f"({e}); retrying every {_ZERO_RETRY_S:g} s", file=sys.stderr,
+                                  flush=True)
+                        except OSError:
+                            pass        # stderr on the full disk: losing the line is fine
                     with self._fill_lock:
                         self._fill_lock.wait_for(lambda: self._filler_stop, _ZERO_RETRY_S)
         finally:

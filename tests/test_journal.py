@@ -421,6 +421,37 @@ def test_write_failure_at_file_size_limit_leaves_a_valid_journal_and_retry_works
     assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == expected.tobytes()
 
 
+_FSIZE_FILLER_CHILD = r"""
+import os, resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+from tests.test_journal import make_records
+from persistd.journal import JournalWriter
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (300 * 1024, hard))   # the filler goes past it
+with JournalWriter(sys.argv[1]) as w:
+    w.start_zero_filler()
+    for seq in range(1, 2001, 10):
+        w.append(make_records(seq, 10))
+        w.sync()
+    print(w.last_seq)
+"""
+
+
+def test_a_failing_filler_leaves_the_appends_alone(tmp_path):
+    r = subprocess.run([sys.executable, "-c", _FSIZE_FILLER_CHILD, str(tmp_path), str(REPO)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["2000"]
+    assert r.stderr.count("zero-filling") == 1 and "File too large" in r.stderr
+    expected = np.concatenate([make_records(s, 10) for s in range(1, 2001, 10)])
+    assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == expected.tobytes()
+    path = segments(tmp_path)[-1].path
+    assert path.stat().st_size == data_end(path)
+
+
 # --- property ------------------------------------------------------------------------------
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
