@@ -69,8 +69,9 @@ reopen, and do not advance durable_seq past what an earlier sync returned.
 Crash recovery
 --------------
 A crash can leave the end of the last segment torn: an incomplete batch, or a last batch whose
-checksum does not match (zeros may follow either). Opening a writer cuts such a tail back to the last whole batch and
-reports it in `JournalWriter.repairs` (and one loud line each on stderr). Those bytes were never
+checksum does not match (zeros may follow either). Opening a writer cuts such a tail back to
+the last whole batch and reports it in `JournalWriter.repairs` (and one loud line each on
+stderr). Those bytes were never
 synced, so never acknowledged. A bad batch FOLLOWED by a whole valid batch is not a torn tail
 but damage to history that may have been acknowledged, and so is a zero header followed by a
 whole valid batch: the writer refuses to open and the reader raises JournalCorrupt(path,
@@ -89,10 +90,10 @@ the byte offset and the seq. Only `cut_journal` (behind `perpx journal repair --
 marker back. An unreadable marker counts as 0 (no knowledge), reported by `marked_synced_seq`.
 
 Readers (read_journal, journal_info) take no lock: they may run while the writer appends and
-then see a torn tail, which read_journal tolerates by default (and re-read damage before
-believing it, see _read_and_scan). Segments are retired with
-`JournalWriter.retire_through(seq)`, which must only be given a seq covered by a durable
-snapshot; a reader racing with retirement may get FileNotFoundError.
+then see a torn tail, which read_journal tolerates by default (they re-read damage before
+believing it, see _read_and_scan). Segments are retired with `JournalWriter.retire_through(seq)`,
+which must only be given a seq covered by a durable snapshot; a reader racing with retirement
+may get FileNotFoundError.
 """
 
 from __future__ import annotations
@@ -104,7 +105,6 @@ import re
 import struct
 import sys
 import threading
-import time
 import zlib
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -459,8 +459,8 @@ def journal_info(directory) -> dict:
 
     Returns {"segments": [(path, first_seq, last_seq, data_bytes)], "first_seq", "last_seq",
     "records", "torn_tail": None or a description}; data_bytes is the end of the last whole
-    batch (the last segment's pre-zeroed space is not counted; older segments hold none). Non-last segments' last_seq comes from the
-    next segment's name (read_journal verifies it). An empty journal has first_seq 1,
+    batch (the last segment's pre-zeroed space is not counted; older segments hold none).
+    Non-last segments' last_seq comes from the next segment's name (read_journal verifies it). An empty journal has first_seq 1,
     last_seq 0, records 0. Raises JournalCorrupt if the last segment is damaged mid-file.
     """
     segs = segments(directory)
