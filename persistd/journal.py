@@ -461,7 +461,8 @@ def journal_info(directory) -> dict:
     "records", "torn_tail": None or a description}; data_bytes is the end of the last whole
     batch (the last segment's pre-zeroed space is not counted; older segments hold none).
     Non-last segments' last_seq comes from the next segment's name (read_journal verifies it).
-    An empty journal has first_seq 1, last_seq 0, records 0. Raises JournalCorrupt if the last segment is damaged mid-file.
+    An empty journal has first_seq 1, last_seq 0, records 0. Raises JournalCorrupt if the last
+    segment is damaged mid-file.
     """
     segs = segments(directory)
     if not segs:
