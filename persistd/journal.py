@@ -98,6 +98,7 @@ may get FileNotFoundError.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -147,9 +148,11 @@ _HEADER_UNITS = HEADER_BYTES // _UNIT_BYTES
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 # The zero filler (JournalWriter.start_zero_filler) keeps up to this much written, synced zero
-# space ahead of the writer, filling a chunk at a time (one fdatasync each) in pieces (one
-# pwrite each: the most a writer whose batch reaches the piece in flight waits for). It starts
-# a gap past the writer's end when it is behind, so the writer's next batches don't meet it.
+# space ahead of the writer, refilling below half of it a chunk at a time (one fdatasync each)
+# in pieces (one pwrite each, the most a writer whose batch reaches the piece in flight waits
+# for, then written out at once, so a writer's fdatasync meanwhile never has more than a piece
+# of the filler's zeros to write). It starts a gap past the writer's end when it is behind, so
+# the writer's next batches don't meet it.
 DEFAULT_ZERO_AHEAD_BYTES = 2 * 1024 * 1024
 _ZERO_CHUNK_BYTES = 1024 * 1024
 _ZERO_PIECE_BYTES = 64 * 1024
@@ -157,6 +160,16 @@ _ZERO_GAP_BYTES = 256 * 1024
 _ZERO_ALIGN_BYTES = 4096
 _ZERO_RETRY_S = 1.0
 _ZEROS = bytes(_ZERO_PIECE_BYTES)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_SYNC_RANGE_WRITE_AND_WAIT = 1 | 2 | 4    # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+def _write_out(fd: int, offset: int, nbytes: int) -> None:
+    """Write a range's dirty pages to the disk and wait (sync_file_range: data only)."""
+    if _libc.sync_file_range(fd, offset, nbytes, _SYNC_RANGE_WRITE_AND_WAIT) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 SYNCED_MARKER = "synced_seq"
 _MARKER = struct.Struct("<qI4x")
 SEGMENT_SUFFIX = ".journal"
@@ -1049,6 +1062,7 @@ class JournalWriter:
                 with self._fill_lock:
                     self._zero_piece = None
                     self._fill_lock.notify_all()
+            _write_out(fd, pos, written)
             pos += written
         os.fdatasync(fd)
 
