@@ -11,7 +11,9 @@ The journal (this process's main thread, and its only busy one)
     is journaled twice. A failing write (disk full) sets `journal_errno`, which makes the
     gateways refuse new orders; the pass is retried until the write succeeds. With durable
     acks a pass starts as soon as events arrive; with fast acks (nobody waits) every
-    FAST_PASS_S on a timer, without waking the gateways.
+    FAST_PASS_S on a timer, without waking the gateways. A thread of the journal writer keeps
+    written, synced zeros ahead of it in the segment, so these fsyncs carry data, not a file
+    size (persistd/journal.py, "Pre-zeroed space"); the pass never waits for it.
 The store process (persistd/storer.py, `python -m persistd --store`, this process's child)
     Follows the journal on disk up to `durable_seq` with a replica of the matcher, writes
     DuckDB, snapshots, serves `perpx sql`. A process of its own so that its compiled calls and
@@ -96,6 +98,7 @@ class Persistd:
         self.store_process: subprocess.Popen | None = None
         self._snapshot_seq_seen = 0
         self._child_checked = 0.0
+        self._zero_filling = False           # the journal's zero filler runs (after the fork)
 
         self.progress = JournalProgress.attach(self.prefix)
         self.journal = None
@@ -184,6 +187,11 @@ class Persistd:
     # -- journal thread -------------------------------------------------------------------
     def run(self) -> None:
         self._start_store_process()
+        # The journal's fsyncs then overwrite zeros instead of growing the file (see
+        # persistd/journal.py, "Pre-zeroed space"). A thread: started after the fork above.
+        self._zero_filling = True
+        if self.journal is not None:
+            self.journal.start_zero_filler()
         if self.fast_acks:
             # Nobody waits for the journal: let the gateways have the CPU, and write bigger
             # groups (one pass, one write, one fsync per FAST_PASS_S at most).
@@ -270,6 +278,8 @@ class Persistd:
             self.journal = JournalWriter(self.sd.journal_dir)
             for repair in self.journal.repairs:
                 log(f"JOURNAL REPAIRED: {repair}")
+            if self._zero_filling:
+                self.journal.start_zero_filler()
         return self.journal
 
     def close(self) -> None:

@@ -70,9 +70,18 @@ def test_restart_of_the_whole_exchange_keeps_everything(ups):
         assert ack["type"] == "ack" and ack["status"] == "open"
         balance = c.account()["balance"]
     seq = cli_json(sd.path, "status")["seq"]
+
+    def data_and_file_bytes():
+        path, _, _, data_bytes = journal_info(sd.journal_dir)["segments"][-1]
+        return data_bytes, path.stat().st_size
+    # persistd's zero filler keeps synced zeros ahead of the journal's data while it runs...
+    wait_until(lambda: (lambda d, f: f > d)(*data_and_file_bytes()), WAIT_S,
+               "zeroed space ahead of the journal's data")
     r = cli(sd.path, "down")
     assert r.returncode == 0, r.stderr
     assert up.wait_exit(60) == 0, up.stderr
+    data_bytes, file_bytes = data_and_file_bytes()      # ...and a clean stop cuts it
+    assert file_bytes == data_bytes
 
     again = ups("state", durable_config())
     endpoints = again.wait_ready()

@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.records import (COMMAND_EVENT_DTYPE, EV_ACK, EV_COMMAND, EVENT_DTYPE)
+from perpx.launch import wait_until
+from persistd import journal
 from persistd.journal import (HEADER_BYTES, JOURNAL_RECORD_DTYPE, RECORD_BYTES, JournalCorrupt,
                               JournalError, JournalFollower, JournalWriter, cut_journal,
                               inspect_journal, journal_info, journal_records,
@@ -419,6 +421,37 @@ def test_write_failure_at_file_size_limit_leaves_a_valid_journal_and_retry_works
     assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == expected.tobytes()
 
 
+_FSIZE_FILLER_CHILD = r"""
+import os, resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+from tests.test_journal import make_records
+from persistd.journal import JournalWriter
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (300 * 1024, hard))   # the filler goes past it
+with JournalWriter(sys.argv[1]) as w:
+    w.start_zero_filler()
+    for seq in range(1, 2001, 10):
+        w.append(make_records(seq, 10))
+        w.sync()
+    print(w.last_seq)
+"""
+
+
+def test_a_failing_filler_leaves_the_appends_alone(tmp_path):
+    r = subprocess.run([sys.executable, "-c", _FSIZE_FILLER_CHILD, str(tmp_path), str(REPO)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["2000"]
+    assert r.stderr.count("zero-filling") == 1 and "File too large" in r.stderr
+    expected = np.concatenate([make_records(s, 10) for s in range(1, 2001, 10)])
+    assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == expected.tobytes()
+    path = segments(tmp_path)[-1].path
+    assert path.stat().st_size == data_end(path)
+
+
 # --- property ------------------------------------------------------------------------------
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -499,3 +532,152 @@ def test_follower_reads_only_durable_batches_across_segments(tmp_path):
         follower.close()
     assert len(segments(tmp_path)) > 3
     assert np.concatenate(got).tobytes() == written[2:].tobytes()
+
+
+# --- pre-zeroed space (the zero filler) -------------------------------------------------------
+
+@pytest.fixture
+def small_zero_steps(monkeypatch):
+    """The filler's chunk, piece and gap scaled down, so small segments show every case."""
+    monkeypatch.setattr(journal, "_ZERO_CHUNK_BYTES", 16384)
+    monkeypatch.setattr(journal, "_ZERO_PIECE_BYTES", 4096)
+    monkeypatch.setattr(journal, "_ZERO_GAP_BYTES", 4096)
+
+
+def data_end(path: Path) -> int:
+    return sum(n for _, n in batch_offsets_until_zero(path))
+
+
+def batch_offsets_until_zero(path: Path) -> list[tuple[int, int]]:
+    data = path.read_bytes()
+    out, pos = [], 0
+    while pos + HEADER_BYTES <= len(data) and data[pos:pos + 4] == b"PXJ1":
+        count = int.from_bytes(data[pos + 4:pos + 8], "little")
+        out.append((pos, HEADER_BYTES + count * RECORD_BYTES))
+        pos += HEADER_BYTES + count * RECORD_BYTES
+    return out
+
+
+def test_records_written_into_pre_zeroed_space_read_back_exactly(tmp_path, small_zero_steps):
+    written = make_records(1, 400)
+    with JournalWriter(tmp_path, segment_bytes=1 << 20) as w:
+        w.start_zero_filler(ahead_bytes=32768)
+        w.append(written[:10])
+        w.sync()
+        path = w.segment_path
+        # the filler starts a gap (4096) past the writer's end and fills a chunk (16384)
+        wait_until(lambda: path.stat().st_size >= 4096 + 16384, 10,
+                   "the filler to zero ahead of the writer")
+        zero_start = path.stat().st_size
+        follower = JournalFollower(tmp_path, from_seq=1)
+        at = 10
+        for n in (1, 7, 50, 100, 132, 100):
+            w.append(written[at:at + n])
+            at += n
+            w.sync()
+            got = follower.read(at)
+            assert got["seq"][-1] == at
+        follower.close()
+        assert data_end(path) == HEADER_BYTES * 7 + 400 * RECORD_BYTES > 4096
+        assert path.stat().st_size > data_end(path)      # zeros still follow the data
+        assert path.read_bytes()[data_end(path):].count(0) == path.stat().st_size - data_end(path)
+        assert zero_start > 4096
+        assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == written.tobytes()
+        info = journal_info(tmp_path)
+        assert info["last_seq"] == 400 and info["torn_tail"] is None
+        assert info["segments"][-1][3] == data_end(path)
+        report = inspect_journal(tmp_path)
+        assert report["problem"] is None and report["segments"][-1]["bytes"] == data_end(path)
+    for from_seq in (1, 300, 400):  # one read brings all, even starting mid-segment
+        follower = JournalFollower(tmp_path, from_seq=from_seq)
+        assert follower.read(400).tobytes() == written[from_seq - 1:].tobytes()
+        follower.close()
+
+
+def test_trailing_zeros_open_without_repair_and_appends_continue_at_the_data_end(tmp_path):
+    first = write_batches(tmp_path, [5, 7, 3], segment_bytes=1 << 20)
+    path = segments(tmp_path)[-1].path
+    end = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(bytes(10000 + 7))       # not a multiple of a header: the end is zeros anyway
+    assert journal_info(tmp_path)["last_seq"] == 15
+    assert inspect_journal(tmp_path)["problem"] is None
+    with JournalWriter(tmp_path, segment_bytes=1 << 20) as w:
+        assert w.repairs == [] and w.last_seq == 15
+        assert path.stat().st_size == end       # the zeros are cut: only the filler's are trusted
+        more = make_records(16, 4)
+        w.append(more)
+        w.sync()
+    assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == \
+        np.concatenate([first, more]).tobytes()
+
+
+@pytest.mark.parametrize("tear", ["cut_payload", "zero_header"])
+def test_torn_batch_followed_by_zeros_is_cut_as_a_torn_tail(tmp_path, tear):
+    written = write_batches(tmp_path, [5, 7, 3], segment_bytes=1 << 20)
+    path = segments(tmp_path)[-1].path
+    last_offset, last_len = batch_offsets(path)[-1]
+    data = bytearray(path.read_bytes())
+    if tear == "cut_payload":       # the batch's end never reached the disk: zeros there
+        data[last_offset + last_len - 100:] = bytes(100)
+    else:                           # its header never did, its payload did
+        data[last_offset:last_offset + HEADER_BYTES] = bytes(HEADER_BYTES)
+    path.write_bytes(bytes(data) + bytes(5000))
+    assert read_all(tmp_path).tobytes() == written[:12].tobytes()
+    with pytest.raises(JournalCorrupt, match="torn tail"):
+        read_all(tmp_path, tolerate_torn_tail=False)
+    with JournalWriter(tmp_path, segment_bytes=1 << 20) as w:
+        assert len(w.repairs) == 1 and f"offset {last_offset}" in w.repairs[0]
+        assert w.last_seq == 12
+    assert path.stat().st_size == last_offset
+
+
+def test_zero_header_followed_by_a_valid_batch_is_damage(tmp_path):
+    write_batches(tmp_path, [5, 7, 3], segment_bytes=1 << 20)
+    path = segments(tmp_path)[-1].path
+    middle_offset, _ = batch_offsets(path)[1]
+    data = bytearray(path.read_bytes())
+    data[middle_offset:middle_offset + HEADER_BYTES] = bytes(HEADER_BYTES)
+    path.write_bytes(bytes(data) + bytes(4096))
+    with pytest.raises(JournalCorrupt, match="valid batches") as e:
+        JournalWriter(tmp_path, segment_bytes=1 << 20)
+    assert e.value.offset == middle_offset
+    with pytest.raises(JournalCorrupt):
+        read_all(tmp_path)
+    with pytest.raises(JournalCorrupt):
+        journal_info(tmp_path)
+    problem = inspect_journal(tmp_path)["problem"]
+    assert problem["offset"] == middle_offset and problem["torn"] is False
+    assert path.read_bytes()[middle_offset + HEADER_BYTES:] != bytes(len(data) - middle_offset
+                                                                    - HEADER_BYTES + 4096)
+
+
+def test_the_filler_never_overwrites_records_and_roll_cuts_its_zeros(tmp_path, small_zero_steps):
+    """Writes race the filler (small pieces, a small gap, small segments) across many rolls;
+    every record reads back, and every finished segment ends at its data."""
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(1, 120, 1500)
+    written = make_records(1, int(sizes.sum()))
+    with JournalWriter(tmp_path, segment_bytes=65536) as w:
+        w.start_zero_filler(ahead_bytes=24576)
+        at, zeros_ahead = 0, 0
+        for i, n in enumerate(sizes):
+            w.append(written[at:at + n])
+            at += int(n)
+            if i % 5 == 0:
+                w.sync()
+            if i % 50 == 0:
+                path = w.segment_path
+                zeros_ahead += path.stat().st_size > data_end(path)
+        w.sync()
+        assert zeros_ahead > 0          # the filler did work ahead of the writer
+        segs = segments(tmp_path)
+        assert len(segs) > 10
+        for seg in segs[:-1]:
+            size = seg.path.stat().st_size
+            assert size == data_end(seg.path) and size == sum(n for _, n in batch_offsets(seg.path))
+    # closing cut the zeros: a journal closed cleanly ends at its data
+    assert segs[-1].path.stat().st_size == data_end(segs[-1].path)
+    assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == written.tobytes()
+    with JournalWriter(tmp_path, segment_bytes=65536) as w:
+        assert w.repairs == [] and w.last_seq == len(written)
