@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -6,7 +8,7 @@ import pytest
 
 from shm.doorbell import Doorbell
 from shm.region import Region
-from shm.wait import BusySpinWait, SpinYieldBlockWait
+from shm.wait import BusySpinWait, IdleCpuYieldWait, SpinYieldBlockWait
 from tests.shm_workers import children, shm_prefix, wait_for, wait_until_asleep  # noqa: F401  (fixtures)
 
 
@@ -86,3 +88,36 @@ def test_no_lost_wake_ups_in_a_thousand_sleeps(shm_prefix, children):
         children.collect(1, timeout_s=30)
     print(f"\n{rounds} round trips through sleep: {1e6 * elapsed / rounds:.0f} µs each, slowest {1e3 * slowest:.1f} ms")
     assert slowest < 2.5, "a wake-up was lost and only the block slice recovered it"
+
+
+def test_idle_cpu_yield_wait_sleeps_once_others_want_the_cpu(shm_prefix):
+    """IdleCpuYieldWait yields for up to yield_s only while the CPU has nothing else to run:
+    with a busy process on its CPU every yield hands the CPU over, and after `yields` of those
+    it goes to sleep on its doorbell instead of yielding for all of yield_s."""
+    cpu = min(os.sched_getaffinity(0))
+    saved = os.sched_getaffinity(0)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(busy.pid, {cpu})
+        os.sched_setaffinity(0, {cpu})
+        with Doorbell.create(shm_prefix + "-bell") as bell:
+            checks = []
+            wait = IdleCpuYieldWait(bell, yields=5, yield_s=30.0)
+            started = time.monotonic()
+            # it times out asleep: yielding through the 0.5 s it would check ~10^5 times
+            assert not wait.wait_until(lambda: checks.append(1) is not None, timeout_s=0.5)
+            assert time.monotonic() - started < 10.0
+            assert len(checks) < 10_000, len(checks)
+    finally:
+        os.sched_setaffinity(0, saved)
+        busy.kill()
+        busy.wait()
+
+
+def test_idle_cpu_yield_wait_returns_when_the_condition_holds(shm_prefix):
+    with Doorbell.create(shm_prefix + "-bell") as bell:
+        wait = IdleCpuYieldWait(bell, yields=5, yield_s=1.0)
+        calls = []
+        assert wait.wait_until(lambda: calls.append(1) or len(calls) >= 50, timeout_s=5.0)
+        assert len(calls) == 50
+        assert not bell.sleeping
