@@ -27,7 +27,6 @@ import os
 import signal
 import sys
 import time
-from functools import partial
 
 import numpy as np
 
@@ -40,13 +39,6 @@ from shm.progress import JournalProgress
 from shm.region import ShmError
 from shm.wait import SpinYieldBlockWait, shared_cpu_wait
 
-# Yields before the matcher sleeps when it shares its CPU with a gateway. Under load the next
-# batch of commands comes within a few hundred µs, and waking a sleeping matcher costs the
-# gateway a FIFO write and a context switch each way; with no other task on the CPU a yield
-# returns at once, so an idle matcher still sleeps within a few ms. `perpx bench e2e` (fast
-# acks), alternating runs on this 2-core box: 20 yields 14.7k orders/s, 400 16.5k-17.7k,
-# 1500 18.9k-19.1k, 5000 18.1k-18.5k.
-MATCHER_YIELDS = 1500
 
 
 def main(argv=None) -> int:
@@ -77,12 +69,14 @@ def main(argv=None) -> int:
     beat["ready"] = 0     # a predecessor killed while serving left its flag set
     beat["pid"] = os.getpid()
 
+    spinning = spec.doc.get("matcher_spins", True)
+    if not spinning:
+        share_cpu_with_gateway()
     service = MatcherService(cfg, prefix, sources, consumers=list(spec.consumers),
                              event_capacity=eng.get("event_ring_capacity") or None,
                              batch=int(eng.get("batch", 256)),
                              reattach=MatcherService.exists(prefix),
-                             idle_wait=(SpinYieldBlockWait if spec.doc.get("matcher_spins", True)
-                                        else partial(shared_cpu_wait, yields=MATCHER_YIELDS)))
+                             idle_wait=(SpinYieldBlockWait if spinning else shared_cpu_wait))
     try:
         # Load (or compile) the matcher now, not on the first command: an empty batch.
         empty = np.zeros(0, COMMAND_DTYPE)
@@ -112,6 +106,19 @@ def main(argv=None) -> int:
             hb_board.close()
     print("matcher: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def share_cpu_with_gateway() -> None:
+    """The matcher shares its CPU with the gateway: SCHED_BATCH, and it sleeps after 20 yields.
+
+    SCHED_BATCH: a matcher woken by the gateway's doorbell does not preempt the gateway in the
+    middle of its pass; it runs when the gateway sleeps, takes the whole batch the pass wrote,
+    and the gateway's doorbell write costs a syscall, not two context switches. A matcher that
+    stays awake instead (1,500 yields before sleeping, the old way to spare the gateway that
+    wake-up) keeps its CPU looking busy, so other processes pile onto the other CPU: 4 paced
+    clients on this box saw p99 in the hundreds of ms (docs/tuning.md, "The matcher's wait").
+    """
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 def log(msg: str) -> None:
