@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import numpy as np
 
@@ -50,13 +51,16 @@ from persistd.store import Store
 from shm import names
 from shm.progress import JournalProgress
 from shm.ring import EventRing
-from shm.wait import shared_cpu_wait
+from shm.wait import SHARED_CPU_YIELDS, IdleCpuYieldWait
 
 READ_BATCH = 1 << 14
 FAST_NICE = 5
 # 10 ms passes cost ~3x less journal CPU per command but, in 3 alternating unpaced e2e pairs,
 # left the order path at 18.9k orders/s against 20.7k with 2 ms (cause not found): keep 2 ms.
 FAST_PASS_S = 0.002
+# Durable acks: how long the journal thread yields between passes before it sleeps, if its
+# CPU is otherwise idle (1 ms: a gap between orders at 1,000 orders/s).
+JOURNAL_YIELD_S = 0.001
 RETRY_S = 0.5
 CHILD_CHECK_S = 0.1      # how often the journal thread checks on the store process
 CHILD_STOP_S = 60.0
@@ -105,10 +109,14 @@ class Persistd:
         self.progress.set_durable_seq(self._writer().last_seq)
         self._forget_beyond_journal()
         self._check_store()
-        # Durable acks: the journal thread waits for events on a CPU it shares (on 2 cores with
-        # riskd, the supervisor and the store process): spinning takes it from them.
+        # Durable acks: between passes the journal thread yields for up to JOURNAL_YIELD_S
+        # while nobody else wants its CPU, so the matcher's next events find it awake (waking
+        # it costs ~180 µs of the durable ack's p50 on this VM, docs/tuning.md), and it sleeps
+        # after a few yields that ran somebody else: it shares a CPU with riskd, the
+        # supervisor and, in the benchmarks, the clients. With fast acks: a timer (run).
         self.events = EventRing.attach(names.event_ring(self.prefix), EVENT_DTYPE,
-                                       wait=shared_cpu_wait)
+                                       wait=partial(IdleCpuYieldWait, yields=SHARED_CPU_YIELDS,
+                                                    yield_s=JOURNAL_YIELD_S))
         saved = self.events.consumer_cursor("persistd") is not None
         self.consumer = self.events.consumer("persistd", start="saved" if saved else "current")
         self.progress.set_pid(os.getpid())    # ready: the supervisor waits for this
