@@ -55,7 +55,6 @@ from shm.progress import JournalProgress
 
 RETRY_S = 0.5
 COMMAND_IN_EVENT_BYTE = COMMAND_EVENT_WORD * 8   # EV_COMMAND: where the command record starts
-STORE_NICE = 10
 # The marker's fdatasync is a disk flush of its own, beside the journal's: once a second is
 # enough (a marker behind only classifies damage more leniently, never wrongly).
 MARKER_SYNC_S = 1.0
@@ -331,9 +330,14 @@ class StoreProcess:
 
 def serve(spec: ExchangeSpec, opts: dict, log) -> int:
     """The store process's main (persistd's `--store`)."""
-    # Background work: the order path, the journal and the clients win the CPU. First thing,
-    # so that every thread of the process (DuckDB's included) inherits it: nice is per thread.
-    os.nice(STORE_NICE)
+    # Background work: SCHED_IDLE, so it runs only on CPU time nobody else wants, and on the
+    # CPUs the supervisor gives it (spec "store_cpus": on 2 cores the order path's, idle
+    # between orders; on the other CPU it took the time slices the journal thread yields
+    # there). First thing, so that every thread (DuckDB's included) inherits both: they are
+    # per thread. Measured: docs/tuning.md, "The store process's CPU".
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    if spec.doc.get("store_cpus"):
+        os.sched_setaffinity(0, spec.doc["store_cpus"])
     # exchange.json carries the whole section, defaults resolved (perpx/config.py)
     service = StoreProcess(spec, snapshot_every=int(opts["snapshot_every"]),
                            snapshots_keep=int(opts["snapshots_keep"]),

@@ -22,6 +22,7 @@ import zmq.auth
 from perpx import launch
 from perpx.launch import REPO, STARTUP_S, ExchangeProcess, child_env, pid_alive
 from perpx.statedir import StateDir
+from perpx.supervisor import matcher_spins, plan_cpus
 
 WAIT_S = 15.0
 CLI_TIMEOUT_S = 60.0
@@ -145,6 +146,26 @@ def kill9_and_wait_restarted(up, proc: dict) -> int:
     return old
 
 
+def assert_cpu_placement(status: dict, procs: dict) -> None:
+    """The plan in status.json is the one the processes run with: the matcher SCHED_BATCH
+    where it shares its CPU with a gateway, persistd's store process SCHED_IDLE on the plan's
+    store CPUs (perpx/supervisor.py plan_cpus)."""
+    plan = status["cpu_plan"]
+    assert plan == plan_cpus(os.sched_getaffinity(0), 2)
+    matcher = procs["matcher"]["pid"]
+    assert os.sched_getaffinity(matcher) == set(plan["matcher"])
+    expected = os.SCHED_OTHER if matcher_spins(plan) else os.SCHED_BATCH
+    assert os.sched_getscheduler(matcher) == expected
+    persistd = procs["persistd"]["pid"]
+    with open(f"/proc/{persistd}/task/{persistd}/children") as f:
+        (store,) = [int(pid) for pid in f.read().split()]
+    with open(f"/proc/{store}/cmdline", "rb") as f:
+        assert b"--store" in f.read()
+    assert os.sched_getaffinity(store) == set(plan["store"])
+    for tid in os.listdir(f"/proc/{store}/task"):      # DuckDB's threads included
+        assert os.sched_getscheduler(int(tid)) == os.SCHED_IDLE
+
+
 # ---------------------------------------------------------------------------------------------
 def test_up_status_gateway_restart_and_sigterm(ups):
     up = ups("state", config_text(gateways=2))
@@ -165,6 +186,7 @@ def test_up_status_gateway_restart_and_sigterm(ups):
     assert status["seq"] >= 4            # the genesis: two markets, two commands each
     assert status["durable_seq"] == status["seq"]      # "fast" acks, but persistd journals
     assert status["heartbeats"]["matcher"]["beating"]
+    assert_cpu_placement(json.loads(sd.status_file.read_text()), procs)
 
     # one exchange per state dir
     line = cli_fails(sd.path, "up", "--config", up.dir.parent / "state.toml")
