@@ -8,7 +8,7 @@ Two processes wired like the order path, with perpx's own shm rings and doorbell
   idle, one poll() on the ROUTER and the event ring's doorbell (a FIFO), as gateway/server.py.
 - matcher-shaped: drains the command ring and answers each command with one 128-byte event
   carrying its token; idles as the real matcher does when it shares a CPU with the gateway
-  (yield MATCHER_YIELDS times, then sleep on the doorbell).
+  (SCHED_BATCH, 20 yields, then sleep on the doorbell: perpx/matcherd.py).
 
 The gateway keeps each message by token and sends the frames back unchanged when its event
 comes: the clients see the echo's replies. Both are pinned as the supervisor pins the order
@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import os
 import signal
-from functools import partial
 
 import numpy as np
 
 from gateway.server import gateway_context
-from perpx.matcherd import MATCHER_YIELDS
+from perpx.matcherd import share_cpu_with_gateway
 from perpx.supervisor import plan_cpus
 from shm.ring import CommandRing, EventRing
 from shm.wait import shared_cpu_wait
@@ -74,9 +73,9 @@ def matcher_main(tag: str, stop_evt) -> None:
     import gc
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _pin("matcher")
+    share_cpu_with_gateway()
     cmd_name, evt_name = ring_names(tag)
-    cmd = CommandRing.attach(cmd_name, TOKEN_COMMAND,
-                             wait=partial(shared_cpu_wait, yields=MATCHER_YIELDS))
+    cmd = CommandRing.attach(cmd_name, TOKEN_COMMAND, wait=shared_cpu_wait)
     evt = EventRing.attach(evt_name, TOKEN_EVENT)
     out = np.zeros(CAPACITY, TOKEN_EVENT)
     gc.collect()
