@@ -9,8 +9,7 @@ validated when it was written; `from_dict` checks only its shape.
     {"prefix", "state_dir", "engine": {EngineConfig fields, batch, event_ring_capacity,
      command_ring_capacity}, "markets": [Market.describe(), ...], "sources": [{"name",
      "privileged", "capacity"}], "consumers": [...], "exchange": {...}, "risk": {...},
-     "persistence": {...}, "endpoints": {...}, "matcher_spins": bool,
-     "store_cpus": [int, ...] (persistd's store process; empty: not pinned)}
+     "persistence": {...}, "endpoints": {...}, "matcher_spins": bool}
 """
 
 from __future__ import annotations

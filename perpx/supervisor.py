@@ -29,9 +29,7 @@ CPU pinning (`os.sched_setaffinity`, exchange.pin_cpus): with at least gateways 
 matcher and each gateway get a CPU of their own and everything else (the supervisor,
 persistd, riskd) shares the rest. With fewer, the order path (the matcher and the gateways)
 shares all CPUs but the last, and everything else gets the last one. On this 2-core box:
-matcher and gateway on CPU 0; persistd, riskd, supervisor on CPU 1; persistd's store
-process, which runs SCHED_IDLE, on the order path's CPUs (idle between orders; with a CPU
-per order process, on the rest). The order path stays
+matcher and gateway on CPU 0; persistd, riskd, supervisor on CPU 1. The order path stays
 together because every order crosses gateway -> matcher -> gateway, and on this VM a wake-up
 round trip between two processes costs ~7 µs on one CPU against ~65 µs (p99 ~210 µs) across
 two; a matcher that shares its CPU never spins when idle (it would hold up the gateway it
@@ -131,20 +129,19 @@ def consumers_for(cfg: Config) -> list[str]:
 
 
 def plan_cpus(available, gateways: int) -> dict[str, list[int]]:
-    """Which CPUs each process may run on: keys 'matcher', 'gateway-N', 'other', and 'store'
-    (persistd's store process, which runs SCHED_IDLE: on CPU time nobody else wants)."""
+    """Which CPUs each process may run on: keys 'matcher', 'gateway-N', 'other'."""
     cpus = sorted(available)
     order_procs = ["matcher"] + [f"gateway-{i}" for i in range(gateways)]
     if len(cpus) < 2:
-        return {**{n: cpus for n in order_procs}, "other": cpus, "store": cpus}
+        return {**{n: cpus for n in order_procs}, "other": cpus}
     if len(cpus) >= gateways + 2:
         plan = {"matcher": cpus[:1]}
         for i in range(gateways):
             plan[f"gateway-{i}"] = [cpus[1 + i]]
-        plan["other"] = plan["store"] = cpus[gateways + 1:]
+        plan["other"] = cpus[gateways + 1:]
         return plan
     order_path = cpus[:-1]
-    return {**{n: order_path for n in order_procs}, "other": cpus[-1:], "store": order_path}
+    return {**{n: order_path for n in order_procs}, "other": cpus[-1:]}
 
 
 def matcher_spins(plan: dict[str, list[int]]) -> bool:
@@ -391,7 +388,6 @@ class Supervisor:
             "consumers": consumers_for(cfg),
             "ports": ports,
             "matcher_spins": matcher_spins(self.cpu_plan),
-            "store_cpus": self.cpu_plan.get("store", []),
         }
         write_json_atomic(sd.exchange_file, self.doc)
         server_secret = self._server_certificate()

@@ -300,22 +300,20 @@ def test_usdc_amounts_are_exact():
 def test_cpu_plan():
     # one CPU: everything shares it, and the matcher does not spin
     one = plan_cpus([0], 1)
-    assert one == {"matcher": [0], "gateway-0": [0], "other": [0], "store": [0]}
+    assert one == {"matcher": [0], "gateway-0": [0], "other": [0]}
     assert not matcher_spins(one)
-    # this box: the order path (matcher, gateways) on CPU 0, the rest on CPU 1; the store
-    # process (SCHED_IDLE) takes the order path's idle time
+    # this box: the order path (matcher, gateways) on CPU 0, the rest on CPU 1
     two = plan_cpus([0, 1], 1)
-    assert two == {"matcher": [0], "gateway-0": [0], "other": [1], "store": [0]}
+    assert two == {"matcher": [0], "gateway-0": [0], "other": [1]}
     assert not matcher_spins(two)
     assert plan_cpus([0, 1], 2) == {"matcher": [0], "gateway-0": [0], "gateway-1": [0],
-                                    "other": [1], "store": [0]}
+                                    "other": [1]}
     # enough CPUs: a CPU each, the rest shared; the matcher spins on its own CPU
     five = plan_cpus([0, 1, 2, 3, 4], 2)
-    assert five == {"matcher": [0], "gateway-0": [1], "gateway-1": [2], "other": [3, 4],
-                    "store": [3, 4]}
+    assert five == {"matcher": [0], "gateway-0": [1], "gateway-1": [2], "other": [3, 4]}
     assert matcher_spins(five)
     assert plan_cpus([0, 1, 2], 2) == {"matcher": [0, 1], "gateway-0": [0, 1],
-                                       "gateway-1": [0, 1], "other": [2], "store": [0, 1]}
+                                       "gateway-1": [0, 1], "other": [2]}
     # not pinned: the matcher may share a CPU with a gateway
     assert not matcher_spins({})
 

@@ -148,8 +148,8 @@ def kill9_and_wait_restarted(up, proc: dict) -> int:
 
 def assert_cpu_placement(status: dict, procs: dict) -> None:
     """The plan in status.json is the one the processes run with: the matcher SCHED_BATCH
-    where it shares its CPU with a gateway, persistd's store process SCHED_IDLE on the plan's
-    store CPUs (perpx/supervisor.py plan_cpus)."""
+    where it shares its CPU with a gateway; persistd's store process, on the 'other' CPUs,
+    SCHED_IDLE in every thread (perpx/supervisor.py plan_cpus, persistd/storer.py)."""
     plan = status["cpu_plan"]
     assert plan == plan_cpus(os.sched_getaffinity(0), 2)
     matcher = procs["matcher"]["pid"]
@@ -161,7 +161,7 @@ def assert_cpu_placement(status: dict, procs: dict) -> None:
         (store,) = [int(pid) for pid in f.read().split()]
     with open(f"/proc/{store}/cmdline", "rb") as f:
         assert b"--store" in f.read()
-    assert os.sched_getaffinity(store) == set(plan["store"])
+    assert os.sched_getaffinity(store) == set(plan["other"])
     for tid in os.listdir(f"/proc/{store}/task"):      # DuckDB's threads included
         assert os.sched_getscheduler(int(tid)) == os.SCHED_IDLE
 
