@@ -113,10 +113,12 @@ class Persistd:
         # while nobody else wants its CPU, so the matcher's next events find it awake (waking
         # it costs ~180 µs of the durable ack's p50 on this VM, docs/tuning.md), and it sleeps
         # after a few yields that ran somebody else: it shares a CPU with riskd, the
-        # supervisor and, in the benchmarks, the clients. With fast acks: a timer (run).
+        # supervisor and, in the benchmarks, the clients; and it does not yield at all while
+        # the store process writes (store_busy). With fast acks: a timer (run).
         self.events = EventRing.attach(names.event_ring(self.prefix), EVENT_DTYPE,
                                        wait=partial(IdleCpuYieldWait, yields=SHARED_CPU_YIELDS,
-                                                    yield_s=JOURNAL_YIELD_S))
+                                                    yield_s=JOURNAL_YIELD_S,
+                                                    busy_neighbour=self.progress.store_busy))
         saved = self.events.consumer_cursor("persistd") is not None
         self.consumer = self.events.consumer("persistd", start="saved" if saved else "current")
         self.progress.set_pid(os.getpid())    # ready: the supervisor waits for this

@@ -39,6 +39,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 
 import msgpack
 import numpy as np
@@ -97,6 +98,7 @@ class StoreProcess:
         self.failed: BaseException | None = None
         self.store_error: Exception | None = None
         self.progress = JournalProgress.attach(spec.prefix)
+        self.progress.set_store_busy(False)    # a killed predecessor may have left it set
         self.store = Store(self.sd.store_file, self.markets, config=STORE_CONFIG)
         self.progress.set_store_seq(self.store.last_seq)
         self._marker_fd = None
@@ -226,7 +228,8 @@ class StoreProcess:
         try:
             if self.store is None:
                 self.store = Store(self.sd.store_file, self.markets, config=STORE_CONFIG)
-            self.store.write(events, extra, upto_seq=replica.seq, reports=numbered)
+            with self._busy():
+                self.store.write(events, extra, upto_seq=replica.seq, reports=numbered)
         except Exception as e:   # disk full, I/O error: DuckDB lags, acks do not wait for it
             if self.store_error is None:
                 self.log(f"DuckDB WRITE FAILED ({type(e).__name__}: {e}); retrying every "
@@ -256,11 +259,21 @@ class StoreProcess:
         except Exception:
             pass
 
+    @contextmanager
+    def _busy(self):
+        """A burst of CPU beside the journal: it sleeps rather than yield to us meanwhile."""
+        self.progress.set_store_busy(True)
+        try:
+            yield
+        finally:
+            self.progress.set_store_busy(False)
+
     def _snapshot(self, replica: Replica) -> int:
         t0 = time.monotonic()
-        path = snapshot.write_snapshot(self.sd.snapshots_dir, replica.buffer, seq=replica.seq,
-                                       layout_version=replica.layout_version,
-                                       state_hash=replica.state_hash())
+        with self._busy():
+            path = snapshot.write_snapshot(self.sd.snapshots_dir, replica.buffer,
+                                           seq=replica.seq, layout_version=replica.layout_version,
+                                           state_hash=replica.state_hash())
         snapshot.prune(self.sd.snapshots_dir, self.snapshots_keep)
         self.progress.set_snapshot_seq(replica.seq)   # persistd retires segments it covers
         self.log(f"snapshot at seq {replica.seq} written in {time.monotonic() - t0:.2f} s: "

@@ -12,6 +12,9 @@ line (shm/cursor.py):
     store_seq       events up to this seq are in DuckDB (`perpx sql` sees them)
     snapshot_seq    the seq of the newest state snapshot on disk
     pid             persistd's pid
+    store_busy      1 while the store process writes DuckDB or a snapshot (a burst of CPU on
+                    the journal's CPU): the journal then sleeps between passes instead of
+                    yielding its CPU to it (persistd/service.py)
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from shm import names
 from shm.cursor import CACHE_LINE, Cursor
 from shm.region import Region
 
-PROGRESS_LAYOUT = 0x5045_5250_4A52_0001    # "PERPJR" v1
-_FIELDS = ("durable_seq", "journal_errno", "store_seq", "snapshot_seq", "pid")
+PROGRESS_LAYOUT = 0x5045_5250_4A52_0002    # "PERPJR" v2
+_FIELDS = ("durable_seq", "journal_errno", "store_seq", "snapshot_seq", "pid", "store_busy")
 
 
 class JournalProgress:
@@ -58,6 +61,9 @@ class JournalProgress:
     def pid(self) -> int:
         return self._pid.get()
 
+    def store_busy(self) -> bool:
+        return self._store_busy.get() != 0
+
     def wait_durable(self, seq: int, timeout_s: float, poll_s: float = 0.001) -> bool:
         """Whether durable_seq reached seq within timeout_s (polled: a reader outside the
         hot path, such as an operator command or a recovering matcher)."""
@@ -83,6 +89,9 @@ class JournalProgress:
 
     def set_pid(self, pid: int) -> None:
         self._pid.set(pid)
+
+    def set_store_busy(self, busy: bool) -> None:
+        self._store_busy.set(int(busy))
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name)() for name in _FIELDS}

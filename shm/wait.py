@@ -110,12 +110,18 @@ class IdleCpuYieldWait(SpinYieldBlockWait):
     """
 
     def __init__(self, doorbell: Doorbell, yields: int, yield_s: float,
-                 handed_over_s: float = HANDED_OVER_S):
+                 handed_over_s: float = HANDED_OVER_S, busy_neighbour: Condition | None = None):
+        """busy_neighbour: when it returns True, sleep at once: a known CPU hog would get each
+        yield's time slice (a SCHED_IDLE one until the next tick, 4 ms here), whereas a sleeper
+        that is woken preempts it at once."""
         super().__init__(doorbell, spins=0, yields=yields)
         self.yield_s = yield_s
         self.handed_over_s = handed_over_s
+        self.busy_neighbour = busy_neighbour
 
     def _yield_phase(self, condition: Condition) -> bool:
+        if self.busy_neighbour is not None and self.busy_neighbour():
+            return False
         clock = time.perf_counter
         handed_over = 0
         now = clock()

@@ -121,3 +121,15 @@ def test_idle_cpu_yield_wait_returns_when_the_condition_holds(shm_prefix):
         assert wait.wait_until(lambda: calls.append(1) or len(calls) >= 50, timeout_s=5.0)
         assert len(calls) == 50
         assert not bell.sleeping
+
+
+def test_idle_cpu_yield_wait_sleeps_at_once_beside_a_busy_neighbour(shm_prefix):
+    """While busy_neighbour() says a CPU hog is running (persistd's store process writing), the
+    waiter does not yield to it: it sleeps on its doorbell at once, even on an idle CPU."""
+    with Doorbell.create(shm_prefix + "-bell") as bell:
+        checks = []
+        wait = IdleCpuYieldWait(bell, yields=5, yield_s=0.2, busy_neighbour=lambda: True)
+        assert not wait.wait_until(lambda: checks.append(1) is not None, timeout_s=0.3)
+        # asleep through the 0.3 s: a few checks per block slice, where yielding through the
+        # first 0.2 s on an idle CPU checks ~10^5 times
+        assert len(checks) < 1_000, len(checks)
