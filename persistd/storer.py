@@ -356,6 +356,13 @@ def serve(spec: ExchangeSpec, opts: dict, log) -> int:
 
     def on_signal(*_):
         service.stopping.set()
+        # Leave quickly: the next persistd needs our DuckDB file, and at SCHED_IDLE under load
+        # the last round could take minutes.
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+            except OSError:    # a thread that just ended
+                pass
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # persistd decides when the store stops
