@@ -29,6 +29,7 @@ semaphore to forward the wake-up.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import select
 import weakref
@@ -178,7 +179,9 @@ class Doorbell:
                 self._poll = select.poll()
                 self._poll.register(self._read_fd, select.POLLIN)
             try:
-                readable = bool(self._poll.poll(max(0, int(timeout_s * 1000))))
+                # rounded up: poll() counts whole ms, and a timeout rounded down to 0 made the
+                # last ms of every timed wait a busy loop of sleeps that return at once
+                readable = bool(self._poll.poll(max(0, math.ceil(timeout_s * 1000))))
             except InterruptedError:
                 pass     # a signal: the caller re-checks its condition
         finally:
