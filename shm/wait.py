@@ -99,24 +99,24 @@ class SpinYieldBlockWait:
 
 
 class IdleCpuYieldWait(SpinYieldBlockWait):
-    """Yield for as long as nobody else wants the CPU, then sleep: for the matcher.
+    """Yield for as long as nobody else wants the CPU, then sleep: persistd's journal thread
+    between durable passes.
 
-    While the CPU has nothing else to run, a yield returns at once and the waiter keeps the CPU
-    awake: on this VM a CPU that halts costs the next wake-up tens of µs more than a busy one
-    (the gateway's next command, the I/O thread's next packet). As soon as others want the
-    CPU, every yield hands it over for a time slice, and a waiter that stayed runnable would
-    take its fair share of the CPU from them while waiting (4 paced clients: p99 in the hundreds
-    of ms): after ``yields`` such yields it sleeps. ``yield_s`` bounds the idle yielding.
+    While the CPU has nothing else to run, a yield returns at once and the waiter stays awake:
+    on this VM waking a waiter on another CPU costs ~180 µs of the durable ack. As soon as
+    others want the CPU, every yield hands it over for a time slice, and a waiter that stayed
+    runnable would take its fair share of the CPU from them while waiting: after ``yields``
+    such yields (each longer than HANDED_OVER_S) it sleeps. ``yield_s`` bounds the idle
+    yielding. (Tried for the matcher too and not kept: docs/tuning.md, "The matcher's wait".)
     """
 
     def __init__(self, doorbell: Doorbell, yields: int, yield_s: float,
-                 handed_over_s: float = HANDED_OVER_S, busy_neighbour: Condition | None = None):
+                 busy_neighbour: Condition | None = None):
         """busy_neighbour: when it returns True, sleep at once: a known CPU hog would get each
         yield's time slice (a SCHED_IDLE one until the next tick, 4 ms here), whereas a sleeper
         that is woken preempts it at once."""
         super().__init__(doorbell, spins=0, yields=yields)
         self.yield_s = yield_s
-        self.handed_over_s = handed_over_s
         self.busy_neighbour = busy_neighbour
 
     def _yield_phase(self, condition: Condition) -> bool:
@@ -131,7 +131,7 @@ class IdleCpuYieldWait(SpinYieldBlockWait):
             if condition():
                 return True
             before, now = now, clock()
-            if now - before > self.handed_over_s:
+            if now - before > HANDED_OVER_S:
                 handed_over += 1
         return False
 
