@@ -10,14 +10,10 @@ or joins the event ring as a consumer, so a slow or stopped exporter never holds
   published cursor are copied, then kept only if the producer cannot have overwritten them
   meanwhile (see _tail_events); events that went by unseen are counted in
   perpx_events_missed_total instead. From them come rejects by reason and liquidations.
-- ack latency: the gateways measure none, so it is derived: a thread follows the event ring
-  every TAIL_INTERVAL_S, and for each ack or reject of a sequenced order command it records
-  the time from the gateway's receipt stamp (the command's ts_ns) until the exporter sees the
-  command durable (durable acks; published, for ack_mode "fast") - when the gateway may send
-  the ack. It is an upper bound by up to one poll interval, and leaves out the gateway's own
-  send. What is missing: the gateway-side part (send queue, CURVE, socket) of the latency a
-  client sees, and rejects the gateways give before the matcher (rate_limited,
-  invalid_message, ...): that needs per-gateway counters in shared memory.
+- ack latency: each gateway measures it (gateway/ack_latency.py: its receipt stamp to the
+  reply handed to the socket, per request the matcher answered, durable hold included) and
+  writes the histogram into its stats file once a second; the sampler adds the gateways' up,
+  a restarted gateway's counts on top of what its predecessor had counted.
 
 Metric names (all prefixed perpx_): see METRICS. `perpx top` renders a scrape of the same.
 """
@@ -33,13 +29,13 @@ import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER,
-                            COMMAND_EVENT_DTYPE, EV_COMMAND, EV_LIQUIDATION, EV_REJECT,
-                            EVENT_DTYPE, LIQ_KIND_ADL, LIQ_KIND_LIQUIDATED,
-                            LIQUIDATION_EVENT_DTYPE, ORDER_EVENT_DTYPE, REASON_NAMES)
 from engine.book import best_price
+from engine.records import (EV_LIQUIDATION, EV_REJECT, EVENT_DTYPE, LIQ_KIND_ADL,
+                            LIQ_KIND_LIQUIDATED, LIQUIDATION_EVENT_DTYPE, ORDER_EVENT_DTYPE,
+                            REASON_NAMES)
 from engine.service import attach_state
 from engine.state import C_INSURANCE_ATOMS, C_SEQ
+from gateway.ack_latency import ACK_BUCKETS_S
 from perpx.config import config_from_resolved
 from persistd.snapshot import snapshots
 from shm import names
@@ -48,27 +44,21 @@ from shm.progress import JournalProgress
 from shm.ring import EventRing
 
 SAMPLE_INTERVAL_S = 1.0
-# The event-ring follower polls every TAIL_INTERVAL_S (the latency's resolution) while order
-# commands came in the last TAIL_LINGER_S, else every TAIL_IDLE_S (idle, the supervisor costs
-# ~0.7% of a CPU instead of ~3%); a command that became durable during an idle sleep is not
-# timed (the first after a quiet spell).
-TAIL_INTERVAL_S = 0.002
-TAIL_IDLE_S = 0.02
-TAIL_LINGER_S = 0.25
+# The event-ring follower's poll: far inside the time the matcher takes to lap the ring's
+# reusable part (14k events) at any rate the gateways feed it, and cheap on the CPU that the
+# journal uses (polling every 2 ms for ack latency, as it once did, cost 8% of that CPU and
+# 8% of durable throughput in `perpx bench e2e`).
+TAIL_INTERVAL_S = 0.01
 LIQUIDATION_KINDS = {LIQ_KIND_LIQUIDATED: "liquidated", LIQ_KIND_ADL: "adl"}
 WRITE_AHEAD_FRACTION = 8       # see _tail_events
-# lookup tables by uint8 code (np.isin sorts its inputs on every call: ~10% of the follower)
-ORDER_COMMAND = np.zeros(256, bool)
-ORDER_COMMAND[[CMD_NEW_ORDER, CMD_CANCEL, CMD_AMEND, CMD_CANCEL_ALL]] = True
-# seconds; a durable ack on this box is ~1-3 ms, a stalled journal shows in the top buckets
-ACK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 # name -> help text; every one is present in every scrape once the exchange is up
 METRICS = {
     "perpx_seq": "sequence number of the last command the matcher processed",
     "perpx_commands_total": "commands sequenced by the matcher (seq)",
     "perpx_commands_per_second": "commands sequenced per second over the last sample interval",
-    "perpx_ack_latency_seconds": "gateway receipt to durable (ack may go), per order command",
+    "perpx_ack_latency_seconds": "gateway receipt to reply sent, per request the matcher "
+                                 "answered (durable hold included)",
     "perpx_event_ring_lag_events": "events published but not yet read, per consumer",
     "perpx_durable_lag_commands": "seq minus durable_seq: commands not yet journaled",
     "perpx_duckdb_lag_commands": "seq minus the DuckDB store's seq",
@@ -118,32 +108,39 @@ def _tail_events(ring: EventRing, start: int) -> tuple[np.ndarray, int, int]:
 
 
 class AckHistogram:
-    """perpx_ack_latency_seconds, observed a batch at a time: one searchsorted and bincount per
-    follow() instead of a locked Histogram.observe per order (that was ~half the follower's
-    CPU under load, on the CPU the journal and the clients use)."""
+    """perpx_ack_latency_seconds: the gateways' histograms (their stats files) added up. Each
+    gateway counts from its start; a gateway whose pid changed is a new one, and its counts
+    add to what the previous ones counted, so the sum only grows."""
 
-    def __init__(self, buckets=ACK_BUCKETS):
-        self.bounds = np.array(buckets, np.float64)
-        self.counts = np.zeros(len(buckets) + 1, np.int64)   # the last: above every bound
+    def __init__(self):
+        self.bounds = ACK_BUCKETS_S
+        self.counts = np.zeros(len(ACK_BUCKETS_S) + 1, np.int64)   # the last: above them all
         self.sum_s = 0.0
+        self._seen: dict[str, tuple[int, np.ndarray, float]] = {}  # gateway -> pid, counts, sum
 
-    def observe(self, seconds: np.ndarray) -> None:
-        # a value equal to a bound belongs to that bucket (Prometheus' `le`)
-        self.counts += np.bincount(np.searchsorted(self.bounds, seconds),
-                                   minlength=len(self.counts))
-        self.sum_s += float(seconds.sum())
+    def update(self, gateway: str, pid: int, histogram: dict) -> None:
+        counts = np.array(histogram["counts"], np.int64)
+        if tuple(histogram["le_s"]) != self.bounds or len(counts) != len(self.counts):
+            return                       # another version's buckets: not comparable
+        pid_before, counts_before, sum_before = self._seen.get(gateway, (pid, 0, 0.0))
+        if pid != pid_before:
+            counts_before, sum_before = 0, 0.0
+        self.counts += counts - counts_before
+        self.sum_s += histogram["sum_s"] - sum_before
+        self._seen[gateway] = (pid, counts, histogram["sum_s"])
 
     def family(self) -> HistogramMetricFamily:
         cumulative = np.cumsum(self.counts).tolist()
         return HistogramMetricFamily(
             "perpx_ack_latency_seconds", METRICS["perpx_ack_latency_seconds"],
-            buckets=[(repr(float(b)), n) for b, n in zip(self.bounds.tolist(), cumulative)]
+            buckets=[(repr(float(b)), n) for b, n in zip(self.bounds, cumulative)]
             + [("+Inf", cumulative[-1])], sum_value=self.sum_s)
 
 
 class Sampler:
-    """The exchange's numbers, from shared memory only: sample() reads the gauges (once a
-    second), follow() the event ring's new events (every TAIL_INTERVAL_S)."""
+    """The exchange's numbers, from shared memory and the gateways' stats files: sample()
+    reads the gauges (once a second), follow() the event ring's new events (every
+    TAIL_INTERVAL_S)."""
 
     def __init__(self, sd, doc: dict, restarts=None):
         self.sd = sd
@@ -152,19 +149,12 @@ class Sampler:
         self.markets = list(self.config.markets)
         self.restarts = restarts or (lambda: {})
         self.ack_latency = AckHistogram()
-        self.fast_acks = doc.get("ack_mode") == "fast"
-        # order entry comes from the unprivileged rings (the gateways)
-        self.client_source = np.zeros(256, bool)
-        self.client_source[[i for i, src in enumerate(doc["sources"])
-                            if not src["privileged"]]] = True
         prefix = doc["prefix"]
         self._region, self.state = attach_state(prefix, sd.engine_config(doc))
         self.events = EventRing.attach(names.event_ring(prefix), EVENT_DTYPE)
         self.progress = JournalProgress.attach(prefix)
         self.board = IndexBoard.attach(prefix)
         self._event_pos = self.events.published_cursor()
-        self._pending = np.zeros(0, [("seq", "<i8"), ("ts_ns", "<i8")])   # not durable yet
-        self._last_follow = 0.0
         self._last = None          # (monotonic, seq) of the previous sample
         self._crossed_before: set[str] = set()
         self.rejects: dict[str, int] = {}
@@ -177,34 +167,12 @@ class Sampler:
         for thing in (self.events, self.progress, self.board, self._region):
             thing.close()
 
-    def follow(self) -> bool:
-        """Read the events published since the last call: rejects, liquidations, and the
-        receipt-to-durable time of each order command (see the module docstring). Returns
-        whether order commands are going on (new ones, or some not yet durable)."""
-        t = time.monotonic()
-        precise = t - self._last_follow <= 2 * TAIL_INTERVAL_S
-        self._last_follow = t
+    def follow(self) -> None:
+        """Read the events published since the last call: rejects and liquidations."""
         ev, self._event_pos, missed = _tail_events(self.events, self._event_pos)
         self.missed += missed
-        orders = ()
         if len(ev):
             self._count(ev)
-            cmd_ev = ev[(ev["etype"] == EV_COMMAND)
-                        & self.client_source[ev["source"]]].view(COMMAND_EVENT_DTYPE)
-            orders = cmd_ev[ORDER_COMMAND[cmd_ev["command"]["cmd"]]]
-            if len(orders):
-                fresh = np.empty(len(orders), self._pending.dtype)
-                fresh["seq"], fresh["ts_ns"] = orders["seq"], orders["command"]["ts_ns"]
-                self._pending = np.concatenate([self._pending, fresh])
-        if len(self._pending):
-            done = (self._pending["seq"] <= self.progress.durable_seq() if not self.fast_acks
-                    else np.ones(len(self._pending), bool))
-            if done.any():
-                if precise:
-                    waited_ns = time.time_ns() - self._pending["ts_ns"][done]
-                    self.ack_latency.observe(np.maximum(waited_ns, 0) / 1e9)
-                self._pending = self._pending[~done]
-        return bool(len(self._pending) or len(orders))
 
     def _count(self, ev: np.ndarray) -> None:
         etype = ev["etype"]
@@ -226,7 +194,7 @@ class Sampler:
     def _gateway_stats(self) -> tuple[dict, dict]:
         """From the stats file each gateway writes once a second (run/gateway-N.stats.json; a
         restarted gateway counts afresh): (gateway, reason) -> messages it refused itself, and
-        (gateway, part) -> bytes of its memory."""
+        (gateway, part) -> bytes of its memory; its ack latency goes into ack_latency."""
         refusals = {}
         limit_mb = self.config.gateway_limits["gateway_memory_limit_mb"]
         # the limit of each gateway from the config, so the family is there before any stats
@@ -237,6 +205,8 @@ class Sampler:
             except (OSError, ValueError):
                 continue          # being replaced, or its gateway not up yet
             gateway = path.name.split(".")[0]
+            if "ack_latency" in stats:
+                self.ack_latency.update(gateway, stats.get("pid"), stats["ack_latency"])
             for reason, n in stats.get("refused_by_reason", {}).items():
                 refusals[(gateway, reason)] = int(n)
             mem = stats.get("memory", {})
@@ -397,12 +367,10 @@ class Exporter:
             self.sampler.follow()
         self._httpd, thread = start_http_server(port, addr=host, registry=self.registry)
         self._threads.append(thread)
-        for step, busy_s, idle_s, name in (
-                (self.sampler.sample, self.sample_interval_s, self.sample_interval_s,
-                 "metrics-sampler"),
-                (self.sampler.follow, self.tail_interval_s, TAIL_IDLE_S,
-                 "metrics-follower")):
-            t = threading.Thread(target=self._loop, args=(step, busy_s, idle_s), name=name,
+        for step, interval_s, name in (
+                (self.sampler.sample, self.sample_interval_s, "metrics-sampler"),
+                (self.sampler.follow, self.tail_interval_s, "metrics-follower")):
+            t = threading.Thread(target=self._loop, args=(step, interval_s), name=name,
                                  daemon=True)
             t.start()
             self._threads.append(t)
@@ -418,20 +386,13 @@ class Exporter:
             t.join(timeout=5)
         self.sampler.close()
 
-    def _loop(self, step, busy_s: float, idle_s: float) -> None:
-        """step() every busy_s until it has returned nothing true for TAIL_LINGER_S, then
-        every idle_s until it does again."""
+    def _loop(self, step, interval_s: float) -> None:
+        """step() every interval_s."""
         failed = None
-        wait_s = busy_s
-        last_busy = 0.0
-        while not self._stop.wait(wait_s):
+        while not self._stop.wait(interval_s):
             try:
                 with self.lock:
-                    busy = step()
-                now = time.monotonic()
-                if busy:
-                    last_busy = now
-                wait_s = busy_s if now - last_busy < TAIL_LINGER_S else idle_s
+                    step()
                 failed = None
             except Exception as e:      # keep the exporter alive; say why once per cause
                 if repr(e) != failed:

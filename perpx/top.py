@@ -89,7 +89,7 @@ def render(m: dict, title: str = "perpx top") -> Group:
     head.append(f"ack p50 {_ms(quantile(m, 0.5))}  p99 {_ms(quantile(m, 0.99))}   ")
     head.append(f"insurance fund {_num(_one(m, 'perpx_insurance_fund_usdc'), 2)} USDC")
 
-    hist = Table(title="ack latency (gateway receipt to durable, order commands)",
+    hist = Table(title="ack latency (receipt to reply sent, requests the matcher answered)",
                  title_justify="left", show_header=True, box=None)
     hist.add_column("bucket", justify="right")
     hist.add_column("count", justify="right")

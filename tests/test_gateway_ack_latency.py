@@ -1,0 +1,73 @@
+"""The gateway's ack-latency histogram (gateway/ack_latency.py), as its stats file shows it:
+every reply to a request the matcher answered is counted once, from the gateway's receipt to
+the reply's send, the durable hold included; what the gateway answers itself is not."""
+
+import json
+import time
+
+import pytest
+
+from gateway.ack_latency import ACK_BUCKETS_S
+from tests.gateway_fixtures import WAIT_S, order, wait_until
+from tests.gateway_fixtures import exchange_factory  # noqa: F401 — fixture
+from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
+
+
+def ack_latency(ex) -> dict:
+    wait_until(ex.stats_file.exists, WAIT_S, "the stats file")
+    return json.loads(ex.stats_file.read_text())["ack_latency"]
+
+
+def counted(ex) -> int:
+    return sum(ack_latency(ex)["counts"])
+
+
+@pytest.fixture
+def make(exchange_factory, tmp_path):  # noqa: F811
+    def start(durable=False):
+        stats_file = tmp_path / "gateway-0.stats.json"
+        ex = exchange_factory(durable=durable, stats_file=str(stats_file))
+        ex.stats_file = stats_file
+        return ex
+    return start
+
+
+def test_every_matcher_reply_is_counted_once_and_nothing_else(make):
+    ex = make()
+    a = ex.client(1)
+    replies = []
+    for cid in range(1, 21):
+        replies.append(a.request(**order(cid, "BTC-PERP", "buy", "0.1", "60000"))["type"])
+        replies.append(a.request(type="cancel", cid=cid)["type"])
+    replies.append(a.request(type="cancel", cid=999)["type"])        # the matcher rejects it
+    assert replies == ["ack", "canceled"] * 20 + ["reject"]
+    # answered by the gateway alone: not counted
+    assert a.request(type="ping")["type"] == "pong"
+    assert a.request(type="no_such_type")["reason"] == "invalid_message"
+    assert a.request(**order(50, "BTC-PERP", "buy", "0.1", "60000.00001"))["type"] == "reject"
+    assert a.request(type="open_orders")["type"] == "open_orders"
+    wait_until(lambda: counted(ex) >= 41, WAIT_S, "41 replies in the stats file")
+    time.sleep(1.2)     # one more write of the stats file: nothing else arrives
+    hist = ack_latency(ex)
+    assert sum(hist["counts"]) == 41
+    assert hist["le_s"] == list(ACK_BUCKETS_S) and len(hist["counts"]) == len(ACK_BUCKETS_S) + 1
+    assert 0 < hist["sum_s"] < 41 * 1.0
+
+
+def test_durable_wait_includes_the_hold(make):
+    ex = make(durable=True)
+    a = ex.client(1)
+    seq_before = ex.seq()
+    rids = [a.send(**order(cid, "BTC-PERP", "buy", "0.1", "60000")) for cid in (1, 2, 3)]
+    wait_until(lambda: ex.seq() >= seq_before + 3, WAIT_S, "the matcher to take the orders")
+    time.sleep(1.2)      # the hold: journaled (durable_seq) only now; the stats file rewritten
+    assert counted(ex) == 0
+    ex.durable.value = ex.seq()
+    for rid in rids:
+        assert a.wait_for(lambda m, rid=rid: m.get("rid") == rid)["type"] == "ack"
+    wait_until(lambda: counted(ex) == 3, WAIT_S, "the 3 released acks in the stats file")
+    hist = ack_latency(ex)
+    # each waited at least the 1.2 s hold: the buckets up to 1 s are empty
+    below = ACK_BUCKETS_S.index(1.0) + 1
+    assert hist["counts"][:below] == [0] * below
+    assert hist["sum_s"] >= 3 * 1.2
