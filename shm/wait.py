@@ -120,13 +120,13 @@ class IdleCpuYieldWait(SpinYieldBlockWait):
         self.busy_neighbour = busy_neighbour
 
     def _yield_phase(self, condition: Condition) -> bool:
-        if self.busy_neighbour is not None and self.busy_neighbour():
-            return False
+        busy = self.busy_neighbour or (lambda: False)
         clock = time.perf_counter
         handed_over = 0
         now = clock()
         until = now + self.yield_s
-        while now < until and handed_over < self.yields:
+        # the neighbour is asked before every yield: it may start its burst meanwhile
+        while now < until and handed_over < self.yields and not busy():
             os.sched_yield()
             if condition():
                 return True

@@ -133,3 +133,16 @@ def test_idle_cpu_yield_wait_sleeps_at_once_beside_a_busy_neighbour(shm_prefix):
         # asleep through the 0.3 s: a few checks per block slice, where yielding through the
         # first 0.2 s on an idle CPU checks ~10^5 times
         assert len(checks) < 1_000, len(checks)
+
+
+def test_idle_cpu_yield_wait_stops_yielding_when_the_neighbour_turns_busy(shm_prefix):
+    """The neighbour is asked before every yield: one that starts its burst while the waiter
+    yields (the store process begins a pass) gets no more of them: the waiter sleeps."""
+    with Doorbell.create(shm_prefix + "-bell") as bell:
+        checks = []
+        wait = IdleCpuYieldWait(bell, yields=5, yield_s=30.0,
+                                busy_neighbour=lambda: len(checks) >= 100)
+        assert not wait.wait_until(lambda: checks.append(1) is not None, timeout_s=0.5)
+        # 100 yields on an idle CPU, then asleep: yielding on through the 0.5 s would check
+        # ~10^5 times
+        assert 100 <= len(checks) < 1_000, len(checks)
