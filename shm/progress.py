@@ -12,9 +12,10 @@ line (shm/cursor.py):
     store_seq       events up to this seq are in DuckDB (`perpx sql` sees them)
     snapshot_seq    the seq of the newest state snapshot on disk
     pid             persistd's pid
-    store_busy      1 while the store process writes DuckDB or a snapshot (a burst of CPU on
-                    the journal's CPU): the journal then sleeps between passes instead of
-                    yielding its CPU to it (persistd/service.py)
+    store_busy      1 during each pass of the store process (journal read, replica, DuckDB
+                    write, snapshot: a burst of CPU on the journal's CPU): the journal then
+                    sleeps between passes instead of yielding its CPU to it
+                    (persistd/service.py)
 """
 
 from __future__ import annotations
