@@ -158,8 +158,9 @@ class Doorbell:
         that disarm drains it (a spurious wake-up, as above)."""
         if readable or self._rung_seq.get() == token:
             try:
-                while os.read(self._read_fd, 4096):
-                    pass
+                # one read takes every byte: ringers write one per sleep they claim, and
+                # a FIFO read returns all it holds up to the size asked for
+                os.read(self._read_fd, 4096)
             except BlockingIOError:
                 pass
         self._sleep_seq.set(token + 1)
