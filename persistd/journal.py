@@ -534,7 +534,10 @@ class JournalFollower:
         return True
 
     def read(self, upto_seq: int, max_bytes: int = 16 << 20) -> np.ndarray:
-        parts = []
+        # the records' bytes, joined once at the end: np.concatenate of structured arrays
+        # promotes their fields in Python per part, ~20 µs per batch, and at 1,000 orders/s
+        # every batch holds one record (the store process's pass spent 20 ms a second there)
+        chunks = []
         got = 0
         while self.next_seq <= upto_seq and got < max_bytes:
             if self._fd is None and not self._open_segment():
@@ -562,9 +565,8 @@ class JournalFollower:
                     raise JournalCorrupt(self._segment.path, self._offset + pos,
                                          f"payload checksum mismatch in durable batch of seqs "
                                          f"{first}..{last}")
-                records = np.frombuffer(data, JOURNAL_RECORD_DTYPE, count, pos + HEADER_BYTES)
                 if last >= self.next_seq:
-                    parts.append(records[max(0, self.next_seq - first):])
+                    chunks.append(payload[max(0, self.next_seq - first) * RECORD_BYTES:])
                     self.next_seq = last + 1
                 self._offset_seq = last + 1
                 pos = end
@@ -572,9 +574,7 @@ class JournalFollower:
             got += pos
             if pos == 0 and self.next_seq <= upto_seq and not self._open_segment():
                 break        # nothing new here, and no later segment yet
-        if not parts:
-            return np.zeros(0, JOURNAL_RECORD_DTYPE)
-        return np.concatenate(parts)
+        return np.frombuffer(bytearray().join(chunks), JOURNAL_RECORD_DTYPE)
 
     def close(self) -> None:
         if self._fd is not None:
