@@ -539,6 +539,15 @@ class Gateway:
 
 
 # ---------------------------------------------------------------------- entry point -----
+# the spec's exchange key -> (Gateway argument, type)
+SPEC_LIMITS = {"rate_limit_per_s": ("rate_per_s", float), "rate_limit_burst": ("burst", float),
+               "max_connections": ("max_connections", int),
+               "max_connections_per_account": ("max_connections_per_account", int),
+               "max_queued_messages": ("max_queued_messages", int),
+               "max_queued_bytes": ("max_queued_bytes", int),
+               "gateway_memory_limit_mb": ("memory_limit_mb", int)}
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m gateway",
                                 description="perpx order-entry gateway (one process)")
@@ -571,24 +580,22 @@ def main(argv=None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # exchange.json holds the config resolved by `perpx up` (perpx/config.py, its one home
+    # for defaults): every limit is there, none is guessed here
+    missing = [key for key in SPEC_LIMITS if key not in exchange]
+    if missing:
+        log.error("%s: the exchange section lacks %s: write it with `perpx up`", args.spec,
+                  ", ".join(missing))
+        return 2
+    limits = {arg: kind(exchange[key]) for key, (arg, kind) in SPEC_LIMITS.items()}
     progress = attach_retrying(lambda: JournalProgress.attach(spec.prefix), 30.0)
     gw = Gateway(spec.prefix, spec.engine, MarketTable(spec.markets),
                  source_index=source_index, index=args.index,
                  accounts_dir=spec.layout.accounts_dir, server_secret_key_file=args.server_key,
                  orders_endpoint=args.orders, market_data_endpoint=args.market_data,
-                 rate_per_s=float(exchange.get("rate_limit_per_s", 5000.0)),
-                 burst=float(exchange.get("rate_limit_burst", 10000.0)),
                  spin_s=args.spin_us * 1e-6, ack_mode=spec.ack_mode,
                  durable_seq=progress.durable_seq, journal_errno=progress.journal_errno,
-                 max_connections=int(exchange.get("max_connections", 512)),
-                 max_connections_per_account=int(exchange.get("max_connections_per_account",
-                                                              8)),
-                 max_queued_messages=int(exchange.get("max_queued_messages", 10_000)),
-                 max_queued_bytes=int(exchange.get("max_queued_bytes",
-                                                   DEFAULT_MAX_QUEUED_BYTES)),
-                 memory_limit_mb=int(exchange.get("gateway_memory_limit_mb",
-                                                  DEFAULT_MEMORY_LIMIT_MB)),
-                 stats_file=args.stats_file,
+                 stats_file=args.stats_file, **limits,
                  replay_store=f"ipc://{spec.layout.sql_socket}", replay_keep=args.replay_keep)
     try:
         if args.endpoints_file:       # atomically: a watcher may poll for it

@@ -5,6 +5,8 @@ bound, and another account unaffected; the counts in the gateway's stats file.""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -253,3 +255,22 @@ def test_a_query_flood_costs_views_not_copies_and_orders_go_on(exchange):
     wait_until(lambda: stats(ex)["view_hits"] >= sent - 5, WAIT_S, "the stats of the flood")
     st = stats(ex)
     assert st["view_builds"] <= 5 and st["connections"] == 2, st
+
+
+def test_gateway_refuses_a_spec_without_its_limits(tmp_path):
+    """The gateway takes its limits from exchange.json as `perpx up` resolved them
+    (perpx/config.py is their one home): a spec that lacks one is refused by name, at once,
+    without a traceback and before anything is attached."""
+    from perpx.config import load_config
+    doc = {**load_config().to_dict(), "prefix": "/perpx-no-such-exchange",
+           "state_dir": str(tmp_path),
+           "sources": [{"name": "gateway-0", "privileged": False, "capacity": 1024}],
+           "consumers": ["gateway-0"]}
+    del doc["exchange"]["max_queued_bytes"]
+    spec = tmp_path / "exchange.json"
+    spec.write_text(json.dumps(doc))
+    done = subprocess.run([sys.executable, "-m", "gateway", "--spec", str(spec), "--index", "0",
+                           "--server-key", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "lacks max_queued_bytes" in done.stderr and "Traceback" not in done.stderr
