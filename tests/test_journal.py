@@ -580,6 +580,9 @@ def test_records_written_into_pre_zeroed_space_read_back_exactly(tmp_path, small
         follower.close()
         end = data_end(path)
         assert end == HEADER_BYTES * 7 + 400 * RECORD_BYTES > 4096
+        # the appends may have overtaken the filler (they extend the file themselves): it
+        # zeroes past them again
+        wait_until(lambda: path.stat().st_size > end, 10, "the filler to zero past the data")
         data = path.read_bytes()       # once: the filler may still be extending the file
         assert len(data) > end and data[end:].count(0) == len(data) - end   # zeros follow
         assert zero_start > 4096
