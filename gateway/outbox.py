@@ -26,6 +26,7 @@ from collections import deque
 import zmq
 
 from engine.records import REASON_NAMES
+from gateway.ack_latency import AckLatency
 from gateway.codec import pack
 from gateway.memory import MESSAGE_OVERHEAD, MemoryBudget, release_freed, rss_bytes, shut_down
 from gateway.reasons import ReasonLog
@@ -74,6 +75,9 @@ class Outbox:
         self.stats.setdefault("edge_rejects", 0)
         self.stats.setdefault("dropped_sessions", 0)
         self.reasons = ReasonLog()
+        # replies are timed from receipt to send: routing tells it of each (and, with fast
+        # acks, when it sent them), release_upto of the durable ones it releases
+        self.ack_latency = AckLatency()
         self.learn_disconnects = lambda: None    # the gateway's: drain the socket monitor
 
     # -- to sessions --------------------------------------------------------------------
@@ -216,4 +220,6 @@ class Outbox:
                     self._deliver(session, payload)
             n += 1
         self.held_bytes -= size
+        if n and self.ack_latency.unsent:
+            self.ack_latency.sent_upto(seq, time.time_ns())
         return n

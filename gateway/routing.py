@@ -28,7 +28,6 @@ from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_DEPOSIT, 
                             EV_LIQUIDATION, EV_MARK, EV_REJECT, EV_TRADE, EVENT_BYTES,
                             REASON_ACCOUNT_DISABLED, REASON_NAMES)
 from engine.reports import AccountSeqTracker
-from gateway.ack_latency import AckLatency
 from gateway.codec import (CM_ACCOUNT, CM_CMD, CM_MARKET, CM_OID, CM_QTY, CM_TS,
                            COMMAND_IN_EVENT_OFFSET, COMMAND_STRUCT, E_ACCOUNT, E_MARKET, E_REQ,
                            E_SEQ, E_SOURCE, ETYPE_OFFSET, FUNDING_EVENT_STRUCT, HEADER_STRUCT,
@@ -50,10 +49,8 @@ ACCOUNT_COMMANDS = frozenset((CMD_NEW_ORDER, CMD_CANCEL, CMD_CANCEL_ALL, CMD_AME
 class EventRouter:
     def __init__(self, consumer, mirror, boot_seq: int, source_index: int, requests, sessions,
                  outbox, market_data, markets, market_by_id, event_batch: int, stats: dict,
-                 views, account_seqs, report_log: ReportLog, ack_latency: AckLatency,
-                 durable: bool):
-        """account_seqs: the accounts' account_seq column in the state copied at boot_seq.
-        ack_latency: told of every reply, and (fast acks) when it is sent."""
+                 views, account_seqs, report_log: ReportLog):
+        """account_seqs: the accounts' account_seq column in the state copied at boot_seq."""
         self.consumer = consumer
         self.mirror = mirror
         self.boot_seq = boot_seq
@@ -73,8 +70,7 @@ class EventRouter:
         self._disabling = None         # (seq, account) of a CMD_SET_ACCOUNT_STATE disabling
         self.tracker = AccountSeqTracker(account_seqs)
         self.report_log = report_log
-        self.ack_latency = ack_latency
-        self.durable = durable
+        self.ack_latency = outbox.ack_latency   # told of every reply (gateway/outbox.py)
         self._cmd = None               # the command whose events are being routed ...
         self._cmd_record = b""         # ... and its 64-byte record (kept with its reports)
 
@@ -105,7 +101,7 @@ class EventRouter:
                 self._process(memoryview(part.view(np.uint8)), len(part))
         consumer.advance(n)
         self.stats["events"] += n
-        if self.ack_latency.unsent and not self.durable:    # durable: sent when released
+        if self.ack_latency.unsent and not self.outbox.durable:   # durable: when released
             self.ack_latency.sent_upto(self.mirror.applied_seq, time.time_ns())
         if self.market_data is not None and self.mirror.any_dirty:
             self.market_data.book_deltas()

@@ -68,7 +68,6 @@ from engine.market import MarketTable
 from engine.records import COMMAND_DTYPE, EVENT_DTYPE
 from engine.service import attach_state
 from engine.spec import load_spec
-from gateway.ack_latency import AckLatency
 from gateway.accounts import ZAP_DOMAIN, AccountAuthenticator, AccountRegistry
 from gateway.market_data import MarketData
 from gateway.memory import REPLAY_SHARE, MemoryBudget, kernel_sndbuf, rss_bytes
@@ -196,15 +195,13 @@ class Gateway:
                 recv_batch=recv_batch, durable=self.durable,
                 journal_errno=journal_errno or (lambda: 0),
                 learn_disconnects=self._drain_monitor, stats=self.stats, views=self.views)
-            self.ack_latency = AckLatency()
             report_log = ReportLog(replay_keep, self.memory.headroom() // REPLAY_SHARE)
             self.memory.parts["replay"] = report_log.bytes
             self.memory.parts["views"] = lambda: self.views.bytes
             self.router_events = EventRouter(
                 self.consumer, self.mirror, self.boot_seq, source_index, self.requests,
                 self.sessions, self.outbox, self.market_data, markets, self.market_by_id,
-                event_batch, self.stats, self.views, self._boot_account_seqs, report_log,
-                self.ack_latency, self.durable)
+                event_batch, self.stats, self.views, self._boot_account_seqs, report_log)
             self.requests.catch_up = self.router_events.catch_up
             self.replayer = Replayer(
                 tracker=self.router_events.tracker, log=report_log, outbox=self.outbox,
@@ -357,7 +354,7 @@ class Gateway:
                 if replay_done:
                     self.replayer.poll()
                 if self.durable:
-                    self.release_upto(self.durable_seq())
+                    self.outbox.release_upto(self.durable_seq())
                 if heartbeat is not None:
                     heartbeat()
                 now = time.monotonic()
@@ -415,10 +412,7 @@ class Gateway:
     # ------------------------------------------------------------------ input ----------
     def release_upto(self, seq: int) -> int:
         """Durable mode: send what was held for events up to `seq` (journaled)."""
-        released = self.outbox.release_upto(seq)
-        if released and self.ack_latency.unsent:
-            self.ack_latency.sent_upto(seq, time.time_ns())
-        return released
+        return self.outbox.release_upto(seq)
 
     def _drain_router(self) -> int:
         router = self.router
@@ -490,8 +484,8 @@ class Gateway:
                 "refused_sessions": sum(1 for s in sessions.by_identity.values()
                                         if s.refused and s.live),
                 "closing_sessions": len(sessions.closing), "held": len(self.outbox.held),
-                "pending": len(self.requests.pending), "ack_latency": self.ack_latency.stats(),
-                **self.stats, **self.views.stats,
+                "pending": len(self.requests.pending),
+                "ack_latency": self.outbox.ack_latency.stats(), **self.stats, **self.views.stats,
                 "refused_by_reason": dict(self.outbox.reasons.totals), "limits": self.limits}
 
     def write_stats(self) -> None:
