@@ -113,8 +113,8 @@ class Persistd:
         # while nobody else wants its CPU, so the matcher's next events find it awake (waking
         # it costs ~180 µs of the durable ack's p50 on this VM, docs/tuning.md), and it sleeps
         # after a few yields that ran somebody else: it shares a CPU with riskd, the
-        # supervisor and, in the benchmarks, the clients; and it does not yield at all while
-        # the store process writes (store_busy). With fast acks: a timer (run).
+        # supervisor and, in the benchmarks, the clients; and it does not yield at all during
+        # the store process's pass (store_busy). With fast acks: a timer (run).
         self.events = EventRing.attach(names.event_ring(self.prefix), EVENT_DTYPE,
                                        wait=partial(IdleCpuYieldWait, yields=SHARED_CPU_YIELDS,
                                                     yield_s=JOURNAL_YIELD_S,

@@ -117,10 +117,10 @@ class IdleCpuYieldWait(SpinYieldBlockWait):
         that is woken preempts it at once."""
         super().__init__(doorbell, spins=0, yields=yields)
         self.yield_s = yield_s
-        self.busy_neighbour = busy_neighbour
+        self.busy_neighbour = busy_neighbour or (lambda: False)
 
     def _yield_phase(self, condition: Condition) -> bool:
-        busy = self.busy_neighbour or (lambda: False)
+        busy = self.busy_neighbour
         clock = time.perf_counter
         handed_over = 0
         now = clock()
