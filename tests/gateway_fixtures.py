@@ -8,6 +8,7 @@ test ends, and the shm_prefix fixture checks that nothing is left in /dev/shm.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import queue
 import time
@@ -284,6 +285,12 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.002)
+
+
+def gateway_stats(ex) -> dict:
+    """The gateway's stats file (`ex.stats_file`), once it is written."""
+    wait_until(ex.stats_file.exists, WAIT_S, "the stats file")
+    return json.loads(ex.stats_file.read_text())
 
 
 # -- a client -----------------------------------------------------------------------------------

@@ -2,20 +2,18 @@
 every reply to a request the matcher answered is counted once, from the gateway's receipt to
 the reply's send, the durable hold included; what the gateway answers itself is not."""
 
-import json
 import time
 
 import pytest
 
 from gateway.ack_latency import ACK_BUCKETS_S
-from tests.gateway_fixtures import WAIT_S, order, wait_until
+from tests.gateway_fixtures import WAIT_S, gateway_stats, order, wait_until
 from tests.gateway_fixtures import exchange_factory  # noqa: F401 — fixture
 from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
 
 
 def ack_latency(ex) -> dict:
-    wait_until(ex.stats_file.exists, WAIT_S, "the stats file")
-    return json.loads(ex.stats_file.read_text())["ack_latency"]
+    return gateway_stats(ex)["ack_latency"]
 
 
 def counted(ex) -> int:

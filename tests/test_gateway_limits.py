@@ -14,6 +14,7 @@ import pytest
 from engine.records import CMD_CANCEL, CMD_NEW_ORDER, new_commands
 from gateway.memory import MESSAGE_OVERHEAD
 from tests.gateway_fixtures import WAIT_S, Exchange, is_type, order, wait_until
+from tests.gateway_fixtures import gateway_stats as stats
 from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
 
 PER_ACCOUNT = 4
@@ -60,11 +61,6 @@ def new_exchange(shm_prefix, tmp_path):
 def exchange(new_exchange):
     start(new_exchange)
     return new_exchange
-
-
-def stats(ex) -> dict:
-    wait_until(ex.stats_file.exists, WAIT_S, "the stats file")
-    return json.loads(ex.stats_file.read_text())
 
 
 def rss_of(pid: int) -> int:
