@@ -4,7 +4,6 @@ its connection shut down, and recovers by replay), the gateway's memory under it
 bound, and another account unaffected; the counts in the gateway's stats file."""
 
 import json
-import os
 import subprocess
 import sys
 
