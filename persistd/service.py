@@ -114,11 +114,12 @@ class Persistd:
         # it costs ~180 µs of the durable ack's p50 on this VM, docs/tuning.md), and it sleeps
         # after a few yields that ran somebody else: it shares a CPU with riskd, the
         # supervisor and, in the benchmarks, the clients; and it does not yield at all during
-        # the store process's pass (store_busy). With fast acks: a timer (run).
+        # the store process's pass, nor just before it (store_wants_cpu, shm/progress.py).
+        # With fast acks: a timer (run).
         self.events = EventRing.attach(names.event_ring(self.prefix), EVENT_DTYPE,
                                        wait=partial(IdleCpuYieldWait, yields=SHARED_CPU_YIELDS,
                                                     yield_s=JOURNAL_YIELD_S,
-                                                    busy_neighbour=self.progress.store_busy))
+                                                    busy_neighbour=self.progress.store_wants_cpu))
         saved = self.events.consumer_cursor("persistd") is not None
         self.consumer = self.events.consumer("persistd", start="saved" if saved else "current")
         self.progress.set_pid(os.getpid())    # ready: the supervisor waits for this

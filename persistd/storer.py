@@ -39,7 +39,6 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
 
 import msgpack
 import numpy as np
@@ -98,7 +97,9 @@ class StoreProcess:
         self.failed: BaseException | None = None
         self.store_error: Exception | None = None
         self.progress = JournalProgress.attach(spec.prefix)
-        self.progress.set_store_busy(False)    # a killed predecessor may have left it set
+        # wanting the CPU (start-up's catch-up) until the first pass's time is announced; a
+        # killed predecessor may have left a promise of quiet behind
+        self.progress.set_store_quiet_until_ns(0)
         self.store = Store(self.sd.store_file, self.markets, config=STORE_CONFIG)
         self.progress.set_store_seq(self.store.last_seq)
         self._marker_fd = None
@@ -150,34 +151,41 @@ class StoreProcess:
         follower = JournalFollower(self.sd.journal_dir, replica.seq + 1)
         gc.collect()
         gc.freeze()     # start-up's objects are never collected: later passes skip them
-        due = time.monotonic()
+        due_ns = time.monotonic_ns()
         try:
             while True:
                 last_round = self.stopping.is_set()   # persistd journaled everything: drain
-                self.stopping.wait(max(0.0, due - time.monotonic()))
-                due = time.monotonic() + self.flush_s
+                # The pass is a burst of CPU beside the journal, which must not yield its CPU
+                # to it: a yield hands the CPU to this SCHED_IDLE process until the next tick
+                # (4 ms here), while a journal asleep is woken by the matcher and preempts it
+                # at once. So the journal is told when the next pass starts (it stops yielding
+                # shortly before: it cannot see this timer fire) and that the pass goes on
+                # (0) until the next one is announced.
+                self.progress.set_store_quiet_until_ns(due_ns)
+                self.stopping.wait(max(0.0, (due_ns - time.monotonic_ns()) / 1e9))
+                self.progress.set_store_quiet_until_ns(0)
+                due_ns = time.monotonic_ns() + round(self.flush_s * 1e9)
                 if os.getppid() != self.parent_pid:
                     self.log("persistd is gone: stopping")
                     return
                 if last_round or time.monotonic() - self._marker_synced_at >= MARKER_SYNC_S:
                     self._sync_marker()
                 durable = self.progress.durable_seq()
-                with self._busy():
-                    while True:
-                        if replica.seq - last_snapshot >= self.snapshot_every and \
-                                self._flush(replica, pending, balances, reports):
-                            last_snapshot = self._snapshot(replica)
-                        # never past a due snapshot by more than a journal batch (while its
-                        # flush fails, no further)
-                        upto = max(replica.seq, last_snapshot + self.snapshot_every)
-                        records = follower.read(min(durable, upto))
-                        if not len(records):
-                            break
-                        # balance rows are read from the replica after each compiled call
-                        for events in replica.apply(records):
-                            collect(events)
-                    if pending:
-                        self._flush(replica, pending, balances, reports)
+                while True:
+                    if replica.seq - last_snapshot >= self.snapshot_every and \
+                            self._flush(replica, pending, balances, reports):
+                        last_snapshot = self._snapshot(replica)
+                    # never past a due snapshot by more than a journal batch (while its flush
+                    # fails, no further)
+                    upto = max(replica.seq, last_snapshot + self.snapshot_every)
+                    records = follower.read(min(durable, upto))
+                    if not len(records):
+                        break
+                    # balance rows are read from the replica after each compiled call
+                    for events in replica.apply(records):
+                        collect(events)
+                if pending:
+                    self._flush(replica, pending, balances, reports)
                 if last_round or self.stop.is_set():
                     return
         finally:
@@ -258,19 +266,6 @@ class StoreProcess:
                 store.close()
         except Exception:
             pass
-
-    @contextmanager
-    def _busy(self):
-        """A burst of CPU beside the journal (a whole pass: reading the journal, the replica,
-        the DuckDB write, a snapshot): it sleeps rather than yield to us meanwhile. Covering
-        only the write left the rest of the pass to take each of its yields until the next
-        tick (this process is SCHED_IDLE, and a runnable journal is not woken, so it does not
-        preempt us): durable p99 2.5-3 ms at 1,000/s (docs/tuning.md)."""
-        self.progress.set_store_busy(True)
-        try:
-            yield
-        finally:
-            self.progress.set_store_busy(False)
 
     def _snapshot(self, replica: Replica) -> int:
         t0 = time.monotonic()

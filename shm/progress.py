@@ -12,10 +12,13 @@ line (shm/cursor.py):
     store_seq       events up to this seq are in DuckDB (`perpx sql` sees them)
     snapshot_seq    the seq of the newest state snapshot on disk
     pid             persistd's pid
-    store_busy      1 during each pass of the store process (journal read, replica, DuckDB
-                    write, snapshot: a burst of CPU on the journal's CPU): the journal then
-                    sleeps between passes instead of yielding its CPU to it
-                    (persistd/service.py)
+    store_quiet_until_ns
+                    CLOCK_MONOTONIC ns before which the store process wants no CPU: the time
+                    of its next pass while it sleeps between passes, 0 during a pass (journal
+                    read, replica, DuckDB write, snapshot: a burst of CPU on the journal's CPU)
+                    and before its first. From shortly before that time until the pass ends
+                    the journal sleeps between passes instead of yielding its CPU to it
+                    (persistd/service.py, `store_wants_cpu`)
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ from shm import names
 from shm.cursor import CACHE_LINE, Cursor
 from shm.region import Region
 
-PROGRESS_LAYOUT = 0x5045_5250_4A52_0002    # "PERPJR" v2
-_FIELDS = ("durable_seq", "journal_errno", "store_seq", "snapshot_seq", "pid", "store_busy")
+PROGRESS_LAYOUT = 0x5045_5250_4A52_0003    # "PERPJR" v3
+_FIELDS = ("durable_seq", "journal_errno", "store_seq", "snapshot_seq", "pid",
+           "store_quiet_until_ns")
+# How long before the store's announced pass `store_wants_cpu` turns true: its timer fires
+# late, never early, so this only has to cover a yield in flight when it fires.
+STORE_WAKE_LEAD_NS = 1_000_000
 
 
 class JournalProgress:
@@ -62,8 +69,12 @@ class JournalProgress:
     def pid(self) -> int:
         return self._pid.get()
 
-    def store_busy(self) -> bool:
-        return self._store_busy.get() != 0
+    def store_quiet_until_ns(self) -> int:
+        return self._store_quiet_until_ns.get()
+
+    def store_wants_cpu(self) -> bool:
+        """Whether the store process is in a pass or starts one within STORE_WAKE_LEAD_NS."""
+        return time.monotonic_ns() + STORE_WAKE_LEAD_NS >= self._store_quiet_until_ns.get()
 
     def wait_durable(self, seq: int, timeout_s: float, poll_s: float = 0.001) -> bool:
         """Whether durable_seq reached seq within timeout_s (polled: a reader outside the
@@ -91,8 +102,8 @@ class JournalProgress:
     def set_pid(self, pid: int) -> None:
         self._pid.set(pid)
 
-    def set_store_busy(self, busy: bool) -> None:
-        self._store_busy.set(int(busy))
+    def set_store_quiet_until_ns(self, monotonic_ns: int) -> None:
+        self._store_quiet_until_ns.set(monotonic_ns)
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name)() for name in _FIELDS}

@@ -7,9 +7,11 @@ import json
 import os
 import resource
 import signal
+import time
 
 from perpx.client import Client
 from persistd.journal import HEADER_BYTES, journal_info, marked_synced_seq, segments
+from shm.progress import JournalProgress
 from tests.durability_helpers import (Traders, assert_nothing_acknowledged_was_lost,
                                       durable_config, funded_account, sql_rows, wait_store)
 from tests.test_supervisor import WAIT_S, cli, cli_json, processes, wait_until
@@ -35,6 +37,14 @@ def test_durable_acks_fills_in_duckdb_and_kill9_recovery(ups):
     status = cli_json(sd.path, "status")
     assert status["durable_seq"] >= acked
     assert {p["name"] for p in status["processes"]} >= {"matcher", "persistd", "gateway-0"}
+    # between its passes the store process announces its next one (store_flush_ms = 50), so
+    # that the journal stops yielding its CPU to it shortly before
+    progress = JournalProgress.attach(sd.prefix)
+    try:
+        wait_until(lambda: 0 < progress.store_quiet_until_ns() - time.monotonic_ns()
+                   <= 50_000_000, WAIT_S, "the store process to announce its next pass")
+    finally:
+        progress.close()
 
     # kill -9 the matcher under load: it is restarted and rebuilds from snapshot + journal
     old = processes(sd.path)["matcher"]["pid"]
