@@ -170,7 +170,7 @@ def cmd_bench_latency(args) -> int:
     res = bench_latency.bench_latency(seconds=args.seconds, rates=args.rates,
                                       clients=args.clients, ack_mode=args.ack_mode,
                                       with_max=not args.no_max, plot_path=args.plot,
-                                      progress=_progress(args))
+                                      pauses=args.pauses, progress=_progress(args))
     emit(args, res, bench_latency.format_report(res))
     return 0
 
@@ -314,6 +314,10 @@ def _register_bench(sub, common):
     q.add_argument("--plot", metavar="FILE.png", default=None,
                    help="write the percentile spectra (one panel per ack mode and client "
                         "count) as a PNG")
+    q.add_argument("--pauses", action="store_true",
+                   help="beside each rate, meter the platform's own pauses (all CPUs stalled "
+                        "at once, perpx/bench/pauses.py) and count the late requests that "
+                        "waited in one")
     q.set_defaults(func=cmd_bench_latency)
 
     q = bsub.add_parser("durability", parents=[common],

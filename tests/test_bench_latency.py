@@ -1,6 +1,6 @@
-"""`perpx bench latency --json --plot`: a tiny open-loop run against one real exchange; the
-JSON has a row per (clients, rate) with ordered percentiles from the intended send time, the
-PNG exists and is a PNG, and nothing is left in /dev/shm."""
+"""`perpx bench latency --json --plot --pauses`: a tiny open-loop run against one real exchange;
+the JSON has a row per (clients, rate) with ordered percentiles from the intended send time and
+the pause meters' figures, the PNG exists and is a PNG, and nothing is left in /dev/shm."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ def test_bench_latency_json_and_plot(capsys, tmp_path):
     before = set(os.listdir("/dev/shm"))
     png = tmp_path / "latency.png"
     assert main(["bench", "latency", "--json", "--seconds", "0.6", "--rates", "200",
-                 "--clients", "1,2", "--ack-mode", "durable", "--plot", str(png)]) == 0
+                 "--clients", "1,2", "--ack-mode", "durable", "--plot", str(png),
+                 "--pauses"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     res = json.loads(lines[0])
@@ -29,6 +30,10 @@ def test_bench_latency_json_and_plot(capsys, tmp_path):
         assert r["unanswered"] == 0 and r["rejected"] == 0, r
         assert 0 < r["p50_us"] <= r["p90_us"] <= r["p99_us"] <= r["p999_us"] <= r["max_us"], r
         assert r["achieved_per_s"] > 0
+        # the pause meters ran beside every rate, one per CPU
+        p = r["pauses"]
+        assert len(p["per_cpu_over_2ms"]) == len(os.sched_getaffinity(0)), p
+        assert 0 <= p["late_requests_in_platform_pauses"] <= p["late_requests"] <= r["samples"]
     maxed = [r for r in res["runs"] if r["rate"] == "max"]
     assert all(r["rate_per_s"] > 200 for r in maxed)
     assert res["targets"] == {}          # the targets compare fast and durable: one was run

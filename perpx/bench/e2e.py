@@ -144,7 +144,7 @@ def _loop(sock, phase: dict, index: int) -> dict:
     import zmq
     seconds, window, rate = phase["seconds"], phase["window"], phase["rate"]
     message, group = WORKLOADS[phase.get("workload", "rest_cancel")]
-    now = time.perf_counter_ns
+    now = time.monotonic_ns      # CLOCK_MONOTONIC: perpx/bench/pauses.py times pauses with it
     interval = int(1e9 / rate) if rate > 0 else 0
     cid_base = (time.time_ns() // 1_000_000 % (1 << 40)) << 20
     t0 = now()
@@ -154,6 +154,7 @@ def _loop(sock, phase: dict, index: int) -> dict:
     inflight: dict = {}
     lat: list = []
     sched: list = []
+    due: list = []
     fills: list = []
     acked = rejected = others = 0
     i = 0
@@ -203,10 +204,12 @@ def _loop(sock, phase: dict, index: int) -> dict:
                     acked += tr <= end
                     lat.append(tr - entry[0])
                     sched.append(tr - entry[1])
+                    due.append(entry[1])
     return {"acked": acked, "rejected": rejected, "unmatched": others, "sent": i,
             "seconds": seconds, "first_reject": pack_check, "left_in_flight": len(inflight),
             "lat_ns": np.asarray(lat, dtype=np.int64),
             "sched_ns": np.asarray(sched, dtype=np.int64),
+            "due_ns": np.asarray(due, dtype=np.int64),
             "fills": np.asarray(fills, dtype=np.int64).reshape(-1, 2)}
 
 
@@ -350,6 +353,7 @@ def _run_clients(procs: _Procs, kind: str, target: dict, phases: list, clients: 
 def _summary(results: list) -> dict:
     lat = np.concatenate([r["lat_ns"] for r in results])
     sched = np.concatenate([r["sched_ns"] for r in results])
+    due = np.concatenate([r["due_ns"] for r in results])
     seconds = results[0]["seconds"]
     acked = sum(r["acked"] for r in results)
     pct = (lambda a, q: round(float(np.percentile(a, q)) / 1e3, 1) if len(a) else 0.0)
@@ -362,7 +366,7 @@ def _summary(results: list) -> dict:
             "sched_p999_us": pct(sched, 99.9), "samples": int(len(lat)),
             "unanswered": sum(r["left_in_flight"] for r in results),
             "fills": np.concatenate([r["fills"] for r in results]),
-            "lat_ns": lat, "sched_ns": sched}
+            "lat_ns": lat, "sched_ns": sched, "due_ns": due}
 
 
 def _funded_accounts(sd, n: int, usdc: str = "1000000") -> list[str]:

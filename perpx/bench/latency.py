@@ -16,6 +16,10 @@ p99.9 and max (µs), the samples, and requests never answered (should be 0).
 
 `--plot FILE.png` writes the percentile spectra (perpx/bench/plot.py): one panel per ack mode
 and client count, one line per rate.
+
+`--pauses` runs perpx/bench/pauses.py's meters beside each rate: per run, the pauses of the
+platform itself (every CPU stalled at once) and how many of the requests later than 2 ms were
+waiting during one. The percentiles are the same either way: nothing is left out.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import os
 
 import numpy as np
 
-from perpx.bench import plot
+from contextlib import nullcontext
+
+from perpx.bench import pauses as platform, plot
 from perpx.bench.e2e import (DEFAULT_WINDOW, bench_dir, exchange_config, _funded_accounts,
                              run_phases, running_exchange)
 
@@ -52,7 +58,7 @@ def latency_figures(summary: dict) -> dict:
 
 
 def _mode_runs(root, mode: str, seconds: float, rates: list, clients: list, with_max: bool,
-               say) -> tuple[list, dict, str]:
+               meter: bool, say) -> tuple[list, dict, str]:
     """A fresh exchange in `mode`; every (clients, rate) run against it; (rows, samples, its
     shm prefix)."""
     shm_left: list = []
@@ -72,9 +78,13 @@ def _mode_runs(root, mode: str, seconds: float, rates: list, clients: list, with
         for c in clients:
             for label, rate in mode_rates:
                 phase = {**base, "name": f"{label}/s", "rate": rate / c}
-                summary = run_phases(target, [phase], c, say)[phase["name"]]
+                with platform.PauseMeter() if meter else nullcontext() as pause_meter:
+                    summary = run_phases(target, [phase], c, say)[phase["name"]]
                 rows.append({"ack_mode": mode, "clients": c, "rate": label,
                              "rate_per_s": round(rate), **latency_figures(summary)})
+                if meter:
+                    rows[-1]["pauses"] = platform.summary(pause_meter.pauses, summary["due_ns"],
+                                                          summary["sched_ns"])
                 samples[(mode, c, label)] = summary["sched_ns"]
     if shm_left:
         raise RuntimeError(f"the {mode} exchange left shm entries: {shm_left}")
@@ -98,7 +108,7 @@ def _targets(rows: list) -> dict:
 
 def bench_latency(seconds: float = DEFAULT_SECONDS, rates=DEFAULT_RATES,
                   clients=DEFAULT_CLIENTS, ack_mode: str = "both", with_max: bool = True,
-                  plot_path=None, progress=None) -> dict:
+                  plot_path=None, pauses: bool = False, progress=None) -> dict:
     say = progress or (lambda msg: None)
     modes = ACK_MODES if ack_mode == "both" else (ack_mode,)
     if any(m not in ACK_MODES for m in modes):
@@ -107,7 +117,8 @@ def bench_latency(seconds: float = DEFAULT_SECONDS, rates=DEFAULT_RATES,
     rows, samples, prefixes = [], {}, []
     with bench_dir("latency") as root:
         for mode in modes:
-            r, s, prefix = _mode_runs(root, mode, seconds, rates, clients, with_max, say)
+            r, s, prefix = _mode_runs(root, mode, seconds, rates, clients, with_max, pauses,
+                                      say)
             rows += r
             samples.update(s)
             prefixes.append(prefix)
@@ -119,6 +130,7 @@ def bench_latency(seconds: float = DEFAULT_SECONDS, rates=DEFAULT_RATES,
                         "orders": "alternating resting new_order and cancel, both counted",
                         "latency": "from each request's intended send time (open loop)",
                         "percentiles": "exact (numpy) over all samples",
+                        "pause_meters": pauses,
                         "cpus": os.cpu_count()},
            "plot": None, "shm_prefixes": prefixes}
     if plot_path is not None:
@@ -146,6 +158,12 @@ def format_report(res: dict) -> str:
                      + f" {r['samples']:>7}"
                      + (f"  unanswered {r['unanswered']}" if r["unanswered"] else "")
                      + (f"  rejected {r['rejected']}" if r["rejected"] else ""))
+        if "pauses" in r:
+            p = r["pauses"]
+            lines.append(f"{'':17} platform pauses {p['platform_pauses']} (max "
+                         f"{p['platform_pause_max_ms']} ms, {p['platform_pause_total_ms']} ms "
+                         f"in all); {p['late_requests_in_platform_pauses']} of "
+                         f"{p['late_requests']} requests later than 2 ms waited in one")
     if s["max_rate"]:
         lines.append(f"* max: {s['max_fraction']:g} x the closed-loop throughput of that "
                      f"exchange (window {DEFAULT_WINDOW})")
