@@ -22,7 +22,8 @@ gateway/requests.py (decoding, validation, commands, queries), gateway/routing.p
 replies and reports), gateway/replay.py (account_seq, rendering reports, `replay`),
 gateway/outbox.py (sending, the durable hold, dropping), gateway/memory.py (the byte limit
 per connection and the memory bound), gateway/market_data.py (the PUB),
-gateway/mirror.py (the book copy), gateway/codec.py (wire <-> records).
+gateway/mirror.py (the book copy), gateway/codec.py (wire <-> records), gateway/stats_file.py
+(the stats file `perpx status` reads, written off the serving thread).
 
 Start-up: attach the rings (matcher first), join the event ring as consumer `gateway-N`
 (start="saved" if that slot was used before, so a restarted gateway resumes at its cursor,
@@ -79,6 +80,7 @@ from gateway.replay import DEFAULT_KEEP, DurableSource, Replayer, ReportLog
 from gateway.requests import Requests
 from gateway.routing import EventRouter
 from gateway.sessions import Sessions, TokenBucket
+from gateway.stats_file import StatsFile
 from gateway.views import Views
 from shm import names
 from shm.progress import JournalProgress
@@ -161,11 +163,14 @@ class Gateway:
                        "gateway_memory_limit_mb": memory_limit_mb,
                        "max_message_bytes": max_message_bytes,
                        "hard_max_message_bytes": hard_max_message_bytes}
-        self.stats_file = Path(stats_file) if stats_file else None
+        self.stats_file = None
         self._stats_due = 0.0
         self._closers = []
         self._closed = False
         try:
+            if stats_file:
+                self.stats_file = StatsFile(stats_file)
+                self._closers.append(self.stats_file.close)
             self.sessions = Sessions(lambda s: self.requests.cancel_on_disconnect(s),
                                      max_connections_per_account, max_connections)
             self._attach(attach_timeout_s)
@@ -364,7 +369,7 @@ class Gateway:
                     self._stats_due = now + STATS_INTERVAL_S
                     self.outbox.memory_tick()
                     if self.stats_file is not None:
-                        self.write_stats()
+                        self.stats_file.submit(json.dumps(self.status()))
                 if worked:
                     if self.stats["events"] - events_at_gc > 1_000_000:
                         gc.collect(0)      # the young generation only: cheap, bounded
@@ -487,11 +492,6 @@ class Gateway:
                 "pending": len(self.requests.pending),
                 "ack_latency": self.outbox.ack_latency.stats(), **self.stats, **self.views.stats,
                 "refused_by_reason": dict(self.outbox.reasons.totals), "limits": self.limits}
-
-    def write_stats(self) -> None:
-        tmp = self.stats_file.with_name(self.stats_file.name + ".tmp")
-        tmp.write_text(json.dumps(self.status()))
-        tmp.rename(self.stats_file)
 
     # ------------------------------------------------------------------ shutdown -------
     def _close_state(self, region) -> None:
