@@ -160,7 +160,8 @@ def cmd_bench_e2e(args) -> int:
 
     res = bench_e2e.bench_e2e(seconds=args.seconds, clients=args.clients, rate=args.rate,
                               window=args.window, ack_mode=args.ack_mode,
-                              progress=_progress(args), plot_path=args.plot)
+                              progress=_progress(args), plot_path=args.plot,
+                              pauses=args.pauses)
     emit(args, res, bench_e2e.format_report(res))
     return 0
 
@@ -285,6 +286,12 @@ def _register_bench(sub, common):
         q.add_argument("--window", type=_positive_int, default=window, metavar="W",
                        help=f"requests in flight per client (default {window})")
 
+    def pause_option(q, where: str):
+        q.add_argument("--pauses", action="store_true",
+                       help=f"beside {where}, meter the platform's own pauses (all CPUs "
+                            f"stalled at once, perpx/bench/pauses.py) and count the late "
+                            f"requests that waited in one")
+
     q = bsub.add_parser("e2e", parents=[common],
                         help="order entry end to end over loopback vs a bare pyzmq echo")
     client_options(q, "run", 2, 8)
@@ -295,6 +302,7 @@ def _register_bench(sub, common):
                         "a fresh exchange (default both; the top-level figures are fast's)")
     q.add_argument("--plot", metavar="FILE.png", default=None,
                    help="write the latency spectra (closed loop and paced) as a PNG")
+    pause_option(q, "each exchange run")
     q.set_defaults(func=cmd_bench_e2e)
 
     q = bsub.add_parser("latency", parents=[common],
@@ -314,10 +322,7 @@ def _register_bench(sub, common):
     q.add_argument("--plot", metavar="FILE.png", default=None,
                    help="write the percentile spectra (one panel per ack mode and client "
                         "count) as a PNG")
-    q.add_argument("--pauses", action="store_true",
-                   help="beside each rate, meter the platform's own pauses (all CPUs stalled "
-                        "at once, perpx/bench/pauses.py) and count the late requests that "
-                        "waited in one")
+    pause_option(q, "each rate")
     q.set_defaults(func=cmd_bench_latency)
 
     q = bsub.add_parser("durability", parents=[common],

@@ -20,7 +20,7 @@ def test_bench_e2e_json(capsys, tmp_path):
     before = set(os.listdir("/dev/shm"))
     png = tmp_path / "e2e.png"
     assert main(["bench", "e2e", "--json", "--seconds", "2", "--rate", "2000",
-                 "--plot", str(png)]) == 0
+                 "--plot", str(png), "--pauses"]) == 0
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
     assert len(lines) == 1, out
@@ -48,6 +48,13 @@ def test_bench_e2e_json(capsys, tmp_path):
     assert durable["rejects"] == 0, durable["first_reject"]
     assert durable["over_fast"]["orders_per_s"] == round(
         durable["orders_per_s"] / res["orders_per_s"], 3)
+    # the pause meters ran beside both phases of both exchanges
+    assert res["settings"]["pause_meters"] is True
+    for run in (res, durable):
+        for phase in ("throughput", "paced"):
+            p = run["pauses"][phase]
+            assert len(p["per_cpu_over_2ms"]) == len(os.sched_getaffinity(0)), p
+            assert 0 <= p["late_requests_in_platform_pauses"] <= p["late_requests"]
     # its exchanges removed every shm entry they made, and none of their prefixes remains
     assert res["shm_left"] == []
     assert len(set(res["shm_prefixes"])) == 2 and res["shm_prefix"] == res["shm_prefixes"][0]

@@ -53,3 +53,4 @@ def test_meters_see_a_stall_of_every_cpu_as_a_platform_pause():
                   np.array([resumed_at - stopped_at], dtype=np.int64))
     assert res["platform_pauses"] >= 1 and res["platform_pause_max_ms"] >= 60
     assert res["late_requests"] == 1 and res["late_requests_in_platform_pauses"] == 1
+    assert res["slowest_in_platform_pause"]

@@ -51,13 +51,13 @@ import signal
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import msgpack
 import numpy as np
 
-from perpx.bench import plot, relay
+from perpx.bench import pauses as platform, plot, relay
 from perpx.launch import ExchangeProcess
 
 DEFAULT_SECONDS = 5.0
@@ -455,11 +455,13 @@ def _measure_relay(clients: int, phase: dict, say) -> dict:
             ring.unlink()
 
 
-def run_phases(target: dict, phases: list, clients: int, say) -> dict:
+def run_phases(target: dict, phases: list, clients: int, say, pauses: bool = False) -> dict:
     """Each phase with fresh client processes against an exchange; {phase name: summary}.
 
     A phase whose `rate` is a callable gets it called with the summaries so far (the paced
     run picks its rate from the throughput run's) and its result (the total rate) recorded.
+    `pauses`: perpx/bench/pauses.py's meters run beside each phase, and its summary gets
+    their figures under "pauses".
     """
     out = {}
     for phase in phases:
@@ -467,22 +469,27 @@ def run_phases(target: dict, phases: list, clients: int, say) -> dict:
             phase = {**phase, "rate": phase["rate"](out) / clients}
         procs = _Procs()
         try:
-            results = _run_clients(procs, "exchange", target, [phase], clients, say)
+            with platform.PauseMeter() if pauses else nullcontext() as meter:
+                results = _run_clients(procs, "exchange", target, [phase], clients, say)
         finally:
             procs.close()
-        out[phase["name"]] = {**_summary(results[phase["name"]]),
-                              "rate_per_s": round(phase["rate"] * clients)}
+        summary = out[phase["name"]] = {**_summary(results[phase["name"]]),
+                                        "rate_per_s": round(phase["rate"] * clients)}
+        if pauses:
+            summary["pauses"] = platform.summary(meter.pauses, summary["due_ns"],
+                                                 summary["sched_ns"])
     return out
 
 
-def _exchange_runs(root: Path, ack_mode: str, clients: int, phases: list, say) -> dict:
+def _exchange_runs(root: Path, ack_mode: str, clients: int, phases: list, say,
+                   pauses: bool) -> dict:
     """A fresh exchange in `ack_mode`, the phases against it; the summaries plus its shm."""
     shm_left: list = []
     say(f"starting the exchange (ack_mode {ack_mode})")
     with running_exchange(root / ack_mode, exchange_config(clients, ack_mode), say,
                           shm_left) as (exchange, endpoints):
         target = {"endpoints": endpoints, "certificates": _funded_accounts(exchange.sd, clients)}
-        out = run_phases(target, phases, clients, say)
+        out = run_phases(target, phases, clients, say, pauses)
     return {**out, "shm_prefix": exchange.sd.prefix, "shm_left": shm_left}
 
 
@@ -507,6 +514,8 @@ def _measurements(t: dict, p: dict, e: dict, r: dict, rate: float) -> dict:
         "first_reject": t["first_reject"] or p["first_reject"],
         "samples": {"throughput": t["samples"], "paced": p["samples"], "echo": e["samples"],
                     "relay": r["samples"]},
+        **({"pauses": {"throughput": t["pauses"], "paced": p["pauses"]}} if "pauses" in t
+           else {}),
     }
 
 
@@ -530,7 +539,7 @@ def _plot(path, echo: dict, relay_floor: dict, runs: dict, clients: int, window:
 
 def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
               rate: float = DEFAULT_RATE, window: int = DEFAULT_WINDOW, ack_mode: str = "both",
-              progress=None, plot_path=None) -> dict:
+              progress=None, plot_path=None, pauses: bool = False) -> dict:
     say = progress or (lambda msg: None)
     modes = ACK_MODES if ack_mode == "both" else (ack_mode,)
     if not modes or any(m not in ACK_MODES for m in modes):
@@ -550,7 +559,7 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
         echo = _measure_echo(clients, throughput, say)   # before any exchange: the box to itself
         relay_floor = _measure_relay(clients, throughput, say)
         for mode in modes:
-            runs[mode] = _exchange_runs(root, mode, clients, [throughput, paced], say)
+            runs[mode] = _exchange_runs(root, mode, clients, [throughput, paced], say, pauses)
 
     first = runs[modes[0]]
     res = {
@@ -577,6 +586,7 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
                      "percentiles": "exact (numpy) over all samples",
                      "echo": "measured before the exchanges start, once",
                      "relay": "measured after the echo, before the exchanges, once",
+                     "pause_meters": pauses,
                      "cpus": os.cpu_count()},
         "shm_prefix": first["shm_prefix"],
         "shm_prefixes": [runs[m]["shm_prefix"] for m in modes],
@@ -608,6 +618,8 @@ def _run_rows(res: dict, label: str) -> list:
                                  f"target p99 <= 1000)"),
         (f"{label}rejects", f"{res['rejects']}" + (f" (first: {res['first_reject']})"
                                                     if res["first_reject"] else "")),
+        *[(f"{label}{phase} pauses", platform.describe(p))
+          for phase, p in res.get("pauses", {}).items()],
     ]
 
 

@@ -28,8 +28,6 @@ import os
 
 import numpy as np
 
-from contextlib import nullcontext
-
 from perpx.bench import pauses as platform, plot
 from perpx.bench.e2e import (DEFAULT_WINDOW, bench_dir, exchange_config, _funded_accounts,
                              run_phases, running_exchange)
@@ -78,13 +76,11 @@ def _mode_runs(root, mode: str, seconds: float, rates: list, clients: list, with
         for c in clients:
             for label, rate in mode_rates:
                 phase = {**base, "name": f"{label}/s", "rate": rate / c}
-                with platform.PauseMeter() if meter else nullcontext() as pause_meter:
-                    summary = run_phases(target, [phase], c, say)[phase["name"]]
+                summary = run_phases(target, [phase], c, say, meter)[phase["name"]]
                 rows.append({"ack_mode": mode, "clients": c, "rate": label,
                              "rate_per_s": round(rate), **latency_figures(summary)})
                 if meter:
-                    rows[-1]["pauses"] = platform.summary(pause_meter.pauses, summary["due_ns"],
-                                                          summary["sched_ns"])
+                    rows[-1]["pauses"] = summary["pauses"]
                 samples[(mode, c, label)] = summary["sched_ns"]
     if shm_left:
         raise RuntimeError(f"the {mode} exchange left shm entries: {shm_left}")
@@ -159,11 +155,7 @@ def format_report(res: dict) -> str:
                      + (f"  unanswered {r['unanswered']}" if r["unanswered"] else "")
                      + (f"  rejected {r['rejected']}" if r["rejected"] else ""))
         if "pauses" in r:
-            p = r["pauses"]
-            lines.append(f"{'':17} platform pauses {p['platform_pauses']} (max "
-                         f"{p['platform_pause_max_ms']} ms, {p['platform_pause_total_ms']} ms "
-                         f"in all); {p['late_requests_in_platform_pauses']} of "
-                         f"{p['late_requests']} requests later than 2 ms waited in one")
+            lines.append(f"{'':17} {platform.describe(r['pauses'])}")
     if s["max_rate"]:
         lines.append(f"* max: {s['max_fraction']:g} x the closed-loop throughput of that "
                      f"exchange (window {DEFAULT_WINDOW})")

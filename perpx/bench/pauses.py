@@ -128,12 +128,25 @@ def late_requests(pauses: list[tuple[int, int]], due_ns: np.ndarray,
 
 
 def summary(per_cpu: dict, due_ns: np.ndarray, latency_ns: np.ndarray) -> dict:
-    """One run's figures for the JSON."""
+    """One run's figures for the JSON: the platform's pauses, the late requests and those in
+    a pause, and whether the slowest request waited through one."""
     shared = platform_pauses(per_cpu)
     lengths = [(e - s) / 1e6 for s, e in shared]
     late, in_pauses = late_requests(shared, due_ns, latency_ns)
+    slowest = int(np.argmax(latency_ns)) if len(latency_ns) else None
     return {"per_cpu_over_2ms": {str(c): len(v) for c, v in sorted(per_cpu.items())},
             "platform_pauses": len(shared),
             "platform_pause_max_ms": round(max(lengths), 1) if lengths else 0.0,
             "platform_pause_total_ms": round(sum(lengths), 1),
-            "late_requests": late, "late_requests_in_platform_pauses": in_pauses}
+            "late_requests": late, "late_requests_in_platform_pauses": in_pauses,
+            "slowest_in_platform_pause": slowest is not None and late_requests(
+                shared, due_ns[slowest:slowest + 1], latency_ns[slowest:slowest + 1])[1] == 1}
+
+
+def describe(figures: dict) -> str:
+    """summary()'s figures in one line of a report."""
+    return (f"platform pauses {figures['platform_pauses']} (max "
+            f"{figures['platform_pause_max_ms']} ms, {figures['platform_pause_total_ms']} ms in "
+            f"all); {figures['late_requests_in_platform_pauses']} of {figures['late_requests']} "
+            f"requests later than 2 ms waited in one"
+            + ("; so did the slowest" if figures["slowest_in_platform_pause"] else ""))
