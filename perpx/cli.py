@@ -69,7 +69,9 @@ EXAMPLES = {
     "bench risk": ["perpx bench risk --no-cascade", "perpx bench risk --positions 10000"],
     "bench levels": ["perpx bench levels", "perpx bench levels --levels 4096,65536 --json"],
     "bench latency": ["perpx bench latency", "perpx bench latency --plot docs/latency.png",
-                      "perpx bench latency --clients 1 --rates 1000 --no-max --json"],
+                      "perpx bench latency --clients 1 --rates 1000 --no-max --json",
+                      "perpx bench latency --clients 1 --rates 1000 --no-max --pauses"],
+    "bench box": ["perpx bench box", "perpx bench box --seconds 30 --dir STATE_DIR"],
     "account disable": ["perpx account disable 7", "perpx account disable 7 --cancel-orders"],
     "account enable": ["perpx account enable 7"],
     "fund": ["perpx fund deposit 10000"],
@@ -202,6 +204,15 @@ def cmd_bench_levels(args) -> int:
     res = bench_levels.bench_levels(levels=args.levels, pairs=args.pairs, runs=args.runs,
                                     batch=args.batch)
     emit(args, res, bench_levels.format_report(res))
+    return 0
+
+
+def cmd_bench_box(args) -> int:
+    from perpx.bench import box as bench_box
+
+    res = bench_box.bench_box(seconds=args.seconds, directory=args.dir,
+                              progress=_progress(args))
+    emit(args, res, bench_box.format_report(res))
     return 0
 
 
@@ -361,6 +372,17 @@ def _register_bench(sub, common):
     q.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH,
                    help=f"commands per Matcher.process call (default {DEFAULT_BATCH})")
     q.set_defaults(func=cmd_bench_levels)
+
+    q = bsub.add_parser("box", parents=[common],
+                        help="what the platform itself costs, no exchange running: pauses of "
+                             "every CPU at once (idle, then beside busy loops) and the "
+                             "journal's small fdatasync (alone, then beside a writer)")
+    q.add_argument("--seconds", type=_positive_float, default=10.0, metavar="S",
+                   help="seconds per measurement, four of them (default 10)")
+    q.add_argument("--dir", default=None, metavar="DIR",
+                   help="a directory on the disk to measure, e.g. the state directory's "
+                        "(default: the system's temporary directory)")
+    q.set_defaults(func=cmd_bench_box)
 
 
 # ---- helpers for the exchange commands ------------------------------------------------------

@@ -1,0 +1,159 @@
+"""`perpx bench box`: what the platform itself costs, with no exchange running.
+
+The exchange's tail is bounded below by the box: a VM that stops its CPUs, a disk whose
+`fdatasync` stalls. Four measurements, `seconds` each, one after the other:
+
+- pauses, idle: perpx/bench/pauses.py's meters (one pinned 1 ms sleeper per CPU) alone;
+- pauses, busy: the same beside one busy loop per CPU (a host that throttles or deschedules a
+  busy VM shows here: both CPUs stalled at once). The meters then compete with the loops, so
+  a pause seen by one CPU is the scheduler's; only `platform_pauses` (all CPUs at once)
+  count;
+- fdatasync, alone: the journal's pattern, a small overwrite (JOURNAL_WRITE_BYTES, in
+  pre-zeroed space) then `fdatasync`, RATE_PER_S times a second, on the state directory's
+  disk (`--dir`, default a temporary directory);
+- fdatasync, beside a writer: the same while another thread writes NEIGHBOUR_BYTES and
+  fsyncs them once a second (the DuckDB store's commits, roughly).
+
+Per fsync run: p50, p99, p99.9 and max (µs) and how many took over 2 ms.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from perpx.bench import pauses as platform
+
+DEFAULT_SECONDS = 10.0
+RATE_PER_S = 1_000
+JOURNAL_WRITE_BYTES = 192           # a batch header and two records
+PREZEROED_BYTES = 64 << 20
+NEIGHBOUR_BYTES = 4 << 20
+SLOW_NS = 2_000_000
+
+
+def _spin(cpu: int, stop) -> None:
+    os.sched_setaffinity(0, [cpu])
+    while not stop.is_set():
+        for _ in range(100_000):
+            pass
+
+
+def _pauses(seconds: float, busy: bool) -> dict:
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    loops = [ctx.Process(target=_spin, args=(cpu, stop), daemon=True)
+             for cpu in sorted(os.sched_getaffinity(0))] if busy else []
+    for p in loops:
+        p.start()
+    try:
+        with platform.PauseMeter() as meter:
+            time.sleep(seconds)
+    finally:
+        stop.set()
+        for p in loops:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    shared = platform.platform_pauses(meter.pauses)
+    lengths = sorted(round((end - start) / 1e6, 1) for start, end in shared)
+    return {"seconds": seconds, "busy_loops": len(loops),
+            "per_cpu_over_2ms": {str(c): len(v) for c, v in sorted(meter.pauses.items())},
+            "platform_pauses": len(shared), "platform_pause_max_ms": max(lengths, default=0.0),
+            "platform_pause_lengths_ms": lengths}
+
+
+def _neighbour(directory: Path, stop: threading.Event) -> None:
+    fd = os.open(directory / "neighbour", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        block, offset = os.urandom(NEIGHBOUR_BYTES), 0
+        while not stop.is_set():
+            os.pwrite(fd, block, offset)
+            offset += NEIGHBOUR_BYTES
+            os.fsync(fd)
+            stop.wait(1.0)
+    finally:
+        os.close(fd)
+
+
+def _fsyncs(directory: Path, seconds: float, neighbour: bool) -> dict:
+    path = directory / "journal"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    stop = threading.Event()
+    writer = threading.Thread(target=_neighbour, args=(directory, stop), daemon=True)
+    try:
+        os.pwrite(fd, bytes(PREZEROED_BYTES), 0)
+        os.fsync(fd)
+        if neighbour:
+            writer.start()
+        record = b"x" * JOURNAL_WRITE_BYTES
+        interval = 1e9 / RATE_PER_S
+        took, offset = [], 0
+        start = time.monotonic_ns()
+        due = start
+        while due < start + seconds * 1e9 and offset + len(record) <= PREZEROED_BYTES:
+            wait = (due - time.monotonic_ns()) / 1e9
+            if wait > 0:
+                time.sleep(wait)
+            before = time.monotonic_ns()
+            os.pwrite(fd, record, offset)
+            os.fdatasync(fd)
+            took.append(time.monotonic_ns() - before)
+            offset += len(record)
+            due += interval
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join(5)
+        os.close(fd)
+        path.unlink()
+        (directory / "neighbour").unlink(missing_ok=True)
+    ns = np.asarray(took, dtype=np.int64)
+    pct = (lambda q: round(float(np.percentile(ns, q)) / 1e3, 1))
+    return {"seconds": seconds, "neighbour_bytes_per_s": NEIGHBOUR_BYTES if neighbour else 0,
+            "syncs": int(len(ns)), "p50_us": pct(50), "p99_us": pct(99), "p999_us": pct(99.9),
+            "max_us": round(float(ns.max()) / 1e3, 1), "over_2ms": int((ns > SLOW_NS).sum())}
+
+
+def bench_box(seconds: float = DEFAULT_SECONDS, directory=None, progress=None) -> dict:
+    say = progress or (lambda msg: None)
+    res = {"benchmark": "box", "cpus": len(os.sched_getaffinity(0))}
+    for name, busy in (("pauses_idle", False), ("pauses_busy", True)):
+        say(f"{name.replace('_', ', ')}: {seconds:g} s")
+        res[name] = _pauses(seconds, busy)
+    with tempfile.TemporaryDirectory(prefix="perpx-box-", dir=directory) as tmp:
+        res["fsync_dir"] = str(Path(tmp).parent)
+        for name, neighbour in (("fsync_alone", False), ("fsync_beside_writer", True)):
+            say(f"{name.replace('_', ' ')}: {seconds:g} s")
+            res[name] = _fsyncs(Path(tmp), seconds, neighbour)
+    return res
+
+
+def _pause_line(p: dict, res: dict) -> str:
+    return (f"{p['platform_pauses']} pauses of every cpu at once over 2 ms in {p['seconds']:g} "
+            f"s (max {p['platform_pause_max_ms']} ms); per cpu over 2 ms: "
+            f"{p['per_cpu_over_2ms']}")
+
+
+def _fsync_line(f: dict, res: dict) -> str:
+    return (f"{JOURNAL_WRITE_BYTES} B + fdatasync at {RATE_PER_S:,}/s in {res['fsync_dir']}: "
+            f"p50 {f['p50_us']} p99 {f['p99_us']} p99.9 {f['p999_us']} max {f['max_us']} µs, "
+            f"{f['over_2ms']} of {f['syncs']} over 2 ms")
+
+
+REPORT_ROWS = (("pauses, idle", "pauses_idle", _pause_line),
+               ("pauses, busy", "pauses_busy", _pause_line),
+               ("fsync alone", "fsync_alone", _fsync_line),
+               ("fsync beside writer", "fsync_beside_writer", _fsync_line))
+
+
+def format_report(res: dict) -> str:
+    return "\n".join([f"box: {res['cpus']} cpus; nothing of the exchange runs"] +
+                     [f"{label:22} {line(res[key], res)}" for label, key, line in REPORT_ROWS])
