@@ -32,6 +32,9 @@ The client machinery (`_run_clients`, phases) also serves `perpx bench durabilit
 (even clients buy, odd clients sell, all at one price: every order trades or rests until the
 other side takes it), and the clients report every `fill` they receive (receipt time, seq).
 
+`--pauses` runs perpx/bench/pauses.py's meters beside each phase of each exchange run: the
+platform's own pauses (every CPU stalled at once), and which late requests waited in one.
+
 Latencies are exact percentiles (numpy) over every sample of the timed window (after a short
 warm-up), not a histogram. Throughput counts replies to requests sent inside the timed window
 and received before its end. Clients are `multiprocessing` spawn processes.

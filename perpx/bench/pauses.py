@@ -14,7 +14,7 @@ both CPUs busy there are 15-60 ms ones every several seconds (docs/tuning.md).
 `late_requests(...)` then says how many of the requests whose latency passed LATE_NS were
 waiting while the platform paused: the part of a latency tail the exchange could not help.
 The meters cost each CPU one wake-up per SLEEP_S, so they run only when asked
-(`perpx bench latency --pauses`).
+(`--pauses` on `perpx bench latency` and `perpx bench e2e`: e2e.run_phases runs them).
 """
 
 from __future__ import annotations
