@@ -415,10 +415,6 @@ class Gateway:
             bell.disarm(token, readable)
 
     # ------------------------------------------------------------------ input ----------
-    def release_upto(self, seq: int) -> int:
-        """Durable mode: send what was held for events up to `seq` (journaled)."""
-        return self.outbox.release_upto(seq)
-
     def _drain_router(self) -> int:
         router = self.router
         sessions = self.sessions
