@@ -63,11 +63,10 @@ def _pauses(seconds: float, busy: bool) -> dict:
                 p.kill()
                 p.join(5)
     shared = platform.platform_pauses(meter.pauses)
-    lengths = sorted(round((end - start) / 1e6, 1) for start, end in shared)
     return {"seconds": seconds, "busy_loops": len(loops),
-            "per_cpu_over_2ms": {str(c): len(v) for c, v in sorted(meter.pauses.items())},
-            "platform_pauses": len(shared), "platform_pause_max_ms": max(lengths, default=0.0),
-            "platform_pause_lengths_ms": lengths}
+            **platform.pause_figures(meter.pauses, shared),
+            "platform_pause_lengths_ms": sorted(round((end - start) / 1e6, 1)
+                                                for start, end in shared)}
 
 
 def _neighbour(directory: Path, stop: threading.Event) -> None:

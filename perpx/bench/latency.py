@@ -56,7 +56,7 @@ def latency_figures(summary: dict) -> dict:
 
 
 def _mode_runs(root, mode: str, seconds: float, rates: list, clients: list, with_max: bool,
-               meter: bool, say) -> tuple[list, dict, str]:
+               pauses: bool, say) -> tuple[list, dict, str]:
     """A fresh exchange in `mode`; every (clients, rate) run against it; (rows, samples, its
     shm prefix)."""
     shm_left: list = []
@@ -76,10 +76,10 @@ def _mode_runs(root, mode: str, seconds: float, rates: list, clients: list, with
         for c in clients:
             for label, rate in mode_rates:
                 phase = {**base, "name": f"{label}/s", "rate": rate / c}
-                summary = run_phases(target, [phase], c, say, meter)[phase["name"]]
+                summary = run_phases(target, [phase], c, say, pauses)[phase["name"]]
                 rows.append({"ack_mode": mode, "clients": c, "rate": label,
                              "rate_per_s": round(rate), **latency_figures(summary)})
-                if meter:
+                if pauses:
                     rows[-1]["pauses"] = summary["pauses"]
                 samples[(mode, c, label)] = summary["sched_ns"]
     if shm_left:

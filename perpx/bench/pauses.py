@@ -111,36 +111,45 @@ def platform_pauses(per_cpu: dict[int, list[tuple[int, int]]]) -> list[tuple[int
     return [(s, e) for s, e in common if e - s > MIN_PAUSE_NS]
 
 
+def waited_in(pauses: list[tuple[int, int]], due_ns: np.ndarray,
+              latency_ns: np.ndarray) -> np.ndarray:
+    """Per request, whether it was waiting during one of `pauses` (disjoint, sorted): a
+    request waits from its intended send time, due_ns, to its reply."""
+    if not pauses:
+        return np.zeros(len(due_ns), dtype=bool)
+    p = np.asarray(pauses, dtype=np.int64)
+    # it overlaps a pause if the last pause starting before its reply ends after its send
+    k = np.searchsorted(p[:, 0], due_ns + latency_ns, side="left") - 1
+    return (k >= 0) & (p[np.maximum(k, 0), 1] > due_ns)
+
+
 def late_requests(pauses: list[tuple[int, int]], due_ns: np.ndarray,
                   latency_ns: np.ndarray) -> tuple[int, int]:
-    """(requests later than LATE_NS, those of them waiting during one of `pauses`): a request
-    waits from its intended send time, due_ns, to its reply."""
+    """(requests later than LATE_NS, those of them waiting during one of `pauses`)."""
     late = latency_ns > LATE_NS
-    if not pauses or not late.any():
-        return int(late.sum()), 0
-    start, end = due_ns[late], due_ns[late] + latency_ns[late]
-    p = np.asarray(pauses, dtype=np.int64)
-    # a request overlaps a pause if the last pause starting before its reply ends after its
-    # send (pauses are disjoint and sorted)
-    k = np.searchsorted(p[:, 0], end, side="left") - 1
-    met = (k >= 0) & (p[np.maximum(k, 0), 1] > start)
-    return int(late.sum()), int(met.sum())
+    return int(late.sum()), int((late & waited_in(pauses, due_ns, latency_ns)).sum())
+
+
+def pause_figures(per_cpu: dict, shared: list[tuple[int, int]]) -> dict:
+    """The meters' figures: each CPU's pauses over 2 ms, and `shared` = platform_pauses(...)."""
+    lengths = [(e - s) / 1e6 for s, e in shared]
+    return {"per_cpu_over_2ms": {str(c): len(v) for c, v in sorted(per_cpu.items())},
+            "platform_pauses": len(shared),
+            "platform_pause_max_ms": round(max(lengths), 1) if lengths else 0.0,
+            "platform_pause_total_ms": round(sum(lengths), 1)}
 
 
 def summary(per_cpu: dict, due_ns: np.ndarray, latency_ns: np.ndarray) -> dict:
     """One run's figures for the JSON: the platform's pauses, the late requests and those in
-    a pause, and whether the slowest request waited through one."""
+    a pause, and whether the slowest request (if late) waited through one."""
     shared = platform_pauses(per_cpu)
-    lengths = [(e - s) / 1e6 for s, e in shared]
-    late, in_pauses = late_requests(shared, due_ns, latency_ns)
-    slowest = int(np.argmax(latency_ns)) if len(latency_ns) else None
-    return {"per_cpu_over_2ms": {str(c): len(v) for c, v in sorted(per_cpu.items())},
-            "platform_pauses": len(shared),
-            "platform_pause_max_ms": round(max(lengths), 1) if lengths else 0.0,
-            "platform_pause_total_ms": round(sum(lengths), 1),
-            "late_requests": late, "late_requests_in_platform_pauses": in_pauses,
-            "slowest_in_platform_pause": slowest is not None and late_requests(
-                shared, due_ns[slowest:slowest + 1], latency_ns[slowest:slowest + 1])[1] == 1}
+    late = latency_ns > LATE_NS
+    late_in_pause = late & waited_in(shared, due_ns, latency_ns)
+    return {**pause_figures(per_cpu, shared),
+            "late_requests": int(late.sum()),
+            "late_requests_in_platform_pauses": int(late_in_pause.sum()),
+            "slowest_in_platform_pause": bool(len(latency_ns))
+            and bool(late_in_pause[np.argmax(latency_ns)])}
 
 
 def describe(figures: dict) -> str:
