@@ -75,8 +75,8 @@ class Outbox:
         self.stats.setdefault("edge_rejects", 0)
         self.stats.setdefault("dropped_sessions", 0)
         self.reasons = ReasonLog()
-        # replies are timed from receipt to send: routing tells it of each (and, with fast
-        # acks, when it sent them), release_upto of the durable ones it releases
+        # replies are timed from receipt to send: routing tells it of each, and the outbox
+        # when they went to the socket (sent_upto with fast acks, release_upto when held)
         self.ack_latency = AckLatency()
         self.learn_disconnects = lambda: None    # the gateway's: drain the socket monitor
 
@@ -197,6 +197,12 @@ class Outbox:
             self.held_bytes += len(payload)
             return
         send_pair(self.pub, topic, payload)
+
+    def sent_upto(self, seq: int) -> None:
+        """The replies to events up to `seq` went to the socket, unless they are held (durable
+        acks: release_upto sends them, and says so)."""
+        if self.ack_latency.unsent and not self.durable:
+            self.ack_latency.sent_upto(seq, time.time_ns())
 
     # -- the durable hold ---------------------------------------------------------------
     def releasable(self) -> bool:

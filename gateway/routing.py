@@ -101,8 +101,7 @@ class EventRouter:
                 self._process(memoryview(part.view(np.uint8)), len(part))
         consumer.advance(n)
         self.stats["events"] += n
-        if self.ack_latency.unsent and not self.outbox.durable:   # durable: when released
-            self.ack_latency.sent_upto(self.mirror.applied_seq, time.time_ns())
+        self.outbox.sent_upto(self.mirror.applied_seq)
         if self.market_data is not None and self.mirror.any_dirty:
             self.market_data.book_deltas()
         return n
