@@ -542,8 +542,9 @@ class JournalFollower:
         while self.next_seq <= upto_seq and got < max_bytes:
             if self._fd is None and not self._open_segment():
                 break
-            # Batches through upto_seq hold at most this many bytes (>= 1 record each): reading
-            # no further keeps the pre-zeroed space ahead of the writer out of every read.
+            # Batches that END by upto_seq hold at most this many bytes (>= 1 record each):
+            # reading no further keeps the pre-zeroed space ahead of the writer out of most
+            # reads. A batch that starts by upto_seq and ends past it is read whole below.
             want = min(max_bytes - got, (upto_seq - self._offset_seq + 1) * _MAX_BYTES_PER_RECORD)
             data = os.pread(self._fd, want, self._offset)
             pos = 0
@@ -558,8 +559,12 @@ class JournalFollower:
                 if first > upto_seq:
                     break
                 end = pos + HEADER_BYTES + count * RECORD_BYTES
+                if end > len(data) == want:
+                    # cut by the bound above, not by the file: read this batch whole (the
+                    # store's pass stopped for good at a snapshot boundary inside a batch)
+                    data = os.pread(self._fd, end, self._offset)
                 if end > len(data):
-                    break        # a batch bigger than what this read brought: the next call
+                    break        # the file ends inside this batch (being written): next call
                 payload = memoryview(data)[pos + HEADER_BYTES:end]
                 if zlib.crc32(payload) != payload_crc:
                     raise JournalCorrupt(self._segment.path, self._offset + pos,

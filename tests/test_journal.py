@@ -685,3 +685,20 @@ def test_the_filler_never_overwrites_records_and_roll_cuts_its_zeros(tmp_path, s
     assert read_all(tmp_path, tolerate_torn_tail=False).tobytes() == written.tobytes()
     with JournalWriter(tmp_path, segment_bytes=65536) as w:
         assert w.repairs == [] and w.last_seq == len(written)
+
+
+def test_follower_reads_a_batch_that_runs_past_upto_seq(tmp_path):
+    """A batch that starts by upto_seq but holds more records than the bounded read brings
+    (the store's pass reading up to its next snapshot seq) is read whole, not left for ever."""
+    written = make_records(1, 40)
+    with JournalWriter(tmp_path) as w:
+        w.append(written[:30])           # one batch of seqs 1..30
+        w.sync()
+        w.append(written[30:])
+        w.sync()
+        follower = JournalFollower(tmp_path, from_seq=1)
+        first = follower.read(5)         # 5 is inside the first batch
+        rest = follower.read(40)
+        follower.close()
+    assert first.tobytes() == written[:30].tobytes()
+    assert rest.tobytes() == written[30:].tobytes()
