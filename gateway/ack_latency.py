@@ -9,7 +9,9 @@ gateway writes the histogram into its stats file once a second; the supervisor's
 reader of shared memory cannot see: the gateway's own queues and the durable hold.
 
 Cost on the order path: a deque append and pop per reply, one clock read per batch of
-replies; the bucketing is numpy, once a second or every FOLD_AT replies.
+replies; the bucketing is numpy, once a second or every FOLD_AT replies. FOLD_AT keeps each
+fold small: one fold of a second's replies at 20k orders/s took ~0.7 ms of the serving thread
+in one go (every reply in flight waited for it); 1,024 take ~25 µs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 # seconds, Prometheus `le` bounds; a durable ack on this box is ~1-3 ms, a stall shows in the
 # top buckets
 ACK_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-FOLD_AT = 1 << 16       # waits kept unbucketed at most
+FOLD_AT = 1 << 10       # waits kept unbucketed at most
 
 
 class AckLatency:

@@ -61,9 +61,19 @@ _LINGER_0 = struct.pack("ii", 1, 0)       # struct linger {l_onoff 1, l_linger 0
 _malloc_trim = getattr(_libc, "malloc_trim", None)
 
 
+_statm = (0, -1)         # (pid, fd): /proc/self/statm, opened by the process that reads it
+
+
 def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
+    """This process's resident set. Read once a second in the serving thread: the file stays
+    open (opening /proc/self/statm anew took up to 0.1 ms there), and a forked child, whose
+    inherited fd names its parent, opens its own."""
+    global _statm
+    pid, fd = _statm
+    if pid != os.getpid():
+        fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        _statm = (os.getpid(), fd)
+    return int(os.pread(fd, 128, 0).split()[1]) * _PAGE
 
 
 def release_freed() -> None:

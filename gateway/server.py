@@ -369,7 +369,7 @@ class Gateway:
                     self._stats_due = now + STATS_INTERVAL_S
                     self.outbox.memory_tick()
                     if self.stats_file is not None:
-                        self.stats_file.submit(json.dumps(self.status()))
+                        self.stats_file.submit(self.status())
                 if worked:
                     if self.stats["events"] - events_at_gc > 1_000_000:
                         gc.collect(0)      # the young generation only: cheap, bounded

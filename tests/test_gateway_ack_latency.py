@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from gateway.ack_latency import ACK_BUCKETS_S
+from gateway.ack_latency import ACK_BUCKETS_S, FOLD_AT, AckLatency
 from tests.gateway_fixtures import WAIT_S, gateway_stats, order, wait_until
 from tests.gateway_fixtures import exchange_factory  # noqa: F401 — fixture
 from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
@@ -69,3 +69,20 @@ def test_durable_wait_includes_the_hold(make):
     below = ACK_BUCKETS_S.index(1.0) + 1
     assert hist["counts"][:below] == [0] * below
     assert hist["sum_s"] >= 3 * 1.2
+
+
+def test_folds_stay_small_and_count_every_wait():
+    """Waits are bucketed every FOLD_AT replies, not a second's worth at once (a 0.7 ms stop of
+    the serving thread at 20k orders/s); the buckets follow Prometheus' `le`."""
+    lat = AckLatency()
+    bound_ns = round(ACK_BUCKETS_S[0] * 1e9)
+    n = 3 * FOLD_AT + 5
+    for seq in range(1, n + 1):
+        lat.replied(seq, 0)
+        # a wait equal to a bound is in that bound's bucket; one above it in the next
+        lat.sent_upto(seq, bound_ns + (seq % 2))
+        assert len(lat._waits_ns) < FOLD_AT
+    stats = lat.stats()
+    odd = n - n // 2                  # the waits one above the bound
+    assert stats["counts"][:2] == [n - odd, odd] and sum(stats["counts"]) == n
+    assert stats["sum_s"] == (n * bound_ns + odd) / 1e9

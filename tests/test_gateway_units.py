@@ -2,6 +2,7 @@
 the mirror (books, resting and untriggered orders) kept exact from the event stream, and what
 it keeps for replay and queries, counted."""
 
+import os
 from decimal import Decimal
 
 import numpy as np
@@ -19,7 +20,7 @@ from engine.records import (FUNDING_EVENT_DTYPE, LIQUIDATION_EVENT_DTYPE,
 from gateway import codec
 from engine.market import Market, MarketTable
 from engine.units import EdgeReject, atoms_str, scaled_str, usdc_to_atoms
-from gateway.memory import ENTRY_BYTES
+from gateway.memory import ENTRY_BYTES, rss_bytes
 from gateway.mirror import Mirror, apply_events, comparable
 from gateway.replay import ReportLog
 from gateway.views import PackedMap, Views
@@ -234,3 +235,25 @@ def test_what_the_gateway_keeps_is_counted_and_bounded():
     views.keep_book(0, 0, 1, PackedMap({"type": "book", "bids": [["1", "2"]] * 10}))
     views.keep_book(0, 0, 2, PackedMap({"type": "book", "bids": []}))      # replaces it
     assert views.bytes == len(PackedMap({"type": "book", "bids": []}).body)
+
+
+def test_rss_is_each_process_own_after_a_fork():
+    """rss_bytes keeps /proc/self/statm open: a forked child, whose inherited fd still names its
+    parent, must read its own."""
+    rss_bytes()                       # the parent's file is open now
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                      # the child: grow by 64 MB, touched, and say what it sees
+        try:
+            os.close(r)
+            before = rss_bytes()
+            grown = bytearray(64 << 20)
+            grown[::4096] = b"\1" * len(grown[::4096])
+            os.write(w, str(rss_bytes() - before).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        grown_by = int(f.read())
+    os.waitpid(pid, 0)
+    assert grown_by >= 60 << 20
