@@ -231,6 +231,10 @@ def test_what_the_gateway_keeps_is_counted_and_bounded():
     log.append(3, 1, 8, 0, 0, record)              # a third account: account 1 is forgotten
     assert sorted(log.by_account) == [2, 3] and log.after(1, 2, 6) is None
     assert log.bytes() == 2 * ENTRY_BYTES
+    for n in range(2, 10):                         # the count follows full logs and forgetting
+        log.append(2 + n % 2, n, 8 + n, 0, 0, record)
+        log.append(4 + n % 3, n, 8 + n, 0, 0, record)
+        assert log.bytes() == ENTRY_BYTES * sum(len(q) for q in log.by_account.values())
     views = Views()
     views.keep_book(0, 0, 1, PackedMap({"type": "book", "bids": [["1", "2"]] * 10}))
     views.keep_book(0, 0, 2, PackedMap({"type": "book", "bids": []}))      # replaces it
