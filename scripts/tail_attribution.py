@@ -20,6 +20,7 @@ kernel.perf_event_paranoid <= -1). docs/tuning.md reads its output.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import os
 import re
@@ -99,13 +100,17 @@ def cpu_runs(data: str, names: dict) -> dict[int, list]:
 def attribute(runs: dict, starts_ns: np.ndarray, waits_ns: np.ndarray):
     """(time, count) per (cpu, task) over the requests given: what ran during each wait."""
     held, seen = collections.Counter(), collections.Counter()
+    run_ends = {cpu: [e for _, e, _ in cpu_list] for cpu, cpu_list in runs.items()}
     for start, wait in zip(starts_ns.tolist(), waits_ns.tolist()):
         end = start + wait
         during = collections.Counter()
         for cpu, cpu_list in runs.items():
-            for s, e, task in cpu_list:
-                if e > start and s < end:
-                    during[(cpu, task)] += min(e, end) - max(s, start)
+            # a CPU's runs follow one another: the first that ends after the request began
+            for k in range(bisect.bisect_right(run_ends[cpu], start), len(cpu_list)):
+                s, e, task = cpu_list[k]
+                if s >= end:
+                    break
+                during[(cpu, task)] += min(e, end) - max(s, start)
         held.update(during)
         seen.update(during.keys())
     return held, seen
@@ -124,32 +129,34 @@ def main() -> int:
     phase = {"name": "run", "seconds": args.seconds, "warmup_s": 0.5,
              "window": 4096 if args.rate else e2e.DEFAULT_WINDOW, "rate": args.rate}
     root = Path(tempfile.mkdtemp(prefix="perpx-tail-"))
-    data, names, shm_left = str(root / "sched.data"), {}, []
-    with e2e.running_exchange(root / "exchange", e2e.exchange_config(clients, args.ack_mode),
-                              lambda m: None, shm_left) as (exchange, endpoints):
-        target = {"endpoints": endpoints,
-                  "certificates": e2e._funded_accounts(exchange.sd, clients)}
-        perf = subprocess.Popen(["perf", "record", "-q", "-e", "sched:sched_switch", "-a",
-                                 "-k", "mono", "-o", data], stdout=subprocess.DEVNULL)
-        namer = threading.Timer(1.0, name_threads, (names,))     # the clients are up by then
-        namer.start()
-        try:
-            summary = e2e.run_phases(target, [phase], clients, lambda m: None)["run"]
-        finally:
-            namer.join()
-            perf.send_signal(signal.SIGINT)
-            perf.wait()
-    waits = summary["sched_ns"] if args.rate else summary["lat_ns"]
-    slow = np.flatnonzero(waits > args.threshold_us * 1e3)
-    print(f"{len(waits)} requests: p50 {np.percentile(waits, 50) / 1e3:.0f} µs, "
-          f"p99 {np.percentile(waits, 99) / 1e3:.0f} µs; {len(slow)} slower than "
-          f"{args.threshold_us:g} µs")
-    if len(slow):
-        held, seen = attribute(cpu_runs(data, names), summary["due_ns"][slow], waits[slow])
-        print(f"what ran during them, summed (ms), and in how many of the {len(slow)}:")
-        for (cpu, task), ns in held.most_common(args.top):
-            print(f"  cpu{cpu}  {task:28s} {ns / 1e6:9.1f}  {seen[(cpu, task)]}")
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        data, names, shm_left = str(root / "sched.data"), {}, []
+        with e2e.running_exchange(root / "exchange", e2e.exchange_config(clients, args.ack_mode),
+                                  lambda m: None, shm_left) as (exchange, endpoints):
+            target = {"endpoints": endpoints,
+                      "certificates": e2e._funded_accounts(exchange.sd, clients)}
+            perf = subprocess.Popen(["perf", "record", "-q", "-e", "sched:sched_switch", "-a",
+                                     "-k", "mono", "-o", data], stdout=subprocess.DEVNULL)
+            namer = threading.Timer(1.0, name_threads, (names,))     # the clients are up by then
+            namer.start()
+            try:
+                summary = e2e.run_phases(target, [phase], clients, lambda m: None)["run"]
+            finally:
+                namer.join()
+                perf.send_signal(signal.SIGINT)
+                perf.wait()
+        waits = summary["sched_ns"] if args.rate else summary["lat_ns"]
+        slow = np.flatnonzero(waits > args.threshold_us * 1e3)
+        print(f"{len(waits)} requests: p50 {np.percentile(waits, 50) / 1e3:.0f} µs, "
+              f"p99 {np.percentile(waits, 99) / 1e3:.0f} µs; {len(slow)} slower than "
+              f"{args.threshold_us:g} µs")
+        if len(slow):
+            held, seen = attribute(cpu_runs(data, names), summary["due_ns"][slow], waits[slow])
+            print(f"what ran during them, summed (ms), and in how many of the {len(slow)}:")
+            for (cpu, task), ns in held.most_common(args.top):
+                print(f"  cpu{cpu}  {task:28s} {ns / 1e6:9.1f}  {seen[(cpu, task)]}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
