@@ -19,8 +19,10 @@ The store process (persistd/storer.py, `python -m persistd --store`, this proces
     DuckDB, snapshots, serves `perpx sql`. A process of its own so that its compiled calls and
     DuckDB's row building never hold the journal's interpreter lock: the durable ack waits for
     the disk only. It publishes `snapshot_seq`; the journal thread, the journal's only writer,
-    retires the segments the snapshots cover. If it dies, persistd stops (the supervisor
-    restarts both); persistd stops it last, once the ring is drained.
+    retires the segments the snapshots cover (a rename each), and the store process deletes
+    them (~15 ms of kernel time each, which a durable ack would wait for here). If it dies,
+    persistd stops (the supervisor restarts both); persistd stops it last, once the ring is
+    drained.
 
 Start-up refuses, with one line naming the segment, byte offset and seq, a journal damaged at or
 below its synced-seq marker (acknowledged history: `perpx journal inspect|repair`), and a DuckDB

@@ -15,7 +15,8 @@ store (the main thread)
     it also fdatasyncs the journal's synced-seq marker (persistd/journal.py), which persistd
     rewrites after each sync without waiting for the disk. Every `snapshot_every` commands it writes a
     snapshot of the replica's tables and publishes `snapshot_seq`; persistd, the journal's only
-    writer, retires the segments the snapshots cover. On start it rebuilds the replica from the
+    writer, retires the segments the snapshots cover (moves them aside), and this thread
+    deletes them at its next pass (persistd/journal.py `reclaim_retired`). On start it rebuilds the replica from the
     newest snapshot at or below the store's last seq and replays the journal from there,
     writing only rows the store lacks. Each report to an account among the events gets its row
     in the `reports` table, keyed by (account, account_seq) as engine/reports.py numbers them
@@ -48,7 +49,7 @@ from engine.records import (COMMAND_EVENT_WORD, EV_COMMAND, EV_FUNDING, EV_LIQUI
 from engine.reports import number_events
 from engine.spec import ExchangeSpec
 from persistd import snapshot
-from persistd.journal import SYNCED_MARKER, JournalFollower
+from persistd.journal import SYNCED_MARKER, JournalFollower, reclaim_retired
 from persistd.replica import Replica
 from persistd.store import BALANCE_ROW_DTYPE, REPORT_ROW_DTYPE, ReadOnlyViolation, Store
 from shm.progress import JournalProgress
@@ -170,6 +171,9 @@ class StoreProcess:
                     return
                 if last_round or time.monotonic() - self._marker_synced_at >= MARKER_SYNC_S:
                     self._sync_marker()
+                # here, not in the journal thread: deleting a segment takes ~15 ms of kernel
+                for name in reclaim_retired(self.sd.journal_dir):
+                    self.log(f"deleted retired journal segment {name}")
                 durable = self.progress.durable_seq()
                 while True:
                     if replica.seq - last_snapshot >= self.snapshot_every and \

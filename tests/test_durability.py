@@ -10,7 +10,8 @@ import signal
 import time
 
 from perpx.client import Client
-from persistd.journal import HEADER_BYTES, journal_info, marked_synced_seq, segments
+from persistd.journal import (HEADER_BYTES, RETIRED_DIR, journal_info, marked_synced_seq,
+                              segment_name, segments)
 from shm.progress import JournalProgress
 from tests.durability_helpers import (Traders, assert_nothing_acknowledged_was_lost,
                                       durable_config, funded_account, sql_rows, wait_store)
@@ -93,9 +94,15 @@ def test_restart_of_the_whole_exchange_keeps_everything(ups):
     data_bytes, file_bytes = data_and_file_bytes()      # ...and a clean stop cuts it
     assert file_bytes == data_bytes
 
+    # a segment retired (moved aside) just before a crash: the store process deletes it
+    leftover = sd.journal_dir / RETIRED_DIR / segment_name(1)
+    leftover.parent.mkdir(exist_ok=True)
+    leftover.write_bytes(bytes(4096))
     again = ups("state", durable_config())
     endpoints = again.wait_ready()
     assert "genesis" not in again.stderr.split("persistd ready")[-1]
+    wait_until(lambda: not leftover.exists(), WAIT_S, "the store process to delete the "
+                                                      "retired segment")
     with Client.connect(endpoints, cert, timeout_s=WAIT_S) as c:
         orders = c.open_orders()["orders"]
         assert [(o["oid"], o["price"], o["remaining"]) for o in orders] == \

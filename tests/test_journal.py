@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 from engine.records import (COMMAND_EVENT_DTYPE, EV_ACK, EV_COMMAND, EVENT_DTYPE)
 from perpx.launch import wait_until
 from persistd import journal
-from persistd.journal import (HEADER_BYTES, JOURNAL_RECORD_DTYPE, RECORD_BYTES, JournalCorrupt,
-                              JournalError, JournalFollower, JournalWriter, cut_journal,
-                              inspect_journal, journal_info, journal_records,
-                              marked_synced_seq, read_journal, segment_name, segments)
+from persistd.journal import (HEADER_BYTES, JOURNAL_RECORD_DTYPE, RECORD_BYTES, RETIRED_DIR,
+                              JournalCorrupt, JournalError, JournalFollower, JournalWriter,
+                              cut_journal, inspect_journal, journal_info, journal_records,
+                              marked_synced_seq, read_journal, reclaim_retired, segment_name,
+                              segments)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -349,8 +350,15 @@ def test_retire_through_removes_only_whole_older_segments(tmp_path):
     with JournalWriter(tmp_path, segment_bytes=2000) as w:
         # seq inside segment 2: segments 0 and 1 end before it, segment 2 does not
         through = segs[2].first_seq + 3
+        contents = {s.path.name: s.path.read_bytes() for s in segs[:2]}
         assert w.retire_through(through) == [segs[0].path, segs[1].path]
         assert segments(tmp_path) == segs[2:]
+        # moved aside whole, for the store process to delete (the journal thread never waits
+        # for a deletion); the journal's readers no longer see them
+        retired = tmp_path / RETIRED_DIR
+        assert {n: (retired / n).read_bytes() for n in os.listdir(retired)} == contents
+        assert reclaim_retired(tmp_path) == [segs[0].path.name, segs[1].path.name]
+        assert os.listdir(retired) == [] and reclaim_retired(tmp_path) == []
         assert w.retire_through(through) == []
         # even retiring everything keeps the current segment
         assert w.retire_through(w.last_seq) == [s.path for s in segs[2:-1]]
