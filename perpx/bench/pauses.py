@@ -123,11 +123,18 @@ def waited_in(pauses: list[tuple[int, int]], due_ns: np.ndarray,
     return (k >= 0) & (p[np.maximum(k, 0), 1] > due_ns)
 
 
+def late_masks(pauses: list[tuple[int, int]], due_ns: np.ndarray,
+               latency_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per request, (later than LATE_NS, that and waiting during one of `pauses`)."""
+    late = latency_ns > LATE_NS
+    return late, late & waited_in(pauses, due_ns, latency_ns)
+
+
 def late_requests(pauses: list[tuple[int, int]], due_ns: np.ndarray,
                   latency_ns: np.ndarray) -> tuple[int, int]:
     """(requests later than LATE_NS, those of them waiting during one of `pauses`)."""
-    late = latency_ns > LATE_NS
-    return int(late.sum()), int((late & waited_in(pauses, due_ns, latency_ns)).sum())
+    late, in_pause = late_masks(pauses, due_ns, latency_ns)
+    return int(late.sum()), int(in_pause.sum())
 
 
 def pause_figures(per_cpu: dict, shared: list[tuple[int, int]]) -> dict:
@@ -143,13 +150,12 @@ def summary(per_cpu: dict, due_ns: np.ndarray, latency_ns: np.ndarray) -> dict:
     """One run's figures for the JSON: the platform's pauses, the late requests and those in
     a pause, and whether the slowest request (if late) waited through one."""
     shared = platform_pauses(per_cpu)
-    late = latency_ns > LATE_NS
-    late_in_pause = late & waited_in(shared, due_ns, latency_ns)
+    late, in_pause = late_masks(shared, due_ns, latency_ns)
     return {**pause_figures(per_cpu, shared),
             "late_requests": int(late.sum()),
-            "late_requests_in_platform_pauses": int(late_in_pause.sum()),
+            "late_requests_in_platform_pauses": int(in_pause.sum()),
             "slowest_in_platform_pause": bool(len(latency_ns))
-            and bool(late_in_pause[np.argmax(latency_ns)])}
+            and bool(in_pause[np.argmax(latency_ns)])}
 
 
 def describe(figures: dict) -> str:
