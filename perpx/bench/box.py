@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from perpx.bench import pauses as platform
+from perpx.bench.matcher import percentiles_us
 
 DEFAULT_SECONDS = 10.0
 RATE_PER_S = 1_000
@@ -115,10 +116,10 @@ def _fsyncs(directory: Path, seconds: float, neighbour: bool) -> dict:
         path.unlink()
         (directory / "neighbour").unlink(missing_ok=True)
     ns = np.asarray(took, dtype=np.int64)
-    pct = (lambda q: round(float(np.percentile(ns, q)) / 1e3, 1))
     return {"seconds": seconds, "neighbour_bytes_per_s": NEIGHBOUR_BYTES if neighbour else 0,
-            "syncs": int(len(ns)), "p50_us": pct(50), "p99_us": pct(99), "p999_us": pct(99.9),
-            "max_us": round(float(ns.max()) / 1e3, 1), "over_2ms": int((ns > SLOW_NS).sum())}
+            "syncs": int(len(ns)),
+            **{f"{name}_us": round(us, 1) for name, us in percentiles_us(ns).items()},
+            "over_2ms": int((ns > SLOW_NS).sum())}
 
 
 def bench_box(seconds: float = DEFAULT_SECONDS, directory=None, progress=None) -> dict:
