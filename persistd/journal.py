@@ -975,13 +975,14 @@ class JournalWriter:
         for seg, following in zip(segs, segs[1:]):       # the last segment is never a candidate
             if following.first_seq - 1 > seq or seg.path == self._segment_path:
                 break
-            if not retired:
-                os.makedirs(self.directory / RETIRED_DIR, exist_ok=True)
-            # not fsynced here (a directory fsync is a filesystem commit, 1-3 ms): a rename
-            # that a crash loses leaves an old, whole segment in the journal, retired again
-            # later; reclaim_retired makes the renames durable before it deletes anything
-            os.rename(seg.path, self.directory / RETIRED_DIR / seg.path.name)
             retired.append(seg.path)
+        if retired:
+            os.makedirs(self.directory / RETIRED_DIR, exist_ok=True)
+        # not fsynced here (a directory fsync is a filesystem commit, 1-3 ms): a rename that a
+        # crash loses leaves an old, whole segment in the journal, retired again later;
+        # reclaim_retired makes the renames durable before it deletes anything
+        for path in retired:
+            os.rename(path, self.directory / RETIRED_DIR / path.name)
         return retired
 
     # -- the zero filler ---------------------------------------------------------------------
