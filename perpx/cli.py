@@ -533,7 +533,7 @@ def status_report(sd) -> dict:
     report = {"running": True, "supervisor_pid": supervisor, "state_dir": str(sd.path),
               "prefix": sd.prefix, "processes": procs, "seq": None,
               "durable_seq": None, "journal": None, "heartbeats": {}, "rings": {},
-              "endpoints": st.get("endpoints")}
+              "endpoints": st.get("endpoints"), "cpu_latency": st.get("cpu_latency")}
     try:
         doc = sd.exchange()
     except RuntimeError:
@@ -663,6 +663,13 @@ def cmd_status(args) -> int:
              f"shm {report['prefix']})",
              table(["process", "pid", "alive", "restarts", "state", "cpus"], rows), "",
              f"seq {report['seq']}   durable_seq {report['durable_seq']}"]
+    idle = report["cpu_latency"]
+    if idle is not None:
+        limit = idle["limit_us"]
+        lines.append(f"idle CPUs: {'poll' if limit == 0 else f'wake within {limit} µs'} "
+                     f"(exchange.cpu_latency_us, held)" if idle["held"] else
+                     f"idle CPUs: as the host sets them (exchange.cpu_latency_us {limit}: "
+                     f"{idle['refused']})")
     journal = report["journal"]
     if journal:
         lines.append(f"DuckDB at seq {journal['store_seq']}   newest snapshot at seq "

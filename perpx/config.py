@@ -9,6 +9,8 @@ defaults. `load_config(path)` reads a file (None: the bundled perpx/default.toml
 Keys (defaults in brackets):
 
     [exchange]  gateways [1], ack_mode ["durable"] ("durable" | "fast"), pin_cpus [true],
+                cpu_latency_us [0] (the idle-CPU wake-up limit the exchange asks the kernel for
+                while it runs, perpx/cpu_latency.py: 0 = idle CPUs poll; -1 = ask for nothing),
                 rate_limit_per_s [5000], rate_limit_burst [10000] (per account, per gateway),
                 startup_timeout_s [180] (the first start compiles the matcher: ~1 min),
                 max_connections [512] (per gateway), max_connections_per_account [8] (per
@@ -113,6 +115,7 @@ EXCHANGE_DEFAULTS = {
     "gateways": 1,
     "ack_mode": "durable",
     "pin_cpus": True,
+    "cpu_latency_us": 0,
     "rate_limit_per_s": 5000,
     "rate_limit_burst": 10000,
     "startup_timeout_s": 180,
@@ -212,6 +215,7 @@ class Config:
     risk: dict = None          # RISK_DEFAULTS keys
     source: str = BUNDLED_SOURCE
     gateway_limits: dict = None  # GATEWAY_LIMIT_KEYS
+    cpu_latency_us: int = EXCHANGE_DEFAULTS["cpu_latency_us"]
     # endpoint keys the config file gave (a port left to the defaults may move when taken);
     # how the file was written, not what it says, so not compared
     explicit_endpoints: tuple = field(default=(), compare=False)
@@ -231,7 +235,8 @@ class Config:
         return {
             "source": self.source,
             "exchange": {"gateways": self.gateways, "ack_mode": self.ack_mode,
-                         "pin_cpus": self.pin_cpus, "rate_limit_per_s": self.rate_limit_per_s,
+                         "pin_cpus": self.pin_cpus, "cpu_latency_us": self.cpu_latency_us,
+                         "rate_limit_per_s": self.rate_limit_per_s,
                          "rate_limit_burst": self.rate_limit_burst,
                          "startup_timeout_s": self.startup_timeout_s,
                          **(self.gateway_limits or {})},
@@ -348,6 +353,7 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
         c.fail("exchange.ack_mode", f"{ex['ack_mode']!r} must be one of {', '.join(ACK_MODES)}")
     if not isinstance(ex["pin_cpus"], bool):
         c.fail("exchange.pin_cpus", f"{ex['pin_cpus']!r} must be true or false")
+    cpu_latency = c.integer("exchange.cpu_latency_us", ex["cpu_latency_us"], -1, 2 ** 31 - 1)
     rate = c.number("exchange.rate_limit_per_s", ex["rate_limit_per_s"], 1, 1e9)
     burst = c.number("exchange.rate_limit_burst", ex["rate_limit_burst"], 1, 1e9)
     startup = c.number("exchange.startup_timeout_s", ex["startup_timeout_s"], 1, 3600)
@@ -438,7 +444,8 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
                   rate_limit_per_s=rate, rate_limit_burst=burst, startup_timeout_s=startup,
                   engine={k: eng[k] for k in ENGINE_DEFAULTS}, endpoints=dict(ep),
                   markets=tuple(markets), persistence=per, risk=risk, source=source,
-                  gateway_limits=limits, explicit_endpoints=explicit_endpoints)
+                  gateway_limits=limits, cpu_latency_us=cpu_latency,
+                  explicit_endpoints=explicit_endpoints)
 
 
 def _check_book_capacity(c: _Checker, i: int, m: Market, eng: dict) -> None:

@@ -36,6 +36,11 @@ two; a matcher that shares its CPU never spins when idle (it would hold up the g
 waits for), see `matcher_spins`. With one CPU nothing is pinned.
 The CPUs are those this process may use (its own affinity mask), lowest first.
 
+Idle CPUs (exchange.cpu_latency_us, perpx/cpu_latency.py): while it runs, the supervisor asks
+the kernel to keep idle CPUs polling rather than halting (0, the default), so an order that
+finds the order path asleep does not first wait for the host to wake its CPU. The request
+ends with the supervisor. Where the host refuses it (not root), the start says so and goes on.
+
 Watching (every 0.1 s): a process that exits is noticed by its parent's wait (no polling of
 pids that could be reused). Every child that dies is restarted (Supervisor._tend says how
 each resumes), immediately the first time and with a back-off (0.5 s doubling to 30 s) while
@@ -82,6 +87,7 @@ from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_L
 from engine.service import attach_state
 from engine.state import C_SEQ
 from perpx.config import BUNDLED_SOURCE, Config, genesis_commands, write_json_atomic
+from perpx.cpu_latency import CpuLatencyRequest
 from perpx.metrics import Exporter
 from perpx.ops import Exchange, OpsError
 from perpx.progress import COMPILING_MATCHER, Bar, elapsed
@@ -313,6 +319,7 @@ class Supervisor:
         self._stall_reported = False
         self._last_ops_check = 0.0
         self.cpu_plan = {}
+        self.cpu_latency: CpuLatencyRequest | None = None
 
     def log(self, msg: str) -> None:
         self._log(msg)
@@ -380,6 +387,11 @@ class Supervisor:
         self.cpu_plan = plan_cpus(available, cfg.gateways) if cfg.pin_cpus else {}
         if self.cpu_plan and len(available) > 1:
             os.sched_setaffinity(0, self.cpu_plan["other"])
+        self.cpu_latency = CpuLatencyRequest(cfg.cpu_latency_us)
+        if cfg.cpu_latency_us >= 0 and not self.cpu_latency.held:
+            self.log(f"note: exchange.cpu_latency_us = {cfg.cpu_latency_us} not applied "
+                     f"({self.cpu_latency.refused}): idle CPUs halt, and an order that finds "
+                     f"the order path idle waits for its CPU to wake (docs/operations.md)")
         self.doc = {
             **cfg.to_dict(),
             "prefix": sd.prefix,
@@ -701,6 +713,7 @@ class Supervisor:
             "supervisor_pid": os.getpid(), "prefix": self.sd.prefix,
             "state_dir": str(self.sd.path), "config": self.cfg.source,
             "cpu_plan": self.cpu_plan,
+            "cpu_latency": self.cpu_latency.as_dict() if self.cpu_latency else None,
             "processes": procs, "endpoints": self.endpoints})
 
     def _running(self) -> list[Child]:
@@ -745,6 +758,8 @@ class Supervisor:
                      f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}")
         for f in (self.sd.endpoints_file, self.sd.status_file):
             f.unlink(missing_ok=True)
+        if self.cpu_latency is not None:
+            self.cpu_latency.close()
         for child in self._running():
             if child.ready_file is not None:
                 child.ready_file.unlink(missing_ok=True)

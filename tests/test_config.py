@@ -169,6 +169,9 @@ def test_resolved_config_round_trips():
     tuned = parse_config("[risk]\nmark_interval_ms = 50\nscan = false\n" + GOOD_MARKET)
     assert (tuned.risk["mark_interval_ms"], tuned.risk["scan"]) == (50, False)
     assert config_from_resolved(tuned.to_dict()) == tuned
+    assert cfg.cpu_latency_us == 0        # idle CPUs poll on the bundled exchange
+    shared = parse_config("[exchange]\ncpu_latency_us = -1\n" + GOOD_MARKET)
+    assert shared.cpu_latency_us == -1 and config_from_resolved(shared.to_dict()) == shared
 
 
 def test_csv_oracle_path_is_resolved_against_the_config_file(tmp_path):
@@ -244,6 +247,10 @@ BAD = [
     ('[exchange]\nack_mode = "slow"\n' + GOOD_MARKET, "exchange.ack_mode",
      "must be one of durable, fast"),
     ('[exchange]\npin_cpus = "yes"\n' + GOOD_MARKET, "exchange.pin_cpus", "true or false"),
+    ("[exchange]\ncpu_latency_us = -2\n" + GOOD_MARKET, "exchange.cpu_latency_us",
+     "must be in [-1, 2147483647]"),
+    ("[exchange]\ncpu_latency_us = true\n" + GOOD_MARKET, "exchange.cpu_latency_us",
+     "must be an integer"),
     ("[exchange]\ngatways = 2\n" + GOOD_MARKET, "exchange.gatways", "did you mean 'gateways'"),
     ("[engine]\nmax_markets = 100\n" + GOOD_MARKET, "engine.max_markets", "must be in [1, 64]"),
     ("[engine]\ncommand_ring_capacity = 1000\n" + GOOD_MARKET, "engine.command_ring_capacity",

@@ -20,6 +20,7 @@ import zmq
 import zmq.auth
 
 from perpx import launch
+from perpx.cpu_latency import DEVICE as CPU_LATENCY_DEVICE, current_limit_us
 from perpx.launch import REPO, STARTUP_S, ExchangeProcess, child_env, pid_alive
 from perpx.statedir import StateDir
 from perpx.supervisor import matcher_spins, plan_cpus
@@ -168,6 +169,7 @@ def assert_cpu_placement(status: dict, procs: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 def test_up_status_gateway_restart_and_sigterm(ups):
+    idle_limit_before = current_limit_us() if os.access(CPU_LATENCY_DEVICE, os.R_OK) else None
     up = ups("state", config_text(gateways=2))
     endpoints = up.wait_ready()
     sd = up.sd
@@ -187,6 +189,16 @@ def test_up_status_gateway_restart_and_sigterm(ups):
     assert status["durable_seq"] == status["seq"]      # "fast" acks, but persistd journals
     assert status["heartbeats"]["matcher"]["beating"]
     assert_cpu_placement(json.loads(sd.status_file.read_text()), procs)
+    # idle CPUs: the bundled request (0: poll) stands while the exchange runs, or the status
+    # says why the host refused it
+    idle = status["cpu_latency"]
+    if idle_limit_before is not None and os.access(CPU_LATENCY_DEVICE, os.W_OK):
+        assert idle == {"limit_us": 0, "held": True, "refused": None}
+        assert current_limit_us() == 0
+    else:
+        assert idle["held"] is False and CPU_LATENCY_DEVICE in idle["refused"]
+        assert "cpu_latency_us = 0 not applied" in up.stderr
+    assert "idle CPUs: " in cli(sd.path, "status").stdout
 
     # one exchange per state dir
     line = cli_fails(sd.path, "up", "--config", up.dir.parent / "state.toml")
@@ -219,6 +231,8 @@ def test_up_status_gateway_restart_and_sigterm(ups):
     for pid in up.child_pids:
         assert not pid_alive(pid)
     assert "stopped cleanly" in up.stderr
+    if idle_limit_before is not None:
+        assert current_limit_us() == idle_limit_before      # the request ended with it
 
 
 def test_matcher_kill9_is_restarted_and_recovers_its_state(ups):
