@@ -22,6 +22,10 @@ One invocation:
    the achieved rate and the ack latency at that rate (from the actual send, and from the
    scheduled send time, which includes any lag of the sender: no coordinated omission).
 
+The floors run under the idle-CPU request the exchange makes for itself (exchange.cpu_latency_us,
+perpx/cpu_latency.py), held by this process over the whole run: the exchange and its floors
+are measured with idle CPUs treated alike (`settings.cpu_latency`).
+
 The JSON's top-level measurements (`orders_per_s`, `ack_p50_us`, ...) are those of the first
 mode run, `settings.ack_mode`: the fast exchange unless only "durable" was asked for. With both,
 `durable` holds the durable exchange's measurements under the same names, plus `over_fast`:
@@ -61,6 +65,8 @@ import msgpack
 import numpy as np
 
 from perpx.bench import pauses as platform, plot, relay
+from perpx.config import EXCHANGE_DEFAULTS
+from perpx.cpu_latency import CpuLatencyRequest
 from perpx.launch import ExchangeProcess
 
 DEFAULT_SECONDS = 5.0
@@ -558,7 +564,10 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
 
     paced = {**throughput, "name": "paced", "rate": paced_rate}
     runs = {}
-    with bench_dir("e2e") as root:
+    # the exchange_config() exchanges ask for the default; the floors get the same
+    with bench_dir("e2e") as root, \
+            CpuLatencyRequest(EXCHANGE_DEFAULTS["cpu_latency_us"]) as idle_cpus:
+        idle_cpus_asked = idle_cpus.as_dict()
         echo = _measure_echo(clients, throughput, say)   # before any exchange: the box to itself
         relay_floor = _measure_relay(clients, throughput, say)
         for mode in modes:
@@ -590,6 +599,8 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
                      "echo": "measured before the exchanges start, once",
                      "relay": "measured after the echo, before the exchanges, once",
                      "pause_meters": pauses,
+                     "cpu_latency": {**idle_cpus_asked,
+                                     "over": "the floors and the exchanges alike"},
                      "cpus": os.cpu_count()},
         "shm_prefix": first["shm_prefix"],
         "shm_prefixes": [runs[m]["shm_prefix"] for m in modes],
