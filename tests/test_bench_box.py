@@ -1,5 +1,6 @@
-"""`perpx bench box --json`: the platform's own pauses (idle and beside busy loops) and the
-journal's fdatasync pattern (alone and beside a writer), each measured for real, briefly."""
+"""`perpx bench box --json`: the platform's own pauses (idle and beside busy loops), the
+journal's fdatasync pattern (alone and beside a writer) and the wake-up of idle CPUs (as the
+host has them, then polling), each measured for real, briefly."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 
 from perpx.cli import main
+from perpx.cpu_latency import DEVICE as CPU_LATENCY_DEVICE
 
 
 def test_bench_box_json(capsys, tmp_path):
@@ -26,3 +28,14 @@ def test_bench_box_json(capsys, tmp_path):
     assert res["fsync_beside_writer"]["neighbour_bytes_per_s"] > 0
     assert res["fsync_dir"] == str(tmp_path)
     assert list(tmp_path.iterdir()) == []          # its files are gone
+    cpu_ids = sorted(os.sched_getaffinity(0))
+    host = res["wakeups_host_idle"]
+    # a round trip every ms for 0.5 s, between the first and the last CPU
+    assert host["trips"] > 100 and host["cpus"] == [cpu_ids[0], cpu_ids[-1]], host
+    assert 0 < host["p50_us"] <= host["p99_us"] <= host["p999_us"] <= host["max_us"], host
+    polling = res["wakeups_polling"]
+    if os.access(CPU_LATENCY_DEVICE, os.W_OK):
+        assert polling["trips"] > 100 and polling["cpu_latency_limit_us"] == 0, polling
+        assert 0 < polling["p50_us"] <= polling["max_us"], polling
+    else:
+        assert CPU_LATENCY_DEVICE in polling["refused"], polling

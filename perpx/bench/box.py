@@ -12,9 +12,16 @@ The exchange's tail is bounded below by the box: a VM that stops its CPUs, a dis
   pre-zeroed space) then `fdatasync`, RATE_PER_S times a second, on the state directory's
   disk (`--dir`, default a temporary directory);
 - fdatasync, beside a writer: the same while another thread writes NEIGHBOUR_BYTES and
-  fsyncs them once a second (the DuckDB store's commits, roughly).
+  fsyncs them once a second (the DuckDB store's commits, roughly);
+- wake-ups, twice: a byte's round trip between a process on the first CPU (the order path's)
+  and one on the last, every WAKE_INTERVAL_S (a gap between orders at 1,000 orders/s), so
+  both CPUs idle in between and each trip wakes two of them: first with idle CPUs as the
+  host has them, then while this process asks for polling idle CPUs (perpx/cpu_latency.py,
+  what the supervisor asks for by default). Their difference is what
+  `exchange.cpu_latency_us` buys on this box.
 
-Per fsync run: p50, p99, p99.9 and max (µs) and how many took over 2 ms.
+Per fsync and wake-up run: p50, p99, p99.9 and max (µs); per fsync run how many took over
+2 ms.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import numpy as np
 
 from perpx.bench import pauses as platform
 from perpx.bench.matcher import percentiles_us
+from perpx.cpu_latency import CpuLatencyRequest, current_limit_us
 
 DEFAULT_SECONDS = 10.0
 RATE_PER_S = 1_000
@@ -37,6 +45,7 @@ JOURNAL_WRITE_BYTES = 192           # a batch header and two records
 PREZEROED_BYTES = 64 << 20
 NEIGHBOUR_BYTES = 4 << 20
 SLOW_NS = 2_000_000
+WAKE_INTERVAL_S = 0.001
 
 
 def _spin(cpu: int, stop) -> None:
@@ -122,6 +131,56 @@ def _fsyncs(directory: Path, seconds: float, neighbour: bool) -> dict:
             "over_2ms": int((ns > SLOW_NS).sum())}
 
 
+def _echo(cpu: int, conn) -> None:
+    os.sched_setaffinity(0, [cpu])
+    try:
+        while True:
+            conn.send_bytes(conn.recv_bytes())
+    except EOFError:
+        pass
+
+
+def _ping(cpu: int, conn, seconds: float, results) -> None:
+    os.sched_setaffinity(0, [cpu])
+    took = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(WAKE_INTERVAL_S)
+        before = time.monotonic_ns()
+        conn.send_bytes(b"x")
+        conn.recv_bytes()
+        took.append(time.monotonic_ns() - before)
+    results.put(took)
+
+
+def _wakeups(seconds: float) -> dict:
+    """Round trips between the first and the last CPU, both idle between trips."""
+    ctx = mp.get_context("spawn")
+    cpus = sorted(os.sched_getaffinity(0))
+    near, far = ctx.Pipe()
+    results = ctx.Queue()
+    echo = ctx.Process(target=_echo, args=(cpus[0], far), daemon=True)
+    ping = ctx.Process(target=_ping, args=(cpus[-1], near, seconds, results), daemon=True)
+    echo.start()
+    ping.start()
+    try:
+        took = results.get(timeout=seconds + 60)
+    finally:
+        for p in (ping, echo):
+            p.kill()
+            p.join(5)
+    ns = np.asarray(took, dtype=np.int64)
+    return {"seconds": seconds, "cpus": [cpus[0], cpus[-1]], "trips": int(len(ns)),
+            **{f"{name}_us": round(us, 1) for name, us in percentiles_us(ns).items()}}
+
+
+def _limit_in_force() -> int | None:
+    try:
+        return current_limit_us()
+    except OSError:
+        return None
+
+
 def bench_box(seconds: float = DEFAULT_SECONDS, directory=None, progress=None) -> dict:
     say = progress or (lambda msg: None)
     res = {"benchmark": "box", "cpus": len(os.sched_getaffinity(0))}
@@ -133,6 +192,15 @@ def bench_box(seconds: float = DEFAULT_SECONDS, directory=None, progress=None) -
         for name, neighbour in (("fsync_alone", False), ("fsync_beside_writer", True)):
             say(f"{name.replace('_', ' ')}: {seconds:g} s")
             res[name] = _fsyncs(Path(tmp), seconds, neighbour)
+    say(f"wake-ups, idle cpus as the host has them: {seconds:g} s")
+    res["wakeups_host_idle"] = {**_wakeups(seconds), "cpu_latency_limit_us": _limit_in_force()}
+    with CpuLatencyRequest(0) as polling:
+        if polling.held:
+            say(f"wake-ups, idle cpus polling: {seconds:g} s")
+            res["wakeups_polling"] = {**_wakeups(seconds),
+                                      "cpu_latency_limit_us": _limit_in_force()}
+        else:
+            res["wakeups_polling"] = {"refused": polling.refused}
     return res
 
 
@@ -148,10 +216,20 @@ def _fsync_line(f: dict, res: dict) -> str:
             f"{f['over_2ms']} of {f['syncs']} over 2 ms")
 
 
+def _wakeup_line(w: dict, res: dict) -> str:
+    if "refused" in w:
+        return f"not measured: {w['refused']}"
+    return (f"round trip cpu{w['cpus'][0]} <-> cpu{w['cpus'][1]} every "
+            f"{WAKE_INTERVAL_S * 1e3:g} ms: p50 {w['p50_us']} p99 {w['p99_us']} p99.9 "
+            f"{w['p999_us']} max {w['max_us']} µs")
+
+
 REPORT_ROWS = (("pauses, idle", "pauses_idle", _pause_line),
                ("pauses, busy", "pauses_busy", _pause_line),
                ("fsync alone", "fsync_alone", _fsync_line),
-               ("fsync beside writer", "fsync_beside_writer", _fsync_line))
+               ("fsync beside writer", "fsync_beside_writer", _fsync_line),
+               ("wake-ups, host idle", "wakeups_host_idle", _wakeup_line),
+               ("wake-ups, polling", "wakeups_polling", _wakeup_line))
 
 
 def format_report(res: dict) -> str:
