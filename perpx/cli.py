@@ -666,10 +666,12 @@ def cmd_status(args) -> int:
     idle = report["cpu_latency"]
     if idle is not None:
         limit = idle["limit_us"]
-        lines.append(f"idle CPUs: {'poll' if limit == 0 else f'wake within {limit} µs'} "
-                     f"(exchange.cpu_latency_us, held)" if idle["held"] else
-                     f"idle CPUs: as the host sets them (exchange.cpu_latency_us {limit}: "
-                     f"{idle['refused']})")
+        if idle["held"]:
+            how = "poll" if limit == 0 else f"no idle state declared slower than {limit} µs"
+            lines.append(f"idle CPUs: {how} (exchange.cpu_latency_us = {limit}, held)")
+        else:
+            lines.append(f"idle CPUs: as the host sets them (exchange.cpu_latency_us = {limit}"
+                         + (f": {idle['refused']})" if idle["refused"] else ")"))
     journal = report["journal"]
     if journal:
         lines.append(f"DuckDB at seq {journal['store_seq']}   newest snapshot at seq "

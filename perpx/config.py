@@ -9,8 +9,9 @@ defaults. `load_config(path)` reads a file (None: the bundled perpx/default.toml
 Keys (defaults in brackets):
 
     [exchange]  gateways [1], ack_mode ["durable"] ("durable" | "fast"), pin_cpus [true],
-                cpu_latency_us [0] (the idle-CPU wake-up limit the exchange asks the kernel for
-                while it runs, perpx/cpu_latency.py: 0 = idle CPUs poll; -1 = ask for nothing),
+                cpu_latency_us [0] (the limit on idle CPUs' declared wake-up latency that the
+                exchange asks the kernel for while it runs, perpx/cpu_latency.py: 0 = idle
+                CPUs poll; -1 = ask for nothing),
                 rate_limit_per_s [5000], rate_limit_burst [10000] (per account, per gateway),
                 startup_timeout_s [180] (the first start compiles the matcher: ~1 min),
                 max_connections [512] (per gateway), max_connections_per_account [8] (per

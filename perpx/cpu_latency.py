@@ -7,10 +7,12 @@ order against 22 µs per order in the closed loop (docs/tuning.md).
 
 Linux takes a limit on that wake-up from any process that holds `/dev/cpu_dma_latency` open
 after writing a 32-bit number of µs to it (the kernel's CPU latency QoS, the interface of
-tuned's latency-performance profile): the idle governor then picks no idle state whose exit
-latency is above the lowest limit held, and 0 leaves only polling. The request lasts while
-the file is open, so it ends with the process that holds it, however that process ends:
-nothing is left to undo.
+tuned's latency-performance profile): the idle governor then picks no idle state whose
+declared exit latency is above the lowest limit held, and 0 leaves only polling. A limit
+above 0 helps only where the idle states declare what waking from them costs: this VM's
+haltpoll driver declares 1 µs for a halt that costs the host's wake-up, and its governor
+honours 0 alone. The request lasts while the file is open, so it ends with the process that
+holds it, however that process ends: nothing is left to undo.
 
 What it costs: the idle CPUs look busy to the host (power, and a host that bills or throttles
 by CPU time). A polling idle CPU runs any thread that wakes at once, so it takes nothing from
@@ -30,8 +32,9 @@ _VALUE = struct.Struct("=i")      # the kernel reads and writes a native s32
 class CpuLatencyRequest:
     """Asks the kernel for at most `limit_us` of idle-CPU wake-up latency until close().
 
-    Never raises for the host's refusal: `held` says whether the request stands and `refused`
-    why not (the device's error, e.g. "Permission denied" for a user other than root)."""
+    Never raises for the host's refusal: `held` says whether the request stands and, when one
+    was asked for (limit_us >= 0), `refused` why not (the device's error, e.g. "Permission
+    denied" for a user other than root). limit_us = -1 asks for nothing."""
 
     def __init__(self, limit_us: int, device: str = DEVICE):
         self.limit_us = limit_us
@@ -39,7 +42,6 @@ class CpuLatencyRequest:
         self.refused = None
         self._fd = None
         if limit_us < 0:
-            self.refused = "not asked for (cpu_latency_us = -1)"
             return
         try:
             fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)

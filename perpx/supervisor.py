@@ -366,8 +366,12 @@ class Supervisor:
             if not self.stop_requested and self.exit_code == EXIT_OK:
                 self.watch()
         finally:
-            self.shutdown()
-            self.lock.release()
+            try:
+                self.shutdown()
+            finally:
+                if self.cpu_latency is not None:
+                    self.cpu_latency.close()
+                self.lock.release()
         return self.exit_code
 
     # -- start-up -----------------------------------------------------------------------
@@ -390,7 +394,7 @@ class Supervisor:
         self.cpu_latency = CpuLatencyRequest(cfg.cpu_latency_us)
         if cfg.cpu_latency_us >= 0 and not self.cpu_latency.held:
             self.log(f"note: exchange.cpu_latency_us = {cfg.cpu_latency_us} not applied "
-                     f"({self.cpu_latency.refused}): idle CPUs halt, and an order that finds "
+                     f"({self.cpu_latency.refused}): idle CPUs may halt, and an order that finds "
                      f"the order path idle waits for its CPU to wake (docs/operations.md)")
         self.doc = {
             **cfg.to_dict(),
@@ -758,8 +762,6 @@ class Supervisor:
                      f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}")
         for f in (self.sd.endpoints_file, self.sd.status_file):
             f.unlink(missing_ok=True)
-        if self.cpu_latency is not None:
-            self.cpu_latency.close()
         for child in self._running():
             if child.ready_file is not None:
                 child.ready_file.unlink(missing_ok=True)

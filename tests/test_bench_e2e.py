@@ -40,6 +40,8 @@ def test_bench_e2e_json(capsys, tmp_path):
     assert res["rejects"] == 0, res["first_reject"]
     assert res["settings"]["ack_mode"] == "fast" and res["settings"]["clients"] == 2
     assert res["settings"]["ack_modes"] == ["fast", "durable"]
+    # the floors ran under the idle-CPU request the exchanges make (the config default)
+    assert res["settings"]["cpu_latency"]["limit_us"] == 0
     durable = res["durable"]
     for key in REQUIRED[:4] + ("paced_achieved_per_s", "paced_ack_p99_us", "over_fast"):
         assert key in durable, key
