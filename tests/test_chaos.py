@@ -12,7 +12,9 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
+from perpx.supervisor import log_tail
 from tests.durability_helpers import (Traders, assert_nothing_acknowledged_was_lost,
                                       durable_config, funded_account)
 from tests.test_supervisor import WAIT_S, cli_json, processes, wait_until
@@ -22,10 +24,27 @@ SEED = int(os.environ.get("PERPX_CHAOS_SEED", str(int(time.time()))))
 VICTIMS = ("matcher", "persistd", "gateway-0")
 
 
-def all_ready(state_dir) -> dict | None:
-    procs = processes(state_dir)
-    ok = all(p["alive"] and p["state"] == "ready" for p in procs.values())
-    return procs if ok else None
+def wait_all_ready(up, what: str) -> dict:
+    """Every process alive and ready (their `perpx status` entries); on a timeout the error
+    names those that were not, with the end of each one's log and of the supervisor's."""
+    last = {}
+
+    def ready():
+        last["procs"] = procs = processes(up.sd.path)
+        return procs if all(p["alive"] and p["state"] == "ready"
+                            for p in procs.values()) else None
+
+    try:
+        return wait_until(ready, WAIT_S * 4, what)
+    except AssertionError as e:
+        status = up.sd.status() or {"processes": []}
+        logs = {p["name"]: p.get("log") for p in status["processes"]}
+        lagging = [f"{p['name']}: alive {p['alive']}, {p['state']}, {p['restarts']} restarts\n"
+                   f"{log_tail(Path(logs[p['name']]), 10) if logs.get(p['name']) else ''}"
+                   for p in last.get("procs", {}).values()
+                   if not (p["alive"] and p["state"] == "ready")]
+        raise AssertionError("\n".join([str(e), *lagging, "supervisor:",
+                                         up.stderr[-3000:]])) from None
 
 
 def test_kill9_rounds_lose_nothing_acknowledged(ups):
@@ -38,8 +57,7 @@ def test_kill9_rounds_lose_nothing_acknowledged(ups):
     killed = {name: 0 for name in VICTIMS}
     try:
         for round_no in range(ROUNDS):
-            procs = wait_until(lambda: all_ready(sd.path), WAIT_S * 4,
-                               f"every process ready before round {round_no}")
+            procs = wait_all_ready(up, f"every process ready before round {round_no}")
             before = traders.count()
             wait_until(lambda: traders.count() > before, WAIT_S * 4,
                        f"orders acknowledged before round {round_no}")
@@ -51,7 +69,7 @@ def test_kill9_rounds_lose_nothing_acknowledged(ups):
             killed[victim] += 1
             wait_until(lambda: processes(sd.path)[victim]["restarts"] == killed[victim],
                        WAIT_S * 2, f"{victim} to be restarted (round {round_no})")
-        wait_until(lambda: all_ready(sd.path), WAIT_S * 4, "every process ready at the end")
+        wait_all_ready(up, "every process ready at the end")
         before = traders.count()
         wait_until(lambda: traders.count() > before + 20, WAIT_S * 4, "trading after the chaos")
     finally:
