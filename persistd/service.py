@@ -22,7 +22,8 @@ The store process (persistd/storer.py, `python -m persistd --store`, this proces
     retires the segments the snapshots cover (a rename each), and the store process deletes
     them (~15 ms of kernel time each, which a durable ack would wait for here). If it dies,
     persistd stops (the supervisor restarts both); persistd stops it last, once the ring is
-    drained.
+    drained; if persistd dies, the kernel kills it (a new persistd waits for the DuckDB
+    file's lock until it is gone).
 
 Start-up refuses, with one line naming the segment, byte offset and seq, a journal damaged at or
 below its synced-seq marker (acknowledged history: `perpx journal inspect|repair`), and a DuckDB
@@ -43,6 +44,7 @@ import threading
 import time
 from functools import partial
 
+import duckdb
 import numpy as np
 
 from engine.records import EVENT_DTYPE
@@ -66,6 +68,9 @@ JOURNAL_YIELD_S = 0.001
 RETRY_S = 0.5
 CHILD_CHECK_S = 0.1      # how often the journal thread checks on the store process
 CHILD_STOP_S = 60.0
+# A new persistd waits this long for the DuckDB file's lock: the store process of the one
+# before may still be on its way out.
+STORE_LOCK_WAIT_S = 30.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -81,8 +86,14 @@ class StartupRefused(Exception):
 
 
 def _die_with_parent() -> None:
-    """In the store process between fork and exec: SIGTERM when persistd dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    """In the store process between fork and exec: SIGKILL when persistd dies.
+
+    Not SIGTERM, which asks the store to write everything up to the journal's end first: a
+    store behind under load took minutes to, holding the DuckDB file the next persistd needs
+    (`test_chaos` timed out on it). Killing it loses nothing: its DuckDB writes are
+    transactions, its snapshots renamed into place, and the next store process resumes at
+    the store's last seq."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class Persistd:
@@ -139,7 +150,7 @@ class Persistd:
         """DuckDB rows past the journal's end are never deleted here: the operator decides."""
         if not self.sd.store_file.exists():
             return
-        store = Store(self.sd.store_file, list(self.spec.markets), config={"threads": 1})
+        store = self._open_store()
         try:
             stored = store.last_seq
         finally:
@@ -149,6 +160,25 @@ class Persistd:
                 f"the DuckDB store {self.sd.store_file} holds rows up to seq {stored} but the "
                 f"journal ends at seq {self.journal.last_seq}; see `perpx journal inspect`, "
                 f"and `perpx journal repair --yes` to drop the store's rows past the journal")
+
+    def _open_store(self) -> Store:
+        """The DuckDB store, waiting up to STORE_LOCK_WAIT_S while another process holds its
+        lock (the previous persistd's store process, not yet gone)."""
+        deadline = time.monotonic() + STORE_LOCK_WAIT_S
+        waiting = False
+        while True:
+            try:
+                return Store(self.sd.store_file, list(self.spec.markets), config={"threads": 1})
+            except duckdb.IOException as e:
+                if "Could not set lock" not in str(e):
+                    raise
+                if time.monotonic() > deadline:
+                    raise StartupRefused(f"the DuckDB store is still locked after "
+                                         f"{STORE_LOCK_WAIT_S:g} s: {e}") from None
+                if not waiting:
+                    log(f"waiting for the DuckDB store's lock: {e}")
+                    waiting = True
+                time.sleep(0.1)
 
     # -- the store process -----------------------------------------------------------------
     def _start_store_process(self) -> None:

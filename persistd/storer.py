@@ -29,8 +29,9 @@ sql
     else opens the file.
 
 It stops on SIGTERM (persistd sends it once it has journaled everything, so the last flush
-covers the whole journal) and when persistd dies (PR_SET_PDEATHSIG, and a parent-pid check
-each flush).
+covers the whole journal), and dies with persistd (PR_SET_PDEATHSIG SIGKILL: the next
+persistd needs the DuckDB file at once, and everything here is safe to kill; also a
+parent-pid check each flush).
 """
 
 from __future__ import annotations

@@ -7,9 +7,12 @@ import json
 import os
 import resource
 import signal
+import subprocess
+import sys
 import time
 
 from perpx.client import Client
+from perpx.launch import pid_alive
 from persistd.journal import (HEADER_BYTES, RETIRED_DIR, journal_info, marked_synced_seq,
                               segment_name, segments)
 from shm.progress import JournalProgress
@@ -69,6 +72,53 @@ def test_durable_acks_fills_in_duckdb_and_kill9_recovery(ups):
     assert check["ok"], check["problems"]
     # snapshots were taken and old journal segments retired behind them
     assert cli_json(sd.path, "status")["journal"]["snapshot_seq"] > 0
+
+
+_LOCK_HOLDER = """
+import sys, duckdb
+sys.stdin.readline()                  # go: the old store process is dead
+con = duckdb.connect(sys.argv[1])     # the lock, as a store process on its way out holds it
+print("locked", flush=True)
+sys.stdin.readline()                  # release
+con.close()
+"""
+
+
+def test_a_restarted_persistd_waits_for_the_store_lock_instead_of_dying(ups):
+    """After a kill -9 of persistd the DuckDB file may still be locked by the store process it
+    had (it dies with its parent, but not always at once): the new persistd waits for the
+    lock, once, rather than failing and being restarted with a growing back-off."""
+    up = ups("state", durable_config())
+    endpoints = up.wait_ready()
+    sd = up.sd
+    certificate = funded_account(sd.path)
+    persistd = processes(sd.path)["persistd"]["pid"]
+    with open(f"/proc/{persistd}/task/{persistd}/children") as f:
+        (store,) = [int(pid) for pid in f.read().split()]
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(sd.store_file)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        os.kill(store, signal.SIGKILL)
+        os.kill(persistd, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(store), WAIT_S, "the old store process to be gone")
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "locked"
+        log = sd.logs_dir / "persistd.log"
+        wait_until(lambda: "waiting for the DuckDB store's lock" in log.read_text(), WAIT_S,
+                   "the new persistd to wait for the lock")
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert holder.wait(WAIT_S) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    up.child_pids.add(restarted(sd.path, "persistd", persistd)["pid"])   # restarted once
+    with Client.connect(endpoints, certificate, timeout_s=WAIT_S) as client:
+        ack = client.new_order("BTC-PERP", "buy", qty="0.001", price="60000")   # durable acks
+    assert ack["type"] == "ack", ack
+    assert processes(sd.path)["persistd"]["restarts"] == 1
 
 
 def test_restart_of_the_whole_exchange_keeps_everything(ups):
