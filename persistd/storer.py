@@ -352,12 +352,19 @@ def serve(spec: ExchangeSpec, opts: dict, log) -> int:
     # Measured (docs/tuning.md, "The store process's CPU"): on the order path's CPU instead it
     # met the durable p99 in clean runs but stalled orders for tens of ms after load bursts.
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    # SIGTERM is taken by a thread of its own (sigwait), never by a handler. A handler runs in
+    # the main thread, which may be inside stopping.wait() holding that Event's lock, and its
+    # stopping.set() then deadlocked: two store processes were found stuck so for half an
+    # hour, holding DuckDB's file. Blocked before any thread starts, so that all inherit it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # persistd decides when the store stops
     # exchange.json carries the whole section, defaults resolved (perpx/config.py)
     service = StoreProcess(spec, snapshot_every=int(opts["snapshot_every"]),
                            snapshots_keep=int(opts["snapshots_keep"]),
                            flush_s=int(opts["store_flush_ms"]) / 1000, log=log)
 
-    def on_signal(*_):
+    def on_sigterm() -> None:
+        signal.sigwait({signal.SIGTERM})
         service.stopping.set()
         # Leave quickly: the next persistd needs our DuckDB file, and at SCHED_IDLE under load
         # the last round could take minutes.
@@ -367,8 +374,7 @@ def serve(spec: ExchangeSpec, opts: dict, log) -> int:
             except OSError:    # a thread that just ended
                 pass
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # persistd decides when the store stops
+    threading.Thread(target=on_sigterm, name="sigterm", daemon=True).start()
     try:
         service.run()
     finally:

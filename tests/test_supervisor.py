@@ -165,6 +165,21 @@ def assert_cpu_placement(status: dict, procs: dict) -> None:
     assert os.sched_getaffinity(store) == set(plan["other"])
     for tid in os.listdir(f"/proc/{store}/task"):      # DuckDB's threads included
         assert os.sched_getscheduler(int(tid)) == os.SCHED_IDLE
+    assert_sigterm_taken_by_a_thread(store)
+
+
+def assert_sigterm_taken_by_a_thread(pid: int) -> None:
+    """The store process takes SIGTERM in a thread of its own (sigwait), not in a handler of
+    its main thread, which could deadlock on the Event its loop waits on (persistd/storer.py
+    `serve`): every thread but that one has SIGTERM blocked (the kernel unblocks it in a
+    thread only while the thread waits for it)."""
+    takers = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            blocked = [line for line in f if line.startswith("SigBlk:")][0].split()[1]
+        if not int(blocked, 16) & (1 << (signal.SIGTERM - 1)):
+            takers.append(int(tid))
+    assert len(takers) == 1 and takers[0] != pid, takers
 
 
 # ---------------------------------------------------------------------------------------------
