@@ -126,9 +126,12 @@ def _fsyncs(directory: Path, seconds: float, neighbour: bool) -> dict:
         (directory / "neighbour").unlink(missing_ok=True)
     ns = np.asarray(took, dtype=np.int64)
     return {"seconds": seconds, "neighbour_bytes_per_s": NEIGHBOUR_BYTES if neighbour else 0,
-            "syncs": int(len(ns)),
-            **{f"{name}_us": round(us, 1) for name, us in percentiles_us(ns).items()},
-            "over_2ms": int((ns > SLOW_NS).sum())}
+            "syncs": int(len(ns)), **_percentiles(ns), "over_2ms": int((ns > SLOW_NS).sum())}
+
+
+def _percentiles(ns: np.ndarray) -> dict:
+    """p50_us, p99_us, p999_us, max_us, to 0.1 µs."""
+    return {f"{name}_us": round(us, 1) for name, us in percentiles_us(ns).items()}
 
 
 def _echo(cpu: int, conn) -> None:
@@ -154,7 +157,8 @@ def _ping(cpu: int, conn, seconds: float, results) -> None:
 
 
 def _wakeups(seconds: float) -> dict:
-    """Round trips between the first and the last CPU, both idle between trips."""
+    """Round trips between the first and the last CPU, both idle between trips, and the
+    CPU latency limit in force meanwhile (None where it cannot be read)."""
     ctx = mp.get_context("spawn")
     cpus = sorted(os.sched_getaffinity(0))
     near, far = ctx.Pipe()
@@ -169,16 +173,13 @@ def _wakeups(seconds: float) -> dict:
         for p in (ping, echo):
             p.kill()
             p.join(5)
+    try:
+        limit_us = current_limit_us()
+    except OSError:
+        limit_us = None
     ns = np.asarray(took, dtype=np.int64)
     return {"seconds": seconds, "cpus": [cpus[0], cpus[-1]], "trips": int(len(ns)),
-            **{f"{name}_us": round(us, 1) for name, us in percentiles_us(ns).items()}}
-
-
-def _limit_in_force() -> int | None:
-    try:
-        return current_limit_us()
-    except OSError:
-        return None
+            **_percentiles(ns), "cpu_latency_limit_us": limit_us}
 
 
 def bench_box(seconds: float = DEFAULT_SECONDS, directory=None, progress=None) -> dict:
@@ -193,12 +194,11 @@ def bench_box(seconds: float = DEFAULT_SECONDS, directory=None, progress=None) -
             say(f"{name.replace('_', ' ')}: {seconds:g} s")
             res[name] = _fsyncs(Path(tmp), seconds, neighbour)
     say(f"wake-ups, idle cpus as the host has them: {seconds:g} s")
-    res["wakeups_host_idle"] = {**_wakeups(seconds), "cpu_latency_limit_us": _limit_in_force()}
+    res["wakeups_host_idle"] = _wakeups(seconds)
     with CpuLatencyRequest(0) as polling:
         if polling.held:
             say(f"wake-ups, idle cpus polling: {seconds:g} s")
-            res["wakeups_polling"] = {**_wakeups(seconds),
-                                      "cpu_latency_limit_us": _limit_in_force()}
+            res["wakeups_polling"] = _wakeups(seconds)
         else:
             res["wakeups_polling"] = {"refused": polling.refused}
     return res
