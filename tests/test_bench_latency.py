@@ -1,6 +1,7 @@
 """`perpx bench latency --json --plot --pauses`: a tiny open-loop run against one real exchange;
-the JSON has a row per (clients, rate) with ordered percentiles from the intended send time and
-the pause meters' figures, the PNG exists and is a PNG, and nothing is left in /dev/shm."""
+the JSON has a row per (clients, rate) with ordered percentiles from the intended send time,
+the part spent before the gateway read each request and the pause meters' figures, the PNG
+exists and is a PNG, and nothing is left in /dev/shm."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def test_bench_latency_json_and_plot(capsys, tmp_path):
         assert r["ack_mode"] == "durable" and r["samples"] > 0, r
         assert r["unanswered"] == 0 and r["rejected"] == 0, r
         assert 0 < r["p50_us"] <= r["p90_us"] <= r["p99_us"] <= r["p999_us"] <= r["max_us"], r
+        # the way to the gateway: part of each request's latency, measured from its actual
+        # send (never later than the intended one)
+        assert 0 < r["to_gateway_p50_us"] <= r["to_gateway_p99_us"] <= r["max_us"], r
+        assert r["to_gateway_p50_us"] < r["p50_us"], r
         assert r["achieved_per_s"] > 0
         # the pause meters ran beside every rate, one per CPU
         p = r["pauses"]

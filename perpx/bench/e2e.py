@@ -149,11 +149,17 @@ def _wait_readable(sock, fd: int, timeout_s: float) -> bool:
 
 def _loop(sock, phase: dict, index: int) -> dict:
     """Send/receive until the timed window ends; returns counts and latency samples (ns), and
-    (receipt time, seq) of every fill received in the timed window."""
+    (receipt time, seq) of every fill received in the timed window.
+
+    `to_gateway_ns`: per exchange reply, from the request's send to the gateway reading it.
+    The gateway stamps each request with the wall clock as it reads it (`ts`, which the
+    reply carries); the client and the exchange share the box's clock. The floors' replies
+    carry no stamp."""
     import zmq
     seconds, window, rate = phase["seconds"], phase["window"], phase["rate"]
     message, group = WORKLOADS[phase.get("workload", "rest_cancel")]
     now = time.monotonic_ns      # CLOCK_MONOTONIC: perpx/bench/pauses.py times pauses with it
+    wall_minus_now = time.time_ns() - now()     # the gateway's `ts` -> this clock
     interval = int(1e9 / rate) if rate > 0 else 0
     cid_base = (time.time_ns() // 1_000_000 % (1 << 40)) << 20
     t0 = now()
@@ -164,6 +170,7 @@ def _loop(sock, phase: dict, index: int) -> dict:
     lat: list = []
     sched: list = []
     due: list = []
+    to_gateway: list = []
     fills: list = []
     acked = rejected = others = 0
     i = 0
@@ -214,11 +221,15 @@ def _loop(sock, phase: dict, index: int) -> dict:
                     lat.append(tr - entry[0])
                     sched.append(tr - entry[1])
                     due.append(entry[1])
+                    ts = m.get("ts")
+                    if type(ts) is int:
+                        to_gateway.append(ts - wall_minus_now - entry[0])
     return {"acked": acked, "rejected": rejected, "unmatched": others, "sent": i,
             "seconds": seconds, "first_reject": pack_check, "left_in_flight": len(inflight),
             "lat_ns": np.asarray(lat, dtype=np.int64),
             "sched_ns": np.asarray(sched, dtype=np.int64),
             "due_ns": np.asarray(due, dtype=np.int64),
+            "to_gateway_ns": np.asarray(to_gateway, dtype=np.int64),
             "fills": np.asarray(fills, dtype=np.int64).reshape(-1, 2)}
 
 
@@ -375,7 +386,8 @@ def _summary(results: list) -> dict:
             "sched_p999_us": pct(sched, 99.9), "samples": int(len(lat)),
             "unanswered": sum(r["left_in_flight"] for r in results),
             "fills": np.concatenate([r["fills"] for r in results]),
-            "lat_ns": lat, "sched_ns": sched, "due_ns": due}
+            "lat_ns": lat, "sched_ns": sched, "due_ns": due,
+            "to_gateway_ns": np.concatenate([r["to_gateway_ns"] for r in results])}
 
 
 def _funded_accounts(sd, n: int, usdc: str = "1000000") -> list[str]:

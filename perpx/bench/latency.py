@@ -12,7 +12,12 @@ every request sent in the timed window counts, also when its reply comes after i
 The rates: the fixed ones (default 100, 1,000 and 5,000 orders/s) plus "max", the highest
 this box sustains for that ack mode: MAX_FRACTION of the closed-loop throughput (e2e's window-8
 run) measured on the same exchange just before. Per rate: achieved orders/s, p50, p90, p99,
-p99.9 and max (µs), the samples, and requests never answered (should be 0).
+p99.9 and max (µs), the samples, and requests never answered (should be 0). Also
+`to_gateway_p50_us` and `to_gateway_p99_us`: from each request's actual send until the gateway
+read it (its receipt stamp, `ts`, which the reply carries; one clock on one box). That part is
+spent before any of the exchange's logic: both ends' ZeroMQ I/O threads, CURVE, loopback, and
+the wait for the gateway's next pass. The rest of the latency is the exchange's work and the
+way back.
 
 `--plot FILE.png` writes the percentile spectra (perpx/bench/plot.py): one panel per ack mode
 and client count, one line per rate.
@@ -50,6 +55,10 @@ def latency_figures(summary: dict) -> dict:
     for name, q in QUANTILES:
         out[name] = round(float(np.percentile(sched, q)) / 1e3, 1) if len(sched) else None
     out["max_us"] = round(float(sched.max()) / 1e3, 1) if len(sched) else None
+    to_gateway = summary["to_gateway_ns"]
+    for name, q in (("to_gateway_p50_us", 50), ("to_gateway_p99_us", 99)):
+        out[name] = (round(float(np.percentile(to_gateway, q)) / 1e3, 1) if len(to_gateway)
+                     else None)
     out.update({"samples": int(len(sched)), "unanswered": summary["unanswered"],
                 "rejected": summary["rejected"], "first_reject": summary["first_reject"]})
     return out
@@ -145,13 +154,16 @@ def format_report(res: dict) -> str:
              f"latency from the intended send time, {s['cpus']} cpus shared by clients and "
              f"exchange",
              f"{'mode':8} {'clients':>7} {'rate/s':>8} {'achieved':>9} {'p50 µs':>9} "
-             f"{'p90 µs':>9} {'p99 µs':>9} {'p99.9 µs':>9} {'max µs':>9} {'n':>7}"]
+             f"{'p90 µs':>9} {'p99 µs':>9} {'p99.9 µs':>9} {'max µs':>9} {'n':>7} "
+             f"{'to gw p50':>9} {'to gw p99':>9}"]
     for r in res["runs"]:
         rate = f"{r['rate_per_s']:,}" + ("*" if r["rate"] == "max" else "")
         lines.append(f"{r['ack_mode']:8} {r['clients']:>7} {rate:>8} {r['achieved_per_s']:>9,} "
                      + " ".join(f"{r[k] if r[k] is not None else '-':>9}"
                                 for k in ("p50_us", "p90_us", "p99_us", "p999_us", "max_us"))
-                     + f" {r['samples']:>7}"
+                     + f" {r['samples']:>7} "
+                     + " ".join(f"{r[k] if r[k] is not None else '-':>9}"
+                                for k in ("to_gateway_p50_us", "to_gateway_p99_us"))
                      + (f"  unanswered {r['unanswered']}" if r["unanswered"] else "")
                      + (f"  rejected {r['rejected']}" if r["rejected"] else ""))
         if "pauses" in r:
@@ -159,6 +171,8 @@ def format_report(res: dict) -> str:
     if s["max_rate"]:
         lines.append(f"* max: {s['max_fraction']:g} x the closed-loop throughput of that "
                      f"exchange (window {DEFAULT_WINDOW})")
+    lines.append("to gw: from the actual send until the gateway read the request (its "
+                 "receipt stamp)")
     for name, t in res["targets"].items():
         lines.append(f"target {name}: {t['value_us']} µs (limit {t['limit_us']}) "
                      f"{'met' if t['met'] else 'MISSED'}")
