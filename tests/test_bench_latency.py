@@ -9,6 +9,7 @@ import json
 import os
 import struct
 
+from perpx.bench.latency import format_report
 from perpx.cli import main
 
 
@@ -42,6 +43,12 @@ def test_bench_latency_json_and_plot(capsys, tmp_path):
     maxed = [r for r in res["runs"] if r["rate"] == "max"]
     assert all(r["rate_per_s"] > 200 for r in maxed)
     assert res["targets"] == {}          # the targets compare fast and durable: one was run
+    # the text report: a row per run, its way to the gateway in the last two columns
+    text = format_report(res).splitlines()
+    assert text[1].split()[-6:] == ["to", "gw", "p50", "to", "gw", "p99"], text[1]
+    rows = [line.split() for line in text if line.startswith("durable ")]
+    assert [(int(row[1]), float(row[-2])) for row in rows] == \
+        [(r["clients"], r["to_gateway_p50_us"]) for r in res["runs"]]
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
