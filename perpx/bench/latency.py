@@ -48,17 +48,20 @@ QUANTILES = (("p50_us", 50), ("p90_us", 90), ("p99_us", 99), ("p999_us", 99.9))
 TARGET_RATE = 1_000
 
 
+def _quantile_us(samples_ns: np.ndarray, q: float) -> float | None:
+    """The q-th percentile in µs, to 0.1 µs; None without samples."""
+    return round(float(np.percentile(samples_ns, q)) / 1e3, 1) if len(samples_ns) else None
+
+
 def latency_figures(summary: dict) -> dict:
     """One rate's figures from e2e's run summary, latencies from the intended send time."""
     sched = summary["sched_ns"]
     out = {"achieved_per_s": summary["per_s"]}
     for name, q in QUANTILES:
-        out[name] = round(float(np.percentile(sched, q)) / 1e3, 1) if len(sched) else None
-    out["max_us"] = round(float(sched.max()) / 1e3, 1) if len(sched) else None
-    to_gateway = summary["to_gateway_ns"]
+        out[name] = _quantile_us(sched, q)
+    out["max_us"] = _quantile_us(sched, 100)
     for name, q in (("to_gateway_p50_us", 50), ("to_gateway_p99_us", 99)):
-        out[name] = (round(float(np.percentile(to_gateway, q)) / 1e3, 1) if len(to_gateway)
-                     else None)
+        out[name] = _quantile_us(summary["to_gateway_ns"], q)
     out.update({"samples": int(len(sched)), "unanswered": summary["unanswered"],
                 "rejected": summary["rejected"], "first_reject": summary["first_reject"]})
     return out
