@@ -36,40 +36,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from perpx.bench import e2e  # noqa: E402
+from perpx.bench.cpu import descendants, role_of  # noqa: E402
 
-ROLES = (("--store", "store"), ("-m persistd", "persistd"), ("-m gateway", "gateway"),
-         ("-m perpx.matcherd", "matcher"), ("-m riskd", "riskd"), ("perpx.cli", "supervisor"),
-         ("multiprocessing", "client"))
 SWITCH = re.compile(r"\[(\d+)\]\s+([\d.]+):.*prev_pid=(\d+).*==> next_comm=(.*?) next_pid=(\d+)")
-
-
-def descendants(root: int) -> list[int]:
-    children = collections.defaultdict(list)
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            children[int(stat[stat.rindex(")") + 2:].split()[1])].append(int(name))
-    out, todo = [], [root]
-    while todo:
-        for child in children[todo.pop()]:
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def name_threads(names: dict) -> None:
     """tid -> role (and thread name) of this process's descendants, as they run now."""
     for pid in descendants(os.getpid()):
+        role = role_of(pid)
+        if role == "other":
+            continue
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
-            continue
-        role = next((r for key, r in ROLES if key in cmdline), None)
-        if role is None:
             continue
         for tid in tids:
             try:

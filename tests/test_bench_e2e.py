@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+from perpx.bench.e2e import format_report
 from perpx.cli import main
 
 REQUIRED = ("orders_per_s", "ack_p50_us", "ack_p99_us", "ack_p999_us", "echo_msgs_per_s",
@@ -50,6 +51,22 @@ def test_bench_e2e_json(capsys, tmp_path):
     assert durable["rejects"] == 0, durable["first_reject"]
     assert durable["over_fast"]["orders_per_s"] == round(
         durable["orders_per_s"] / res["orders_per_s"], 3)
+    # CPU per order by role over the throughput runs' windows (perpx/bench/cpu.py): the
+    # floors' processes by the names they give themselves, the exchange's by their command
+    cpus = len(os.sched_getaffinity(0))
+    relay_cpu = res["relay_cpu_us_per_msg"]
+    assert relay_cpu["relay-gateway"] > 0 and relay_cpu["client"] > 0, relay_cpu
+    assert "relay-matcher" in relay_cpu and "gateway" not in relay_cpu, relay_cpu
+    assert res["echo_cpu_us_per_msg"]["echo"] > 0, res["echo_cpu_us_per_msg"]
+    for run in (res, durable):
+        spent = run["cpu_us_per_order"]
+        for role in ("gateway", "matcher", "persistd", "client"):
+            assert spent[role] > 0, spent
+        assert "relay-gateway" not in spent and "echo" not in spent, spent
+        assert len(run["cpu_busy"]) >= cpus and all(0 <= b <= 1 for b in run["cpu_busy"].values())
+    rows = {line.split("  ")[0]: line for line in format_report(res).splitlines()}
+    assert "relay-gateway" in rows["relay CPU µs/msg"] and "busy cpu" in rows["relay CPU µs/msg"]
+    assert " gateway " in rows["fast: CPU µs/order"] and "durable: CPU µs/order" in rows
     # the pause meters ran beside both phases of both exchanges
     assert res["settings"]["pause_meters"] is True
     for run in (res, durable):

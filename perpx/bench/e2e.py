@@ -65,6 +65,7 @@ import msgpack
 import numpy as np
 
 from perpx.bench import pauses as platform, plot, relay
+from perpx.bench.cpu import CpuWindow, name_process
 from perpx.config import EXCHANGE_DEFAULTS
 from perpx.cpu_latency import CpuLatencyRequest
 from perpx.launch import ExchangeProcess
@@ -238,6 +239,7 @@ def _client_main(kind: str, target: dict, phases: list, queue, start_evt, index:
     import zmq
     from perpx.bench.matcher import quiet_gc
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent handles Ctrl-C
+    name_process("client")
     ctx = zmq.Context()
     client = sock = None
     try:
@@ -280,6 +282,7 @@ def _client_main(kind: str, target: dict, phases: list, queue, start_evt, index:
 def _echo_main(secret: bytes, queue, stop_evt) -> None:
     import zmq
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    name_process("echo")
     ctx = zmq.Context()
     s, endpoint = relay.curve_router(ctx, secret)
     queue.put(("endpoint", -1, endpoint))
@@ -328,7 +331,8 @@ class _Procs:
 
 def _run_clients(procs: _Procs, kind: str, target: dict, phases: list, clients: int,
                  say) -> dict:
-    """Start `clients` processes, run the phases in lockstep; {phase: [result per client]}."""
+    """Start `clients` processes, run the phases in lockstep; {phase: {"clients": [result
+    per client], "cpu": the CpuWindow over its timed window}}."""
     queue = procs.mp.Queue()
     events = {ph["name"]: procs.mp.Event() for ph in phases}
     workers = [procs.start(_client_main, kind, target, phases, queue, events, i)
@@ -359,18 +363,25 @@ def _run_clients(procs: _Procs, kind: str, target: dict, phases: list, clients: 
             say(f"{kind}: {ph['name']} run, {ph['seconds']:g} s"
                 + (f" at {ph['rate'] * clients:,.0f}/s" if ph["rate"] else ""))
             events[ph["name"]].set()
+            cpu = CpuWindow(time.monotonic() + ph["warmup_s"], ph["seconds"])
             results = [None] * clients
-            for _ in range(clients):
-                idx, (name, res) = get(["result"], ph["warmup_s"] + ph["seconds"] + 60)
-                results[idx] = res
-            out[ph["name"]] = results
+            try:
+                for _ in range(clients):
+                    idx, (name, res) = get(["result"], ph["warmup_s"] + ph["seconds"] + 60)
+                    results[idx] = res
+            except BaseException:
+                cpu.cancel()
+                raise
+            out[ph["name"]] = {"clients": results, "cpu": cpu}
         return out
     except BaseException:
         procs.close(0)          # error or Ctrl-C: do not wait for the workers
         raise
 
 
-def _summary(results: list) -> dict:
+def _summary(phase_out: dict) -> dict:
+    """One phase's figures from its clients' results and its CpuWindow."""
+    results = phase_out["clients"]
     lat = np.concatenate([r["lat_ns"] for r in results])
     sched = np.concatenate([r["sched_ns"] for r in results])
     due = np.concatenate([r["due_ns"] for r in results])
@@ -387,7 +398,8 @@ def _summary(results: list) -> dict:
             "unanswered": sum(r["left_in_flight"] for r in results),
             "fills": np.concatenate([r["fills"] for r in results]),
             "lat_ns": lat, "sched_ns": sched, "due_ns": due,
-            "to_gateway_ns": np.concatenate([r["to_gateway_ns"] for r in results])}
+            "to_gateway_ns": np.concatenate([r["to_gateway_ns"] for r in results]),
+            **phase_out["cpu"].figures(acked)}
 
 
 def _funded_accounts(sd, n: int, usdc: str = "1000000") -> list[str]:
@@ -535,6 +547,8 @@ def _measurements(t: dict, p: dict, e: dict, r: dict, rate: float) -> dict:
         "first_reject": t["first_reject"] or p["first_reject"],
         "samples": {"throughput": t["samples"], "paced": p["samples"], "echo": e["samples"],
                     "relay": r["samples"]},
+        # the throughput run's (perpx/bench/cpu.py)
+        "cpu_us_per_order": t["cpu_us_per_order"], "cpu_busy": t["cpu_busy"],
         **({"pauses": {"throughput": t["pauses"], "paced": p["pauses"]}} if "pauses" in t
            else {}),
     }
@@ -595,6 +609,9 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
         "relay_msgs_per_s": relay_floor["per_s"],
         "relay_rtt_p50_us": relay_floor["p50_us"], "relay_rtt_p99_us": relay_floor["p99_us"],
         "relay_rtt_p999_us": relay_floor["p999_us"], "relay_rtt_max_us": relay_floor["max_us"],
+        "echo_cpu_us_per_msg": echo["cpu_us_per_order"], "echo_cpu_busy": echo["cpu_busy"],
+        "relay_cpu_us_per_msg": relay_floor["cpu_us_per_order"],
+        "relay_cpu_busy": relay_floor["cpu_busy"],
     }
     if len(modes) == 2:
         d = _measurements(runs["durable"]["throughput"], runs["durable"]["paced"], echo,
@@ -642,11 +659,18 @@ def _run_rows(res: dict, label: str) -> list:
                                  f"{res['paced_ack_p99_us']}  p99.9 {res['paced_ack_p999_us']}  "
                                  f"(p99 from schedule {res['paced_sched_p99_us']}; "
                                  f"target p99 <= 1000)"),
+        (f"{label}CPU µs/order", _cpu_cells(res["cpu_us_per_order"], res["cpu_busy"])),
         (f"{label}rejects", f"{res['rejects']}" + (f" (first: {res['first_reject']})"
                                                     if res["first_reject"] else "")),
         *[(f"{label}{phase} pauses", platform.describe(p))
           for phase, p in res.get("pauses", {}).items()],
     ]
+
+
+def _cpu_cells(per_order: dict, busy: dict) -> str:
+    """"gateway 35.1  matcher 6.5 ...; busy cpu0 97%  cpu1 68%": the roles over 0.05 µs."""
+    spent = "  ".join(f"{role} {us}" for role, us in per_order.items() if us >= 0.05)
+    return f"{spent}; busy " + "  ".join(f"{cpu} {b:.0%}" for cpu, b in busy.items())
 
 
 def format_report(res: dict) -> str:
@@ -665,6 +689,7 @@ def format_report(res: dict) -> str:
                          f"processes over shm rings, no logic)"),
         ("relay rtt µs", f"p50 {res['relay_rtt_p50_us']}  p99 {res['relay_rtt_p99_us']}  "
                          f"p99.9 {res['relay_rtt_p999_us']}  max {res['relay_rtt_max_us']}"),
+        ("relay CPU µs/msg", _cpu_cells(res["relay_cpu_us_per_msg"], res["relay_cpu_busy"])),
         *_run_rows(res, f"{s['ack_mode']}: "),
     ]
     if "durable" in res:

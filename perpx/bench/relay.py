@@ -24,6 +24,7 @@ import signal
 import numpy as np
 
 from gateway.server import gateway_context
+from perpx.bench.cpu import name_process
 from perpx.matcherd import share_cpu_with_gateway
 from perpx.supervisor import plan_cpus
 from shm.ring import CommandRing, EventRing
@@ -72,6 +73,7 @@ def matcher_main(tag: str, stop_evt) -> None:
     """Answer each command with one event, until stop_evt."""
     import gc
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    name_process("relay-matcher")
     _pin("matcher")
     share_cpu_with_gateway()
     cmd_name, evt_name = ring_names(tag)
@@ -105,6 +107,7 @@ def gateway_main(tag: str, secret: bytes, queue, stop_evt) -> None:
     import gc
     import zmq
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    name_process("relay-gateway")
     _pin("gateway-0")
     cmd_name, evt_name = ring_names(tag)
     bells = []
