@@ -1,10 +1,11 @@
 """Where a benchmark's CPU went: each process's CPU time per order over the timed window, by
 role, and how busy each CPU was.
 
-Read from /proc at the window's start and end (a thread waits for both): every descendant of
-the benchmark's process, all its threads (utime + stime), and each CPU's idle time from
-/proc/stat. A process started inside the window counts from its start; one that ended
-inside it is not counted (the benchmarks' processes live through their windows). Roles:
+Read from /proc at the window's start and end (a thread waits for both): the time on a CPU
+of every thread of every descendant of the benchmark's process (schedstat, in ns), and each
+CPU's idle time from /proc/stat. A thread started inside the window counts from its start;
+one that ended inside it is not counted (the benchmarks' processes and their threads live
+through their windows). Roles:
 - the exchange's processes by their command line (`-m perpx.matcherd` is "matcher", `-m
   persistd --store` "store", ...: see ROLES);
 - the benchmark's own spawned processes by the name they give themselves (`name_process`):
@@ -22,7 +23,6 @@ import os
 import threading
 import time
 
-TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 # `python -m MODULE` -> role, for the exchange's processes (perpx/supervisor.py starts them)
 ROLES = {"perpx.matcherd": "matcher", "gateway": "gateway", "persistd": "persistd",
          "riskd": "riskd", "perpx.cli": "supervisor"}
@@ -76,15 +76,21 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def _process_cpu_s(pid: int) -> float | None:
-    """utime + stime of all the process's threads, in seconds (None if it is gone)."""
+def _thread_cpu_ns(pid: int) -> dict[int, int]:
+    """ns on a CPU of each of the process's threads (/proc/PID/task/TID/schedstat: exact,
+    where /proc/PID/stat counts clock ticks); empty if it is gone."""
+    out = {}
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_S
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[int(tid)] = int(f.read().split()[0])
+        except OSError:
+            continue           # the thread ended meanwhile
+    return out
 
 
 def _cpu_idle() -> dict[str, tuple[int, int]]:
@@ -114,8 +120,9 @@ class CpuWindow:
         self._thread.start()
 
     def _read(self) -> tuple:
-        cpu = {pid: _process_cpu_s(pid) for pid in descendants(os.getpid())}
-        return {pid: (role_of(pid), s) for pid, s in cpu.items() if s is not None}, _cpu_idle()
+        """({pid: (role, {tid: ns})}, per-CPU idle)."""
+        return ({pid: (role_of(pid), _thread_cpu_ns(pid)) for pid in descendants(os.getpid())},
+                _cpu_idle())
 
     def _run(self) -> None:
         for at in (self._start, self._start + self._seconds):
@@ -132,13 +139,15 @@ class CpuWindow:
         if len(self._readings) < 2 or orders <= 0:
             return {"cpu_us_per_order": {}, "cpu_busy": {}}
         (first, idle0), (last, idle1) = self._readings
-        spent: dict[str, float] = {}
-        for pid, (role, s) in last.items():
-            spent[role] = spent.get(role, 0.0) + s - (first[pid][1] if pid in first else 0.0)
+        spent: dict[str, int] = {}
+        for pid, (role, threads) in last.items():
+            before = first[pid][1] if pid in first else {}
+            spent[role] = spent.get(role, 0) + sum(ns - before.get(tid, 0)
+                                                   for tid, ns in threads.items())
         busy = {}
         for name, (idle, total) in idle1.items():
             if name in idle0 and total > idle0[name][1]:
                 busy[name] = round(1 - (idle - idle0[name][0]) / (total - idle0[name][1]), 3)
-        return {"cpu_us_per_order": {role: round(s / orders * 1e6, 1)
-                                     for role, s in sorted(spent.items())},
+        return {"cpu_us_per_order": {role: round(ns / orders / 1e3, 1)
+                                     for role, ns in sorted(spent.items())},
                 "cpu_busy": busy}
