@@ -43,12 +43,19 @@ def test_bench_latency_json_and_plot(capsys, tmp_path):
     maxed = [r for r in res["runs"] if r["rate"] == "max"]
     assert all(r["rate_per_s"] > 200 for r in maxed)
     assert res["targets"] == {}          # the targets compare fast and durable: one was run
-    # the text report: a row per run, its way to the gateway in the last two columns
+    # CPU per order by process over each run's window (perpx/bench/cpu.py)
+    for r in res["runs"]:
+        spent = r["cpu_us_per_order"]
+        assert spent["gateway"] > 0 and spent["matcher"] > 0 and spent["persistd"] > 0, r
+    # the text report: a row per run, its way to the gateway, then the gateway's and the
+    # matcher's CPU per order, in the last four columns
     text = format_report(res).splitlines()
-    assert text[1].split()[-6:] == ["to", "gw", "p50", "to", "gw", "p99"], text[1]
+    assert text[1].split()[-10:] == ["to", "gw", "p50", "to", "gw", "p99", "gw", "cpu", "mt",
+                                     "cpu"], text[1]
     rows = [line.split() for line in text if line.startswith("durable ")]
-    assert [(int(row[1]), float(row[-2])) for row in rows] == \
-        [(r["clients"], r["to_gateway_p50_us"]) for r in res["runs"]]
+    assert [(int(row[1]), float(row[-4]), float(row[-2])) for row in rows] == \
+        [(r["clients"], r["to_gateway_p50_us"], r["cpu_us_per_order"]["gateway"])
+         for r in res["runs"]]
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])

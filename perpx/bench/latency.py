@@ -17,7 +17,9 @@ p99.9 and max (µs), the samples, and requests never answered (should be 0). Als
 read it (its receipt stamp, `ts`, which the reply carries; one clock on one box). That part is
 spent before any of the exchange's logic: both ends' ZeroMQ I/O threads, CURVE, loopback, and
 the wait for the gateway's next pass. The rest of the latency is the exchange's work and the
-way back.
+way back. `cpu_us_per_order`: each process's CPU time per acked order over the timed window,
+by role (perpx/bench/cpu.py; the text report shows the gateway's and the matcher's). At low
+rates each order runs code gone cold since the one before.
 
 `--plot FILE.png` writes the percentile spectra (perpx/bench/plot.py): one panel per ack mode
 and client count, one line per rate.
@@ -63,7 +65,8 @@ def latency_figures(summary: dict) -> dict:
     for name, q in (("to_gateway_p50_us", 50), ("to_gateway_p99_us", 99)):
         out[name] = _quantile_us(summary["to_gateway_ns"], q)
     out.update({"samples": int(len(sched)), "unanswered": summary["unanswered"],
-                "rejected": summary["rejected"], "first_reject": summary["first_reject"]})
+                "rejected": summary["rejected"], "first_reject": summary["first_reject"],
+                "cpu_us_per_order": summary["cpu_us_per_order"]})
     return out
 
 
@@ -158,7 +161,7 @@ def format_report(res: dict) -> str:
              f"exchange",
              f"{'mode':8} {'clients':>7} {'rate/s':>8} {'achieved':>9} {'p50 µs':>9} "
              f"{'p90 µs':>9} {'p99 µs':>9} {'p99.9 µs':>9} {'max µs':>9} {'n':>7} "
-             f"{'to gw p50':>9} {'to gw p99':>9}"]
+             f"{'to gw p50':>9} {'to gw p99':>9} {'gw cpu':>7} {'mt cpu':>7}"]
     def cells(r: dict, keys) -> str:
         return " ".join(f"{r[k] if r[k] is not None else '-':>9}" for k in keys)
 
@@ -168,6 +171,8 @@ def format_report(res: dict) -> str:
                      + cells(r, ("p50_us", "p90_us", "p99_us", "p999_us", "max_us"))
                      + f" {r['samples']:>7} "
                      + cells(r, ("to_gateway_p50_us", "to_gateway_p99_us"))
+                     + "".join(f" {r['cpu_us_per_order'].get(role, '-'):>7}"
+                               for role in ("gateway", "matcher"))
                      + (f"  unanswered {r['unanswered']}" if r["unanswered"] else "")
                      + (f"  rejected {r['rejected']}" if r["rejected"] else ""))
         if "pauses" in r:
@@ -176,7 +181,8 @@ def format_report(res: dict) -> str:
         lines.append(f"* max: {s['max_fraction']:g} x the closed-loop throughput of that "
                      f"exchange (window {DEFAULT_WINDOW})")
     lines.append("to gw: from the actual send until the gateway read the request (its "
-                 "receipt stamp)")
+                 "receipt stamp); gw cpu, mt cpu: µs of CPU per order of the gateway and the "
+                 "matcher")
     for name, t in res["targets"].items():
         lines.append(f"target {name}: {t['value_us']} µs (limit {t['limit_us']}) "
                      f"{'met' if t['met'] else 'MISSED'}")
