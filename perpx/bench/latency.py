@@ -162,17 +162,17 @@ def format_report(res: dict) -> str:
              f"{'mode':8} {'clients':>7} {'rate/s':>8} {'achieved':>9} {'p50 µs':>9} "
              f"{'p90 µs':>9} {'p99 µs':>9} {'p99.9 µs':>9} {'max µs':>9} {'n':>7} "
              f"{'to gw p50':>9} {'to gw p99':>9} {'gw cpu':>7} {'mt cpu':>7}"]
-    def cells(r: dict, keys) -> str:
-        return " ".join(f"{r[k] if r[k] is not None else '-':>9}" for k in keys)
+    def cells(values: dict, keys, width: int = 9) -> str:
+        return " ".join(f"{values.get(k) if values.get(k) is not None else '-':>{width}}"
+                        for k in keys)
 
     for r in res["runs"]:
         rate = f"{r['rate_per_s']:,}" + ("*" if r["rate"] == "max" else "")
         lines.append(f"{r['ack_mode']:8} {r['clients']:>7} {rate:>8} {r['achieved_per_s']:>9,} "
                      + cells(r, ("p50_us", "p90_us", "p99_us", "p999_us", "max_us"))
                      + f" {r['samples']:>7} "
-                     + cells(r, ("to_gateway_p50_us", "to_gateway_p99_us"))
-                     + "".join(f" {r['cpu_us_per_order'].get(role, '-'):>7}"
-                               for role in ("gateway", "matcher"))
+                     + cells(r, ("to_gateway_p50_us", "to_gateway_p99_us")) + " "
+                     + cells(r["cpu_us_per_order"], ("gateway", "matcher"), 7)
                      + (f"  unanswered {r['unanswered']}" if r["unanswered"] else "")
                      + (f"  rejected {r['rejected']}" if r["rejected"] else ""))
         if "pauses" in r:
