@@ -106,15 +106,15 @@ def _cpu_idle() -> dict[str, tuple[int, int]]:
 
 
 class CpuWindow:
-    """Reads /proc at `start` (time.monotonic()) and `seconds` later, on its own thread.
+    """Reads /proc at `start` (time.monotonic()) and `seconds` later, on its own (daemon)
+    thread; a phase that fails leaves it to finish its two readings unread.
 
     `figures(orders)` (after the window, it waits for the second reading) returns
     {"cpu_us_per_order": {role: µs of CPU per order}, "cpu_busy": {"cpuN": fraction}}; empty
-    maps if the window was cut short (`cancel()`)."""
+    maps when no order was counted."""
 
     def __init__(self, start: float, seconds: float):
         self._start, self._seconds = start, seconds
-        self._stop = threading.Event()
         self._readings: list = []
         self._thread = threading.Thread(target=self._run, name="cpu-window", daemon=True)
         self._thread.start()
@@ -126,17 +126,12 @@ class CpuWindow:
 
     def _run(self) -> None:
         for at in (self._start, self._start + self._seconds):
-            if self._stop.wait(max(0.0, at - time.monotonic())):
-                return
+            time.sleep(max(0.0, at - time.monotonic()))
             self._readings.append(self._read())
-
-    def cancel(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def figures(self, orders: int) -> dict:
         self._thread.join()
-        if len(self._readings) < 2 or orders <= 0:
+        if orders <= 0:
             return {"cpu_us_per_order": {}, "cpu_busy": {}}
         (first, idle0), (last, idle1) = self._readings
         spent: dict[str, int] = {}
