@@ -20,6 +20,7 @@ import os
 import sys
 
 from engine import numba_cache_dir
+from perpx.heap import heap_line, huge_page_bytes
 from perpx.statedir import PRIVATE_UMASK
 
 DEFAULT_STATE_DIR = "./perpx-state"
@@ -529,11 +530,13 @@ def status_report(sd) -> dict:
     st = sd.status() or {"processes": [], "endpoints": None}
     procs = [{"name": p["name"], "pid": p["pid"], "alive": _pid_alive(p["pid"]),
               "restarts": p["restarts"], "state": p.get("state"), "cpus": p.get("cpus"),
-              "started_at": p.get("started_at")} for p in st["processes"]]
+              "started_at": p.get("started_at"),
+              "huge_page_bytes": huge_page_bytes(p["pid"])} for p in st["processes"]]
     report = {"running": True, "supervisor_pid": supervisor, "state_dir": str(sd.path),
               "prefix": sd.prefix, "processes": procs, "seq": None,
               "durable_seq": None, "journal": None, "heartbeats": {}, "rings": {},
-              "endpoints": st.get("endpoints"), "cpu_latency": st.get("cpu_latency")}
+              "endpoints": st.get("endpoints"), "cpu_latency": st.get("cpu_latency"),
+              "heap": st.get("heap")}
     try:
         doc = sd.exchange()
     except RuntimeError:
@@ -672,6 +675,8 @@ def cmd_status(args) -> int:
         else:
             lines.append(f"idle CPUs: as the host sets them (exchange.cpu_latency_us = {limit}"
                          + (f": {idle['refused']})" if idle["refused"] else ")"))
+    if report["heap"] is not None:
+        lines.append(heap_line(report["heap"], report["processes"]))
     journal = report["journal"]
     if journal:
         lines.append(f"DuckDB at seq {journal['store_seq']}   newest snapshot at seq "

@@ -11,7 +11,8 @@ Keys (defaults in brackets):
     [exchange]  gateways [1], ack_mode ["durable"] ("durable" | "fast"), pin_cpus [true],
                 cpu_latency_us [0] (the limit on idle CPUs' declared wake-up latency that the
                 exchange asks the kernel for while it runs, perpx/cpu_latency.py: 0 = idle
-                CPUs poll; -1 = ask for nothing),
+                CPUs poll; -1 = ask for nothing), huge_pages [true] (the exchange's processes
+                keep their heap on transparent huge pages, perpx/heap.py),
                 rate_limit_per_s [5000], rate_limit_burst [10000] (per account, per gateway),
                 startup_timeout_s [180] (the first start compiles the matcher: ~1 min),
                 max_connections [512] (per gateway), max_connections_per_account [8] (per
@@ -117,6 +118,7 @@ EXCHANGE_DEFAULTS = {
     "ack_mode": "durable",
     "pin_cpus": True,
     "cpu_latency_us": 0,
+    "huge_pages": True,
     "rate_limit_per_s": 5000,
     "rate_limit_burst": 10000,
     "startup_timeout_s": 180,
@@ -217,6 +219,7 @@ class Config:
     source: str = BUNDLED_SOURCE
     gateway_limits: dict = None  # GATEWAY_LIMIT_KEYS
     cpu_latency_us: int = EXCHANGE_DEFAULTS["cpu_latency_us"]
+    huge_pages: bool = EXCHANGE_DEFAULTS["huge_pages"]
     # endpoint keys the config file gave (a port left to the defaults may move when taken);
     # how the file was written, not what it says, so not compared
     explicit_endpoints: tuple = field(default=(), compare=False)
@@ -237,6 +240,7 @@ class Config:
             "source": self.source,
             "exchange": {"gateways": self.gateways, "ack_mode": self.ack_mode,
                          "pin_cpus": self.pin_cpus, "cpu_latency_us": self.cpu_latency_us,
+                         "huge_pages": self.huge_pages,
                          "rate_limit_per_s": self.rate_limit_per_s,
                          "rate_limit_burst": self.rate_limit_burst,
                          "startup_timeout_s": self.startup_timeout_s,
@@ -355,6 +359,8 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
     if not isinstance(ex["pin_cpus"], bool):
         c.fail("exchange.pin_cpus", f"{ex['pin_cpus']!r} must be true or false")
     cpu_latency = c.integer("exchange.cpu_latency_us", ex["cpu_latency_us"], -1, 2 ** 31 - 1)
+    if not isinstance(ex["huge_pages"], bool):
+        c.fail("exchange.huge_pages", f"{ex['huge_pages']!r} must be true or false")
     rate = c.number("exchange.rate_limit_per_s", ex["rate_limit_per_s"], 1, 1e9)
     burst = c.number("exchange.rate_limit_burst", ex["rate_limit_burst"], 1, 1e9)
     startup = c.number("exchange.startup_timeout_s", ex["startup_timeout_s"], 1, 3600)
@@ -446,6 +452,7 @@ def config_from_dict(doc: dict, origin: Path | None = None, source: str = "<dict
                   engine={k: eng[k] for k in ENGINE_DEFAULTS}, endpoints=dict(ep),
                   markets=tuple(markets), persistence=per, risk=risk, source=source,
                   gateway_limits=limits, cpu_latency_us=cpu_latency,
+                  huge_pages=ex["huge_pages"],
                   explicit_endpoints=explicit_endpoints)
 
 

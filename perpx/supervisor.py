@@ -87,7 +87,9 @@ from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_L
 from engine.service import attach_state
 from engine.state import C_SEQ
 from perpx.config import BUNDLED_SOURCE, Config, genesis_commands, write_json_atomic
+from perpx import heap
 from perpx.cpu_latency import CpuLatencyRequest
+from perpx.launch import child_env
 from perpx.metrics import Exporter
 from perpx.ops import Exchange, OpsError
 from perpx.progress import COMPILING_MATCHER, Bar, elapsed
@@ -100,7 +102,6 @@ from shm.progress import JournalProgress
 from shm.region import ShmError
 from shm.ring import EventRing
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WATCH_INTERVAL_S = 0.1
 GATEWAY_READY_TIMEOUT_S = 60.0
 QUICK_CRASH_S = 10.0
@@ -552,9 +553,7 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         if child.ready_file is not None:
             child.ready_file.unlink(missing_ok=True)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env = heap.child_environment(child_env(), self.cfg.huge_pages)
         env["PYTHONUNBUFFERED"] = "1"
         with open(child.log_path, "ab") as log:
             log.write(f"---- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {child.name}: "
@@ -718,6 +717,7 @@ class Supervisor:
             "state_dir": str(self.sd.path), "config": self.cfg.source,
             "cpu_plan": self.cpu_plan,
             "cpu_latency": self.cpu_latency.as_dict() if self.cpu_latency else None,
+            "heap": {"huge_pages": self.cfg.huge_pages, "thp": heap.thp_mode()},
             "processes": procs, "endpoints": self.endpoints})
 
     def _running(self) -> list[Child]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import os
 
-from perpx.bench.e2e import format_report
+from perpx import heap
+from perpx.bench.e2e import _Procs, format_report
 from perpx.cli import main
 
 REQUIRED = ("orders_per_s", "ack_p50_us", "ack_p99_us", "ack_p999_us", "echo_msgs_per_s",
@@ -43,6 +44,7 @@ def test_bench_e2e_json(capsys, tmp_path):
     assert res["settings"]["ack_modes"] == ["fast", "durable"]
     # the floors ran under the idle-CPU request the exchanges make (the config default)
     assert res["settings"]["cpu_latency"]["limit_us"] == 0
+    assert res["settings"]["huge_pages"]["asked"] is True     # and the same heap (below)
     durable = res["durable"]
     for key in REQUIRED[:4] + ("paced_achieved_per_s", "paced_ack_p99_us", "over_fast"):
         assert key in durable, key
@@ -81,3 +83,27 @@ def test_bench_e2e_json(capsys, tmp_path):
     assert not [n for n in after - before if n.startswith("perpx-relay-")]
     for prefix in res["shm_prefixes"]:
         assert not [n for n in after - before if prefix.lstrip("/") in n]
+
+
+def _heap_environment(queue) -> None:
+    queue.put((os.environ.get("PYTHONMALLOC"), os.environ.get("GLIBC_TUNABLES")))
+
+
+def test_floor_servers_get_the_exchanges_heap_and_the_clients_keep_ours():
+    """The floors are the exchange's shape: their servers start with the environment the
+    supervisor gives the exchange's processes (perpx/heap.py); the clients, and this process
+    afterwards, have this process's."""
+    before = dict(os.environ)
+    procs = _Procs()
+    queue = procs.mp.Queue()
+    try:
+        procs.start_server(_heap_environment, queue)
+        server = queue.get(timeout=60)
+        procs.start(_heap_environment, queue)
+        client = queue.get(timeout=60)
+    finally:
+        procs.close()
+    assert dict(os.environ) == before
+    exchange = heap.child_environment(before, True)
+    assert server == (exchange["PYTHONMALLOC"], exchange["GLIBC_TUNABLES"])
+    assert client == (before.get("PYTHONMALLOC"), before.get("GLIBC_TUNABLES"))

@@ -172,6 +172,9 @@ def test_resolved_config_round_trips():
     assert cfg.cpu_latency_us == 0        # idle CPUs poll on the bundled exchange
     shared = parse_config("[exchange]\ncpu_latency_us = -1\n" + GOOD_MARKET)
     assert shared.cpu_latency_us == -1 and config_from_resolved(shared.to_dict()) == shared
+    assert cfg.huge_pages is True         # the processes' heap on huge pages (perpx/heap.py)
+    plain = parse_config("[exchange]\nhuge_pages = false\n" + GOOD_MARKET)
+    assert plain.huge_pages is False and config_from_resolved(plain.to_dict()) == plain
 
 
 def test_csv_oracle_path_is_resolved_against_the_config_file(tmp_path):
@@ -251,6 +254,7 @@ BAD = [
      "must be in [-1, 2147483647]"),
     ("[exchange]\ncpu_latency_us = true\n" + GOOD_MARKET, "exchange.cpu_latency_us",
      "must be an integer"),
+    ('[exchange]\nhuge_pages = "yes"\n' + GOOD_MARKET, "exchange.huge_pages", "true or false"),
     ("[exchange]\ngatways = 2\n" + GOOD_MARKET, "exchange.gatways", "did you mean 'gateways'"),
     ("[engine]\nmax_markets = 100\n" + GOOD_MARKET, "engine.max_markets", "must be in [1, 64]"),
     ("[engine]\ncommand_ring_capacity = 1000\n" + GOOD_MARKET, "engine.command_ring_capacity",

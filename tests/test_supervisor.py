@@ -19,7 +19,7 @@ import msgpack
 import zmq
 import zmq.auth
 
-from perpx import launch
+from perpx import heap, launch
 from perpx.cpu_latency import DEVICE as CPU_LATENCY_DEVICE, current_limit_us
 from perpx.launch import REPO, STARTUP_S, ExchangeProcess, child_env, pid_alive
 from perpx.statedir import StateDir
@@ -168,6 +168,36 @@ def assert_cpu_placement(status: dict, procs: dict) -> None:
     assert_sigterm_taken_by_a_thread(store)
 
 
+def environ_of(pid: int) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = f.read().decode().split("\0")
+    return dict(p.split("=", 1) for p in pairs if "=" in p)
+
+
+def assert_heap(status: dict, procs: dict, huge_pages: bool) -> None:
+    """Every process runs with the heap the config asked for (perpx/heap.py); on huge pages
+    where the kernel has them, and `perpx status` says so."""
+    thp = heap.thp_mode()
+    assert status["heap"] == {"huge_pages": huge_pages, "thp": thp}
+    for p in procs.values():
+        env = environ_of(p["pid"])
+        assert (env.get("PYTHONMALLOC") == "malloc") is huge_pages, (p["name"], env)
+        assert (heap.TUNABLE in env.get("GLIBC_TUNABLES", "").split(":")) is huge_pages
+    if huge_pages and thp in ("madvise", "always"):
+        # the gateway's and the matcher's heaps are tens of MiB: some of it in 2 MiB pages
+        assert all(procs[name]["huge_page_bytes"] >= 2 << 20 for name in ("matcher", "gateway-0")), \
+            {name: p["huge_page_bytes"] for name, p in procs.items()}
+
+
+def test_child_environment_adds_the_heap_settings_to_the_tunables_given():
+    env = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0", "X": "1"}
+    huge = heap.child_environment(env, True)
+    assert huge == {"X": "1", "PYTHONMALLOC": "malloc",
+                    "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    assert heap.child_environment({}, True)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert heap.child_environment(env, False) == env and env["X"] == "1"
+
+
 def assert_sigterm_taken_by_a_thread(pid: int) -> None:
     """The store process takes SIGTERM in a thread of its own (sigwait), not in a handler of
     its main thread, which could deadlock on the Event its loop waits on (persistd/storer.py
@@ -206,6 +236,7 @@ def test_up_status_gateway_restart_and_sigterm(ups):
     assert status["durable_seq"] == status["seq"]      # "fast" acks, but persistd journals
     assert status["heartbeats"]["matcher"]["beating"]
     assert_cpu_placement(json.loads(sd.status_file.read_text()), procs)
+    assert_heap(status, procs, True)
     # idle CPUs: the bundled request (0: poll) stands while the exchange runs, or the status
     # says why the host refused it
     idle = status["cpu_latency"]
@@ -215,7 +246,10 @@ def test_up_status_gateway_restart_and_sigterm(ups):
     else:
         assert idle["held"] is False and CPU_LATENCY_DEVICE in idle["refused"]
         assert "cpu_latency_us = 0 not applied" in up.stderr
-    assert "idle CPUs: " in cli(sd.path, "status").stdout
+    text = cli(sd.path, "status").stdout
+    assert "idle CPUs: " in text
+    assert ("heap on huge pages (THP " if heap.thp_mode() in ("madvise", "always")
+            else "heap: huge pages asked for, none possible") in text
 
     # one exchange per state dir
     line = cli_fails(sd.path, "up", "--config", up.dir.parent / "state.toml")
@@ -253,7 +287,7 @@ def test_up_status_gateway_restart_and_sigterm(ups):
 
 
 def test_matcher_kill9_is_restarted_and_recovers_its_state(ups):
-    up = ups("state")
+    up = ups("state", config_text(extra="huge_pages = false"))
     up.wait_ready()
     sd = up.sd
     account = cli_json(sd.path, "account", "create", "--deposit", "1000")
@@ -265,7 +299,10 @@ def test_matcher_kill9_is_restarted_and_recovers_its_state(ups):
             processes(sd.path)["matcher"]), WAIT_S * 4, "the matcher to be restarted")
     up.child_pids.add(new["pid"])
     assert "matcher" in up.stderr and "killed by SIGKILL" in up.stderr
-    assert cli_json(sd.path, "status")["seq"] == seq                 # recovered, not reset
+    status = cli_json(sd.path, "status")
+    assert status["seq"] == seq                 # recovered, not reset
+    assert_heap(status, {p["name"]: p for p in status["processes"]}, False)   # as configured
+    assert "heap: Python's own allocator" in cli(sd.path, "status").stdout
     shown = cli_json(sd.path, "account", "show", account["account"])
     assert shown["balance"] == "1000"
     deposit = cli_json(sd.path, "deposit", account["account"], "1")

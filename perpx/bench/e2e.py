@@ -24,7 +24,9 @@ One invocation:
 
 The floors run under the idle-CPU request the exchange makes for itself (exchange.cpu_latency_us,
 perpx/cpu_latency.py), held by this process over the whole run: the exchange and its floors
-are measured with idle CPUs treated alike (`settings.cpu_latency`).
+are measured with idle CPUs treated alike (`settings.cpu_latency`). Their servers also get the
+heap the exchange's processes get (exchange.huge_pages, perpx/heap.py); the clients keep this
+process's.
 
 The JSON's top-level measurements (`orders_per_s`, `ack_p50_us`, ...) are those of the first
 mode run, `settings.ack_mode`: the fast exchange unless only "durable" was asked for. With both,
@@ -64,6 +66,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from perpx import heap
 from perpx.bench import pauses as platform, plot, relay
 from perpx.bench.cpu import CpuWindow, name_process
 from perpx.config import EXCHANGE_DEFAULTS
@@ -315,6 +318,20 @@ class _Procs:
         self.procs.append(p)
         return p
 
+    def start_server(self, target, *args):
+        """A floor's server: started with the environment the exchange's processes get."""
+        env = heap.child_environment(os.environ, EXCHANGE_DEFAULTS["huge_pages"])
+        changed = {k: os.environ.get(k) for k, v in env.items() if os.environ.get(k) != v}
+        os.environ.update({k: env[k] for k in changed})    # a spawned child inherits it
+        try:
+            return self.start(target, *args)
+        finally:
+            for k, v in changed.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
+
     def close(self, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
         for p in self.procs:
@@ -463,7 +480,7 @@ def _measure_floor(kind: str, servers, clients: int, phase: dict, say) -> dict:
 
 def _measure_echo(clients: int, phase: dict, say) -> dict:
     """The floor: a bare echo server and the clients."""
-    return _measure_floor("echo", lambda procs, secret, q, stop: procs.start(
+    return _measure_floor("echo", lambda procs, secret, q, stop: procs.start_server(
         _echo_main, secret, q, stop), clients, phase, say)
 
 
@@ -474,8 +491,8 @@ def _measure_relay(clients: int, phase: dict, say) -> dict:
     cmd, evt = relay.create_rings(tag)
 
     def servers(procs, secret, q, stop):
-        procs.start(relay.matcher_main, tag, stop)
-        procs.start(relay.gateway_main, tag, secret, q, stop)
+        procs.start_server(relay.matcher_main, tag, stop)
+        procs.start_server(relay.gateway_main, tag, secret, q, stop)
     try:
         return _measure_floor("relay", servers, clients, phase, say)
     finally:
@@ -626,6 +643,9 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
                      "pause_meters": pauses,
                      "cpu_latency": {**idle_cpus_asked,
                                      "over": "the floors and the exchanges alike"},
+                     "huge_pages": {"asked": EXCHANGE_DEFAULTS["huge_pages"],
+                                    "thp": heap.thp_mode(),
+                                    "over": "the floors' servers and the exchanges alike"},
                      "cpus": os.cpu_count()},
         "shm_prefix": first["shm_prefix"],
         "shm_prefixes": [runs[m]["shm_prefix"] for m in modes],
