@@ -513,22 +513,12 @@ def cmd_down(args) -> int:
     return 0
 
 
-def _pid_alive(pid) -> bool:
-    """Alive and not a zombie (a dead child its parent has not reaped yet)."""
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def status_report(sd) -> dict:
     """The `perpx status` document (also used by tests)."""
+    from perpx.launch import pid_alive, wait_until
     supervisor = sd.require_running()
     st = sd.status() or {"processes": [], "endpoints": None}
-    procs = [{"name": p["name"], "pid": p["pid"], "alive": _pid_alive(p["pid"]),
+    procs = [{"name": p["name"], "pid": p["pid"], "alive": pid_alive(p["pid"]),
               "restarts": p["restarts"], "state": p.get("state"), "cpus": p.get("cpus"),
               "started_at": p.get("started_at"),
               "huge_page_bytes": huge_page_bytes(p["pid"])} for p in st["processes"]]
@@ -545,7 +535,6 @@ def status_report(sd) -> dict:
     from engine.service import attach_state
     from shm import names
     from engine.state import C_SEQ
-    from perpx.launch import wait_until
     from shm.heartbeat import MATCHER_SLOT, HeartbeatBoard
     from shm.region import ShmError
     from shm.ring import CommandRing, EventRing
