@@ -1,7 +1,7 @@
 """The heap of the exchange's processes on transparent huge pages.
 
-CPython allocates its objects from its own small-object allocator, in 256 KiB arenas mapped
-one by one with 4 KiB pages. With `exchange.huge_pages` (perpx/config.py, default true) the
+CPython allocates its objects from its own small-object allocator, in 1 MiB arenas (64-bit
+builds), each mapped on its own: too small for a 2 MiB page. With `exchange.huge_pages` (perpx/config.py, default true) the
 supervisor starts every process of the exchange with
 
     PYTHONMALLOC=malloc                   objects come from glibc's malloc
@@ -10,9 +10,10 @@ supervisor starts every process of the exchange with
 
 so that the interpreter's objects, the mirror and the buffers live on 2 MiB pages where the
 kernel allows it (/sys/kernel/mm/transparent_hugepage/enabled "madvise" or "always"; with
-"never" nothing changes). On this VM it halved a lone order's fast p99 at 1,000 orders/s in
-alternating runs, and CPU 0 was held up for over 2 ms less often; the median order and the
-closed loop's throughput did not change (docs/tuning.md, "Eighth pass").
+"never" nothing changes). On this VM a lone order's fast p99 at 1,000 orders/s fell to 0.7x
+in the medians of 21 alternating runs, and CPU 0 was held for over 2 ms half as often; the
+median order and the closed loop's throughput did not change (docs/tuning.md, "Eighth
+pass").
 
 What it costs: memory is taken in 2 MiB steps (RSS a few MiB higher per process), and with
 the kernel's THP `defrag` at "madvise" a fault in such a region may compact memory first, on a

@@ -86,8 +86,8 @@ from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_L
                             CMD_SET_MARKET_RISK, EVENT_DTYPE)
 from engine.service import attach_state
 from engine.state import C_SEQ
-from perpx.config import BUNDLED_SOURCE, Config, genesis_commands, write_json_atomic
 from perpx import heap
+from perpx.config import BUNDLED_SOURCE, Config, genesis_commands, write_json_atomic
 from perpx.cpu_latency import CpuLatencyRequest
 from perpx.launch import child_env
 from perpx.metrics import Exporter
