@@ -10,10 +10,11 @@ supervisor starts every process of the exchange with
 
 so that the interpreter's objects, the mirror and the buffers live on 2 MiB pages where the
 kernel allows it (/sys/kernel/mm/transparent_hugepage/enabled "madvise" or "always"; with
-"never" nothing changes). On this VM a lone order's fast p99 at 1,000 orders/s fell to 0.7x
-in the medians of 21 alternating runs, and CPU 0 was held for over 2 ms half as often; the
-median order and the closed loop's throughput did not change (docs/tuning.md, "Eighth
-pass").
+"never" nothing changes). On this VM, in a phase where something held CPU 0 for over 2 ms
+often, that held up the order path half as often with it, and a lone order's fast p99 at
+1,000 orders/s went 1.80 -> 0.94 ms; in a quieter phase it changed neither, and a lone order
+cost the gateway 7-9% more CPU (glibc's malloc is slower than CPython's for small objects).
+Durable acks' p99 fell in both; the closed loop did not move (docs/tuning.md, "Eighth pass").
 
 What it costs: memory is taken in 2 MiB steps (RSS a few MiB higher per process), and with
 the kernel's THP `defrag` at "madvise" a fault in such a region may compact memory first, on a
