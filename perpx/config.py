@@ -11,8 +11,8 @@ Keys (defaults in brackets):
     [exchange]  gateways [1], ack_mode ["durable"] ("durable" | "fast"), pin_cpus [true],
                 cpu_latency_us [0] (the limit on idle CPUs' declared wake-up latency that the
                 exchange asks the kernel for while it runs, perpx/cpu_latency.py: 0 = idle
-                CPUs poll; -1 = ask for nothing), huge_pages [true] (the exchange's processes
-                keep their heap on transparent huge pages, perpx/heap.py),
+                CPUs poll; -1 = ask for nothing), huge_pages [false] (true: the exchange's
+                processes keep their heap on transparent huge pages, perpx/heap.py),
                 rate_limit_per_s [5000], rate_limit_burst [10000] (per account, per gateway),
                 startup_timeout_s [180] (the first start compiles the matcher: ~1 min),
                 max_connections [512] (per gateway), max_connections_per_account [8] (per
@@ -118,7 +118,7 @@ EXCHANGE_DEFAULTS = {
     "ack_mode": "durable",
     "pin_cpus": True,
     "cpu_latency_us": 0,
-    "huge_pages": True,
+    "huge_pages": False,
     "rate_limit_per_s": 5000,
     "rate_limit_burst": 10000,
     "startup_timeout_s": 180,

@@ -1,8 +1,9 @@
 """The heap of the exchange's processes on transparent huge pages.
 
 CPython allocates its objects from its own small-object allocator, in 1 MiB arenas (64-bit
-builds), each mapped on its own: too small for a 2 MiB page. With `exchange.huge_pages` (perpx/config.py, default true) the
-supervisor starts every process of the exchange with
+builds), each mapped on its own: too small for a 2 MiB page. With `exchange.huge_pages =
+true` (perpx/config.py; false by default) the supervisor starts every process of the exchange
+with
 
     PYTHONMALLOC=malloc                   objects come from glibc's malloc
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 glibc asks for transparent huge pages (madvise
@@ -10,11 +11,13 @@ supervisor starts every process of the exchange with
 
 so that the interpreter's objects, the mirror and the buffers live on 2 MiB pages where the
 kernel allows it (/sys/kernel/mm/transparent_hugepage/enabled "madvise" or "always"; with
-"never" nothing changes). On this VM, in a phase where something held CPU 0 for over 2 ms
-often, that held up the order path half as often with it, and a lone order's fast p99 at
-1,000 orders/s went 1.80 -> 0.94 ms; in a quieter phase it changed neither, and a lone order
-cost the gateway 7-9% more CPU (glibc's malloc is slower than CPython's for small objects).
-Durable acks' p99 fell in both; the closed loop did not move (docs/tuning.md, "Eighth pass").
+"never" nothing changes). On this VM it helped in one phase and not after: in the first 15
+alternating pairs, where something held CPU 0 for over 2 ms often, that held up the order
+path half as often and a lone order's fast p99 at 1,000 orders/s went 1.80 -> 0.94 ms; in
+the 18 pairs after, on main as landed, the fast tail did not gain and a lone order cost the
+gateway 7-9% more CPU (glibc's malloc is slower than CPython's for small objects), +20-50 us
+on the fast p50. So it is off by default: a venue measures its own box with
+`perpx bench latency` (docs/tuning.md, "Eighth pass").
 
 What it costs: memory is taken in 2 MiB steps (RSS a few MiB higher per process), and with
 the kernel's THP `defrag` at "madvise" a fault in such a region may compact memory first, on a

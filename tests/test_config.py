@@ -172,9 +172,9 @@ def test_resolved_config_round_trips():
     assert cfg.cpu_latency_us == 0        # idle CPUs poll on the bundled exchange
     shared = parse_config("[exchange]\ncpu_latency_us = -1\n" + GOOD_MARKET)
     assert shared.cpu_latency_us == -1 and config_from_resolved(shared.to_dict()) == shared
-    assert cfg.huge_pages is True         # the processes' heap on huge pages (perpx/heap.py)
-    plain = parse_config("[exchange]\nhuge_pages = false\n" + GOOD_MARKET)
-    assert plain.huge_pages is False and config_from_resolved(plain.to_dict()) == plain
+    assert cfg.huge_pages is False        # Python's own allocator unless asked (perpx/heap.py)
+    huge = parse_config("[exchange]\nhuge_pages = true\n" + GOOD_MARKET)
+    assert huge.huge_pages is True and config_from_resolved(huge.to_dict()) == huge
 
 
 def test_csv_oracle_path_is_resolved_against_the_config_file(tmp_path):

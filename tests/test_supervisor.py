@@ -217,7 +217,7 @@ def test_up_status_gateway_restart_and_sigterm(ups):
     # the limit in force is the lowest of every request held on the box: compare before and
     # after only when nobody else holds one
     idle_limit_before = current_limit_us() if os.access(CPU_LATENCY_DEVICE, os.R_OK) else None
-    up = ups("state", config_text(gateways=2))
+    up = ups("state", config_text(gateways=2, extra="huge_pages = true"))
     endpoints = up.wait_ready()
     sd = up.sd
 
@@ -287,7 +287,7 @@ def test_up_status_gateway_restart_and_sigterm(ups):
 
 
 def test_matcher_kill9_is_restarted_and_recovers_its_state(ups):
-    up = ups("state", config_text(extra="huge_pages = false"))
+    up = ups("state")
     up.wait_ready()
     sd = up.sd
     account = cli_json(sd.path, "account", "create", "--deposit", "1000")
@@ -301,7 +301,7 @@ def test_matcher_kill9_is_restarted_and_recovers_its_state(ups):
     assert "matcher" in up.stderr and "killed by SIGKILL" in up.stderr
     status = cli_json(sd.path, "status")
     assert status["seq"] == seq                 # recovered, not reset
-    assert_heap(status, {p["name"]: p for p in status["processes"]}, False)   # as configured
+    assert_heap(status, {p["name"]: p for p in status["processes"]}, False)   # the default
     assert "heap: Python's own allocator" in cli(sd.path, "status").stdout
     shown = cli_json(sd.path, "account", "show", account["account"])
     assert shown["balance"] == "1000"

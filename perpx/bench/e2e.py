@@ -308,9 +308,12 @@ def _echo_main(secret: bytes, queue, stop_evt) -> None:
 class _Procs:
     """Spawned processes of one phase; close() joins, then terminates/kills stragglers."""
 
-    def __init__(self):
+    def __init__(self, huge_pages: bool = EXCHANGE_DEFAULTS["huge_pages"]):
+        """huge_pages: the heap the floors' servers get, as the exchange's processes do with
+        exchange.huge_pages (its default: the exchanges here run the default config)."""
         self.mp = mp.get_context("spawn")
         self.procs: list = []
+        self.huge_pages = huge_pages
 
     def start(self, target, *args):
         p = self.mp.Process(target=target, args=args, daemon=True)
@@ -320,7 +323,7 @@ class _Procs:
 
     def start_server(self, target, *args):
         """A floor's server: started with the environment the exchange's processes get."""
-        env = heap.child_environment(os.environ, EXCHANGE_DEFAULTS["huge_pages"])
+        env = heap.child_environment(os.environ, self.huge_pages)
         changed = {k: os.environ.get(k) for k, v in env.items() if os.environ.get(k) != v}
         os.environ.update({k: env[k] for k in changed})    # a spawned child inherits it
         try:
