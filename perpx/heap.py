@@ -11,13 +11,10 @@ with
 
 so that the interpreter's objects, the mirror and the buffers live on 2 MiB pages where the
 kernel allows it (/sys/kernel/mm/transparent_hugepage/enabled "madvise" or "always"; with
-"never" nothing changes). On this VM it helped in one phase and not after: in the first 15
-alternating pairs, where something held CPU 0 for over 2 ms often, that held up the order
-path half as often and a lone order's fast p99 at 1,000 orders/s went 1.80 -> 0.94 ms; in
-the 18 pairs after, on main as landed, the fast tail did not gain and a lone order cost the
-gateway 7-9% more CPU (glibc's malloc is slower than CPython's for small objects), +20-50 us
-on the fast p50. So it is off by default: a venue measures its own box with
-`perpx bench latency` (docs/tuning.md, "Eighth pass").
+"never" nothing changes). Off by default: on this VM it shortened a lone order's tail in one
+phase and, in the later ones, only added CPU per order (glibc's malloc is slower than
+CPython's for small objects); docs/tuning.md, "Eighth pass", has the runs. A venue measures
+its own box both ways with `perpx bench latency` before turning it on.
 
 What it costs: memory is taken in 2 MiB steps (RSS a few MiB higher per process), and with
 the kernel's THP `defrag` at "madvise" a fault in such a region may compact memory first, on a
