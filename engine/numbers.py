@@ -1,7 +1,8 @@
 """Exact integer arithmetic shared by the reference model and the compiled matcher.
 
 Everything here is int64-safe for the operands a market's limits allow (see
-`engine.config.check_market_headroom`): products are split so no intermediate exceeds 2**63.
+`engine.market_checks.market_limits_problem`): products are split so no intermediate exceeds
+2**63.
 They are compiled with numba and called both by the matcher's compiled code and by the
 plain-Python reference model, so both sides round identically by construction.
 """

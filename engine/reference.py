@@ -29,9 +29,10 @@ from engine import numbers as num
 from engine import risk
 from engine.reports import NO_ACCOUNT, report_accounts
 from engine.config import (ADL_MAX_COUNTERPARTIES, LIQUIDATION_MAX_STEPS, EngineConfig,
-                           MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, bracket_leverage,
-                           bracket_problem, market_filters_problem,
-                           market_config_problem, market_limits_problem, market_risk_problem)
+                           MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS)
+from engine.market_checks import (bracket_leverage, bracket_problem, market_config_problem,
+                                  market_filters_problem, market_limits_problem,
+                                  market_risk_problem)
 from engine.records import *  # noqa: F403 — the codes are the vocabulary of this module
 
 

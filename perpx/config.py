@@ -59,7 +59,7 @@ conversions are exact or refused:
 - initial_price and max_price must lie on the tick grid, quantities on the lot grid;
 - fees, price band, rates: whole numbers of 1e-9 (the engine's rate unit).
 
-Limits (engine.config.market_limits_problem proves int64 headroom with them). Defaults:
+Limits (engine.market_checks.market_limits_problem proves int64 headroom with them). Defaults:
 - max_price = 10 x initial_price. The mark can never exceed it (SET_MARK above it is refused),
   so a market that rallies tenfold needs a new config; a higher bound costs position headroom.
 - max_position_qty: the largest position whose notional at max_price stays under
@@ -89,10 +89,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import (MARKET_PROBLEMS, MAX_FEE_E9, MAX_LEVERAGE, MAX_MARKETS_LIMIT,
-                           MAX_OPEN_ORDERS_LIMIT, MAX_POSITION_LOTS_LIMIT, NOTIONAL_LIMIT_ATOMS,
-                           band_ticks, book_levels_needed, bracket_leverage,
-                           market_config_problem, market_limits_problem)
+from engine.config import (MAX_FEE_E9, MAX_LEVERAGE, MAX_MARKETS_LIMIT, MAX_OPEN_ORDERS_LIMIT,
+                           MAX_POSITION_LOTS_LIMIT, NOTIONAL_LIMIT_ATOMS, band_ticks,
+                           book_levels_needed)
 from engine.market import Bracket, Market
 from engine.records import (MAX_BRACKETS, bracket_command, market_create_command,
                             market_filters_command, market_limits_command, market_risk_command)
@@ -537,12 +536,12 @@ def _market(c: _Checker, i: int, item, origin: Path | None,
 
     brackets = _brackets(c, f"{at}.brackets", m["brackets"], leverage)
 
-    problem = engine_checks and market_config_problem(atpl, initial_ticks, maker_e9, taker_e9,
-                                                      band_e9, leverage)
+    problem = engine_checks and _compiled_checks().market_config_problem(
+        atpl, initial_ticks, maker_e9, taker_e9, band_e9, leverage)
     if problem:
         key = {1: "tick_size", 2: "initial_price", 3: "taker_fee", 4: "maker_fee",
                5: "price_band", 6: "max_leverage"}.get(problem, "symbol")
-        c.fail(f"{at}.{key}", MARKET_PROBLEMS[problem])
+        c.fail(f"{at}.{key}", _compiled_checks().MARKET_PROBLEMS[problem])
 
     # limits
     if m["max_price"] is None:
@@ -576,12 +575,12 @@ def _market(c: _Checker, i: int, item, origin: Path | None,
             c.fail(f"{at}.max_order_qty", f"'{m['max_order_qty']}' exceeds max_position_qty "
                                           f"'{dec_str(Decimal(max_position) * lot)}'")
     max_open = c.integer(f"{at}.max_open_orders", m["max_open_orders"], 1, MAX_OPEN_ORDERS_LIMIT)
-    problem = engine_checks and market_limits_problem(atpl, initial_ticks, max_price_ticks,
-                                                      max_order, max_position, max_open)
+    problem = engine_checks and _compiled_checks().market_limits_problem(
+        atpl, initial_ticks, max_price_ticks, max_order, max_position, max_open)
     if problem:
         key = {8: "max_position_qty", 9: "max_order_qty", 10: "max_open_orders",
                11: "max_position_qty", 12: "max_price"}.get(problem, "max_price")
-        c.fail(f"{at}.{key}", MARKET_PROBLEMS[problem])
+        c.fail(f"{at}.{key}", _compiled_checks().MARKET_PROBLEMS[problem])
     # filters: "0" = none
     min_notional = c.decimal(f"{at}.min_notional", m["min_notional"])
     min_notional_atoms = USDC.exact(min_notional)
@@ -605,12 +604,21 @@ def _market(c: _Checker, i: int, item, origin: Path | None,
         open_interest_cap_lots=oi_cap)
 
 
+def _compiled_checks():
+    """engine/market_checks.py, imported where it is needed: a resolved config of a running
+    exchange (engine_checks=False, its brackets' leverage given) is read without loading numba,
+    which CLI commands would otherwise wait ~0.2 s for."""
+    from engine import market_checks
+    return market_checks
+
+
 def _brackets(c: _Checker, key: str, value, leverage: int) -> tuple:
     """[[notional floor, maintenance rate, max leverage (optional)], ...]: floors from 0
     strictly up, rates non-decreasing in (0, 1), the first below the initial margin rate
     1/max_leverage. Each bracket's max leverage is in [1, max_leverage], does not rise with
     the floor, and its initial rate 1/L is above the maintenance rate; left out, it is the
-    largest such whole leverage, at most the previous bracket's (engine.config.bracket_leverage).
+    largest such whole leverage, at most the previous bracket's
+    (engine.market_checks.bracket_leverage).
     The maintenance amount of bracket k is amount[k-1] + floor[k] x (rate[k] - rate[k-1])
     (Binance's cumulative deduction), so notional x rate - amount is continuous across floors."""
     if not isinstance(value, list) or not value:
@@ -644,9 +652,10 @@ def _brackets(c: _Checker, key: str, value, leverage: int) -> tuple:
                                    f"margin rate 1/max_leverage = {dec_str(Decimal(1) / leverage)}")
             amount = Decimal(0)
         prev_leverage = out[-1].max_leverage if out else leverage
-        bracket_lev = bracket_leverage(
-            c.integer(at + "[2]", pair[2], 1, leverage) if len(pair) == 3 else 0,
-            int(rate * RATE_E9), prev_leverage)
+        given = c.integer(at + "[2]", pair[2], 1, leverage) if len(pair) == 3 else 0
+        # a leverage given is the kernel's answer as it is: only a default needs the kernel
+        bracket_lev = given or _compiled_checks().bracket_leverage(0, int(rate * RATE_E9),
+                                                                   prev_leverage)
         if bracket_lev > prev_leverage:
             c.fail(at + "[2]", f"max leverage {bracket_lev} is above the previous bracket's "
                                f"{prev_leverage}")

@@ -5,8 +5,8 @@ from decimal import Decimal
 
 import pytest
 
-from engine.config import (band_ticks, book_levels_needed, market_config_problem,
-                           market_limits_problem)
+from engine.config import band_ticks, book_levels_needed
+from engine.market_checks import market_config_problem, market_limits_problem
 from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_FILTERS,
                             CMD_SET_MARKET_LIMITS,
                             CMD_SET_MARKET_RISK)

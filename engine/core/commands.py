@@ -6,8 +6,8 @@ Each checks first and rejects, changing nothing, or applies the rule of engine/r
 of the same name. May touch any table, through the files below it.
 """
 
-from engine.config import (MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS, market_config_problem,
-                           market_limits_problem)
+from engine.config import MAX_BALANCE_ATOMS, MAX_NET_DEPOSITS_ATOMS
+from engine.market_checks import market_config_problem, market_limits_problem
 from engine.records import (EV_ACK, EV_AMENDED, EV_BALANCE, EV_MARK, FLAG_REDUCE_ONLY,
                             FLAG_TRIGGER_BY_LAST, KIND_STOP_MARKET, KIND_TAKE_PROFIT_LIMIT,
                             MARKET_CANCEL_ONLY, MARKET_HALTED, MARKET_REDUCE_ONLY, MARKET_SETTLED,

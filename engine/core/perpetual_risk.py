@@ -9,8 +9,9 @@ canceling them or trading through matching.py.
 import numpy as np
 
 from engine.config import (ADL_MAX_COUNTERPARTIES, LIQUIDATION_MAX_STEPS, MAX_BALANCE_ATOMS,
-                           MAX_NET_DEPOSITS_ATOMS, bracket_leverage, bracket_problem,
-                           market_filters_problem, market_risk_problem)
+                           MAX_NET_DEPOSITS_ATOMS)
+from engine.market_checks import (bracket_leverage, bracket_problem, market_filters_problem,
+                                  market_risk_problem)
 from engine.numbers import RATE_ONE_E9, fee_atoms, mul_div_ceil, mul_div_floor
 from engine.records import (EV_FUNDING, EV_INSURANCE, EV_LIQUIDATION, EV_MARK, INSURANCE_DEFICIT,
                             INSURANCE_DEPOSIT, INSURANCE_FUNDING_RESIDUE,
