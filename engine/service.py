@@ -1,10 +1,11 @@
 """The matcher process: drains the command rings into the compiled matcher, publishes events.
 
-This is the only part of engine/ that touches shared memory. Each pass takes, from every
-command ring in turn, what is published (up to a batch), sequences it with one compiled call
-straight into the event ring, publishes the event cursor and frees the command slots. The
-order in which it takes commands IS the sequence; the sequenced commands go to the event ring
-ahead of their events, which is what persistd journals.
+With engine/shared_state.py (how other processes attach the state), the only part of engine/
+that touches shared memory. Each pass takes, from every command ring in turn, what is
+published (up to a batch), sequences it with one compiled call straight into the event ring,
+publishes the event cursor and frees the command slots. The order in which it takes commands
+IS the sequence; the sequenced commands go to the event ring ahead of their events, which is
+what persistd journals.
 
 When every ring is empty the matcher spins briefly, yields, then sleeps on one doorbell that
 all producers ring (shm/wait.py), so an idle exchange costs no core on a 2-core box. A matcher
@@ -31,12 +32,6 @@ DEFAULT_BATCH = 256
 # 2 MiB of 128-byte slots: small enough that each event write hits the cache (docs/tuning.md);
 # commands whose events exceed it go through the overflow buffer.
 DEFAULT_EVENT_CAPACITY = 1 << 14
-
-
-def attach_state(prefix: str, cfg: EngineConfig):
-    """Another process's view of the live state tables (read them via snapshots or copies)."""
-    region = Region.attach(names.state_region(prefix), layout_version(cfg))
-    return region, state_in_buffer(cfg, region.payload, fresh=False)
 
 
 class MatcherService:

@@ -9,7 +9,7 @@ Money is not mirrored: balances, positions, isolated margins, funding and liquid
 rules that only the matcher applies (engine/risk.py reads them), so the `account` query reads
 the matcher's own rows (gateway/account_state.py) instead of re-deriving them here.
 
-It starts from a copy of the matcher's state tables (engine.service.attach_state) taken at a
+It starts from a copy of the matcher's state tables (engine.shared_state.attach_state) taken at a
 command boundary (`consistent_state_copy`) and applies only events of later commands. The
 arithmetic is the matcher's, in Python integers (exact: the engine's split products are exact
 within the bounds every market's config proves).

@@ -67,7 +67,7 @@ from zmq.utils.monitor import parse_monitor_message
 from engine.config import EngineConfig
 from engine.market import MarketTable
 from engine.records import COMMAND_DTYPE, EVENT_DTYPE
-from engine.service import attach_state
+from engine.shared_state import attach_state
 from engine.spec import load_spec
 from gateway.accounts import ZAP_DOMAIN, AccountAuthenticator, AccountRegistry
 from gateway.market_data import MarketData

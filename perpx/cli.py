@@ -532,7 +532,7 @@ def status_report(sd) -> dict:
     except RuntimeError:
         return report
     from engine.records import COMMAND_DTYPE, EVENT_DTYPE
-    from engine.service import attach_state
+    from engine.shared_state import attach_state
     from shm import names
     from engine.state import C_SEQ
     from shm.heartbeat import MATCHER_SLOT, HeartbeatBoard
@@ -615,7 +615,7 @@ def _risk_report(doc: dict) -> dict:
     import time
     from decimal import Decimal
 
-    from perpx.config import config_from_resolved
+    from engine.spec import ExchangeSpec
     from engine.units import dec_str
     from shm.index_board import IndexBoard
     from shm.region import ShmError
@@ -628,7 +628,7 @@ def _risk_report(doc: dict) -> dict:
         risk = doc.get("risk", {})
         stale_ns = max(3 * risk.get("mark_interval_ms", 250) * 10 ** 6, 2 * 10 ** 9)
         now = time.time_ns()
-        for m in config_from_resolved(doc).markets:
+        for m in ExchangeSpec.from_dict(doc).markets:
             pub = board.published(m.id)
             if pub is None:
                 out[m.symbol] = {"index": None, "mark": None, "funding_rate": None,

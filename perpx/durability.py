@@ -23,7 +23,7 @@ import zmq
 
 from engine.invariants import check_state
 from engine.records import EVENT_DTYPE
-from engine.service import attach_state
+from engine.shared_state import attach_state
 from engine.state import State, state_hash
 from gateway.mirror import consistent_state_copy
 from perpx.statedir import StateDir

@@ -34,7 +34,7 @@ from engine.book import best_price
 from engine.records import (EV_LIQUIDATION, EV_REJECT, EVENT_DTYPE, LIQ_KIND_ADL,
                             LIQ_KIND_LIQUIDATED, LIQUIDATION_EVENT_DTYPE, ORDER_EVENT_DTYPE,
                             REASON_NAMES)
-from engine.service import attach_state
+from engine.shared_state import attach_state
 from engine.state import C_INSURANCE_ATOMS, C_SEQ
 from gateway.ack_latency import ACK_BUCKETS_S
 from perpx.config import config_from_resolved

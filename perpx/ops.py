@@ -36,7 +36,7 @@ from engine.records import (CMD_CANCEL_ALL, CMD_DEPOSIT, CMD_HALT, CMD_RESUME,
                             MARKET_STATE_NAMES, ORDER_EVENT_DTYPE, REASON_NAMES, event_to_dict,
                             insurance_deposit_command, market_state_command, new_commands,
                             settle_market_command)
-from engine.service import attach_state
+from engine.shared_state import attach_state
 from engine.state import C_NET_DEPOSITS_ATOMS, C_SEQ
 from gateway.account_state import account_state_fields, positions_rows
 from gateway.codec import open_order_row

@@ -84,7 +84,7 @@ import zmq.auth
 from engine.matcher import matcher_is_cached
 from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_LIMITS,
                             CMD_SET_MARKET_RISK, EVENT_DTYPE)
-from engine.service import attach_state
+from engine.shared_state import attach_state
 from engine.state import C_SEQ
 from perpx import heap
 from perpx.config import BUNDLED_SOURCE, Config, genesis_commands, write_json_atomic

@@ -52,7 +52,7 @@ from engine.book import best_price, side_levels
 from engine.records import (CMD_SET_MARK, COMMAND_DTYPE, EVENT_DTYPE, MARKET_CANCEL_ONLY,
                             MARKET_TRADING, SIDE_BUY, SIDE_SELL, funding_command,
                             liquidate_command, market_state_command, new_commands)
-from engine.service import attach_state
+from engine.shared_state import attach_state
 from engine.spec import ExchangeSpec
 from engine.state import C_SEQ
 from riskd.feeds import GuardedFeed, feed_for

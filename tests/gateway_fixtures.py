@@ -25,7 +25,8 @@ from engine.config import EngineConfig
 from engine.records import (CMD_DEPOSIT, CMD_SET_MARK, COMMAND_DTYPE, bracket_command,
                             market_create_command, market_limits_command, market_risk_command,
                             new_commands)
-from engine.service import MatcherService, attach_state
+from engine.service import MatcherService
+from engine.shared_state import attach_state
 from engine.spec import Source
 from shm import names
 from engine.state import C_SEQ, state_hash

@@ -448,7 +448,7 @@ def test_state_copy_under_load_then_events_equals_the_matcher(exchange):
     boundary, then apply only later events; it must end equal to the matcher's own state."""
     from engine.records import (CMD_CANCEL, CMD_NEW_ORDER, EVENT_DTYPE, KIND_LIMIT,
                                 new_commands)
-    from engine.service import attach_state
+    from engine.shared_state import attach_state
     from shm import names
     from gateway.mirror import apply_events, comparable, consistent_state_copy
     from shm.ring import EventRing

@@ -163,7 +163,7 @@ def test_account_state_equals_engine_risk_cross_and_isolated(exchange):
     (eth,) = b_state["positions"]
     assert (eth["mode"], eth["leverage"], eth["margin"]) == ("isolated", 5, "6000")
     # what a query costs the gateway: the consistent copy of the rows, then engine/risk.py
-    from engine.service import attach_state
+    from engine.shared_state import attach_state
     from shm import names
     from engine.records import EVENT_DTYPE
     from gateway.account_state import account_state_fields, account_tables

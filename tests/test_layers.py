@@ -1,8 +1,9 @@
 """Imports run one way (DESIGN.md: processes meet only in shared memory).
 
     shm/       mechanisms: imports nothing of the project but itself
-    engine/    the domain: engine/ and, in the matcher's process wrapper alone, shm/; its pure
-               modules import no shm, zmq, duckdb or posix_ipc
+    engine/    the domain: engine/ and, in the matcher's process wrapper and the state's
+               attach for other processes alone, shm/; its pure modules import no shm, zmq,
+               duckdb or posix_ipc
     gateway/, riskd/, persistd/   one process each: themselves, engine/ and shm/ only
     perpx/     operations (CLI, supervisor, client, benchmarks): anything
 
@@ -22,8 +23,9 @@ ALLOWED = {
     "riskd": {"riskd", "engine", "shm"},
     "persistd": {"persistd", "engine", "shm"},
 }
-# engine/ modules that run the matcher over shared memory (not part of the pure domain)
-ENGINE_PROCESS_MODULES = {"engine/service.py": {"shm"}}
+# engine/ modules that touch shared memory (not part of the pure domain): the matcher's loop
+# over the rings, and how other processes attach its state
+ENGINE_PROCESS_MODULES = {"engine/service.py": {"shm"}, "engine/shared_state.py": {"shm"}}
 IO_LIBRARIES = {"zmq", "duckdb", "posix_ipc"}
 
 

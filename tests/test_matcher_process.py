@@ -14,7 +14,8 @@ import pytest
 from engine.matcher import LocalEvents, Matcher
 from engine.records import (CMD_DEPOSIT, COMMAND_DTYPE, EV_REJECT, EVENT_DTYPE, REASON_FORBIDDEN,
                             event_to_dict, new_commands)
-from engine.service import MatcherService, attach_state
+from engine.service import MatcherService
+from engine.shared_state import attach_state
 from engine.spec import Source
 from shm import names
 from engine.state import state_hash

@@ -30,7 +30,8 @@ from engine.config import EngineConfig
 from engine.matcher import LocalEvents, Matcher
 from engine.records import (COMMAND_DTYPE, EV_MARK, EVENT_DTYPE, MARK_EVENT_DTYPE,
                             MARKET_CANCEL_ONLY, MARKET_TRADING)
-from engine.service import MatcherService, attach_state
+from engine.service import MatcherService
+from engine.shared_state import attach_state
 from engine.spec import ExchangeSpec, Source
 from shm import names
 from engine.state import C_SEQ

@@ -280,7 +280,7 @@ class _Live:
 
     def __init__(self, sd):
         from engine.records import EVENT_DTYPE
-        from engine.service import attach_state
+        from engine.shared_state import attach_state
         from shm import names
         from shm.progress import JournalProgress
         from shm.heartbeat import MATCHER_SLOT, HeartbeatBoard
