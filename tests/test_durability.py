@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from perpx.client import Client
 from perpx.launch import pid_alive
@@ -270,26 +271,32 @@ def test_failing_journal_write_stops_acks_until_it_recovers(ups):
     sd = up.sd
     cert = funded_account(sd.path)
     persistd = processes(sd.path)["persistd"]["pid"]
-    with Client.connect(endpoints, cert, timeout_s=WAIT_S) as c:
+
+    def journal_errno() -> int:
+        return cli_json(sd.path, "status")["journal"]["journal_errno"]
+
+    with Client.connect(endpoints, cert, timeout_s=WAIT_S) as c, \
+            Client.connect(endpoints, cert, timeout_s=WAIT_S) as waiting, \
+            ThreadPoolExecutor(1) as pool:
         assert c.new_order("BTC-PERP", "buy", "limit", "0.001", "60000.0")["type"] == "ack"
         # A real OS limit: persistd may not grow any file, so the next journal write fails.
         resource.prlimit(persistd, resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
-        try:
-            c.new_order("BTC-PERP", "buy", "limit", "0.001", "60000.1", timeout_s=1.0)
-        except Exception:
-            pass                         # sequenced but not durable: never acknowledged
-        wait_until(lambda: cli_json(sd.path, "status")["journal"]["journal_errno"] != 0,
-                   WAIT_S, "persistd to report the failing journal")
+        # sequenced but not durable: its ack is held while the journal cannot be written
+        held = pool.submit(waiting.new_order, "BTC-PERP", "buy", "limit", "0.001", "60000.1")
+        wait_until(lambda: journal_errno() != 0, WAIT_S, "persistd to report the failing journal")
         reply = c.new_order("BTC-PERP", "buy", "limit", "0.001", "60000.2")
         assert reply["type"] == "reject" and reply["reason"] == "market_halted"
         assert "journal" in reply["message"]
+        assert not held.done()
         resource.prlimit(persistd, resource.RLIMIT_FSIZE,
                          (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        wait_until(lambda: cli_json(sd.path, "status")["journal"]["journal_errno"] == 0,
-                   WAIT_S, "the journal to recover")
+        wait_until(lambda: journal_errno() == 0, WAIT_S, "the journal to recover")
+        # the retried write made it durable: the held ack comes, nothing was lost
+        first = held.result(timeout=WAIT_S)
+        assert first["type"] == "ack"
         ack = c.new_order("BTC-PERP", "buy", "limit", "0.001", "60000.3")
         assert ack["type"] == "ack"
-        assert cli_json(sd.path, "status")["durable_seq"] >= ack["seq"]
+        assert cli_json(sd.path, "status")["durable_seq"] >= ack["seq"] > first["seq"]
     r = cli(sd.path, "--json", "verify")
     assert r.returncode == 0, r.stdout + r.stderr
 
