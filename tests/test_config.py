@@ -1,7 +1,11 @@
 """The TOML config (perpx/config.py): the bundled default, exact conversions, and one clear
 error per bad key, naming it."""
 
+import json
+import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -175,6 +179,24 @@ def test_resolved_config_round_trips():
     assert cfg.huge_pages is False        # Python's own allocator unless asked (perpx/heap.py)
     huge = parse_config("[exchange]\nhuge_pages = true\n" + GOOD_MARKET)
     assert huge.huge_pages is True and config_from_resolved(huge.to_dict()) == huge
+
+
+def test_reading_a_resolved_config_loads_no_compiler(tmp_path):
+    """CLI commands on a running exchange (status, book, markets, account ...) read its
+    resolved config, its spec and its state without numba: importing it and loading one
+    compiled check cost ~0.5 s a command. Only checking a config loads it."""
+    resolved = tmp_path / "exchange.json"
+    resolved.write_text(json.dumps(load_config().to_dict()))
+    code = ("import json, sys\n"
+            "from perpx import cli, ops\n"
+            "from perpx.config import config_from_resolved\n"
+            "from engine.shared_state import attach_state\n"
+            f"assert config_from_resolved(json.loads(open({str(resolved)!r}).read())).markets\n"
+            "print([m for m in ('numba', 'llvmlite') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
 
 
 def test_csv_oracle_path_is_resolved_against_the_config_file(tmp_path):
