@@ -8,8 +8,10 @@ any restart. The matcher keeps each account's last `account_seq` in its accounts
 event stream at a command boundary copies those counters and applies the same function to
 each later event (`AccountSeqTracker`), so it numbers every report exactly as the matcher
 counted it. The reference model (engine/reference.py) and the compiled matcher
-(engine/core/tables.py compiles this very function) both use it; the differential fuzz and
-engine/invariants.py check that counters and events agree.
+(engine/core/tables.py compiles this very function) both use it, and so does persistd's
+store, a block of event slots at a time (engine/report_numbering.py); the differential fuzz
+and engine/invariants.py check that counters and events agree. This module is plain Python:
+a gateway numbers reports with it without loading numba.
 
 The rule, per event (`index` is the event's position after its command's EV_COMMAND, from 1):
 - `ack`, `canceled`, `amended`, `triggered`, `funding`, `liquidation`: one report to the
@@ -26,13 +28,11 @@ The rule, per event (`index` is the event's position after its command's EV_COMM
 """
 
 import numpy as np
-from numba import njit
 
 from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER,
-                            CMD_SET_MARGIN, CMD_WITHDRAW, COMMAND_EVENT_DTYPE, EV_ACK,
-                            EV_AMENDED, EV_CANCELED, EV_COMMAND, EV_DONE, EV_FUNDING,
-                            EV_LIQUIDATION, EV_REJECT, EV_TRADE, EV_TRIGGERED,
-                            TRADE_EVENT_DTYPE)
+                            CMD_SET_MARGIN, CMD_WITHDRAW, EV_ACK, EV_AMENDED, EV_CANCELED,
+                            EV_COMMAND, EV_DONE, EV_FUNDING, EV_LIQUIDATION, EV_REJECT, EV_TRADE,
+                            EV_TRIGGERED)
 
 # Commands a client sends through a gateway (an operator's tool may send them too).
 CLIENT_COMMANDS = (CMD_NEW_ORDER, CMD_CANCEL, CMD_CANCEL_ALL, CMD_AMEND, CMD_WITHDRAW,
@@ -116,57 +116,3 @@ def account_seqs_of_events(events, counters: np.ndarray) -> np.ndarray:
         else:
             tracker.on_event(ev["etype"], ev["account"], ev.get("maker_account", NO_ACCOUNT))
     return np.array(tracker.counters, np.int64)
-
-
-# One report found in a stream of event slots (number_events): which slot, to whom, its
-# number, the slot's position after its command (from 1), and role 0 for the event's own
-# account, 1 for a trade's maker; `command` is the slot of the command that caused it.
-REPORT_DTYPE = np.dtype([("event", "<i8"), ("command", "<i8"), ("account_seq", "<i8"),
-                         ("account", "<i4"), ("index", "<i4"), ("role", "u1")])
-
-_report_accounts_compiled = njit(cache=True)(report_accounts)
-
-
-@njit(cache=True)
-def _number(etype, account, maker, cmd_code, counters, out):
-    n = 0
-    command = -1
-    code = 0
-    index = 0
-    for i in range(len(etype)):
-        if etype[i] == EV_COMMAND:
-            command = i
-            code = cmd_code[i]
-            index = 0
-            continue
-        index += 1
-        first, second = _report_accounts_compiled(code, index, etype[i], account[i],
-                                                  maker[i], len(counters))
-        for role in range(2):
-            a = first if role == 0 else second
-            if a < 0:
-                continue
-            counters[a] += 1
-            r = out[n]
-            r.event = i
-            r.command = command
-            r.account_seq = counters[a]
-            r.account = a
-            r.index = index
-            r.role = role
-            n += 1
-    return n
-
-
-def number_events(events: np.ndarray, counters: np.ndarray) -> np.ndarray:
-    """The reports among `events` (128-byte slots as the event ring holds them, starting at a
-    command boundary) in order, numbered from `counters` (the accounts' account_seq before
-    them, advanced in place): a REPORT_DTYPE array. The batch form of AccountSeqTracker."""
-    etype = np.ascontiguousarray(events["etype"])
-    account = np.ascontiguousarray(events["account"]).astype(np.int64)
-    trades = events.view(TRADE_EVENT_DTYPE)
-    maker = np.where(etype == EV_TRADE, trades["maker_account"], NO_ACCOUNT).astype(np.int64)
-    cmd_code = np.ascontiguousarray(events.view(COMMAND_EVENT_DTYPE)["command"]["cmd"])
-    out = np.zeros(2 * len(events), REPORT_DTYPE)
-    n = _number(etype, account, maker, cmd_code, counters, out)
-    return out[:n]

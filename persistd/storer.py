@@ -47,7 +47,7 @@ import numpy as np
 
 from engine.records import (COMMAND_EVENT_WORD, EV_COMMAND, EV_FUNDING, EV_LIQUIDATION,
                             EV_TRADE, EVENT_DTYPE, MARGIN_CROSS, TRADE_EVENT_DTYPE)
-from engine.reports import number_events
+from engine.report_numbering import number_events
 from engine.spec import ExchangeSpec
 from persistd import snapshot
 from persistd.journal import SYNCED_MARKER, JournalFollower, reclaim_retired
