@@ -11,6 +11,7 @@ Every import statement counts, at the top of a module or inside a function.
 """
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,3 +71,15 @@ def test_the_walk_sees_imports_inside_functions(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     found = layer_violations()
     assert found == ["riskd/x.py:4 imports gateway (riskd/ may import engine, riskd, shm)"]
+
+
+def test_a_gateway_loads_no_compiler():
+    """A gateway runs no compiled code, so it does not import numba: that would cost it ~60 MB
+    of RSS and its start ~0.15 s (engine/report_numbering.py keeps the compiled form of the
+    report numbering it runs in Python, engine/market_checks.py the compiled checks)."""
+    code = ("import sys\nimport gateway.server\n"
+            "print([m for m in ('numba', 'llvmlite') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
