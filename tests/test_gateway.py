@@ -8,7 +8,6 @@ import time
 
 import msgpack
 import numpy as np
-import pytest
 
 from engine.market import MarketTable
 from gateway.mirror import Mirror
