@@ -73,13 +73,19 @@ def test_the_walk_sees_imports_inside_functions(tmp_path, monkeypatch):
     assert found == ["riskd/x.py:4 imports gateway (riskd/ may import engine, riskd, shm)"]
 
 
+def compilers_loaded_by(code: str) -> list[str]:
+    """Run `code` in a fresh interpreter at the checkout; which of numba and llvmlite it
+    imported."""
+    probe = (code + "\nimport sys\n"
+             "print(' '.join(m for m in ('numba', 'llvmlite') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()
+
+
 def test_a_gateway_loads_no_compiler():
     """A gateway runs no compiled code, so it does not import numba: that would cost it ~60 MB
     of RSS and its start ~0.15 s (engine/report_numbering.py keeps the compiled form of the
     report numbering it runs in Python, engine/market_checks.py the compiled checks)."""
-    code = ("import sys\nimport gateway.server\n"
-            "print([m for m in ('numba', 'llvmlite') if m in sys.modules])")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]"
+    assert compilers_loaded_by("import gateway.server") == []
