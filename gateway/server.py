@@ -13,9 +13,9 @@ One process, one thread doing the work (plus pyzmq's ZAP thread for handshakes):
             validate everything, pack commands into a buffer; answer queries and edge rejects
         write the buffered commands to the command ring in one go
         nothing to do: optionally spin (`spin_s`, off by default: on a shared 2-core box a
-            spinning gateway takes the core the matcher needs), then sleep in one zmq poll on
-            [ROUTER, monitor, the event ring's doorbell FIFO] until a message, a connection
-            event or new events
+            spinning gateway takes the core the matcher needs), then sleep in one poll(2) on
+            the ROUTER, its monitor and the event ring's doorbell FIFO (gateway/router_poll.py)
+            until a message, a connection event or new events
 
 Where each part lives: gateway/sessions.py (connections, accounts, request budgets),
 gateway/requests.py (decoding, validation, commands, queries), gateway/routing.py (events ->
@@ -78,6 +78,7 @@ from gateway.outbox import Outbox
 from gateway.reasons import where
 from gateway.replay import DEFAULT_KEEP, DurableSource, Replayer, ReportLog
 from gateway.requests import Requests
+from gateway.router_poll import RouterPoll
 from gateway.routing import EventRouter
 from gateway.sessions import Sessions, TokenBucket
 from gateway.stats_file import StatsFile
@@ -98,6 +99,8 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _NB = int(zmq.NOBLOCK)
 STATS_INTERVAL_S = 1.0          # the stats file, and the memory bound's tick
+# How often a busy gateway reads its monitor (disconnects, accepts); a sleeping one wakes for it.
+MONITOR_INTERVAL_S = 0.001
 QUERY_RUN = 32
 DEFAULT_MAX_QUEUED_BYTES = 8 << 20
 DEFAULT_MEMORY_LIMIT_MB = 1024
@@ -312,11 +315,10 @@ class Gateway:
             self.market_data_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
             self.mirror.track_dirty = True
             self.mirror.dirty = [(set(), set()) for _ in range(self.cfg.max_markets)]
-        self.poller = zmq.Poller()
-        self.poller.register(self.router, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
-        # the event ring's doorbell for this consumer is a FIFO: new events wake the same poll
-        self.poller.register(self.bell.fileno(), zmq.POLLIN)
+        # one poll(2): the ROUTER, its monitor, and this consumer's doorbell on the event ring
+        # (a FIFO), so that new events wake the same sleep
+        self.monitor_fd = self.monitor.get(zmq.FD)
+        self.poller = RouterPoll(r, self.monitor_fd, self.bell.fileno())
 
     def _admits(self, account: int) -> bool:
         """The handshake's last word (ZAP thread): the connection limits, and an account the
@@ -337,7 +339,7 @@ class Gateway:
         gc.freeze()
         gc.disable()
         self.memory.start()
-        last_gc = time.monotonic()
+        last_gc = now = time.monotonic()
         events_at_gc = 0
         consumer = self.consumer
         requests = self.requests
@@ -346,11 +348,12 @@ class Gateway:
         # durable replays answered by the worker thread (gateway/replay.py); an empty deque
         # when there is no durable source
         replay_done = self.replayer.source.done if self.replayer.source is not None else ()
-        monitor = self.monitor
+        monitor_due = 0.0
         try:
             while not should_stop():
-                if _get_option(monitor, _EVENTS) & _POLLIN:
-                    self._drain_monitor()      # closed sessions get nothing more
+                if now >= monitor_due:         # closed sessions get nothing more
+                    monitor_due = now + MONITOR_INTERVAL_S
+                    self._drain_monitor()
                 worked = drain_events()
                 if requests.cmd_n < self.recv_batch:
                     worked += self._drain_router()
@@ -397,7 +400,7 @@ class Gateway:
     def _sleep(self, timeout_ms: int) -> None:
         """Block in one poll on the ROUTER, its monitor and the event ring's doorbell (a FIFO,
         shm/doorbell.py) until a message, a connection event, new events or (durable mode)
-        journaled ones: arm the doorbell, re-check, poll, disarm."""
+        journaled ones: arm the doorbell, re-check, poll, disarm (gateway/router_poll.py)."""
         bell = self.bell
         token = bell.arm()
         readable = False
@@ -406,10 +409,10 @@ class Gateway:
                 return
             if self.requests.cmd_n:
                 timeout_ms = 1    # the command ring was full: retry soon
-            for sock, _ in self.poller.poll(timeout_ms):
-                if sock is self.monitor:
-                    self._drain_monitor()
-                elif sock == bell.fileno():
+            for fd in self.poller.wait(timeout_ms):
+                if fd == self.monitor_fd:
+                    self._drain_monitor()      # to zmq.Again: its next event signals its fd
+                elif fd == bell.fileno():
                     readable = True
         finally:
             bell.disarm(token, readable)

@@ -5,7 +5,8 @@ Two processes wired like the order path, with perpx's own shm rings and doorbell
 - gateway-shaped: a ROUTER (CURVE, as the gateway and the echo), one pass = hand the events
   that arrived back to their clients, receive what the clients sent (up to RECV_BATCH),
   write one 64-byte command per message into the command ring (one write per pass); when
-  idle, one poll() on the ROUTER and the event ring's doorbell (a FIFO), as gateway/server.py.
+  idle, one poll(2) on the ROUTER and the event ring's doorbell (a FIFO), as gateway/server.py
+  (gateway/router_poll.py).
 - matcher-shaped: drains the command ring and answers each command with one 128-byte event
   carrying its token; idles as the real matcher does when it shares a CPU with the gateway
   (SCHED_BATCH, 20 yields, then sleep on the doorbell: perpx/matcherd.py).
@@ -23,6 +24,7 @@ import signal
 
 import numpy as np
 
+from gateway.router_poll import RouterPoll
 from gateway.server import gateway_context
 from perpx.bench.cpu import name_process
 from perpx.matcherd import share_cpu_with_gateway
@@ -123,9 +125,7 @@ def gateway_main(tag: str, secret: bytes, queue, stop_evt) -> None:
     ctx = gateway_context()       # the gateway's I/O thread policy: the floor has its shape
     router, endpoint = curve_router(ctx, secret)
     queue.put(("endpoint", -1, endpoint))
-    poller = zmq.Poller()
-    poller.register(router, zmq.POLLIN)
-    poller.register(bell.fileno(), zmq.POLLIN)
+    poller = RouterPoll(router, bell.fileno())
     pending: dict = {}
     batch = np.zeros(RECV_BATCH, TOKEN_COMMAND)
     token = 0
@@ -163,9 +163,8 @@ def gateway_main(tag: str, secret: bytes, queue, stop_evt) -> None:
             try:
                 if consumer.available():
                     continue
-                for sock, _ in poller.poll(50):
-                    if sock == bell.fileno():
-                        readable = True
+                if bell.fileno() in poller.wait(50):
+                    readable = True
             finally:
                 bell.disarm(armed, readable)
     finally:

@@ -1,0 +1,50 @@
+"""Sleeping on a ROUTER and plain fds in one poll(2).
+
+zmq_poll (pyzmq's `Poller`) asks each socket for its events (ZMQ_EVENTS: inside libzmq a
+zero-timeout poll(2) and a getpid(2), ~1.5 µs from Python) before it sleeps and again when it
+wakes, and polls once with no timeout first: for the gateway's ROUTER and monitor, four such
+questions and two poll(2)s per sleep. The order path sleeps between most orders, so a lone
+order pays that twice (its request, then its events).
+
+A socket's notification fd (ZMQ_FD) lets one poll(2) cover the sockets and the doorbell
+FIFO. That fd is edge-triggered: it signals commands sent to the socket since it last
+processed its commands (a peer's message arriving at an empty queue is one), not messages
+already queued. Any call on the socket may process its commands, a send() among them, and
+so take in the wake-up of a message nobody has read. So the ROUTER is asked once
+(ZMQ_EVENTS) just before sleeping. A socket registered as a plain fd (the gateway's monitor)
+must be read until it has nothing (`zmq.Again`) whenever it is read, so that its next message
+signals its fd.
+"""
+
+from __future__ import annotations
+
+import select
+
+import zmq
+
+_get_option = zmq.backend.Socket.get     # pyzmq's Cython method, int option: no enum wrapping
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+class RouterPoll:
+    def __init__(self, router: zmq.Socket, *fds: int):
+        """router: the socket whose input wakes `wait`; fds: plain fds (or other sockets'
+        ZMQ_FD, kept drained) that wake it too."""
+        self.router = router
+        self.router_fd = router.get(zmq.FD)
+        self._poll = select.poll()
+        for fd in (self.router_fd, *fds):
+            self._poll.register(fd, select.POLLIN)
+
+    def wait(self, timeout_ms: int) -> list[int]:
+        """Block until the ROUTER has input, one of the fds is readable, or timeout_ms.
+
+        Returns the fds that are ready: `router_fd` when the ROUTER has input (at once, without
+        sleeping, if it has some already) or may have (its fd signalled: a message, or only a
+        command; the caller reads until `zmq.Again`), and each readable fd given; [] when
+        timeout_ms passed.
+        """
+        if _get_option(self.router, _EVENTS) & _POLLIN:
+            return [self.router_fd]
+        return [fd for fd, _ in self._poll.poll(timeout_ms)]
