@@ -2,8 +2,8 @@
 
 zmq_poll (pyzmq's `Poller`) asks each socket for its events (ZMQ_EVENTS: inside libzmq a
 zero-timeout poll(2) and a getpid(2), ~1.5 µs from Python) before it sleeps and again when it
-wakes, and polls once with no timeout first: for the gateway's ROUTER and monitor, four such
-questions and two poll(2)s per sleep. The order path sleeps between most orders, so a lone
+wakes, and it polls the fds with a zero timeout before the one that sleeps: for the gateway's
+ROUTER and monitor, four such questions and two poll(2)s per sleep. The order path sleeps between most orders, so a lone
 order pays that twice (its request, then its events).
 
 A socket's notification fd (ZMQ_FD) lets one poll(2) cover the sockets and the doorbell
