@@ -27,6 +27,12 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 
+def has_input(sock: zmq.Socket) -> bool:
+    """Whether `sock` has a message to read now (ZMQ_EVENTS). Asking processes the socket's
+    pending commands, so its fd signals only what arrives after."""
+    return bool(_get_option(sock, _EVENTS) & _POLLIN)
+
+
 class RouterPoll:
     def __init__(self, router: zmq.Socket, *fds: int):
         """router: the socket whose input wakes `wait`; fds: plain fds (or other sockets'
@@ -45,6 +51,6 @@ class RouterPoll:
         command; the caller reads until `zmq.Again`), and each readable fd given; [] when
         timeout_ms passed.
         """
-        if _get_option(self.router, _EVENTS) & _POLLIN:
+        if has_input(self.router):
             return [self.router_fd]
         return [fd for fd, _ in self._poll.poll(timeout_ms)]

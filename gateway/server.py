@@ -78,7 +78,7 @@ from gateway.outbox import Outbox
 from gateway.reasons import where
 from gateway.replay import DEFAULT_KEEP, DurableSource, Replayer, ReportLog
 from gateway.requests import Requests
-from gateway.router_poll import RouterPoll
+from gateway.router_poll import RouterPoll, has_input
 from gateway.routing import EventRouter
 from gateway.sessions import Sessions, TokenBucket
 from gateway.stats_file import StatsFile
@@ -94,9 +94,6 @@ log = logging.getLogger("perpx.gateway")
 # pyzmq's Cython socket methods, called directly with int flags: the Python-level wrappers and
 # flag enums cost several µs per message.
 _recv_part = zmq.backend.Socket.recv
-_get_option = zmq.backend.Socket.get
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 _NB = int(zmq.NOBLOCK)
 STATS_INTERVAL_S = 1.0          # the stats file, and the memory bound's tick
 # How often a busy gateway reads its monitor (disconnects, accepts); a sleeping one wakes for it.
@@ -383,7 +380,7 @@ class Gateway:
                     end = time.perf_counter() + self.spin_s
                     router = self.router
                     while time.perf_counter() < end:
-                        if consumer.available() or _get_option(router, _EVENTS) & _POLLIN:
+                        if consumer.available() or has_input(router):
                             break
                     else:
                         self._sleep(50)
@@ -421,7 +418,7 @@ class Gateway:
     def _drain_router(self) -> int:
         router = self.router
         sessions = self.sessions
-        if not _get_option(router, _EVENTS) & _POLLIN:
+        if not has_input(router):
             # most passes find nothing: 1.2 µs here against 3.3 for recv raising Again
             if sessions.closing:
                 sessions.finish_drained(True)
