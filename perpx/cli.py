@@ -597,14 +597,13 @@ def status_report(sd) -> dict:
 
 
 def _gateway_report(sd) -> dict:
-    """Each gateway's counts and limits from its stats file (written once a second)."""
-    out = {}
-    for path in sorted(sd.run_dir.glob("gateway-*.stats.json")):
-        try:
-            out[path.name.split(".")[0]] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue      # being replaced, or from a gateway that died writing it
-    return out
+    """Each gateway's counts and limits from its stats file (written once a second).
+
+    `stale`: the file is a dead or stuck gateway's (`stale_reason` says which), so its counts
+    are not current; a restarted gateway replaces it about a second after it serves."""
+    from perpx.gateway_stats import read_gateway_stats
+    return {name: {**g.stats, "stale": g.stale is not None, "stale_reason": g.stale}
+            for name, g in read_gateway_stats(sd.run_dir).items()}
 
 
 def _risk_report(doc: dict) -> dict:
@@ -690,6 +689,9 @@ def cmd_status(args) -> int:
         lines.append(f"{symbol}: index {r['index']}  mark {r['mark']}  funding rate "
                      f"{r['funding_rate']} (next at {at} UTC)" + ("  STALE" if r["stale"] else ""))
     for name, g in report.get("gateways", {}).items():
+        if g["stale"]:
+            lines.append(f"{name}: STALE stats file ({g['stale_reason']}): counts not shown")
+            continue
         lim = g["limits"]
         lines.append(f"{name}: {g['connections']} connections (max {lim['max_connections']}), "
                      f"{g['sessions']} sessions (max {lim['max_connections_per_account']} per "

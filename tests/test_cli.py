@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import zmq
 import zmq.auth
 
+from tests.test_gateway_stats import exited_pid, write_stats
 from tests.test_supervisor import (REPO, WAIT_S, Up, _env, cli, cli_fails, cli_json,
                                    config_text, wait_until)
 
@@ -139,6 +141,20 @@ def test_endpoints_and_status(exchange):
                                          for k in ("queued", "held", "replay", "views"))
     text = cli(up.sd.path, "status").stdout
     assert "gateway-0: " in text and "(limit 1024.0 MB" in text, text
+    assert (gw["stale"], gw["stale_reason"]) == (False, None)
+    # the stats file a dead gateway left (one this exchange does not run, naming a pid that has
+    # exited): stale, and its counts are not shown as current
+    pid = exited_pid()
+    left = write_stats(up.sd.run_dir, "gateway-9", {**json.loads(
+        (up.sd.run_dir / "gateway-0.stats.json").read_text()), "pid": pid})
+    try:
+        dead = cli_json(up.sd.path, "status")["gateways"]["gateway-9"]
+        assert (dead["stale"], dead["stale_reason"]) == (True, f"pid {pid} is not running")
+        text = cli(up.sd.path, "status").stdout
+    finally:
+        left.unlink()
+    assert f"gateway-9: STALE stats file (pid {pid} is not running): counts not shown" in text
+    assert "gateway-9: rss" not in text
 
 
 def test_account_create_deposit_and_show(exchange):

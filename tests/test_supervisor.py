@@ -262,6 +262,15 @@ def test_up_status_gateway_restart_and_sigterm(ups):
     # kill -9 a gateway: the supervisor restarts it on the same endpoint
     old = kill9_and_wait_restarted(up, procs["gateway-1"])
     assert not pid_alive(old)
+    # its stats file: the dead gateway's, stale, until the new one writes its own (a second)
+    def stats_1():
+        return cli_json(sd.path, "status")["gateways"].get("gateway-1")
+    first = stats_1()
+    assert (first is None or first["pid"] != old
+            or first["stale_reason"] == f"pid {old} is not running"), first
+    new = processes(sd.path)["gateway-1"]["pid"]
+    wait_until(lambda: (g := stats_1()) and g["pid"] == new and not g["stale"], WAIT_S,
+               "the restarted gateway-1's own stats")
     assert processes(sd.path)["gateway-0"]["restarts"] == 0
     assert ping(endpoints["orders_all"][1], endpoints["server_public_key"],
                 account["certificate"])["type"] == "pong"
