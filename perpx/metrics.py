@@ -20,7 +20,6 @@ Metric names (all prefixed perpx_): see METRICS. `perpx top` renders a scrape of
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -38,6 +37,7 @@ from engine.shared_state import attach_state
 from engine.state import C_INSURANCE_ATOMS, C_SEQ
 from gateway.ack_latency import ACK_BUCKETS_S
 from perpx.config import config_from_resolved
+from perpx.gateway_stats import STALE_AFTER_S, read_gateway_stats
 from persistd.snapshot import snapshots
 from shm import names
 from shm.index_board import IndexBoard
@@ -77,6 +77,8 @@ METRICS = {
                                     "limit, malformed, ...), by gateway and reason",
     "perpx_gateway_memory_bytes": "a gateway's memory: rss, limit (gateway_memory_limit_mb), "
                                   "and what it holds for clients: queued, held, replay, views",
+    "perpx_gateway_up": "1 when a gateway's stats file is live (its pid running, written in "
+                        f"the last {STALE_AFTER_S:g} s), 0 when stale or not there",
     "perpx_process_restarts_total": "restarts of each supervised process",
     "perpx_events_missed_total": "events the exporter could not read before they were reused",
 }
@@ -200,22 +202,27 @@ class Sampler:
                 return m.symbol
         return str(market_id)
 
-    def _gateway_stats(self) -> tuple[dict, dict]:
+    def _gateway_stats(self) -> tuple[dict, dict, dict]:
         """From the stats file each gateway writes once a second (run/gateway-N.stats.json; a
-        restarted gateway counts afresh): (gateway, reason) -> messages it refused itself, and
-        (gateway, part) -> bytes of its memory; its ack latency goes into ack_latency."""
+        restarted gateway counts afresh): (gateway, reason) -> messages it refused itself,
+        (gateway, part) -> bytes of its memory, and gateway -> 1 if its file is live, 0 if
+        stale or not there; its ack latency goes into ack_latency. A stale file's refusals and
+        memory are left out: they are a dead or stuck gateway's last ones, not current."""
         refusals = {}
         limit_mb = self.config.gateway_limits["gateway_memory_limit_mb"]
+        configured = [f"gateway-{i}" for i in range(self.config.gateways)]
         # the limit of each gateway from the config, so the family is there before any stats
-        memory = {(f"gateway-{i}", "limit"): limit_mb << 20 for i in range(self.config.gateways)}
-        for path in sorted(self.sd.run_dir.glob("gateway-*.stats.json")):
-            try:
-                stats = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue          # being replaced, or its gateway not up yet
-            gateway = path.name.split(".")[0]
+        memory = {(gateway, "limit"): limit_mb << 20 for gateway in configured}
+        up = dict.fromkeys(configured, 0)
+        for gateway, g in read_gateway_stats(self.sd.run_dir).items():
+            stats = g.stats
+            # a dead gateway's last histogram still belongs in the sum (its pid's counts are
+            # taken once, whatever the file's age)
             if "ack_latency" in stats:
                 self.ack_latency.update(gateway, stats.get("pid"), stats["ack_latency"])
+            up[gateway] = int(g.stale is None)
+            if g.stale is not None:
+                continue
             for reason, n in stats.get("refused_by_reason", {}).items():
                 refusals[(gateway, reason)] = int(n)
             mem = stats.get("memory", {})
@@ -223,7 +230,7 @@ class Sampler:
                 value = stats.get("rss_bytes") if part == "rss" else mem.get(f"{part}_bytes")
                 if value is not None:
                     memory[(gateway, part)] = int(value)
-        return refusals, memory
+        return refusals, memory, up
 
     def _books(self) -> dict[str, bool]:
         st = self.state
@@ -268,7 +275,7 @@ class Sampler:
             markets[m.symbol] = row
         for symbol, crossed in self._books().items():
             markets[symbol]["crossed"] = int(crossed)
-        refusals, gateway_memory = self._gateway_stats()
+        refusals, gateway_memory, gateway_up = self._gateway_stats()
         self.values = {
             "seq": seq, "commands_per_second": rate, "event_ring_lag": lags,
             "durable_lag": max(seq - self.progress.durable_seq(), 0),
@@ -278,6 +285,7 @@ class Sampler:
             "insurance_fund": int(st.counters[C_INSURANCE_ATOMS]) / 1e6,
             "markets": markets, "rejects": dict(self.rejects),
             "gateway_refusals": refusals, "gateway_memory": gateway_memory,
+            "gateway_up": gateway_up,
             "liquidations": dict(self.liquidations), "restarts": self.restarts(),
             "events_missed": self.missed,
         }
@@ -346,6 +354,8 @@ class _Collector:
                       or [(("gateway-0", "none"), 0)])
         yield gauge("perpx_gateway_memory_bytes", ["gateway", "part"],
                     [((g, part), n) for (g, part), n in v["gateway_memory"].items()])
+        yield gauge("perpx_gateway_up", ["gateway"],
+                    [((g,), x) for g, x in v["gateway_up"].items()])
         yield counter("perpx_process_restarts", ["process"],
                       [((p,), n) for p, n in v["restarts"].items()])
         yield counter("perpx_events_missed", value=v["events_missed"])

@@ -32,6 +32,7 @@ from perpx.statedir import StateDir
 from perpx.top import scrape
 from shm.ring import EventRing
 from tests.shm_workers import shm_prefix  # noqa: F401  (fixture)
+from tests.test_gateway_stats import exited_pid, write_stats
 from tests.test_supervisor import cli, cli_json, config_text, wait_until
 
 WAIT_S = 20.0
@@ -270,12 +271,23 @@ def test_metrics_under_load_and_perpx_top(ups):
                        ("perpx_process_restarts_total", "the restart"),
                        ("perpx_snapshot_age_seconds", "a snapshot")):
         wait_until(lambda: _total(scrape(url), name) > 0, WAIT_S, f"{what} in the metrics")
-    # the killed gateway's last stats file counts until the new one writes its own (once a
-    # second): wait for this refusal by name, not for any
+    # the killed gateway's last stats file is stale (not exported) until the new one writes
+    # its own (once a second): wait for this refusal by name, not for any
     refused = (("gateway", "gateway-0"), ("reason", "invalid_message"))
     wait_until(lambda: _values(scrape(url), "perpx_gateway_refusals_total").get(refused, 0) >= 1,
                WAIT_S, "the gateway's refusal in the metrics")
+    # a stats file a dead gateway left (one this exchange does not run, naming a pid that has
+    # exited): down, and none of its counts exported
+    write_stats(up.sd.run_dir, "gateway-9", {**json.loads(
+        (up.sd.run_dir / "gateway-0.stats.json").read_text()), "pid": exited_pid()})
+    wait_until(lambda: (("gateway", "gateway-9"),) in _values(scrape(url), "perpx_gateway_up"),
+               WAIT_S, "the dead gateway in the metrics")
     after = scrape(url)
+    assert _values(after, "perpx_gateway_up") == {(("gateway", "gateway-0"),): 1,
+                                                  (("gateway", "gateway-9"),): 0}
+    assert not any(dict(k)["gateway"] == "gateway-9"
+                   for name in ("perpx_gateway_refusals_total", "perpx_gateway_memory_bytes")
+                   for k in _values(after, name))
 
     for name in METRICS:
         want = name + "_count" if name == "perpx_ack_latency_seconds" else name
