@@ -14,7 +14,7 @@ One process, one thread doing the work (plus pyzmq's ZAP thread for handshakes):
         write the buffered commands to the command ring in one go
         nothing to do: optionally spin (`spin_s`, off by default: on a shared 2-core box a
             spinning gateway takes the core the matcher needs), then sleep in one poll(2) on
-            the ROUTER, its monitor and the event ring's doorbell FIFO (gateway/router_poll.py)
+            the ROUTER, its monitor and the event ring's doorbell FIFO (gateway/socket_poll.py)
             until a message, a connection event or new events
 
 Where each part lives: gateway/sessions.py (connections, accounts, request budgets),
@@ -78,7 +78,7 @@ from gateway.outbox import Outbox
 from gateway.reasons import where
 from gateway.replay import DEFAULT_KEEP, DurableSource, Replayer, ReportLog
 from gateway.requests import Requests
-from gateway.router_poll import RouterPoll, has_input
+from gateway.socket_poll import SocketPoll, has_input
 from gateway.routing import EventRouter
 from gateway.sessions import Sessions, TokenBucket
 from gateway.stats_file import StatsFile
@@ -315,7 +315,7 @@ class Gateway:
         # one poll(2): the ROUTER, its monitor, and this consumer's doorbell on the event ring
         # (a FIFO), so that new events wake the same sleep
         self.monitor_fd = self.monitor.get(zmq.FD)
-        self.poller = RouterPoll(r, self.monitor_fd, self.bell.fileno())
+        self.poller = SocketPoll(r, self.monitor_fd, self.bell.fileno())
 
     def _admits(self, account: int) -> bool:
         """The handshake's last word (ZAP thread): the connection limits, and an account the
@@ -397,7 +397,7 @@ class Gateway:
     def _sleep(self, timeout_ms: int) -> None:
         """Block in one poll on the ROUTER, its monitor and the event ring's doorbell (a FIFO,
         shm/doorbell.py) until a message, a connection event, new events or (durable mode)
-        journaled ones: arm the doorbell, re-check, poll, disarm (gateway/router_poll.py)."""
+        journaled ones: arm the doorbell, re-check, poll, disarm (gateway/socket_poll.py)."""
         bell = self.bell
         token = bell.arm()
         readable = False

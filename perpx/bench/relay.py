@@ -6,7 +6,7 @@ Two processes wired like the order path, with perpx's own shm rings and doorbell
   that arrived back to their clients, receive what the clients sent (up to RECV_BATCH),
   write one 64-byte command per message into the command ring (one write per pass); when
   idle, one poll(2) on the ROUTER and the event ring's doorbell (a FIFO), as gateway/server.py
-  (gateway/router_poll.py).
+  (gateway/socket_poll.py).
 - matcher-shaped: drains the command ring and answers each command with one 128-byte event
   carrying its token; idles as the real matcher does when it shares a CPU with the gateway
   (SCHED_BATCH, 20 yields, then sleep on the doorbell: perpx/matcherd.py).
@@ -24,7 +24,7 @@ import signal
 
 import numpy as np
 
-from gateway.router_poll import RouterPoll
+from gateway.socket_poll import SocketPoll
 from gateway.server import gateway_context
 from perpx.bench.cpu import name_process
 from perpx.matcherd import share_cpu_with_gateway
@@ -125,7 +125,7 @@ def gateway_main(tag: str, secret: bytes, queue, stop_evt) -> None:
     ctx = gateway_context()       # the gateway's I/O thread policy: the floor has its shape
     router, endpoint = curve_router(ctx, secret)
     queue.put(("endpoint", -1, endpoint))
-    poller = RouterPoll(router, bell.fileno())
+    poller = SocketPoll(router, bell.fileno())
     pending: dict = {}
     batch = np.zeros(RECV_BATCH, TOKEN_COMMAND)
     token = 0

@@ -1,4 +1,4 @@
-"""gateway/router_poll.py on real sockets over loopback: what wakes its sleep, and the message
+"""gateway/socket_poll.py on real sockets over loopback: what wakes its sleep, and the message
 whose wake-up a call on the socket already took."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import threading
 import pytest
 import zmq
 
-from gateway.router_poll import RouterPoll
+from gateway.socket_poll import SocketPoll
 
 # Long enough that a sleep which missed its wake-up shows as an empty answer, not a pass.
 NEVER_MS = 10_000
@@ -48,12 +48,12 @@ def _drain(router) -> int:
 
 def test_a_message_wakes_the_sleep(pair):
     router, dealer = pair
-    poll = RouterPoll(router)
+    poll = SocketPoll(router)
     assert _drain(router) == 0
     sender = threading.Timer(0.05, dealer.send, (b"order",))
     sender.start()
     try:
-        assert poll.wait(NEVER_MS) == [poll.router_fd]
+        assert poll.wait(NEVER_MS) == [poll.sock_fd]
     finally:
         sender.join()
     assert _drain(router) == 1
@@ -63,10 +63,10 @@ def test_a_message_already_taken_in_returns_at_once(pair):
     """The message arrived and a call on the ROUTER (a send, here the events query) processed
     its wake-up: its fd is quiet, and `wait` must not sleep on it."""
     router, dealer = pair
-    poll = RouterPoll(router)
+    poll = SocketPoll(router)
     dealer.send(b"order")
     assert router.poll(10_000), "the message never came"     # zmq_poll: asks ZMQ_EVENTS
-    assert poll.wait(NEVER_MS) == [poll.router_fd]
+    assert poll.wait(NEVER_MS) == [poll.sock_fd]
     assert _drain(router) == 1
 
 
@@ -74,7 +74,7 @@ def test_a_plain_fd_wakes_it_and_is_named(pair):
     router, _ = pair
     r, w = os.pipe()
     try:
-        poll = RouterPoll(router, r)
+        poll = SocketPoll(router, r)
         writer = threading.Timer(0.05, os.write, (w, b"x"))
         writer.start()
         assert poll.wait(NEVER_MS) == [r]
@@ -86,4 +86,4 @@ def test_a_plain_fd_wakes_it_and_is_named(pair):
 
 def test_nothing_times_out_empty(pair):
     router, _ = pair
-    assert RouterPoll(router).wait(20) == []
+    assert SocketPoll(router).wait(20) == []
