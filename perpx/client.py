@@ -70,6 +70,8 @@ import zmq.asyncio
 import zmq.auth
 from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
+from gateway.socket_poll import SocketPoll, has_input
+
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_CONNECT_TIMEOUT_S = 15.0
 # How long a command whose reply did not come may wait for a replay to tell its outcome (the
@@ -557,9 +559,9 @@ class Client(_Connection, _Requests):
             self._close_sockets()
             self.socket, self.monitor = _make_socket(self.ctx, self.endpoints, self.public,
                                                      self.secret)
-            self._poller = zmq.Poller()
-            self._poller.register(self.socket, zmq.POLLIN)
-            self._poller.register(self.monitor, zmq.POLLIN)
+            # one poll(2) on the DEALER and its monitor (gateway/socket_poll.py)
+            self._monitor_fd = self.monitor.get(zmq.FD)
+            self._poller = SocketPoll(self.socket, self._monitor_fd)
             attempt = min(HANDSHAKE_ATTEMPT_S, max(deadline - time.monotonic(), 0.05))
             outcome = self._await_handshake(attempt)
             if outcome == "ok":
@@ -602,10 +604,10 @@ class Client(_Connection, _Requests):
         """Wait up to timeout_ms for input and handle it; returns the reply with `rid` if it
         came. Reports are delivered in account_seq order; replays are asked for as needed."""
         self._resume()
-        ready = dict(self._poller.poll(timeout_ms))
-        if self.monitor in ready:
+        ready = self._poller.wait(timeout_ms)
+        if self._monitor_fd in ready:
             self._on_monitor()
-        if self.socket not in ready:
+        if self._poller.sock_fd not in ready:
             return None
         reply = None
         while True:
@@ -621,11 +623,9 @@ class Client(_Connection, _Requests):
                 self._handle(msg)
 
     def _on_monitor(self) -> None:
-        while True:
-            try:
-                event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        # read while it has events: asked each request, and its fd signals only what comes after
+        while has_input(self.monitor):
+            event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
             self._stream.on_connection_event(event["event"])
 
     def _resume(self) -> None:
