@@ -81,7 +81,7 @@ from gateway.requests import Requests
 from gateway.socket_poll import SocketPoll, has_input
 from gateway.routing import EventRouter
 from gateway.sessions import Sessions, TokenBucket
-from gateway.stats_file import StatsFile
+from gateway.stats_file import STATS_INTERVAL_S, StatsFile   # also the memory bound's tick
 from gateway.views import Views
 from shm import names
 from shm.progress import JournalProgress
@@ -95,7 +95,6 @@ log = logging.getLogger("perpx.gateway")
 # flag enums cost several µs per message.
 _recv_part = zmq.backend.Socket.recv
 _NB = int(zmq.NOBLOCK)
-STATS_INTERVAL_S = 1.0          # the stats file, and the memory bound's tick
 # How often a busy gateway reads its monitor (disconnects, accepts); a sleeping one wakes for it.
 MONITOR_INTERVAL_S = 0.001
 QUERY_RUN = 32

@@ -20,6 +20,9 @@ import os
 import threading
 from pathlib import Path
 
+# How often the gateway writes its file; readers call an older file stale (perpx/gateway_stats.py).
+STATS_INTERVAL_S = 1.0
+
 
 class StatsFile:
     def __init__(self, path):

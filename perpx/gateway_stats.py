@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.server import STATS_INTERVAL_S
+from gateway.stats_file import STATS_INTERVAL_S
 from perpx.launch import pid_alive
 
 # Three writes missed: the writer is a SCHED_BATCH thread that runs when the serving thread
