@@ -43,11 +43,15 @@ def read_gateway_stats(run_dir) -> dict[str, GatewayStats]:
                 stats = json.load(f)
         except (OSError, ValueError):
             continue      # being replaced, or from a gateway that died writing it
-        out[path.name.split(".")[0]] = GatewayStats(stats, _stale_reason(stats["pid"], age_s))
+        if not isinstance(stats, dict):
+            continue      # not a stats file: `perpx status` reads the others
+        out[path.name.split(".")[0]] = GatewayStats(stats, _stale_reason(stats.get("pid"), age_s))
     return out
 
 
-def _stale_reason(pid: int, age_s: float) -> str | None:
+def _stale_reason(pid, age_s: float) -> str | None:
+    if type(pid) is not int:
+        return "it names no pid"
     if not pid_alive(pid):
         return f"pid {pid} is not running"
     if age_s > STALE_AFTER_S:

@@ -62,3 +62,11 @@ def test_only_whole_stats_files_are_read(tmp_path):
     (tmp_path / "gateway-1.stats.json").write_text('{"pid": 1')       # torn: a died writer
     (tmp_path / "gateway-2.stats.json.tmp").write_text('{"pid": 1}')   # not renamed yet
     assert list(read_gateway_stats(tmp_path)) == ["gateway-0"]
+
+
+def test_a_file_of_another_shape_neither_breaks_status_nor_passes_as_live(tmp_path):
+    (tmp_path / "gateway-0.stats.json").write_text('{"connections": 3}')   # names no pid
+    (tmp_path / "gateway-1.stats.json").write_text('[1, 2]')               # not a map
+    got = read_gateway_stats(tmp_path)
+    assert list(got) == ["gateway-0"]
+    assert got["gateway-0"].stale == "it names no pid"
