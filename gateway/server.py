@@ -407,7 +407,7 @@ class Gateway:
                 timeout_ms = 1    # the command ring was full: retry soon
             for fd in self.poller.wait(timeout_ms):
                 if fd == self.monitor_fd:
-                    self._drain_monitor()      # to zmq.Again: its next event signals its fd
+                    self._drain_monitor()      # until empty: its next event signals its fd
                 elif fd == bell.fileno():
                     readable = True
         finally:
@@ -454,11 +454,11 @@ class Gateway:
         return got
 
     def _drain_monitor(self) -> None:
-        while True:
-            try:
-                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        # read while it has events (not until zmq.Again: an exception per call, every 1 ms
+        # while busy); either way its fd then signals only what comes after
+        monitor = self.monitor
+        while has_input(monitor):
+            frames = monitor.recv_multipart(zmq.NOBLOCK)
             try:
                 event = parse_monitor_message(frames)
             except Exception:

@@ -13,8 +13,8 @@ sent to the socket since it last processed its commands (a peer's message arrivi
 empty queue is one), not messages already queued. Any call on the socket may process its
 commands, a send() among them, and so take in the wake-up of a message nobody has read. So
 the socket is asked once (ZMQ_EVENTS) just before sleeping. A socket registered as a plain fd
-(a monitor) must be read until it has nothing (`zmq.Again`) whenever it is read, so that its
-next message signals its fd.
+(a monitor) must be read until it has nothing (`has_input` false) whenever it is read, so that
+its next message signals its fd.
 
 Users: the gateway's ROUTER (gateway/server.py), the relay floor's (perpx/bench/relay.py),
 the client library's DEALER (perpx/client.py).
