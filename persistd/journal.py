@@ -440,6 +440,10 @@ def read_journal(directory, from_seq: int = 1,
     """
     if from_seq < 1:
         raise ValueError(f"from_seq must be >= 1, got {from_seq}")
+    # The marker before the data: the writer marks a seq only once it is synced, so whatever
+    # the marker says now is in the files we read next. Read after them, it could name a
+    # batch appended since, and a healthy live journal would look damaged.
+    synced = marked_synced_seq(directory)
     segs = segments(directory)
     if not segs:
         return
@@ -459,7 +463,6 @@ def read_journal(directory, from_seq: int = 1,
         if scan.problem is not None:
             if not (is_last and scan.torn):
                 raise JournalCorrupt(seg.path, scan.valid_bytes, scan.problem)
-            synced = marked_synced_seq(directory)
             if scan.last_seq < synced:
                 raise _damage(seg.path, scan.valid_bytes, scan.problem, scan.last_seq + 1, synced)
             if not tolerate_torn_tail:
@@ -482,6 +485,7 @@ def journal_info(directory) -> dict:
     An empty journal has first_seq 1, last_seq 0, records 0. Raises JournalCorrupt if the last
     segment is damaged mid-file.
     """
+    synced = marked_synced_seq(directory)     # before the data: see read_journal
     segs = segments(directory)
     if not segs:
         return {"segments": [], "first_seq": 1, "last_seq": 0, "records": 0, "torn_tail": None}
@@ -491,7 +495,6 @@ def journal_info(directory) -> dict:
     data, scan = _read_and_scan(last)
     if scan.problem is not None and not scan.torn:
         raise JournalCorrupt(last.path, scan.valid_bytes, scan.problem)
-    synced = marked_synced_seq(directory)
     if scan.last_seq < synced:
         if scan.problem is not None:
             raise _damage(last.path, scan.valid_bytes, scan.problem, scan.last_seq + 1, synced)

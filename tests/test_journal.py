@@ -3,10 +3,12 @@ OS write failures (RLIMIT_FSIZE in a subprocess), and a hypothesis round-trip pr
 
 import fcntl
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -710,3 +712,50 @@ def test_follower_reads_a_batch_that_runs_past_upto_seq(tmp_path):
         follower.close()
     assert first.tobytes() == written[:30].tobytes()
     assert rest.tobytes() == written[30:].tobytes()
+
+
+def _append_and_mark(directory, stop, grown):
+    """A writer as persistd runs one: append, fdatasync, then the synced-seq marker, until
+    `stop`; `grown` once the segment holds enough for a reader's scan to take a while."""
+    seq = 1
+    with JournalWriter(directory) as w:
+        while not stop.is_set():
+            w.append(make_records(seq, 16))
+            seq += 16
+            w.sync()
+            w.mark_synced()
+            if seq > 20_000:
+                grown.set()
+
+
+def test_readers_of_a_live_journal_never_see_the_marker_ahead_of_the_data(tmp_path):
+    """`perpx verify`, the supervisor and the store read a journal that persistd keeps
+    appending to. A reader that read the segment and then the marker could find the marker
+    past the data it had read (the writer synced and marked in between) and call a healthy
+    journal corrupt: "the journal ends at seq N but seq N+1 was synced". Readers take the
+    marker first: whatever it says was in the file before they read it."""
+    ctx = mp.get_context("spawn")
+    stop, grown = ctx.Event(), ctx.Event()
+    writer = ctx.Process(target=_append_and_mark, args=(str(tmp_path), stop, grown))
+    writer.start()
+    try:
+        assert grown.wait(60), "the writer did not get going"
+        deadline = time.monotonic() + 3.0
+        reads = 0
+        while time.monotonic() < deadline:
+            info = journal_info(tmp_path)
+            assert info["first_seq"] == 1 and info["last_seq"] >= 20_000
+            last = 0
+            for records in read_journal(tmp_path, tolerate_torn_tail=True):
+                assert records["seq"][0] == last + 1
+                last = int(records["seq"][-1])
+            assert last >= info["last_seq"]
+            reads += 1
+        assert reads > 10
+    finally:
+        stop.set()
+        writer.join(30)
+        if writer.is_alive():
+            writer.kill()
+            writer.join()
+    assert writer.exitcode == 0
