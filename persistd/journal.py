@@ -91,7 +91,9 @@ marker back. An unreadable marker counts as 0 (no knowledge), reported by `marke
 
 Readers (read_journal, journal_info) take no lock: they may run while the writer appends and
 then see a torn tail, which read_journal tolerates by default (they re-read damage before
-believing it, see _read_and_scan). Segments are retired with `JournalWriter.retire_through(seq)`,
+believing it, see _read_and_scan). They read the marker before the segments: what it names
+was synced, hence in the files, before they read them; read after, it could name a batch
+appended meanwhile and make a live journal look damaged. Segments are retired with `JournalWriter.retire_through(seq)`,
 which must only be given a seq covered by a durable snapshot; a reader racing with retirement
 may get FileNotFoundError. Retiring moves a segment into `retired/` (one rename: the journal
 no longer has it); `reclaim_retired` deletes what is there, from a process that nothing waits
