@@ -93,13 +93,13 @@ Readers (read_journal, journal_info) take no lock: they may run while the writer
 then see a torn tail, which read_journal tolerates by default (they re-read damage before
 believing it, see _read_and_scan). They read the marker before the segments: what it names
 was synced, hence in the files, before they read them; read after, it could name a batch
-appended meanwhile and make a live journal look damaged. Segments are retired with `JournalWriter.retire_through(seq)`,
-which must only be given a seq covered by a durable snapshot; a reader racing with retirement
-may get FileNotFoundError. Retiring moves a segment into `retired/` (one rename: the journal
-no longer has it); `reclaim_retired` deletes what is there, from a process that nothing waits
-for (persistd's store process). Deleting a 64 MiB segment takes ~15 ms of kernel time here
-(its cached pages freed, its blocks discarded), which the journal thread paid before a
-durable pass could go on.
+appended meanwhile and make a live journal look damaged. Segments are retired with
+`JournalWriter.retire_through(seq)`, which must only be given a seq covered by a durable
+snapshot; a reader racing with retirement may get FileNotFoundError. Retiring moves a
+segment into `retired/` (one rename: the journal no longer has it); `reclaim_retired` deletes
+what is there, from a process that nothing waits for (persistd's store process). Deleting a
+64 MiB segment takes ~15 ms of kernel time here (its cached pages freed, its blocks
+discarded), which the journal thread paid before a durable pass could go on.
 """
 
 from __future__ import annotations
@@ -235,10 +235,19 @@ def _marker_bytes(seq: int) -> bytes:
     return _MARKER.pack(seq, zlib.crc32(head))
 
 
-def _damage(path, offset: int, problem: str, first_bad_seq: int, synced: int) -> JournalCorrupt:
-    return JournalCorrupt(path, offset, f"{problem}: seq {first_bad_seq} is at or below the last "
-                                        f"synced seq {synced}, so this is damage to acknowledged "
-                                        f"history, not a torn tail")
+def _check_synced(path, scan, synced: int) -> None:
+    """The last segment's scan against the marker's seq (read before the segment wherever a
+    writer may be appending: see the module docstring): raise JournalCorrupt if the segment
+    ends before the synced seq, naming damage to acknowledged history when its tail is torn."""
+    if scan.last_seq >= synced:
+        return
+    if scan.problem is not None:
+        raise JournalCorrupt(path, scan.valid_bytes,
+                             f"{scan.problem}: seq {scan.last_seq + 1} is at or below the last "
+                             f"synced seq {synced}, so this is damage to acknowledged history, "
+                             f"not a torn tail")
+    raise JournalCorrupt(path, scan.valid_bytes, f"the journal ends at seq {scan.last_seq} but "
+                                                 f"seq {synced} was synced: records are missing")
 
 
 # What journal_records reads of an event slot and writes of a record, as plain fields: the
@@ -465,8 +474,7 @@ def read_journal(directory, from_seq: int = 1,
         if scan.problem is not None:
             if not (is_last and scan.torn):
                 raise JournalCorrupt(seg.path, scan.valid_bytes, scan.problem)
-            if scan.last_seq < synced:
-                raise _damage(seg.path, scan.valid_bytes, scan.problem, scan.last_seq + 1, synced)
+            _check_synced(seg.path, scan, synced)
             if not tolerate_torn_tail:
                 raise JournalCorrupt(seg.path, scan.valid_bytes, "torn tail: " + scan.problem)
         records = _gather_records(data, scan, seg.path)
@@ -497,11 +505,7 @@ def journal_info(directory) -> dict:
     data, scan = _read_and_scan(last)
     if scan.problem is not None and not scan.torn:
         raise JournalCorrupt(last.path, scan.valid_bytes, scan.problem)
-    if scan.last_seq < synced:
-        if scan.problem is not None:
-            raise _damage(last.path, scan.valid_bytes, scan.problem, scan.last_seq + 1, synced)
-        raise JournalCorrupt(last.path, scan.valid_bytes, f"the journal ends at seq "
-                             f"{scan.last_seq} but seq {synced} was synced: records are missing")
+    _check_synced(last.path, scan, synced)
     rows.append((last.path, last.first_seq, scan.last_seq, scan.valid_bytes))
     torn_tail = None
     if scan.problem is not None:
@@ -784,12 +788,7 @@ class JournalWriter:
             raise JournalCorrupt(seg.path, scan.valid_bytes,
                                  scan.problem + "; valid batches follow, refusing to cut history")
         synced = marked_synced_seq(self.directory)
-        if scan.last_seq < synced:
-            if scan.problem is not None:
-                raise _damage(seg.path, scan.valid_bytes, scan.problem, scan.last_seq + 1, synced)
-            raise JournalCorrupt(seg.path, scan.valid_bytes, f"the journal ends at seq "
-                                 f"{scan.last_seq} but seq {synced} was synced: records are "
-                                 f"missing")
+        _check_synced(seg.path, scan, synced)
         _gather_records(data, scan, seg.path)   # seq-checks the records we will build on
         fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
         try:
