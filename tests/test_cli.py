@@ -119,7 +119,14 @@ def test_endpoints_and_status(exchange):
     up, endpoints = exchange
     assert {"orders", "market_data", "server_public_key"} <= set(endpoints)
     assert len(endpoints["server_public_key"]) == 40
-    status = cli_json(up.sd.path, "status")
+
+    def settled():
+        # riskd keeps sequencing marks: a status read between a command's sequencing and its
+        # journaling shows durable_seq one behind seq; the journal catches up in milliseconds
+        s = cli_json(up.sd.path, "status")
+        return s if s["durable_seq"] == s["seq"] else None
+
+    status = wait_until(settled, WAIT_S, "a status with everything sequenced durable")
     assert [(p["name"], p["alive"], p["restarts"]) for p in status["processes"]] == [
         ("matcher", True, 0), ("persistd", True, 0), ("riskd", True, 0), ("gateway-0", True, 0)]
     assert status["seq"] >= 4 and status["durable_seq"] == status["seq"]
