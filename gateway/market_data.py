@@ -60,18 +60,15 @@ class MarketData:
         """The levels that changed in the last batch of events, per market."""
         mirror = self.mirror
         seq = mirror.applied_seq
-        for m, market in enumerate(self.market_by_id):
-            dirty = mirror.dirty[m]
-            if not (dirty[0] or dirty[1]):
-                continue
+        for m in mirror.dirty_markets():
             bids, asks = mirror.take_dirty(m)
+            market = self.market_by_id[m]
             if market is None:
                 continue
             t, l = market.ticks_to_str, market.lots_to_str
             self.outbox.publish(market.topic_book, pack(
                 {"seq": seq, "bids": [[t(p), l(q)] for p, q in bids],
                  "asks": [[t(p), l(q)] for p, q in asks]}), seq)
-        mirror.any_dirty = False
 
     def board_changes(self) -> None:
         """riskd re-sends no unchanged mark, but its index and funding estimate move on: once
@@ -79,19 +76,19 @@ class MarketData:
         one published (the mark as the matcher has it, at the mirror's seq)."""
         self.board_due = time.monotonic() + BOARD_REPUBLISH_S
         for m, market in enumerate(self.market_by_id):
-            if market is None or not self.mirror.markets[m][M_ACTIVE]:
+            if market is None or not self.mirror.market_row(m)[M_ACTIVE]:
                 continue
             line = self._board_line(market)
             if line is not None and self._board_sent.get(m) != line:
                 self._mark_line(market, self.mirror.applied_seq,
-                                self.mirror.markets[m][M_MARK], time.time_ns(), line)
+                                self.mirror.market_row(m)[M_MARK], time.time_ns(), line)
 
     def _mark_line(self, market, seq: int, mark_ticks: int, ts: int, line) -> None:
         """`mark.MARKET`: the matcher's mark; index, funding estimate and next funding time
         from riskd's IndexBoard (null while riskd has published nothing for the market)."""
         line = line or NO_BOARD_LINE
         self._board_sent[market.id] = line
-        state = self.mirror.markets[market.id][M_STATE]
+        state = self.mirror.market_row(market.id)[M_STATE]
         self._state_sent[market.id] = state
         self.outbox.publish(market.topic_mark, pack(
             {"seq": seq, "mark": market.ticks_to_str(mark_ticks), "index": line[0],
@@ -100,7 +97,7 @@ class MarketData:
 
     def state_changed(self, market) -> None:
         """A market state change (halt, cancel_only, settlement...) shows in `mark.MARKET`."""
-        mk = self.mirror.markets[market.id]
+        mk = self.mirror.market_row(market.id)
         if mk[M_STATE] != self._state_sent.get(market.id, MARKET_TRADING):
             self._mark_line(market, self.mirror.applied_seq, mk[M_MARK], time.time_ns(),
                             self._board_line(market))

@@ -117,7 +117,7 @@ class Mirror:
         self.untriggered: dict[int, list] = {}    # conditional orders waiting for a trigger
         self.books = [({}, {}) for _ in range(max_markets)]
         self.markets = [[0] * 9 for _ in range(max_markets)]
-        self.book_version = [0] * max_markets     # counts the changes of each book's levels
+        self.versions = [0] * max_markets         # counts the changes of each book's levels
         self.track_dirty = track_dirty
         self.dirty = [(set(), set()) for _ in range(max_markets)] if track_dirty else None
         self.any_dirty = False
@@ -184,7 +184,7 @@ class Mirror:
         if delta == 0:
             return
         book = self.books[market][side]
-        self.book_version[market] += 1
+        self.versions[market] += 1
         qty = book.get(price, 0) + delta
         if qty:
             book[price] = qty
@@ -291,7 +291,29 @@ class Mirror:
         if 0 <= ev[E_MARKET] < self.max_markets:
             self.markets[ev[E_MARKET]][M_MARK] = ev[MK_MARK]
 
-    # -- queries ------------------------------------------------------------------------
+    # -- queries: what the gateway reads (gateway/mirror_arrays.py answers the same) ----------
+    # `applied_seq` and `any_dirty` (levels changed since dirty_markets() last ran) are read
+    # as attributes.
+    def order_of(self, account: int, oid: int, cid: int):
+        """The row of this account's resting order `oid` (by `cid` if oid is 0), or None."""
+        if oid:
+            return self.acct_orders.get(account, {}).get(oid)
+        found = self.cid_index.get((account, cid))
+        return self.orders.get(found) if found is not None else None
+
+    def untriggered_of(self, account: int, oid: int, cid: int):
+        """The row of this account's untriggered order `oid` (by `cid` if oid is 0), or None."""
+        order = self.untriggered.get(oid or self.cid_index.get((account, cid)))
+        return order if order is not None and order[O_ACCOUNT] == account else None
+
+    def book_version(self, market: int) -> int:
+        """How many times the market's levels changed since this mirror was built."""
+        return self.versions[market]
+
+    def market_row(self, market: int) -> list:
+        """The market's 9 ints (M_* columns); read only."""
+        return self.markets[market]
+
     def book_levels(self, market: int, depth: int = 0):
         """(bids, asks) as [(price_ticks, qty_lots)], best first, at most depth each (0: all)."""
         bids, asks = self.books[market]
@@ -309,6 +331,12 @@ class Mirror:
         for oid, o in self.untriggered.items():
             if o[O_ACCOUNT] == account and (market is None or o[O_MARKET] == market):
                 yield oid, o, "untriggered"
+
+    def dirty_markets(self) -> list:
+        """Markets with levels changed since they were last taken, ascending; the caller
+        takes each (take_dirty), so any_dirty turns false."""
+        self.any_dirty = False
+        return [m for m, (b, a) in enumerate(self.dirty) if b or a]
 
     def take_dirty(self, market: int):
         """Changed levels since the last call: (bids, asks) as [(price, qty)], best first."""

@@ -170,6 +170,11 @@ class ReportLog:
         """What the kept reports take, as counted."""
         return ENTRY_BYTES * self.entries
 
+    def oldest(self, account: int):
+        """The oldest kept account_seq of the account, or None."""
+        log_ = self.by_account.get(account)
+        return log_[0][0] if log_ else None
+
     def after(self, account: int, from_seq: int, last: int):
         """The kept reports numbered in (from_seq, last], or None when memory no longer
         holds all of them (the oldest kept is above from_seq + 1)."""
@@ -286,8 +291,8 @@ class Replayer:
         if self.asked >= MAX_DURABLE_JOBS:
             raise EdgeReject(REASON_RATE_LIMITED, "too many replays from the durable store "
                              "in progress; ask again")
-        oldest = self.log.by_account.get(account)
-        upto = oldest[0][0] - 1 if oldest else last
+        oldest = self.log.oldest(account)
+        upto = oldest - 1 if oldest is not None else last
         self.asked += 1
         self.source.ask({"account": account, "from": from_seq, "upto": upto,
                          "max": self.max_reports, "session": s, "rid": rid})

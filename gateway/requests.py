@@ -22,7 +22,7 @@ from engine.units import EdgeReject
 from gateway import codec
 from gateway.account_state import account_state_fields, account_tables
 from gateway.codec import COMMAND_STRUCT
-from gateway.mirror import O_ACCOUNT, O_MARKET
+from gateway.mirror import O_MARKET
 from gateway.reasons import where
 from gateway.views import PackedMap
 
@@ -264,21 +264,12 @@ class Requests:
 
     def _market_of_order(self, account: int, oid: int, cid: int, msg: dict):
         """The market of an order this account may amend (its grid checks the new values)."""
-        mirror = self.mirror
-        order = None
-        if oid:
-            order = mirror.orders.get(oid)
-            if order is not None and mirror.acct_orders.get(account, {}).get(oid) is not order:
-                order = None
-        else:
-            found = mirror.cid_index.get((account, cid))
-            order = mirror.orders.get(found) if found is not None else None
+        order = self.mirror.order_of(account, oid, cid)
         if order is not None:
             market = self.market_by_id[order[O_MARKET]]
             if market is not None:
                 return market
-        waiting = mirror.untriggered.get(oid or mirror.cid_index.get((account, cid)))
-        if waiting is not None and waiting[O_ACCOUNT] == account:
+        if self.mirror.untriggered_of(account, oid, cid) is not None:
             raise EdgeReject(REASON_INVALID_MESSAGE, "an untriggered stop or take-profit order "
                              "cannot be amended: cancel it and place a new one")
         if not oid:
@@ -314,7 +305,7 @@ class Requests:
         if type(depth) is not int or depth < 0:
             raise EdgeReject(REASON_INVALID_MESSAGE, "depth must be a non-negative integer")
         m = market.id
-        version = self.mirror.book_version[m]
+        version = self.mirror.book_version(m)
         view = self.views.book(m, depth, version)
         if view is None:
             bids, asks = self.mirror.book_levels(m, depth)
