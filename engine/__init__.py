@@ -42,27 +42,30 @@ def _numba_subfolder(cache_dir: Path, source_dir: Path) -> Path:
     return cache_dir / f"{source_dir.name}_{hashlib.sha1(str(source_dir).encode()).hexdigest()}"
 
 
-def _drop_stale_numba_cache(cache_dir: Path) -> None:
-    """Make numba recompile when any engine source changed, not only the defining file.
+def drop_stale_numba_cache(cache_dir: Path, owner: Path, sources_from: tuple) -> None:
+    """Make numba recompile `owner`'s compiled code when any source it may have frozen
+    changed, not only the defining file.
 
-    numba keys its on-disk cache on the source file of each compiled function, but the
-    compiled matcher freezes constants and functions from other modules (its own files in
+    numba keys its on-disk cache on the source file of each compiled function, but compiled
+    code freezes constants and functions from other modules (the matcher: its own files in
     engine/core/, records, config, numbers); an edit there left stale machine code in use
-    (seen here). So when the digest of every .py under engine/ (names and contents) differs
-    from the one recorded (in the cache dir) at the last compile, the cache files of every
-    engine source directory are removed.
+    (seen here). So when the digest of every .py under `sources_from` (names and contents)
+    differs from the one recorded (in the cache dir) at the last compile, the cache files of
+    every source directory under `owner` are removed. engine/ is its own owner;
+    gateway/__init__.py makes gateway/ one, with engine/ among its sources.
     """
-    sources = sorted(_HERE.rglob("*.py"))
-    digest = hashlib.blake2b(b"".join(str(p.relative_to(_HERE)).encode() + b"\0" + p.read_bytes()
-                                      for p in sources), digest_size=16).hexdigest()
-    own = _numba_subfolder(cache_dir, _HERE)
+    sources = sorted(p for d in sources_from for p in d.rglob("*.py"))
+    digest = hashlib.blake2b(b"".join(str(p.relative_to(_HERE.parent)).encode() + b"\0" +
+                                      p.read_bytes() for p in sources),
+                             digest_size=16).hexdigest()
+    own = _numba_subfolder(cache_dir, owner)
     stamp = own / "sources.stamp"
     try:
         if stamp.read_text() == digest:
             return
     except OSError:
         pass
-    for source_dir in sorted({p.parent for p in sources}):
+    for source_dir in sorted({p.parent for p in owner.rglob("*.py")}):
         for root in (_numba_subfolder(cache_dir, source_dir), source_dir / "__pycache__"):
             for cached in list(root.glob("*.nb[ic]")) if root.is_dir() else []:
                 cached.unlink(missing_ok=True)
@@ -73,4 +76,4 @@ def _drop_stale_numba_cache(cache_dir: Path) -> None:
         pass   # an unwritable cache dir recompiles each time; still correct
 
 
-_drop_stale_numba_cache(_use_numba_cache_dir())
+drop_stale_numba_cache(_use_numba_cache_dir(), _HERE, (_HERE,))

@@ -79,10 +79,14 @@ class Outbox:
         # when they went to the socket (sent_upto with fast acks, release_upto when held)
         self.ack_latency = AckLatency()
         self.learn_disconnects = lambda: None    # the gateway's: drain the socket monitor
+        self.lane = None       # the compiled lane (gateway/compiled_pass.py), if it runs
 
     # -- to sessions --------------------------------------------------------------------
     def send(self, session, payload: bytes, seq: int = 0) -> None:
         if self.durable and seq:
+            if self.lane is not None and self.lane.holds(session):
+                self.lane.hold(session, seq, payload)    # one queue per session: the lane's
+                return
             self.held.append((seq, session, payload))
             self.held_bytes += len(payload)
         elif session.live:
@@ -93,23 +97,27 @@ class Outbox:
             _send_part(self.router, session.identity, _NB_MORE, True, False)
             _send_part(self.router, payload, _NB, True, False)
         except zmq.ZMQError as e:
-            # ROUTER_MANDATORY: EAGAIN is a full queue (a client that does not read) or a
-            # connection closing, EHOSTUNREACH one gone; the monitor reports a closing
-            # connection before libzmq refuses sends to it: it closes, it is not evicted
-            self.learn_disconnects()      # a closing connection is not a slow client
-            if not session.live:
-                return
-            if e.errno == zmq.EAGAIN:
-                self.drop(session, DROP_QUEUE_FULL)
-            else:
-                self.sessions.evict(session)
+            self.failed(session, e.errno)
             return
         session.out_bytes += len(payload) + MESSAGE_OVERHEAD
         if session.out_bytes >= session.check_at:
-            self._check(session)
+            self.check(session)
+
+    def failed(self, session, errno: int) -> None:
+        """libzmq refused a send to the session with errno."""
+        # ROUTER_MANDATORY: EAGAIN is a full queue (a client that does not read) or a
+        # connection closing, EHOSTUNREACH one gone; the monitor reports a closing
+        # connection before libzmq refuses sends to it: it closes, it is not evicted
+        self.learn_disconnects()      # a closing connection is not a slow client
+        if not session.live:
+            return
+        if errno == zmq.EAGAIN:
+            self.drop(session, DROP_QUEUE_FULL)
+        else:
+            self.sessions.evict(session)
 
     # -- the bounds (gateway/memory.py) -------------------------------------------------
-    def _check(self, session) -> None:
+    def check(self, session) -> None:
         memory = self.memory
         if memory.queue_check(session) > memory.max_queued_bytes:
             self.drop(session, DROP_BYTES)
@@ -145,10 +153,12 @@ class Outbox:
         count), hold the bound (accounted bytes, and RSS itself: one more drop per tick while
         it is above the limit), give what drops freed back to the system."""
         memory = self.memory
+        if self.lane is not None:
+            self.lane.count_all()        # the bytes the lane sent, onto the sessions
         for conns in tuple(self.sessions.by_account.values()):
             for s in tuple(conns):
                 if s.queued_bytes and s.live:
-                    self._check(s)
+                    self.check(s)
         while memory.over() and self.drop_largest():
             pass
         if rss_bytes() > memory.limit:
@@ -208,7 +218,9 @@ class Outbox:
     def releasable(self) -> bool:
         """Durable mode: something held is journaled now (persistd rings our doorbell)."""
         held = self.held
-        return bool(held) and held[0][0] <= self.durable_seq()
+        durable = self.durable_seq()
+        return (bool(held) and held[0][0] <= durable) or \
+            (self.lane is not None and self.lane.releasable(durable))
 
     def release_upto(self, seq: int) -> int:
         """Send what was held for events up to `seq` (journaled); returns how many."""

@@ -78,11 +78,28 @@ class EventRouter:
     def drain(self) -> int:
         """Route one batch of published events (ending at a command boundary); returns how
         many."""
+        head, tail, n = self.next_batch(self.event_batch)
+        if not n:
+            return 0
+        for part in (head, tail):
+            if len(part):
+                self._process(memoryview(part.view(np.uint8)), len(part))
+        self.consumer.advance(n)
+        self.stats["events"] += n
+        self.outbox.sent_upto(self.mirror.applied_seq)
+        if self.market_data is not None and self.mirror.any_dirty:
+            self.market_data.book_deltas()
+        return n
+
+    def next_batch(self, max_n: int):
+        """(head, tail, n): the next published events as the ring's two views, at most max_n
+        unless one command has more, ending at a command boundary so that `applied_seq`
+        never names half a command."""
         consumer = self.consumer
         available = consumer.available()
         if not available:
-            return 0
-        head, tail = consumer.peek_views(min(available, self.event_batch))
+            return (), (), 0
+        head, tail = consumer.peek_views(min(available, max_n))
         n = len(head) + len(tail)
         if n < available:
             # Stop at a command boundary so `applied_seq` never names half a command.
@@ -96,15 +113,7 @@ class EventRouter:
                 else:
                     tail = tail[:take - len(head)]
                 n = take
-        for part in (head, tail):
-            if len(part):
-                self._process(memoryview(part.view(np.uint8)), len(part))
-        consumer.advance(n)
-        self.stats["events"] += n
-        self.outbox.sent_upto(self.mirror.applied_seq)
-        if self.market_data is not None and self.mirror.any_dirty:
-            self.market_data.book_deltas()
-        return n
+        return head, tail, n
 
     def catch_up(self, seq: int) -> None:
         """Route everything up to `seq` (published by then)."""
@@ -125,8 +134,6 @@ class EventRouter:
     def _process(self, mv: memoryview, count: int) -> None:
         mirror = self.mirror
         boot = self.boot_seq
-        mine = self.source_index
-        pending = self.pending
         market_data = self.market_data
         number = self.tracker.on_event
         views = self.views
@@ -149,10 +156,7 @@ class EventRouter:
                     versions[cmd[CM_ACCOUNT]] = seq
                 else:
                     views.bump_all(seq)
-                if code == CMD_FUNDING or code == CMD_LIQUIDATE:
-                    self._risk_command = (seq, code, cmd)
-                elif code == CMD_SET_ACCOUNT_STATE and cmd[CM_QTY] == 1:
-                    self._disabling = (seq, cmd[CM_ACCOUNT])
+                self._command_state(seq, cmd)
                 continue
             # Events of commands before the boot copy: the mirror has them and no session
             # existed yet; only market data is still published.
@@ -181,47 +185,99 @@ class EventRouter:
                 self._risk_event(etype, mv, off)
                 continue
             ev = order_unpack(mv, off)
-            seq, account, req = ev[E_SEQ], ev[E_ACCOUNT], ev[E_REQ]
-            versions[account] = seq
-            # is it the reply to one of our requests?
-            p = None
-            if ev[E_SOURCE] == mine and req:
-                p = pending.get(req)
-                if p is not None and (p[2] != account or (
-                        p[3] != R_DISCONNECT and etype not in REPLY_ETYPES[p[3]])):
-                    p = None      # not the reply: a report that follows it (or not ours)
-            requester = rid = None
-            if p is None:
-                if etype == EV_DONE and self._risk_command is not None:
-                    self._risk_command_done(ev)
-                if etype == EV_DONE and self._disabling is not None and \
-                        self._disabling[0] == seq:
-                    self._account_disabled(account)
-            elif p[3] == R_DISCONNECT:    # nobody to reply to; the reports go to the others
-                if etype == EV_DONE or etype == EV_REJECT:
-                    del pending[req]
-            else:
-                requester, rid = p[0], p[1]
+            versions[ev[E_ACCOUNT]] = ev[E_SEQ]
+            self._order_event(etype, ev, mv, off, None)
+
+    def _order_event(self, etype: int, ev: tuple, mv: memoryview, off: int, pairs) -> None:
+        """An order event: the reply to one of our requests (if it is), the mirror, the
+        reports. `pairs`: its report numbers when the compiled router numbered it and
+        applied it to its own mirror (gateway/compiled_pass.py), else None."""
+        seq, account, req = ev[E_SEQ], ev[E_ACCOUNT], ev[E_REQ]
+        pending = self.pending
+        # is it the reply to one of our requests?
+        p = None
+        if ev[E_SOURCE] == self.source_index and req:
+            p = pending.get(req)
+            if p is not None and (p[2] != account or (
+                    p[3] != R_DISCONNECT and etype not in REPLY_ETYPES[p[3]])):
+                p = None      # not the reply: a report that follows it (or not ours)
+        requester = rid = None
+        if p is None:
+            if etype == EV_DONE and self._risk_command is not None:
+                self._risk_command_done(ev)
+            if etype == EV_DONE and self._disabling is not None and \
+                    self._disabling[0] == seq:
+                self._account_disabled(account)
+        elif p[3] == R_DISCONNECT:    # nobody to reply to; the reports go to the others
+            if etype == EV_DONE or etype == EV_REJECT:
                 del pending[req]
-                self.ack_latency.replied(seq, self._cmd[CM_TS])
-                if p[3] == R_NEW_ORDER:
-                    key = (account, p[4])
-                    if self.pending_cids.get(key, (0,))[0] == req:
-                        del self.pending_cids[key]
-            if seq <= boot:
-                continue
-            changed = mirror.on_order_event(etype, ev, seq)
+        else:
+            requester, rid = p[0], p[1]
+            del pending[req]
+            self.ack_latency.replied(seq, self._cmd[CM_TS])
+            if p[3] == R_NEW_ORDER:
+                key = (account, p[4])
+                if self.pending_cids.get(key, (0,))[0] == req:
+                    del self.pending_cids[key]
+        if seq <= self.boot_seq:
+            return
+        if pairs is None:
+            changed = self.mirror.on_order_event(etype, ev, seq)
             if changed is not None:
                 self._market_changed(changed)
-            numbered = number(etype, account)
-            if numbered:
-                self._report(account, numbered[0][1], 0, etype, ev, mv, off, requester, rid)
-            elif requester is not None:
-                # a reply that is no report (a command naming no account): the requester's
-                msg = render_report(etype, ev, 0, self.tracker.index, self._cmd, 0,
-                                    self.market_by_id)
-                del msg["account_seq"]
-                self.outbox.reply(requester, msg, rid, seq)
+            pairs = self.tracker.on_event(etype, account)
+        if pairs:
+            self._report(account, pairs[0][1], 0, etype, ev, mv, off, requester, rid)
+        elif requester is not None:
+            # a reply that is no report (a command naming no account): the requester's
+            msg = render_report(etype, ev, 0, self.tracker.index, self._cmd, 0,
+                                self.market_by_id)
+            del msg["account_seq"]
+            self.outbox.reply(requester, msg, rid, seq)
+
+    def handed(self, mv: memoryview, off: int, cmd_record: bytes, pairs: list,
+               idx: int) -> None:
+        """One event the compiled router (gateway/compiled_pass.py) handed over, after it
+        applied it to its mirror, numbered it (`pairs`, role 0 first; `idx` its place in its
+        command) and kept its reports, and after it updated the views' versions: what is
+        left is this router's, as `_process` does it (market-data trades went out with
+        the compiled router's list)."""
+        etype = mv[off + ETYPE_OFFSET]
+        seq = int.from_bytes(mv[off:off + 8], "little", signed=True)
+        if seq > self.boot_seq:
+            self._cmd_record = cmd_record
+            self._cmd = COMMAND_STRUCT.unpack_from(cmd_record)
+            self.tracker.index = idx
+        if etype == EV_COMMAND:
+            cmd = COMMAND_STRUCT.unpack_from(mv, off + COMMAND_IN_EVENT_OFFSET)
+            self._command_state(seq, cmd)
+        elif etype == EV_TRADE:
+            tr = TRADE_EVENT_STRUCT.unpack_from(mv, off)
+            for role, (account, n) in enumerate(pairs):
+                self._report(account, n, role, EV_TRADE, tr, mv, off)
+        elif etype == EV_MARK:
+            if self.market_data is not None:
+                self.market_data.mark(MARK_EVENT_STRUCT.unpack_from(mv, off))
+        elif etype >= EV_FUNDING or etype == EV_BALANCE:
+            self._risk_event(etype, mv, off, pairs)
+        else:
+            self._order_event(etype, ORDER_EVENT_STRUCT.unpack_from(mv, off), mv, off, pairs)
+
+    def _command_state(self, seq: int, cmd: tuple) -> None:
+        """What this router remembers of a command until its events are routed."""
+        code = cmd[CM_CMD]
+        if code == CMD_FUNDING or code == CMD_LIQUIDATE:
+            self._risk_command = (seq, code, cmd)
+        elif code == CMD_SET_ACCOUNT_STATE and cmd[CM_QTY] == 1:
+            self._disabling = (seq, cmd[CM_ACCOUNT])
+
+    def publish_trades(self, mv: memoryview, indices: list) -> None:
+        """Market data of the trades at these event indices (the compiled router's list)."""
+        for i in indices:
+            tr = TRADE_EVENT_STRUCT.unpack_from(mv, i * EVENT_BYTES)
+            market = self._market(tr[E_MARKET])
+            if market is not None:
+                self.market_data.trade(tr, market)
 
     # -- reports ------------------------------------------------------------------------
     def _market(self, market_id: int):
@@ -241,14 +297,16 @@ class EventRouter:
             self.outbox.to_account(account, msg, requester, rid, ev[E_SEQ])
 
     # -- funding, liquidations, balances: rare next to orders, off the per-order path ----
-    def _risk_event(self, etype: int, mv: memoryview, off: int) -> None:
+    def _risk_event(self, etype: int, mv: memoryview, off: int, pairs=None) -> None:
         if etype == EV_FUNDING or etype == EV_LIQUIDATION:
             ev = (FUNDING_EVENT_STRUCT if etype == EV_FUNDING
                   else LIQUIDATION_EVENT_STRUCT).unpack_from(mv, off)
         else:
             ev = HEADER_STRUCT.unpack_from(mv, off)
         if ev[E_SEQ] > self.boot_seq:
-            for account, n in self.tracker.on_event(etype, ev[E_ACCOUNT]):
+            if pairs is None:
+                pairs = self.tracker.on_event(etype, ev[E_ACCOUNT])
+            for account, n in pairs:
                 self._report(account, n, 0, etype, ev, mv, off)
         if etype == EV_LIQUIDATION:
             # an ADL step also has the deleveraged account's half, addressed to it: market
@@ -275,7 +333,7 @@ class EventRouter:
         market = self.market_by_id[m]
         if market is None:
             return
-        mk = self.mirror.markets[m]
+        mk = self.mirror.market_row(m)
         if mk[M_ACTIVE] and mk[M_ATPL] != market.atoms_per_tick_lot:
             log.error("market %s (id %d) was created with %d atoms per tick x lot, the "
                       "gateway's table says %d: orders for it are refused", market.symbol, m,

@@ -17,6 +17,13 @@ One process, one thread doing the work (plus pyzmq's ZAP thread for handshakes):
             the ROUTER, its monitor and the event ring's doorbell FIFO (gateway/socket_poll.py)
             until a message, a connection event or new events
 
+That loop is the Python pass. By default the order path runs compiled (gateway/compiled_pass.py,
+the lane): one call reads the ROUTER and turns the common `new_order` and `cancel` into
+commands, one routes each batch of events (numbering, the replay log, rendering, sending or
+holding), the mirror is applied in arrays (gateway/mirror_arrays.py); the Python pass's code
+answers everything the lane defers or hands over, and owns sessions, queries, limits and market
+data. PERPX_GATEWAY_PASS=python runs the Python pass alone (the lane's oracle in tests).
+
 Where each part lives: gateway/sessions.py (connections, accounts, request budgets),
 gateway/requests.py (decoding, validation, commands, queries), gateway/routing.py (events ->
 replies and reports), gateway/replay.py (account_seq, rendering reports, `replay`),
@@ -60,6 +67,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import zmq
 import zmq.auth
 from zmq.utils.monitor import parse_monitor_message
@@ -100,6 +108,7 @@ MONITOR_INTERVAL_S = 0.001
 QUERY_RUN = 32
 DEFAULT_MAX_QUEUED_BYTES = 8 << 20
 DEFAULT_MEMORY_LIMIT_MB = 1024
+ORDER_PATHS = ("compiled", "python")
 
 
 def gateway_context() -> zmq.Context:
@@ -118,6 +127,29 @@ def gateway_context() -> zmq.Context:
     return ctx
 
 
+class _Frame:
+    """A message the compiled lane deferred, as requests.handle reads a zmq.Frame."""
+    __slots__ = ("buffer", "uid", "fd")
+
+    def __init__(self, payload: bytes, uid, fd: int):
+        self.buffer = payload
+        self.uid = uid
+        self.fd = fd
+
+    def __len__(self):
+        return len(self.buffer)
+
+    def get(self, prop):
+        return self.uid if prop == "User-Id" else self.fd
+
+
+class _KeptByTheLane:
+    """The router's report log when the compiled lane keeps every report itself."""
+
+    def append(self, *record) -> None:
+        pass
+
+
 class Gateway:
     def __init__(self, prefix: str, engine_cfg: EngineConfig, markets: MarketTable, *,
                  source_index: int, accounts_dir, server_secret_key_file=None,
@@ -134,9 +166,16 @@ class Gateway:
                  max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
                  memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB, stats_file: str | None = None,
                  attach_timeout_s: float = 30.0, context: zmq.Context | None = None,
-                 replay_store: str | None = None, replay_keep: int = DEFAULT_KEEP):
+                 replay_store: str | None = None, replay_keep: int = DEFAULT_KEEP,
+                 order_path: str | None = None):
         """replay_store: persistd's SQL endpoint, the durable source of `replay` for reports
-        older than the last `replay_keep` per account this gateway keeps in memory."""
+        older than the last `replay_keep` per account this gateway keeps in memory.
+        order_path: "compiled" (the default: gateway/compiled_pass.py) or "python" (this
+        module's own pass, everything in Python); PERPX_GATEWAY_PASS in the environment
+        chooses when it is not given."""
+        order_path = order_path or os.environ.get("PERPX_GATEWAY_PASS", "compiled")
+        if order_path not in ORDER_PATHS:
+            raise ValueError(f"order_path must be one of {ORDER_PATHS}, got {order_path!r}")
         if ack_mode not in ("fast", "durable"):
             raise ValueError(f"ack_mode must be 'fast' or 'durable', got {ack_mode!r}")
         if ack_mode == "durable" and durable_seq is None:
@@ -214,6 +253,9 @@ class Gateway:
                 source=DurableSource(replay_store, self.ctx) if replay_store else None,
                 max_queued_bytes=max_queued_bytes)
             self.requests.register("replay", self.replayer.handle)
+            self.lane = None
+            if order_path == "compiled":
+                self._use_lane()
         except BaseException:
             self.close()
             raise
@@ -331,6 +373,8 @@ class Gateway:
     # ------------------------------------------------------------------ main loop ------
     def serve(self, should_stop=lambda: False, heartbeat=None) -> None:
         """Serve until should_stop() (checked at least every 50 ms); heartbeat() each pass."""
+        if self.lane is not None:
+            return self._serve_lane(should_stop, heartbeat)
         gc.collect()
         gc.freeze()
         gc.disable()
@@ -340,7 +384,6 @@ class Gateway:
         consumer = self.consumer
         requests = self.requests
         drain_events = self.router_events.drain
-        market_data = self.market_data
         # durable replays answered by the worker thread (gateway/replay.py); an empty deque
         # when there is no durable source
         replay_done = self.replayer.source.done if self.replayer.source is not None else ()
@@ -359,16 +402,7 @@ class Gateway:
                     self.replayer.poll()
                 if self.durable:
                     self.outbox.release_upto(self.durable_seq())
-                if heartbeat is not None:
-                    heartbeat()
-                now = time.monotonic()
-                if market_data is not None and now >= market_data.board_due:
-                    market_data.board_changes()
-                if now >= self._stats_due:
-                    self._stats_due = now + STATS_INTERVAL_S
-                    self.outbox.memory_tick()
-                    if self.stats_file is not None:
-                        self.stats_file.submit(self.status())
+                now = self._end_of_pass(heartbeat)
                 if worked:
                     if self.stats["events"] - events_at_gc > 1_000_000:
                         gc.collect(0)      # the young generation only: cheap, bounded
@@ -384,14 +418,218 @@ class Gateway:
                     else:
                         self._sleep(50)
                     continue
-                self.outbox.reasons.flush_due()
-                now = time.monotonic()
-                if now - last_gc > 10.0:
-                    gc.collect()      # idle: nobody waits for this pass
-                    last_gc = now
-                self._sleep(50)
+                last_gc = self._idle(time.monotonic(), last_gc)
         finally:
             gc.enable()
+
+    def _use_lane(self) -> None:
+        """The compiled lane (gateway/compiled_pass.py) takes the order path: it reads the
+        ROUTER and routes events; the objects it shares state with read its arrays from now
+        on (the mirror, the report log and numbering, the views' versions, the rate limit,
+        the durable hold, the sessions it knows)."""
+        from gateway.compiled_pass import CompiledLane
+        self.lane = lane = CompiledLane(self)
+        self.array_mirror = self._array_mirror()
+        self.requests.limiter = lane.limiter
+        forget_memory = self.sessions.on_closed
+
+        def on_closed(s):
+            forget_memory(s)
+            lane.forget(s)
+        self.sessions.on_closed = on_closed
+        self.router_events.report_log = _KeptByTheLane()
+        self.outbox.lane = lane
+        self.memory.parts["held"] = lambda: self.outbox.held_bytes + lane.held_bytes()
+        lane.warm()
+
+    def _serve_lane(self, should_stop, heartbeat) -> None:
+        """serve() with the compiled lane: it reads and routes; the Python gateway answers
+        what it defers and hands over (gateway/compiled_pass.py)."""
+        from gateway import compiled_pass as cp
+        lane = self.lane
+        array_mirror = self.array_mirror
+        queries = self.mirror
+        router_events = self.router_events
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        self.memory.start()
+        consumer = self.consumer
+        requests = self.requests
+        sessions = self.sessions
+        outbox = self.outbox
+        market_data = self.market_data
+        views = self.views
+        ring = self.ring
+        router = self.router
+        mine = self.source_index
+        ints = lane.ints
+        arena = lane.arena
+        sid_i = lane.sid_i
+        durable = self.durable
+        journal_errno = requests.journal_errno
+        replay_done = self.replayer.source.done if self.replayer.source is not None else ()
+        monitor_due = 0.0
+        last_gc = now = time.monotonic()
+
+        def take_lists(mv):
+            """What route() gathered: market-data trades, reply times, checks and failures."""
+            if ints[cp.I_MD_N]:
+                router_events.publish_trades(mv, lane.md_idx[:ints[cp.I_MD_N]].tolist())
+                ints[cp.I_MD_N] = 0
+            if ints[cp.I_ACK_N]:
+                k = int(ints[cp.I_ACK_N])
+                outbox.ack_latency.unsent.extend(zip(lane.acks[:k, 0].tolist(),
+                                                     lane.acks[:k, 1].tolist()))
+                ints[cp.I_ACK_N] = 0
+            if ints[cp.I_CHECK_N] or ints[cp.I_FAIL_N]:
+                lane.settle(outbox)
+
+        def drain() -> int:
+            """Route one batch of published events (ending at a command boundary, as
+            EventRouter.drain); returns how many."""
+            head, tail, take = router_events.next_batch(cp.OUT_CAP)
+            if not take:
+                return 0
+            for part in (head, tail):
+                count = len(part)
+                if not count:
+                    continue
+                raw = part.view(np.uint8).reshape(-1)
+                array_mirror.apply(raw, count)
+                self._markets_changed(array_mirror, lane)
+                mv = memoryview(raw)
+                e = 0
+                while e < count:
+                    end = min(count, e + cp.OUT_CAP)    # the lists route() fills hold that
+                    e = lane.route(raw, e, end, mine)
+                    take_lists(mv)
+                    if ints[cp.I_FULL]:
+                        lane.grow_hold()
+                    elif e < end:
+                        lane.adopt(raw, e, requests.pending)
+                        router_events.handed(mv, e * 128, lane.cur_cmd.tobytes(),
+                                             lane.pairs(), int(ints[cp.I_INDEX]))
+                        e += 1
+            views.all_version = int(ints[cp.I_ALL_VERSION])
+            consumer.advance(take)
+            self.stats["events"] += take
+            outbox.sent_upto(array_mirror.applied_seq)
+            if market_data is not None and queries.any_dirty:
+                market_data.book_deltas()
+            return take
+
+        def catch_up(seq: int) -> None:
+            while queries.applied_seq < seq and drain():
+                pass
+        requests.catch_up = catch_up
+
+        try:
+            while not should_stop():
+                if now >= monitor_due:
+                    monitor_due = now + MONITOR_INTERVAL_S
+                    self._drain_monitor()
+                worked = drain()
+                if requests.cmd_n:
+                    requests.flush()
+                if not requests.cmd_n and has_input(router):
+                    ints[cp.I_JOURNAL_ERR] = journal_errno()
+                    got = lane.recv(self.recv_batch)
+                    worked += got
+                    n = int(ints[cp.I_CMD_N])
+                    done = 0
+                    while done < n:
+                        done += ring.write(lane.cmd_records[done:n])
+                        if done < n:
+                            ring.wait_for_space(1, timeout_s=1.0)
+                    deferred = int(ints[cp.I_DEFER_N])
+                    sessions.reads += got - deferred
+                    for d in range(deferred):
+                        start, ilen, plen, more, acct, fd = lane.deferred[d].tolist()
+                        identity = bytes(arena[start:start + ilen])
+                        frame = _Frame(bytes(arena[start + ilen:start + ilen + plen]),
+                                       str(acct) if acct >= 0 else None, fd)
+                        try:
+                            requests.handle(identity, frame, bool(more))
+                        except Exception as e:   # handle() answers its own errors: a bug
+                            outbox.reasons.note(f"unexpected {where(e)} (not answered)")
+                        s = sessions.by_identity.get(identity)
+                        if s is not None and s.live and not s.refused and not s.evicted:
+                            lane.learn(s)
+                    if deferred:
+                        sid_i[:, cp.S_DEFERRED] = 0
+                    if sessions.closing:
+                        sessions.finish_drained(bool(ints[cp.I_EMPTY]))
+                elif sessions.closing and not has_input(router):
+                    sessions.finish_drained(True)
+                if requests.cmd_n:
+                    requests.flush()
+                if replay_done:
+                    self.replayer.poll()
+                if durable:
+                    upto = self.durable_seq()
+                    outbox.release_upto(upto)     # the PUB's, and sessions the lane lacks
+                    if lane.release(upto):
+                        outbox.ack_latency.sent_upto(upto, time.time_ns())
+                        if ints[cp.I_CHECK_N] or ints[cp.I_FAIL_N]:
+                            lane.settle(outbox)
+                now = self._end_of_pass(heartbeat)
+                if worked:
+                    continue
+                last_gc = self._idle(now, last_gc)
+        finally:
+            gc.enable()
+
+    def _idle(self, now: float, last_gc: float) -> float:
+        """Nothing to do: the reject summary when due, a full collection at most every 10 s
+        (nobody waits for this pass), then sleep. Returns when it last collected."""
+        self.outbox.reasons.flush_due()
+        if now - last_gc > 10.0:
+            gc.collect()
+            last_gc = now
+        self._sleep(50)
+        return last_gc
+
+    def _array_mirror(self):
+        """The mirror in arrays (gateway/mirror_arrays.py), applied per batch by the lane's
+        loop; every reader of the mirror reads it from now on."""
+        from gateway.mirror_arrays import ArrayMirror, ArrayMirrorQueries
+        arrays = ArrayMirror.from_mirror(self.mirror)
+        queries = ArrayMirrorQueries(arrays)
+        queries.warm()
+        arrays.apply(np.zeros(128, np.uint8), 0)
+        self.mirror = queries
+        for reader in (self.requests, self.market_data, self.replayer, self.router_events):
+            if reader is not None:
+                reader.mirror = queries
+        return arrays
+
+    def _markets_changed(self, arrays, lane) -> None:
+        """Markets an admin command of the last batch changed (gateway/routing.py)."""
+        if self.market_data is None:
+            arrays.forget_dirty()     # nobody publishes book deltas from this gateway
+        changed = arrays.changed
+        if changed.any():
+            for m in np.flatnonzero(changed).tolist():
+                changed[m] = 0
+                self.router_events._market_changed(m)
+            lane.load_markets()
+
+    def _end_of_pass(self, heartbeat) -> float:
+        """The heartbeat, the index board when due, and once a second the memory bound and
+        the stats file. Returns the time."""
+        if heartbeat is not None:
+            heartbeat()
+        now = time.monotonic()
+        market_data = self.market_data
+        if market_data is not None and now >= market_data.board_due:
+            market_data.board_changes()
+        if now >= self._stats_due:
+            self._stats_due = now + STATS_INTERVAL_S
+            self.outbox.memory_tick()
+            if self.stats_file is not None:
+                self.stats_file.submit(self.status())
+        return now
 
     def _sleep(self, timeout_ms: int) -> None:
         """Block in one poll on the ROUTER, its monitor and the event ring's doorbell (a FIFO,

@@ -8,7 +8,7 @@ What changes what (the gateway sees every event):
 - an account's view (`account`, `open_orders`): any event addressed to the account (a trade to
   both sides), or a command that is not one account's own (marks, funding, liquidations,
   market admin: `bump_all`). Its version is the seq of the last such event.
-- a book: the mirror counts each change of its levels (`Mirror.book_version`).
+- a book: the mirror counts each change of its levels (`book_version(market)`).
 
 An `account` answer is the matcher's rows copied at some seq S; it stays exact at S (and at
 every later seq the gateway has routed) until the account's version passes S.
@@ -56,7 +56,10 @@ class Views:
         self.bytes = 0       # the packed answers kept (gateway/memory.py counts them)
 
     def version(self, account: int) -> int:
-        v = self.versions.get(account, 0)
+        try:      # a dict, or the compiled router's array (gateway/compiled_pass.py)
+            v = self.versions[account]
+        except (KeyError, IndexError):
+            v = 0
         return v if v > self.all_version else self.all_version
 
     def bump_all(self, seq: int) -> None:

@@ -22,6 +22,7 @@ from engine.matcher import Matcher, event_sink, matcher_is_cached
 from engine.records import COMMAND_DTYPE, EVENT_DTYPE
 
 COMPILING_MATCHER = "compiling the matcher (first run only)"
+COMPILING_GATEWAY = "compiling the gateway's order path (first run only)"
 
 
 def _console(out) -> Console:
@@ -118,4 +119,15 @@ def ensure_matcher_compiled(out=None) -> bool:
         config = EngineConfig()
         slots = np.zeros(16, EVENT_DTYPE)
         Matcher(config).process(np.zeros(0, COMMAND_DTYPE), event_sink(slots), 0, len(slots))
+    return True
+
+
+def ensure_gateway_compiled(out=None) -> bool:
+    """The gateway's compiled lane (gateway/compiled_pass.py), as ensure_matcher_compiled:
+    compiled here, with a clock, when numba's cache is cold. Returns whether it compiled."""
+    from gateway.compiled_pass import compile_lane, lane_is_cached
+    if lane_is_cached():
+        return False
+    with elapsed(COMPILING_GATEWAY, out):
+        compile_lane()
     return True

@@ -82,6 +82,7 @@ from pathlib import Path
 import zmq.auth
 
 from engine.matcher import matcher_is_cached
+from gateway.compiled_pass import lane_is_cached
 from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_LIMITS,
                             CMD_SET_MARKET_RISK, EVENT_DTYPE)
 from engine.shared_state import attach_state
@@ -92,7 +93,7 @@ from perpx.cpu_latency import CpuLatencyRequest
 from perpx.launch import child_env
 from perpx.metrics import Exporter
 from perpx.ops import Exchange, OpsError
-from perpx.progress import COMPILING_MATCHER, Bar, elapsed
+from perpx.progress import COMPILING_GATEWAY, COMPILING_MATCHER, Bar, elapsed
 from perpx.statedir import FileLock, StateDir
 from persistd.journal import journal_info
 from shm import names
@@ -461,6 +462,7 @@ class Supervisor:
         self.log(f"riskd ready (pid {self.riskd.pid}, a tick every "
                  f"{cfg.risk['mark_interval_ms']} ms)")
 
+        self._compile_gateway_lane()
         for i in range(cfg.gateways):
             ready_file = sd.run_dir / f"gateway-{i}.json"
             argv = [sys.executable, "-m", "gateway", "--spec", str(sd.exchange_file),
@@ -591,6 +593,17 @@ class Supervisor:
             if time.monotonic() > deadline:
                 raise StartupError(f"timed out after {timeout_s:g} s waiting for {what}")
             time.sleep(0.02)
+
+    def _compile_gateway_lane(self) -> None:
+        """On a cold numba cache, compile the gateways' lane (gateway/compiled_pass.py) once,
+        in a process of its own, before the gateways start: each would compile it for
+        minutes past its ready timeout."""
+        if lane_is_cached() or os.environ.get("PERPX_GATEWAY_PASS") == "python":
+            return
+        self.log("compiling the gateway's order path (first start only)")
+        with elapsed(COMPILING_GATEWAY):
+            subprocess.run([sys.executable, "-c", "from gateway.compiled_pass import "
+                            "compile_lane; compile_lane()"], check=True)
 
     def _genesis(self) -> None:
         command_words = {CMD_CREATE_MARKET: "CREATE_MARKET", CMD_SET_MARKET_LIMITS: "SET_MARKET_LIMITS",

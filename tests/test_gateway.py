@@ -8,14 +8,22 @@ import time
 
 import msgpack
 import numpy as np
+import pytest
 
 from engine.market import MarketTable
 from gateway.mirror import Mirror
-from tests.gateway_fixtures import (ENGINE, MARKETS, WAIT_S, Exchange, exchange,  # noqa: F401
+from tests.gateway_fixtures import (ENGINE, MARKETS, WAIT_S, Exchange,  # noqa: F401
                                     exchange_factory, is_type, order, wait_until)
 from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
 
 TABLE = MarketTable.from_dicts(MARKETS)
+
+
+@pytest.fixture(params=["compiled", "python"])
+def exchange(exchange_factory, request):
+    """These tests run against both of the gateway's passes (gateway/compiled_pass.py), the
+    other gateway test files against the default, the compiled one."""
+    return exchange_factory(order_path=request.param)
 
 
 def book_dict(book_msg):
