@@ -15,7 +15,8 @@ from engine.reports import NO_ACCOUNT, report_accounts
 REPORT_DTYPE = np.dtype([("event", "<i8"), ("command", "<i8"), ("account_seq", "<i8"),
                          ("account", "<i4"), ("index", "<i4"), ("role", "u1")])
 
-_report_accounts_compiled = njit(cache=True)(report_accounts)
+# the one compiled form of the rule: persistd's store and the gateway's lane number with it
+report_accounts_compiled = njit(cache=True)(report_accounts)
 
 
 @njit(cache=True)
@@ -31,8 +32,8 @@ def _number(etype, account, maker, cmd_code, counters, out):
             index = 0
             continue
         index += 1
-        first, second = _report_accounts_compiled(code, index, etype[i], account[i],
-                                                  maker[i], len(counters))
+        first, second = report_accounts_compiled(code, index, etype[i], account[i],
+                                                 maker[i], len(counters))
         for role in range(2):
             a = first if role == 0 else second
             if a < 0:

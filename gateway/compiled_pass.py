@@ -40,9 +40,11 @@ import numpy as np
 from numba import njit, types
 
 from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER, CMD_SET_MARK,
-                            EV_ACK, EV_BALANCE, EV_CANCELED, EV_COMMAND, EV_FUNDING, EV_MARK,
-                            EV_REJECT, EV_TRADE)
-from engine.report_numbering import _report_accounts_compiled as _report_accounts
+                            COMMAND_BYTES, COMMAND_DTYPE, EV_ACK, EV_BALANCE, EV_CANCELED,
+                            EV_COMMAND, EV_FUNDING, EV_MARK, EV_REJECT, EV_TRADE, EVENT_BYTES,
+                            FLAG_CID_GIVEN, KIND_LIMIT, ORDER_EVENT_DTYPE, SIDE_BUY, SIDE_SELL,
+                            STP_CANCEL_TAKER, TIF_GTC, TRADE_EVENT_DTYPE)
+from engine.report_numbering import report_accounts_compiled as _report_accounts
 from gateway.memory import ENTRY_BYTES, MESSAGE_OVERHEAD
 from gateway.report_log_arrays import ArrayReportLog, log_append
 from gateway.requests import R_CANCEL, R_NEW_ORDER
@@ -86,6 +88,14 @@ PEND_CAP = 1 << 16         # pending requests by req & mask
 COMPILED_REQ = 1 << 30     # req tokens from here on are the compiled lane's
 ARENA = 1 << 20           # the bytes of one pass's deferred messages
 OUT_CAP = 4096             # events per route() call: its trade and reply-time lists hold that
+
+# byte offsets in an event slot (EVENT_BYTES), and of its command's fields (EV_COMMAND)
+EV_SEQ_AT, EV_ETYPE_AT, EV_SOURCE_AT, EV_ACCOUNT_AT, EV_REQ_AT = (
+    ORDER_EVENT_DTYPE.fields[f][1] for f in ("seq", "etype", "source", "account", "req"))
+EV_MAKER_AT = TRADE_EVENT_DTYPE.fields["maker_account"][1]
+EV_COMMAND_AT = EVENT_BYTES - COMMAND_BYTES     # where EV_COMMAND carries its command
+CMD_TS_AT, CMD_ACCOUNT_AT, CMD_CODE_AT = (
+    COMMAND_DTYPE.fields[f][1] for f in ("ts_ns", "account", "cmd"))
 
 # int state slots
 (I_NEXT_REQ, I_DEFER_N, I_CMD_N, I_CMD_CODE, I_INDEX, I_BOOT, I_PY_CMD, I_ALL_VERSION,
@@ -276,27 +286,24 @@ def _now_ns(ts_buf):
 
 
 @njit(cache=True)
-def _put_cmd(cmd, k, ts, cid, oid, price, qty, account, req, market, code, side, kind, tif,
-             flags, stp):
-    o = k * 64
-    row = cmd[o:o + 64]
-    v8 = row.view(np.int64)
-    v8[0] = ts
-    v8[1] = cid
-    v8[2] = oid
-    v8[3] = price
-    v8[4] = qty
-    v8[5] = 0
-    v4 = row[48:56].view(np.int32)
-    v4[0] = account
-    v4[1] = req
-    row[56:58].view(np.int16)[0] = market
-    row[58] = code
-    row[59] = side
-    row[60] = kind
-    row[61] = tif
-    row[62] = flags
-    row[63] = stp
+def _put_cmd(cmd, k, ts, cid, price, qty, account, req, market, code, side, flags):
+    """Command k of the pass (a COMMAND_DTYPE record): a GTC limit order or a cancel."""
+    c = cmd[k]
+    c.ts_ns = ts
+    c.cid = cid
+    c.oid = 0
+    c.price_ticks = price
+    c.qty_lots = qty
+    c.amount_atoms = 0
+    c.account = account
+    c.req = req
+    c.market = market
+    c.cmd = code
+    c.side = side
+    c.kind = KIND_LIMIT
+    c.tif = TIF_GTC
+    c.flags = flags
+    c.stp = STP_CANCEL_TAKER
 
 
 @njit(cache=True)
@@ -320,7 +327,7 @@ def recv_pass(sock, zmsg, user_id_key, ts_buf, arena, ints, max_msgs, id_key, id
     vkind = np.zeros(9, np.int64)          # 0 absent, 1 int, 2 str
     # room for one more message: its routing id and the largest frame the ROUTER admits
     while got < max_msgs and pos + ID_MAX + ints[I_MAX_FRAME] <= len(arena) and \
-            ints[I_CMD_N] < len(cmd) // 64:
+            ints[I_CMD_N] < len(cmd):
         zmq_msg_init(zp)
         isize = zmq_msg_recv(zp, sock, DONTWAIT)
         if isize < 0:
@@ -460,9 +467,9 @@ def _handle(buf, p, size, sid, gen, account, ints, ts_buf, pend,
             return False
         s0, sn = vals[K_SIDE], vlen[K_SIDE]
         if sn == 3 and buf[s0] == 98 and buf[s0 + 1] == 117 and buf[s0 + 2] == 121:
-            side = 0        # buy (SIDE_BUY)
+            side = SIDE_BUY
         elif sn == 4 and buf[s0] == 115 and buf[s0 + 1] == 101:
-            side = 1
+            side = SIDE_SELL
         else:
             return False
         if vkind[K_KIND] != 0:
@@ -492,10 +499,11 @@ def _handle(buf, p, size, sid, gen, account, ints, ts_buf, pend,
     row[P_MARKET] = market
     k = ints[I_CMD_N]
     if is_new:
-        _put_cmd(cmd, k, now, vals[K_CID], 0, price, qty, account, req, market, 6, side, 0,
-                 0, 0, 0)     # CMD_NEW_ORDER, KIND_LIMIT, TIF_GTC, STP_CANCEL_TAKER
+        _put_cmd(cmd, k, now, vals[K_CID], price, qty, account, req, market, CMD_NEW_ORDER,
+                 side, 0)
     else:
-        _put_cmd(cmd, k, now, vals[K_CID], 0, 0, 0, account, req, 0, 7, 0, 0, 0, 4, 0)
+        _put_cmd(cmd, k, now, vals[K_CID], 0, 0, account, req, 0, CMD_CANCEL, SIDE_BUY,
+                 FLAG_CID_GIVEN)
     ints[I_CMD_N] = k + 1
     return True
 
@@ -629,13 +637,13 @@ def route_pass(ev, start, n, mine, ints, sock, out, plain, scratch, rec, sid_key
     counts until Python takes them."""
     nacc = len(account_seq)
     for e in range(start, n):
-        off = e * 128
-        etype = ev[off + 16]
-        seq = _i64_at(ev, off)
+        off = e * EVENT_BYTES
+        etype = ev[off + EV_ETYPE_AT]
+        seq = _i64_at(ev, off + EV_SEQ_AT)
         boot = seq <= ints[I_BOOT]    # the state copy the gateway started from has it
         if etype == EV_COMMAND:
-            code = np.int64(ev[off + 64 + 58])
-            acct = _i32_at(ev, off + 64 + 48)
+            code = np.int64(ev[off + EV_COMMAND_AT + CMD_CODE_AT])
+            acct = _i32_at(ev, off + EV_COMMAND_AT + CMD_ACCOUNT_AT)
             # gateway/views.py: which views this command may change
             if _member(code, account_cmds):
                 if 0 <= acct < nacc:
@@ -643,7 +651,7 @@ def route_pass(ev, start, n, mine, ints, sock, out, plain, scratch, rec, sid_key
             else:
                 ints[I_ALL_VERSION] = seq
             if not boot:
-                cur_cmd[:] = ev[off + 64:off + 128]
+                cur_cmd[:] = ev[off + EV_COMMAND_AT:off + EVENT_BYTES]
                 ints[I_CMD_CODE] = code
                 ints[I_INDEX] = 0
             ints[I_PAIRS] = 0
@@ -656,8 +664,8 @@ def route_pass(ev, start, n, mine, ints, sock, out, plain, scratch, rec, sid_key
                                              MAX_REPORT_BYTES):
             ints[I_FULL] = 1
             return e                  # Python grows the hold and calls again from e
-        account = _i32_at(ev, off + 20)
-        maker = _i32_at(ev, off + 88) if etype == EV_TRADE else np.int64(-1)
+        account = _i32_at(ev, off + EV_ACCOUNT_AT)
+        maker = _i32_at(ev, off + EV_MAKER_AT) if etype == EV_TRADE else np.int64(-1)
         if etype == EV_TRADE:
             if 0 <= account < nacc:
                 versions[account] = seq
@@ -685,7 +693,7 @@ def route_pass(ev, start, n, mine, ints, sock, out, plain, scratch, rec, sid_key
                 ints[I_S0 + 2 * pairs] = account_seq[a]
                 kept = log_append(l_slot_of, l_slot_account, l_records, l_fields, l_count,
                                   l_head, l_totals, a, account_seq[a], seq, index, pairs,
-                                  cur_cmd, ev[off:off + 128])
+                                  cur_cmd, ev[off:off + EVENT_BYTES])
                 if pairs == 0:
                     kept0 = kept
                 else:
@@ -700,8 +708,8 @@ def route_pass(ev, start, n, mine, ints, sock, out, plain, scratch, rec, sid_key
                 return e              # a session the lane could not learn: Python sends
         if boot or pairs == 0:
             continue
-        source = ev[off + 17]
-        req = _i32_at(ev, off + 24)
+        source = ev[off + EV_SOURCE_AT]
+        req = _i32_at(ev, off + EV_REQ_AT)
         requester = -1
         rid = np.int64(0)
         has_rid = False
@@ -720,7 +728,7 @@ def route_pass(ev, start, n, mine, ints, sock, out, plain, scratch, rec, sid_key
                 has_rid = kind >= 2
                 k = ints[I_ACK_N]
                 acks[k, 0] = seq
-                acks[k, 1] = _i64_at(cur_cmd, 0)
+                acks[k, 1] = _i64_at(cur_cmd, CMD_TS_AT)
                 ints[I_ACK_N] = k + 1
         index = ints[I_INDEX]
         for role in range(pairs):
@@ -785,7 +793,7 @@ class CompiledLane:
     def __init__(self, gw):
         self.gw = gw
         self.sock = gw.router.underlying
-        self.zmsg = np.zeros(64, np.uint8)
+        self.zmsg = np.zeros(64, np.uint8)           # a zmq_msg_t (64 bytes in libzmq)
         self.user_id_key = _cstr(b"User-Id")
         self.ts_buf = np.zeros(2, np.int64)
         max_frame = gw.limits["hard_max_message_bytes"]
@@ -818,7 +826,7 @@ class CompiledLane:
         gw.replayer.log = self.report_log
         gw.replayer.tracker = AccountSeqs(self.account_seq)
         gw.memory.parts["replay"] = self.report_log.bytes
-        self.cur_cmd = np.zeros(64, np.uint8)
+        self.cur_cmd = np.zeros(COMMAND_BYTES, np.uint8)
         # the views' versions (gateway/views.py), kept by route() from now on
         self.versions = np.zeros(accounts, np.int64)
         for account, seq in gw.views.versions.items():
@@ -832,7 +840,7 @@ class CompiledLane:
         self.checks = np.zeros(sids, np.int64)
         self.out = np.zeros(MAX_REPORT_BYTES, np.uint8)
         self.plain = np.zeros(MAX_REPORT_BYTES, np.uint8)
-        self.rec = np.zeros(192, np.uint8)
+        self.rec = np.zeros(COMMAND_BYTES + EVENT_BYTES, np.uint8)
         self.scratch = np.zeros(SCRATCH_BYTES, np.uint8)
         m = gw.cfg.max_markets
         self.mk_sym = np.zeros((m, 24), np.uint8)
@@ -852,8 +860,7 @@ class CompiledLane:
         self.ints[I_DURABLE] = gw.durable
         self.h_meta = np.zeros((1 << 14, 5), np.int64)
         self.h_bytes = np.zeros(4 << 20, np.uint8)
-        self.cmd = np.zeros(64 * 512, np.uint8)
-        self.cmd_records = self.cmd.view(gw.requests.cmd_buf.dtype)
+        self.cmd_records = np.zeros(512, gw.requests.cmd_buf.dtype)
         self.deferred = np.zeros((512, 6), np.int64)
 
     def load_markets(self) -> None:
@@ -880,7 +887,7 @@ class CompiledLane:
                          self.id_klen, self.id_sid, self.sid_i, self.pend, KEY_BYTES, KEY_LEN,
                          self.mk_sym, self.mk_symlen, self.mk_tick, self.mk_lot,
                          self.mk_maxp, self.mk_maxq, self.tokens, self.token_ts,
-                         self.rate_per_ns, self.burst, self.cmd, self.deferred)
+                         self.rate_per_ns, self.burst, self.cmd_records, self.deferred)
 
     def route(self, ev_bytes: np.ndarray, start: int, n: int, mine: int) -> int:
         return route_pass(ev_bytes, start, n, mine, self.ints, self.sock, self.out, self.plain,
@@ -894,13 +901,15 @@ class CompiledLane:
         """Load both calls' machine code now (numba loads it at the first call), so that
         the gateway's memory base (gateway/memory.py) counts it, with the lane's tables of
         fixed size (written once, so their pages are the process's from now on)."""
-        for table in (self.arena, self.pend, self.cmd, self.deferred, self.id_key,
+        for table in (self.arena, self.pend, self.cmd_records, self.deferred, self.id_key,
                       self.sid_i, self.acct_sids):
             table.fill(0)
         self.recv(0)
-        self.route(np.zeros(128, np.uint8), 0, 0, 0)
+        self.route(np.zeros(EVENT_BYTES, np.uint8), 0, 0, 0)
         self.release(-1)
         hold_room(self.ints, self.h_meta, self.h_bytes, 1, 1)
+        hold(np.zeros(N_INTS, np.int64), np.zeros((1, 5), np.int64), np.zeros(1, np.uint8), 0,
+             0, 0, np.zeros(1, np.uint8), 1)
         for table in (self.h_meta, self.h_bytes):
             table.fill(0)
         keys = np.zeros((4, ID_MAX), np.uint8)
@@ -954,14 +963,15 @@ class CompiledLane:
         """Event e, handed to Python, may be the reply to one of the lane's requests (its
         account's reports go through Python): the request moves to Python's pending table
         (gateway/requests.py's layout) for the router to answer."""
-        off = e * 128
-        req = int(raw[off + 24:off + 28].view(np.int32)[0])
-        if req < COMPILED_REQ or raw[off + 17] != self.gw.source_index:
+        off = e * EVENT_BYTES
+        req = int(raw[off + EV_REQ_AT:off + EV_REQ_AT + 4].view(np.int32)[0])
+        if req < COMPILED_REQ or raw[off + EV_SOURCE_AT] != self.gw.source_index:
             return
         row = self.pend[req & (len(self.pend) - 1)]
-        etype = raw[off + 16]
+        etype = raw[off + EV_ETYPE_AT]
         reply = EV_CANCELED if row[P_KIND] & 1 else EV_ACK
-        if row[P_REQ] != req or row[P_ACCT] != raw[off + 20:off + 24].view(np.int32)[0] or \
+        account = raw[off + EV_ACCOUNT_AT:off + EV_ACCOUNT_AT + 4].view(np.int32)[0]
+        if row[P_REQ] != req or row[P_ACCT] != account or \
                 (etype != reply and etype != EV_REJECT):
             return
         row[P_REQ] = 0
@@ -1103,5 +1113,5 @@ def compile_lane() -> None:
                                  cmd_buf=np.zeros(1, COMMAND_DTYPE)))
     CompiledLane(gw).warm()
     mirror = ArrayMirror(2)
-    mirror.apply(np.zeros(128, np.uint8), 0)
+    mirror.apply(np.zeros(EVENT_BYTES, np.uint8), 0)
     ArrayMirrorQueries(mirror).warm()

@@ -20,10 +20,12 @@ from numba import njit
 from engine.records import (CMD_CREATE_MARKET, CMD_HALT, CMD_RESUME, CMD_SET_MARKET_LIMITS,
                             CMD_SET_MARKET_STATE, CMD_SETTLE_MARKET, EV_ACK, EV_AMENDED,
                             EV_CANCELED, EV_COMMAND, EV_DONE, EV_MARK, EV_TRADE, EV_TRIGGERED,
+                            COMMAND_BYTES, COMMAND_DTYPE, EVENT_BYTES, MARK_EVENT_DTYPE,
                             MARKET_CANCEL_ONLY, MARKET_HALTED, MARKET_SETTLED, MARKET_TRADING,
-                            STATUS_OPEN, STATUS_UNTRIGGERED)
-from gateway.mirror import (M_HALTED, M_LAST, M_MARK, M_MAX_ORDER, M_MAX_PRICE, M_STATE,
-                            Mirror)
+                            ORDER_EVENT_DTYPE, STATUS_OPEN, STATUS_UNTRIGGERED,
+                            TRADE_EVENT_DTYPE)
+from gateway.mirror import (M_ACTIVE, M_ATPL, M_HALTED, M_LAST, M_LEVERAGE, M_MARK, M_MAX_ORDER,
+                            M_MAX_PRICE, M_STATE, Mirror)
 
 # order row columns: Mirror's order list, then whether it waits for a trigger
 O_ACCOUNT, O_CID, O_MARKET, O_SIDE, O_KIND, O_PRICE, O_REMAINING, O_QTY, O_UNTRIG = range(9)
@@ -32,6 +34,31 @@ O_ACCOUNT, O_CID, O_MARKET, O_SIDE, O_KIND, O_PRICE, O_REMAINING, O_QTY, O_UNTRI
 S_APPLIED, S_BASE, S_ADMIN_SEQ, S_DIRTY_N, S_ORDERS_N, S_CIDS_N, S_LEVELS_N = range(7)
 _EMPTY = np.int64(0)           # oids and (account + 1) keys are never 0
 
+
+def _at(dtype, name: str, size: int = 1) -> int:
+    """A field's offset in its record, in units of `size` bytes (it must be aligned so)."""
+    offset = dtype.fields[name][1]
+    assert offset % size == 0, (name, size)
+    return offset // size
+
+
+# where apply_events reads each field: bytes, int16 and int32 slots, int64 words of a record
+B_ETYPE, B_STATUS, B_SIDE, B_KIND = (_at(ORDER_EVENT_DTYPE, f) for f in (
+    "etype", "status", "side", "kind"))
+H_MARKET = _at(ORDER_EVENT_DTYPE, "market", 2)
+I_ACCOUNT = _at(ORDER_EVENT_DTYPE, "account", 4)
+W_OID, W_CID, W_PRICE, W_QTY, W_REMAINING = (_at(ORDER_EVENT_DTYPE, f, 8) for f in (
+    "oid", "cid", "price_ticks", "qty_lots", "remaining_lots"))
+WT_PRICE, WT_OID, WT_REMAINING, WT_MAKER_OID, WT_MAKER_REMAINING = (
+    _at(TRADE_EVENT_DTYPE, f, 8) for f in ("price_ticks", "oid", "remaining_lots",
+                                           "maker_oid", "maker_remaining_lots"))
+WM_MARK = _at(MARK_EVENT_DTYPE, "mark_ticks", 8)
+B_COMMAND = EVENT_BYTES - COMMAND_BYTES          # EV_COMMAND carries its command here
+BC_CODE, BC_KIND = (_at(COMMAND_DTYPE, f) for f in ("cmd", "kind"))
+BC_ACCOUNT, BC_MARKET = _at(COMMAND_DTYPE, "account"), _at(COMMAND_DTYPE, "market")
+WC_PRICE, WC_QTY, WC_AMOUNT = (_at(COMMAND_DTYPE, f, 8) for f in (
+    "price_ticks", "qty_lots", "amount_atoms"))
+WORDS = EVENT_BYTES // 8
 
 @njit(cache=True, inline="always")
 def _mix(x):
@@ -161,71 +188,71 @@ def _set_remaining(o_keys, o_vals, c_keys, c_vals, lv_keys, lv_qty, versions, di
 @njit(cache=True)
 def _ack(o_keys, o_vals, c_keys, c_vals, lv_keys, lv_qty, versions, dirty, st, ev8, ev64, e,
          account, market):
-    status = ev8[e * 128 + 29]
+    status = ev8[e * EVENT_BYTES + B_STATUS]
     if status != STATUS_OPEN and status != STATUS_UNTRIGGERED:
         return
-    q = e * 16            # int64 words: oid 4, cid 5, price 6, qty 7, remaining 8
-    side = np.int64(ev8[e * 128 + 30])
-    kind = np.int64(ev8[e * 128 + 31])
-    _add_order(o_keys, o_vals, c_keys, c_vals, st, ev64[q + 4], account, ev64[q + 5], market,
-               side, kind, ev64[q + 6], ev64[q + 8], ev64[q + 7],
+    q = e * WORDS
+    side = np.int64(ev8[e * EVENT_BYTES + B_SIDE])
+    kind = np.int64(ev8[e * EVENT_BYTES + B_KIND])
+    _add_order(o_keys, o_vals, c_keys, c_vals, st, ev64[q + W_OID], account, ev64[q + W_CID],
+               market, side, kind, ev64[q + W_PRICE], ev64[q + W_REMAINING], ev64[q + W_QTY],
                0 if status == STATUS_OPEN else 1)
     if status == STATUS_OPEN:
-        _level(lv_keys, lv_qty, versions, dirty, st, market, side, ev64[q + 6], ev64[q + 8])
+        _level(lv_keys, lv_qty, versions, dirty, st, market, side, ev64[q + W_PRICE],
+               ev64[q + W_REMAINING])
 
 
 @njit(cache=True)
 def apply_events(ev, count, st, markets, versions, admin, changed, o_keys, o_vals, c_keys,
                  c_vals, lv_keys, lv_qty, dirty):
-    """Apply `count` 128-byte event records (`ev`, uint8, as the ring holds them). A market an
+    """Apply `count` event records (EVENT_BYTES each) (`ev`, uint8, as the ring holds them). A market an
     admin command changed is flagged in `changed`. Returns how many were applied (later than
     the state the mirror started from)."""
     applied = 0
     n_markets = markets.shape[0]
-    ev8 = ev[:count * 128]
+    ev8 = ev[:count * EVENT_BYTES]
     ev16 = ev8.view(np.int16)
     ev32 = ev8.view(np.int32)
     ev64 = ev8.view(np.int64)
     for e in range(count):
-        q = e * 16                     # the record's first int64 word
+        q = e * WORDS                  # the record's first int64 word
         seq = ev64[q]
         if seq <= st[S_BASE]:
             continue
         applied += 1
-        etype = ev8[e * 128 + 16]
-        market = np.int64(ev16[e * 64 + 9])
-        account = np.int64(ev32[e * 32 + 5])
+        etype = ev8[e * EVENT_BYTES + B_ETYPE]
+        market = np.int64(ev16[e * (EVENT_BYTES // 2) + H_MARKET])
+        account = np.int64(ev32[e * (EVENT_BYTES // 4) + I_ACCOUNT])
         if etype == EV_COMMAND:
             st[S_APPLIED] = seq
-            code = ev8[e * 128 + 122]
+            code = ev8[e * EVENT_BYTES + B_COMMAND + BC_CODE]
             if code == CMD_CREATE_MARKET or code == CMD_SET_MARKET_LIMITS or \
                     code == CMD_HALT or code == CMD_RESUME or \
                     code == CMD_SET_MARKET_STATE or code == CMD_SETTLE_MARKET:
                 st[S_ADMIN_SEQ] = seq
-                admin[:] = ev8[e * 128 + 64:e * 128 + 128]
+                admin[:] = ev8[e * EVENT_BYTES + B_COMMAND:(e + 1) * EVENT_BYTES]
             else:
                 st[S_ADMIN_SEQ] = 0
         elif etype == EV_TRADE:
-            # words: price 5, oid 7, remaining 9, maker_oid 12, maker_remaining 14
             _set_remaining(o_keys, o_vals, c_keys, c_vals, lv_keys, lv_qty, versions, dirty,
-                           st, ev64[q + 12], ev64[q + 14])
+                           st, ev64[q + WT_MAKER_OID], ev64[q + WT_MAKER_REMAINING])
             _set_remaining(o_keys, o_vals, c_keys, c_vals, lv_keys, lv_qty, versions, dirty,
-                           st, ev64[q + 7], ev64[q + 9])
-            markets[market, M_LAST] = ev64[q + 5]
+                           st, ev64[q + WT_OID], ev64[q + WT_REMAINING])
+            markets[market, M_LAST] = ev64[q + WT_PRICE]
         elif etype == EV_MARK:
             if 0 <= market < n_markets:
-                markets[market, M_MARK] = ev64[q + 4]
+                markets[market, M_MARK] = ev64[q + WM_MARK]
         elif etype == EV_ACK:
             _ack(o_keys, o_vals, c_keys, c_vals, lv_keys, lv_qty, versions, dirty, st, ev8,
                  ev64, e, account, market)
         elif etype == EV_TRIGGERED:
-            i = _find(o_keys, ev64[q + 4], 0, 0)
+            i = _find(o_keys, ev64[q + W_OID], 0, 0)
             if i >= 0 and o_vals[i, O_UNTRIG]:
                 _remove_order(o_keys, o_vals, c_keys, c_vals, st, i)
             _ack(o_keys, o_vals, c_keys, c_vals, lv_keys, lv_qty, versions, dirty, st, ev8,
                  ev64, e, account, market)
         elif etype == EV_CANCELED:
-            i = _find(o_keys, ev64[q + 4], 0, 0)
+            i = _find(o_keys, ev64[q + W_OID], 0, 0)
             if i >= 0:
                 v = o_vals[i]
                 if not v[O_UNTRIG]:
@@ -233,38 +260,38 @@ def apply_events(ev, count, st, markets, versions, admin, changed, o_keys, o_val
                            v[O_PRICE], -v[O_REMAINING])
                 _remove_order(o_keys, o_vals, c_keys, c_vals, st, i)
         elif etype == EV_AMENDED:
-            i = _find(o_keys, ev64[q + 4], 0, 0)
+            i = _find(o_keys, ev64[q + W_OID], 0, 0)
             if i >= 0 and not o_vals[i, O_UNTRIG]:
                 v = o_vals[i]
                 _level(lv_keys, lv_qty, versions, dirty, st, v[O_MARKET], v[O_SIDE],
                        v[O_PRICE], -v[O_REMAINING])
-                v[O_PRICE] = ev64[q + 6]
-                v[O_QTY] = ev64[q + 7]
-                v[O_REMAINING] = ev64[q + 8]
+                v[O_PRICE] = ev64[q + W_PRICE]
+                v[O_QTY] = ev64[q + W_QTY]
+                v[O_REMAINING] = ev64[q + W_REMAINING]
                 _level(lv_keys, lv_qty, versions, dirty, st, v[O_MARKET], v[O_SIDE],
-                       ev64[q + 6], ev64[q + 8])
+                       ev64[q + W_PRICE], ev64[q + W_REMAINING])
         elif etype == EV_DONE:
             if st[S_ADMIN_SEQ] != seq:
                 continue
             st[S_ADMIN_SEQ] = 0
-            a64 = admin.view(np.int64)           # ts, cid, oid, price, qty, amount
-            a_account = np.int64(admin[48:52].view(np.int32)[0])
-            a_market = np.int64(admin[56:58].view(np.int16)[0])
-            code = admin[58]
-            kind = np.int64(admin[60])
+            a64 = admin.view(np.int64)
+            a_account = np.int64(admin[BC_ACCOUNT:BC_ACCOUNT + 4].view(np.int32)[0])
+            a_market = np.int64(admin[BC_MARKET:BC_MARKET + 2].view(np.int16)[0])
+            code = admin[BC_CODE]
+            kind = np.int64(admin[BC_KIND])
             if not 0 <= a_market < n_markets:
                 continue
             mk = markets[a_market]
             if code == CMD_CREATE_MARKET:
                 mk[:] = 0
-                mk[0] = 1
-                mk[1] = a64[5]
-                mk[2] = a_account
-                mk[M_MARK] = a64[3]
+                mk[M_ACTIVE] = 1
+                mk[M_ATPL] = a64[WC_AMOUNT]
+                mk[M_LEVERAGE] = a_account     # create_market carries it there
+                mk[M_MARK] = a64[WC_PRICE]
                 mk[M_STATE] = MARKET_TRADING
             elif code == CMD_SET_MARKET_LIMITS:
-                mk[M_MAX_PRICE] = a64[3]
-                mk[M_MAX_ORDER] = a64[4]
+                mk[M_MAX_PRICE] = a64[WC_PRICE]
+                mk[M_MAX_ORDER] = a64[WC_QTY]
             else:
                 if code == CMD_HALT:
                     state = MARKET_HALTED
@@ -505,6 +532,9 @@ class ArrayMirrorQueries:
         self.dirty_markets()
         if not self.any_dirty:
             self.take_dirty(0)
+        # a table's first growth (ArrayMirror._room) would load its rehash mid-batch
+        empty = np.full((2, 3), _EMPTY, np.int64)
+        _rehash(empty, np.zeros((2, 1), np.int64), empty.copy(), np.zeros((2, 1), np.int64))
 
     def book_levels(self, market: int, depth: int = 0):
         a = self.a
