@@ -959,6 +959,14 @@ class CompiledLane:
     def held_bytes(self) -> int:
         return int(self.ints[I_B_TAIL] - self.ints[I_B_HEAD])
 
+    def held_count(self) -> int:
+        """Messages waiting in the hold."""
+        return int(self.ints[I_H_TAIL] - self.ints[I_H_HEAD])
+
+    def pending_count(self) -> int:
+        """The lane's requests not answered yet (a scan: for the stats, once a second)."""
+        return int(np.count_nonzero(self.pend[:, P_REQ]))
+
     def adopt(self, raw: np.ndarray, e: int, pending: dict) -> None:
         """Event e, handed to Python, may be the reply to one of the lane's requests (its
         account's reports go through Python): the request moves to Python's pending table

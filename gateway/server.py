@@ -710,6 +710,7 @@ class Gateway:
     def status(self) -> dict:
         """Counts and limits for `perpx status` (written to `stats_file` once a second)."""
         sessions = self.sessions
+        lane = self.lane
         live = sum(len(v) for v in sessions.by_account.values())
         memory = self.memory
         accounted = memory.accounted()
@@ -721,8 +722,9 @@ class Gateway:
                 "connections": sessions.open_connections, "sessions": live,
                 "refused_sessions": sum(1 for s in sessions.by_identity.values()
                                         if s.refused and s.live),
-                "closing_sessions": len(sessions.closing), "held": len(self.outbox.held),
-                "pending": len(self.requests.pending),
+                "closing_sessions": len(sessions.closing),
+                "held": len(self.outbox.held) + (lane.held_count() if lane else 0),
+                "pending": len(self.requests.pending) + (lane.pending_count() if lane else 0),
                 "ack_latency": self.outbox.ack_latency.stats(), **self.stats, **self.views.stats,
                 "refused_by_reason": dict(self.outbox.reasons.totals), "limits": self.limits}
 
