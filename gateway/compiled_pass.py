@@ -86,6 +86,7 @@ ID_CAP = 4096              # routing id -> session index (open addressing, power
 ID_MAX = 256               # a routing id's bytes at most (ZeroMQ's limit: 255)
 PEND_CAP = 1 << 16         # pending requests by req & mask
 COMPILED_REQ = 1 << 30     # req tokens from here on are the compiled lane's
+CID_WINDOW = 1024          # in-flight new orders an amend by cid finds before their ack
 ARENA = 1 << 20           # the bytes of one pass's deferred messages
 OUT_CAP = 4096             # events per route() call: its trade and reply-time lists hold that
 
@@ -958,6 +959,16 @@ class CompiledLane:
 
     def held_bytes(self) -> int:
         return int(self.ints[I_B_TAIL] - self.ints[I_B_HEAD])
+
+    def cid_market(self, account: int, cid: int):
+        """The market of the account's new order `cid` the lane sent and the matcher has not
+        answered yet, or None (gateway/requests.py: amend by cid before the ack). Looks at
+        the last CID_WINDOW requests only, so an amend of an unknown cid costs little."""
+        newest = int(self.ints[I_NEXT_REQ])
+        rows = self.pend[np.arange(newest - CID_WINDOW, newest) & (len(self.pend) - 1)]
+        found = np.flatnonzero((rows[:, P_REQ] != 0) & (rows[:, P_ACCT] == account) &
+                               (rows[:, P_CID] == cid) & ((rows[:, P_KIND] & 1) == 0))
+        return int(rows[found[-1], P_MARKET]) if len(found) else None
 
     def held_count(self) -> int:
         """Messages waiting in the hold."""

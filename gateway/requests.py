@@ -86,8 +86,10 @@ class Requests:
         stats.setdefault("ignored_messages", 0)
         # req -> (Session, rid, account, R_*, cid or None, extra)
         self.pending: dict[int, tuple] = {}
-        # (account, cid) -> (req, market) of new orders not acked yet (amend by cid needs it)
+        # (account, cid) -> (req, market) of new orders not acked yet (amend by cid needs it);
+        # the compiled lane's own are asked of it (gateway/compiled_pass.py)
         self.pending_cids: dict[tuple[int, int], tuple[int, int]] = {}
+        self.lane_cid_market = lambda account, cid: None
         self._next_req = 1 + int.from_bytes(os.urandom(3), "little")
         self.cmd_buf = np.zeros(recv_batch + 64, COMMAND_DTYPE)
         self._cmd_mv = memoryview(self.cmd_buf.view(np.uint8))
@@ -274,8 +276,9 @@ class Requests:
                              "cannot be amended: cancel it and place a new one")
         if not oid:
             pend = self.pending_cids.get((account, cid))
-            if pend is not None and self.market_by_id[pend[1]] is not None:
-                return self.market_by_id[pend[1]]
+            m = pend[1] if pend is not None else self.lane_cid_market(account, cid)
+            if m is not None and self.market_by_id[m] is not None:
+                return self.market_by_id[m]
         if "market" in msg:        # a hint for an order this gateway has not seen yet
             return self.markets.get(msg["market"])
         raise EdgeReject(REASON_UNKNOWN_ORDER, "no such open order of this account")

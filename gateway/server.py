@@ -431,6 +431,7 @@ class Gateway:
         self.lane = lane = CompiledLane(self)
         self.array_mirror = self._array_mirror()
         self.requests.limiter = lane.limiter
+        self.requests.lane_cid_market = lane.cid_market
         forget_memory = self.sessions.on_closed
 
         def on_closed(s):

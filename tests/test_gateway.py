@@ -603,3 +603,18 @@ def test_the_gateways_io_thread_does_not_preempt_it(exchange):
             policies.setdefault(f.read().strip(), []).append(os.sched_getscheduler(int(tid)))
     assert policies["ZMQbg/IO/0"] == [os.SCHED_BATCH], policies
     assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+
+
+def test_an_amend_by_cid_right_behind_its_order_finds_it(exchange):
+    """An amend by cid sent right behind its new order, before the ack can have come back,
+    amends it: the gateway knows the order it has sent the matcher (either pass's pending
+    table), not only the ones the mirror has."""
+    c = exchange.client(1)
+    for k in range(20):
+        cid = 500 + k
+        placed = c.send(**order(cid, "ETH-PERP", "buy", "0.1", "2900"))
+        amended = c.send(type="amend", cid=cid, qty="0.2")
+        ack = c.wait_for(lambda m, rid=placed: m.get("rid") == rid)
+        reply = c.wait_for(lambda m, rid=amended: m.get("rid") == rid)
+        assert (ack["type"], reply["type"], reply.get("qty")) == ("ack", "amended", "0.2"), \
+            reply
