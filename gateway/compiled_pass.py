@@ -261,22 +261,19 @@ def _decimal_units(buf, start, n, mantissa, exponent):
         return -1
     if places < 0:
         places = 0
-    if places <= exponent:
-        if n + exponent - places > 18:          # could overflow int64: Python decides
-            return -1
-        scaled = digits
-        for _ in range(exponent - places):
-            scaled *= 10
-        if scaled % mantissa:
-            return -1
-        units = scaled // mantissa
-    else:
-        div = mantissa
-        for _ in range(places - exponent):
-            div *= 10
-        if digits % div:
-            return -1
-        units = digits // div
+    # units = digits x 10^exponent / (mantissa x 10^places): the larger power of ten goes
+    # to the side it belongs to, so one division decides both the grid and the value
+    if n + exponent - places > 18:              # could overflow int64: Python decides
+        return -1
+    num = digits
+    den = mantissa
+    for _ in range(exponent - places):
+        num *= 10
+    for _ in range(places - exponent):
+        den *= 10
+    if num % den:
+        return -1
+    units = num // den
     return units if units > 0 else -1
 
 
