@@ -151,22 +151,26 @@ class Requests:
     # -- one message --------------------------------------------------------------------
     def handle(self, identity: bytes, frame, extra_frames: bool) -> None:
         """One message (`frame`: its first frame; `extra_frames`: it had more): exactly one
-        reply, with its `rid` (and `cid`) whenever they can be read, whatever its shape."""
+        reply, with its `rid` (and `cid`) whenever they can be read, whatever its shape.
+        Never raises: a bug must not let one client's message take the gateway down, nor
+        fill the log."""
         self.stats["requests"] += 1
-        s = self.sessions.of_message(identity, frame, self.learn_disconnects)
-        if s is None:
-            self.stats["dropped_frames"] += 1      # no account: not through our ZAP
-            return
-        if s.evicted:
-            self.stats["ignored_messages"] += 1    # gateway/sessions.py: it gets nothing
-            return
-        rid = cid = None
+        s = None
         try:
-            rid, cid = self._handle(s, frame, extra_frames)
+            s = self.sessions.of_message(identity, frame, self.learn_disconnects)
+            if s is None:
+                self.stats["dropped_frames"] += 1      # no account: not through our ZAP
+                return
+            if s.evicted:
+                self.stats["ignored_messages"] += 1    # gateway/sessions.py: it gets nothing
+                return
+            self._handle(s, frame, extra_frames)
         except Exception as e:
-            # A bug must not let one client's message take the gateway down, nor fill the log.
+            if s is None:                 # before its session is known: nobody to answer
+                self.outbox.reasons.note(f"unexpected {where(e)} (not answered)")
+                return
             self.outbox.reject(s, REASON_INVALID_MESSAGE,
-                               "the gateway could not process this message", rid, cid)
+                               "the gateway could not process this message")
             self.outbox.reasons.note(f"unexpected {where(e)}")
 
     def _handle(self, s, frame, extra_frames: bool):
@@ -229,7 +233,6 @@ class Requests:
                 handler(s, msg, rid, now)
             except EdgeReject as e:
                 outbox.reject(s, e.reason, e.text, rid, cid)
-        return rid, cid
 
     # -- commands -----------------------------------------------------------------------
     def _new_order(self, s, msg, rid, now) -> None:

@@ -83,7 +83,6 @@ from gateway.memory import REPLAY_SHARE, MemoryBudget, kernel_sndbuf, rss_bytes
 from gateway.mirror import M_ACTIVE, M_ATPL, M_MAX_ORDER, M_MAX_PRICE, Mirror, \
     consistent_state_copy
 from gateway.outbox import Outbox
-from gateway.reasons import where
 from gateway.replay import DEFAULT_KEEP, DurableSource, Replayer, ReportLog
 from gateway.requests import Requests
 from gateway.socket_poll import SocketPoll, has_input
@@ -550,10 +549,7 @@ class Gateway:
                         identity = bytes(arena[start:start + ilen])
                         frame = _Frame(bytes(arena[start + ilen:start + ilen + plen]),
                                        str(acct) if acct >= 0 else None, fd)
-                        try:
-                            requests.handle(identity, frame, bool(more))
-                        except Exception as e:   # handle() answers its own errors: a bug
-                            outbox.reasons.note(f"unexpected {where(e)} (not answered)")
+                        requests.handle(identity, frame, bool(more))
                         s = sessions.by_identity.get(identity)
                         if s is not None and s.live and not s.refused and not s.evicted:
                             lane.learn(s)
@@ -682,10 +678,7 @@ class Gateway:
                 extra = True
             got += 1
             queued = requests.cmd_n
-            try:
-                requests.handle(identity, frame, extra)
-            except Exception as e:     # handle() answers its own errors: this is a bug there
-                self.outbox.reasons.note(f"unexpected {where(e)} (not answered)")
+            requests.handle(identity, frame, extra)
             if queued and requests.cmd_n == queued:
                 others += 1
         if sessions.closing:
