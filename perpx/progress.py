@@ -7,6 +7,7 @@ they end, so a log still says what took the time.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 import time
@@ -30,14 +31,15 @@ def _console(out) -> Console:
 
 
 @contextmanager
-def elapsed(what: str, out=None, every_s: float = 10.0):
+def elapsed(what: str, out=None, every_s: float = 10.0, since: float | None = None):
     """Show `what… N s` while the block runs, then `what: done in N s` (or, if the block
-    raised, `what: stopped after N s`).
+    raised, `what: stopped after N s`), N counted from `since` (a time.monotonic()) when the
+    work began before the block.
 
     On a terminal the seconds tick in place; elsewhere a line every `every_s` seconds.
     """
     console = _console(out)
-    t0 = time.monotonic()
+    t0 = time.monotonic() if since is None else since
     stop = threading.Event()
     status = console.status(f"{what}…") if console.is_terminal else None
 
@@ -122,12 +124,39 @@ def ensure_matcher_compiled(out=None) -> bool:
     return True
 
 
-def ensure_gateway_compiled(out=None) -> bool:
-    """The gateway's compiled lane (gateway/compiled_pass.py), as ensure_matcher_compiled:
-    compiled here, with a clock, when numba's cache is cold. Returns whether it compiled."""
-    from gateway.compiled_pass import compile_lane, lane_is_cached
-    if lane_is_cached():
-        return False
-    with elapsed(COMPILING_GATEWAY, out):
-        compile_lane()
-    return True
+class GatewayCompile:
+    """The gateway's compiled lane (gateway/compiled_pass.py) compiled in a process of its own
+    when numba's cache lacks it, so that it runs beside the matcher's compile (two cores: the
+    two cold compiles, about a minute each, overlap). `wait()` then waits for it with a clock
+    and raises if it failed, `stop()` ends it unfinished; all do nothing when the cache had
+    the lane."""
+
+    def __init__(self):
+        from gateway.compiled_pass import lane_is_cached
+        self.t0 = time.monotonic()
+        self.process = None if lane_is_cached() else subprocess.Popen(
+            [sys.executable, "-c",
+             "from gateway.compiled_pass import compile_lane; compile_lane()"])
+
+    def wait(self, out=None) -> None:
+        if self.process is None:
+            return
+        with elapsed(COMPILING_GATEWAY, out, since=self.t0):
+            code = self.process.wait()
+        self.process = None
+        if code != 0:
+            raise RuntimeError(f"compiling the gateway's order path failed (exit {code})")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+def ensure_compiled(out=None) -> None:
+    """The matcher and the gateway's lane loaded or, on a cold cache, compiled side by side
+    (the matcher here, the lane in a process of its own), each with a clock."""
+    lane = GatewayCompile()
+    ensure_matcher_compiled(out)
+    lane.wait(out)

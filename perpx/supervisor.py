@@ -82,7 +82,6 @@ from pathlib import Path
 import zmq.auth
 
 from engine.matcher import matcher_is_cached
-from gateway.compiled_pass import lane_is_cached
 from engine.records import (CMD_CREATE_MARKET, CMD_SET_BRACKET, CMD_SET_MARKET_LIMITS,
                             CMD_SET_MARKET_RISK, EVENT_DTYPE)
 from engine.shared_state import attach_state
@@ -93,7 +92,7 @@ from perpx.cpu_latency import CpuLatencyRequest
 from perpx.launch import child_env
 from perpx.metrics import Exporter
 from perpx.ops import Exchange, OpsError
-from perpx.progress import COMPILING_GATEWAY, COMPILING_MATCHER, Bar, elapsed
+from perpx.progress import COMPILING_MATCHER, Bar, GatewayCompile, elapsed
 from perpx.statedir import FileLock, StateDir
 from persistd.journal import journal_info
 from shm import names
@@ -310,6 +309,7 @@ class Supervisor:
         self.index_board = None
         self.progress = None
         self.exporter = None
+        self.lane_compile: GatewayCompile | None = None
         self.gateways: list[Child] = []
         self.hb_board = None
         self.heartbeat = None
@@ -424,6 +424,7 @@ class Supervisor:
                                                "--spec", str(sd.exchange_file)],
                                    ready_check=matcher_ready)
         compiles = not matcher_is_cached()
+        self.lane_compile = self._compile_gateway_lane()   # beside the matcher's: cold cache
         self._spawn(self.matcher)
         self.log(f"matcher started (pid {self.matcher.pid}, cpus {self.matcher.cpus or 'any'}); "
                  f"waiting for it to {'compile' if compiles else 'load'} the matcher"
@@ -462,7 +463,11 @@ class Supervisor:
         self.log(f"riskd ready (pid {self.riskd.pid}, a tick every "
                  f"{cfg.risk['mark_interval_ms']} ms)")
 
-        self._compile_gateway_lane()
+        if self.lane_compile is not None:
+            try:
+                self.lane_compile.wait()
+            except RuntimeError as e:
+                raise StartupError(str(e)) from None
         for i in range(cfg.gateways):
             ready_file = sd.run_dir / f"gateway-{i}.json"
             argv = [sys.executable, "-m", "gateway", "--spec", str(sd.exchange_file),
@@ -594,16 +599,17 @@ class Supervisor:
                 raise StartupError(f"timed out after {timeout_s:g} s waiting for {what}")
             time.sleep(0.02)
 
-    def _compile_gateway_lane(self) -> None:
+    def _compile_gateway_lane(self) -> GatewayCompile | None:
         """On a cold numba cache, compile the gateways' lane (gateway/compiled_pass.py) once,
-        in a process of its own, before the gateways start: each would compile it for
-        minutes past its ready timeout."""
-        if lane_is_cached() or os.environ.get("PERPX_GATEWAY_PASS") == "python":
-            return
-        self.log("compiling the gateway's order path (first start only)")
-        with elapsed(COMPILING_GATEWAY):
-            subprocess.run([sys.executable, "-c", "from gateway.compiled_pass import "
-                            "compile_lane; compile_lane()"], check=True)
+        in a process of its own beside the matcher's compile; the gateways start after it
+        (each would compile it for minutes past its ready timeout)."""
+        if os.environ.get("PERPX_GATEWAY_PASS") == "python":
+            return None
+        lane_compile = GatewayCompile()
+        if lane_compile.process is None:
+            return None
+        self.log("compiling the gateway's order path (first start only), beside the matcher")
+        return lane_compile
 
     def _genesis(self) -> None:
         command_words = {CMD_CREATE_MARKET: "CREATE_MARKET", CMD_SET_MARKET_LIMITS: "SET_MARKET_LIMITS",
@@ -740,6 +746,8 @@ class Supervisor:
 
     # -- shutdown -----------------------------------------------------------------------
     def shutdown(self) -> None:
+        if self.lane_compile is not None:     # a start-up that failed while it compiled
+            self.lane_compile.stop()
         for child in self._running():
             child.restart_at = None
         if self.exporter is not None:      # it reads the shm the children are about to remove

@@ -6,17 +6,17 @@ import sys
 
 import pytest
 
-from perpx.progress import ensure_gateway_compiled, ensure_matcher_compiled
+from perpx.progress import ensure_compiled
 from tests.test_supervisor import Up, config_text
 
 
 def pytest_sessionstart(session):
     """On a cold numba cache (a fresh checkout), compile the matcher and the gateway's lane
-    first, with a clock on the terminal, rather than silently inside whichever test loads
-    them first (a gateway compiling its lane keeps its clients waiting for minutes)."""
+    first, side by side, with a clock on the terminal, rather than silently inside whichever
+    test loads them first (a gateway compiling its lane keeps its clients waiting for
+    minutes)."""
     if not session.config.option.collectonly:
-        ensure_matcher_compiled(sys.__stderr__)
-        ensure_gateway_compiled(sys.__stderr__)
+        ensure_compiled(sys.__stderr__)
 
 
 @pytest.fixture
