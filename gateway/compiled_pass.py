@@ -1113,6 +1113,7 @@ def compile_lane() -> None:
     from types import SimpleNamespace
 
     from engine.records import COMMAND_DTYPE
+    from gateway.book_render import BookDeltas
     from gateway.mirror_arrays import ArrayMirror, ArrayMirrorQueries
     from gateway.replay import ReportLog
     from gateway.sessions import TokenBucket
@@ -1131,3 +1132,4 @@ def compile_lane() -> None:
     mirror = ArrayMirror(2)
     mirror.apply(np.zeros(EVENT_BYTES, np.uint8), 0)
     ArrayMirrorQueries(mirror).warm()
+    BookDeltas(mirror).warm()

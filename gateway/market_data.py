@@ -31,6 +31,7 @@ class MarketData:
         self._board_sent: dict[int, tuple] = {}    # market -> (index, rate, next) last published
         self._state_sent: dict[int, int] = {}      # market -> its state in the last mark.MARKET
         self.board_due = 0.0
+        self.book_delta = self.packed_book_delta
 
     def trade(self, tr, market) -> None:
         self.outbox.publish(market.topic_trade, pack(
@@ -61,14 +62,20 @@ class MarketData:
         mirror = self.mirror
         seq = mirror.applied_seq
         for m in mirror.dirty_markets():
-            bids, asks = mirror.take_dirty(m)
             market = self.market_by_id[m]
             if market is None:
+                mirror.take_dirty(m)         # no table to say them with: dropped
                 continue
-            t, l = market.ticks_to_str, market.lots_to_str
-            self.outbox.publish(market.topic_book, pack(
-                {"seq": seq, "bids": [[t(p), l(q)] for p, q in bids],
-                 "asks": [[t(p), l(q)] for p, q in asks]}), seq)
+            self.outbox.publish(market.topic_book, self.book_delta(m, market, seq), seq)
+
+    def packed_book_delta(self, m: int, market, seq: int) -> bytes:
+        """`book.MARKET`: the market's changed levels, taken off the mirror's dirty list. The
+        compiled lane's gateway sets `book_delta` to gateway/book_render.py's, which writes
+        the same bytes from the array mirror."""
+        bids, asks = self.mirror.take_dirty(m)
+        t, l = market.ticks_to_str, market.lots_to_str
+        return pack({"seq": seq, "bids": [[t(p), l(q)] for p, q in bids],
+                     "asks": [[t(p), l(q)] for p, q in asks]})
 
     def board_changes(self) -> None:
         """riskd re-sends no unchanged mark, but its index and funding estimate move on: once

@@ -454,7 +454,7 @@ def _orders_of(o_keys, o_vals, account, market):
 
 
 @njit(cache=True)
-def _take_dirty(dirty, st, lv_keys, lv_qty, market, side):
+def take_dirty_levels(dirty, st, lv_keys, lv_qty, market, side):
     """The levels of (market, side) changed since the last take, best first, with their
     quantities now (0: gone); they leave the dirty list, the other markets' stay."""
     n = st[S_DIRTY_N]
@@ -565,6 +565,6 @@ class ArrayMirrorQueries:
         a = self.a
         out = []
         for side in (0, 1):
-            prices, qtys = _take_dirty(a.dirty, a.st, a.lv_keys, a.lv_qty, market, side)
+            prices, qtys = take_dirty_levels(a.dirty, a.st, a.lv_keys, a.lv_qty, market, side)
             out.append(list(zip(prices.tolist(), qtys.tolist())))
         return out[0], out[1]

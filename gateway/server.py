@@ -590,6 +590,7 @@ class Gateway:
     def _array_mirror(self):
         """The mirror in arrays (gateway/mirror_arrays.py), applied per batch by the lane's
         loop; every reader of the mirror reads it from now on."""
+        from gateway.book_render import BookDeltas
         from gateway.mirror_arrays import ArrayMirror, ArrayMirrorQueries
         arrays = ArrayMirror.from_mirror(self.mirror)
         queries = ArrayMirrorQueries(arrays)
@@ -599,6 +600,9 @@ class Gateway:
         for reader in (self.requests, self.market_data, self.replayer, self.router_events):
             if reader is not None:
                 reader.mirror = queries
+        if self.market_data is not None:
+            self.market_data.book_delta = book_deltas = BookDeltas(arrays)
+            book_deltas.warm()
         return arrays
 
     def _markets_changed(self, arrays, lane) -> None:
