@@ -11,6 +11,7 @@ import os
 from perpx import heap
 from perpx.bench.e2e import _Procs, format_report
 from perpx.cli import main
+from tests.test_bench_pauses import check_cpu_gone
 
 REQUIRED = ("orders_per_s", "ack_p50_us", "ack_p99_us", "ack_p999_us", "echo_msgs_per_s",
             "echo_rtt_p50_us", "orders_over_echo", "ack_p50_over_echo_p50",
@@ -69,13 +70,17 @@ def test_bench_e2e_json(capsys, tmp_path):
     rows = {line.split("  ")[0]: line for line in format_report(res).splitlines()}
     assert "relay-gateway" in rows["relay CPU µs/msg"] and "busy cpu" in rows["relay CPU µs/msg"]
     assert " gateway " in rows["fast: CPU µs/order"] and "durable: CPU µs/order" in rows
+    assert "cpu gone: cpu" in rows["fast: throughput pauses"], rows
     # the pause meters ran beside both phases of both exchanges
     assert res["settings"]["pause_meters"] is True
     for run in (res, durable):
         for phase in ("throughput", "paced"):
             p = run["pauses"][phase]
-            assert len(p["per_cpu_over_2ms"]) == len(os.sched_getaffinity(0)), p
+            check_cpu_gone(p, len(os.sched_getaffinity(0)))
             assert 0 <= p["late_requests_in_platform_pauses"] <= p["late_requests"]
+            assert 0 <= p["late_requests_in_cpu_gone"] <= p["late_requests"], p
+            assert p["late_requests_in_cpu_gone"] >= p["slowest_in_cpu_gone"], p
+            assert p["late_requests_in_platform_pauses"] >= p["slowest_in_platform_pause"], p
     # its exchanges removed every shm entry they made, and none of their prefixes remains
     assert res["shm_left"] == []
     assert len(set(res["shm_prefixes"])) == 2 and res["shm_prefix"] == res["shm_prefixes"][0]

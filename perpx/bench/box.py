@@ -6,8 +6,9 @@ The exchange's tail is bounded below by the box: a VM that stops its CPUs, a dis
 - pauses, idle: perpx/bench/pauses.py's meters (one pinned 1 ms sleeper per CPU) alone;
 - pauses, busy: the same beside one busy loop per CPU (a host that throttles or deschedules a
   busy VM shows here: both CPUs stalled at once). The meters then compete with the loops, so
-  a pause seen by one CPU is the scheduler's; only `platform_pauses` (all CPUs at once)
-  count;
+  a pause seen by one CPU is mostly the scheduler's: only the part its meter was not kept
+  waiting on a runqueue (`cpu_gone_*`) is that CPU gone, and `platform_pauses` (all CPUs
+  at once) the whole VM;
 - fdatasync, alone: the journal's pattern, a small overwrite (JOURNAL_WRITE_BYTES, in
   pre-zeroed space) then `fdatasync`, RATE_PER_S times a second, on the state directory's
   disk (`--dir`, default a temporary directory);
@@ -74,7 +75,7 @@ def _pauses(seconds: float, busy: bool) -> dict:
                 p.join(5)
     shared = platform.platform_pauses(meter.pauses)
     return {"seconds": seconds, "busy_loops": len(loops),
-            **platform.pause_figures(meter.pauses, shared),
+            **platform.pause_figures(meter.pauses, shared, meter.gone, meter.steal_ms),
             "platform_pause_lengths_ms": sorted(round((end - start) / 1e6, 1)
                                                 for start, end in shared)}
 
@@ -207,7 +208,8 @@ def bench_box(seconds: float = DEFAULT_SECONDS, directory=None, progress=None) -
 def _pause_line(p: dict, res: dict) -> str:
     return (f"{p['platform_pauses']} pauses of every cpu at once over 2 ms in {p['seconds']:g} "
             f"s (max {p['platform_pause_max_ms']} ms); per cpu over 2 ms: "
-            f"{p['per_cpu_over_2ms']}")
+            f"{p['per_cpu_over_2ms']}, of them gone (no run_delay to explain them): "
+            f"{p['cpu_gone_over_2ms']}; steal ms {p['steal_ms']}")
 
 
 def _fsync_line(f: dict, res: dict) -> str:

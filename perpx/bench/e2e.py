@@ -39,7 +39,8 @@ The client machinery (`_run_clients`, phases) also serves `perpx bench durabilit
 other side takes it), and the clients report every `fill` they receive (receipt time, seq).
 
 `--pauses` runs perpx/bench/pauses.py's meters beside each phase of each exchange run: the
-platform's own pauses (every CPU stalled at once), and which late requests waited in one.
+platform's own pauses (every CPU stalled at once), each CPU's time gone (host steal) and
+which late requests waited in either.
 
 Latencies are exact percentiles (numpy) over every sample of the timed window (after a short
 warm-up), not a histogram. Throughput counts replies to requests sent inside the timed window
@@ -526,7 +527,8 @@ def run_phases(target: dict, phases: list, clients: int, say, pauses: bool = Fal
                                         "rate_per_s": round(phase["rate"] * clients)}
         if pauses:
             summary["pauses"] = platform.summary(meter.pauses, summary["due_ns"],
-                                                 summary["sched_ns"])
+                                                 summary["sched_ns"], meter.gone,
+                                                 meter.steal_ms)
     return out
 
 

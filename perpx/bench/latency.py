@@ -25,8 +25,9 @@ rates each order runs code gone cold since the one before.
 and client count, one line per rate.
 
 `--pauses` runs perpx/bench/pauses.py's meters beside each rate: per run, the pauses of the
-platform itself (every CPU stalled at once) and how many of the requests later than 2 ms were
-waiting during one. The percentiles are the same either way: nothing is left out.
+platform itself (every CPU stalled at once), each CPU's time gone (host steal), and how many
+of the requests later than 2 ms were waiting during either. The percentiles are the same
+either way: nothing is left out.
 """
 
 from __future__ import annotations
