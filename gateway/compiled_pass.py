@@ -38,6 +38,7 @@ import os
 
 import numpy as np
 from numba import njit, types
+from numba.experimental import structref
 
 from engine.records import (CMD_AMEND, CMD_CANCEL, CMD_CANCEL_ALL, CMD_NEW_ORDER, CMD_SET_MARK,
                             COMMAND_BYTES, COMMAND_DTYPE, EV_ACK, EV_BALANCE, EV_CANCELED,
@@ -124,6 +125,63 @@ KEY_LEN = np.zeros(len(_KEYS), np.int64)
 for _i, _k in enumerate(_KEYS):
     KEY_BYTES[_i, :len(_k)] = np.frombuffer(_k, np.uint8)
     KEY_LEN[_i] = len(_k)
+
+
+# ---- the lane's arrays, one argument ----------------------------------------------------------
+# numba checks the type of every argument of every call from Python (~70 ns an array): the
+# calls' ~40 and ~26 arrays cost ~3 µs each before any work. In one struct they cost one
+# check. The calls read their fields into locals of the old parameters' names.
+LANE_FIELDS = (
+    "sock", "zmsg", "user_id_key", "ts_buf", "arena", "ints", "id_key", "id_klen", "id_sid",
+    "sid_i", "pend", "key_bytes", "key_len", "mk_sym", "mk_symlen", "mk_tick", "mk_lot",
+    "mk_maxp", "mk_maxq", "tokens", "token_ts", "rate_per_ns", "burst", "cmd", "deferred",
+    "out", "plain", "scratch", "rec", "sid_key", "acct_sids", "acct_n", "account_seq",
+    "l_slot_of", "l_slot_account", "l_records", "l_fields", "l_count", "l_head", "l_totals",
+    "cur_cmd", "versions", "md_idx", "acks", "fails", "checks", "h_meta", "h_bytes", "routed",
+    "account_cmds", "r_blob", "r_at", "r_priced", "r_sym", "r_sym_len", "r_tick", "r_lot")
+
+
+@structref.register
+class LaneArraysType(types.StructRef):
+    def preprocess_fields(self, fields):
+        return tuple((name, types.unliteral(typ)) for name, typ in fields)
+
+
+class LaneArrays(structref.StructRefProxy):
+    """The fields of LANE_FIELDS, held by reference: the arrays are CompiledLane's own, so
+    what either side writes the other reads. Built by `lane_arrays`; a field is replaced only
+    by `set_hold` and `set_render`."""
+
+
+structref.define_proxy(LaneArrays, LaneArraysType, LANE_FIELDS)
+
+
+@njit(cache=True)
+def _new_lane_arrays(fields):
+    return LaneArrays(*fields)
+
+
+def lane_arrays(**fields) -> LaneArrays:
+    """A LaneArrays of the named fields (all of LANE_FIELDS), built by a cached compiled call
+    (the proxy's own constructor would compile at every start)."""
+    return _new_lane_arrays(tuple(fields[name] for name in LANE_FIELDS))
+
+
+@njit(cache=True)
+def set_hold(lane, h_meta, h_bytes):
+    lane.h_meta = h_meta
+    lane.h_bytes = h_bytes
+
+
+@njit(cache=True)
+def set_render(lane, r_blob, r_at, r_priced, r_sym, r_sym_len, r_tick, r_lot):
+    lane.r_blob = r_blob
+    lane.r_at = r_at
+    lane.r_priced = r_priced
+    lane.r_sym = r_sym
+    lane.r_sym_len = r_sym_len
+    lane.r_tick = r_tick
+    lane.r_lot = r_lot
 
 
 def _cstr(s: bytes) -> np.ndarray:
@@ -305,14 +363,22 @@ def _put_cmd(cmd, k, ts, cid, price, qty, account, req, market, code, side, flag
 
 
 @njit(cache=True)
-def recv_pass(sock, zmsg, user_id_key, ts_buf, arena, ints, max_msgs, id_key, id_klen, id_sid,
-              sid_i, pend, key_bytes, key_len, mk_sym, mk_symlen, mk_tick, mk_lot, mk_maxp,
-              mk_maxq, tokens, token_ts, rate_per_ns, burst, cmd, deferred):
+def recv_pass(lane, max_msgs):
     """Read up to max_msgs messages from the ROUTER; queue commands for the common case
     (ints[I_CMD_N] of them in `cmd`), defer the rest: ints[I_DEFER_N] rows of `deferred`
     (arena offset, routing id length, payload length, more frames, account, fd), their bytes
     in `arena`; ints[I_EMPTY] when it found the ROUTER empty. Returns how many messages were
     read."""
+    sock, zmsg, user_id_key, ts_buf, arena = (lane.sock, lane.zmsg, lane.user_id_key,
+                                               lane.ts_buf, lane.arena)
+    ints, id_key, id_klen, id_sid, sid_i = (lane.ints, lane.id_key, lane.id_klen, lane.id_sid,
+                                            lane.sid_i)
+    pend, key_bytes, key_len, cmd, deferred = (lane.pend, lane.key_bytes, lane.key_len,
+                                               lane.cmd, lane.deferred)
+    mk_sym, mk_symlen, mk_tick, mk_lot, mk_maxp, mk_maxq = (
+        lane.mk_sym, lane.mk_symlen, lane.mk_tick, lane.mk_lot, lane.mk_maxp, lane.mk_maxq)
+    tokens, token_ts, rate_per_ns, burst = (lane.tokens, lane.token_ts, lane.rate_per_ns,
+                                            lane.burst)
     zp = np.int64(zmsg.ctypes.data)
     base = np.int64(arena.ctypes.data)
     got = 0
@@ -580,9 +646,11 @@ def hold(ints, h_meta, h_bytes, seq, sid, gen, buf, size):
 
 
 @njit(cache=True)
-def release_pass(sock, upto, ints, h_meta, h_bytes, sid_key, sid_i, fails, checks):
+def release_pass(lane, upto):
     """Send what is held for events up to `upto` (journaled) to its sessions if they are
     still the ones it was for; returns how many entries left the hold."""
+    sock, ints, h_meta, h_bytes = lane.sock, lane.ints, lane.h_meta, lane.h_bytes
+    sid_key, sid_i, fails, checks = lane.sid_key, lane.sid_i, lane.fails, lane.checks
     n = 0
     cap = len(h_bytes)
     base = np.int64(h_bytes.ctypes.data)
@@ -622,17 +690,27 @@ def _member(code, codes):
 
 
 @njit(cache=True)
-def route_pass(ev, start, n, mine, ints, sock, out, plain, scratch, rec, sid_key, sid_i,
-               acct_sids, acct_n, pend, account_seq, l_slot_of, l_slot_account, l_records,
-               l_fields, l_count, l_head, l_totals, cur_cmd, versions, md_idx, acks, fails,
-               checks, h_meta, h_bytes, routed, account_cmds, r_blob, r_at, r_priced, r_sym,
-               r_sym_len, r_tick, r_lot):
+def route_pass(lane, ev, start, n, mine):
     """Route events start..n-1 of `ev` (128 bytes each, from a command boundary on). Returns
     n, or the index of an event handed to Python: its report numbers are in ints (I_PAIRS
     pairs of account and account_seq at I_A0.., role 0 first), its command in cur_cmd, its
     position in the command in ints[I_INDEX]. Market-data trades (md_idx), reply times
     (acks: seq, the command's ts), failed sends and sessions to check accumulate in ints'
     counts until Python takes them."""
+    ints, sock, out, plain, scratch, rec = (lane.ints, lane.sock, lane.out, lane.plain,
+                                            lane.scratch, lane.rec)
+    sid_key, sid_i, acct_sids, acct_n, pend, account_seq = (
+        lane.sid_key, lane.sid_i, lane.acct_sids, lane.acct_n, lane.pend, lane.account_seq)
+    l_slot_of, l_slot_account, l_records, l_fields, l_count, l_head, l_totals = (
+        lane.l_slot_of, lane.l_slot_account, lane.l_records, lane.l_fields, lane.l_count,
+        lane.l_head, lane.l_totals)
+    cur_cmd, versions, md_idx, acks, fails, checks = (lane.cur_cmd, lane.versions, lane.md_idx,
+                                                      lane.acks, lane.fails, lane.checks)
+    h_meta, h_bytes, routed, account_cmds = lane.h_meta, lane.h_bytes, lane.routed, \
+        lane.account_cmds
+    r_blob, r_at, r_priced, r_sym, r_sym_len, r_tick, r_lot = (
+        lane.r_blob, lane.r_at, lane.r_priced, lane.r_sym, lane.r_sym_len, lane.r_tick,
+        lane.r_lot)
     nacc = len(account_seq)
     for e in range(start, n):
         off = e * EVENT_BYTES
@@ -860,11 +938,33 @@ class CompiledLane:
         self.h_bytes = np.zeros(4 << 20, np.uint8)
         self.cmd_records = np.zeros(512, gw.requests.cmd_buf.dtype)
         self.deferred = np.zeros((512, 6), np.int64)
+        l_slot_of, l_slot_account, l_records, l_fields, l_count, l_head, l_totals = \
+            self.report_log.arrays()
+        r_blob, r_at, r_priced, r_sym, r_sym_len, r_tick, r_lot = self.render
+        self.arrays = lane_arrays(
+            sock=self.sock, zmsg=self.zmsg, user_id_key=self.user_id_key, ts_buf=self.ts_buf,
+            arena=self.arena, ints=self.ints, id_key=self.id_key, id_klen=self.id_klen,
+            id_sid=self.id_sid, sid_i=self.sid_i, pend=self.pend, key_bytes=KEY_BYTES,
+            key_len=KEY_LEN, mk_sym=self.mk_sym, mk_symlen=self.mk_symlen,
+            mk_tick=self.mk_tick, mk_lot=self.mk_lot, mk_maxp=self.mk_maxp,
+            mk_maxq=self.mk_maxq, tokens=self.tokens, token_ts=self.token_ts,
+            rate_per_ns=self.rate_per_ns, burst=self.burst, cmd=self.cmd_records,
+            deferred=self.deferred, out=self.out, plain=self.plain, scratch=self.scratch,
+            rec=self.rec, sid_key=self.sid_key, acct_sids=self.acct_sids, acct_n=self.acct_n,
+            account_seq=self.account_seq, l_slot_of=l_slot_of, l_slot_account=l_slot_account,
+            l_records=l_records, l_fields=l_fields, l_count=l_count, l_head=l_head,
+            l_totals=l_totals, cur_cmd=self.cur_cmd, versions=self.versions,
+            md_idx=self.md_idx, acks=self.acks, fails=self.fails, checks=self.checks,
+            h_meta=self.h_meta, h_bytes=self.h_bytes, routed=ROUTED_COMMANDS,
+            account_cmds=ACCOUNT_COMMANDS_ARR, r_blob=r_blob, r_at=r_at, r_priced=r_priced,
+            r_sym=r_sym, r_sym_len=r_sym_len, r_tick=r_tick, r_lot=r_lot)
 
     def load_markets(self) -> None:
         """The gateway's market table (gateway.market_by_id) into the lane's arrays: at
         start, and after an admin command changed a market (gateway/routing.py)."""
         self.render = render_tables() + market_arrays(self.gw.market_by_id)
+        if hasattr(self, "arrays"):
+            set_render(self.arrays, *self.render)
         self.mk_symlen[:] = 0
         for i, market in enumerate(self.gw.market_by_id):
             if market is None:
@@ -880,20 +980,10 @@ class CompiledLane:
 
     # -- the two calls -----------------------------------------------------------------
     def recv(self, max_msgs: int) -> int:
-        return recv_pass(self.sock, self.zmsg, self.user_id_key, self.ts_buf, self.arena,
-                         self.ints, min(max_msgs, len(self.deferred)), self.id_key,
-                         self.id_klen, self.id_sid, self.sid_i, self.pend, KEY_BYTES, KEY_LEN,
-                         self.mk_sym, self.mk_symlen, self.mk_tick, self.mk_lot,
-                         self.mk_maxp, self.mk_maxq, self.tokens, self.token_ts,
-                         self.rate_per_ns, self.burst, self.cmd_records, self.deferred)
+        return recv_pass(self.arrays, min(max_msgs, len(self.deferred)))
 
     def route(self, ev_bytes: np.ndarray, start: int, n: int, mine: int) -> int:
-        return route_pass(ev_bytes, start, n, mine, self.ints, self.sock, self.out, self.plain,
-                          self.scratch, self.rec, self.sid_key, self.sid_i, self.acct_sids,
-                          self.acct_n, self.pend, self.account_seq, *self.report_log.arrays(),
-                          self.cur_cmd, self.versions, self.md_idx, self.acks, self.fails,
-                          self.checks, self.h_meta, self.h_bytes, ROUTED_COMMANDS,
-                          ACCOUNT_COMMANDS_ARR, *self.render)
+        return route_pass(self.arrays, ev_bytes, start, n, mine)
 
     def warm(self) -> None:
         """Load both calls' machine code now (numba loads it at the first call), so that
@@ -905,6 +995,8 @@ class CompiledLane:
         self.recv(0)
         self.route(np.zeros(EVENT_BYTES, np.uint8), 0, 0, 0)
         self.release(-1)
+        set_hold(self.arrays, self.h_meta, self.h_bytes)      # what a growth and an admin
+        set_render(self.arrays, *self.render)                 # command call later
         hold_room(self.ints, self.h_meta, self.h_bytes, 1, 1)
         hold(np.zeros(N_INTS, np.int64), np.zeros((1, 5), np.int64), np.zeros(1, np.uint8), 0,
              0, 0, np.zeros(1, np.uint8), 1)
@@ -925,6 +1017,7 @@ class CompiledLane:
         old = self.h_bytes
         self.h_meta = np.zeros((2 * len(self.h_meta), 5), np.int64)
         self.h_bytes = np.zeros(2 * len(old), np.uint8)
+        set_hold(self.arrays, self.h_meta, self.h_bytes)
         ints[I_H_HEAD] = ints[I_H_TAIL] = ints[I_B_HEAD] = ints[I_B_TAIL] = 0
         for seq, sid, gen, pos, size in meta.tolist():
             at = pos % len(old)
@@ -951,8 +1044,7 @@ class CompiledLane:
             self.h_meta[ints[I_H_HEAD] % len(self.h_meta), H_SEQ] <= upto
 
     def release(self, upto: int) -> int:
-        return release_pass(self.sock, upto, self.ints, self.h_meta, self.h_bytes,
-                            self.sid_key, self.sid_i, self.fails, self.checks)
+        return release_pass(self.arrays, upto)
 
     def held_bytes(self) -> int:
         return int(self.ints[I_B_TAIL] - self.ints[I_B_HEAD])
@@ -1106,19 +1198,16 @@ def lane_is_cached() -> bool:
         return False
 
 
-def compile_lane() -> None:
-    """Compile (or load) every call of the lane with the types a gateway gives them, on a
-    stand-in gateway of the smallest sizes: before the tests and a first start, so that no
-    gateway compiles while its clients wait (perpx/progress.py)."""
+def stand_in_gateway():
+    """The least of a Gateway that CompiledLane reads, at the smallest sizes, with the types
+    a real one gives the calls (so that what it compiles is what a gateway loads): for
+    compile_lane and the tests. Its socket handle is 0: nothing may be sent through it."""
     from types import SimpleNamespace
 
-    from engine.records import COMMAND_DTYPE
-    from gateway.book_render import BookDeltas
-    from gateway.mirror_arrays import ArrayMirror, ArrayMirrorQueries
     from gateway.replay import ReportLog
     from gateway.sessions import TokenBucket
     from gateway.views import Views
-    gw = SimpleNamespace(
+    return SimpleNamespace(
         router=SimpleNamespace(underlying=0), boot_seq=0, market_data=None, source_index=0,
         cfg=SimpleNamespace(max_accounts=4, max_markets=2), durable=False,
         limits={"max_connections": 2, "max_connections_per_account": 2,
@@ -1128,7 +1217,15 @@ def compile_lane() -> None:
         market_by_id=[None, None], sessions=SimpleNamespace(by_account={}),
         requests=SimpleNamespace(limiter=TokenBucket(1.0, 1.0),
                                  cmd_buf=np.zeros(1, COMMAND_DTYPE)))
-    CompiledLane(gw).warm()
+
+
+def compile_lane() -> None:
+    """Compile (or load) every call of the lane with the types a gateway gives them, on a
+    stand-in gateway: before the tests and a first start, so that no gateway compiles while
+    its clients wait (perpx/progress.py)."""
+    from gateway.book_render import BookDeltas
+    from gateway.mirror_arrays import ArrayMirror, ArrayMirrorQueries
+    CompiledLane(stand_in_gateway()).warm()
     mirror = ArrayMirror(2)
     mirror.apply(np.zeros(EVENT_BYTES, np.uint8), 0)
     ArrayMirrorQueries(mirror).warm()

@@ -155,3 +155,25 @@ def test_the_tables_keep_what_a_dict_keeps(ops):
         for key, val in want.items():
             j = _find(keys, key, 7, 0)
             assert j >= 0 and vals[j, 0] == val
+
+
+def test_the_calls_read_the_hold_it_grew_into():
+    """The calls read the lane's arrays through one struct (LaneArrays): a hold that grew
+    (new rings) must be the one release_pass reads, in order, from where it was."""
+    lane = cp.CompiledLane(cp.stand_in_gateway())
+    lane.warm()
+    entries = len(lane.h_meta)
+    payload = np.arange(24, dtype=np.uint8)
+    for seq in range(1, 3 * entries + 1):
+        while not cp.hold_room(lane.ints, lane.h_meta, lane.h_bytes, 1, len(payload)):
+            lane.grow_hold()
+        cp.hold(lane.ints, lane.h_meta, lane.h_bytes, seq, 0, 0, payload, len(payload))
+        if seq == entries // 2:
+            assert lane.release(seq // 2) == seq // 2      # the first rings: head moves on
+    assert len(lane.h_meta) >= 2 * entries               # it grew
+    released = entries // 4
+    assert lane.held_count() == 3 * entries - released
+    assert lane.release(entries) == entries - released   # seqs in order across the growth
+    assert lane.release(3 * entries - 1) == 2 * entries - 1
+    assert lane.held_count() == 1 and not lane.releasable(3 * entries - 1)
+    assert lane.releasable(3 * entries)
