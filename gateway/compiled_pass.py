@@ -831,27 +831,6 @@ def route_pass(lane, ev, start, n, mine):
     return n
 
 
-class ArrayTokenBucket:
-    """gateway/sessions.py's TokenBucket over the lane's arrays: one budget per account
-    for both lanes."""
-
-    def __init__(self, tokens: np.ndarray, token_ts: np.ndarray, rate_per_ns: float,
-                 burst: float):
-        self.tokens, self.token_ts, self.rate, self.burst = tokens, token_ts, rate_per_ns, burst
-
-    def take(self, account: int, now_ns: int, weight: int = 1) -> bool:
-        if not 0 <= account < len(self.tokens):
-            return False
-        tokens = min(self.burst, self.tokens[account] + (now_ns - self.token_ts[account]) *
-                     self.rate)
-        self.token_ts[account] = now_ns
-        if tokens < weight:
-            self.tokens[account] = tokens
-            return False
-        self.tokens[account] = tokens - weight
-        return True
-
-
 class AccountSeqs:
     """AccountSeqTracker's `last`, read from the lane's counters (gateway/replay.py)."""
 
@@ -926,13 +905,10 @@ class CompiledLane:
         self.mk_maxp = np.zeros(m, np.int64)
         self.mk_maxq = np.zeros(m, np.int64)
         self.load_markets()
-        lim = gw.requests.limiter
-        self.tokens = np.full(accounts, float(lim.burst), np.float64)
-        self.token_ts = np.zeros(accounts, np.int64)
+        lim = gw.requests.limiter          # gateway/sessions.py: its arrays are shared
+        self.tokens, self.token_ts = lim.tokens, lim.token_ts
         self.rate_per_ns = float(lim.rate)
         self.burst = float(lim.burst)
-        self.limiter = ArrayTokenBucket(self.tokens, self.token_ts, self.rate_per_ns,
-                                        self.burst)
         self.ints[I_DURABLE] = gw.durable
         self.h_meta = np.zeros((1 << 14, 5), np.int64)
         self.h_bytes = np.zeros(4 << 20, np.uint8)
@@ -1215,7 +1191,7 @@ def stand_in_gateway():
         _boot_account_seqs=np.zeros(4, np.int64), views=Views(),
         replayer=SimpleNamespace(log=ReportLog(4)), memory=SimpleNamespace(parts={}),
         market_by_id=[None, None], sessions=SimpleNamespace(by_account={}),
-        requests=SimpleNamespace(limiter=TokenBucket(1.0, 1.0),
+        requests=SimpleNamespace(limiter=TokenBucket(1.0, 1.0, 4),
                                  cmd_buf=np.zeros(1, COMMAND_DTYPE)))
 
 

@@ -231,10 +231,10 @@ class Gateway:
                                               self.outbox, self._closers)
             self.requests = Requests(
                 sessions=self.sessions, outbox=self.outbox,
-                limiter=TokenBucket(rate_per_s, burst), ring=self.ring, mirror=self.mirror,
-                markets=markets, market_by_id=self.market_by_id, state=self._state,
-                events=self.events, max_message_bytes=max_message_bytes,
-                recv_batch=recv_batch, durable=self.durable,
+                limiter=TokenBucket(rate_per_s, burst, self.cfg.max_accounts),
+                ring=self.ring, mirror=self.mirror, markets=markets,
+                market_by_id=self.market_by_id, state=self._state, events=self.events,
+                max_message_bytes=max_message_bytes, recv_batch=recv_batch, durable=self.durable,
                 journal_errno=journal_errno or (lambda: 0),
                 learn_disconnects=self._drain_monitor, stats=self.stats, views=self.views)
             report_log = ReportLog(replay_keep, self.memory.headroom() // REPLAY_SHARE)
@@ -429,7 +429,6 @@ class Gateway:
         from gateway.compiled_pass import CompiledLane
         self.lane = lane = CompiledLane(self)
         self.array_mirror = self._array_mirror()
-        self.requests.limiter = lane.limiter
         self.requests.lane_cid_market = lane.cid_market
         forget_memory = self.sessions.on_closed
 

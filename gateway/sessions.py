@@ -30,6 +30,8 @@ gateway has `max_connections` connections open (`admits`, called from the ZAP th
 
 from __future__ import annotations
 
+import numpy as np
+
 import zmq
 
 
@@ -181,25 +183,27 @@ class Sessions:
 
 class TokenBucket:
     """Per-account request budget: `rate` tokens per second, bursts up to `burst`; a request
-    takes its weight in tokens."""
+    takes its weight in tokens. Kept in arrays indexed by account id (0 <= account <
+    accounts; any other account is refused), which the compiled lane's recv_pass reads and
+    writes too (gateway/compiled_pass.py `_handle`, the same rule for one token): one budget
+    per account, whichever lane takes the request."""
 
-    __slots__ = ("rate", "burst", "buckets")
+    __slots__ = ("rate", "burst", "tokens", "token_ts")
 
-    def __init__(self, rate: float, burst: float):
+    def __init__(self, rate: float, burst: float, accounts: int):
         self.rate = rate / 1e9          # per ns
         self.burst = float(burst)
-        self.buckets: dict[int, list] = {}
+        self.tokens = np.full(accounts, self.burst, np.float64)
+        self.token_ts = np.zeros(accounts, np.int64)   # 0: never used, so the bucket is full
 
     def take(self, account: int, now_ns: int, weight: int = 1) -> bool:
-        b = self.buckets.get(account)
-        if b is None:
-            b = self.buckets[account] = [self.burst, now_ns]
-        tokens = b[0] + (now_ns - b[1]) * self.rate
-        if tokens > self.burst:
-            tokens = self.burst
-        b[1] = now_ns
-        if tokens < weight:
-            b[0] = tokens
+        if not 0 <= account < len(self.tokens):
             return False
-        b[0] = tokens - weight
+        tokens = min(self.burst, float(self.tokens[account]) +
+                     (now_ns - int(self.token_ts[account])) * self.rate)
+        self.token_ts[account] = now_ns
+        if tokens < weight:
+            self.tokens[account] = tokens
+            return False
+        self.tokens[account] = tokens - weight
         return True

@@ -261,3 +261,19 @@ def test_rss_is_each_process_own_after_a_fork():
         grown_by = int(f.read())
     os.waitpid(pid, 0)
     assert grown_by >= 60 << 20
+
+
+def test_token_bucket_refills_at_its_rate_up_to_its_burst():
+    """gateway/sessions.py TokenBucket, the budget both lanes share (the compiled recv_pass
+    applies the same rule to the same arrays)."""
+    from gateway.sessions import TokenBucket
+    bucket = TokenBucket(1000.0, 3, 2)       # a token a millisecond, 3 at most
+    t0 = 5_000_000_000
+    assert [bucket.take(1, t0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(0, t0)                         # accounts do not share a budget
+    assert not bucket.take(1, t0 + 900_000)           # 0.9 of a token back
+    assert bucket.take(1, t0 + 1_500_000)             # 1.5: one taken, 0.5 left
+    assert not bucket.take(1, t0 + 2_500_000, weight=2)   # 1.5 of the 2
+    assert bucket.take(1, t0 + 10_000_000, weight=3)  # refilled to the burst, not past it
+    assert not bucket.take(1, t0 + 10_000_000)
+    assert not bucket.take(2, t0) and not bucket.take(-1, t0)   # no such account
