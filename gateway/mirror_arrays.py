@@ -29,9 +29,11 @@ from gateway.mirror import (M_ACTIVE, M_ATPL, M_HALTED, M_LAST, M_LEVERAGE, M_MA
 
 # order row columns: Mirror's order list, then whether it waits for a trigger
 O_ACCOUNT, O_CID, O_MARKET, O_SIDE, O_KIND, O_PRICE, O_REMAINING, O_QTY, O_UNTRIG = range(9)
-# the int state: applied seq, base seq, the admin command's seq, how many dirty levels, and
-# how many entries each table holds (it grows before a batch could fill it past half)
-S_APPLIED, S_BASE, S_ADMIN_SEQ, S_DIRTY_N, S_ORDERS_N, S_CIDS_N, S_LEVELS_N = range(7)
+# the int state: applied seq, base seq, the admin command's seq, how many dirty levels, how
+# many entries each table holds (it grows before a batch could fill it past half), and how
+# many times an admin command flagged a market in `changed` since the caller last looked
+(S_APPLIED, S_BASE, S_ADMIN_SEQ, S_DIRTY_N, S_ORDERS_N, S_CIDS_N, S_LEVELS_N,
+ S_CHANGED_N) = range(8)
 _EMPTY = np.int64(0)           # oids and (account + 1) keys are never 0
 
 
@@ -206,7 +208,8 @@ def _ack(o_keys, o_vals, c_keys, c_vals, lv_keys, lv_qty, versions, dirty, st, e
 def apply_events(ev, count, st, markets, versions, admin, changed, o_keys, o_vals, c_keys,
                  c_vals, lv_keys, lv_qty, dirty):
     """Apply `count` event records (EVENT_BYTES each) (`ev`, uint8, as the ring holds them). A market an
-    admin command changed is flagged in `changed`. Returns how many were applied (later than
+    admin command changed is flagged in `changed` and counted in st[S_CHANGED_N] (the gateway
+    looks at one int per batch, not at the flags). Returns how many were applied (later than
     the state the mirror started from)."""
     applied = 0
     n_markets = markets.shape[0]
@@ -305,6 +308,7 @@ def apply_events(ev, count, st, markets, versions, admin, changed, o_keys, o_val
                 mk[M_HALTED] = 1 if (state == MARKET_CANCEL_ONLY or state == MARKET_HALTED
                                      or state == MARKET_SETTLED) else 0
             changed[a_market] = 1
+            st[S_CHANGED_N] += 1
     return applied
 
 
@@ -335,7 +339,7 @@ class ArrayMirror:
 
     def __init__(self, max_markets: int, initial: int = 1024):
         self.max_markets = max_markets
-        self.st = np.zeros(7, np.int64)
+        self.st = np.zeros(S_CHANGED_N + 1, np.int64)
         self.markets = np.zeros((max_markets, 9), np.int64)
         self.versions = np.zeros(max_markets, np.int64)
         self.admin = np.zeros(64, np.uint8)
@@ -385,6 +389,16 @@ class ArrayMirror:
             dirty = np.zeros((max(need, 2 * len(self.dirty)), 3), np.int64)
             dirty[:st[S_DIRTY_N]] = self.dirty[:st[S_DIRTY_N]]
             self.dirty = dirty
+
+    def take_changed(self):
+        """The markets admin commands changed since the last take, ascending; their flags
+        clear. Per batch, where there are seldom any: one int read."""
+        if not self.st[S_CHANGED_N]:
+            return ()
+        self.st[S_CHANGED_N] = 0
+        markets = np.flatnonzero(self.changed).tolist()
+        self.changed[:] = 0
+        return markets
 
     def forget_dirty(self) -> None:
         """Drop the changed levels kept for market data (a gateway that publishes none)."""

@@ -608,10 +608,9 @@ class Gateway:
         """Markets an admin command of the last batch changed (gateway/routing.py)."""
         if self.market_data is None:
             arrays.forget_dirty()     # nobody publishes book deltas from this gateway
-        changed = arrays.changed
-        if changed.any():
-            for m in np.flatnonzero(changed).tolist():
-                changed[m] = 0
+        changed = arrays.take_changed()
+        if changed:
+            for m in changed:
                 self.router_events._market_changed(m)
             lane.load_markets()
 

@@ -177,3 +177,35 @@ def test_the_calls_read_the_hold_it_grew_into():
     assert lane.release(3 * entries - 1) == 2 * entries - 1
     assert lane.held_count() == 1 and not lane.releasable(3 * entries - 1)
     assert lane.releasable(3 * entries)
+
+
+def test_take_changed_names_the_markets_admin_commands_changed():
+    """ArrayMirror.take_changed, what the lane's loop asks per batch: the markets created or
+    changed by the batch's admin commands (genesis), then none while only orders flow."""
+    from engine.matcher import LocalEvents, Matcher
+    from engine.records import (CMD_CREATE_MARKET, CMD_HALT, CMD_RESUME, CMD_SET_MARKET_LIMITS,
+                                CMD_SET_MARKET_STATE, CMD_SETTLE_MARKET)
+    from gateway.mirror_arrays import ArrayMirror
+    from tests.fuzz_streams import FUZZ_CONFIG, genesis, random_stream
+
+    admin_codes = {CMD_CREATE_MARKET, CMD_SET_MARKET_LIMITS, CMD_HALT, CMD_RESUME,
+                   CMD_SET_MARKET_STATE, CMD_SETTLE_MARKET}
+    cfg = FUZZ_CONFIG
+    commands = np.concatenate([genesis(), random_stream(8, 400)])
+    matcher = Matcher(cfg)
+    ring = LocalEvents(1 << 14)
+    arr = ArrayMirror(cfg.max_markets)
+    start = 0
+    named = []
+    while start < len(commands):
+        done, end = matcher.process(commands, ring.sink, 0, ring.capacity, 0, True, start, 8)
+        arr.apply(ring.slots[:end].view(np.uint8).reshape(-1), end)
+        admin = {int(c["market"]) for c in commands[start:start + done]
+                 if int(c["cmd"]) in admin_codes}
+        changed = arr.take_changed()
+        assert set(changed) <= admin and list(changed) == sorted(changed)
+        assert arr.take_changed() == ()                      # taken: cleared
+        named += changed
+        start += done
+    created = {int(c["market"]) for c in genesis() if int(c["cmd"]) == CMD_CREATE_MARKET}
+    assert len(created) > 1 and set(named) >= created      # genesis's markets were named
