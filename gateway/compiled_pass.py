@@ -138,7 +138,8 @@ LANE_FIELDS = (
     "out", "plain", "scratch", "rec", "sid_key", "acct_sids", "acct_n", "account_seq",
     "l_slot_of", "l_slot_account", "l_records", "l_fields", "l_count", "l_head", "l_totals",
     "cur_cmd", "versions", "md_idx", "acks", "fails", "checks", "h_meta", "h_bytes", "routed",
-    "account_cmds", "r_blob", "r_at", "r_priced", "r_sym", "r_sym_len", "r_tick", "r_lot")
+    "account_cmds", "r_blob", "r_at", "r_priced", "r_sym", "r_sym_len", "r_tick", "r_lot",
+    "ack_bounds", "ack_counts", "ack_sum")
 
 
 @structref.register
@@ -694,9 +695,10 @@ def route_pass(lane, ev, start, n, mine):
     """Route events start..n-1 of `ev` (128 bytes each, from a command boundary on). Returns
     n, or the index of an event handed to Python: its report numbers are in ints (I_PAIRS
     pairs of account and account_seq at I_A0.., role 0 first), its command in cur_cmd, its
-    position in the command in ints[I_INDEX]. Market-data trades (md_idx), reply times
-    (acks: seq, the command's ts), failed sends and sessions to check accumulate in ints'
-    counts until Python takes them."""
+    position in the command in ints[I_INDEX]. Market-data trades (md_idx), held replies'
+    times (acks: seq, the command's ts; a fast reply's wait goes into the ack-latency
+    histogram at once), failed sends and sessions to check accumulate in ints' counts until
+    Python takes them."""
     ints, sock, out, plain, scratch, rec = (lane.ints, lane.sock, lane.out, lane.plain,
                                             lane.scratch, lane.rec)
     sid_key, sid_i, acct_sids, acct_n, pend, account_seq = (
@@ -711,6 +713,8 @@ def route_pass(lane, ev, start, n, mine):
     r_blob, r_at, r_priced, r_sym, r_sym_len, r_tick, r_lot = (
         lane.r_blob, lane.r_at, lane.r_priced, lane.r_sym, lane.r_sym_len, lane.r_tick,
         lane.r_lot)
+    ts_buf, ack_bounds, ack_counts, ack_sum = (lane.ts_buf, lane.ack_bounds, lane.ack_counts,
+                                               lane.ack_sum)
     nacc = len(account_seq)
     for e in range(start, n):
         off = e * EVENT_BYTES
@@ -802,10 +806,15 @@ def route_pass(lane, ev, start, n, mine):
                     requester = sid
                 rid = row[P_RID]
                 has_rid = kind >= 2
-                k = ints[I_ACK_N]
-                acks[k, 0] = seq
-                acks[k, 1] = _i64_at(cur_cmd, CMD_TS_AT)
-                ints[I_ACK_N] = k + 1
+                if ints[I_DURABLE]:   # the hold's release says when it went (Python)
+                    k = ints[I_ACK_N]
+                    acks[k, 0] = seq
+                    acks[k, 1] = _i64_at(cur_cmd, CMD_TS_AT)
+                    ints[I_ACK_N] = k + 1
+                else:                 # sent below, now: gateway/ack_latency.py's buckets
+                    wait_ns = max(0, _now_ns(ts_buf) - _i64_at(cur_cmd, CMD_TS_AT))
+                    ack_counts[np.searchsorted(ack_bounds, wait_ns)] += 1
+                    ack_sum[0] += wait_ns
         index = ints[I_INDEX]
         for role in range(pairs):
             a = ints[I_A0 + 2 * role]
@@ -917,6 +926,7 @@ class CompiledLane:
         l_slot_of, l_slot_account, l_records, l_fields, l_count, l_head, l_totals = \
             self.report_log.arrays()
         r_blob, r_at, r_priced, r_sym, r_sym_len, r_tick, r_lot = self.render
+        ack = gw.outbox.ack_latency         # its histogram, which route() adds to
         self.arrays = lane_arrays(
             sock=self.sock, zmsg=self.zmsg, user_id_key=self.user_id_key, ts_buf=self.ts_buf,
             arena=self.arena, ints=self.ints, id_key=self.id_key, id_klen=self.id_klen,
@@ -933,7 +943,8 @@ class CompiledLane:
             md_idx=self.md_idx, acks=self.acks, fails=self.fails, checks=self.checks,
             h_meta=self.h_meta, h_bytes=self.h_bytes, routed=ROUTED_COMMANDS,
             account_cmds=ACCOUNT_COMMANDS_ARR, r_blob=r_blob, r_at=r_at, r_priced=r_priced,
-            r_sym=r_sym, r_sym_len=r_sym_len, r_tick=r_tick, r_lot=r_lot)
+            r_sym=r_sym, r_sym_len=r_sym_len, r_tick=r_tick, r_lot=r_lot,
+            ack_bounds=ack.bounds_ns, ack_counts=ack.counts, ack_sum=ack.sum_ns)
 
     def load_markets(self) -> None:
         """The gateway's market table (gateway.market_by_id) into the lane's arrays: at
@@ -1180,6 +1191,7 @@ def stand_in_gateway():
     compile_lane and the tests. Its socket handle is 0: nothing may be sent through it."""
     from types import SimpleNamespace
 
+    from gateway.ack_latency import AckLatency
     from gateway.replay import ReportLog
     from gateway.sessions import TokenBucket
     from gateway.views import Views
@@ -1191,6 +1203,7 @@ def stand_in_gateway():
         _boot_account_seqs=np.zeros(4, np.int64), views=Views(),
         replayer=SimpleNamespace(log=ReportLog(4)), memory=SimpleNamespace(parts={}),
         market_by_id=[None, None], sessions=SimpleNamespace(by_account={}),
+        outbox=SimpleNamespace(ack_latency=AckLatency()),
         requests=SimpleNamespace(limiter=TokenBucket(1.0, 1.0, 4),
                                  cmd_buf=np.zeros(1, COMMAND_DTYPE)))
 

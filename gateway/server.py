@@ -472,7 +472,8 @@ class Gateway:
         last_gc = now = time.monotonic()
 
         def take_lists(mv):
-            """What route() gathered: market-data trades, reply times, checks and failures."""
+            """What route() gathered: market-data trades, held replies' times (durable acks),
+            checks and failures."""
             if ints[cp.I_MD_N]:
                 router_events.publish_trades(mv, lane.md_idx[:ints[cp.I_MD_N]].tolist())
                 ints[cp.I_MD_N] = 0
