@@ -84,12 +84,18 @@ class EventRouter:
         for part in (head, tail):
             if len(part):
                 self._process(memoryview(part.view(np.uint8)), len(part))
+        self.batch_done(n)
+        return n
+
+    def batch_done(self, n: int) -> None:
+        """After a batch of n events was routed (here, or by the compiled router: its loop
+        calls this too): the ring's slots go back, the replies' send time is noted, market
+        data publishes the batch's book deltas."""
         self.consumer.advance(n)
         self.stats["events"] += n
         self.outbox.sent_upto(self.mirror.applied_seq)
         if self.market_data is not None and self.mirror.any_dirty:
             self.market_data.book_deltas()
-        return n
 
     def next_batch(self, max_n: int):
         """(head, tail, n): the next published events as the ring's two views, at most max_n

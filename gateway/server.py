@@ -453,11 +453,9 @@ class Gateway:
         gc.freeze()
         gc.disable()
         self.memory.start()
-        consumer = self.consumer
         requests = self.requests
         sessions = self.sessions
         outbox = self.outbox
-        market_data = self.market_data
         views = self.views
         ring = self.ring
         router = self.router
@@ -512,11 +510,7 @@ class Gateway:
                                              lane.pairs(), int(ints[cp.I_INDEX]))
                         e += 1
             views.all_version = int(ints[cp.I_ALL_VERSION])
-            consumer.advance(take)
-            self.stats["events"] += take
-            outbox.sent_upto(array_mirror.applied_seq)
-            if market_data is not None and queries.any_dirty:
-                market_data.book_deltas()
+            router_events.batch_done(take)
             return take
 
         def catch_up(seq: int) -> None:
