@@ -531,11 +531,9 @@ class Gateway:
                     got = lane.recv(self.recv_batch)
                     worked += got
                     n = int(ints[cp.I_CMD_N])
-                    done = 0
-                    while done < n:
-                        done += ring.write(lane.cmd_records[done:n])
-                        if done < n:
-                            ring.wait_for_space(1, timeout_s=1.0)
+                    done = ring.write(lane.cmd_records[:n]) if n else 0
+                    if done < n:       # the ring is full: as the Python pass, not blocking
+                        requests.keep_unwritten(lane.cmd_records[done:n])
                     deferred = int(ints[cp.I_DEFER_N])
                     sessions.reads += got - deferred
                     for d in range(deferred):
