@@ -67,8 +67,18 @@ def test_bench_e2e_json(capsys, tmp_path):
             assert spent[role] > 0, spent
         assert "relay-gateway" not in spent and "echo" not in spent, spent
         assert len(run["cpu_busy"]) >= cpus and all(0 <= b <= 1 for b in run["cpu_busy"].values())
+    # the hand-overs behind that CPU: every request and reply crossed loopback TCP through
+    # ZeroMQ's I/O threads, and the clients slept between replies
+    for run, suffix, server in ((res, "order", "gateway"), (durable, "order", "gateway"),
+                                ({k[6:]: v for k, v in res.items() if k.startswith("relay_")},
+                                 "msg", "relay-gateway")):
+        assert run[f"tcp_segments_per_{suffix}"] > 0.1, run
+        for role in ("client", server):
+            assert run[f"zmq_io_us_per_{suffix}"][role] > 0, run
+            assert run[f"switches_per_{suffix}"][role]["waits"] > 0, run
     rows = {line.split("  ")[0]: line for line in format_report(res).splitlines()}
     assert "relay-gateway" in rows["relay CPU µs/msg"] and "busy cpu" in rows["relay CPU µs/msg"]
+    assert "tcp segments" in rows["relay wakes/msg"] and "zmq-io" in rows["fast: wakes/order"]
     assert " gateway " in rows["fast: CPU µs/order"] and "durable: CPU µs/order" in rows
     assert "cpu gone: cpu" in rows["fast: throughput pauses"], rows
     # the pause meters ran beside both phases of both exchanges

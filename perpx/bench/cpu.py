@@ -15,6 +15,14 @@ through their windows). Roles:
 The figures say why two runs differ in throughput: a closed loop with CPU 0 busy all the
 time is bound by the CPU per order spent there, one with CPU to spare by its round trip
 (docs/tuning.md, "Seventh pass").
+
+Beside the CPU time, per order and by role: the part spent in ZeroMQ's I/O threads (a task
+named `ZMQbg/IO/...`: CURVE, TCP reads and writes); how often a role's threads went to sleep
+("waits", voluntary context switches) and were taken off a CPU while they could run
+("preempted", involuntary ones); and the box's TCP segments (/proc/net/snmp `OutSegs`, every
+socket: on loopback each one is also received). Messages handed over in fewer, bigger bursts
+cost fewer wakes and segments on both ends, which is most of what a client spends per order
+(docs/tuning.md, "Fifteenth pass").
 """
 
 from __future__ import annotations
@@ -76,9 +84,13 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def _thread_cpu_ns(pid: int) -> dict[int, int]:
-    """ns on a CPU of each of the process's threads (/proc/PID/task/TID/schedstat: exact,
-    where /proc/PID/stat counts clock ticks); empty if it is gone."""
+ZMQ_IO_THREAD = "ZMQbg/IO/"      # libzmq names its I/O threads so (task comm)
+
+
+def _threads(pid: int) -> dict[int, tuple[int, int, int, bool]]:
+    """Each of the process's threads: (ns on a CPU, voluntary and involuntary context
+    switches, whether it is a ZeroMQ I/O thread). schedstat is exact, where /proc/PID/stat
+    counts clock ticks. Empty if the process is gone."""
     out = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -87,10 +99,25 @@ def _thread_cpu_ns(pid: int) -> dict[int, int]:
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                out[int(tid)] = int(f.read().split()[0])
+                ns = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                status = f.read()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                zmq_io = f.read().startswith(ZMQ_IO_THREAD)
         except OSError:
             continue           # the thread ended meanwhile
+        switches = dict(line.split(":\t") for line in status.splitlines()
+                        if line.endswith(tuple("0123456789")) and "ctxt_switches" in line)
+        out[int(tid)] = (ns, int(switches["voluntary_ctxt_switches"]),
+                         int(switches["nonvoluntary_ctxt_switches"]), zmq_io)
     return out
+
+
+def _tcp_out_segments() -> int:
+    """The box's TCP segments sent so far (/proc/net/snmp: a header line, then values)."""
+    with open("/proc/net/snmp") as f:
+        header, values = [line.split() for line in f if line.startswith("Tcp:")]
+    return int(values[header.index("OutSegs")])
 
 
 def _cpu_idle() -> dict[str, tuple[int, int]]:
@@ -110,8 +137,10 @@ class CpuWindow:
     thread; a phase that fails leaves it to finish its two readings unread.
 
     `figures(orders)` (after the window, it waits for the second reading) returns
-    {"cpu_us_per_order": {role: µs of CPU per order}, "cpu_busy": {"cpuN": fraction}}; empty
-    maps when no order was counted."""
+    {"cpu_us_per_order": {role: µs of CPU per order}, "cpu_busy": {"cpuN": fraction},
+    "zmq_io_us_per_order": {role: the part of its µs in ZeroMQ I/O threads},
+    "switches_per_order": {role: {"waits": n, "preempted": n}},
+    "tcp_segments_per_order": n}; empty maps (and None) when no order was counted."""
 
     def __init__(self, start: float, seconds: float):
         self._start, self._seconds = start, seconds
@@ -120,9 +149,9 @@ class CpuWindow:
         self._thread.start()
 
     def _read(self) -> tuple:
-        """({pid: (role, {tid: ns})}, per-CPU idle)."""
-        return ({pid: (role_of(pid), _thread_cpu_ns(pid)) for pid in descendants(os.getpid())},
-                _cpu_idle())
+        """({pid: (role, _threads(pid))}, per-CPU idle, TCP segments sent)."""
+        return ({pid: (role_of(pid), _threads(pid)) for pid in descendants(os.getpid())},
+                _cpu_idle(), _tcp_out_segments())
 
     def _run(self) -> None:
         for at in (self._start, self._start + self._seconds):
@@ -132,17 +161,29 @@ class CpuWindow:
     def figures(self, orders: int) -> dict:
         self._thread.join()
         if orders <= 0:
-            return {"cpu_us_per_order": {}, "cpu_busy": {}}
-        (first, idle0), (last, idle1) = self._readings
-        spent: dict[str, int] = {}
+            return {"cpu_us_per_order": {}, "cpu_busy": {}, "zmq_io_us_per_order": {},
+                    "switches_per_order": {}, "tcp_segments_per_order": None}
+        (first, idle0, segments0), (last, idle1, segments1) = self._readings
+        spent: dict[str, list[int]] = {}     # role -> [ns, of it ZeroMQ I/O, waits, preempted]
         for pid, (role, threads) in last.items():
             before = first[pid][1] if pid in first else {}
-            spent[role] = spent.get(role, 0) + sum(ns - before.get(tid, 0)
-                                                   for tid, ns in threads.items())
+            total = spent.setdefault(role, [0, 0, 0, 0])
+            for tid, (ns, waits, preempted, zmq_io) in threads.items():
+                ns0, waits0, preempted0, _ = before.get(tid, (0, 0, 0, zmq_io))
+                total[0] += ns - ns0
+                total[1] += (ns - ns0) if zmq_io else 0
+                total[2] += waits - waits0
+                total[3] += preempted - preempted0
         busy = {}
         for name, (idle, total) in idle1.items():
             if name in idle0 and total > idle0[name][1]:
                 busy[name] = round(1 - (idle - idle0[name][0]) / (total - idle0[name][1]), 3)
-        return {"cpu_us_per_order": {role: round(ns / orders / 1e3, 1)
-                                     for role, ns in sorted(spent.items())},
-                "cpu_busy": busy}
+        roles = sorted(spent.items())
+        return {"cpu_us_per_order": {role: round(t[0] / orders / 1e3, 1) for role, t in roles},
+                "cpu_busy": busy,
+                "zmq_io_us_per_order": {role: round(t[1] / orders / 1e3, 1)
+                                        for role, t in roles if t[1]},
+                "switches_per_order": {role: {"waits": round(t[2] / orders, 3),
+                                              "preempted": round(t[3] / orders, 3)}
+                                       for role, t in roles},
+                "tcp_segments_per_order": round((segments1 - segments0) / orders, 3)}

@@ -567,6 +567,9 @@ def _measurements(t: dict, p: dict, e: dict, r: dict, rate: float) -> dict:
                     "relay": r["samples"]},
         # the throughput run's (perpx/bench/cpu.py)
         "cpu_us_per_order": t["cpu_us_per_order"], "cpu_busy": t["cpu_busy"],
+        "zmq_io_us_per_order": t["zmq_io_us_per_order"],
+        "switches_per_order": t["switches_per_order"],
+        "tcp_segments_per_order": t["tcp_segments_per_order"],
         **({"pauses": {"throughput": t["pauses"], "paced": p["pauses"]}} if "pauses" in t
            else {}),
     }
@@ -630,6 +633,9 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
         "echo_cpu_us_per_msg": echo["cpu_us_per_order"], "echo_cpu_busy": echo["cpu_busy"],
         "relay_cpu_us_per_msg": relay_floor["cpu_us_per_order"],
         "relay_cpu_busy": relay_floor["cpu_busy"],
+        **{f"{name}_{figure}_per_msg": floor[f"{figure}_per_order"]
+           for name, floor in (("echo", echo), ("relay", relay_floor))
+           for figure in ("zmq_io_us", "switches", "tcp_segments")},
     }
     if len(modes) == 2:
         d = _measurements(runs["durable"]["throughput"], runs["durable"]["paced"], echo,
@@ -681,6 +687,9 @@ def _run_rows(res: dict, label: str) -> list:
                                  f"(p99 from schedule {res['paced_sched_p99_us']}; "
                                  f"target p99 <= 1000)"),
         (f"{label}CPU µs/order", _cpu_cells(res["cpu_us_per_order"], res["cpu_busy"])),
+        (f"{label}wakes/order", _wake_cells(res["switches_per_order"],
+                                            res["zmq_io_us_per_order"],
+                                            res["tcp_segments_per_order"])),
         (f"{label}rejects", f"{res['rejects']}" + (f" (first: {res['first_reject']})"
                                                     if res["first_reject"] else "")),
         *[(f"{label}{phase} pauses", platform.describe(p))
@@ -692,6 +701,15 @@ def _cpu_cells(per_order: dict, busy: dict) -> str:
     """"gateway 35.1  matcher 6.5 ...; busy cpu0 97%  cpu1 68%": the roles over 0.05 µs."""
     spent = "  ".join(f"{role} {us}" for role, us in per_order.items() if us >= 0.05)
     return f"{spent}; busy " + "  ".join(f"{cpu} {b:.0%}" for cpu, b in busy.items())
+
+
+def _wake_cells(switches: dict, zmq_io: dict, segments) -> str:
+    """"client waits 0.41 preempted 0.16 zmq-io 11.3 µs ...; tcp segments 0.51": the
+    hand-overs behind the CPU per order (perpx/bench/cpu.py), roles that woke at all."""
+    cells = "  ".join(f"{role} waits {s['waits']} preempted {s['preempted']}"
+                      + (f" zmq-io {zmq_io[role]} µs" if role in zmq_io else "")
+                      for role, s in switches.items() if s["waits"] or s["preempted"])
+    return f"{cells}; tcp segments {segments}"
 
 
 def format_report(res: dict) -> str:
@@ -711,6 +729,9 @@ def format_report(res: dict) -> str:
         ("relay rtt µs", f"p50 {res['relay_rtt_p50_us']}  p99 {res['relay_rtt_p99_us']}  "
                          f"p99.9 {res['relay_rtt_p999_us']}  max {res['relay_rtt_max_us']}"),
         ("relay CPU µs/msg", _cpu_cells(res["relay_cpu_us_per_msg"], res["relay_cpu_busy"])),
+        ("relay wakes/msg", _wake_cells(res["relay_switches_per_msg"],
+                                        res["relay_zmq_io_us_per_msg"],
+                                        res["relay_tcp_segments_per_msg"])),
         *_run_rows(res, f"{s['ack_mode']}: "),
     ]
     if "durable" in res:
