@@ -63,4 +63,3 @@ def test_cpu_window_counts_wakes_zmq_io_and_segments():
     assert 0 < io < spent, figures        # the I/O thread's share of the process's CPU
     # the sleep, the recv waits and the I/O thread's wakes: several per trip
     assert figures["switches_per_order"]["client"]["waits"] > 2, figures
-    assert figures["switches_per_order"]["client"]["preempted"] >= 0

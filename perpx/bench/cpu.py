@@ -106,10 +106,13 @@ def _threads(pid: int) -> dict[int, tuple[int, int, int, bool]]:
                 zmq_io = f.read().startswith(ZMQ_IO_THREAD)
         except OSError:
             continue           # the thread ended meanwhile
-        switches = dict(line.split(":\t") for line in status.splitlines()
-                        if line.endswith(tuple("0123456789")) and "ctxt_switches" in line)
-        out[int(tid)] = (ns, int(switches["voluntary_ctxt_switches"]),
-                         int(switches["nonvoluntary_ctxt_switches"]), zmq_io)
+        waits = preempted = 0
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                waits = int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                preempted = int(line.split()[1])
+        out[int(tid)] = (ns, waits, preempted, zmq_io)
     return out
 
 
