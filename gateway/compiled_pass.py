@@ -102,8 +102,9 @@ CMD_TS_AT, CMD_ACCOUNT_AT, CMD_CODE_AT = (
 # int state slots
 (I_NEXT_REQ, I_DEFER_N, I_CMD_N, I_CMD_CODE, I_INDEX, I_BOOT, I_PY_CMD, I_ALL_VERSION,
  I_MD_ON, I_MD_N, I_ACK_N, I_FAIL_N, I_CHECK_N, I_MAX_FRAME, I_PAIRS, I_A0, I_S0, I_A1, I_S1,
- I_JOURNAL_ERR, I_DURABLE, I_FULL, I_H_HEAD, I_H_TAIL, I_B_HEAD, I_B_TAIL, I_EMPTY) = range(27)
-N_INTS = 27
+ I_JOURNAL_ERR, I_DURABLE, I_FULL, I_H_HEAD, I_H_TAIL, I_B_HEAD, I_B_TAIL, I_EMPTY,
+ I_CMD_BASE, I_CMD_ROOM) = range(29)
+N_INTS = 29
 
 # a session's columns (sid_i): its account, connection fd, generation (a reused index
 # is a new session), live, deferred this pass, bytes sent since Python last counted them,
@@ -343,9 +344,9 @@ def _now_ns(ts_buf):
 
 
 @njit(cache=True)
-def _put_cmd(cmd, k, ts, cid, price, qty, account, req, market, code, side, flags):
-    """Command k of the pass (a COMMAND_DTYPE record): a GTC limit order or a cancel."""
-    c = cmd[k]
+def _put_cmd(cmd, slot, ts, cid, price, qty, account, req, market, code, side, flags):
+    """A GTC limit order or a cancel, into the command ring's record `slot`."""
+    c = cmd[slot]
     c.ts_ns = ts
     c.cid = cid
     c.oid = 0
@@ -365,11 +366,13 @@ def _put_cmd(cmd, k, ts, cid, price, qty, account, req, market, code, side, flag
 
 @njit(cache=True)
 def recv_pass(lane, max_msgs):
-    """Read up to max_msgs messages from the ROUTER; queue commands for the common case
-    (ints[I_CMD_N] of them in `cmd`), defer the rest: ints[I_DEFER_N] rows of `deferred`
+    """Read up to max_msgs messages from the ROUTER; write the common case's commands into
+    the command ring's records (`cmd`) from sequence ints[I_CMD_BASE] on, ints[I_CMD_N] of
+    them, which the caller publishes; defer the rest: ints[I_DEFER_N] rows of `deferred`
     (arena offset, routing id length, payload length, more frames, account, fd), their bytes
-    in `arena`; ints[I_EMPTY] when it found the ROUTER empty. Returns how many messages were
-    read."""
+    in `arena`; ints[I_EMPTY] when it found the ROUTER empty. Reads no message once
+    ints[I_CMD_ROOM] commands are written (the room the caller found in the ring): the rest
+    wait in the ROUTER. Returns how many messages were read."""
     sock, zmsg, user_id_key, ts_buf, arena = (lane.sock, lane.zmsg, lane.user_id_key,
                                                lane.ts_buf, lane.arena)
     ints, id_key, id_klen, id_sid, sid_i = (lane.ints, lane.id_key, lane.id_klen, lane.id_sid,
@@ -392,7 +395,7 @@ def recv_pass(lane, max_msgs):
     vkind = np.zeros(9, np.int64)          # 0 absent, 1 int, 2 str
     # room for one more message: its routing id and the largest frame the ROUTER admits
     while got < max_msgs and pos + ID_MAX + ints[I_MAX_FRAME] <= len(arena) and \
-            ints[I_CMD_N] < len(cmd):
+            ints[I_CMD_N] < ints[I_CMD_ROOM]:
         zmq_msg_init(zp)
         isize = zmq_msg_recv(zp, sock, DONTWAIT)
         if isize < 0:
@@ -563,11 +566,12 @@ def _handle(buf, p, size, sid, gen, account, ints, ts_buf, pend,
     row[P_CID] = vals[K_CID]
     row[P_MARKET] = market
     k = ints[I_CMD_N]
+    slot = (ints[I_CMD_BASE] + k) & (len(cmd) - 1)     # the ring's sequence k of the pass
     if is_new:
-        _put_cmd(cmd, k, now, vals[K_CID], price, qty, account, req, market, CMD_NEW_ORDER,
+        _put_cmd(cmd, slot, now, vals[K_CID], price, qty, account, req, market, CMD_NEW_ORDER,
                  side, 0)
     else:
-        _put_cmd(cmd, k, now, vals[K_CID], 0, 0, account, req, 0, CMD_CANCEL, SIDE_BUY,
+        _put_cmd(cmd, slot, now, vals[K_CID], 0, 0, account, req, 0, CMD_CANCEL, SIDE_BUY,
                  FLAG_CID_GIVEN)
     ints[I_CMD_N] = k + 1
     return True
@@ -921,7 +925,6 @@ class CompiledLane:
         self.ints[I_DURABLE] = gw.durable
         self.h_meta = np.zeros((1 << 14, 5), np.int64)
         self.h_bytes = np.zeros(4 << 20, np.uint8)
-        self.cmd_records = np.zeros(512, gw.requests.cmd_buf.dtype)
         self.deferred = np.zeros((512, 6), np.int64)
         l_slot_of, l_slot_account, l_records, l_fields, l_count, l_head, l_totals = \
             self.report_log.arrays()
@@ -934,7 +937,7 @@ class CompiledLane:
             key_len=KEY_LEN, mk_sym=self.mk_sym, mk_symlen=self.mk_symlen,
             mk_tick=self.mk_tick, mk_lot=self.mk_lot, mk_maxp=self.mk_maxp,
             mk_maxq=self.mk_maxq, tokens=self.tokens, token_ts=self.token_ts,
-            rate_per_ns=self.rate_per_ns, burst=self.burst, cmd=self.cmd_records,
+            rate_per_ns=self.rate_per_ns, burst=self.burst, cmd=gw.ring.records,
             deferred=self.deferred, out=self.out, plain=self.plain, scratch=self.scratch,
             rec=self.rec, sid_key=self.sid_key, acct_sids=self.acct_sids, acct_n=self.acct_n,
             account_seq=self.account_seq, l_slot_of=l_slot_of, l_slot_account=l_slot_account,
@@ -976,7 +979,7 @@ class CompiledLane:
         """Load both calls' machine code now (numba loads it at the first call), so that
         the gateway's memory base (gateway/memory.py) counts it, with the lane's tables of
         fixed size (written once, so their pages are the process's from now on)."""
-        for table in (self.arena, self.pend, self.cmd_records, self.deferred, self.id_key,
+        for table in (self.arena, self.pend, self.deferred, self.id_key,
                       self.sid_i, self.acct_sids):
             table.fill(0)
         self.recv(0)
@@ -1204,8 +1207,8 @@ def stand_in_gateway():
         replayer=SimpleNamespace(log=ReportLog(4)), memory=SimpleNamespace(parts={}),
         market_by_id=[None, None], sessions=SimpleNamespace(by_account={}),
         outbox=SimpleNamespace(ack_latency=AckLatency()),
-        requests=SimpleNamespace(limiter=TokenBucket(1.0, 1.0, 4),
-                                 cmd_buf=np.zeros(1, COMMAND_DTYPE)))
+        requests=SimpleNamespace(limiter=TokenBucket(1.0, 1.0, 4)),
+        ring=SimpleNamespace(records=np.zeros(8, COMMAND_DTYPE)))
 
 
 def compile_lane() -> None:

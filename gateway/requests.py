@@ -125,14 +125,6 @@ class Requests:
                 self.ring.wait_for_space(1, timeout_s=1.0)
                 self.flush()
 
-    def keep_unwritten(self, records: np.ndarray) -> None:
-        """Commands the ring had no room for (the compiled lane's, written before anything
-        queued here): first in the buffer, so that the next flush writes them, and no message
-        is read meanwhile (the loops read only while cmd_n is 0)."""
-        n = len(records)
-        self.cmd_buf[self.cmd_n:self.cmd_n + n] = records
-        self.cmd_n += n
-
     def flush(self) -> None:
         n = self.cmd_n
         written = self.ring.write(self.cmd_buf[:n])

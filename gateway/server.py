@@ -528,12 +528,15 @@ class Gateway:
                     requests.flush()
                 if not requests.cmd_n and has_input(router):
                     ints[cp.I_JOURNAL_ERR] = journal_errno()
+                    # the call writes its commands into the ring's slots, at most what is free
+                    # now (a full ring leaves the messages in the ROUTER); published here,
+                    # before anything the deferred ones queue
+                    ints[cp.I_CMD_BASE] = ring.write_cursor
+                    ints[cp.I_CMD_ROOM] = ring.room(self.recv_batch)
                     got = lane.recv(self.recv_batch)
                     worked += got
-                    n = int(ints[cp.I_CMD_N])
-                    done = ring.write(lane.cmd_records[:n]) if n else 0
-                    if done < n:       # the ring is full: as the Python pass, not blocking
-                        requests.keep_unwritten(lane.cmd_records[done:n])
+                    if ints[cp.I_CMD_N]:
+                        ring.publish(ring.write_cursor + int(ints[cp.I_CMD_N]))
                     deferred = int(ints[cp.I_DEFER_N])
                     sessions.reads += got - deferred
                     for d in range(deferred):

@@ -192,6 +192,16 @@ class _Ring:
         self._limit = slowest + self.capacity
         return self._limit - self.write_cursor
 
+    def room(self, wanted: int) -> int:
+        """How many of ``wanted`` records fit now (0 to ``wanted``). Reads the consumers'
+        cursors (``free_slots``) only when fewer than ``wanted`` slots are left of what they
+        last granted. A producer that writes ``records`` itself, from ``write_cursor`` on,
+        may fill that many slots before it publishes them."""
+        free = self._limit - self.write_cursor
+        if free < wanted:
+            free = self.free_slots()
+        return max(0, min(wanted, free))
+
     def publish(self, new_write_cursor: int) -> None:
         """Make records up to ``new_write_cursor`` (exclusive) visible, then wake sleeping consumers.
 
@@ -212,10 +222,7 @@ class _Ring:
         """Copy as many of ``records`` as fit, publish them once; return how many were written."""
         if records.dtype != self.dtype:
             raise TypeError(f"records have dtype {records.dtype}, ring {self.name} holds {self.dtype}")
-        n = len(records)
-        if self._limit - self.write_cursor < n:
-            self.free_slots()
-        n = min(n, self._limit - self.write_cursor)
+        n = self.room(len(records))
         if n <= 0:
             return 0
         start = self.write_cursor & self.mask

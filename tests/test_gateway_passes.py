@@ -4,8 +4,15 @@ both. Random order flow through either gateway (the lane's common case and what 
 and hands over alike): each account's reports are the same messages, field for field, on
 both gateways and after `replay`, and every reply is its report with the requester's rid."""
 
+import os
 import random
+import signal
 
+import pytest
+
+from engine.records import COMMAND_DTYPE
+from shm import names
+from shm.ring import CommandRing
 from tests.gateway_fixtures import WAIT_S, exchange_factory, wait_until  # noqa: F401
 from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefix, leak check
 
@@ -85,3 +92,34 @@ def test_the_lane_and_the_python_pass_send_the_same_reports(exchange_factory):
     # the flow reached what the lane hands over: fills, Python-lane commands, edge rejects
     types = {m["type"] for a in ACCOUNTS for m in replies[a]}
     assert {"ack", "canceled", "amended", "done", "reject"} <= types, types
+
+
+@pytest.mark.parametrize("order_path", ["compiled", "python"])
+def test_a_full_command_ring_leaves_the_rest_in_the_router(exchange_factory, order_path):
+    """With the matcher stopped, the gateway fills its command ring and reads no further:
+    the rest waits in its ROUTER, nothing is answered, dropped or written twice. Once the
+    matcher runs again every request is answered once, in the order sent."""
+    # the whole burst may queue for the test's client, however slowly it reads it
+    ex = exchange_factory(order_path=order_path, max_queued_messages=100_000,
+                          max_queued_bytes=64 << 20)
+    trader = ex.client(ACCOUNTS[0])
+    assert trader.request(type="ping")["type"] == "pong"
+    ring = CommandRing.attach(names.command_ring(ex.prefix, "gateway-0"), COMMAND_DTYPE)
+    try:
+        count = ring.capacity + 500
+        os.kill(ex.matcher.pid, signal.SIGSTOP)
+        try:
+            rids = [trader.send(type="cancel", cid=i + 1) for i in range(count)]
+            wait_until(lambda: ring.available() == ring.capacity, WAIT_S,
+                       "the command ring to fill")
+            assert trader.recv(0.2) is None, "answered while the matcher was stopped"
+            assert ring.available() == ring.capacity
+        finally:
+            os.kill(ex.matcher.pid, signal.SIGCONT)
+        replies = [trader.wait_for(lambda m: "rid" in m, what=f"reply {k} of {count}")
+                   for k in range(count)]
+    finally:
+        ring.close()
+    assert [m["rid"] for m in replies] == rids
+    assert {(m["type"], m["reason"]) for m in replies} == {("reject", "unknown_order")}
+    assert trader.recv(0.3) is None, "a request answered twice"
