@@ -123,16 +123,21 @@ def _tcp_out_segments() -> int:
     return int(values[header.index("OutSegs")])
 
 
-def _cpu_idle() -> dict[str, tuple[int, int]]:
-    """{"cpuN": (idle + iowait ticks, all ticks)}."""
+def cpu_ticks() -> dict[str, list[int]]:
+    """/proc/stat's line of each CPU: {"cpuN": [user, nice, system, idle, iowait, irq,
+    softirq, steal]}, in USER_HZ ticks since boot (perpx/bench/pauses.py reads steal)."""
     out = {}
     with open("/proc/stat") as f:
         for line in f:
             if line.startswith("cpu") and line[3].isdigit():
                 name, *ticks = line.split()
-                values = [int(t) for t in ticks[:8]]
-                out[name] = (values[3] + values[4], sum(values))
+                out[name] = [int(t) for t in ticks[:8]]
     return out
+
+
+def _cpu_idle() -> dict[str, tuple[int, int]]:
+    """{"cpuN": (idle + iowait ticks, all ticks)}."""
+    return {name: (t[3] + t[4], sum(t)) for name, t in cpu_ticks().items()}
 
 
 class CpuWindow:

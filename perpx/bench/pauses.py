@@ -51,6 +51,8 @@ import time
 
 import numpy as np
 
+from perpx.bench.cpu import cpu_ticks
+
 SLEEP_S = 0.001
 MIN_PAUSE_NS = 2_000_000
 LATE_NS = 2_000_000
@@ -59,11 +61,10 @@ LATE_NS = 2_000_000
 def _steal_ms(cpu: int) -> float:
     """The time the host has taken `cpu` from this VM since boot (/proc/stat's steal column,
     in USER_HZ ticks)."""
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith(f"cpu{cpu} "):
-                return int(line.split()[8]) * 1000 / os.sysconf("SC_CLK_TCK")
-    raise LookupError(f"cpu{cpu} not in /proc/stat")
+    ticks = cpu_ticks().get(f"cpu{cpu}")
+    if ticks is None:
+        raise LookupError(f"cpu{cpu} not in /proc/stat")
+    return ticks[7] * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def _meter_main(cpu: int, stop, out) -> None:
