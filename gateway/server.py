@@ -105,6 +105,9 @@ _NB = int(zmq.NOBLOCK)
 # How often a busy gateway reads its monitor (disconnects, accepts); a sleeping one wakes for it.
 MONITOR_INTERVAL_S = 0.001
 QUERY_RUN = 32
+# A gateway whose command ring is full sleeps this long at most between looks at it (the
+# matcher's events wake it sooner).
+FULL_RING_WAIT_MS = 1
 DEFAULT_MAX_QUEUED_BYTES = 8 << 20
 DEFAULT_MEMORY_LIMIT_MB = 1024
 ORDER_PATHS = ("compiled", "python")
@@ -629,16 +632,24 @@ class Gateway:
     def _sleep(self, timeout_ms: int) -> None:
         """Block in one poll on the ROUTER, its monitor and the event ring's doorbell (a FIFO,
         shm/doorbell.py) until a message, a connection event, new events or (durable mode)
-        journaled ones: arm the doorbell, re-check, poll, disarm (gateway/socket_poll.py)."""
+        journaled ones (a full command ring: not a message, see below): arm the doorbell,
+        re-check, poll, disarm (gateway/socket_poll.py)."""
         bell = self.bell
         token = bell.arm()
         readable = False
         try:
             if self.consumer.available() or (self.durable and self.outbox.releasable()):
                 return
-            if self.requests.cmd_n:
-                timeout_ms = 1    # the command ring was full: retry soon
-            for fd in self.poller.wait(timeout_ms):
+            if self.ring.room(1):
+                if self.requests.cmd_n:
+                    return        # room again for the commands that wait: flush them
+                ready = self.poller.wait(timeout_ms)
+            else:
+                # The command ring is full and only the matcher frees it, publishing events
+                # for what it takes: wait for the doorbell, not for a ROUTER we cannot read
+                # (it stays readable; waking on it would spin on the matcher's CPU).
+                ready = self.poller.wait_fds(FULL_RING_WAIT_MS)
+            for fd in ready:
                 if fd == self.monitor_fd:
                     self._drain_monitor()      # until empty: its next event signals its fd
                 elif fd == bell.fileno():

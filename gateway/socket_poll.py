@@ -44,8 +44,11 @@ class SocketPoll:
         self.sock = sock
         self.sock_fd = sock.get(zmq.FD)
         self._poll = select.poll()
+        self._poll_fds = select.poll()
         for fd in (self.sock_fd, *fds):
             self._poll.register(fd, select.POLLIN)
+        for fd in fds:
+            self._poll_fds.register(fd, select.POLLIN)
 
     def wait(self, timeout_ms: int) -> list[int]:
         """Block until the socket has input, one of the fds is readable, or timeout_ms.
@@ -58,3 +61,9 @@ class SocketPoll:
         if has_input(self.sock):
             return [self.sock_fd]
         return [fd for fd, _ in self._poll.poll(timeout_ms)]
+
+    def wait_fds(self, timeout_ms: int) -> list[int]:
+        """`wait` without the socket: for a caller that cannot read it now (its input has
+        nowhere to go), so that its queued messages do not wake it. Returns the readable fds;
+        [] when timeout_ms passed."""
+        return [fd for fd, _ in self._poll_fds.poll(timeout_ms)]

@@ -7,6 +7,7 @@ both gateways and after `replay`, and every reply is its report with the request
 import os
 import random
 import signal
+import time
 
 import pytest
 
@@ -18,6 +19,17 @@ from tests.shm_workers import shm_prefix  # noqa: F401 — fixture: unique prefi
 
 ACCOUNTS = (1, 2, 3)
 STEPS = 400
+# While its command ring is full, a gateway waits for the matcher rather than spinning on a
+# ROUTER it cannot read: the matcher that frees the ring may share its CPU.
+FULL_RING_WINDOW_S = 1.0
+FULL_RING_MAX_CPU_SHARE = 0.25
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds a process (all its threads) has used: utime + stime of /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _request(rng: random.Random, cids: list) -> dict:
@@ -97,8 +109,9 @@ def test_the_lane_and_the_python_pass_send_the_same_reports(exchange_factory):
 @pytest.mark.parametrize("order_path", ["compiled", "python"])
 def test_a_full_command_ring_leaves_the_rest_in_the_router(exchange_factory, order_path):
     """With the matcher stopped, the gateway fills its command ring and reads no further:
-    the rest waits in its ROUTER, nothing is answered, dropped or written twice. Once the
-    matcher runs again every request is answered once, in the order sent."""
+    the rest waits in its ROUTER, nothing is answered, dropped or written twice, and the
+    gateway sleeps meanwhile. Once the matcher runs again every request is answered once, in
+    the order sent."""
     # the whole burst may queue for the test's client, however slowly it reads it
     ex = exchange_factory(order_path=order_path, max_queued_messages=100_000,
                           max_queued_bytes=64 << 20)
@@ -113,6 +126,11 @@ def test_a_full_command_ring_leaves_the_rest_in_the_router(exchange_factory, ord
             wait_until(lambda: ring.available() == ring.capacity, WAIT_S,
                        "the command ring to fill")
             assert trader.recv(0.2) is None, "answered while the matcher was stopped"
+            cpu_before_s = _cpu_s(ex.gateway.pid)
+            time.sleep(FULL_RING_WINDOW_S)     # a window to measure, not a wait for a condition
+            cpu_share = (_cpu_s(ex.gateway.pid) - cpu_before_s) / FULL_RING_WINDOW_S
+            assert cpu_share < FULL_RING_MAX_CPU_SHARE, \
+                f"the gateway spun on a full command ring: {cpu_share:.0%} of a CPU"
             assert ring.available() == ring.capacity
         finally:
             os.kill(ex.matcher.pid, signal.SIGCONT)
