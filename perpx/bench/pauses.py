@@ -77,21 +77,28 @@ def _meter_main(cpu: int, stop, out) -> None:
         return int(os.pread(schedstat, 64, 0).split()[1])
 
     steal_start_ms = _steal_ms(cpu)
-    out.put((cpu, None))
     sleep, clock = time.sleep, time.monotonic_ns
     expected = int(SLEEP_S * 1e9)
     pauses, gone = [], []
-    while not stop.is_set():
-        queued_before_ns = run_delay_ns()
-        before = clock()
+    # Each sleep is timed from the end of the one before, so no stall falls between two
+    # (the bookkeeping's few µs count in the overrun, far below MIN_PAUSE_NS), the first from
+    # before "running" is put: a stall that follows the caller's entering is always seen.
+    queued_before_ns = run_delay_ns()
+    before = clock()
+    out.put((cpu, None))
+    while True:
         sleep(SLEEP_S)
         after = clock()
+        queued_after_ns = run_delay_ns()
         overrun = after - before - expected
         if overrun > MIN_PAUSE_NS:
             pauses.append((after - overrun, after))
-            queued_ns = run_delay_ns() - queued_before_ns
+            queued_ns = queued_after_ns - queued_before_ns
             if overrun - queued_ns > MIN_PAUSE_NS:
                 gone.append((after - overrun, after - queued_ns))
+        if stop.is_set():
+            break
+        before, queued_before_ns = after, queued_after_ns
     os.close(schedstat)
     out.put((cpu, pauses, gone, _steal_ms(cpu) - steal_start_ms))
 
