@@ -9,7 +9,6 @@ test ends, and the shm_prefix fixture checks that nothing is left in /dev/shm.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import queue
 import time
 import traceback
@@ -33,6 +32,7 @@ from engine.state import C_SEQ, state_hash
 from engine.market import MarketTable
 from shm.ring import CommandRing
 from tests.shm_workers import attach_when_ready
+from tests.child_processes import child_context, start_child
 
 ENGINE = EngineConfig(max_accounts=16, max_markets=4, max_orders=2048, max_levels_per_side=256)
 SOURCES = [Source("ops", privileged=True), Source("gateway-0", privileged=False),
@@ -120,7 +120,7 @@ class Exchange:
     def __init__(self, prefix: str, tmp: Path):
         self.prefix = prefix
         self.tmp = tmp
-        self.ctx = mp.get_context("spawn")
+        self.ctx = child_context()
         self.procs: list = []
         self.zmq = zmq.Context()
         self.clients: list[Client] = []
@@ -149,9 +149,7 @@ class Exchange:
     # processes
     def start_matcher(self) -> None:
         self._stop_matcher = self.ctx.Event()
-        proc = self.ctx.Process(target=serve_matcher, args=(self.prefix, self._stop_matcher),
-                                daemon=True, name="matcher")
-        proc.start()
+        proc = start_child(serve_matcher, self.prefix, self._stop_matcher, name="matcher")
         self.procs.append((proc, self._stop_matcher))
         self.matcher = proc
         self.ops = attach_when_ready(
@@ -183,9 +181,7 @@ class Exchange:
         options.setdefault("burst", 100_000.0)
         ready = self.ctx.Queue()
         stop = self.ctx.Event()
-        proc = self.ctx.Process(target=serve_gateway, args=(self.prefix, options, ready, stop),
-                                daemon=True, name="gateway")
-        proc.start()
+        proc = start_child(serve_gateway, self.prefix, options, ready, stop, name="gateway")
         self.procs.append((proc, stop))
         try:
             kind, payload = ready.get(timeout=STARTUP_S)

@@ -76,7 +76,9 @@ def shm_prefix():
 
 
 class Children:
-    """Starts workers in spawned processes; kills whatever still runs when the test ends."""
+    """Starts workers in spawned processes; kills whatever still runs when the test ends.
+    Spawned, not forked: some workers test what a process does as it exits (atexit), which a
+    forked child skips."""
 
     def __init__(self):
         self._ctx = mp.get_context("spawn")
