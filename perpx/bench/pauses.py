@@ -80,9 +80,10 @@ def _meter_main(cpu: int, stop, out) -> None:
     sleep, clock = time.sleep, time.monotonic_ns
     expected = int(SLEEP_S * 1e9)
     pauses, gone = [], []
-    # Each sleep is timed from the end of the one before, so no stall falls between two
-    # (the bookkeeping's few µs count in the overrun, far below MIN_PAUSE_NS), the first from
-    # before "running" is put: a stall that follows the caller's entering is always seen.
+    # Each sleep is timed from the end of the one before, so that a stall between two still
+    # lands in an overrun (the bookkeeping's few µs count too, far below MIN_PAUSE_NS); the
+    # first from before "running" is put, so that a stall right after the caller's `with`
+    # began is seen.
     queued_before_ns = run_delay_ns()
     before = clock()
     out.put((cpu, None))
