@@ -87,3 +87,23 @@ def test_a_plain_fd_wakes_it_and_is_named(pair):
 def test_nothing_times_out_empty(pair):
     router, _ = pair
     assert SocketPoll(router).wait(20) == []
+
+
+def test_wait_fds_sleeps_through_queued_messages_until_a_plain_fd(pair):
+    """A caller that cannot read the socket (the gateway with a full command ring) sleeps
+    through the messages queued on it and wakes for its fds alone."""
+    router, dealer = pair
+    r, w = os.pipe()
+    try:
+        poll = SocketPoll(router, r)
+        dealer.send(b"order")
+        assert poll.wait(NEVER_MS) == [poll.sock_fd]       # queued: `wait` returns at once
+        assert poll.wait_fds(20) == []
+        writer = threading.Timer(0.05, os.write, (w, b"x"))
+        writer.start()
+        assert poll.wait_fds(NEVER_MS) == [r]
+        writer.join()
+        assert _drain(router) == 1
+    finally:
+        os.close(r)
+        os.close(w)
