@@ -118,10 +118,16 @@ def ensure_matcher_compiled(out=None) -> bool:
     if matcher_is_cached():
         return False
     with elapsed(COMPILING_MATCHER, out):
-        config = EngineConfig()
-        slots = np.zeros(16, EVENT_DTYPE)
-        Matcher(config).process(np.zeros(0, COMMAND_DTYPE), event_sink(slots), 0, len(slots))
+        load_matcher()
     return True
+
+
+def load_matcher() -> None:
+    """Run the compiled matcher once on nothing: numba loads its machine code from the cache
+    into this process (or compiles it, on a cold cache)."""
+    slots = np.zeros(16, EVENT_DTYPE)
+    Matcher(EngineConfig()).process(np.zeros(0, COMMAND_DTYPE), event_sink(slots), 0,
+                                    len(slots))
 
 
 class GatewayCompile:
