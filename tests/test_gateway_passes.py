@@ -12,6 +12,7 @@ import time
 import pytest
 
 from engine.records import COMMAND_DTYPE
+from perpx.bench.cpu import process_cpu_ns
 from shm import names
 from shm.ring import CommandRing
 from tests.gateway_fixtures import WAIT_S, exchange_factory, wait_until  # noqa: F401
@@ -23,13 +24,6 @@ STEPS = 400
 # ROUTER it cannot read: the matcher that frees the ring may share its CPU.
 FULL_RING_WINDOW_S = 1.0
 FULL_RING_MAX_CPU_SHARE = 0.25
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds a process (all its threads) has used: utime + stime of /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _request(rng: random.Random, cids: list) -> dict:
@@ -126,9 +120,10 @@ def test_a_full_command_ring_leaves_the_rest_in_the_router(exchange_factory, ord
             wait_until(lambda: ring.available() == ring.capacity, WAIT_S,
                        "the command ring to fill")
             assert trader.recv(0.2) is None, "answered while the matcher was stopped"
-            cpu_before_s = _cpu_s(ex.gateway.pid)
+            cpu_before_ns = process_cpu_ns(ex.gateway.pid)
             time.sleep(FULL_RING_WINDOW_S)     # a window to measure, not a wait for a condition
-            cpu_share = (_cpu_s(ex.gateway.pid) - cpu_before_s) / FULL_RING_WINDOW_S
+            cpu_share = (process_cpu_ns(ex.gateway.pid) - cpu_before_ns) / \
+                (FULL_RING_WINDOW_S * 1e9)
             assert cpu_share < FULL_RING_MAX_CPU_SHARE, \
                 f"the gateway spun on a full command ring: {cpu_share:.0%} of a CPU"
             assert ring.available() == ring.capacity

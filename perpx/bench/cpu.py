@@ -116,6 +116,11 @@ def _threads(pid: int) -> dict[int, tuple[int, int, int, bool]]:
     return out
 
 
+def process_cpu_ns(pid: int) -> int:
+    """The ns its threads that run now have spent on a CPU (0 if the process is gone)."""
+    return sum(ns for ns, *_ in _threads(pid).values())
+
+
 def _tcp_out_segments() -> int:
     """The box's TCP segments sent so far (/proc/net/snmp: a header line, then values)."""
     with open("/proc/net/snmp") as f:
