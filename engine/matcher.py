@@ -13,6 +13,10 @@ from engine.records import COMMAND_DTYPE, EVENT_BYTES, EVENT_DTYPE, event_to_dic
 from engine.state import (C_SEQ, D_MASK, D_NEED, D_RING, D_SOURCE, D_WRITE, allocate_state,
                           descriptor, state_hash)
 
+# Command arrays whose word views Matcher.process keeps: the matcher's rings, a test's batches.
+_KNOWN_ARRAYS = 16
+
+
 def matcher_is_cached() -> bool:
     """Whether loading the compiled matcher reads numba's cache (False: it compiles, about a
     minute). Reads numba's cache index the way the load will (same source stamp and numba
@@ -49,8 +53,7 @@ class Matcher:
         self._sink = None
         self._overflow = None
         self._entry = None
-        self._commands = None
-        self._words = None
+        self._words = {}      # id(command array) -> (the array, its int64 word view)
 
     @property
     def seq(self) -> int:
@@ -94,15 +97,19 @@ class Matcher:
         self._attach_sink(sink)
         self.desc[D_WRITE] = write_pos
         self.desc[D_SOURCE] = source
-        if (commands.dtype != COMMAND_DTYPE or not commands.flags.c_contiguous
-                or not commands.flags.writeable):
-            # the compiled entry point was looked up for exactly this array type
-            commands = np.array(commands, dtype=COMMAND_DTYPE, order="C", copy=True)
-        if commands is not self._commands:
-            # callers hand over the same batch buffer call after call: derive its word view once
-            self._commands = commands
-            self._words = commands.view(np.int64).reshape(len(commands), 8)
-        args = (self.desc, commands, self._words, start, count, bool(privileged), free_slots)
+        known = self._words.get(id(commands))
+        if known is None or known[0] is not commands:
+            if (commands.dtype != COMMAND_DTYPE or not commands.flags.c_contiguous
+                    or not commands.flags.writeable):
+                # the compiled entry point was looked up for exactly this array type
+                commands = np.array(commands, dtype=COMMAND_DTYPE, order="C", copy=True)
+            # Callers hand over the same arrays call after call (the matcher a ring's whole
+            # record array, with start and count): derive each one's word view once.
+            if len(self._words) >= _KNOWN_ARRAYS:
+                self._words.clear()
+            known = self._words[id(commands)] = (
+                commands, commands.view(np.int64).reshape(len(commands), 8))
+        args = (self.desc, commands, known[1], start, count, bool(privileged), free_slots)
         done = self._entry_for(args)(*args)
         return done, int(self.desc[D_WRITE])
 

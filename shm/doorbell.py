@@ -109,6 +109,11 @@ class Doorbell:
     def ring(self) -> None:
         """Wake the sleeper if there is one; call after publishing."""
         full_fence()
+        self.ring_after_fence()
+
+    def ring_after_fence(self) -> None:
+        """ring() for a ringer that has fenced (``full_fence``) since it published: one
+        fence serves every doorbell a publish rings (an event ring's consumers)."""
         sleep_seq = self._sleep_seq.get()
         if sleep_seq & 1 and self._rung_seq.get() != sleep_seq:
             self._rung_seq.set(sleep_seq)

@@ -106,6 +106,22 @@ def test_consumer_slots(shm_prefix):
             ring.consumer("b", start="latest")
 
 
+
+def test_known_free_slots_reads_the_consumers_only_below_its_threshold(shm_prefix):
+    """The matcher asks for its room once per batch: a count the consumers granted before
+    (never more than they allow) until it runs low, then their cursors again."""
+    with EventRing.create(shm_prefix + "-ev", RECORD, capacity=8, consumers=["a"]) as ring:
+        a = ring.consumer("a")
+        assert ring.write(make_records(0, 6)) == 6
+        a.advance(4)
+        assert ring.free_slots() == 6
+        assert ring.write(make_records(6, 1)) == 1
+        assert ring.known_free_slots(refresh_below=5) == 5, "as granted, without the cursor"
+        a.advance(3)
+        assert ring.known_free_slots(refresh_below=5) == 5, "stale: low, never high"
+        assert ring.known_free_slots(refresh_below=6) == 8, "below the threshold: read afresh"
+        assert ring.room(8) == 8 and ring.room(20) == 8, "room() is its capped form"
+
 def test_slot_held_by_a_live_process_cannot_be_taken(shm_prefix, children):
     name = shm_prefix + "-ev"
     with EventRing.create(name, RECORD, capacity=8, consumers=["a"]) as ring:
