@@ -24,11 +24,13 @@ from shm.ring import CommandRing, EventRing
 from tests.fuzz_streams import FUZZ_CONFIG, genesis, random_stream
 from tests.shm_workers import attach_when_ready, shm_prefix  # noqa: F401 — fixture: prefix, leak check
 
-SOURCES = [Source("ops", privileged=True), Source("gw0", privileged=False)]
+def sources(command_capacity: int) -> list[Source]:
+    return [Source("ops", privileged=True, capacity=command_capacity),
+            Source("gw0", privileged=False, capacity=command_capacity)]
 
 
-def serve_matcher(prefix: str, stop, event_capacity) -> None:
-    service = MatcherService(FUZZ_CONFIG, prefix, SOURCES, consumers=["test"],
+def serve_matcher(prefix: str, stop, event_capacity, command_capacity) -> None:
+    service = MatcherService(FUZZ_CONFIG, prefix, sources(command_capacity), consumers=["test"],
                              event_capacity=event_capacity)
     try:
         service.run(stop.is_set)
@@ -36,13 +38,16 @@ def serve_matcher(prefix: str, stop, event_capacity) -> None:
         service.close()
 
 
-# None: the default ring. 32 slots: most commands' worst case exceeds the ring, so the
-# matcher waits for room and runs big commands through its overflow buffer.
-@pytest.fixture(params=[None, 32], ids=["default-ring", "tiny-ring"])
+# The default rings; or an event ring of 32 slots, where most commands' worst case exceeds
+# the ring, so the matcher waits for room and runs big commands through its overflow buffer,
+# and command rings of 64, which the stream wraps around hundreds of times (a pass stops at
+# a ring's end).
+@pytest.fixture(params=[(None, 1 << 14), (32, 64)], ids=["default-rings", "tiny-rings"])
 def matcher_process(shm_prefix, request):
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
-    proc = ctx.Process(target=serve_matcher, args=(shm_prefix, stop, request.param), daemon=True)
+    proc = ctx.Process(target=serve_matcher, args=(shm_prefix, stop, *request.param),
+                       daemon=True)
     proc.start()
     try:
         yield shm_prefix, proc
