@@ -71,7 +71,7 @@ class MatcherService:
             self.state_buffer = self.state_region.payload[:state_nbytes(cfg)]
             state = state_in_buffer(cfg, self.state_buffer, fresh=not reattach)
             self.matcher = Matcher(cfg, state=state)
-            self.sources = sources
+            # (ring index, privileged, ring): what a pass drains, in sequencing order
             self._drained = [(index, source.privileged, ring)
                              for index, (source, ring) in enumerate(zip(sources, self.rings))]
         except BaseException:

@@ -24,6 +24,7 @@ from shm.ring import CommandRing, EventRing
 from tests.fuzz_streams import FUZZ_CONFIG, genesis, random_stream
 from tests.shm_workers import attach_when_ready, shm_prefix  # noqa: F401 — fixture: prefix, leak check
 
+
 def sources(command_capacity: int) -> list[Source]:
     return [Source("ops", privileged=True, capacity=command_capacity),
             Source("gw0", privileged=False, capacity=command_capacity)]
