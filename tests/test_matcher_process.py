@@ -19,7 +19,6 @@ from engine.shared_state import attach_state
 from engine.spec import Source
 from shm import names
 from engine.state import state_hash
-from shm.region import ShmError
 from shm.ring import CommandRing, EventRing
 from tests.fuzz_streams import FUZZ_CONFIG, genesis, random_stream
 from tests.shm_workers import attach_when_ready, shm_prefix  # noqa: F401 — fixture: prefix, leak check
