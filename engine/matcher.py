@@ -13,8 +13,17 @@ from engine.records import COMMAND_DTYPE, EVENT_BYTES, EVENT_DTYPE, event_to_dic
 from engine.state import (C_SEQ, D_MASK, D_NEED, D_RING, D_SOURCE, D_WRITE, allocate_state,
                           descriptor, state_hash)
 
-# Command arrays whose word views Matcher.process keeps: the matcher's rings, a test's batches.
-_KNOWN_ARRAYS = 16
+def _command_array(commands: np.ndarray) -> np.ndarray:
+    """commands itself when the compiled entry point takes it as it is, else a copy that it
+    does (the entry point was looked up for exactly that array type)."""
+    if (commands.dtype != COMMAND_DTYPE or not commands.flags.c_contiguous
+            or not commands.flags.writeable):
+        return np.array(commands, dtype=COMMAND_DTYPE, order="C", copy=True)
+    return commands
+
+
+def _words_of(commands: np.ndarray) -> np.ndarray:
+    return commands.view(np.int64).reshape(len(commands), 8)
 
 
 def matcher_is_cached() -> bool:
@@ -53,7 +62,8 @@ class Matcher:
         self._sink = None
         self._overflow = None
         self._entry = None
-        self._words = {}      # id(command array) -> (the array, its int64 word view)
+        self._held = {}             # id(array) -> (array, word view): see hold()
+        self._last = (None, None)   # the last other array process() was given, its word view
 
     @property
     def seq(self) -> int:
@@ -97,21 +107,26 @@ class Matcher:
         self._attach_sink(sink)
         self.desc[D_WRITE] = write_pos
         self.desc[D_SOURCE] = source
-        known = self._words.get(id(commands))
+        known = self._held.get(id(commands))
         if known is None or known[0] is not commands:
-            if (commands.dtype != COMMAND_DTYPE or not commands.flags.c_contiguous
-                    or not commands.flags.writeable):
-                # the compiled entry point was looked up for exactly this array type
-                commands = np.array(commands, dtype=COMMAND_DTYPE, order="C", copy=True)
-            # Callers hand over the same arrays call after call (the matcher a ring's whole
-            # record array, with start and count): derive each one's word view once.
-            if len(self._words) >= _KNOWN_ARRAYS:
-                self._words.clear()
-            known = self._words[id(commands)] = (
-                commands, commands.view(np.int64).reshape(len(commands), 8))
+            if commands is not self._last[0]:
+                # callers hand over the same batch buffer call after call: derive its word
+                # view once
+                commands = _command_array(commands)
+                self._last = (commands, _words_of(commands))
+            known = self._last
         args = (self.desc, commands, known[1], start, count, bool(privileged), free_slots)
         done = self._entry_for(args)(*args)
         return done, int(self.desc[D_WRITE])
+
+    def hold(self, commands: np.ndarray) -> None:
+        """Keep the word view of an array that is handed to process() call after call among
+        others (each command ring's records, given whole with a start and a count): its view
+        is derived once, not whenever another array came in between. Held for good, with the
+        array: only for arrays that live as long as the matcher."""
+        if _command_array(commands) is not commands:
+            raise ValueError("hold() takes a C-contiguous, writeable array of COMMAND_DTYPE")
+        self._held[id(commands)] = (commands, _words_of(commands))
 
     @property
     def needed_slots(self) -> int:

@@ -74,6 +74,8 @@ class MatcherService:
             # (ring index, privileged, ring): what a pass drains, in sequencing order
             self._drained = [(index, source.privileged, ring)
                              for index, (source, ring) in enumerate(zip(sources, self.rings))]
+            for ring in self.rings:
+                self.matcher.hold(ring.records)
         except BaseException:
             self.close()
             raise
@@ -116,9 +118,9 @@ class MatcherService:
         """One pass over every command ring; returns how many commands were sequenced.
 
         Each ring's commands go to the compiled matcher as its whole record array with a
-        start and a count, the same array every pass (a slice would be a new array, whose
-        views Matcher.process derives afresh: ~5 µs a pass), up to the ring's end: what
-        wraps is the next pass's. An empty ring costs a cursor load."""
+        start and a count, the same array every pass, which the matcher holds (a slice would
+        be a new array, whose views Matcher.process derives afresh: ~5 µs a pass), up to the
+        ring's end: what wraps is the next pass's. An empty ring costs a cursor load."""
         total = 0
         events = self.events
         for index, privileged, ring in self._drained:

@@ -7,6 +7,7 @@ yields the same events and the same state hash, bit for bit.
 import hashlib
 import multiprocessing as mp
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -150,3 +151,21 @@ def test_same_stream_same_events_and_hash_in_fresh_processes():
     LocalEvents(1 << 16).run(here, np.concatenate([genesis(), random_stream(12, 1000)]),
                              collect=False)
     assert here.state_hash() != first[1]
+
+
+def test_the_matcher_keeps_only_the_arrays_it_holds_and_the_last():
+    """A batch handed to Matcher.process once is not kept alive by it: a replica replaying a
+    journal hands over a new array per batch (megabytes each)."""
+    matcher = Matcher(FUZZ_CONFIG)
+    events = LocalEvents(1 << 12)
+    held = genesis()
+    matcher.hold(held)
+    matcher.process(held, events.sink, 0, events.capacity, 0, True)
+    batches = [random_stream(seed, 50) for seed in (1, 2, 3)]
+    gone = [weakref.ref(b) for b in batches[:2]]
+    for batch in batches:
+        matcher.process(batch, events.sink, 0, events.capacity, 0, True)
+    del batches
+    assert [ref() for ref in gone] == [None, None]
+    with pytest.raises(ValueError, match="C-contiguous, writeable"):
+        matcher.hold(random_stream(4, 10)[::2])
