@@ -124,11 +124,9 @@ class MatcherService:
         total = 0
         events = self.events
         for index, privileged, ring in self._drained:
-            n = ring.available()
-            if n == 0:
+            if not ring.available():     # a cursor load: most rings are empty most passes
                 continue
-            start = ring.cursor & ring.mask
-            n = min(n, self.batch, ring.capacity - start)
+            start, n, _ = ring.unread_slots(self.batch)
             done, write_pos = self.matcher.process(
                 ring.records, self.sink, events.write_cursor,
                 events.known_free_slots(self._refresh_free_below),

@@ -294,15 +294,24 @@ class Consumer:
     def available(self) -> int:
         return self._ring.published_cursor() - self._cursor
 
-    def peek_views(self, max_n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Up to ``max_n`` unread records as two zero-copy views (the second is non-empty when
-        the records wrap around the end of the ring). Valid only until ``advance()``: after that
-        the producer may overwrite them."""
+    def unread_slots(self, max_n: int) -> tuple[int, int, int]:
+        """Up to ``max_n`` unread records as slots of ``records``: (start, first, wrapped) for
+        ``records[start:start + first]`` then ``records[:wrapped]`` (0 unless they wrap around
+        the end of the ring). For a reader that hands a run of slots on without a view of
+        them (the matcher: the whole ring's array, a start and a count)."""
         ring = self._ring
         n = min(max_n, self.available())
         start = self._cursor & ring.mask
         first = min(n, ring.capacity - start)
-        return ring.records[start : start + first], ring.records[: n - first]
+        return start, first, n - first
+
+    def peek_views(self, max_n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``max_n`` unread records as two zero-copy views (the second is non-empty when
+        the records wrap around the end of the ring). Valid only until ``advance()``: after that
+        the producer may overwrite them."""
+        start, first, wrapped = self.unread_slots(max_n)
+        records = self._ring.records
+        return records[start : start + first], records[:wrapped]
 
     def peek(self, max_n: int) -> np.ndarray:
         """Up to ``max_n`` unread records, in order, as one contiguous copy (stays valid after advance)."""
@@ -329,8 +338,8 @@ class CommandRing(_Ring):
 
     The one consumer slot is active from creation, so the producer is held back from the start
     even if the consumer is not running yet. Producer API: ``write``, ``free_slots``,
-    ``wait_for_space``. Consumer API: ``available``, ``peek``, ``peek_views``, ``advance``,
-    ``wait``, ``cursor``.
+    ``wait_for_space``. Consumer API: ``available``, ``peek``, ``peek_views``,
+    ``unread_slots``, ``advance``, ``wait``, ``cursor``.
     """
 
     _KIND = b"CMDRING"
@@ -363,6 +372,9 @@ class CommandRing(_Ring):
 
     def peek(self, max_n: int) -> np.ndarray:
         return self._consumer.peek(max_n)
+
+    def unread_slots(self, max_n: int) -> tuple[int, int, int]:
+        return self._consumer.unread_slots(max_n)
 
     def peek_views(self, max_n: int) -> tuple[np.ndarray, np.ndarray]:
         return self._consumer.peek_views(max_n)
