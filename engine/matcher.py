@@ -13,13 +13,11 @@ from engine.records import COMMAND_DTYPE, EVENT_BYTES, EVENT_DTYPE, event_to_dic
 from engine.state import (C_SEQ, D_MASK, D_NEED, D_RING, D_SOURCE, D_WRITE, allocate_state,
                           descriptor, state_hash)
 
-def _command_array(commands: np.ndarray) -> np.ndarray:
-    """commands itself when the compiled entry point takes it as it is, else a copy that it
-    does (the entry point was looked up for exactly that array type)."""
-    if (commands.dtype != COMMAND_DTYPE or not commands.flags.c_contiguous
-            or not commands.flags.writeable):
-        return np.array(commands, dtype=COMMAND_DTYPE, order="C", copy=True)
-    return commands
+def _taken_as_is(commands: np.ndarray) -> bool:
+    """Whether the compiled entry point takes the array as it is (it was looked up for exactly
+    that array type); others are copied into one."""
+    return (commands.dtype == COMMAND_DTYPE and commands.flags.c_contiguous
+            and commands.flags.writeable)
 
 
 def _words_of(commands: np.ndarray) -> np.ndarray:
@@ -62,7 +60,7 @@ class Matcher:
         self._sink = None
         self._overflow = None
         self._entry = None
-        self._held = {}             # id(array) -> (array, word view): see hold()
+        self._held = {}             # id(array) -> its word view (which keeps the array alive)
         self._last = (None, None)   # the last other array process() was given, its word view
 
     @property
@@ -107,15 +105,16 @@ class Matcher:
         self._attach_sink(sink)
         self.desc[D_WRITE] = write_pos
         self.desc[D_SOURCE] = source
-        known = self._held.get(id(commands))
-        if known is None or known[0] is not commands:
+        words = self._held.get(id(commands))     # held arrays live on: no id is reused
+        if words is None:
             if commands is not self._last[0]:
                 # callers hand over the same batch buffer call after call: derive its word
                 # view once
-                commands = _command_array(commands)
+                if not _taken_as_is(commands):
+                    commands = np.array(commands, dtype=COMMAND_DTYPE, order="C", copy=True)
                 self._last = (commands, _words_of(commands))
-            known = self._last
-        args = (self.desc, commands, known[1], start, count, bool(privileged), free_slots)
+            words = self._last[1]
+        args = (self.desc, commands, words, start, count, bool(privileged), free_slots)
         done = self._entry_for(args)(*args)
         return done, int(self.desc[D_WRITE])
 
@@ -124,9 +123,9 @@ class Matcher:
         others (each command ring's records, given whole with a start and a count): its view
         is derived once, not whenever another array came in between. Held for good, with the
         array: only for arrays that live as long as the matcher."""
-        if _command_array(commands) is not commands:
+        if not _taken_as_is(commands):
             raise ValueError("hold() takes a C-contiguous, writeable array of COMMAND_DTYPE")
-        self._held[id(commands)] = (commands, _words_of(commands))
+        self._held[id(commands)] = _words_of(commands)
 
     @property
     def needed_slots(self) -> int:
