@@ -9,7 +9,7 @@ import numpy as np
 
 from engine import core
 from engine.config import EngineConfig
-from engine.records import COMMAND_DTYPE, EVENT_BYTES, EVENT_DTYPE, event_to_dict
+from engine.records import COMMAND_BYTES, COMMAND_DTYPE, EVENT_BYTES, EVENT_DTYPE, event_to_dict
 from engine.state import (C_SEQ, D_MASK, D_NEED, D_RING, D_SOURCE, D_WRITE, allocate_state,
                           descriptor, state_hash)
 
@@ -21,7 +21,7 @@ def _taken_as_is(commands: np.ndarray) -> bool:
 
 
 def _words_of(commands: np.ndarray) -> np.ndarray:
-    return commands.view(np.int64).reshape(len(commands), 8)
+    return commands.view(np.int64).reshape(len(commands), COMMAND_BYTES // 8)
 
 
 def matcher_is_cached() -> bool:
