@@ -159,13 +159,13 @@ def _loop(sock, phase: dict, index: int) -> dict:
 
     `to_gateway_ns`: per exchange reply, from the request's send to the gateway reading it.
     The gateway stamps each request with the wall clock as it reads it (`ts`, which the
-    reply carries); the client and the exchange share the box's clock. The floors' replies
-    carry no stamp."""
+    reply carries); the client and the exchange share the box's clock, and the client stamps
+    each send with the same clock (an offset to CLOCK_MONOTONIC taken once would be off by as
+    much as the wall clock is stepped during the run). The floors' replies carry no stamp."""
     import zmq
     seconds, window, rate = phase["seconds"], phase["window"], phase["rate"]
     message, group = WORKLOADS[phase.get("workload", "rest_cancel")]
     now = time.monotonic_ns      # CLOCK_MONOTONIC: perpx/bench/pauses.py times pauses with it
-    wall_minus_now = time.time_ns() - now()     # the gateway's `ts` -> this clock
     interval = int(1e9 / rate) if rate > 0 else 0
     cid_base = (time.time_ns() // 1_000_000 % (1 << 40)) << 20
     t0 = now()
@@ -190,8 +190,9 @@ def _loop(sock, phase: dict, index: int) -> dict:
         # keep groups whole: after the end only the rest of a started group may still go out
         while len(inflight) < window and (not stopping or i % group) and \
                 (interval == 0 or next_due <= t):
+            sent_wall_ns = time.time_ns()        # the clock of the gateway's `ts`
             sock.send(message(i, cid_base, rid, index))
-            inflight[rid] = (t, next_due if interval else t)
+            inflight[rid] = (t, next_due if interval else t, sent_wall_ns)
             next_due += interval
             i += 1
             rid += 1
@@ -229,7 +230,7 @@ def _loop(sock, phase: dict, index: int) -> dict:
                     due.append(entry[1])
                     ts = m.get("ts")
                     if type(ts) is int:
-                        to_gateway.append(ts - wall_minus_now - entry[0])
+                        to_gateway.append(ts - entry[2])
     return {"acked": acked, "rejected": rejected, "unmatched": others, "sent": i,
             "seconds": seconds, "first_reject": pack_check, "left_in_flight": len(inflight),
             "lat_ns": np.asarray(lat, dtype=np.int64),
