@@ -80,26 +80,32 @@ def _meter_main(cpu: int, stop, out) -> None:
     sleep, clock = time.sleep, time.monotonic_ns
     expected = int(SLEEP_S * 1e9)
     pauses, gone = [], []
+
+    def note(before: int, after: int, slept_ns: int, queued_ns: int) -> None:
+        """Keep the stretch before..after if it overran slept_ns by more than MIN_PAUSE_NS,
+        and the part of it not spent queued if that passes MIN_PAUSE_NS too."""
+        overrun = after - before - slept_ns
+        if overrun > MIN_PAUSE_NS:
+            pauses.append((after - overrun, after))
+            if overrun - queued_ns > MIN_PAUSE_NS:
+                gone.append((after - overrun, after - queued_ns))
+
     # Each sleep is timed from the end of the one before, so that a stall between two still
     # lands in an overrun (the bookkeeping's few µs count too, far below MIN_PAUSE_NS); the
     # first from before "running" is put, so that a stall right after the caller's `with`
-    # began is seen.
+    # began is seen; and once `stop` is seen, the stretch since the last wake-up is timed
+    # too (it slept nothing), so that a stall during the last pass's bookkeeping, which
+    # the caller's `with` may end right after, is not lost.
     queued_before_ns = run_delay_ns()
     before = clock()
     out.put((cpu, None))
-    while True:
+    while not stop.is_set():
         sleep(SLEEP_S)
         after = clock()
         queued_after_ns = run_delay_ns()
-        overrun = after - before - expected
-        if overrun > MIN_PAUSE_NS:
-            pauses.append((after - overrun, after))
-            queued_ns = queued_after_ns - queued_before_ns
-            if overrun - queued_ns > MIN_PAUSE_NS:
-                gone.append((after - overrun, after - queued_ns))
-        if stop.is_set():
-            break
+        note(before, after, expected, queued_after_ns - queued_before_ns)
         before, queued_before_ns = after, queued_after_ns
+    note(before, clock(), 0, run_delay_ns() - queued_before_ns)
     os.close(schedstat)
     out.put((cpu, pauses, gone, _steal_ms(cpu) - steal_start_ms))
 
