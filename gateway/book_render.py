@@ -10,7 +10,14 @@ level is gone); prices and quantities are written as Market.ticks_to_str and lot
 write them (`tick` and `lot` are the grids as (mantissa, exponent); _w_scaled in
 gateway/report_render.py). `out` must hold delta_bytes(levels) for the dirty list's length.
 The keys come pre-packed (KEYS, KEYS_AT), as report_render passes its texts: numba's cache
-freezes globals. tests/test_book_render.py proves the byte identity on the fuzzers' streams.
+freezes globals.
+
+`book_deltas_into` empties the dirty list in one call: every dirty market's delta, markets
+ascending (as Mirror.dirty_markets lists them), one after the other in `out`, each as
+(market, start, end) in `spans`; a market without a table is taken and dropped. One call per
+event batch instead of one per market plus the question which are dirty: in the gateway's
+pass those Python steps cost several times what they do alone (docs/tuning.md).
+tests/test_book_render.py proves the byte identity on the fuzzers' streams.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from numba import njit
 
 from gateway.codec import pack
 from gateway.mirror_arrays import S_DIRTY_N, take_dirty_levels
-from gateway.report_render import SCRATCH_BYTES, _w_int, _w_packed, _w_scaled
+from gateway.report_render import SCRATCH_BYTES, _w_int, _w_packed, _w_scaled, market_arrays
 
 _KEYS = (pack("seq"), pack("bids"), pack("asks"))
 KEYS = np.frombuffer(b"".join(_KEYS), np.uint8).copy()
@@ -35,6 +42,12 @@ LEVEL_BYTES = 1 + 2 * (2 + SCRATCH_BYTES)
 def delta_bytes(levels: int) -> int:
     """The most a delta of `levels` levels takes."""
     return HEAD_BYTES + levels * LEVEL_BYTES
+
+
+def deltas_bytes(dirty_entries: int) -> int:
+    """The most book_deltas_into writes for a dirty list of that length: each entry may be a
+    market of its own."""
+    return dirty_entries * (HEAD_BYTES + LEVEL_BYTES)
 
 
 @njit(cache=True)
@@ -77,16 +90,45 @@ def book_delta_into(dirty, st, lv_keys, lv_qty, market, seq, tick, lot, keys, ke
     return _w_levels(out, o, ask_prices, ask_qtys, tick, lot, scratch)
 
 
-class BookDeltas:
-    """MarketData.book_delta over an ArrayMirror: the market's delta as bytes, one compiled
-    call for both sides."""
+@njit(cache=True)
+def book_deltas_into(dirty, st, lv_keys, lv_qty, seq, mk_tick, mk_lot, mk_sym_len, keys,
+                     keys_at, out, scratch, spans):
+    k = 0
+    o = 0
+    while st[S_DIRTY_N]:
+        m = dirty[0, 0]
+        for i in range(1, st[S_DIRTY_N]):
+            m = min(m, dirty[i, 0])
+        if not mk_sym_len[m]:                  # no table to say them with: dropped
+            take_dirty_levels(dirty, st, lv_keys, lv_qty, m, 0)
+            take_dirty_levels(dirty, st, lv_keys, lv_qty, m, 1)
+            continue
+        end = book_delta_into(dirty, st, lv_keys, lv_qty, m, seq, mk_tick[m], mk_lot[m], keys,
+                              keys_at, out[o:], scratch)
+        spans[k, 0] = m
+        spans[k, 1] = o
+        spans[k, 2] = o + end
+        o += end
+        k += 1
+    return k
 
-    def __init__(self, arrays):
+
+class BookDeltas:
+    """MarketData.dirty_book_deltas over an ArrayMirror: [(Market, delta bytes)] of every
+    market with changed levels, in one compiled call."""
+
+    def __init__(self, arrays, market_by_id):
         self.a = arrays
-        self.out = np.zeros(delta_bytes(64), np.uint8)
+        self.market_by_id = market_by_id
+        self.out = np.zeros(deltas_bytes(64), np.uint8)
+        self.spans = np.zeros((64, 3), np.int64)
         self.scratch = np.zeros(SCRATCH_BYTES, np.uint8)
-        self.tick = np.zeros(2, np.int64)
-        self.lot = np.zeros(2, np.int64)
+        self.load_markets()
+
+    def load_markets(self) -> None:
+        """The grids of market_by_id (its markets and Nones): at start, and after an admin
+        command changed a market (the gateway's _markets_changed)."""
+        _, self.mk_sym_len, self.mk_tick, self.mk_lot = market_arrays(self.market_by_id)
 
     def warm(self) -> None:
         """Load the machine code now (as the lane's warm: before the memory base), on an
@@ -94,16 +136,19 @@ class BookDeltas:
         a = self.a
         st = a.st.copy()
         st[S_DIRTY_N] = 0
-        book_delta_into(a.dirty, st, a.lv_keys, a.lv_qty, 0, 0, self.tick, self.lot, KEYS,
-                        KEYS_AT, self.out, self.scratch)
+        book_deltas_into(a.dirty, st, a.lv_keys, a.lv_qty, 0, self.mk_tick, self.mk_lot,
+                         self.mk_sym_len, KEYS, KEYS_AT, self.out, self.scratch, self.spans)
 
-    def __call__(self, m: int, market, seq: int) -> bytes:
+    def __call__(self, seq: int) -> list:
         a = self.a
-        need = delta_bytes(int(a.st[S_DIRTY_N]))
-        if len(self.out) < need:
-            self.out = np.zeros(2 * need, np.uint8)
-        self.tick[0], self.tick[1] = market.tick.mantissa, market.tick.exponent
-        self.lot[0], self.lot[1] = market.lot.mantissa, market.lot.exponent
-        end = book_delta_into(a.dirty, a.st, a.lv_keys, a.lv_qty, m, seq, self.tick, self.lot,
-                              KEYS, KEYS_AT, self.out, self.scratch)
-        return self.out[:end].tobytes()
+        n = int(a.st[S_DIRTY_N])
+        if len(self.out) < deltas_bytes(n):
+            self.out = np.zeros(2 * deltas_bytes(n), np.uint8)
+        if len(self.spans) < n:
+            self.spans = np.zeros((2 * n, 3), np.int64)
+        k = book_deltas_into(a.dirty, a.st, a.lv_keys, a.lv_qty, seq, self.mk_tick,
+                             self.mk_lot, self.mk_sym_len, KEYS, KEYS_AT, self.out,
+                             self.scratch, self.spans)
+        out, market_by_id = self.out, self.market_by_id
+        return [(market_by_id[m], out[start:end].tobytes())
+                for m, start, end in self.spans[:k].tolist()]

@@ -1221,4 +1221,4 @@ def compile_lane() -> None:
     mirror = ArrayMirror(2)
     mirror.apply(np.zeros(EVENT_BYTES, np.uint8), 0)
     ArrayMirrorQueries(mirror).warm()
-    BookDeltas(mirror).warm()
+    BookDeltas(mirror, [None, None]).warm()

@@ -31,7 +31,7 @@ class MarketData:
         self._board_sent: dict[int, tuple] = {}    # market -> (index, rate, next) last published
         self._state_sent: dict[int, int] = {}      # market -> its state in the last mark.MARKET
         self.board_due = 0.0
-        self.book_delta = self.packed_book_delta
+        self.dirty_book_deltas = self.packed_book_deltas
 
     def trade(self, tr, market) -> None:
         self.outbox.publish(market.topic_trade, pack(
@@ -59,19 +59,27 @@ class MarketData:
 
     def book_deltas(self) -> None:
         """The levels that changed in the last batch of events, per market."""
+        seq = self.mirror.applied_seq
+        for market, payload in self.dirty_book_deltas(seq):
+            self.outbox.publish(market.topic_book, payload, seq)
+
+    def packed_book_deltas(self, seq: int) -> list:
+        """[(Market, `book.MARKET` bytes)] of every market with changed levels, ascending,
+        each taken off the mirror's dirty list (a market without a table: dropped). The
+        compiled lane's gateway sets `dirty_book_deltas` to gateway/book_render.py's, which
+        writes the same bytes from the array mirror in one call."""
         mirror = self.mirror
-        seq = mirror.applied_seq
+        deltas = []
         for m in mirror.dirty_markets():
             market = self.market_by_id[m]
             if market is None:
-                mirror.take_dirty(m)         # no table to say them with: dropped
+                mirror.take_dirty(m)
                 continue
-            self.outbox.publish(market.topic_book, self.book_delta(m, market, seq), seq)
+            deltas.append((market, self.packed_book_delta(m, market, seq)))
+        return deltas
 
     def packed_book_delta(self, m: int, market, seq: int) -> bytes:
-        """`book.MARKET`: the market's changed levels, taken off the mirror's dirty list. The
-        compiled lane's gateway sets `book_delta` to gateway/book_render.py's, which writes
-        the same bytes from the array mirror."""
+        """`book.MARKET`: the market's changed levels, taken off the mirror's dirty list."""
         bids, asks = self.mirror.take_dirty(m)
         t, l = market.ticks_to_str, market.lots_to_str
         return pack({"seq": seq, "bids": [[t(p), l(q)] for p, q in bids],

@@ -599,7 +599,8 @@ class Gateway:
             if reader is not None:
                 reader.mirror = queries
         if self.market_data is not None:
-            self.market_data.book_delta = book_deltas = BookDeltas(arrays)
+            self.market_data.dirty_book_deltas = book_deltas = BookDeltas(arrays,
+                                                                          self.market_by_id)
             book_deltas.warm()
         return arrays
 
@@ -612,6 +613,8 @@ class Gateway:
             for m in changed:
                 self.router_events._market_changed(m)
             lane.load_markets()
+            if self.market_data is not None:
+                self.market_data.dirty_book_deltas.load_markets()
 
     def _end_of_pass(self, heartbeat) -> float:
         """The heartbeat, the index board when due, and once a second the memory bound and
