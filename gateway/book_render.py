@@ -46,8 +46,8 @@ def delta_bytes(levels: int) -> int:
 
 def deltas_bytes(dirty_entries: int) -> int:
     """The most book_deltas_into writes for a dirty list of that length: each entry may be a
-    market of its own."""
-    return dirty_entries * (HEAD_BYTES + LEVEL_BYTES)
+    market of its own, with one level."""
+    return dirty_entries * delta_bytes(1)
 
 
 @njit(cache=True)
