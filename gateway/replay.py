@@ -191,11 +191,14 @@ class ReportLog:
 class DurableSource:
     """A worker thread that asks persistd (its SQL socket, a ZeroMQ REQ/REP of msgpack maps
     `{"sql": ...}` -> `{"columns", "rows", "store_seq"}` or `{"error"}`) for `reports` rows.
-    Jobs go in with `ask`; finished ones come out of `done` (a deque the loop polls)."""
+    Jobs go in with `ask`; finished ones come out of `done` (a deque the loop polls), and
+    `wake()` is called after each: the gateway may be asleep in its poll, which nothing else
+    would end before its timeout (its doorbell's ring: a load while it is awake)."""
 
-    def __init__(self, endpoint: str, ctx: zmq.Context):
+    def __init__(self, endpoint: str, ctx: zmq.Context, wake=lambda: None):
         self.endpoint = endpoint
         self.ctx = ctx
+        self.wake = wake
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.done: deque = deque()
         self._closing = threading.Event()
@@ -225,6 +228,8 @@ class DurableSource:
                     return
                 sock = self._fetch(sock, job)
                 self.done.append(job)
+                if not self._closing.is_set():     # the gateway's doorbell may be closing
+                    self.wake()
         finally:
             sock.close(0)
 

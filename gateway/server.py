@@ -252,7 +252,8 @@ class Gateway:
                 tracker=self.router_events.tracker, log=report_log, outbox=self.outbox,
                 sessions=self.sessions, mirror=self.mirror, market_by_id=self.market_by_id,
                 durable=self.durable,
-                source=DurableSource(replay_store, self.ctx) if replay_store else None,
+                source=(DurableSource(replay_store, self.ctx, self.bell.ring) if replay_store
+                        else None),
                 max_queued_bytes=max_queued_bytes)
             self.requests.register("replay", self.replayer.handle)
             self.lane = None
@@ -634,14 +635,17 @@ class Gateway:
 
     def _sleep(self, timeout_ms: int) -> None:
         """Block in one poll on the ROUTER, its monitor and the event ring's doorbell (a FIFO,
-        shm/doorbell.py) until a message, a connection event, new events or (durable mode)
-        journaled ones (a full command ring: not a message, see below): arm the doorbell,
-        re-check, poll, disarm (gateway/socket_poll.py)."""
+        shm/doorbell.py) until a message, a connection event, new events, (durable mode)
+        journaled ones or a durable replay's answer (a full command ring: not a message, see
+        below): arm the doorbell, re-check, poll, disarm (gateway/socket_poll.py)."""
         bell = self.bell
         token = bell.arm()
         readable = False
         try:
             if self.consumer.available() or (self.durable and self.outbox.releasable()):
+                return
+            source = self.replayer.source      # durable replays' answers ring the doorbell
+            if source is not None and source.done:
                 return
             if self.ring.room(1):
                 if self.requests.cmd_n:

@@ -12,6 +12,9 @@ import os
 import signal
 import threading
 
+import zmq
+
+from gateway.replay import DurableSource
 from perpx.client import AsyncClient, Client, ClientError, RequestLost
 from tests.durability_helpers import funded_account, sql_rows, wait_store
 from tests.test_supervisor import WAIT_S, cli_json, config_text, processes, wait_until
@@ -123,6 +126,36 @@ def test_account_seq_same_from_two_gateways_and_after_a_restart(ups):
         finally:
             c.close()
     assert again == before[:2]
+
+
+def test_the_durable_source_wakes_the_gateway_after_each_answer(ups):
+    """A replay the gateway's memory no longer holds is answered from DuckDB by the durable
+    source's worker thread, against persistd's real SQL socket; the gateway may be asleep in
+    its poll meanwhile, so the worker calls its wake (the gateway's doorbell) once the answer
+    is in `done`."""
+    up = ups("state", CONFIG)
+    endpoints = up.wait_ready()
+    sd = up.sd
+    trader = Client.connect(endpoints, funded_account(sd.path), timeout_s=WAIT_S)
+    try:
+        for i in range(5):
+            assert trader.new_order("BTC-PERP", "buy", "limit", "0.001",
+                                    str(60000 + i))["type"] == "ack"
+        account = account_of(trader)
+    finally:
+        trader.close()
+    query = f"SELECT account_seq FROM reports WHERE account = {account}"
+    wait_until(lambda: len(sql_rows(sd.path, query)) == 5, WAIT_S, "five reports in DuckDB")
+    woken = threading.Event()
+    source = DurableSource(f"ipc://{sd.sql_socket}", zmq.Context.instance(), woken.set)
+    try:
+        source.ask({"account": account, "from": 1, "upto": 5, "max": 100})
+        assert woken.wait(WAIT_S), "the worker answered without waking the gateway"
+        job = source.done.popleft()
+        assert "error" not in job, job
+        assert [row[0] for row in job["rows"]] == [2, 3, 4, 5]
+    finally:
+        source.close()
 
 
 def test_kill9_of_the_gateway_under_traffic(ups):
