@@ -256,6 +256,9 @@ class Gateway:
                         else None),
                 max_queued_bytes=max_queued_bytes)
             self.requests.register("replay", self.replayer.handle)
+            # durable replays answered by the worker thread (gateway/replay.py), which rings
+            # the doorbell; an empty tuple when there is no durable source
+            self.replay_done = self.replayer.source.done if replay_store else ()
             self.lane = None
             if order_path == "compiled":
                 self._use_lane()
@@ -387,9 +390,7 @@ class Gateway:
         consumer = self.consumer
         requests = self.requests
         drain_events = self.router_events.drain
-        # durable replays answered by the worker thread (gateway/replay.py); an empty deque
-        # when there is no durable source
-        replay_done = self.replayer.source.done if self.replayer.source is not None else ()
+        replay_done = self.replay_done
         monitor_due = 0.0
         try:
             while not should_stop():
@@ -469,7 +470,7 @@ class Gateway:
         sid_i = lane.sid_i
         durable = self.durable
         journal_errno = requests.journal_errno
-        replay_done = self.replayer.source.done if self.replayer.source is not None else ()
+        replay_done = self.replay_done
         monitor_due = 0.0
         last_gc = now = time.monotonic()
 
@@ -644,8 +645,7 @@ class Gateway:
         try:
             if self.consumer.available() or (self.durable and self.outbox.releasable()):
                 return
-            source = self.replayer.source      # durable replays' answers ring the doorbell
-            if source is not None and source.done:
+            if self.replay_done:
                 return
             if self.ring.room(1):
                 if self.requests.cmd_n:
