@@ -376,7 +376,9 @@ def _run_clients(procs: _Procs, kind: str, target: dict, phases: list, clients: 
             except Exception:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{kind} clients: no {kinds[0]} within {timeout_s:g} s")
-                dead = [p for p in workers if not p.is_alive()]
+                # a client that exited 0 put everything first (its queue flushes at exit):
+                # what it put may still be on its way, so only a failed one ends the wait
+                dead = [p for p in workers if p.exitcode not in (None, 0)]
                 if dead:
                     raise RuntimeError(f"{kind} client exited with {dead[0].exitcode}")
                 continue
