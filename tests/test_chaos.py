@@ -2,8 +2,8 @@
 after round; afterwards nothing acknowledged may be missing (journal, DuckDB), no row may be
 doubled, and the live state must equal a clean replay of the journal.
 
-PERPX_CHAOS_ROUNDS (default 20) and PERPX_CHAOS_SEED choose the run; `scripts/soak` runs this
-test with many more rounds.
+PERPX_CHAOS_ROUNDS (default 12: four cycles of the three victims) and PERPX_CHAOS_SEED choose
+the run; `scripts/soak` runs this test with many more rounds.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests.durability_helpers import (Traders, assert_nothing_acknowledged_was_l
                                       durable_config, funded_account)
 from tests.test_supervisor import WAIT_S, cli_json, processes, wait_until
 
-ROUNDS = int(os.environ.get("PERPX_CHAOS_ROUNDS", "20"))
+ROUNDS = int(os.environ.get("PERPX_CHAOS_ROUNDS", "12"))
 SEED = int(os.environ.get("PERPX_CHAOS_SEED", str(int(time.time()))))
 VICTIMS = ("matcher", "persistd", "gateway-0")
 
