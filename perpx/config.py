@@ -29,7 +29,7 @@ Keys (defaults in brackets):
                 take-profits per market), command_ring_capacity [16384],
                 event_ring_capacity [0: engine.service's default], batch [256]
     [persistence] snapshot_every [1000000] (commands between state snapshots), snapshots_keep
-                [2], store_flush_ms [1000] (DuckDB batch interval), retire_journal [true]
+                [2], store_flush_ms [500] (DuckDB batch interval), retire_journal [true]
                 (delete journal segments older than the oldest snapshot kept)
     [risk]      mark_interval_ms [250] (riskd's tick: marks, funding samples, liquidation scan),
                 seed [0] (sim index walks), funding_sample_ms [5000] (premium index samples,
@@ -158,7 +158,7 @@ PERSISTENCE_DEFAULTS = {
     "snapshots_keep": 2,
     # each DuckDB commit fsyncs, and the journal's fdatasync then waits for the same ext4
     # journal commit: 10 a second put a durable ack's p90 at 1.5 ms, 1 a second at 1.0 ms
-    "store_flush_ms": 1000,
+    "store_flush_ms": 500,
     "retire_journal": True,
 }
 RISK_DEFAULTS = {

@@ -63,6 +63,15 @@ MARKER_SYNC_S = 1.0
 # One DuckDB thread: a second one only hands each ~100 ms batch between threads (~20-25% more
 # CPU per write). `perpx sql` queries get one too.
 STORE_CONFIG = {"threads": 1}
+# DuckDB trails the fills by well under a second, also under a full load (`perpx bench
+# durability`, target 1 s). The store is SCHED_IDLE, on CPU time nobody else wants, which a
+# full load leaves it too little of: its passes fell ~2 s behind. So a pass that starts with
+# CATCH_UP_COMMANDS or more durable commands to apply runs as an ordinary process (all its
+# threads, SCHED_OTHER), and the store wakes for its pass early once that many wait (it looks
+# every BACKLOG_POLL_S): under a full load its passes stay small, ordinary and frequent; at
+# a lighter one they stay idle-class, once per store_flush_ms.
+CATCH_UP_COMMANDS = 4096
+BACKLOG_POLL_S = 0.025
 # Event types after which _fill_balances has balance rows to read (indexed by etype).
 MOVES_BALANCE = np.zeros(256, bool)
 MOVES_BALANCE[[EV_TRADE, EV_LIQUIDATION, EV_FUNDING]] = True
@@ -106,6 +115,9 @@ class StoreProcess:
         self.progress.set_store_seq(self.store.last_seq)
         self._marker_fd = None
         self._marker_synced_at = 0.0
+        self.catching_up = False        # this pass runs SCHED_OTHER (_pace)
+        self.pace_refused = False
+        self.caught_up_once = False
 
     def run(self) -> None:
         sql = threading.Thread(target=self._guard, args=(self._sql_loop,), name="sql")
@@ -164,8 +176,9 @@ class StoreProcess:
                 # shortly before: it cannot see this timer fire) and that the pass goes on
                 # (0) until the next one is announced.
                 self.progress.set_store_quiet_until_ns(due_ns)
-                self.stopping.wait(max(0.0, (due_ns - time.monotonic_ns()) / 1e9))
+                self._wait_for_pass(due_ns, replica)
                 self.progress.set_store_quiet_until_ns(0)
+                self._pace(self.progress.durable_seq() - replica.seq)
                 due_ns = time.monotonic_ns() + round(self.flush_s * 1e9)
                 if os.getppid() != self.parent_pid:
                     self.log("persistd is gone: stopping")
@@ -195,6 +208,35 @@ class StoreProcess:
                     return
         finally:
             follower.close()
+
+    def _wait_for_pass(self, due_ns: int, replica: Replica) -> None:
+        """Until due_ns, stopping, or CATCH_UP_COMMANDS durable commands wait."""
+        while not self.stopping.is_set():
+            left_s = (due_ns - time.monotonic_ns()) / 1e9
+            if left_s <= 0 or \
+                    self.progress.durable_seq() - replica.seq >= CATCH_UP_COMMANDS:
+                return
+            self.stopping.wait(min(left_s, BACKLOG_POLL_S))
+
+    def _pace(self, backlog: int) -> None:
+        """This pass's scheduling class: ordinary for a backlog of CATCH_UP_COMMANDS or
+        more, else idle. A host that refuses the switch (no privilege to leave SCHED_IDLE)
+        keeps the store idle-class: said once, and not asked again."""
+        catching_up = backlog >= CATCH_UP_COMMANDS
+        if catching_up == self.catching_up or self.pace_refused:
+            return
+        try:
+            set_policy(os.SCHED_OTHER if catching_up else os.SCHED_IDLE)
+        except PermissionError as e:
+            self.pace_refused = True
+            self.log(f"cannot leave SCHED_IDLE to catch up ({e}): under a full load DuckDB "
+                     f"may trail the journal by more than a second")
+            return
+        self.catching_up = catching_up
+        if catching_up and not self.caught_up_once:
+            self.caught_up_once = True
+            self.log(f"{backlog} commands behind the journal: passes of "
+                     f"{CATCH_UP_COMMANDS}+ run as an ordinary process")
 
     def _sync_marker(self) -> None:
         """fdatasync the synced-seq marker persistd rewrites without syncing (a missing marker:
@@ -344,6 +386,17 @@ class StoreProcess:
         self.progress.close()
 
 
+def set_policy(policy: int) -> None:
+    """Every thread of this process to `policy` (policies are per thread; DuckDB's threads
+    too). Raises PermissionError where the host refuses it (leaving SCHED_IDLE needs
+    CAP_SYS_NICE or a RLIMIT_NICE that allows nice 0)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setscheduler(int(tid), policy, os.sched_param(0))
+        except ProcessLookupError:    # a thread that just ended
+            pass
+
+
 def serve(spec: ExchangeSpec, opts: dict, log) -> int:
     """The store process's main (persistd's `--store`)."""
     # Background work: SCHED_IDLE, so it runs only on CPU time nobody else wants (the journal,
@@ -351,7 +404,7 @@ def serve(spec: ExchangeSpec, opts: dict, log) -> int:
     # thing, so that every thread (DuckDB's included) inherits it: policies are per thread.
     # Measured (docs/tuning.md, "The store process's CPU"): on the order path's CPU instead it
     # met the durable p99 in clean runs but stalled orders for tens of ms after load bursts.
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    set_policy(os.SCHED_IDLE)
     # SIGTERM is taken by a thread of its own (sigwait), never by a handler. A handler runs in
     # the main thread, which may be inside stopping.wait() holding that Event's lock, and its
     # stopping.set() then deadlocked: two store processes were found stuck so for half an
@@ -368,11 +421,11 @@ def serve(spec: ExchangeSpec, opts: dict, log) -> int:
         service.stopping.set()
         # Leave quickly: the next persistd needs our DuckDB file, and at SCHED_IDLE under load
         # the last round could take minutes.
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
-            except OSError:    # a thread that just ended
-                pass
+        try:
+            set_policy(os.SCHED_OTHER)
+        except PermissionError:
+            pass
+
 
     threading.Thread(target=on_sigterm, name="sigterm", daemon=True).start()
     try:

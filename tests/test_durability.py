@@ -19,7 +19,7 @@ from persistd.journal import (HEADER_BYTES, RETIRED_DIR, journal_info, marked_sy
 from shm.progress import JournalProgress
 from tests.durability_helpers import (Traders, assert_nothing_acknowledged_was_lost,
                                       durable_config, funded_account, sql_rows, wait_store)
-from tests.test_supervisor import WAIT_S, cli, cli_json, processes, wait_until
+from tests.test_supervisor import WAIT_S, cli, cli_json, processes, store_pid, wait_until
 
 
 def restarted(state_dir, name: str, old_pid: int, restarts: int = 1) -> dict:
@@ -312,3 +312,61 @@ def test_sql_is_read_only(ups):
     assert cli_json(up.sd.path, "sql", "SELECT count(*) FROM fills")["rows"] == [[0]]
     tables = {r[0] for r in cli_json(up.sd.path, "sql", "SHOW TABLES")["rows"]}
     assert {"fills", "orders", "funding_payments", "liquidations", "balances"} <= tables
+
+
+def store_policies(pid: int) -> set:
+    policies = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            policies.add(os.sched_getscheduler(int(tid)))
+        except ProcessLookupError:     # a thread that just ended
+            pass
+    return policies
+
+
+def test_a_backlog_makes_the_store_an_ordinary_process_until_it_caught_up(ups):
+    """persistd/storer.py: a store pass that starts CATCH_UP_COMMANDS or more durable commands
+    behind runs as an ordinary process (SCHED_OTHER, every thread): a full load leaves an
+    idle-class process too little CPU for DuckDB to trail the fills by under a second. Caught
+    up, it is idle-class again. The backlog is made by stopping the store (SIGSTOP) while
+    resting orders go straight into gateway-0's command ring, as `perpx bench durability`
+    writes them."""
+    from engine.records import COMMAND_DTYPE
+    from perpx.bench.durability import ACCOUNTS, recovery_config, resting_orders
+    from perpx.bench.e2e import _funded_accounts
+    from persistd.storer import CATCH_UP_COMMANDS
+    from shm import names
+    from shm.ring import CommandRing
+
+    orders = CATCH_UP_COMMANDS + 1000
+    up = ups("state", recovery_config(orders))
+    up.wait_ready()
+    sd = up.sd
+    _funded_accounts(sd, ACCOUNTS, usdc="1000000000")
+    accounts = sd.registered_accounts()[-ACCOUNTS:]
+    start_seq = cli_json(sd.path, "status")["seq"]
+    store = store_pid(processes(sd.path)["persistd"]["pid"])
+    assert store_policies(store) == {os.SCHED_IDLE}
+    os.kill(store, signal.SIGSTOP)
+    try:
+        ring = CommandRing.attach(names.command_ring(sd.prefix, "gateway-0"), COMMAND_DTYPE)
+        try:
+            commands = resting_orders(orders, accounts, time.time_ns())
+            written = 0
+            while written < orders:
+                written += ring.write(commands[written:])
+                assert ring.wait_for_space(1, timeout_s=WAIT_S)
+        finally:
+            ring.close()
+        wait_until(lambda: cli_json(sd.path, "status")["durable_seq"] >= start_seq + orders,
+                   WAIT_S * 2, "the orders to be journaled")
+    finally:
+        os.kill(store, signal.SIGCONT)
+    log = sd.logs_dir / "persistd.log"
+    wait_until(lambda: "as an ordinary process" in log.read_text(), WAIT_S,
+               "the store to say it catches up as an ordinary process")
+    wait_store(sd.path, start_seq + orders)
+    wait_until(lambda: store_policies(store) == {os.SCHED_IDLE}, WAIT_S,
+               "the store to be idle-class again once caught up")
+    assert sql_rows(sd.path, f"SELECT count(DISTINCT oid) FROM orders WHERE seq > {start_seq}") \
+        == [[orders]]

@@ -147,6 +147,13 @@ def kill9_and_wait_restarted(up, proc: dict) -> int:
     return old
 
 
+def store_pid(persistd: int) -> int:
+    """persistd's store process (its only child)."""
+    with open(f"/proc/{persistd}/task/{persistd}/children") as f:
+        (store,) = [int(pid) for pid in f.read().split()]
+    return store
+
+
 def assert_cpu_placement(status: dict, procs: dict) -> None:
     """The plan in status.json is the one the processes run with: the matcher SCHED_BATCH
     where it shares its CPU with a gateway; persistd's store process, on the 'other' CPUs,
@@ -157,9 +164,7 @@ def assert_cpu_placement(status: dict, procs: dict) -> None:
     assert os.sched_getaffinity(matcher) == set(plan["matcher"])
     expected = os.SCHED_OTHER if matcher_spins(plan) else os.SCHED_BATCH
     assert os.sched_getscheduler(matcher) == expected
-    persistd = procs["persistd"]["pid"]
-    with open(f"/proc/{persistd}/task/{persistd}/children") as f:
-        (store,) = [int(pid) for pid in f.read().split()]
+    store = store_pid(procs["persistd"]["pid"])
     with open(f"/proc/{store}/cmdline", "rb") as f:
         assert b"--store" in f.read()
     assert os.sched_getaffinity(store) == set(plan["other"])
