@@ -174,7 +174,8 @@ class StoreProcess:
                 # (4 ms here), while a journal asleep is woken by the matcher and preempts it
                 # at once. So the journal is told when the next pass starts (it stops yielding
                 # shortly before: it cannot see this timer fire) and that the pass goes on
-                # (0) until the next one is announced.
+                # (0) until the next one is announced. A pass woken early by a backlog
+                # (_wait_for_pass) says so at once, below.
                 self.progress.set_store_quiet_until_ns(due_ns)
                 self._wait_for_pass(due_ns, replica)
                 self.progress.set_store_quiet_until_ns(0)
