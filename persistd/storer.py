@@ -67,10 +67,12 @@ STORE_CONFIG = {"threads": 1}
 # durability`, target 1 s). The store is SCHED_IDLE, on CPU time nobody else wants, which a
 # full load leaves it too little of: its passes fell ~2 s behind. So a pass that starts with
 # CATCH_UP_COMMANDS or more durable commands to apply runs as an ordinary process (all its
-# threads, SCHED_OTHER), and the store wakes for its pass early once that many wait (it looks
+# threads, SCHED_OTHER at nice CATCH_UP_NICE: the clients and the journal on its CPU still
+# weigh about nine times more), and the store wakes for its pass early once that many wait (it looks
 # every BACKLOG_POLL_S): under a full load its passes stay small, ordinary and frequent; at
 # a lighter one they stay idle-class, once per store_flush_ms.
 CATCH_UP_COMMANDS = 4096
+CATCH_UP_NICE = 10
 BACKLOG_POLL_S = 0.025
 # Event types after which _fill_balances has balance rows to read (indexed by etype).
 MOVES_BALANCE = np.zeros(256, bool)
@@ -388,11 +390,13 @@ class StoreProcess:
 
 
 def set_policy(policy: int) -> None:
-    """Every thread of this process to `policy` (policies are per thread; DuckDB's threads
-    too). Raises PermissionError where the host refuses it (leaving SCHED_IDLE needs
-    CAP_SYS_NICE or a RLIMIT_NICE that allows nice 0)."""
+    """Every thread of this process to `policy`, at nice CATCH_UP_NICE (both are per thread;
+    DuckDB's threads too; SCHED_IDLE ignores the nice, which is never lowered). Raises
+    PermissionError where the host refuses it (leaving SCHED_IDLE needs CAP_SYS_NICE or a
+    RLIMIT_NICE that allows nice 0)."""
     for tid in os.listdir("/proc/self/task"):
         try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), CATCH_UP_NICE)
             os.sched_setscheduler(int(tid), policy, os.sched_param(0))
         except ProcessLookupError:    # a thread that just ended
             pass
