@@ -643,9 +643,8 @@ class Gateway:
         token = bell.arm()
         readable = False
         try:
-            if self.consumer.available() or (self.durable and self.outbox.releasable()):
-                return
-            if self.replay_done:
+            if self.consumer.available() or self.replay_done or \
+                    (self.durable and self.outbox.releasable()):
                 return
             if self.ring.room(1):
                 if self.requests.cmd_n:

@@ -68,9 +68,9 @@ STORE_CONFIG = {"threads": 1}
 # full load leaves it too little of: its passes fell ~2 s behind. So a pass that starts with
 # CATCH_UP_COMMANDS or more durable commands to apply runs as an ordinary process (all its
 # threads, SCHED_OTHER at nice CATCH_UP_NICE: the clients and the journal on its CPU still
-# weigh about nine times more), and the store wakes for its pass early once that many wait (it looks
-# every BACKLOG_POLL_S): under a full load its passes stay small, ordinary and frequent; at
-# a lighter one they stay idle-class, once per store_flush_ms.
+# weigh about nine times more), and the store wakes for its pass early once that many wait
+# (it looks every BACKLOG_POLL_S): under a full load its passes stay small, ordinary and
+# frequent; at a lighter one they stay idle-class, once per store_flush_ms.
 CATCH_UP_COMMANDS = 4096
 CATCH_UP_NICE = 10
 BACKLOG_POLL_S = 0.025
@@ -119,7 +119,7 @@ class StoreProcess:
         self._marker_synced_at = 0.0
         self.catching_up = False        # this pass runs SCHED_OTHER (_pace)
         self.pace_refused = False
-        self.caught_up_once = False
+        self.said_catching_up = False   # the first switch is logged, later ones not
 
     def run(self) -> None:
         sql = threading.Thread(target=self._guard, args=(self._sql_loop,), name="sql")
@@ -236,8 +236,8 @@ class StoreProcess:
                      f"may trail the journal by more than a second")
             return
         self.catching_up = catching_up
-        if catching_up and not self.caught_up_once:
-            self.caught_up_once = True
+        if catching_up and not self.said_catching_up:
+            self.said_catching_up = True
             self.log(f"{backlog} commands behind the journal: passes of "
                      f"{CATCH_UP_COMMANDS}+ run as an ordinary process")
 
@@ -430,7 +430,6 @@ def serve(spec: ExchangeSpec, opts: dict, log) -> int:
             set_policy(os.SCHED_OTHER)
         except PermissionError:
             pass
-
 
     threading.Thread(target=on_sigterm, name="sigterm", daemon=True).start()
     try:

@@ -19,7 +19,8 @@ from persistd.journal import (HEADER_BYTES, RETIRED_DIR, journal_info, marked_sy
 from shm.progress import JournalProgress
 from tests.durability_helpers import (Traders, assert_nothing_acknowledged_was_lost,
                                       durable_config, funded_account, sql_rows, wait_store)
-from tests.test_supervisor import WAIT_S, cli, cli_json, processes, store_pid, wait_until
+from tests.test_supervisor import (WAIT_S, cli, cli_json, processes, store_pid, store_policies,
+                                   wait_until)
 
 
 def restarted(state_dir, name: str, old_pid: int, restarts: int = 1) -> dict:
@@ -312,16 +313,6 @@ def test_sql_is_read_only(ups):
     assert cli_json(up.sd.path, "sql", "SELECT count(*) FROM fills")["rows"] == [[0]]
     tables = {r[0] for r in cli_json(up.sd.path, "sql", "SHOW TABLES")["rows"]}
     assert {"fills", "orders", "funding_payments", "liquidations", "balances"} <= tables
-
-
-def store_policies(pid: int) -> set:
-    policies = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            policies.add(os.sched_getscheduler(int(tid)))
-        except ProcessLookupError:     # a thread that just ended
-            pass
-    return policies
 
 
 def test_a_backlog_makes_the_store_an_ordinary_process_until_it_caught_up(ups):

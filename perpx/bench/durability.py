@@ -340,7 +340,7 @@ def _load(sd, live: _Live, orders: int, say) -> dict:
     accounts = sd.registered_accounts()[-ACCOUNTS:]
     start_seq = Exchange(sd).counters()["seq"]
     commands = resting_orders(orders, accounts, time.time_ns())
-    first = min(orders, snapshot_every(orders))
+    first = snapshot_every(orders)
     ring = CommandRing.attach(names.command_ring(sd.prefix, "gateway-0"), COMMAND_DTYPE)
     say(f"recovery: writing {orders:,} resting orders into gateway-0's command ring")
     try:
