@@ -157,7 +157,9 @@ PERSISTENCE_DEFAULTS = {
     "snapshot_every": 1_000_000,
     "snapshots_keep": 2,
     # each DuckDB commit fsyncs, and the journal's fdatasync then waits for the same ext4
-    # journal commit: 10 a second put a durable ack's p90 at 1.5 ms, 1 a second at 1.0 ms
+    # journal commit: 10 a second put a durable ack's p90 at 1.5 ms, 1 a second at 1.0 ms;
+    # 2 a second halve the wait of a pass's oldest fill for DuckDB (docs/tuning.md, twentieth
+    # pass)
     "store_flush_ms": 500,
     "retire_journal": True,
 }

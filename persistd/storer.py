@@ -181,7 +181,7 @@ class StoreProcess:
                 self.progress.set_store_quiet_until_ns(due_ns)
                 self._wait_for_pass(due_ns, replica)
                 self.progress.set_store_quiet_until_ns(0)
-                self._pace(self.progress.durable_seq() - replica.seq)
+                self._pace(self._backlog(replica))
                 due_ns = time.monotonic_ns() + round(self.flush_s * 1e9)
                 if os.getppid() != self.parent_pid:
                     self.log("persistd is gone: stopping")
@@ -216,10 +216,13 @@ class StoreProcess:
         """Until due_ns, stopping, or CATCH_UP_COMMANDS durable commands wait."""
         while not self.stopping.is_set():
             left_s = (due_ns - time.monotonic_ns()) / 1e9
-            if left_s <= 0 or \
-                    self.progress.durable_seq() - replica.seq >= CATCH_UP_COMMANDS:
+            if left_s <= 0 or self._backlog(replica) >= CATCH_UP_COMMANDS:
                 return
             self.stopping.wait(min(left_s, BACKLOG_POLL_S))
+
+    def _backlog(self, replica: Replica) -> int:
+        """Durable commands the replica has yet to apply."""
+        return self.progress.durable_seq() - replica.seq
 
     def _pace(self, backlog: int) -> None:
         """This pass's scheduling class: ordinary for a backlog of CATCH_UP_COMMANDS or

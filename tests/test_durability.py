@@ -323,7 +323,8 @@ def test_a_backlog_makes_the_store_an_ordinary_process_until_it_caught_up(ups):
     resting orders go straight into gateway-0's command ring, as `perpx bench durability`
     writes them."""
     from engine.records import COMMAND_DTYPE
-    from perpx.bench.durability import ACCOUNTS, recovery_config, resting_orders
+    from perpx.bench.durability import (ACCOUNTS, _Live, _write_sequenced, recovery_config,
+                                        resting_orders)
     from perpx.bench.e2e import _funded_accounts
     from persistd.storer import CATCH_UP_COMMANDS
     from shm import names
@@ -341,13 +342,12 @@ def test_a_backlog_makes_the_store_an_ordinary_process_until_it_caught_up(ups):
     os.kill(store, signal.SIGSTOP)
     try:
         ring = CommandRing.attach(names.command_ring(sd.prefix, "gateway-0"), COMMAND_DTYPE)
+        live = _Live(sd)
         try:
-            commands = resting_orders(orders, accounts, time.time_ns())
-            written = 0
-            while written < orders:
-                written += ring.write(commands[written:])
-                assert ring.wait_for_space(1, timeout_s=WAIT_S)
+            _write_sequenced(ring, live, resting_orders(orders, accounts, time.time_ns()),
+                             start_seq)
         finally:
+            live.close()
             ring.close()
         wait_until(lambda: cli_json(sd.path, "status")["durable_seq"] >= start_seq + orders,
                    WAIT_S * 2, "the orders to be journaled")
