@@ -871,15 +871,23 @@ class JournalWriter:
         last_seq = first_seq + count - 1
         payload = records.tobytes()
         header_body = _HEADER_BODY.pack(MAGIC, count, first_seq, last_seq, zlib.crc32(payload))
-        batch = header_body + struct.pack("<I", zlib.crc32(header_body)) + payload
+        return self.append_packed(header_body + struct.pack("<I", zlib.crc32(header_body)) +
+                                  payload, count)
+
+    def append_packed(self, batch, count: int) -> int:
+        """Append one whole batch, header and `count` records, already built for seqs
+        last_seq+1 .. last_seq+count (persistd/journal_pack.py builds them; `append` from
+        records). Returns the new last_seq. As `append`: no fsync, cut back on an OSError."""
+        self._check_usable()
+        first_seq = self._last_seq + 1
         if self._fd is None or (self._segment_used_bytes > 0 and
                                 self._segment_used_bytes + len(batch) > self.segment_bytes):
             self._roll(first_seq)
         self._write_batch(batch)
-        self._last_seq = last_seq
-        return last_seq
+        self._last_seq = first_seq + count - 1
+        return self._last_seq
 
-    def _write_batch(self, batch: bytes) -> None:
+    def _write_batch(self, batch) -> None:
         start = self._segment_used_bytes
         if self._filler is not None:
             self._reserve(start + len(batch))

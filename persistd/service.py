@@ -106,6 +106,9 @@ class Persistd:
         self.prefix = spec.prefix
         self.privileged_sources = np.array([s.privileged for s in spec.sources]
                                            + [False] * (256 - len(spec.sources)))
+        self._privileged_bytes = self.privileged_sources.astype(np.uint8)
+        self._batch = np.zeros(0, np.uint8)       # each pass's batch, built in place (run)
+        self._pack_batch = None
         self.spec_path = spec_path
         self.fast_acks = spec.ack_mode == "fast"
         self.snapshots_keep = snapshots_keep
@@ -230,6 +233,13 @@ class Persistd:
     # -- journal thread -------------------------------------------------------------------
     def run(self) -> None:
         self._start_store_process()
+        # The compiled batch (persistd/journal_pack.py) loads here, after the supervisor has
+        # seen this process ready: numba's import and cache load take ~0.6 s, which then pass
+        # while riskd and the gateways start instead of delaying them; the first pass waits.
+        from persistd import journal_pack
+        journal_pack.warm()
+        self._batch = journal_pack.batch_buffer(READ_BATCH)
+        self._pack_batch = journal_pack.pack_batch
         # The journal's fsyncs then overwrite zeros instead of growing the file (see
         # persistd/journal.py, "Pre-zeroed space"). A thread: started after the fork above.
         self._zero_filling = True
@@ -268,22 +278,20 @@ class Persistd:
         n = len(head) + len(tail)
         if not n:
             return 0
-        records = journal_records((head, tail), self.privileged_sources)
         try:
             journal = self._writer()
         except OSError as e:
             self._journal_failing(e)
             return 0
         last = journal.last_seq
-        if len(records) and int(records["seq"][0]) <= last:   # re-read after a restart
-            records = records[records["seq"] > last]
-        if len(records):
-            if int(records["seq"][0]) != last + 1:
-                raise RuntimeError(f"the event ring continues at seq {int(records['seq'][0])} "
-                                   f"but the journal ends at seq {last}: commands were "
-                                   f"sequenced while persistd was not reading")
+        # one compiled call builds the batch; what it refuses, the numpy path explains
+        count, batch = self._pack_batch((head, tail), self._privileged_bytes, last,
+                                        self._batch)
+        if count < 0:
+            self._refuse((head, tail), last)
+        if count:
             try:
-                journal.append(records)
+                journal.append_packed(batch, count)
                 journal.sync()
             except OSError as e:
                 self._journal_failing(e)
@@ -300,6 +308,18 @@ class Persistd:
                 log(f"could not update the synced-seq marker ({e})")
         self.consumer.advance(n)
         return n
+
+    def _refuse(self, event_parts, last: int) -> None:
+        """Raise why the events a pass read cannot follow the journal's last seq."""
+        seqs = journal_records(event_parts, self.privileged_sources)["seq"]
+        seqs = seqs[seqs > last]                             # re-read after a restart
+        if int(seqs[0]) != last + 1:
+            raise RuntimeError(f"the event ring continues at seq {int(seqs[0])} but the "
+                               f"journal ends at seq {last}: commands were sequenced while "
+                               f"persistd was not reading")
+        i = int(np.flatnonzero(np.diff(seqs) != 1)[0])
+        raise RuntimeError(f"the event ring's commands skip from seq {int(seqs[i])} to "
+                           f"{int(seqs[i + 1])}")
 
     def _journal_failing(self, e: OSError) -> None:
         if self.progress.journal_errno() != (e.errno or errno.EIO):
