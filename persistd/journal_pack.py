@@ -31,7 +31,7 @@ _MAGIC = np.frombuffer(MAGIC, np.uint8).copy()
 # where the record's fields sit (JOURNAL_RECORD_DTYPE): seq 0..7, source 8, privileged 9,
 # zeros 10..15, the command 16..79
 _RECORD_COMMAND_AT = 16
-_PAYLOAD_CRC = struct.Struct("<I")
+_U32 = struct.Struct("<I")
 _PAYLOAD_CRC_AT = 24
 _HEADER_CRC_AT = 28
 
@@ -104,16 +104,16 @@ def pack_batch(event_parts, privileged: np.ndarray, after_seq: int, out: np.ndar
     Returns (count, batch): the number of records and a memoryview of the whole batch
     (header and records), or (0, None) when no command is past after_seq, or (GAP or
     UNKNOWN_SOURCE, None) when the commands do not continue at after_seq + 1 or name a
-    source that `privileged` (one 0/1 byte per source ring) lacks: nothing is written then,
-    and `journal_records` + `JournalWriter.append` say what is wrong."""
+    source that `privileged` (one 0/1 byte per source ring) lacks: `out` then holds no
+    batch, and the numpy path (`journal_records`) says what is wrong."""
     head, tail = (part.view(np.uint8).reshape(len(part), EVENT_BYTES) for part in event_parts)
     count = _pack_parts(head, tail, privileged, after_seq, out)
     if count <= 0:
         return count, None
     end = HEADER_BYTES + count * RECORD_BYTES
     batch = memoryview(out)[:end]
-    _PAYLOAD_CRC.pack_into(out, _PAYLOAD_CRC_AT, zlib.crc32(batch[HEADER_BYTES:]))
-    _PAYLOAD_CRC.pack_into(out, _HEADER_CRC_AT, zlib.crc32(batch[:_HEADER_CRC_AT]))
+    _U32.pack_into(out, _PAYLOAD_CRC_AT, zlib.crc32(batch[HEADER_BYTES:]))
+    _U32.pack_into(out, _HEADER_CRC_AT, zlib.crc32(batch[:_HEADER_CRC_AT]))
     return count, batch
 
 
