@@ -142,6 +142,7 @@ _HEADER = struct.Struct("<4sIqqII")
 _HEADER_BODY = struct.Struct("<4sIqqI")      # the 28 bytes header_crc covers
 HEADER_BYTES = _HEADER.size
 _HEADER_CRC_OFFSET = _HEADER_BODY.size
+_HEADER_CRC = struct.Struct("<I")
 assert HEADER_BYTES == 32 and _HEADER_CRC_OFFSET == 28
 _MAX_BATCH_RECORDS = 0xFFFFFFFF              # count is a u32
 _MAX_BYTES_PER_RECORD = HEADER_BYTES + RECORD_BYTES   # a batch of one record
@@ -257,6 +258,28 @@ _SLOT_PICK = np.dtype({
     "formats": ["<i8", "u1", "u1", (np.void, COMMAND_DTYPE.itemsize)],
     "offsets": [COMMAND_EVENT_DTYPE.fields[f][1] for f in ("seq", "etype", "source", "command")],
     "itemsize": EVENT_BYTES})
+
+
+def pack_header(batch, count: int, first_seq: int) -> None:
+    """Write the header of the batch in `batch` (a writable buffer whose `count` records
+    already follow the header's HEADER_BYTES): magic, count, seqs and both CRCs."""
+    view = memoryview(batch)
+    payload_crc = zlib.crc32(view[HEADER_BYTES:HEADER_BYTES + count * RECORD_BYTES])
+    _HEADER_BODY.pack_into(batch, 0, MAGIC, count, first_seq, first_seq + count - 1,
+                           payload_crc)
+    _HEADER_CRC.pack_into(batch, _HEADER_CRC_OFFSET, zlib.crc32(view[:_HEADER_CRC_OFFSET]))
+
+
+def check_seqs(seqs: np.ndarray, first_seq: int) -> None:
+    """Raise ValueError unless `seqs` are first_seq, first_seq + 1, ... (a batch's)."""
+    if int(seqs[0]) != first_seq:
+        raise ValueError(f"batch starts at seq {int(seqs[0])}, journal expects {first_seq}")
+    expected = np.arange(first_seq, first_seq + len(seqs), dtype=np.int64)
+    wrong = np.flatnonzero(seqs != expected)
+    if wrong.size:
+        i = int(wrong[0])
+        raise ValueError(f"batch seqs not contiguous: record {i} has seq {int(seqs[i])}, "
+                         f"expected {int(expected[i])}")
 
 
 def journal_records(event_parts, privileged_sources: np.ndarray) -> np.ndarray:
@@ -859,20 +882,11 @@ class JournalWriter:
         if count > _MAX_BATCH_RECORDS:
             raise ValueError(f"a batch holds at most {_MAX_BATCH_RECORDS} records, got {count}")
         first_seq = self._last_seq + 1
-        seqs = records["seq"]
-        if int(seqs[0]) != first_seq:
-            raise ValueError(f"batch starts at seq {int(seqs[0])}, journal expects {first_seq}")
-        expected = np.arange(first_seq, first_seq + count, dtype=np.int64)
-        wrong = np.flatnonzero(seqs != expected)
-        if wrong.size:
-            i = int(wrong[0])
-            raise ValueError(f"batch seqs not contiguous: record {i} has seq {int(seqs[i])}, "
-                             f"expected {int(expected[i])}")
-        last_seq = first_seq + count - 1
-        payload = records.tobytes()
-        header_body = _HEADER_BODY.pack(MAGIC, count, first_seq, last_seq, zlib.crc32(payload))
-        return self.append_packed(header_body + struct.pack("<I", zlib.crc32(header_body)) +
-                                  payload, count)
+        check_seqs(records["seq"], first_seq)
+        batch = np.empty(HEADER_BYTES + records.nbytes, np.uint8)
+        batch[HEADER_BYTES:] = records.view(np.uint8)
+        pack_header(batch, count, first_seq)
+        return self.append_packed(batch, count)
 
     def append_packed(self, batch, count: int) -> int:
         """Append one whole batch, header and `count` records, already built for seqs

@@ -5,7 +5,8 @@ persistd's journal thread turns the events a pass reads into one batch (persistd
 (`journal_records`, then `JournalWriter.append`) that took ~49 µs a pass in the durable
 closed loop, against ~110 µs for the sync itself: after each sync the thread runs from cold
 caches and pays every numpy call ~2.5x over (docs/tuning.md, "Twenty-second pass").
-`pack_batch` does the same in one call, into a buffer `JournalWriter.append_packed` writes.
+`pack_batch` gathers the records in one call, into a buffer whose header
+`journal.pack_header` writes (as for `append`) and `JournalWriter.append_packed` appends.
 
 The bytes are exactly those of `journal_records` + `append` (tests/test_journal_pack.py
 checks them against that path, the oracle), so replay and scanning read them as before.
@@ -13,37 +14,26 @@ checks them against that path, the oracle), so replay and scanning read them as 
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import numpy as np
 from numba import njit
 
 from engine.records import COMMAND_DTYPE, COMMAND_EVENT_DTYPE, EV_COMMAND, EVENT_BYTES
-from persistd.journal import HEADER_BYTES, MAGIC, RECORD_BYTES
+from persistd.journal import HEADER_BYTES, JOURNAL_RECORD_DTYPE, RECORD_BYTES, pack_header
 
 _SEQ_AT = COMMAND_EVENT_DTYPE.fields["seq"][1]
 _ETYPE_AT = COMMAND_EVENT_DTYPE.fields["etype"][1]
 _SOURCE_AT = COMMAND_EVENT_DTYPE.fields["source"][1]
 _COMMAND_AT = COMMAND_EVENT_DTYPE.fields["command"][1]
 _COMMAND_BYTES = COMMAND_DTYPE.itemsize
-_MAGIC = np.frombuffer(MAGIC, np.uint8).copy()
-# where the record's fields sit (JOURNAL_RECORD_DTYPE): seq 0..7, source 8, privileged 9,
-# zeros 10..15, the command 16..79
-_RECORD_COMMAND_AT = 16
-_U32 = struct.Struct("<I")
-_PAYLOAD_CRC_AT = 24
-_HEADER_CRC_AT = 28
+# a record's fields (JOURNAL_RECORD_DTYPE); the bytes between privileged and command are zero
+_RECORD_SEQ_AT = JOURNAL_RECORD_DTYPE.fields["seq"][1]
+_RECORD_SOURCE_AT = JOURNAL_RECORD_DTYPE.fields["source"][1]
+_RECORD_PRIVILEGED_AT = JOURNAL_RECORD_DTYPE.fields["privileged"][1]
+_RECORD_COMMAND_AT = JOURNAL_RECORD_DTYPE.fields["command"][1]
 
 # pack_batch's refusals: the caller takes the numpy path, whose checks say what is wrong
 GAP = -1              # a command's seq is not the next one
 UNKNOWN_SOURCE = -2   # a source ring privileged_sources does not cover
-
-
-@njit(cache=True, nogil=True)
-def _put_i64(out, at, value):
-    for b in range(8):
-        out[at + b] = (value >> (8 * b)) & 0xFF
 
 
 @njit(cache=True, nogil=True)
@@ -65,10 +55,11 @@ def _pack(slots, privileged, expected, out, count):
         if source >= privileged.shape[0]:
             return UNKNOWN_SOURCE
         at = HEADER_BYTES + count * RECORD_BYTES
-        _put_i64(out, at, seq)
-        out[at + 8] = source
-        out[at + 9] = privileged[source]
-        for b in range(10, _RECORD_COMMAND_AT):
+        for b in range(8):
+            out[at + _RECORD_SEQ_AT + b] = slot[_SEQ_AT + b]
+        out[at + _RECORD_SOURCE_AT] = source
+        out[at + _RECORD_PRIVILEGED_AT] = privileged[source]
+        for b in range(_RECORD_PRIVILEGED_AT + 1, _RECORD_COMMAND_AT):
             out[at + b] = 0
         for b in range(_COMMAND_BYTES):
             out[at + _RECORD_COMMAND_AT + b] = slot[_COMMAND_AT + b]
@@ -81,13 +72,6 @@ def _pack_parts(head, tail, privileged, after_seq, out):
     count = _pack(head, privileged, after_seq + 1, out, 0)
     if count >= 0:
         count = _pack(tail, privileged, after_seq + 1, out, count)
-    if count > 0:
-        for b in range(4):
-            out[b] = _MAGIC[b]
-        for b in range(4):
-            out[4 + b] = (count >> (8 * b)) & 0xFF
-        _put_i64(out, 8, after_seq + 1)
-        _put_i64(out, 16, after_seq + count)
     return count
 
 
@@ -110,11 +94,8 @@ def pack_batch(event_parts, privileged: np.ndarray, after_seq: int, out: np.ndar
     count = _pack_parts(head, tail, privileged, after_seq, out)
     if count <= 0:
         return count, None
-    end = HEADER_BYTES + count * RECORD_BYTES
-    batch = memoryview(out)[:end]
-    _U32.pack_into(out, _PAYLOAD_CRC_AT, zlib.crc32(batch[HEADER_BYTES:]))
-    _U32.pack_into(out, _HEADER_CRC_AT, zlib.crc32(batch[:_HEADER_CRC_AT]))
-    return count, batch
+    pack_header(out, count, after_seq + 1)
+    return count, memoryview(out)[:HEADER_BYTES + count * RECORD_BYTES]
 
 
 def warm() -> None:

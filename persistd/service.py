@@ -50,7 +50,7 @@ import numpy as np
 from engine.records import EVENT_DTYPE
 from engine.spec import ExchangeSpec, load_spec
 from persistd import snapshot
-from persistd.journal import JournalError, JournalWriter, journal_records
+from persistd.journal import JournalError, JournalWriter, check_seqs, journal_records
 from persistd.store import Store
 from shm import names
 from shm.progress import JournalProgress
@@ -105,8 +105,7 @@ class Persistd:
         self.sd = spec.layout
         self.prefix = spec.prefix
         self.privileged_sources = np.array([s.privileged for s in spec.sources]
-                                           + [False] * (256 - len(spec.sources)))
-        self._privileged_bytes = self.privileged_sources.astype(np.uint8)
+                                           + [False] * (256 - len(spec.sources)), np.uint8)
         self._batch = np.zeros(0, np.uint8)       # each pass's batch, built in place (run)
         self._pack_batch = None
         self.spec_path = spec_path
@@ -285,7 +284,7 @@ class Persistd:
             return 0
         last = journal.last_seq
         # one compiled call builds the batch; what it refuses, the numpy path explains
-        count, batch = self._pack_batch((head, tail), self._privileged_bytes, last,
+        count, batch = self._pack_batch((head, tail), self.privileged_sources, last,
                                         self._batch)
         if count < 0:
             self._refuse((head, tail), last)
@@ -317,9 +316,8 @@ class Persistd:
             raise RuntimeError(f"the event ring continues at seq {int(seqs[0])} but the "
                                f"journal ends at seq {last}: commands were sequenced while "
                                f"persistd was not reading")
-        i = int(np.flatnonzero(np.diff(seqs) != 1)[0])
-        raise RuntimeError(f"the event ring's commands skip from seq {int(seqs[i])} to "
-                           f"{int(seqs[i + 1])}")
+        check_seqs(seqs, last + 1)      # raises: a seq is skipped inside the pass
+        raise RuntimeError("the compiled batch refused commands the journal's checks accept")
 
     def _journal_failing(self, e: OSError) -> None:
         if self.progress.journal_errno() != (e.errno or errno.EIO):
