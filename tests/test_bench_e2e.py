@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 
+import msgpack
+
 from perpx import heap
-from perpx.bench.e2e import _Procs, format_report
+from perpx.bench.e2e import WORKLOADS, _decode_reply, _Procs, format_report
 from perpx.cli import main
 from tests.test_bench_pauses import check_cpu_gone
 
@@ -122,3 +124,21 @@ def test_floor_servers_get_the_exchanges_heap_and_the_clients_keep_ours():
     exchange = heap.child_environment(before, True)
     assert server == (exchange["PYTHONMALLOC"], exchange["GLIBC_TUNABLES"])
     assert client == (before.get("PYTHONMALLOC"), before.get("GLIBC_TUNABLES"))
+
+
+def test_clients_send_msgpacks_bytes_and_read_what_they_need_of_any_reply():
+    """The clients' lean codec (msgspec): each workload's requests are the bytes
+    msgpack.packb writes, and a reply's type, rid, seq and ts read as unpackb reads them, for
+    the exchange's reports (with fields the client skips) and the floors' echoed requests."""
+    for make, _ in WORKLOADS.values():
+        for i in range(4):
+            raw = make(i, 123 << 20, 1_000_000 + i, i % 2)
+            assert msgpack.packb(msgpack.unpackb(raw), use_bin_type=True) == raw
+    ack = {"type": "ack", "rid": 7, "cid": 3, "oid": 11, "status": "open", "seq": 42,
+           "ts": 1_765_000_000_123_456_789, "account_seq": 5, "price": "60000.0"}
+    fill = {"type": "fill", "cid": 3, "oid": 11, "seq": 43, "ts": 1, "qty": "0.001"}
+    echoed = msgpack.unpackb(WORKLOADS["rest_cancel"][0](0, 0, 9, 0))
+    for reply in (ack, fill, echoed):
+        m = _decode_reply(msgpack.packb(reply, use_bin_type=True))
+        assert (m.type, m.rid, m.seq, m.ts) == (reply["type"], reply.get("rid"),
+                                                reply.get("seq", 0), reply.get("ts"))

@@ -65,6 +65,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import msgpack
+import msgspec
 import numpy as np
 
 from gateway.server import gateway_context
@@ -116,6 +117,23 @@ max_open_orders = {max_open_orders}
 
 
 # ---- the client side (runs in spawned processes) --------------------------------------------
+# The clients are the instrument: what they spend per message is box CPU the exchange under
+# test does not get. msgspec encodes a request in a quarter of msgpack.packb's time (the same
+# bytes), and decodes the four fields a reply is read for in a fifth of unpackb's.
+_encode = msgspec.msgpack.Encoder().encode
+
+
+class _Reply(msgspec.Struct):
+    """What the client reads of a reply (the floors' replies are the request itself)."""
+    type: str
+    rid: int | None = None
+    seq: int = 0
+    ts: int | None = None
+
+
+_decode_reply = msgspec.msgpack.Decoder(_Reply).decode
+
+
 def _rest_cancel(i: int, cid_base: int, rid: int, index: int) -> bytes:
     """Request i of a client: even = new resting order, odd = cancel of the previous one."""
     cid = cid_base + i // 2
@@ -124,7 +142,7 @@ def _rest_cancel(i: int, cid_base: int, rid: int, index: int) -> bytes:
                "kind": "limit", "qty": QTY, "price": PRICE, "rid": rid}
     else:
         msg = {"type": "cancel", "cid": cid, "rid": rid}
-    return msgpack.packb(msg, use_bin_type=True)
+    return _encode(msg)
 
 
 def _cross(i: int, cid_base: int, rid: int, index: int) -> bytes:
@@ -132,7 +150,7 @@ def _cross(i: int, cid_base: int, rid: int, index: int) -> bytes:
     msg = {"type": "new_order", "cid": cid_base + i, "market": MARKET,
            "side": "buy" if index % 2 == 0 else "sell", "kind": "limit", "qty": QTY,
            "price": CROSS_PRICE, "rid": rid}
-    return msgpack.packb(msg, use_bin_type=True)
+    return _encode(msg)
 
 
 # workload -> (message i of a client, requests that belong together: stopping keeps them whole)
@@ -184,6 +202,8 @@ def _loop(sock, phase: dict, index: int) -> dict:
     next_due = t0
     pack_check = None
     fd = sock.getsockopt(zmq.FD)
+    poller = zmq.Poller()      # one for the run: Socket.poll builds one per call (~2 µs)
+    poller.register(sock, zmq.POLLIN)
     while True:
         t = now()
         stopping = t >= end
@@ -201,7 +221,7 @@ def _loop(sock, phase: dict, index: int) -> dict:
         if interval and len(inflight) < window and not stopping:
             if not _wait_readable(sock, fd, (next_due - t) / 1e9):
                 continue
-        elif not sock.poll(100):
+        elif not poller.poll(100):
             continue
         while True:
             try:
@@ -209,17 +229,17 @@ def _loop(sock, phase: dict, index: int) -> dict:
             except zmq.Again:
                 break
             tr = now()
-            m = msgpack.unpackb(data, raw=False)
-            entry = inflight.pop(m.get("rid"), None)
+            m = _decode_reply(data)
+            entry = inflight.pop(m.rid, None)
             if entry is None:
                 others += 1
-                if m.get("type") == "fill" and rec_start <= tr <= end:
-                    fills.append((tr, m["seq"]))
+                if m.type == "fill" and rec_start <= tr <= end:
+                    fills.append((tr, m.seq))
                 continue
             if rec_start <= entry[0] < end:
-                if m.get("type") == "reject":
+                if m.type == "reject":
                     rejected += 1
-                    pack_check = pack_check or m
+                    pack_check = pack_check or msgpack.unpackb(data, raw=False)
                 else:
                     # latency of every request sent in the window, also when its reply comes
                     # after the end (dropping those would hide the tail); throughput counts
@@ -228,8 +248,8 @@ def _loop(sock, phase: dict, index: int) -> dict:
                     lat.append(tr - entry[0])
                     sched.append(tr - entry[1])
                     due.append(entry[1])
-                    ts = m.get("ts")
-                    if type(ts) is int:
+                    ts = m.ts
+                    if ts is not None:
                         to_gateway.append(ts - entry[2])
     return {"acked": acked, "rejected": rejected, "unmatched": others, "sent": i,
             "seconds": seconds, "first_reject": pack_check, "left_in_flight": len(inflight),
