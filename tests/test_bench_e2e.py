@@ -83,8 +83,11 @@ def test_bench_e2e_json(capsys, tmp_path):
     assert "tcp segments" in rows["relay wakes/msg"] and "zmq-io" in rows["fast: wakes/order"]
     assert " gateway " in rows["fast: CPU µs/order"] and "durable: CPU µs/order" in rows
     assert "cpu gone: cpu" in rows["fast: throughput pauses"], rows
-    # the pause meters ran beside both phases of both exchanges
+    # the pause meters ran beside both phases of both exchanges, and beside the floors: the
+    # ratios compare runs made with the same instrument
     assert res["settings"]["pause_meters"] is True
+    floors = res["floor_pauses"]
+    assert sorted(floors) == ["echo", "relay"]
     for run in (res, durable):
         for phase in ("throughput", "paced"):
             p = run["pauses"][phase]
@@ -93,6 +96,9 @@ def test_bench_e2e_json(capsys, tmp_path):
             assert 0 <= p["late_requests_in_cpu_gone"] <= p["late_requests"], p
             assert p["late_requests_in_cpu_gone"] >= p["slowest_in_cpu_gone"], p
             assert p["late_requests_in_platform_pauses"] >= p["slowest_in_platform_pause"], p
+    for p in floors.values():
+        check_cpu_gone(p, len(os.sched_getaffinity(0)))
+        assert 0 <= p["late_requests_in_cpu_gone"] <= p["late_requests"], p
     # its exchanges removed every shm entry they made, and none of their prefixes remains
     assert res["shm_left"] == []
     assert len(set(res["shm_prefixes"])) == 2 and res["shm_prefix"] == res["shm_prefixes"][0]

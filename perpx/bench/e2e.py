@@ -38,9 +38,11 @@ The client machinery (`_run_clients`, phases) also serves `perpx bench durabilit
 (even clients buy, odd clients sell, all at one price: every order trades or rests until the
 other side takes it), and the clients report every `fill` they receive (receipt time, seq).
 
-`--pauses` runs perpx/bench/pauses.py's meters beside each phase of each exchange run: the
-platform's own pauses (every CPU stalled at once), each CPU's time gone (host steal) and
-which late requests waited in either.
+`--pauses` runs perpx/bench/pauses.py's meters beside each phase of each exchange run and
+beside the floors' runs: the platform's own pauses (every CPU stalled at once), each CPU's
+time gone (host steal) and which late requests waited in either. The meters wake each CPU
+every millisecond, which costs a closed loop ~10% of its rate on this box: a floor measured
+without them beside an exchange measured with them would flatter the floor.
 
 Latencies are exact percentiles (numpy) over every sample of the timed window (after a short
 warm-up), not a histogram. Throughput counts replies to requests sent inside the timed window
@@ -493,7 +495,21 @@ def running_exchange(state_dir: Path, config: str, say, shm_left: list):
         shm_left.extend(exchange.close())
 
 
-def _measure_floor(kind: str, servers, clients: int, phase: dict, say) -> dict:
+def _measured_phase(procs: _Procs, kind: str, target: dict, phase: dict, clients: int, say,
+                    pauses: bool) -> dict:
+    """One phase of the clients against `target`, summed up; with `pauses` the pause meters
+    run beside it and the summary gets their figures under "pauses"."""
+    with platform.PauseMeter() if pauses else nullcontext() as meter:
+        results = _run_clients(procs, kind, target, [phase], clients, say)
+    summary = _summary(results[phase["name"]])
+    if pauses:
+        summary["pauses"] = platform.summary(meter.pauses, summary["due_ns"],
+                                             summary["sched_ns"], meter.gone, meter.steal_ms)
+    return summary
+
+
+def _measure_floor(kind: str, servers, clients: int, phase: dict, say,
+                   pauses: bool = False) -> dict:
     """One throughput run of the clients against a floor: `servers(procs, secret, queue,
     stop)` starts its processes, the last of which puts its endpoint on the queue."""
     import zmq
@@ -505,21 +521,20 @@ def _measure_floor(kind: str, servers, clients: int, phase: dict, say) -> dict:
         servers(procs, secret, q, stop)
         _, _, endpoint = q.get(timeout=30)
         say(f"{kind} on {endpoint}")
-        out = _run_clients(procs, kind, {"endpoint": endpoint, "server_public": public},
-                           [phase], clients, say)
+        return _measured_phase(procs, kind, {"endpoint": endpoint, "server_public": public},
+                               phase, clients, say, pauses)
     finally:
         stop.set()
         procs.close()
-    return _summary(out[phase["name"]])
 
 
-def _measure_echo(clients: int, phase: dict, say) -> dict:
+def _measure_echo(clients: int, phase: dict, say, pauses: bool = False) -> dict:
     """The floor: a bare echo server and the clients."""
     return _measure_floor("echo", lambda procs, secret, q, stop: procs.start_server(
-        _echo_main, secret, q, stop), clients, phase, say)
+        _echo_main, secret, q, stop), clients, phase, say, pauses)
 
 
-def _measure_relay(clients: int, phase: dict, say) -> dict:
+def _measure_relay(clients: int, phase: dict, say, pauses: bool = False) -> dict:
     """The relay floor (perpx/bench/relay.py: gateway- and matcher-shaped processes over shm
     rings) and the same clients."""
     tag = f"{os.getpid()}-{time.monotonic_ns() % 10 ** 9}"
@@ -529,7 +544,7 @@ def _measure_relay(clients: int, phase: dict, say) -> dict:
         procs.start_server(relay.matcher_main, tag, stop)
         procs.start_server(relay.gateway_main, tag, secret, q, stop)
     try:
-        return _measure_floor("relay", servers, clients, phase, say)
+        return _measure_floor("relay", servers, clients, phase, say, pauses)
     finally:
         for ring in (cmd, evt):
             ring.close()
@@ -550,16 +565,11 @@ def run_phases(target: dict, phases: list, clients: int, say, pauses: bool = Fal
             phase = {**phase, "rate": phase["rate"](out) / clients}
         procs = _Procs()
         try:
-            with platform.PauseMeter() if pauses else nullcontext() as meter:
-                results = _run_clients(procs, "exchange", target, [phase], clients, say)
+            out[phase["name"]] = {**_measured_phase(procs, "exchange", target, phase, clients,
+                                                    say, pauses),
+                                  "rate_per_s": round(phase["rate"] * clients)}
         finally:
             procs.close()
-        summary = out[phase["name"]] = {**_summary(results[phase["name"]]),
-                                        "rate_per_s": round(phase["rate"] * clients)}
-        if pauses:
-            summary["pauses"] = platform.summary(meter.pauses, summary["due_ns"],
-                                                 summary["sched_ns"], meter.gone,
-                                                 meter.steal_ms)
     return out
 
 
@@ -646,8 +656,9 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
     with bench_dir("e2e") as root, \
             CpuLatencyRequest(EXCHANGE_DEFAULTS["cpu_latency_us"]) as idle_cpus:
         idle_cpus_asked = idle_cpus.as_dict()
-        echo = _measure_echo(clients, throughput, say)   # before any exchange: the box to itself
-        relay_floor = _measure_relay(clients, throughput, say)
+        # before any exchange: the box to itself; the same meters beside them as beside it
+        echo = _measure_echo(clients, throughput, say, pauses)
+        relay_floor = _measure_relay(clients, throughput, say, pauses)
         for mode in modes:
             runs[mode] = _exchange_runs(root, mode, clients, [throughput, paced], say, pauses)
 
@@ -667,6 +678,8 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
         **{f"{name}_{figure}_per_msg": floor[f"{figure}_per_order"]
            for name, floor in (("echo", echo), ("relay", relay_floor))
            for figure in ("zmq_io_us", "switches", "tcp_segments")},
+        **({"floor_pauses": {"echo": echo["pauses"], "relay": relay_floor["pauses"]}}
+           if pauses else {}),
     }
     if len(modes) == 2:
         d = _measurements(runs["durable"]["throughput"], runs["durable"]["paced"], echo,
@@ -683,6 +696,7 @@ def bench_e2e(seconds: float = DEFAULT_SECONDS, clients: int = DEFAULT_CLIENTS,
                      "echo": "measured before the exchanges start, once",
                      "relay": "measured after the echo, before the exchanges, once",
                      "pause_meters": pauses,
+                     "pause_meters_over": "the floors and the exchanges alike",
                      "cpu_latency": {**idle_cpus_asked,
                                      "over": "the floors and the exchanges alike"},
                      "huge_pages": {"asked": EXCHANGE_DEFAULTS["huge_pages"],
